@@ -1,0 +1,20 @@
+"""normkit: batch normalization done completely for PyTorch (public API only)."""
+
+from . import functional, reference
+from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                      InstanceNorm3d, LayerNorm)
+from .options import apply_constraints, constrain_after_step, regularization_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+           "InstanceNorm2d", "InstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
+           "functional", "reference", "keras"]
+
+
+def __getattr__(name):
+    # keras.py is imported on first use so `import normkit` stays light.
+    if name == "keras":
+        import importlib
+        return importlib.import_module(".keras", __name__)
+    raise AttributeError(f"module 'normkit' has no attribute {name!r}")

@@ -1,0 +1,54 @@
+"""Resolve axis specifications against an input rank, with errors that say what to do."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Union
+
+AxisSpec = Union[int, Sequence[int]]
+
+
+def canonicalize_axes(axis: AxisSpec, ndim: int, *, name: str = "axis") -> tuple[int, ...]:
+    """Return ``axis`` as a sorted tuple of non-negative ints for an ``ndim``-rank input.
+
+    Negative entries count from the end, as in NumPy. Out-of-range or repeated
+    entries are a ``ValueError`` naming ``name``; non-integers a ``TypeError``.
+    """
+    entries = (axis,) if isinstance(axis, int) else tuple(axis)
+    if len(entries) == 0:
+        raise ValueError(f"{name} must name at least one axis, got an empty sequence")
+    resolved = []
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, int):
+            raise TypeError(f"{name} entries must be ints, got {entry!r} of type {type(entry).__name__}")
+        if not -ndim <= entry < ndim:
+            raise ValueError(
+                f"{name}={axis!r} is out of range for an input of rank {ndim}: "
+                f"use an axis in [{-ndim}, {ndim - 1}]"
+            )
+        resolved.append(entry % ndim)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"{name}={axis!r} names the same axis twice (rank {ndim}); list each axis once")
+    return tuple(sorted(resolved))
+
+
+def complement(axes: Iterable[int], ndim: int) -> tuple[int, ...]:
+    """The axes of an ``ndim``-rank input that are not in ``axes`` (the reduction axes of BN)."""
+    kept = set(axes)
+    return tuple(i for i in range(ndim) if i not in kept)
+
+
+def broadcast_shape(feature_axes: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape that makes a parameter over ``feature_axes`` broadcast against ``shape``."""
+    return tuple(shape[i] if i in feature_axes else 1 for i in range(len(shape)))
+
+
+def check_feature_axes(axis: AxisSpec, *, name: str = "axis") -> None:
+    """Validate an axis spec before the input rank is known (types and duplicates of equal sign)."""
+    entries = (axis,) if isinstance(axis, int) else tuple(axis)
+    if len(entries) == 0:
+        raise ValueError(f"{name} must name at least one axis, got an empty sequence")
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, int):
+            raise TypeError(f"{name} entries must be ints, got {entry!r} of type {type(entry).__name__}")
+    if len(set(entries)) != len(entries):
+        raise ValueError(f"{name}={axis!r} names the same axis twice; list each axis once")

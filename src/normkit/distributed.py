@@ -1,0 +1,70 @@
+"""Batch statistics across processes with torch.distributed (any backend, gloo on CPU included).
+
+Each process computes (count, mean, M2) over its own positions; an all_gather that
+autograd can differentiate collects them, and Chan's parallel formula merges them:
+
+    N = sum n_i,   mean = sum n_i mean_i / N,   M2 = sum (M2_i + n_i (mean_i - mean)^2)
+
+so uneven or empty local batches weigh exactly by their counts, and no process ever
+forms E[x^2] - E[x]^2. The gradient flows back through the gather to every process.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import functional as F
+from .axes import complement
+from .stats import bessel_factor, ema_update
+
+
+def is_active(process_group=None) -> bool:
+    """True when a process group with more than one member is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def warn_local_once(layer) -> None:
+    if not getattr(layer, "_warned_local", False):
+        layer._warned_local = True
+        warnings.warn(f"{type(layer).__name__}(synchronized=True) runs without an initialized torch.distributed "
+                      "process group of more than one process: statistics are this process's only",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _gather(tensor, process_group):
+    from torch.distributed.nn.functional import all_gather
+    return torch.stack(all_gather(tensor.contiguous(), group=process_group))
+
+
+def sync_moments(x, reduce_axes, mask=None, process_group=None):
+    """Global (count, mean, biased var) over ``reduce_axes`` of every process's ``x``; differentiable."""
+    count, mean, var = F.moments(x, reduce_axes, mask)
+    local = torch.stack([count, mean, var * count])
+    gathered = _gather(local, process_group)
+    counts, means, squares = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    total = counts.sum(dim=0)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    global_mean = (counts * means).sum(dim=0) / safe_total
+    m2 = (squares + counts * (means - global_mean).square()).sum(dim=0)
+    return total, global_mean, m2 / safe_total
+
+
+def sync_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, *, axis, mask=None,
+                    process_group=None, unbiased_running_var=True):
+    """Batch norm whose batch is the union of every process's batch (axis: canonical feature axes)."""
+    reduce_axes = complement(axis, x.dim())
+    count, mean, var = sync_moments(x, reduce_axes, mask, process_group)
+    shape = [x.shape[a] if a in axis else 1 for a in range(x.dim())]
+    param = (lambda p: None if p is None else p.reshape(shape))
+    y = F.normalize(x.to(mean.dtype), mean, var, eps, param(weight), param(bias)).to(x.dtype)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            total = count.reshape(running_mean.shape)
+            estimate = var.reshape(running_mean.shape) * (bessel_factor(total) if unbiased_running_var else 1.0)
+            factor = momentum * (total > 0).to(running_mean.dtype)
+            ema_update(running_mean, mean.reshape(running_mean.shape).to(running_mean.dtype), factor)
+            ema_update(running_var, estimate.to(running_var.dtype), factor)
+    return y

@@ -1,0 +1,348 @@
+"""PyTorch twins of reference.py: same names, arguments and order of steps, differentiable by autograd.
+
+Calls that an ATen kernel computes exactly (torch.batch_norm, torch.layer_norm,
+torch.group_norm, torch.instance_norm) go to that kernel; everything else (masks,
+contiguous ghost batches, adjustment) is composite code that reads like reference.py.
+
+Precision rule: statistics are computed in float32 or wider whatever the input dtype;
+float16/bfloat16 inputs come back in their own dtype. Buffers are updated in place and
+never receive gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .axes import broadcast_shape, canonicalize_axes, complement
+from .stats import bessel_factor, ema_update
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_eps(eps, *, name="eps"):
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
+
+
+def check_floating(x, *, name="input"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; normalization needs a floating-point tensor: convert it with "
+            f"{name}.float() (or .to(torch.float32))"
+        )
+
+
+def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger batch, or GroupNorm/LayerNorm"):
+    if count_per_group == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}: "
+            f"the batch variance of a single value is 0; {hint}"
+        )
+
+
+def statistics_dtype(x):
+    """float32 for half-precision inputs, else the input's own floating dtype."""
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+# ----------------------------------------------------------------------------- statistics core
+
+
+def moments(x, reduce_axes, mask=None):
+    """Count, mean and biased variance of ``x`` over ``reduce_axes`` (kept as size-1 dims).
+
+    Twin of ``reference.moments``. Computed in float32 or wider; ``torch.var_mean`` is a
+    Welford reduction, so a large mean does not swallow a small spread. A group with no
+    valid position gets mean 0 and variance 0.
+    """
+    x = x.to(statistics_dtype(x))
+    if mask is None:
+        var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
+        count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
+        return count, mean, var
+    weights = mask.to(x.dtype).expand(x.shape)
+    count = weights.sum(dim=reduce_axes, keepdim=True)
+    safe_count = torch.where(count > 0, count, torch.ones_like(count))
+    mean = (weights * x).sum(dim=reduce_axes, keepdim=True) / safe_count
+    var = (weights * (x - mean).square()).sum(dim=reduce_axes, keepdim=True) / safe_count
+    return count, mean, var
+
+
+def affine(x_hat, scale=None, offset=None):
+    """``x_hat * scale + offset``; a missing scale is 1 and a missing offset 0."""
+    y = x_hat if scale is None else x_hat * scale
+    return y if offset is None else y + offset
+
+
+def normalize(x, mean, var, eps, scale=None, offset=None):
+    """``(x - mean) / sqrt(var + eps) * scale + offset`` (scale/offset broadcast-shaped or None)."""
+    return affine((x - mean) * torch.rsqrt(var + eps), scale, offset)
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+def ghost_view(x, virtual_batch_size, layout="strided"):
+    """Twin of ``reference.ghost_view``: (view, member_axis, ghost_axis)."""
+    batch = x.shape[0]
+    size = virtual_batch_size
+    if layout == "strided":
+        return x.reshape((size, batch // size) + tuple(x.shape[1:])), 0, 1
+    return x.reshape((batch // size, size) + tuple(x.shape[1:])), 1, 0
+
+
+def batch_statistics_view(x, feature_axes, mask=None, virtual_batch_size=None, ghost_layout="strided"):
+    """Twin of ``reference.batch_statistics_view``: (view, mask view, reduce axes, ghost axis)."""
+    ndim = x.dim()
+    if virtual_batch_size is None:
+        return x, mask, complement(feature_axes, ndim), None
+    view, member_axis, ghost_axis = ghost_view(x, virtual_batch_size, ghost_layout)
+    mask_view = None
+    if mask is not None:
+        mask_view = ghost_view(mask.expand((x.shape[0],) + tuple(mask.shape[1:])), virtual_batch_size, ghost_layout)[0]
+    shifted = tuple(a + 1 for a in feature_axes)
+    reduce_axes = tuple(i for i in range(ndim + 1) if i not in shifted and i != ghost_axis)
+    return view, mask_view, reduce_axes, ghost_axis
+
+
+def combine_ghost_statistics(count, mean, var, ghost_axis):
+    """Twin of ``reference.combine_ghost_statistics``."""
+    if ghost_axis is None:
+        return count, mean, var
+    total = count.sum(dim=ghost_axis, keepdim=True)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    combined_mean = (count * mean).sum(dim=ghost_axis, keepdim=True) / safe_total
+    combined_var = (count * var).sum(dim=ghost_axis, keepdim=True) / safe_total
+    return total, combined_mean, combined_var
+
+
+def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
+    """Twin of ``reference.renorm_correction`` (called without gradient: r and d are constants)."""
+    rmin, rmax, dmax = clipping
+    stddev = torch.sqrt(var + eps)
+    safe_stddev = torch.clamp(renorm_stddev, min=math.sqrt(eps))
+    r = torch.clamp(stddev / safe_stddev, rmin, rmax)
+    d = torch.clamp((mean - renorm_mean) / safe_stddev, -dmax, dmax)
+    return r, d
+
+
+def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, training, momentum, eps):
+    """torch.batch_norm on any feature axes, moving them to dim 1 only when needed.
+
+    The channel axis at dim 1 goes straight in (ATen has channels_last kernels); a last
+    feature axis of a contiguous input becomes a free (M, C) view; anything else is
+    permuted to (reduce..., features...) and flattened.
+    """
+    ndim = x.dim()
+    if feature_axes == (1,) and ndim >= 2:
+        return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                torch.backends.cudnn.enabled)
+    features = [x.shape[a] for a in feature_axes]
+    num_features = math.prod(features)
+    flat_params = [None if p is None else p.reshape(num_features) for p in (weight, bias, running_mean, running_var)]
+    if feature_axes == tuple(range(1, 1 + len(feature_axes))):
+        # Features right after dim 0 merge into one channel axis of an (N, K, *) view.
+        merged = x.reshape((x.shape[0], num_features) + tuple(x.shape[1 + len(feature_axes):]))
+        y = torch.batch_norm(merged, *flat_params, training, momentum, eps, torch.backends.cudnn.enabled)
+        return y.reshape(x.shape)
+    reduce_axes = complement(feature_axes, ndim)
+    order = reduce_axes + feature_axes
+    moved = x.permute(order) if order != tuple(range(ndim)) else x
+    flat = moved.reshape(-1, num_features)
+    y = torch.batch_norm(flat, *flat_params, training, momentum, eps, torch.backends.cudnn.enabled)
+    y = y.reshape(moved.shape)
+    if order != tuple(range(ndim)):
+        inverse = [order.index(i) for i in range(ndim)]
+        y = y.permute(inverse)
+    return y
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, mask=None, virtual_batch_size=None,
+               ghost_layout="strided", unbiased_running_var=True, renorm_mean=None, renorm_stddev=None,
+               moving_stddev=None, renorm_clipping=(0.0, math.inf, math.inf), renorm_momentum=0.01,
+               adjustment=None):
+    """Twin of ``reference.batch_norm`` (see its docstring for the math); buffers updated in place.
+
+    ``mask`` has the input's rank and broadcasts to it (size 1 on the feature axes).
+    """
+    check_floating(x)
+    check_eps(eps)
+    feature_axes = canonicalize_axes(axis, x.dim())
+    param_shape = broadcast_shape(feature_axes, x.shape)
+    batch_stats = training or running_mean is None
+    if not batch_stats:
+        return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
+    plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
+    if x.numel() == 0:
+        # An empty batch has no statistics: return an empty output and leave the buffers alone.
+        return x * (1.0 if weight is None else weight.reshape(param_shape).to(x.dtype))
+    if plain and unbiased_running_var:
+        check_enough_values(x.numel() // math.prod(x.shape[a] for a in feature_axes), x.shape)
+        return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps)
+    return _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
+                                momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
+                                renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
+                                adjustment)
+
+
+def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
+                         momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
+                         renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum, adjustment):
+    """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats."""
+    view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
+                                                                     ghost_layout)
+    if mask_view is None:
+        check_enough_values(view.numel() // math.prod(view.shape[a] for a in range(view.dim()) if a not in reduce_axes),
+                            x.shape)
+    # ATen normalizes whenever every position counts; renorm's r and d fold into its
+    # weight and bias. Masks and the adjustment need the composite path.
+    needs_composite = mask_view is not None or adjustment is not None
+    with _nullcontext() if needs_composite else torch.no_grad():
+        count, mean, var = moments(view, reduce_axes, mask_view)
+    with torch.no_grad():
+        total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis)
+        r = d = None
+        if renorm_mean is not None:
+            r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
+                                     renorm_mean.reshape(param_shape), renorm_stddev.reshape(param_shape),
+                                     renorm_clipping)
+    if needs_composite:
+        view_param = (lambda p: None if p is None else (p.reshape(param_shape) if ghost_axis is None
+                                                         else p.reshape(param_shape).unsqueeze(0)))
+        y = _composite_normalize(view, mean, var, eps, view_param(r), view_param(d), x, adjustment,
+                                 virtual_batch_size, ghost_layout, view_param(weight), view_param(bias))
+    else:
+        scale, offset = weight, bias
+        if r is not None:
+            # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
+            gamma = 1.0 if weight is None else weight.reshape(param_shape)
+            beta = 0.0 if bias is None else bias.reshape(param_shape)
+            scale, offset = r * gamma, d * gamma + beta
+        y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps)
+    y = y.reshape(x.shape)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
+                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis}
+            update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                            renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+    return y
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps):
+    """Batch-statistics normalization of ``view`` by ATen, with per-group statistics for ghost views.
+
+    A ghost view keeps the ghost axis too, so the parameters repeat along it.
+    """
+    if ghost_axis is None:
+        return _aten_batch_norm(view, feature_axes, None, None, scale, offset, True, 0.0, eps)
+    feature_sizes = tuple(view.shape[a + 1] for a in feature_axes)
+    kept = tuple(sorted((ghost_axis,) + tuple(a + 1 for a in feature_axes)))
+    groups = view.shape[ghost_axis]
+
+    def repeat(p):
+        if p is None:
+            return None
+        return p.reshape(feature_sizes).unsqueeze(0).expand((groups,) + feature_sizes)
+
+    return _aten_batch_norm(view, kept, None, None, repeat(scale), repeat(offset), True, 0.0, eps)
+
+
+def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
+    dtype = statistics_dtype(view)
+    x_hat = (view.to(dtype) - mean) * torch.rsqrt(var + eps)
+    z = x_hat if r is None else x_hat * r + d
+    if adjustment is not None:
+        adj_scale, adj_bias = adjustment(tuple(x.shape))
+        adj_scale = torch.as_tensor(adj_scale, dtype=dtype, device=x.device).expand(x.shape)
+        adj_bias = torch.as_tensor(adj_bias, dtype=dtype, device=x.device).expand(x.shape)
+        if virtual_batch_size is not None:
+            adj_scale = ghost_view(adj_scale, virtual_batch_size, ghost_layout)[0]
+            adj_bias = ghost_view(adj_bias, virtual_batch_size, ghost_layout)[0]
+        z = z * adj_scale + adj_bias
+    return affine(z, weight, bias).to(view.dtype)
+
+
+def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                    renorm_mean=None, renorm_stddev=None, moving_stddev=None, renorm_momentum=0.01):
+    """Twin of ``reference.update_batch_norm_running_stats``: the one place BN's buffers change."""
+    shape = running_mean.shape
+    total = parts["total"].reshape(shape)
+    batch_mean = parts["batch_mean"].reshape(shape)
+    batch_var = parts["batch_var"].reshape(shape)
+    if unbiased_running_var:
+        per_group = parts["var"] * bessel_factor(parts["count"])
+        batch_var_estimate = combine_ghost_statistics(parts["count"], parts["mean"], per_group, parts["ghost_axis"])[2]
+        batch_var_estimate = batch_var_estimate.reshape(shape)
+    else:
+        batch_var_estimate = batch_var
+    # Channels that saw no valid value (everything masked) keep their running statistics.
+    factor = momentum * (total > 0).to(running_mean.dtype)
+    cast = (lambda t: t.to(running_mean.dtype))
+    if renorm_mean is not None:
+        renorm_factor = renorm_momentum * (total > 0).to(running_mean.dtype)
+        ema_update(renorm_mean, cast(batch_mean), renorm_factor)
+        ema_update(renorm_stddev, cast(torch.sqrt(batch_var + eps)), renorm_factor)
+        ema_update(running_mean, cast(batch_mean), factor)
+        ema_update(moving_stddev, cast(torch.sqrt(batch_var_estimate + eps)), factor)
+        running_var.copy_(torch.clamp(moving_stddev.square() - eps, min=0.0))
+        return
+    ema_update(running_mean, cast(batch_mean), factor)
+    ema_update(running_var, cast(batch_var_estimate), factor)
+
+
+# ----------------------------------------------------------------------------- layer / instance / group norm
+
+
+def _params_for(x, *params):
+    """Half-precision input with float32 parameters: compute in float32 (parameters stay float32)."""
+    if x.dtype in LOW_PRECISION and any(p is not None and p.dtype != x.dtype for p in params):
+        return x.float(), True
+    return x, False
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Twin of ``reference.layer_norm`` (ATen's layer_norm computes it exactly)."""
+    check_floating(x)
+    check_eps(eps)
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    computed, upcast = _params_for(x, weight, bias)
+    y = torch.layer_norm(computed, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
+    return y.to(x.dtype) if upcast else y
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Twin of ``reference.group_norm`` (ATen's group_norm computes it exactly)."""
+    check_floating(x)
+    check_eps(eps)
+    computed, upcast = _params_for(x, weight, bias)
+    y = torch.group_norm(computed, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    return y.to(x.dtype) if upcast else y
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly)."""
+    check_floating(x)
+    check_eps(eps)
+    if use_input_stats:
+        check_enough_values(math.prod(x.shape[2:]), x.shape, hint="use a larger spatial size, or BatchNorm")
+    computed, upcast = _params_for(x, weight, bias, running_mean)
+    y = torch.instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                            torch.backends.cudnn.enabled)
+    return y.to(x.dtype) if upcast else y

@@ -1,0 +1,605 @@
+"""nn.Module layers: thin holders of parameters and buffers that validate and call functional.py.
+
+Every layer is the same pipeline configured differently (DESIGN.md): which axes are
+reduced, which carry weight and bias, and where the statistics come from. The math of
+each is written once, in its docstring; the arithmetic lives in functional.py.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .axes import canonicalize_axes, check_feature_axes
+from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
+from .stats import RenormClipping, momentum_factor
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+
+
+def _check_num_features(num_features, *, name="num_features"):
+    entries = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, int) or entry <= 0:
+            raise ValueError(f"{name} must be a positive int (or a tuple of them), got {num_features!r}")
+    return num_features if isinstance(num_features, int) else tuple(num_features)
+
+
+def _check_momentum(momentum, *, name="momentum"):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (the weight of the new batch) or None "
+                         f"(cumulative average), got {momentum!r}")
+    return float(momentum)
+
+
+class _NormBase(nn.Module):
+    """Parameters ``weight``/``bias`` and buffers ``running_mean``/``running_var``/``num_batches_tracked``.
+
+    Names, shapes, dtypes and state_dict keys are torch.nn's, so state_dicts load in
+    both directions. Parameters and buffers are float32 by default whatever the input
+    dtype (statistics of half-precision inputs are computed in float32).
+    """
+
+    _version = 2
+
+    def __init__(self, num_features, eps=1e-5, momentum: Optional[float] = 0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        F.check_eps(eps)
+        self.num_features = _check_num_features(num_features)
+        self.eps = float(eps)
+        self.momentum = _check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        factory = {"device": device, "dtype": dtype}
+        shape = (self.num_features,) if isinstance(self.num_features, int) else self.num_features
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(shape, **factory))
+            self.register_buffer("running_var", torch.ones(shape, **factory))
+            # The count is an integer whatever the dtype asked for (as in torch.nn).
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batch tracked."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, weight 1 and bias 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        bias = "" if (self.bias is not None or not self.affine) else ", bias=False"
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}".format(**self.__dict__) + bias
+                + ", track_running_stats={track_running_stats}".format(**self.__dict__))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # Checkpoints written before num_batches_tracked existed start counting from 0.
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
+                                   and self.num_batches_tracked.device != torch.device("meta")
+                                   else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _tracking_factor(self) -> float:
+        """Count this training batch and return the weight of its statistics in the running average."""
+        if self.num_batches_tracked is None:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
+            return momentum_factor(None, int(self.num_batches_tracked))
+        return self.momentum
+
+
+class BatchNorm(_NormBase):
+    r"""Batch normalization over every axis but the feature ``axis``, for inputs of any rank >= 2.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    reduces:     every axis except ``axis`` (an int or a tuple of ints, negative allowed)
+    parameters:  ``weight`` (gamma) and ``bias`` (beta) over ``axis``
+    statistics:  the batch's in training, ``running_mean``/``running_var`` in eval; the
+                 batch's always when ``track_running_stats=False``
+
+    The variance that normalizes is the biased batch variance; ``running_var`` stores the
+    unbiased one ``Var[x] * n / (n - 1)``, as torch.nn does. ``momentum`` is the weight of
+    the new value:
+
+    .. math::
+        \hat{x}_\text{new} = (1 - \text{momentum}) \times \hat{x} + \text{momentum} \times x_t
+
+    and ``momentum=None`` is the cumulative average of all tracked batches.
+
+    Options beyond torch.nn (keyword-only; each is one stage of the statistics pipeline,
+    so they combine):
+
+    * ``renorm``, ``renorm_clipping`` (``{"rmax", "rmin", "dmax"}``, numbers or callables
+      of the step), ``renorm_momentum`` (weight of the new value, default 0.01): batch
+      renormalization, ``y = (x_hat * r + d) * gamma + beta`` with r and d from the
+      renorm statistics before this step, without gradient.
+    * ``virtual_batch_size``: ghost batch normalization; ``ghost_layout`` ``"strided"``
+      (Keras: ghost j holds rows j, j + B/V, ...) or ``"contiguous"``.
+    * ``adjustment``: ``callable(input_shape) -> (scale, bias)`` applied in training after
+      renorm and before gamma/beta.
+    * ``forward(x, mask=...)``: mask 0 marks padding, left out of every statistic.
+    * initializers, regularizers and constraints for ``weight``/``bias``; ``freeze()``.
+    * ``synchronized``: statistics over all processes of ``process_group``.
+
+    Shape: input ``(N, ...)`` of rank >= 2, output the same shape.
+
+    Example::
+
+        >>> bn = BatchNorm(3, axis=-1)            # channels-last
+        >>> y = bn(torch.randn(8, 5, 5, 3))
+    """
+
+    def __init__(self, num_features, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 axis: Union[int, Sequence[int]] = 1,
+                 renorm: bool = False, renorm_clipping=None, renorm_momentum: float = 0.01,
+                 virtual_batch_size: Optional[int] = None, ghost_layout: str = "strided",
+                 adjustment: Optional[Callable] = None,
+                 weight_initializer="ones", bias_initializer="zeros",
+                 running_mean_initializer="zeros", running_var_initializer="ones",
+                 weight_regularizer=None, bias_regularizer=None,
+                 weight_constraint=None, bias_constraint=None,
+                 unbiased_running_var: bool = True,
+                 synchronized: bool = False, process_group=None):
+        check_feature_axes(axis)
+        self.axis = axis if isinstance(axis, int) else tuple(axis)
+        self.weight_initializer = resolve_initializer(weight_initializer, name="weight_initializer")
+        self.bias_initializer = resolve_initializer(bias_initializer, name="bias_initializer")
+        self.running_mean_initializer = resolve_initializer(running_mean_initializer, name="running_mean_initializer")
+        self.running_var_initializer = resolve_initializer(running_var_initializer, name="running_var_initializer")
+        self.renorm = bool(renorm)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        if isinstance(self.num_features, tuple) and (isinstance(self.axis, int) or len(self.axis) != len(self.num_features)):
+            raise ValueError(f"num_features={self.num_features!r} gives one size per feature axis, so axis must be "
+                             f"a tuple of {len(self.num_features)} axes, got axis={self.axis!r}")
+        self.renorm_clipping = RenormClipping.from_dict(renorm_clipping)
+        self.renorm_momentum = _check_momentum(renorm_momentum, name="renorm_momentum")
+        if self.renorm_momentum is None:
+            raise ValueError("renorm_momentum must be a number in [0, 1], got None")
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError("renorm_clipping was given but renorm=False: pass renorm=True to use batch renormalization")
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
+                raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+            axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+            if 0 in axes:
+                raise ValueError("virtual_batch_size splits the batch axis 0, so axis may not contain 0; "
+                                 f"got axis={self.axis!r}")
+        self.virtual_batch_size = virtual_batch_size
+        if ghost_layout not in ("strided", "contiguous"):
+            raise ValueError(f"ghost_layout must be 'strided' or 'contiguous', got {ghost_layout!r}")
+        self.ghost_layout = ghost_layout
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(f"adjustment must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
+        self.adjustment = adjustment
+        self.weight_regularizer = resolve_regularizer(weight_regularizer, name="weight_regularizer")
+        self.bias_regularizer = resolve_regularizer(bias_regularizer, name="bias_regularizer")
+        self.weight_constraint = resolve_constraint(weight_constraint, name="weight_constraint")
+        self.bias_constraint = resolve_constraint(bias_constraint, name="bias_constraint")
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.synchronized = bool(synchronized)
+        self.process_group = process_group
+        self.frozen = False
+        if self.renorm and self.track_running_stats:
+            self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
+            self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
+            self.register_buffer("renorm_stddev", torch.empty_like(self.running_var))
+            self.reset_running_stats()
+        elif self.renorm:
+            raise ValueError("renorm=True needs running statistics: pass track_running_stats=True")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        """Running statistics from their initializers (0 and 1 by default); renorm state to match."""
+        if not self.track_running_stats:
+            return
+        with torch.no_grad():
+            apply_initializer(self.running_mean_initializer, self.running_mean)
+            apply_initializer(self.running_var_initializer, self.running_var)
+        self.num_batches_tracked.zero_()
+        if getattr(self, "renorm", False) and hasattr(self, "moving_stddev"):
+            with torch.no_grad():
+                # sqrt of the variance initializer, as Keras does (moving_stddev = renorm_stddev = 1).
+                self.moving_stddev.copy_(self.running_var.clamp(min=0).sqrt())
+                self.renorm_stddev.copy_(self.moving_stddev)
+                self.renorm_mean.copy_(self.running_mean)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        with torch.no_grad():
+            if self.weight is not None:
+                apply_initializer(self.weight_initializer, self.weight)
+            if self.bias is not None:
+                apply_initializer(self.bias_initializer, self.bias)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.axis != 1:
+            text += f", axis={self.axis}"
+        for name, default in (("renorm", False), ("virtual_batch_size", None), ("synchronized", False)):
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        if self.frozen:
+            text += ", frozen=True"
+        return text
+
+    # -- frozen mode ----------------------------------------------------------------------------
+
+    def freeze(self) -> "BatchNorm":
+        """Use running statistics, update nothing and train nothing, even after ``model.train()``.
+
+        torch.nn's BN goes back to batch statistics when the model is put in train()
+        again (a fine-tuning trap); a frozen normkit layer does not. ``unfreeze()`` undoes it.
+        """
+        self.frozen = True
+        for parameter in (self.weight, self.bias):
+            if parameter is not None:
+                parameter.requires_grad_(False)
+        return self
+
+    def unfreeze(self) -> "BatchNorm":
+        self.frozen = False
+        for parameter in (self.weight, self.bias):
+            if parameter is not None:
+                parameter.requires_grad_(True)
+        return self
+
+    # -- regularization and constraints -----------------------------------------------------------
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Sum of the weight/bias regularizers (0 when none, or when frozen, as in Keras)."""
+        total = torch.zeros((), device=self.running_mean.device if self.running_mean is not None else None)
+        if self.frozen:
+            return total
+        for regularizer, parameter in ((self.weight_regularizer, self.weight), (self.bias_regularizer, self.bias)):
+            if regularizer is not None and parameter is not None and parameter.requires_grad:
+                total = total + regularizer(parameter)
+        return total
+
+    def apply_constraints(self) -> None:
+        """Project weight/bias onto their constraints (call after each optimizer step)."""
+        with torch.no_grad():
+            for constraint, parameter in ((self.weight_constraint, self.weight), (self.bias_constraint, self.bias)):
+                if constraint is not None and parameter is not None:
+                    parameter.copy_(constraint(parameter))
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of rank >= 2 (batch, features, ...), got {input.dim()}D input")
+
+    def _feature_axes(self, input: torch.Tensor) -> tuple:
+        axes = canonicalize_axes(self.axis, input.dim())
+        sizes = tuple(input.shape[a] for a in axes)
+        expected = (self.num_features,) if isinstance(self.num_features, int) else self.num_features
+        matches = math.prod(sizes) == self.num_features if isinstance(self.num_features, int) else sizes == expected
+        if not matches:
+            raise ValueError(
+                f"num_features={self.num_features} but the input of shape {tuple(input.shape)} has "
+                f"{sizes if len(sizes) > 1 else sizes[0]} features on axis {self.axis}: build the layer with "
+                f"num_features={sizes[0] if len(sizes) == 1 else sizes} or pass the right axis"
+            )
+        return axes
+
+    def _expand_mask(self, mask, input, feature_axes):
+        """A mask over the non-feature axes, as a tensor of the input's rank (size 1 on feature axes)."""
+        if not isinstance(mask, torch.Tensor):
+            mask = torch.as_tensor(mask)
+        if mask.dim() == input.dim() - len(feature_axes):
+            for axis in feature_axes:
+                mask = mask.unsqueeze(axis)
+        elif mask.dim() != input.dim():
+            expected = tuple(s for i, s in enumerate(input.shape) if i not in feature_axes)
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit an input of shape {tuple(input.shape)}: give a mask "
+                f"of shape {expected} (the input without its feature axes), or one broadcastable to it"
+            )
+        try:
+            torch.broadcast_shapes(mask.shape, input.shape)
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} cannot broadcast to the input's shape "
+                             f"{tuple(input.shape)}") from None
+        return mask.to(device=input.device, dtype=torch.bool)
+
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        F.check_floating(input)
+        self._check_input_dim(input)
+        feature_axes = self._feature_axes(input)
+        training = self.training and not self.frozen
+        if mask is not None:
+            mask = self._expand_mask(mask, input, feature_axes)
+        virtual = self.virtual_batch_size if training else None
+        if virtual is not None and input.shape[0] % virtual != 0:
+            raise ValueError(f"virtual_batch_size={virtual} must divide the batch size in training, got a batch of "
+                             f"{input.shape[0]}: use a batch size that is a multiple of {virtual} (or drop_last=True "
+                             "in the DataLoader); inference works for any batch size")
+        factor = 0.0
+        if training and self.track_running_stats:
+            factor = self._tracking_factor()
+        # torch.nn's rule: buffers are used when not training, or when tracking in training.
+        use_buffers = not training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        weight, bias = self.weight, self.bias
+        if self.frozen:
+            weight = None if weight is None else weight.detach()
+            bias = None if bias is None else bias.detach()
+        batch_stats = training or running_mean is None
+        renorm = self.renorm and batch_stats and training
+        if self.synchronized:
+            from . import distributed
+            if batch_stats and distributed.is_active(self.process_group):
+                return distributed.sync_batch_norm(
+                    input, running_mean, running_var, weight, bias, training, factor, self.eps,
+                    axis=feature_axes, mask=mask, process_group=self.process_group,
+                    unbiased_running_var=self.unbiased_running_var)
+            distributed.warn_local_once(self)
+        return F.batch_norm(
+            input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
+            axis=feature_axes, mask=mask if batch_stats else None, virtual_batch_size=virtual if batch_stats else None,
+            ghost_layout=self.ghost_layout, unbiased_running_var=self.unbiased_running_var,
+            renorm_mean=self.renorm_mean if renorm else None,
+            renorm_stddev=self.renorm_stddev if renorm else None,
+            moving_stddev=self.moving_stddev if renorm else None,
+            renorm_clipping=self.renorm_clipping.at(int(self.num_batches_tracked) - 1) if renorm else (0.0, math.inf, math.inf),
+            renorm_momentum=self.renorm_momentum,
+            adjustment=self.adjustment if training else None,
+        )
+
+
+class _BatchNormNd(BatchNorm):
+    """torch.nn's BatchNorm1d/2d/3d contract: constructor, defaults, rank checks; feature axis 1."""
+
+    _accepted_ranks: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **options):
+        if options.pop("axis", 1) != 1:
+            raise ValueError(f"{type(self).__name__} normalizes over axis 1 (channels); use normkit.BatchNorm(axis=...) "
+                             f"for another feature axis")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, axis=1, **options)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._accepted_ranks:
+            expected = " or ".join(f"{r}D" for r in self._accepted_ranks)
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input) for {type(self).__name__}; "
+                             f"use normkit.BatchNorm for inputs of any rank")
+
+
+class BatchNorm1d(_BatchNormNd):
+    """BatchNorm over (N, C) or (N, C, L) inputs: a drop-in for torch.nn.BatchNorm1d (see BatchNorm)."""
+
+    _accepted_ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNormNd):
+    """BatchNorm over (N, C, H, W) inputs: a drop-in for torch.nn.BatchNorm2d (see BatchNorm)."""
+
+    _accepted_ranks = (4,)
+
+
+class BatchNorm3d(_BatchNormNd):
+    """BatchNorm over (N, C, D, H, W) inputs: a drop-in for torch.nn.BatchNorm3d (see BatchNorm)."""
+
+    _accepted_ranks = (5,)
+
+
+class LayerNorm(nn.Module):
+    r"""Normalize each sample over its trailing ``normalized_shape`` axes: a drop-in for torch.nn.LayerNorm.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    reduces:     the trailing ``len(normalized_shape)`` axes of each sample
+    parameters:  ``weight``/``bias`` of shape ``normalized_shape`` (``elementwise_affine``; ``bias=False`` drops beta)
+    statistics:  always the sample's own, in training and eval
+
+    Over (C, H, W) it equals ``GroupNorm(1, C)`` without affine parameters.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        F.check_eps(eps)
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        _check_num_features(shape, name="normalized_shape")
+        self.normalized_shape = shape
+        self.eps = float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        factory = {"device": device, "dtype": dtype}
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        F.check_floating(input)
+        k = len(self.normalized_shape)
+        if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
+            raise ValueError(f"LayerNorm(normalized_shape={self.normalized_shape}) needs an input whose last {k} "
+                             f"dims are {self.normalized_shape}, got shape {tuple(input.shape)}")
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+
+
+class GroupNorm(nn.Module):
+    r"""Normalize each sample over groups of channels: a drop-in for torch.nn.GroupNorm.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    reduces:     the C/G channels of each group and every spatial position, per sample
+    parameters:  ``weight``/``bias`` per channel (``affine``)
+    statistics:  always the sample's own; independent of the batch size
+
+    ``GroupNorm(1, C)`` is LayerNorm over (C, *S); ``GroupNorm(C, C)`` is InstanceNorm.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, bias: bool = True):
+        super().__init__()
+        F.check_eps(eps)
+        _check_num_features(num_groups, name="num_groups")
+        _check_num_features(num_channels, name="num_channels")
+        if num_channels % num_groups != 0:
+            divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}; "
+                             f"choose one of {divisors}")
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        factory = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        F.check_floating(input)
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
+                             f"got shape {tuple(input.shape)}")
+        per_group = math.prod(input.shape[2:]) * (self.num_channels // self.num_groups)
+        if per_group == 1 and input.numel() > 0:
+            raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees one value per group for input "
+                                 f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger spatial size")
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+
+
+class _InstanceNorm(_NormBase):
+    r"""Normalize each sample and channel over its spatial positions: drop-in for torch.nn.InstanceNorm*d.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    reduces:     the spatial axes of each (sample, channel)
+    parameters:  ``weight``/``bias`` per channel when ``affine`` (default False)
+    statistics:  the instance's own; with ``track_running_stats=True`` running averages of
+                 them are kept and used in eval (torch.nn's rule)
+
+    Unbatched input (C, *S) is accepted. Equals ``GroupNorm(C, C)``.
+    """
+
+    _spatial_dims = 0
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None and not self.track_running_stats:
+            stray = [prefix + name for name in ("running_mean", "running_var") if prefix + name in state_dict]
+            if stray:
+                error_msgs.append(f"Unexpected running stats buffer(s) {stray} for {type(self).__name__} with "
+                                  "track_running_stats=False; they are ignored (drop them from the state_dict, or "
+                                  "build the layer with track_running_stats=True to use them)")
+                for key in stray:
+                    state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        F.check_floating(input)
+        batched_rank = self._spatial_dims + 2
+        if input.dim() not in (batched_rank - 1, batched_rank):
+            raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
+                             f"(got {input.dim()}D input) for {type(self).__name__}")
+        unbatched = input.dim() == batched_rank - 1
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != self.num_features:
+            if self.affine:
+                raise ValueError(f"num_features={self.num_features} but the input of shape {tuple(input.shape)} has "
+                                 f"{x.shape[1]} channels: build the layer with num_features={x.shape[1]}")
+            warnings.warn(f"input has {x.shape[1]} channels but num_features={self.num_features}; without affine "
+                          "parameters or running stats this is harmless, but probably not what you meant")
+        use_input_stats = self.training or not self.track_running_stats
+        factor = self._tracking_factor() if (self.training and self.track_running_stats) else 0.0
+        y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+                            factor, self.eps)
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """InstanceNorm over (N, C, L) or (C, L): a drop-in for torch.nn.InstanceNorm1d."""
+
+    _spatial_dims = 1
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """InstanceNorm over (N, C, H, W) or (C, H, W): a drop-in for torch.nn.InstanceNorm2d."""
+
+    _spatial_dims = 2
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """InstanceNorm over (N, C, D, H, W) or (C, D, H, W): a drop-in for torch.nn.InstanceNorm3d."""
+
+    _spatial_dims = 3

@@ -1,0 +1,416 @@
+"""NumPy float64 reference of every normalization in normkit, forward AND backward: the oracle of the tests.
+
+This file is also the derivation for learners. It never imports torch; functional.py is
+its PyTorch twin (same function names, same arguments, same order of steps).
+
+The one idea (DESIGN.md): a normalization is a choice of *reduce axes* (where the
+statistics are taken), *parameter axes* (where gamma/beta live) and *where the
+statistics come from* (this batch, or running averages). Every layer below is:
+
+    count, mean, var = moments(x, reduce_axes, mask)         # biased, two-pass
+    x_hat = (x - mean) / sqrt(var + eps)
+    y     = x_hat * weight + bias
+
+Backward, derived once (``normalize_backward``). With g = dL/dx_hat, statistics over a
+set R of n positions, w the 0/1 mask (all ones without a mask) and inv = 1/sqrt(var+eps):
+
+    dL/dmean = -inv * sum_R g                    (var's own dependence on mean is zero)
+    dL/dvar  = -1/2 * inv^2 * sum_R g * x_hat
+    dmean/dx_i = w_i / n,   dvar/dx_i = 2 w_i (x_i - mean) / n
+
+    dL/dx_i  = inv * (g_i - w_i / n * (sum_R g + x_hat_i * sum_R g * x_hat))
+
+and, when the statistics are constants (eval mode), simply dL/dx = inv * g.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .axes import broadcast_shape, canonicalize_axes, complement
+from .stats import bessel_factor, ema_update
+
+# ----------------------------------------------------------------------------- statistics core
+
+
+def moments(x, reduce_axes, mask=None):
+    """Count, mean and biased variance of ``x`` over ``reduce_axes`` (kept as size-1 dims).
+
+    .. math::
+        n = \\sum_R w,\\quad \\mu = \\frac{1}{n}\\sum_R w\\,x,\\quad
+        \\sigma^2 = \\frac{1}{n}\\sum_R w\\,(x-\\mu)^2
+
+    ``mask`` (broadcastable to ``x``; True/1 = valid) weights the positions; without it
+    every position counts. Two passes (mean first, then squared deviations) keep the
+    variance accurate when the mean is large compared to the spread. A group with no
+    valid position gets mean 0 and variance 0 (never NaN).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if mask is None:
+        mean = x.mean(axis=reduce_axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=reduce_axes, keepdims=True)
+        count = np.full(mean.shape, x.size / mean.size)
+        return count, mean, var
+    weights = np.broadcast_to(np.asarray(mask, dtype=np.float64), x.shape)
+    count = weights.sum(axis=reduce_axes, keepdims=True)
+    safe_count = np.where(count > 0, count, 1.0)
+    mean = (weights * x).sum(axis=reduce_axes, keepdims=True) / safe_count
+    var = (weights * (x - mean) ** 2).sum(axis=reduce_axes, keepdims=True) / safe_count
+    return count, mean, var
+
+
+def affine(x_hat, scale=None, offset=None):
+    """``x_hat * scale + offset``; a missing scale is 1 and a missing offset 0."""
+    y = x_hat if scale is None else x_hat * scale
+    return y if offset is None else y + offset
+
+
+def normalize(x, mean, var, eps, scale=None, offset=None):
+    """``(x - mean) / sqrt(var + eps) * scale + offset`` (scale/offset broadcast-shaped or None)."""
+    return affine((x - mean) / np.sqrt(var + eps), scale, offset)
+
+
+def normalize_backward(grad_x_hat, x_hat, inv_std, reduce_axes, mask=None, batch_statistics=True):
+    """dL/dx from dL/dx_hat, for statistics taken over ``reduce_axes`` (see the module docstring)."""
+    if not batch_statistics:
+        return grad_x_hat * inv_std
+    weights = np.ones_like(x_hat) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x_hat.shape)
+    count = weights.sum(axis=reduce_axes, keepdims=True)
+    safe_count = np.where(count > 0, count, 1.0)
+    sum_grad = grad_x_hat.sum(axis=reduce_axes, keepdims=True)
+    sum_grad_x_hat = (grad_x_hat * x_hat).sum(axis=reduce_axes, keepdims=True)
+    return inv_std * (grad_x_hat - weights / safe_count * (sum_grad + x_hat * sum_grad_x_hat))
+
+
+def _param(value, shape):
+    return None if value is None else np.asarray(value, dtype=np.float64).reshape(shape)
+
+
+def _sum_to(grad, shape):
+    """Sum ``grad`` over the axes where ``shape`` (same rank) has size 1."""
+    axes = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+def ghost_view(x, virtual_batch_size, layout="strided"):
+    """View a batch of B rows as V-row ghost batches; returns (view, member_axis, ghost_axis).
+
+    ``strided`` (Keras): reshape to (V, B/V, ...), ghost batch j holds rows j, j + B/V, ...
+    ``contiguous``: reshape to (B/V, V, ...), ghost batch g holds rows gV ... gV + V - 1.
+    Statistics reduce over ``member_axis`` and keep ``ghost_axis``.
+    """
+    batch = x.shape[0]
+    size = virtual_batch_size
+    if layout == "strided":
+        return x.reshape((size, batch // size) + x.shape[1:]), 0, 1
+    return x.reshape((batch // size, size) + x.shape[1:]), 1, 0
+
+
+def batch_statistics_view(x, feature_axes, mask=None, virtual_batch_size=None, ghost_layout="strided"):
+    """The tensor, mask, reduce axes and ghost axis on which batch statistics are taken.
+
+    Without ghost batches this is ``x`` itself reduced over every non-feature axis. With
+    them, the batch axis splits into (member, ghost) and only the member axis is reduced.
+    """
+    ndim = x.ndim
+    if virtual_batch_size is None:
+        return x, mask, complement(feature_axes, ndim), None
+    view, member_axis, ghost_axis = ghost_view(x, virtual_batch_size, ghost_layout)
+    mask_view = None
+    if mask is not None:
+        # A mask of the input's rank may broadcast over the batch axis; ghost views split
+        # that axis, so give it its real length first.
+        mask = np.asarray(mask)
+        mask_view = ghost_view(np.broadcast_to(mask, x.shape[:1] + mask.shape[1:]), virtual_batch_size, ghost_layout)[0]
+    shifted = tuple(a + 1 for a in feature_axes)
+    reduce_axes = tuple(i for i in range(ndim + 1) if i not in shifted and i != ghost_axis)
+    return view, mask_view, reduce_axes, ghost_axis
+
+
+def combine_ghost_statistics(count, mean, var, ghost_axis):
+    """Batch-level mean and variance from per-ghost ones: count-weighted means over ghosts.
+
+    Without a mask every ghost has the same count, so this is Keras' plain average of the
+    per-ghost means and (biased) variances. Returns (total count, mean, mean variance).
+    """
+    if ghost_axis is None:
+        return count, mean, var
+    total = count.sum(axis=ghost_axis, keepdims=True)
+    safe_total = np.where(total > 0, total, 1.0)
+    combined_mean = (count * mean).sum(axis=ghost_axis, keepdims=True) / safe_total
+    combined_var = (count * var).sum(axis=ghost_axis, keepdims=True) / safe_total
+    return total, combined_mean, combined_var
+
+
+def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
+    """Batch renormalization's r and d (treated as constants by the gradient).
+
+    .. math::
+        s = \\sqrt{\\sigma_B^2 + \\epsilon},\\quad \\hat s = \\max(s_{renorm}, \\sqrt\\epsilon),\\quad
+        r = \\mathrm{clip}(s / \\hat s, r_{min}, r_{max}),\\quad
+        d = \\mathrm{clip}((\\mu_B - \\mu_{renorm}) / \\hat s, -d_{max}, d_{max})
+
+    computed from the renorm statistics *before* this step's update.
+    """
+    rmin, rmax, dmax = clipping
+    stddev = np.sqrt(var + eps)
+    safe_stddev = np.maximum(renorm_stddev, math.sqrt(eps))
+    r = np.clip(stddev / safe_stddev, rmin, rmax)
+    d = np.clip((mean - renorm_mean) / safe_stddev, -dmax, dmax)
+    return r, d
+
+
+def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
+                      virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
+                      adjustment):
+    """Everything forward and backward need, computed once and in pipeline order."""
+    x = np.asarray(x, dtype=np.float64)
+    feature_axes = canonicalize_axes(axis, x.ndim)
+    param_shape = broadcast_shape(feature_axes, x.shape)
+    parts = {"feature_axes": feature_axes, "param_shape": param_shape}
+    batch_stats = training or running_mean is None
+    parts["batch_statistics"] = batch_stats
+    if not batch_stats:
+        mean, var = _param(running_mean, param_shape), _param(running_var, param_shape)
+        parts.update(view=x, mask=None, reduce_axes=complement(feature_axes, x.ndim), ghost_axis=None,
+                     mean=mean, var=var, count=None, r=None, d=None, adj_scale=None, adj_bias=None)
+        parts["batch_mean"], parts["batch_var"] = mean, var
+        return parts
+    view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size, ghost_layout)
+    count, mean, var = moments(view, reduce_axes, mask_view)
+    total, batch_mean, batch_var = combine_ghost_statistics(count, mean, var, ghost_axis)
+    parts.update(view=view, mask=mask_view, reduce_axes=reduce_axes, ghost_axis=ghost_axis,
+                 virtual_batch_size=virtual_batch_size, ghost_layout=ghost_layout, count=count, mean=mean, var=var, total=total, batch_mean=batch_mean, batch_var=batch_var)
+    parts["r"] = parts["d"] = None
+    if renorm_mean is not None:
+        r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
+                                 _param(renorm_mean, param_shape), _param(renorm_stddev, param_shape), renorm_clipping)
+        parts["r"], parts["d"] = _to_view(r, parts), _to_view(d, parts)
+    parts["adj_scale"] = parts["adj_bias"] = None
+    if adjustment is not None:
+        adj_scale, adj_bias = adjustment(x.shape)
+        parts["adj_scale"] = _to_view(np.broadcast_to(np.asarray(adj_scale, np.float64), x.shape), parts, full=True)
+        parts["adj_bias"] = _to_view(np.broadcast_to(np.asarray(adj_bias, np.float64), x.shape), parts, full=True)
+    return parts
+
+
+def _to_view(value, parts, full=False):
+    """Reshape a param-shaped (or, with ``full``, input-shaped) array to the statistics view."""
+    if parts["ghost_axis"] is None:
+        return value
+    if full:
+        return ghost_view(value, parts["virtual_batch_size"], parts["ghost_layout"])[0]
+    return np.expand_dims(value, 0)
+
+
+def _view_param(value, parts):
+    return None if value is None else _to_view(_param(value, parts["param_shape"]), parts)
+
+
+def _pre_affine(parts, x_hat):
+    """x_hat after renorm and adjustment, before weight and bias."""
+    z = x_hat
+    if parts.get("r") is not None:
+        z = z * parts["r"] + parts["d"]
+    if parts.get("adj_scale") is not None:
+        z = z * parts["adj_scale"] + parts["adj_bias"]
+    return z
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, mask=None, virtual_batch_size=None,
+               ghost_layout="strided", unbiased_running_var=True, renorm_mean=None, renorm_stddev=None,
+               moving_stddev=None, renorm_clipping=(0.0, math.inf, math.inf), renorm_momentum=0.01,
+               adjustment=None):
+    """Batch normalization over every axis but ``axis``; updates running buffers in place.
+
+    .. math::
+        y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}\\,\\gamma + \\beta
+
+    Statistics: the batch's (biased) mean and variance when ``training`` or when there
+    are no running buffers; the running buffers otherwise. In training, buffers move by
+    ``momentum`` (the weight of the new value) toward the batch mean and the batch
+    variance, unbiased (``n/(n-1)``) when ``unbiased_running_var`` as PyTorch does.
+
+    Options, each one stage of the pipeline:
+      * ``mask``: positions with mask 0 do not count in the statistics; channels with no
+        valid position leave their running statistics unchanged.
+      * ``virtual_batch_size``: statistics per ghost batch (see ``ghost_view``); running
+        statistics move toward the average of the per-ghost statistics, once per step.
+      * renorm (``renorm_mean`` given): ``y = ((x_hat * r + d) [* a + b]) * gamma + beta``;
+        ``moving_stddev`` is averaged and ``running_var = max(moving_stddev^2 - eps, 0)``.
+      * ``adjustment(shape) -> (a, b)``: extra scale and shift in training only, after
+        renorm and before gamma/beta.
+    """
+    parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
+                              virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
+                              adjustment)
+    param_shape, view = parts["param_shape"], parts["view"]
+    x_hat = (view - parts["mean"]) / np.sqrt(parts["var"] + eps)
+    z = _pre_affine(parts, x_hat)
+    y = affine(z, _view_param(weight, parts), _view_param(bias, parts))
+    y = y.reshape(np.shape(x))
+    if training and running_mean is not None:
+        update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                        renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+    return y
+
+
+def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                    renorm_mean=None, renorm_stddev=None, moving_stddev=None, renorm_momentum=0.01):
+    """The one place where BN's running statistics change (in place)."""
+    shape = np.shape(running_mean)
+    total = parts["total"].reshape(shape)
+    batch_mean = parts["batch_mean"].reshape(shape)
+    batch_var = parts["batch_var"].reshape(shape)
+    if unbiased_running_var:
+        per_group = parts["var"] * bessel_factor(parts["count"])
+        batch_var_estimate = combine_ghost_statistics(parts["count"], parts["mean"], per_group, parts["ghost_axis"])[2]
+        batch_var_estimate = batch_var_estimate.reshape(shape)
+    else:
+        batch_var_estimate = batch_var
+    # Channels that saw no valid value (everything masked) keep their running statistics.
+    factor = momentum * (total > 0)
+    if renorm_mean is not None:
+        renorm_factor = renorm_momentum * (total > 0)
+        ema_update(renorm_mean, batch_mean, renorm_factor)
+        ema_update(renorm_stddev, np.sqrt(batch_var + eps), renorm_factor)
+        ema_update(running_mean, batch_mean, factor)
+        ema_update(moving_stddev, np.sqrt(batch_var_estimate + eps), factor)
+        running_var[...] = np.maximum(moving_stddev ** 2 - eps, 0.0)
+        return
+    ema_update(running_mean, batch_mean, factor)
+    ema_update(running_var, batch_var_estimate, factor)
+
+
+def batch_norm_backward(grad_output, x, running_mean=None, running_var=None, weight=None, bias=None,
+                        training=False, eps=1e-5, *, axis=1, mask=None, virtual_batch_size=None,
+                        ghost_layout="strided", renorm_mean=None, renorm_stddev=None,
+                        renorm_clipping=(0.0, math.inf, math.inf), adjustment=None):
+    """(dL/dx, dL/dweight, dL/dbias) of ``batch_norm`` with the same arguments (buffers before the step)."""
+    parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
+                              virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
+                              adjustment)
+    param_shape, view = parts["param_shape"], parts["view"]
+    inv_std = 1.0 / np.sqrt(parts["var"] + eps)
+    x_hat = (view - parts["mean"]) * inv_std
+    grad = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
+    grad_weight = None if weight is None else _sum_to(grad * _pre_affine(parts, x_hat), _view_param_shape(parts))
+    grad_bias = None if bias is None else _sum_to(grad, _view_param_shape(parts))
+    grad_z = grad if weight is None else grad * _view_param(weight, parts)
+    if parts["adj_scale"] is not None:
+        grad_z = grad_z * parts["adj_scale"]
+    grad_x_hat = grad_z if parts["r"] is None else grad_z * parts["r"]
+    grad_x = normalize_backward(grad_x_hat, x_hat, inv_std, parts["reduce_axes"], parts["mask"],
+                                parts["batch_statistics"])
+    reshape = (lambda g: None if g is None else g.reshape(np.shape(weight)))
+    return grad_x.reshape(np.shape(x)), reshape(grad_weight), reshape(grad_bias)
+
+
+def _view_param_shape(parts):
+    shape = parts["param_shape"]
+    return shape if parts["ghost_axis"] is None else (1,) + tuple(shape)
+
+
+# ----------------------------------------------------------------------------- layer / instance / group norm
+
+
+def _norm_over(x, reduce_axes, param_shape, weight, bias, eps):
+    count, mean, var = moments(x, reduce_axes)
+    return normalize(x, mean, var, eps, _param(weight, param_shape), _param(bias, param_shape))
+
+
+def _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps):
+    x = np.asarray(x, dtype=np.float64)
+    _, mean, var = moments(x, reduce_axes)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - mean) * inv_std
+    grad = np.asarray(grad_output, dtype=np.float64)
+    grad_weight = None if weight is None else _sum_to(grad * x_hat, param_shape).reshape(np.shape(weight))
+    grad_bias = None if bias is None else _sum_to(grad, param_shape).reshape(np.shape(bias))
+    grad_x_hat = grad if weight is None else grad * _param(weight, param_shape)
+    return normalize_backward(grad_x_hat, x_hat, inv_std, reduce_axes), grad_weight, grad_bias
+
+
+def _layer_norm_geometry(x, normalized_shape):
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(normalized_shape)
+    reduce_axes = tuple(range(x.ndim - k, x.ndim))
+    param_shape = (1,) * (x.ndim - k) + normalized_shape
+    return reduce_axes, param_shape
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalize each sample over its trailing ``normalized_shape`` axes; parameters over the same axes.
+
+    .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\gamma + \\beta
+    """
+    x = np.asarray(x, dtype=np.float64)
+    reduce_axes, param_shape = _layer_norm_geometry(x, normalized_shape)
+    return _norm_over(x, reduce_axes, param_shape, weight, bias, eps)
+
+
+def layer_norm_backward(grad_output, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    x = np.asarray(x, dtype=np.float64)
+    reduce_axes, param_shape = _layer_norm_geometry(x, normalized_shape)
+    return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
+
+
+def _group_view(x, num_groups):
+    """(N, C, *S) -> (N, G, C/G, *S); statistics reduce over (C/G, *S)."""
+    n, c = x.shape[:2]
+    view = x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
+    return view, tuple(range(2, view.ndim)), (1, num_groups, c // num_groups) + (1,) * (x.ndim - 2)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Normalize each sample over groups of C/G channels and all spatial positions; gamma/beta per channel."""
+    x = np.asarray(x, dtype=np.float64)
+    view, reduce_axes, param_shape = _group_view(x, num_groups)
+    return _norm_over(view, reduce_axes, param_shape, weight, bias, eps).reshape(x.shape)
+
+
+def group_norm_backward(grad_output, x, num_groups, weight=None, bias=None, eps=1e-5):
+    x = np.asarray(x, dtype=np.float64)
+    view, reduce_axes, param_shape = _group_view(x, num_groups)
+    grad_view = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
+    grad_x, grad_weight, grad_bias = _norm_over_backward(grad_view, view, reduce_axes, param_shape, weight, bias, eps)
+    return grad_x.reshape(x.shape), grad_weight, grad_bias
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    """Normalize each sample and channel over its spatial positions; running stats optional.
+
+    With running buffers and ``use_input_stats``, they move toward the mean over samples
+    of the per-instance means and unbiased variances (PyTorch's rule). Without
+    ``use_input_stats`` the running statistics normalize every instance.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, c = x.shape[:2]
+    reduce_axes = tuple(range(2, x.ndim))
+    param_shape = (1, c) + (1,) * (x.ndim - 2)
+    if not use_input_stats:
+        return normalize(x, _param(running_mean, param_shape), _param(running_var, param_shape), eps,
+                         _param(weight, param_shape), _param(bias, param_shape))
+    count, mean, var = moments(x, reduce_axes)
+    if running_mean is not None:
+        ema_update(running_mean, mean.reshape(n, c).mean(axis=0), momentum)
+        ema_update(running_var, (var * bessel_factor(count)).reshape(n, c).mean(axis=0), momentum)
+    return normalize(x, mean, var, eps, _param(weight, param_shape), _param(bias, param_shape))
+
+
+def instance_norm_backward(grad_output, x, running_mean=None, running_var=None, weight=None, bias=None,
+                           use_input_stats=True, eps=1e-5):
+    x = np.asarray(x, dtype=np.float64)
+    c = x.shape[1]
+    reduce_axes = tuple(range(2, x.ndim))
+    param_shape = (1, c) + (1,) * (x.ndim - 2)
+    if use_input_stats:
+        return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
+    return batch_norm_backward(grad_output, x, running_mean, running_var, weight, bias, False, eps, axis=1)

@@ -1,0 +1,82 @@
+"""Choose a normalization layer by name: one small table shared by the lab, the CLI and the tools.
+
+``create_norm("batch", 16, rank=4)`` builds the layer for a (N, 16, H, W) input. Names:
+
+    none      nn.Identity (no normalization)
+    batch     normkit.BatchNorm (over axis 1, any rank)
+    torch     torch.nn.BatchNorm1d/2d/3d (the baseline normkit is compared to)
+    layer     normkit.LayerNorm over the features (dense) or GroupNorm(1, C) (conv: LayerNorm over C, H, W)
+    instance  normkit.InstanceNorm (conv; affine, as BN's parameters are) - dense inputs have no
+              spatial axes, so it is refused there
+    group     normkit.GroupNorm with the largest divisor of C up to 32 that leaves >= 2 channels per group
+    renorm    normkit.BatchNorm(renorm=True) with the paper's clipping rmax=3, dmax=5
+    ghost     normkit.BatchNorm(virtual_batch_size=16)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from . import modules
+
+NORM_NAMES = ("none", "batch", "torch", "layer", "instance", "group", "renorm", "ghost")
+
+
+def _torch_batch_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
+    if cls is None:
+        raise ValueError(f"torch.nn has no BatchNorm for inputs of rank {rank}; use 'batch' (normkit.BatchNorm)")
+    return cls(num_features, **kwargs)
+
+
+def _groups_for(num_channels: int, limit: int = 32) -> int:
+    """The largest divisor of C up to 32 that leaves at least 2 channels per group (dense inputs need them)."""
+    limit = max(1, min(limit, num_channels // 2))
+    return max(g for g in range(1, limit + 1) if num_channels % g == 0)
+
+
+def _instance_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
+    cls = {3: modules.InstanceNorm1d, 4: modules.InstanceNorm2d, 5: modules.InstanceNorm3d}.get(rank)
+    if cls is None:
+        raise ValueError(f"instance normalization needs spatial axes (input rank 3 to 5), got rank {rank}; "
+                         "for dense layers use 'layer' or 'batch'")
+    kwargs.setdefault("affine", True)
+    return cls(num_features, **kwargs)
+
+
+def _layer_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
+    if rank == 2:
+        return modules.LayerNorm(num_features, **kwargs)
+    return modules.GroupNorm(1, num_features, **kwargs)
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "none": lambda num_features, rank, **kwargs: nn.Identity(),
+    "batch": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, **kwargs),
+    "torch": _torch_batch_norm,
+    "layer": _layer_norm,
+    "instance": _instance_norm,
+    "group": lambda num_features, rank, **kwargs: modules.GroupNorm(_groups_for(num_features), num_features, **kwargs),
+    "renorm": lambda num_features, rank, **kwargs: modules.BatchNorm(
+        num_features, renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, **kwargs),
+    "ghost": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, virtual_batch_size=16, **kwargs),
+}
+
+
+def create_norm(name: str, num_features: int, rank: int, **kwargs) -> nn.Module:
+    """Build the normalization ``name`` for inputs of ``rank`` (2 dense, 3-5 with spatial axes)."""
+    key = str(name).replace("_", "").replace("-", "").lower()
+    if key not in _FACTORIES:
+        raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    return _FACTORIES[key](num_features, rank, **kwargs)
+
+
+NORM_TYPES = (modules.BatchNorm, modules.LayerNorm, modules.GroupNorm, modules._InstanceNorm,
+              nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for normkit's and torch.nn's normalization layers."""
+    return isinstance(module, NORM_TYPES)

@@ -1,0 +1,112 @@
+"""Running-statistics rules, written once as arithmetic that works on NumPy arrays and torch tensors.
+
+Conventions (PyTorch's vocabulary, used everywhere in normkit):
+
+    momentum   weight of the NEW batch value (0.1 by default).
+               running <- (1 - momentum) * running + momentum * batch
+    None       cumulative average: momentum_t = 1 / t at the t-th tracked batch.
+
+Keras' ``momentum=0.99`` is a decay (the weight of the OLD value); keras.py turns
+it into ``1 - 0.99`` at the boundary, so nothing below knows about it.
+
+Running variance: PyTorch stores the unbiased batch variance ``var * n / (n - 1)``
+while normalizing with the biased one; Keras stores the biased one. Both are a
+flag here (``unbiased``), never a separate code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def momentum_factor(momentum: float | None, num_batches_tracked: int) -> float:
+    """The weight of the new batch value for this step.
+
+    ``momentum=None`` is the cumulative (equal-weight) average over all tracked
+    batches, so the factor for the ``t``-th batch (``num_batches_tracked`` already
+    incremented) is ``1 / t``.
+    """
+    if momentum is None:
+        return 1.0 / float(max(num_batches_tracked, 1))
+    return float(momentum)
+
+
+def bessel_factor(count):
+    """``n / (n - 1)``, the factor that turns a biased variance into an unbiased one.
+
+    With ``n <= 1`` there is no unbiased estimate; the factor is then 1 (the
+    biased value is stored) rather than inf/NaN, which would poison the buffer.
+    Works elementwise on NumPy arrays, torch tensors and Python numbers.
+    """
+    if isinstance(count, (int, float)):
+        return count / (count - 1) if count > 1 else 1.0
+    denominator = count - 1
+    safe = denominator * (denominator > 0) + 1 * (denominator <= 0)
+    return count / safe * (denominator > 0) + 1 * (denominator <= 0)
+
+
+def ema_update(running, batch_value, factor):
+    """Move ``running`` toward ``batch_value`` by ``factor`` in place; returns ``running``.
+
+    ``running <- running + factor * (batch_value - running)``, i.e.
+    ``(1 - factor) * running + factor * batch_value``. ``factor`` may be a number
+    or an array (per channel: 0 leaves a channel untouched, used for channels
+    that saw no valid value under a mask).
+    """
+    running += factor * (batch_value - running)
+    return running
+
+
+@dataclass(frozen=True)
+class RenormClipping:
+    """Clipping of batch renormalization's correction, ``r`` in [rmin, rmax], ``|d| <= dmax``.
+
+    Missing keys mean no clipping on that side (rmax=inf, rmin=0, dmax=inf), as in
+    Keras. Values may be callables of the training step (the number of tracked
+    batches before this one), so the usual schedule is one line::
+
+        RenormClipping.from_dict({"rmax": lambda t: min(3.0, 1 + 2 * t / 5000), "dmax": ...})
+    """
+
+    rmax: object = math.inf
+    rmin: object = 0.0
+    dmax: object = math.inf
+
+    KEYS = ("rmax", "rmin", "dmax")
+
+    @classmethod
+    def from_dict(cls, clipping, *, name: str = "renorm_clipping") -> "RenormClipping":
+        if clipping is None:
+            return cls()
+        if isinstance(clipping, RenormClipping):
+            return clipping
+        if not isinstance(clipping, dict):
+            raise TypeError(f"{name} must be a dict with keys rmax, rmin, dmax, got {type(clipping).__name__}")
+        invalid = sorted(set(clipping) - set(cls.KEYS))
+        if invalid:
+            raise ValueError(
+                f"{name} received invalid keys {invalid}; allowed keys are 'rmax', 'rmin' and 'dmax'"
+            )
+        resolved = cls(**{key: clipping[key] for key in clipping if clipping[key] is not None})
+        resolved.at(0, name=name)  # validate numbers (and schedules at step 0) now, not mid-training
+        return resolved
+
+    def at(self, step: int, *, name: str = "renorm_clipping") -> tuple[float, float, float]:
+        """(rmin, rmax, dmax) as numbers for training step ``step``, validated."""
+        values = []
+        for key in ("rmin", "rmax", "dmax"):
+            value = getattr(self, key)
+            value = value(step) if callable(value) else value
+            try:
+                values.append(float(value))
+            except (TypeError, ValueError):
+                raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}") from None
+        rmin, rmax, dmax = values
+        if rmax < rmin:
+            raise ValueError(f"{name}: rmax should be greater than or equal to rmin, got rmax={rmax}, rmin={rmin}")
+        if dmax < 0:
+            raise ValueError(f"{name}: dmax should be non-negative, got dmax={dmax}")
+        if rmin < 0:
+            raise ValueError(f"{name}: rmin should be non-negative, got rmin={rmin}")
+        return rmin, rmax, dmax
