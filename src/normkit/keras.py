@@ -1,0 +1,266 @@
+"""Keras' BatchNormalization vocabulary on a torch module: the one place Keras conventions live.
+
+Conversions done here and nowhere else:
+
+    Keras                          normkit / PyTorch
+    momentum=0.99 (decay)          momentum = 1 - 0.99 (weight of the new batch)
+    renorm_momentum=0.99           renorm_momentum = 1 - 0.99
+    epsilon=1e-3                   eps
+    moving_variance (biased)       running_var with unbiased_running_var=False
+    gamma, beta                    weight, bias
+    moving_mean, moving_variance   running_mean, running_var
+    center=False / scale=False     bias / weight absent
+    trainable=False                freeze(): inference mode, nothing updated or trained
+    axis=-1 (channels last)        BatchNorm(axis=-1)
+
+The number of features is inferred on the first call (or ``build(input_shape)``), as
+Keras does; parameters exist from then on, so build before creating an optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .axes import canonicalize_axes, check_feature_axes
+from .modules import BatchNorm
+from .options import resolve_constraint, resolve_initializer, resolve_regularizer
+from .stats import RenormClipping
+
+__all__ = ["BatchNormalization"]
+
+
+class BatchNormalization(nn.Module):
+    """Keras 3's ``BatchNormalization`` (and tf.keras' extra options) as a torch module.
+
+    Arguments and defaults are Keras' verbatim. ``forward(x, training=None, mask=None)``:
+    ``training=None`` follows ``module.train()``/``eval()``; ``mask`` has one dimension
+    fewer than ``x`` and is expanded at the last axis, as in Keras. Moving statistics move
+    only when training and trainable:
+
+        moving_mean     <- moving_mean * momentum + mean * (1 - momentum)
+        moving_variance <- moving_variance * momentum + var * (1 - momentum)   (biased var)
+
+    ``get_weights()``/``set_weights()`` exchange NumPy arrays in Keras' order: gamma, beta,
+    moving_mean, moving_variance (then moving_stddev, renorm_mean, renorm_stddev with
+    renorm); absent ones (scale/center False) are skipped, as Keras does.
+    """
+
+    def __init__(self, axis=-1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, synchronized: bool = False,
+                 renorm: bool = False, renorm_clipping: Optional[dict] = None, renorm_momentum: float = 0.99,
+                 virtual_batch_size: Optional[int] = None, adjustment=None, fused: Optional[bool] = None,
+                 trainable: bool = True, name: Optional[str] = None, *, ghost_layout: str = "strided",
+                 process_group=None, dtype=None, device=None):
+        super().__init__()
+        check_feature_axes(axis)
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1] (Keras: the decay of the moving average), "
+                             f"got {momentum!r}")
+        if not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
+        if not isinstance(renorm_momentum, (int, float)) or not 0.0 <= renorm_momentum <= 1.0:
+            raise ValueError(f"renorm_momentum must be a number in [0, 1], got {renorm_momentum!r}")
+        RenormClipping.from_dict(renorm_clipping)  # validate keys and values now, as Keras does
+        if fused:
+            # tf.keras refuses the fused kernel with these options; normkit keeps the same contract.
+            for option, value in (("renorm", renorm), ("virtual_batch_size", virtual_batch_size),
+                                  ("adjustment", adjustment)):
+                if value:
+                    raise ValueError(f"fused=True is not supported with {option}; leave fused=None")
+        if virtual_batch_size is not None and (not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0):
+            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+        for label, value, resolve in (("beta_initializer", beta_initializer, resolve_initializer),
+                                      ("gamma_initializer", gamma_initializer, resolve_initializer),
+                                      ("moving_mean_initializer", moving_mean_initializer, resolve_initializer),
+                                      ("moving_variance_initializer", moving_variance_initializer, resolve_initializer),
+                                      ("beta_regularizer", beta_regularizer, resolve_regularizer),
+                                      ("gamma_regularizer", gamma_regularizer, resolve_regularizer),
+                                      ("beta_constraint", beta_constraint, resolve_constraint),
+                                      ("gamma_constraint", gamma_constraint, resolve_constraint)):
+            resolve(value, name=label)
+        self.axis = axis if isinstance(axis, int) else list(axis)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
+        self.moving_mean_initializer, self.moving_variance_initializer = moving_mean_initializer, moving_variance_initializer
+        self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
+        self.beta_constraint, self.gamma_constraint = beta_constraint, gamma_constraint
+        self.synchronized = bool(synchronized)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = virtual_batch_size
+        self.adjustment = adjustment
+        self.fused = fused
+        self.ghost_layout = ghost_layout
+        self.name = name or "batch_normalization"
+        self.process_group = process_group
+        self._factory = {"dtype": dtype, "device": device}
+        self._trainable = bool(trainable)
+        self.bn: Optional[BatchNorm] = None
+
+    # -- build ------------------------------------------------------------------------------------
+
+    @property
+    def built(self) -> bool:
+        return self.bn is not None
+
+    def build(self, input_shape: Sequence[int]) -> None:
+        """Create the weights for inputs of ``input_shape`` (the batch size may be None)."""
+        rank = len(input_shape)
+        axes = canonicalize_axes(self.axis, rank)
+        sizes = tuple(input_shape[a] for a in axes)
+        if any(size is None for size in sizes):
+            raise ValueError(f"axis {self.axis} of input_shape {tuple(input_shape)} must have a known size")
+        self.bn = BatchNorm(
+            sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=1.0 - self.momentum,
+            affine=self.scale or self.center, bias=self.center, track_running_stats=True,
+            axis=axes[0] if len(axes) == 1 else axes,
+            renorm=self.renorm, renorm_clipping=self.renorm_clipping, renorm_momentum=1.0 - self.renorm_momentum,
+            virtual_batch_size=self.virtual_batch_size, ghost_layout=self.ghost_layout, adjustment=self.adjustment,
+            weight_initializer=self.gamma_initializer, bias_initializer=self.beta_initializer,
+            running_mean_initializer=self.moving_mean_initializer,
+            running_var_initializer=self.moving_variance_initializer,
+            weight_regularizer=self.gamma_regularizer, bias_regularizer=self.beta_regularizer,
+            weight_constraint=self.gamma_constraint, bias_constraint=self.beta_constraint,
+            unbiased_running_var=False, synchronized=self.synchronized, process_group=self.process_group,
+            **self._factory)
+        if not self.scale and self.bn.weight is not None:
+            # Keras' scale=False has beta but no gamma; torch.nn has no such layer, so drop weight here.
+            del self.bn.weight
+            self.bn.register_parameter("weight", None)
+        self.bn.train(self.training)
+        if not self._trainable:
+            self.bn.freeze()
+
+    # -- Keras vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = bool(value)
+        if self.bn is not None:
+            self.bn.freeze() if not self._trainable else self.bn.unfreeze()
+
+    def _built_layer(self) -> BatchNorm:
+        if self.bn is None:
+            raise RuntimeError(f"{self.name} is not built yet: call it on an input or call build(input_shape) first")
+        return self.bn
+
+    gamma = property(lambda self: self._built_layer().weight)
+    beta = property(lambda self: self._built_layer().bias)
+    moving_mean = property(lambda self: self._built_layer().running_mean)
+    moving_variance = property(lambda self: self._built_layer().running_var)
+    moving_stddev = property(lambda self: getattr(self._built_layer(), "moving_stddev", None))
+    renorm_mean = property(lambda self: getattr(self._built_layer(), "renorm_mean", None))
+    renorm_stddev = property(lambda self: getattr(self._built_layer(), "renorm_stddev", None))
+
+    def _weight_tensors(self):
+        if self.bn is None:
+            return []  # Keras: an unbuilt layer has no weights yet
+        names = ["gamma", "beta", "moving_mean", "moving_variance"]
+        if self.renorm:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        return [(name, getattr(self, name)) for name in names if getattr(self, name) is not None]
+
+    @property
+    def weights(self):
+        return [tensor for _, tensor in self._weight_tensors()]
+
+    @property
+    def trainable_weights(self):
+        if not self._trainable:
+            return []
+        return [tensor for name, tensor in self._weight_tensors() if name in ("gamma", "beta")]
+
+    @property
+    def non_trainable_weights(self):
+        trainable = {id(t) for t in self.trainable_weights}
+        return [tensor for tensor in self.weights if id(tensor) not in trainable]
+
+    def get_weights(self):
+        """The weights as NumPy arrays, in Keras' order (gamma, beta, moving_mean, moving_variance, ...)."""
+        return [tensor.detach().cpu().numpy().copy() for tensor in self.weights]
+
+    def set_weights(self, weights) -> None:
+        """Load NumPy arrays given in Keras' order; the count and each shape must match."""
+        targets = self._weight_tensors()
+        if len(weights) != len(targets):
+            raise ValueError(f"{self.name} expects {len(targets)} weights ({', '.join(n for n, _ in targets)}), "
+                             f"got {len(weights)}")
+        for (name, tensor), value in zip(targets, weights):
+            value = np.asarray(value)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(f"weight {name!r} of {self.name} has shape {tuple(tensor.shape)}, "
+                                 f"got an array of shape {tuple(value.shape)}")
+        with torch.no_grad():
+            for (name, tensor), value in zip(targets, weights):
+                tensor.copy_(torch.as_tensor(np.asarray(value), dtype=tensor.dtype))
+
+    @property
+    def losses(self):
+        """The regularization terms, one scalar per regularized trainable weight (Keras' ``layer.losses``)."""
+        if self.bn is None or not self._trainable:
+            return []
+        terms = []
+        for regularizer, parameter in ((self.bn.weight_regularizer, self.bn.weight),
+                                       (self.bn.bias_regularizer, self.bn.bias)):
+            if regularizer is not None and parameter is not None:
+                terms.append(regularizer(parameter))
+        return terms
+
+    def get_config(self) -> dict:
+        """Every constructor argument (Keras' ``get_config``); ``adjustment`` is not serializable and is dropped."""
+        return {"name": self.name, "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
+                "center": self.center, "scale": self.scale, "beta_initializer": self.beta_initializer,
+                "gamma_initializer": self.gamma_initializer,
+                "moving_mean_initializer": self.moving_mean_initializer,
+                "moving_variance_initializer": self.moving_variance_initializer,
+                "beta_regularizer": self.beta_regularizer, "gamma_regularizer": self.gamma_regularizer,
+                "beta_constraint": self.beta_constraint, "gamma_constraint": self.gamma_constraint,
+                "synchronized": self.synchronized, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
+                "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size,
+                "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BatchNormalization":
+        return cls(**config)
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, training: Optional[bool] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(inputs, torch.Tensor):
+            inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+        if self.bn is None:
+            self.build(tuple(inputs.shape))
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=inputs.device)
+            if mask.dim() != inputs.dim() - 1:
+                raise ValueError(f"The mask provided should be one dimension less than the inputs: mask has shape "
+                                 f"{tuple(mask.shape)}, inputs {tuple(inputs.shape)}")
+            # Keras expands the mask at the last axis, whatever the feature axis is.
+            mask = mask.unsqueeze(-1)
+        mode = self.training if training is None else bool(training)
+        previous = self.bn.training
+        self.bn.training = mode
+        try:
+            return self.bn(inputs, mask=mask if mode else None)
+        finally:
+            self.bn.training = previous
+
+    def extra_repr(self) -> str:
+        return (f"axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, center={self.center}, "
+                f"scale={self.scale}" + (", renorm=True" if self.renorm else "")
+                + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
+                + ("" if self._trainable else ", trainable=False"))
