@@ -1,0 +1,24 @@
+"""Shared test helpers: seeded data, tensor<->array conversion and tolerance per dtype."""
+
+import numpy as np
+import pytest
+import torch
+
+TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5),
+             torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=4e-2, atol=4e-2)}
+
+
+def to_numpy(tensor):
+    return None if tensor is None else tensor.detach().to(torch.float64).cpu().numpy()
+
+
+def assert_close(actual, expected, dtype=torch.float64, **overrides):
+    tol = dict(TOLERANCE[dtype])
+    tol.update(overrides)
+    actual = to_numpy(actual) if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    np.testing.assert_allclose(actual, np.asarray(expected, dtype=np.float64), **tol)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

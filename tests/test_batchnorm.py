@@ -1,0 +1,190 @@
+"""normkit.BatchNorm against the NumPy reference (float64) and torch.nn, over a table of cases.
+
+Each case runs two training or eval steps and checks the output, the input gradient, the
+weight/bias gradients and every running buffer.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit import reference as R
+
+from conftest import assert_close, to_numpy
+
+TORCH_NN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (3, 3, 4, 2), 5: (2, 3, 2, 3, 2)}
+
+
+def _cases():
+    for rank, axis, training, affine, track, momentum, dtype in itertools.product(
+            (2, 3, 4, 5), ("first", "last", "negative", "tuple"), (True, False), (True, False), (True, False),
+            (0.1, 0.8, None), (torch.float32, torch.float64)):
+        if axis == "tuple" and rank < 3:
+            continue
+        if not affine and momentum == 0.8 or (dtype == torch.float32 and momentum == 0.8):
+            continue  # keep the table small: momentum 0.8 once per layout, affine and float64
+        yield pytest.param(rank, axis, training, affine, track, momentum, dtype,
+                           id=f"r{rank}-{axis}-{'train' if training else 'eval'}-{'affine' if affine else 'plain'}-"
+                              f"{'track' if track else 'notrack'}-m{momentum}-{str(dtype)[6:]}")
+
+
+def _axis_for(rank, kind):
+    return {"first": 1, "last": rank - 1, "negative": -1, "tuple": (1, rank - 1)}[kind]
+
+
+def _run_case(rank, axis_kind, training, affine, track, momentum, dtype, rng, steps=2):
+    shape = SHAPES[rank]
+    axis = _axis_for(rank, axis_kind)
+    axes = (axis % rank,) if isinstance(axis, int) else axis
+    feature_shape = tuple(shape[a] for a in axes)
+    num_features = feature_shape[0] if len(axes) == 1 else feature_shape
+    layer = normkit.BatchNorm(num_features, momentum=momentum, affine=affine, track_running_stats=track, axis=axis,
+                              eps=1e-3)
+    with torch.no_grad():
+        if affine:
+            layer.weight.copy_(torch.as_tensor(rng.normal(size=feature_shape)))
+            layer.bias.copy_(torch.as_tensor(rng.normal(size=feature_shape)))
+        if track:
+            layer.running_mean.copy_(torch.as_tensor(rng.normal(size=feature_shape)))
+            layer.running_var.copy_(torch.as_tensor(rng.uniform(0.5, 2.0, size=feature_shape)))
+    layer.to(dtype)
+    layer.train(training)
+    ref_mean = to_numpy(layer.running_mean) if track else None
+    ref_var = to_numpy(layer.running_var) if track else None
+    weight, bias = to_numpy(layer.weight), to_numpy(layer.bias)
+    for step in range(1, steps + 1):
+        x_np = rng.normal(size=shape) * 3 + 2
+        g_np = rng.normal(size=shape)
+        x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
+        layer.zero_grad()
+        y = layer(x)
+        y.backward(torch.tensor(g_np, dtype=dtype))
+        batch_stats = training or not track
+        buffers_used = (not training) or track
+        factor = (1.0 / step if momentum is None else momentum) if (training and track) else 0.0
+        rm, rv = (ref_mean, ref_var) if buffers_used else (None, None)
+        grads = R.batch_norm_backward(g_np, x_np, rm, rv, weight, bias, batch_stats, 1e-3, axis=axis)
+        expected = R.batch_norm(x_np, rm, rv, weight, bias, batch_stats, factor, 1e-3, axis=axis)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_close(y, expected, dtype)
+        assert_close(x.grad, grads[0], dtype)
+        if affine:
+            assert_close(layer.weight.grad, grads[1], dtype)
+            assert_close(layer.bias.grad, grads[2], dtype)
+        if track:
+            assert_close(layer.running_mean, ref_mean, dtype)
+            assert_close(layer.running_var, ref_var, dtype)
+            assert int(layer.num_batches_tracked) == (step if training else 0)
+    return layer
+
+
+@pytest.mark.parametrize("rank,axis,training,affine,track,momentum,dtype", list(_cases()))
+def test_matches_reference(rank, axis, training, affine, track, momentum, dtype, rng):
+    _run_case(rank, axis, training, affine, track, momentum, dtype, rng)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine,track,momentum", [(True, True, 0.1), (False, True, None), (True, False, 0.1),
+                                                   (False, False, 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drop_in_matches_torch_nn(rank, training, affine, track, momentum, dtype, rng):
+    """normkit.BatchNorm{1,2,3}d and torch.nn's, same state, same steps: same outputs, grads and buffers."""
+    ours_cls = {2: normkit.BatchNorm1d, 3: normkit.BatchNorm1d, 4: normkit.BatchNorm2d, 5: normkit.BatchNorm3d}[rank]
+    ours = ours_cls(3, momentum=momentum, affine=affine, track_running_stats=track).to(dtype)
+    theirs = TORCH_NN[rank](3, momentum=momentum, affine=affine, track_running_stats=track).to(dtype)
+    with torch.no_grad():
+        for p in list(theirs.parameters()) + [b for b in theirs.buffers() if b.is_floating_point()]:
+            p.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, size=p.shape)))
+    ours.load_state_dict(theirs.state_dict())
+    ours.train(training), theirs.train(training)
+    for _ in range(3):
+        x = torch.tensor(rng.normal(size=SHAPES[rank]) * 2 + 1, dtype=dtype)
+        g = torch.tensor(rng.normal(size=SHAPES[rank]), dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        ya.backward(g), yb.backward(g)
+        torch.testing.assert_close(ya, yb)
+        torch.testing.assert_close(xa.grad, xb.grad)
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channels_last_input_matches_torch_nn(memory_format, rng):
+    x = torch.tensor(rng.normal(size=(4, 8, 5, 5)), dtype=torch.float32).to(memory_format=memory_format)
+    ours, theirs = normkit.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert ya.is_contiguous(memory_format=memory_format)
+
+
+def test_axis_last_on_nhwc_equals_axis_one_on_nchw(rng):
+    x = torch.tensor(rng.normal(size=(4, 6, 5, 3)), dtype=torch.float64)
+    last, first = normkit.BatchNorm(3, axis=-1).double(), normkit.BatchNorm(3, axis=1).double()
+    y_last = last(x)
+    y_first = first(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y_last, y_first)
+    torch.testing.assert_close(last.running_var, first.running_var)
+
+
+def test_classic_example():
+    x = torch.arange(27, dtype=torch.float32).reshape(1, 3, 3, 3)
+    bn = normkit.BatchNorm2d(3)
+    y = bn(x)
+    expected = torch.tensor([-1.5492, -1.1619, -0.7746, -0.3873, 0.0, 0.3873, 0.7746, 1.1619, 1.5492])
+    for channel in range(3):
+        torch.testing.assert_close(y[0, channel].reshape(-1), expected, atol=5e-5, rtol=0)
+    torch.testing.assert_close(bn.running_mean, torch.tensor([0.4, 1.3, 2.2]))
+    torch.testing.assert_close(bn.running_var, torch.tensor([1.65, 1.65, 1.65]))
+
+
+def test_cumulative_average_and_reset():
+    """momentum=None: after two batches the buffers are the mean of each batch's statistics."""
+    bn = normkit.BatchNorm1d(2, momentum=None).double()
+    x1, x2 = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64) * 3 + 1
+    bn(x1), bn(x2)
+    torch.testing.assert_close(bn.running_mean, (x1.mean(0) + x2.mean(0)) / 2)
+    torch.testing.assert_close(bn.running_var, (x1.var(0) + x2.var(0)) / 2)
+    bn.reset_running_stats()
+    torch.testing.assert_close(bn.running_mean, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(bn.running_var, torch.ones(2, dtype=torch.float64))
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_eval_is_deterministic_per_sample():
+    bn = normkit.BatchNorm2d(3)
+    bn(torch.randn(8, 3, 4, 4) * 2 + 1)
+    bn.eval()
+    x = torch.randn(6, 3, 4, 4)
+    torch.testing.assert_close(bn(x)[:2], bn(x[:2]))
+
+
+def test_flag_flip_follows_torch_nn():
+    """track_running_stats flipped to False on a module with buffers: batch stats, no update; eval uses buffers."""
+    ours, theirs = normkit.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    ours.track_running_stats = theirs.track_running_stats = False
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_zero_batch_returns_empty_and_keeps_buffers():
+    bn = normkit.BatchNorm1d(5)
+    y = bn(torch.randn(0, 5, 9))
+    assert y.shape == (0, 5, 9)
+    torch.testing.assert_close(bn.running_mean, torch.zeros(5))

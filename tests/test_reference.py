@@ -1,0 +1,142 @@
+"""The NumPy reference against finite differences and closed forms: the oracle must itself be right."""
+
+import math
+
+import numpy as np
+import pytest
+
+from normkit import reference as R
+
+
+def numeric_gradient(f, x, eps=1e-6):
+    """Central differences of the scalar f at x (float64)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f(x)
+        flat[i] = old - eps
+        minus = f(x)
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def check_backward(forward, backward, x, weight, bias, rng):
+    g = rng.normal(size=forward(x, weight, bias).shape)
+    dx, dw, db = backward(g, x, weight, bias)
+    np.testing.assert_allclose(dx, numeric_gradient(lambda v: (forward(v, weight, bias) * g).sum(), x.copy()),
+                               rtol=1e-6, atol=1e-7)
+    if weight is not None:
+        np.testing.assert_allclose(dw, numeric_gradient(lambda v: (forward(x, v, bias) * g).sum(), weight.copy()),
+                                   rtol=1e-6, atol=1e-7)
+    if bias is not None:
+        np.testing.assert_allclose(db, numeric_gradient(lambda v: (forward(x, weight, v) * g).sum(), bias.copy()),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((4, 3, 2), 1), ((3, 2, 2, 3), -1), ((3, 2, 3, 2), (1, 3))])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_backward_matches_finite_differences(shape, axis, training, rng):
+    x = rng.normal(size=shape) * 2 + 1
+    feature_shape = tuple(shape[a] for a in ((axis,) if isinstance(axis, int) else axis))
+    weight, bias = rng.normal(size=feature_shape), rng.normal(size=feature_shape)
+    running_mean, running_var = rng.normal(size=feature_shape), rng.uniform(0.5, 2, size=feature_shape)
+    forward = lambda v, w, b: R.batch_norm(v, running_mean.copy(), running_var.copy(), w, b, training, 0.1, 1e-3,
+                                           axis=axis)
+    backward = lambda g, v, w, b: R.batch_norm_backward(g, v, running_mean, running_var, w, b, training, 1e-3,
+                                                        axis=axis)
+    check_backward(forward, backward, x, weight, bias, rng)
+
+
+@pytest.mark.parametrize("option", ["mask", "ghost_strided", "ghost_contiguous", "renorm", "adjustment"])
+def test_batch_norm_option_backward_matches_finite_differences(option, rng):
+    x = rng.normal(size=(6, 3, 2)) * 3 - 1
+    weight, bias = rng.normal(size=3), rng.normal(size=3)
+    kwargs = {}
+    if option == "mask":
+        mask = (rng.uniform(size=(6, 1, 2)) > 0.3).astype(float)
+        mask[0, 0, 0] = 1.0
+        kwargs["mask"] = mask
+    elif option.startswith("ghost"):
+        kwargs.update(virtual_batch_size=3, ghost_layout=option.split("_")[1])
+    elif option == "renorm":
+        # r and d carry no gradient (Keras' stop_gradient); finite differences agree with that only
+        # where both are clipped, i.e. locally constant: a tiny renorm stddev saturates r at rmax
+        # and a far renorm mean saturates d at dmax.
+        kwargs.update(renorm_mean=np.full(3, -100.0), renorm_stddev=np.full(3, 1e-2),
+                      renorm_clipping=(0.5, 2.0, 0.7))
+    else:
+        scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
+        kwargs["adjustment"] = lambda shape: (scale.reshape(1, 3, 1), shift.reshape(1, 3, 1))
+    forward = lambda v, w, b: R.batch_norm(v, None, None, w, b, True, 0.1, 1e-3, **kwargs)
+    backward = lambda g, v, w, b: R.batch_norm_backward(g, v, None, None, w, b, True, 1e-3, **kwargs)
+    check_backward(forward, backward, x, weight, bias, rng)
+
+
+def test_layer_group_instance_backward_match_finite_differences(rng):
+    x = rng.normal(size=(3, 4, 5))
+    w, b = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+    check_backward(lambda v, w, b: R.layer_norm(v, (4, 5), w, b),
+                   lambda g, v, w, b: R.layer_norm_backward(g, v, (4, 5), w, b), x, w, b, rng)
+    w, b = rng.normal(size=4), rng.normal(size=4)
+    check_backward(lambda v, w, b: R.group_norm(v, 2, w, b),
+                   lambda g, v, w, b: R.group_norm_backward(g, v, 2, w, b), x, w, b, rng)
+    check_backward(lambda v, w, b: R.instance_norm(v, None, None, w, b),
+                   lambda g, v, w, b: R.instance_norm_backward(g, v, None, None, w, b), x, w, b, rng)
+
+
+def test_classic_example():
+    """X = arange(27) as (1, 3, 3, 3) through BN in training: the published numbers and buffers."""
+    x = np.arange(27.0).reshape(1, 3, 3, 3)
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    y = R.batch_norm(x, running_mean, running_var, np.ones(3), np.zeros(3), True, 0.1, 1e-5)
+    expected = [-1.5492, -1.1619, -0.7746, -0.3873, 0.0, 0.3873, 0.7746, 1.1619, 1.5492]
+    for channel in range(3):
+        np.testing.assert_allclose(y[0, channel].reshape(-1), expected, atol=5e-5)
+    np.testing.assert_allclose(running_mean, [0.4, 1.3, 2.2])
+    np.testing.assert_allclose(running_var, [1.65, 1.65, 1.65])
+
+
+def test_moments_are_numpy_mean_and_biased_var():
+    x = np.array([0, 1, 2, 3, 4, 100, -200], dtype=float)
+    count, mean, var = R.moments(x, (0,))
+    assert count.item() == 7
+    np.testing.assert_allclose(mean.item(), np.mean(x))
+    np.testing.assert_allclose(var.item(), np.var(x))
+
+
+def test_masked_moments_ignore_masked_values_and_empty_groups_are_zero():
+    x = np.array([[1.0, 5.0], [2.0, 5.0], [9.0, 9.0]])
+    mask = np.array([[1.0], [1.0], [0.0]])
+    count, mean, var = R.moments(x, (0,), mask)
+    np.testing.assert_allclose(mean.ravel(), [1.5, 5.0])
+    np.testing.assert_allclose(var.ravel(), [0.25, 0.0])
+    count, mean, var = R.moments(x, (0,), np.zeros((3, 1)))
+    assert np.all(count == 0) and np.all(mean == 0) and np.all(var == 0)
+
+
+def test_cumulative_and_unbiased_running_rules():
+    x = np.array([[1.0], [3.0]])  # mean 2, biased var 1, unbiased 2
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0)
+    np.testing.assert_allclose([running_mean[0], running_var[0]], [2.0, 2.0])
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, unbiased_running_var=False)
+    np.testing.assert_allclose([running_mean[0], running_var[0]], [2.0, 1.0])
+
+
+def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
+    x = rng.normal(size=(8, 2)) * 3
+    running_mean, running_var = np.zeros(2), np.ones(2)
+    moving_stddev, renorm_mean, renorm_stddev = np.ones(2), np.zeros(2), np.ones(2)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=0.1, eps=1e-3, renorm_mean=renorm_mean,
+                 renorm_stddev=renorm_stddev, moving_stddev=moving_stddev, renorm_momentum=0.2,
+                 unbiased_running_var=False)
+    s = np.sqrt(x.var(0) + 1e-3)
+    np.testing.assert_allclose(renorm_stddev, 0.8 + 0.2 * s)
+    np.testing.assert_allclose(moving_stddev, 0.9 + 0.1 * s)
+    np.testing.assert_allclose(running_var, np.maximum(moving_stddev ** 2 - 1e-3, 0))
+    np.testing.assert_allclose(renorm_mean, 0.2 * x.mean(0))
+    assert math.isclose(running_mean[0], 0.1 * x.mean(0)[0])
