@@ -9,7 +9,8 @@ TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rto
 
 
 def to_numpy(tensor):
-    return None if tensor is None else tensor.detach().to(torch.float64).cpu().numpy()
+    # A copy: the reference updates running buffers in place and must never alias the module's.
+    return None if tensor is None else tensor.detach().to(torch.float64).cpu().numpy().copy()
 
 
 def assert_close(actual, expected, dtype=torch.float64, **overrides):

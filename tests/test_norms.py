@@ -1,0 +1,129 @@
+"""LayerNorm, GroupNorm and InstanceNorm against the reference and torch.nn, and their equivalences."""
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit import reference as R
+
+from conftest import assert_close, to_numpy
+
+
+def _randomize(*modules, rng):
+    with torch.no_grad():
+        for p in modules[0].parameters():
+            p.copy_(torch.as_tensor(rng.normal(size=p.shape)))
+    for other in modules[1:]:
+        other.load_state_dict(modules[0].state_dict())
+
+
+def _forward_backward(module, x, g):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(g)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("shape,normalized", [((4, 6), 6), ((3, 4, 5), (4, 5)), ((2, 3, 4, 5), (3, 4, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(shape, normalized, affine, rng):
+    ours = normkit.LayerNorm(normalized, elementwise_affine=affine).double()
+    theirs = torch.nn.LayerNorm(normalized, elementwise_affine=affine).double()
+    _randomize(ours, theirs, rng=rng)
+    x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
+    y, dx = _forward_backward(ours, x, g)
+    y_t, dx_t = _forward_backward(theirs, x, g)
+    w, b = to_numpy(ours.weight), to_numpy(ours.bias)
+    assert_close(y, R.layer_norm(x.numpy(), normalized, w, b))
+    ref_dx, ref_dw, ref_db = R.layer_norm_backward(g.numpy(), x.numpy(), normalized, w, b)
+    assert_close(dx, ref_dx)
+    if affine:
+        assert_close(ours.weight.grad, ref_dw)
+        assert_close(ours.bias.grad, ref_db)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(dx, dx_t)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+@pytest.mark.parametrize("shape,groups", [((4, 6, 5), 3), ((2, 8, 3, 3), 4), ((2, 4, 2, 2, 3), 1), ((3, 4), 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm(shape, groups, affine, rng):
+    c = shape[1]
+    ours, theirs = normkit.GroupNorm(groups, c, affine=affine).double(), torch.nn.GroupNorm(groups, c, affine=affine).double()
+    _randomize(ours, theirs, rng=rng)
+    x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
+    y, dx = _forward_backward(ours, x, g)
+    y_t, dx_t = _forward_backward(theirs, x, g)
+    w, b = to_numpy(ours.weight), to_numpy(ours.bias)
+    assert_close(y, R.group_norm(x.numpy(), groups, w, b))
+    ref_dx, ref_dw, ref_db = R.group_norm_backward(g.numpy(), x.numpy(), groups, w, b)
+    assert_close(dx, ref_dx)
+    if affine:
+        assert_close(ours.weight.grad, ref_dw)
+        assert_close(ours.bias.grad, ref_db)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(dx, dx_t)
+
+
+@pytest.mark.parametrize("cls,theirs_cls,shape", [
+    (normkit.InstanceNorm1d, torch.nn.InstanceNorm1d, (3, 4, 7)),
+    (normkit.InstanceNorm2d, torch.nn.InstanceNorm2d, (3, 4, 3, 5)),
+    (normkit.InstanceNorm3d, torch.nn.InstanceNorm3d, (2, 4, 2, 3, 2)),
+    (normkit.InstanceNorm2d, torch.nn.InstanceNorm2d, (4, 3, 5)),  # unbatched
+])
+@pytest.mark.parametrize("affine,track", [(False, False), (True, False), (True, True), (False, True)])
+def test_instance_norm(cls, theirs_cls, shape, affine, track, rng):
+    ours = cls(4 if len(shape) > 3 or cls is normkit.InstanceNorm1d else 4, affine=affine,
+               track_running_stats=track).double()
+    theirs = theirs_cls(4, affine=affine, track_running_stats=track).double()
+    if shape == (4, 3, 5):
+        ours, theirs = cls(4, affine=affine, track_running_stats=track).double(), theirs_cls(
+            4, affine=affine, track_running_stats=track).double()
+    _randomize(ours, theirs, rng=rng)
+    for training in (True, True, False):
+        ours.train(training), theirs.train(training)
+        x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
+        rm, rv = (to_numpy(ours.running_mean), to_numpy(ours.running_var)) if track else (None, None)
+        y, dx = _forward_backward(ours, x, g)
+        y_t, dx_t = _forward_backward(theirs, x, g)
+        torch.testing.assert_close(y, y_t)
+        torch.testing.assert_close(dx, dx_t)
+        batched = x.numpy() if x.dim() == len(shape) and len(shape) == ours._spatial_dims + 2 else x.numpy()[None]
+        use_input = training or not track
+        expected = R.instance_norm(batched, rm, rv, to_numpy(ours.weight), to_numpy(ours.bias), use_input, 0.1)
+        assert_close(y, expected.reshape(shape))
+        if track:
+            assert_close(ours.running_mean, rm)
+            assert_close(ours.running_var, rv)
+            torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_layer_norm_over_chw_equals_group_norm_with_one_group(rng):
+    x = torch.tensor(rng.normal(size=(3, 4, 5, 6)))
+    layer = normkit.LayerNorm((4, 5, 6), elementwise_affine=False).double()
+    group = normkit.GroupNorm(1, 4, affine=False).double()
+    torch.testing.assert_close(layer(x), group(x))
+
+
+def test_instance_norm_equals_group_norm_with_one_channel_per_group(rng):
+    x = torch.tensor(rng.normal(size=(3, 4, 5, 6)))
+    instance = normkit.InstanceNorm2d(4, affine=True).double()
+    group = normkit.GroupNorm(4, 4, affine=True).double()
+    _randomize(instance, rng=rng)
+    with torch.no_grad():
+        group.weight.copy_(instance.weight), group.bias.copy_(instance.bias)
+    torch.testing.assert_close(instance(x), group(x))
+
+
+def test_batch_norm_with_batch_one_equals_instance_norm(rng):
+    """A batch of one sample: BN's statistics are the instance's statistics."""
+    x = torch.tensor(rng.normal(size=(1, 4, 5, 6)))
+    torch.testing.assert_close(normkit.BatchNorm2d(4, affine=False).double()(x),
+                               normkit.InstanceNorm2d(4).double()(x))
+
+
+def test_group_norm_is_independent_of_batch_size(rng):
+    gn = normkit.GroupNorm(2, 4).double()
+    x = torch.tensor(rng.normal(size=(5, 4, 3, 3)))
+    torch.testing.assert_close(gn(x)[1:2], gn(x[1:2]))
