@@ -132,13 +132,35 @@ def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
     return r, d
 
 
-def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, training, momentum, eps):
+def sample_per_feature(x, feature_axes):
+    """One input value per feature (the first along every other axis), detached: a cheap centre."""
+    sample = x.detach()
+    for axis in complement(feature_axes, x.dim()):
+        sample = sample.narrow(axis, 0, 1)
+    return sample
+
+
+def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, training, momentum, eps,
+                     recenter=False):
     """torch.batch_norm on any feature axes, moving them to dim 1 only when needed.
 
     The channel axis at dim 1 goes straight in (ATen has channels_last kernels); a last
     feature axis of a contiguous input becomes a free (M, C) view; anything else is
     permuted to (reduce..., features...) and flattened.
+
+    ``recenter``: ATen's CPU kernel rounds the batch mean to the input dtype before the
+    variance pass, so float32 data with |mean| >> std (1e4 vs 1e-2) gets a variance off by
+    (rounding error)^2. Subtracting one sample value per feature first changes nothing in
+    exact arithmetic (BN is shift invariant; the running mean is shifted and shifted back)
+    and makes the rounded mean tiny.
     """
+    if recenter and training:
+        center = sample_per_feature(x, feature_axes)
+        shifted_mean = None if running_mean is None else running_mean - center.reshape(running_mean.shape)
+        y = _aten_batch_norm(x - center, feature_axes, shifted_mean, running_var, weight, bias, True, momentum, eps)
+        if running_mean is not None:
+            running_mean.copy_(shifted_mean + center.reshape(running_mean.shape))
+        return y
     ndim = x.dim()
     if feature_axes == (1,) and ndim >= 2:
         return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -167,10 +189,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                momentum=0.1, eps=1e-5, *, axis=1, mask=None, virtual_batch_size=None,
                ghost_layout="strided", unbiased_running_var=True, renorm_mean=None, renorm_stddev=None,
                moving_stddev=None, renorm_clipping=(0.0, math.inf, math.inf), renorm_momentum=0.01,
-               adjustment=None):
+               adjustment=None, recenter=False):
     """Twin of ``reference.batch_norm`` (see its docstring for the math); buffers updated in place.
 
     ``mask`` has the input's rank and broadcasts to it (size 1 on the feature axes).
+    ``recenter`` keeps float32 statistics exact for data far from zero (see
+    ``_aten_batch_norm``); modules turn it on when they see such data.
     """
     check_floating(x)
     check_eps(eps)
@@ -185,16 +209,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return x * (1.0 if weight is None else weight.reshape(param_shape).to(x.dtype))
     if plain and unbiased_running_var:
         check_enough_values(x.numel() // math.prod(x.shape[a] for a in feature_axes), x.shape)
-        return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps)
+        return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
+                                recenter)
     return _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
-                                adjustment)
+                                adjustment, recenter)
 
 
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
                          momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
-                         renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum, adjustment):
+                         renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum, adjustment,
+                         recenter=False):
     """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats."""
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
@@ -225,7 +251,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
             gamma = 1.0 if weight is None else weight.reshape(param_shape)
             beta = 0.0 if bias is None else bias.reshape(param_shape)
             scale, offset = r * gamma, d * gamma + beta
-        y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps)
+        y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter)
     y = y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():
@@ -244,13 +270,13 @@ class _nullcontext:
         return False
 
 
-def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps):
+def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter=False):
     """Batch-statistics normalization of ``view`` by ATen, with per-group statistics for ghost views.
 
     A ghost view keeps the ghost axis too, so the parameters repeat along it.
     """
     if ghost_axis is None:
-        return _aten_batch_norm(view, feature_axes, None, None, scale, offset, True, 0.0, eps)
+        return _aten_batch_norm(view, feature_axes, None, None, scale, offset, True, 0.0, eps, recenter)
     feature_sizes = tuple(view.shape[a + 1] for a in feature_axes)
     kept = tuple(sorted((ghost_axis,) + tuple(a + 1 for a in feature_axes)))
     groups = view.shape[ghost_axis]
@@ -260,7 +286,7 @@ def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps):
             return None
         return p.reshape(feature_sizes).unsqueeze(0).expand((groups,) + feature_sizes)
 
-    return _aten_batch_norm(view, kept, None, None, repeat(scale), repeat(offset), True, 0.0, eps)
+    return _aten_batch_norm(view, kept, None, None, repeat(scale), repeat(offset), True, 0.0, eps, recenter)
 
 
 def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):

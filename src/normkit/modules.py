@@ -220,6 +220,8 @@ class BatchNorm(_NormBase):
         self.synchronized = bool(synchronized)
         self.process_group = process_group
         self.frozen = False
+        self._recenter = False
+        self._steps_to_recenter_check = 0
         if self.renorm and self.track_running_stats:
             self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
             self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
@@ -343,11 +345,34 @@ class BatchNorm(_NormBase):
                              f"{tuple(input.shape)}") from None
         return mask.to(device=input.device, dtype=torch.bool)
 
+    RECENTER_CHECK_EVERY = 1000
+    RECENTER_RATIO = 1e3
+
+    def _update_recenter(self, input: torch.Tensor, feature_axes) -> None:
+        """Decide (on the first training step, then every 1000) whether the data sits far from zero.
+
+        ATen's CPU kernel loses the variance of float32 data whose |mean| exceeds ~1e5 std; such
+        data is a property of the source, so a periodic check costs nothing per step and lets
+        the layer recenter (see functional._aten_batch_norm) only where it matters.
+        """
+        if input.is_cuda or input.dtype == torch.float64 or input.numel() == 0:
+            return
+        if self._steps_to_recenter_check > 0:
+            self._steps_to_recenter_check -= 1
+            return
+        self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
+        with torch.no_grad():
+            reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
+            var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)
+            self._recenter = bool((mean.abs() > self.RECENTER_RATIO * var.sqrt()).any())
+
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         F.check_floating(input)
         self._check_input_dim(input)
         feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
+        if training:
+            self._update_recenter(input, feature_axes)
         if mask is not None:
             mask = self._expand_mask(mask, input, feature_axes)
         virtual = self.virtual_batch_size if training else None
@@ -386,6 +411,7 @@ class BatchNorm(_NormBase):
             renorm_clipping=self.renorm_clipping.at(int(self.num_batches_tracked) - 1) if renorm else (0.0, math.inf, math.inf),
             renorm_momentum=self.renorm_momentum,
             adjustment=self.adjustment if training else None,
+            recenter=self._recenter,
         )
 
 

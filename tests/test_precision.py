@@ -1,0 +1,100 @@
+"""Mixed precision (statistics in float32, output in the input dtype) and a robust variance."""
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit import reference as R
+
+from conftest import assert_close, to_numpy
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("make", [
+    lambda: normkit.BatchNorm2d(3), lambda: normkit.BatchNorm(3, axis=-1), lambda: normkit.BatchNorm(3, renorm=True),
+    lambda: normkit.BatchNorm(3, virtual_batch_size=2), lambda: normkit.BatchNorm(3, affine=False),
+], ids=["bn2d", "axis-1", "renorm", "ghost", "no-affine"])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_input_float32_state_matches_reference(dtype, make, training, rng):
+    layer = make().train(training)
+    axis = layer.axis
+    x_np = rng.normal(size=(4, 3, 5, 3)) * 4 + 10
+    x = torch.tensor(x_np).to(dtype)
+    ref_mean, ref_var = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    if not training:
+        with torch.no_grad():
+            layer.running_mean.fill_(10.0), layer.running_var.fill_(16.0)
+        ref_mean, ref_var = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    y = layer(x)
+    assert y.dtype == dtype
+    for tensor in list(layer.parameters()) + list(layer.buffers()):
+        assert tensor.dtype in (torch.float32, torch.long)
+    # The reference sees the same (rounded) input values, in float64.
+    x64 = to_numpy(x)
+    kwargs = {}
+    if layer.renorm:
+        kwargs = dict(renorm_mean=np.zeros(3), renorm_stddev=np.ones(3), moving_stddev=np.ones(3),
+                      renorm_clipping=(0.0, np.inf, np.inf), renorm_momentum=0.01)
+    if layer.virtual_batch_size and training:
+        kwargs["virtual_batch_size"] = layer.virtual_batch_size
+    expected = R.batch_norm(x64, ref_mean, ref_var, to_numpy(layer.weight), to_numpy(layer.bias), training, 0.1,
+                            1e-5, axis=axis, **kwargs)
+    assert_close(y, expected, dtype)
+    assert_close(layer.running_mean, ref_mean, torch.float32, rtol=1e-5)
+    assert_close(layer.running_var, ref_var, torch.float32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_half_inputs_for_the_other_norms(dtype, rng):
+    x = torch.tensor(rng.normal(size=(4, 4, 5, 5)) * 3 + 7).to(dtype)
+    x64 = to_numpy(x)
+    for layer, expected in ((normkit.GroupNorm(2, 4), R.group_norm(x64, 2)),
+                            (normkit.LayerNorm((4, 5, 5)), R.layer_norm(x64, (4, 5, 5))),
+                            (normkit.InstanceNorm2d(4, affine=True), R.instance_norm(x64))):
+        y = layer(x)
+        assert y.dtype == dtype and layer.weight.dtype == torch.float32
+        assert_close(y, expected, dtype)
+
+
+def test_large_half_values_do_not_overflow():
+    """Keras' test: [-1000, 1000] in float16 normalizes to [-1, 1] (the variance 1e6 > float16 max)."""
+    x = torch.tensor([[-1000.0], [1000.0]], dtype=torch.float16)
+    for layer in (normkit.BatchNorm1d(1), normkit.BatchNorm(1, axis=-1, virtual_batch_size=2)):
+        y = layer(x)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.float(), torch.tensor([[-1.0], [1.0]]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm2d(4), lambda: normkit.BatchNorm(4, axis=-1),
+                                  lambda: normkit.BatchNorm(4, virtual_batch_size=8, ghost_layout="contiguous")],
+                         ids=["bn2d", "axis-1", "ghost"])
+def test_variance_is_robust_for_large_mean_small_spread(make):
+    """float32, per-channel mean 1e4 and std 1e-2: within 1e-3 relative of the float64 variance, never negative."""
+    torch.manual_seed(0)
+    layer = make()
+    x = (torch.randn(32, 4, 8, 8, dtype=torch.float64) * 1e-2 + 1e4).float()
+    if layer.axis == -1:
+        x = x.permute(0, 2, 3, 1).contiguous()
+    feature_axis = 1 if layer.axis == 1 else 3
+    reduce = tuple(a for a in range(4) if a != feature_axis)
+    layer.momentum = 1.0
+    layer(x)
+    if layer.virtual_batch_size:
+        # Ghost batches: the running variance is the mean of the per-ghost unbiased variances.
+        ghosts = x.double().reshape(4, 8, *x.shape[1:])
+        exact = ghosts.var(dim=tuple(a + 1 for a in reduce), unbiased=True).mean(dim=0)
+    else:
+        exact = x.double().var(dim=reduce, unbiased=True)
+    assert (layer.running_var >= 0).all()
+    np.testing.assert_allclose(to_numpy(layer.running_var), to_numpy(exact), rtol=1e-3)
+
+
+def test_moments_are_robust_in_float32():
+    x = (torch.randn(4096, dtype=torch.float64) * 1e-2 + 1e4).float()
+    count, mean, var = normkit.functional.moments(x, (0,))
+    exact = x.double().var(unbiased=False)
+    assert var.item() >= 0
+    np.testing.assert_allclose(var.item(), exact.item(), rtol=1e-3)
