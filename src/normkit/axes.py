@@ -13,7 +13,7 @@ def canonicalize_axes(axis: AxisSpec, ndim: int, *, name: str = "axis") -> tuple
     Negative entries count from the end, as in NumPy. Out-of-range or repeated
     entries are a ``ValueError`` naming ``name``; non-integers a ``TypeError``.
     """
-    entries = (axis,) if isinstance(axis, int) else tuple(axis)
+    entries = _entries(axis, name)
     if len(entries) == 0:
         raise ValueError(f"{name} must name at least one axis, got an empty sequence")
     resolved = []
@@ -42,9 +42,18 @@ def broadcast_shape(feature_axes: Sequence[int], shape: Sequence[int]) -> tuple[
     return tuple(shape[i] if i in feature_axes else 1 for i in range(len(shape)))
 
 
+def _entries(axis, name):
+    if isinstance(axis, int) and not isinstance(axis, bool):
+        return (axis,)
+    try:
+        return tuple(axis)
+    except TypeError:
+        raise TypeError(f"{name} entries must be ints: give an int or a tuple of ints, got {axis!r}") from None
+
+
 def check_feature_axes(axis: AxisSpec, *, name: str = "axis") -> None:
     """Validate an axis spec before the input rank is known (types and duplicates of equal sign)."""
-    entries = (axis,) if isinstance(axis, int) else tuple(axis)
+    entries = _entries(axis, name)
     if len(entries) == 0:
         raise ValueError(f"{name} must name at least one axis, got an empty sequence")
     for entry in entries:

@@ -163,6 +163,9 @@ def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, t
         return y
     ndim = x.dim()
     if feature_axes == (1,) and ndim >= 2:
+        # Parameters built from broadcast-shaped pieces (renorm's r * gamma) must be 1-D for ATen.
+        weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+        bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
         return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                 torch.backends.cudnn.enabled)
     features = [x.shape[a] for a in feature_axes]

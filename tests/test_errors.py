@@ -1,0 +1,129 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument and the fix."""
+
+import pytest
+import torch
+
+import normkit
+
+
+def test_channel_count_mismatch_names_num_features():
+    with pytest.raises(ValueError, match=r"num_features=3 .* 4 features on axis 1.*num_features=4"):
+        normkit.BatchNorm2d(3)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"num_features=5"):
+        normkit.BatchNorm(5, axis=-1)(torch.randn(2, 4, 3))
+
+
+@pytest.mark.parametrize("cls,rank", [(normkit.BatchNorm1d, 4), (normkit.BatchNorm2d, 3), (normkit.BatchNorm3d, 4),
+                                      (normkit.BatchNorm1d, 1)])
+def test_wrong_rank_says_expected_and_got(cls, rank):
+    with pytest.raises(ValueError, match=r"expected .*D input \(got %dD input\)" % rank):
+        cls(3)(torch.randn(*([3] * rank)))
+
+
+def test_generic_batch_norm_needs_rank_two():
+    with pytest.raises(ValueError, match="rank >= 2"):
+        normkit.BatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("axis,match", [(4, r"axis=4 is out of range .* rank 4.*\[-4, 3\]"),
+                                        (-5, "out of range"), ((1, 1), "names the same axis twice"),
+                                        ((1, -3), "names the same axis twice")])
+def test_axis_out_of_range_or_repeated(axis, match):
+    layer = normkit.BatchNorm(3 if isinstance(axis, int) else (3, 3), axis=axis) if axis != (1, 1) else None
+    if layer is None:
+        with pytest.raises(ValueError, match=match):
+            normkit.BatchNorm((3, 3), axis=axis)
+        return
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(2, 3, 3, 3))
+
+
+def test_axis_type_is_checked():
+    with pytest.raises(TypeError, match="axis entries must be ints"):
+        normkit.BatchNorm(3, axis=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_input_says_convert_to_float(dtype):
+    with pytest.raises(TypeError, match=r"dtype .*floating-point.*\.float\(\)"):
+        normkit.BatchNorm1d(3)(torch.ones(4, 3, dtype=dtype))
+    with pytest.raises(TypeError, match="floating-point"):
+        normkit.GroupNorm(1, 3)(torch.ones(4, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("eps", [0, -1, 0.0, float("nan")])
+def test_non_positive_eps(eps):
+    for make in (lambda: normkit.BatchNorm2d(3, eps=eps), lambda: normkit.LayerNorm(3, eps=eps),
+                 lambda: normkit.GroupNorm(1, 3, eps=eps), lambda: normkit.InstanceNorm1d(3, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be a positive number"):
+            make()
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        normkit.functional.batch_norm(torch.randn(4, 3), training=True, eps=eps)
+
+
+def test_one_value_per_channel_in_training_suggests_remedies():
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*eval\(\).*larger batch.*GroupNorm"):
+        normkit.BatchNorm1d(10)(torch.randn(1, 10))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        normkit.BatchNorm1d(10)(torch.randn(1, 10, 1))
+    normkit.BatchNorm1d(10)(torch.randn(1, 10, 2))  # one sample, two positions: fine
+    layer = normkit.BatchNorm1d(10).eval()
+    assert layer(torch.randn(1, 10)).shape == (1, 10)  # eval never needs a batch
+
+
+def test_group_norm_groups_must_divide_channels():
+    with pytest.raises(ValueError, match=r"num_groups=4 must divide num_channels=6; choose one of \[1, 2, 3, 6\]"):
+        normkit.GroupNorm(4, 6)
+
+
+def test_group_norm_channel_mismatch():
+    with pytest.raises(ValueError, match=r"num_channels=4"):
+        normkit.GroupNorm(2, 4)(torch.randn(2, 6, 3))
+
+
+def test_layer_norm_shape_mismatch():
+    with pytest.raises(ValueError, match=r"last 1 dims are \(5,\)"):
+        normkit.LayerNorm(5)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(momentum=1.5), "momentum must be a number in"), (dict(momentum="0.1"), "momentum"),
+    (dict(num_features=0), "num_features must be a positive int"),
+    (dict(virtual_batch_size=0), "virtual_batch_size must be a positive int"),
+    (dict(virtual_batch_size=4, axis=0), "axis may not contain 0"),
+    (dict(ghost_layout="random"), "ghost_layout must be"),
+    (dict(renorm_clipping={"rmax": 2}), "renorm=True"),
+    (dict(renorm=True, renorm_clipping={"random_key": 1}), "invalid keys"),
+    (dict(renorm=True, renorm_clipping={"rmax": 0, "rmin": 1}), "rmax should be"),
+    (dict(renorm=True, renorm_clipping={"rmax": 1, "dmax": -1}), "dmax should be non-negative"),
+    (dict(renorm=True, track_running_stats=False), "renorm=True needs running statistics"),
+    (dict(weight_initializer="nope"), "weight_initializer='nope' is not a known initializer"),
+    (dict(weight_regularizer="l3"), "weight_regularizer='l3' is not a known regularizer"),
+    (dict(bias_constraint="positive"), "bias_constraint='positive' is not a known constraint"),
+    (dict(num_features=(3, 4), axis=1), "axis must be a tuple of 2 axes"),
+])
+def test_constructor_errors(kwargs, match):
+    kwargs.setdefault("num_features", 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        normkit.BatchNorm(**kwargs)
+
+
+def test_virtual_batch_must_divide_batch_in_training_only():
+    layer = normkit.BatchNorm(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size .* got a batch of 6"):
+        layer(torch.randn(6, 3))
+    layer.eval()
+    assert layer(torch.randn(6, 3)).shape == (6, 3)
+
+
+def test_mask_shape_mismatch():
+    layer = normkit.BatchNorm(4, axis=-1)
+    with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not fit.*\(2, 5\)"):
+        layer(torch.randn(2, 5, 4), mask=torch.ones(3))
+    with pytest.raises(ValueError, match="cannot broadcast"):
+        layer(torch.randn(2, 5, 4), mask=torch.ones(2, 6))
+
+
+def test_non_tensor_input():
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        normkit.BatchNorm1d(3)([[1.0, 2.0, 3.0]])
