@@ -1,0 +1,278 @@
+"""normkit.BatchNorm's options (renorm, ghost batches, masks, adjustment, frozen mode, initializers,
+regularizers, constraints, synchronized) against the NumPy reference, over several training steps."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit import reference as R
+
+from conftest import assert_close, to_numpy
+
+
+def _reference_state(layer):
+    state = {"running_mean": to_numpy(layer.running_mean), "running_var": to_numpy(layer.running_var)}
+    if layer.renorm:
+        for name in ("moving_stddev", "renorm_mean", "renorm_stddev"):
+            state[name] = to_numpy(getattr(layer, name))
+    return state
+
+
+def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64, **reference_kwargs):
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, size=layer.weight.shape)))
+        layer.bias.copy_(torch.as_tensor(rng.normal(size=layer.bias.shape)))
+    state = _reference_state(layer)
+    w, b = to_numpy(layer.weight), to_numpy(layer.bias)
+    for step in range(steps):
+        x_np = rng.normal(size=shape) * (step + 1) + step
+        g_np = rng.normal(size=shape)
+        mask = None if mask_fn is None else mask_fn(rng)
+        x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
+        layer.zero_grad()
+        y = layer(x, mask=None if mask is None else torch.as_tensor(mask))
+        y.backward(torch.tensor(g_np, dtype=dtype))
+        kwargs = dict(reference_kwargs)
+        if mask is not None:
+            kwargs["mask"] = np.expand_dims(mask, -1) if layer.axis == -1 else mask
+        if layer.renorm:
+            kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                          renorm_clipping=layer.renorm_clipping.at(step))
+        grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], w, b, True, layer.eps,
+                                      axis=layer.axis, **kwargs)
+        if layer.renorm:
+            kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=layer.renorm_momentum)
+        expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, layer.momentum,
+                                layer.eps, axis=layer.axis, unbiased_running_var=layer.unbiased_running_var, **kwargs)
+        assert_close(y, expected, dtype)
+        assert_close(x.grad, grads[0], dtype)
+        assert_close(layer.weight.grad, grads[1], dtype)
+        assert_close(layer.bias.grad, grads[2], dtype)
+        for name, value in state.items():
+            assert_close(getattr(layer, name), value, dtype, err_msg=name)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,axis", [((8, 3), 1), ((4, 3, 5, 2), 1), ((4, 5, 2, 3), -1)])
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3},
+                                      {"rmax": lambda t: 1.0 + t, "dmax": lambda t: 0.5 * t}])
+def test_renorm(dtype, shape, axis, clipping, rng):
+    layer = normkit.BatchNorm(shape[axis], axis=axis, renorm=True, renorm_clipping=clipping, renorm_momentum=0.3,
+                              momentum=0.2, eps=1e-3)
+    _compare_steps(layer, shape, rng, dtype=dtype)
+
+
+def test_renorm_inference_equals_plain_batch_norm(rng):
+    renorm, plain = normkit.BatchNorm(3, renorm=True), normkit.BatchNorm(3)
+    for _ in range(4):
+        renorm(torch.randn(16, 3) * 3 + 2)
+    plain.load_state_dict({k: v for k, v in renorm.state_dict().items() if k in plain.state_dict()})
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(renorm.eval()(x), plain.eval()(x))
+    torch.testing.assert_close(torch.sqrt(renorm.running_var + renorm.eps), renorm.moving_stddev)
+
+
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+@pytest.mark.parametrize("shape,axis,virtual", [((6, 2), 1, 3), ((8, 3, 4, 4), 1, 2), ((8, 4, 4, 3), -1, 4),
+                                                ((6, 3, 2, 2, 4), (1, 4), 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ghost_batches(layout, shape, axis, virtual, dtype, rng):
+    features = shape[axis] if isinstance(axis, int) else tuple(shape[a] for a in axis)
+    layer = normkit.BatchNorm(features, axis=axis, virtual_batch_size=virtual, ghost_layout=layout, momentum=0.2)
+    _compare_steps(layer, shape, rng, virtual_batch_size=virtual, ghost_layout=layout, dtype=dtype)
+
+
+def test_ghost_strided_groups_are_keras_rows(rng):
+    """Strided ghost batch j holds rows j, j + B/V, ...: normalizing those rows alone gives the same output."""
+    x = torch.tensor(rng.normal(size=(6, 2)))
+    y = normkit.BatchNorm(2, virtual_batch_size=3).double()(x)
+    for j in range(2):
+        rows = x[j::2]
+        torch.testing.assert_close(y[j::2], normkit.BatchNorm(2).double()(rows))
+    y = normkit.BatchNorm(2, virtual_batch_size=3, ghost_layout="contiguous").double()(x)
+    torch.testing.assert_close(y[:3], normkit.BatchNorm(2).double()(x[:3]))
+
+
+def test_virtual_batch_equal_to_batch_is_plain_batch_norm(rng):
+    x = torch.tensor(rng.normal(size=(8, 3, 2)))
+    ghost, plain = normkit.BatchNorm(3, virtual_batch_size=8).double(), normkit.BatchNorm(3).double()
+    torch.testing.assert_close(ghost(x), plain(x))
+    torch.testing.assert_close(ghost.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 6, 3), -1), ((4, 3, 6), 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masks(shape, axis, dtype, rng):
+    mask_shape = (shape[0], shape[1] if axis == -1 else shape[2])
+
+    def mask_fn(rng):
+        mask = rng.uniform(size=mask_shape) > 0.3
+        mask[0, 0] = True
+        return mask
+
+    def reference_mask(mask):
+        return mask
+
+    layer = normkit.BatchNorm(shape[axis], axis=axis, momentum=0.3)
+    if axis == 1:
+        # (N, C, T) with a (N, T) mask: the mask gets the feature axis inserted at 1.
+        layer_mask = lambda rng: mask_fn(rng)
+        _compare_masked_axis1(layer.to(dtype), shape, rng, layer_mask, dtype)
+    else:
+        _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype)
+
+
+def _compare_masked_axis1(layer, shape, rng, mask_fn, dtype):
+    state = _reference_state(layer)
+    for step in range(3):
+        x_np = rng.normal(size=shape) + step
+        mask = mask_fn(rng)
+        y = layer(torch.tensor(x_np, dtype=dtype), mask=torch.tensor(mask))
+        expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], to_numpy(layer.weight),
+                                to_numpy(layer.bias), True, layer.momentum, layer.eps, axis=1,
+                                mask=mask[:, None, :])
+        assert_close(y, expected, dtype)
+        assert_close(layer.running_var, state["running_var"], dtype)
+
+
+def test_masked_batch_equals_unpadded_rows(rng):
+    """Padding a (N, T, C) batch changes nothing: statistics and valid outputs are those of the valid rows."""
+    lengths = [5, 2, 4]
+    x = torch.tensor(rng.normal(size=(3, 5, 4)))
+    mask = torch.tensor([[t < n for t in range(5)] for n in lengths])
+    padded = x.masked_fill(~mask[..., None], 123.0)
+    masked_layer, plain = normkit.BatchNorm(4, axis=-1).double(), normkit.BatchNorm1d(4).double()
+    y = masked_layer(padded, mask=mask)
+    y_plain = plain(x[mask])
+    torch.testing.assert_close(y[mask], y_plain)
+    torch.testing.assert_close(masked_layer.running_mean, plain.running_mean)
+    torch.testing.assert_close(masked_layer.running_var, plain.running_var)
+
+
+def test_fully_masked_batch_is_finite_and_keeps_running_statistics():
+    layer = normkit.BatchNorm(3, axis=-1)
+    layer(torch.randn(4, 5, 3))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(torch.randn(4, 5, 3), mask=torch.zeros(4, 5, dtype=torch.bool))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(layer.running_mean, before["running_mean"])
+    torch.testing.assert_close(layer.running_var, before["running_var"])
+
+
+def test_adjustment_applies_in_training_only(rng):
+    scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
+    adjustment = lambda shape: (torch.tensor(scale), torch.tensor(shift))
+    layer = normkit.BatchNorm(3, axis=-1, adjustment=adjustment, momentum=0.2)
+    _compare_steps(layer, (6, 2, 3), rng, adjustment=lambda shape: (scale, shift))
+    layer.eval()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    plain = normkit.BatchNorm(3, axis=-1).double().eval()
+    plain.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+def test_renorm_with_adjustment_and_ghost_batches_compose(rng):
+    scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
+    layer = normkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.4}, virtual_batch_size=2,
+                              adjustment=lambda shape: (torch.tensor(scale), torch.tensor(shift)), momentum=0.2)
+    _compare_steps(layer, (6, 3), rng, virtual_batch_size=2, adjustment=lambda shape: (scale, shift))
+
+
+def test_frozen_uses_running_statistics_updates_nothing_and_survives_train():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), normkit.BatchNorm1d(3))
+    bn = model[1]
+    model(torch.randn(16, 4))
+    bn.freeze()
+    model.train()  # torch.nn would go back to batch statistics here
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(8, 4)
+    y = model(x)
+    reference = normkit.BatchNorm1d(3).eval()
+    reference.load_state_dict(state)
+    torch.testing.assert_close(y, reference(model[0](x)))
+    y.sum().backward()
+    assert bn.weight.grad is None and bn.bias.grad is None and model[0].weight.grad is not None
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    bn.unfreeze()
+    model(x)
+    assert int(bn.num_batches_tracked) == int(state["num_batches_tracked"]) + 1
+
+
+def test_initializers_by_name_number_and_callable():
+    layer = normkit.BatchNorm(4, weight_initializer=2.0, bias_initializer="ones", running_mean_initializer=0.5,
+                              running_var_initializer=lambda shape, dtype: torch.full(shape, 3.0, dtype=dtype))
+    torch.testing.assert_close(layer.weight.data, torch.full((4,), 2.0))
+    torch.testing.assert_close(layer.bias.data, torch.ones(4))
+    torch.testing.assert_close(layer.running_mean, torch.full((4,), 0.5))
+    torch.testing.assert_close(layer.running_var, torch.full((4,), 3.0))
+    layer.running_var.fill_(9.0)
+    layer.reset_running_stats()
+    torch.testing.assert_close(layer.running_var, torch.full((4,), 3.0))
+    torch.manual_seed(0)
+    noisy = normkit.BatchNorm(1000, weight_initializer="random_normal")
+    assert abs(noisy.weight.std().item() - 0.05) < 0.005
+
+
+def test_regularization_loss_is_keras_l1_l2():
+    model = torch.nn.Sequential(normkit.BatchNorm1d(3, weight_regularizer="l2", bias_regularizer="l1"),
+                                normkit.BatchNorm1d(3, weight_regularizer=lambda w: w.sum() * 0.5),
+                                normkit.BatchNorm1d(3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        model[0].bias.copy_(torch.tensor([-1.0, 0.5, 0.0]))
+    expected = 0.01 * (1 + 4 + 9) + 0.01 * (1 + 0.5) + 0.5 * 3
+    torch.testing.assert_close(normkit.regularization_loss(model), torch.tensor(expected))
+    model[0].freeze()
+    torch.testing.assert_close(normkit.regularization_loss(model), torch.tensor(0.5 * 3))
+    loss = normkit.regularization_loss(model)
+    loss.backward()
+    torch.testing.assert_close(model[1].weight.grad, torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("name,project", [
+    ("non_neg", lambda w: w.clamp(min=0)),
+    ("unit_norm", lambda w: w / (1e-7 + w.norm())),
+    ("max_norm", lambda w: w * w.norm().clamp(max=2.0) / (1e-7 + w.norm())),
+])
+def test_constraints_after_optimizer_step(name, project):
+    layer = normkit.BatchNorm1d(3, weight_constraint=name, bias_constraint=name)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    handle = normkit.constrain_after_step(optimizer, layer)
+    x = torch.randn(8, 3)
+    (layer(x) * torch.tensor([5.0, -7.0, 3.0])).sum().backward()
+    with torch.no_grad():
+        expected_weight = project(layer.weight - layer.weight.grad)
+        expected_bias = project(layer.bias - layer.bias.grad)
+    optimizer.step()
+    torch.testing.assert_close(layer.weight.data, expected_weight)
+    torch.testing.assert_close(layer.bias.data, expected_bias)
+    handle.remove()
+    with torch.no_grad():
+        layer.weight.fill_(-5.0)
+    normkit.apply_constraints(layer)
+    torch.testing.assert_close(layer.weight.data, project(torch.full((3,), -5.0)))
+
+
+def test_synchronized_without_process_group_warns_once_and_is_local(rng):
+    x = torch.tensor(rng.normal(size=(6, 3)))
+    synced, local = normkit.BatchNorm(3, synchronized=True).double(), normkit.BatchNorm(3).double()
+    with pytest.warns(RuntimeWarning, match="without an initialized torch.distributed"):
+        y = synced(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        synced(x)
+    torch.testing.assert_close(y, local(x))
+
+
+def test_fused_is_accepted_by_keras_layer():
+    from normkit.keras import BatchNormalization
+    assert BatchNormalization(fused=True)(torch.randn(4, 3), training=True).shape == (4, 3)
+    with pytest.raises(ValueError, match="fused=True is not supported with renorm"):
+        BatchNormalization(fused=True, renorm=True)

@@ -1,0 +1,88 @@
+"""state_dicts load both ways between torch.nn and normkit, with identical outputs after loading."""
+
+import io
+
+import pytest
+import torch
+
+import normkit
+
+PAIRS = [(normkit.BatchNorm1d, torch.nn.BatchNorm1d, (6, 4)), (normkit.BatchNorm2d, torch.nn.BatchNorm2d, (3, 4, 3, 3)),
+         (normkit.BatchNorm3d, torch.nn.BatchNorm3d, (2, 4, 2, 2, 2)),
+         (normkit.InstanceNorm2d, torch.nn.InstanceNorm2d, (3, 4, 3, 3))]
+
+
+def _train_a_bit(module, shape):
+    module.train()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+    for _ in range(3):
+        module(torch.randn(*shape) * 2 + 1)
+    return module.eval()
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", PAIRS)
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_round_trip_both_directions(ours_cls, theirs_cls, shape, affine, track):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    theirs = _train_a_bit(theirs_cls(4, affine=affine, track_running_stats=track), shape)
+    ours = ours_cls(4, affine=affine, track_running_stats=track)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours = _train_a_bit(ours_cls(4, affine=affine, track_running_stats=track), shape)
+    theirs = theirs_cls(4, affine=affine, track_running_stats=track)
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    theirs.load_state_dict(torch.load(buffer, weights_only=True))
+    theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in ours.state_dict().items():
+        assert value.dtype == theirs.state_dict()[key].dtype, key
+
+
+def test_layer_and_group_norm_state_dicts_load_both_ways():
+    for ours, theirs, shape in ((normkit.LayerNorm((4, 3)), torch.nn.LayerNorm((4, 3)), (2, 4, 3)),
+                                (normkit.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4), (2, 4, 3))):
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.normal_()
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(*shape)
+        torch.testing.assert_close(ours(x), theirs(x))
+        theirs.load_state_dict(ours.state_dict())
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    """Version-1 checkpoints (before num_batches_tracked existed) load strictly, keeping the module's count."""
+    for cls in (normkit.BatchNorm2d, torch.nn.BatchNorm2d):
+        state = torch.nn.BatchNorm2d(3).state_dict()
+        del state["num_batches_tracked"]
+        state._metadata[""]["version"] = 1
+        bn = cls(3)
+        bn.num_batches_tracked.fill_(7)
+        bn.load_state_dict(state)  # strict: the missing key is filled in, not reported
+        assert int(bn.num_batches_tracked) == 7
+    missing = torch.nn.BatchNorm2d(3).state_dict()
+    del missing["num_batches_tracked"]
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        normkit.BatchNorm2d(3).load_state_dict(missing)  # a current-version file must have it
+
+
+def test_renorm_buffers_are_in_the_state_dict():
+    bn = normkit.BatchNorm(3, renorm=True)
+    assert {"moving_stddev", "renorm_mean", "renorm_stddev"} <= set(bn.state_dict())
+
+
+def test_module_in_a_model_loads_torch_nn_model_weights():
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    ours = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), normkit.BatchNorm2d(4), torch.nn.ReLU())
+    _train_a_bit(theirs, (4, 1, 6, 6))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 1, 6, 6)
+    torch.testing.assert_close(ours.eval()(x), theirs(x))
