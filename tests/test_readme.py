@@ -18,7 +18,7 @@ def test_readme_has_main_job_and_test_commands():
     assert any(c.endswith("python -m pytest -q") for c in commands)
     for command in commands:
         # torch first, pinned, so pip never pulls a CUDA build
-        assert command.index("torch==2.13.0") < command.index("-e .")
+        assert command.index("torch==2.13.0") < command.index("-e \".")
 
 
 def test_ci_runs_the_readme_test_command():
