@@ -34,6 +34,7 @@ def _worker(rank, world_size, init_file, out_dir):
         torch.save({"y": y.detach(), "grad": local_x.grad, "weight_grad": layer.weight.grad,
                     "running_mean": layer.running_mean, "running_var": layer.running_var},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

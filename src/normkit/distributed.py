@@ -34,9 +34,25 @@ def warn_local_once(layer) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+class _AllGather(torch.autograd.Function):
+    """Stack every process's tensor; the gradient of each piece is summed over processes and sent home."""
+
+    @staticmethod
+    def forward(ctx, tensor, process_group):
+        ctx.process_group = process_group
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(pieces, tensor.contiguous(), group=process_group)
+        return torch.stack(pieces)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        return grad[dist.get_rank(ctx.process_group)], None
+
+
 def _gather(tensor, process_group):
-    from torch.distributed.nn.functional import all_gather
-    return torch.stack(all_gather(tensor.contiguous(), group=process_group))
+    return _AllGather.apply(tensor, process_group)
 
 
 def sync_moments(x, reduce_axes, mask=None, process_group=None):

@@ -222,6 +222,8 @@ class BatchNorm(_NormBase):
         self.frozen = False
         self._recenter = False
         self._steps_to_recenter_check = 0
+        # Options are constructor-time settings; the plain case takes torch.nn's short path.
+        self._plain = self._is_plain()
         if self.renorm and self.track_running_stats:
             self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
             self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
@@ -355,24 +357,63 @@ class BatchNorm(_NormBase):
         data is a property of the source, so a periodic check costs nothing per step and lets
         the layer recenter (see functional._aten_batch_norm) only where it matters.
         """
+        self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
         if input.is_cuda or input.dtype == torch.float64 or input.numel() == 0:
             return
-        if self._steps_to_recenter_check > 0:
-            self._steps_to_recenter_check -= 1
-            return
-        self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
         with torch.no_grad():
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)
             self._recenter = bool((mean.abs() > self.RECENTER_RATIO * var.sqrt()).any())
 
+    def _is_plain(self) -> bool:
+        """No option beyond torch.nn's: the call can go straight to ATen like torch.nn's does."""
+        return (self.axis == 1 and not self.renorm and self.virtual_batch_size is None and self.adjustment is None
+                and not self.synchronized and self.unbiased_running_var)
+
+    def _forward_plain(self, input: torch.Tensor) -> torch.Tensor:
+        """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options."""
+        if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+            F.check_floating(input)
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            self._feature_axes(input)  # raises the explanatory error
+        training = self.training
+        factor = 0.0
+        if training:
+            if self._steps_to_recenter_check == 0:
+                self._update_recenter(input, (1,))
+                if self._recenter:
+                    return self._forward_options(input, None)
+            else:
+                self._steps_to_recenter_check -= 1
+            if self.num_batches_tracked is not None:
+                factor = self._tracking_factor()
+            size = input.numel() // self.num_features
+            if size <= 1:
+                if size == 1:
+                    F.check_enough_values(1, input.shape)
+                return F.batch_norm(input, None, None, self.weight, self.bias, True, factor, self.eps)
+        use_buffers = not training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        return torch.batch_norm(input, self.weight, self.bias, running_mean, running_var,
+                                training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._plain and mask is None and not self.frozen and not self._recenter:
+            return self._forward_plain(input)
+        return self._forward_options(input, mask)
+
+    def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         F.check_floating(input)
         self._check_input_dim(input)
         feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
         if training:
-            self._update_recenter(input, feature_axes)
+            if self._steps_to_recenter_check > 0:
+                self._steps_to_recenter_check -= 1
+            else:
+                self._update_recenter(input, feature_axes)
         if mask is not None:
             mask = self._expand_mask(mask, input, feature_axes)
         virtual = self.virtual_batch_size if training else None
