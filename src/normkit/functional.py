@@ -57,13 +57,21 @@ def statistics_dtype(x):
 def moments(x, reduce_axes, mask=None):
     """Count, mean and biased variance of ``x`` over ``reduce_axes`` (kept as size-1 dims).
 
-    Twin of ``reference.moments``. Computed in float32 or wider; ``torch.var_mean`` is a
-    Welford reduction, so a large mean does not swallow a small spread. A group with no
-    valid position gets mean 0 and variance 0.
+    Twin of ``reference.moments``. Computed in float32 or wider, two-pass or Welford (never
+    E[x^2] - E[x]^2). A group with no valid position gets mean 0 and variance 0. Callers
+    with data far from zero recenter it first (see ``_aten_batch_norm``).
     """
     x = x.to(statistics_dtype(x))
     if mask is None:
-        var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
+        kept = complement(reduce_axes, x.dim())
+        if kept and not (torch.is_grad_enabled() and x.requires_grad):
+            # No gradient needed: ATen's batch-norm statistics kernel is several times faster.
+            channels, _ = _channels_view(x, kept)
+            mean, var = torch.batch_norm_update_stats(channels, None, None, 0.0)
+            shape = [size if axis in kept else 1 for axis, size in enumerate(x.shape)]
+            mean, var = mean.reshape(shape), var.reshape(shape)
+        else:
+            var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
         count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
         return count, mean, var
     weights = mask.to(x.dtype).expand(x.shape)
@@ -111,10 +119,13 @@ def batch_statistics_view(x, feature_axes, mask=None, virtual_batch_size=None, g
     return view, mask_view, reduce_axes, ghost_axis
 
 
-def combine_ghost_statistics(count, mean, var, ghost_axis):
-    """Twin of ``reference.combine_ghost_statistics``."""
+def combine_ghost_statistics(count, mean, var, ghost_axis, equal_counts=False):
+    """Twin of ``reference.combine_ghost_statistics``; ``equal_counts`` (no mask) takes plain means."""
     if ghost_axis is None:
         return count, mean, var
+    if equal_counts:
+        return count.sum(dim=ghost_axis, keepdim=True), mean.mean(dim=ghost_axis, keepdim=True), var.mean(
+            dim=ghost_axis, keepdim=True)
     total = count.sum(dim=ghost_axis, keepdim=True)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     combined_mean = (count * mean).sum(dim=ghost_axis, keepdim=True) / safe_total
@@ -140,13 +151,35 @@ def sample_per_feature(x, feature_axes):
     return sample
 
 
+def _channels_view(x, feature_axes):
+    """``x`` as an (N, K, *) tensor with every feature at dim 1, and a function that undoes it (or None).
+
+    Dim 1 goes straight through (ATen has channels_last kernels); features right after
+    dim 0 merge into one axis of a free view; anything else is permuted to
+    (reduce..., features...) and flattened to (M, K) (a free view for a contiguous input
+    whose features are last, as channels-last data is).
+    """
+    if feature_axes == (1,):
+        return x, None
+    ndim = x.dim()
+    k = len(feature_axes)
+    num_features = math.prod(x.shape[a] for a in feature_axes)
+    if feature_axes == tuple(range(1, 1 + k)):
+        shape = x.shape
+        return x.reshape((shape[0], num_features) + tuple(shape[1 + k:])), lambda y: y.reshape(shape)
+    order = complement(feature_axes, ndim) + feature_axes
+    moved = x.permute(order)
+    inverse = [order.index(i) for i in range(ndim)]
+    return moved.reshape(-1, num_features), lambda y: y.reshape(moved.shape).permute(inverse)
+
+
+def _flat(p):
+    return p if p is None or p.dim() == 1 else p.reshape(-1)
+
+
 def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, training, momentum, eps,
                      recenter=False):
-    """torch.batch_norm on any feature axes, moving them to dim 1 only when needed.
-
-    The channel axis at dim 1 goes straight in (ATen has channels_last kernels); a last
-    feature axis of a contiguous input becomes a free (M, C) view; anything else is
-    permuted to (reduce..., features...) and flattened.
+    """torch.batch_norm on any feature axes (through ``_channels_view``).
 
     ``recenter``: ATen's CPU kernel rounds the batch mean to the input dtype before the
     variance pass, so float32 data with |mean| >> std (1e4 vs 1e-2) gets a variance off by
@@ -161,31 +194,10 @@ def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, t
         if running_mean is not None:
             running_mean.copy_(shifted_mean + center.reshape(running_mean.shape))
         return y
-    ndim = x.dim()
-    if feature_axes == (1,) and ndim >= 2:
-        # Parameters built from broadcast-shaped pieces (renorm's r * gamma) must be 1-D for ATen.
-        weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
-        bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                torch.backends.cudnn.enabled)
-    features = [x.shape[a] for a in feature_axes]
-    num_features = math.prod(features)
-    flat_params = [None if p is None else p.reshape(num_features) for p in (weight, bias, running_mean, running_var)]
-    if feature_axes == tuple(range(1, 1 + len(feature_axes))):
-        # Features right after dim 0 merge into one channel axis of an (N, K, *) view.
-        merged = x.reshape((x.shape[0], num_features) + tuple(x.shape[1 + len(feature_axes):]))
-        y = torch.batch_norm(merged, *flat_params, training, momentum, eps, torch.backends.cudnn.enabled)
-        return y.reshape(x.shape)
-    reduce_axes = complement(feature_axes, ndim)
-    order = reduce_axes + feature_axes
-    moved = x.permute(order) if order != tuple(range(ndim)) else x
-    flat = moved.reshape(-1, num_features)
-    y = torch.batch_norm(flat, *flat_params, training, momentum, eps, torch.backends.cudnn.enabled)
-    y = y.reshape(moved.shape)
-    if order != tuple(range(ndim)):
-        inverse = [order.index(i) for i in range(ndim)]
-        y = y.permute(inverse)
-    return y
+    channels, restore = _channels_view(x, feature_axes)
+    y = torch.batch_norm(channels, _flat(weight), _flat(bias), _flat(running_mean), _flat(running_var), training,
+                         momentum, eps, torch.backends.cudnn.enabled)
+    return y if restore is None else restore(y)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
@@ -234,9 +246,15 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     # weight and bias. Masks and the adjustment need the composite path.
     needs_composite = mask_view is not None or adjustment is not None
     with _nullcontext() if needs_composite else torch.no_grad():
-        count, mean, var = moments(view, reduce_axes, mask_view)
+        if recenter and not needs_composite:
+            center = sample_per_feature(view, tuple(a for a in range(view.dim()) if a not in reduce_axes))
+            count, mean, var = moments(view - center, reduce_axes)
+            mean = mean + center
+        else:
+            count, mean, var = moments(view, reduce_axes, mask_view)
     with torch.no_grad():
-        total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis)
+        total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
+                                                                equal_counts=mask_view is None)
         r = d = None
         if renorm_mean is not None:
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
@@ -259,7 +277,9 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if training and running_mean is not None:
         with torch.no_grad():
             parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
-                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis}
+                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis,
+                     "masked": mask_view is not None,
+                     "group_count": None if mask_view is not None else view.numel() // mean.numel()}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y
@@ -314,17 +334,21 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
     total = parts["total"].reshape(shape)
     batch_mean = parts["batch_mean"].reshape(shape)
     batch_var = parts["batch_var"].reshape(shape)
-    if unbiased_running_var:
+    if unbiased_running_var and parts.get("group_count") is not None:
+        # Every group holds n values: the average of unbiased variances is n/(n-1) times the average.
+        batch_var_estimate = batch_var * bessel_factor(parts["group_count"])
+    elif unbiased_running_var:
         per_group = parts["var"] * bessel_factor(parts["count"])
         batch_var_estimate = combine_ghost_statistics(parts["count"], parts["mean"], per_group, parts["ghost_axis"])[2]
         batch_var_estimate = batch_var_estimate.reshape(shape)
     else:
         batch_var_estimate = batch_var
     # Channels that saw no valid value (everything masked) keep their running statistics.
-    factor = momentum * (total > 0).to(running_mean.dtype)
-    cast = (lambda t: t.to(running_mean.dtype))
+    seen = (total > 0).to(running_mean.dtype) if parts.get("masked", True) else 1.0
+    factor = momentum * seen
+    cast = (lambda t: t if t.dtype == running_mean.dtype else t.to(running_mean.dtype))
     if renorm_mean is not None:
-        renorm_factor = renorm_momentum * (total > 0).to(running_mean.dtype)
+        renorm_factor = renorm_momentum * seen
         ema_update(renorm_mean, cast(batch_mean), renorm_factor)
         ema_update(renorm_stddev, cast(torch.sqrt(batch_var + eps)), renorm_factor)
         ema_update(running_mean, cast(batch_mean), factor)

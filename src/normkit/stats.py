@@ -54,6 +54,8 @@ def ema_update(running, batch_value, factor):
     or an array (per channel: 0 leaves a channel untouched, used for channels
     that saw no valid value under a mask).
     """
+    if hasattr(running, "lerp_"):
+        return running.lerp_(batch_value, factor)  # one fused kernel on torch tensors
     running += factor * (batch_value - running)
     return running
 
