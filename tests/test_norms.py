@@ -25,20 +25,17 @@ def _forward_backward(module, x, g):
     return y, x.grad
 
 
-@pytest.mark.parametrize("shape,normalized", [((4, 6), 6), ((3, 4, 5), (4, 5)), ((2, 3, 4, 5), (3, 4, 5))])
-@pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm(shape, normalized, affine, rng):
-    ours = normkit.LayerNorm(normalized, elementwise_affine=affine).double()
-    theirs = torch.nn.LayerNorm(normalized, elementwise_affine=affine).double()
+def _check_sample_norm(ours, theirs, shape, forward, backward, rng):
+    """Same state in ours and torch.nn's; output and all gradients vs the reference and vs torch.nn."""
     _randomize(ours, theirs, rng=rng)
     x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
     y, dx = _forward_backward(ours, x, g)
     y_t, dx_t = _forward_backward(theirs, x, g)
     w, b = to_numpy(ours.weight), to_numpy(ours.bias)
-    assert_close(y, R.layer_norm(x.numpy(), normalized, w, b))
-    ref_dx, ref_dw, ref_db = R.layer_norm_backward(g.numpy(), x.numpy(), normalized, w, b)
+    assert_close(y, forward(x.numpy(), w, b))
+    ref_dx, ref_dw, ref_db = backward(g.numpy(), x.numpy(), w, b)
     assert_close(dx, ref_dx)
-    if affine:
+    if w is not None:
         assert_close(ours.weight.grad, ref_dw)
         assert_close(ours.bias.grad, ref_db)
     torch.testing.assert_close(y, y_t)
@@ -46,24 +43,23 @@ def test_layer_norm(shape, normalized, affine, rng):
     assert ours.state_dict().keys() == theirs.state_dict().keys()
 
 
+@pytest.mark.parametrize("shape,normalized", [((4, 6), 6), ((3, 4, 5), (4, 5)), ((2, 3, 4, 5), (3, 4, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(shape, normalized, affine, rng):
+    _check_sample_norm(normkit.LayerNorm(normalized, elementwise_affine=affine).double(),
+                       torch.nn.LayerNorm(normalized, elementwise_affine=affine).double(), shape,
+                       lambda x, w, b: R.layer_norm(x, normalized, w, b),
+                       lambda g, x, w, b: R.layer_norm_backward(g, x, normalized, w, b), rng)
+
+
 @pytest.mark.parametrize("shape,groups", [((4, 6, 5), 3), ((2, 8, 3, 3), 4), ((2, 4, 2, 2, 3), 1), ((3, 4), 2)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm(shape, groups, affine, rng):
     c = shape[1]
-    ours, theirs = normkit.GroupNorm(groups, c, affine=affine).double(), torch.nn.GroupNorm(groups, c, affine=affine).double()
-    _randomize(ours, theirs, rng=rng)
-    x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
-    y, dx = _forward_backward(ours, x, g)
-    y_t, dx_t = _forward_backward(theirs, x, g)
-    w, b = to_numpy(ours.weight), to_numpy(ours.bias)
-    assert_close(y, R.group_norm(x.numpy(), groups, w, b))
-    ref_dx, ref_dw, ref_db = R.group_norm_backward(g.numpy(), x.numpy(), groups, w, b)
-    assert_close(dx, ref_dx)
-    if affine:
-        assert_close(ours.weight.grad, ref_dw)
-        assert_close(ours.bias.grad, ref_db)
-    torch.testing.assert_close(y, y_t)
-    torch.testing.assert_close(dx, dx_t)
+    _check_sample_norm(normkit.GroupNorm(groups, c, affine=affine).double(),
+                       torch.nn.GroupNorm(groups, c, affine=affine).double(), shape,
+                       lambda x, w, b: R.group_norm(x, groups, w, b),
+                       lambda g, x, w, b: R.group_norm_backward(g, x, groups, w, b), rng)
 
 
 @pytest.mark.parametrize("cls,theirs_cls,shape", [

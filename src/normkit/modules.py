@@ -40,6 +40,19 @@ def _check_momentum(momentum, *, name="momentum"):
     return float(momentum)
 
 
+def _register_affine(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
+    """weight = 1 and bias = 0 over ``shape`` (each optional), registered as None when absent (torch.nn's way)."""
+    module.register_parameter("weight", nn.Parameter(torch.ones(shape, **factory)) if affine else None)
+    module.register_parameter("bias", nn.Parameter(torch.zeros(shape, **factory)) if affine and bias else None)
+
+
+def _reset_affine(module: nn.Module) -> None:
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class _NormBase(nn.Module):
     """Parameters ``weight``/``bias`` and buffers ``running_mean``/``running_var``/``num_batches_tracked``.
 
@@ -61,15 +74,7 @@ class _NormBase(nn.Module):
         self.track_running_stats = bool(track_running_stats)
         factory = {"device": device, "dtype": dtype}
         shape = (self.num_features,) if isinstance(self.num_features, int) else self.num_features
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, shape, self.affine, bias, factory)
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(shape, **factory))
             self.register_buffer("running_var", torch.ones(shape, **factory))
@@ -92,10 +97,7 @@ class _NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Running statistics reset, weight 1 and bias 0."""
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def extra_repr(self) -> str:
         bias = "" if (self.bias is not None or not self.affine) else ", bias=False"
@@ -514,22 +516,10 @@ class LayerNorm(nn.Module):
         self.normalized_shape = shape
         self.eps = float(eps)
         self.elementwise_affine = bool(elementwise_affine)
-        factory = {"device": device, "dtype": dtype}
-        if self.elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.zeros(shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         F.check_floating(input)
@@ -568,22 +558,10 @@ class GroupNorm(nn.Module):
         self.num_groups, self.num_channels = num_groups, num_channels
         self.eps = float(eps)
         self.affine = bool(affine)
-        factory = {"device": device, "dtype": dtype}
-        if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, num_channels, self.affine, bias, {"device": device, "dtype": dtype})
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         F.check_floating(input)
@@ -593,7 +571,7 @@ class GroupNorm(nn.Module):
         per_group = math.prod(input.shape[2:]) * (self.num_channels // self.num_groups)
         if per_group == 1 and input.numel() > 0:
             raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees one value per group for input "
-                                 f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger spatial size")
+                             f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger spatial size")
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
