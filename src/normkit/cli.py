@@ -1,0 +1,180 @@
+"""The `normkit` command: train, evaluate, compare normalizations and download datasets from a shell.
+
+    normkit train                      LeNet + normkit BN on the embedded digits, 5 epochs (< 1 minute)
+    normkit train --dataset mnist --data-dir ~/data --norm torch --epochs 5
+    normkit evaluate --checkpoint runs/lenet-batch-digits-seed0/checkpoint.pt
+    normkit compare --norms batch,none --seeds 0,1,2
+    normkit download mnist --data-dir ~/data
+
+Options build a ``normkit.lab.TrainConfig``; defaults live there (one place), not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from normkit.registry import NORM_NAMES
+
+SUPPRESS = argparse.SUPPRESS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = True) -> None:
+    from normkit.lab.data import DATASETS
+    from normkit.lab.models import ACTIVATIONS, INITS, MODELS
+    from normkit.lab.optim import OPTIMIZERS
+
+    # default=SUPPRESS: only options typed by the user reach TrainConfig, so --resume can tell them apart.
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=SUPPRESS, help="default: digits (embedded, no download)")
+    data.add_argument("--data-dir", default=SUPPRESS, metavar="DIR",
+                      help="folder with the IDX files, in DIR/<dataset>/ or DIR/ (default: $NORMKIT_DATA)")
+    data.add_argument("--train-limit", type=_positive_int, default=SUPPRESS, metavar="N",
+                      help="use only the first N training images")
+    data.add_argument("--val-split", type=float, default=SUPPRESS, metavar="F",
+                      help="validation fraction, the last F of the training images as in Keras (default: 0.2)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=MODELS, default=SUPPRESS, help="default: lenet")
+    if with_norm:
+        model.add_argument("--norm", choices=NORM_NAMES, default=SUPPRESS,
+                           help="default: batch (normkit.BatchNorm); torch = torch.nn.BatchNorm")
+    model.add_argument("--activation", choices=tuple(ACTIVATIONS), default=SUPPRESS, help="default: sigmoid")
+    model.add_argument("--init", choices=INITS, default=SUPPRESS,
+                       help="weight initialization (default: keras = Glorot uniform, zero bias)")
+    optimization = parser.add_argument_group("optimization")
+    optimization.add_argument("--optimizer", choices=OPTIMIZERS, default=SUPPRESS,
+                              help="default: rmsprop (Keras' rule: lr 1e-3, rho 0.9, eps 1e-7 inside the sqrt)")
+    optimization.add_argument("--lr", type=float, default=SUPPRESS, help="default: Keras' default for the optimizer")
+    optimization.add_argument("--rho", type=float, default=SUPPRESS, help="RMSprop decay (default: 0.9)")
+    optimization.add_argument("--eps", type=float, default=SUPPRESS, help="RMSprop/Adam epsilon (default: 1e-7)")
+    optimization.add_argument("--momentum", type=float, default=SUPPRESS, help="SGD momentum (default: 0)")
+    optimization.add_argument("--batch-size", type=_positive_int, default=SUPPRESS, help="default: 64")
+    optimization.add_argument("--epochs", type=_positive_int, default=SUPPRESS, help="default: 5")
+    optimization.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=SUPPRESS,
+                              help="drop the last partial batch (default: only for ghost, and a last batch of 1 image)")
+    optimization.add_argument("--seed", type=int, default=SUPPRESS, help="default: 0")
+    running = parser.add_argument_group("run")
+    running.add_argument("--device", choices=("cpu", "cuda"), default=SUPPRESS, help="default: cpu")
+    running.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=SUPPRESS,
+                         help="write TensorBoard event files (default: on)")
+    running.add_argument("--dry-run", action="store_true", default=SUPPRESS,
+                         help="one training batch and one evaluation batch: a smoke test")
+    running.add_argument("--quiet", action="store_true", default=SUPPRESS, help="no progress bars or epoch lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normkit", description="normkit's lab: the classic batch-normalization "
+                                     "experiments from one command.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one model (default: LeNet + BN on digits, under a minute)",
+                                description="Train one model and write config.json, metrics.json, checkpoint.pt, "
+                                            "TensorBoard events and curves.png to --out.")
+    _add_training_options(train)
+    train.add_argument("--out", default=SUPPRESS, metavar="DIR",
+                       help="run directory (default: runs/<model>-<norm>-<dataset>-seed<seed>)")
+    train.add_argument("--resume", action="store_true", default=SUPPRESS,
+                       help="continue from DIR/checkpoint.pt (same settings; --epochs may grow)")
+    train.add_argument("--stop-after-steps", type=_positive_int, default=SUPPRESS, help=SUPPRESS)  # tests: a kill
+
+    evaluate = commands.add_parser("evaluate", help="test accuracy and loss of a saved checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, metavar="FILE")
+    evaluate.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
+    evaluate.add_argument("--data-dir", default=None, metavar="DIR")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    compare = commands.add_parser("compare", help="one run per normalization (same seeds, same data): plot and table",
+                                  description="Train one run per --norms entry and seed, then write comparison.md "
+                                              "and comparison.png to --out.")
+    compare.add_argument("--norms", default="batch,none", help="comma-separated names from: " + ", ".join(NORM_NAMES))
+    compare.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    compare.add_argument("--out", default=None, metavar="DIR", help="default: runs/compare-<model>-<dataset>")
+    _add_training_options(compare, with_norm=False)
+
+    download = commands.add_parser("download", help="fetch and verify the canonical IDX files")
+    download.add_argument("dataset", choices=("mnist", "fashion-mnist", "kmnist"))
+    download.add_argument("--data-dir", default=None, metavar="DIR", help="default: $NORMKIT_DATA")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from normkit.lab.train import TrainConfig, run
+
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    run(TrainConfig(**given), given=set(given))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from normkit.lab.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['dataset']} test "
+              f"({result['test_size']} images): test accuracy {result['test_accuracy']:.4f}  "
+              f"test loss {result['test_loss']:.4f}")
+    return 0
+
+
+def _split_list(text: str, convert, what: str) -> list:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{what}: expected a comma-separated list, got {text!r}")
+    return [convert(item) for item in items]
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from normkit.lab.compare import compare
+
+    options = {k: v for k, v in vars(args).items() if k not in {"command", "norms", "seeds", "out"}}
+    norms = _split_list(args.norms, str, "--norms")
+    unknown = [n for n in norms if n not in NORM_NAMES]
+    if unknown:
+        raise ValueError(f"--norms: unknown {', '.join(unknown)}; choose from {', '.join(NORM_NAMES)}")
+    seeds = _split_list(args.seeds, int, "--seeds") if args.seeds else [options.pop("seed", 0)]
+    options.pop("seed", None)
+    compare(norms, seeds, out=args.out, **options)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    import os
+
+    from normkit.lab.data import download
+
+    data_dir = args.data_dir or os.environ.get("NORMKIT_DATA")
+    if data_dir is None:
+        raise ValueError("download: pass --data-dir DIR or set NORMKIT_DATA")
+    target = download(args.dataset, data_dir)
+    print(f"{args.dataset}: verified files in {target}; train with --dataset {args.dataset} --data-dir {data_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "evaluate": _evaluate, "compare": _compare, "download": _download}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError) as error:
+        # Users get the one-line reason, not a traceback; DataError and CheckpointError are ValueErrors.
+        print(f"normkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"normkit {args.command}: interrupted (the last finished epoch is in checkpoint.pt; use --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Compare normalizations: one run per (norm, seed) on the same data, then a markdown table and a combined plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .data import atomic_write_bytes, load_dataset
+from .plots import plot_curves
+from .train import TrainConfig, run
+
+CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def _mean_history(histories: list[list[dict]]) -> list[dict]:
+    """Per-epoch mean over seeds (runs of one norm have the same number of epochs)."""
+    epochs = min(len(history) for history in histories)
+    return [{"epoch": index + 1, **{key: statistics.fmean(h[index][key] for h in histories) for key in CURVE_KEYS}}
+            for index in range(epochs)]
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def comparison_table(results: dict[str, dict[int, dict]]) -> str:
+    """Markdown: final test accuracy per norm (mean ± sample std over seeds, then each seed) and the
+    mean validation accuracy after each epoch."""
+    seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
+    epochs = max(len(m["history"]) for by_seed in results.values() for m in by_seed.values())
+    header = (["norm", "test accuracy"] + ([f"seed {s}" for s in seeds] if len(seeds) > 1 else [])
+              + ["test loss"] + [f"val acc e{e}" for e in range(1, epochs + 1)])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for norm, by_seed in results.items():
+        runs = [by_seed[s] for s in seeds if s in by_seed]
+        curve = _mean_history([m["history"] for m in runs])
+        row = [norm, _spread([m["test_accuracy"] for m in runs])]
+        if len(seeds) > 1:
+            row += [f"{by_seed[s]['test_accuracy']:.4f}" if s in by_seed else "" for s in seeds]
+        row += [_spread([m["test_loss"] for m in runs])]
+        row += [f"{record['val_accuracy']:.4f}" for record in curve] + [""] * (epochs - len(curve))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(norms: list[str], seeds: list[int], out: str | None = None, **options) -> dict[str, dict[int, dict]]:
+    """Train every (norm, seed) with the same other ``options`` (TrainConfig fields); write to ``out``:
+    <norm>-seed<seed>/ run directories, comparison.md, comparison.json and comparison.png."""
+    base = TrainConfig(**options)
+    out_dir = Path(out if out is not None else Path("runs") / f"compare-{base.model}-{base.dataset}")
+    splits = load_dataset(base.dataset, base.data_dir)  # loaded once: every run sees the same tensors
+    results: dict[str, dict[int, dict]] = {}
+    for norm in norms:
+        for seed in seeds:
+            cfg = TrainConfig(**{**options, "norm": norm, "seed": seed, "out": str(out_dir / f"{norm}-seed{seed}")})
+            results.setdefault(norm, {})[seed] = run(cfg, given=set(options) | {"norm", "seed", "out"}, splits=splits)
+    table = comparison_table(results)
+    atomic_write_bytes(out_dir / "comparison.md", table.encode())
+    summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
+                      for seed, m in by_seed.items()} for norm, by_seed in results.items()}
+    atomic_write_bytes(out_dir / "comparison.json", (json.dumps(summary, indent=2) + "\n").encode())
+    plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()]) for norm, by_seed in results.items()},
+                out_dir / "comparison.png",
+                title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
+    if not options.get("quiet"):
+        print(f"\n{table}\nwrote {out_dir / 'comparison.md'} and {out_dir / 'comparison.png'}")
+    return results

@@ -1,0 +1,254 @@
+"""Datasets for the lab as in-memory torch tensors: the embedded digits and MNIST-format IDX files, read strictly.
+
+Every dataset comes back as ``Splits(train, test)`` of ``(images, labels)`` where images are float32
+``(N, 1, 28, 28)`` in [0, 1] and labels int64 ``(N,)``. The validation split is taken from ``train``
+by the trainer, never from ``test``.
+
+IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian header ``0x00 0x00 <dtype> <ndim>`` then
+``ndim`` big-endian uint32 sizes, then the data. Images are ``0x00000803`` (uint8, 3 dims), labels
+``0x00000801`` (uint8, 1 dim). Files may be gzip-compressed (``.gz``) or not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist")
+IMAGE_SIDE = 28
+
+# The fixed split of scikit-learn's 1,797 digits: stratified, 20% test, seed 0 -> 1,437 train / 360 test.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+
+# Canonical IDX file names, shared by MNIST, Fashion-MNIST and KMNIST.
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Where the canonical files live and their published MD5 checksums (the same ones torchvision verifies).
+DOWNLOADS = {
+    "mnist": {
+        "mirrors": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        "md5": {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    },
+    "fashion-mnist": {
+        "mirrors": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        "md5": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    },
+    "kmnist": {
+        "mirrors": ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        "md5": {
+            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+        },
+    },
+}
+
+
+class DataError(ValueError):
+    """A dataset file is missing, truncated or not what its name says."""
+
+
+@dataclass
+class Splits:
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- IDX files
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        # gzip raises EOFError for a truncated stream and BadGzipFile for a non-gzip file.
+        raise DataError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'a file'}: {error}") from None
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
+    """Read one uint8 IDX file (gzip or not) into an array, checking its magic number and its size."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header (needs at least 4)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    magic = struct.unpack(">I", raw[:4])[0]
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
+        raise DataError(f"{path}: magic number 0x{magic:08x} is not an IDX uint8 file "
+                        f"(expected 0x{expected_magic or IDX_IMAGES_MAGIC:08x})")
+    if expected_magic is not None and magic != expected_magic:
+        raise DataError(f"{path}: magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                        f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'}); are image and label files swapped?")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes, {ndim} dimensions need {header})")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    available = len(raw) - header
+    if available != expected:
+        what = "truncated" if available < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: header says shape {tuple(shape)} = {expected} bytes of data, file has {available}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzip when the name ends in .gz), atomically."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    payload = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        # mtime=0: the same array always gives the same bytes.
+        payload = gzip.compress(payload, mtime=0)
+    atomic_write_bytes(path, payload)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _find_idx(directory: Path, stem: str, dataset: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{dataset}: missing file {directory / stem}[.gz]; run `normkit download {dataset} --data-dir "
+                    f"{directory.parent if directory.name == dataset else directory}` where a network is available, "
+                    f"or put the four IDX files ({', '.join(s for pair in IDX_FILES.values() for s in pair)}, "
+                    f"gzip or not) in {directory}")
+
+
+def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
+    """``DIR/<dataset>`` when that folder exists, else ``DIR`` itself; DIR is --data-dir, else $NORMKIT_DATA."""
+    root = data_dir if data_dir is not None else os.environ.get("NORMKIT_DATA")
+    if root is None:
+        raise DataError(f"{dataset}: no data directory; pass --data-dir DIR or set NORMKIT_DATA "
+                        f"(files go in DIR/{dataset}/ or DIR/; `normkit download {dataset} --data-dir DIR` fetches them)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{dataset}: data directory {root} does not exist")
+    return root / dataset if (root / dataset).is_dir() else root
+
+
+def load_idx_split(directory: Path, part: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images_stem, labels_stem = IDX_FILES[part]
+    images_path, labels_path = _find_idx(directory, images_stem, dataset), _find_idx(directory, labels_stem, dataset)
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: images must have 3 dimensions (N, rows, cols), got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: labels must have 1 dimension (N,), got shape {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels")
+    if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, the lab's models expect 28x28")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
+    pixels = torch.from_numpy(images.copy()).to(torch.float32).div_(255.0).unsqueeze(1)
+    return pixels, torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+def load_digits_28() -> Splits:
+    """scikit-learn's 8x8 digits (values 0..16), scaled to [0, 1] and resized bilinearly to 28x28 for LeNet."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(IMAGE_SIDE, IMAGE_SIDE), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_index, test_index = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
+                                               random_state=DIGITS_SPLIT_SEED, stratify=bunch.target)
+    train_index, test_index = torch.from_numpy(train_index), torch.from_numpy(test_index)
+    return Splits(train=(images[train_index].contiguous(), labels[train_index]),
+                  test=(images[test_index].contiguous(), labels[test_index]))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Splits:
+    if name == "digits":
+        return load_digits_28()
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    directory = dataset_directory(name, data_dir)
+    return Splits(train=load_idx_split(directory, "train", name), test=load_idx_split(directory, "test", name))
+
+
+# --------------------------------------------------------------------------------------------- download
+
+def _md5(payload: bytes) -> str:
+    return hashlib.md5(payload, usedforsecurity=False).hexdigest()
+
+
+def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> Path:
+    """Fetch the four canonical files of ``name`` into DATA_DIR/<name>/, verify their MD5, write atomically.
+
+    Files already present with the right checksum are kept. Without a network the error says where to put them.
+    """
+    if name not in DOWNLOADS:
+        raise DataError(f"nothing to download for {name!r}; downloadable: {', '.join(DOWNLOADS)} (digits is embedded)")
+    target = Path(data_dir).expanduser() / name
+    spec = DOWNLOADS[name]
+    for filename, checksum in spec["md5"].items():
+        path = target / filename
+        if path.is_file() and _md5(path.read_bytes()) == checksum:
+            continue
+        failures = []
+        for mirror in spec["mirrors"]:
+            try:
+                with urllib.request.urlopen(mirror + filename, timeout=timeout) as response:
+                    payload = response.read()
+            except OSError as error:
+                failures.append(f"{mirror + filename}: {error}")
+                continue
+            if _md5(payload) != checksum:
+                failures.append(f"{mirror + filename}: checksum {_md5(payload)} != published {checksum}")
+                continue
+            atomic_write_bytes(path, payload)
+            break
+        else:
+            raise DataError(f"could not download {filename} ({'; '.join(failures)}). Without a network, copy the "
+                            f"canonical files ({', '.join(spec['md5'])}) into {target} and pass --data-dir {target.parent}")
+    return target

@@ -1,0 +1,67 @@
+"""The lab's two networks, LeNet and the BN paper's MLP, each taking its normalization by name.
+
+References: LeCun et al. 1998 (LeNet-5, here with sigmoid and max pooling as in the classic BN
+notebook); Ioffe & Szegedy 2015, section 4.1 (three hidden layers of 100 sigmoid units on MNIST).
+The normalization sits between each affine layer and its activation, as in the paper.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from normkit.registry import create_norm
+
+MODELS = ("lenet", "mlp")
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+INITS = ("keras", "torch")
+
+
+def _block(layer: nn.Module, features: int, rank: int, norm: str, activation: str) -> list[nn.Module]:
+    return [layer, create_norm(norm, features, rank), ACTIVATIONS[activation]()]
+
+
+class LeNet(nn.Sequential):
+    """conv(6, 5x5) -> norm -> act -> maxpool 2 -> conv(16, 5x5) -> norm -> act -> maxpool 2 -> flatten
+    -> dense(120) -> norm -> act -> dense(84) -> norm -> act -> dense(10), for (N, 1, 28, 28) inputs."""
+
+    def __init__(self, norm: str = "batch", activation: str = "sigmoid", num_classes: int = 10):
+        super().__init__(
+            *_block(nn.Conv2d(1, 6, kernel_size=5), 6, 4, norm, activation), nn.MaxPool2d(2),
+            *_block(nn.Conv2d(6, 16, kernel_size=5), 16, 4, norm, activation), nn.MaxPool2d(2),
+            nn.Flatten(),
+            *_block(nn.Linear(16 * 4 * 4, 120), 120, 2, norm, activation),
+            *_block(nn.Linear(120, 84), 84, 2, norm, activation),
+            nn.Linear(84, num_classes),
+        )
+
+
+class MLP(nn.Sequential):
+    """784 -> 3 x (dense(100) -> norm -> act) -> dense(10): the BN paper's MNIST network."""
+
+    def __init__(self, norm: str = "batch", activation: str = "sigmoid", num_classes: int = 10,
+                 in_features: int = 28 * 28, hidden: int = 100, depth: int = 3):
+        layers: list[nn.Module] = [nn.Flatten()]
+        for index in range(depth):
+            layers += _block(nn.Linear(in_features if index == 0 else hidden, hidden), hidden, 2, norm, activation)
+        super().__init__(*layers, nn.Linear(hidden, num_classes))
+
+
+def keras_init_(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights and zero biases for conv/dense layers: Keras' defaults, which the classic run used."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "keras") -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    model = (LeNet if name == "lenet" else MLP)(norm=norm, activation=activation)
+    return keras_init_(model) if init == "keras" else model

@@ -1,0 +1,480 @@
+"""Train and evaluate the lab's models: one config dataclass, one loop, resumable bit for bit on CPU.
+
+``run(TrainConfig(...))`` trains, writes the run directory and returns the metrics dict. A run
+directory holds config.json, metrics.json, checkpoint.pt (after every epoch, atomically), TensorBoard
+event files and curves.png. The checkpoint holds only tensors, dicts, lists and primitives, so it
+loads with ``torch.load(weights_only=True)``.
+
+Determinism: batches are shuffled by a dedicated ``torch.Generator`` seeded with ``seed``; its state,
+and torch's, NumPy's and Python's global RNG states, are saved with each checkpoint. A resumed run
+restarts the interrupted epoch from its beginning with those states, so it repeats exactly the steps
+an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normkit.registry import NORM_NAMES, is_norm_layer
+
+from .data import DATASETS, Splits, atomic_write_bytes, load_dataset
+from .models import ACTIVATIONS, INITS, MODELS, build_model
+from .optim import DEFAULT_LR, OPTIMIZERS, build_optimizer
+
+CHECKPOINT_FORMAT = "normkit-lab-checkpoint"
+CHECKPOINT_VERSION = 1
+GHOST_BATCH = 16  # registry's "ghost" normalizes virtual batches of 16 rows; training batches must be multiples
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "digits"          # digits (embedded, no download), mnist, fashion-mnist, kmnist
+    data_dir: str | None = None      # folder with the IDX files (DIR/<dataset>/ or DIR/); None: $NORMKIT_DATA
+    train_limit: int | None = None   # use only the first N training images (before the validation split)
+    val_split: float = 0.2           # the LAST fraction of the training images, as Keras' validation_split
+    # model
+    model: str = "lenet"             # lenet (conv) or mlp (3 x 100, the BN paper's MNIST network)
+    norm: str = "batch"              # a name from normkit.registry.NORM_NAMES
+    activation: str = "sigmoid"      # sigmoid (the classic experiment) or relu
+    init: str = "keras"              # keras: Glorot-uniform weights, zero biases (as published); torch: torch's defaults
+    # optimization
+    optimizer: str = "rmsprop"       # rmsprop (Keras' rule: eps inside the sqrt), sgd, adam
+    lr: float | None = None          # None: Keras' default for the optimizer (rmsprop/adam 1e-3, sgd 1e-2)
+    rho: float = 0.9                 # RMSprop's decay of the squared-gradient average (Keras 0.9)
+    eps: float = 1e-7                # RMSprop/Adam epsilon (Keras 1e-7)
+    momentum: float = 0.0            # SGD momentum
+    batch_size: int = 64
+    epochs: int = 5
+    drop_last: bool | None = None    # None: drop the last partial batch only where BN cannot use it (see docs/lab.md)
+    seed: int = 0
+    # run
+    out: str | None = None           # run directory; None: runs/<model>-<norm>-<dataset>-seed<seed>
+    resume: bool = False             # continue from out/checkpoint.pt
+    device: str = "cpu"              # cpu or cuda
+    tensorboard: bool = True         # write TensorBoard event files (scalars, histograms)
+    dry_run: bool = False            # one training batch, one evaluation batch: a smoke test of the whole pipeline
+    quiet: bool = False              # no progress bar, no per-epoch lines (the library API, benchmarks)
+    stop_after_steps: int | None = field(default=None, repr=False)  # tests: die (os._exit) after N steps, like a kill
+
+    def resolved(self) -> "TrainConfig":
+        """Validate every setting and fill the derived ones (lr, out, drop_last)."""
+        choices = dict(dataset=DATASETS, model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS,
+                       optimizer=OPTIMIZERS, device=("cpu", "cuda"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split={self.val_split} must be in [0, 1)")
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.train_limit is not None and self.train_limit < 2:
+            raise ValueError(f"train_limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
+        if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
+            raise ValueError(f"norm 'ghost' normalizes virtual batches of {GHOST_BATCH}; batch_size={self.batch_size} "
+                             f"must be a multiple of {GHOST_BATCH}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu")
+        updates = {}
+        if self.lr is None:
+            updates["lr"] = DEFAULT_LR[self.optimizer]
+        if self.out is None:
+            updates["out"] = str(Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}")
+        if self.drop_last is None:
+            updates["drop_last"] = self.norm == "ghost"
+        return dataclasses.replace(self, **updates)
+
+    def to_dict(self) -> dict:
+        settings = dataclasses.asdict(self)
+        settings.pop("stop_after_steps")  # a test hook, not a setting of the run
+        return settings
+
+
+# Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
+RESUME_OVERRIDABLE = {"epochs", "out", "resume", "device", "tensorboard", "dry_run", "quiet", "stop_after_steps",
+                      "data_dir"}
+
+
+PER_INVOCATION = {"out", "resume", "dry_run", "quiet", "stop_after_steps"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or not a normkit lab checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------ data plumbing
+
+@dataclass
+class Prepared:
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
+    splits = splits if splits is not None else load_dataset(cfg.dataset, cfg.data_dir)
+    images, labels = splits.train
+    if cfg.train_limit is not None:
+        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+    # Keras' validation_split: the last fraction, taken before any shuffling.
+    cut = int(len(labels) * (1.0 - cfg.val_split))
+    if cut < 2:
+        raise ValueError(f"only {cut} training images after the {cfg.val_split:.0%} validation split; "
+                         "raise --train-limit or lower --val-split")
+    device = torch.device(cfg.device)
+    move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+    return Prepared(train=move((images[:cut], labels[:cut])), val=move((images[cut:], labels[cut:])),
+                    test=move(splits.test))
+
+
+def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(count, generator=generator)
+    batches = list(order.split(cfg.batch_size))
+    # A one-image batch has no batch variance (BN refuses it); ghost BN needs whole virtual batches.
+    if batches and (len(batches[-1]) < 2 or (cfg.drop_last and len(batches[-1]) < cfg.batch_size)):
+        batches.pop()
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+             max_batches: int | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (running statistics)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for index, start in enumerate(range(0, len(labels), batch_size)):
+        if max_batches is not None and index >= max_batches:
+            break
+        logits = model(images[start:start + batch_size])
+        target = labels[start:start + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += len(target)
+    model.train(was_training)
+    if seen == 0:
+        return math.nan, math.nan
+    return total_loss / seen, correct / seen
+
+
+def first_norm_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    return next(((name, module) for name, module in model.named_modules() if is_norm_layer(module)), None)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _rng_states(shuffle: torch.Generator) -> dict:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {
+        "shuffle": shuffle.get_state(),
+        "torch": torch.get_rng_state(),
+        # weights_only loading admits tensors and primitives, not NumPy arrays or tuples of them.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
+    shuffle.set_state(states["shuffle"])
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached"]))
+    python_state = states["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
+                    cfg: TrainConfig, history: list[dict], shuffle: torch.Generator) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
+               "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "history": history, "rng": _rng_states(shuffle)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a lab checkpoint with ``weights_only=True``; CheckpointError says what is wrong with a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04":
+        # torch.save writes a zip archive; anything else (an old pickle, text, an empty file) is foreign.
+        raise CheckpointError(f"{path}: not a torch checkpoint ({size} bytes, no zip archive header); "
+                              "`normkit train --out DIR` writes DIR/checkpoint.pt")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split(" In PyTorch")[0].strip()
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, refused by "
+                              f"torch.load(weights_only=True): {reason}") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError... depending on where the file was cut
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({size} bytes): {first_line.split('. ')[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = type(payload).__name__ if not isinstance(payload, dict) else f"a dict with keys {sorted(payload)[:6]}"
+        raise CheckpointError(f"{path}: a torch file but not a normkit lab checkpoint (found {found}); "
+                              "`normkit train --out DIR` writes DIR/checkpoint.pt")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')}, this normkit reads "
+                              f"version {CHECKPOINT_VERSION}")
+    missing = {"epoch", "step", "config", "model", "optimizer", "history", "rng"} - set(payload)
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> tuple[nn.Module, TrainConfig]:
+    cfg = TrainConfig(**payload["config"])
+    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init)
+    model.load_state_dict(payload["model"])
+    return model, cfg
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+
+class Board:
+    """TensorBoard scalars per step and per epoch, histograms of norm layers and pre-activations per epoch."""
+
+    def __init__(self, out: Path, enabled: bool, purge_step: int | None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is a lab extra
+            self.writer = SummaryWriter(log_dir=str(out), purge_step=purge_step)
+
+    def step(self, step: int, loss: float, accuracy: float) -> None:
+        if self.writer:
+            self.writer.add_scalar("step/loss", loss, step)
+            self.writer.add_scalar("step/accuracy", accuracy, step)
+
+    def epoch(self, epoch: int, record: dict, model: nn.Module, probe: torch.Tensor) -> None:
+        if not self.writer:
+            return
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if not math.isnan(record[key]):
+                self.writer.add_scalar(f"epoch/{key}", record[key], epoch)
+        for name, module in model.named_modules():
+            if is_norm_layer(module):
+                for tensor_name in ("weight", "bias", "running_mean", "running_var"):
+                    tensor = getattr(module, tensor_name, None)
+                    if isinstance(tensor, torch.Tensor) and tensor.numel():
+                        self.writer.add_histogram(f"norm/{name}.{tensor_name}", tensor.detach().float().cpu(), epoch)
+        for name, values in preactivations(model, probe).items():
+            self.writer.add_histogram(f"preactivation/{name}", values, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+@torch.no_grad()
+def preactivations(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs of every activation (the normalized values BN feeds the nonlinearity), in eval mode."""
+    captured, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(ACTIVATIONS.values())):
+            hooks.append(module.register_forward_hook(
+                lambda _module, inputs, _output, name=name: captured.__setitem__(name, inputs[0].detach().cpu())))
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _say(cfg: TrainConfig, text: str) -> None:
+    if not cfg.quiet:
+        print(text, flush=True)
+
+
+def _resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (checkpoint: {saved[k]!r})" for k in sorted(given)
+                 if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
+    if conflicts:
+        raise ValueError("a resumed run keeps its settings; these differ from the checkpoint's: " + ", ".join(conflicts)
+                         + ". Start a new run with another --out instead.")
+    # How this invocation runs (where, how loudly, whether to simulate a kill) is never inherited.
+    overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE if k in given or k in PER_INVOCATION}
+    return dataclasses.replace(TrainConfig(**saved), **overrides)
+
+
+def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> dict:
+    """Train (or resume) one run; returns the metrics dict also written to out/metrics.json.
+
+    ``given`` names the settings the user set explicitly (the CLI passes them): on --resume those must
+    agree with the checkpoint, except the ones in RESUME_OVERRIDABLE (e.g. --epochs to train longer).
+    ``splits`` lets callers (benchmarks, tests) pass data already in memory.
+    """
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = None
+    if cfg.resume:
+        if checkpoint_path.is_file():
+            checkpoint = load_checkpoint(checkpoint_path, map_location=cfg.device)
+            cfg = _resume_config(cfg, checkpoint["config"], given if given is not None else set()).resolved()
+            _say(cfg, f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} (step {checkpoint['step']})")
+        else:
+            _say(cfg, f"--resume: no checkpoint in {out} yet, starting from the beginning")
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        # A fresh run owns its directory: stale event files would mix two runs' curves in TensorBoard.
+        for stale in out.glob("events.out.tfevents.*"):
+            stale.unlink()
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    data = prepare_data(cfg, splits)
+    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init).to(cfg.device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
+                                momentum=cfg.momentum)
+    history: list[dict] = []
+    start_epoch, step = 0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history, start_epoch, step = list(checkpoint["history"]), checkpoint["epoch"], checkpoint["step"]
+        _restore_rng_states(checkpoint["rng"], shuffle)
+    _write_json(out / "config.json", cfg.to_dict())
+
+    board = Board(out, cfg.tensorboard, purge_step=step if checkpoint is not None else None)
+    probe = data.val[0][:256] if len(data.val[1]) else data.train[0][:256]
+    train_images, train_labels = data.train
+    epochs = 1 if cfg.dry_run else cfg.epochs
+    _say(cfg, f"{cfg.model} + {cfg.norm} on {cfg.dataset}: {len(train_labels)} train / {len(data.val[1])} validation / "
+              f"{len(data.test[1])} test images, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, "
+              f"{epochs} epochs -> {out}")
+    try:
+        for epoch in range(start_epoch, epochs):
+            batches = training_batches(len(train_labels), cfg, shuffle)
+            if cfg.dry_run:
+                batches = batches[:1]
+            model.train()
+            loss_sum, correct, seen = torch.zeros((), device=cfg.device), torch.zeros((), device=cfg.device), 0
+            started = time.perf_counter()
+            bar = _progress(len(batches), f"epoch {epoch + 1}/{epochs}", cfg)
+            for index in batches:
+                index = index.to(cfg.device)
+                images, labels = train_images[index], train_labels[index]
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                with torch.no_grad():
+                    batch_loss, batch_correct = loss.detach(), (logits.argmax(1) == labels).sum()
+                    loss_sum += batch_loss * len(labels)
+                    correct += batch_correct
+                    seen += len(labels)
+                if board.writer:
+                    board.step(step, batch_loss.item(), batch_correct.item() / len(labels))
+                if bar is not None:
+                    bar.update(1)
+                if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                    # Tests simulate a kill: no cleanup, no checkpoint, nothing flushed.
+                    os._exit(75)
+            seconds = time.perf_counter() - started
+            if bar is not None:
+                bar.close()
+            max_batches = 1 if cfg.dry_run else None
+            val_loss, val_accuracy = evaluate(model, *data.val, max_batches=max_batches)
+            record = {"epoch": epoch + 1, "step": step, "loss": (loss_sum / max(seen, 1)).item(),
+                      "accuracy": (correct / max(seen, 1)).item(), "val_loss": val_loss, "val_accuracy": val_accuracy,
+                      "seconds": seconds, "images_per_second": seen / seconds if seconds > 0 else math.nan}
+            history.append(record)
+            board.epoch(epoch + 1, record, model, probe)
+            save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle)
+            _write_json(out / "metrics.json", {"history": history})
+            _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
+                      f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s "
+                      f"({record['images_per_second']:.0f} img/s)")
+    finally:
+        board.close()
+
+    test_loss, test_accuracy = evaluate(model, *data.test, max_batches=1 if cfg.dry_run else None)
+    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_accuracy,
+               "train_size": len(train_labels), "val_size": len(data.val[1]), "test_size": len(data.test[1]),
+               "steps": step}
+    norm = first_norm_layer(model)
+    if norm is not None:
+        name, layer = norm
+        metrics["first_norm_layer"] = {
+            "name": name, "type": type(layer).__name__,
+            "weight": layer.weight.detach().cpu().flatten().tolist() if getattr(layer, "weight", None) is not None else None,
+            "bias": layer.bias.detach().cpu().flatten().tolist() if getattr(layer, "bias", None) is not None else None}
+    _write_json(out / "metrics.json", metrics)
+    if history:
+        from .plots import plot_curves
+        plot_curves({cfg.norm: history}, out / "curves.png", title=f"{cfg.model} on {cfg.dataset}")
+    _say(cfg, f"test accuracy {test_accuracy:.4f}  test loss {test_loss:.4f}")
+    if norm is None:
+        _say(cfg, "no normalization layer (--norm none)")
+    else:
+        _say(cfg, f"first norm layer ({norm[0]}, {type(norm[1]).__name__}):")
+        _say(cfg, f"  weight (gamma) {_format(metrics['first_norm_layer']['weight'])}")
+        _say(cfg, f"  bias   (beta)  {_format(metrics['first_norm_layer']['bias'])}")
+    return metrics
+
+
+def _format(values: list[float] | None) -> str:
+    return "none (affine=False)" if values is None else "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _progress(total: int, description: str, cfg: TrainConfig):
+    if cfg.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
+                        device: str = "cpu") -> dict:
+    """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s."""
+    payload = load_checkpoint(path, map_location=device)
+    model, cfg = model_from_checkpoint(payload)
+    dataset = dataset or cfg.dataset
+    splits = load_dataset(dataset, data_dir if data_dir is not None else cfg.data_dir)
+    images, labels = splits.test
+    test_loss, test_accuracy = evaluate(model.to(device), images.to(device), labels.to(device))
+    return {"checkpoint": str(path), "dataset": dataset, "epoch": payload["epoch"], "test_size": len(labels),
+            "test_loss": test_loss, "test_accuracy": test_accuracy}
