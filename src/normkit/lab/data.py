@@ -252,3 +252,17 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
             raise DataError(f"could not download {filename} ({'; '.join(failures)}). Without a network, copy the "
                             f"canonical files ({', '.join(spec['md5'])}) into {target} and pass --data-dir {target.parent}")
     return target
+
+
+def split_test_set(source: str | os.PathLike, target: str | os.PathLike, train_count: int = 8000) -> Path:
+    """Write a train/test pair of IDX files to ``target`` from a folder holding only the 10,000-image
+    t10k files (the shared MNIST sample): train = the first ``train_count`` images, test = the rest."""
+    source, target = Path(source), Path(target)
+    images = read_idx(_find_idx(source, IDX_FILES["test"][0], "mnist"), IDX_IMAGES_MAGIC)
+    labels = read_idx(_find_idx(source, IDX_FILES["test"][1], "mnist"), IDX_LABELS_MAGIC)
+    if not 0 < train_count < len(labels):
+        raise DataError(f"train_count={train_count} must leave images on both sides of {len(labels)}")
+    for part, rows in (("train", slice(0, train_count)), ("test", slice(train_count, None))):
+        write_idx(target / IDX_FILES[part][0], images[rows])
+        write_idx(target / IDX_FILES[part][1], labels[rows])
+    return target

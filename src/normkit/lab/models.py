@@ -17,7 +17,9 @@ INITS = ("keras", "torch")
 
 
 def _block(layer: nn.Module, features: int, rank: int, norm: str, activation: str) -> list[nn.Module]:
-    return [layer, create_norm(norm, features, rank), ACTIVATIONS[activation]()]
+    # Instance normalization needs spatial axes: LeNet uses it in its conv blocks, its dense blocks go unnormalized.
+    normalization = nn.Identity() if norm == "instance" and rank == 2 else create_norm(norm, features, rank)
+    return [layer, normalization, ACTIVATIONS[activation]()]
 
 
 class LeNet(nn.Sequential):
@@ -63,5 +65,8 @@ def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if name == "mlp" and norm == "instance":
+        raise ValueError("norm 'instance' needs spatial axes and the mlp has none; use it with --model lenet, "
+                         "or pick layer/batch for the mlp")
     model = (LeNet if name == "lenet" else MLP)(norm=norm, activation=activation)
     return keras_init_(model) if init == "keras" else model

@@ -86,6 +86,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.train_limit is not None and self.train_limit < 2:
             raise ValueError(f"train_limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
+        if self.model == "mlp" and self.norm == "instance":
+            raise ValueError("norm 'instance' needs spatial axes and the mlp has none; use --model lenet, or "
+                             "layer/batch for the mlp")
         if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
             raise ValueError(f"norm 'ghost' normalizes virtual batches of {GHOST_BATCH}; batch_size={self.batch_size} "
                              f"must be a multiple of {GHOST_BATCH}")

@@ -1,0 +1,168 @@
+"""Smoke tests of every `normkit` command and the contents of a run directory (config, metrics, checkpoint, events)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normkit.cli import main
+from normkit.lab.models import build_model
+from normkit.lab.train import CheckpointError, TrainConfig, load_checkpoint, model_from_checkpoint, run
+from normkit.registry import NORM_NAMES
+
+TINY = ["--train-limit", "200", "--batch-size", "32"]
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "normkit.cli", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--dataset", "--data-dir", "--model", "--norm", "--activation", "--optimizer", "--lr",
+                   "--batch-size", "--epochs", "--val-split", "--seed", "--train-limit", "--out", "--resume",
+                   "--device", "--tensorboard", "--no-tensorboard", "--dry-run"):
+        assert option in result.stdout, option
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "dry"
+    assert main(["train", "--dry-run", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_dry_run_writes_everything(dry_run, capsys):
+    names = {p.name for p in dry_run.iterdir()}
+    assert {"config.json", "metrics.json", "checkpoint.pt", "curves.png"} <= names
+    assert any(name.startswith("events.out.tfevents.") for name in names)
+    assert not any(name.endswith(".tmp") for name in names)  # atomic writes leave no temporaries
+
+
+def test_config_json_is_every_setting_resolved(dry_run):
+    config = json.loads((dry_run / "config.json").read_text())
+    expected = TrainConfig(dry_run=True, out=str(dry_run)).resolved().to_dict()
+    assert config == expected
+    assert config["lr"] == 1e-3 and config["rho"] == 0.9 and config["eps"] == 1e-7  # Keras' RMSprop
+    assert config["batch_size"] == 64 and config["epochs"] == 5 and config["val_split"] == 0.2
+
+
+def test_metrics_json(dry_run):
+    metrics = json.loads((dry_run / "metrics.json").read_text())
+    assert set(metrics) >= {"history", "test_accuracy", "test_loss", "first_norm_layer"}
+    (record,) = metrics["history"]
+    assert set(record) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert len(metrics["first_norm_layer"]["weight"]) == 6  # LeNet's first norm follows conv(6)
+
+
+def test_tensorboard_scalars_and_histograms(dry_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(dry_run), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"step/loss", "step/accuracy", "epoch/loss", "epoch/val_accuracy"} <= set(tags["scalars"])
+    histograms = set(tags["histograms"])
+    assert {"norm/1.weight", "norm/1.bias", "norm/1.running_mean", "norm/1.running_var"} <= histograms
+    assert sum(tag.startswith("preactivation/") for tag in histograms) == 4  # one per activation of LeNet
+
+
+def test_checkpoint_round_trip(dry_run):
+    payload = load_checkpoint(dry_run / "checkpoint.pt")  # weights_only=True inside
+    model, cfg = model_from_checkpoint(payload)
+    assert cfg.norm == "batch" and payload["epoch"] == 1
+    images = torch.rand(8, 1, 28, 28)
+    fresh = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init)
+    fresh.load_state_dict(torch.load(dry_run / "checkpoint.pt", weights_only=True)["model"])
+    assert torch.equal(model.eval()(images), fresh.eval()(images))
+
+
+def test_evaluate_command(dry_run, capsys):
+    assert main(["evaluate", "--checkpoint", str(dry_run / "checkpoint.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "digits" and result["test_size"] == 360
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no zip archive header"),
+    (b"not a checkpoint at all", "no zip archive header"),
+])
+def test_foreign_files_are_clear_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+def test_truncated_checkpoint(dry_run, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes((dry_run / "checkpoint.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint"):
+        load_checkpoint(path)
+
+
+def test_other_torch_file(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="not a normkit lab checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("norm", NORM_NAMES)
+@pytest.mark.parametrize("model", ["lenet", "mlp"])
+def test_every_norm_and_model_trains(tmp_path, norm, model):
+    if norm == "instance" and model == "mlp":
+        with pytest.raises(ValueError, match="needs spatial axes and the mlp has none"):
+            run(TrainConfig(model=model, norm=norm, dry_run=True, quiet=True, tensorboard=False, out=str(tmp_path)))
+        return
+    metrics = run(TrainConfig(model=model, norm=norm, dry_run=True, quiet=True, tensorboard=False,
+                              train_limit=100, out=str(tmp_path)))
+    assert len(metrics["history"]) == 1 and metrics["steps"] == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_other_optimizers_and_relu(tmp_path, optimizer):
+    assert main(["train", "--dry-run", "--quiet", "--no-tensorboard", "--optimizer", optimizer, "--activation",
+                 "relu", "--out", str(tmp_path)] + TINY) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == {"sgd": 1e-2, "adam": 1e-3}[optimizer]
+
+
+def test_compare_command(tmp_path, capsys):
+    assert main(["compare", "--norms", "batch,none", "--seeds", "0,1", "--dry-run", "--no-tensorboard",
+                 "--out", str(tmp_path)] + TINY) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.startswith("| norm | test accuracy | seed 0 | seed 1 |")
+    assert "| batch |" in table and "| none |" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"batch-seed0", "batch-seed1", "none-seed0",
+                                                                 "none-seed1"}
+
+
+def test_download_command_offline(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert main(["download", "mnist", "--data-dir", str(tmp_path)]) == 2
+    assert "copy the canonical files" in capsys.readouterr().err
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 2
+    assert "data directory" in capsys.readouterr().err
+    assert main(["train", "--norm", "ghost", "--batch-size", "20", "--out", str(tmp_path)]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--norm", "bogus"])
+
+
+def test_mnist_dry_run_on_real_sample(mnist_split_dir, tmp_path):
+    metrics = run(TrainConfig(dataset="mnist", data_dir=str(mnist_split_dir), dry_run=True, quiet=True,
+                              out=str(tmp_path)))
+    assert metrics["train_size"] == 6400 and metrics["val_size"] == 1600 and metrics["test_size"] == 2000

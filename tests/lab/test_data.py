@@ -1,0 +1,165 @@
+"""The lab's data loaders: the strict IDX reader on crafted files, the digits split, and the real MNIST sample."""
+
+import gzip
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normkit.lab import data
+from normkit.lab.data import DataError, load_dataset, read_idx, write_idx
+
+
+def write_dataset(directory, train=20, test=10, compress=True, side=28):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if compress else ""
+    for part, count in (("train", train), ("test", test)):
+        images_stem, labels_stem = data.IDX_FILES[part]
+        write_idx(directory / (images_stem + suffix), rng.integers(0, 256, (count, side, side), dtype=np.uint8))
+        write_idx(directory / (labels_stem + suffix), rng.integers(0, 10, count, dtype=np.uint8))
+    return directory
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    path = tmp_path / ("images" + (".gz" if compress else ""))
+    write_idx(path, array)
+    np.testing.assert_array_equal(read_idx(path, data.IDX_IMAGES_MAGIC), array)
+
+
+def test_load_good_dataset_any_size(tmp_path):
+    write_dataset(tmp_path / "mnist", train=37, test=5)
+    splits = load_dataset("mnist", tmp_path)  # DIR/<dataset>/ is found from DIR
+    images, labels = splits.train
+    assert images.shape == (37, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.shape == (37,) and labels.dtype == torch.int64
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert splits.test[0].shape == (5, 1, 28, 28)
+
+
+def test_uncompressed_files_in_dir_itself(tmp_path, monkeypatch):
+    write_dataset(tmp_path, compress=False)
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path))
+    assert load_dataset("fashion-mnist").train[0].shape[0] == 20
+
+
+def test_truncated_file_names_file_and_sizes(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated: header says shape \(20, 28, 28\)"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_truncated_gzip_stream(tmp_path):
+    write_dataset(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:15])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: cannot be read as gzip"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_wrong_magic(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    path = tmp_path / "train-labels-idx1-ubyte"
+    raw = bytearray(path.read_bytes())
+    raw[0:4] = struct.pack(">I", 0x12345678)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: magic number 0x12345678 is not an IDX"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_swapped_images_and_labels(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    images, labels = tmp_path / "train-images-idx3-ubyte", tmp_path / "train-labels-idx1-ubyte"
+    content = images.read_bytes()
+    images.write_bytes(labels.read_bytes())
+    labels.write_bytes(content)
+    with pytest.raises(DataError, match="magic number 0x00000801, expected 0x00000803"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_count_mismatch(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, dtype=np.uint8))
+    with pytest.raises(DataError, match="holds 20 images but .* holds 19 labels"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_missing_file_is_named(tmp_path):
+    write_dataset(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"missing file .*t10k-images-idx3-ubyte\[\.gz\].*normkit download mnist"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_no_data_dir(monkeypatch):
+    monkeypatch.delenv("NORMKIT_DATA", raising=False)
+    with pytest.raises(DataError, match="pass --data-dir DIR or set NORMKIT_DATA"):
+        load_dataset("kmnist")
+
+
+def test_digits_fixed_split():
+    first, second = data.load_digits_28(), data.load_digits_28()
+    assert first.train[0].shape == (1437, 1, 28, 28) and first.test[0].shape == (360, 1, 28, 28)
+    assert torch.equal(first.test[1], second.test[1])  # the documented split never moves
+    assert 0.0 <= first.train[0].min() and first.train[0].max() <= 1.0
+    assert torch.bincount(first.test[1]).min() >= 35  # stratified: every digit is in the test set
+
+
+def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match=r"could not download train-images-idx3-ubyte.gz .*copy the canonical files"):
+        data.download("mnist", tmp_path)
+    assert not list(tmp_path.rglob("*.gz"))
+
+
+def test_download_verifies_checksum_and_keeps_good_files(tmp_path, monkeypatch):
+    class Response:
+        def __init__(self, payload):
+            self.payload = payload
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return self.payload
+
+    payloads = {name: gzip.compress(name.encode(), mtime=0) for name in data.DOWNLOADS["kmnist"]["md5"]}
+    monkeypatch.setitem(data.DOWNLOADS, "kmnist", {"mirrors": ("http://mirror/",),
+                                                   "md5": {k: data._md5(v) for k, v in payloads.items()}})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(payloads[url.rsplit("/", 1)[1]]))
+    target = data.download("kmnist", tmp_path)
+    assert sorted(p.name for p in target.iterdir()) == sorted(payloads)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(b"tampered"))
+    assert data.download("kmnist", tmp_path) == target  # verified files are not fetched again
+    (target / "t10k-images-idx3-ubyte.gz").write_bytes(b"corrupt")
+    with pytest.raises(DataError, match="checksum"):
+        data.download("kmnist", tmp_path)
+
+
+def test_real_mnist_sample(mnist_split_dir):
+    splits = load_dataset("mnist", mnist_split_dir)
+    assert splits.train[0].shape == (8000, 1, 28, 28) and splits.test[0].shape == (2000, 1, 28, 28)
+    assert set(splits.test[1].unique().tolist()) == set(range(10))
+    # MNIST digits are white on black: mostly zeros, some full-intensity strokes.
+    assert 0.7 < (splits.train[0] == 0).float().mean() < 0.9 and splits.train[0].max() == 1.0
+
+
+def test_real_shared_files_read_directly():
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "mnist"
+    if not (shared / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST sample not found at {shared}")
+    images = read_idx(shared / "t10k-images-idx3-ubyte.gz", data.IDX_IMAGES_MAGIC)
+    labels = read_idx(shared / "t10k-labels-idx1-ubyte.gz", data.IDX_LABELS_MAGIC)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the well-known first MNIST test labels

@@ -1,0 +1,78 @@
+"""A run killed mid-epoch and resumed ends with exactly the weights of an uninterrupted run (CPU, same seed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normkit.lab.train import load_checkpoint
+
+# 240 training images / batch 32 = 8 steps per epoch (the last batch has 16); 3 epochs = 24 steps.
+RUN = ["--train-limit", "300", "--batch-size", "32", "--epochs", "3", "--quiet", "--no-tensorboard"]
+
+
+def normkit(*arguments):
+    # A fixed thread count: float sums are reproducible for a given number of threads.
+    environment = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "normkit.cli", *arguments], capture_output=True, text=True,
+                          env=environment)
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert normkit("train", "--out", str(straight), *RUN).returncode == 0
+
+    # Killed at step 13, in the middle of epoch 2: no cleanup runs, the last checkpoint is epoch 1's.
+    died = normkit("train", "--out", str(killed), "--stop-after-steps", "13", *RUN)
+    assert died.returncode == 75, died.stderr
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1
+
+    resumed = normkit("train", "--out", str(killed), "--resume", *RUN)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected, actual = (load_checkpoint(path / "checkpoint.pt") for path in (straight, killed))
+    assert actual["epoch"] == expected["epoch"] == 3 and actual["step"] == expected["step"] == 24
+    for name, tensor in expected["model"].items():
+        assert torch.equal(actual["model"][name], tensor), name
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(actual["optimizer"]["state"][index]["velocity"], state["velocity"])
+    assert torch.equal(actual["rng"]["shuffle"], expected["rng"]["shuffle"])
+    straight_metrics, killed_metrics = (json.loads((p / "metrics.json").read_text()) for p in (straight, killed))
+    assert killed_metrics["test_accuracy"] == straight_metrics["test_accuracy"]
+    assert [r["loss"] for r in killed_metrics["history"]] == [r["loss"] for r in straight_metrics["history"]]
+
+
+def test_resume_refuses_changed_settings_and_extends_epochs(tmp_path, capsys):
+    from normkit.cli import main
+
+    out = str(tmp_path)
+    base = ["train", "--out", out, "--train-limit", "100", "--epochs", "1", "--quiet", "--no-tensorboard"]
+    assert main(base) == 0
+    assert main(base[:-4] + ["--quiet", "--no-tensorboard", "--resume", "--lr", "0.5"]) == 2
+    assert "--lr 0.5 (checkpoint: 0.001)" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--epochs", "2", "--quiet"]) == 0
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["epoch"] == 2 and payload["config"]["train_limit"] == 100  # settings come from the checkpoint
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    from normkit.cli import main
+
+    assert main(["train", "--out", str(tmp_path), "--resume", "--dry-run", "--no-tensorboard"]) == 0
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("norm", ["torch", "renorm"])
+def test_resume_other_norms_in_process(tmp_path, norm):
+    """Same property without subprocesses, for layers with extra state (renorm's statistics)."""
+    from normkit.lab.train import TrainConfig, run
+
+    settings = dict(norm=norm, train_limit=200, batch_size=32, epochs=2, quiet=True, tensorboard=False)
+    run(TrainConfig(out=str(tmp_path / "a"), **settings))
+    run(TrainConfig(out=str(tmp_path / "b"), **{**settings, "epochs": 1}))
+    run(TrainConfig(out=str(tmp_path / "b"), resume=True, **settings), given={"epochs"})
+    expected, actual = (load_checkpoint(tmp_path / p / "checkpoint.pt")["model"] for p in ("a", "b"))
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
