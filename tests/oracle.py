@@ -1,7 +1,6 @@
-"""Shared test helpers: seeded data, tensor<->array conversion and tolerance per dtype."""
+"""Shared test helpers: tensor<->array conversion and tolerance per dtype for comparing with the reference."""
 
 import numpy as np
-import pytest
 import torch
 
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5),
@@ -19,7 +18,3 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
     actual = to_numpy(actual) if isinstance(actual, torch.Tensor) else np.asarray(actual)
     np.testing.assert_allclose(actual, np.asarray(expected, dtype=np.float64), **tol)
 
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)

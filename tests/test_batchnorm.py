@@ -14,7 +14,7 @@ import torch
 import normkit
 from normkit import reference as R
 
-from conftest import assert_close, to_numpy
+from oracle import assert_close, to_numpy
 
 TORCH_NN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (3, 3, 4, 2), 5: (2, 3, 2, 3, 2)}

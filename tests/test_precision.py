@@ -7,7 +7,7 @@ import torch
 import normkit
 from normkit import reference as R
 
-from conftest import assert_close, to_numpy
+from oracle import assert_close, to_numpy
 
 LOW = [torch.float16, torch.bfloat16]
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import normkit
 from normkit import reference as R
 
-from conftest import assert_close, to_numpy
+from oracle import assert_close, to_numpy
 
 
 @st.composite

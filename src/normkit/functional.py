@@ -222,6 +222,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if x.numel() == 0:
         # An empty batch has no statistics: return an empty output and leave the buffers alone.
         return x * (1.0 if weight is None else weight.reshape(param_shape).to(x.dtype))
+    if (mask is not None and virtual_batch_size is None and adjustment is None
+            and all(mask.shape[a] == 1 for a in feature_axes)):
+        return _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, running_var, weight, bias,
+                                       training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
+                                       moving_stddev, renorm_clipping, renorm_momentum, recenter)
     if plain and unbiased_running_var:
         check_enough_values(x.numel() // math.prod(x.shape[a] for a in feature_axes), x.shape)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
@@ -230,6 +235,52 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
+
+
+def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, running_var, weight, bias, training,
+                            momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                            renorm_clipping, renorm_momentum, recenter):
+    """The pipeline for a mask that is the same on every feature (padding): rows of an (M, K) view."""
+    dtype = statistics_dtype(x)
+    rows, restore = _channels_view(x.to(dtype), feature_axes)
+    weights, _ = _channels_view(mask.to(dtype).expand(x.shape[:1] + tuple(mask.shape[1:])), feature_axes)
+    if rows.dim() > 2:  # (N, C, *) layout: put positions in rows
+        rows = rows.movedim(1, -1).reshape(-1, rows.shape[1])
+        weights = weights.movedim(1, -1).reshape(-1, 1)
+        shape = x.shape
+        restore = (lambda y: y.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)).movedim(-1, 1))
+    weights = weights.reshape(-1).expand(rows.shape[0]).contiguous() if weights.numel() != rows.shape[0] \
+        else weights.reshape(-1)
+    center = None
+    if recenter:
+        center = rows[:1].detach()
+        rows = rows - center
+    with torch.no_grad():
+        r = d = None
+        if renorm_mean is not None:
+            # r and d need this batch's statistics before the normalization step.
+            n = weights.sum().clamp(min=1)
+            mean = (weights @ rows) / n + (0 if center is None else center.reshape(-1))
+            var = (weights @ (rows - (weights @ rows) / n).square()) / n
+            r, d = renorm_correction(mean, var, eps, renorm_mean.reshape(-1), renorm_stddev.reshape(-1),
+                                     renorm_clipping)
+    scale, offset = _flat(weight), _flat(bias)
+    if r is not None:
+        gamma = 1.0 if scale is None else scale
+        beta = 0.0 if offset is None else offset
+        scale, offset = r * gamma, d * gamma + beta
+    y, count, mean, var = _MaskedRowsBatchNorm.apply(rows, weights, scale, offset, eps)
+    if center is not None:
+        mean = mean + center.reshape(-1)
+    y = y.to(x.dtype)
+    y = y if restore is None else restore(y)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            parts = {"total": count, "batch_mean": mean, "batch_var": var, "count": count, "mean": mean, "var": var,
+                     "ghost_axis": None, "masked": True, "group_count": None}
+            update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                            renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+    return y
 
 
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
@@ -244,7 +295,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                             x.shape)
     # ATen normalizes whenever every position counts; renorm's r and d fold into its
     # weight and bias. Masks and the adjustment need the composite path.
-    needs_composite = mask_view is not None or adjustment is not None
+    needs_composite = adjustment is not None
     with _nullcontext() if needs_composite else torch.no_grad():
         if recenter and not needs_composite:
             center = sample_per_feature(view, tuple(a for a in range(view.dim()) if a not in reduce_axes))
@@ -260,9 +311,9 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
                                      renorm_mean.reshape(param_shape), renorm_stddev.reshape(param_shape),
                                      renorm_clipping)
+    view_param = (lambda p: None if p is None else (p.reshape(param_shape) if ghost_axis is None
+                                                     else p.reshape(param_shape).unsqueeze(0)))
     if needs_composite:
-        view_param = (lambda p: None if p is None else (p.reshape(param_shape) if ghost_axis is None
-                                                         else p.reshape(param_shape).unsqueeze(0)))
         y = _composite_normalize(view, mean, var, eps, view_param(r), view_param(d), x, adjustment,
                                  virtual_batch_size, ghost_layout, view_param(weight), view_param(bias))
     else:
@@ -272,7 +323,13 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
             gamma = 1.0 if weight is None else weight.reshape(param_shape)
             beta = 0.0 if bias is None else bias.reshape(param_shape)
             scale, offset = r * gamma, d * gamma + beta
-        y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter)
+        if mask_view is None:
+            y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter)
+        else:
+            dtype = statistics_dtype(view)
+            weights = mask_view.to(dtype)
+            y = _MaskedNormalize.apply(view.to(dtype), weights, count, mean, torch.rsqrt(var + eps),
+                                       view_param(scale), view_param(offset), reduce_axes).to(view.dtype)
     y = y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():
@@ -310,6 +367,93 @@ def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, rec
         return p.reshape(feature_sizes).unsqueeze(0).expand((groups,) + feature_sizes)
 
     return _aten_batch_norm(view, kept, None, None, repeat(scale), repeat(offset), True, 0.0, eps, recenter)
+
+
+def _sum_to(grad, shape):
+    """Sum ``grad`` over the axes where ``shape`` (same rank) has size 1: the gradient of a broadcast."""
+    axes = tuple(i for i, size in enumerate(shape) if size == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=axes, keepdim=True) if axes else grad
+
+
+class _MaskedNormalize(torch.autograd.Function):
+    """``(x - mean) * invstd * scale + offset`` where mean/invstd are masked batch statistics of x.
+
+    The gradient through the statistics is the closed form of ``reference.normalize_backward``
+    (w = mask, n = valid count): ``dx = a g - w (a/n sum g + a invstd^2/n sum(g (x - mean)) (x - mean))``
+    with ``a = invstd * scale``; three elementwise passes instead of autograd's dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, count, mean, invstd, scale, offset, reduce_axes):
+        centered = x - mean
+        factor = invstd if scale is None else invstd * scale
+        y = centered * factor if offset is None else torch.addcmul(offset, centered, factor)
+        ctx.reduce_axes = reduce_axes
+        ctx.has_scale, ctx.has_offset = scale is not None, offset is not None
+        ctx.save_for_backward(centered, weights, count, invstd, factor, scale if scale is not None else invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        centered, weights, count, invstd, factor, scale = ctx.saved_tensors
+        axes = ctx.reduce_axes
+        sum_grad = grad.sum(dim=axes, keepdim=True)
+        sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
+        safe_count = torch.where(count > 0, count, torch.ones_like(count))
+        shift = factor * sum_grad / safe_count
+        slope = factor * invstd.square() * sum_grad_centered / safe_count
+        grad_x = grad * factor - weights * torch.addcmul(shift, centered, slope)
+        grad_scale = _sum_to(sum_grad_centered * invstd, scale.shape) if ctx.has_scale else None
+        grad_offset = _sum_to(sum_grad, scale.shape) if ctx.has_offset else None
+        return grad_x, None, None, None, None, grad_scale, grad_offset, None
+
+
+class _MaskedRowsBatchNorm(torch.autograd.Function):
+    """Masked BN of an (M, K) matrix whose rows are positions and w (M,) marks the valid rows.
+
+    The statistics are two matrix-vector products (mean = w X / n, var = w (X - mean)^2 / n),
+    and the gradient is the closed form of ``_MaskedNormalize``; this is the padded-sequence
+    case ((N, T, C) with an (N, T) mask), where X is a free view of the input.
+    Returns (y, count, mean, var); only y is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weights, scale, offset, eps):
+        # Few large temporaries: on CPU a fresh (M, K) allocation costs more than the arithmetic,
+        # so the output buffer first holds the squares for the variance.
+        count = weights.sum()
+        safe_count = torch.where(count > 0, count, torch.ones_like(count))
+        mean = (weights @ rows) / safe_count
+        centered = rows - mean
+        y = torch.mul(centered, centered)
+        var = (weights @ y) / safe_count
+        invstd = torch.rsqrt(var + eps)
+        factor = invstd if scale is None else invstd * scale
+        torch.mul(centered, factor, out=y)
+        if offset is not None:
+            y += offset
+        ctx.has_scale, ctx.has_offset = scale is not None, offset is not None
+        ctx.save_for_backward(centered, weights, safe_count, invstd, factor)
+        ctx.mark_non_differentiable(count, mean, var)
+        return y, count.expand_as(mean), mean, var
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        centered, weights, safe_count, invstd, factor = ctx.saved_tensors
+        sum_grad = grad.sum(dim=0)
+        grad_rows = grad * centered
+        sum_grad_centered = grad_rows.sum(dim=0)
+        shift = factor * sum_grad / safe_count
+        slope = factor * invstd.square() * sum_grad_centered / safe_count
+        # grad_rows <- factor * grad - w * (shift + slope * centered), in place
+        torch.mul(centered, slope, out=grad_rows)
+        grad_rows += shift
+        grad_rows *= weights.unsqueeze(1)
+        grad_rows.neg_()
+        grad_rows.addcmul_(grad, factor.expand_as(grad))
+        grad_scale = sum_grad_centered * invstd if ctx.has_scale else None
+        grad_offset = sum_grad if ctx.has_offset else None
+        return grad_rows, None, grad_scale, grad_offset, None
 
 
 def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
