@@ -283,26 +283,78 @@ def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, ru
     return y
 
 
+def _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, weight, bias, training, momentum,
+                   eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev, renorm_clipping,
+                   renorm_momentum, recenter):
+    """The pipeline when every position counts, on the (N, G*K, *) channels view of the statistics view.
+
+    Per-group statistics come from ATen's statistics kernel, renorm's r and d fold into the
+    weight and bias, and ATen's batch_norm normalizes with its own (identical) statistics,
+    so autograd uses ATen's fused backward. All small tensors stay flat.
+    """
+    kept = tuple(a for a in range(view.dim()) if a not in reduce_axes)
+    channels, restore = _channels_view(view, kept)
+    check_enough_values(channels.numel() // max(channels.shape[1], 1), x.shape)
+    groups = 1 if ghost_axis is None else view.shape[ghost_axis]
+    if recenter:
+        center = sample_per_feature(channels, (1,))
+        channels = channels - center
+    with torch.no_grad():
+        stats_input = channels.float() if channels.dtype in LOW_PRECISION else channels
+        mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
+        if recenter:
+            mean = mean + center.reshape(-1)
+        batch_mean, batch_var = mean, var
+        if groups > 1:
+            batch_mean, batch_var = mean.view(groups, -1).mean(dim=0), var.view(groups, -1).mean(dim=0)
+        r = d = None
+        if renorm_mean is not None:
+            r, d = renorm_correction(batch_mean, batch_var, eps, renorm_mean.reshape(-1), renorm_stddev.reshape(-1),
+                                     renorm_clipping)
+    scale, offset = _flat(weight), _flat(bias)
+    if r is not None:
+        # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
+        scale, offset = (r if scale is None else r * scale), (d if scale is None else d * scale)
+        offset = offset if bias is None else offset + _flat(bias)
+    if groups > 1:
+        scale = None if scale is None else scale.repeat(groups)
+        offset = None if offset is None else offset.repeat(groups)
+    y = torch.batch_norm(channels, scale, offset, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
+    y = (y if restore is None else restore(y)).reshape(x.shape)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            per_group = channels.numel() // channels.shape[1]
+            parts = {"total": None, "batch_mean": batch_mean, "batch_var": batch_var, "count": None, "mean": mean,
+                     "var": var, "ghost_axis": ghost_axis, "masked": False, "group_count": per_group}
+            update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
+                                            renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+    return y
+
+
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
                          momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                          renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum, adjustment,
                          recenter=False):
-    """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats."""
+    """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats.
+
+    Three executions of the same stages: ``_aten_pipeline`` when every position counts,
+    the closed-form masked gradient (``_MaskedNormalize``) with a mask, and plain autograd
+    through composite code with an adjustment (whose scale may itself be trained).
+    """
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
+    if mask_view is None and adjustment is None:
+        return _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, weight, bias, training,
+                              momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                              renorm_clipping, renorm_momentum, recenter)
+    # Masks (that vary along the features, or with ghost batches) and the adjustment: the
+    # composite path, with the closed-form masked gradient when there is no adjustment.
+    needs_composite = adjustment is not None
     if mask_view is None:
         check_enough_values(view.numel() // math.prod(view.shape[a] for a in range(view.dim()) if a not in reduce_axes),
                             x.shape)
-    # ATen normalizes whenever every position counts; renorm's r and d fold into its
-    # weight and bias. Masks and the adjustment need the composite path.
-    needs_composite = adjustment is not None
     with _nullcontext() if needs_composite else torch.no_grad():
-        if recenter and not needs_composite:
-            center = sample_per_feature(view, tuple(a for a in range(view.dim()) if a not in reduce_axes))
-            count, mean, var = moments(view - center, reduce_axes)
-            mean = mean + center
-        else:
-            count, mean, var = moments(view, reduce_axes, mask_view)
+        count, mean, var = moments(view, reduce_axes, mask_view)
     with torch.no_grad():
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
                                                                 equal_counts=mask_view is None)
@@ -316,20 +368,16 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if needs_composite:
         y = _composite_normalize(view, mean, var, eps, view_param(r), view_param(d), x, adjustment,
                                  virtual_batch_size, ghost_layout, view_param(weight), view_param(bias))
-    else:
+    else:  # a mask, without adjustment
         scale, offset = weight, bias
         if r is not None:
             # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
             gamma = 1.0 if weight is None else weight.reshape(param_shape)
             beta = 0.0 if bias is None else bias.reshape(param_shape)
             scale, offset = r * gamma, d * gamma + beta
-        if mask_view is None:
-            y = _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter)
-        else:
-            dtype = statistics_dtype(view)
-            weights = mask_view.to(dtype)
-            y = _MaskedNormalize.apply(view.to(dtype), weights, count, mean, torch.rsqrt(var + eps),
-                                       view_param(scale), view_param(offset), reduce_axes).to(view.dtype)
+        dtype = statistics_dtype(view)
+        y = _MaskedNormalize.apply(view.to(dtype), mask_view.to(dtype), count, mean, torch.rsqrt(var + eps),
+                                   view_param(scale), view_param(offset), reduce_axes).to(view.dtype)
     y = y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():
@@ -348,25 +396,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _aten_normalize_view(view, feature_axes, ghost_axis, scale, offset, eps, recenter=False):
-    """Batch-statistics normalization of ``view`` by ATen, with per-group statistics for ghost views.
-
-    A ghost view keeps the ghost axis too, so the parameters repeat along it.
-    """
-    if ghost_axis is None:
-        return _aten_batch_norm(view, feature_axes, None, None, scale, offset, True, 0.0, eps, recenter)
-    feature_sizes = tuple(view.shape[a + 1] for a in feature_axes)
-    kept = tuple(sorted((ghost_axis,) + tuple(a + 1 for a in feature_axes)))
-    groups = view.shape[ghost_axis]
-
-    def repeat(p):
-        if p is None:
-            return None
-        return p.reshape(feature_sizes).unsqueeze(0).expand((groups,) + feature_sizes)
-
-    return _aten_batch_norm(view, kept, None, None, repeat(scale), repeat(offset), True, 0.0, eps, recenter)
 
 
 def _sum_to(grad, shape):
@@ -475,7 +504,6 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
                                     renorm_mean=None, renorm_stddev=None, moving_stddev=None, renorm_momentum=0.01):
     """Twin of ``reference.update_batch_norm_running_stats``: the one place BN's buffers change."""
     shape = running_mean.shape
-    total = parts["total"].reshape(shape)
     batch_mean = parts["batch_mean"].reshape(shape)
     batch_var = parts["batch_var"].reshape(shape)
     if unbiased_running_var and parts.get("group_count") is not None:
@@ -488,7 +516,7 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
     else:
         batch_var_estimate = batch_var
     # Channels that saw no valid value (everything masked) keep their running statistics.
-    seen = (total > 0).to(running_mean.dtype) if parts.get("masked", True) else 1.0
+    seen = (parts["total"].reshape(shape) > 0).to(running_mean.dtype) if parts.get("masked", True) else 1.0
     factor = momentum * seen
     cast = (lambda t: t if t.dtype == running_mean.dtype else t.to(running_mean.dtype))
     if renorm_mean is not None:
