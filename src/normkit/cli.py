@@ -63,6 +63,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     optimization.add_argument("--seed", type=int, default=SUPPRESS, help="default: 0")
     running = parser.add_argument_group("run")
     running.add_argument("--device", choices=("cpu", "cuda"), default=SUPPRESS, help="default: cpu")
+    running.add_argument("--threads", type=int, default=SUPPRESS,
+                         help="CPU threads for torch (default: 1, fastest for these small models; 0 = torch's default)")
     running.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                          help="write TensorBoard event files (default: on)")
     running.add_argument("--dry-run", action="store_true", default=SUPPRESS,

@@ -67,6 +67,7 @@ class TrainConfig:
     out: str | None = None           # run directory; None: runs/<model>-<norm>-<dataset>-seed<seed>
     resume: bool = False             # continue from out/checkpoint.pt
     device: str = "cpu"              # cpu or cuda
+    threads: int = 1                 # CPU threads for torch ops; 0 = torch's default (see docs/lab.md: why 1)
     tensorboard: bool = True         # write TensorBoard event files (scalars, histograms)
     dry_run: bool = False            # one training batch, one evaluation batch: a smoke test of the whole pipeline
     quiet: bool = False              # no progress bar, no per-epoch lines (the library API, benchmarks)
@@ -92,6 +93,8 @@ class TrainConfig:
         if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
             raise ValueError(f"norm 'ghost' normalizes virtual batches of {GHOST_BATCH}; batch_size={self.batch_size} "
                              f"must be a multiple of {GHOST_BATCH}")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu")
         updates = {}
@@ -111,7 +114,7 @@ class TrainConfig:
 
 # Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
 RESUME_OVERRIDABLE = {"epochs", "out", "resume", "device", "tensorboard", "dry_run", "quiet", "stop_after_steps",
-                      "data_dir"}
+                      "data_dir", "threads"}
 
 
 PER_INVOCATION = {"out", "resume", "dry_run", "quiet", "stop_after_steps"}
@@ -344,6 +347,16 @@ def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None =
     agree with the checkpoint, except the ones in RESUME_OVERRIDABLE (e.g. --epochs to train longer).
     ``splits`` lets callers (benchmarks, tests) pass data already in memory.
     """
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, given, splits)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dict:
     cfg = cfg.resolved()
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
