@@ -99,6 +99,7 @@ def main() -> int:
                      "8,000) / 2,000 test. The last 2,000 MNIST test images are the harder half's end (the "
                      "first 5,000 are the cleaner ones), so these accuracies are below full-MNIST numbers. "
                      f"Seeds {', '.join(map(str, SEEDS))}.", ""]
+            claims = []
             for activation in ("sigmoid", "relu"):
                 print(f"mnist {activation}", flush=True)
                 results = experiment(["batch", "torch", "none"], SEEDS, runs / f"mnist-{activation}",
@@ -106,19 +107,32 @@ def main() -> int:
                 largest, mean = paired(results, "batch", "torch")
                 gap = statistics.fmean(accuracies(results, "batch")) - statistics.fmean(accuracies(results, "none"))
                 label = "the classic recipe" if activation == "sigmoid" else "ReLU instead of sigmoid"
+                bn = accuracies(results, "batch")
+                claims.append(f"- LeNet + normkit BN, {activation}: test accuracy {statistics.fmean(bn):.4f} "
+                              f"(seeds: {min(bn):.4f} to {max(bn):.4f}); {sum(a >= 0.97 for a in bn)} of {len(bn)} "
+                              f"seeds reach 0.97. torch.nn BN: largest per-seed difference {largest:.4f}. "
+                              f"No normalization: {statistics.fmean(accuracies(results, 'none')):.4f} ({gap:+.4f} for BN).")
                 page += [f"### LeNet, {activation} ({label})", "", comparison_table(results),
                          f"normkit's BN vs torch.nn's BN, same seed: largest test-accuracy difference {largest:.4f} "
                          f"(mean {mean:+.4f}). BN over no normalization: {gap:+.4f} test accuracy.", "",
                          figure(results, f"lab-mnist-{activation}",
                                 f"LeNet, {activation}, MNIST split: normkit BN, torch.nn BN, none "
                                 f"(mean of {len(SEEDS)} seeds)"), ""]
+            page += ["### Summary", "", *claims, "",
+                     "With the classic sigmoid recipe, 5 epochs on 6,400 images leave LeNet + BN short of 0.97 on "
+                     "most seeds (its validation accuracy is still rising at epoch 5, and one unlucky last epoch costs "
+                     "a seed several points); with ReLU every seed passes 0.97. normkit's BN and torch.nn's BN give "
+                     "the same accuracies (the trained weights are bit-for-bit equal: plain normkit.BatchNorm runs the same ATen kernel), and every configuration without BN is "
+                     "behind after 5 epochs, by far with sigmoid.", ""]
             print("mnist every norm", flush=True)
             every = experiment(list(NORM_NAMES), SEEDS[:3], runs / "mnist-every-norm", **CLASSIC, **mnist)
             page += ["### Every normalization in the registry (LeNet, sigmoid, seeds 0, 1, 2)", "",
                      "`layer` is LayerNorm over (C, H, W) in conv blocks; `instance` normalizes the conv blocks only "
                      "(dense blocks have no spatial axes and go unnormalized); `group` uses the largest divisor of C "
                      "up to 32 that leaves 2 channels per group; `renorm` is Batch Renormalization (rmax 3, dmax 5); "
-                     "`ghost` uses virtual batches of 16.", "", comparison_table(every), ""]
+                     "`ghost` uses virtual batches of 16. Batch Renormalization is applied with its final clipping from the "
+                     "first step; the paper starts at rmax 1, dmax 0 and relaxes them over thousands of steps, which a "
+                     "5-epoch run never reaches, so `renorm` here is noisier than plain BN.", "", comparison_table(every), ""]
             print("mnist mlp", flush=True)
             mlp = experiment(["batch", "none"], SEEDS[:3], runs / "mnist-mlp", **{**CLASSIC, "model": "mlp"}, **mnist)
             page += ["### The BN paper's MLP (784 -> 3 x 100 sigmoid -> 10, seeds 0, 1, 2)", "",

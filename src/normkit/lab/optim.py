@@ -13,7 +13,6 @@ lab implements Keras' rule rather than approximating it.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam")
 # Keras' default learning rates: RMSprop 1e-3, SGD 1e-2, Adam 1e-3.
@@ -59,6 +58,3 @@ def build_optimizer(name: str, parameters, lr: float | None = None, rho: float =
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
     return torch.optim.Adam(parameters, lr=lr, eps=eps)
 
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

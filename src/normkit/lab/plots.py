@@ -17,18 +17,24 @@ def plot_curves(histories: dict[str, list[dict]], path: str | Path, title: str =
     matplotlib.use("Agg", force=True)  # no display on servers and CI
     from matplotlib import pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    markers = "osD^vP*X"
     for index, (label, history) in enumerate(histories.items()):
-        color = f"C{index % 10}"
+        # Distinct markers, shrinking with each run, keep identical curves (normkit vs torch.nn BN) both visible.
+        style = dict(color=f"C{index % 10}", marker=markers[index % len(markers)],
+                     markersize=max(3.0, 8.0 - 1.5 * index))
         epochs = [record["epoch"] for record in history]
-        loss_axes.plot(epochs, [r["loss"] for r in history], color=color, marker="o", label=f"{label} train")
-        loss_axes.plot(epochs, [r["val_loss"] for r in history], color=color, marker="o", linestyle="--",
+        loss_axes.plot(epochs, [r["loss"] for r in history], **style, label=f"{label} train")
+        loss_axes.plot(epochs, [r["val_loss"] for r in history], **style, linestyle="--",
                        label=f"{label} validation")
-        accuracy_axes.plot(epochs, [r["accuracy"] for r in history], color=color, marker="o", label=f"{label} train")
-        accuracy_axes.plot(epochs, [r["val_accuracy"] for r in history], color=color, marker="o", linestyle="--",
+        accuracy_axes.plot(epochs, [r["accuracy"] for r in history], **style, label=f"{label} train")
+        accuracy_axes.plot(epochs, [r["val_accuracy"] for r in history], **style, linestyle="--",
                            label=f"{label} validation")
     for axes, name in ((loss_axes, "cross-entropy loss"), (accuracy_axes, "accuracy")):
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
