@@ -36,6 +36,7 @@ def test_train_dry_run_writes_everything(dry_run, capsys):
     assert {"config.json", "metrics.json", "checkpoint.pt", "curves.png"} <= names
     assert any(name.startswith("events.out.tfevents.") for name in names)
     assert not any(name.endswith(".tmp") for name in names)  # atomic writes leave no temporaries
+    assert (dry_run / "config.json").stat().st_mode & 0o044  # readable by others, as a plain open() would make it
 
 
 def test_config_json_is_every_setting_resolved(dry_run):

@@ -26,11 +26,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert normkit("train", "--out", str(straight), *RUN).returncode == 0
 
     # Killed at step 13, in the middle of epoch 2: no cleanup runs, the last checkpoint is epoch 1's.
-    died = normkit("train", "--out", str(killed), "--stop-after-steps", "13", *RUN)
+    # TensorBoard on for this one: the resumed run must purge the steps the killed run logged after its checkpoint.
+    died = normkit("train", "--out", str(killed), "--stop-after-steps", "13", *RUN, "--tensorboard")
     assert died.returncode == 75, died.stderr
     assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1
 
-    resumed = normkit("train", "--out", str(killed), "--resume", *RUN)
+    resumed = normkit("train", "--out", str(killed), "--resume", *RUN, "--tensorboard")
     assert resumed.returncode == 0, resumed.stderr
 
     expected, actual = (load_checkpoint(path / "checkpoint.pt") for path in (straight, killed))
@@ -43,6 +44,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     straight_metrics, killed_metrics = (json.loads((p / "metrics.json").read_text()) for p in (straight, killed))
     assert killed_metrics["test_accuracy"] == straight_metrics["test_accuracy"]
     assert [r["loss"] for r in killed_metrics["history"]] == [r["loss"] for r in straight_metrics["history"]]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed), size_guidance={"scalars": 0}).Reload()
+    assert [event.step for event in events.Scalars("step/loss")] == list(range(1, 25))
+    assert [event.step for event in events.Scalars("epoch/loss")] == [8, 16, 24]  # the step ending each epoch
 
 
 def test_resume_refuses_changed_settings_and_extends_epochs(tmp_path, capsys):

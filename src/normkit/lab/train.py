@@ -278,20 +278,22 @@ class Board:
             self.writer.add_scalar("step/loss", loss, step)
             self.writer.add_scalar("step/accuracy", accuracy, step)
 
-    def epoch(self, epoch: int, record: dict, model: nn.Module, probe: torch.Tensor) -> None:
+    def epoch(self, step: int, record: dict, model: nn.Module, probe: torch.Tensor) -> None:
+        # Logged at the global step that ends the epoch, not at the epoch number: one monotonic x-axis per
+        # file is what lets TensorBoard purge a killed run's extra steps and not take epochs for restarts.
         if not self.writer:
             return
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             if not math.isnan(record[key]):
-                self.writer.add_scalar(f"epoch/{key}", record[key], epoch)
+                self.writer.add_scalar(f"epoch/{key}", record[key], step)
         for name, module in model.named_modules():
             if is_norm_layer(module):
                 for tensor_name in ("weight", "bias", "running_mean", "running_var"):
                     tensor = getattr(module, tensor_name, None)
                     if isinstance(tensor, torch.Tensor) and tensor.numel():
-                        self.writer.add_histogram(f"norm/{name}.{tensor_name}", tensor.detach().float().cpu(), epoch)
+                        self.writer.add_histogram(f"norm/{name}.{tensor_name}", tensor.detach().float().cpu(), step)
         for name, values in preactivations(model, probe).items():
-            self.writer.add_histogram(f"preactivation/{name}", values, epoch)
+            self.writer.add_histogram(f"preactivation/{name}", values, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -392,7 +394,8 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
         _restore_rng_states(checkpoint["rng"], shuffle)
     _write_json(out / "config.json", cfg.to_dict())
 
-    board = Board(out, cfg.tensorboard, purge_step=step if checkpoint is not None else None)
+    # The checkpoint's last step is logged; a killed run may have logged later ones, which the resumed run redoes.
+    board = Board(out, cfg.tensorboard, purge_step=step + 1 if checkpoint is not None else None)
     probe = data.val[0][:256] if len(data.val[1]) else data.train[0][:256]
     train_images, train_labels = data.train
     epochs = 1 if cfg.dry_run else cfg.epochs
@@ -438,7 +441,7 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
                       "accuracy": (correct / max(seen, 1)).item(), "val_loss": val_loss, "val_accuracy": val_accuracy,
                       "seconds": seconds, "images_per_second": seen / seconds if seconds > 0 else math.nan}
             history.append(record)
-            board.epoch(epoch + 1, record, model, probe)
+            board.epoch(step, record, model, probe)
             save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle)
             _write_json(out / "metrics.json", {"history": history})
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
