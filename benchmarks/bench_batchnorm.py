@@ -1,0 +1,127 @@
+"""normkit's drop-in BatchNorm vs torch.nn's, side by side in one process.
+
+    python benchmarks/bench_batchnorm.py [--threads 1] [--budget 8] [--quick] [--only SUBSTRING]
+
+For every shape, memory format and mode (training forward + backward, inference forward) the two
+layers run interleaved (see common.compare); the table gives the median time per call of each and
+the median paired ratio normkit / torch.nn (target: <= 1.05), with its interquartile range.
+
+Rows:
+* ``contiguous`` / ``channels_last``: normkit.BatchNorm1d/2d vs torch.nn.BatchNorm1d/2d on the same tensor.
+* ``NHWC axis=-1``: normkit.BatchNorm(C, axis=-1) on an (N, H, W, C) contiguous tensor vs
+  torch.nn.BatchNorm2d on the same memory seen as an NCHW channels_last tensor (``x.permute(0, 3, 1, 2)``).
+
+Training: ``torch.autograd.grad`` of the output (with a fixed random upstream gradient) w.r.t. the
+input, weight and bias. Inference: eval mode under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compare, fmt_ratio, fmt_us, inference_step, machine_line, set_threads, training_step  # noqa: E402
+
+import normkit  # noqa: E402
+
+SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 256, 14, 14)]
+TARGET = 1.05
+
+
+def pair(shape, layout):
+    """(normkit module, torch.nn module, normkit's input, torch.nn's input, normkit's grad, torch.nn's grad)."""
+    channels = shape[1]
+    torch.manual_seed(0)
+    if len(shape) == 2:
+        ours, theirs = normkit.BatchNorm1d(channels), torch.nn.BatchNorm1d(channels)
+    elif layout == "NHWC axis=-1":
+        ours, theirs = normkit.BatchNorm(channels, axis=-1), torch.nn.BatchNorm2d(channels)
+    else:
+        ours, theirs = normkit.BatchNorm2d(channels), torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape) * 2.0 + 0.5
+    g = torch.randn(shape)
+    if layout == "channels_last":
+        x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+        return ours, theirs, x, x, g, g
+    if layout == "NHWC axis=-1":
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        g_nhwc = g.permute(0, 2, 3, 1).contiguous()
+        # torch.nn sees the very same memory as a channels_last NCHW tensor.
+        return ours, theirs, x_nhwc, x_nhwc.permute(0, 3, 1, 2), g_nhwc, g_nhwc.permute(0, 3, 1, 2)
+    return ours, theirs, x, x, g, g
+
+
+def cases():
+    for shape in SHAPES:
+        layouts = ["contiguous"] if len(shape) == 2 else ["contiguous", "channels_last", "NHWC axis=-1"]
+        for layout in layouts:
+            for mode in ("train", "infer"):
+                yield shape, layout, mode
+
+
+def run(args) -> list:
+    rows = []
+    for shape, layout, mode in cases():
+        label = f"{shape} {layout} {mode}"
+        if args.only and args.only not in label:
+            continue
+        ours, theirs, x_ours, x_theirs, g_ours, g_theirs = pair(shape, layout)
+        if mode == "train":
+            ours.train(), theirs.train()
+            contenders = {
+                "normkit": training_step(ours, x_ours, g_ours, [ours.weight, ours.bias]),
+                "torch.nn": training_step(theirs, x_theirs, g_theirs, [theirs.weight, theirs.bias]),
+            }
+        else:
+            ours.eval(), theirs.eval()
+            contenders = {"normkit": inference_step(ours, x_ours), "torch.nn": inference_step(theirs, x_theirs)}
+        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds)
+        ratio = result.ratio("normkit", "torch.nn")
+        q1, q3 = result.ratio_iqr("normkit", "torch.nn")
+        row = {"shape": shape, "layout": layout, "mode": mode, "normkit": result.medians["normkit"],
+               "torch.nn": result.medians["torch.nn"], "ratio": ratio, "q1": q1, "q3": q3,
+               "rounds": result.rounds, "calls": result.calls_per_sample}
+        rows.append(row)
+        print(f"  {label}: ratio {ratio:.3f} [{q1:.3f}, {q3:.3f}] ({result.rounds} rounds x {result.calls_per_sample})",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| shape | layout | mode | normkit | torch.nn | ratio normkit / torch.nn | IQR of ratio | <= 1.05 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        shape = "(" + ",".join(map(str, row["shape"])) + ")"
+        ok = "yes" if row["ratio"] <= TARGET else "**no**"
+        lines.append(f"| {shape} | {row['layout']} | {row['mode']} | {fmt_us(row['normkit'])} | "
+                     f"{fmt_us(row['torch.nn'])} | {fmt_ratio(row['ratio'])} | "
+                     f"{row['q1']:.3f}-{row['q3']:.3f} | {ok} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timing per row (default 8)")
+    parser.add_argument("--min-rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget, args.min_rounds = 0.3, 3
+    set_threads(args.threads)
+    print(machine_line(args.threads))
+    print()
+    print(table(run(args)))
+
+
+if __name__ == "__main__":
+    main()

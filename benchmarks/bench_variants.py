@@ -1,0 +1,215 @@
+"""normkit.BatchNorm's options (renorm, ghost batches, masks, axis=-1) vs plain torch.nn and Keras 3.
+
+    python benchmarks/bench_variants.py [--threads 1] [--budget 6] [--quick] [--only SUBSTRING]
+    KERAS_BACKEND=torch /work/bvenv/bin/python benchmarks/bench_variants.py    # with the Keras column
+
+Training forward + backward only (``torch.autograd.grad`` of the output w.r.t. input, weight and
+bias, as in bench_batchnorm.py). Every row runs its contenders interleaved (see common.compare):
+
+* ``normkit``: the variant, e.g. ``normkit.BatchNorm(C, renorm=True)``;
+* ``torch.nn``: plain ``torch.nn.BatchNorm1d/2d`` on the same memory (no option: the cost floor).
+  For an (N, T, C) input both ``BatchNorm1d(x.transpose(1, 2))`` and ``BatchNorm1d(x.reshape(-1, C))``
+  run and the faster one is the baseline (the table says which); for (N, H, W, C) it is
+  ``BatchNorm2d(x.permute(0, 3, 1, 2))``, a channels_last view of the same memory;
+* ``keras``: ``keras.layers.BatchNormalization`` (torch backend) with the same option, where Keras
+  has it (renorm, mask, axis; not ghost batches, which Keras 3 dropped), called with training=True.
+  The column is skipped when keras cannot be imported (it needs KERAS_BACKEND=torch).
+
+Targets: normkit / torch.nn <= 1.5 and Keras / normkit >= 3 (normkit at least 3x faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step  # noqa: E402
+
+import normkit  # noqa: E402
+
+SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 256, 14, 14)]
+SEQUENCES = [(64, 50, 120), (32, 200, 64)]
+TARGET_TORCH = 1.5
+TARGET_KERAS = 3.0
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+def import_keras():
+    """keras on the torch backend, or None (with the reason) when it cannot be used."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    try:
+        import keras
+    except Exception as error:  # not installed, or a backend that fails to import
+        return None, f"keras not importable ({type(error).__name__})"
+    if keras.backend.backend() != "torch":
+        return None, f"keras backend is {keras.backend.backend()!r}, not torch (set KERAS_BACKEND=torch)"
+    return keras, f"keras {keras.__version__} (torch backend)"
+
+
+def keras_has_renorm(keras) -> bool:
+    import inspect
+    return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+
+
+def torch_bn(channels, dims):
+    torch.manual_seed(0)
+    module = (torch.nn.BatchNorm1d if dims == 1 else torch.nn.BatchNorm2d)(channels, eps=EPS, momentum=MOMENTUM)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+def keras_step(keras, x, g, mask=None, **options):
+    layer = keras.layers.BatchNormalization(epsilon=EPS, momentum=1 - MOMENTUM, **options)
+    if mask is None:
+        layer(x.detach(), training=True)  # builds the weights
+        params = [v.value for v in layer.trainable_variables]
+        return training_step(lambda t: layer(t, training=True), x, g, params)
+    layer(x.detach(), training=True, mask=mask)
+    params = [v.value for v in layer.trainable_variables]
+    return training_step(lambda t: layer(t, training=True, mask=mask), x, g, params)
+
+
+def padding_mask(n, t, seed=0):
+    """(N, T) bool mask of right-padded sequences with lengths uniform in [0.6 T, T] (about 20% padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.6 * t), t + 1, (n,), generator=generator)
+    return torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def rows_spec(keras):
+    """(variant, shape, builder) for every row; builder() -> (contenders, baseline name, note)."""
+    renorm_ok = keras is not None and keras_has_renorm(keras)
+
+    def nchw(shape, option_name, options, keras_options):
+        def build():
+            channels = shape[1]
+            torch.manual_seed(1)
+            x, g = torch.randn(shape) * 2.0 + 0.5, torch.randn(shape)
+            theirs = torch_bn(channels, 1 if len(shape) == 2 else 2)
+            ours = normkit.BatchNorm(channels, eps=EPS, momentum=MOMENTUM, **options)
+            ours.load_state_dict(theirs.state_dict(), strict=False)
+            contenders = {"normkit": training_step(ours, x, g, [ours.weight, ours.bias]),
+                          "torch.nn": training_step(theirs, x, g, [theirs.weight, theirs.bias])}
+            if keras_options is not None:
+                contenders["keras"] = keras_step(keras, x, g, axis=1, **keras_options)
+            return contenders, ["torch.nn"], f"BatchNorm{1 if len(shape) == 2 else 2}d, same NCHW tensor"
+        return option_name, shape, build
+
+    def channels_last(shape, masked):
+        def build():
+            channels = shape[-1]
+            torch.manual_seed(1)
+            x, g = torch.randn(shape) * 2.0 + 0.5, torch.randn(shape)
+            ours = normkit.BatchNorm(channels, axis=-1, eps=EPS, momentum=MOMENTUM)
+            mask = padding_mask(shape[0], shape[1]) if masked else None
+            ours_call = ours if mask is None else (lambda t: ours(t, mask=mask))
+            contenders = {"normkit": training_step(ours_call, x, g, [ours.weight, ours.bias])}
+            if len(shape) == 4:
+                theirs = torch_bn(channels, 2)
+                contenders["torch.nn"] = training_step(theirs, x.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2),
+                                                       [theirs.weight, theirs.bias])
+                baselines = ["torch.nn"]
+            else:
+                n, t, c = shape
+                t_bn, r_bn = torch_bn(c, 1), torch_bn(c, 1)
+                contenders["torch.nn transpose"] = training_step(t_bn, x.transpose(1, 2), g.transpose(1, 2),
+                                                                 [t_bn.weight, t_bn.bias])
+                contenders["torch.nn reshape"] = training_step(r_bn, x.reshape(-1, c), g.reshape(-1, c),
+                                                               [r_bn.weight, r_bn.bias])
+                baselines = ["torch.nn transpose", "torch.nn reshape"]
+            if keras is not None:
+                contenders["keras"] = keras_step(keras, x, g, mask=mask, axis=-1)
+            return contenders, baselines, None
+        return ("mask (N,T,C), axis=-1" if masked else "axis=-1"), shape, build
+
+    specs = []
+    for shape in SHAPES:
+        specs.append(nchw(shape, "renorm", {"renorm": True}, {"renorm": True} if renorm_ok else None))
+    for shape in SHAPES:
+        if shape[0] % 16 == 0:
+            specs.append(nchw(shape, "ghost vbs=16", {"virtual_batch_size": 16}, None))
+    for shape in SEQUENCES:
+        specs.append(channels_last(shape, True))
+    for shape in SHAPES:
+        if len(shape) == 4:
+            n, c, h, w = shape
+            specs.append(channels_last((n, h, w, c), False))
+    for shape in SEQUENCES:
+        specs.append(channels_last(shape, False))
+    return specs
+
+
+def run(args, keras) -> list:
+    rows = []
+    for variant, shape, build in rows_spec(keras):
+        label = f"{variant} {shape}"
+        if args.only and args.only not in label:
+            continue
+        contenders, baselines, note = build()
+        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds)
+        baseline = min(baselines, key=lambda name: result.medians[name])
+        row = {"variant": variant, "shape": shape, "normkit": result.medians["normkit"], "baseline": baseline,
+               "torch.nn": result.medians[baseline], "ratio": result.ratio("normkit", baseline),
+               "iqr": result.ratio_iqr("normkit", baseline), "note": note,
+               "keras": result.medians.get("keras"),
+               "keras_ratio": result.ratio("keras", "normkit") if "keras" in contenders else None}
+        if len(baselines) > 1:
+            row["others"] = {name: result.medians[name] for name in baselines if name != baseline}
+        rows.append(row)
+        extra = "" if row["keras_ratio"] is None else f", keras/normkit {row['keras_ratio']:.2f}"
+        print(f"  {label}: normkit/{baseline} {row['ratio']:.3f} [{row['iqr'][0]:.3f}, {row['iqr'][1]:.3f}]{extra} "
+              f"({result.rounds} rounds x {result.calls_per_sample})", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows, keras_line: str) -> str:
+    lines = ["| variant | shape | normkit | torch.nn (baseline) | normkit / torch.nn | <= 1.5 | Keras 3 | "
+             "Keras / normkit | >= 3 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        shape = "(" + ",".join(map(str, row["shape"])) + ")"
+        base = row["baseline"].replace("torch.nn", "").strip() or ("NCHW" if "axis=-1" not in row["variant"]
+                                                                    else "channels_last view")
+        if "others" in row:
+            base += "; " + ", ".join(f"{name.replace('torch.nn', '').strip()} {fmt_us(t)}"
+                                     for name, t in row["others"].items())
+        ok = "yes" if row["ratio"] <= TARGET_TORCH else "**no**"
+        if row["keras"] is None:
+            keras_time, keras_ratio, keras_ok = "n/a", "n/a", ""
+        else:
+            keras_time, keras_ratio = fmt_us(row["keras"]), f"{row['keras_ratio']:.2f}x"
+            keras_ok = "yes" if row["keras_ratio"] >= TARGET_KERAS else "**no**"
+        lines.append(f"| {row['variant']} | {shape} | {fmt_us(row['normkit'])} | {fmt_us(row['torch.nn'])} ({base}) | "
+                     f"{fmt_ratio(row['ratio'])} | {ok} | {keras_time} | {keras_ratio} | {keras_ok} |")
+    lines.append("")
+    lines.append(f"Keras column: {keras_line}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row (default 6)")
+    parser.add_argument("--min-rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
+    parser.add_argument("--no-keras", action="store_true", help="leave the Keras column out")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget, args.min_rounds = 0.3, 3
+    keras, keras_line = (None, "left out (--no-keras)") if args.no_keras else import_keras()
+    set_threads(args.threads)
+    print(machine_line(args.threads))
+    print()
+    print(table(run(args, keras), keras_line))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Shared timing helper for the benchmark scripts: interleaved contenders, paired medians.
+
+Every contender is a zero-argument callable doing one unit of work (a training step's forward and
+backward, or an inference forward). ``compare`` warms them up, picks a number of calls per sample
+(so a sample lasts at least ``sample_s``, which keeps timer and scheduling noise small for
+microsecond calls), then runs rounds in which every contender takes one sample back to back, the
+order rotating from round to round (A, B / B, A / ...), so drift in the machine's load (other
+processes) hits every contender alike. Results are the median per-call time of each contender and
+the median over rounds of the paired ratio ``t[name] / t[baseline]`` with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else platform's guess)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int) -> str:
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
+            f"torch.set_num_threads({threads}); Python {platform.python_version()}; "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (interop threads can be set once per process)
+        pass
+
+
+def quantile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class Comparison:
+    medians: Dict[str, float]                       # seconds per call
+    samples: Dict[str, List[float]] = field(repr=False)
+    rounds: int = 0
+    calls_per_sample: int = 1
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """Median over rounds of t[name] / t[baseline] (paired: the two ran back to back)."""
+        return statistics.median(self.paired(name, baseline))
+
+    def ratio_iqr(self, name: str, baseline: str):
+        paired = self.paired(name, baseline)
+        return quantile(paired, 0.25), quantile(paired, 0.75)
+
+    def paired(self, name: str, baseline: str) -> List[float]:
+        return [a / b for a, b in zip(self.samples[name], self.samples[baseline])]
+
+
+def _time_calls(fn: Callable[[], None], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0, min_rounds: int = 15,
+            max_rounds: int = 301, sample_s: float = 0.004, warmup: int = 5) -> Comparison:
+    """Time ``contenders`` interleaved; about ``budget_s`` seconds in all (at least ``min_rounds`` rounds)."""
+    names = list(contenders)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            for name in names:
+                contenders[name]()
+        # One call of each, three times: the slowest contender sets the calls per sample.
+        single = {name: statistics.median(_time_calls(contenders[name], 1) for _ in range(3)) for name in names}
+        calls = max(1, int(math.ceil(sample_s / max(min(single.values()), 1e-9))))
+        # Keep one sample of the slowest contender within a few sample_s (large shapes: 1 call).
+        calls = max(1, min(calls, int(math.ceil(4 * sample_s / max(max(single.values()), 1e-9)))))
+        per_round = calls * sum(single.values())
+        rounds = int(min(max_rounds, max(min_rounds, budget_s / max(per_round, 1e-9))))
+        samples: Dict[str, List[float]] = {name: [] for name in names}
+        for index in range(rounds):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(_time_calls(contenders[name], calls))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return Comparison(medians, samples, rounds, calls)
+
+
+def training_step(module_call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
+                  params: List[torch.Tensor]) -> Callable[[], None]:
+    """One training step of a layer: forward, then the gradient w.r.t. the input and the parameters.
+
+    ``torch.autograd.grad`` (not ``.backward()``) so no ``.grad`` accumulates between calls and
+    every contender does exactly the same autograd work around its own kernels.
+    """
+    leaf = x.detach().requires_grad_(True) if not x.requires_grad else x
+    inputs = [leaf] + [p for p in params if p is not None and p.requires_grad]
+
+    def step() -> None:
+        y = module_call(leaf)
+        torch.autograd.grad(y, inputs, grad)
+    return step
+
+
+def inference_step(module_call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    x = x.detach()
+
+    def step() -> None:
+        with torch.no_grad():
+            module_call(x)
+    return step
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    if us >= 10000:
+        return f"{us / 1000:,.1f} ms"
+    if us >= 1000:
+        return f"{us / 1000:,.2f} ms"
+    return f"{us:,.0f} µs"
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
