@@ -243,7 +243,9 @@ def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, ru
     """The pipeline for a mask that is the same on every feature (padding): rows of an (M, K) view."""
     dtype = statistics_dtype(x)
     rows, restore = _channels_view(x.to(dtype), feature_axes)
-    weights, _ = _channels_view(mask.to(dtype).expand(x.shape[:1] + tuple(mask.shape[1:])), feature_axes)
+    # The mask may broadcast along any non-feature axis (Keras: mask (1, 2, 1) on x (1, 2, 3, 4)).
+    full = tuple(1 if axis in feature_axes else size for axis, size in enumerate(x.shape))
+    weights, _ = _channels_view(mask.to(dtype).expand(full), feature_axes)
     if rows.dim() > 2:  # (N, C, *) layout: put positions in rows
         rows = rows.movedim(1, -1).reshape(-1, rows.shape[1])
         weights = weights.movedim(1, -1).reshape(-1, 1)

@@ -123,7 +123,9 @@ class BatchNormalization(nn.Module):
             sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=1.0 - self.momentum,
             affine=self.scale or self.center, bias=self.center, track_running_stats=True,
             axis=axes[0] if len(axes) == 1 else axes,
-            renorm=self.renorm, renorm_clipping=self.renorm_clipping, renorm_momentum=1.0 - self.renorm_momentum,
+            # Keras keeps renorm_clipping without renorm and ignores it; normkit.BatchNorm refuses that.
+            renorm=self.renorm, renorm_clipping=self.renorm_clipping if self.renorm else None,
+            renorm_momentum=1.0 - self.renorm_momentum,
             virtual_batch_size=self.virtual_batch_size, ghost_layout=self.ghost_layout, adjustment=self.adjustment,
             weight_initializer=self.gamma_initializer, bias_initializer=self.beta_initializer,
             running_mean_initializer=self.moving_mean_initializer,
