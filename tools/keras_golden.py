@@ -73,7 +73,15 @@ CONFIGS = {
     # normkit deliberately leaves them unchanged (see docs/keras.md). Outputs agree.
     "k3_fully_masked": ("k3", (3, 5, 4), {"momentum": 0.8}, {"mask": [[0, 0, 0], [0, 0, 0], [0, 0, 0], [5, 5, 5]]}),
     "k3_trainable_false": ("k3", (8, 5), {"momentum": 0.8}, {"trainable": False}),
+    # A mask that broadcasts along a middle axis (K3 test_masked_broadcast_normalization, random values).
+    "k3_masked_broadcast": ("k3", (2, 3, 4, 2), {"momentum": 0.5}, {"mask_shape": (2, 3, 1)}),
+    # axis=1 with a mask: Keras expands the mask at the LAST axis, so it varies along the features.
+    "k3_masked_axis1": ("k3", (4, 3, 5), {"axis": 1, "momentum": 0.7}, {"mask_shape": (4, 3)}),
     "tfk_default_2d": ("tfk", (8, 5), {"momentum": 0.9}, {}),
+    # Fused kernel (rank 4, channels last): the moving variance gets the unbiased batch variance.
+    # normkit.keras follows Keras 3 (biased); the test replays it with normkit.BatchNorm's
+    # unbiased_running_var=True, PyTorch's convention, which is what the fused kernel does.
+    "tfk_fused_4d": ("tfk", (4, 3, 3, 2), {"momentum": 0.8}, {}),
     "tfk_masked": ("tfk", (3, 5, 4), {"momentum": 0.8}, {"mask": [[5, 3, 1], [2, 5, 4], [1, 1, 5], [4, 0, 2]]}),
     "tfk_vbs_2d": ("tfk", (8, 3), {"virtual_batch_size": 2, "momentum": 0.8}, {}),
     "tfk_vbs_4d_last": ("tfk", (4, 2, 2, 3), {"virtual_batch_size": 2, "momentum": 0.8}, {}),
@@ -121,6 +129,9 @@ def step_inputs(name, shape, extra, step):
     if "mask" in extra:
         lengths = extra["mask"][step]
         mask = np.arange(shape[1])[None, :] < np.asarray(lengths)[:, None]
+    elif "mask_shape" in extra:
+        mask = rng.random(extra["mask_shape"]) < 0.6
+        mask.flat[0] = True  # never fully masked
     return x, g, mask
 
 
@@ -181,7 +192,7 @@ def record_k3(names, out):
                 data[f"{prefix}/w{i}"] = w
         meta[name] = {"source": f"keras {keras.__version__} (KERAS_BACKEND=torch, torch {torch.__version__})",
                       "kwargs": kwargs, "shape": list(shape), "training": TRAINING_FLAGS, "weights": wnames,
-                      "trainable": extra.get("trainable", True), "mask": "mask" in extra,
+                      "trainable": extra.get("trainable", True), "mask": "mask" in extra or "mask_shape" in extra,
                       "adjustment": False}
     np.savez(out, __meta__=np.array(json.dumps(meta)), **data)
 
@@ -237,7 +248,7 @@ def record_tfk(names, out):
                 data[f"{prefix}/w{i}"] = w
         meta[name] = {"source": f"tf_keras {tf_keras.__version__} (tensorflow {tf.__version__})",
                       "kwargs": kwargs, "shape": list(shape), "training": TRAINING_FLAGS, "weights": wnames,
-                      "trainable": extra.get("trainable", True), "mask": "mask" in extra,
+                      "trainable": extra.get("trainable", True), "mask": "mask" in extra or "mask_shape" in extra,
                       "adjustment": bool(extra.get("adjustment")), "fused": bool(getattr(layer, "fused", False))}
     np.savez(out, __meta__=np.array(json.dumps(meta)), **data)
 
