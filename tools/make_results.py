@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from normkit.lab.compare import compare, comparison_table
-from normkit.lab.data import split_test_set
+from normkit.lab.data import load_dataset, split_test_set
 from normkit.lab.plots import plot_curves
+from normkit.lab.train import load_checkpoint, model_from_checkpoint, prepare_data, recalibrate_running_stats
 from normkit.registry import NORM_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,119 @@ def paired(results, first, second):
     return max(abs(d) for d in differences), statistics.fmean(differences)
 
 
+@torch.no_grad()
+def accuracy(model, images, labels, batch_statistics=False, batch_size=1000):
+    """Accuracy in eval mode (running statistics), or with ``batch_statistics`` in training mode, i.e. each
+    batch normalized by its own statistics (a diagnostic: a test image's prediction then depends on the other
+    images of its batch). Running statistics are saved and restored, so the model is left unchanged."""
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.train(batch_statistics)
+    correct = sum((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+                  for i in range(0, len(labels), batch_size))
+    model.load_state_dict(saved)
+    model.eval()
+    return correct / len(labels)
+
+
+def evaluations(results, norm, out, splits):
+    """Per seed: validation and test accuracy with the running statistics the run ended with, with running
+    statistics recalibrated on the 6,400 training images (precise BN) and with test-batch statistics."""
+    rows = {}
+    for seed, metrics in results[norm].items():
+        payload = load_checkpoint(out / f"{norm}-seed{seed}" / "checkpoint.pt")
+        model, cfg = model_from_checkpoint(payload)
+        data = prepare_data(cfg.resolved(), splits)
+        row = {"val running": metrics["history"][-1]["val_accuracy"], "test running": metrics["test_accuracy"],
+               "test batch": accuracy(model, *data.test, batch_statistics=True, batch_size=cfg.batch_size)}
+        recalibrate_running_stats(model, data.train[0], batch_size=cfg.batch_size)
+        row["val recalibrated"], row["test recalibrated"] = accuracy(model, *data.val), accuracy(model, *data.test)
+        rows[seed] = row
+    return rows
+
+
+def diagnosis_table(configs, seeds):
+    header = ["configuration", "evaluated with", "val acc e5", "test accuracy"] + [f"seed {s}" for s in seeds] \
+        + ["seeds >= 0.97"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, rows in configs.items():
+        for mode, what in (("running", "running statistics (eval mode, as trained)"),
+                           ("recalibrated", "running statistics recalibrated on the training images"),
+                           ("batch", "test-batch statistics, batches of 64 (diagnostic only)")):
+            tests = [rows[s][f"test {mode}"] for s in seeds]
+            val = f"{statistics.fmean(rows[s][f'val {mode}'] for s in seeds):.4f}" if mode != "batch" else ""
+            lines.append("| " + " | ".join([label, what, val, f"{statistics.fmean(tests):.4f}"]
+                                           + [f"{t:.4f}" for t in tests] + [f"{sum(t >= 0.97 for t in tests)} of {len(tests)}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _stats(rows, key):
+    values = [row[key] for _, row in sorted(rows.items())]
+    worst = min(sorted(rows.items()), key=lambda item: item[1][key])
+    return statistics.fmean(values), worst[1][key], worst[0], sum(v >= 0.97 for v in values)
+
+
+def diagnosis(configs):
+    classic, keras = list(configs.values())[:2]
+    mean_run, min_run, seed_run, n_run = _stats(classic, "test running")
+    mean_rec, min_rec, seed_rec, n_rec = _stats(classic, "test recalibrated")
+    mean_bat, min_bat, _, n_bat = _stats(classic, "test batch")
+    worst_gain = classic[seed_run]["test recalibrated"] - classic[seed_run]["test running"]
+    k_run, k_min, k_seed, k_n = _stats(keras, "test running")
+    k_rec, _, _, k_rec_n = _stats(keras, "test recalibrated")
+    # Choose on validation accuracy only: every (configuration, evaluation) pair that needs no test batches.
+    candidates = {(label, mode): statistics.fmean(row[f"val {mode}"] for row in rows.values())
+                  for label, rows in configs.items() for mode in ("running", "recalibrated")}
+    (best_label, best_mode), best_val = max(candidates.items(), key=lambda item: item[1])
+    best_mean, best_min, best_seed, best_n = _stats(configs[best_label], f"test {best_mode}")
+    full = [f"{label} with {mode} statistics" for label, rows in configs.items() for mode in ("running", "recalibrated")
+            if all(row[f"test {mode}"] >= 0.97 for row in rows.values())]
+    seeds = sorted(classic)
+    return ["### Why the sigmoid recipe falls short of 0.97", "",
+            "Each trained network evaluated three ways: in eval mode with the running statistics it ended training "
+            "with (what every other table reports, and what Keras' `evaluate` does); with its running statistics "
+            "recalibrated, i.e. replaced by the average of its batch statistics over the 6,400 training images in "
+            "batches of 64 with the final weights (\"precise BN\", `normkit.lab.train.recalibrate_running_stats`; "
+            "no weight changes); and in training mode, each test batch of 64 normalized by its own statistics. The "
+            "last is a diagnostic, not an evaluation: a test image's prediction then depends on the other test "
+            "images in its batch. `keras` is normkit.BatchNorm with Keras' BatchNormalization defaults (momentum "
+            "0.99, i.e. 0.01 on the new batch, epsilon 1e-3, biased moving variance), the layer the classic notebook "
+            "used. The BN momentum only changes the running statistics, never a training step. "
+            f"Seeds {', '.join(map(str, seeds))}.", "",
+            diagnosis_table(configs, seeds),
+            f"- **The running statistics, not the weights, cost most of the gap.** Classic recipe: eval mode "
+            f"{mean_run:.4f} ({n_run} of {len(seeds)} seeds >= 0.97, worst seed {seed_run} at {min_run:.4f}); the same "
+            f"weights with recalibrated running statistics {mean_rec:.4f} ({n_rec} of {len(seeds)}, worst seed "
+            f"{seed_rec} at {min_rec:.4f}); with test-batch statistics {mean_bat:.4f} ({n_bat} of {len(seeds)}, "
+            f"worst {min_bat:.4f}). Seed {seed_run} gains {worst_gain:+.4f} from recalibration alone: its \"unlucky last "
+            "epoch\" is running averages that mix batch statistics of older weights (RMSprop moves every weight by "
+            "about lr per step until the last one, and 5 epochs here are only 500 steps).",
+            f"- **Keras' BN defaults are worse here, not better:** `keras` in eval mode {k_run:.4f} ({k_n} of "
+            f"{len(seeds)} seeds >= 0.97, worst seed {k_seed} at {k_min:.4f}); recalibrated {k_rec:.4f} ({k_rec_n} of "
+            f"{len(seeds)}; `batch` recalibrated: {mean_rec:.4f}). Momentum 0.99 averages over about 100 steps, a whole "
+            "epoch of this 6,400-image split (the classic notebook trained on 60,000 images: 750 steps per epoch), so "
+            "its running statistics lag further behind the weights.",
+            f"- **Learning rate:** chosen on mean validation accuracy among every configuration and both "
+            f"evaluations that use no test batches, the best is {best_label} with {best_mode} statistics (validation "
+            f"{best_val:.4f}); its test accuracy is {best_mean:.4f}, {best_n} of {len(seeds)} seeds >= 0.97 "
+            f"(worst seed {best_seed} at {best_min:.4f}).",
+            ("- **Target on every seed:** reached by " + "; ".join(full) + "." if full else
+             "- **Target on every seed:** no configuration here reaches 0.97 test accuracy on all "
+             f"{len(seeds)} seeds with a valid evaluation (running or recalibrated statistics). With recalibrated "
+             f"statistics the classic recipe averages {mean_rec:.4f} but {len(seeds) - n_rec} of {len(seeds)} seeds "
+             f"stay below 0.97 (worst {min_rec:.4f}, i.e. {round((0.97 - min_rec) * 2000)} of 2,000 test images short); "
+             f"test-batch statistics, not a valid evaluation, reach 0.97 on {n_bat} of {len(seeds)}."), ""]
+
+
+def conclusion(configs):
+    classic = list(configs.values())[0]
+    mean_rec, min_rec, _, n_rec = _stats(classic, "test recalibrated")
+    return ["With the classic sigmoid recipe, 5 epochs on 6,400 images leave LeNet + BN's eval-mode accuracy short "
+            "of 0.97 on most seeds, mainly because its running statistics lag the weights (see above: recalibrated "
+            f"on the training images, the same weights score {mean_rec:.4f} on average, {n_rec} of {len(classic)} seeds "
+            f">= 0.97, worst {min_rec:.4f}); with ReLU every seed passes 0.97. normkit's BN and torch.nn's BN give "
+            "the same accuracies (the trained weights are bit-for-bit equal: plain normkit.BatchNorm runs the same "
+            "ATen kernel), and every configuration without BN is behind after 5 epochs, by far with sigmoid."]
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs" / "results"), help="where the run directories go")
@@ -78,7 +192,8 @@ def main() -> int:
             "eps 1e-7), batch 64, 5 epochs, the last 20% of the training images held out for validation, "
             "Glorot-uniform initialization. Test accuracy is mean ± sample standard deviation over seeds; "
             "`val acc eN` is the mean validation accuracy after epoch N. `batch` is normkit.BatchNorm, `torch` is "
-            "torch.nn.BatchNorm; both use PyTorch's defaults (momentum 0.1, eps 1e-5).", ""]
+            "torch.nn.BatchNorm; both use PyTorch's defaults (momentum 0.1, eps 1e-5). `keras` is normkit.BatchNorm with "
+            "Keras' defaults (momentum 0.99 = 0.01 on the new batch, eps 1e-3).", ""]
 
     print("digits", flush=True)
     digits = experiment(["batch", "none"], SEEDS[:3], runs / "digits", dataset="digits", **CLASSIC)
@@ -99,11 +214,12 @@ def main() -> int:
                      "8,000) / 2,000 test. The last 2,000 MNIST test images are the harder half's end (the "
                      "first 5,000 are the cleaner ones), so these accuracies are below full-MNIST numbers. "
                      f"Seeds {', '.join(map(str, SEEDS))}.", ""]
-            claims = []
+            claims, by_activation = [], {}
             for activation in ("sigmoid", "relu"):
                 print(f"mnist {activation}", flush=True)
                 results = experiment(["batch", "torch", "none"], SEEDS, runs / f"mnist-{activation}",
                                      **{**CLASSIC, "activation": activation}, **mnist)
+                by_activation[activation] = results
                 largest, mean = paired(results, "batch", "torch")
                 gap = statistics.fmean(accuracies(results, "batch")) - statistics.fmean(accuracies(results, "none"))
                 label = "the classic recipe" if activation == "sigmoid" else "ReLU instead of sigmoid"
@@ -118,12 +234,19 @@ def main() -> int:
                          figure(results, f"lab-mnist-{activation}",
                                 f"LeNet, {activation}, MNIST split: normkit BN, torch.nn BN, none "
                                 f"(mean of {len(SEEDS)} seeds)"), ""]
-            page += ["### Summary", "", *claims, "",
-                     "With the classic sigmoid recipe, 5 epochs on 6,400 images leave LeNet + BN short of 0.97 on "
-                     "most seeds (its validation accuracy is still rising at epoch 5, and one unlucky last epoch costs "
-                     "a seed several points); with ReLU every seed passes 0.97. normkit's BN and torch.nn's BN give "
-                     "the same accuracies (the trained weights are bit-for-bit equal: plain normkit.BatchNorm runs the same ATen kernel), and every configuration without BN is "
-                     "behind after 5 epochs, by far with sigmoid.", ""]
+            print("mnist sigmoid diagnosis", flush=True)
+            splits = load_dataset("mnist", data_dir)
+            configs = {"`batch`, lr 1e-3 (the classic recipe)": evaluations(by_activation["sigmoid"], "batch",
+                                                                            runs / "mnist-sigmoid", splits)}
+            keras = experiment(["keras"], SEEDS, runs / "mnist-sigmoid-keras", **CLASSIC, **mnist)
+            configs["`keras`, lr 1e-3 (Keras' BN defaults)"] = evaluations(keras, "keras", runs / "mnist-sigmoid-keras",
+                                                                            splits)
+            for lr in (2e-3, 3e-3):
+                out = runs / f"mnist-sigmoid-lr{lr:g}"
+                configs[f"`batch`, lr {lr:.0e}".replace("e-0", "e-")] = evaluations(
+                    experiment(["batch"], SEEDS, out, **CLASSIC, **mnist, lr=lr), "batch", out, splits)
+            page += diagnosis(configs)
+            page += ["### Summary", "", *claims, "", *conclusion(configs), ""]
             print("mnist every norm", flush=True)
             every = experiment(list(NORM_NAMES), SEEDS[:3], runs / "mnist-every-norm", **CLASSIC, **mnist)
             page += ["### Every normalization in the registry (LeNet, sigmoid, seeds 0, 1, 2)", "",

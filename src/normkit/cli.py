@@ -45,7 +45,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     model.add_argument("--model", choices=MODELS, default=SUPPRESS, help="default: lenet")
     if with_norm:
         model.add_argument("--norm", choices=NORM_NAMES, default=SUPPRESS,
-                           help="default: batch (normkit.BatchNorm); torch = torch.nn.BatchNorm")
+                           help="default: batch (normkit.BatchNorm); torch = torch.nn.BatchNorm; keras = normkit.BatchNorm "
+                                "with Keras' defaults (momentum 0.99, epsilon 1e-3)")
     model.add_argument("--activation", choices=tuple(ACTIVATIONS), default=SUPPRESS, help="default: sigmoid")
     model.add_argument("--init", choices=INITS, default=SUPPRESS,
                        help="weight initialization (default: keras = Glorot uniform, zero bias)")

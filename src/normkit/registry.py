@@ -11,6 +11,8 @@
     group     normkit.GroupNorm with the largest divisor of C up to 32 that leaves >= 2 channels per group
     renorm    normkit.BatchNorm(renorm=True) with the paper's clipping rmax=3, dmax=5
     ghost     normkit.BatchNorm(virtual_batch_size=16)
+    keras     normkit.BatchNorm with Keras' BatchNormalization defaults: momentum 0.99 (0.01 on the new
+              batch here), epsilon 1e-3, moving variance updated with the biased batch variance (Keras 3)
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from torch import nn
 
 from . import modules
 
-NORM_NAMES = ("none", "batch", "torch", "layer", "instance", "group", "renorm", "ghost")
+NORM_NAMES = ("none", "batch", "torch", "layer", "instance", "group", "renorm", "ghost", "keras")
+
+# Keras' BatchNormalization defaults in normkit's vocabulary (see normkit.keras for the full mapping).
+KERAS_BN_DEFAULTS = {"momentum": 0.01, "eps": 1e-3, "unbiased_running_var": False}
 
 
 def _torch_batch_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
@@ -62,6 +67,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "renorm": lambda num_features, rank, **kwargs: modules.BatchNorm(
         num_features, renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 1 / 3.0, "dmax": 5.0}, **kwargs),
     "ghost": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, virtual_batch_size=16, **kwargs),
+    "keras": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, **{**KERAS_BN_DEFAULTS, **kwargs}),
 }
 
 

@@ -167,3 +167,31 @@ def test_mnist_dry_run_on_real_sample(mnist_split_dir, tmp_path):
     metrics = run(TrainConfig(dataset="mnist", data_dir=str(mnist_split_dir), dry_run=True, quiet=True,
                               out=str(tmp_path)))
     assert metrics["train_size"] == 6400 and metrics["val_size"] == 1600 and metrics["test_size"] == 2000
+
+
+def test_keras_norm_has_keras_batchnormalization_defaults(tmp_path):
+    from normkit import BatchNorm
+    from normkit.registry import create_norm
+    layer = create_norm("keras", 6, rank=4)
+    assert isinstance(layer, BatchNorm)
+    assert (layer.momentum, layer.eps, layer.unbiased_running_var) == (0.01, 1e-3, False)  # Keras: 1 - 0.99, 1e-3
+    assert create_norm("keras", 6, rank=2, eps=1e-5).eps == 1e-5  # explicit settings win
+    assert main(["train", "--norm", "keras", "--dry-run", "--quiet", "--no-tensorboard", "--out", str(tmp_path)]
+                + TINY) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["norm"] == "keras"
+
+
+def test_recalibrate_running_stats_is_the_average_of_batch_statistics():
+    from normkit.lab.train import recalibrate_running_stats
+    torch.manual_seed(0)
+    model = build_model("lenet", "batch")
+    images = torch.rand(96, 1, 28, 28)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    recalibrate_running_stats(model, images, batch_size=32)
+    first = model[1]  # the first BN layer, after conv(6)
+    with torch.no_grad():
+        conv = model[0](images)
+    expected = torch.stack([conv[i:i + 32].mean(dim=(0, 2, 3)) for i in (0, 32, 64)]).mean(0)
+    torch.testing.assert_close(first.running_mean, expected, rtol=1e-5, atol=1e-6)
+    assert first.momentum == 0.1 and not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())  # no weight changes

@@ -179,6 +179,30 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return total_loss / seen, correct / seen
 
 
+@torch.no_grad()
+def recalibrate_running_stats(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
+    """Replace every BN layer's running statistics by the plain average of its batch statistics over
+    ``images`` (in order, batches of ``batch_size``) with the model's current weights: "precise BN"
+    (Wu & Johnson 2021). The running averages kept during training mix statistics of older weights;
+    these do not. Nothing trainable changes; momentum is restored and the model left in eval mode."""
+    layers = [m for m in model.modules() if is_norm_layer(m) and getattr(m, "running_mean", None) is not None]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average of the tracked batches
+    model.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if len(batch) > 1:  # one image has no batch variance
+                model(batch)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    return model
+
+
 def first_norm_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     return next(((name, module) for name, module in model.named_modules() if is_norm_layer(module)), None)
 
