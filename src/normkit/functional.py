@@ -290,13 +290,18 @@ def _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, 
                    renorm_momentum, recenter):
     """The pipeline when every position counts, on the (N, G*K, *) channels view of the statistics view.
 
-    Per-group statistics come from ATen's statistics kernel, renorm's r and d fold into the
-    weight and bias, and ATen's batch_norm normalizes with its own (identical) statistics,
-    so autograd uses ATen's fused backward. All small tensors stay flat.
+    Per-group statistics come from ATen's statistics kernel (one pass), renorm's r and d and
+    the ghost groups fold into a per-channel scale and offset, and ``_FoldedBatchNorm``
+    normalizes with those statistics and takes ATen's fused backward. Small tensors stay flat,
+    and the small ops are few: on small inputs they, not the data, are the cost.
     """
     kept = tuple(a for a in range(view.dim()) if a not in reduce_axes)
     channels, restore = _channels_view(view, kept)
-    check_enough_values(channels.numel() // max(channels.shape[1], 1), x.shape)
+    if restore is not None and kept == tuple(range(1, 1 + len(kept))):
+        # A merge of axes: channels and output are reshapes of x itself (one view node fewer each way).
+        channels, restore = x.reshape(channels.shape), None
+    per_group = channels.numel() // max(channels.shape[1], 1)
+    check_enough_values(per_group, x.shape)
     groups = 1 if ghost_axis is None else view.shape[ghost_axis]
     if recenter:
         center = sample_per_feature(channels, (1,))
@@ -304,33 +309,129 @@ def _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, 
     with torch.no_grad():
         stats_input = channels.float() if channels.dtype in LOW_PRECISION else channels
         mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
-        if recenter:
-            mean = mean + center.reshape(-1)
-        batch_mean, batch_var = mean, var
-        if groups > 1:
-            batch_mean, batch_var = mean.view(groups, -1).mean(dim=0), var.view(groups, -1).mean(dim=0)
-        r = d = None
+        batch_mean, batch_var = _combine_groups(mean, var, groups, center if recenter else None)
+        r = d = batch_std = None
         if renorm_mean is not None:
-            r, d = renorm_correction(batch_mean, batch_var, eps, renorm_mean.reshape(-1), renorm_stddev.reshape(-1),
-                                     renorm_clipping)
-    scale, offset = _flat(weight), _flat(bias)
-    if r is not None:
-        # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
-        scale, offset = (r if scale is None else r * scale), (d if scale is None else d * scale)
-        offset = offset if bias is None else offset + _flat(bias)
-    if groups > 1:
-        scale = None if scale is None else scale.repeat(groups)
-        offset = None if offset is None else offset.repeat(groups)
-    y = torch.batch_norm(channels, scale, offset, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
-    y = (y if restore is None else restore(y)).reshape(x.shape)
+            batch_std = torch.add(batch_var, eps).sqrt_()
+            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
+                                   renorm_clipping)
+    if channels.numel() >= FOLDED_MIN_NUMEL:
+        y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
+    else:
+        # Small inputs: Python overhead, not the data, is the cost, and a second statistics pass
+        # inside ATen's training kernel (C++ autograd) is cheaper than a Python autograd Function.
+        scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
+        if groups > 1:  # (cat is a plain copy, cheaper than repeat's general indexing)
+            scale = None if scale is None else torch.cat([scale] * groups)
+            offset = None if offset is None else torch.cat([offset] * groups)
+        y = torch.batch_norm(channels, scale, offset, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
+    y = y if restore is None else restore(y)
+    y = y if y.shape == x.shape else y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():
-            per_group = channels.numel() // channels.shape[1]
-            parts = {"total": None, "batch_mean": batch_mean, "batch_var": batch_var, "count": None, "mean": mean,
-                     "var": var, "ghost_axis": ghost_axis, "masked": False, "group_count": per_group}
-            update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
-                                            renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+            _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var,
+                                           momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
+                                           moving_stddev, renorm_momentum)
     return y
+
+
+FOLDED_MIN_NUMEL = int(__import__("os").environ.get("NK_FOLDED", 1 << 16))
+
+
+def _combine_groups(mean, var, groups, center):
+    """Batch statistics from per-group ones (equal counts: plain means), the centre added back."""
+    if center is not None:
+        mean = mean + center.reshape(-1)
+    if groups == 1:
+        return mean, var
+    return torch.stack((mean, var)).view(2, groups, -1).mean(dim=1).unbind(0)
+
+
+def _fold_renorm(weight, bias, r, d):
+    """(x_hat * r + d) * weight + bias = x_hat * (r * weight) + (d * weight + bias)."""
+    scale = r if weight is None else r * weight
+    offset = d if weight is None else d * weight
+    return scale, offset if bias is None else offset + bias
+
+
+def _renorm_factors(mean, stddev, eps, renorm_mean, renorm_stddev, clipping):
+    """``renorm_correction`` given the batch standard deviation, in few small ops."""
+    rmin, rmax, dmax = clipping
+    safe_stddev = torch.clamp(renorm_stddev, min=math.sqrt(eps))
+    r = torch.div(stddev, safe_stddev)
+    d = torch.sub(mean, renorm_mean).div_(safe_stddev)
+    # r > 0 already: the clamps run only for bounds that can bite (Keras' default has none).
+    if rmin > 0 or rmax < math.inf:
+        r.clamp_(rmin, rmax)
+    if dmax < math.inf:
+        d.clamp_(-dmax, dmax)
+    return r, d
+
+
+def _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var, momentum,
+                                   eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                                   renorm_momentum):
+    """``update_batch_norm_running_stats`` when every channel saw ``per_group`` values per group.
+
+    Same rules, fewest kernels: one multi-tensor lerp moves every buffer at once.
+    """
+    shape = running_mean.shape
+    estimate = batch_var * bessel_factor(per_group) if unbiased_running_var else batch_var
+    dtype = running_mean.dtype
+    cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
+    if renorm_mean is None:
+        torch._foreach_lerp_([running_mean, running_var], [cast(batch_mean), cast(estimate)], momentum)
+        return
+    torch._foreach_lerp_([renorm_mean, renorm_stddev], [cast(batch_mean), cast(batch_std)], renorm_momentum)
+    torch._foreach_lerp_([running_mean, moving_stddev], [cast(batch_mean), cast(torch.add(estimate, eps).sqrt_())],
+                         momentum)
+    torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+
+
+class _FoldedBatchNorm(torch.autograd.Function):
+    """Training-mode BN of (N, G*K, *) channels with statistics the caller already computed.
+
+    ``y = (x - mean) * invstd * s + o`` with, per feature, ``s = r * weight`` and
+    ``o = d * weight + bias`` (renorm's constants r, d; s = weight, o = bias without them),
+    repeated over the G ghost groups. Forward is ATen's inference kernel with ``mean`` and
+    ``var`` as its statistics; backward is ATen's training backward (gradient through the
+    statistics included), with ``dweight = sum_G (r * ds + d * do)`` and ``dbias = sum_G do``.
+    One statistics pass instead of two, and no autograd nodes for the folding.
+    """
+
+    @staticmethod
+    def forward(ctx, channels, weight, bias, mean, var, r, d, groups, eps):
+        scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
+        if groups > 1:
+            scale = None if scale is None else torch.cat([scale] * groups)
+            offset = None if offset is None else torch.cat([offset] * groups)
+        y = torch.batch_norm(channels, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.groups, ctx.eps = groups, eps
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.save_for_backward(channels, scale, mean, var, r, d)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        channels, scale, mean, var, r, d = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_weight = need_weight and ctx.has_weight
+        need_bias = need_bias and ctx.has_bias
+        # d(weight) needs d(offset) too when r and d are folded in.
+        mask = [need_input, need_weight and scale is not None,
+                need_bias or (need_weight and r is not None)]
+        invstd = torch.add(var, ctx.eps).rsqrt_()
+        grad_input, grad_scale, grad_offset = torch.ops.aten.native_batch_norm_backward(
+            grad, channels, scale, None, None, mean, invstd, True, ctx.eps, mask)
+        if ctx.groups > 1:
+            grad_scale = None if grad_scale is None else grad_scale.view(ctx.groups, -1).sum(dim=0)
+            grad_offset = None if grad_offset is None else grad_offset.view(ctx.groups, -1).sum(dim=0)
+        grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = grad_scale if r is None else torch.addcmul(r * grad_scale, d, grad_offset)
+        if need_bias:
+            grad_bias = grad_offset
+        return grad_input if need_input else None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,

@@ -369,37 +369,57 @@ class BatchNorm(_NormBase):
 
     def _is_plain(self) -> bool:
         """No option beyond torch.nn's: the call can go straight to ATen like torch.nn's does."""
-        return (self.axis == 1 and not self.renorm and self.virtual_batch_size is None and self.adjustment is None
-                and not self.synchronized and self.unbiased_running_var)
+        return (self.axis in (1, -1) and not self.renorm and self.virtual_batch_size is None
+                and self.adjustment is None and not self.synchronized and self.unbiased_running_var)
 
     def _forward_plain(self, input: torch.Tensor) -> torch.Tensor:
-        """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options."""
+        """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options.
+
+        Features last (``axis=-1``) on a contiguous input is an (M, C) matrix, a free view that
+        ATen normalizes as fast as torch.nn's channels_last kernel.
+        """
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             F.check_floating(input)
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
+        channels = input
+        if self.axis == -1 and input.dim() > 2:
+            if input.shape[-1] != self.num_features:
+                self._feature_axes(input)  # raises the explanatory error
+            if not input.is_contiguous():
+                return self._forward_options(input, None)
+            channels = input.view(-1, self.num_features)
+        elif input.shape[1] != self.num_features:
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
         factor = 0.0
         if training:
-            if self._steps_to_recenter_check == 0:
-                self._update_recenter(input, (1,))
+            # A plain countdown in __dict__: nn.Module.__setattr__ would cost more than the check.
+            state = self.__dict__
+            steps = state["_steps_to_recenter_check"]
+            if steps == 0:
+                self._update_recenter(channels, (1,))
                 if self._recenter:
                     return self._forward_options(input, None)
             else:
-                self._steps_to_recenter_check -= 1
-            if self.num_batches_tracked is not None:
-                factor = self._tracking_factor()
-            size = input.numel() // self.num_features
+                state["_steps_to_recenter_check"] = steps - 1
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
+                momentum = self.momentum
+                factor = momentum if momentum is not None else momentum_factor(None, int(tracked))
+            size = channels.numel() // self.num_features
             if size <= 1:
                 if size == 1:
                     F.check_enough_values(1, input.shape)
-                return F.batch_norm(input, None, None, self.weight, self.bias, True, factor, self.eps)
+                y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
+                return y if channels is input else y.view(input.shape)
         use_buffers = not training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        return torch.batch_norm(input, self.weight, self.bias, running_mean, running_var,
-                                training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+        y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
+                             training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+        return y if channels is input else y.view(input.shape)
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._plain and mask is None and not self.frozen and not self._recenter:
@@ -451,7 +471,8 @@ class BatchNorm(_NormBase):
             renorm_mean=self.renorm_mean if renorm else None,
             renorm_stddev=self.renorm_stddev if renorm else None,
             moving_stddev=self.moving_stddev if renorm else None,
-            renorm_clipping=self.renorm_clipping.at(int(self.num_batches_tracked) - 1) if renorm else (0.0, math.inf, math.inf),
+            renorm_clipping=(self.renorm_clipping.at_step(lambda: int(self.num_batches_tracked) - 1) if renorm
+                             else (0.0, math.inf, math.inf)),
             renorm_momentum=self.renorm_momentum,
             adjustment=self.adjustment if training else None,
             recenter=self._recenter,

@@ -77,6 +77,16 @@ class RenormClipping:
 
     KEYS = ("rmax", "rmin", "dmax")
 
+    def __post_init__(self):
+        # Fixed numbers are validated once; only schedules are evaluated (and need the step) per call.
+        scheduled = any(callable(getattr(self, key)) for key in self.KEYS)
+        object.__setattr__(self, "scheduled", scheduled)
+        object.__setattr__(self, "_fixed", None if scheduled else self.at(0))
+
+    def at_step(self, step) -> tuple[float, float, float]:
+        """``at(step())``, calling ``step`` (which may read a tensor) only for schedules."""
+        return self.at(step()) if self.scheduled else self._fixed
+
     @classmethod
     def from_dict(cls, clipping, *, name: str = "renorm_clipping") -> "RenormClipping":
         if clipping is None:
