@@ -251,37 +251,37 @@ def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, ru
         weights = weights.movedim(1, -1).reshape(-1, 1)
         shape = x.shape
         restore = (lambda y: y.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)).movedim(-1, 1))
-    weights = weights.reshape(-1).expand(rows.shape[0]).contiguous() if weights.numel() != rows.shape[0] \
-        else weights.reshape(-1)
+    is_valid = weights.reshape(-1).expand(rows.shape[0]) != 0
+    valid_rows, padded_rows = is_valid.nonzero().squeeze(1), (~is_valid).nonzero().squeeze(1)
+    count = valid_rows.numel()
     center = None
     if recenter:
         center = rows[:1].detach()
         rows = rows - center
     with torch.no_grad():
-        r = d = None
+        # Statistics of the valid rows only, gathered once: ATen's one-pass kernel then sees
+        # exactly the positions that count (a fully masked batch has none: mean 0, variance 0).
+        valid = rows.detach().index_select(0, valid_rows)
+        if count > 0:
+            mean, var = torch.batch_norm_update_stats(valid, None, None, 0.0)
+        else:
+            mean = var = rows.new_zeros(rows.shape[1])
+        batch_mean = mean if center is None else mean + center.reshape(-1)
+        r = d = batch_std = None
         if renorm_mean is not None:
-            # r and d need this batch's statistics before the normalization step.
-            n = weights.sum().clamp(min=1)
-            mean = (weights @ rows) / n + (0 if center is None else center.reshape(-1))
-            var = (weights @ (rows - (weights @ rows) / n).square()) / n
-            r, d = renorm_correction(mean, var, eps, renorm_mean.reshape(-1), renorm_stddev.reshape(-1),
-                                     renorm_clipping)
-    scale, offset = _flat(weight), _flat(bias)
-    if r is not None:
-        gamma = 1.0 if scale is None else scale
-        beta = 0.0 if offset is None else offset
-        scale, offset = r * gamma, d * gamma + beta
-    y, count, mean, var = _MaskedRowsBatchNorm.apply(rows, weights, scale, offset, eps)
-    if center is not None:
-        mean = mean + center.reshape(-1)
+            batch_std = torch.add(var, eps).sqrt_()
+            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
+                                   renorm_clipping)
+    scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
+    y = _MaskedRowsBatchNorm.apply(rows, valid_rows, padded_rows, scale, offset, mean, var, eps)
     y = y.to(x.dtype)
     y = y if restore is None else restore(y)
-    if training and running_mean is not None:
+    if training and running_mean is not None and count > 0:
+        # (Nothing valid: the running statistics keep their values.)
         with torch.no_grad():
-            parts = {"total": count, "batch_mean": mean, "batch_var": var, "count": count, "mean": mean, "var": var,
-                     "ghost_axis": None, "masked": True, "group_count": None}
-            update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
-                                            renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
+            _update_unmasked_running_stats(batch_mean, var, batch_std, count, running_mean, running_var, momentum,
+                                           eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                                           renorm_momentum)
     return y
 
 
@@ -541,51 +541,53 @@ class _MaskedNormalize(torch.autograd.Function):
 
 
 class _MaskedRowsBatchNorm(torch.autograd.Function):
-    """Masked BN of an (M, K) matrix whose rows are positions and w (M,) marks the valid rows.
+    """BN of an (M, K) matrix whose rows are positions, with statistics of the valid rows only.
 
-    The statistics are two matrix-vector products (mean = w X / n, var = w (X - mean)^2 / n),
-    and the gradient is the closed form of ``_MaskedNormalize``; this is the padded-sequence
-    case ((N, T, C) with an (N, T) mask), where X is a free view of the input.
-    Returns (y, count, mean, var); only y is differentiable.
+    ``mean`` and ``var`` are the (biased) statistics of the rows ``valid_rows`` (the others are
+    ``padded_rows``). Forward is ATen's inference kernel; backward is
+    ``reference.normalize_backward`` with w = 1 on valid rows and 0 on padded ones (a = invstd *
+    scale, n valid rows, sums over ALL rows since every output depends on the statistics)::
+
+        dx = a g - w (slope x + c),  slope = a invstd sum(g x_hat) / n,  c = a sum(g) / n - slope mean
+
+    ATen's training backward kernel gives both sums in one pass; then ``u = -(slope x + c)`` in
+    one pass, zero on the padded rows, and ``dx = u + a g`` in place. This is the padded-sequence
+    case ((N, T, C) with an (N, T) mask), where the rows are a free view of the input.
     """
 
     @staticmethod
-    def forward(ctx, rows, weights, scale, offset, eps):
-        # Few large temporaries: on CPU a fresh (M, K) allocation costs more than the arithmetic,
-        # so the output buffer first holds the squares for the variance.
-        count = weights.sum()
-        safe_count = torch.where(count > 0, count, torch.ones_like(count))
-        mean = (weights @ rows) / safe_count
-        centered = rows - mean
-        y = torch.mul(centered, centered)
-        var = (weights @ y) / safe_count
-        invstd = torch.rsqrt(var + eps)
-        factor = invstd if scale is None else invstd * scale
-        torch.mul(centered, factor, out=y)
-        if offset is not None:
-            y += offset
-        ctx.has_scale, ctx.has_offset = scale is not None, offset is not None
-        ctx.save_for_backward(centered, weights, safe_count, invstd, factor)
-        ctx.mark_non_differentiable(count, mean, var)
-        return y, count.expand_as(mean), mean, var
+    def forward(ctx, rows, valid_rows, padded_rows, scale, offset, mean, var, eps):
+        y = torch.batch_norm(rows, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.eps, ctx.has_scale, ctx.has_offset = eps, scale is not None, offset is not None
+        ctx.count = valid_rows.numel()
+        ctx.save_for_backward(rows, padded_rows, scale, mean, var)
+        return y
 
     @staticmethod
-    def backward(ctx, grad, *unused):
-        centered, weights, safe_count, invstd, factor = ctx.saved_tensors
-        sum_grad = grad.sum(dim=0)
-        grad_rows = grad * centered
-        sum_grad_centered = grad_rows.sum(dim=0)
-        shift = factor * sum_grad / safe_count
-        slope = factor * invstd.square() * sum_grad_centered / safe_count
-        # grad_rows <- factor * grad - w * (shift + slope * centered), in place
-        torch.mul(centered, slope, out=grad_rows)
-        grad_rows += shift
-        grad_rows *= weights.unsqueeze(1)
-        grad_rows.neg_()
-        grad_rows.addcmul_(grad, factor.expand_as(grad))
-        grad_scale = sum_grad_centered * invstd if ctx.has_scale else None
-        grad_offset = sum_grad if ctx.has_offset else None
-        return grad_rows, None, grad_scale, grad_offset, None
+    def backward(ctx, grad):
+        rows, padded_rows, scale, mean, var = ctx.saved_tensors
+        need_rows = ctx.needs_input_grad[0]
+        need_scale = ctx.needs_input_grad[3] and ctx.has_scale
+        need_offset = ctx.needs_input_grad[4] and ctx.has_offset
+        invstd = torch.add(var, ctx.eps).rsqrt_()
+        # Only the sums: sum(g x_hat) and sum(g) (the weight and bias gradients).
+        _, sum_grad_x_hat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad, rows, scale, None, None, mean, invstd, True, ctx.eps, [False, need_rows or need_scale,
+                                                                        need_rows or need_offset])
+        grad_rows = None
+        if need_rows:
+            factor = invstd if scale is None else invstd * scale
+            count = ctx.count
+            if count > 0:
+                slope = factor * invstd * sum_grad_x_hat / count
+                shift = factor * sum_grad / count
+                grad_rows = torch.addcmul(torch.addcmul(-shift, slope, mean), rows, slope, value=-1)
+                grad_rows.index_fill_(0, padded_rows, 0.0)
+                grad_rows.addcmul_(grad, factor)
+            else:
+                grad_rows = grad * factor
+        return (grad_rows, None, None, sum_grad_x_hat if need_scale else None, sum_grad if need_offset else None,
+                None, None, None)
 
 
 def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
