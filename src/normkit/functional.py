@@ -214,30 +214,33 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     check_floating(x)
     check_eps(eps)
     feature_axes = canonicalize_axes(axis, x.dim())
-    param_shape = broadcast_shape(feature_axes, x.shape)
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
     plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
     if x.numel() == 0:
         # An empty batch has no statistics: return an empty output and leave the buffers alone.
-        return x * (1.0 if weight is None else weight.reshape(param_shape).to(x.dtype))
+        return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
     if (mask is not None and virtual_batch_size is None and adjustment is None
             and all(mask.shape[a] == 1 for a in feature_axes)):
-        return _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, running_var, weight, bias,
+        return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)
     if plain and unbiased_running_var:
         check_enough_values(x.numel() // math.prod(x.shape[a] for a in feature_axes), x.shape)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
                                 recenter)
-    return _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
+    if mask is None and adjustment is None:
+        return _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
+                              bias, training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
+                              moving_stddev, renorm_clipping, renorm_momentum, recenter)
+    return _batch_norm_pipeline(x, feature_axes, broadcast_shape(feature_axes, x.shape), running_mean, running_var, weight, bias, training,
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
 
 
-def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, running_var, weight, bias, training,
+def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias, training,
                             momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                             renorm_clipping, renorm_momentum, recenter):
     """The pipeline for a mask that is the same on every feature (padding): rows of an (M, K) view."""
@@ -285,36 +288,54 @@ def _masked_rows_batch_norm(x, feature_axes, param_shape, mask, running_mean, ru
     return y
 
 
-def _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, weight, bias, training, momentum,
-                   eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev, renorm_clipping,
-                   renorm_momentum, recenter):
-    """The pipeline when every position counts, on the (N, G*K, *) channels view of the statistics view.
+def _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout):
+    """(channels, groups, restore): the statistics view as ATen's (N', G*K, *) channels layout.
+
+    Without ghost batches it is ``_channels_view``. With them, Keras' strided groups of a
+    tensor whose features follow the batch axis are a free reshape of x itself, (V, G*K, *);
+    other layouts go through ``batch_statistics_view``.
+    """
+    if virtual_batch_size is None:
+        channels, restore = _channels_view(x, feature_axes)
+        return channels, 1, restore
+    k = len(feature_axes)
+    groups = x.shape[0] // virtual_batch_size
+    if ghost_layout == "strided" and feature_axes == tuple(range(1, 1 + k)):
+        shape = x.shape
+        features = math.prod(shape[1:1 + k])
+        return x.reshape((virtual_batch_size, groups * features) + tuple(shape[1 + k:])), groups, None
+    view, _, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, None, virtual_batch_size, ghost_layout)
+    kept = tuple(a for a in range(view.dim()) if a not in reduce_axes)
+    channels, restore = _channels_view(view, kept)
+    return channels, groups, restore
+
+
+def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_mean, running_var, weight, bias,
+                   training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                   renorm_clipping, renorm_momentum, recenter):
+    """The pipeline when every position counts, on the (N', G*K, *) channels view of the statistics view.
 
     Per-group statistics come from ATen's statistics kernel (one pass), renorm's r and d and
     the ghost groups fold into a per-channel scale and offset, and ``_FoldedBatchNorm``
     normalizes with those statistics and takes ATen's fused backward. Small tensors stay flat,
     and the small ops are few: on small inputs they, not the data, are the cost.
     """
-    kept = tuple(a for a in range(view.dim()) if a not in reduce_axes)
-    channels, restore = _channels_view(view, kept)
-    if restore is not None and kept == tuple(range(1, 1 + len(kept))):
-        # A merge of axes: channels and output are reshapes of x itself (one view node fewer each way).
-        channels, restore = x.reshape(channels.shape), None
+    channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
     per_group = channels.numel() // max(channels.shape[1], 1)
     check_enough_values(per_group, x.shape)
-    groups = 1 if ghost_axis is None else view.shape[ghost_axis]
     if recenter:
         center = sample_per_feature(channels, (1,))
         channels = channels - center
-    with torch.no_grad():
-        stats_input = channels.float() if channels.dtype in LOW_PRECISION else channels
-        mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
-        batch_mean, batch_var = _combine_groups(mean, var, groups, center if recenter else None)
-        r = d = batch_std = None
-        if renorm_mean is not None:
-            batch_std = torch.add(batch_var, eps).sqrt_()
-            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
-                                   renorm_clipping)
+    # Statistics of the detached input: everything computed from them is constant to autograd
+    # (cheaper than entering no_grad twice per call).
+    stats_input = channels.detach()
+    stats_input = stats_input.float() if stats_input.dtype in LOW_PRECISION else stats_input
+    mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
+    batch_mean, batch_var = _combine_groups(mean, var, groups, center if recenter else None)
+    r = d = batch_std = None
+    if renorm_mean is not None:
+        batch_std = torch.add(batch_var, eps).sqrt_()
+        r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev), renorm_clipping)
     if channels.numel() >= FOLDED_MIN_NUMEL:
         y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
     else:
@@ -328,14 +349,13 @@ def _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, 
     y = y if restore is None else restore(y)
     y = y if y.shape == x.shape else y.reshape(x.shape)
     if training and running_mean is not None:
-        with torch.no_grad():
-            _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var,
-                                           momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
-                                           moving_stddev, renorm_momentum)
+        _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var,
+                                       momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
+                                       moving_stddev, renorm_momentum)
     return y
 
 
-FOLDED_MIN_NUMEL = int(__import__("os").environ.get("NK_FOLDED", 1 << 16))
+FOLDED_MIN_NUMEL = 1 << 14  # measured: below it (e.g. (64, 120)) the Function costs more than it saves
 
 
 def _combine_groups(mean, var, groups, center):
@@ -440,16 +460,13 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                          recenter=False):
     """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats.
 
-    Three executions of the same stages: ``_aten_pipeline`` when every position counts,
-    the closed-form masked gradient (``_MaskedNormalize``) with a mask, and plain autograd
-    through composite code with an adjustment (whose scale may itself be trained).
+    The composite execution of the stages, for what ``_aten_pipeline`` (every position counts)
+    and ``_masked_rows_batch_norm`` (padding masks) do not cover: the closed-form masked
+    gradient (``_MaskedNormalize``) for masks that vary along the features or meet ghost
+    batches, and plain autograd with an adjustment (whose scale may itself be trained).
     """
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
-    if mask_view is None and adjustment is None:
-        return _aten_pipeline(x, view, reduce_axes, ghost_axis, running_mean, running_var, weight, bias, training,
-                              momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
-                              renorm_clipping, renorm_momentum, recenter)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
     # composite path, with the closed-form masked gradient when there is no adjustment.
     needs_composite = adjustment is not None

@@ -432,8 +432,9 @@ class BatchNorm(_NormBase):
         feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
         if training:
-            if self._steps_to_recenter_check > 0:
-                self._steps_to_recenter_check -= 1
+            steps = self.__dict__["_steps_to_recenter_check"]  # (a plain countdown, see _forward_plain)
+            if steps > 0:
+                self.__dict__["_steps_to_recenter_check"] = steps - 1
             else:
                 self._update_recenter(input, feature_axes)
         if mask is not None:
