@@ -188,3 +188,27 @@ def test_zero_batch_returns_empty_and_keeps_buffers():
     y = bn(torch.randn(0, 5, 9))
     assert y.shape == (0, 5, 9)
     torch.testing.assert_close(bn.running_mean, torch.zeros(5))
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_features_last_any_memory_layout(rank, rng):
+    # axis=-1 takes a free view for contiguous inputs (channels_last NCHW for rank 4/5, (M, C) for
+    # rank 3) and the general path otherwise: same outputs, gradients and buffers either way.
+    shape = (4,) + (3,) * (rank - 2) + (5,)
+    x = torch.as_tensor(rng.normal(size=shape) * 2 + 1)
+    g = torch.as_tensor(rng.normal(size=shape))
+    results = []
+    for layout in ("contiguous", "strided"):
+        layer = normkit.BatchNorm(5, axis=-1, dtype=torch.float64)
+        # The same values, stored with the batch axis last (not contiguous as (N, ..., C)).
+        source = x if layout == "contiguous" else x.movedim(0, -1).contiguous().movedim(-1, 0)
+        assert source.is_contiguous() == (layout == "contiguous")
+        leaf = source.detach().requires_grad_(True)
+        y = layer(leaf)
+        grads = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], g)
+        layer.eval()
+        results.append((y, *grads, layer.running_mean, layer.running_var, layer(leaf)))
+    expected = R.batch_norm(to_numpy(x), np.zeros(5), np.ones(5), np.ones(5), np.zeros(5), True, 0.1, 1e-5, axis=-1)
+    for contiguous, strided in zip(*results):
+        assert_close(strided, to_numpy(contiguous))
+    assert_close(results[0][0], expected)

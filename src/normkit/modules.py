@@ -128,6 +128,11 @@ class _NormBase(nn.Module):
         return self.momentum
 
 
+# Features-last tensors of rank 4 and 5 as the channels_last NCHW / NCDHW views ATen has kernels for.
+_FEATURES_FIRST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+_FEATURES_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
 class BatchNorm(_NormBase):
     r"""Batch normalization over every axis but the feature ``axis``, for inputs of any rank >= 2.
 
@@ -375,8 +380,9 @@ class BatchNorm(_NormBase):
     def _forward_plain(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options.
 
-        Features last (``axis=-1``) on a contiguous input is an (M, C) matrix, a free view that
-        ATen normalizes as fast as torch.nn's channels_last kernel.
+        Features last (``axis=-1``) on a contiguous input is a free view for ATen: NCHW (NCDHW)
+        in channels_last memory for rank 4 (5), whose kernels torch.nn uses for such data, and
+        an (M, C) matrix otherwise.
         """
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             F.check_floating(input)
@@ -387,7 +393,9 @@ class BatchNorm(_NormBase):
                 self._feature_axes(input)  # raises the explanatory error
             if not input.is_contiguous():
                 return self._forward_options(input, None)
-            channels = input.view(-1, self.num_features)
+            ndim = input.dim()
+            channels = (input.permute(_FEATURES_FIRST[ndim]) if ndim in _FEATURES_FIRST
+                        else input.view(-1, self.num_features))
         elif input.shape[1] != self.num_features:
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
@@ -413,13 +421,18 @@ class BatchNorm(_NormBase):
                 if size == 1:
                     F.check_enough_values(1, input.shape)
                 y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
-                return y if channels is input else y.view(input.shape)
+                return y if channels is input else self._restore_features_last(y, input)
         use_buffers = not training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
                              training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
-        return y if channels is input else y.view(input.shape)
+        return y if channels is input else self._restore_features_last(y, input)
+
+    @staticmethod
+    def _restore_features_last(y: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        ndim = input.dim()
+        return y.permute(_FEATURES_LAST[ndim]) if ndim in _FEATURES_LAST else y.view(input.shape)
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._plain and mask is None and not self.frozen and not self._recenter:
