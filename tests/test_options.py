@@ -68,6 +68,50 @@ def test_renorm(dtype, shape, axis, clipping, rng):
     _compare_steps(layer, shape, rng, dtype=dtype)
 
 
+# Inputs of FOLDED_MIN_NUMEL values or more take _FoldedBatchNorm (one statistics pass, ATen's
+# backward from saved statistics); smaller ones ATen's training kernel. Both against the reference:
+LARGE = [((32, 8, 8, 8), 1, 4), ((16, 8, 8, 16), -1, 2), ((16, 4, 4, 4, 16), (1, 4), 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,axis,virtual", LARGE)
+@pytest.mark.parametrize("option", ["renorm", "ghost", "renorm+ghost"])
+def test_large_inputs_take_the_folded_execution(option, shape, axis, virtual, dtype, rng):
+    assert math.prod(shape) >= normkit.functional.FOLDED_MIN_NUMEL
+    features = shape[axis] if isinstance(axis, int) else tuple(shape[a] for a in axis)
+    renorm = "renorm" in option
+    virtual = virtual if "ghost" in option else None
+    clipping = {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2} if renorm else None
+    layer = normkit.BatchNorm(features, axis=axis, renorm=renorm, renorm_clipping=clipping,
+                              virtual_batch_size=virtual, momentum=0.2)
+    kwargs = {} if virtual is None else {"virtual_batch_size": virtual}
+    _compare_steps(layer, shape, rng, steps=2, dtype=dtype, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (32, 8, 8, 8)])  # below and above FOLDED_MIN_NUMEL
+def test_renorm_ghost_without_affine(shape, rng):
+    clipping = {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2}
+    layer = normkit.BatchNorm(shape[1], affine=False, renorm=True, virtual_batch_size=2, renorm_clipping=clipping,
+                              momentum=0.2).double()
+    layer.renorm_mean.fill_(0.5)
+    layer.renorm_stddev.fill_(1.5)
+    state = _reference_state(layer)
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+    x = torch.tensor(x_np, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.tensor(g_np))
+    kwargs = dict(virtual_batch_size=2, renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                  renorm_clipping=layer.renorm_clipping.at(0))
+    grad_x = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], None, None, True, 1e-5,
+                                   **kwargs)[0]
+    expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], None, None, True, 0.2, 1e-5,
+                            moving_stddev=state["moving_stddev"], renorm_momentum=0.01, **kwargs)
+    assert_close(y, expected)
+    assert_close(x.grad, grad_x)
+    for name, value in state.items():
+        assert_close(getattr(layer, name), value, err_msg=name)
+
+
 def test_renorm_inference_equals_plain_batch_norm(rng):
     renorm, plain = normkit.BatchNorm(3, renorm=True), normkit.BatchNorm(3)
     for _ in range(4):
