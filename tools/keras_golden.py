@@ -150,6 +150,19 @@ def weight_names(layer):
 # ----------------------------------------------------------------------------- Keras 3 (torch backend)
 
 
+def built_layer(layer_class, name, shape, kwargs, extra, data):
+    """A built BatchNormalization of either Keras with the config's initial weights (recorded in ``data``)."""
+    layer = layer_class(**kwargs)
+    layer.build(shape)
+    wnames = weight_names(layer)
+    layer.set_weights(initial_weights(name, wnames, tuple(layer.weights[0].shape)))
+    if extra.get("trainable") is False:
+        layer.trainable = False
+    for i, w in enumerate(layer.get_weights()):
+        data[f"{name}/init/w{i}"] = w
+    return layer, wnames
+
+
 def record_k3(names, out):
     os.environ["KERAS_BACKEND"] = "torch"
     import keras
@@ -159,15 +172,7 @@ def record_k3(names, out):
     data, meta = {}, {}
     for name in names:
         _, shape, kwargs, extra = CONFIGS[name]
-        layer = keras.layers.BatchNormalization(**kwargs)
-        layer.build(shape)
-        wnames = weight_names(layer)
-        init = initial_weights(name, wnames, tuple(layer.weights[0].shape))
-        layer.set_weights(init)
-        if extra.get("trainable") is False:
-            layer.trainable = False
-        for i, w in enumerate(layer.get_weights()):
-            data[f"{name}/init/w{i}"] = w
+        layer, wnames = built_layer(keras.layers.BatchNormalization, name, shape, kwargs, extra, data)
         for step, training in enumerate(TRAINING_FLAGS):
             x_np, g_np, mask_np = step_inputs(name, shape, extra, step)
             x = torch.tensor(x_np, requires_grad=True)
@@ -214,15 +219,7 @@ def record_tfk(names, out):
             scale, bias = adjustment_arrays(name, channels)
             data[f"{name}/adj_scale"], data[f"{name}/adj_bias"] = scale, bias
             layer_kwargs["adjustment"] = lambda input_shape, s=scale, b=bias: (tf.constant(s), tf.constant(b))
-        layer = tf_keras.layers.BatchNormalization(**layer_kwargs)
-        layer.build(shape)
-        wnames = weight_names(layer)
-        init = initial_weights(name, wnames, tuple(layer.weights[0].shape))
-        layer.set_weights(init)
-        if extra.get("trainable") is False:
-            layer.trainable = False
-        for i, w in enumerate(layer.get_weights()):
-            data[f"{name}/init/w{i}"] = w
+        layer, wnames = built_layer(tf_keras.layers.BatchNormalization, name, shape, layer_kwargs, extra, data)
         for step, training in enumerate(TRAINING_FLAGS):
             x_np, g_np, mask_np = step_inputs(name, shape, extra, step)
             x = tf.constant(x_np)
