@@ -43,6 +43,15 @@ def test_axis_type_is_checked():
         normkit.BatchNorm(3, axis=1.0)
 
 
+def test_axis_checks_survive_the_cache():
+    # The axis cache must not let values that compare equal to ints (True, 1.0) through.
+    from normkit.axes import canonicalize_axes
+    assert canonicalize_axes(1, 3) == (1,) and canonicalize_axes((1,), 3) == (1,)
+    for axis in (True, (True,), 1.0, (1.0,)):
+        with pytest.raises(TypeError, match="axis entries must be ints"):
+            canonicalize_axes(axis, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_integer_input_says_convert_to_float(dtype):
     with pytest.raises(TypeError, match=r"dtype .*floating-point.*\.float\(\)"):

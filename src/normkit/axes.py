@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence, Union
 
 AxisSpec = Union[int, Sequence[int]]
@@ -13,6 +14,19 @@ def canonicalize_axes(axis: AxisSpec, ndim: int, *, name: str = "axis") -> tuple
     Negative entries count from the end, as in NumPy. Out-of-range or repeated
     entries are a ``ValueError`` naming ``name``; non-integers a ``TypeError``.
     """
+    # Layers ask the same question every step: cache it for exact ints (True == 1 and 1.0 == 1
+    # as dictionary keys, so anything else takes the checked path every time).
+    if type(axis) is int or (type(axis) is tuple and all(type(entry) is int for entry in axis)):
+        return _canonical_cached(axis, ndim, name)
+    return _canonical(axis, ndim, name)
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical_cached(axis, ndim: int, name: str) -> tuple[int, ...]:
+    return _canonical(axis, ndim, name)
+
+
+def _canonical(axis: AxisSpec, ndim: int, name: str) -> tuple[int, ...]:
     entries = _entries(axis, name)
     if len(entries) == 0:
         raise ValueError(f"{name} must name at least one axis, got an empty sequence")
