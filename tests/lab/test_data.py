@@ -1,8 +1,11 @@
 """The lab's data loaders: the strict IDX reader on crafted files, the digits split, and the real MNIST sample."""
 
+import functools
 import gzip
+import http.server
+import socket
 import struct
-import urllib.request
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -111,40 +114,55 @@ def test_digits_fixed_split():
     assert torch.bincount(first.test[1]).min() >= 35  # stratified: every digit is in the test set
 
 
+@pytest.fixture
+def file_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served: (base URL, folder)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed when the with-block ends: connections are refused
+
+
 def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
+                                                      mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
     with pytest.raises(DataError, match=r"could not download train-images-idx3-ubyte.gz .*copy the canonical files"):
-        data.download("mnist", tmp_path)
-    assert not list(tmp_path.rglob("*.gz"))
+        data.download("mnist", tmp_path / "data", timeout=5)
+    assert not list((tmp_path / "data").rglob("*.gz"))
 
 
-def test_download_verifies_checksum_and_keeps_good_files(tmp_path, monkeypatch):
-    class Response:
-        def __init__(self, payload):
-            self.payload = payload
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return self.payload
-
+def test_download_verifies_checksum_and_keeps_good_files(tmp_path, monkeypatch, file_server):
+    url, served = file_server
     payloads = {name: gzip.compress(name.encode(), mtime=0) for name in data.DOWNLOADS["kmnist"]["md5"]}
-    monkeypatch.setitem(data.DOWNLOADS, "kmnist", {"mirrors": ("http://mirror/",),
+    for name, payload in payloads.items():
+        (served / name).write_bytes(payload)
+    # A dead mirror first, then the live one: the download falls through to the mirror that works.
+    monkeypatch.setitem(data.DOWNLOADS, "kmnist", {"mirrors": (f"http://127.0.0.1:{_closed_port()}/", url),
                                                    "md5": {k: data._md5(v) for k, v in payloads.items()}})
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(payloads[url.rsplit("/", 1)[1]]))
-    target = data.download("kmnist", tmp_path)
+    target = data.download("kmnist", tmp_path / "data", timeout=5)
     assert sorted(p.name for p in target.iterdir()) == sorted(payloads)
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(b"tampered"))
-    assert data.download("kmnist", tmp_path) == target  # verified files are not fetched again
+    assert all((target / name).read_bytes() == payload for name, payload in payloads.items())
+    for name in payloads:  # the server now hands out tampered files
+        (served / name).write_bytes(b"tampered")
+    assert data.download("kmnist", tmp_path / "data", timeout=5) == target  # verified files are not fetched again
     (target / "t10k-images-idx3-ubyte.gz").write_bytes(b"corrupt")
     with pytest.raises(DataError, match="checksum"):
-        data.download("kmnist", tmp_path)
+        data.download("kmnist", tmp_path / "data", timeout=5)
+    assert (target / "t10k-images-idx3-ubyte.gz").read_bytes() == b"corrupt"  # a bad download replaces nothing
 
 
 def test_real_mnist_sample(mnist_split_dir):
