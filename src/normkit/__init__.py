@@ -4,12 +4,13 @@ from . import functional, reference
 from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d, LayerNorm)
 from .options import apply_constraints, constrain_after_step, regularization_loss
+from .tools import recalibrate_running_stats
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
-           "functional", "reference", "keras"]
+           "recalibrate_running_stats", "functional", "reference", "keras"]
 
 
 def __getattr__(name):
