@@ -21,7 +21,8 @@ import torch
 from normkit.lab.compare import compare, comparison_table
 from normkit.lab.data import load_dataset, split_test_set
 from normkit.lab.plots import plot_curves
-from normkit.lab.train import load_checkpoint, model_from_checkpoint, prepare_data, recalibrate_running_stats
+from normkit import recalibrate_running_stats
+from normkit.lab.train import load_checkpoint, model_from_checkpoint, prepare_data, recalibration_batches
 from normkit.registry import NORM_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +88,12 @@ def evaluations(results, norm, out, splits):
     for seed, metrics in results[norm].items():
         payload = load_checkpoint(out / f"{norm}-seed{seed}" / "checkpoint.pt")
         model, cfg = model_from_checkpoint(payload)
-        data = prepare_data(cfg.resolved(), splits)
+        cfg = cfg.resolved()
+        data = prepare_data(cfg, splits)
         row = {"val running": metrics["history"][-1]["val_accuracy"], "test running": metrics["test_accuracy"],
                "test batch": accuracy(model, *data.test, batch_statistics=True, batch_size=cfg.batch_size)}
-        recalibrate_running_stats(model, data.train[0], batch_size=cfg.batch_size)
+        # What `normkit train --recalibrate -1` does after the last epoch: every training batch, in order.
+        recalibrate_running_stats(model, recalibration_batches(data.train[0], cfg, -1))
         row["val recalibrated"], row["test recalibrated"] = accuracy(model, *data.val), accuracy(model, *data.test)
         rows[seed] = row
     return rows
@@ -137,8 +140,8 @@ def diagnosis(configs):
             "Each trained network evaluated three ways: in eval mode with the running statistics it ended training "
             "with (what every other table reports, and what Keras' `evaluate` does); with its running statistics "
             "recalibrated, i.e. replaced by the average of its batch statistics over the 6,400 training images in "
-            "batches of 64 with the final weights (\"precise BN\", `normkit.lab.train.recalibrate_running_stats`; "
-            "no weight changes); and in training mode, each test batch of 64 normalized by its own statistics. The "
+            "batches of 64 with the final weights (\"precise BN\", `normkit.recalibrate_running_stats`, what "
+            "`normkit train --recalibrate -1` does; no weight changes); and in training mode, each test batch of 64 normalized by its own statistics. The "
             "last is a diagnostic, not an evaluation: a test image's prediction then depends on the other test "
             "images in its batch. `keras` is normkit.BatchNorm with Keras' BatchNormalization defaults (momentum "
             "0.99, i.e. 0.01 on the new batch, epsilon 1e-3, biased moving variance), the layer the classic notebook "
@@ -175,7 +178,8 @@ def conclusion(configs):
     return ["With the classic sigmoid recipe, 5 epochs on 6,400 images leave LeNet + BN's eval-mode accuracy short "
             "of 0.97 on most seeds, mainly because its running statistics lag the weights (see above: recalibrated "
             f"on the training images, the same weights score {mean_rec:.4f} on average, {n_rec} of {len(classic)} seeds "
-            f">= 0.97, worst {min_rec:.4f}); with ReLU every seed passes 0.97. normkit's BN and torch.nn's BN give "
+            f">= 0.97, worst {min_rec:.4f}; `normkit train --recalibrate -1` does this after training, so the target "
+            f"is met on {n_rec} of {len(classic)} seeds, not on all); with ReLU every seed passes 0.97. normkit's BN and torch.nn's BN give "
             "the same accuracies (the trained weights are bit-for-bit equal: plain normkit.BatchNorm runs the same "
             "ATen kernel), and every configuration without BN is behind after 5 epochs, by far with sigmoid."]
 
@@ -220,6 +224,22 @@ def main() -> int:
                 results = experiment(["batch", "torch", "none"], SEEDS, runs / f"mnist-{activation}",
                                      **{**CLASSIC, "activation": activation}, **mnist)
                 by_activation[activation] = results
+                table = dict(results)
+                if activation == "sigmoid":
+                    # The CLI path: `normkit train --recalibrate -1`, the same training, then precise BN.
+                    recalibrated = experiment(["batch"], SEEDS, runs / "mnist-sigmoid-recalibrate",
+                                              **CLASSIC, **mnist, recalibrate=-1)["batch"]
+                    table = {"batch": results["batch"], "batch + recalibrate": recalibrated,
+                             **{k: v for k, v in results.items() if k != "batch"}}
+                    rec = [m["test_accuracy"] for m in recalibrated.values()]
+                    recalibrate_claim = (
+                        f"`batch + recalibrate` is `normkit train --recalibrate -1`: the `batch` runs' training, then "
+                        f"the BN running statistics recomputed over the {recalibrated[SEEDS[0]]['recalibration']['batches']} training "
+                        f"batches of 64 with the final weights "
+                        f"(the same weights: its validation curve is `batch`'s). Test accuracy "
+                        f"{statistics.fmean(rec):.4f}, {sum(a >= 0.97 for a in rec)} of {len(rec)} seeds >= 0.97 "
+                        f"(the issue's target), worst seed {min(rec):.4f}; before recalibration "
+                        f"{statistics.fmean(m['test_accuracy_before_recalibration'] for m in recalibrated.values()):.4f}.")
                 largest, mean = paired(results, "batch", "torch")
                 gap = statistics.fmean(accuracies(results, "batch")) - statistics.fmean(accuracies(results, "none"))
                 label = "the classic recipe" if activation == "sigmoid" else "ReLU instead of sigmoid"
@@ -228,9 +248,14 @@ def main() -> int:
                               f"(seeds: {min(bn):.4f} to {max(bn):.4f}); {sum(a >= 0.97 for a in bn)} of {len(bn)} "
                               f"seeds reach 0.97. torch.nn BN: largest per-seed difference {largest:.4f}. "
                               f"No normalization: {statistics.fmean(accuracies(results, 'none')):.4f} ({gap:+.4f} for BN).")
-                page += [f"### LeNet, {activation} ({label})", "", comparison_table(results),
+                if activation == "sigmoid":
+                    claims.append(f"- The same with `--recalibrate -1` (precise BN after the last epoch): test accuracy "
+                                  f"{statistics.fmean(rec):.4f} (seeds: {min(rec):.4f} to {max(rec):.4f}); "
+                                  f"{sum(a >= 0.97 for a in rec)} of {len(rec)} seeds reach 0.97.")
+                page += [f"### LeNet, {activation} ({label})", "", comparison_table(table),
                          f"normkit's BN vs torch.nn's BN, same seed: largest test-accuracy difference {largest:.4f} "
-                         f"(mean {mean:+.4f}). BN over no normalization: {gap:+.4f} test accuracy.", "",
+                         f"(mean {mean:+.4f}). BN over no normalization: {gap:+.4f} test accuracy."
+                         + (" " + recalibrate_claim if activation == "sigmoid" else ""), "",
                          figure(results, f"lab-mnist-{activation}",
                                 f"LeNet, {activation}, MNIST split: normkit BN, torch.nn BN, none "
                                 f"(mean of {len(SEEDS)} seeds)"), ""]

@@ -27,6 +27,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_count(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off), a positive number of batches or -1 (all), got {text}")
+    return value
+
+
 def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = True) -> None:
     from normkit.lab.data import DATASETS
     from normkit.lab.models import ACTIVATIONS, INITS, MODELS
@@ -62,6 +69,10 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     optimization.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                               help="drop the last partial batch (default: only for ghost, and a last batch of 1 image)")
     optimization.add_argument("--seed", type=int, default=SUPPRESS, help="default: 0")
+    optimization.add_argument("--recalibrate", type=_batch_count, default=SUPPRESS, metavar="N",
+                              help="after the last epoch, recompute the BN running statistics with the final weights "
+                                   "over the first N training batches (-1: all; \"precise BN\"), then evaluate; the "
+                                   "saved checkpoint is the recalibrated model (default: 0 = off, the classic recipe)")
     running = parser.add_argument_group("run")
     running.add_argument("--device", choices=("cpu", "cuda"), default=SUPPRESS, help="default: cpu")
     running.add_argument("--threads", type=int, default=SUPPRESS,

@@ -20,7 +20,7 @@ def test_console_script_help():
     assert result.returncode == 0
     for option in ("--dataset", "--data-dir", "--model", "--norm", "--activation", "--optimizer", "--lr",
                    "--batch-size", "--epochs", "--val-split", "--seed", "--train-limit", "--out", "--resume",
-                   "--device", "--tensorboard", "--no-tensorboard", "--dry-run"):
+                   "--device", "--tensorboard", "--no-tensorboard", "--dry-run", "--recalibrate"):
         assert option in result.stdout, option
 
 
@@ -181,17 +181,53 @@ def test_keras_norm_has_keras_batchnormalization_defaults(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["norm"] == "keras"
 
 
-def test_recalibrate_running_stats_is_the_average_of_batch_statistics():
-    from normkit.lab.train import recalibrate_running_stats
-    torch.manual_seed(0)
-    model = build_model("lenet", "batch")
-    images = torch.rand(96, 1, 28, 28)
-    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
-    recalibrate_running_stats(model, images, batch_size=32)
-    first = model[1]  # the first BN layer, after conv(6)
-    with torch.no_grad():
-        conv = model[0](images)
-    expected = torch.stack([conv[i:i + 32].mean(dim=(0, 2, 3)) for i in (0, 32, 64)]).mean(0)
-    torch.testing.assert_close(first.running_mean, expected, rtol=1e-5, atol=1e-6)
-    assert first.momentum == 0.1 and not model.training
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())  # no weight changes
+def test_recalibrate_reports_both_accuracies_and_saves_the_recalibrated_model(tmp_path, capsys):
+    out = tmp_path / "recal"
+    assert main(["train", "--recalibrate", "-1", "--epochs", "1", "--quiet", "--no-tensorboard", "--out", str(out)]
+                + TINY) == 0
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["recalibrate"] == -1
+    assert {"test_accuracy", "test_accuracy_before_recalibration", "test_loss_before_recalibration"} <= set(metrics)
+    assert metrics["recalibration"] == {"batches": 5, "images": 160}  # 200 images, 160 after the split, batches of 32
+    assert metrics["test_accuracy"] != metrics["test_accuracy_before_recalibration"]
+    # The checkpoint is the recalibrated model: evaluating it gives the reported (recalibrated) test accuracy.
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == metrics["test_accuracy"]
+    # Same weights as the run without recalibration (it changes no training step), other running statistics.
+    plain = tmp_path / "plain"
+    assert main(["train", "--epochs", "1", "--quiet", "--no-tensorboard", "--out", str(plain)] + TINY) == 0
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert plain_metrics["test_accuracy"] == plain_metrics["test_accuracy_before_recalibration"] \
+        == metrics["test_accuracy_before_recalibration"]
+    assert plain_metrics["recalibration"] is None
+    recalibrated, saved = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(plain / "checkpoint.pt")
+    for key, value in saved["model"].items():
+        same = torch.equal(recalibrated["model"][key], value)
+        assert same if "running" not in key else not same, key
+    assert recalibrated["epoch"] == saved["epoch"] == 1 and recalibrated["step"] == saved["step"]
+
+
+def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["train", "--dry-run", "--recalibrate", "3", "--no-tensorboard", "--out", str(out)] + TINY) == 0
+    assert "recalibrated BN running statistics over 1 training batch (32 images)" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["recalibration"]["batches"] == 1
+    assert main(["train", "--dry-run", "--norm", "none", "--recalibrate", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "norm 'none' has none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--recalibrate", "-2"])
+    with pytest.raises(ValueError, match="recalibrate=-3"):
+        TrainConfig(recalibrate=-3).resolved()
+
+
+def test_recalibration_batches_follow_training_batching():
+    from normkit.lab.train import recalibration_batches
+    images = torch.arange(100.0).view(100, 1)
+    cfg = TrainConfig(batch_size=32).resolved()
+    assert [len(b) for b in recalibration_batches(images, cfg, -1)] == [32, 32, 32, 4]
+    assert [len(b) for b in recalibration_batches(images, cfg, 2)] == [32, 32]
+    assert torch.equal(recalibration_batches(images, cfg, 1)[0], images[:32])  # in the split's order
+    ghost = TrainConfig(batch_size=32, norm="ghost").resolved()
+    assert [len(b) for b in recalibration_batches(images, ghost, -1)] == [32, 32, 32]  # whole virtual batches
+    assert [len(b) for b in recalibration_batches(images[:97], cfg, -1)] == [32, 32, 32]  # one image: no variance

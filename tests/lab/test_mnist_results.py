@@ -3,8 +3,9 @@
 import pytest
 
 from normkit.lab.data import load_dataset
+from normkit import recalibrate_running_stats
 from normkit.lab.train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, prepare_data,
-                               recalibrate_running_stats, run)
+                               recalibration_batches, run)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,8 @@ def test_sigmoid_shortfall_is_the_running_statistics(mnist_split_dir, tmp_path):
     running = run(cfg)["test_accuracy"]
     model, saved = model_from_checkpoint(load_checkpoint(tmp_path / "seed4" / "checkpoint.pt"))
     data = prepare_data(saved, load_dataset("mnist", str(mnist_split_dir)))
-    recalibrated = evaluate(recalibrate_running_stats(model, data.train[0], batch_size=64), *data.test)[1]
+    recalibrated = evaluate(recalibrate_running_stats(model, recalibration_batches(data.train[0], saved.resolved(), -1)),
+                            *data.test)[1]
     assert running < 0.95
     assert recalibrated >= 0.965 and recalibrated - running >= 0.03
     assert train(mnist_split_dir, tmp_path, norm="keras") < train(mnist_split_dir, tmp_path, norm="batch") - 0.01

@@ -3,7 +3,9 @@
 ``run(TrainConfig(...))`` trains, writes the run directory and returns the metrics dict. A run
 directory holds config.json, metrics.json, checkpoint.pt (after every epoch, atomically), TensorBoard
 event files and curves.png. The checkpoint holds only tensors, dicts, lists and primitives, so it
-loads with ``torch.load(weights_only=True)``.
+loads with ``torch.load(weights_only=True)``. With ``recalibrate`` (``--recalibrate N``) the BN running
+statistics are recomputed after the last epoch (``normkit.recalibrate_running_stats``, "precise BN") and
+the checkpoint is rewritten with them: the final checkpoint is the model the reported test accuracy measures.
 
 Determinism: batches are shuffled by a dedicated ``torch.Generator`` seeded with ``seed``; its state,
 and torch's, NumPy's and Python's global RNG states, are saved with each checkpoint. A resumed run
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.registry import NORM_NAMES, is_norm_layer
+from normkit.registry import NORM_NAMES, create_norm, is_norm_layer
+from normkit.tools import recalibrate_running_stats
 
 from .data import DATASETS, Splits, atomic_write_bytes, load_dataset
 from .models import ACTIVATIONS, INITS, MODELS, build_model
@@ -63,6 +66,7 @@ class TrainConfig:
     epochs: int = 5
     drop_last: bool | None = None    # None: drop the last partial batch only where BN cannot use it (see docs/lab.md)
     seed: int = 0
+    recalibrate: int = 0             # after the last epoch, recompute BN running stats over N training batches (-1: all)
     # run
     out: str | None = None           # run directory; None: runs/<model>-<norm>-<dataset>-seed<seed>
     resume: bool = False             # continue from out/checkpoint.pt
@@ -93,6 +97,11 @@ class TrainConfig:
         if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
             raise ValueError(f"norm 'ghost' normalizes virtual batches of {GHOST_BATCH}; batch_size={self.batch_size} "
                              f"must be a multiple of {GHOST_BATCH}")
+        if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < -1:
+            raise ValueError(f"recalibrate={self.recalibrate!r} must be 0 (off), a positive number of batches or -1 (all)")
+        if self.recalibrate and not _has_batch_norm(self.norm):
+            raise ValueError(f"recalibrate={self.recalibrate} recomputes batch-normalization running statistics, and "
+                             f"norm {self.norm!r} has none; use it with batch, torch, renorm, ghost or keras")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -112,9 +121,16 @@ class TrainConfig:
         return settings
 
 
+def _has_batch_norm(norm: str) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from normkit import BatchNorm
+    return isinstance(create_norm(norm, 4, rank=2), (BatchNorm, _BatchNorm))
+
+
 # Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
 RESUME_OVERRIDABLE = {"epochs", "out", "resume", "device", "tensorboard", "dry_run", "quiet", "stop_after_steps",
-                      "data_dir", "threads"}
+                      "data_dir", "threads", "recalibrate"}
 
 
 PER_INVOCATION = {"out", "resume", "dry_run", "quiet", "stop_after_steps"}
@@ -179,28 +195,16 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return total_loss / seen, correct / seen
 
 
-@torch.no_grad()
-def recalibrate_running_stats(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> nn.Module:
-    """Replace every BN layer's running statistics by the plain average of its batch statistics over
-    ``images`` (in order, batches of ``batch_size``) with the model's current weights: "precise BN"
-    (Wu & Johnson 2021). The running averages kept during training mix statistics of older weights;
-    these do not. Nothing trainable changes; momentum is restored and the model left in eval mode."""
-    layers = [m for m in model.modules() if is_norm_layer(m) and getattr(m, "running_mean", None) is not None]
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # cumulative average of the tracked batches
-    model.train()
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            if len(batch) > 1:  # one image has no batch variance
-                model(batch)
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-        model.eval()
-    return model
+def recalibration_batches(images: torch.Tensor, cfg: "TrainConfig", count: int) -> list[torch.Tensor]:
+    """The first ``count`` batches (all when -1) of ``cfg.batch_size`` training images, in the split's order.
+
+    Not shuffled: the result depends only on the weights and the split, and the training shuffle's
+    generator is not touched. A last batch is dropped where training would drop it (one image; a
+    partial batch with drop_last, as ghost BN needs whole virtual batches)."""
+    batches = list(images.split(cfg.batch_size))
+    if batches and (len(batches[-1]) < 2 or (cfg.drop_last and len(batches[-1]) < cfg.batch_size)):
+        batches.pop()
+    return batches if count < 0 else batches[:count]
 
 
 def first_norm_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -474,8 +478,19 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
     finally:
         board.close()
 
-    test_loss, test_accuracy = evaluate(model, *data.test, max_batches=1 if cfg.dry_run else None)
-    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_accuracy,
+    test_batches = 1 if cfg.dry_run else None
+    test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
+    before = {"test_loss_before_recalibration": test_loss, "test_accuracy_before_recalibration": test_accuracy}
+    recalibration = None
+    if cfg.recalibrate:
+        # Precise BN: the running statistics of the final weights; the checkpoint then holds the recalibrated model.
+        batches = recalibration_batches(train_images, cfg, 1 if cfg.dry_run else cfg.recalibrate)
+        recalibrate_running_stats(model, batches)
+        recalibration = {"batches": len(batches), "images": sum(len(batch) for batch in batches)}
+        save_checkpoint(checkpoint_path, model, optimizer, len(history), step, cfg, history, shuffle)
+        test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
+    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_accuracy, **before,
+               "recalibration": recalibration,
                "train_size": len(train_labels), "val_size": len(data.val[1]), "test_size": len(data.test[1]),
                "steps": step}
     norm = first_norm_layer(model)
@@ -489,6 +504,11 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
     if history:
         from .plots import plot_curves
         plot_curves({cfg.norm: history}, out / "curves.png", title=f"{cfg.model} on {cfg.dataset}")
+    if recalibration is not None:
+        _say(cfg, f"recalibrated BN running statistics over {recalibration['batches']} training "
+                  f"batch{'es' if recalibration['batches'] != 1 else ''} "
+                  f"({recalibration['images']} images): test accuracy {before['test_accuracy_before_recalibration']:.4f}"
+                  f" -> {test_accuracy:.4f}")
     _say(cfg, f"test accuracy {test_accuracy:.4f}  test loss {test_loss:.4f}")
     if norm is None:
         _say(cfg, "no normalization layer (--norm none)")
