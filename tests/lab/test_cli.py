@@ -147,9 +147,14 @@ def test_compare_command(tmp_path, capsys):
 
 
 def test_download_command_offline(tmp_path, monkeypatch, capsys):
-    import urllib.request
+    import socket
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    from normkit.lab import data
+
+    with socket.socket() as probe:  # a port nobody listens on: the connection is really refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"], mirrors=(f"http://127.0.0.1:{port}/",)))
     assert main(["download", "mnist", "--data-dir", str(tmp_path)]) == 2
     assert "copy the canonical files" in capsys.readouterr().err
 
