@@ -1,8 +1,12 @@
 """PyTorch twins of reference.py: same names, arguments and order of steps, differentiable by autograd.
 
 Calls that an ATen kernel computes exactly (torch.batch_norm, torch.layer_norm,
-torch.group_norm, torch.instance_norm) go to that kernel; everything else (masks,
-contiguous ghost batches, adjustment) is composite code that reads like reference.py.
+torch.group_norm, torch.instance_norm) go to that kernel. Options stay on ATen's kernels
+where they can: renorm's r and d and the ghost groups fold into batch norm's per-channel
+scale and offset, padding masks gather the valid rows for ATen's statistics, and two small
+autograd Functions reuse ATen's backward kernel. Masks that vary along the features and the
+adjustment are composite code that reads like reference.py. (docs/decisions.md, "How a call
+executes", lists which execution serves which call.)
 
 Precision rule: statistics are computed in float32 or wider whatever the input dtype;
 float16/bfloat16 inputs come back in their own dtype. Buffers are updated in place and
@@ -11,6 +15,7 @@ never receive gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -473,7 +478,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if mask_view is None:
         check_enough_values(view.numel() // math.prod(view.shape[a] for a in range(view.dim()) if a not in reduce_axes),
                             x.shape)
-    with _nullcontext() if needs_composite else torch.no_grad():
+    with contextlib.nullcontext() if needs_composite else torch.no_grad():
         count, mean, var = moments(view, reduce_axes, mask_view)
     with torch.no_grad():
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
@@ -508,14 +513,6 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sum_to(grad, shape):
