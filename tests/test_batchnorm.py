@@ -5,7 +5,6 @@ weight/bias gradients and every running buffer.
 """
 
 import itertools
-import math
 
 import numpy as np
 import pytest

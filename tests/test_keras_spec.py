@@ -13,7 +13,6 @@ formulas the Keras tests use; nothing is taken from normkit itself.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

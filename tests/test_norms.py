@@ -1,6 +1,5 @@
 """LayerNorm, GroupNorm and InstanceNorm against the reference and torch.nn, and their equivalences."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from . import functional as F
 from .axes import complement
-from .stats import bessel_factor, ema_update
 
 
 def is_active(process_group=None) -> bool:
@@ -77,10 +76,8 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
     param = (lambda p: None if p is None else p.reshape(shape))
     y = F.normalize(x.to(mean.dtype), mean, var, eps, param(weight), param(bias)).to(x.dtype)
     if training and running_mean is not None:
-        with torch.no_grad():
-            total = count.reshape(running_mean.shape)
-            estimate = var.reshape(running_mean.shape) * (bessel_factor(total) if unbiased_running_var else 1.0)
-            factor = momentum * (total > 0).to(running_mean.dtype)
-            ema_update(running_mean, mean.reshape(running_mean.shape).to(running_mean.dtype), factor)
-            ema_update(running_var, estimate.to(running_var.dtype), factor)
+        with torch.no_grad():  # the global statistics, under the same rules as a local step
+            parts = {"total": count, "batch_mean": mean, "batch_var": var, "count": count, "mean": mean, "var": var,
+                     "ghost_axis": None, "masked": True, "group_count": None}
+            F.update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var)
     return y

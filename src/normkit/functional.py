@@ -21,7 +21,7 @@ import math
 import torch
 
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import bessel_factor, ema_update
+from .stats import bessel_factor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -140,12 +140,7 @@ def combine_ghost_statistics(count, mean, var, ghost_axis, equal_counts=False):
 
 def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
     """Twin of ``reference.renorm_correction`` (called without gradient: r and d are constants)."""
-    rmin, rmax, dmax = clipping
-    stddev = torch.sqrt(var + eps)
-    safe_stddev = torch.clamp(renorm_stddev, min=math.sqrt(eps))
-    r = torch.clamp(stddev / safe_stddev, rmin, rmax)
-    d = torch.clamp((mean - renorm_mean) / safe_stddev, -dmax, dmax)
-    return r, d
+    return _renorm_factors(mean, torch.sqrt(var + eps), eps, renorm_mean, renorm_stddev, clipping)
 
 
 def sample_per_feature(x, feature_axes):
@@ -396,20 +391,32 @@ def _renorm_factors(mean, stddev, eps, renorm_mean, renorm_stddev, clipping):
 def _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var, momentum,
                                    eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                                    renorm_momentum):
-    """``update_batch_norm_running_stats`` when every channel saw ``per_group`` values per group.
-
-    Same rules, fewest kernels: one multi-tensor lerp moves every buffer at once.
-    """
-    shape = running_mean.shape
+    """``update_batch_norm_running_stats`` when every group holds ``per_group`` values: scalar rules."""
     estimate = batch_var * bessel_factor(per_group) if unbiased_running_var else batch_var
-    dtype = running_mean.dtype
+    _move_running_stats(running_mean, running_var, batch_mean, estimate, momentum, eps, renorm_mean, renorm_stddev,
+                        moving_stddev, batch_std, renorm_momentum)
+
+
+def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimate, factor, eps, renorm_mean=None,
+                        renorm_stddev=None, moving_stddev=None, batch_std=None, renorm_factor=None):
+    """The one place BN's buffers change: each moves toward its batch value by ``factor``.
+
+    ``factor`` is a number or a per-channel tensor (0 where a channel saw nothing). With
+    renorm, ``running_var`` follows ``moving_stddev`` (``max(moving_stddev^2 - eps, 0)``) and
+    the renorm statistics move by ``renorm_factor``. One multi-tensor lerp per momentum.
+    """
+    shape, dtype = running_mean.shape, running_mean.dtype
     cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
+
+    def lerp(buffers, targets, weight):
+        weight = weight if isinstance(weight, (int, float)) else [weight] * len(buffers)
+        torch._foreach_lerp_(buffers, [cast(t) for t in targets], weight)
+
     if renorm_mean is None:
-        torch._foreach_lerp_([running_mean, running_var], [cast(batch_mean), cast(estimate)], momentum)
+        lerp([running_mean, running_var], [batch_mean, batch_var_estimate], factor)
         return
-    torch._foreach_lerp_([renorm_mean, renorm_stddev], [cast(batch_mean), cast(batch_std)], renorm_momentum)
-    torch._foreach_lerp_([running_mean, moving_stddev], [cast(batch_mean), cast(torch.add(estimate, eps).sqrt_())],
-                         momentum)
+    lerp([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
+    lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
     torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
 
 
@@ -621,7 +628,7 @@ def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batc
 
 def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                     renorm_mean=None, renorm_stddev=None, moving_stddev=None, renorm_momentum=0.01):
-    """Twin of ``reference.update_batch_norm_running_stats``: the one place BN's buffers change."""
+    """Twin of ``reference.update_batch_norm_running_stats``: the rules for any execution (masks, ghosts)."""
     shape = running_mean.shape
     batch_mean = parts["batch_mean"].reshape(shape)
     batch_var = parts["batch_var"].reshape(shape)
@@ -636,18 +643,9 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
         batch_var_estimate = batch_var
     # Channels that saw no valid value (everything masked) keep their running statistics.
     seen = (parts["total"].reshape(shape) > 0).to(running_mean.dtype) if parts.get("masked", True) else 1.0
-    factor = momentum * seen
-    cast = (lambda t: t if t.dtype == running_mean.dtype else t.to(running_mean.dtype))
-    if renorm_mean is not None:
-        renorm_factor = renorm_momentum * seen
-        ema_update(renorm_mean, cast(batch_mean), renorm_factor)
-        ema_update(renorm_stddev, cast(torch.sqrt(batch_var + eps)), renorm_factor)
-        ema_update(running_mean, cast(batch_mean), factor)
-        ema_update(moving_stddev, cast(torch.sqrt(batch_var_estimate + eps)), factor)
-        running_var.copy_(torch.clamp(moving_stddev.square() - eps, min=0.0))
-        return
-    ema_update(running_mean, cast(batch_mean), factor)
-    ema_update(running_var, cast(batch_var_estimate), factor)
+    batch_std = None if renorm_mean is None else torch.sqrt(batch_var + eps)
+    _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimate, momentum * seen, eps,
+                        renorm_mean, renorm_stddev, moving_stddev, batch_std, renorm_momentum * seen)
 
 
 # ----------------------------------------------------------------------------- layer / instance / group norm

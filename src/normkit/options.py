@@ -9,7 +9,6 @@ vocabulary, and ``regularization_loss``/``apply_constraints`` collect them over 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

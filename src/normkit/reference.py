@@ -250,7 +250,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
                               adjustment)
-    param_shape, view = parts["param_shape"], parts["view"]
+    view = parts["view"]
     x_hat = (view - parts["mean"]) / np.sqrt(parts["var"] + eps)
     z = _pre_affine(parts, x_hat)
     y = affine(z, _view_param(weight, parts), _view_param(bias, parts))
@@ -296,7 +296,7 @@ def batch_norm_backward(grad_output, x, running_mean=None, running_var=None, wei
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
                               adjustment)
-    param_shape, view = parts["param_shape"], parts["view"]
+    view = parts["view"]
     inv_std = 1.0 / np.sqrt(parts["var"] + eps)
     x_hat = (view - parts["mean"]) * inv_std
     grad = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
