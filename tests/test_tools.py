@@ -1,12 +1,16 @@
-"""normkit.recalibrate_running_stats ("precise BN") against NumPy float64 averages of per-batch statistics."""
+"""normkit's model tools: precise BN vs NumPy averages; conversion, folding, freezing vs torch.nn and float64."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import normkit
-from normkit import recalibrate_running_stats
+from normkit import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
+                     unfreeze_batch_norm)
 
 
 def as64(tensor):
@@ -215,3 +219,339 @@ def test_a_failed_call_leaves_every_layer_as_it_was(batches):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not any(m.training for m in model.modules())
     assert model[1].momentum == 0.1 and model[1].renorm and model[2].momentum == 0.1
+
+
+# ----------------------------------------------------------------------------- convert_batch_norm
+
+
+def torch_cnn():
+    """A small float64 CNN with torch.nn BN of every rank and setting (momentum None, no affine, no tracking)."""
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
+                         nn.BatchNorm2d(4, momentum=None, eps=1e-3), nn.Flatten())
+    head = nn.ModuleDict({"fc": nn.Linear(36, 5), "bn": nn.BatchNorm1d(5, affine=False),
+                          "out": nn.Linear(5, 3), "free": nn.BatchNorm1d(3, track_running_stats=False)})
+    model = nn.ModuleDict({"body": body, "head": head}).double()
+    with torch.no_grad():
+        for layer in (body[1], body[4], head["free"]):
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-1, 1)
+    model.head.out.bias.requires_grad_(False)
+    return model
+
+
+def run(model, x):
+    h = model["body"](x)
+    h = model["head"]["bn"](model["head"]["fc"](h))
+    return model["head"]["free"](model["head"]["out"](torch.tanh(h)))
+
+
+def trajectory(model, inputs):
+    """Outputs and parameter gradients of several training steps, then the eval output and state_dict."""
+    model.train()
+    steps = []
+    for x in inputs:
+        model.zero_grad()
+        y = run(model, x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        steps.append((y.detach().clone(), {k: None if p.grad is None else p.grad.clone()
+                                           for k, p in model.named_parameters()}))
+    model.eval()
+    return steps, run(model, inputs[0]).detach(), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_trajectory(actual, expected):
+    (steps, y, state), (steps0, y0, state0) = actual, expected
+    assert len(steps) == len(steps0)
+    for (out, grads), (out0, grads0) in zip(steps, steps0):
+        torch.testing.assert_close(out, out0, rtol=1e-12, atol=1e-12)
+        assert grads.keys() == grads0.keys()
+        for key, grad in grads.items():
+            assert (grad is None) == (grads0[key] is None), key
+            if grad is not None:
+                torch.testing.assert_close(grad, grads0[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    assert list(state) == list(state0)
+    for key, value in state.items():
+        assert value.dtype == state0[key].dtype, key
+        torch.testing.assert_close(value, state0[key], rtol=1e-12, atol=1e-12)
+
+
+BN_NAMES = ["body.1", "body.4", "head.bn", "head.free"]
+
+
+def test_convert_both_ways_keeps_outputs_gradients_and_state():
+    torch.manual_seed(10)
+    inputs = [torch.randn(6, 3, 7, 7, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    initial = torch_cnn()
+    reference, model, back = (copy.deepcopy(initial) for _ in range(3))
+    expected = trajectory(reference, inputs)
+
+    model.train(False)  # the training flag is carried: eval before, eval after
+    params = dict(model.named_parameters())
+    assert convert_batch_norm(model, "normkit") is model
+    layers = dict(model.named_modules())
+    assert [type(layers[n]) for n in BN_NAMES] == [normkit.BatchNorm2d, normkit.BatchNorm2d, normkit.BatchNorm1d,
+                                                   normkit.BatchNorm1d]
+    assert not any(m.training for m in model.modules())
+    assert layers["body.4"].momentum is None and layers["body.4"].eps == 1e-3 and not layers["head.bn"].affine
+    assert not layers["head.free"].track_running_stats and layers["head.free"].running_mean is None
+    # The same Parameter objects: requires_grad and any optimizer built before carry over.
+    assert all(p is params[k] for k, p in model.named_parameters())
+    assert not model.head.out.bias.requires_grad
+    assert_same_trajectory(trajectory(model, inputs), expected)
+
+    convert_batch_norm(back, "normkit")
+    trajectory(back, inputs[:2])  # trained as normkit layers, then back to torch.nn
+    assert convert_batch_norm(back, to="torch") is back
+    layers = dict(back.named_modules())
+    assert [type(layers[n]) for n in BN_NAMES] == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d]
+    assert all(v.dtype == torch.float64 for v in back.state_dict().values() if v.is_floating_point())
+    reference = copy.deepcopy(initial)
+    trajectory(reference, inputs[:2])
+    assert_same_trajectory(trajectory(back, inputs[2:]), trajectory(reference, inputs[2:]))
+
+
+def test_convert_bare_layers_3d_bias_false_and_plain_batchnorm():
+    torch.manual_seed(11)
+    x = torch.randn(4, 3, 2, 3, 2)
+    theirs = nn.BatchNorm3d(3, momentum=0.3)
+    theirs(x * 2 + 1)
+    ours = convert_batch_norm(copy.deepcopy(theirs), "normkit")
+    assert type(ours) is normkit.BatchNorm3d and ours.training and ours.momentum == 0.3
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+
+    weight_only = normkit.BatchNorm2d(3, bias=False)
+    converted = convert_batch_norm(weight_only, "torch")
+    assert type(converted) is nn.BatchNorm2d and converted.bias is None and converted.weight is weight_only.weight
+    plain = nn.Sequential(nn.Conv2d(2, 3, 1), normkit.BatchNorm(3))
+    convert_batch_norm(plain, "torch", plain_as=nn.BatchNorm2d)
+    assert type(plain[1]) is nn.BatchNorm2d
+
+
+def test_convert_leaves_other_modules_and_subclasses_alone():
+    class Custom(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(Custom(2), nn.SyncBatchNorm(2), normkit.LayerNorm(2), nn.InstanceNorm2d(2))
+    kinds = [type(m) for m in model]
+    convert_batch_norm(model, "normkit")
+    assert [type(m) for m in model] == kinds
+    shared = nn.BatchNorm1d(2)
+    model = nn.Sequential(shared, nn.Linear(2, 2), shared)
+    convert_batch_norm(model, "normkit")
+    assert type(model[0]) is normkit.BatchNorm1d and model[0] is model[2]
+
+
+@pytest.mark.parametrize("make,option", [
+    (lambda: normkit.BatchNorm2d(3, renorm=True), "renorm=True"),
+    (lambda: normkit.BatchNorm2d(3, virtual_batch_size=2), "virtual_batch_size=2"),
+    (lambda: normkit.BatchNorm2d(3, adjustment=lambda shape: (1.0, 0.0)), "adjustment="),
+    (lambda: normkit.BatchNorm(3, axis=-1), "axis=-1"),
+    (lambda: normkit.BatchNorm2d(3).freeze(), "frozen=True"),
+    (lambda: normkit.BatchNorm2d(3, unbiased_running_var=False), "unbiased_running_var=False"),
+    (lambda: normkit.BatchNorm2d(3, weight_regularizer="l2"), "weight_regularizer="),
+    (lambda: normkit.BatchNorm2d(3, bias_constraint=lambda w: w), "bias_constraint="),
+    (lambda: normkit.BatchNorm(3), "plain_as=torch.nn.BatchNorm1d"),
+], ids=["renorm", "ghost", "adjustment", "axis", "frozen", "biased var", "regularizer", "constraint", "plain"])
+def test_convert_to_torch_refuses_options_torch_lacks(make, option):
+    layer = make()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), normkit.BatchNorm2d(3), nn.Sequential(nn.ReLU(), layer))
+    with pytest.raises(ValueError, match=r"'2\.1' .*" + option) as error:
+        convert_batch_norm(model, "torch")
+    assert "nothing was converted" in str(error.value)
+    assert type(model[1]) is normkit.BatchNorm2d and model[2][1] is layer  # atomic: the valid layer too
+
+
+def test_convert_argument_errors():
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    with pytest.raises(ValueError, match="to must be 'normkit'"):
+        convert_batch_norm(model, "keras")
+    with pytest.raises(ValueError, match="plain_as must be torch.nn.BatchNorm1d"):
+        convert_batch_norm(model, "torch", plain_as=normkit.BatchNorm1d)
+    with pytest.raises(ValueError, match="with to='torch' only"):
+        convert_batch_norm(model, "normkit", plain_as=nn.BatchNorm1d)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        convert_batch_norm(lambda x: x)
+
+
+# ----------------------------------------------------------------------------- fold_batch_norm
+
+BN_CLASSES = (nn.modules.batchnorm._BatchNorm, normkit.BatchNorm)
+
+
+def randomize(model, shape, steps=3):
+    """Non-trivial BN parameters and running statistics (a few training steps), then eval mode."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BN_CLASSES):
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.uniform_(0.5, 1.5)
+    model.train()
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        model(torch.randn(*shape, dtype=dtype) * 3 + 2)
+    return model.eval()
+
+
+def fold_cases():
+    tbn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+    nbn = {1: normkit.BatchNorm1d, 2: normkit.BatchNorm2d, 3: normkit.BatchNorm3d}
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    spatial = {1: (9,), 2: (6, 6), 3: (4, 4, 4)}
+    cases = []
+    for rank in (1, 2, 3):
+        for family, bn in (("torch", tbn), ("normkit", nbn)):
+            for bias in (True, False):
+                def make(rank=rank, bn=bn, bias=bias):
+                    return nn.Sequential(conv[rank](3, 4, 3, bias=bias), bn[rank](4), nn.ReLU(),
+                                         conv[rank](4, 2, 1, bias=bias), bn[rank](2, affine=False, eps=1e-3))
+                cases.append(pytest.param(make, (8, 3) + spatial[rank], 2, id=f"conv{rank}d-{family}-bias={bias}"))
+    cases += [
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3, bias=False),
+                                           normkit.BatchNorm1d(3, momentum=None)), (10, 5), 2, id="mlp"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6), normkit.BatchNorm1d(6, renorm=True),
+                                           nn.Linear(6, 6), normkit.BatchNorm1d(6, virtual_batch_size=5),
+                                           nn.Linear(6, 6), normkit.BatchNorm1d(6, unbiased_running_var=False,
+                                                                                adjustment=lambda s: (1.5, 0.5))),
+                     (10, 5), 3, id="renorm-ghost-adjustment"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6), normkit.BatchNorm(6, axis=-1, bias=False)),
+                     (4, 7, 5), 1, id="features-last-after-linear"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6),
+                                           normkit.keras.BatchNormalization(momentum=0.5, dtype=torch.float64)),
+                     (10, 5), 1, id="keras"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("make,shape,count", fold_cases())
+def test_folded_model_computes_the_eval_output(make, shape, count):
+    torch.manual_seed(12)
+    model = randomize(make().double(), shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
+    expected = model(x)
+
+    folded, names = fold_batch_norm(model)
+
+    assert len(names) == count and all(isinstance(folded.get_submodule(n), nn.Identity) for n in names)
+    assert not any(isinstance(m, BN_CLASSES) for m in folded.modules())
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-10)
+    # The input model is untouched: same layers, same tensors.
+    assert not any(isinstance(m, nn.Identity) for m in model.modules())
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_fold_against_the_float64_formula():
+    torch.manual_seed(13)
+    model = randomize(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).double(), (4, 2, 5, 5))
+    w, b = as64(model[0].weight).copy(), as64(model[0].bias).copy()  # (a float64 tensor's view otherwise)
+    bn = model[1]
+    s = as64(bn.weight) / np.sqrt(as64(bn.running_var) + bn.eps)
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert folded is model and names == ["1"] and isinstance(model[1], nn.Identity)
+    np.testing.assert_allclose(as64(model[0].weight), w * s[:, None, None, None], rtol=1e-14)
+    np.testing.assert_allclose(as64(model[0].bias), (b - as64(bn.running_mean)) * s + as64(bn.bias), rtol=1e-14)
+
+
+def test_fold_float32_model_and_nested_containers():
+    torch.manual_seed(14)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), normkit.BatchNorm2d(4), nn.ReLU())
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))])
+
+        def forward(self, x):
+            return self.blocks[0](self.stem(x))
+
+    model = randomize(Net(), (8, 3, 6, 6))
+    x = torch.randn(8, 3, 6, 6) * 3 + 2
+    folded, names = fold_batch_norm(model)
+    assert names == ["stem.1", "blocks.0.1"]
+    assert folded.stem[0].bias.dtype == torch.float32 and folded.stem[0].bias.requires_grad
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_layers_that_cannot_fold_stay():
+    shared = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(
+        nn.BatchNorm2d(3),                                                 # first: nothing before it
+        nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3),                  # after an activation
+        nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False),  # batch statistics in eval
+        nn.ConvTranspose2d(3, 3, 1), nn.BatchNorm2d(3),                    # transposed conv
+        nn.Conv2d(3, 3, 1), normkit.BatchNorm(3, axis=-1),                 # normalizes the width, not channels
+        shared, nn.BatchNorm2d(3), shared,                                 # the conv is used twice
+        parametrizations.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3),  # weight recomputed each call
+        nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3),                             # foldable
+    ).double()
+    model = randomize(model, (4, 3, 3, 3))
+    x = torch.randn(2, 3, 3, 3).double()
+    folded, names = fold_batch_norm(model)
+    assert names == ["16"]
+    assert [i for i, m in enumerate(folded) if isinstance(m, BN_CLASSES)] == [0, 3, 5, 7, 9, 11, 14]
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+
+    with pytest.warns(FutureWarning):  # old-style weight_norm: a pre-forward hook recomputes the weight
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3)).eval()
+    model(x.float())  # (such a model cannot be deep-copied after a call: torch's limitation; inplace=True can)
+    assert fold_batch_norm(model, inplace=True)[1] == []
+
+
+def test_fold_refuses_a_model_in_training_mode():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Dropout())
+    with pytest.raises(ValueError, match=r"the model itself .* training mode.* model.eval\(\)"):
+        fold_batch_norm(model)
+    model.eval()
+    model[2].train()
+    with pytest.raises(ValueError, match=r"'2' \(Dropout\) is in training mode"):
+        fold_batch_norm(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fold_batch_norm("model")
+
+
+# ----------------------------------------------------------------------------- freeze_batch_norm
+
+
+def test_frozen_layers_keep_running_statistics_after_train_and_get_no_gradient():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), normkit.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(100, 5),
+                          normkit.BatchNorm(5, axis=-1, renorm=True),
+                          normkit.keras.BatchNormalization(dtype=torch.float64)).double()
+    randomize(model, (6, 3, 7, 7))
+    x = torch.randn(6, 3, 7, 7, dtype=torch.float64)
+    expected = model(x)  # eval mode: running statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert freeze_batch_norm(model) is model
+    model.train()
+    for _ in range(2):
+        model.zero_grad()
+        model(x * 1.5).square().sum().backward()  # other data: batch statistics would differ
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == name.startswith(("1.", "5.", "6.")), name
+    assert model[6].trainable is False and model[1].frozen and model[5].frozen
+
+    unfreeze_batch_norm(model)
+    assert model[6].trainable and not model[1].frozen and all(p.requires_grad for p in model.parameters())
+    model(x * 1.5)
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def test_freeze_refuses_torch_layers_and_models_without_normkit_bn():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), normkit.BatchNorm2d(3), nn.Sequential(nn.BatchNorm2d(3)))
+    with pytest.raises(ValueError, match=r"'2\.0' are torch.nn BN layers.*convert_batch_norm\(model, 'normkit'\)"):
+        freeze_batch_norm(model)
+    assert not model[1].frozen  # nothing frozen
+    freeze_batch_norm(convert_batch_norm(model, "normkit"))
+    assert model[1].frozen and model[2][0].frozen
+    with pytest.raises(ValueError, match="nothing to freeze"):
+        freeze_batch_norm(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="nothing to unfreeze"):
+        unfreeze_batch_norm(nn.Sequential(nn.BatchNorm1d(2)))

@@ -1,25 +1,37 @@
-"""Recompute BN running statistics with the final weights ("precise BN"): training's running averages mix statistics of older weights.
+"""Model surgery around batch normalization: convert to/from torch.nn, fold into conv/linear, freeze, recalibrate.
 
-``recalibrate_running_stats(model, batches)`` replaces the running mean and variance of every
-batch-normalization layer by the plain average of the batch statistics the layer computes on
-``batches`` with the model's current weights (Wu & Johnson 2021, "Rethinking 'Batch' in
-BatchNorm", section 3: precise BN). No parameter changes. The running averages a BN layer keeps
-during training weight the last ~1/momentum steps, each computed with the weights of its own
-step; when the weights still move at the end of training (e.g. RMSprop, a short run) they lag
-the final weights, and eval-mode accuracy suffers. See docs/results.md.
+* ``convert_batch_norm(model, to)``: swap torch.nn's ``BatchNorm1d/2d/3d`` for normkit's and
+  back, in place, keeping every tensor (the same Parameter objects) and setting.
+* ``fold_batch_norm(model)``: for inference, fold each eval-mode BN that directly follows a
+  conv/linear layer into that layer's weight and bias.
+* ``freeze_batch_norm(model)`` / ``unfreeze_batch_norm(model)``: normkit's frozen mode
+  (running statistics, nothing updated or trained, even after ``model.train()``) on every layer.
+* ``recalibrate_running_stats(model, batches)`` ("precise BN"): replaces the running mean and
+  variance of every batch-normalization layer by the plain average of the batch statistics the
+  layer computes on ``batches`` with the model's current weights (Wu & Johnson 2021, "Rethinking
+  'Batch' in BatchNorm", section 3: precise BN). No parameter changes. The running averages a BN
+  layer keeps during training weight the last ~1/momentum steps, each computed with the weights
+  of its own step; when the weights still move at the end of training (e.g. RMSprop, a short
+  run) they lag the final weights, and eval-mode accuracy suffers. See docs/results.md.
+
+docs/tools.md says what each does, its math and the decisions taken.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import copy
+import sys
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
-from .modules import BatchNorm
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["recalibrate_running_stats"]
+__all__ = ["convert_batch_norm", "fold_batch_norm", "freeze_batch_norm", "unfreeze_batch_norm",
+           "recalibrate_running_stats"]
 
 _BN_TYPES = (BatchNorm, _BatchNorm)
 
@@ -153,3 +165,340 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
             module.training = training
     return model
 
+
+# ----------------------------------------------------------------------------- conversion
+
+# Exact classes: a user's subclass may override forward, so it is never swapped silently.
+_TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_TO_TORCH = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
+_TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _label(name: str) -> str:
+    return f"'{name}'" if name else "the model itself"
+
+
+def _options_torch_lacks(layer: BatchNorm) -> List[str]:
+    """The settings of a normkit layer that a torch.nn BatchNorm*d cannot hold (empty: it converts exactly)."""
+    found = []
+    if layer.axis != 1:
+        found.append(f"axis={layer.axis!r} (torch.nn normalizes axis 1 only)")
+    for option, default in (("renorm", False), ("virtual_batch_size", None), ("adjustment", None),
+                            ("synchronized", False), ("weight_regularizer", None), ("bias_regularizer", None),
+                            ("weight_constraint", None), ("bias_constraint", None)):
+        value = getattr(layer, option)
+        if value != default:
+            found.append(f"{option}={value!r}")
+    if not layer.unbiased_running_var:
+        found.append("unbiased_running_var=False (torch.nn stores the unbiased variance)")
+    if layer.frozen:
+        found.append("frozen=True (call unfreeze() or unfreeze_batch_norm(model) first)")
+    if layer.affine and layer.weight is None:
+        found.append("no weight (Keras' scale=False; torch.nn's affine layers always have a weight)")
+    return found
+
+
+def _factory(layer: nn.Module) -> dict:
+    for tensor in (layer.weight, layer.running_mean):
+        if tensor is not None:
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
+def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` layer with ``layer``'s settings holding ``layer``'s own tensors (as convert_sync_batchnorm does)."""
+    new = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+              track_running_stats=layer.track_running_stats, bias=layer.bias is not None or not layer.affine,
+              **_factory(layer))
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            new.register_parameter(name, layer._parameters.get(name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new.register_buffer(name, layer._buffers.get(name))
+    return new.train(layer.training)
+
+
+def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optional[type] = None) -> nn.Module:
+    """Swap every torch.nn BatchNorm1d/2d/3d for normkit's (``to="normkit"``), or back (``to="torch"``), in place.
+
+    Args:
+        model: any module; its children are replaced in place, at any depth, as
+            ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. A model that is itself a BN
+            layer cannot replace itself: the new layer is returned instead.
+        to: ``"normkit"``: each ``torch.nn.BatchNorm1d/2d/3d`` becomes ``normkit.BatchNorm1d/2d/3d``.
+            ``"torch"``: each ``normkit.BatchNorm1d/2d/3d`` becomes torch.nn's of the same rank,
+            and each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``.
+        plain_as: with ``to="torch"``, the torch.nn class (``BatchNorm1d``, ``2d`` or ``3d``) for
+            plain ``normkit.BatchNorm`` layers: such a layer accepts every input rank and cannot
+            know which one it gets, while torch.nn has one class per rank.
+
+    Returns ``model`` (or the new layer when ``model`` is a BN layer).
+
+    The new layer has the old one's ``num_features``, ``eps``, ``momentum``, ``affine``, ``bias``
+    (``bias=False``: weight only), ``track_running_stats`` and ``training`` flag, and holds **the
+    old layer's tensors**: the same ``weight``/``bias`` Parameter objects (so ``requires_grad``,
+    an optimizer built before the conversion and its state keep working) and the same buffers
+    (``running_mean``, ``running_var``, ``num_batches_tracked``), hence the same device, dtype
+    and state_dict. A layer shared by several parents is converted once and stays shared. Hooks
+    registered on the old layer are not carried.
+
+    Only these exact classes are converted: subclasses (which may override ``forward``),
+    ``SyncBatchNorm``, lazy layers and every other module are left as they are. normkit's
+    initializers act at construction and ``reset_parameters()`` only, so they are not carried.
+
+    Raises:
+        ValueError: ``to`` is neither ``"normkit"`` nor ``"torch"``; ``plain_as`` is not a torch.nn
+            BatchNorm1d/2d/3d class, or is given with ``to="normkit"``, or is missing while the
+            model holds a plain ``normkit.BatchNorm``; with ``to="torch"``, a normkit layer uses an
+            option torch.nn lacks (``axis`` other than 1, ``renorm``, ``virtual_batch_size``,
+            ``adjustment``, ``synchronized``, regularizers, constraints,
+            ``unbiased_running_var=False``, frozen, an affine layer without weight). The message
+            names the layer (its qualified name in ``model``) and the option. Nothing is converted
+            when any layer is refused.
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    if to not in ("normkit", "torch"):
+        raise ValueError(f"convert_batch_norm: to must be 'normkit' (torch.nn -> normkit) or 'torch' "
+                         f"(normkit -> torch.nn), got {to!r}")
+    if plain_as is not None:
+        if to != "torch":
+            raise ValueError("convert_batch_norm: plain_as picks the torch.nn class for plain normkit.BatchNorm "
+                             "layers, so it goes with to='torch' only; drop it")
+        if plain_as not in _TORCH_CLASSES:
+            raise ValueError(f"convert_batch_norm: plain_as must be torch.nn.BatchNorm1d, BatchNorm2d or BatchNorm3d "
+                             f"(the class for the layer's input rank), got {plain_as!r}")
+    targets = {}
+    refusals = []
+    for name, module in model.named_modules():
+        kind = type(module)
+        if to == "normkit" and kind in _TO_NORMKIT:
+            targets[id(module)] = (module, _TO_NORMKIT[kind])
+        elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
+            lacking = _options_torch_lacks(module)
+            if lacking:
+                refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
+            elif kind is BatchNorm and plain_as is None:
+                refusals.append(f"{_label(name)} is a plain normkit.BatchNorm, which takes inputs of any rank while "
+                                "torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
+                                "((N, C) or (N, C, L) inputs), BatchNorm2d (N, C, H, W) or BatchNorm3d (N, C, D, H, W)")
+            else:
+                targets[id(module)] = (module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
+    if refusals:
+        raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
+                         + "; ".join(refusals) + ". Remove the option from the layer, or keep it a normkit layer")
+    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None and id(child) in new:
+                parent._modules[name] = new[id(child)]
+    return new.get(id(model), model)
+
+
+# ----------------------------------------------------------------------------- folding
+
+_FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _batch_norm_of(module: nn.Module):
+    """The BN layer that computes ``module``'s eval output: itself, a built Keras layer's ``bn``, or None."""
+    if isinstance(module, (BatchNorm, _BatchNorm)):
+        return module
+    keras = sys.modules.get(__package__ + ".keras")  # not imported: no Keras layer can exist
+    if keras is not None and isinstance(module, keras.BatchNormalization):
+        return module.bn
+    return None
+
+
+def _can_fold(layer: nn.Module, bn, uses: dict) -> bool:
+    """Whether ``bn`` in eval mode is an affine map per output channel of ``layer`` (conv or linear)."""
+    if bn is None or not isinstance(layer, _FOLD_INTO) or bn.running_mean is None:
+        return False
+    weight = layer._parameters.get("weight")
+    if (parametrize.is_parametrized(layer) or not isinstance(weight, nn.Parameter)
+            or isinstance(weight, nn.parameter.UninitializedParameter)):
+        # A parametrized or hook-computed weight (weight_norm, spectral_norm) is recomputed each call.
+        return False
+    if uses.get(id(layer), 0) > 1 or uses.get(id(bn), 0) > 1:
+        return False  # shared elsewhere: changing it would change another path of the model
+    axis = getattr(bn, "axis", 1)
+    # Conv output channels are axis 1; Linear's are the last axis (= 1 for (N, C) activations).
+    if not (axis == 1 or (axis == -1 and isinstance(layer, nn.Linear))):
+        return False
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return isinstance(bn.num_features, int) and bn.num_features == channels
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, bn) -> None:
+    """w' = w * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta."""
+    weight = layer.weight
+    dtype = torch.float64 if weight.device.type != "mps" else torch.float32
+    mean = bn.running_mean.to(weight.device, dtype)
+    scale = torch.rsqrt(bn.running_var.to(weight.device, dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(weight.device, dtype)
+    bias = layer.bias.to(dtype) if layer.bias is not None else torch.zeros_like(mean)
+    bias = (bias - mean) * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.to(weight.device, dtype)
+    weight.copy_(weight.to(dtype) * scale.view(-1, *([1] * (weight.dim() - 1))))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
+    else:
+        layer.bias.copy_(bias)
+
+
+def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Module, List[str]]:
+    r"""Fold every eval-mode BN that directly follows a conv or linear layer into it, for inference.
+
+    In eval mode a BN layer is an affine map per channel, so after a ``Conv1d/2d/3d`` or
+    ``Linear`` whose output channels it normalizes it merges into that layer's weight and bias
+    (per output channel ``c``, with the BN's running statistics):
+
+    .. math::
+        s_c = \frac{\gamma_c}{\sqrt{\mathrm{running\_var}_c + \epsilon}}, \quad
+        w'_c = w_c s_c, \quad b'_c = (b_c - \mathrm{running\_mean}_c) s_c + \beta_c
+
+    (``gamma = 1``, ``beta = 0`` without affine parameters; ``b = 0`` for a layer without bias,
+    which then gets one). The arithmetic is float64, then cast to the layer's dtype. The BN is
+    replaced by ``nn.Identity``.
+
+    Args:
+        model: a model in eval mode (``model.eval()``). Pairs are looked for inside every
+            ``nn.Sequential`` of the model (at any depth, the model itself included): a BN is
+            folded when the child just before it in the same Sequential is a conv/linear layer.
+        inplace: change ``model`` itself instead of a deep copy.
+
+    Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
+    ``inplace``; the input model is then untouched) and the qualified names of the BN layers
+    folded, in order (``len(names)`` is the count; an empty list means nothing was foldable).
+
+    Folded: ``torch.nn`` BN layers (``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm) and
+    ``normkit.BatchNorm`` layers with running statistics, whatever their training options
+    (renorm, ghost batches, adjustment, biased running variance, frozen: inference is plain BN
+    with ``running_mean``/``running_var``), and built ``normkit.keras.BatchNormalization``
+    layers; ``num_features`` must equal the layer's output channels, on axis 1, or on the last
+    axis (normkit ``axis=-1``) after a ``Linear``. A ``Linear`` followed by an axis-1 BN is taken
+    to produce ``(N, C)`` activations, the only shape where its outputs are BN's channels.
+
+    Left as they are: a BN with no running statistics (``track_running_stats=False``: it
+    normalizes with batch statistics in eval too), one not directly after a conv/linear layer,
+    one after a ``ConvTranspose`` (its weight is laid out by input channel), a layer whose weight
+    is parametrized or computed by a hook (weight_norm, spectral_norm) or not yet initialized (lazy), a layer or BN used at more than one place in the model, and BNs outside
+    ``nn.Sequential`` containers (their order of calls is the code's, not the module tree's).
+
+    Raises:
+        ValueError: ``model`` or one of its submodules is in training mode: a training-mode BN
+            normalizes with batch statistics, which no fixed weight can reproduce; call
+            ``model.eval()`` first.
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    training = [name for name, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(f"fold_batch_norm: {_label(training[0])} ({type(model.get_submodule(training[0])).__name__}) "
+                         "is in training mode; folding uses running statistics, which a BN in training mode does "
+                         "not: call model.eval() before fold_batch_norm(model)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    uses = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    folded = []
+    for prefix, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        names = list(container._modules)
+        for before, name in zip(names, names[1:]):
+            layer, module = container._modules[before], container._modules[name]
+            bn = _batch_norm_of(module)
+            if _can_fold(layer, bn, uses) and uses.get(id(module), 0) == 1:
+                _fold(layer, bn)
+                container._modules[name] = nn.Identity().train(False)
+                folded.append(f"{prefix}.{name}" if prefix else name)
+    return model, folded
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def _normkit_layers(model: nn.Module):
+    """(normkit layers or Keras wrappers to (un)freeze, qualified names of torch.nn BN layers)."""
+    keras = sys.modules.get(__package__ + ".keras")
+    wrapped = set()
+    layers, foreign = [], []
+    for name, module in model.named_modules():
+        if keras is not None and isinstance(module, keras.BatchNormalization):
+            layers.append(module)
+            if module.bn is not None:
+                wrapped.add(id(module.bn))
+        elif isinstance(module, BatchNorm) and id(module) not in wrapped:
+            layers.append(module)
+        elif isinstance(module, _BatchNorm):
+            foreign.append(name or type(module).__name__)
+    return layers, foreign
+
+
+def freeze_batch_norm(model: nn.Module) -> nn.Module:
+    """Freeze every normkit BN layer of ``model``: running statistics, nothing updated or trained, even in train().
+
+    Each ``normkit.BatchNorm`` (subclasses included) gets ``freeze()``: it normalizes with its
+    running statistics in training mode too, updates neither them nor ``num_batches_tracked``,
+    and its ``weight``/``bias`` get ``requires_grad=False`` (no gradient, no optimizer update).
+    Unlike ``bn.eval()``, this survives ``model.train()``, so fine-tuning a model with frozen
+    BN is just ``model.train()``. A ``normkit.keras.BatchNormalization`` gets ``trainable =
+    False`` (Keras' meaning; built or not). Returns ``model`` (changed in place).
+
+    torch.nn BN layers have no frozen mode: ``bn.eval()`` plus ``requires_grad_(False)`` is
+    undone by the next ``model.train()``, silently. They are refused rather than half-frozen:
+    ``convert_batch_norm(model, "normkit")`` first makes them normkit layers, which freeze.
+
+    Raises:
+        ValueError: ``model`` holds a torch.nn BN layer (its names are in the message; nothing is
+            frozen), or no normkit BN layer at all.
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    layers, foreign = _normkit_layers(model)
+    if foreign:
+        raise ValueError(f"freeze_batch_norm: {', '.join(repr(n) for n in foreign)} are torch.nn BN layers, which "
+                         "have no frozen mode (eval() is undone by model.train()); nothing was frozen. Convert them "
+                         "first: model = normkit.convert_batch_norm(model, 'normkit')")
+    if not layers:
+        raise ValueError(f"freeze_batch_norm: {type(model).__name__} has no normkit batch-normalization layer: "
+                         "nothing to freeze")
+    for layer in layers:
+        if isinstance(layer, BatchNorm):
+            layer.freeze()
+        else:
+            layer.trainable = False
+    return model
+
+
+def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
+    """Undo ``freeze_batch_norm``: every normkit BN layer trains again (``unfreeze()``; Keras: ``trainable = True``).
+
+    ``weight``/``bias`` get ``requires_grad=True`` again (all of them, whatever they had before
+    freezing). torch.nn BN layers, which cannot be frozen, are left as they are. Returns
+    ``model`` (changed in place).
+
+    Raises:
+        ValueError: ``model`` holds no normkit BN layer.
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfreeze_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    layers, _ = _normkit_layers(model)
+    if not layers:
+        raise ValueError(f"unfreeze_batch_norm: {type(model).__name__} has no normkit batch-normalization layer: "
+                         "nothing to unfreeze")
+    for layer in layers:
+        if isinstance(layer, BatchNorm):
+            layer.unfreeze()
+        else:
+            layer.trainable = True
+    return model
