@@ -425,8 +425,10 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 # ----------------------------------------------------------------------------- freezing
 
 
-def _normkit_layers(model: nn.Module):
+def _normkit_layers(model: nn.Module, caller: str):
     """(normkit layers or Keras wrappers to (un)freeze, qualified names of torch.nn BN layers)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
     keras = sys.modules.get(__package__ + ".keras")
     wrapped = set()
     layers, foreign = [], []
@@ -440,6 +442,19 @@ def _normkit_layers(model: nn.Module):
         elif isinstance(module, _BatchNorm):
             foreign.append(name or type(module).__name__)
     return layers, foreign
+
+
+def _nothing_to(caller: str, model: nn.Module) -> ValueError:
+    return ValueError(f"{caller}: {type(model).__name__} has no normkit batch-normalization layer: nothing to "
+                      f"{caller.split('_')[0]}")
+
+
+def _set_frozen(layers, frozen: bool) -> None:
+    for layer in layers:
+        if isinstance(layer, BatchNorm):
+            layer.freeze() if frozen else layer.unfreeze()
+        else:  # the Keras wrapper
+            layer.trainable = not frozen
 
 
 def freeze_batch_norm(model: nn.Module) -> nn.Module:
@@ -461,21 +476,14 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
             frozen), or no normkit BN layer at all.
         TypeError: ``model`` is not a torch.nn.Module.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"freeze_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
-    layers, foreign = _normkit_layers(model)
+    layers, foreign = _normkit_layers(model, "freeze_batch_norm")
     if foreign:
         raise ValueError(f"freeze_batch_norm: {', '.join(repr(n) for n in foreign)} are torch.nn BN layers, which "
                          "have no frozen mode (eval() is undone by model.train()); nothing was frozen. Convert them "
                          "first: model = normkit.convert_batch_norm(model, 'normkit')")
     if not layers:
-        raise ValueError(f"freeze_batch_norm: {type(model).__name__} has no normkit batch-normalization layer: "
-                         "nothing to freeze")
-    for layer in layers:
-        if isinstance(layer, BatchNorm):
-            layer.freeze()
-        else:
-            layer.trainable = False
+        raise _nothing_to("freeze_batch_norm", model)
+    _set_frozen(layers, True)
     return model
 
 
@@ -490,15 +498,8 @@ def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
         ValueError: ``model`` holds no normkit BN layer.
         TypeError: ``model`` is not a torch.nn.Module.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"unfreeze_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
-    layers, _ = _normkit_layers(model)
+    layers, _ = _normkit_layers(model, "unfreeze_batch_norm")
     if not layers:
-        raise ValueError(f"unfreeze_batch_norm: {type(model).__name__} has no normkit batch-normalization layer: "
-                         "nothing to unfreeze")
-    for layer in layers:
-        if isinstance(layer, BatchNorm):
-            layer.unfreeze()
-        else:
-            layer.trainable = True
+        raise _nothing_to("unfreeze_batch_norm", model)
+    _set_frozen(layers, False)
     return model
