@@ -326,6 +326,23 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
     if recenter:
         center = sample_per_feature(channels, (1,))
         channels = channels - center
+    if groups > 1 and renorm_mean is None:
+        # Ghost batches alone: no constant to fold in, so ATen's training kernel computes the
+        # per-group statistics it normalizes with (one pass, C++ autograd). The variance comes
+        # back as 1 / invstd^2 - eps: exact up to float32 rounding of var + eps, which is all
+        # that inference (var + eps again) ever sees.
+        scale, offset = _flat(weight), _flat(bias)
+        scale = None if scale is None else torch.cat([scale] * groups)  # (cat: a plain copy, cheaper than repeat)
+        offset = None if offset is None else torch.cat([offset] * groups)
+        y, mean, invstd = torch.native_batch_norm(channels, scale, offset, None, None, True, 0.0, eps)
+        var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0.0)
+        batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center if recenter else None)
+        y = y if restore is None else restore(y)
+        y = y if y.shape == x.shape else y.reshape(x.shape)
+        if training and running_mean is not None:
+            _update_unmasked_running_stats(batch_mean, batch_var, None, per_group, running_mean, running_var,
+                                           momentum, eps, unbiased_running_var, None, None, None, renorm_momentum)
+        return y
     # Statistics of the detached input: everything computed from them is constant to autograd
     # (cheaper than entering no_grad twice per call).
     stats_input = channels.detach()
