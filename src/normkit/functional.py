@@ -315,54 +315,49 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
                    renorm_clipping, renorm_momentum, recenter):
     """The pipeline when every position counts, on the (N', G*K, *) channels view of the statistics view.
 
-    Per-group statistics come from ATen's statistics kernel (one pass), renorm's r and d and
-    the ghost groups fold into a per-channel scale and offset, and ``_FoldedBatchNorm``
-    normalizes with those statistics and takes ATen's fused backward. Small tensors stay flat,
+    Ghost batches alone: ATen's training kernel with the parameters repeated per group. With
+    renorm (or a biased running variance): per-group statistics from ATen's statistics kernel
+    first, renorm's r and d folded into a per-channel scale and offset, then ``_FoldedBatchNorm``
+    (large inputs) or ATen's training kernel (small ones) normalizes. Small tensors stay flat
     and the small ops are few: on small inputs they, not the data, are the cost.
     """
     channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
     per_group = channels.numel() // max(channels.shape[1], 1)
     check_enough_values(per_group, x.shape)
+    center = None
     if recenter:
         center = sample_per_feature(channels, (1,))
         channels = channels - center
+    r = d = batch_std = None
     if groups > 1 and renorm_mean is None:
         # Ghost batches alone: no constant to fold in, so ATen's training kernel computes the
         # per-group statistics it normalizes with (one pass, C++ autograd). The variance comes
         # back as 1 / invstd^2 - eps: exact up to float32 rounding of var + eps, which is all
         # that inference (var + eps again) ever sees.
-        scale, offset = _flat(weight), _flat(bias)
-        scale = None if scale is None else torch.cat([scale] * groups)  # (cat: a plain copy, cheaper than repeat)
-        offset = None if offset is None else torch.cat([offset] * groups)
-        y, mean, invstd = torch.native_batch_norm(channels, scale, offset, None, None, True, 0.0, eps)
+        y, mean, invstd = torch.native_batch_norm(channels, _repeat_groups(_flat(weight), groups),
+                                                  _repeat_groups(_flat(bias), groups), None, None, True, 0.0, eps)
         var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0.0)
-        batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center if recenter else None)
-        y = y if restore is None else restore(y)
-        y = y if y.shape == x.shape else y.reshape(x.shape)
-        if training and running_mean is not None:
-            _update_unmasked_running_stats(batch_mean, batch_var, None, per_group, running_mean, running_var,
-                                           momentum, eps, unbiased_running_var, None, None, None, renorm_momentum)
-        return y
-    # Statistics of the detached input: everything computed from them is constant to autograd
-    # (cheaper than entering no_grad twice per call).
-    stats_input = channels.detach()
-    stats_input = stats_input.float() if stats_input.dtype in LOW_PRECISION else stats_input
-    mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
-    batch_mean, batch_var = _combine_groups(mean, var, groups, center if recenter else None)
-    r = d = batch_std = None
-    if renorm_mean is not None:
-        batch_std = torch.add(batch_var, eps).sqrt_()
-        r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev), renorm_clipping)
-    if channels.numel() >= FOLDED_MIN_NUMEL:
-        y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
+        batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center)
     else:
-        # Small inputs: Python overhead, not the data, is the cost, and a second statistics pass
-        # inside ATen's training kernel (C++ autograd) is cheaper than a Python autograd Function.
-        scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
-        if groups > 1:  # (cat is a plain copy, cheaper than repeat's general indexing)
-            scale = None if scale is None else torch.cat([scale] * groups)
-            offset = None if offset is None else torch.cat([offset] * groups)
-        y = torch.batch_norm(channels, scale, offset, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
+        # Statistics of the detached input: everything computed from them is constant to autograd
+        # (cheaper than entering no_grad twice per call).
+        stats_input = channels.detach()
+        stats_input = stats_input.float() if stats_input.dtype in LOW_PRECISION else stats_input
+        mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
+        batch_mean, batch_var = _combine_groups(mean, var, groups, center)
+        if renorm_mean is not None:
+            batch_std = torch.add(batch_var, eps).sqrt_()
+            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
+                                   renorm_clipping)
+        if channels.numel() >= FOLDED_MIN_NUMEL:
+            y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
+        else:
+            # Small inputs: Python overhead, not the data, is the cost, and a second statistics
+            # pass inside ATen's training kernel (C++ autograd) is cheaper than a Python Function.
+            scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias),
+                                                                                       r, d)
+            y = torch.batch_norm(channels, _repeat_groups(scale, groups), _repeat_groups(offset, groups), None, None,
+                                 True, 0.0, eps, torch.backends.cudnn.enabled)
     y = y if restore is None else restore(y)
     y = y if y.shape == x.shape else y.reshape(x.shape)
     if training and running_mean is not None:
@@ -373,6 +368,11 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
 
 
 FOLDED_MIN_NUMEL = 1 << 14  # measured: below it (e.g. (64, 120)) the Function costs more than it saves
+
+
+def _repeat_groups(param, groups):
+    """A per-feature parameter repeated for G ghost groups (cat: a plain copy, cheaper than repeat)."""
+    return param if param is None or groups == 1 else torch.cat([param] * groups)
 
 
 def _combine_groups(mean, var, groups, center):
@@ -451,9 +451,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, channels, weight, bias, mean, var, r, d, groups, eps):
         scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
-        if groups > 1:
-            scale = None if scale is None else torch.cat([scale] * groups)
-            offset = None if offset is None else torch.cat([offset] * groups)
+        scale, offset = _repeat_groups(scale, groups), _repeat_groups(offset, groups)
         y = torch.batch_norm(channels, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.groups, ctx.eps = groups, eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
