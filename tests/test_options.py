@@ -172,6 +172,20 @@ def test_masks(shape, axis, dtype, rng):
         _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 3), (2, 3, 4, 2, 3)])  # channels-last images and volumes
+@pytest.mark.parametrize("renorm", [False, True])
+def test_masks_on_channels_last_inputs(shape, renorm, rng):
+    # Features last at rank 4/5 run as ATen's channels_last view; the padding-mask path turns it into rows.
+    def mask_fn(rng):
+        mask = rng.uniform(size=shape[:-1]) > 0.3
+        mask.flat[0] = True
+        return mask
+
+    layer = normkit.BatchNorm(shape[-1], axis=-1, momentum=0.3, renorm=renorm,
+                              renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.2} if renorm else None)
+    _compare_steps(layer, shape, rng, mask_fn=mask_fn)
+
+
 def _compare_masked_axis1(layer, shape, rng, mask_fn, dtype):
     state = _reference_state(layer)
     for step in range(3):

@@ -151,22 +151,33 @@ def sample_per_feature(x, feature_axes):
     return sample
 
 
+# Features-last tensors of rank 4 and 5 seen as channels_last NCHW / NCDHW, which ATen has kernels for.
+_FEATURES_FIRST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
+_FEATURES_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
 def _channels_view(x, feature_axes):
     """``x`` as an (N, K, *) tensor with every feature at dim 1, and a function that undoes it (or None).
 
     Dim 1 goes straight through (ATen has channels_last kernels); features right after
-    dim 0 merge into one axis of a free view; anything else is permuted to
-    (reduce..., features...) and flattened to (M, K) (a free view for a contiguous input
-    whose features are last, as channels-last data is).
+    dim 0 merge into one axis of a free view; a last feature axis of a rank-4/5 input is the
+    channels_last NCHW/NCDHW view torch.nn's kernels take (free, and ATen's inference kernel is
+    faster on it than on a matrix); anything else is permuted to (reduce..., features...) and
+    flattened to (M, K) (a free view for a contiguous input whose features are last).
     """
     if feature_axes == (1,):
         return x, None
     ndim = x.dim()
+    if feature_axes == (ndim - 1,) and ndim in _FEATURES_FIRST:
+        return x.permute(_FEATURES_FIRST[ndim]), lambda y: y.permute(_FEATURES_LAST[ndim])
     k = len(feature_axes)
     num_features = math.prod(x.shape[a] for a in feature_axes)
     if feature_axes == tuple(range(1, 1 + k)):
         shape = x.shape
         return x.reshape((shape[0], num_features) + tuple(shape[1 + k:])), lambda y: y.reshape(shape)
+    if feature_axes == tuple(range(ndim - k, ndim)):  # features already last: no permute needed
+        shape = x.shape
+        return x.reshape(-1, num_features), lambda y: y.reshape(shape)
     order = complement(feature_axes, ndim) + feature_axes
     moved = x.permute(order)
     inverse = [order.index(i) for i in range(ndim)]
@@ -248,43 +259,42 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     rows, restore = _channels_view(x.to(dtype), feature_axes)
     # The mask may broadcast along any non-feature axis (Keras: mask (1, 2, 1) on x (1, 2, 3, 4)).
     full = tuple(1 if axis in feature_axes else size for axis, size in enumerate(x.shape))
-    weights, _ = _channels_view(mask.to(dtype).expand(full), feature_axes)
-    if rows.dim() > 2:  # (N, C, *) layout: put positions in rows
+    is_valid, _ = _channels_view(mask.expand(full) != 0, feature_axes)
+    if rows.dim() > 2:  # (N, C, *) layout: put positions in rows (free for channels-last data)
+        moved_shape = rows.movedim(1, -1).shape
         rows = rows.movedim(1, -1).reshape(-1, rows.shape[1])
-        weights = weights.movedim(1, -1).reshape(-1, 1)
-        shape = x.shape
-        restore = (lambda y: y.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],)).movedim(-1, 1))
-    is_valid = weights.reshape(-1).expand(rows.shape[0]) != 0
+        is_valid = is_valid.movedim(1, -1)
+        undo_view = restore
+
+        def restore(y):
+            y = y.reshape(moved_shape).movedim(-1, 1)
+            return y if undo_view is None else undo_view(y)
+    is_valid = is_valid.reshape(-1).expand(rows.shape[0])
     valid_rows, padded_rows = is_valid.nonzero().squeeze(1), (~is_valid).nonzero().squeeze(1)
     count = valid_rows.numel()
     center = None
     if recenter:
         center = rows[:1].detach()
         rows = rows - center
-    with torch.no_grad():
-        # Statistics of the valid rows only, gathered once: ATen's one-pass kernel then sees
-        # exactly the positions that count (a fully masked batch has none: mean 0, variance 0).
-        valid = rows.detach().index_select(0, valid_rows)
-        if count > 0:
-            mean, var = torch.batch_norm_update_stats(valid, None, None, 0.0)
-        else:
-            mean = var = rows.new_zeros(rows.shape[1])
-        batch_mean = mean if center is None else mean + center.reshape(-1)
-        r = d = batch_std = None
-        if renorm_mean is not None:
-            batch_std = torch.add(var, eps).sqrt_()
-            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
-                                   renorm_clipping)
+    # Statistics of the valid rows only, gathered once from the detached rows (constants to
+    # autograd): ATen's one-pass kernel then sees exactly the positions that count (a fully
+    # masked batch has none: mean 0, variance 0).
+    if count > 0:
+        mean, var = torch.batch_norm_update_stats(rows.detach().index_select(0, valid_rows), None, None, 0.0)
+    else:
+        mean = var = rows.new_zeros(rows.shape[1])
+    batch_mean = mean if center is None else mean + center.reshape(-1)
+    r = d = batch_std = None
+    if renorm_mean is not None:
+        batch_std = torch.add(var, eps).sqrt_()
+        r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev), renorm_clipping)
     scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
     y = _MaskedRowsBatchNorm.apply(rows, valid_rows, padded_rows, scale, offset, mean, var, eps)
     y = y.to(x.dtype)
     y = y if restore is None else restore(y)
-    if training and running_mean is not None and count > 0:
-        # (Nothing valid: the running statistics keep their values.)
-        with torch.no_grad():
-            _update_unmasked_running_stats(batch_mean, var, batch_std, count, running_mean, running_var, momentum,
-                                           eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
-                                           renorm_momentum)
+    if training and running_mean is not None and count > 0:  # (nothing valid: the buffers keep their values)
+        _update_unmasked_running_stats(batch_mean, var, batch_std, count, running_mean, running_var, momentum, eps,
+                                       unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y
 
 

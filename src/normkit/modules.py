@@ -128,11 +128,6 @@ class _NormBase(nn.Module):
         return self.momentum
 
 
-# Features-last tensors of rank 4 and 5 as the channels_last NCHW / NCDHW views ATen has kernels for.
-_FEATURES_FIRST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
-_FEATURES_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
-
-
 class BatchNorm(_NormBase):
     r"""Batch normalization over every axis but the feature ``axis``, for inputs of any rank >= 2.
 
@@ -380,59 +375,53 @@ class BatchNorm(_NormBase):
     def _forward_plain(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options.
 
-        Features last (``axis=-1``) on a contiguous input is a free view for ATen: NCHW (NCDHW)
-        in channels_last memory for rank 4 (5), whose kernels torch.nn uses for such data, and
-        an (M, C) matrix otherwise.
+        Features last (``axis=-1``) on a contiguous input takes the free view of
+        ``functional._channels_view``: channels_last NCHW (NCDHW) for rank 4 (5), whose kernels
+        torch.nn uses for such data, and an (M, C) matrix otherwise.
         """
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             F.check_floating(input)
         self._check_input_dim(input)
-        channels = input
+        channels, restore = input, None
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
             if not input.is_contiguous():
                 return self._forward_options(input, None)
-            ndim = input.dim()
-            channels = (input.permute(_FEATURES_FIRST[ndim]) if ndim in _FEATURES_FIRST
-                        else input.view(-1, self.num_features))
+            channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif input.shape[1] != self.num_features:
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
         factor = 0.0
         if training:
-            # A plain countdown in __dict__: nn.Module.__setattr__ would cost more than the check.
-            state = self.__dict__
-            steps = state["_steps_to_recenter_check"]
-            if steps == 0:
+            if self._recenter_check_due():
                 self._update_recenter(channels, (1,))
                 if self._recenter:
                     return self._forward_options(input, None)
-            else:
-                state["_steps_to_recenter_check"] = steps - 1
-            tracked = self.num_batches_tracked
-            if tracked is not None:
-                tracked.add_(1)
-                # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
-                momentum = self.momentum
-                factor = momentum if momentum is not None else momentum_factor(None, int(tracked))
+            factor = self._tracking_factor()
             size = channels.numel() // self.num_features
             if size <= 1:
                 if size == 1:
                     F.check_enough_values(1, input.shape)
                 y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
-                return y if channels is input else self._restore_features_last(y, input)
+                return y if restore is None else restore(y)
         use_buffers = not training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
                              training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
-        return y if channels is input else self._restore_features_last(y, input)
+        return y if restore is None else restore(y)
 
-    @staticmethod
-    def _restore_features_last(y: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        ndim = input.dim()
-        return y.permute(_FEATURES_LAST[ndim]) if ndim in _FEATURES_LAST else y.view(input.shape)
+    def _recenter_check_due(self) -> bool:
+        """Count a training step down to the next recenter check (True: check now).
+
+        A plain int in ``__dict__``: ``nn.Module.__setattr__`` would cost more than the check.
+        """
+        steps = self.__dict__["_steps_to_recenter_check"]
+        if steps == 0:
+            return True
+        self.__dict__["_steps_to_recenter_check"] = steps - 1
+        return False
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self._plain and mask is None and not self.frozen and not self._recenter:
@@ -444,12 +433,8 @@ class BatchNorm(_NormBase):
         self._check_input_dim(input)
         feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
-        if training:
-            steps = self.__dict__["_steps_to_recenter_check"]  # (a plain countdown, see _forward_plain)
-            if steps > 0:
-                self.__dict__["_steps_to_recenter_check"] = steps - 1
-            else:
-                self._update_recenter(input, feature_axes)
+        if training and self._recenter_check_due():
+            self._update_recenter(input, feature_axes)
         if mask is not None:
             mask = self._expand_mask(mask, input, feature_axes)
         virtual = self.virtual_batch_size if training else None

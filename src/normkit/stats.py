@@ -54,8 +54,6 @@ def ema_update(running, batch_value, factor):
     or an array (per channel: 0 leaves a channel untouched, used for channels
     that saw no valid value under a mask).
     """
-    if hasattr(running, "lerp_"):
-        return running.lerp_(batch_value, factor)  # one fused kernel on torch tensors
     running += factor * (batch_value - running)
     return running
 
@@ -100,8 +98,10 @@ class RenormClipping:
             raise ValueError(
                 f"{name} received invalid keys {invalid}; allowed keys are 'rmax', 'rmin' and 'dmax'"
             )
+        # Numbers are validated on construction; schedules are checked at step 0 now, not mid-training.
         resolved = cls(**{key: clipping[key] for key in clipping if clipping[key] is not None})
-        resolved.at(0, name=name)  # validate numbers (and schedules at step 0) now, not mid-training
+        if resolved.scheduled:
+            resolved.at(0, name=name)
         return resolved
 
     def at(self, step: int, *, name: str = "renorm_clipping") -> tuple[float, float, float]:
