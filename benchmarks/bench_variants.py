@@ -15,6 +15,9 @@ bias, as in bench_batchnorm.py). Every row runs its contenders interleaved (see 
   has it (renorm, mask, axis; not ghost batches, which Keras 3 dropped), called with training=True.
   The column is skipped when keras cannot be imported (it needs KERAS_BACKEND=torch).
 
+* ``normkit + kernels`` (with ``--fused``): the same normkit step with ``normkit.kernels`` enabled
+  (the fused C++ kernel where it applies, ATen's path elsewhere), the kernel built first if needed.
+
 Targets: normkit / torch.nn <= 1.5 and Keras / normkit >= 3 (normkit at least 3x faster).
 """
 
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step  # noqa: E402
 
 import normkit  # noqa: E402
+import normkit.kernels  # noqa: E402
 
 SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 256, 14, 14)]
 SEQUENCES = [(64, 50, 120), (32, 200, 64)]
@@ -146,6 +150,14 @@ def rows_spec(keras):
     return specs
 
 
+def with_kernels(step, on: bool):
+    """``step`` with normkit.kernels switched on or off for its duration."""
+    def call():
+        with normkit.kernels.switched(on):
+            step()
+    return call
+
+
 def run(args, keras) -> list:
     rows = []
     for variant, shape, build in rows_spec(keras):
@@ -153,6 +165,10 @@ def run(args, keras) -> list:
         if args.only and args.only not in label:
             continue
         contenders, baselines, note = build()
+        step = contenders["normkit"]
+        contenders["normkit"] = with_kernels(step, False)
+        if args.fused:
+            contenders["normkit + kernels"] = with_kernels(step, True)
         result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds)
         baseline = min(baselines, key=lambda name: result.medians[name])
         row = {"variant": variant, "shape": shape, "normkit": result.medians["normkit"], "baseline": baseline,
@@ -160,19 +176,33 @@ def run(args, keras) -> list:
                "iqr": result.ratio_iqr("normkit", baseline), "note": note,
                "keras": result.medians.get("keras"),
                "keras_ratio": result.ratio("keras", "normkit") if "keras" in contenders else None}
+        if args.fused:
+            row["fused"] = result.medians["normkit + kernels"]
+            row["fused_ratio"] = result.ratio("normkit + kernels", baseline)
+            row["fused_iqr"] = result.ratio_iqr("normkit + kernels", baseline)
+            row["keras_fused_ratio"] = (result.ratio("keras", "normkit + kernels") if "keras" in contenders
+                                        else None)
         if len(baselines) > 1:
             row["others"] = {name: result.medians[name] for name in baselines if name != baseline}
         rows.append(row)
         extra = "" if row["keras_ratio"] is None else f", keras/normkit {row['keras_ratio']:.2f}"
+        if args.fused:
+            extra += f", normkit+kernels/{baseline} {row['fused_ratio']:.3f}"
         print(f"  {label}: normkit/{baseline} {row['ratio']:.3f} [{row['iqr'][0]:.3f}, {row['iqr'][1]:.3f}]{extra} "
               f"({result.rounds} rounds x {result.calls_per_sample})", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows, keras_line: str) -> str:
-    lines = ["| variant | shape | normkit | torch.nn (baseline) | normkit / torch.nn | <= 1.5 | Keras 3 | "
-             "Keras / normkit | >= 3 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    fused = any("fused" in row for row in rows)
+    header = "| variant | shape | torch.nn (baseline) | normkit | normkit / torch.nn | "
+    rule = "|---|---|---|---|---|"
+    if fused:
+        header += "normkit + kernels | + kernels / torch.nn | "
+        rule += "---|---|"
+    header += "<= 1.5 | Keras 3 | Keras / normkit | " + ("Keras / + kernels | " if fused else "") + ">= 3 |"
+    rule += "---|---|---|" + ("---|" if fused else "") + "---|"
+    lines = [header, rule]
     for row in rows:
         shape = "(" + ",".join(map(str, row["shape"])) + ")"
         base = row["baseline"].replace("torch.nn", "").strip() or ("NCHW" if "axis=-1" not in row["variant"]
@@ -180,16 +210,26 @@ def table(rows, keras_line: str) -> str:
         if "others" in row:
             base += "; " + ", ".join(f"{name.replace('torch.nn', '').strip()} {fmt_us(t)}"
                                      for name, t in row["others"].items())
-        ok = "yes" if row["ratio"] <= TARGET_TORCH else "**no**"
+        best = min(row["ratio"], row.get("fused_ratio", row["ratio"]))
+        ok = "yes" if best <= TARGET_TORCH else "**no**"
+        cells = [row["variant"], shape, f"{fmt_us(row['torch.nn'])} ({base})", fmt_us(row["normkit"]),
+                 fmt_ratio(row["ratio"])]
+        if fused:
+            cells += [fmt_us(row["fused"]), fmt_ratio(row["fused_ratio"])]
+        cells.append(ok)
         if row["keras"] is None:
-            keras_time, keras_ratio, keras_ok = "n/a", "n/a", ""
+            cells += ["n/a", "n/a"] + (["n/a"] if fused else []) + [""]
         else:
-            keras_time, keras_ratio = fmt_us(row["keras"]), f"{row['keras_ratio']:.2f}x"
-            keras_ok = "yes" if row["keras_ratio"] >= TARGET_KERAS else "**no**"
-        lines.append(f"| {row['variant']} | {shape} | {fmt_us(row['normkit'])} | {fmt_us(row['torch.nn'])} ({base}) | "
-                     f"{fmt_ratio(row['ratio'])} | {ok} | {keras_time} | {keras_ratio} | {keras_ok} |")
+            keras_best = max(row["keras_ratio"], row.get("keras_fused_ratio") or 0.0)
+            cells += [fmt_us(row["keras"]), f"{row['keras_ratio']:.2f}x"]
+            if fused:
+                cells.append(f"{row['keras_fused_ratio']:.2f}x")
+            cells.append("yes" if keras_best >= TARGET_KERAS else "**no**")
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Keras column: {keras_line}.")
+    if fused:
+        lines.append("The target columns (<= 1.5, >= 3) take the better of normkit without and with its kernels.")
     return "\n".join(lines)
 
 
@@ -201,11 +241,15 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
     parser.add_argument("--no-keras", action="store_true", help="leave the Keras column out")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time normkit with normkit.kernels enabled (builds the C++ kernel once)")
     args = parser.parse_args(argv)
     if args.quick:
         args.budget, args.min_rounds = 0.3, 3
     keras, keras_line = (None, "left out (--no-keras)") if args.no_keras else import_keras()
     set_threads(args.threads)
+    if args.fused:
+        normkit.kernels.build()
     print(machine_line(args.threads))
     print()
     print(table(run(args, keras), keras_line))

@@ -29,6 +29,9 @@ import torch
 import normkit
 from normkit.keras import BatchNormalization
 
+# Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
+pytestmark = pytest.mark.usefixtures("execution")
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "keras_golden.npz")
 RTOL, ATOL = 1e-5, 1e-5
 

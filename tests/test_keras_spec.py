@@ -22,6 +22,9 @@ import normkit
 from normkit import functional as NF
 from normkit.keras import BatchNormalization
 
+# Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
+pytestmark = pytest.mark.usefixtures("execution")
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -13,6 +13,9 @@ from normkit import reference as R
 
 from oracle import assert_close, to_numpy
 
+# Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
+pytestmark = pytest.mark.usefixtures("execution")
+
 
 def _reference_state(layer):
     state = {"running_mean": to_numpy(layer.running_mean), "running_var": to_numpy(layer.running_var)}

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
 from .stats import bessel_factor
 
@@ -232,6 +233,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if x.numel() == 0:
         # An empty batch has no statistics: return an empty output and leave the buffers alone.
         return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
+    if kernels.enabled() and adjustment is None and not (plain and unbiased_running_var):
+        y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
+                              weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
+                              renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
+        if y is not None:
+            return y
     if (mask is not None and virtual_batch_size is None and adjustment is None
             and all(mask.shape[a] == 1 for a in feature_axes)):
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
@@ -249,6 +256,70 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
+
+
+def _fused_layout(x, feature_axes):
+    """(N, R, C, S) of x's memory for the fused kernel, and x as that contiguous array; None if unsupported.
+
+    Features on dim 1 of a contiguous tensor: (N, 1, C, prod(rest)); of a channels_last one:
+    its NHWC memory, (N, H*W, C, 1); features last of a contiguous tensor: (N, prod(middle), C, 1).
+    """
+    if len(feature_axes) != 1 or x.dim() < 2:
+        return None
+    shape, axis = x.shape, feature_axes[0]
+    if axis == 1 and x.is_contiguous():
+        return (shape[0], 1, shape[1], math.prod(shape[2:])), x
+    if axis == 1 and x.dim() in _FEATURES_LAST:
+        memory = x.permute(_FEATURES_LAST[x.dim()])
+        if memory.is_contiguous():
+            return (shape[0], math.prod(memory.shape[1:-1]), shape[1], 1), memory
+    if axis == x.dim() - 1 and x.is_contiguous():
+        return (shape[0], math.prod(shape[1:-1]), shape[-1], 1), x
+    return None
+
+
+# Measured (docs/benchmarks.md): the one-thread fused kernel wins below about a million values;
+# above, ATen's kernels (multi-threaded, one statistics pass) are as fast or faster.
+FUSED_MAX_NUMEL = 1 << 20
+
+
+def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
+                      bias, training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+                      renorm_clipping, renorm_momentum):
+    """The option paths in one C++ forward and backward (``normkit.kernels``); None where it does not apply.
+
+    It applies to float32/float64 CPU tensors with one feature axis (dim 1 or last) in
+    contiguous or channels_last memory, parameters and buffers of the input's dtype, and a mask
+    (no ghost batches with it) that is the same on every feature.
+    """
+    if x.numel() > FUSED_MAX_NUMEL:
+        return None
+    layout = _fused_layout(x, feature_axes)
+    if layout is None or not isinstance(momentum, (int, float)) or not isinstance(renorm_momentum, (int, float)):
+        return None
+    (n, rows, channels, positions), memory = layout
+    groups = 1
+    if virtual_batch_size is not None:
+        if mask is not None or n % virtual_batch_size:
+            return None
+        groups = n // virtual_batch_size
+    valid = None
+    if mask is not None:
+        if any(mask.shape[a] != 1 for a in feature_axes) or mask.device != x.device:
+            return None
+        full = tuple(1 if a in feature_axes else size for a, size in enumerate(x.shape))
+        valid = (mask.expand(full) != 0).reshape(-1).contiguous()
+    else:
+        check_enough_values(n // groups * rows * positions, x.shape)
+    rmin, rmax, dmax = renorm_clipping
+    settings = [float(momentum), float(renorm_momentum), float(rmin), float(rmax), float(dmax), float(eps),
+                1.0 if unbiased_running_var else 0.0, 1.0 if training else 0.0]
+    dims = [n, rows, channels, positions, groups, 1 if ghost_layout == "strided" else 0]
+    # Parameters and buffers go as they are (C values in any shape): the kernel reads their memory, and
+    # returns None, having done nothing, for dtypes, devices or memory it does not take.
+    y = kernels.fused_batch_norm(memory, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
+                                 moving_stddev, dims, settings)
+    return y if y is None or memory is x else y.permute(_FEATURES_FIRST[x.dim()])
 
 
 def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias, training,

@@ -1,0 +1,129 @@
+"""Optional fused CPU kernels for BatchNorm's option paths, compiled on first use by torch's extension loader.
+
+Small inputs with renorm, ghost batches or a padding mask spend their time launching a dozen
+small ATen operations, not on data (benchmarks/bench_op_floor.py). ``fused_batch_norm.cpp``
+does the whole training step (statistics, renorm's r and d, normalization, every running
+buffer) in one C++ call and its backward in another, with autograd in C++. It is compiled
+for the machine it runs on (``-march=native``), which is what makes its loops as fast as
+ATen's hand-vectorized ones; inputs over ``functional.FUSED_MAX_NUMEL`` values keep ATen's
+multi-threaded path.
+
+It is opt-in because it compiles C++ (about a minute, once; cached by torch in
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and needs a C++ compiler,
+the Python headers and ``ninja`` (``pip install "normkit[fused]"``)::
+
+    import normkit.kernels
+    normkit.kernels.enable()      # builds or loads the kernel; raises if it cannot
+    ...                           # BatchNorm options on CPU now take the fused path
+    normkit.kernels.disable()
+
+``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (a build
+failure then warns instead of raising). Without it every path is ATen's, as before; both
+compute the same function (tests/test_kernels.py compares them and the NumPy reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("fused_batch_norm.cpp")
+_extension = None
+_enabled = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _extension_name() -> str:
+    """The build's name, which keys torch's cache: one per CPU feature set, as ``-march=native`` needs.
+
+    (A build cached in a shared home directory by a machine with wider vector units must not be
+    loaded on one without them.)
+    """
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    return "normkit_fused_batch_norm_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary is not there unless its venv is active."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the fused kernel and return the extension module."""
+    global _extension
+    if _extension is None:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+
+        try:
+            _extension = cpp_extension.load(name=_extension_name(), sources=[str(_SOURCE)],
+                                            extra_cflags=["-O3", "-march=native"], verbose=verbose)
+        except (RuntimeError, OSError, ImportError) as error:
+            raise RuntimeError(
+                f"normkit.kernels: building the fused kernel failed ({type(error).__name__}; the compiler's "
+                "output is in the chained exception above). It needs a C++ compiler, the "
+                "Python development headers and ninja (pip install ninja); normkit works without it "
+                "(call normkit.kernels.disable() or unset NORMKIT_FUSED_KERNELS).") from error
+    return _extension
+
+
+def enable(verbose: bool = False) -> None:
+    """Build or load the fused kernel and route BatchNorm's option paths through it."""
+    global _enabled
+    build(verbose)
+    _enabled = True
+
+
+def disable() -> None:
+    """Route every call through ATen again (the build stays loaded)."""
+    global _enabled
+    _enabled = False
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """Within the block the fused path is on (``True``, building it if needed) or off; then as before."""
+    global _enabled
+    if on:
+        build()
+    previous, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
+                     moving_stddev, dims, settings):
+    return _extension.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
+                                       renorm_stddev, moving_stddev, dims, settings)
+
+
+if os.environ.get("NORMKIT_FUSED_KERNELS", "") not in ("", "0"):
+    try:
+        enable()
+    except RuntimeError as error:  # importing normkit must not fail for an optional speed-up
+        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
