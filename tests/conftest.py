@@ -33,7 +33,7 @@ def execution(request):
     from normkit import kernels
 
     if request.param == "fused":
-        kernels = _fused_kernel_or_skip()
+        _fused_kernel_or_skip()
     with kernels.switched(request.param == "fused"):
         yield request.param
 
