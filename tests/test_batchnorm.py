@@ -15,6 +15,10 @@ from normkit import reference as R
 
 from oracle import assert_close, to_numpy
 
+# Every test runs on ATen's paths and again with normkit.kernels on (conftest.py), which takes
+# features-last training of rank >= 4.
+pytestmark = pytest.mark.usefixtures("execution")
+
 TORCH_NN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (3, 3, 4, 2), 5: (2, 3, 2, 3, 2)}
 

@@ -233,7 +233,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if x.numel() == 0:
         # An empty batch has no statistics: return an empty output and leave the buffers alone.
         return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
-    if kernels.enabled() and adjustment is None and not (plain and unbiased_running_var):
+    # With normkit.kernels on, every option it covers and plain features-last data of rank >= 4
+    # (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls keep
+    # torch.nn's own kernel (and its exact bits).
+    if kernels.enabled() and adjustment is None and not (
+            plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4)):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
                               weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import kernels
 from .axes import canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
 from .stats import RenormClipping, momentum_factor
@@ -386,7 +387,9 @@ class BatchNorm(_NormBase):
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
-            if not input.is_contiguous():
+            if not input.is_contiguous() or (self.training and input.dim() >= 4 and kernels.enabled()):
+                # (with normkit.kernels on, features-last training of rank 4/5 takes the fused kernel,
+                # faster than ATen's channels-last kernels: docs/benchmarks.md)
                 return self._forward_options(input, None)
             channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif input.shape[1] != self.num_features:
