@@ -44,3 +44,10 @@ def fused_kernels():
     kernels = _fused_kernel_or_skip()
     with kernels.switched(True):
         yield kernels
+
+
+@pytest.fixture(scope="session")
+def built_kernels():
+    """normkit.kernels with its kernel built (not switched on): for hypothesis tests, which refuse
+    function-scoped fixtures."""
+    return _fused_kernel_or_skip()

@@ -836,3 +836,13 @@ def test_mask_broadcasting_along_a_non_feature_axis_matches_reference():
     dx, _, _ = normkit.reference.batch_norm_backward(g, x, np.zeros(2), np.ones(2), np.ones(2), np.zeros(2), True,
                                                      1e-3, axis=-1, mask=full_mask)
     np.testing.assert_allclose(npy(xt.grad), dx, rtol=1e-4, atol=1e-5)
+
+
+def test_float64_input_is_cast_to_the_layer_dtype_as_keras_does():
+    """Keras casts floating inputs to the layer's dtype (float32): a float64 batch works, gives float32."""
+    layer = BatchNormalization(axis=-1)
+    x = np.random.default_rng(0).normal(size=(16, 3)) * 2 + 1
+    y = layer(torch.tensor(x, dtype=torch.float64), training=True)
+    assert y.dtype == torch.float32 and layer.bn.running_mean.dtype == torch.float32
+    expected = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-3)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)

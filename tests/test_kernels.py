@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normkit
 from normkit import functional as F
@@ -200,3 +202,57 @@ def test_environment_variable_enables_the_kernel_at_import(fused_kernels):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+@st.composite
+def option_cases(draw):
+    rank = draw(st.integers(2, 5))
+    shape = [draw(st.integers(1, 4)) for _ in range(rank)]
+    option = draw(st.sampled_from(["renorm", "ghost", "ghost+renorm", "mask", "mask+renorm", "plain"]))
+    virtual = draw(st.sampled_from([1, 2, 4])) if "ghost" in option else None
+    shape[0] = draw(st.integers(1, 3)) * (virtual or 2)
+    axis = draw(st.sampled_from([1, -1]))
+    channels_last = rank == 4 and axis == 1 and draw(st.booleans())
+    return (tuple(shape), axis, option, virtual, channels_last, draw(st.sampled_from([torch.float64, torch.float32])),
+            draw(st.integers(0, 2 ** 31 - 1)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(option_cases())
+def test_fused_options_match_the_reference_on_random_cases(built_kernels, case):
+    shape, axis, option, virtual, channels_last, dtype, seed = case
+    rng = np.random.default_rng(seed)
+    features = shape[axis]
+    count = math.prod(shape) // features // (shape[0] // virtual if virtual else 1)
+    if count < 2 and "mask" not in option:
+        return  # one value per channel (per ghost batch) is an error, tested in test_errors
+    renorm = "renorm" in option
+    layer = normkit.BatchNorm(features, axis=axis, renorm=renorm, virtual_batch_size=virtual, momentum=0.3,
+                              renorm_momentum=0.2, eps=1e-3,
+                              renorm_clipping={"rmax": 1.3, "rmin": 0.7, "dmax": 0.4} if renorm else None).to(dtype)
+    mask_np = None
+    if "mask" in option:
+        mask_np = rng.random(shape) < 0.7
+        mask_np = np.take(mask_np, [0], axis=axis)  # the same on every feature (size 1 on the feature axis)
+    x_np, g_np = rng.normal(size=shape) * 3 + 2, rng.normal(size=shape)
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
+    w, b = to_numpy(layer.weight), to_numpy(layer.bias)
+    x = torch.tensor(x_np, dtype=dtype)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    with built_kernels.switched(True):
+        y = layer(x, mask=None if mask_np is None else torch.tensor(mask_np))
+    y.backward(torch.tensor(g_np, dtype=dtype))
+    kwargs = dict(axis=axis, virtual_batch_size=virtual, mask=mask_np)
+    if renorm:
+        kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                      renorm_clipping=layer.renorm_clipping.at(0))
+    grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], w, b, True, 1e-3, **kwargs)
+    if renorm:
+        kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.2)
+    expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.3, 1e-3, **kwargs)
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, grads[0], dtype)
+    assert_close(layer.weight.grad, grads[1], dtype)
+    assert_close(layer.bias.grad, grads[2], dtype)
+    for name, value in state.items():
+        assert_close(getattr(layer, name), value, dtype, err_msg=name)

@@ -246,6 +246,11 @@ class BatchNormalization(nn.Module):
             inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
         if self.bn is None:
             self.build(tuple(inputs.shape))
+        stored = self.bn.running_mean.dtype
+        if inputs.dtype != stored and inputs.is_floating_point() and inputs.dtype not in (torch.float16, torch.bfloat16):
+            # Keras casts floating inputs to the layer's dtype (float32 unless built otherwise);
+            # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
+            inputs = inputs.to(stored)
         if mask is not None:
             mask = torch.as_tensor(mask, device=inputs.device)
             if mask.dim() != inputs.dim() - 1:

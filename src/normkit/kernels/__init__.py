@@ -76,7 +76,7 @@ def build(verbose: bool = False):
 
         try:
             _extension = cpp_extension.load(name=_extension_name(), sources=[str(_SOURCE)],
-                                            extra_cflags=["-O3", "-march=native"], verbose=verbose)
+                                            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
         except (RuntimeError, OSError, ImportError) as error:
             raise RuntimeError(
                 f"normkit.kernels: building the fused kernel failed ({type(error).__name__}; the compiler's "

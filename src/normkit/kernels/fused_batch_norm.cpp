@@ -33,6 +33,30 @@ Layout layout_from(const std::vector<int64_t>& dims) {
   return Layout{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5] != 0};
 }
 
+// Rows of C values (S = 1, one group) walked as blocks of k whole rows holding at least 32
+// values: per-position arrays tiled k times make the inner loops long enough to vectorize when
+// C is small (channels-last data with a few channels, where torch.nn's kernels are slowest).
+struct RowBlocks {
+  int64_t C, k, width, blocks, tail;
+  RowBlocks(int64_t rows, int64_t channels)
+      : C(channels), k(channels >= 32 ? 1 : (32 + channels - 1) / channels), width(k * channels),
+        blocks(rows / k), tail((rows % k) * channels) {}
+  std::vector<double> tile(const double* per_channel) const {
+    std::vector<double> tiled(width);
+    for (int64_t i = 0; i < width; ++i) tiled[i] = per_channel[i % C];
+    return tiled;
+  }
+  void fold(const std::vector<double>& tiled, double* per_channel) const {
+    for (int64_t i = 0; i < width; ++i) per_channel[i % C] += tiled[i];
+  }
+  // body(offset, length) over every block, then over the rows left (a partial block).
+  template <typename Body>
+  void for_each(Body body) const {
+    for (int64_t b = 0; b < blocks; ++b) body(b * width, width);
+    if (tail > 0) body(blocks * width, tail);
+  }
+};
+
 // Per-(group, feature) count, mean and biased variance; counts are per group (masks do not
 // depend on the feature).
 template <typename scalar_t>
@@ -49,6 +73,25 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
     const int64_t row = first / S, s = first % S;
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(x[(row * C + c) * S + s]);
   }
+  if (S == 1 && L.G == 1 && valid == nullptr) {
+    const RowBlocks blocks(L.N * L.R, C);
+    const std::vector<double> shift_tiled = blocks.tile(shift.data());
+    std::vector<double> block_sum(blocks.width, 0.0), block_sumsq(blocks.width, 0.0);
+    const double* __restrict__ k = shift_tiled.data();
+    double* __restrict__ su = block_sum.data();
+    double* __restrict__ sq = block_sumsq.data();
+    blocks.for_each([&](int64_t offset, int64_t length) {
+      const scalar_t* __restrict__ xb = x + offset;
+      for (int64_t i = 0; i < length; ++i) {
+        const double v = static_cast<double>(xb[i]) - k[i];
+        su[i] += v;
+        sq[i] += v * v;
+      }
+    });
+    blocks.fold(block_sum, sum.data());
+    blocks.fold(block_sumsq, sumsq.data());
+    count[0] = static_cast<double>(L.N * L.R);
+  } else {
   for (int64_t n = 0; n < L.N; ++n) {
     const int64_t g = L.group_of(n);
     double* su = sum.data() + g * C;
@@ -71,6 +114,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
           const scalar_t* xc = xr + c * S;
           const double k = shift[c];
           double a = 0.0, b = 0.0;
+          _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
           for (int64_t s = 0; s < S; ++s) {
             const double v = static_cast<double>(xc[s]) - k;
             a += v;
@@ -88,6 +132,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
           const scalar_t* xc = xr + c * S;
           const double k = shift[c];
           double a = 0.0, b = 0.0;
+          _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
           for (int64_t s = 0; s < S; ++s) {
             const double v = vr[s] ? static_cast<double>(xc[s]) - k : 0.0;
             a += v;
@@ -98,6 +143,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
         }
       }
     }
+  }
   }
   mean.assign(L.G * C, 0.0);
   var.assign(L.G * C, 0.0);
@@ -117,6 +163,18 @@ template <typename scalar_t>
 void normalize(const scalar_t* x, scalar_t* y, const Layout& L, const std::vector<double>& mean,
                const std::vector<double>& slope, const std::vector<double>& offset) {
   const int64_t C = L.C, S = L.S;
+  if (S == 1 && L.G == 1) {
+    const RowBlocks blocks(L.N * L.R, C);
+    const std::vector<double> m_tiled = blocks.tile(mean.data()), a_tiled = blocks.tile(slope.data()),
+                              o_tiled = blocks.tile(offset.data());
+    const double *__restrict__ m = m_tiled.data(), *__restrict__ a = a_tiled.data(), *__restrict__ o = o_tiled.data();
+    blocks.for_each([&](int64_t start, int64_t length) {
+      const scalar_t* __restrict__ xb = x + start;
+      scalar_t* __restrict__ yb = y + start;
+      for (int64_t i = 0; i < length; ++i) yb[i] = static_cast<scalar_t>((static_cast<double>(xb[i]) - m[i]) * a[i] + o[i]);
+    });
+    return;
+  }
   for (int64_t n = 0; n < L.N; ++n) {
     const int64_t g = L.group_of(n);
     const double* m = mean.data() + g * C;
@@ -271,7 +329,28 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
       const scalar_t* gp = grad.data_ptr<scalar_t>();
       const bool* vp = valid.defined() ? valid.data_ptr<bool>() : nullptr;
       std::vector<double> sum_g(L.G * C, 0.0), sum_gx(L.G * C, 0.0);
-      for (int64_t n = 0; n < L.N; ++n) {
+      const bool row_blocks = S == 1 && L.G == 1;
+      const RowBlocks blocks(L.N * L.R, C);
+      std::vector<double> m_tiled;
+      if (row_blocks) {
+        m_tiled = blocks.tile(mean);
+        std::vector<double> block_g(blocks.width, 0.0), block_gx(blocks.width, 0.0);
+        const double* __restrict__ m = m_tiled.data();
+        double* __restrict__ sg = block_g.data();
+        double* __restrict__ sgx = block_gx.data();
+        blocks.for_each([&](int64_t start, int64_t length) {
+          const scalar_t* __restrict__ xb = xp + start;
+          const scalar_t* __restrict__ gb = gp + start;
+          for (int64_t i = 0; i < length; ++i) {
+            const double gv = static_cast<double>(gb[i]);
+            sg[i] += gv;
+            sgx[i] += gv * (static_cast<double>(xb[i]) - m[i]);
+          }
+        });
+        blocks.fold(block_g, sum_g.data());
+        blocks.fold(block_gx, sum_gx.data());
+      }
+      for (int64_t n = 0; n < (row_blocks ? 0 : L.N); ++n) {
         const int64_t g = L.group_of(n);
         const double* m = mean + g * C;
         double* sg = sum_g.data() + g * C;
@@ -292,6 +371,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
               const scalar_t* gc = gr + c * S;
               const double mc = m[c];
               double a = 0.0, b = 0.0;
+              _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
               for (int64_t s = 0; s < S; ++s) {
                 const double gv = static_cast<double>(gc[s]);
                 a += gv;
@@ -315,7 +395,23 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         }
         grad_input = torch::empty_like(x);
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        for (int64_t n = 0; n < L.N; ++n) {
+        const bool dense_blocks = row_blocks && vp == nullptr;
+        if (dense_blocks) {
+          const std::vector<double> a_tiled = blocks.tile(a.data()), sl_tiled = blocks.tile(slope.data()),
+                                    sh_tiled = blocks.tile(shift.data());
+          const double *__restrict__ m = m_tiled.data(), *__restrict__ at = a_tiled.data(),
+                       *__restrict__ sl = sl_tiled.data(), *__restrict__ sh = sh_tiled.data();
+          blocks.for_each([&](int64_t start, int64_t length) {
+            const scalar_t* __restrict__ xb = xp + start;
+            const scalar_t* __restrict__ gb = gp + start;
+            scalar_t* __restrict__ db = dx + start;
+            for (int64_t i = 0; i < length; ++i) {
+              const double centered = static_cast<double>(xb[i]) - m[i];
+              db[i] = static_cast<scalar_t>(at[i] * static_cast<double>(gb[i]) - (sl[i] * centered + sh[i]));
+            }
+          });
+        }
+        for (int64_t n = 0; n < (dense_blocks ? 0 : L.N); ++n) {
           const int64_t g = L.group_of(n);
           const double* m = mean + g * C;
           const double* ag = a.data() + g * C;
