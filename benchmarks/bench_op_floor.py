@@ -6,7 +6,8 @@
 statistics, ghost combine or renorm's r and d, the folded normalization, the running-statistics
 update), written inline with no normkit code, no checks and no options: the floor that any Python
 implementation built on ATen's kernels meets. The ratios to torch.nn show how much of normkit's
-small-shape cost is that floor (kernel launches) and how much is its own Python.
+small-shape cost is that floor (kernel launches) and how much is its own Python; ``*_fused`` is
+normkit with ``normkit.kernels`` on (one C++ call each way), which goes below that floor.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step  # noqa: E402
 
 import normkit  # noqa: E402
+import normkit.kernels  # noqa: E402
+from bench_variants import with_kernels  # noqa: E402
 
 EPS, MOMENTUM, RENORM_MOMENTUM = 1e-5, 0.1, 0.01
 
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing (default 6)")
     parser.add_argument("--shape", default="64,120", help="input shape, features on axis 1 (default 64,120)")
     parser.add_argument("--virtual", type=int, default=16, help="virtual batch size (default 16)")
+    parser.add_argument("--no-fused", action="store_true", help="leave out normkit with its fused C++ kernel")
     args = parser.parse_args()
     set_threads(args.threads)
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -86,6 +90,11 @@ def main() -> None:
         "minimal_renorm": training_step(minimal_renorm(*params, *buffers, *renorm_buffers), x, g, params),
         "normkit_renorm": training_step(renorm, x, g, [renorm.weight, renorm.bias]),
     }
+    if not args.no_fused:
+        normkit.kernels.build()
+        for name in ("normkit_ghost", "normkit_renorm"):
+            contenders[name + "_fused"] = with_kernels(contenders[name], True)
+            contenders[name] = with_kernels(contenders[name], False)
     print(machine_line(args.threads))
     result = compare(contenders, budget_s=args.budget)
     print(f"\nshape {shape}, training forward + backward, {result.rounds} rounds\n")
