@@ -256,3 +256,11 @@ def test_fused_options_match_the_reference_on_random_cases(built_kernels, case):
     assert_close(layer.bias.grad, grads[2], dtype)
     for name, value in state.items():
         assert_close(getattr(layer, name), value, dtype, err_msg=name)
+
+
+def test_double_backward_is_a_clear_error(fused_kernels):
+    layer = normkit.BatchNorm(3, renorm=True).double()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)

@@ -310,6 +310,10 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
   // shift = a sum(g) / n, sums over every position of the group (each output depends on the
   // statistics), w = 1 on valid positions; dweight = r sum(g x_hat) + d sum(g), dbias = sum(g).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The gradient is computed from raw memory: it has no graph of its own.
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "normkit's fused kernel has no double backward (create_graph=True, e.g. a gradient penalty): "
+                "call normkit.kernels.disable() for this model");
     auto saved = ctx->get_saved_variables();
     Tensor x = saved[0], weight = saved[1], valid = saved[2];
     const Layout L = layout_from(ctx->saved_data["dims"].toIntVector());
