@@ -18,3 +18,13 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
     actual = to_numpy(actual) if isinstance(actual, torch.Tensor) else np.asarray(actual)
     np.testing.assert_allclose(actual, np.asarray(expected, dtype=np.float64), **tol)
 
+
+
+def assert_training_step(layer, y, x_grad, expected, expected_grads, expected_buffers, dtype=torch.float64):
+    """One training step of ``layer`` against the reference: output, input/weight/bias gradients, buffers."""
+    assert_close(y, expected, dtype)
+    assert_close(x_grad, expected_grads[0], dtype)
+    assert_close(layer.weight.grad, expected_grads[1], dtype)
+    assert_close(layer.bias.grad, expected_grads[2], dtype)
+    for name, value in expected_buffers.items():
+        assert_close(getattr(layer, name), value, dtype, err_msg=name)

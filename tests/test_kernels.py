@@ -20,7 +20,7 @@ import normkit
 from normkit import functional as F
 from normkit import reference as R
 
-from oracle import assert_close, to_numpy
+from oracle import assert_close, assert_training_step, to_numpy
 
 INF = (0.0, math.inf, math.inf)
 
@@ -250,12 +250,7 @@ def test_fused_options_match_the_reference_on_random_cases(built_kernels, case):
     if renorm:
         kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.2)
     expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.3, 1e-3, **kwargs)
-    assert_close(y, expected, dtype)
-    assert_close(x.grad, grads[0], dtype)
-    assert_close(layer.weight.grad, grads[1], dtype)
-    assert_close(layer.bias.grad, grads[2], dtype)
-    for name, value in state.items():
-        assert_close(getattr(layer, name), value, dtype, err_msg=name)
+    assert_training_step(layer, y, x.grad, expected, grads, state, dtype)
 
 
 def test_double_backward_is_a_clear_error(fused_kernels):

@@ -11,7 +11,7 @@ import torch
 import normkit
 from normkit import reference as R
 
-from oracle import assert_close, to_numpy
+from oracle import assert_close, assert_training_step, to_numpy
 
 # Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
 pytestmark = pytest.mark.usefixtures("execution")
@@ -52,12 +52,7 @@ def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64
             kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=layer.renorm_momentum)
         expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, layer.momentum,
                                 layer.eps, axis=layer.axis, unbiased_running_var=layer.unbiased_running_var, **kwargs)
-        assert_close(y, expected, dtype)
-        assert_close(x.grad, grads[0], dtype)
-        assert_close(layer.weight.grad, grads[1], dtype)
-        assert_close(layer.bias.grad, grads[2], dtype)
-        for name, value in state.items():
-            assert_close(getattr(layer, name), value, dtype, err_msg=name)
+        assert_training_step(layer, y, x.grad, expected, grads, state, dtype)
     return layer
 
 

@@ -108,25 +108,13 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
           su[c] += v;
           sq[c] += v * v;
         }
-      } else if (vr == nullptr) {
-        count[g] += static_cast<double>(S);
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* xc = xr + c * S;
-          const double k = shift[c];
-          double a = 0.0, b = 0.0;
-          _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
-          for (int64_t s = 0; s < S; ++s) {
-            const double v = static_cast<double>(xc[s]) - k;
-            a += v;
-            b += v * v;
-          }
-          su[c] += a;
-          sq[c] += b;
-        }
       } else {
-        int64_t k_valid = 0;
-        for (int64_t s = 0; s < S; ++s) k_valid += vr[s] ? 1 : 0;
-        if (k_valid == 0) continue;
+        int64_t k_valid = S;
+        if (vr != nullptr) {
+          k_valid = 0;
+          for (int64_t s = 0; s < S; ++s) k_valid += vr[s] ? 1 : 0;
+          if (k_valid == 0) continue;
+        }
         count[g] += static_cast<double>(k_valid);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* xc = xr + c * S;
@@ -134,7 +122,8 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
           double a = 0.0, b = 0.0;
           _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
           for (int64_t s = 0; s < S; ++s) {
-            const double v = vr[s] ? static_cast<double>(xc[s]) - k : 0.0;
+            // (a padded position adds 0; vr == nullptr is loop-invariant, unswitched by the compiler)
+            const double v = (vr == nullptr || vr[s]) ? static_cast<double>(xc[s]) - k : 0.0;
             a += v;
             b += v * v;
           }
