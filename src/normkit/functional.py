@@ -290,7 +290,7 @@ FUSED_MAX_NUMEL = 1 << 20
 def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
                       bias, training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                       renorm_clipping, renorm_momentum):
-    """The option paths in one C++ forward and backward (``normkit.kernels``); None where it does not apply.
+    """A training step in one C++ forward and backward (``normkit.kernels``); None where it does not apply.
 
     It applies to float32/float64 CPU tensors with one feature axis (dim 1 or last) in
     contiguous or channels_last memory, parameters and buffers of the input's dtype, and a mask
