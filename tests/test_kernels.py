@@ -139,7 +139,7 @@ def test_fused_gradcheck(fused_kernels):
     ("float16 input", lambda: (torch.randn(8, 3, dtype=torch.float16), torch.float16)),
     ("float32 input with float64 parameters", lambda: (torch.randn(8, 3), torch.float64)),
     ("non-contiguous input", lambda: (torch.randn(3, 8).t(), torch.float32)),
-    ("over FUSED_MAX_NUMEL values", lambda: (torch.randn(F.FUSED_MAX_NUMEL // 4 + 1, 4, 1, 1), torch.float32)),
+    ("over FUSED_MAX_NUMEL values", lambda: (torch.randn(F.fused_max_numel() // 4 + 1, 4, 1, 1), torch.float32)),
 ])
 def test_fused_path_declines_and_leaves_buffers_alone(why, make, fused_kernels):
     x, dtype = make()
@@ -150,6 +150,17 @@ def test_fused_path_declines_and_leaves_buffers_alone(why, make, fused_kernels):
     assert y is None, why
     assert torch.equal(running_mean, torch.zeros(channels, dtype=dtype))
     assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
+
+
+def test_size_limit_shrinks_with_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert F.fused_max_numel() == F.FUSED_MAX_NUMEL
+        torch.set_num_threads(8)
+        assert F.fused_max_numel() == F.FUSED_MAX_NUMEL // 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_modules_fall_back_to_aten_when_declined(fused_kernels, rng):
@@ -214,13 +225,13 @@ def option_cases(draw):
     axis = draw(st.sampled_from([1, -1]))
     channels_last = rank == 4 and axis == 1 and draw(st.booleans())
     return (tuple(shape), axis, option, virtual, channels_last, draw(st.sampled_from([torch.float64, torch.float32])),
-            draw(st.integers(0, 2 ** 31 - 1)))
+            draw(st.integers(0, 2 ** 31 - 1)), draw(st.booleans()))
 
 
 @settings(max_examples=80, deadline=None)
 @given(option_cases())
-def test_fused_options_match_the_reference_on_random_cases(built_kernels, case):
-    shape, axis, option, virtual, channels_last, dtype, seed = case
+def test_options_match_the_reference_on_random_cases(built_kernels, case):
+    shape, axis, option, virtual, channels_last, dtype, seed, fused = case  # (fused: else ATen's paths)
     rng = np.random.default_rng(seed)
     features = shape[axis]
     count = math.prod(shape) // features // (shape[0] // virtual if virtual else 1)
@@ -239,7 +250,7 @@ def test_fused_options_match_the_reference_on_random_cases(built_kernels, case):
     w, b = to_numpy(layer.weight), to_numpy(layer.bias)
     x = torch.tensor(x_np, dtype=dtype)
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
-    with built_kernels.switched(True):
+    with built_kernels.switched(fused):
         y = layer(x, mask=None if mask_np is None else torch.tensor(mask_np))
     y.backward(torch.tensor(g_np, dtype=dtype))
     kwargs = dict(axis=axis, virtual_batch_size=virtual, mask=mask_np)

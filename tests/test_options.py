@@ -141,6 +141,23 @@ def test_ghost_strided_groups_are_keras_rows(rng):
     torch.testing.assert_close(y[:3], normkit.BatchNorm(2).double()(x[:3]))
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2, 2), (4, 3, 2, 2)])
+def test_one_ghost_batch_on_channels_last_data(shape, rng):
+    """virtual_batch_size = batch size on channels_last memory (a batch of one hit a torch 2.13 bug
+    in the CPU backward of a reshaped view): the reference's output, gradients and buffers."""
+    layer = normkit.BatchNorm(shape[1], virtual_batch_size=shape[0], momentum=0.3).double()
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+    state = {"running_mean": to_numpy(layer.running_mean), "running_var": to_numpy(layer.running_var)}
+    x = torch.tensor(x_np).to(memory_format=torch.channels_last).requires_grad_()
+    y = layer(x)
+    y.backward(torch.tensor(g_np))
+    grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], to_numpy(layer.weight),
+                                  to_numpy(layer.bias), True, layer.eps, virtual_batch_size=shape[0])
+    expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], to_numpy(layer.weight),
+                            to_numpy(layer.bias), True, 0.3, layer.eps, virtual_batch_size=shape[0])
+    assert_training_step(layer, y, x.grad, expected, grads, state)
+
+
 def test_virtual_batch_equal_to_batch_is_plain_batch_norm(rng):
     x = torch.tensor(rng.normal(size=(8, 3, 2)))
     ghost, plain = normkit.BatchNorm(3, virtual_batch_size=8).double(), normkit.BatchNorm(3).double()
@@ -219,6 +236,30 @@ def test_fully_masked_batch_is_finite_and_keeps_running_statistics():
     assert torch.isfinite(y).all()
     torch.testing.assert_close(layer.running_mean, before["running_mean"])
     torch.testing.assert_close(layer.running_var, before["running_var"])
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_unseen_renorm_channels_keep_every_buffer(per_feature):
+    """Renorm's buffers start unrelated (running_var 1, moving_stddev 1, Keras' initial values): a
+    channel that sees nothing keeps running_var too, not moving_stddev^2 - eps (padding masks, and
+    masks that vary along the features with one channel fully masked, as the reference)."""
+    layer = normkit.BatchNorm(3, axis=-1, renorm=True).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    if per_feature:
+        mask = torch.ones(4, 5, 3, dtype=torch.bool)
+        mask[..., 1] = False
+        unseen = [1]
+    else:
+        mask = torch.zeros(4, 5, dtype=torch.bool)
+        unseen = [0, 1, 2]
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
+    layer(x, mask=mask)
+    R.batch_norm(x.numpy(), state["running_mean"], state["running_var"], None, None, True, 0.1, 1e-5, axis=-1,
+                 mask=(mask if per_feature else mask[..., None]).numpy(), renorm_mean=state["renorm_mean"],
+                 renorm_stddev=state["renorm_stddev"], moving_stddev=state["moving_stddev"])
+    for name, value in state.items():
+        assert_close(getattr(layer, name), value, err_msg=name)
+    assert (layer.running_var[unseen] == 1.0).all()
 
 
 def test_adjustment_applies_in_training_only(rng):

@@ -282,9 +282,16 @@ def _fused_layout(x, feature_axes):
     return None
 
 
-# Measured (docs/benchmarks.md): the one-thread fused kernel wins below about a million values;
-# above, ATen's kernels (multi-threaded, one statistics pass) are as fast or faster.
+# Measured (docs/benchmarks.md, 1 and 2 threads): the single-threaded fused kernel wins below about
+# a million values; above, ATen's kernels (multi-threaded, one statistics pass) are as fast or faster.
+# With more threads ATen's kernels speed up and the limit shrinks in proportion (a conservative
+# rule, not measured beyond 2 threads: fused_max_numel()).
 FUSED_MAX_NUMEL = 1 << 20
+
+
+def fused_max_numel():
+    """The largest input the fused kernel takes with the current number of torch threads."""
+    return FUSED_MAX_NUMEL // max(1, torch.get_num_threads() // 2)
 
 
 def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
@@ -296,7 +303,7 @@ def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, r
     contiguous or channels_last memory, parameters and buffers of the input's dtype, and a mask
     (no ghost batches with it) that is the same on every feature.
     """
-    if x.numel() > FUSED_MAX_NUMEL:
+    if x.numel() > fused_max_numel():
         return None
     layout = _fused_layout(x, feature_axes)
     if layout is None or not isinstance(momentum, (int, float)) or not isinstance(renorm_momentum, (int, float)):
@@ -380,7 +387,10 @@ def _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout):
     tensor whose features follow the batch axis are a free reshape of x itself, (V, G*K, *);
     other layouts go through ``batch_statistics_view``.
     """
-    if virtual_batch_size is None:
+    if virtual_batch_size is None or virtual_batch_size == x.shape[0]:
+        # One ghost batch is the batch. (Also a workaround: reshaping a channels_last batch of one
+        # gives a view with an unusual batch stride, on which torch 2.13's CPU batch-norm backward
+        # returns a wrong input gradient; tests/test_options.py covers it.)
         channels, restore = _channels_view(x, feature_axes)
         return channels, 1, restore
     k = len(feature_axes)
@@ -500,12 +510,13 @@ def _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, 
 
 
 def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimate, factor, eps, renorm_mean=None,
-                        renorm_stddev=None, moving_stddev=None, batch_std=None, renorm_factor=None):
+                        renorm_stddev=None, moving_stddev=None, batch_std=None, renorm_factor=None, seen=None):
     """The one place BN's buffers change: each moves toward its batch value by ``factor``.
 
     ``factor`` is a number or a per-channel tensor (0 where a channel saw nothing). With
-    renorm, ``running_var`` follows ``moving_stddev`` (``max(moving_stddev^2 - eps, 0)``) and
-    the renorm statistics move by ``renorm_factor``. One multi-tensor lerp per momentum.
+    renorm, ``running_var`` follows ``moving_stddev`` (``max(moving_stddev^2 - eps, 0)``) on the
+    channels marked ``seen`` (all when None) and the renorm statistics move by
+    ``renorm_factor``. One multi-tensor lerp per momentum.
     """
     shape, dtype = running_mean.shape, running_mean.dtype
     cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
@@ -519,7 +530,11 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
         return
     lerp([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
     lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
-    torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+    if seen is None:
+        torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+    else:
+        derived = torch.mul(moving_stddev, moving_stddev).sub_(eps).clamp_(min=0.0)
+        running_var.copy_(torch.where(seen.to(torch.bool), derived, running_var))
 
 
 class _FoldedBatchNorm(torch.autograd.Function):
@@ -669,10 +684,10 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
     ``reference.normalize_backward`` with w = 1 on valid rows and 0 on padded ones (a = invstd *
     scale, n valid rows, sums over ALL rows since every output depends on the statistics)::
 
-        dx = a g - w (slope x + c),  slope = a invstd sum(g x_hat) / n,  c = a sum(g) / n - slope mean
+        dx = a g - w (slope (x - mean) + c),  slope = a invstd sum(g x_hat) / n,  c = a sum(g) / n
 
-    ATen's training backward kernel gives both sums in one pass; then ``u = -(slope x + c)`` in
-    one pass, zero on the padded rows, and ``dx = u + a g`` in place. This is the padded-sequence
+    ATen's training backward kernel gives both sums in one pass; then ``u = -(slope (x - mean) + c)``,
+    zero on the padded rows, and ``dx = u + a g`` in place. This is the padded-sequence
     case ((N, T, C) with an (N, T) mask), where the rows are a free view of the input.
     """
 
@@ -702,7 +717,9 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
             if count > 0:
                 slope = factor * invstd * sum_grad_x_hat / count
                 shift = factor * sum_grad / count
-                grad_rows = torch.addcmul(torch.addcmul(-shift, slope, mean), rows, slope, value=-1)
+                # slope * (x - mean), not slope * x - slope * mean: the two products cancel to
+                # float32 rounding when the values are close to each other and far from zero.
+                grad_rows = torch.addcmul(-shift, rows - mean, slope, value=-1)
                 grad_rows.index_fill_(0, padded_rows, 0.0)
                 grad_rows.addcmul_(grad, factor)
             else:
@@ -742,10 +759,12 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
     else:
         batch_var_estimate = batch_var
     # Channels that saw no valid value (everything masked) keep their running statistics.
-    seen = (parts["total"].reshape(shape) > 0).to(running_mean.dtype) if parts.get("masked", True) else 1.0
+    masked = parts.get("masked", True)
+    seen = (parts["total"].reshape(shape) > 0).to(running_mean.dtype) if masked else 1.0
     batch_std = None if renorm_mean is None else torch.sqrt(batch_var + eps)
     _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimate, momentum * seen, eps,
-                        renorm_mean, renorm_stddev, moving_stddev, batch_std, renorm_momentum * seen)
+                        renorm_mean, renorm_stddev, moving_stddev, batch_std, renorm_momentum * seen,
+                        seen=seen if masked else None)
 
 
 # ----------------------------------------------------------------------------- layer / instance / group norm
