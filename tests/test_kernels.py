@@ -219,7 +219,8 @@ def test_environment_variable_enables_the_kernel_at_import(fused_kernels):
 def option_cases(draw):
     rank = draw(st.integers(2, 5))
     shape = [draw(st.integers(1, 4)) for _ in range(rank)]
-    option = draw(st.sampled_from(["renorm", "ghost", "ghost+renorm", "mask", "mask+renorm", "plain"]))
+    option = draw(st.sampled_from(["renorm", "ghost", "ghost+renorm", "mask", "mask+renorm", "plain", "ghost+mask",
+                                   "feature mask", "feature mask+renorm+ghost"]))
     virtual = draw(st.sampled_from([1, 2, 4])) if "ghost" in option else None
     shape[0] = draw(st.integers(1, 3)) * (virtual or 2)
     axis = draw(st.sampled_from([1, -1]))
@@ -228,7 +229,7 @@ def option_cases(draw):
             draw(st.integers(0, 2 ** 31 - 1)), draw(st.booleans()))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(option_cases())
 def test_options_match_the_reference_on_random_cases(built_kernels, case):
     shape, axis, option, virtual, channels_last, dtype, seed, fused = case  # (fused: else ATen's paths)
@@ -244,7 +245,8 @@ def test_options_match_the_reference_on_random_cases(built_kernels, case):
     mask_np = None
     if "mask" in option:
         mask_np = rng.random(shape) < 0.7
-        mask_np = np.take(mask_np, [0], axis=axis)  # the same on every feature (size 1 on the feature axis)
+        if "feature" not in option:
+            mask_np = np.take(mask_np, [0], axis=axis)  # the same on every feature (size 1 on the feature axis)
     x_np, g_np = rng.normal(size=shape) * 3 + 2, rng.normal(size=shape)
     state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
     w, b = to_numpy(layer.weight), to_numpy(layer.bias)
