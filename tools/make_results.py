@@ -28,6 +28,7 @@ from normkit.registry import NORM_NAMES
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 SEEDS = [0, 1, 2, 3, 4]
+MORE_SEEDS = list(range(5, 15))  # the classic recipe only: how often a seed reaches 0.97
 CLASSIC = dict(model="lenet", activation="sigmoid", optimizer="rmsprop", batch_size=64, epochs=5, val_split=0.2)
 
 
@@ -172,6 +173,24 @@ def diagnosis(configs):
              f"test-batch statistics, not a valid evaluation, reach 0.97 on {n_bat} of {len(seeds)}."), ""]
 
 
+def more_seeds(first, extra):
+    """The classic recipe's two valid evaluations on ten more seeds, and on all fifteen."""
+    groups = {f"seeds {SEEDS[0]}-{SEEDS[-1]}": first, f"seeds {MORE_SEEDS[0]}-{MORE_SEEDS[-1]}": extra,
+              "all": {**first, **extra}}
+    lines = ["### The classic recipe on more seeds", "",
+             f"The same training (`batch`, lr 1e-3) on seeds {MORE_SEEDS[0]} to {MORE_SEEDS[-1]}, evaluated as above, "
+             "to see how often a seed reaches 0.97.", "",
+             "| seeds | running statistics: mean | >= 0.97 | worst | recalibrated: mean | >= 0.97 | worst |",
+             "|---|---|---|---|---|---|---|"]
+    for label, rows in groups.items():
+        cells = [label]
+        for key in ("test running", "test recalibrated"):
+            mean, worst, _, passing = _stats(rows, key)
+            cells += [f"{mean:.4f}", f"{passing} of {len(rows)}", f"{worst:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def conclusion(configs):
     classic = list(configs.values())[0]
     mean_rec, min_rec, _, n_rec = _stats(classic, "test recalibrated")
@@ -271,6 +290,10 @@ def main() -> int:
                 configs[f"`batch`, lr {lr:.0e}".replace("e-0", "e-")] = evaluations(
                     experiment(["batch"], SEEDS, out, **CLASSIC, **mnist, lr=lr), "batch", out, splits)
             page += diagnosis(configs)
+            print("mnist sigmoid, more seeds", flush=True)
+            out = runs / "mnist-sigmoid-more-seeds"
+            extra = evaluations(experiment(["batch"], MORE_SEEDS, out, **CLASSIC, **mnist), "batch", out, splits)
+            page += more_seeds(configs["`batch`, lr 1e-3 (the classic recipe)"], extra)
             page += ["### Summary", "", *claims, "", *conclusion(configs), ""]
             print("mnist every norm", flush=True)
             every = experiment(list(NORM_NAMES), SEEDS[:3], runs / "mnist-every-norm", **CLASSIC, **mnist)
