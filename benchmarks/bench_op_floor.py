@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step  # noqa: E402
+from common import (compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step,  # noqa: E402
+                    with_kernels)
 
 import normkit  # noqa: E402
 import normkit.kernels  # noqa: E402
-from bench_variants import with_kernels  # noqa: E402
 
 EPS, MOMENTUM, RENORM_MOMENTUM = 1e-5, 0.1, 0.01
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step  # noqa: E402
+from common import (compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step,  # noqa: E402
+                    with_kernels)
 
 import normkit  # noqa: E402
 import normkit.kernels  # noqa: E402
@@ -148,14 +149,6 @@ def rows_spec(keras):
     for shape in SEQUENCES:
         specs.append(channels_last(shape, False))
     return specs
-
-
-def with_kernels(step, on: bool):
-    """``step`` with normkit.kernels switched on or off for its duration."""
-    def call():
-        with normkit.kernels.switched(on):
-            step()
-    return call
 
 
 def run(args, keras) -> list:

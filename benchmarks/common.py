@@ -150,3 +150,14 @@ def fmt_us(seconds: float) -> str:
 
 def fmt_ratio(value: Optional[float]) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def with_kernels(step, on: bool):
+    """``step`` with normkit.kernels switched on or off for its duration (built first if on)."""
+    import normkit.kernels
+
+    def call():
+        with normkit.kernels.switched(on):
+            step()
+    return call
+

@@ -1,12 +1,14 @@
-"""Optional fused CPU kernels for BatchNorm's option paths, compiled on first use by torch's extension loader.
+"""Optional fused CPU kernel for BatchNorm's training step, compiled on first use by torch's extension loader.
 
 Small inputs with renorm, ghost batches or a padding mask spend their time launching a dozen
 small ATen operations, not on data (benchmarks/bench_op_floor.py). ``fused_batch_norm.cpp``
 does the whole training step (statistics, renorm's r and d, normalization, every running
 buffer) in one C++ call and its backward in another, with autograd in C++. It is compiled
 for the machine it runs on (``-march=native``), which is what makes its loops as fast as
-ATen's hand-vectorized ones; inputs over ``functional.FUSED_MAX_NUMEL`` values keep ATen's
-multi-threaded path.
+ATen's hand-vectorized ones; inputs over ``functional.fused_max_numel()`` values keep ATen's
+multi-threaded path. It takes renorm, ghost batches, padding masks and Keras' biased running
+variance, and plain training of features-last inputs of rank 4/5 (docs/decisions.md, "How a
+call executes").
 
 It is opt-in because it compiles C++ (about a minute, once; cached by torch in
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and needs a C++ compiler,
@@ -14,7 +16,7 @@ the Python headers and ``ninja`` (``pip install "normkit[fused]"``)::
 
     import normkit.kernels
     normkit.kernels.enable()      # builds or loads the kernel; raises if it cannot
-    ...                           # BatchNorm options on CPU now take the fused path
+    ...                           # those calls on CPU now take the fused path
     normkit.kernels.disable()
 
 ``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (a build
@@ -32,14 +34,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 
 _SOURCE = Path(__file__).with_name("fused_batch_norm.cpp")
 _extension = None
 _enabled = False
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
 
 def _extension_name() -> str:
     """The build's name, which keys torch's cache: one per CPU feature set, as ``-march=native`` needs.
@@ -87,7 +85,7 @@ def build(verbose: bool = False):
 
 
 def enable(verbose: bool = False) -> None:
-    """Build or load the fused kernel and route BatchNorm's option paths through it."""
+    """Build or load the fused kernel and route the calls it takes through it."""
     global _enabled
     build(verbose)
     _enabled = True

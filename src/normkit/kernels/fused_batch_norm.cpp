@@ -212,10 +212,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     const int64_t C = L.C;
     const double eps = settings[kEps];
     const bool renorm = renorm_mean.defined();
-    for (const Tensor* t : {&weight, &bias, &running_mean, &running_var, &renorm_mean, &renorm_stddev, &moving_stddev}) {
-      TORCH_CHECK(!t->defined() || (t->numel() == C && t->is_contiguous() && t->scalar_type() == x.scalar_type()),
-                  "normkit fused kernel: parameters and buffers must be contiguous, hold C values and match x's dtype");
-    }
+    // (dtype, device, memory and size of x, parameters and buffers: checked by supported() first)
     TORCH_CHECK(!renorm || (renorm_stddev.defined() && (!running_mean.defined() || moving_stddev.defined())),
                 "normkit fused kernel: renorm needs renorm_stddev (and moving_stddev when updating)");
     TORCH_CHECK(!valid.defined() || (valid.scalar_type() == torch::kBool && valid.numel() == L.N * L.R * L.S &&
