@@ -1,6 +1,6 @@
 """normkit's drop-in BatchNorm vs torch.nn's, side by side in one process.
 
-    python benchmarks/bench_batchnorm.py [--threads 1] [--budget 8] [--quick] [--only SUBSTRING]
+    python benchmarks/bench_batchnorm.py [--threads 1] [--budget 8] [--quick] [--only SUBSTRING] [--device cuda]
 
 For every shape, memory format and mode (training forward + backward, inference forward) the two
 layers run interleaved (see common.compare); the table gives the median time per call of each and
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, fmt_ratio, fmt_us, inference_step, machine_line, set_threads, training_step  # noqa: E402
+from common import (add_device_argument, check_device, compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
+                    machine_line, set_threads, training_step)
 
 import normkit  # noqa: E402
 
@@ -32,7 +33,7 @@ SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 25
 TARGET = 1.05
 
 
-def pair(shape, layout):
+def pair(shape, layout, device="cpu"):
     """(normkit module, torch.nn module, normkit's input, torch.nn's input, normkit's grad, torch.nn's grad)."""
     channels = shape[1]
     torch.manual_seed(0)
@@ -46,8 +47,9 @@ def pair(shape, layout):
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.uniform_(-0.5, 0.5)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(shape) * 2.0 + 0.5
-    g = torch.randn(shape)
+    ours.to(device), theirs.to(device)
+    x = torch.randn(shape, device=device) * 2.0 + 0.5
+    g = torch.randn(shape, device=device)
     if layout == "channels_last":
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
         return ours, theirs, x, x, g, g
@@ -73,7 +75,7 @@ def run(args) -> list:
         label = f"{shape} {layout} {mode}"
         if args.only and args.only not in label:
             continue
-        ours, theirs, x_ours, x_theirs, g_ours, g_theirs = pair(shape, layout)
+        ours, theirs, x_ours, x_theirs, g_ours, g_theirs = pair(shape, layout, args.device)
         if mode == "train":
             ours.train(), theirs.train()
             contenders = {
@@ -83,7 +85,7 @@ def run(args) -> list:
         else:
             ours.eval(), theirs.eval()
             contenders = {"normkit": inference_step(ours, x_ours), "torch.nn": inference_step(theirs, x_theirs)}
-        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds)
+        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds, device=args.device)
         ratio = result.ratio("normkit", "torch.nn")
         q1, q3 = result.ratio_iqr("normkit", "torch.nn")
         row = {"shape": shape, "layout": layout, "mode": mode, "normkit": result.medians["normkit"],
@@ -114,11 +116,13 @@ def main(argv=None) -> None:
     parser.add_argument("--min-rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.budget, args.min_rounds = 0.3, 3
+    check_device(args.device)
     set_threads(args.threads)
-    print(machine_line(args.threads))
+    print(machine_line(args.threads, args.device))
     print()
     print(table(run(args)))
 

@@ -1,6 +1,6 @@
 """normkit.BatchNorm's options (renorm, ghost batches, masks, axis=-1) vs plain torch.nn and Keras 3.
 
-    python benchmarks/bench_variants.py [--threads 1] [--budget 6] [--quick] [--only SUBSTRING]
+    python benchmarks/bench_variants.py [--threads 1] [--budget 6] [--quick] [--only SUBSTRING] [--device cuda]
     KERAS_BACKEND=torch /work/bvenv/bin/python benchmarks/bench_variants.py    # with the Keras column
 
 Training forward + backward only (``torch.autograd.grad`` of the output w.r.t. input, weight and
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (compare, fmt_ratio, fmt_us, machine_line, set_threads, training_step,  # noqa: E402
-                    with_kernels)
+from common import (add_device_argument, check_device, compare, fmt_ratio, fmt_us, machine_line,  # noqa: E402
+                    set_threads, training_step, with_kernels)
 
 import normkit  # noqa: E402
 import normkit.kernels  # noqa: E402
@@ -61,13 +61,13 @@ def keras_has_renorm(keras) -> bool:
     return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
 
 
-def torch_bn(channels, dims):
+def torch_bn(channels, dims, device):
     torch.manual_seed(0)
     module = (torch.nn.BatchNorm1d if dims == 1 else torch.nn.BatchNorm2d)(channels, eps=EPS, momentum=MOMENTUM)
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
         module.bias.uniform_(-0.5, 0.5)
-    return module
+    return module.to(device)
 
 
 def keras_step(keras, x, g, mask=None, **options):
@@ -88,7 +88,7 @@ def padding_mask(n, t, seed=0):
     return torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def rows_spec(keras):
+def rows_spec(keras, device="cpu"):
     """(variant, shape, builder) for every row; builder() -> (contenders, baseline name, note)."""
     renorm_ok = keras is not None and keras_has_renorm(keras)
 
@@ -96,9 +96,9 @@ def rows_spec(keras):
         def build():
             channels = shape[1]
             torch.manual_seed(1)
-            x, g = torch.randn(shape) * 2.0 + 0.5, torch.randn(shape)
-            theirs = torch_bn(channels, 1 if len(shape) == 2 else 2)
-            ours = normkit.BatchNorm(channels, eps=EPS, momentum=MOMENTUM, **options)
+            x, g = torch.randn(shape, device=device) * 2.0 + 0.5, torch.randn(shape, device=device)
+            theirs = torch_bn(channels, 1 if len(shape) == 2 else 2, device)
+            ours = normkit.BatchNorm(channels, eps=EPS, momentum=MOMENTUM, device=device, **options)
             ours.load_state_dict(theirs.state_dict(), strict=False)
             contenders = {"normkit": training_step(ours, x, g, [ours.weight, ours.bias]),
                           "torch.nn": training_step(theirs, x, g, [theirs.weight, theirs.bias])}
@@ -111,19 +111,19 @@ def rows_spec(keras):
         def build():
             channels = shape[-1]
             torch.manual_seed(1)
-            x, g = torch.randn(shape) * 2.0 + 0.5, torch.randn(shape)
-            ours = normkit.BatchNorm(channels, axis=-1, eps=EPS, momentum=MOMENTUM)
-            mask = padding_mask(shape[0], shape[1]) if masked else None
+            x, g = torch.randn(shape, device=device) * 2.0 + 0.5, torch.randn(shape, device=device)
+            ours = normkit.BatchNorm(channels, axis=-1, eps=EPS, momentum=MOMENTUM, device=device)
+            mask = padding_mask(shape[0], shape[1]).to(device) if masked else None
             ours_call = ours if mask is None else (lambda t: ours(t, mask=mask))
             contenders = {"normkit": training_step(ours_call, x, g, [ours.weight, ours.bias])}
             if len(shape) == 4:
-                theirs = torch_bn(channels, 2)
+                theirs = torch_bn(channels, 2, device)
                 contenders["torch.nn"] = training_step(theirs, x.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2),
                                                        [theirs.weight, theirs.bias])
                 baselines = ["torch.nn"]
             else:
                 n, t, c = shape
-                t_bn, r_bn = torch_bn(c, 1), torch_bn(c, 1)
+                t_bn, r_bn = torch_bn(c, 1, device), torch_bn(c, 1, device)
                 contenders["torch.nn transpose"] = training_step(t_bn, x.transpose(1, 2), g.transpose(1, 2),
                                                                  [t_bn.weight, t_bn.bias])
                 contenders["torch.nn reshape"] = training_step(r_bn, x.reshape(-1, c), g.reshape(-1, c),
@@ -153,7 +153,7 @@ def rows_spec(keras):
 
 def run(args, keras) -> list:
     rows = []
-    for variant, shape, build in rows_spec(keras):
+    for variant, shape, build in rows_spec(keras, args.device):
         label = f"{variant} {shape}"
         if args.only and args.only not in label:
             continue
@@ -162,7 +162,7 @@ def run(args, keras) -> list:
         contenders["normkit"] = with_kernels(step, False)
         if args.fused:
             contenders["normkit + kernels"] = with_kernels(step, True)
-        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds)
+        result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds, device=args.device)
         baseline = min(baselines, key=lambda name: result.medians[name])
         row = {"variant": variant, "shape": shape, "normkit": result.medians["normkit"], "baseline": baseline,
                "torch.nn": result.medians[baseline], "ratio": result.ratio("normkit", baseline),
@@ -236,14 +236,16 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="", help="run only rows whose label contains this text")
     parser.add_argument("--fused", action="store_true",
                         help="also time normkit with normkit.kernels enabled (builds the C++ kernel once)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.budget, args.min_rounds = 0.3, 3
+    check_device(args.device)
     keras, keras_line = (None, "left out (--no-keras)") if args.no_keras else import_keras()
     set_threads(args.threads)
     if args.fused:
         normkit.kernels.build()
-    print(machine_line(args.threads))
+    print(machine_line(args.threads, args.device))
     print()
     print(table(run(args, keras), keras_line))
 

@@ -35,10 +35,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line(threads: int) -> str:
-    return (f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
+def machine_line(threads: int, device: str = "cpu") -> str:
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        gpu = f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); "
+    return (f"{gpu}CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
             f"torch.set_num_threads({threads}); Python {platform.python_version()}; "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="where tensors and modules live: cpu (default) or cuda[:N]; GPU timings wait for "
+                             "the device (torch.cuda.synchronize) at the end of every sample")
+
+
+def check_device(device: str) -> str:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch.cuda.is_available() is False on this machine; use --device cpu")
+    return device
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What a timer calls before reading the clock: waits for queued GPU work; nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def set_threads(threads: int) -> None:
@@ -77,16 +99,23 @@ class Comparison:
         return [a / b for a, b in zip(self.samples[name], self.samples[baseline])]
 
 
-def _time_calls(fn: Callable[[], None], calls: int) -> float:
+def _time_calls(fn: Callable[[], None], calls: int, sync: Callable[[], None]) -> float:
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync()
     return (time.perf_counter() - start) / calls
 
 
 def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0, min_rounds: int = 15,
-            max_rounds: int = 301, sample_s: float = 0.004, warmup: int = 5) -> Comparison:
-    """Time ``contenders`` interleaved; about ``budget_s`` seconds in all (at least ``min_rounds`` rounds)."""
+            max_rounds: int = 301, sample_s: float = 0.004, warmup: int = 5, device: str = "cpu") -> Comparison:
+    """Time ``contenders`` interleaved; about ``budget_s`` seconds in all (at least ``min_rounds`` rounds).
+
+    On a GPU every sample ends when the device has finished its queued work (``device``), so a
+    sample measures kernels, not only their launches.
+    """
+    sync = synchronizer(device)
     names = list(contenders)
     gc_was_enabled = gc.isenabled()
     gc.collect()
@@ -96,7 +125,7 @@ def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0,
             for name in names:
                 contenders[name]()
         # One call of each, three times: the slowest contender sets the calls per sample.
-        single = {name: statistics.median(_time_calls(contenders[name], 1) for _ in range(3)) for name in names}
+        single = {name: statistics.median(_time_calls(contenders[name], 1, sync) for _ in range(3)) for name in names}
         calls = max(1, int(math.ceil(sample_s / max(min(single.values()), 1e-9))))
         # Keep one sample of the slowest contender within a few sample_s (large shapes: 1 call).
         calls = max(1, min(calls, int(math.ceil(4 * sample_s / max(max(single.values()), 1e-9)))))
@@ -106,7 +135,7 @@ def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0,
         for index in range(rounds):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
-                samples[name].append(_time_calls(contenders[name], calls))
+                samples[name].append(_time_calls(contenders[name], calls, sync))
     finally:
         if gc_was_enabled:
             gc.enable()

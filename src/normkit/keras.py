@@ -112,8 +112,12 @@ class BatchNormalization(nn.Module):
     def built(self) -> bool:
         return self.bn is not None
 
-    def build(self, input_shape: Sequence[int]) -> None:
-        """Create the weights for inputs of ``input_shape`` (the batch size may be None)."""
+    def build(self, input_shape: Sequence[int], device=None) -> None:
+        """Create the weights for inputs of ``input_shape`` (the batch size may be None).
+
+        They live on the constructor's ``device`` if one was given, else on ``device`` (the first
+        input's, when the first call builds the layer, so a lazily built layer follows its data to a GPU).
+        """
         rank = len(input_shape)
         axes = canonicalize_axes(self.axis, rank)
         sizes = tuple(input_shape[a] for a in axes)
@@ -133,7 +137,7 @@ class BatchNormalization(nn.Module):
             weight_regularizer=self.gamma_regularizer, bias_regularizer=self.beta_regularizer,
             weight_constraint=self.gamma_constraint, bias_constraint=self.beta_constraint,
             unbiased_running_var=False, synchronized=self.synchronized, process_group=self.process_group,
-            **self._factory)
+            dtype=self._factory["dtype"], device=self._factory["device"] or device)
         if not self.scale and self.bn.weight is not None:
             # Keras' scale=False has beta but no gamma; torch.nn has no such layer, so drop weight here.
             del self.bn.weight
@@ -245,7 +249,7 @@ class BatchNormalization(nn.Module):
         if not isinstance(inputs, torch.Tensor):
             inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
         if self.bn is None:
-            self.build(tuple(inputs.shape))
+            self.build(tuple(inputs.shape), device=inputs.device)
         stored = self.bn.running_mean.dtype
         if inputs.dtype != stored and inputs.is_floating_point() and inputs.dtype not in (torch.float16, torch.bfloat16):
             # Keras casts floating inputs to the layer's dtype (float32 unless built otherwise);
