@@ -18,7 +18,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.versio
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || export PYTHONPATH=$PWD/src
 
 stage "GPU tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -25
 
 stage "the lab on the GPU (normkit train --device cuda)"
 timeout 90 python3 -m normkit.cli train --device cuda --no-tensorboard --out /tmp/lab-cuda 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
@@ -35,5 +35,5 @@ stage "bench_lab --device cuda"
 timeout 60 python3 benchmarks/bench_lab.py --device cuda --threads 1 --rounds 5 2>&1 | tee "$OUT/bench_lab_cuda.md"
 
 stage "the whole suite under this machine's torch (pytest -n 12)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -n 12 tests 2>&1 | tail -40 | tee "$OUT/suite.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests 2>&1 | tail -40 | tee "$OUT/suite.log"
 stage "done"
