@@ -9,7 +9,9 @@ the median paired ratio normkit / torch.nn (target: <= 1.05), with its interquar
 Rows:
 * ``contiguous`` / ``channels_last``: normkit.BatchNorm1d/2d vs torch.nn.BatchNorm1d/2d on the same tensor.
 * ``NHWC axis=-1``: normkit.BatchNorm(C, axis=-1) on an (N, H, W, C) contiguous tensor vs
-  torch.nn.BatchNorm2d on the same memory seen as an NCHW channels_last tensor (``x.permute(0, 3, 1, 2)``).
+  torch.nn.BatchNorm2d on the same memory seen as an NCHW channels_last tensor (``x.permute(0, 3, 1, 2)``,
+  made outside the timed call), and vs ``torch.nn + permutes``: the same layer with the permutes a
+  torch.nn user writes around it for NHWC data, inside the call (the last column).
 
 Training: ``torch.autograd.grad`` of the output (with a fixed random upstream gradient) w.r.t. the
 input, weight and bias. Inference: eval mode under ``torch.no_grad()``.
@@ -76,21 +78,29 @@ def run(args) -> list:
         if args.only and args.only not in label:
             continue
         ours, theirs, x_ours, x_theirs, g_ours, g_theirs = pair(shape, layout, args.device)
+        # NHWC data in torch.nn's hands: the permutes a torch.nn user writes around the layer.
+        permuted = (lambda t: theirs(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)) if layout == "NHWC axis=-1" else None
         if mode == "train":
             ours.train(), theirs.train()
             contenders = {
                 "normkit": training_step(ours, x_ours, g_ours, [ours.weight, ours.bias]),
                 "torch.nn": training_step(theirs, x_theirs, g_theirs, [theirs.weight, theirs.bias]),
             }
+            if permuted is not None:
+                contenders["torch.nn + permutes"] = training_step(permuted, x_ours, g_ours,
+                                                                  [theirs.weight, theirs.bias])
         else:
             ours.eval(), theirs.eval()
             contenders = {"normkit": inference_step(ours, x_ours), "torch.nn": inference_step(theirs, x_theirs)}
+            if permuted is not None:
+                contenders["torch.nn + permutes"] = inference_step(permuted, x_ours)
         result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds, device=args.device)
         ratio = result.ratio("normkit", "torch.nn")
         q1, q3 = result.ratio_iqr("normkit", "torch.nn")
         row = {"shape": shape, "layout": layout, "mode": mode, "normkit": result.medians["normkit"],
                "torch.nn": result.medians["torch.nn"], "ratio": ratio, "q1": q1, "q3": q3,
-               "rounds": result.rounds, "calls": result.calls_per_sample}
+               "rounds": result.rounds, "calls": result.calls_per_sample,
+               "permuted_ratio": result.ratio("normkit", "torch.nn + permutes") if permuted else None}
         rows.append(row)
         print(f"  {label}: ratio {ratio:.3f} [{q1:.3f}, {q3:.3f}] ({result.rounds} rounds x {result.calls_per_sample})",
               file=sys.stderr, flush=True)
@@ -98,14 +108,16 @@ def run(args) -> list:
 
 
 def table(rows) -> str:
-    lines = ["| shape | layout | mode | normkit | torch.nn | ratio normkit / torch.nn | IQR of ratio | <= 1.05 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | layout | mode | normkit | torch.nn | ratio normkit / torch.nn | IQR of ratio | <= 1.05 "
+             "| NHWC: normkit / (torch.nn + permutes) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shape = "(" + ",".join(map(str, row["shape"])) + ")"
         ok = "yes" if row["ratio"] <= TARGET else "**no**"
+        permuted = "" if row.get("permuted_ratio") is None else fmt_ratio(row["permuted_ratio"])
         lines.append(f"| {shape} | {row['layout']} | {row['mode']} | {fmt_us(row['normkit'])} | "
                      f"{fmt_us(row['torch.nn'])} | {fmt_ratio(row['ratio'])} | "
-                     f"{row['q1']:.3f}-{row['q3']:.3f} | {ok} |")
+                     f"{row['q1']:.3f}-{row['q3']:.3f} | {ok} | {permuted} |")
     return "\n".join(lines)
 
 

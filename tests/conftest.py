@@ -1,9 +1,18 @@
 """Fixtures shared by the core tests (helpers live in oracle.py: conftest is not importable by name)."""
 
+import importlib.util
 import os
 
 import numpy as np
 import pytest
+import torch
+
+from oracle import routed_to_triton
+
+# Without a GPU, normkit.kernels' Triton kernels run in Triton's interpreter (NumPy on the CPU); the
+# switch is read when a kernel is defined, so it is set before anything imports them.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
@@ -38,9 +47,30 @@ def execution(request):
         yield request.param
 
 
+def _triton_kernels_or_skip():
+    """normkit.kernels with its Triton kernels importable in interpreter mode, or skip (fail in CI)."""
+    kernels = _fused_kernel_or_skip()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run interpreted only on a machine without a GPU; with one, "
+                    "tests/test_gpu.py runs them compiled")
+    if kernels._triton_kernels() is None:
+        if os.environ.get("NORMKIT_REQUIRE_KERNELS") == "1":
+            raise RuntimeError(f"Triton is needed for normkit.kernels' CUDA kernels: {kernels._triton_failure}")
+        pytest.skip(f"Triton is not importable here ({kernels._triton_failure}); pip install triton")
+    return kernels
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def fused_kernels(request):
+    """The fused path switched on for one test: the C++ kernel, then the Triton kernels (interpreted)."""
+    kernels = _triton_kernels_or_skip() if request.param == "triton" else _fused_kernel_or_skip()
+    with kernels.switched(True), routed_to_triton(kernels, request.param == "triton"):
+        yield kernels
+
+
 @pytest.fixture
-def fused_kernels():
-    """The fused kernel switched on for one test."""
+def cpp_kernel():
+    """The fused C++ kernel switched on for one test (for what only it does: CPU dtypes and limits)."""
     kernels = _fused_kernel_or_skip()
     with kernels.switched(True):
         yield kernels
@@ -51,3 +81,9 @@ def built_kernels():
     """normkit.kernels with its kernel built (not switched on): for hypothesis tests, which refuse
     function-scoped fixtures."""
     return _fused_kernel_or_skip()
+
+
+@pytest.fixture(scope="session")
+def built_triton_kernels():
+    """normkit.kernels with its Triton kernels ready to run interpreted (not switched on); for hypothesis."""
+    return _triton_kernels_or_skip()

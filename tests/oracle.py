@@ -1,4 +1,6 @@
-"""Shared test helpers: tensor<->array conversion and tolerance per dtype for comparing with the reference."""
+"""Shared test helpers: tensor<->array conversion, tolerance per dtype for comparing with the reference, kernel routing."""
+
+import contextlib
 
 import numpy as np
 import torch
@@ -28,3 +30,13 @@ def assert_training_step(layer, y, x_grad, expected, expected_grads, expected_bu
     assert_close(layer.bias.grad, expected_grads[2], dtype)
     for name, value in expected_buffers.items():
         assert_close(getattr(layer, name), value, dtype, err_msg=name)
+
+
+@contextlib.contextmanager
+def routed_to_triton(kernels, on=True):
+    """Within the block, CPU calls of the fused path go to the Triton kernels (interpreted)."""
+    previous, kernels._triton_on_cpu = kernels._triton_on_cpu, on
+    try:
+        yield
+    finally:
+        kernels._triton_on_cpu = previous

@@ -3,6 +3,8 @@
 The CPU results these tests compare with are themselves checked against the float64 NumPy
 reference by the rest of the suite; here the question is only whether moving a layer, its data
 and its mask to a GPU changes anything: values, gradients, buffers, dtypes, memory formats.
+Tests with ``fused`` in their name run twice on the GPU: on ATen's paths, and with
+``normkit.kernels`` on (the Triton kernels, compiled for this GPU).
 """
 
 import os
@@ -15,6 +17,7 @@ import torch.distributed as dist
 
 import normkit
 import normkit.keras
+import normkit.kernels
 
 from oracle import TOLERANCE, assert_close, to_numpy
 
@@ -63,8 +66,21 @@ def _step(layer, x, g, mask, device):
     return [y, *grads, *layer.buffers()]
 
 
+@pytest.fixture(params=[False, True], ids=["aten", "fused"])
+def fused(request):
+    """Whether the GPU layer runs with normkit.kernels on (Triton) or off (ATen); the CPU one keeps ATen."""
+    if request.param:
+        normkit.kernels.build()
+    return request.param
+
+
+def _gpu_step(layer, x, g, mask, fused):
+    with normkit.kernels.switched(fused):
+        return _step(layer, x, g, mask, "cuda")
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_cuda_float64_matches_cpu(name, rng):
+def test_cuda_float64_matches_cpu(name, fused, rng):
     build, shape, mask_shape = CASES[name]
     torch.manual_seed(0)
     layers = {device: build().double().to(device) for device in ("cpu", "cuda")}
@@ -73,7 +89,7 @@ def test_cuda_float64_matches_cpu(name, rng):
         x = torch.as_tensor(rng.normal(size=shape) * (step + 1) + step)
         g = torch.as_tensor(rng.normal(size=shape))
         mask = None if mask_shape is None else torch.as_tensor(rng.uniform(size=mask_shape) > 0.3)
-        results = {device: _step(layer, x, g, mask, device) for device, layer in layers.items()}
+        results = {"cpu": _step(layers["cpu"], x, g, mask, "cpu"), "cuda": _gpu_step(layers["cuda"], x, g, mask, fused)}
         assert len(results["cpu"]) == len(results["cuda"])
         for on_cpu, on_gpu in zip(results["cpu"], results["cuda"]):
             assert on_gpu.device.type == "cuda"
@@ -88,7 +104,7 @@ def test_cuda_float64_matches_cpu(name, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["plain 2d", "features-last", "renorm", "ghost strided", "mask (N,T,C)",
                                   "group norm", "layer norm"])
-def test_cuda_low_precision_against_cpu_float64(name, dtype, rng):
+def test_cuda_low_precision_against_cpu_float64(name, dtype, fused, rng):
     """float32 parameters and statistics, input and output in ``dtype``, within that dtype's tolerance."""
     build, shape, mask_shape = CASES[name]
     torch.manual_seed(0)
@@ -98,7 +114,7 @@ def test_cuda_low_precision_against_cpu_float64(name, dtype, rng):
     g = torch.as_tensor(rng.normal(size=shape)).to(dtype)
     mask = None if mask_shape is None else torch.as_tensor(rng.uniform(size=mask_shape) > 0.3)
     expected = _step(exact, x.double(), g.double(), mask, "cpu")
-    actual = _step(on_gpu, x, g, mask, "cuda")
+    actual = _gpu_step(on_gpu, x, g, mask, fused)
     assert actual[0].dtype == dtype and actual[1].dtype == dtype
     assert all(p.dtype == torch.float32 for p in on_gpu.parameters())
     assert all(b.dtype in (torch.float32, torch.int64) for b in on_gpu.buffers())
@@ -220,19 +236,46 @@ def test_cuda_fold_and_recalibrate():
     assert all(p.device.type == "cuda" for p in folded.parameters())
 
 
-def test_cuda_inputs_bypass_the_cpu_kernel(fused_kernels, rng):
-    """With normkit.kernels switched on, CUDA tensors still take the ATen path and give the same result."""
-    shape = (8, 4, 5, 5)
+@pytest.mark.parametrize("name", ["renorm", "ghost strided", "ghost contiguous", "ghost renorm large",
+                                  "mask (N,T,C)", "mask renorm"])
+def test_cuda_options_take_the_triton_kernels_when_enabled(name, monkeypatch, rng):
+    """With normkit.kernels on, each option's CUDA training step is one Triton call (not ATen's composite)."""
+    triton_kernels = pytest.importorskip("normkit.kernels.triton_batch_norm")
+    calls = []
+    original = triton_kernels._FusedBatchNorm.apply
+    monkeypatch.setattr(triton_kernels._FusedBatchNorm, "apply",
+                        lambda *args: calls.append(args[0].shape) or original(*args))
+    build, shape, mask_shape = CASES[name]
+    layer = build().cuda()
     x = torch.as_tensor(rng.normal(size=shape), dtype=torch.float32, device="cuda")
-    g = torch.randn(shape, device="cuda")
-    results = []
-    for enabled in (True, False):
-        torch.manual_seed(0)
-        layer = normkit.BatchNorm(4, renorm=True, virtual_batch_size=4).cuda()
-        with fused_kernels.switched(enabled):
-            results.append(_step(layer, x, g, None, "cuda"))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    mask = None if mask_shape is None else torch.as_tensor(rng.uniform(size=mask_shape) > 0.3, device="cuda")
+    with normkit.kernels.switched(True):
+        _step(layer, x, torch.randn_like(x), mask, "cuda")
+        assert len(calls) == 1, f"{name}: the Triton kernels were not called"
+        plain = normkit.BatchNorm2d(4).cuda()
+        plain(torch.randn(8, 4, 3, 3, device="cuda"))
+        assert len(calls) == 1, "plain BatchNorm on a GPU must keep torch.nn's cuDNN kernels"
+
+
+def test_cuda_fused_double_backward_is_a_clear_error():
+    layer = normkit.BatchNorm(3, renorm=True).cuda()
+    x = torch.randn(8, 3, device="cuda", requires_grad=True)
+    with normkit.kernels.switched(True):
+        y = layer(x)
+    with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_cuda_fused_variance_is_exact_far_from_zero():
+    torch.manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(64, 3, 8, device="cuda")).float()
+    layer = normkit.BatchNorm(3, virtual_batch_size=32, momentum=1.0).cuda()
+    with normkit.kernels.switched(True):
+        layer(x)
+    ghosts = x.double().view(32, 2, 3, 8).transpose(0, 1)  # Keras' strided ghost batches
+    expected = ghosts.var(dim=(1, 3), unbiased=True).mean(0)
+    relative = ((layer.running_var.double() - expected).abs() / expected).max().item()
+    assert relative < 1e-3 and (layer.running_var >= 0).all()
 
 
 def _nccl_worker(rank, init_file, out_dir):

@@ -1,8 +1,10 @@
-"""The fused C++ kernel (normkit.kernels): which calls it takes, which it leaves to ATen, and its math.
+"""The fused kernels (normkit.kernels): which calls they take, which they leave to ATen, and their math.
 
-The option tests (test_options, test_keras_spec, test_keras_golden) already run through it
-against the NumPy reference and Keras' numbers (the ``execution`` fixture); these are the
-cases specific to the kernel.
+Tests taking ``fused_kernels`` run twice: through the C++ kernel, and through the Triton kernels
+(the CUDA path) in Triton's interpreter on the CPU; tests/test_gpu.py runs the Triton kernels
+compiled on a GPU. The option tests (test_options, test_keras_spec, test_keras_golden) already
+run through the C++ kernel against the NumPy reference and Keras' numbers (the ``execution``
+fixture); these are the cases specific to the kernels.
 """
 
 import math
@@ -20,7 +22,7 @@ import normkit
 from normkit import functional as F
 from normkit import reference as R
 
-from oracle import assert_close, assert_training_step, to_numpy
+from oracle import assert_close, assert_training_step, routed_to_triton, to_numpy
 
 INF = (0.0, math.inf, math.inf)
 
@@ -130,9 +132,11 @@ def test_fused_gradcheck(fused_kernels):
         "mask": lambda x, w, b: F._fused_batch_norm(x, (1,), mask, None, "strided", None, None, w, b, True, 0.1, 1e-3,
                                                     True, None, None, None, INF, 0.01),
     }
+    # (Interpreted Triton is slow: there gradcheck checks random projections of the Jacobian.)
+    fast = fused_kernels._triton_on_cpu
     for name, call in calls.items():
         assert call(x, weight, bias) is not None, name
-        assert torch.autograd.gradcheck(call, (x, weight, bias)), name
+        assert torch.autograd.gradcheck(call, (x, weight, bias), fast_mode=fast), name
 
 
 @pytest.mark.parametrize("why,make", [
@@ -163,12 +167,12 @@ def test_size_limit_shrinks_with_threads():
         torch.set_num_threads(threads)
 
 
-def test_modules_fall_back_to_aten_when_declined(fused_kernels, rng):
-    """float16 data with the fused kernel on gives what ATen's path gives."""
+def test_modules_fall_back_to_aten_when_declined(cpp_kernel, rng):
+    """float16 data on the CPU with the fused kernel on gives what ATen's path gives."""
     x = torch.tensor(rng.normal(size=(16, 4, 3)), dtype=torch.float16)
     outputs = []
     for on in (True, False):
-        with fused_kernels.switched(on):
+        with cpp_kernel.switched(on):
             layer = normkit.BatchNorm(4, renorm=True, virtual_batch_size=8)
             outputs.append((layer(x), layer.running_mean.clone()))
     assert torch.equal(outputs[0][0], outputs[1][0])
@@ -207,7 +211,7 @@ def test_switched_restores_the_previous_state(fused_kernels):
     assert fused_kernels.enabled()
 
 
-def test_environment_variable_enables_the_kernel_at_import(fused_kernels):
+def test_environment_variable_enables_the_kernel_at_import(cpp_kernel):
     env = dict(os.environ, NORMKIT_FUSED_KERNELS="1")
     code = "import normkit, normkit.kernels as k; print(k.enabled())"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -232,6 +236,10 @@ def option_cases(draw):
 @settings(max_examples=150, deadline=None)
 @given(option_cases())
 def test_options_match_the_reference_on_random_cases(built_kernels, case):
+    _check_random_case(built_kernels, case)
+
+
+def _check_random_case(kernels, case):
     shape, axis, option, virtual, channels_last, dtype, seed, fused = case  # (fused: else ATen's paths)
     rng = np.random.default_rng(seed)
     features = shape[axis]
@@ -252,7 +260,7 @@ def test_options_match_the_reference_on_random_cases(built_kernels, case):
     w, b = to_numpy(layer.weight), to_numpy(layer.bias)
     x = torch.tensor(x_np, dtype=dtype)
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
-    with built_kernels.switched(fused):
+    with kernels.switched(fused):
         y = layer(x, mask=None if mask_np is None else torch.tensor(mask_np))
     y.backward(torch.tensor(g_np, dtype=dtype))
     kwargs = dict(axis=axis, virtual_batch_size=virtual, mask=mask_np)
@@ -264,6 +272,68 @@ def test_options_match_the_reference_on_random_cases(built_kernels, case):
         kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.2)
     expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.3, 1e-3, **kwargs)
     assert_training_step(layer, y, x.grad, expected, grads, state, dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(option_cases())
+def test_triton_kernels_match_the_reference_on_random_cases(built_triton_kernels, case):
+    """The same random cases through the Triton kernels (interpreted: fewer examples, each is slow)."""
+    with routed_to_triton(built_triton_kernels):
+        _check_random_case(built_triton_kernels, case[:-1] + (True,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernels_take_half_precision_with_float32_state(dtype, fused_kernels, rng):
+    """On CUDA the Triton kernels take float16/bfloat16 data with float32 parameters (normkit's rule)."""
+    if not fused_kernels._triton_on_cpu:
+        pytest.skip("the C++ kernel leaves half precision to ATen (test_modules_fall_back_to_aten_when_declined)")
+    x_np = rng.normal(size=(8, 3, 5)) * 2 + 1
+    x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
+    g = torch.tensor(rng.normal(size=x.shape), dtype=dtype)
+    layer = normkit.BatchNorm(3, renorm=True, virtual_batch_size=4,
+                              renorm_clipping={"rmax": 1.2, "rmin": 0.8, "dmax": 0.3})
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
+    y = layer(x)
+    assert y.dtype == dtype and layer.running_mean.dtype == torch.float32
+    y.backward(g)
+    exact_x = to_numpy(x)  # the rounded values the layer saw
+    kwargs = dict(virtual_batch_size=4, renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                  renorm_clipping=(0.8, 1.2, 0.3))
+    grads = R.batch_norm_backward(to_numpy(g), exact_x, state["running_mean"], state["running_var"],
+                                  to_numpy(layer.weight), to_numpy(layer.bias), True, 1e-5, **kwargs)
+    kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.01)
+    expected = R.batch_norm(exact_x, state["running_mean"], state["running_var"], to_numpy(layer.weight),
+                            to_numpy(layer.bias), True, 0.1, 1e-5, **kwargs)
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, grads[0], dtype)
+    # Parameter gradients and buffers are float32 sums of the rounded values.
+    assert_close(layer.weight.grad, grads[1], torch.float32, rtol=1e-3, atol=1e-3)
+    assert_close(layer.bias.grad, grads[2], torch.float32, rtol=1e-3, atol=1e-3)
+    for name, value in state.items():
+        assert_close(getattr(layer, name), value, torch.float32, err_msg=name)
+
+
+@pytest.mark.parametrize("why,make", [
+    ("more values per feature than one program takes", lambda T: dict(x=torch.randn(T.MAX_PER_FEATURE + 1, 2))),
+    ("float16 input with float16 parameters", lambda T: dict(x=torch.randn(8, 3, dtype=torch.float16),
+                                                              dtype=torch.float16)),
+    ("float32 input with float64 parameters", lambda T: dict(x=torch.randn(8, 3), dtype=torch.float64)),
+    ("a mask that is not boolean", lambda T: dict(x=torch.randn(8, 3), valid=torch.ones(8, dtype=torch.uint8))),
+    ("a mask of the wrong size", lambda T: dict(x=torch.randn(8, 3), valid=torch.ones(7, dtype=torch.bool))),
+])
+def test_triton_kernels_decline_and_do_nothing(why, make):
+    T = pytest.importorskip("normkit.kernels.triton_batch_norm")
+    case = make(T)
+    x, dtype = case["x"], case.get("dtype", torch.float32)
+    channels = x.shape[1]
+    running_mean, running_var = torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
+    dims = [x.shape[0], 1, channels, 1, 1, 1]
+    settings_ = [0.1, 0.01, 0.0, math.inf, math.inf, 1e-5, 1.0, 1.0]
+    y = T.fused_batch_norm(x, torch.ones(channels, dtype=dtype), None, case.get("valid"), running_mean, running_var,
+                           None, None, None, dims, settings_)
+    assert y is None, why
+    assert torch.equal(running_mean, torch.zeros(channels, dtype=dtype))
+    assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
 
 
 def test_double_backward_is_a_clear_error(fused_kernels):

@@ -1,39 +1,56 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a machine with CUDA (the `device` tool's): tests, benchmarks, the lab, the suite.
+# The GPU checks in one run, for a machine with CUDA (the `device` tool's): tests, the lab, benchmarks, the suite.
 #
-#   OUT=some/dir bash tools/device_check.sh
+#   OUT=some/dir bash tools/device_check.sh                  # every stage
+#   OUT=some/dir STAGES="tests bench" bash tools/device_check.sh
 #
-# Writes its logs and benchmark tables under $OUT; each stage has its own time limit so one slow
-# stage cannot eat the others' time. It installs normkit (editable, no dependencies) into the
-# machine's python3 (else puts src/ on PYTHONPATH), which must already hold torch with CUDA and the test and lab packages.
+# Stages: tests (tests/test_gpu.py), lab (normkit train --device cuda), bench (bench_batchnorm and
+# bench_variants --fused on cuda), bench-lab (bench_lab on cuda), suite (all tests, pytest -n 12).
+# Writes logs and benchmark tables under $OUT; each stage has its own time limit so one slow stage
+# cannot eat the others' time. It installs normkit (editable, no dependencies) into the machine's
+# python3 (else puts src/ on PYTHONPATH), which must already hold torch with CUDA, Triton and the
+# test and lab packages.
 set -u
 OUT=${OUT:-device-out}
+STAGES=${STAGES:-tests lab bench bench-lab suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 stage "machine"
 nvidia-smi -L
-python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(), 'triton', triton.__version__)"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || export PYTHONPATH=$PWD/src
 
-stage "GPU tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+if wanted tests; then
+  stage "GPU tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_gpu.py 2>&1 \
+      | tee "$OUT/test_gpu.log" | tail -30
+fi
 
-stage "the lab on the GPU (normkit train --device cuda)"
-timeout 90 python3 -m normkit.cli train --device cuda --no-tensorboard --out /tmp/lab-cuda 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" \
-    | tee "$OUT/train_cuda.log" | tail -8
+if wanted lab; then
+  stage "the lab on the GPU (normkit train --device cuda)"
+  timeout 90 python3 -m normkit.cli train --device cuda --no-tensorboard --out /tmp/lab-cuda 2>&1 | tr '\r' '\n' \
+      | grep -v "it/s\]$" | tee "$OUT/train_cuda.log" | tail -8
+fi
 
-stage "bench_batchnorm --device cuda"
-timeout 150 python3 benchmarks/bench_batchnorm.py --device cuda --budget 1.5 2>/dev/null | tee "$OUT/bench_batchnorm_cuda.md"
+if wanted bench; then
+  stage "bench_variants --device cuda --fused"
+  timeout 180 python3 benchmarks/bench_variants.py --device cuda --fused --budget 1.2 --no-keras 2>/dev/null \
+      | tee "$OUT/bench_variants_cuda.md"
+  stage "bench_batchnorm --device cuda"
+  timeout 150 python3 benchmarks/bench_batchnorm.py --device cuda --budget 1.2 ${BENCH_ONLY:+--only "$BENCH_ONLY"} \
+      2>/dev/null | tee "$OUT/bench_batchnorm_cuda.md"
+fi
 
-stage "bench_variants --device cuda"
-timeout 120 python3 benchmarks/bench_variants.py --device cuda --budget 1.5 --no-keras 2>/dev/null \
-    | tee "$OUT/bench_variants_cuda.md"
+if wanted bench-lab; then
+  stage "bench_lab --device cuda"
+  timeout 60 python3 benchmarks/bench_lab.py --device cuda --threads 1 --rounds 5 2>&1 | tee "$OUT/bench_lab_cuda.md"
+fi
 
-stage "bench_lab --device cuda"
-timeout 60 python3 benchmarks/bench_lab.py --device cuda --threads 1 --rounds 5 2>&1 | tee "$OUT/bench_lab_cuda.md"
-
-stage "the whole suite under this machine's torch (pytest -n 12)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -n 12 tests 2>&1 | tail -40 | tee "$OUT/suite.log"
+if wanted suite; then
+  stage "the whole suite under this machine's torch (pytest -n 12)"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 12 tests 2>&1 | tail -40 | tee "$OUT/suite.log"
+fi
 stage "done"

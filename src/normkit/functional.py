@@ -233,11 +233,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if x.numel() == 0:
         # An empty batch has no statistics: return an empty output and leave the buffers alone.
         return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
-    # With normkit.kernels on, every option it covers and plain features-last data of rank >= 4
-    # (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls keep
-    # torch.nn's own kernel (and its exact bits).
+    # With normkit.kernels on, every option it covers and, on the CPU, plain features-last data of
+    # rank >= 4 (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls
+    # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does (cuDNN).
     if kernels.enabled() and adjustment is None and not (
-            plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4)):
+            plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda)):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
                               weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
@@ -297,13 +297,14 @@ def fused_max_numel():
 def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
                       bias, training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                       renorm_clipping, renorm_momentum):
-    """A training step in one C++ forward and backward (``normkit.kernels``); None where it does not apply.
+    """A training step in one fused forward and backward (``normkit.kernels``); None where it does not apply.
 
-    It applies to float32/float64 CPU tensors with one feature axis (dim 1 or last) in
-    contiguous or channels_last memory, parameters and buffers of the input's dtype, and a mask
-    (no ghost batches with it) that is the same on every feature.
+    It applies to tensors with one feature axis (dim 1 or last) in contiguous or channels_last
+    memory and a mask (no ghost batches with it) that is the same on every feature; on the CPU
+    (C++) to float32/float64 with parameters and buffers of the input's dtype, on CUDA (Triton)
+    also to float16/bfloat16 inputs with float32 parameters and buffers.
     """
-    if x.numel() > fused_max_numel():
+    if not x.is_cuda and x.numel() > fused_max_numel():  # (the CUDA kernels apply their own limit)
         return None
     layout = _fused_layout(x, feature_axes)
     if layout is None or not isinstance(momentum, (int, float)) or not isinstance(renorm_momentum, (int, float)):

@@ -1,4 +1,4 @@
-"""Optional fused CPU kernel for BatchNorm's training step, compiled on first use by torch's extension loader.
+"""Optional fused kernels for BatchNorm's training step: C++ for the CPU (compiled on first use), Triton for CUDA.
 
 Small inputs with renorm, ghost batches or a padding mask spend their time launching a dozen
 small ATen operations, not on data (benchmarks/bench_op_floor.py). ``fused_batch_norm.cpp``
@@ -18,6 +18,10 @@ the Python headers and ``ninja`` (``pip install "normkit[fused]"``)::
     normkit.kernels.enable()      # builds or loads the kernel; raises if it cannot
     ...                           # those calls on CPU now take the fused path
     normkit.kernels.disable()
+
+On CUDA tensors the same calls take ``triton_batch_norm.py``'s Triton kernels instead (Triton comes
+with CUDA builds of torch; without it CUDA calls keep ATen's path). Plain BatchNorm on a GPU always
+keeps torch.nn's cuDNN kernels.
 
 ``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (a build
 failure then warns instead of raising). Without it every path is ATen's, as before; both
@@ -114,8 +118,35 @@ def switched(on: bool):
         _enabled = previous
 
 
+_triton_module = None
+_triton_failure = None
+# Tests only: send CPU tensors to the Triton kernels too (run by Triton's interpreter, TRITON_INTERPRET=1).
+_triton_on_cpu = False
+
+
+def _triton_kernels():
+    """normkit.kernels.triton_batch_norm, imported on the first CUDA call; None where Triton is missing."""
+    global _triton_module, _triton_failure
+    if _triton_module is None and _triton_failure is None:
+        try:
+            from . import triton_batch_norm
+            _triton_module = triton_batch_norm
+        except ImportError as error:  # CUDA builds of torch bring Triton; without it ATen's path serves
+            _triton_failure = error
+            warnings.warn(f"normkit.kernels: Triton is not importable ({error}); CUDA tensors keep ATen's path",
+                          RuntimeWarning, stacklevel=3)
+    return _triton_module
+
+
 def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                      moving_stddev, dims, settings):
+    """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply."""
+    if x.is_cuda or _triton_on_cpu:
+        module = _triton_kernels()
+        if module is None:
+            return None
+        return module.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
+                                       renorm_stddev, moving_stddev, dims, settings)
     return _extension.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
                                        renorm_stddev, moving_stddev, dims, settings)
 
