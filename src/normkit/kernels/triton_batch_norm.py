@@ -20,8 +20,9 @@ another, with the same contract as the C++ kernel (``normkit.kernels.fused_batch
 One program per feature keeps every statistic in registers (no second launch, no atomics), at
 the price of parallelism: features with more than ``MAX_PER_FEATURE`` values are left to ATen's
 multi-block kernels. Half-precision inputs (float16/bfloat16 with float32 parameters, normkit's
-rule) are read and written in their dtype; arithmetic is float64. The scalar settings (momentum,
-eps, clipping bounds) reach the kernel as float32, as Triton passes Python floats.
+rule) are read and written in their dtype; arithmetic is float64. Triton passes Python floats as
+float32, which would round eps, the momenta and the clipping bounds (r clipped at 1.1 off by 2e-8):
+each setting travels as two float32 numbers whose float64 sum is the setting to about 1e-15.
 
 Tests run these kernels compiled on a CUDA device (tests/test_gpu.py) and, without one, in
 Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py), against the NumPy
@@ -30,6 +31,10 @@ reference.
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -71,7 +76,8 @@ def _store(pointer, value, mask):
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
                     renorm_mean_ptr, renorm_stddev_ptr, moving_stddev_ptr, stats_ptr, rd_ptr,
-                    G, NG, R, C, S, factor, renorm_factor, rmin, rmax, dmax, eps,
+                    G, NG, R, C, S, factor, factor_lo, renorm_factor, renorm_factor_lo, rmin, rmin_lo, rmax, rmax_lo,
+                    dmax, dmax_lo, eps, eps_lo,
                     STRIDED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, UPDATE: tl.constexpr,
                     UNBIASED: tl.constexpr, BLOCK: tl.constexpr):
@@ -79,7 +85,7 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
     positions = NG * R * S
     zero = tl.zeros((BLOCK,), dtype=tl.float64)
     nothing = tl.sum(zero, axis=0)  # a float64 scalar 0: adding it makes a float argument float64
-    eps64 = nothing + eps
+    eps64 = nothing + eps + eps_lo
     batch_mean = nothing
     batch_var = nothing
     total = nothing
@@ -125,9 +131,9 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
     d = nothing
     if RENORM:  # r and d from the renorm statistics before this step's update, clipped
         safe = tl.maximum(tl.load(renorm_stddev_ptr + c).to(tl.float64), tl.sqrt(eps64))
-        r = tl.minimum(tl.maximum(tl.sqrt(batch_var + eps64) / safe, (nothing + rmin)), (nothing + rmax))
+        r = tl.minimum(tl.maximum(tl.sqrt(batch_var + eps64) / safe, (nothing + rmin + rmin_lo)), (nothing + rmax + rmax_lo))
         d = (batch_mean - tl.load(renorm_mean_ptr + c).to(tl.float64)) / safe
-        d = tl.minimum(tl.maximum(d, -(nothing + dmax)), (nothing + dmax))
+        d = tl.minimum(tl.maximum(d, -(nothing + dmax + dmax_lo)), (nothing + dmax + dmax_lo))
     tl.store(rd_ptr + c, r)
     tl.store(rd_ptr + C + c, d)
     scale = gamma * r
@@ -148,12 +154,12 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
             if UNBIASED:
                 bessel = tl.where(n > 1.0, n / tl.maximum(n - 1.0, 1.0), 1.0)
             estimate = batch_var * bessel
-            f = nothing + factor
+            f = nothing + factor + factor_lo
             old_mean = tl.load(running_mean_ptr + c).to(tl.float64)
             tl.store(running_mean_ptr + c, (old_mean + f * (batch_mean - old_mean)).to(
                 running_mean_ptr.dtype.element_ty))
             if RENORM:
-                rf = nothing + renorm_factor
+                rf = nothing + renorm_factor + renorm_factor_lo
                 old = tl.load(renorm_mean_ptr + c).to(tl.float64)
                 tl.store(renorm_mean_ptr + c, (old + rf * (batch_mean - old)).to(renorm_mean_ptr.dtype.element_ty))
                 old = tl.load(renorm_stddev_ptr + c).to(tl.float64)
@@ -226,15 +232,30 @@ def _backward_kernel(x_ptr, grad_ptr, valid_ptr, weight_ptr, stats_ptr, rd_ptr, 
         _store(grad_bias_ptr + c, grad_shift, None)
 
 
+@functools.lru_cache(maxsize=64)
+def _float32_pairs(settings: tuple) -> tuple:
+    """Each setting as float32 numbers (hi, lo) with hi + lo == setting to about 1e-15 (infinities: (inf, 0)).
+
+    Cached: a layer's settings repeat from step to step, and this runs on every one.
+    """
+    pairs = []
+    for value in settings:
+        hi = float(np.float32(value))
+        lo = value - hi if math.isfinite(value) else 0.0
+        pairs += [hi, float(np.float32(lo))]
+    return tuple(pairs)
+
+
 class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev,
                 dims, settings):
         n, rows, channels, positions, groups, strided = dims
-        factor, renorm_factor, rmin, rmax, dmax, eps, unbiased, update = settings
+        unbiased, update = settings[6:]
         renorm = renorm_mean is not None
-        stats = torch.empty((3, groups, channels), dtype=torch.float64, device=x.device)
-        rd = torch.empty((2, channels), dtype=torch.float64, device=x.device)
+        # One float64 allocation: mean, invstd, count of every (group, feature), then r and d per feature.
+        saved = torch.empty(3 * groups * channels + 2 * channels, dtype=torch.float64, device=x.device)
+        stats, rd = saved[:3 * groups * channels], saved[3 * groups * channels:]
         y = torch.empty_like(x)
         absent = stats  # any pointer: the constexpr flags keep the kernel from touching it
         _forward_kernel[(channels,)](
@@ -242,7 +263,8 @@ class _FusedBatchNorm(torch.autograd.Function):
             absent if bias is None else bias, absent if running_mean is None else running_mean,
             absent if running_var is None else running_var, absent if not renorm else renorm_mean,
             absent if renorm_stddev is None else renorm_stddev, absent if moving_stddev is None else moving_stddev,
-            stats, rd, groups, n // groups, rows, channels, positions, factor, renorm_factor, rmin, rmax, dmax, eps,
+            stats, rd, groups, n // groups, rows, channels, positions,
+            *_float32_pairs(tuple(float(value) for value in settings[:6])),
             STRIDED=bool(strided), HAS_MASK=valid is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, RENORM=renorm, UPDATE=bool(update) and running_mean is not None,
             UNBIASED=bool(unbiased), BLOCK=BLOCK)
