@@ -254,7 +254,7 @@ def test_cuda_options_take_the_triton_kernels_when_enabled(name, monkeypatch, rn
         assert len(calls) == 1, f"{name}: the Triton kernels were not called"
         plain = normkit.BatchNorm2d(4).cuda()
         plain(torch.randn(8, 4, 3, 3, device="cuda"))
-        assert len(calls) == 1, "plain BatchNorm on a GPU must keep torch.nn's cuDNN kernels"
+        assert len(calls) == 1, "plain BatchNorm on a GPU must keep torch.nn's CUDA kernels"
 
 
 def test_cuda_fused_double_backward_is_a_clear_error():

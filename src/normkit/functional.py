@@ -235,7 +235,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
     # With normkit.kernels on, every option it covers and, on the CPU, plain features-last data of
     # rank >= 4 (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls
-    # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does (cuDNN).
+    # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does.
     if kernels.enabled() and adjustment is None and not (
             plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda)):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,

@@ -21,7 +21,7 @@ the Python headers and ``ninja`` (``pip install "normkit[fused]"``)::
 
 On CUDA tensors the same calls take ``triton_batch_norm.py``'s Triton kernels instead (Triton comes
 with CUDA builds of torch; without it CUDA calls keep ATen's path). Plain BatchNorm on a GPU always
-keeps torch.nn's cuDNN kernels.
+keeps torch.nn's CUDA kernels (cuDNN's or ATen's).
 
 ``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (a build
 failure then warns instead of raising). Without it every path is ATen's, as before; both
