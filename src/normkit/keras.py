@@ -15,6 +15,11 @@ Conversions done here and nowhere else:
 
 The number of features is inferred on the first call (or ``build(input_shape)``), as
 Keras does; parameters exist from then on, so build before creating an optimizer.
+
+Porting: ``from_keras(keras_layer)`` (or ``from_keras_config(config, build_config, weights)``
+with what a Keras layer's ``get_config()``, ``get_build_config()`` and ``get_weights()`` return)
+gives the same layer here; ``layer.keras_config()`` is this layer as Keras' ``get_config()``
+writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that one only).
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
 from .modules import BatchNorm
-from .options import resolve_constraint, resolve_initializer, resolve_regularizer
+from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
 
-__all__ = ["BatchNormalization"]
+__all__ = ["BatchNormalization", "from_keras", "from_keras_config", "to_keras"]
+
+# Keras dtype policies -> the dtype of the variables (mixed policies keep float32 variables).
+_POLICY_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16, "mixed_float16": torch.float32, "mixed_bfloat16": torch.float32}
 
 
 class BatchNormalization(nn.Module):
@@ -105,6 +114,7 @@ class BatchNormalization(nn.Module):
         self._factory = {"dtype": dtype, "device": device}
         self._trainable = bool(trainable)
         self.bn: Optional[BatchNorm] = None
+        self._build_shape: Optional[tuple] = None
 
     # -- build ------------------------------------------------------------------------------------
 
@@ -120,6 +130,7 @@ class BatchNormalization(nn.Module):
         """
         rank = len(input_shape)
         axes = canonicalize_axes(self.axis, rank)
+        self._build_shape = tuple(None if size is None else int(size) for size in input_shape)
         sizes = tuple(input_shape[a] for a in axes)
         if any(size is None for size in sizes):
             raise ValueError(f"axis {self.axis} of input_shape {tuple(input_shape)} must have a known size")
@@ -240,7 +251,59 @@ class BatchNormalization(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNormalization":
-        return cls(**config)
+        """A layer from ``get_config()``: this class's, or Keras' own (its ``dtype`` policy and its
+        serialized initializers, regularizers and constraints included)."""
+        import inspect
+
+        config = dict(config)
+        dtype = config.pop("dtype", None)
+        if isinstance(dtype, dict):  # Keras 3: {"class_name": "DTypePolicy", "config": {"name": "float32"}}
+            dtype = (dtype.get("config") or {}).get("name")
+        if isinstance(dtype, str):
+            if dtype not in _POLICY_DTYPES:
+                raise ValueError(f"from_config: dtype policy {dtype!r} is not one of {sorted(_POLICY_DTYPES)}")
+            dtype = _POLICY_DTYPES[dtype]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - accepted)
+        if unknown:
+            raise ValueError(f"from_config: {unknown} are not BatchNormalization arguments "
+                             f"(accepted: {sorted(accepted)})")
+        return cls(**config, dtype=dtype)
+
+    def keras_config(self) -> dict:
+        """This layer as Keras 3's ``BatchNormalization.get_config()`` writes it.
+
+        ``keras.layers.BatchNormalization.from_config(layer.keras_config())`` is the same layer in
+        Keras. Options Keras 3 does not have (``virtual_batch_size``, ``adjustment``), Python
+        callables among the initializers, regularizers and constraints, and clipping schedules
+        (callables) cannot be written, and raise a ValueError naming them.
+        """
+        missing = [option for option, value in (("virtual_batch_size", self.virtual_batch_size),
+                                                ("adjustment", self.adjustment)) if value is not None]
+        clipping = self.renorm_clipping
+        if clipping is not None and any(callable(v) for v in clipping.values()):
+            missing.append("renorm_clipping schedules (callables)")
+        if missing:
+            raise ValueError(f"{self.name}: Keras 3's BatchNormalization has no {', '.join(missing)}; "
+                             "this layer cannot be written as a Keras config")
+        dtype = self.bn.running_mean.dtype if self.bn is not None else (self._factory["dtype"] or torch.float32)
+        serialized = {}
+        for key in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
+                    "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
+                    "gamma_constraint"):
+            kind = key.rsplit("_", 1)[1]
+            serialized[key] = to_keras_object(kind, getattr(self, key), name=key)
+        return {"name": self.name, "trainable": self._trainable,
+                "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                          "config": {"name": str(dtype).replace("torch.", "")}, "registered_name": None},
+                "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
+                "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
+                "renorm_clipping": None if clipping is None else {k: float(v) for k, v in clipping.items()},
+                "renorm_momentum": self.renorm_momentum}
+
+    def get_build_config(self) -> Optional[dict]:
+        """``{"input_shape": [...]}`` of the build, as Keras' ``get_build_config()``; None before it."""
+        return None if self._build_shape is None else {"input_shape": list(self._build_shape)}
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -275,3 +338,48 @@ class BatchNormalization(nn.Module):
                 f"scale={self.scale}" + (", renorm=True" if self.renorm else "")
                 + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
                 + ("" if self._trainable else ", trainable=False"))
+
+
+def from_keras_config(config: dict, build_config: Optional[dict] = None, weights=None) -> BatchNormalization:
+    """A normkit layer from what a Keras BatchNormalization layer's ``get_config()``,
+    ``get_build_config()`` and ``get_weights()`` return (Keras 3 or tf.keras; plain dicts and NumPy
+    arrays, so the Keras side can be saved to JSON/NPZ and loaded where Keras is not installed)."""
+    layer = BatchNormalization.from_config(config)
+    if build_config is not None:
+        layer.build(build_config["input_shape"])
+    if weights is not None:
+        if not layer.built:
+            raise ValueError("from_keras_config: weights need the layer built: pass build_config "
+                             "(the Keras layer's get_build_config())")
+        layer.set_weights(weights)
+    return layer
+
+
+def from_keras(keras_layer) -> BatchNormalization:
+    """The same layer as normkit's: options, build and weights of a Keras BatchNormalization layer."""
+    for method in ("get_config", "get_weights"):
+        if not callable(getattr(keras_layer, method, None)):
+            raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
+                            f"(no {method}())")
+    build_config = None
+    if getattr(keras_layer, "built", False):
+        if not callable(getattr(keras_layer, "get_build_config", None)):
+            raise ValueError("from_keras: this Keras has no get_build_config(); use from_keras_config(config, "
+                             "{'input_shape': [...]}, weights) with the layer's input shape")
+        build_config = keras_layer.get_build_config()
+    weights = keras_layer.get_weights() if build_config is not None else None
+    return from_keras_config(keras_layer.get_config(), build_config, weights)
+
+
+def to_keras(layer: BatchNormalization):
+    """Keras 3's BatchNormalization with ``layer``'s options and, if built, its build and weights (needs Keras)."""
+    try:
+        import keras
+    except ImportError as error:
+        raise ImportError("to_keras needs Keras 3 (pip install keras); layer.keras_config() and "
+                          "layer.get_weights() give the same without it") from error
+    ported = keras.layers.BatchNormalization.from_config(layer.keras_config())
+    if layer.built:
+        ported.build(tuple(layer.get_build_config()["input_shape"]))
+        ported.set_weights(layer.get_weights())
+    return ported

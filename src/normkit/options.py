@@ -43,18 +43,82 @@ INITIALIZERS: dict[str, Callable] = {
 class Constant:
     """Initializer that fills with ``value`` (Keras' ``Constant``)."""
 
-    def __init__(self, value: float):
+    def __init__(self, value: float = 0.0):
         self.value = float(value)
 
     def __call__(self, shape, dtype=None):
         return torch.full(tuple(shape), self.value, dtype=dtype or torch.float32)
 
+    def keras_config(self):
+        return "Constant", {"value": self.value}
+
     def __repr__(self):
         return f"Constant({self.value})"
 
 
+class _SeededDraw:
+    """A random initializer with Keras' parameters; ``seed`` seeds a torch generator (Keras' own
+    random stream is not reproduced: ported models load their weights, not their initial draws)."""
+
+    keras_name = ""
+
+    def __init__(self, seed=None, **parameters):
+        self.seed = seed
+        self.parameters = {name: float(value) for name, value in parameters.items()}
+
+    def _generator(self):
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+
+    def keras_config(self):
+        return self.keras_name, {**self.parameters, "seed": self.seed}
+
+    def __repr__(self):
+        items = ", ".join(f"{k}={v}" for k, v in {**self.parameters, "seed": self.seed}.items())
+        return f"{type(self).__name__}({items})"
+
+
+class RandomNormal(_SeededDraw):
+    keras_name = "RandomNormal"
+
+    def __init__(self, mean=0.0, stddev=0.05, seed=None):
+        super().__init__(seed, mean=mean, stddev=stddev)
+
+    def __call__(self, shape, dtype=None):
+        values = torch.empty(tuple(shape), dtype=torch.float64)
+        values.normal_(self.parameters["mean"], self.parameters["stddev"], generator=self._generator())
+        return values.to(dtype or torch.float32)
+
+
+class RandomUniform(_SeededDraw):
+    keras_name = "RandomUniform"
+
+    def __init__(self, minval=-0.05, maxval=0.05, seed=None):
+        super().__init__(seed, minval=minval, maxval=maxval)
+
+    def __call__(self, shape, dtype=None):
+        values = torch.empty(tuple(shape), dtype=torch.float64)
+        values.uniform_(self.parameters["minval"], self.parameters["maxval"], generator=self._generator())
+        return values.to(dtype or torch.float32)
+
+
+class TruncatedNormal(_SeededDraw):
+    """Normal values redrawn until within two standard deviations of the mean (Keras' TruncatedNormal)."""
+
+    keras_name = "TruncatedNormal"
+
+    def __init__(self, mean=0.0, stddev=0.05, seed=None):
+        super().__init__(seed, mean=mean, stddev=stddev)
+
+    def __call__(self, shape, dtype=None):
+        mean, stddev = self.parameters["mean"], self.parameters["stddev"]
+        values = torch.empty(tuple(shape), dtype=torch.float64)
+        nn.init.trunc_normal_(values, mean, stddev, mean - 2 * stddev, mean + 2 * stddev,
+                              generator=self._generator())
+        return values.to(dtype or torch.float32)
+
+
 def resolve_initializer(initializer, *, name: str):
-    """A name from INITIALIZERS, a number (constant), or a callable ``(shape, dtype) -> array``."""
+    """A name from INITIALIZERS, a number (constant), Keras' serialized dict, or a callable ``(shape, dtype) -> array``."""
     if isinstance(initializer, str):
         key = initializer.lower()
         if key not in INITIALIZERS:
@@ -63,9 +127,12 @@ def resolve_initializer(initializer, *, name: str):
         return key
     if isinstance(initializer, (int, float)) and not isinstance(initializer, bool):
         return Constant(initializer)
+    if isinstance(initializer, dict):
+        return from_keras_object("initializer", initializer, name=name)
     if callable(initializer):
         return initializer
-    raise TypeError(f"{name} must be a name, a number or a callable(shape, dtype), got {initializer!r}")
+    raise TypeError(f"{name} must be a name, a number, a Keras config dict or a callable(shape, dtype), "
+                    f"got {initializer!r}")
 
 
 def apply_initializer(initializer, tensor: torch.Tensor) -> None:
@@ -100,23 +167,32 @@ class L1L2:
             loss = loss + self.l2 * weight.square().sum()
         return loss
 
+    def keras_config(self):
+        if self.l1 and not self.l2:
+            return "L1", {"l1": self.l1}
+        if self.l2 and not self.l1:
+            return "L2", {"l2": self.l2}
+        return "L1L2", {"l1": self.l1, "l2": self.l2}
+
     def __repr__(self):
         return f"L1L2(l1={self.l1}, l2={self.l2})"
 
 
-def L1(factor: float = 0.01) -> L1L2:
-    return L1L2(l1=factor)
+def L1(l1: float = 0.01) -> L1L2:
+    """``l1 * sum(|w|)`` (Keras' L1; its argument name)."""
+    return L1L2(l1=l1)
 
 
-def L2(factor: float = 0.01) -> L1L2:
-    return L1L2(l2=factor)
+def L2(l2: float = 0.01) -> L1L2:
+    """``l2 * sum(w^2)`` (Keras' L2; its argument name)."""
+    return L1L2(l2=l2)
 
 
 REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.01, 0.01)}
 
 
 def resolve_regularizer(regularizer, *, name: str):
-    """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras) or a callable ``weight -> scalar``."""
+    """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras), Keras' serialized dict, or a callable ``weight -> scalar``."""
     if regularizer is None:
         return None
     if isinstance(regularizer, str):
@@ -125,9 +201,12 @@ def resolve_regularizer(regularizer, *, name: str):
             raise ValueError(f"{name}={regularizer!r} is not a known regularizer; use one of "
                              f"{sorted(REGULARIZERS)} or a callable(weight) -> scalar tensor")
         return REGULARIZERS[key]()
+    if isinstance(regularizer, dict):
+        return from_keras_object("regularizer", regularizer, name=name)
     if callable(regularizer):
         return regularizer
-    raise TypeError(f"{name} must be None, a name or a callable(weight) -> scalar tensor, got {regularizer!r}")
+    raise TypeError(f"{name} must be None, a name, a Keras config dict or a callable(weight) -> scalar tensor, "
+                    f"got {regularizer!r}")
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -138,6 +217,9 @@ class NonNeg:
 
     def __call__(self, w):
         return w.clamp(min=0.0)
+
+    def keras_config(self):
+        return "NonNeg", {}
 
 
 class MinMaxNorm:
@@ -154,9 +236,19 @@ class MinMaxNorm:
         desired = self.rate * norms.clamp(self.min_value, self.max_value) + (1 - self.rate) * norms
         return w * desired / (EPSILON + norms)
 
+    def keras_config(self):
+        return "MinMaxNorm", {"min_value": self.min_value, "max_value": self.max_value, "rate": self.rate,
+                              "axis": self.axis}
 
-def MaxNorm(max_value: float = 2.0, axis: int = 0) -> MinMaxNorm:
-    return MinMaxNorm(0.0, max_value, 1.0, axis)
+
+class MaxNorm(MinMaxNorm):
+    """Rescale so the L2 norm over ``axis`` is at most ``max_value`` (Keras' MaxNorm): MinMaxNorm(0, max, 1)."""
+
+    def __init__(self, max_value: float = 2.0, axis: int = 0):
+        super().__init__(0.0, max_value, 1.0, axis)
+
+    def keras_config(self):
+        return "MaxNorm", {"max_value": self.max_value, "axis": self.axis}
 
 
 class UnitNorm:
@@ -168,12 +260,15 @@ class UnitNorm:
     def __call__(self, w):
         return w / (EPSILON + w.square().sum(dim=self.axis, keepdim=True).sqrt())
 
+    def keras_config(self):
+        return "UnitNorm", {"axis": self.axis}
+
 
 CONSTRAINTS = {"non_neg": NonNeg, "unit_norm": UnitNorm, "max_norm": MaxNorm, "min_max_norm": MinMaxNorm}
 
 
 def resolve_constraint(constraint, *, name: str):
-    """None, a name from CONSTRAINTS (Keras defaults) or a callable ``weight -> projected weight``."""
+    """None, a name from CONSTRAINTS (Keras defaults), Keras' serialized dict, or a callable ``weight -> projected weight``."""
     if constraint is None:
         return None
     if isinstance(constraint, str):
@@ -182,9 +277,63 @@ def resolve_constraint(constraint, *, name: str):
             raise ValueError(f"{name}={constraint!r} is not a known constraint; use one of {sorted(CONSTRAINTS)} "
                              "or a callable(weight) -> weight")
         return CONSTRAINTS[key]()
+    if isinstance(constraint, dict):
+        return from_keras_object("constraint", constraint, name=name)
     if callable(constraint):
         return constraint
-    raise TypeError(f"{name} must be None, a name or a callable(weight) -> weight, got {constraint!r}")
+    raise TypeError(f"{name} must be None, a name, a Keras config dict or a callable(weight) -> weight, "
+                    f"got {constraint!r}")
+
+
+# ----------------------------------------------------------------------------- Keras' serialized form
+
+# Keras writes these objects as {"module": ..., "class_name": ..., "config": {...}, "registered_name": None}.
+KERAS_MODULES = {"initializer": "keras.initializers", "regularizer": "keras.regularizers",
+                 "constraint": "keras.constraints"}
+KERAS_CLASSES = {
+    "initializer": {"Zeros": lambda: "zeros", "Ones": lambda: "ones", "Constant": Constant,
+                    "RandomNormal": RandomNormal, "RandomUniform": RandomUniform, "TruncatedNormal": TruncatedNormal},
+    "regularizer": {"L1": L1, "L2": L2, "L1L2": L1L2},
+    "constraint": {"NonNeg": NonNeg, "UnitNorm": UnitNorm, "MaxNorm": MaxNorm, "MinMaxNorm": MinMaxNorm},
+}
+# What each name of this module is, in Keras' terms.
+_KERAS_NAMES = {
+    "initializer": {"zeros": ("Zeros", {}), "ones": ("Ones", {}),
+                    "random_normal": RandomNormal().keras_config(), "random_uniform": RandomUniform().keras_config(),
+                    "truncated_normal": TruncatedNormal().keras_config()},
+}
+
+
+def from_keras_object(kind: str, serialized: dict, *, name: str):
+    """The normkit object for Keras' serialized ``{"class_name": ..., "config": {...}}`` of an initializer,
+    regularizer or constraint (``kind``)."""
+    class_name = serialized.get("class_name")
+    classes = KERAS_CLASSES[kind]
+    if class_name not in classes:
+        raise ValueError(f"{name}: Keras {kind} {class_name!r} is not one normkit knows; use one of "
+                         f"{sorted(classes)}, a name, or a callable")
+    config = serialized.get("config") or {}
+    try:
+        return classes[class_name](**config)
+    except TypeError as error:
+        raise ValueError(f"{name}: the config {config!r} of Keras' {class_name} does not fit ({error})") from None
+
+
+def to_keras_object(kind: str, value, *, name: str):
+    """``value`` (as given to a layer: None, a name, a number, a Keras dict or a normkit object) in Keras'
+    serialized form, which ``keras.layers.BatchNormalization.from_config`` loads."""
+    if value is None:
+        return None
+    resolved = {"initializer": resolve_initializer, "regularizer": resolve_regularizer,
+                "constraint": resolve_constraint}[kind](value, name=name)
+    if isinstance(resolved, str):  # an initializer's name
+        class_name, config = _KERAS_NAMES[kind][resolved]
+    else:
+        if not hasattr(resolved, "keras_config"):
+            raise ValueError(f"{name}={value!r} is a Python callable, which Keras cannot load: give a name, "
+                             f"a number or one of normkit.options' classes ({', '.join(sorted(KERAS_CLASSES[kind]))})")
+        class_name, config = resolved.keras_config()
+    return {"module": KERAS_MODULES[kind], "class_name": class_name, "config": dict(config), "registered_name": None}
 
 
 # ----------------------------------------------------------------------------- model-wide helpers

@@ -1,0 +1,153 @@
+"""Porting BatchNormalization layers between Keras and normkit, against layers recorded from the real Keras 3.
+
+tests/data/keras_configs.json holds, for each layer, what Keras 3 itself wrote: its
+get_config(), get_build_config(), weights, a training call and an inference call
+(tools/keras_configs.py records it). Keras is not needed here except for the last test.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normkit.keras import BatchNormalization, from_keras, from_keras_config, to_keras
+
+from oracle import assert_close
+
+DATA = json.loads((Path(__file__).parent / "data" / "keras_configs.json").read_text())
+NAMES = sorted(name for name in DATA if name != "__meta__")
+
+
+def _arrays(values):
+    return [np.asarray(value, dtype=np.float32) for value in values]
+
+
+def _assert_same_config(ours, theirs, path="config"):
+    """Equal dicts; numbers equal to float32 precision (Keras keeps regularization factors as float32)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and set(ours) == set(theirs), f"{path}: keys {sorted(ours)} vs {sorted(theirs)}"
+        for key in theirs:
+            _assert_same_config(ours[key], theirs[key], f"{path}.{key}")
+    elif isinstance(theirs, float) and not isinstance(ours, bool):
+        assert isinstance(ours, (int, float)) and math.isclose(ours, theirs, rel_tol=1e-6), f"{path}: {ours} vs {theirs}"
+    else:
+        assert ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_keras_layer_computes_the_same_here(name):
+    """Config, build and weights from Keras: the same training step, weights after it, inference, losses."""
+    recorded = DATA[name]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    assert layer.name == recorded["config"]["name"]
+    assert layer.trainable == recorded["config"]["trainable"]
+    assert_close(layer(torch.tensor(recorded["x_train"]), training=True), recorded["y_train"], torch.float32)
+    for ours, theirs in zip(layer.get_weights(), recorded["weights_after"], strict=True):
+        assert_close(ours, theirs, torch.float32)
+    assert_close(layer(torch.tensor(recorded["x_infer"]), training=False), recorded["y_infer"], torch.float32)
+    losses = layer.losses
+    assert len(losses) == len(recorded["losses"])
+    for ours, theirs in zip(losses, recorded["losses"]):
+        assert_close(ours, theirs, torch.float32)
+    layer.bn.apply_constraints()
+    for label, parameter in (("gamma", layer.bn.weight), ("beta", layer.bn.bias)):
+        if label in recorded["constrained"]:
+            assert_close(parameter, recorded["constrained"][label], torch.float32, err_msg=label)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keras_config_is_what_keras_writes(name):
+    """The same arguments given to normkit's layer: keras_config() is Keras' own get_config()."""
+    recorded = DATA[name]
+    ours = BatchNormalization(**recorded["kwargs"], name=recorded["config"]["name"])
+    ours.build(recorded["build_config"]["input_shape"])
+    _assert_same_config(ours.keras_config(), recorded["config"])
+    assert ours.get_build_config() == recorded["build_config"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keras_config_round_trips(name):
+    recorded = DATA[name]
+    _assert_same_config(from_keras_config(recorded["config"]).keras_config(), recorded["config"])
+
+
+def test_keras_initializer_configs_give_their_distributions():
+    """Keras' serialized random initializers keep their parameters (the draws are torch's, seeded)."""
+    layer = BatchNormalization(gamma_initializer={"class_name": "RandomNormal",
+                                                  "config": {"mean": 3.0, "stddev": 0.5, "seed": 7}},
+                               beta_initializer={"class_name": "RandomUniform",
+                                                 "config": {"minval": 2.0, "maxval": 2.5, "seed": None}},
+                               moving_variance_initializer={"class_name": "TruncatedNormal",
+                                                            "config": {"mean": 1.0, "stddev": 0.1}},
+                               moving_mean_initializer={"class_name": "Constant", "config": {"value": -4.0}})
+    layer.build((2, 4000))
+    gamma, beta, mean, var = layer.get_weights()
+    assert abs(gamma.mean() - 3.0) < 0.05 and abs(gamma.std() - 0.5) < 0.05
+    assert beta.min() >= 2.0 and beta.max() <= 2.5
+    assert var.min() >= 0.8 and var.max() <= 1.2
+    assert np.all(mean == -4.0)
+    again = BatchNormalization(gamma_initializer={"class_name": "RandomNormal",
+                                                  "config": {"mean": 3.0, "stddev": 0.5, "seed": 7}})
+    again.build((2, 4000))
+    np.testing.assert_array_equal(again.get_weights()[0], gamma)  # the seed fixes the draw
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(virtual_batch_size=4), "virtual_batch_size"),
+    (dict(adjustment=lambda shape: (1.0, 0.0)), "adjustment"),
+    (dict(gamma_regularizer=lambda w: w.sum()), "gamma_regularizer"),
+    (dict(beta_constraint=lambda w: w), "beta_constraint"),
+    (dict(renorm=True, renorm_clipping={"rmax": lambda step: 1.0 + step / 100}), "schedules"),
+])
+def test_keras_config_refuses_what_keras_cannot_load(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BatchNormalization(**kwargs).keras_config()
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"axis": -1, "unknown_option": 1}, "unknown_option"),
+    ({"dtype": {"class_name": "DTypePolicy", "config": {"name": "int8"}}}, "int8"),
+    ({"gamma_initializer": {"class_name": "Orthogonal", "config": {}}}, "Orthogonal"),
+    ({"beta_regularizer": {"class_name": "L2", "config": {"factor": 0.1}}}, "L2"),
+])
+def test_from_config_says_what_it_cannot_read(config, match):
+    with pytest.raises(ValueError, match=match):
+        BatchNormalization.from_config(config)
+
+
+def test_weights_need_a_build():
+    recorded = DATA["defaults_dense"]
+    with pytest.raises(ValueError, match="build_config"):
+        from_keras_config(recorded["config"], None, _arrays(recorded["weights"]))
+
+
+def test_from_keras_refuses_other_objects():
+    with pytest.raises(TypeError, match="Keras BatchNormalization"):
+        from_keras(torch.nn.BatchNorm1d(3))
+
+
+def _keras_on_torch():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras", reason="Keras 3 is not installed (the recorded tests above cover porting)")
+    if keras.backend.backend() != "torch":
+        pytest.skip("Keras runs on another backend here")
+    return keras
+
+
+def test_round_trip_through_the_real_keras():
+    """With Keras installed: a Keras layer -> normkit -> Keras again computes what the first one did."""
+    keras = _keras_on_torch()
+    recorded = DATA["renorm"]
+    theirs = keras.layers.BatchNormalization(**recorded["kwargs"])
+    theirs.build(tuple(recorded["build_config"]["input_shape"]))
+    theirs.set_weights(_arrays(recorded["weights"]))
+    ours = from_keras(theirs)
+    back = to_keras(ours)
+    x = np.asarray(recorded["x_infer"], dtype=np.float32)
+    expected = keras.ops.convert_to_numpy(theirs(x, training=False))
+    assert_close(ours(torch.tensor(x), training=False), expected, torch.float32)
+    assert_close(keras.ops.convert_to_numpy(back(x, training=False)), expected, torch.float32)
