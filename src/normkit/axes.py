@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Iterable, Sequence, Union
 
+import torch
+
 AxisSpec = Union[int, Sequence[int]]
 
 
@@ -16,6 +18,8 @@ def canonicalize_axes(axis: AxisSpec, ndim: int, *, name: str = "axis") -> tuple
     """
     # Layers ask the same question every step: cache it for exact ints (True == 1 and 1.0 == 1
     # as dictionary keys, so anything else takes the checked path every time).
+    if torch.compiler.is_compiling():  # torch.compile traces the plain function (it cannot trace the cache)
+        return _canonical(axis, ndim, name)
     if type(axis) is int or (type(axis) is tuple and all(type(entry) is int for entry in axis)):
         return _canonical_cached(axis, ndim, name)
     return _canonical(axis, ndim, name)

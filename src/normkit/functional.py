@@ -60,6 +60,16 @@ def statistics_dtype(x):
 # ----------------------------------------------------------------------------- statistics core
 
 
+def _channel_moments(channels):
+    """Per-feature mean and biased variance of an (N, K, *) tensor: ATen's one-pass statistics
+    kernel, or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule)."""
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(channels, dim=[0, *range(2, channels.dim())], correction=0)
+        return mean, var
+    return torch.batch_norm_update_stats(channels, None, None, 0.0)
+
+
+
 def moments(x, reduce_axes, mask=None):
     """Count, mean and biased variance of ``x`` over ``reduce_axes`` (kept as size-1 dims).
 
@@ -73,7 +83,7 @@ def moments(x, reduce_axes, mask=None):
         if kept and not (torch.is_grad_enabled() and x.requires_grad):
             # No gradient needed: ATen's batch-norm statistics kernel is several times faster.
             channels, _ = _channels_view(x, kept)
-            mean, var = torch.batch_norm_update_stats(channels, None, None, 0.0)
+            mean, var = _channel_moments(channels)
             shape = [size if axis in kept else 1 for axis, size in enumerate(x.shape)]
             mean, var = mean.reshape(shape), var.reshape(shape)
         else:
@@ -172,7 +182,7 @@ def _channels_view(x, feature_axes):
     if feature_axes == (ndim - 1,) and ndim in _FEATURES_FIRST:
         return x.permute(_FEATURES_FIRST[ndim]), lambda y: y.permute(_FEATURES_LAST[ndim])
     k = len(feature_axes)
-    num_features = math.prod(x.shape[a] for a in feature_axes)
+    num_features = math.prod([x.shape[a] for a in feature_axes])
     if feature_axes == tuple(range(1, 1 + k)):
         shape = x.shape
         return x.reshape((shape[0], num_features) + tuple(shape[1 + k:])), lambda y: y.reshape(shape)
@@ -236,20 +246,22 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     # With normkit.kernels on, every option it covers and, on the CPU, plain features-last data of
     # rank >= 4 (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls
     # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does.
-    if kernels.enabled() and adjustment is None and not (
+    # Under torch.compile the compiler fuses the composite paths itself: no kernels, no gathers.
+    compiling = torch.compiler.is_compiling()
+    if kernels.enabled() and adjustment is None and not compiling and not (
             plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda)):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
                               weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
         if y is not None:
             return y
-    if (mask is not None and virtual_batch_size is None and adjustment is None
+    if (mask is not None and virtual_batch_size is None and adjustment is None and not compiling
             and all(mask.shape[a] == 1 for a in feature_axes)):
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)
     if plain and unbiased_running_var:
-        check_enough_values(x.numel() // math.prod(x.shape[a] for a in feature_axes), x.shape)
+        check_enough_values(x.numel() // math.prod([x.shape[a] for a in feature_axes]), x.shape)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
                                 recenter)
     if mask is None and adjustment is None:
@@ -363,7 +375,7 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     # autograd): ATen's one-pass kernel then sees exactly the positions that count (a fully
     # masked batch has none: mean 0, variance 0).
     if count > 0:
-        mean, var = torch.batch_norm_update_stats(rows.detach().index_select(0, valid_rows), None, None, 0.0)
+        mean, var = _channel_moments(rows.detach().index_select(0, valid_rows))
     else:
         mean = var = rows.new_zeros(rows.shape[1])
     batch_mean = mean if center is None else mean + center.reshape(-1)
@@ -439,7 +451,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         # (cheaper than entering no_grad twice per call).
         stats_input = channels.detach()
         stats_input = stats_input.float() if stats_input.dtype in LOW_PRECISION else stats_input
-        mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
+        mean, var = _channel_moments(stats_input)
         batch_mean, batch_var = _combine_groups(mean, var, groups, center)
         if renorm_mean is not None:
             batch_std = torch.add(batch_var, eps).sqrt_()
@@ -490,6 +502,30 @@ def _fold_renorm(weight, bias, r, d):
 def _renorm_factors(mean, stddev, eps, renorm_mean, renorm_stddev, clipping):
     """``renorm_correction`` given the batch standard deviation, in few small ops."""
     rmin, rmax, dmax = clipping
+    if torch.compiler.is_compiling():
+        # r and d read renorm_mean/renorm_stddev, which this same step then updates in place. A
+        # compiled graph may recompute r and d in the backward from those buffers, after the update
+        # (a known fault of AOTAutograd's partitioner: silently wrong gradients). An opaque op's
+        # outputs are saved, never recomputed, so the backward sees the values the forward used.
+        return torch.ops.normkit.renorm_factors(mean, stddev, renorm_mean, renorm_stddev, float(eps), float(rmin),
+                                                float(rmax), float(dmax))
+    return _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax)
+
+
+@torch.library.custom_op("normkit::renorm_factors", mutates_args=())
+def _renorm_factors_op(mean: torch.Tensor, stddev: torch.Tensor, renorm_mean: torch.Tensor,
+                       renorm_stddev: torch.Tensor, eps: float, rmin: float, rmax: float,
+                       dmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax)
+
+
+@_renorm_factors_op.register_fake
+def _renorm_factors_shape(mean, stddev, renorm_mean, renorm_stddev, eps, rmin, rmax, dmax):
+    shape = torch.broadcast_shapes(mean.shape, stddev.shape, renorm_mean.shape, renorm_stddev.shape)
+    return mean.new_empty(shape), mean.new_empty(shape)
+
+
+def _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax):
     safe_stddev = torch.clamp(renorm_stddev, min=math.sqrt(eps))
     r = torch.div(stddev, safe_stddev)
     d = torch.sub(mean, renorm_mean).div_(safe_stddev)
@@ -599,7 +635,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     # composite path, with the closed-form masked gradient when there is no adjustment.
     needs_composite = adjustment is not None
     if mask_view is None:
-        check_enough_values(view.numel() // math.prod(view.shape[a] for a in range(view.dim()) if a not in reduce_axes),
+        check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
                             x.shape)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
         count, mean, var = moments(view, reduce_axes, mask_view)

@@ -421,6 +421,10 @@ class BatchNorm(_NormBase):
 
         A plain int in ``__dict__``: ``nn.Module.__setattr__`` would cost more than the check.
         """
+        if torch.compiler.is_compiling():
+            # Under torch.compile the check would read data on the host (a graph break) and the
+            # countdown would be a guard that recompiles every step; compiled graphs recenter always.
+            return False
         steps = self.__dict__["_steps_to_recenter_check"]
         if steps == 0:
             return True
@@ -428,7 +432,7 @@ class BatchNorm(_NormBase):
         return False
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._plain and mask is None and not self.frozen and not self._recenter:
+        if self._plain and mask is None and not self.frozen and not self._recenter and not torch.compiler.is_compiling():
             return self._forward_plain(input)
         return self._forward_options(input, mask)
 
@@ -478,7 +482,10 @@ class BatchNorm(_NormBase):
                              else (0.0, math.inf, math.inf)),
             renorm_momentum=self.renorm_momentum,
             adjustment=self.adjustment if training else None,
-            recenter=self._recenter,
+            # Compiled graphs always recenter: the check reads data on the host, and inductor's
+            # statistics lose float32 variance far from zero as ATen's CPU kernel does; the shift is
+            # one subtraction the compiler fuses into the statistics pass.
+            recenter=self._recenter or torch.compiler.is_compiling(),
         )
 
 
