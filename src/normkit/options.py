@@ -66,8 +66,14 @@ class _SeededDraw:
         self.seed = seed
         self.parameters = {name: float(value) for name, value in parameters.items()}
 
-    def _generator(self):
-        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+    def __call__(self, shape, dtype=None):
+        values = torch.empty(tuple(shape), dtype=torch.float64)
+        generator = None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+        self._fill(values, generator, **self.parameters)
+        return values.to(dtype or torch.float32)
+
+    def _fill(self, values, generator, **parameters):
+        raise NotImplementedError
 
     def keras_config(self):
         return self.keras_name, {**self.parameters, "seed": self.seed}
@@ -83,10 +89,8 @@ class RandomNormal(_SeededDraw):
     def __init__(self, mean=0.0, stddev=0.05, seed=None):
         super().__init__(seed, mean=mean, stddev=stddev)
 
-    def __call__(self, shape, dtype=None):
-        values = torch.empty(tuple(shape), dtype=torch.float64)
-        values.normal_(self.parameters["mean"], self.parameters["stddev"], generator=self._generator())
-        return values.to(dtype or torch.float32)
+    def _fill(self, values, generator, mean, stddev):
+        values.normal_(mean, stddev, generator=generator)
 
 
 class RandomUniform(_SeededDraw):
@@ -95,10 +99,8 @@ class RandomUniform(_SeededDraw):
     def __init__(self, minval=-0.05, maxval=0.05, seed=None):
         super().__init__(seed, minval=minval, maxval=maxval)
 
-    def __call__(self, shape, dtype=None):
-        values = torch.empty(tuple(shape), dtype=torch.float64)
-        values.uniform_(self.parameters["minval"], self.parameters["maxval"], generator=self._generator())
-        return values.to(dtype or torch.float32)
+    def _fill(self, values, generator, minval, maxval):
+        values.uniform_(minval, maxval, generator=generator)
 
 
 class TruncatedNormal(_SeededDraw):
@@ -109,12 +111,8 @@ class TruncatedNormal(_SeededDraw):
     def __init__(self, mean=0.0, stddev=0.05, seed=None):
         super().__init__(seed, mean=mean, stddev=stddev)
 
-    def __call__(self, shape, dtype=None):
-        mean, stddev = self.parameters["mean"], self.parameters["stddev"]
-        values = torch.empty(tuple(shape), dtype=torch.float64)
-        nn.init.trunc_normal_(values, mean, stddev, mean - 2 * stddev, mean + 2 * stddev,
-                              generator=self._generator())
-        return values.to(dtype or torch.float32)
+    def _fill(self, values, generator, mean, stddev):
+        nn.init.trunc_normal_(values, mean, stddev, mean - 2 * stddev, mean + 2 * stddev, generator=generator)
 
 
 def resolve_initializer(initializer, *, name: str):

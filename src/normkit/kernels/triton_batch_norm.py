@@ -64,6 +64,19 @@ def _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED: tl.constexpr):
 
 
 @triton.jit
+def _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED: tl.constexpr, HAS_MASK: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """One block of a group's positions: in range, offsets in x, mask rows, and valid (in range, not padding)."""
+    e = start + tl.arange(0, BLOCK)
+    inside = e < positions
+    offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
+    valid = inside
+    if HAS_MASK:
+        valid = valid & (tl.load(valid_ptr + row, mask=inside, other=0) != 0)
+    return inside, offset, valid
+
+
+@triton.jit
 def _store(pointer, value, mask):
     """Store float64 values in the pointer's dtype (half precision by way of float32, which
     Triton's interpreter needs and which changes nothing that rounding to half keeps)."""
@@ -94,24 +107,14 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
         sums = zero
         counts = zero
         for start in range(0, positions, BLOCK):
-            e = start + tl.arange(0, BLOCK)
-            inside = e < positions
-            offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
-            ok = inside
-            if HAS_MASK:
-                ok = ok & (tl.load(valid_ptr + row, mask=inside, other=0) != 0)
+            inside, offset, ok = _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED, HAS_MASK, BLOCK)
             sums += tl.load(x_ptr + offset, mask=ok, other=0.0).to(tl.float64)
             counts += ok.to(tl.float64)
         count = tl.sum(counts, axis=0)
         mean = tl.sum(sums, axis=0) / tl.maximum(count, 1.0)
         squares = zero
         for start in range(0, positions, BLOCK):
-            e = start + tl.arange(0, BLOCK)
-            inside = e < positions
-            offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
-            ok = inside
-            if HAS_MASK:
-                ok = ok & (tl.load(valid_ptr + row, mask=inside, other=0) != 0)
+            inside, offset, ok = _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED, HAS_MASK, BLOCK)
             centered = tl.where(ok, tl.load(x_ptr + offset, mask=ok, other=0.0).to(tl.float64) - mean, 0.0)
             squares += centered * centered
         var = tl.sum(squares, axis=0) / tl.maximum(count, 1.0)
@@ -142,9 +145,7 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
         mean = tl.load(stats_ptr + g * C + c)
         slope = tl.load(stats_ptr + (G + g) * C + c) * scale
         for start in range(0, positions, BLOCK):
-            e = start + tl.arange(0, BLOCK)
-            inside = e < positions
-            offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
+            inside, offset, _ = _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED, False, BLOCK)
             x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float64)
             _store(y_ptr + offset, (x - mean) * slope + shift, inside)
     if UPDATE:
@@ -199,9 +200,7 @@ def _backward_kernel(x_ptr, grad_ptr, valid_ptr, weight_ptr, stats_ptr, rd_ptr, 
         sum_g = zero
         sum_gx = zero
         for start in range(0, positions, BLOCK):
-            e = start + tl.arange(0, BLOCK)
-            inside = e < positions
-            offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
+            inside, offset, _ = _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED, False, BLOCK)
             gv = tl.load(grad_ptr + offset, mask=inside, other=0.0).to(tl.float64)
             x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float64)
             sum_g += gv
@@ -214,15 +213,12 @@ def _backward_kernel(x_ptr, grad_ptr, valid_ptr, weight_ptr, stats_ptr, rd_ptr, 
             slope = tl.where(count > 0.0, a * invstd * invstd * total_gx / seen, 0.0)
             shift = tl.where(count > 0.0, a * total_g / seen, 0.0)
             for start in range(0, positions, BLOCK):
-                e = start + tl.arange(0, BLOCK)
-                inside = e < positions
-                offset, row = _where_in_memory(e, g, G, NG, R, S, C, c, STRIDED)
+                inside, offset, valid = _block(start, g, G, NG, R, S, C, c, positions, valid_ptr, STRIDED, HAS_MASK,
+                                               BLOCK)
                 gv = tl.load(grad_ptr + offset, mask=inside, other=0.0).to(tl.float64)
                 x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float64)
-                correction = slope * (x - mean) + shift
-                if HAS_MASK:
-                    valid = tl.load(valid_ptr + row, mask=inside, other=0) != 0
-                    correction = tl.where(valid, correction, 0.0)
+                # Padding contributes nothing to the statistics, so only the direct term reaches it.
+                correction = tl.where(valid, slope * (x - mean) + shift, 0.0)
                 _store(grad_input_ptr + offset, a * gv - correction, inside)
         grad_scale += invstd * total_gx
         grad_shift += total_g
