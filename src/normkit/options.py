@@ -191,20 +191,24 @@ REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.
 
 def resolve_regularizer(regularizer, *, name: str):
     """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras), Keras' serialized dict, or a callable ``weight -> scalar``."""
-    if regularizer is None:
+    return _resolve("regularizer", regularizer, REGULARIZERS, "callable(weight) -> scalar tensor", name=name)
+
+
+def _resolve(kind: str, value, registry: dict, signature: str, *, name: str):
+    """None, a name of ``registry`` (a new object), Keras' serialized dict, or a callable, as given."""
+    if value is None:
         return None
-    if isinstance(regularizer, str):
-        key = regularizer.lower()
-        if key not in REGULARIZERS:
-            raise ValueError(f"{name}={regularizer!r} is not a known regularizer; use one of "
-                             f"{sorted(REGULARIZERS)} or a callable(weight) -> scalar tensor")
-        return REGULARIZERS[key]()
-    if isinstance(regularizer, dict):
-        return from_keras_object("regularizer", regularizer, name=name)
-    if callable(regularizer):
-        return regularizer
-    raise TypeError(f"{name} must be None, a name, a Keras config dict or a callable(weight) -> scalar tensor, "
-                    f"got {regularizer!r}")
+    if isinstance(value, str):
+        key = value.lower()
+        if key not in registry:
+            raise ValueError(f"{name}={value!r} is not a known {kind}; use one of {sorted(registry)}, Keras' "
+                             f"serialized dict or a {signature}")
+        return registry[key]()
+    if isinstance(value, dict):
+        return from_keras_object(kind, value, name=name)
+    if callable(value):
+        return value
+    raise TypeError(f"{name} must be None, a name, a Keras config dict or a {signature}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -267,20 +271,7 @@ CONSTRAINTS = {"non_neg": NonNeg, "unit_norm": UnitNorm, "max_norm": MaxNorm, "m
 
 def resolve_constraint(constraint, *, name: str):
     """None, a name from CONSTRAINTS (Keras defaults), Keras' serialized dict, or a callable ``weight -> projected weight``."""
-    if constraint is None:
-        return None
-    if isinstance(constraint, str):
-        key = constraint.lower()
-        if key not in CONSTRAINTS:
-            raise ValueError(f"{name}={constraint!r} is not a known constraint; use one of {sorted(CONSTRAINTS)} "
-                             "or a callable(weight) -> weight")
-        return CONSTRAINTS[key]()
-    if isinstance(constraint, dict):
-        return from_keras_object("constraint", constraint, name=name)
-    if callable(constraint):
-        return constraint
-    raise TypeError(f"{name} must be None, a name, a Keras config dict or a callable(weight) -> weight, "
-                    f"got {constraint!r}")
+    return _resolve("constraint", constraint, CONSTRAINTS, "callable(weight) -> weight", name=name)
 
 
 # ----------------------------------------------------------------------------- Keras' serialized form
