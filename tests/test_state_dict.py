@@ -86,3 +86,36 @@ def test_module_in_a_model_loads_torch_nn_model_weights():
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 1, 6, 6)
     torch.testing.assert_close(ours.eval()(x), theirs(x))
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(), (8, 5, 3)),                                   # features last, rank 3
+    (dict(axis=1, renorm=True, scale=False), (8, 4, 3, 3)),  # channels first, renorm, no gamma
+    (dict(axis=[1, 2]), (6, 2, 3, 4)),                     # tf.keras' multi-axis
+])
+def test_unbuilt_keras_layer_loads_a_state_dict(kwargs, shape):
+    """An unbuilt normkit.keras layer takes its sizes from the state it loads, then computes what the saved one does."""
+    import normkit.keras
+
+    torch.manual_seed(0)
+    saved = normkit.keras.BatchNormalization(momentum=0.9, **kwargs)
+    for _ in range(3):
+        saved(torch.randn(shape) * 2 + 1, training=True)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = normkit.keras.BatchNormalization(momentum=0.9, **kwargs)
+    assert not loaded.built
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    assert loaded.built and loaded.get_build_config() is None
+    for key, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(shape)
+    assert torch.equal(loaded(x, training=False), saved(x, training=False))
+    assert torch.equal(loaded(x, training=True), saved(x, training=True))
+    # A rank the layer was not built with: the axis still counts as given (here: from the end).
+    if kwargs == {}:
+        reference = normkit.BatchNorm(3, axis=-1, eps=1e-3)
+        reference.load_state_dict(saved.bn.state_dict())
+        wider = torch.randn(4, 2, 5, 3)
+        assert torch.equal(loaded(wider, training=False), reference.eval()(wider))

@@ -134,10 +134,14 @@ class BatchNormalization(nn.Module):
         sizes = tuple(input_shape[a] for a in axes)
         if any(size is None for size in sizes):
             raise ValueError(f"axis {self.axis} of input_shape {tuple(input_shape)} must have a known size")
+        self._create(sizes, axes[0] if len(axes) == 1 else axes, device)
+
+    def _create(self, sizes: tuple, axis, device=None) -> None:
+        """The normkit.BatchNorm underneath, for features of ``sizes`` on ``axis``."""
         self.bn = BatchNorm(
             sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=1.0 - self.momentum,
             affine=self.scale or self.center, bias=self.center, track_running_stats=True,
-            axis=axes[0] if len(axes) == 1 else axes,
+            axis=axis,
             # Keras keeps renorm_clipping without renorm and ignores it; normkit.BatchNorm refuses that.
             renorm=self.renorm, renorm_clipping=self.renorm_clipping if self.renorm else None,
             renorm_momentum=1.0 - self.renorm_momentum,
@@ -156,6 +160,18 @@ class BatchNormalization(nn.Module):
         self.bn.train(self.training)
         if not self._trainable:
             self.bn.freeze()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An unbuilt layer takes its feature sizes from the state it loads (as torch's lazy modules do).
+        # The input rank is unknown then, so the axis stays as given (a negative axis keeps counting
+        # from the end) and get_build_config() stays None until a call or build().
+        key = f"{prefix}bn.running_mean"
+        if self.bn is None and key in state_dict:
+            self._create(tuple(state_dict[key].shape), self.axis if isinstance(self.axis, int) else tuple(self.axis),
+                         state_dict[key].device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- Keras vocabulary ---------------------------------------------------------------------------
 
