@@ -383,7 +383,7 @@ class BatchNorm(_NormBase):
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             F.check_floating(input)
         self._check_input_dim(input)
-        channels, restore = input, None
+        channels, restore, back = input, None, None
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
@@ -392,7 +392,11 @@ class BatchNorm(_NormBase):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md)
                 return self._forward_options(input, None)
-            channels, restore = F._channels_view(input, (input.dim() - 1,))
+            back = F._FEATURES_LAST.get(input.dim())
+            if back is not None:  # rank 4/5: the channels_last view, inline (a call costs as much as the view)
+                channels = input.permute(F._FEATURES_FIRST[input.dim()])
+            else:
+                channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif input.shape[1] != self.num_features:
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
@@ -408,12 +412,14 @@ class BatchNorm(_NormBase):
                 if size == 1:
                     F.check_enough_values(1, input.shape)
                 y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
-                return y if restore is None else restore(y)
+                return y.permute(back) if back is not None else y if restore is None else restore(y)
         use_buffers = not training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
                              training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+        if back is not None:
+            return y.permute(back)
         return y if restore is None else restore(y)
 
     def _recenter_check_due(self) -> bool:
