@@ -315,6 +315,8 @@ def test_triton_kernels_take_half_precision_with_float32_state(dtype, fused_kern
 
 @pytest.mark.parametrize("why,make", [
     ("more values per feature than one program takes", lambda T: dict(x=torch.randn(T.MAX_PER_FEATURE + 1, 2))),
+    ("as many over ghost groups (one program walks them all)",
+     lambda T: dict(x=torch.randn(T.MAX_PER_FEATURE + 2, 2), groups=2)),
     ("float16 input with float16 parameters", lambda T: dict(x=torch.randn(8, 3, dtype=torch.float16),
                                                               dtype=torch.float16)),
     ("float32 input with float64 parameters", lambda T: dict(x=torch.randn(8, 3), dtype=torch.float64)),
@@ -327,7 +329,7 @@ def test_triton_kernels_decline_and_do_nothing(why, make):
     x, dtype = case["x"], case.get("dtype", torch.float32)
     channels = x.shape[1]
     running_mean, running_var = torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
-    dims = [x.shape[0], 1, channels, 1, 1, 1]
+    dims = [x.shape[0], 1, channels, 1, case.get("groups", 1), 1]
     settings_ = [0.1, 0.01, 0.0, math.inf, math.inf, 1e-5, 1.0, 1.0]
     y = T.fused_batch_norm(x, torch.ones(channels, dtype=dtype), None, case.get("valid"), running_mean, running_var,
                            None, None, None, dims, settings_)

@@ -302,7 +302,7 @@ def supported(x, weight, bias, valid, running_mean, running_var, renorm_mean, re
     n, rows, channels, positions, groups, _ = dims
     if x.numel() != n * rows * channels * positions or x.numel() >= 2 ** 31 or groups < 1 or n % groups:
         return False
-    if n * rows * positions > MAX_PER_FEATURE * groups:
+    if n * rows * positions > MAX_PER_FEATURE:  # one program walks every group of its feature
         return False
     wanted = torch.float32 if x.dtype in _HALF else x.dtype
     for tensor in (weight, bias, running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev):
