@@ -1,0 +1,346 @@
+"""The fused kernels (normkit.kernels): which calls they take, which they leave to ATen, and their math.
+
+Tests taking ``fused_kernels`` run twice: through the C++ kernel, and through the Triton kernels
+(the CUDA path) in Triton's interpreter on the CPU; tests/test_gpu.py runs the Triton kernels
+compiled on a GPU. The option tests (test_options, test_keras_spec, test_keras_golden) already
+run through the C++ kernel against the NumPy reference and Keras' numbers (the ``execution``
+fixture); these are the cases specific to the kernels.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normkit
+from normkit import functional as F
+from normkit import reference as R
+
+from oracle import assert_close, assert_training_step, routed_to_triton, to_numpy
+
+INF = (0.0, math.inf, math.inf)
+
+
+def _state(channels, dtype, renorm=False, affine=True, running=True):
+    """Parameters (requiring grad) and buffers of one layer, as tensors."""
+    like = dict(dtype=dtype)
+    return {"weight": (torch.rand(channels, **like) + 0.5).requires_grad_() if affine else None,
+            "bias": torch.randn(channels, **like).requires_grad_() if affine else None,
+            "running_mean": torch.zeros(channels, **like) if running else None,
+            "running_var": torch.ones(channels, **like) if running else None,
+            "renorm_mean": torch.full((channels,), 0.2, **like) if renorm else None,
+            "renorm_stddev": torch.full((channels,), 1.5, **like) if renorm else None,
+            "moving_stddev": torch.ones(channels, **like) if renorm else None}
+
+
+def _fused(x, state, axis=1, mask=None, virtual=None, layout="strided", training=True, momentum=0.1, unbiased=True,
+           clipping=INF):
+    """``F._fused_batch_norm`` with the layer ``state`` (buffers move in place): the output or None."""
+    return F._fused_batch_norm(x, (axis % x.dim(),), mask, virtual, layout, state["running_mean"],
+                               state["running_var"], state["weight"], state["bias"], training, momentum, 1e-3,
+                               unbiased, state["renorm_mean"], state["renorm_stddev"], state["moving_stddev"],
+                               clipping, 0.3)
+
+
+TAKEN = {
+    "renorm, NCHW": dict(shape=(6, 3, 4, 5), renorm=True, clipping=(0.9, 1.1, 0.2)),
+    "renorm, channels_last memory": dict(shape=(6, 3, 4, 5), renorm=True, channels_last=True),
+    "renorm, (N, C)": dict(shape=(10, 7), renorm=True),
+    "ghost strided, NCL": dict(shape=(8, 3, 5), virtual=2),
+    "ghost contiguous, NHWC axis=-1": dict(shape=(8, 2, 3, 4), axis=-1, virtual=4, layout="contiguous"),
+    "ghost + renorm, no affine": dict(shape=(8, 3, 5), virtual=4, renorm=True, affine=False),
+    "mask (N, T, C) axis=-1": dict(shape=(4, 6, 3), axis=-1, mask=True),
+    "mask (N, C, L) axis=1 + renorm": dict(shape=(4, 3, 6), mask=True, renorm=True),
+    "biased running variance (Keras)": dict(shape=(9, 4), unbiased=False),
+    "batch statistics without running ones": dict(shape=(9, 4), running=False, training=False, virtual=3),
+}
+
+
+def _case(spec, rng):
+    spec = dict(spec)
+    shape, axis = spec.pop("shape"), spec.get("axis", 1)
+    x = torch.tensor(rng.normal(size=shape) * 2 + 1, requires_grad=True)
+    memory = x.to(memory_format=torch.channels_last) if spec.pop("channels_last", False) else x
+    mask = None
+    if spec.pop("mask", False):
+        lengths = [shape[1 if axis == -1 else 2]] + [2, 4, 5][:shape[0] - 1]
+        positions = np.arange(shape[1 if axis == -1 else 2])
+        valid = np.stack([positions < n for n in lengths])
+        mask = torch.tensor(valid[:, :, None] if axis == -1 else valid[:, None, :])
+    return x, memory, mask, spec
+
+
+@pytest.mark.parametrize("name", list(TAKEN))
+def test_fused_path_matches_the_reference(name, fused_kernels, rng):
+    x, memory, mask, spec = _case(TAKEN[name], rng)
+    axis = spec.pop("axis", 1)
+    renorm, running, training = spec.pop("renorm", False), spec.pop("running", True), spec.get("training", True)
+    state = _state(x.shape[axis], x.dtype, renorm=renorm, affine=spec.pop("affine", True), running=running)
+    before = {k: to_numpy(v) for k, v in state.items()}  # the reference moves its own copies
+    y = _fused(memory, state, axis=axis, mask=mask, **spec)
+    assert y is not None, "the fused kernel declined a call it should take"
+    assert y.shape == x.shape
+    g = torch.tensor(rng.normal(size=x.shape))
+    params = [state[k] for k in ("weight", "bias") if state[k] is not None]
+    grads = torch.autograd.grad(y, [x] + params, g)
+    kwargs = dict(axis=axis, virtual_batch_size=spec.get("virtual"), ghost_layout=spec.get("layout", "strided"))
+    if mask is not None:
+        kwargs["mask"] = mask.numpy()
+    if renorm:
+        kwargs.update(renorm_mean=before["renorm_mean"], renorm_stddev=before["renorm_stddev"],
+                      renorm_clipping=spec.get("clipping", INF))
+    x_np, w, b = x.detach().numpy(), before["weight"], before["bias"]
+    expected_grads = R.batch_norm_backward(g.numpy(), x_np, before["running_mean"], before["running_var"], w, b, True,
+                                           1e-3, **kwargs)
+    if renorm:
+        kwargs.update(moving_stddev=before["moving_stddev"], renorm_momentum=0.3)
+    expected = R.batch_norm(x_np, before["running_mean"], before["running_var"], w, b, training, 0.1, 1e-3,
+                            unbiased_running_var=spec.get("unbiased", True), **kwargs)
+    assert_close(y, expected)
+    for actual, wanted in zip(grads, (expected_grads[0],) + (expected_grads[1:] if params else ())):
+        assert_close(actual, wanted)
+    # The reference moved ``before``'s buffers in place, as the kernel moved the layer's.
+    for name in ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev"):
+        if state[name] is not None:
+            assert_close(state[name], before[name], err_msg=name)
+    if running and training:
+        assert not np.allclose(before["running_mean"], 0.0), "the buffers should have moved"
+
+
+def test_fused_gradcheck(fused_kernels):
+    torch.manual_seed(0)
+    # Spread 3 and mean 2 put renorm's r and d on their clipping bounds, where they are the
+    # constants autograd takes them for (elsewhere they depend on x but are stop-gradient by design).
+    x = (torch.randn(6, 3, 4, dtype=torch.float64) * 3 + 2).requires_grad_()
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]],
+                        dtype=torch.bool)[:, None, :]
+    calls = {
+        "renorm, clipped": lambda x, w, b: F._fused_batch_norm(
+            x, (1,), None, None, "strided", None, None, w, b, True, 0.1, 1e-3, True,
+            torch.full((3,), 0.1, dtype=torch.float64), torch.full((3,), 1.2, dtype=torch.float64), None,
+            (0.9, 1.1, 0.05), 0.01),
+        "ghost": lambda x, w, b: F._fused_batch_norm(x, (1,), None, 3, "contiguous", None, None, w, b, True, 0.1,
+                                                     1e-3, True, None, None, None, INF, 0.01),
+        "mask": lambda x, w, b: F._fused_batch_norm(x, (1,), mask, None, "strided", None, None, w, b, True, 0.1, 1e-3,
+                                                    True, None, None, None, INF, 0.01),
+    }
+    # (Interpreted Triton is slow: there gradcheck checks random projections of the Jacobian.)
+    fast = fused_kernels._triton_on_cpu
+    for name, call in calls.items():
+        assert call(x, weight, bias) is not None, name
+        assert torch.autograd.gradcheck(call, (x, weight, bias), fast_mode=fast), name
+
+
+@pytest.mark.parametrize("why,make", [
+    ("float16 input", lambda: (torch.randn(8, 3, dtype=torch.float16), torch.float16)),
+    ("float32 input with float64 parameters", lambda: (torch.randn(8, 3), torch.float64)),
+    ("non-contiguous input", lambda: (torch.randn(3, 8).t(), torch.float32)),
+    ("over FUSED_MAX_NUMEL values", lambda: (torch.randn(F.fused_max_numel() // 4 + 1, 4, 1, 1), torch.float32)),
+])
+def test_fused_path_declines_and_leaves_buffers_alone(why, make, fused_kernels):
+    x, dtype = make()
+    channels = x.shape[1]
+    running_mean, running_var = torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
+    y = F._fused_batch_norm(x, (1,), None, None, "strided", running_mean, running_var, torch.ones(channels, dtype=dtype),
+                            None, True, 0.1, 1e-5, True, None, None, None, INF, 0.01)
+    assert y is None, why
+    assert torch.equal(running_mean, torch.zeros(channels, dtype=dtype))
+    assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
+
+
+def test_size_limit_shrinks_with_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert F.fused_max_numel() == F.FUSED_MAX_NUMEL
+        torch.set_num_threads(8)
+        assert F.fused_max_numel() == F.FUSED_MAX_NUMEL // 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_modules_fall_back_to_aten_when_declined(cpp_kernel, rng):
+    """float16 data on the CPU with the fused kernel on gives what ATen's path gives."""
+    x = torch.tensor(rng.normal(size=(16, 4, 3)), dtype=torch.float16)
+    outputs = []
+    for on in (True, False):
+        with cpp_kernel.switched(on):
+            layer = normkit.BatchNorm(4, renorm=True, virtual_batch_size=8)
+            outputs.append((layer(x), layer.running_mean.clone()))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_fused_variance_is_exact_far_from_zero(fused_kernels):
+    """float32 data with mean 1e4 and std 1e-2: the fused statistics keep the float64 variance."""
+    torch.manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(64, 3, 8)).float()
+    layer = normkit.BatchNorm(3, virtual_batch_size=64, momentum=1.0)  # one ghost batch: plain BN, fused
+    layer(x)
+    expected = x.double().var(dim=(0, 2), unbiased=True)
+    relative = ((layer.running_var.double() - expected).abs() / expected).max().item()
+    assert relative < 1e-3
+    assert (layer.running_var >= 0).all()
+
+
+def test_fully_masked_batch_through_the_fused_kernel(fused_kernels):
+    layer = normkit.BatchNorm(3, axis=-1, renorm=True)
+    before = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+    y = layer(torch.randn(2, 4, 3), mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.isfinite(y).all()
+    for name, buffer in layer.named_buffers():
+        if name != "num_batches_tracked":
+            assert torch.equal(buffer, before[name]), name
+
+
+def test_switched_restores_the_previous_state(fused_kernels):
+    assert fused_kernels.enabled()
+    with fused_kernels.switched(False):
+        assert not fused_kernels.enabled()
+        with fused_kernels.switched(True):
+            assert fused_kernels.enabled()
+        assert not fused_kernels.enabled()
+    assert fused_kernels.enabled()
+
+
+def test_environment_variable_enables_the_kernel_at_import(cpp_kernel):
+    env = dict(os.environ, NORMKIT_FUSED_KERNELS="1")
+    code = "import normkit, normkit.kernels as k; print(k.enabled())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+@st.composite
+def option_cases(draw):
+    rank = draw(st.integers(2, 5))
+    shape = [draw(st.integers(1, 4)) for _ in range(rank)]
+    option = draw(st.sampled_from(["renorm", "ghost", "ghost+renorm", "mask", "mask+renorm", "plain", "ghost+mask",
+                                   "feature mask", "feature mask+renorm+ghost"]))
+    virtual = draw(st.sampled_from([1, 2, 4])) if "ghost" in option else None
+    shape[0] = draw(st.integers(1, 3)) * (virtual or 2)
+    axis = draw(st.sampled_from([1, -1]))
+    channels_last = rank == 4 and axis == 1 and draw(st.booleans())
+    return (tuple(shape), axis, option, virtual, channels_last, draw(st.sampled_from([torch.float64, torch.float32])),
+            draw(st.integers(0, 2 ** 31 - 1)), draw(st.booleans()))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(option_cases())
+def test_options_match_the_reference_on_random_cases(built_kernels, case):
+    _check_random_case(built_kernels, case)
+
+
+def _check_random_case(kernels, case):
+    shape, axis, option, virtual, channels_last, dtype, seed, fused = case  # (fused: else ATen's paths)
+    rng = np.random.default_rng(seed)
+    features = shape[axis]
+    count = math.prod(shape) // features // (shape[0] // virtual if virtual else 1)
+    if count < 2 and "mask" not in option:
+        return  # one value per channel (per ghost batch) is an error, tested in test_errors
+    renorm = "renorm" in option
+    layer = normkit.BatchNorm(features, axis=axis, renorm=renorm, virtual_batch_size=virtual, momentum=0.3,
+                              renorm_momentum=0.2, eps=1e-3,
+                              renorm_clipping={"rmax": 1.3, "rmin": 0.7, "dmax": 0.4} if renorm else None).to(dtype)
+    mask_np = None
+    if "mask" in option:
+        mask_np = rng.random(shape) < 0.7
+        if "feature" not in option:
+            mask_np = np.take(mask_np, [0], axis=axis)  # the same on every feature (size 1 on the feature axis)
+    x_np, g_np = rng.normal(size=shape) * 3 + 2, rng.normal(size=shape)
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
+    w, b = to_numpy(layer.weight), to_numpy(layer.bias)
+    x = torch.tensor(x_np, dtype=dtype)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    with kernels.switched(fused):
+        y = layer(x, mask=None if mask_np is None else torch.tensor(mask_np))
+    y.backward(torch.tensor(g_np, dtype=dtype))
+    kwargs = dict(axis=axis, virtual_batch_size=virtual, mask=mask_np)
+    if renorm:
+        kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                      renorm_clipping=layer.renorm_clipping.at(0))
+    grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], w, b, True, 1e-3, **kwargs)
+    if renorm:
+        kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.2)
+    expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.3, 1e-3, **kwargs)
+    assert_training_step(layer, y, x.grad, expected, grads, state, dtype)
+
+
+@settings(max_examples=300, deadline=None)
+@given(option_cases())
+def test_triton_kernels_match_the_reference_on_random_cases(built_triton_kernels, case):
+    """The same random cases through the Triton kernels (interpreted: fewer examples, each is slow)."""
+    with routed_to_triton(built_triton_kernels):
+        _check_random_case(built_triton_kernels, case[:-1] + (True,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernels_take_half_precision_with_float32_state(dtype, fused_kernels, rng):
+    """On CUDA the Triton kernels take float16/bfloat16 data with float32 parameters (normkit's rule)."""
+    if not fused_kernels._triton_on_cpu:
+        pytest.skip("the C++ kernel leaves half precision to ATen (test_modules_fall_back_to_aten_when_declined)")
+    x_np = rng.normal(size=(8, 3, 5)) * 2 + 1
+    x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
+    g = torch.tensor(rng.normal(size=x.shape), dtype=dtype)
+    layer = normkit.BatchNorm(3, renorm=True, virtual_batch_size=4,
+                              renorm_clipping={"rmax": 1.2, "rmin": 0.8, "dmax": 0.3})
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if name != "num_batches_tracked"}
+    y = layer(x)
+    assert y.dtype == dtype and layer.running_mean.dtype == torch.float32
+    y.backward(g)
+    exact_x = to_numpy(x)  # the rounded values the layer saw
+    kwargs = dict(virtual_batch_size=4, renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                  renorm_clipping=(0.8, 1.2, 0.3))
+    grads = R.batch_norm_backward(to_numpy(g), exact_x, state["running_mean"], state["running_var"],
+                                  to_numpy(layer.weight), to_numpy(layer.bias), True, 1e-5, **kwargs)
+    kwargs.update(moving_stddev=state["moving_stddev"], renorm_momentum=0.01)
+    expected = R.batch_norm(exact_x, state["running_mean"], state["running_var"], to_numpy(layer.weight),
+                            to_numpy(layer.bias), True, 0.1, 1e-5, **kwargs)
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, grads[0], dtype)
+    # Parameter gradients and buffers are float32 sums of the rounded values.
+    assert_close(layer.weight.grad, grads[1], torch.float32, rtol=1e-3, atol=1e-3)
+    assert_close(layer.bias.grad, grads[2], torch.float32, rtol=1e-3, atol=1e-3)
+    for name, value in state.items():
+        assert_close(getattr(layer, name), value, torch.float32, err_msg=name)
+
+
+@pytest.mark.parametrize("why,make", [
+    ("more values per feature than one program takes", lambda T: dict(x=torch.randn(T.MAX_PER_FEATURE + 1, 2))),
+    ("as many over ghost groups (one program walks them all)",
+     lambda T: dict(x=torch.randn(T.MAX_PER_FEATURE + 2, 2), groups=2)),
+    ("float16 input with float16 parameters", lambda T: dict(x=torch.randn(8, 3, dtype=torch.float16),
+                                                              dtype=torch.float16)),
+    ("float32 input with float64 parameters", lambda T: dict(x=torch.randn(8, 3), dtype=torch.float64)),
+    ("a mask that is not boolean", lambda T: dict(x=torch.randn(8, 3), valid=torch.ones(8, dtype=torch.uint8))),
+    ("a mask of the wrong size", lambda T: dict(x=torch.randn(8, 3), valid=torch.ones(7, dtype=torch.bool))),
+])
+def test_triton_kernels_decline_and_do_nothing(why, make):
+    T = pytest.importorskip("normkit.kernels.triton_batch_norm")
+    case = make(T)
+    x, dtype = case["x"], case.get("dtype", torch.float32)
+    channels = x.shape[1]
+    running_mean, running_var = torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
+    dims = [x.shape[0], 1, channels, 1, case.get("groups", 1), 1]
+    settings_ = [0.1, 0.01, 0.0, math.inf, math.inf, 1e-5, 1.0, 1.0]
+    y = T.fused_batch_norm(x, torch.ones(channels, dtype=dtype), None, case.get("valid"), running_mean, running_var,
+                           None, None, None, dims, settings_)
+    assert y is None, why
+    assert torch.equal(running_mean, torch.zeros(channels, dtype=dtype))
+    assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
+
+
+def test_double_backward_is_a_clear_error(fused_kernels):
+    layer = normkit.BatchNorm(3, renorm=True).double()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
