@@ -7,10 +7,12 @@ run through the C++ kernel against the NumPy reference and Keras' numbers (the `
 fixture); these are the cases specific to the kernels.
 """
 
+import importlib.util
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,3 +346,18 @@ def test_double_backward_is_a_clear_error(fused_kernels):
     y = layer(x)
     with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
         torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter runs code the compiler may reject: compile every branch for sm_90 (no GPU needed)."""
+    if importlib.util.find_spec("triton") is None:
+        if os.environ.get("NORMKIT_REQUIRE_KERNELS") == "1":
+            raise RuntimeError("Triton is needed to compile normkit's CUDA kernels")
+        pytest.skip("Triton is not installed")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_compile_check.py"
+    result = subprocess.run([sys.executable, str(tool), "--arch", "90"], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled 68 kernel variants for sm_90" in result.stdout
