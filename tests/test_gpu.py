@@ -333,3 +333,20 @@ def test_cuda_layer_takes_a_mask_from_the_cpu(rng):
     torch.testing.assert_close(on_host, on_device)
     for name, value in layer.state_dict().items():
         torch.testing.assert_close(value, state[name])
+
+
+@pytest.mark.parametrize("name", ["plain 2d", "renorm", "ghost renorm large", "mask renorm"])
+def test_cuda_compiled_layer_equals_eager(name, rng):
+    """torch.compile on the GPU (inductor's Triton kernels) computes what the eager layer computes."""
+    build, shape, mask_shape = CASES[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, compiled_layer = build().cuda(), build().cuda()
+    compiled_layer.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    for step in range(2):
+        x = torch.as_tensor(rng.normal(size=shape) * (step + 1) + step, dtype=torch.float32)
+        g = torch.as_tensor(rng.normal(size=shape), dtype=torch.float32)
+        mask = None if mask_shape is None else torch.as_tensor(rng.uniform(size=mask_shape) > 0.3)
+        for got, want in zip(_step(compiled, x, g, mask, "cuda"), _step(eager, x, g, mask, "cuda"), strict=True):
+            assert_close(got, to_numpy(want), torch.float32)
