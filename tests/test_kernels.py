@@ -361,3 +361,36 @@ def test_triton_kernels_compile_for_hopper():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled 68 kernel variants for sm_90" in result.stdout
+
+
+@pytest.mark.parametrize("how", ["enable(cpu=False)", "NORMKIT_FUSED_KERNELS=cuda"])
+def test_cuda_only_enabling_compiles_nothing(how):
+    """A GPU machine can switch on the Triton kernels alone: no C++ build, CPU calls keep ATen's paths."""
+    env = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    code = "import normkit.kernels as k\n"
+    if how.startswith("enable"):
+        code += "k.enable(cpu=False)\n"
+    else:
+        env["NORMKIT_FUSED_KERNELS"] = "cuda"
+    code += "print(k._extension is None, k.enabled(), k.enabled('cpu'), k.enabled('cuda'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "False", "True"]
+
+
+def test_cpu_calls_keep_aten_when_only_cuda_is_enabled(cpp_kernel, rng):
+    x = torch.tensor(rng.normal(size=(16, 4, 3)), dtype=torch.float32)
+    outputs = []
+    previous = (cpp_kernel._enabled, cpp_kernel._cpu)
+    try:
+        for setting in ("off", "cuda only"):
+            if setting == "off":
+                cpp_kernel.disable()
+            else:
+                cpp_kernel.enable(cpu=False)
+            torch.manual_seed(0)
+            layer = normkit.BatchNorm(4, renorm=True, virtual_batch_size=8)
+            outputs.append((layer(x), layer.running_var.clone()))
+    finally:
+        cpp_kernel._enabled, cpp_kernel._cpu = previous
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])

@@ -387,8 +387,8 @@ class BatchNorm(_NormBase):
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
-            if not input.is_contiguous() or (self.training and input.dim() >= 4 and kernels.enabled()
-                                             and not input.is_cuda):
+            if not input.is_contiguous() or (self.training and input.dim() >= 4 and not input.is_cuda
+                                             and kernels.enabled("cpu")):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md)
                 return self._forward_options(input, None)

@@ -23,7 +23,9 @@ On CUDA tensors the same calls take ``triton_batch_norm.py``'s Triton kernels in
 with CUDA builds of torch; without it CUDA calls keep ATen's path). Plain BatchNorm on a GPU always
 keeps torch.nn's CUDA kernels (cuDNN's or ATen's).
 
-``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (a build
+``enable(cpu=False)`` switches on the CUDA kernels alone, compiling nothing up front.
+``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (``=cuda``:
+the CUDA kernels alone) (a build
 failure then warns instead of raising). Without it every path is ATen's, as before; both
 compute the same function (tests/test_kernels.py compares them and the NumPy reference).
 """
@@ -38,10 +40,13 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+
 
 _SOURCE = Path(__file__).with_name("fused_batch_norm.cpp")
 _extension = None
 _enabled = False
+_cpu = True  # whether the CPU kernel is part of what is enabled (enable(cpu=False): CUDA only)
 
 def _extension_name() -> str:
     """The build's name, which keys torch's cache: one per CPU feature set, as ``-march=native`` needs.
@@ -88,11 +93,17 @@ def build(verbose: bool = False):
     return _extension
 
 
-def enable(verbose: bool = False) -> None:
-    """Build or load the fused kernel and route the calls it takes through it."""
-    global _enabled
-    build(verbose)
-    _enabled = True
+def enable(verbose: bool = False, *, cpu: bool = True) -> None:
+    """Route the calls the fused kernels take through them: the C++ kernel on the CPU (built or
+    loaded now; raises if it cannot be) and the Triton kernels on CUDA (compiled per GPU on first use).
+
+    ``cpu=False`` enables the CUDA kernels alone and compiles nothing now (a GPU machine need not
+    wait for, or have a compiler for, the CPU kernel); CPU calls then keep ATen's paths.
+    """
+    global _enabled, _cpu
+    if cpu:
+        build(verbose)
+    _enabled, _cpu = True, bool(cpu)
 
 
 def disable() -> None:
@@ -101,21 +112,26 @@ def disable() -> None:
     _enabled = False
 
 
-def enabled() -> bool:
-    return _enabled
+def enabled(device=None) -> bool:
+    """Whether the fused kernels are on (for ``device``'s type, "cpu" or "cuda", when given)."""
+    if not _enabled or device is None:
+        return _enabled
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _cpu if kind == "cpu" else kind == "cuda"
 
 
 @contextlib.contextmanager
 def switched(on: bool):
-    """Within the block the fused path is on (``True``, building it if needed) or off; then as before."""
-    global _enabled
+    """Within the block the fused path is on (``True``, both devices, building the CPU kernel if needed)
+    or off; then as before."""
+    global _enabled, _cpu
     if on:
         build()
-    previous, _enabled = _enabled, on
+    previous, _enabled, _cpu = (_enabled, _cpu), on, True
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled, _cpu = previous
 
 
 _triton_module = None
@@ -147,12 +163,14 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
             return None
         return module.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
                                        renorm_stddev, moving_stddev, dims, settings)
+    if not _cpu or _extension is None:
+        return None
     return _extension.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
                                        renorm_stddev, moving_stddev, dims, settings)
 
 
 if os.environ.get("NORMKIT_FUSED_KERNELS", "") not in ("", "0"):
     try:
-        enable()
+        enable(cpu=os.environ["NORMKIT_FUSED_KERNELS"].lower() != "cuda")
     except RuntimeError as error:  # importing normkit must not fail for an optional speed-up
         warnings.warn(str(error), RuntimeWarning, stacklevel=2)
