@@ -99,6 +99,7 @@ def test_keras_initializer_configs_give_their_distributions():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(virtual_batch_size=4), "virtual_batch_size"),
     (dict(adjustment=lambda shape: (1.0, 0.0)), "adjustment"),
+    (dict(axis=[1, 2]), "list axis"),
     (dict(gamma_regularizer=lambda w: w.sum()), "gamma_regularizer"),
     (dict(beta_constraint=lambda w: w), "beta_constraint"),
     (dict(renorm=True, renorm_clipping={"rmax": lambda step: 1.0 + step / 100}), "schedules"),

@@ -290,12 +290,14 @@ class BatchNormalization(nn.Module):
         """This layer as Keras 3's ``BatchNormalization.get_config()`` writes it.
 
         ``keras.layers.BatchNormalization.from_config(layer.keras_config())`` is the same layer in
-        Keras. Options Keras 3 does not have (``virtual_batch_size``, ``adjustment``), Python
+        Keras. Options Keras 3 does not have (``virtual_batch_size``, ``adjustment``, a list axis), Python
         callables among the initializers, regularizers and constraints, and clipping schedules
         (callables) cannot be written, and raise a ValueError naming them.
         """
         missing = [option for option, value in (("virtual_batch_size", self.virtual_batch_size),
                                                 ("adjustment", self.adjustment)) if value is not None]
+        if not isinstance(self.axis, int):
+            missing.append("list axis (tf.keras only)")
         clipping = self.renorm_clipping
         if clipping is not None and any(callable(v) for v in clipping.values()):
             missing.append("renorm_clipping schedules (callables)")
