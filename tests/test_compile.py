@@ -43,6 +43,7 @@ CASES = {
     "Keras layer": (lambda: normkit.keras.BatchNormalization(momentum=0.9, renorm=True, dtype=torch.float64),
                     (6, 7, 4), None, True),
     "frozen": (lambda: normkit.BatchNorm2d(4).freeze(), (8, 4, 3, 3), None, True),
+    "synchronized, no process group": (lambda: normkit.BatchNorm(4, synchronized=True), (8, 4, 3), None, True),
     "LayerNorm": (lambda: normkit.LayerNorm((4, 5)), (6, 4, 5), None, True),
     "GroupNorm": (lambda: normkit.GroupNorm(2, 4), (6, 4, 5), None, True),
     "InstanceNorm2d with stats": (lambda: normkit.InstanceNorm2d(4, affine=True, track_running_stats=True),

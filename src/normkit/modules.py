@@ -476,7 +476,8 @@ class BatchNorm(_NormBase):
                     input, running_mean, running_var, weight, bias, training, factor, self.eps,
                     axis=feature_axes, mask=mask, process_group=self.process_group,
                     unbiased_running_var=self.unbiased_running_var)
-            distributed.warn_local_once(self)
+            if not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
+                distributed.warn_local_once(self)
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
             axis=feature_axes, mask=mask if batch_stats else None, virtual_batch_size=virtual if batch_stats else None,
