@@ -77,6 +77,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     running.add_argument("--device", choices=("cpu", "cuda"), default=SUPPRESS, help="default: cpu")
     running.add_argument("--threads", type=int, default=SUPPRESS,
                          help="CPU threads for torch (default: 1, fastest for these small models; 0 = torch's default)")
+    running.add_argument("--compile", action=argparse.BooleanOptionalAction, default=SUPPRESS,
+                         help="train through torch.compile (for GPUs; on these small CPU models it only adds "
+                              "its compile time; default: off)")
     running.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                          help="write TensorBoard event files (default: on)")
     running.add_argument("--dry-run", action="store_true", default=SUPPRESS,

@@ -236,3 +236,20 @@ def test_recalibration_batches_follow_training_batching():
     ghost = TrainConfig(batch_size=32, norm="ghost").resolved()
     assert [len(b) for b in recalibration_batches(images, ghost, -1)] == [32, 32, 32]  # whole virtual batches
     assert [len(b) for b in recalibration_batches(images[:97], cfg, -1)] == [32, 32, 32]  # one image: no variance
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(tmp_path):
+    """--compile trains the same model (up to float32 rounding): same losses, weights and accuracy."""
+    settings = dict(train_limit=320, epochs=1, quiet=True, tensorboard=False)  # 256 training images: 4 full batches
+    eager = run(TrainConfig(out=str(tmp_path / "eager"), **settings))
+    assert main(["train", "--compile", "--quiet", "--no-tensorboard", "--train-limit", "320", "--epochs", "1",
+                 "--out", str(tmp_path / "compiled")]) == 0
+    compiled = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    for key in ("loss", "val_loss"):
+        assert compiled["history"][0][key] == pytest.approx(eager["history"][0][key], rel=1e-4)
+    assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=2 / 360)
+    weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"] for name in ("eager", "compiled")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-5, msg=key)

@@ -71,6 +71,7 @@ class TrainConfig:
     out: str | None = None           # run directory; None: runs/<model>-<norm>-<dataset>-seed<seed>
     resume: bool = False             # continue from out/checkpoint.pt
     device: str = "cpu"              # cpu or cuda
+    compile: bool = False            # train through torch.compile(model) (evaluation stays eager)
     threads: int = 1                 # CPU threads for torch ops; 0 = torch's default (see docs/lab.md: why 1)
     tensorboard: bool = True         # write TensorBoard event files (scalars, histograms)
     dry_run: bool = False            # one training batch, one evaluation batch: a smoke test of the whole pipeline
@@ -130,7 +131,7 @@ def _has_batch_norm(norm: str) -> bool:
 
 # Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
 RESUME_OVERRIDABLE = {"epochs", "out", "resume", "device", "tensorboard", "dry_run", "quiet", "stop_after_steps",
-                      "data_dir", "threads", "recalibrate"}
+                      "data_dir", "threads", "recalibrate", "compile"}
 
 
 PER_INVOCATION = {"out", "resume", "dry_run", "quiet", "stop_after_steps"}
@@ -413,6 +414,9 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
     model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init).to(cfg.device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
                                 momentum=cfg.momentum)
+    # The compiled module shares the model's parameters and buffers: checkpoints, evaluation and
+    # the TensorBoard probes use the model itself (eager; evaluation would recompile for eval mode).
+    train_model = torch.compile(model) if cfg.compile else model
     history: list[dict] = []
     start_epoch, step = 0, 0
     if checkpoint is not None:
@@ -442,7 +446,7 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
             for index in batches:
                 index = index.to(cfg.device)
                 images, labels = train_images[index], train_labels[index]
-                logits = model(images)
+                logits = train_model(images)
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
