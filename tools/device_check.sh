@@ -33,6 +33,9 @@ if wanted lab; then
   stage "the lab on the GPU (normkit train --device cuda)"
   timeout 90 python3 -m normkit.cli train --device cuda --no-tensorboard --out /tmp/lab-cuda 2>&1 | tr '\r' '\n' \
       | grep -v "it/s\]$" | tee "$OUT/train_cuda.log" | tail -8
+  stage "the lab on the GPU, compiled (normkit train --device cuda --compile)"
+  timeout 150 python3 -m normkit.cli train --device cuda --compile --no-tensorboard --out /tmp/lab-cuda-compiled 2>&1 \
+      | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/train_cuda_compiled.log" | tail -8
 fi
 
 if wanted bench; then
