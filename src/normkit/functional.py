@@ -69,7 +69,6 @@ def _channel_moments(channels):
     return torch.batch_norm_update_stats(channels, None, None, 0.0)
 
 
-
 def moments(x, reduce_axes, mask=None):
     """Count, mean and biased variance of ``x`` over ``reduce_axes`` (kept as size-1 dims).
 

@@ -401,6 +401,7 @@ class BatchNorm(_NormBase):
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
         factor = 0.0
+        y = None
         if training:
             if self._recenter_check_due():
                 self._update_recenter(channels, (1,))
@@ -412,12 +413,12 @@ class BatchNorm(_NormBase):
                 if size == 1:
                     F.check_enough_values(1, input.shape)
                 y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
-                return y.permute(back) if back is not None else y if restore is None else restore(y)
-        use_buffers = not training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
-                             training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+        if y is None:
+            use_buffers = not training or self.track_running_stats
+            running_mean = self.running_mean if use_buffers else None
+            running_var = self.running_var if use_buffers else None
+            y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
+                                 training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
         if back is not None:
             return y.permute(back)
         return y if restore is None else restore(y)
@@ -438,7 +439,8 @@ class BatchNorm(_NormBase):
         return False
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._plain and mask is None and not self.frozen and not self._recenter and not torch.compiler.is_compiling():
+        if (self._plain and mask is None and not self.frozen and not self._recenter
+                and not torch.compiler.is_compiling()):  # (compiled graphs take the recentered path)
             return self._forward_plain(input)
         return self._forward_options(input, mask)
 

@@ -24,10 +24,10 @@ with CUDA builds of torch; without it CUDA calls keep ATen's path). Plain BatchN
 keeps torch.nn's CUDA kernels (cuDNN's or ATen's).
 
 ``enable(cpu=False)`` switches on the CUDA kernels alone, compiling nothing up front.
-``NORMKIT_FUSED_KERNELS=1`` in the environment enables it when normkit is imported (``=cuda``:
-the CUDA kernels alone) (a build
-failure then warns instead of raising). Without it every path is ATen's, as before; both
-compute the same function (tests/test_kernels.py compares them and the NumPy reference).
+``NORMKIT_FUSED_KERNELS=1`` in the environment enables the kernels when normkit is imported, and
+``NORMKIT_FUSED_KERNELS=cuda`` the CUDA kernels alone (a build failure then warns instead of
+raising). Without it every path is ATen's, as before; both compute the same function
+(tests/test_kernels.py compares them and the NumPy reference).
 """
 
 from __future__ import annotations
