@@ -24,6 +24,7 @@ writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import numpy as np
@@ -269,8 +270,6 @@ class BatchNormalization(nn.Module):
     def from_config(cls, config: dict) -> "BatchNormalization":
         """A layer from ``get_config()``: this class's, or Keras' own (its ``dtype`` policy and its
         serialized initializers, regularizers and constraints included)."""
-        import inspect
-
         config = dict(config)
         dtype = config.pop("dtype", None)
         if isinstance(dtype, dict):  # Keras 3: {"class_name": "DTypePolicy", "config": {"name": "float32"}}
