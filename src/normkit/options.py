@@ -19,27 +19,6 @@ EPSILON = 1e-7  # Keras' backend.epsilon(), used by its norm constraints
 # ----------------------------------------------------------------------------- initializers
 
 
-def _normal(tensor, stddev=0.05):
-    return tensor.normal_(0.0, stddev)
-
-
-def _uniform(tensor, limit=0.05):
-    return tensor.uniform_(-limit, limit)
-
-
-def _truncated_normal(tensor, stddev=0.05):
-    return nn.init.trunc_normal_(tensor, 0.0, stddev, -2 * stddev, 2 * stddev)
-
-
-INITIALIZERS: dict[str, Callable] = {
-    "zeros": lambda t: t.zero_(),
-    "ones": lambda t: t.fill_(1.0),
-    "random_normal": _normal,
-    "random_uniform": _uniform,
-    "truncated_normal": _truncated_normal,
-}
-
-
 class Constant:
     """Initializer that fills with ``value`` (Keras' ``Constant``)."""
 
@@ -71,6 +50,11 @@ class _SeededDraw:
         generator = None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
         self._fill(values, generator, **self.parameters)
         return values.to(dtype or torch.float32)
+
+    def fill_(self, tensor):
+        """Draw into ``tensor`` in place from torch's global generator (the unseeded named initializers)."""
+        self._fill(tensor, None, **self.parameters)
+        return tensor
 
     def _fill(self, values, generator, **parameters):
         raise NotImplementedError
@@ -113,6 +97,16 @@ class TruncatedNormal(_SeededDraw):
 
     def _fill(self, values, generator, mean, stddev):
         nn.init.trunc_normal_(values, mean, stddev, mean - 2 * stddev, mean + 2 * stddev, generator=generator)
+
+
+# The named initializers, Keras' defaults: in place on the parameter, from torch's global generator.
+_DEFAULT_DRAWS = {"random_normal": RandomNormal(), "random_uniform": RandomUniform(),
+                  "truncated_normal": TruncatedNormal()}
+INITIALIZERS: dict[str, Callable] = {
+    "zeros": lambda t: t.zero_(),
+    "ones": lambda t: t.fill_(1.0),
+    **{name: draw.fill_ for name, draw in _DEFAULT_DRAWS.items()},
+}
 
 
 def resolve_initializer(initializer, *, name: str):
@@ -288,8 +282,7 @@ KERAS_CLASSES = {
 # What each name of this module is, in Keras' terms.
 _KERAS_NAMES = {
     "initializer": {"zeros": ("Zeros", {}), "ones": ("Ones", {}),
-                    "random_normal": RandomNormal().keras_config(), "random_uniform": RandomUniform().keras_config(),
-                    "truncated_normal": TruncatedNormal().keras_config()},
+                    **{name: draw.keras_config() for name, draw in _DEFAULT_DRAWS.items()}},
 }
 
 
