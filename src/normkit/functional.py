@@ -247,7 +247,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does.
     # Under torch.compile the compiler fuses the composite paths itself: no kernels, no gathers.
     compiling = torch.compiler.is_compiling()
-    if kernels.enabled(x.device) and adjustment is None and not compiling and not (
+    if kernels.enabled() and kernels.enabled(x.device) and adjustment is None and not compiling and not (
             plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda)):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
                               weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
