@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -30,7 +31,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def check_eps(eps, *, name="eps"):
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
 
 
@@ -240,8 +241,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
     plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
     if x.numel() == 0:
-        # An empty batch has no statistics: return an empty output and leave the buffers alone.
-        return x * (1.0 if weight is None else weight.reshape(broadcast_shape(feature_axes, x.shape)).to(x.dtype))
+        # An empty batch has no statistics: an empty output, the buffers left alone, and (as in torch.nn)
+        # zero gradients for weight and bias rather than none.
+        shape = broadcast_shape(feature_axes, x.shape)
+        return affine(x * 1.0, None if weight is None else weight.reshape(shape).to(x.dtype),
+                      None if bias is None else bias.reshape(shape).to(x.dtype))
     # With normkit.kernels on, every option it covers and, on the CPU, plain features-last data of
     # rank >= 4 (where ATen's channels-last kernels are slow) take the fused kernel; other plain calls
     # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does.

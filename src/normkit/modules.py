@@ -8,6 +8,7 @@ each is written once, in its docstring; the arithmetic lives in functional.py.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -25,17 +26,22 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm"
 
 
 def _check_num_features(num_features, *, name="num_features"):
-    entries = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    """A positive int, or a tuple of them; NumPy integers count as ints (returned as Python ints)."""
+    single = isinstance(num_features, numbers.Integral)
+    try:
+        entries = (num_features,) if single else tuple(num_features)
+    except TypeError:
+        entries = (num_features,)
     for entry in entries:
-        if isinstance(entry, bool) or not isinstance(entry, int) or entry <= 0:
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry <= 0:
             raise ValueError(f"{name} must be a positive int (or a tuple of them), got {num_features!r}")
-    return num_features if isinstance(num_features, int) else tuple(num_features)
+    return int(num_features) if single else tuple(int(entry) for entry in entries)
 
 
 def _check_momentum(momentum, *, name="momentum"):
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1] (the weight of the new batch) or None "
                          f"(cumulative average), got {momentum!r}")
     return float(momentum)
@@ -101,9 +107,8 @@ class _NormBase(nn.Module):
         _reset_affine(self)
 
     def extra_repr(self) -> str:
-        bias = "" if (self.bias is not None or not self.affine) else ", bias=False"
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}".format(**self.__dict__) + bias
-                + ", track_running_stats={track_running_stats}".format(**self.__dict__))
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -361,12 +366,19 @@ class BatchNorm(_NormBase):
         the layer recenter (see functional._aten_batch_norm) only where it matters.
         """
         self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
-        if input.is_cuda or input.dtype == torch.float64 or input.numel() == 0:
+        if (input.is_cuda or input.dtype == torch.float64 or input.numel() == 0
+                or torch._C._functorch.is_batchedtensor(input)):  # (under vmap a data-dependent branch cannot run)
             return
         with torch.no_grad():
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)
-            self._recenter = bool((mean.abs() > self.RECENTER_RATIO * var.sqrt()).any())
+            far = mean.abs() > self.RECENTER_RATIO * var.sqrt()
+            if bool(far.any()):
+                # A constant channel is far from zero by this measure but loses nothing in ATen's kernel
+                # (its variance is 0 either way): only channels that vary call for the recentered path.
+                varies = input.amax(dim=reduce_axes) != input.amin(dim=reduce_axes)
+                far &= varies
+            self._recenter = bool(far.any())
 
     def _is_plain(self) -> bool:
         """No option beyond torch.nn's: the call can go straight to ATen like torch.nn's does."""
@@ -401,24 +413,23 @@ class BatchNorm(_NormBase):
             self._feature_axes(input)  # raises the explanatory error
         training = self.training
         factor = 0.0
-        y = None
         if training:
             if self._recenter_check_due():
                 self._update_recenter(channels, (1,))
                 if self._recenter:
                     return self._forward_options(input, None)
-            factor = self._tracking_factor()
-            size = channels.numel() // self.num_features
-            if size <= 1:
-                if size == 1:
-                    F.check_enough_values(1, input.shape)
-                y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
-        if y is None:
-            use_buffers = not training or self.track_running_stats
-            running_mean = self.running_mean if use_buffers else None
-            running_var = self.running_var if use_buffers else None
-            y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var,
-                                 training or running_mean is None, factor, self.eps, torch.backends.cudnn.enabled)
+            if self.track_running_stats:  # read per call, as torch.nn does: users switch it off on a built layer
+                factor = self._tracking_factor()
+        use_buffers = not training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        batch_stats = training or running_mean is None
+        if batch_stats and channels.numel() <= self.num_features:
+            # One value per channel (refused) or an empty batch (an empty output; buffers left alone).
+            y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
+        else:
+            y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var, batch_stats, factor,
+                                 self.eps, torch.backends.cudnn.enabled)
         if back is not None:
             return y.permute(back)
         return y if restore is None else restore(y)
@@ -551,9 +562,8 @@ class LayerNorm(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         F.check_eps(eps)
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        _check_num_features(shape, name="normalized_shape")
-        self.normalized_shape = shape
+        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+        self.normalized_shape = shape = _check_num_features(shape, name="normalized_shape")
         self.eps = float(eps)
         self.elementwise_affine = bool(elementwise_affine)
         _register_affine(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
@@ -570,7 +580,8 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+        return ("{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}, "
+                "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
 class GroupNorm(nn.Module):
@@ -589,8 +600,8 @@ class GroupNorm(nn.Module):
                  device=None, dtype=None, *, bias: bool = True):
         super().__init__()
         F.check_eps(eps)
-        _check_num_features(num_groups, name="num_groups")
-        _check_num_features(num_channels, name="num_channels")
+        num_groups = _check_num_features(num_groups, name="num_groups")
+        num_channels = _check_num_features(num_channels, name="num_channels")
         if num_channels % num_groups != 0:
             divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}; "
@@ -608,14 +619,16 @@ class GroupNorm(nn.Module):
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
                              f"got shape {tuple(input.shape)}")
-        per_group = math.prod(input.shape[2:]) * (self.num_channels // self.num_groups)
-        if per_group == 1 and input.numel() > 0:
-            raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees one value per group for input "
-                             f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger spatial size")
+        # torch.nn's rule: refused only when the whole input is one value per group. With one value per group
+        # and a larger batch every group normalizes to 0 (the output is the bias), as in torch.nn.
+        if input.numel() == self.num_groups:
+            raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees a single value per group for input "
+                             f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger input")
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        return ("{num_groups}, {num_channels}, eps={eps}, affine={affine}, "
+                "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
 class _InstanceNorm(_NormBase):
@@ -665,8 +678,9 @@ class _InstanceNorm(_NormBase):
                                  f"{x.shape[1]} channels: build the layer with num_features={x.shape[1]}")
             warnings.warn(f"input has {x.shape[1]} channels but num_features={self.num_features}; without affine "
                           "parameters or running stats this is harmless, but probably not what you meant")
+        # torch.nn's rule: no batch count, and momentum=None means the running statistics stay as they are.
         use_input_stats = self.training or not self.track_running_stats
-        factor = self._tracking_factor() if (self.training and self.track_running_stats) else 0.0
+        factor = self.momentum if self.momentum is not None else 0.0
         y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                             factor, self.eps)
         return y.squeeze(0) if unbatched else y

@@ -1,0 +1,120 @@
+"""The drop-in classes in torch.nn's corners: each case runs normkit's layer and torch.nn's side by side."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normkit
+
+
+def _pair(name, *args, **kwargs):
+    return getattr(normkit, name)(*args, **kwargs), getattr(nn, name)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm1d", (3,), {}), ("BatchNorm2d", (4,), {"affine": False}), ("BatchNorm3d", (2,), {"bias": False}),
+    ("BatchNorm2d", (4,), {"momentum": None, "track_running_stats": False}),
+    ("InstanceNorm2d", (3,), {}), ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}),
+    ("LayerNorm", (4,), {}), ("LayerNorm", ((2, 3),), {"bias": False}),
+    ("LayerNorm", (4,), {"elementwise_affine": False}),
+    ("GroupNorm", (2, 4), {}), ("GroupNorm", (2, 4), {"affine": False}),
+])
+def test_repr_is_torch_nn_s(name, args, kwargs):
+    ours, theirs = _pair(name, *args, **kwargs)
+    assert repr(ours) == repr(theirs)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    ours = normkit.BatchNorm1d(np.int64(3), eps=np.float32(1e-3), momentum=np.float64(0.2))
+    theirs = nn.BatchNorm1d(3, eps=float(np.float32(1e-3)), momentum=0.2)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=0)
+    assert isinstance(ours.num_features, int)
+    assert normkit.LayerNorm((np.int64(4),)).normalized_shape == (4,)
+    group = normkit.GroupNorm(np.int64(2), np.int64(4))
+    assert (group.num_groups, group.num_channels) == (2, 4) and type(group.num_groups) is int
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+@pytest.mark.parametrize("name", ["InstanceNorm1d", "InstanceNorm2d"])
+def test_instance_norm_running_stats_follow_torch_nn(name, momentum):
+    """torch.nn's InstanceNorm never counts batches, and momentum=None leaves its running statistics alone."""
+    ours, theirs = _pair(name, 3, affine=True, track_running_stats=True, momentum=momentum)
+    shape = (4, 3, 5) if name == "InstanceNorm1d" else (4, 3, 5, 2)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_group_norm_with_one_value_per_group_follows_torch_nn():
+    """Each group normalizes to 0 when a batch gives it one value; only a single value in all is refused."""
+    ours, theirs = _pair("GroupNorm", 4, 4)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours(x), theirs.bias.detach().expand(8, 4), rtol=0, atol=1e-4)  # float32 rounding
+    for layer in (ours, theirs):
+        with pytest.raises(ValueError):
+            layer(torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 3, 0, 2)])
+def test_empty_batch_gives_zero_gradients_as_torch_nn(shape):
+    ours, theirs = _pair("BatchNorm1d" if len(shape) == 2 else "BatchNorm2d", 3)
+    for layer in (ours, theirs):
+        layer(torch.randn(shape)).sum().backward()
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(theirs, name).grad, msg=name)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+def test_eval_without_running_stats_refuses_one_value_per_channel_as_torch_nn():
+    for layer in _pair("BatchNorm1d", 3, track_running_stats=False):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer.eval()(torch.randn(1, 3))
+
+
+def test_track_running_stats_switched_off_after_construction_stops_counting():
+    ours, theirs = _pair("BatchNorm1d", 3)
+    ours.track_running_stats = theirs.track_running_stats = False
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+
+
+def test_running_stats_removed_in_eval_normalize_with_the_batch():
+    """Test-time adaptation code sets the buffers to None: eval then uses the batch's statistics."""
+    ours, theirs = _pair("BatchNorm2d", 3)
+    for layer in (ours, theirs):
+        layer.eval()
+        layer.running_mean = layer.running_var = None
+    x = torch.randn(4, 3, 2, 2) * 3 + 1
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_vmap_over_a_layer_without_running_stats():
+    ours, theirs = _pair("BatchNorm1d", 3, track_running_stats=False)
+    x = torch.randn(8, 4, 3) * 2 + 1
+    torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
+
+
+def test_constant_channel_far_from_zero_keeps_torch_nn_bits():
+    """A constant channel is no reason to leave torch.nn's kernel: outputs and buffers stay bit for bit equal."""
+    ours, theirs = _pair("BatchNorm1d", 3)
+    for _ in range(3):
+        x = torch.randn(16, 3)
+        x[:, 1] = 5.0
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert not ours._recenter
