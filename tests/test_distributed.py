@@ -1,4 +1,8 @@
-"""synchronized=True over a real 2-process gloo group equals one process normalizing the whole batch."""
+"""synchronized=True over a real 2-process gloo group equals one process normalizing the whole batch.
+
+One spawn runs every case (processes are the slow part); each case trains a few steps on each
+rank's part of a batch and saves what it saw, and the test replays the whole batch in one process.
+"""
 
 import os
 import sys
@@ -10,51 +14,111 @@ import torch.multiprocessing as mp
 
 import normkit
 
-SIZES = (3, 5)  # uneven local batches: the merge must weigh by counts
+STEPS = 2
+FEATURES = 4
 
 
-def _data():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(sum(SIZES), 4, 3, generator=generator, dtype=torch.float64) * 2 + 1
-    g = torch.randn(sum(SIZES), 4, 3, generator=generator, dtype=torch.float64)
-    return x, g
+def _adjustment(shape):
+    # A fixed, input-independent adjustment (what matters is that the synchronized path applies it).
+    return torch.full(shape, 1.5, dtype=torch.float64), torch.full(shape, -0.25, dtype=torch.float64)
+
+
+# name: (local batch sizes, layer options, with a mask). Uneven sizes: the merge must weigh by counts.
+CASES = {
+    "plain": ((3, 5), {}, False),
+    "mask": ((3, 5), {}, True),
+    "renorm": ((3, 5), {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}, False),
+    "ghost": ((4, 4), {"virtual_batch_size": 2}, False),
+    "adjustment": ((3, 5), {"adjustment": _adjustment}, False),
+    "biased_variance": ((3, 5), {"unbiased_running_var": False, "momentum": None}, False),
+    "empty_rank": ((0, 8), {}, False),
+}
+
+
+def _data(sizes, step):
+    generator = torch.Generator().manual_seed(step)
+    shape = (sum(sizes), FEATURES, 3)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
+    g = torch.randn(shape, generator=generator, dtype=torch.float64)
+    mask = torch.rand((shape[0], shape[2]), generator=generator) > 0.3
+    return x, g, mask
+
+
+def _layer(options, **extra):
+    layer = normkit.BatchNorm(FEATURES, **options, **extra).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, FEATURES + 1.0, dtype=torch.float64))
+    return layer
+
+
+def _train(layer, batches):
+    """Steps of forward + backward; returns per-step outputs and input gradients, and the layer's state."""
+    outputs, grads = [], []
+    for x, g, mask in batches:
+        x = x.clone().requires_grad_()
+        y = layer(x, mask=mask)
+        y.backward(g)
+        outputs.append(y.detach())
+        grads.append(x.grad)
+    return outputs, grads, {"weight_grad": layer.weight.grad, **layer.state_dict()}
+
+
+def _local(batch, sizes, rank):
+    start = sum(sizes[:rank])
+    return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
 
 
 def _worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        x, g = _data()
-        start = sum(SIZES[:rank])
-        local_x = x[start:start + SIZES[rank]].clone().requires_grad_()
-        layer = normkit.BatchNorm(4, synchronized=True).double()
-        with torch.no_grad():
-            layer.weight.copy_(torch.arange(1.0, 5.0, dtype=torch.float64))
-        y = layer(local_x)
-        y.backward(g[start:start + SIZES[rank]])
-        torch.save({"y": y.detach(), "grad": local_x.grad, "weight_grad": layer.weight.grad,
-                    "running_mean": layer.running_mean, "running_var": layer.running_var},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for name, (sizes, options, masked) in CASES.items():
+            batches = [_local(_data(sizes, step)[:2] + (_data(sizes, step)[2] if masked else None,), sizes, rank)
+                       for step in range(STEPS)]
+            results[name] = _train(_layer(options, synchronized=True), batches)
+        # Eval never synchronizes: without running statistics each process normalizes its own batch.
+        x = _local(_data((3, 5), 0), (3, 5), rank)[0]
+        results["eval_local"] = _layer({}, synchronized=True, track_running_stats=False).eval()(x)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo file store test runs on POSIX")
-def test_two_process_gloo_equals_single_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    x, g = _data()
-    x = x.clone().requires_grad_()
-    single = normkit.BatchNorm(4).double()
-    with torch.no_grad():
-        single.weight.copy_(torch.arange(1.0, 5.0, dtype=torch.float64))
-    y = single(x)
-    y.backward(g)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    torch.testing.assert_close(torch.cat([r["y"] for r in results]), y.detach())
-    torch.testing.assert_close(torch.cat([r["grad"] for r in results]), x.grad)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(2, str(folder / "store"), str(folder)), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build"),
+              pytest.mark.skipif(sys.platform == "win32", reason="gloo file store test runs on POSIX")]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_process_gloo_equals_single_process_on_the_whole_batch(ranks, name):
+    sizes, options, masked = CASES[name]
+    batches = [_data(sizes, step)[:2] + (_data(sizes, step)[2] if masked else None,) for step in range(STEPS)]
+    if "virtual_batch_size" in options:  # strided ghost j of the concatenated batch is every rank's ghost j
+        options = {**options, "virtual_batch_size": options["virtual_batch_size"] * len(sizes)}
+    single = _layer(options)
+    outputs, grads, state = _train(single, batches)
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([r[name][0][step] for r in ranks]), outputs[step], msg=f"output {step}")
+        torch.testing.assert_close(torch.cat([r[name][1][step] for r in ranks]), grads[step], msg=f"grad {step}")
     # Parameter gradients are local (DDP all-reduces them): their sum is the whole batch's.
-    torch.testing.assert_close(results[0]["weight_grad"] + results[1]["weight_grad"], single.weight.grad)
-    for r in results:
-        torch.testing.assert_close(r["running_mean"], single.running_mean)
-        torch.testing.assert_close(r["running_var"], single.running_var)
+    torch.testing.assert_close(ranks[0][name][2]["weight_grad"] + ranks[1][name][2]["weight_grad"],
+                               state["weight_grad"])
+    for r in ranks:
+        for key, value in state.items():
+            if key != "weight_grad" and key not in ("weight", "bias"):
+                torch.testing.assert_close(r[name][2][key], value, msg=key)
+
+
+def test_eval_never_synchronizes(ranks):
+    x = _data((3, 5), 0)[0]
+    for rank, r in enumerate(ranks):
+        local = _local((x,), (3, 5), rank)[0]
+        expected = _layer({}, track_running_stats=False).eval()(local)
+        torch.testing.assert_close(r["eval_local"], expected)

@@ -11,13 +11,15 @@ forms E[x^2] - E[x]^2. The gradient flows back through the gather to every proce
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from . import functional as F
-from .axes import complement
+from .axes import broadcast_shape
 
 
 def is_active(process_group=None) -> bool:
@@ -55,8 +57,19 @@ def _gather(tensor, process_group):
 
 
 def sync_moments(x, reduce_axes, mask=None, process_group=None):
-    """Global (count, mean, biased var) over ``reduce_axes`` of every process's ``x``; differentiable."""
-    count, mean, var = F.moments(x, reduce_axes, mask)
+    """Global (count, mean, biased var) over ``reduce_axes`` of every process's ``x``; differentiable.
+
+    Local moments are Welford's (``torch.var_mean``) or, with a mask, two-pass: exact for data far
+    from zero, so synchronized layers need no recentering. An empty local batch adds nothing.
+    """
+    if mask is None:
+        x = x.to(F.statistics_dtype(x))
+        var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
+        count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
+    else:
+        count, mean, var = F.moments(x, reduce_axes, mask)
+    empty = count == 0  # (var_mean of nothing is NaN; 0 * NaN would spoil the merge)
+    mean, var = mean.masked_fill(empty, 0.0), var.masked_fill(empty, 0.0)
     local = torch.stack([count, mean, var * count])
     gathered = _gather(local, process_group)
     counts, means, squares = gathered[:, 0], gathered[:, 1], gathered[:, 2]
@@ -68,16 +81,18 @@ def sync_moments(x, reduce_axes, mask=None, process_group=None):
 
 
 def sync_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, *, axis, mask=None,
-                    process_group=None, unbiased_running_var=True):
-    """Batch norm whose batch is the union of every process's batch (axis: canonical feature axes)."""
-    reduce_axes = complement(axis, x.dim())
-    count, mean, var = sync_moments(x, reduce_axes, mask, process_group)
-    shape = [x.shape[a] if a in axis else 1 for a in range(x.dim())]
-    param = (lambda p: None if p is None else p.reshape(shape))
-    y = F.normalize(x.to(mean.dtype), mean, var, eps, param(weight), param(bias)).to(x.dtype)
-    if training and running_mean is not None:
-        with torch.no_grad():  # the global statistics, under the same rules as a local step
-            parts = {"total": count, "batch_mean": mean, "batch_var": var, "count": count, "mean": mean, "var": var,
-                     "ghost_axis": None, "masked": True, "group_count": None}
-            F.update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var)
-    return y
+                    virtual_batch_size=None, ghost_layout="strided", unbiased_running_var=True, renorm_mean=None,
+                    renorm_stddev=None, moving_stddev=None, renorm_clipping=(0.0, math.inf, math.inf),
+                    renorm_momentum=0.01, adjustment=None, recenter=False, process_group=None):
+    """Batch norm whose batch is the union of every process's batch (axis: canonical feature axes).
+
+    The options are ``functional.batch_norm``'s, run by its composite pipeline on the merged
+    statistics. Ghost batch j of the union is every process's ghost j (tf.keras' rule), so each
+    local batch must divide into virtual batches. ``recenter`` is accepted and not needed
+    (``sync_moments`` is exact far from zero).
+    """
+    return F._batch_norm_pipeline(
+        x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
+        mask, virtual_batch_size, ghost_layout, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
+        renorm_clipping, renorm_momentum, adjustment,
+        moments_fn=functools.partial(sync_moments, process_group=process_group))

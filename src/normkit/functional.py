@@ -624,27 +624,32 @@ class _FoldedBatchNorm(torch.autograd.Function):
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
                          momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                          renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum, adjustment,
-                         recenter=False):
+                         recenter=False, moments_fn=None):
     """moments -> [ghost combine] -> [renorm r, d] -> normalize -> [adjustment] -> affine; then running stats.
 
     The composite execution of the stages, for what ``_aten_pipeline`` (every position counts)
     and ``_masked_rows_batch_norm`` (padding masks) do not cover: the closed-form masked
     gradient (``_MaskedNormalize``) for masks that vary along the features or meet ghost
     batches, and plain autograd with an adjustment (whose scale may itself be trained).
+
+    ``moments_fn(view, reduce_axes, mask_view) -> (count, mean, var)`` replaces ``moments``:
+    ``distributed.sync_batch_norm`` passes statistics over every process's batch. Its counts
+    are then not the local ones, and autograd differentiates through it.
     """
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
     # composite path, with the closed-form masked gradient when there is no adjustment.
-    needs_composite = adjustment is not None
-    if mask_view is None:
+    needs_composite = adjustment is not None or moments_fn is not None
+    local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
+    if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
                             x.shape)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
-        count, mean, var = moments(view, reduce_axes, mask_view)
+        count, mean, var = (moments_fn or moments)(view, reduce_axes, mask_view)
     with torch.no_grad():
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
-                                                                equal_counts=mask_view is None)
+                                                                equal_counts=local_counts)
         r = d = None
         if renorm_mean is not None:
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
@@ -670,8 +675,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         with torch.no_grad():
             parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
                      "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis,
-                     "masked": mask_view is not None,
-                     "group_count": None if mask_view is not None else view.numel() // mean.numel()}
+                     "masked": not local_counts,
+                     "group_count": view.numel() // mean.numel() if local_counts else None}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y

@@ -7,6 +7,7 @@ each is written once, in its docstring; the arithmetic lives in functional.py.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -482,16 +483,14 @@ class BatchNorm(_NormBase):
             bias = None if bias is None else bias.detach()
         batch_stats = training or running_mean is None
         renorm = self.renorm and batch_stats and training
-        if self.synchronized:
+        normalize = F.batch_norm
+        if self.synchronized and training:  # (eval never synchronizes: the statistics are this process's input's)
             from . import distributed
-            if batch_stats and distributed.is_active(self.process_group):
-                return distributed.sync_batch_norm(
-                    input, running_mean, running_var, weight, bias, training, factor, self.eps,
-                    axis=feature_axes, mask=mask, process_group=self.process_group,
-                    unbiased_running_var=self.unbiased_running_var)
-            if not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
+            if distributed.is_active(self.process_group):
+                normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
+            elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
                 distributed.warn_local_once(self)
-        return F.batch_norm(
+        return normalize(
             input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
             axis=feature_axes, mask=mask if batch_stats else None, virtual_batch_size=virtual if batch_stats else None,
             ghost_layout=self.ghost_layout, unbiased_running_var=self.unbiased_running_var,
