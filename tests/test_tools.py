@@ -83,6 +83,30 @@ def test_single_pass_generator_of_tensors():
     assert_stats(model[1], *average_stats(inputs, (0,)))
 
 
+def test_takes_exactly_num_batches_from_an_iterator():
+    """A shared iterator loses only the batches used: the next one is still there afterwards."""
+    model = nn.Sequential(normkit.BatchNorm1d(3))
+    batches = iter([torch.randn(6, 3) for _ in range(4)])
+    recalibrate_running_stats(model, batches, num_batches=2)
+    assert len(list(batches)) == 2
+
+
+def test_keras_layers_are_recalibrated():
+    """A normkit.keras layer runs its BN in its own mode: recalibration must put both in training mode."""
+    torch.manual_seed(3)
+    keras_layer = normkit.keras.BatchNormalization(momentum=0.9)
+    model = nn.Sequential(nn.Linear(3, 4), keras_layer)
+    model(torch.randn(5, 3))
+    model.eval()
+    batches = [torch.randn(6, 3) * 2 + 1 for _ in range(3)]
+    with torch.no_grad():
+        inputs = [as64(model[0](x)) for x in batches]
+    recalibrate_running_stats(model, batches)
+    assert_stats(keras_layer.bn, *average_stats(inputs, (0,), ddof=0))  # Keras' moving variance is biased
+    assert not keras_layer.training and not keras_layer.bn.training
+    assert keras_layer.momentum == 0.9 and keras_layer.bn.momentum == pytest.approx(0.1)
+
+
 def test_biased_running_variance_layer_averages_biased_variances():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), normkit.BatchNorm1d(4, momentum=0.01, eps=1e-3, unbiased_running_var=False))
@@ -421,6 +445,9 @@ def fold_cases():
         pytest.param(lambda: nn.Sequential(nn.Linear(5, 6),
                                            normkit.keras.BatchNormalization(momentum=0.5, dtype=torch.float64)),
                      (10, 5), 1, id="keras"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6),
+                                           normkit.keras.BatchNormalization(momentum=0.5, dtype=torch.float64)),
+                     (4, 7, 5), 1, id="keras-features-last-3d"),
     ]
     return cases
 
@@ -500,6 +527,22 @@ def test_bn_layers_that_cannot_fold_stay():
         model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3)).eval()
     model(x.float())  # (such a model cannot be deep-copied after a call: torch's limitation; inplace=True can)
     assert fold_batch_norm(model, inplace=True)[1] == []
+
+
+def test_a_conv_whose_weight_is_tied_to_another_layer_stays():
+    """Folding scales the weight in place: a weight shared with another layer would change that layer too."""
+    torch.manual_seed(16)
+    first, second = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    second.weight = first.weight
+    linear_a, linear_b = nn.Linear(4, 4), nn.Linear(4, 4)
+    linear_b.bias = linear_a.bias
+    model = nn.Sequential(first, nn.BatchNorm2d(4), nn.ReLU(), second, nn.Flatten(2), nn.AdaptiveAvgPool1d(1),
+                          nn.Flatten(), linear_a, nn.BatchNorm1d(4), linear_b).double()
+    model = randomize(model, (8, 4, 5, 5))
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
 def test_fold_refuses_a_model_in_training_mode():

@@ -340,20 +340,22 @@ class BatchNorm(_NormBase):
         """A mask over the non-feature axes, as a tensor of the input's rank (size 1 on feature axes)."""
         if not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask)
+        given = tuple(mask.shape)
+        expected = tuple(s for i, s in enumerate(input.shape) if i not in feature_axes)
         if mask.dim() == input.dim() - len(feature_axes):
             for axis in feature_axes:
                 mask = mask.unsqueeze(axis)
         elif mask.dim() != input.dim():
-            expected = tuple(s for i, s in enumerate(input.shape) if i not in feature_axes)
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit an input of shape {tuple(input.shape)}: give a mask "
+                f"mask of shape {given} does not fit an input of shape {tuple(input.shape)}: give a mask "
                 f"of shape {expected} (the input without its feature axes), or one broadcastable to it"
             )
         try:
             torch.broadcast_shapes(mask.shape, input.shape)
         except RuntimeError:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} cannot broadcast to the input's shape "
-                             f"{tuple(input.shape)}") from None
+            raise ValueError(f"mask of shape {given} cannot broadcast to the input's shape {tuple(input.shape)}: give "
+                             f"a mask of shape {expected} (the input without its feature axes), or one broadcastable "
+                             "to it") from None
         return mask.to(device=input.device, dtype=torch.bool)
 
     RECENTER_CHECK_EVERY = 1000

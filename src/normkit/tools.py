@@ -20,6 +20,7 @@ docs/tools.md says what each does, its math and the decisions taken.
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 from typing import Iterable, List, Optional, Tuple
 
@@ -62,7 +63,8 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
 
     Args:
         model: any module holding batch-normalization layers: ``normkit.BatchNorm`` and its
-            subclasses (renorm, ghost, Keras-style biased variance included) and torch.nn's
+            subclasses (renorm, ghost, Keras-style biased variance included), built
+            ``normkit.keras.BatchNormalization`` layers, and torch.nn's
             ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` (``torch.nn.modules.batchnorm._BatchNorm``).
         batches: an iterable of input tensors, or of ``(input, target, ...)`` tuples/lists
             (the first element is the input), e.g. a ``DataLoader``. Inputs are passed to
@@ -122,6 +124,9 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
                          "(track_running_stats=False)")
 
     modes = [(module, module.training) for module in model.modules()]
+    # A Keras-vocabulary layer runs its inner BN in its own mode: it must be in training mode too.
+    wrappers = [module for module in model.modules()
+                if module not in layers and _batch_norm_of(module) is not None and _batch_norm_of(module) in layers]
     saved = []
     for layer in layers:
         buffers = {name: getattr(layer, name).clone() for name in ("running_mean", "running_var", "num_batches_tracked",
@@ -141,9 +146,10 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
             if getattr(layer, "renorm", False):
                 layer.renorm = False
             layer.train()
-        for item in batches:
-            if num_batches is not None and count >= num_batches:
-                break
+        for wrapper in wrappers:
+            wrapper.training = True
+        # islice: an iterator shared with other code loses exactly the batches used, not one more.
+        for item in itertools.islice(batches, num_batches):
             model(_input_of(item, count))
             count += 1
         if count == 0:
@@ -311,8 +317,16 @@ def _batch_norm_of(module: nn.Module):
     return None
 
 
-def _can_fold(layer: nn.Module, bn, uses: dict) -> bool:
-    """Whether ``bn`` in eval mode is an affine map per output channel of ``layer`` (conv or linear)."""
+def _feature_axis(module: nn.Module, bn) -> int:
+    """``bn``'s feature axis, -1 for a Keras layer built with its features last (it stores them counted from 0)."""
+    axis = getattr(bn, "axis", 1)
+    build_shape = getattr(module, "_build_shape", None) if module is not bn else None
+    return -1 if build_shape is not None and axis == len(build_shape) - 1 else axis
+
+
+def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
+    """Whether ``module`` (a BN) in eval mode is an affine map per output channel of ``layer`` (conv or linear)."""
+    bn = _batch_norm_of(module)
     if bn is None or not isinstance(layer, _FOLD_INTO) or bn.running_mean is None:
         return False
     weight = layer._parameters.get("weight")
@@ -320,9 +334,9 @@ def _can_fold(layer: nn.Module, bn, uses: dict) -> bool:
             or isinstance(weight, nn.parameter.UninitializedParameter)):
         # A parametrized or hook-computed weight (weight_norm, spectral_norm) is recomputed each call.
         return False
-    if uses.get(id(layer), 0) > 1 or uses.get(id(bn), 0) > 1:
-        return False  # shared elsewhere: changing it would change another path of the model
-    axis = getattr(bn, "axis", 1)
+    if any(uses.get(id(shared), 0) > 1 for shared in (layer, module, bn, weight, layer.bias) if shared is not None):
+        return False  # shared elsewhere (the module, or its weight tied to another layer's): folding would change it
+    axis = _feature_axis(module, bn)
     # Conv output channels are axis 1; Linear's are the last axis (= 1 for (N, C) activations).
     if not (axis == 1 or (axis == -1 and isinstance(layer, nn.Linear))):
         return False
@@ -386,7 +400,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     Left as they are: a BN with no running statistics (``track_running_stats=False``: it
     normalizes with batch statistics in eval too), one not directly after a conv/linear layer,
     one after a ``ConvTranspose`` (its weight is laid out by input channel), a layer whose weight
-    is parametrized or computed by a hook (weight_norm, spectral_norm) or not yet initialized (lazy), a layer or BN used at more than one place in the model, and BNs outside
+    is parametrized or computed by a hook (weight_norm, spectral_norm) or not yet initialized (lazy), a layer or BN used at more than one place in the model or whose weight or bias is tied to another layer's, and BNs outside
     ``nn.Sequential`` containers (their order of calls is the code's, not the module tree's).
 
     Raises:
@@ -404,9 +418,11 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
                          "not: call model.eval() before fold_batch_norm(model)")
     if not inplace:
         model = copy.deepcopy(model)
-    uses = {}
+    uses = {}  # how many places hold each module and each parameter (tied weights count twice)
     for _, module in model.named_modules(remove_duplicate=False):
         uses[id(module)] = uses.get(id(module), 0) + 1
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
     folded = []
     for prefix, container in model.named_modules():
         if not isinstance(container, nn.Sequential):
@@ -414,9 +430,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
         names = list(container._modules)
         for before, name in zip(names, names[1:]):
             layer, module = container._modules[before], container._modules[name]
-            bn = _batch_norm_of(module)
-            if _can_fold(layer, bn, uses) and uses.get(id(module), 0) == 1:
-                _fold(layer, bn)
+            if _can_fold(layer, module, uses):
+                _fold(layer, _batch_norm_of(module))
                 container._modules[name] = nn.Identity().train(False)
                 folded.append(f"{prefix}.{name}" if prefix else name)
     return model, folded
