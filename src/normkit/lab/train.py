@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -371,23 +372,28 @@ def _resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfi
     return dataclasses.replace(TrainConfig(**saved), **overrides)
 
 
-def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> dict:
+def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None,
+        on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
     """Train (or resume) one run; returns the metrics dict also written to out/metrics.json.
 
     ``given`` names the settings the user set explicitly (the CLI passes them): on --resume those must
     agree with the checkpoint, except the ones in RESUME_OVERRIDABLE (e.g. --epochs to train longer).
-    ``splits`` lets callers (benchmarks, tests) pass data already in memory.
+    ``splits`` lets callers (benchmarks, tests) pass data already in memory. ``on_step(step, model)`` is
+    called after every optimizer step (step counts from 1), for measurements during training
+    (tools/make_results.py traces activations with it); it must leave the model (weights, buffers, mode)
+    and the random generators as it found them, or the run is no longer the one its config describes.
     """
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, given, splits)
+        return _run(cfg, given, splits, on_step)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dict:
+def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None,
+         on_step: Callable[[int, nn.Module], None] | None) -> dict:
     cfg = cfg.resolved()
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
@@ -461,6 +467,8 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None) -> dic
                     board.step(step, batch_loss.item(), batch_correct.item() / len(labels))
                 if bar is not None:
                     bar.update(1)
+                if on_step is not None:
+                    on_step(step, model)
                 if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
                     # Tests simulate a kill: no cleanup, no checkpoint, nothing flushed.
                     os._exit(75)
