@@ -846,3 +846,101 @@ def test_float64_input_is_cast_to_the_layer_dtype_as_keras_does():
     assert y.dtype == torch.float32 and layer.bn.running_mean.dtype == torch.float32
     expected = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-3)
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dtype policies, inputs, build rank
+
+
+@pytest.mark.parametrize("policy,compute", [("mixed_float16", torch.float16), ("mixed_bfloat16", torch.bfloat16)])
+def test_mixed_policy_casts_inputs_and_keeps_float32_weights(policy, compute):
+    """Keras' mixed policies: float32 inputs are cast to the compute dtype, the output comes in it, weights float32."""
+    layer = BatchNormalization(dtype=policy, momentum=0.5)
+    x = np.array([[-1000.0], [1000.0], [3.3], [-7.1]], dtype=np.float32)
+    y = layer(t(x), training=True)
+    assert y.dtype == compute and all(w.dtype == np.float32 for w in layer.get_weights())
+    rounded = t(x).to(compute).double().numpy()  # what Keras normalizes: the input after the cast
+    expected = (rounded - rounded.mean(axis=0)) / np.sqrt(rounded.var(axis=0) + 1e-3)
+    np.testing.assert_allclose(npy(y.double()), expected, rtol=1e-2 if compute == torch.bfloat16 else 1e-3)
+    np.testing.assert_allclose(npy(layer.moving_variance), 0.5 + 0.5 * rounded.var(axis=0), rtol=1e-6)
+    assert layer.keras_config()["dtype"]["config"]["name"] == policy
+    assert BatchNormalization.from_config(layer.keras_config()).dtype_policy == policy
+
+
+def test_half_precision_moving_statistics_round_once():
+    """float16 variables: the moving average is blended in float32 and rounded once (Keras: 1565, not 1566)."""
+    x = torch.tensor([[0.0], [3.0]], dtype=torch.float16) * 37.3
+    layer = BatchNormalization(momentum=0.5, dtype=torch.float16)
+    layer(x, training=True)
+    values = x.double().numpy()
+    expected_var = np.float16(0.5 * 1.0 + 0.5 * values.var(axis=0))  # float64 blend, one rounding
+    expected_mean = np.float16(0.5 * values.mean(axis=0))
+    np.testing.assert_array_equal(layer.get_weights()[3], expected_var)
+    np.testing.assert_array_equal(layer.get_weights()[2], expected_mean)
+    assert float(expected_var[0]) == 1565.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_inputs_are_cast_to_the_layer_dtype(dtype):
+    x = torch.tensor([[1, 2, 0], [4, 6, 1], [0, 1, 1]]).to(dtype)
+    ours, floats = BatchNormalization(), BatchNormalization()
+    y = ours(x, training=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, floats(x.float(), training=True), rtol=0, atol=0)
+
+
+def test_bfloat16_weights_travel_as_keras_arrays():
+    layer = BatchNormalization(dtype=torch.bfloat16)
+    layer.build((8, 3))
+    values = [np.array([1.5, -2.0, 0.25], dtype=np.float32) * (i + 1) for i in range(4)]
+    layer.set_weights(values)
+    for ours, given in zip(layer.get_weights(), values):
+        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), given)  # exact in bfloat16
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    assert all(w.dtype == ml_dtypes.bfloat16 for w in layer.get_weights())  # what Keras' get_weights returns
+    layer.set_weights([v.astype(ml_dtypes.bfloat16) for v in values])
+    for ours, given in zip(layer.get_weights(), values):
+        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), given)
+
+
+def test_the_rank_is_fixed_at_build():
+    """Keras' InputSpec: after a rank-2 build, a rank-3 input is refused (axis -1 would name another axis)."""
+    layer = BatchNormalization()
+    layer(torch.randn(4, 3), training=True)
+    with pytest.raises(ValueError, match=r"built for inputs of rank 2.*expected ndim=2, found ndim=3"):
+        layer(torch.randn(2, 3, 5), training=True)
+    layer(torch.randn(7, 3), training=False)  # another batch size is fine
+
+
+@pytest.mark.parametrize("name,scale,mode,distribution", [
+    ("glorot_uniform", 1.0, "fan_avg", "uniform"), ("GlorotNormal", 1.0, "fan_avg", "truncated_normal"),
+    ("lecun_uniform", 1.0, "fan_in", "uniform"), ("LecunNormal", 1.0, "fan_in", "truncated_normal"),
+    ("he_uniform", 2.0, "fan_in", "uniform"), ("HeNormal", 2.0, "fan_in", "truncated_normal"),
+    ("variance_scaling", 1.0, "fan_in", "truncated_normal"),
+])
+def test_variance_scaling_initializers_follow_keras_formulas(name, scale, mode, distribution):
+    """Keras' VarianceScaling family on a 1-D weight of n values (fan_in = fan_out = n): uniform within
+    +-sqrt(3 scale / n); truncated normal with stddev sqrt(scale / n) (before the cut at 2 stddevs)."""
+    n = 20000
+    layer = BatchNormalization(gamma_initializer=name)
+    layer.build((2, n))
+    gamma = layer.get_weights()[0].astype(np.float64)
+    spread = np.sqrt(scale / n)
+    if distribution == "uniform":
+        limit = np.sqrt(3.0) * spread
+        assert gamma.min() >= -limit and gamma.max() <= limit and gamma.max() > 0.99 * limit
+        assert abs(gamma.std() - spread) < 0.03 * spread
+    else:
+        stddev = spread / 0.87962566103423978
+        assert np.abs(gamma).max() <= 2 * stddev * (1 + 1e-6) and np.abs(gamma).max() > 1.9 * stddev
+        assert abs(gamma.std() - spread) < 0.03 * spread  # the cut brings the stddev back to sqrt(scale / n)
+
+
+@pytest.mark.parametrize("value", ["RandomNormal", "NonNeg", "MaxNorm", "UnitNorm", "MinMaxNorm", "L1L2", "L2"])
+def test_keras_class_names_are_accepted_as_strings(value):
+    option = {"RandomNormal": "gamma_initializer", "L1L2": "gamma_regularizer", "L2": "gamma_regularizer"}.get(
+        value, "gamma_constraint")
+    layer = BatchNormalization(**{option: value})
+    layer.build((4, 3))
+    kind = option.rsplit("_", 1)[1]
+    assert layer.keras_config()[option]["class_name"] == value
+    assert layer.keras_config()[option]["module"] == f"keras.{kind}s"

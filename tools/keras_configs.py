@@ -47,6 +47,11 @@ LAYERS = {
     "renorm": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
                         "renorm_momentum": 0.9, "momentum": 0.9}),
     "frozen": ((6, 4), {"trainable": False}),
+    "mixed_float16": ((6, 4), {"dtype": "mixed_float16", "momentum": 0.8}),
+    "variance_scaling_initializers": ((6, 3), {
+        "gamma_initializer": "he_uniform", "beta_initializer": "glorot_normal",
+        "moving_mean_initializer": "LecunNormal", "moving_variance_initializer": {
+            "class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_out", "distribution": "uniform"}}}),
 }
 
 

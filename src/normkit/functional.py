@@ -563,6 +563,13 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
 
     def lerp(buffers, targets, weight):
         weight = weight if isinstance(weight, (int, float)) else [weight] * len(buffers)
+        if dtype in LOW_PRECISION:
+            # Half-precision buffers: blend in float32 and round once (as Keras does), not the target and again the blend.
+            wide = [b.float() for b in buffers]
+            torch._foreach_lerp_(wide, [t.float().view(shape) for t in targets], weight)
+            for buffer, value in zip(buffers, wide):
+                buffer.copy_(value)
+            return
         torch._foreach_lerp_(buffers, [cast(t) for t in targets], weight)
 
     if renorm_mean is None:

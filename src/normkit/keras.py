@@ -38,9 +38,38 @@ from .stats import RenormClipping
 
 __all__ = ["BatchNormalization", "from_keras", "from_keras_config", "to_keras"]
 
-# Keras dtype policies -> the dtype of the variables (mixed policies keep float32 variables).
-_POLICY_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                  "bfloat16": torch.bfloat16, "mixed_float16": torch.float32, "mixed_bfloat16": torch.float32}
+# Keras dtype policies -> (dtype of the variables, dtype inputs are cast to and outputs come in).
+# A mixed policy keeps float32 variables and computes in half precision; the statistics are float32 anyway.
+_POLICIES = {"float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
+             "float16": (torch.float16, torch.float16), "bfloat16": (torch.bfloat16, torch.bfloat16),
+             "mixed_float16": (torch.float32, torch.float16), "mixed_bfloat16": (torch.float32, torch.bfloat16)}
+
+
+def _policy_name(dtype) -> Optional[str]:
+    """Keras' policy name for a ``dtype`` argument: a policy name, a torch dtype, or None (float32)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, dict):  # Keras 3 writes {"class_name": "DTypePolicy", "config": {"name": "float32"}}
+        dtype = (dtype.get("config") or {}).get("name")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    if dtype not in _POLICIES:
+        raise ValueError(f"dtype must be a torch floating dtype or a Keras dtype policy name, one of "
+                         f"{sorted(_POLICIES)}; got {dtype!r}")
+    return dtype
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A weight as Keras returns it: bfloat16 as ml_dtypes' bfloat16 (Keras' own type) when installed, else float32."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype != torch.bfloat16:
+        return tensor.numpy().copy()
+    values = tensor.float().numpy()
+    try:
+        import ml_dtypes
+    except ImportError:
+        return values  # (float32 holds every bfloat16 value exactly)
+    return values.astype(ml_dtypes.bfloat16)
 
 
 class BatchNormalization(nn.Module):
@@ -112,7 +141,9 @@ class BatchNormalization(nn.Module):
         self.ghost_layout = ghost_layout
         self.name = name or "batch_normalization"
         self.process_group = process_group
-        self._factory = {"dtype": dtype, "device": device}
+        self.dtype_policy = _policy_name(dtype)
+        variable_dtype, self._compute_dtype = _POLICIES[self.dtype_policy] if self.dtype_policy else (None, None)
+        self._factory = {"dtype": variable_dtype, "device": device}
         self._trainable = bool(trainable)
         self.bn: Optional[BatchNorm] = None
         self._build_shape: Optional[tuple] = None
@@ -224,7 +255,7 @@ class BatchNormalization(nn.Module):
 
     def get_weights(self):
         """The weights as NumPy arrays, in Keras' order (gamma, beta, moving_mean, moving_variance, ...)."""
-        return [tensor.detach().cpu().numpy().copy() for tensor in self.weights]
+        return [_to_numpy(tensor) for tensor in self.weights]
 
     def set_weights(self, weights) -> None:
         """Load NumPy arrays given in Keras' order; the count and each shape must match."""
@@ -234,12 +265,17 @@ class BatchNormalization(nn.Module):
                              f"got {len(weights)}")
         for (name, tensor), value in zip(targets, weights):
             value = np.asarray(value)
+            if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
+                value = value.astype(np.float32)  # Keras' bfloat16 arrays (ml_dtypes), exact in float32
             if tuple(value.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r} of {self.name} has shape {tuple(tensor.shape)}, "
                                  f"got an array of shape {tuple(value.shape)}")
         with torch.no_grad():
             for (name, tensor), value in zip(targets, weights):
-                tensor.copy_(torch.as_tensor(np.asarray(value), dtype=tensor.dtype))
+                value = np.asarray(value)
+                if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
+                    value = value.astype(np.float32)
+                tensor.copy_(torch.as_tensor(value, dtype=tensor.dtype))
 
     @property
     def losses(self):
@@ -271,13 +307,10 @@ class BatchNormalization(nn.Module):
         """A layer from ``get_config()``: this class's, or Keras' own (its ``dtype`` policy and its
         serialized initializers, regularizers and constraints included)."""
         config = dict(config)
-        dtype = config.pop("dtype", None)
-        if isinstance(dtype, dict):  # Keras 3: {"class_name": "DTypePolicy", "config": {"name": "float32"}}
-            dtype = (dtype.get("config") or {}).get("name")
-        if isinstance(dtype, str):
-            if dtype not in _POLICY_DTYPES:
-                raise ValueError(f"from_config: dtype policy {dtype!r} is not one of {sorted(_POLICY_DTYPES)}")
-            dtype = _POLICY_DTYPES[dtype]
+        try:
+            dtype = _policy_name(config.pop("dtype", None))
+        except ValueError as error:
+            raise ValueError(f"from_config: {error}") from None
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(config) - accepted)
         if unknown:
@@ -303,7 +336,8 @@ class BatchNormalization(nn.Module):
         if missing:
             raise ValueError(f"{self.name}: Keras 3's BatchNormalization has no {', '.join(missing)}; "
                              "this layer cannot be written as a Keras config")
-        dtype = self.bn.running_mean.dtype if self.bn is not None else (self._factory["dtype"] or torch.float32)
+        dtype = self.dtype_policy or str(self.bn.running_mean.dtype if self.bn is not None
+                                         else torch.get_default_dtype()).replace("torch.", "")
         serialized = {}
         for key in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                     "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
@@ -312,7 +346,7 @@ class BatchNormalization(nn.Module):
             serialized[key] = to_keras_object(kind, getattr(self, key), name=key)
         return {"name": self.name, "trainable": self._trainable,
                 "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                          "config": {"name": str(dtype).replace("torch.", "")}, "registered_name": None},
+                          "config": {"name": dtype}, "registered_name": None},
                 "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
                 "renorm_clipping": None if clipping is None else {k: float(v) for k, v in clipping.items()},
@@ -330,9 +364,19 @@ class BatchNormalization(nn.Module):
             inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
         if self.bn is None:
             self.build(tuple(inputs.shape), device=inputs.device)
+        elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
+            # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
+            raise ValueError(f"{self.name} was built for inputs of rank {len(self._build_shape)} "
+                             f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
+                             f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
+                             f"ndim={inputs.dim()}")
         stored = self.bn.running_mean.dtype
-        if inputs.dtype != stored and inputs.is_floating_point() and inputs.dtype not in (torch.float16, torch.bfloat16):
-            # Keras casts floating inputs to the layer's dtype (float32 unless built otherwise);
+        if self._compute_dtype is not None and self._compute_dtype != stored:
+            # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
+            # and the output comes in the compute dtype, as in Keras.
+            inputs = inputs.to(self._compute_dtype)
+        elif inputs.dtype != stored and inputs.dtype not in (torch.float16, torch.bfloat16):
+            # Keras casts inputs (integers too) to the layer's dtype (float32 unless built otherwise);
             # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
             inputs = inputs.to(stored)
         if mask is not None:

@@ -9,6 +9,7 @@ vocabulary, and ``regularization_loss``/``apply_constraints`` collect them over 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -99,9 +100,79 @@ class TruncatedNormal(_SeededDraw):
         nn.init.trunc_normal_(values, mean, stddev, mean - 2 * stddev, mean + 2 * stddev, generator=generator)
 
 
+def _fans(shape, input_axes=None, output_axes=None):
+    """Keras' ``compute_fans``: (fan_in, fan_out) of a weight shape (a 1-D weight: its length, both ways)."""
+    if input_axes is not None and output_axes is not None:
+        return math.prod(shape[a] for a in input_axes), math.prod(shape[a] for a in output_axes)
+    if len(shape) < 1:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+class VarianceScaling(_SeededDraw):
+    """Keras' ``VarianceScaling``: spread ``scale / n`` with n the fan of ``mode`` (fan_in, fan_out, fan_avg).
+
+    truncated_normal: stddev ``sqrt(scale / n) / 0.8796...`` cut at two stddevs; untruncated_normal:
+    stddev ``sqrt(scale / n)``; uniform: within ``+-sqrt(3 scale / n)``. Its presets (GlorotUniform,
+    HeNormal, ...) are the subclasses below.
+    """
+
+    keras_name = "VarianceScaling"
+    MODES = ("fan_in", "fan_out", "fan_avg")
+    DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform")
+
+    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None, input_axes=None,
+                 output_axes=None):
+        if mode not in self.MODES or distribution not in self.DISTRIBUTIONS or not scale > 0:
+            raise ValueError(f"VarianceScaling needs scale > 0, mode in {self.MODES} and distribution in "
+                             f"{self.DISTRIBUTIONS}; got scale={scale!r}, mode={mode!r}, distribution={distribution!r}")
+        super().__init__(seed, scale=scale)
+        self.mode, self.distribution, self.input_axes, self.output_axes = mode, distribution, input_axes, output_axes
+
+    def _fill(self, values, generator, scale):
+        fan_in, fan_out = _fans(tuple(values.shape), self.input_axes, self.output_axes)
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[self.mode]
+        scale = scale / max(1.0, fan)
+        if self.distribution == "truncated_normal":
+            stddev = math.sqrt(scale) / 0.87962566103423978  # the stddev of a unit normal cut at +-2
+            nn.init.trunc_normal_(values, 0.0, stddev, -2 * stddev, 2 * stddev, generator=generator)
+        elif self.distribution == "untruncated_normal":
+            values.normal_(0.0, math.sqrt(scale), generator=generator)
+        else:
+            limit = math.sqrt(3.0 * scale)
+            values.uniform_(-limit, limit, generator=generator)
+
+    def keras_config(self):
+        axes = {"input_axes": self.input_axes, "output_axes": self.output_axes}
+        if type(self) is VarianceScaling:
+            return self.keras_name, {"scale": self.parameters["scale"], "mode": self.mode,
+                                     "distribution": self.distribution, "seed": self.seed, **axes}
+        return self.keras_name, {"seed": self.seed, **axes}
+
+
+def _preset(keras_name: str, scale: float, mode: str, distribution: str) -> type:
+    def __init__(self, seed=None, input_axes=None, output_axes=None):
+        VarianceScaling.__init__(self, scale, mode, distribution, seed, input_axes, output_axes)
+    doc = f"Keras' ``{keras_name}``: VarianceScaling(scale={scale}, mode={mode!r}, distribution={distribution!r})."
+    return type(keras_name, (VarianceScaling,), {"__init__": __init__, "keras_name": keras_name, "__doc__": doc})
+
+
+GlorotUniform = _preset("GlorotUniform", 1.0, "fan_avg", "uniform")
+GlorotNormal = _preset("GlorotNormal", 1.0, "fan_avg", "truncated_normal")
+LecunUniform = _preset("LecunUniform", 1.0, "fan_in", "uniform")
+LecunNormal = _preset("LecunNormal", 1.0, "fan_in", "truncated_normal")
+HeUniform = _preset("HeUniform", 2.0, "fan_in", "uniform")
+HeNormal = _preset("HeNormal", 2.0, "fan_in", "truncated_normal")
+
 # The named initializers, Keras' defaults: in place on the parameter, from torch's global generator.
 _DEFAULT_DRAWS = {"random_normal": RandomNormal(), "random_uniform": RandomUniform(),
-                  "truncated_normal": TruncatedNormal()}
+                  "truncated_normal": TruncatedNormal(), "variance_scaling": VarianceScaling(),
+                  "glorot_uniform": GlorotUniform(), "glorot_normal": GlorotNormal(),
+                  "lecun_uniform": LecunUniform(), "lecun_normal": LecunNormal(),
+                  "he_uniform": HeUniform(), "he_normal": HeNormal()}
 INITIALIZERS: dict[str, Callable] = {
     "zeros": lambda t: t.zero_(),
     "ones": lambda t: t.fill_(1.0),
@@ -112,6 +183,8 @@ INITIALIZERS: dict[str, Callable] = {
 def resolve_initializer(initializer, *, name: str):
     """A name from INITIALIZERS, a number (constant), Keras' serialized dict, or a callable ``(shape, dtype) -> array``."""
     if isinstance(initializer, str):
+        if initializer in KERAS_CLASSES["initializer"]:  # Keras also takes class names: "RandomNormal", "HeUniform"
+            return KERAS_CLASSES["initializer"][initializer]()
         key = initializer.lower()
         if key not in INITIALIZERS:
             raise ValueError(f"{name}={initializer!r} is not a known initializer; use one of "
@@ -193,6 +266,8 @@ def _resolve(kind: str, value, registry: dict, signature: str, *, name: str):
     if value is None:
         return None
     if isinstance(value, str):
+        if value in KERAS_CLASSES[kind]:  # Keras also takes class names: "NonNeg", "L1L2"
+            return KERAS_CLASSES[kind][value]()
         key = value.lower()
         if key not in registry:
             raise ValueError(f"{name}={value!r} is not a known {kind}; use one of {sorted(registry)}, Keras' "
@@ -275,7 +350,9 @@ KERAS_MODULES = {"initializer": "keras.initializers", "regularizer": "keras.regu
                  "constraint": "keras.constraints"}
 KERAS_CLASSES = {
     "initializer": {"Zeros": lambda: "zeros", "Ones": lambda: "ones", "Constant": Constant,
-                    "RandomNormal": RandomNormal, "RandomUniform": RandomUniform, "TruncatedNormal": TruncatedNormal},
+                    **{cls.keras_name: cls for cls in (RandomNormal, RandomUniform, TruncatedNormal, VarianceScaling,
+                                                       GlorotUniform, GlorotNormal, LecunUniform, LecunNormal,
+                                                       HeUniform, HeNormal)}},
     "regularizer": {"L1": L1, "L2": L2, "L1L2": L1L2},
     "constraint": {"NonNeg": NonNeg, "UnitNorm": UnitNorm, "MaxNorm": MaxNorm, "MinMaxNorm": MinMaxNorm},
 }
