@@ -152,3 +152,17 @@ def test_round_trip_through_the_real_keras():
     expected = keras.ops.convert_to_numpy(theirs(x, training=False))
     assert_close(ours(torch.tensor(x), training=False), expected, torch.float32)
     assert_close(keras.ops.convert_to_numpy(back(x, training=False)), expected, torch.float32)
+
+
+def test_keras_objects_given_to_a_normkit_layer_are_written_back():
+    """With Keras installed: Keras' own initializer, regularizer and constraint objects go back into its config."""
+    keras = _keras_on_torch()
+    ours = BatchNormalization(gamma_initializer=keras.initializers.Constant(0.5),
+                              beta_regularizer=keras.regularizers.L2(0.3),
+                              gamma_constraint=keras.constraints.NonNeg())
+    ours.build((4, 3))
+    back = to_keras(ours)
+    assert back.gamma_initializer.get_config() == {"value": 0.5}
+    assert back.beta_regularizer.get_config()["l2"] == pytest.approx(0.3)
+    assert isinstance(back.gamma_constraint, keras.constraints.NonNeg)
+    np.testing.assert_array_equal(back.get_weights()[0], np.full(3, 0.5, dtype=np.float32))

@@ -387,6 +387,8 @@ def to_keras_object(kind: str, value, *, name: str):
                 "constraint": resolve_constraint}[kind](value, name=name)
     if isinstance(resolved, str):  # an initializer's name
         class_name, config = _KERAS_NAMES[kind][resolved]
+    elif type(resolved).__name__ in KERAS_CLASSES[kind] and callable(getattr(resolved, "get_config", None)):
+        class_name, config = type(resolved).__name__, resolved.get_config()  # a Keras object, given as is
     else:
         if not hasattr(resolved, "keras_config"):
             raise ValueError(f"{name}={value!r} is a Python callable, which Keras cannot load: give a name, "
