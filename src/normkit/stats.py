@@ -86,6 +86,22 @@ class RenormClipping:
         return self.at(step()) if self.scheduled else self._fixed
 
     @classmethod
+    def paper_schedule(cls, scale: float = 1.0) -> "RenormClipping":
+        """Ioffe (2017), section 4: plain BN (rmax 1, dmax 0) for the first 5,000 steps, then relaxed linearly
+        to rmax 3 at step 40,000 and dmax 5 at step 25,000, with rmin = 1 / rmax. ``scale`` multiplies
+        every step count (0.02: BN for 100 steps, dmax 5 at 500, rmax 3 at 800), for shorter runs."""
+        if not scale > 0:
+            raise ValueError(f"scale must be positive (it multiplies the paper's step counts), got {scale!r}")
+        start, r_end, d_end = 5000 * scale, 40000 * scale, 25000 * scale
+
+        def progress(step, end):
+            return min(max((step - start) / (end - start), 0.0), 1.0)
+
+        return cls(rmax=lambda step: 1.0 + 2.0 * progress(step, r_end),
+                   rmin=lambda step: 1.0 / (1.0 + 2.0 * progress(step, r_end)),
+                   dmax=lambda step: 5.0 * progress(step, d_end))
+
+    @classmethod
     def from_dict(cls, clipping, *, name: str = "renorm_clipping") -> "RenormClipping":
         if clipping is None:
             return cls()

@@ -1,0 +1,53 @@
+"""Norms chosen by name (normkit.registry), and the renorm paper's clipping schedule the `renorm` name uses."""
+
+import math
+
+import pytest
+import torch
+
+import normkit
+from normkit.registry import NORM_NAMES, create_norm, is_norm_layer
+from normkit.stats import RenormClipping
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, (1.0, 1.0, 0.0)), (5000, (1.0, 1.0, 0.0)),                       # plain BN for 5,000 steps
+    (15000, (1 / (1 + 2 * 10 / 35), 1 + 2 * 10 / 35, 5 * 10 / 20)),      # both relaxing linearly
+    (25000, (1 / (1 + 2 * 20 / 35), 1 + 2 * 20 / 35, 5.0)),              # dmax 5 reached at 25,000
+    (40000, (1 / 3, 3.0, 5.0)), (10 ** 6, (1 / 3, 3.0, 5.0)),            # rmax 3 at 40,000
+])
+def test_paper_schedule_is_ioffe_2017(step, expected):
+    """(rmin, rmax, dmax) at a step, from the paper's numbers (section 4: 5k, 25k and 40k steps)."""
+    for actual, wanted in zip(RenormClipping.paper_schedule().at(step), expected, strict=True):
+        assert math.isclose(actual, wanted, rel_tol=1e-12)
+    for actual, wanted in zip(RenormClipping.paper_schedule(0.02).at(step * 0.02), expected, strict=True):
+        assert math.isclose(actual, wanted, rel_tol=1e-12)
+
+
+def test_paper_schedule_refuses_a_scale_that_is_not_positive():
+    with pytest.raises(ValueError, match="scale must be positive"):
+        RenormClipping.paper_schedule(0)
+
+
+def test_registry_renorm_is_plain_bn_before_the_schedule_starts():
+    """r clipped to 1 and d to 0: the first steps of `renorm` train exactly as BN (its running variance
+    differs: renorm averages standard deviations, see docs/decisions.md)."""
+    torch.manual_seed(0)
+    renorm, plain = create_norm("renorm", 5, rank=2).double(), normkit.BatchNorm(5).double()
+    for _ in range(3):
+        x = torch.randn(16, 5, dtype=torch.float64) * 3 + 1
+        torch.testing.assert_close(renorm(x), plain(x))
+    torch.testing.assert_close(renorm.running_mean, plain.running_mean)
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+def test_every_name_builds_a_layer_for_conv_inputs(name):
+    layer = create_norm(name, 4, rank=4)
+    y = layer(torch.randn(16, 4, 3, 3))  # (ghost batches of 16)
+    assert y.shape == (16, 4, 3, 3)
+    assert is_norm_layer(layer) == (name != "none")
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown normalization 'bach'; choose one of none, batch"):
+        create_norm("bach", 4, rank=2)
