@@ -20,15 +20,36 @@ from normkit.registry import NORM_NAMES
 SUPPRESS = argparse.SUPPRESS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the project's rule for user errors) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _batch_count(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be 0 (off), a positive number of batches or -1 (all), got {text}")
     return value
@@ -68,14 +89,14 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     optimization.add_argument("--epochs", type=_positive_int, default=SUPPRESS, help="default: 5")
     optimization.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                               help="drop the last partial batch (default: only for ghost, and a last batch of 1 image)")
-    optimization.add_argument("--seed", type=int, default=SUPPRESS, help="default: 0")
+    optimization.add_argument("--seed", type=_integer, default=SUPPRESS, help="0 to 2**32 - 1 (default: 0)")
     optimization.add_argument("--recalibrate", type=_batch_count, default=SUPPRESS, metavar="N",
                               help="after the last epoch, recompute the BN running statistics with the final weights "
                                    "over the first N training batches (-1: all; \"precise BN\"), then evaluate; the "
                                    "saved checkpoint is the recalibrated model (default: 0 = off, the classic recipe)")
     running = parser.add_argument_group("run")
     running.add_argument("--device", choices=("cpu", "cuda"), default=SUPPRESS, help="default: cpu")
-    running.add_argument("--threads", type=int, default=SUPPRESS,
+    running.add_argument("--threads", type=_non_negative_int, default=SUPPRESS,
                          help="CPU threads for torch (default: 1, fastest for these small models; 0 = torch's default)")
     running.add_argument("--compile", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                          help="train through torch.compile (for GPUs; on these small CPU models it only adds "
@@ -85,10 +106,16 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     running.add_argument("--dry-run", action="store_true", default=SUPPRESS,
                          help="one training batch and one evaluation batch: a smoke test")
     running.add_argument("--quiet", action="store_true", default=SUPPRESS, help="no progress bars or epoch lines")
+    running.add_argument("--overwrite", action="store_true", default=SUPPRESS,
+                         help="replace an earlier run in the output folder even when that would lose work (an "
+                              "unfinished run, or a finished one with other settings); without it such a run is "
+                              "refused, while a dry run or a finished run with the same settings is replaced")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normkit", description="normkit's lab: the classic batch-normalization "
+    from normkit.lab.data import DATASETS
+
+    parser = _Parser(prog="normkit", description="normkit's lab: the classic batch-normalization "
                                      "experiments from one command.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -99,21 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=SUPPRESS, metavar="DIR",
                        help="run directory (default: runs/<model>-<norm>-<dataset>-seed<seed>)")
     train.add_argument("--resume", action="store_true", default=SUPPRESS,
-                       help="continue from DIR/checkpoint.pt (same settings; --epochs may grow)")
+                       help="continue from DIR/checkpoint.pt (same settings; --epochs may grow, not shrink); "
+                            "without a checkpoint, or with a dry run's, starts from the beginning")
     train.add_argument("--stop-after-steps", type=_positive_int, default=SUPPRESS, help=SUPPRESS)  # tests: a kill
 
-    evaluate = commands.add_parser("evaluate", help="test accuracy and loss of a saved checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, metavar="FILE")
-    evaluate.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
-    evaluate.add_argument("--data-dir", default=None, metavar="DIR")
-    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    evaluate = commands.add_parser("evaluate", help="test accuracy and loss of a saved checkpoint",
+                                   description="Rebuild the model of a checkpoint and print its test accuracy and loss.")
+    evaluate.add_argument("--checkpoint", required=True, metavar="FILE",
+                          help="a run's checkpoint.pt (written by `normkit train --out DIR` as DIR/checkpoint.pt)")
+    evaluate.add_argument("--dataset", choices=DATASETS, default=None,
+                          help="test split to use (default: the dataset the model was trained on)")
+    evaluate.add_argument("--data-dir", default=None, metavar="DIR",
+                          help="folder with the IDX files (default: the run's --data-dir, else $NORMKIT_DATA)")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     compare = commands.add_parser("compare", help="one run per normalization (same seeds, same data): plot and table",
-                                  description="Train one run per --norms entry and seed, then write comparison.md "
-                                              "and comparison.png to --out.")
-    compare.add_argument("--norms", default="batch,none", help="comma-separated names from: " + ", ".join(NORM_NAMES))
-    compare.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+                                  description="Train one run per --norms entry and seed into OUT/<norm>-seed<seed>/, "
+                                              "then write comparison.md (table), comparison.json (test accuracy, "
+                                              "test loss and history per norm and seed) and comparison.png "
+                                              "(mean curves) to --out. Every run is validated before the first "
+                                              "one trains.")
+    compare.add_argument("--norms", default="batch,none",
+                         help="comma-separated names, each once, from: " + ", ".join(NORM_NAMES) + " (default: batch,none)")
+    compare.add_argument("--seeds", default=None, help="comma-separated seeds, each once (default: --seed)")
     compare.add_argument("--out", default=None, metavar="DIR", help="default: runs/compare-<model>-<dataset>")
     _add_training_options(compare, with_norm=False)
 
@@ -148,7 +184,14 @@ def _split_list(text: str, convert, what: str) -> list:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise ValueError(f"{what}: expected a comma-separated list, got {text!r}")
-    return [convert(item) for item in items]
+    values = []
+    for item in items:
+        try:
+            values.append(convert(item))
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not {'an integer' if convert is int else 'valid'}; expected a "
+                             "comma-separated list such as 0,1,2") from None
+    return values
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -160,6 +203,8 @@ def _compare(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--norms: unknown {', '.join(unknown)}; choose from {', '.join(NORM_NAMES)}")
     seeds = _split_list(args.seeds, int, "--seeds") if args.seeds else [options.pop("seed", 0)]
+    if args.seeds and "seed" in options:
+        raise ValueError("--seed and --seeds both given; pass the seeds as --seeds only")
     options.pop("seed", None)
     compare(norms, seeds, out=args.out, **options)
     return 0
@@ -187,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         # Users get the one-line reason, not a traceback; DataError and CheckpointError are ValueErrors.
         print(f"normkit {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"normkit {args.command}: interrupted (the last finished epoch is in checkpoint.pt; use --resume)",
-              file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # normkit.lab.train.RunInterrupted says what the run directory holds; a bare Ctrl-C came before any run.
+        detail = str(interrupt) or "interrupted while no run was training (finished runs are complete)"
+        print(f"normkit {args.command}: {detail}", file=sys.stderr)
         return 130
 
 

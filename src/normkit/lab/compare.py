@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
-from .train import TrainConfig, run
+from .train import TrainConfig, check_out_folder, json_bytes, plan_run, run
 
 CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    # An absent measurement (no validation split: None) stays absent rather than becoming NaN.
+    return None if any(value is None for value in values) else statistics.fmean(values)
 
 
 def _mean_history(histories: list[list[dict]]) -> list[dict]:
     """Per-epoch mean over seeds (runs of one norm have the same number of epochs)."""
     epochs = min(len(history) for history in histories)
-    return [{"epoch": index + 1, **{key: statistics.fmean(h[index][key] for h in histories) for key in CURVE_KEYS}}
+    return [{"epoch": index + 1, **{key: _mean([h[index][key] for h in histories]) for key in CURVE_KEYS}}
             for index in range(epochs)]
 
 
@@ -28,7 +32,7 @@ def _spread(values: list[float]) -> str:
 
 def comparison_table(results: dict[str, dict[int, dict]]) -> str:
     """Markdown: final test accuracy per norm (mean ± sample std over seeds, then each seed) and the
-    mean validation accuracy after each epoch."""
+    mean validation accuracy after each epoch ("n/a" without a validation split)."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
     epochs = max(len(m["history"]) for by_seed in results.values() for m in by_seed.values())
     header = (["norm", "test accuracy"] + ([f"seed {s}" for s in seeds] if len(seeds) > 1 else [])
@@ -41,30 +45,58 @@ def comparison_table(results: dict[str, dict[int, dict]]) -> str:
         if len(seeds) > 1:
             row += [f"{by_seed[s]['test_accuracy']:.4f}" if s in by_seed else "" for s in seeds]
         row += [_spread([m["test_loss"] for m in runs])]
-        row += [f"{record['val_accuracy']:.4f}" for record in curve] + [""] * (epochs - len(curve))
+        row += ["n/a" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}" for record in curve]
+        row += [""] * (epochs - len(curve))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _refuse_duplicates(items: list, flag: str) -> None:
+    repeated = sorted({str(item) for item in items if items.count(item) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: {', '.join(repeated)} listed more than once; list each once")
+
+
+def _check(norm: str, seed: int, validate) -> None:
+    try:
+        validate()
+    except ValueError as error:
+        raise ValueError(f"run {norm}, seed {seed}: {error}") from None
+
+
 def compare(norms: list[str], seeds: list[int], out: str | None = None, **options) -> dict[str, dict[int, dict]]:
     """Train every (norm, seed) with the same other ``options`` (TrainConfig fields); write to ``out``:
-    <norm>-seed<seed>/ run directories, comparison.md, comparison.json and comparison.png."""
+    <norm>-seed<seed>/ run directories, comparison.md, comparison.json and comparison.png.
+
+    Every run is validated (settings, its folder, the data and its batches) before the first one trains."""
+    if not norms or not seeds:
+        raise ValueError("--norms and --seeds each need at least one entry")
+    _refuse_duplicates(list(norms), "--norms")
+    _refuse_duplicates(list(seeds), "--seeds")
     base = TrainConfig(**options)
     out_dir = Path(out if out is not None else Path("runs") / f"compare-{base.model}-{base.dataset}")
+    check_out_folder(out_dir)
+    configs = {(norm, seed): TrainConfig(**{**options, "norm": norm, "seed": seed,
+                                            "out": str(out_dir / f"{norm}-seed{seed}")})
+               for norm in norms for seed in seeds}
+    given = set(options) | {"norm", "seed", "out"}
+    # Settings first (a bad option fails before the data is loaded), then each run's folder, data and batches.
+    for (norm, seed), cfg in configs.items():
+        _check(norm, seed, cfg.resolved)
     splits = load_dataset(base.dataset, base.data_dir)  # loaded once: every run sees the same tensors
+    for (norm, seed), cfg in configs.items():
+        _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
     results: dict[str, dict[int, dict]] = {}
-    for norm in norms:
-        for seed in seeds:
-            cfg = TrainConfig(**{**options, "norm": norm, "seed": seed, "out": str(out_dir / f"{norm}-seed{seed}")})
-            results.setdefault(norm, {})[seed] = run(cfg, given=set(options) | {"norm", "seed", "out"}, splits=splits)
+    for (norm, seed), cfg in configs.items():
+        results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
     table = comparison_table(results)
     atomic_write_bytes(out_dir / "comparison.md", table.encode())
     summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
                       for seed, m in by_seed.items()} for norm, by_seed in results.items()}
-    atomic_write_bytes(out_dir / "comparison.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "comparison.json", json_bytes(summary))
     plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()]) for norm, by_seed in results.items()},
                 out_dir / "comparison.png",
                 title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
     if not options.get("quiet"):
-        print(f"\n{table}\nwrote {out_dir / 'comparison.md'} and {out_dir / 'comparison.png'}")
+        print(f"\n{table}\nwrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
     return results

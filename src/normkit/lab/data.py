@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,12 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        # gzip raises EOFError for a truncated stream and BadGzipFile for a non-gzip file.
-        raise DataError(f"{path}: cannot be read as {'gzip' if path.suffix == '.gz' else 'a file'}: {error}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+        # gzip raises EOFError for a truncated stream, BadGzipFile for a non-gzip file or a failed CRC check,
+        # and zlib.error for a compressed stream whose bytes were damaged.
+        kind = "gzip" if path.suffix == ".gz" else "a file"
+        raise DataError(f"{path}: cannot be read as {kind} (a truncated or malformed file; fetch it again): "
+                        f"{error}") from None
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:

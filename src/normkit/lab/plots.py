@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from .data import atomic_write_bytes
+
+
+def _values(history: list[dict], key: str) -> list[float]:
+    # Absent measurements are None in metrics.json; matplotlib leaves a gap at NaN.
+    return [math.nan if record[key] is None else record[key] for record in history]
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -26,12 +32,12 @@ def plot_curves(histories: dict[str, list[dict]], path: str | Path, title: str =
         style = dict(color=f"C{index % 10}", marker=markers[index % len(markers)],
                      markersize=max(3.0, 8.0 - 1.5 * index))
         epochs = [record["epoch"] for record in history]
-        loss_axes.plot(epochs, [r["loss"] for r in history], **style, label=f"{label} train")
-        loss_axes.plot(epochs, [r["val_loss"] for r in history], **style, linestyle="--",
-                       label=f"{label} validation")
-        accuracy_axes.plot(epochs, [r["accuracy"] for r in history], **style, label=f"{label} train")
-        accuracy_axes.plot(epochs, [r["val_accuracy"] for r in history], **style, linestyle="--",
-                           label=f"{label} validation")
+        loss_axes.plot(epochs, _values(history, "loss"), **style, label=f"{label} train")
+        accuracy_axes.plot(epochs, _values(history, "accuracy"), **style, label=f"{label} train")
+        if any(r["val_loss"] is not None for r in history):  # --val-split 0: no validation curves
+            loss_axes.plot(epochs, _values(history, "val_loss"), **style, linestyle="--", label=f"{label} validation")
+            accuracy_axes.plot(epochs, _values(history, "val_accuracy"), **style, linestyle="--",
+                               label=f"{label} validation")
     for axes, name in ((loss_axes, "cross-entropy loss"), (accuracy_axes, "accuracy")):
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -7,6 +7,11 @@ loads with ``torch.load(weights_only=True)``. With ``recalibrate`` (``--recalibr
 statistics are recomputed after the last epoch (``normkit.recalibrate_running_stats``, "precise BN") and
 the checkpoint is rewritten with them: the final checkpoint is the model the reported test accuracy measures.
 
+Safety: ``plan_run`` validates the settings, the output folder, the checkpoint to resume or replace, the
+data and its batches before anything is written, so a failed run leaves ``out`` as it was. A fresh run
+replaces an earlier run in ``out`` only when that was a dry run or a finished run with the same settings
+(``overwrite=True`` replaces any); docs/lab.md, "Output directory", has the rules.
+
 Determinism: batches are shuffled by a dedicated ``torch.Generator`` seeded with ``seed``; its state,
 and torch's, NumPy's and Python's global RNG states, are saved with each checkpoint. A resumed run
 restarts the interrupted epoch from its beginning with those states, so it repeats exactly the steps
@@ -23,6 +28,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +77,7 @@ class TrainConfig:
     # run
     out: str | None = None           # run directory; None: runs/<model>-<norm>-<dataset>-seed<seed>
     resume: bool = False             # continue from out/checkpoint.pt
+    overwrite: bool = False          # replace a finished or unfinished run in out (see docs/lab.md, "Output directory")
     device: str = "cpu"              # cpu or cuda
     compile: bool = False            # train through torch.compile(model) (evaluation stays eager)
     threads: int = 1                 # CPU threads for torch ops; 0 = torch's default (see docs/lab.md: why 1)
@@ -80,34 +87,57 @@ class TrainConfig:
     stop_after_steps: int | None = field(default=None, repr=False)  # tests: die (os._exit) after N steps, like a kill
 
     def resolved(self) -> "TrainConfig":
-        """Validate every setting and fill the derived ones (lr, out, drop_last)."""
+        """Validate every setting and fill the derived ones (lr, out, drop_last).
+
+        Nothing is touched before this passes: errors name the command-line flag (``--batch-size`` is
+        ``batch_size``) and say what to do."""
         choices = dict(dataset=DATASETS, model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS,
                        optimizer=OPTIMIZERS, device=("cpu", "cuda"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ValueError(f"val_split={self.val_split} must be in [0, 1)")
+                raise ValueError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not _is_number(self.val_split) or not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"--val-split={self.val_split} must be in [0, 1) (0: no validation split)")
         for name in ("batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.train_limit is not None and self.train_limit < 2:
-            raise ValueError(f"train_limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)}={getattr(self, name)} must be at least 1")
+        if self.train_limit is not None and (not _is_int(self.train_limit) or self.train_limit < 2):
+            raise ValueError(f"--train-limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            # NumPy's global generator, seeded alongside torch's, takes 0 .. 2**32 - 1.
+            raise ValueError(f"--seed={self.seed} must be an integer from 0 to {MAX_SEED}")
+        if self.lr is not None and (not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0):
+            raise ValueError(f"--lr={self.lr} must be a finite number > 0 (0 would train nothing); omit it for "
+                             f"Keras' default ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
+        if not _is_number(self.rho) or not 0.0 <= self.rho < 1.0:
+            raise ValueError(f"--rho={self.rho} must be in [0, 1) (RMSprop's decay; default 0.9)")
+        if not _is_number(self.eps) or not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"--eps={self.eps} must be a finite number >= 0 (default 1e-7)")
+        if not _is_number(self.momentum) or not 0.0 <= self.momentum <= 1.0:
+            # Keras' SGD accepts momentum in [0, 1]; more makes the velocity grow without bound.
+            raise ValueError(f"--momentum={self.momentum} must be in [0, 1] (SGD momentum; default 0)")
         if self.model == "mlp" and self.norm == "instance":
-            raise ValueError("norm 'instance' needs spatial axes and the mlp has none; use --model lenet, or "
+            raise ValueError("--norm instance needs spatial axes and the mlp has none; use --model lenet, or "
                              "layer/batch for the mlp")
         if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
-            raise ValueError(f"norm 'ghost' normalizes virtual batches of {GHOST_BATCH}; batch_size={self.batch_size} "
+            raise ValueError(f"--norm ghost normalizes virtual batches of {GHOST_BATCH}; --batch-size={self.batch_size} "
                              f"must be a multiple of {GHOST_BATCH}")
+        if self.batch_size < 2 and _has_batch_norm(self.norm):
+            raise ValueError(f"--batch-size=1: --norm {self.norm} normalizes with batch statistics, which need at "
+                             "least 2 images per batch; use --batch-size 2 or more, or a norm without batch "
+                             "statistics (none, layer, instance, group)")
         if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < -1:
-            raise ValueError(f"recalibrate={self.recalibrate!r} must be 0 (off), a positive number of batches or -1 (all)")
+            raise ValueError(f"--recalibrate={self.recalibrate!r} must be 0 (off), a positive number of batches or -1 (all)")
         if self.recalibrate and not _has_batch_norm(self.norm):
-            raise ValueError(f"recalibrate={self.recalibrate} recomputes batch-normalization running statistics, and "
+            raise ValueError(f"--recalibrate={self.recalibrate} recomputes batch-normalization running statistics, and "
                              f"norm {self.norm!r} has none; use it with batch, torch, renorm, ghost or keras")
-        if self.threads < 0:
-            raise ValueError(f"threads={self.threads} must be 0 (torch's default) or a positive count")
+        if not _is_int(self.threads) or self.threads < 0:
+            raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass only one")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch.cuda.is_available() is False; use --device cpu")
+            raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
         updates = {}
         if self.lr is None:
             updates["lr"] = DEFAULT_LR[self.optimizer]
@@ -120,7 +150,23 @@ class TrainConfig:
     def to_dict(self) -> dict:
         settings = dataclasses.asdict(self)
         settings.pop("stop_after_steps")  # a test hook, not a setting of the run
+        settings.pop("overwrite")  # how this invocation treats an earlier run, not a setting of the run
         return settings
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _has_batch_norm(norm: str) -> bool:
@@ -131,11 +177,15 @@ def _has_batch_norm(norm: str) -> bool:
 
 
 # Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
-RESUME_OVERRIDABLE = {"epochs", "out", "resume", "device", "tensorboard", "dry_run", "quiet", "stop_after_steps",
-                      "data_dir", "threads", "recalibrate", "compile"}
+RESUME_OVERRIDABLE = {"epochs", "out", "resume", "overwrite", "device", "tensorboard", "dry_run", "quiet",
+                      "stop_after_steps", "data_dir", "threads", "recalibrate", "compile"}
 
 
-PER_INVOCATION = {"out", "resume", "dry_run", "quiet", "stop_after_steps"}
+PER_INVOCATION = {"out", "resume", "overwrite", "dry_run", "quiet", "stop_after_steps"}
+
+# Settings that do not change what a run computes (where and how it runs, what it prints): a fresh run whose
+# other settings equal a finished run's reproduces it, so it may replace that run without --overwrite.
+NOT_IDENTITY = {"out", "resume", "quiet", "tensorboard", "device", "threads", "compile", "data_dir"}
 
 
 class CheckpointError(ValueError):
@@ -167,11 +217,38 @@ def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
                     test=move(splits.test))
 
 
+def _drops_last(size: int, cfg: TrainConfig) -> bool:
+    # A one-image batch has no batch variance (BN refuses it); ghost BN needs whole virtual batches.
+    return size < 2 or bool(cfg.drop_last and size < cfg.batch_size)
+
+
+def training_batch_sizes(count: int, cfg: TrainConfig) -> list[int]:
+    """The sizes of one epoch's batches of ``count`` images (what ``training_batches`` makes), without data."""
+    sizes = [cfg.batch_size] * (count // cfg.batch_size) + ([count % cfg.batch_size] if count % cfg.batch_size else [])
+    if sizes and _drops_last(sizes[-1], cfg):
+        sizes.pop()
+    return sizes
+
+
+def check_batches(cfg: TrainConfig, count: int) -> None:
+    """Refuse, before training, settings that make no training step or a batch the norm cannot take."""
+    sizes = training_batch_sizes(count, cfg)
+    if not sizes:
+        limit = f"--train-limit {cfg.train_limit} and " if cfg.train_limit is not None else ""
+        raise ValueError(f"no training step: the {count} training images (after {limit}--val-split "
+                         f"{cfg.val_split:g}) are fewer than --batch-size {cfg.batch_size}, and --drop-last"
+                         f"{' (automatic for --norm ghost)' if cfg.norm == 'ghost' else ''} drops that partial batch; "
+                         "lower --batch-size or raise --train-limit")
+    if cfg.norm == "ghost" and sizes[-1] % GHOST_BATCH:
+        raise ValueError(f"--no-drop-last with --norm ghost: each epoch's last batch would hold {sizes[-1]} of the "
+                         f"{count} training images, not a multiple of the ghost batch {GHOST_BATCH}; drop "
+                         "--no-drop-last (ghost drops partial batches by default) or change --batch-size/--train-limit")
+
+
 def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(count, generator=generator)
     batches = list(order.split(cfg.batch_size))
-    # A one-image batch has no batch variance (BN refuses it); ghost BN needs whole virtual batches.
-    if batches and (len(batches[-1]) < 2 or (cfg.drop_last and len(batches[-1]) < cfg.batch_size)):
+    if batches and _drops_last(len(batches[-1]), cfg):
         batches.pop()
     return batches
 
@@ -204,7 +281,7 @@ def recalibration_batches(images: torch.Tensor, cfg: "TrainConfig", count: int) 
     generator is not touched. A last batch is dropped where training would drop it (one image; a
     partial batch with drop_last, as ghost BN needs whole virtual batches)."""
     batches = list(images.split(cfg.batch_size))
-    if batches and (len(batches[-1]) < 2 or (cfg.drop_last and len(batches[-1]) < cfg.batch_size)):
+    if batches and _drops_last(len(batches[-1]), cfg):
         batches.pop()
     return batches if count < 0 else batches[:count]
 
@@ -285,10 +362,49 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
-def model_from_checkpoint(payload: dict) -> tuple[nn.Module, TrainConfig]:
-    cfg = TrainConfig(**payload["config"])
+def config_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> TrainConfig:
+    """The checkpoint's TrainConfig (not resolved); CheckpointError names the file when it cannot be one."""
+    where = str(path) if path is not None else "checkpoint"
+    saved = payload["config"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: its config is a {type(saved).__name__}, not a dict of settings")
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"{where}: its config has settings this normkit does not know ({', '.join(unknown)}); "
+                              "it was written by another version of normkit or edited")
+    cfg = TrainConfig(**saved)
+    for name, allowed in dict(model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS).items():
+        if getattr(cfg, name) not in allowed:
+            raise CheckpointError(f"{where}: its config has {name} {getattr(cfg, name)!r}, not one of {', '.join(allowed)}")
+    return cfg
+
+
+def load_weights(model: nn.Module, state: dict, path: str | os.PathLike | None, cfg: TrainConfig) -> None:
+    """``model.load_state_dict(state)``, with a one-line CheckpointError naming the file when they do not fit
+    (torch's own message lists every tensor over many lines)."""
+    where = str(path) if path is not None else "checkpoint"
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+                  if key in state and isinstance(state[key], torch.Tensor) and state[key].shape != value.shape]
+    problems = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                if items]
+    if not problems:
+        try:
+            model.load_state_dict(state)
+            return
+        except (RuntimeError, TypeError, KeyError) as error:
+            problems = [str(error).splitlines()[0]]
+    raise CheckpointError(f"{where}: its weights do not fit the model its config describes ({cfg.model} + "
+                          f"{cfg.norm}, {cfg.activation}): {'; '.join(problems)}")
+
+
+def model_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> tuple[nn.Module, TrainConfig]:
+    cfg = config_from_checkpoint(payload, path)
     model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init)
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], path, cfg)
     return model, cfg
 
 
@@ -314,7 +430,7 @@ class Board:
         if not self.writer:
             return
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            if not math.isnan(record[key]):
+            if record[key] is not None and math.isfinite(record[key]):
                 self.writer.add_scalar(f"epoch/{key}", record[key], step)
         for name, module in model.named_modules():
             if is_norm_layer(module):
@@ -352,13 +468,60 @@ def preactivations(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
 
 # ------------------------------------------------------------------------------------------ the run
 
+def json_safe(value):
+    """``value`` with every NaN or infinity replaced by None: strict JSON parsers refuse NaN, and an absent
+    measurement (no validation images with --val-split 0) is null, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_bytes(payload) -> bytes:
+    return (json.dumps(json_safe(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
 def _write_json(path: Path, payload: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(payload))
 
 
 def _say(cfg: TrainConfig, text: str) -> None:
     if not cfg.quiet:
         print(text, flush=True)
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse a path that cannot become a writable folder, before anything is created or loaded."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out}: is a file, not a folder; choose a folder path (created if missing)")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {out}: {parent} is a file, not a folder; choose a folder path")
+            break
+
+
+def _make_out_folder(out: Path, flag: str = "--out") -> None:
+    """mkdir -p, and a probe file: both fail here, with the flag named, rather than as a traceback later."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".normkit-write-probe.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{flag} {out}: cannot write there ({error.strerror or error}); choose a folder you can "
+                         "write to") from None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what the run directory holds and how to continue."""
 
 
 def _resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
@@ -372,6 +535,88 @@ def _resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfi
     return dataclasses.replace(TrainConfig(**saved), **overrides)
 
 
+@dataclass
+class RunPlan:
+    """A validated run: its resolved settings, the checkpoint it resumes (or None), its data, and what it
+    replaces in ``out`` (None: nothing). Making one reads files but writes nothing."""
+    cfg: TrainConfig
+    checkpoint: dict | None
+    data: Prepared
+    notes: list[str]
+
+
+def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> str:
+    """Whether a fresh run may replace the run whose checkpoint is in ``out``; raises when it would lose work."""
+    out = checkpoint_path.parent
+    try:
+        payload = load_checkpoint(checkpoint_path)
+        saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+    except CheckpointError as error:
+        raise ValueError(f"--out {out} holds a checkpoint.pt that cannot be read ({error}); pass --overwrite to "
+                         "replace it, or choose another --out") from None
+    if saved["dry_run"]:
+        return f"replacing the dry run in {out}"
+    if payload["epoch"] < saved["epochs"]:
+        raise ValueError(f"--out {out} holds an unfinished run (checkpoint.pt after epoch {payload['epoch']} of "
+                         f"{saved['epochs']}): continue it with `normkit train --out {out} --resume`, or pass "
+                         "--overwrite to start over, or choose another --out")
+    mine = cfg.to_dict()
+    differences = [f"{_flag(k)} {saved[k]!r} there, {mine[k]!r} here" for k in mine
+                   if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+    if differences:
+        longer = (len(differences) == 1 and differences[0].startswith("--epochs ") and cfg.epochs > saved["epochs"])
+        raise ValueError(f"--out {out} holds a finished run with other settings ({'; '.join(differences)}); pass "
+                         "--overwrite to replace it, or choose another --out to keep both"
+                         + (f" (or train it longer: `normkit train --out {out} --resume --epochs {cfg.epochs}`)"
+                            if longer else ""))
+    return f"replacing the finished run in {out} (same settings: this run repeats it)"
+
+
+def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> RunPlan:
+    """Validate everything a run needs (settings, --out, the checkpoint it resumes or replaces, the data and
+    its batches) without writing anything: a failed run leaves ``out`` as it found it."""
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    check_out_folder(out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint, notes = None, []
+    if cfg.resume and checkpoint_path.is_file():
+        payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
+        saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+        if saved["dry_run"] and not cfg.dry_run:
+            # A dry run's one batch is a smoke test, not a start worth continuing: the real run starts over.
+            notes.append(f"--resume: {checkpoint_path} is a dry run's (one batch); starting the real run from the "
+                         "beginning")
+        elif cfg.dry_run and not saved["dry_run"]:
+            raise ValueError(f"--dry-run --resume: {checkpoint_path} is a real run's, and a dry run would replace its "
+                             "metrics with one-batch estimates; drop --dry-run to continue it, or smoke-test in "
+                             "another --out")
+        else:
+            try:
+                cfg = _resume_config(cfg, saved, given if given is not None else set()).resolved()
+            except TypeError as error:
+                raise CheckpointError(f"{checkpoint_path}: {error}") from None
+            except ValueError as error:
+                if str(error).startswith("a resumed run keeps"):
+                    raise
+                raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
+            if cfg.epochs < payload["epoch"]:
+                raise ValueError(f"--epochs {cfg.epochs}: {checkpoint_path} has already trained {payload['epoch']} "
+                                 f"epochs; a resumed run can train longer (--epochs {payload['epoch']} or more) but "
+                                 "not undo epochs; train a shorter run in another --out")
+            checkpoint = payload
+            notes.append(f"resuming {checkpoint_path} after epoch {payload['epoch']} (step {payload['step']})")
+    elif cfg.resume:
+        notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
+    elif checkpoint_path.is_file() and not cfg.overwrite:
+        notes.append(_replacement_note(cfg, checkpoint_path))
+    elif checkpoint_path.is_file():
+        notes.append(f"--overwrite: replacing the run in {out}")
+    data = prepare_data(cfg, splits)
+    check_batches(cfg, len(data.train[1]))
+    return RunPlan(cfg=cfg, checkpoint=checkpoint, data=data, notes=notes)
+
+
 def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None,
         on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
     """Train (or resume) one run; returns the metrics dict also written to out/metrics.json.
@@ -382,41 +627,50 @@ def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None =
     called after every optimizer step (step counts from 1), for measurements during training
     (tools/make_results.py traces activations with it); it must leave the model (weights, buffers, mode)
     and the random generators as it found them, or the run is no longer the one its config describes.
+
+    Everything is validated (``plan_run``) before ``out`` is created or anything in it is touched. A run
+    into an ``out`` that holds an earlier run replaces it only when that was a dry run or a finished run
+    with the same settings, or with ``overwrite=True``; see docs/lab.md, "Output directory".
     """
+    plan = plan_run(cfg, given, splits)
     previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if plan.cfg.threads:
+        torch.set_num_threads(plan.cfg.threads)
     try:
-        return _run(cfg, given, splits, on_step)
+        return _run(plan, on_step)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None,
-         on_step: Callable[[int, nn.Module], None] | None) -> dict:
-    cfg = cfg.resolved()
+def _run(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None) -> dict:
+    cfg, checkpoint = plan.cfg, plan.checkpoint
+    out = Path(cfg.out)
+    progress = {"saved_epochs": checkpoint["epoch"] if checkpoint is not None else 0}  # what checkpoint.pt holds
+    try:
+        return _train(plan, on_step, progress)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_interrupted_message(out, progress["saved_epochs"],
+                                                  1 if cfg.dry_run else cfg.epochs)) from None
+
+
+def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, progress: dict) -> dict:
+    cfg, checkpoint, data = plan.cfg, plan.checkpoint, plan.data
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
-    checkpoint = None
-    if cfg.resume:
-        if checkpoint_path.is_file():
-            checkpoint = load_checkpoint(checkpoint_path, map_location=cfg.device)
-            cfg = _resume_config(cfg, checkpoint["config"], given if given is not None else set()).resolved()
-            _say(cfg, f"resuming {checkpoint_path} after epoch {checkpoint['epoch']} (step {checkpoint['step']})")
-        else:
-            _say(cfg, f"--resume: no checkpoint in {out} yet, starting from the beginning")
-    out.mkdir(parents=True, exist_ok=True)
+    for note in plan.notes:
+        _say(cfg, note)
+    _make_out_folder(out)
     if checkpoint is None:
-        # A fresh run owns its directory: stale event files would mix two runs' curves in TensorBoard.
-        for stale in out.glob("events.out.tfevents.*"):
-            stale.unlink()
+        # A fresh run owns its directory (plan_run allowed the replacement): stale event files would mix two
+        # runs' curves in TensorBoard, and an old checkpoint would be "resumed" after a Ctrl-C in epoch 1.
+        for stale in [*out.glob("events.out.tfevents.*"), checkpoint_path, out / "metrics.json", out / "curves.png"]:
+            stale.unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
-    data = prepare_data(cfg, splits)
     model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init).to(cfg.device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
                                 momentum=cfg.momentum)
@@ -426,8 +680,12 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None,
     history: list[dict] = []
     start_epoch, step = 0, 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_weights(model, checkpoint["model"], checkpoint_path, cfg)
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"{checkpoint_path}: its optimizer state does not fit the model: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         history, start_epoch, step = list(checkpoint["history"]), checkpoint["epoch"], checkpoint["step"]
         _restore_rng_states(checkpoint["rng"], shuffle)
     _write_json(out / "config.json", cfg.to_dict())
@@ -476,20 +734,40 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None,
             if bar is not None:
                 bar.close()
             max_batches = 1 if cfg.dry_run else None
-            val_loss, val_accuracy = evaluate(model, *data.val, max_batches=max_batches)
+            val_loss, val_accuracy = json_safe(evaluate(model, *data.val, max_batches=max_batches))
             record = {"epoch": epoch + 1, "step": step, "loss": (loss_sum / max(seen, 1)).item(),
-                      "accuracy": (correct / max(seen, 1)).item(), "val_loss": val_loss, "val_accuracy": val_accuracy,
-                      "seconds": seconds, "images_per_second": seen / seconds if seconds > 0 else math.nan}
+                      "accuracy": (correct / max(seen, 1)).item(), "val_loss": val_loss,
+                      "val_accuracy": val_accuracy, "seconds": seconds,
+                      "images_per_second": seen / seconds if seconds > 0 else None}
             history.append(record)
             board.epoch(step, record, model, probe)
             save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle)
+            progress["saved_epochs"] = epoch + 1
             _write_json(out / "metrics.json", {"history": history})
+            speed = record["images_per_second"]
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
-                      f"val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  {seconds:.1f}s "
-                      f"({record['images_per_second']:.0f} img/s)")
+                      f"val_loss {_show(val_loss)}  val_accuracy {_show(val_accuracy)}  {seconds:.1f}s "
+                      f"({'n/a' if speed is None else f'{speed:.0f}'} img/s)")
     finally:
         board.close()
+    return _finish(cfg, out, checkpoint_path, model, optimizer, history, step, shuffle, data)
 
+
+def _interrupted_message(out: Path, saved_epochs: int, epochs: int) -> str:
+    if saved_epochs == 0:
+        return (f"interrupted in epoch 1, before the first checkpoint: nothing to resume in {out}; run the same "
+                "command again to start over")
+    if saved_epochs >= epochs:
+        return (f"interrupted after training: {out / 'checkpoint.pt'} holds all {epochs} epochs; "
+                f"`normkit train --out {out} --resume` evaluates it again")
+    return (f"interrupted in epoch {saved_epochs + 1}: {out / 'checkpoint.pt'} holds epoch {saved_epochs} of {epochs}; "
+            f"continue with `normkit train --out {out} --resume`")
+
+
+def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            history: list[dict], step: int, shuffle: torch.Generator, data: Prepared) -> dict:
+    """After the last epoch: test evaluation, optional recalibration, metrics.json, curves.png, the summary."""
+    train_images, train_labels = data.train
     test_batches = 1 if cfg.dry_run else None
     test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
     before = {"test_loss_before_recalibration": test_loss, "test_accuracy_before_recalibration": test_accuracy}
@@ -512,6 +790,7 @@ def _run(cfg: TrainConfig, given: set[str] | None, splits: Splits | None,
             "name": name, "type": type(layer).__name__,
             "weight": layer.weight.detach().cpu().flatten().tolist() if getattr(layer, "weight", None) is not None else None,
             "bias": layer.bias.detach().cpu().flatten().tolist() if getattr(layer, "bias", None) is not None else None}
+    metrics = json_safe(metrics)
     _write_json(out / "metrics.json", metrics)
     if history:
         from .plots import plot_curves
@@ -545,8 +824,16 @@ def _progress(total: int, description: str, cfg: TrainConfig):
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         device: str = "cpu") -> dict:
     """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        # Checked first: torch.load onto a missing device would read as a corrupt checkpoint.
+        raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
     payload = load_checkpoint(path, map_location=device)
-    model, cfg = model_from_checkpoint(payload)
+    model, cfg = model_from_checkpoint(payload, path)
     dataset = dataset or cfg.dataset
     splits = load_dataset(dataset, data_dir if data_dir is not None else cfg.data_dir)
     images, labels = splits.test

@@ -1,0 +1,351 @@
+"""User errors are one line naming the flag (exit 2, no traceback), found before anything is written; earlier
+runs are never lost by accident; absent measurements are JSON null. Each test runs in about a second."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normkit.cli import main
+from normkit.lab import data
+from normkit.lab.data import DataError, load_dataset, write_idx
+from normkit.lab.train import CheckpointError, RunInterrupted, TrainConfig, evaluate_checkpoint, load_checkpoint, run
+
+TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
+
+
+def one_line_error(capsys, *flags: str) -> str:
+    """The stderr of a failed command: exactly one line, no traceback, naming every one of ``flags``."""
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "Traceback" not in error
+    for flag in flags:
+        assert flag in error, (flag, error)
+    return error
+
+
+def exit_code(argv: list[str]) -> int:
+    """main's exit code, also for errors argparse reports (it exits rather than returns)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def strict_json(path: Path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which strict JSON parsers refuse")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run with TensorBoard events (5 steps)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *TINY[:-1]]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------ 1, 12: --out that cannot be a folder
+
+def test_out_that_is_a_file_or_under_one(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for command in ("train", "compare"):
+        assert main([command, "--dry-run", *TINY, "--out", str(afile)]) == 2
+        one_line_error(capsys, "--out", "is a file")
+    assert main(["train", "--dry-run", *TINY, "--out", str(afile / "run")]) == 2
+    one_line_error(capsys, "--out", "is a file")
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys").is_dir(), reason="needs Linux's /sys")
+def test_out_where_folders_cannot_be_made(capsys):
+    assert main(["train", "--dry-run", *TINY, "--out", "/sys/normkit-run"]) == 2
+    one_line_error(capsys, "--out /sys/normkit-run", "cannot write")
+
+
+def test_failed_runs_create_no_folder(tmp_path, capsys):
+    for arguments in (["--seed", "-5"], ["--dataset", "mnist", "--data-dir", str(tmp_path / "absent")],
+                      ["--train-limit", "50", "--batch-size", "64", "--drop-last"]):
+        out = tmp_path / "never"
+        assert main(["train", "--dry-run", *TINY, *arguments, "--out", str(out)]) == 2
+        one_line_error(capsys)
+        assert not out.exists(), arguments
+
+
+# ------------------------------------------------------------------------------ 2: nothing deleted before validation
+
+@pytest.mark.parametrize("bad", [["--seed", "-5"], ["--dataset", "mnist", "--data-dir", "/nonexistent-normkit"]])
+def test_failed_fresh_run_leaves_the_existing_run_alone(finished, bad, capsys):
+    before = snapshot(finished)
+    assert any(name.startswith("events.out.tfevents.") for name in before)
+    assert main(["train", "--epochs", "1", "--out", str(finished), *TINY[:-1], *bad]) == 2
+    one_line_error(capsys)
+    assert snapshot(finished) == before
+
+
+# ------------------------------------------------------------------------------ 3: damaged gzip
+
+def test_damaged_gzip_stream_is_a_data_error(tmp_path, capsys):
+    images = np.zeros((20, 28, 28), dtype=np.uint8)
+    images[:, 10:18, 10:18] = np.arange(64, dtype=np.uint8).reshape(8, 8)  # compressible: Huffman-coded blocks
+    for part, count in (("train", 20), ("test", 10)):
+        write_idx(tmp_path / (data.IDX_FILES[part][0] + ".gz"), images[:count])
+        write_idx(tmp_path / (data.IDX_FILES[part][1] + ".gz"), np.arange(count, dtype=np.uint8) % 10)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte mid-stream: zlib.error, not a CRC mismatch
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot be read as gzip .*malformed"):
+        load_dataset("mnist", tmp_path)
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--dry-run", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "train-images-idx3-ubyte.gz", "malformed")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 4: no NaN in JSON
+
+def test_no_validation_split_writes_null_not_nan(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--val-split", "0", *TINY, "--out", str(out)]) == 0
+    (record,) = strict_json(out / "metrics.json")["history"]
+    assert record["val_loss"] is None and record["val_accuracy"] is None
+    assert record["loss"] > 0
+    compared = tmp_path / "compare"
+    assert main(["compare", "--dry-run", "--val-split", "0", *TINY, "--out", str(compared)]) == 0
+    assert strict_json(compared / "comparison.json")["batch"]["0"]["history"][0]["val_accuracy"] is None
+    table = (compared / "comparison.md").read_text()
+    assert "nan" not in table and "| n/a |" in table
+
+
+# ------------------------------------------------------------------------------ 5, 11: settings refused up front
+
+@pytest.mark.parametrize("arguments, flags", [
+    (["--epochs", "1", "--train-limit", "20", "--norm", "ghost"], ["--batch-size", "--train-limit", "--drop-last"]),
+    (["--train-limit", "50", "--batch-size", "64", "--drop-last"], ["--batch-size", "--train-limit", "--drop-last"]),
+    (["--norm", "ghost", "--no-drop-last", "--train-limit", "90"], ["--no-drop-last", "--norm ghost"]),
+    (["--lr", "-1"], ["--lr"]),
+    (["--optimizer", "sgd", "--lr", "-1"], ["--lr"]),
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--optimizer", "sgd", "--momentum", "-1"], ["--momentum"]),
+    (["--seed", "-5"], ["--seed"]),
+    (["--seed", str(2**64)], ["--seed"]),
+    (["--batch-size", "1"], ["--batch-size", "at least 2"]),
+    (["--batch-size", "1", "--norm", "ghost"], ["--batch-size"]),
+    (["--rho", "1"], ["--rho"]),
+    (["--eps", "-1"], ["--eps"]),
+    (["--val-split", "nan"], ["--val-split"]),
+    (["--threads", "-1"], ["--threads"]),
+    (["--seed", "x"], ["--seed"]),
+    (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+])
+def test_bad_settings_are_one_line_errors_naming_the_flag(tmp_path, capsys, arguments, flags):
+    out = tmp_path / "run"
+    # TINY's batch size first: the arguments under test come later and win.
+    assert exit_code(["train", "--dry-run", *TINY, *arguments, "--out", str(out)]) == 2
+    one_line_error(capsys, *flags)
+    assert not out.exists()
+
+
+def test_batch_size_one_is_fine_without_batch_statistics(tmp_path):
+    metrics = run(TrainConfig(norm="layer", batch_size=1, train_limit=20, dry_run=True, quiet=True, tensorboard=False,
+                              out=str(tmp_path)))
+    assert metrics["steps"] == 1
+
+
+def test_invalid_threads_leave_torch_alone(tmp_path):
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="--threads"):
+        run(TrainConfig(threads=-1, dry_run=True, out=str(tmp_path / "run")))
+    assert torch.get_num_threads() == threads and not (tmp_path / "run").exists()
+
+
+def test_evaluate_on_cuda_without_cuda(finished, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", "--checkpoint", str(finished / "checkpoint.pt"), "--device", "cuda"]) == 2
+    error = one_line_error(capsys, "--device cuda", "CUDA is not available")
+    assert "corrupt" not in error
+
+
+# ------------------------------------------------------------------------------ 6: resume across dry and real runs
+
+def test_real_resume_of_a_dry_run_starts_from_the_beginning(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", *TINY, "--out", str(out)]) == 0
+    assert main(["train", "--resume", "--epochs", "2", *TINY[:-2], "--no-tensorboard", "--out", str(out)]) == 0
+    assert "dry run's (one batch); starting the real run from the beginning" in capsys.readouterr().out
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["epoch"] == 2 and payload["step"] == 10 and payload["config"]["dry_run"] is False
+    assert [r["step"] for r in strict_json(out / "metrics.json")["history"]] == [5, 10]  # two whole epochs
+
+
+def test_dry_resume_of_a_real_run_is_refused(finished, capsys):
+    before = snapshot(finished)
+    assert main(["train", "--resume", "--dry-run", "--quiet", "--out", str(finished)]) == 2
+    one_line_error(capsys, "--dry-run", "real run")
+    assert snapshot(finished) == before
+
+
+# ------------------------------------------------------------------------------ 7: a fresh run into an earlier run
+
+def test_rerun_with_the_same_settings_replaces_the_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    command = ["train", "--epochs", "1", *TINY[:-2], "--tensorboard", "--out", str(out)]
+    assert main(command) == 0
+    first = strict_json(out / "metrics.json")
+    capsys.readouterr()
+    assert main(command + ["--threads", "1"]) == 0  # how it runs is not what it computes
+    assert "replacing the finished run" in capsys.readouterr().out
+    assert strict_json(out / "metrics.json")["test_accuracy"] == first["test_accuracy"]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1  # the earlier run's curves are gone, not mixed in
+
+
+def test_fresh_run_refuses_to_replace_other_work(finished, tmp_path, capsys):
+    before = snapshot(finished)
+    base = ["train", "--epochs", "1", *TINY, "--out", str(finished)]
+    assert main(base + ["--lr", "0.01"]) == 2
+    one_line_error(capsys, f"--out {finished}", "--lr 0.001 there, 0.01 here", "--overwrite")
+    assert main(base + ["--epochs", "2"]) == 2
+    one_line_error(capsys, "--overwrite", "--resume --epochs 2")
+    assert main(base + ["--dry-run"]) == 2
+    one_line_error(capsys, "--dry-run", "--overwrite")
+    assert snapshot(finished) == before
+
+    unfinished = tmp_path / "unfinished"
+    assert main(["train", "--epochs", "2", *TINY, "--out", str(unfinished)]) == 0
+    payload = load_checkpoint(unfinished / "checkpoint.pt")
+    payload["config"]["epochs"] = 3  # as if killed after epoch 2 of 3
+    torch.save(payload, unfinished / "checkpoint.pt")
+    assert main(["train", "--epochs", "3", *TINY, "--out", str(unfinished)]) == 2
+    one_line_error(capsys, "unfinished run", "epoch 2 of 3", "--resume", "--overwrite")
+
+    assert main(["train", "--epochs", "1", *TINY, "--overwrite", "--out", str(unfinished)]) == 0
+    assert load_checkpoint(unfinished / "checkpoint.pt")["config"]["epochs"] == 1
+
+
+def test_a_dry_run_is_replaced_without_asking(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", *TINY, "--out", str(out)]) == 0
+    assert main(["train", "--epochs", "1", *TINY, "--out", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
+
+
+# ------------------------------------------------------------------------------ 8, 13: compare checks everything first
+
+def test_compare_validates_every_run_before_training(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["compare", "--norms", "batch,instance", "--model", "mlp", "--dry-run", *TINY, "--out", str(out)]) == 2
+    one_line_error(capsys, "instance", "mlp")
+    assert not out.exists()  # batch was not trained first
+
+
+@pytest.mark.parametrize("arguments, flags", [
+    (["--seeds", "0,x"], ["--seeds", "'x'"]),
+    (["--seeds", "0,0"], ["--seeds", "more than once"]),
+    (["--norms", "batch,batch"], ["--norms", "more than once"]),
+    (["--seeds", "0,-1"], ["--seed"]),
+])
+def test_compare_list_errors(tmp_path, capsys, arguments, flags):
+    assert main(["compare", "--dry-run", *TINY, *arguments, "--out", str(tmp_path / "c")]) == 2
+    one_line_error(capsys, *flags)
+    assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------ 10: checkpoints that do not fit
+
+def test_checkpoint_whose_config_does_not_fit_its_weights(finished, tmp_path, capsys):
+    payload = load_checkpoint(finished / "checkpoint.pt")
+    payload["config"]["model"] = "mlp"
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="its weights do not fit the model its config describes"):
+        evaluate_checkpoint(path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    one_line_error(capsys, str(path), "do not fit")
+    before = snapshot(path.parent)
+    assert main(["train", "--resume", "--epochs", "2", "--quiet", "--no-tensorboard", "--out", str(path.parent)]) == 2
+    one_line_error(capsys, str(path), "do not fit")
+    assert snapshot(path.parent) == before
+
+
+def test_checkpoint_with_an_unknown_setting(finished, tmp_path, capsys):
+    payload = load_checkpoint(finished / "checkpoint.pt")
+    payload["config"]["colour"] = "red"
+    path = tmp_path / "checkpoint.pt"
+    torch.save(payload, path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    one_line_error(capsys, str(path), "colour")
+    assert main(["train", "--resume", "--quiet", "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, str(path), "colour")
+
+
+# ------------------------------------------------------------------------------ 13: messages that match
+
+def test_resume_cannot_shrink_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "2", *TINY, "--out", str(out)]) == 0
+    before = snapshot(out)
+    assert main(["train", "--resume", "--epochs", "1", "--quiet", "--out", str(out)]) == 2
+    one_line_error(capsys, "--epochs 1", "already trained 2 epochs")
+    assert snapshot(out) == before
+
+
+def test_interrupt_messages_say_what_is_saved(tmp_path, monkeypatch, capsys):
+    from normkit.lab import train
+
+    calls = {"count": 0}
+    real_evaluate = train.evaluate
+
+    def interrupt_on(call):
+        def evaluate(*args, **kwargs):  # the end of each epoch evaluates on the validation images
+            calls["count"] += 1
+            if calls["count"] == call:
+                raise KeyboardInterrupt
+            return real_evaluate(*args, **kwargs)
+        return evaluate
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "evaluate", interrupt_on(1))
+    assert main(["train", "--epochs", "3", *TINY, "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert "before the first checkpoint: nothing to resume" in error and not (out / "checkpoint.pt").exists()
+
+    calls["count"] = 0
+    monkeypatch.setattr(train, "evaluate", interrupt_on(2))
+    assert main(["train", "--epochs", "3", *TINY, "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert "holds epoch 1 of 3" in error and f"normkit train --out {out} --resume" in error
+
+    def stop(step, model):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(RunInterrupted, match="before the first checkpoint"):
+        run(TrainConfig(train_limit=200, batch_size=32, quiet=True, tensorboard=False, out=str(tmp_path / "api")),
+            on_step=stop)
+
+
+def test_help_texts(capsys):
+    for command, expected in (("evaluate", ["--checkpoint FILE", "checkpoint.pt", "digits,mnist"]),
+                              ("compare", ["comparison.json", "comparison.md"]),
+                              ("train", ["--overwrite"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for phrase in expected:
+            assert phrase in text, (command, phrase)
+
+
+def test_argparse_errors_are_one_line(capsys):
+    assert exit_code(["train", "--batch-size", "0"]) == 2
+    one_line_error(capsys, "--batch-size")
