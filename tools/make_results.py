@@ -41,7 +41,8 @@ def machine() -> str:
 
 def experiment(norms, seeds, out, **options):
     started = time.perf_counter()
-    results = compare(norms, seeds, out=str(out), quiet=True, tensorboard=False, threads=1, **options)
+    # overwrite: this script regenerates every run, an interrupted earlier one included.
+    results = compare(norms, seeds, out=str(out), quiet=True, tensorboard=False, threads=1, overwrite=True, **options)
     print(f"  {out.name}: {len(norms) * len(seeds)} runs in {time.perf_counter() - started:.0f} s", flush=True)
     return results
 
@@ -268,7 +269,7 @@ def bn_paper_figure1(runs, mnist, splits):
                     trace.append((step, evaluate(model, test_images, test_labels)[1], *quantiles.tolist()))
 
             run(TrainConfig(norm=norm, seed=seed, out=str(runs / "mnist-figure1" / f"{norm}-seed{seed}"),
-                            quiet=True, tensorboard=False, threads=1, **FIGURE1, **mnist),
+                            quiet=True, tensorboard=False, threads=1, overwrite=True, **FIGURE1, **mnist),
                 splits=splits, on_step=measure)
     steps = [row[0] for row in traces["none"][FIGURE1_SEEDS[0]]]
     mean_accuracy = {norm: [statistics.fmean(by_seed[s][i][1] for s in FIGURE1_SEEDS) for i in range(len(steps))]

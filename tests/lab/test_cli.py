@@ -128,6 +128,26 @@ def test_every_norm_and_model_trains(tmp_path, norm, model):
     assert len(metrics["history"]) == 1 and metrics["steps"] == 1
 
 
+def test_on_step_sees_every_step_and_leaves_the_run_unchanged(tmp_path):
+    """run(on_step=...) is called after each optimizer step with the model; a measurement that leaves the
+    model as it found it (preactivations: eval mode, restored) gives the same weights as a run without it."""
+    from normkit.lab.train import preactivations
+
+    settings = dict(norm="batch", epochs=2, train_limit=160, batch_size=32, quiet=True, tensorboard=False)
+    seen = []
+
+    def measure(step, model):
+        seen.append((step, model.training))
+        preactivations(model, torch.zeros(4, 1, 28, 28))
+
+    measured = run(TrainConfig(**settings, out=str(tmp_path / "measured")), on_step=measure)
+    plain = run(TrainConfig(**settings, out=str(tmp_path / "plain")))
+    assert [step for step, _ in seen] == list(range(1, measured["steps"] + 1)) and all(t for _, t in seen)
+    first, second = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("measured", "plain"))
+    for key, value in second.items():
+        torch.testing.assert_close(first[key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_other_optimizers_and_relu(tmp_path, optimizer):
     assert main(["train", "--dry-run", "--quiet", "--no-tensorboard", "--optimizer", optimizer, "--activation",
