@@ -31,6 +31,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def check_eps(eps, *, name="eps"):
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return  # the common case, checked per call: without the ABC lookup numbers.Real costs
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
 
