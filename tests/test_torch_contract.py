@@ -118,3 +118,22 @@ def test_constant_channel_far_from_zero_keeps_torch_nn_bits():
         for key, value in theirs.state_dict().items():
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert not ours._recenter
+
+
+def test_torch_tools_that_read_torch_nn_attributes_work():
+    """fuse_conv_bn_eval folds by attribute (running_mean, weight, eps): the same result as torch.nn's layer;
+    torch.export traces the eval layer to the same outputs."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).eval()
+    ours, theirs = (layer.eval() for layer in _pair("BatchNorm2d", 4))
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.running_mean.copy_(torch.tensor([0.1, -0.3, 0.5, 0.0]))
+            layer.running_var.copy_(torch.tensor([0.5, 1.5, 2.0, 1.0]))
+    x = torch.randn(2, 3, 8, 8)
+    fused_ours = nn.utils.fuse_conv_bn_eval(conv, ours)
+    fused_theirs = nn.utils.fuse_conv_bn_eval(conv, theirs)
+    torch.testing.assert_close(fused_ours(x), fused_theirs(x), rtol=0, atol=0)
+    model = nn.Sequential(conv, ours).eval()
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
