@@ -226,6 +226,7 @@ def small_batches(runs, mnist):
              "use each image's own statistics, the same in training and at test; Batch Renormalization "
              "corrects the batch statistics toward the running ones (the paper's clipping schedule at 1/50 of "
              "its step counts: plain BN for 100 steps, then rmax 1 -> 3 by step 800 and dmax 0 -> 5 by step 500; "
+             "renorm_momentum 0.1; "
              "one epoch is 3,200 steps at batch 2, 800 at batch 8, 100 at batch 64). Test accuracy:", "",
              "| batch size | " + " | ".join(f"`{n}`" for n in SMALL_BATCH_NORMS) + " |",
              "|---|" + "---|" * len(SMALL_BATCH_NORMS)]
@@ -442,7 +443,7 @@ def main() -> int:
                      "(dense blocks have no spatial axes and go unnormalized); `group` uses the largest divisor of C "
                      "up to 32 that leaves 2 channels per group; `renorm` is Batch Renormalization with the paper's clipping "
                      "schedule at 1/50 of its step counts (plain BN for the first 100 steps, then rmax 1 -> 3 by step "
-                     "800 and dmax 0 -> 5 by step 500); "
+                     "800 and dmax 0 -> 5 by step 500) and renorm_momentum 0.1 (docs/decisions.md: why); "
                      "`ghost` uses virtual batches of 16; `keras` is normkit.BatchNorm with Keras' defaults (momentum 0.99, "
                      "eps 1e-3), whose running statistics still give their initial values (mean 0, variance 1) a "
                      "weight of 0.99^100 = 37% after the first epoch's 100 steps, hence its low early validation "
