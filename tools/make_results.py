@@ -239,7 +239,10 @@ def small_batches(runs, mnist):
               f"{mean[smallest]['batch']:.4f} ({mean[smallest]['batch'] - mean[largest]['batch']:+.4f}), `renorm` "
               f"from {mean[largest]['renorm']:.4f} to {mean[smallest]['renorm']:.4f}, `layer` from "
               f"{mean[largest]['layer']:.4f} to {mean[smallest]['layer']:.4f} and `group` from "
-              f"{mean[largest]['group']:.4f} to {mean[smallest]['group']:.4f}. At batch {smallest} the best is "
+              f"{mean[largest]['group']:.4f} to {mean[smallest]['group']:.4f}. The best at each batch size: "
+              + ", ".join(f"batch {size} `{best}` ({mean[size][best]:.4f})" for size, best in
+                          ((size, max(SMALL_BATCH_NORMS, key=lambda n: mean[size][n])) for size in SMALL_BATCH_SIZES))
+              + f". At batch {smallest} the best is "
               f"`{best_small}` ({mean[smallest][best_small]:.4f}); at batch {largest} `batch` "
               f"({mean[largest]['batch']:.4f}) is {'ahead of' if mean[largest]['batch'] > max(mean[largest]['layer'], mean[largest]['group']) else 'not ahead of'} "
               f"both batch-independent norms.", ""]
