@@ -143,6 +143,8 @@ def test_on_step_sees_every_step_and_leaves_the_run_unchanged(tmp_path):
     measured = run(TrainConfig(**settings, out=str(tmp_path / "measured")), on_step=measure)
     plain = run(TrainConfig(**settings, out=str(tmp_path / "plain")))
     assert [step for step, _ in seen] == list(range(1, measured["steps"] + 1)) and all(t for _, t in seen)
+    assert measured["history"] == [{**record, "seconds": m["seconds"], "images_per_second": m["images_per_second"]}
+                                   for record, m in zip(plain["history"], measured["history"])]
     first, second = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("measured", "plain"))
     for key, value in second.items():
         torch.testing.assert_close(first[key], value, rtol=0, atol=0, msg=key)
