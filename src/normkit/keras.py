@@ -59,6 +59,14 @@ def _policy_name(dtype) -> Optional[str]:
     return dtype
 
 
+def _from_numpy(value) -> np.ndarray:
+    """An array torch can read: Keras' bfloat16 arrays (ml_dtypes' type, unknown to torch) as float32, exactly."""
+    value = np.asarray(value)
+    if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
+        return value.astype(np.float32)
+    return value
+
+
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A weight as Keras returns it: bfloat16 as ml_dtypes' bfloat16 (Keras' own type) when installed, else float32."""
     tensor = tensor.detach().cpu()
@@ -263,18 +271,13 @@ class BatchNormalization(nn.Module):
         if len(weights) != len(targets):
             raise ValueError(f"{self.name} expects {len(targets)} weights ({', '.join(n for n, _ in targets)}), "
                              f"got {len(weights)}")
-        for (name, tensor), value in zip(targets, weights):
-            value = np.asarray(value)
-            if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
-                value = value.astype(np.float32)  # Keras' bfloat16 arrays (ml_dtypes), exact in float32
+        arrays = [_from_numpy(value) for value in weights]
+        for (name, tensor), value in zip(targets, arrays):
             if tuple(value.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r} of {self.name} has shape {tuple(tensor.shape)}, "
                                  f"got an array of shape {tuple(value.shape)}")
-        with torch.no_grad():
-            for (name, tensor), value in zip(targets, weights):
-                value = np.asarray(value)
-                if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
-                    value = value.astype(np.float32)
+        with torch.no_grad():  # (every shape checked first: a bad list changes nothing)
+            for (name, tensor), value in zip(targets, arrays):
                 tensor.copy_(torch.as_tensor(value, dtype=tensor.dtype))
 
     @property
