@@ -98,3 +98,41 @@ def test_moments_are_robust_in_float32():
     exact = x.double().var(unbiased=False)
     assert var.item() >= 0
     np.testing.assert_allclose(var.item(), exact.item(), rtol=1e-3)
+
+
+def _recentering_layer():
+    """A layer that has seen float32 data far from zero, so it recenters from now on."""
+    torch.manual_seed(1)
+    layer = normkit.BatchNorm(3, axis=-1, momentum=1.0)
+    layer((torch.randn(8, 5, 3, dtype=torch.float64) * 1e-2 + 1e4).float())
+    assert layer._recenter
+    return layer
+
+
+@pytest.mark.parametrize("padded", ["first", "last"])
+def test_recentering_never_takes_its_centre_from_padding(padded):
+    """Padded positions are excluded from the statistics even when the layer recenters: a NaN or a zero in
+    the first position, if padded, changes nothing (the variance stays within 1e-3 of the float64 value)."""
+    layer = _recentering_layer()
+    x = (torch.randn(4, 6, 3, dtype=torch.float64) * 1e-2 + 1e4).float()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    position = (0, 0) if padded == "first" else (3, 5)
+    mask[position] = False
+    x[position] = float("nan")
+    y = layer(x, mask=mask)
+    valid = x.double()[mask]
+    assert torch.isfinite(y[mask]).all()
+    np.testing.assert_allclose(to_numpy(layer.running_var), to_numpy(valid.var(dim=0, unbiased=True)), rtol=1e-3)
+    np.testing.assert_allclose(to_numpy(layer.running_mean), to_numpy(valid.mean(dim=0)), rtol=1e-7)
+
+
+def test_recentering_with_everything_padded_matches_the_reference():
+    """No valid position: mean 0 and variance 0 for the batch, output (x - 0) / sqrt(eps), buffers kept."""
+    layer = _recentering_layer()
+    before = layer.running_mean.clone()
+    x = torch.randn(4, 6, 3) + 10
+    y = layer(x, mask=torch.zeros(4, 6, dtype=torch.bool))
+    expected = R.batch_norm(x.double().numpy(), to_numpy(before), to_numpy(layer.running_var), np.ones(3),
+                            np.zeros(3), True, 1.0, layer.eps, axis=-1, mask=np.zeros((4, 6, 1), dtype=bool))
+    assert_close(y, expected, torch.float32)
+    torch.testing.assert_close(layer.running_mean, before)

@@ -373,8 +373,9 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     valid_rows, padded_rows = is_valid.nonzero().squeeze(1), (~is_valid).nonzero().squeeze(1)
     count = valid_rows.numel()
     center = None
-    if recenter:
-        center = rows[:1].detach()
+    if recenter and count > 0:
+        # A valid row: a padded one may hold anything (NaN, zeros far from the data) and must not count.
+        center = rows.index_select(0, valid_rows[:1]).detach()
         rows = rows - center
     # Statistics of the valid rows only, gathered once from the detached rows (constants to
     # autograd): ATen's one-pass kernel then sees exactly the positions that count (a fully

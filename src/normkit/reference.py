@@ -11,14 +11,16 @@ statistics come from* (this batch, or running averages). Every layer below is:
     x_hat = (x - mean) / sqrt(var + eps)
     y     = x_hat * weight + bias
 
-Backward, derived once (``normalize_backward``). With g = dL/dx_hat, statistics over a
-set R of n positions, w the 0/1 mask (all ones without a mask) and inv = 1/sqrt(var+eps):
+Backward, derived once (``normalize_backward``). With g = dL/dx_hat, w the 0/1 mask (all
+ones without a mask), n = sum w the number of valid positions of a group, and
+inv = 1/sqrt(var+eps); sums run over ALL positions of the group, padded ones included,
+because a padded position's output is still normalized with the group's statistics:
 
-    dL/dmean = -inv * sum_R g                    (var's own dependence on mean is zero)
-    dL/dvar  = -1/2 * inv^2 * sum_R g * x_hat
+    dL/dmean = -inv * sum g                      (var's own dependence on mean is zero)
+    dL/dvar  = -1/2 * inv^2 * sum g * x_hat
     dmean/dx_i = w_i / n,   dvar/dx_i = 2 w_i (x_i - mean) / n
 
-    dL/dx_i  = inv * (g_i - w_i / n * (sum_R g + x_hat_i * sum_R g * x_hat))
+    dL/dx_i  = inv * (g_i - w_i / n * (sum g + x_hat_i * sum g * x_hat))
 
 and, when the statistics are constants (eval mode), simply dL/dx = inv * g.
 """
@@ -244,8 +246,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         statistics move toward the average of the per-ghost statistics, once per step.
       * renorm (``renorm_mean`` given): ``y = ((x_hat * r + d) [* a + b]) * gamma + beta``;
         ``moving_stddev`` is averaged and ``running_var = max(moving_stddev^2 - eps, 0)``.
-      * ``adjustment(shape) -> (a, b)``: extra scale and shift in training only, after
-        renorm and before gamma/beta.
+      * ``adjustment(shape) -> (a, b)``: extra scale and shift wherever batch statistics
+        are used (layers pass it in training only), after renorm and before gamma/beta.
     """
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
