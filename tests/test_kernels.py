@@ -193,6 +193,41 @@ def test_fused_variance_is_exact_far_from_zero(fused_kernels):
     assert (layer.running_var >= 0).all()
 
 
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+def test_ghost_groups_far_apart_keep_exact_variances(layout, fused_kernels):
+    """Each ghost group is its own batch: group means 1e3 apart with spreads of 1e-2 (float64) give each
+    group's exact variance, as the reference computes it."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 16, dtype=torch.float64) * 1e-2
+    groups = torch.arange(8) % 2 if layout == "strided" else torch.arange(8) // 4
+    x[groups == 1] += 1e3
+    layer = normkit.BatchNorm(2, virtual_batch_size=4, ghost_layout=layout, momentum=1.0,
+                              unbiased_running_var=False).double()
+    y = layer(x)
+    running_mean, running_var = torch.zeros(2, dtype=torch.float64).numpy(), torch.ones(2, dtype=torch.float64).numpy()
+    expected = R.batch_norm(x.numpy(), running_mean, running_var, np.ones(2), np.zeros(2), True, 1.0, layer.eps,
+                            virtual_batch_size=4, ghost_layout=layout, unbiased_running_var=False)
+    assert_close(y, expected, torch.float64)
+    assert_close(layer.running_var, running_var, torch.float64)
+
+
+def test_a_nan_stays_in_its_ghost_group(fused_kernels):
+    """A NaN in the first sample spoils its own ghost batch's statistics only, as in the reference."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[0, 1] = float("nan")
+    y = normkit.BatchNorm(3, virtual_batch_size=2).double()(x)
+    assert torch.isnan(y[:, 1]).tolist() == [True, False, True, False]  # strided ghosts: rows 0, 2 and 1, 3
+    assert torch.isfinite(y[:, [0, 2]]).all()
+
+
+def test_an_infinite_value_gives_an_infinite_running_mean(fused_kernels):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[0, 1] = float("inf")
+    layer = normkit.BatchNorm(3, renorm=True).double()
+    layer(x)
+    assert layer.running_mean[1].item() == math.inf and layer.renorm_mean[1].item() == math.inf
+
+
 def test_fully_masked_batch_through_the_fused_kernel(fused_kernels):
     layer = normkit.BatchNorm(3, axis=-1, renorm=True)
     before = {name: buffer.clone() for name, buffer in layer.named_buffers()}

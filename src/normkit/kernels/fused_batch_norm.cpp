@@ -5,8 +5,8 @@
 // features, S positions per feature (NCHW data: R = 1, S = H*W; channels-last and (N, T, C)
 // data: R = H*W or T, S = 1). Ghost group of sample n: n % G (Keras' strided layout) or
 // n / (N / G) (contiguous). A padding mask, when given, holds one flag per (n, r, s).
-// Statistics accumulate in double around a shift (the first valid value of each feature), so
-// float32 data far from zero keeps an exact variance; see reference.py for the math.
+// Statistics accumulate in double around a shift (the first valid value of each feature in each
+// ghost group), so float32 data far from zero keeps an exact variance; see reference.py for the math.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -62,16 +62,28 @@ struct RowBlocks {
 template <typename scalar_t>
 void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::vector<double>& count,
                    std::vector<double>& mean, std::vector<double>& var) {
-  const int64_t C = L.C, S = L.S, positions = L.N * L.R * L.S;
+  const int64_t C = L.C, S = L.S;
   count.assign(L.G, 0.0);
-  std::vector<double> shift(C, 0.0), sum(L.G * C, 0.0), sumsq(L.G * C, 0.0);
-  int64_t first = 0;
-  if (valid != nullptr) {
-    while (first < positions && !valid[first]) ++first;
-  }
-  if (first < positions) {
-    const int64_t row = first / S, s = first % S;
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(x[(row * C + c) * S + s]);
+  // Each ghost group is shifted by its own first valid value: groups are independent batches (a
+  // NaN stays in its group, and groups far apart keep exact variances). A non-finite value is no
+  // shift (inf - inf would turn an infinite mean into NaN).
+  std::vector<double> shift(L.G * C, 0.0), sum(L.G * C, 0.0), sumsq(L.G * C, 0.0);
+  std::vector<char> shifted(L.G, 0);
+  const int64_t per_sample = L.R * S;
+  for (int64_t n = 0, left = L.G; n < L.N && left > 0; ++n) {
+    const int64_t g = L.group_of(n);
+    if (shifted[g]) continue;
+    for (int64_t p = n * per_sample; p < (n + 1) * per_sample; ++p) {
+      if (valid != nullptr && !valid[p]) continue;
+      const int64_t row = p / S, s = p % S;
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = static_cast<double>(x[(row * C + c) * S + s]);
+        shift[g * C + c] = std::isfinite(v) ? v : 0.0;
+      }
+      shifted[g] = 1;
+      --left;
+      break;
+    }
   }
   if (S == 1 && L.G == 1 && valid == nullptr) {
     const RowBlocks blocks(L.N * L.R, C);
@@ -94,6 +106,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
   } else {
   for (int64_t n = 0; n < L.N; ++n) {
     const int64_t g = L.group_of(n);
+    const double* shift_g = shift.data() + g * C;
     double* su = sum.data() + g * C;
     double* sq = sumsq.data() + g * C;
     for (int64_t r = 0; r < L.R; ++r) {
@@ -104,7 +117,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
         if (vr != nullptr && !vr[0]) continue;
         count[g] += 1.0;
         for (int64_t c = 0; c < C; ++c) {
-          const double v = static_cast<double>(xr[c]) - shift[c];
+          const double v = static_cast<double>(xr[c]) - shift_g[c];
           su[c] += v;
           sq[c] += v * v;
         }
@@ -118,7 +131,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
         count[g] += static_cast<double>(k_valid);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* xc = xr + c * S;
-          const double k = shift[c];
+          const double k = shift_g[c];
           double a = 0.0, b = 0.0;
           _Pragma("omp simd reduction(+ : a, b)")  // sums in any order: vectorized
           for (int64_t s = 0; s < S; ++s) {
@@ -141,7 +154,7 @@ void group_moments(const scalar_t* x, const bool* valid, const Layout& L, std::v
     if (n <= 0.0) continue;  // nothing valid: mean 0, variance 0 (as the composite path)
     for (int64_t c = 0; c < C; ++c) {
       const double m = sum[g * C + c] / n;
-      mean[g * C + c] = shift[c] + m;
+      mean[g * C + c] = shift[g * C + c] + m;
       var[g * C + c] = std::max(sumsq[g * C + c] / n - m * m, 0.0);
     }
   }
