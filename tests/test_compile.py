@@ -114,3 +114,15 @@ def test_compiled_statistics_stay_exact_far_from_zero():
     biased = x.double().var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     normalized = (x.double() - x.double().mean(dim=(0, 2, 3), keepdim=True)) / (biased + layer.eps).sqrt()
     assert_close(y, to_numpy(normalized), torch.float32, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_an_unbuilt_keras_layer_compiles(fullgraph, rng):
+    """The first call builds the layer (outside the graph); the compiled layer then trains as an eager one."""
+    compiled_layer, eager = normkit.keras.BatchNormalization(momentum=0.5), normkit.keras.BatchNormalization(momentum=0.5)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=fullgraph)
+    for _ in range(2):
+        x = torch.tensor(rng.normal(size=(6, 4)) * 2 + 1, dtype=torch.float32)
+        torch.testing.assert_close(compiled(x, training=True), eager(x, training=True))
+    for ours, theirs in zip(compiled_layer.get_weights(), eager.get_weights(), strict=True):
+        assert_close(ours, theirs, torch.float32)

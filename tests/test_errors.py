@@ -136,3 +136,8 @@ def test_mask_shape_mismatch():
 def test_non_tensor_input():
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         normkit.BatchNorm1d(3)([[1.0, 2.0, 3.0]])
+
+
+def test_one_value_per_channel_names_the_input_shape_for_features_last():
+    with pytest.raises(ValueError, match=r"got input size \(1, 1, 1, 3\)"):
+        normkit.BatchNorm(3, axis=-1)(torch.randn(1, 1, 1, 3))

@@ -136,3 +136,35 @@ def test_recentering_with_everything_padded_matches_the_reference():
                             np.zeros(3), True, 1.0, layer.eps, axis=-1, mask=np.zeros((4, 6, 1), dtype=bool))
     assert_close(y, expected, torch.float32)
     torch.testing.assert_close(layer.running_mean, before)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("options,mask_shape", [
+    ({}, (4, 6)), ({}, (4, 6, 3)), ({"virtual_batch_size": 2}, (4, 6)), ({"renorm": True}, (4, 6)),
+], ids=["padding", "per-feature", "ghost", "renorm"])
+def test_half_precision_layer_with_a_mask_matches_reference(dtype, options, mask_shape, rng):
+    """A layer made half (``.half()``, a Keras float16 policy) trains with masks: statistics in float32,
+    output and buffers in its dtype, as the float64 reference computes them from the same rounded values."""
+    layer = normkit.BatchNorm(3, axis=-1, **options).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    x = torch.tensor(rng.normal(size=(4, 6, 3)) * 3 + 2).to(dtype).requires_grad_()
+    mask = torch.tensor(rng.uniform(size=mask_shape) > 0.3)
+    mask[0] = True  # every ghost batch and feature keeps valid positions
+    running_mean, running_var = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    y = layer(x, mask=mask)
+    y.float().sum().backward()
+    assert y.dtype == dtype and layer.weight.grad.dtype == dtype and layer.running_var.dtype == dtype
+    kwargs = {}
+    if layer.renorm:
+        kwargs = dict(renorm_mean=np.zeros(3), renorm_stddev=np.ones(3), moving_stddev=np.ones(3),
+                      renorm_clipping=(0.0, np.inf, np.inf), renorm_momentum=layer.renorm_momentum)
+    reference_mask = to_numpy(mask).astype(bool)
+    reference_mask = reference_mask[..., None] if reference_mask.ndim == 2 else reference_mask
+    expected = R.batch_norm(to_numpy(x), running_mean, running_var, to_numpy(layer.weight), to_numpy(layer.bias),
+                            True, 0.1, layer.eps, axis=-1, mask=reference_mask,
+                            virtual_batch_size=layer.virtual_batch_size, **kwargs)
+    assert_close(y, expected, dtype)
+    assert_close(layer.running_mean, running_mean, dtype)
+    assert_close(layer.running_var, running_var, dtype)

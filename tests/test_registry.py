@@ -24,6 +24,17 @@ def test_paper_schedule_is_ioffe_2017(step, expected):
         assert math.isclose(actual, wanted, rel_tol=1e-12)
 
 
+def test_a_layer_with_the_paper_schedule_pickles():
+    """The schedule is made of Ramp objects, not closures: torch.save(model) works."""
+    import io
+    import pickle
+
+    layer = normkit.BatchNorm(3, renorm=True, renorm_clipping=RenormClipping.paper_schedule(0.02))
+    torch.save(layer, io.BytesIO())
+    copy = pickle.loads(pickle.dumps(layer))
+    assert copy.renorm_clipping.at(300) == layer.renorm_clipping.at(300)
+
+
 def test_paper_schedule_refuses_a_scale_that_is_not_positive():
     with pytest.raises(ValueError, match="scale must be positive"):
         RenormClipping.paper_schedule(0)

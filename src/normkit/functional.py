@@ -197,6 +197,11 @@ def _channels_view(x, feature_axes):
     return moved.reshape(-1, num_features), lambda y: y.reshape(moved.shape).permute(inverse)
 
 
+def _in_dtype(p, dtype):
+    """A parameter (or None) in the dtype the statistics are computed in; the cast is differentiable."""
+    return p if p is None or p.dtype == dtype else p.to(dtype)
+
+
 def _flat(p):
     return p if p is None or p.dim() == 1 else p.reshape(-1)
 
@@ -390,6 +395,7 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
         batch_std = torch.add(var, eps).sqrt_()
         r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev), renorm_clipping)
     scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
+    scale, offset = _in_dtype(scale, dtype), _in_dtype(offset, dtype)  # (half-precision parameters: compute in float32)
     y = _MaskedRowsBatchNorm.apply(rows, valid_rows, padded_rows, scale, offset, mean, var, eps)
     y = y.to(x.dtype)
     y = y if restore is None else restore(y)
@@ -565,8 +571,10 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
 
     def lerp(buffers, targets, weight):
-        weight = weight if isinstance(weight, (int, float)) else [weight] * len(buffers)
-        if dtype in LOW_PRECISION:
+        low = dtype in LOW_PRECISION
+        if not isinstance(weight, (int, float)):
+            weight = [weight.float() if low else weight] * len(buffers)
+        if low:
             # Half-precision buffers: blend in float32 and round once (as Keras does), not the target and again the blend.
             wide = [b.float() for b in buffers]
             torch._foreach_lerp_(wide, [t.float().view(shape) for t in targets], weight)
@@ -679,7 +687,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
             scale, offset = r * gamma, d * gamma + beta
         dtype = statistics_dtype(view)
         y = _MaskedNormalize.apply(view.to(dtype), mask_view.to(dtype), count, mean, torch.rsqrt(var + eps),
-                                   view_param(scale), view_param(offset), reduce_axes).to(view.dtype)
+                                   _in_dtype(view_param(scale), dtype), _in_dtype(view_param(offset), dtype),
+                                   reduce_axes).to(view.dtype)
     y = y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():

@@ -176,6 +176,12 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"axis {self.axis} of input_shape {tuple(input_shape)} must have a known size")
         self._create(sizes, axes[0] if len(axes) == 1 else axes, device)
 
+    @torch.compiler.disable
+    def _build_on_first_call(self, inputs: torch.Tensor) -> None:
+        # Eager even inside torch.compile: creating modules and parameters cannot be traced (torch.compile
+        # special-cases torch's own lazy modules; this layer gets the same by building outside the graph).
+        self.build(tuple(inputs.shape), device=inputs.device)
+
     def _create(self, sizes: tuple, axis, device=None) -> None:
         """The normkit.BatchNorm underneath, for features of ``sizes`` on ``axis``."""
         self.bn = BatchNorm(
@@ -366,7 +372,7 @@ class BatchNormalization(nn.Module):
         if not isinstance(inputs, torch.Tensor):
             inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
         if self.bn is None:
-            self.build(tuple(inputs.shape), device=inputs.device)
+            self._build_on_first_call(inputs)
         elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
             # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
             raise ValueError(f"{self.name} was built for inputs of rank {len(self._build_shape)} "

@@ -428,7 +428,9 @@ class BatchNorm(_NormBase):
         running_var = self.running_var if use_buffers else None
         batch_stats = training or running_mean is None
         if batch_stats and channels.numel() <= self.num_features:
-            # One value per channel (refused) or an empty batch (an empty output; buffers left alone).
+            # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
+            # output; buffers left alone).
+            F.check_enough_values(channels.numel() // self.num_features, input.shape)
             y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
         else:
             y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var, batch_stats, factor,

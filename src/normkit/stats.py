@@ -59,6 +59,23 @@ def ema_update(running, batch_value, factor):
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """A clipping value of the step: ``low`` until ``start``, linear to ``high`` at ``end``, then ``high``
+    (its reciprocal with ``inverse``). An object rather than a closure, so layers using it can be pickled."""
+
+    start: float
+    end: float
+    low: float
+    high: float
+    inverse: bool = False
+
+    def __call__(self, step) -> float:
+        progress = min(max((step - self.start) / (self.end - self.start), 0.0), 1.0)
+        value = self.low + (self.high - self.low) * progress
+        return 1.0 / value if self.inverse else value
+
+
+@dataclass(frozen=True)
 class RenormClipping:
     """Clipping of batch renormalization's correction, ``r`` in [rmin, rmax], ``|d| <= dmax``.
 
@@ -92,14 +109,9 @@ class RenormClipping:
         every step count (0.02: BN for 100 steps, dmax 5 at 500, rmax 3 at 800), for shorter runs."""
         if not scale > 0:
             raise ValueError(f"scale must be positive (it multiplies the paper's step counts), got {scale!r}")
-        start, r_end, d_end = 5000 * scale, 40000 * scale, 25000 * scale
-
-        def progress(step, end):
-            return min(max((step - start) / (end - start), 0.0), 1.0)
-
-        return cls(rmax=lambda step: 1.0 + 2.0 * progress(step, r_end),
-                   rmin=lambda step: 1.0 / (1.0 + 2.0 * progress(step, r_end)),
-                   dmax=lambda step: 5.0 * progress(step, d_end))
+        start = 5000 * scale
+        return cls(rmax=Ramp(start, 40000 * scale, 1.0, 3.0), rmin=Ramp(start, 40000 * scale, 1.0, 3.0, inverse=True),
+                   dmax=Ramp(start, 25000 * scale, 0.0, 5.0))
 
     @classmethod
     def from_dict(cls, clipping, *, name: str = "renorm_clipping") -> "RenormClipping":
