@@ -126,3 +126,20 @@ def test_an_unbuilt_keras_layer_compiles(fullgraph, rng):
         torch.testing.assert_close(compiled(x, training=True), eager(x, training=True))
     for ours, theirs in zip(compiled_layer.get_weights(), eager.get_weights(), strict=True):
         assert_close(ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+def test_ghost_batches_compile_once_for_every_batch_size(layout, rng):
+    """dynamic=True: one graph serves every batch size (the ghost-group count stays symbolic), equal to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_layer = normkit.BatchNorm(4, virtual_batch_size=4, ghost_layout=layout).double()
+    eager = normkit.BatchNorm(4, virtual_batch_size=4, ghost_layout=layout).double()
+    compiled = torch.compile(compiled_layer, backend="aot_eager", dynamic=True)
+    for batch in (8, 12, 16, 20):
+        x = torch.tensor(rng.normal(size=(batch, 4, 3)) * 2 + 1)
+        torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+    assert counters["stats"]["unique_graphs"] == 1

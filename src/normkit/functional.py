@@ -492,7 +492,11 @@ FOLDED_MIN_NUMEL = 1 << 14  # measured: below it (e.g. (64, 120)) the Function c
 
 def _repeat_groups(param, groups):
     """A per-feature parameter repeated for G ghost groups (cat: a plain copy, cheaper than repeat)."""
-    return param if param is None or groups == 1 else torch.cat([param] * groups)
+    if param is None:
+        return None
+    if torch.compiler.is_compiling():
+        return param.repeat(groups)  # (a list of G copies would fix G in the graph: one graph per batch size)
+    return param if groups == 1 else torch.cat([param] * groups)
 
 
 def _combine_groups(mean, var, groups, center):
