@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,25 @@ def test_unbuilt_keras_layer_loads_a_state_dict(kwargs, shape):
         reference.load_state_dict(saved.bn.state_dict())
         wider = torch.randn(4, 2, 5, 3)
         assert torch.equal(loaded(wider, training=False), reference.eval()(wider))
+
+
+def test_plain_checkpoint_into_a_renorm_layer_derives_its_renorm_state():
+    """torch.nn's BN state loads strictly into a renorm layer (fine-tuning with renorm): moving_stddev =
+    sqrt(running_var + eps), so eval is unchanged and the next step moves running_var by the momentum."""
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm1d(3).double()
+    for _ in range(3):
+        theirs(torch.randn(16, 3, dtype=torch.float64) * 2 + 1)
+    ours = normkit.BatchNorm1d(3, renorm=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    v0 = theirs.running_var.numpy().copy()
+    np.testing.assert_allclose(ours.moving_stddev.numpy(), np.sqrt(v0 + ours.eps), rtol=1e-15)
+    np.testing.assert_array_equal(ours.renorm_mean.numpy(), theirs.running_mean.numpy())
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    ours.train()
+    batch = torch.randn(16, 3, dtype=torch.float64) * 3
+    ours(batch)
+    unbiased = batch.var(dim=0, unbiased=True).numpy()
+    stddev = 0.9 * np.sqrt(v0 + ours.eps) + 0.1 * np.sqrt(unbiased + ours.eps)  # moving_stddev's step
+    np.testing.assert_allclose(ours.running_var.numpy(), stddev ** 2 - ours.eps, rtol=1e-12)

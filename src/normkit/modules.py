@@ -243,6 +243,24 @@ class BatchNorm(_NormBase):
 
     # -- state ----------------------------------------------------------------------------------
 
+    RENORM_STATE = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if (getattr(self, "renorm", False) and self.track_running_stats
+                and not any(prefix + name in state_dict for name in self.RENORM_STATE)
+                and all(prefix + name in state_dict for name in ("running_mean", "running_var"))):
+            # A plain BN checkpoint (torch.nn's, say) for a renorm layer, e.g. to fine-tune with renorm: its
+            # renorm state follows from the running statistics (moving_stddev = sqrt(running_var + eps), so
+            # running_var stays as loaded), as torch.nn fills num_batches_tracked for old checkpoints.
+            mean, var = state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"]
+            stddev = (var.double() + self.eps).sqrt().to(var.dtype)
+            state_dict[prefix + "moving_stddev"] = stddev
+            state_dict[prefix + "renorm_stddev"] = stddev.clone()
+            state_dict[prefix + "renorm_mean"] = mean.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def reset_running_stats(self) -> None:
         """Running statistics from their initializers (0 and 1 by default); renorm state to match."""
         if not self.track_running_stats:
