@@ -23,7 +23,8 @@ from normkit.lab.compare import compare, comparison_table
 from normkit.lab.data import atomic_write_bytes, load_dataset, split_test_set
 from normkit.lab.plots import plot_curves
 from normkit import recalibrate_running_stats
-from normkit.lab.train import load_checkpoint, model_from_checkpoint, prepare_data, recalibration_batches
+from normkit.lab.train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, preactivations,
+                               prepare_data, recalibration_batches, run)
 from normkit.registry import NORM_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,8 +257,6 @@ FIGURE1_PERCENTILES = (0.15, 0.5, 0.85)
 def bn_paper_figure1(runs, mnist, splits):
     """Ioffe & Szegedy (2015), Figure 1: the MLP's test accuracy during training, and the distribution of the
     input of one sigmoid of the last hidden layer (15th, 50th, 85th percentiles over the test images)."""
-    from normkit.lab.train import TrainConfig, evaluate, preactivations, run
-
     test_images, test_labels = splits.test
     traces = {}
     for norm in ("none", "batch"):
