@@ -125,8 +125,7 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
 
     modes = [(module, module.training) for module in model.modules()]
     # A Keras-vocabulary layer runs its inner BN in its own mode: it must be in training mode too.
-    wrappers = [module for module in model.modules()
-                if module not in layers and _batch_norm_of(module) is not None and _batch_norm_of(module) in layers]
+    wrappers = [module for module in model.modules() if module not in layers and _batch_norm_of(module) in layers]
     saved = []
     for layer in layers:
         buffers = {name: getattr(layer, name).clone() for name in ("running_mean", "running_var", "num_batches_tracked",

@@ -135,9 +135,7 @@ class TrainConfig:
             raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass only one")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
-                             "use --device cpu")
+        _check_device(self.device)
         updates = {}
         if self.lr is None:
             updates["lr"] = DEFAULT_LR[self.optimizer]
@@ -155,6 +153,14 @@ class TrainConfig:
 
 
 MAX_SEED = 2**32 - 1
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
 
 
 def _flag(name: str) -> str:
@@ -592,13 +598,10 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
                              "metrics with one-batch estimates; drop --dry-run to continue it, or smoke-test in "
                              "another --out")
         else:
+            resumed = _resume_config(cfg, saved, given if given is not None else set())  # conflicts name the flags
             try:
-                cfg = _resume_config(cfg, saved, given if given is not None else set()).resolved()
-            except TypeError as error:
-                raise CheckpointError(f"{checkpoint_path}: {error}") from None
+                cfg = resumed.resolved()
             except ValueError as error:
-                if str(error).startswith("a resumed run keeps"):
-                    raise
                 raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
             if cfg.epochs < payload["epoch"]:
                 raise ValueError(f"--epochs {cfg.epochs}: {checkpoint_path} has already trained {payload['epoch']} "
@@ -824,12 +827,8 @@ def _progress(total: int, description: str, cfg: TrainConfig):
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         device: str = "cpu") -> dict:
     """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not one of cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        # Checked first: torch.load onto a missing device would read as a corrupt checkpoint.
-        raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
-                         "use --device cpu")
+    # Checked first: torch.load onto a missing device would read as a corrupt checkpoint.
+    _check_device(device)
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
     payload = load_checkpoint(path, map_location=device)
