@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from normkit.registry import NORM_NAMES
@@ -232,6 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         # Users get the one-line reason, not a traceback; DataError and CheckpointError are ValueErrors.
         print(f"normkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`normkit train | head`): stop quietly, as Unix tools do on
+        # SIGPIPE. Checkpoints written so far stay; the run resumes with --resume. stdout now points
+        # at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    except OSError as error:
+        # A disk that is full or read-only, a path that cannot be written: the reason on one line.
+        # Files are written atomically, so what the run directory held before stays intact.
+        print(f"normkit {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
         # normkit.lab.train.RunInterrupted says what the run directory holds; a bare Ctrl-C came before any run.
         detail = str(interrupt) or "interrupted while no run was training (finished runs are complete)"

@@ -2,8 +2,17 @@
 runs are never lost by accident; absent measurements are JSON null. Each test runs in about a second."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import numpy as np
 import pytest
@@ -349,3 +358,50 @@ def test_help_texts(capsys):
 def test_argparse_errors_are_one_line(capsys):
     assert exit_code(["train", "--batch-size", "0"]) == 2
     one_line_error(capsys, "--batch-size")
+
+
+# ------------------------------------------------------------------------------ the operating system says no
+
+def normkit_process(argv: list[str], max_file_bytes: int | None = None, stdout=subprocess.PIPE):
+    """The real `normkit` command in a child process; ``max_file_bytes`` makes the OS refuse larger files (EFBIG),
+    as a full disk would (ENOSPC): the same failed write() for the program."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return subprocess.Popen([sys.executable, "-m", "normkit.cli", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=limit_file_size if max_file_bytes else None)
+
+
+@pytest.mark.skipif(resource is None, reason="needs POSIX resource limits")
+def test_a_write_the_disk_refuses_loses_nothing(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    assert len(before["checkpoint.pt"]) > 100_000
+    child = normkit_process(["train", "--out", str(out), "--resume", "--epochs", "2", *TINY], max_file_bytes=100_000)
+    _, error = child.communicate(timeout=300)
+    assert child.returncode == 1, error
+    lines = error.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in error, error
+    assert "normkit train: error:" in lines[0] and "File too large" in lines[0]
+    assert str(out / "checkpoint.pt") in lines[0] and "previous checkpoint.pt, if any, is unchanged" in lines[0]
+    # The epoch-1 checkpoint and metrics are intact and no temporary file is left (config.json records the
+    # new --epochs and --no-tensorboard, as any resume does): --resume still works.
+    after = snapshot(out)
+    assert sorted(after) == sorted(before)
+    for name in ("checkpoint.pt", "metrics.json"):
+        assert after[name] == before[name], name
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", *TINY]) == 0
+    assert [r["epoch"] for r in strict_json(out / "metrics.json")["history"]] == [1, 2]
+
+
+@pytest.mark.skipif(resource is None, reason="needs POSIX pipes and signals")
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """`normkit train | head -1`: the reader leaves; the program stops as Unix tools do (status 141, no traceback)."""
+    reader, writer = os.pipe()
+    child = normkit_process(["train", "--dry-run", "--no-tensorboard", "--out", str(tmp_path / "run")], stdout=writer)
+    os.close(writer)
+    os.close(reader)  # before the child has printed anything (it is still importing torch)
+    _, error = child.communicate(timeout=300)
+    assert child.returncode == 141, error
+    assert error == "", error

@@ -151,8 +151,12 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            # A full disk fails the write, which names no file: say which one could not be written.
+            raise OSError(error.errno, f"{error.strerror} (the previous {path.name}, if any, is unchanged)",
+                          str(path)) from error
         raise
 
 
