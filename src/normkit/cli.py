@@ -56,6 +56,24 @@ def _batch_count(text: str) -> int:
     return value
 
 
+class _NormOption(argparse.Action):
+    """``--norm-option KEY=VALUE``, repeatable, into one dict; VALUE is read as JSON when it parses (0.01, true,
+    null, [1, 2], {"rmax": 3}), else taken as a string (l2, he_normal)."""
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip().isidentifier():
+            parser.error(f"{option_string} {text!r}: expected KEY=VALUE, e.g. momentum=0.01")
+        options = dict(getattr(namespace, self.dest, None) or {})
+        if key.strip() in options:
+            parser.error(f"{option_string} {key.strip()} given twice")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+        setattr(namespace, self.dest, options)
+
+
 def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = True) -> None:
     from normkit.lab.data import DATASETS
     from normkit.lab.models import ACTIVATIONS, INITS, MODELS
@@ -76,6 +94,12 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
         model.add_argument("--norm", choices=NORM_NAMES, default=SUPPRESS,
                            help="default: batch (normkit.BatchNorm); torch = torch.nn.BatchNorm; keras = normkit.BatchNorm "
                                 "with Keras' defaults (momentum 0.99, epsilon 1e-3)")
+    model.add_argument("--norm-option", dest="norm_options", action=_NormOption, default=SUPPRESS,
+                       metavar="KEY=VALUE",
+                       help="a keyword for every norm layer, repeatable: --norm-option momentum=0.01 "
+                            "--norm-option eps=1e-3 (values are JSON: numbers, true/false, null, lists, objects; "
+                            "anything else is a string); it overrides the norm's own setting, e.g. ghost's "
+                            "virtual_batch_size=16 or renorm's renorm_momentum=0.1")
     model.add_argument("--activation", choices=tuple(ACTIVATIONS), default=SUPPRESS, help="default: sigmoid")
     model.add_argument("--init", choices=INITS, default=SUPPRESS,
                        help="weight initialization (default: keras = Glorot uniform, zero bias)")

@@ -74,20 +74,28 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "torch": _torch_batch_norm,
     "layer": _layer_norm,
     "instance": _instance_norm,
-    "group": lambda num_features, rank, **kwargs: modules.GroupNorm(_groups_for(num_features), num_features, **kwargs),
-    "renorm": lambda num_features, rank, **kwargs: modules.BatchNorm(
-        num_features, renorm=True, renorm_clipping=RenormClipping.paper_schedule(RENORM_SCHEDULE_SCALE),
-        **{"renorm_momentum": RENORM_MOMENTUM, **kwargs}),
-    "ghost": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, virtual_batch_size=16, **kwargs),
+    "group": lambda num_features, rank, num_groups=None, **kwargs: modules.GroupNorm(
+        _groups_for(num_features) if num_groups is None else num_groups, num_features, **kwargs),
+    "renorm": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, **{
+        "renorm": True, "renorm_clipping": RenormClipping.paper_schedule(RENORM_SCHEDULE_SCALE),
+        "renorm_momentum": RENORM_MOMENTUM, **kwargs}),
+    "ghost": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features,
+                                                                    **{"virtual_batch_size": 16, **kwargs}),
     "keras": lambda num_features, rank, **kwargs: modules.BatchNorm(num_features, **{**KERAS_BN_DEFAULTS, **kwargs}),
 }
 
 
 def create_norm(name: str, num_features: int, rank: int, **kwargs) -> nn.Module:
-    """Build the normalization ``name`` for inputs of ``rank`` (2 dense, 3-5 with spatial axes)."""
+    """Build the normalization ``name`` for inputs of ``rank`` (2 dense, 3-5 with spatial axes).
+
+    ``kwargs`` go to the layer's constructor and override the name's own settings (``ghost`` with
+    ``virtual_batch_size=8``, ``renorm`` with ``renorm_momentum=0.01``, ``group`` with ``num_groups=2``).
+    """
     key = str(name).replace("_", "").replace("-", "").lower()
     if key not in _FACTORIES:
         raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    if key == "none" and kwargs:
+        raise ValueError(f"normalization 'none' takes no options, got {', '.join(kwargs)}")
     return _FACTORIES[key](num_features, rank, **kwargs)
 
 

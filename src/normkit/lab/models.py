@@ -16,9 +16,11 @@ ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 INITS = ("keras", "torch")
 
 
-def _block(layer: nn.Module, features: int, rank: int, norm: str, activation: str) -> list[nn.Module]:
+def _block(layer: nn.Module, features: int, rank: int, norm: str, activation: str,
+           norm_options: dict | None) -> list[nn.Module]:
     # Instance normalization needs spatial axes: LeNet uses it in its conv blocks, its dense blocks go unnormalized.
-    normalization = nn.Identity() if norm == "instance" and rank == 2 else create_norm(norm, features, rank)
+    normalization = (nn.Identity() if norm == "instance" and rank == 2
+                     else create_norm(norm, features, rank, **(norm_options or {})))
     return [layer, normalization, ACTIVATIONS[activation]()]
 
 
@@ -26,13 +28,14 @@ class LeNet(nn.Sequential):
     """conv(6, 5x5) -> norm -> act -> maxpool 2 -> conv(16, 5x5) -> norm -> act -> maxpool 2 -> flatten
     -> dense(120) -> norm -> act -> dense(84) -> norm -> act -> dense(10), for (N, 1, 28, 28) inputs."""
 
-    def __init__(self, norm: str = "batch", activation: str = "sigmoid", num_classes: int = 10):
+    def __init__(self, norm: str = "batch", activation: str = "sigmoid", num_classes: int = 10,
+                 norm_options: dict | None = None):
         super().__init__(
-            *_block(nn.Conv2d(1, 6, kernel_size=5), 6, 4, norm, activation), nn.MaxPool2d(2),
-            *_block(nn.Conv2d(6, 16, kernel_size=5), 16, 4, norm, activation), nn.MaxPool2d(2),
+            *_block(nn.Conv2d(1, 6, kernel_size=5), 6, 4, norm, activation, norm_options), nn.MaxPool2d(2),
+            *_block(nn.Conv2d(6, 16, kernel_size=5), 16, 4, norm, activation, norm_options), nn.MaxPool2d(2),
             nn.Flatten(),
-            *_block(nn.Linear(16 * 4 * 4, 120), 120, 2, norm, activation),
-            *_block(nn.Linear(120, 84), 84, 2, norm, activation),
+            *_block(nn.Linear(16 * 4 * 4, 120), 120, 2, norm, activation, norm_options),
+            *_block(nn.Linear(120, 84), 84, 2, norm, activation, norm_options),
             nn.Linear(84, num_classes),
         )
 
@@ -41,10 +44,11 @@ class MLP(nn.Sequential):
     """784 -> 3 x (dense(100) -> norm -> act) -> dense(10): the BN paper's MNIST network."""
 
     def __init__(self, norm: str = "batch", activation: str = "sigmoid", num_classes: int = 10,
-                 in_features: int = 28 * 28, hidden: int = 100, depth: int = 3):
+                 in_features: int = 28 * 28, hidden: int = 100, depth: int = 3, norm_options: dict | None = None):
         layers: list[nn.Module] = [nn.Flatten()]
         for index in range(depth):
-            layers += _block(nn.Linear(in_features if index == 0 else hidden, hidden), hidden, 2, norm, activation)
+            layers += _block(nn.Linear(in_features if index == 0 else hidden, hidden), hidden, 2, norm, activation,
+                             norm_options)
         super().__init__(*layers, nn.Linear(hidden, num_classes))
 
 
@@ -58,7 +62,9 @@ def keras_init_(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "keras") -> nn.Module:
+def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "keras",
+                norm_options: dict | None = None) -> nn.Module:
+    """The network ``name`` with ``norm`` layers (``norm_options``: keywords for each of them)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if activation not in ACTIVATIONS:
@@ -68,5 +74,5 @@ def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "
     if name == "mlp" and norm == "instance":
         raise ValueError("norm 'instance' needs spatial axes and the mlp has none; use it with --model lenet, "
                          "or pick layer/batch for the mlp")
-    model = (LeNet if name == "lenet" else MLP)(norm=norm, activation=activation)
+    model = (LeNet if name == "lenet" else MLP)(norm=norm, activation=activation, norm_options=norm_options)
     return keras_init_(model) if init == "keras" else model

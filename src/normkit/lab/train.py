@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normkit.options import apply_constraints, regularization_loss
 from normkit.registry import NORM_NAMES, create_norm, is_norm_layer
 from normkit.tools import recalibrate_running_stats
 
@@ -48,7 +49,6 @@ from .optim import DEFAULT_LR, OPTIMIZERS, build_optimizer
 
 CHECKPOINT_FORMAT = "normkit-lab-checkpoint"
 CHECKPOINT_VERSION = 1
-GHOST_BATCH = 16  # registry's "ghost" normalizes virtual batches of 16 rows; training batches must be multiples
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TrainConfig:
     # model
     model: str = "lenet"             # lenet (conv) or mlp (3 x 100, the BN paper's MNIST network)
     norm: str = "batch"              # a name from normkit.registry.NORM_NAMES
+    norm_options: dict = field(default_factory=dict)  # keywords for every norm layer (--norm-option KEY=VALUE)
     activation: str = "sigmoid"      # sigmoid (the classic experiment) or relu
     init: str = "keras"              # keras: Glorot-uniform weights, zero biases (as published); torch: torch's defaults
     # optimization
@@ -119,9 +120,11 @@ class TrainConfig:
         if self.model == "mlp" and self.norm == "instance":
             raise ValueError("--norm instance needs spatial axes and the mlp has none; use --model lenet, or "
                              "layer/batch for the mlp")
-        if self.norm == "ghost" and self.batch_size % GHOST_BATCH:
-            raise ValueError(f"--norm ghost normalizes virtual batches of {GHOST_BATCH}; --batch-size={self.batch_size} "
-                             f"must be a multiple of {GHOST_BATCH}")
+        check_norm_options(self.norm, self.norm_options, self.model)
+        virtual = virtual_batch_size(self.norm, self.norm_options)
+        if virtual is not None and self.batch_size % virtual:
+            raise ValueError(f"--norm {self.norm} normalizes virtual batches of {virtual}; --batch-size={self.batch_size} "
+                             f"must be a multiple of {virtual}")
         if self.batch_size < 2 and _has_batch_norm(self.norm):
             raise ValueError(f"--batch-size=1: --norm {self.norm} normalizes with batch statistics, which need at "
                              "least 2 images per batch; use --batch-size 2 or more, or a norm without batch "
@@ -142,7 +145,7 @@ class TrainConfig:
         if self.out is None:
             updates["out"] = str(Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}")
         if self.drop_last is None:
-            updates["drop_last"] = self.norm == "ghost"
+            updates["drop_last"] = virtual is not None
         return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict:
@@ -164,7 +167,7 @@ def _check_device(device: str) -> None:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--norm-option" if name == "norm_options" else "--" + name.replace("_", "-")
 
 
 def _is_int(value) -> bool:
@@ -173,6 +176,44 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_norm_options(norm: str, options, model: str) -> None:
+    """``--norm-option`` keywords: JSON-like values that every norm layer of ``model`` accepts."""
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise ValueError(f"--norm-option: expected keyword=value pairs (a dict with str keys), got {options!r}")
+    if not options:
+        return
+    try:
+        json.dumps(options, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"--norm-option {options!r}: values must be numbers, strings, true/false, null, lists or "
+                         "objects (they are saved in config.json)") from None
+    if norm == "none":
+        raise ValueError(f"--norm-option {', '.join(options)}: --norm none has no layer to take them")
+    # LeNet has conv (rank 4) and dense (rank 2) norm layers; the MLP only dense ones; instance only conv ones.
+    ranks = (2,) if model == "mlp" else (4,) if norm == "instance" else (4, 2)
+    for rank in ranks:
+        try:
+            create_norm(norm, 6, rank, **options)
+        except (TypeError, ValueError) as error:
+            where = "conv" if rank == 4 else "dense"
+            raise ValueError(f"--norm-option for --norm {norm} ({where} layers): {error}") from None
+    # Layers that build may still not fit the network (axis=-1 on a conv's output): one training step of a
+    # throwaway model on a few blank images finds out before anything is written.
+    probe = build_model(model, norm, norm_options=options)
+    try:
+        probe(torch.rand(virtual_batch_size(norm, options) or 4, 1, 28, 28)).sum().backward()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"--norm-option {', '.join(options)}: the {model} with --norm {norm} cannot train with "
+                         f"them: {str(error).splitlines()[0]}") from None
+
+
+def virtual_batch_size(norm: str, options: dict | None = None) -> int | None:
+    """The ghost-batch size the norm layers normalize in training (None: the whole batch)."""
+    if norm == "none":
+        return None
+    return getattr(create_norm(norm, 6, rank=4, **(options or {})), "virtual_batch_size", None)
 
 
 def _has_batch_norm(norm: str) -> bool:
@@ -239,16 +280,18 @@ def training_batch_sizes(count: int, cfg: TrainConfig) -> list[int]:
 def check_batches(cfg: TrainConfig, count: int) -> None:
     """Refuse, before training, settings that make no training step or a batch the norm cannot take."""
     sizes = training_batch_sizes(count, cfg)
+    virtual = virtual_batch_size(cfg.norm, cfg.norm_options)
     if not sizes:
         limit = f"--train-limit {cfg.train_limit} and " if cfg.train_limit is not None else ""
         raise ValueError(f"no training step: the {count} training images (after {limit}--val-split "
                          f"{cfg.val_split:g}) are fewer than --batch-size {cfg.batch_size}, and --drop-last"
-                         f"{' (automatic for --norm ghost)' if cfg.norm == 'ghost' else ''} drops that partial batch; "
-                         "lower --batch-size or raise --train-limit")
-    if cfg.norm == "ghost" and sizes[-1] % GHOST_BATCH:
-        raise ValueError(f"--no-drop-last with --norm ghost: each epoch's last batch would hold {sizes[-1]} of the "
-                         f"{count} training images, not a multiple of the ghost batch {GHOST_BATCH}; drop "
-                         "--no-drop-last (ghost drops partial batches by default) or change --batch-size/--train-limit")
+                         f"{' (automatic with ghost batches)' if virtual is not None else ''} drops that partial "
+                         "batch; lower --batch-size or raise --train-limit")
+    if virtual is not None and sizes[-1] % virtual:
+        raise ValueError(f"--no-drop-last with --norm {cfg.norm}: each epoch's last batch would hold {sizes[-1]} of "
+                         f"the {count} training images, not a multiple of the ghost batch {virtual}; drop "
+                         "--no-drop-last (ghost batches drop partial batches by default) or change "
+                         "--batch-size/--train-limit")
 
 
 def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
@@ -409,7 +452,7 @@ def load_weights(model: nn.Module, state: dict, path: str | os.PathLike | None, 
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> tuple[nn.Module, TrainConfig]:
     cfg = config_from_checkpoint(payload, path)
-    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init)
+    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options)
     load_weights(model, payload["model"], path, cfg)
     return model, cfg
 
@@ -674,7 +717,7 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     random.seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
-    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init).to(cfg.device)
+    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options).to(cfg.device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
                                 momentum=cfg.momentum)
     # The compiled module shares the model's parameters and buffers: checkpoints, evaluation and
@@ -696,6 +739,9 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     # The checkpoint's last step is logged; a killed run may have logged later ones, which the resumed run redoes.
     board = Board(out, cfg.tensorboard, purge_step=step + 1 if checkpoint is not None else None)
     probe = data.val[0][:256] if len(data.val[1]) else data.train[0][:256]
+    # --norm-option weight_regularizer=l2 / weight_constraint=non_neg: normkit layers' Keras-style options.
+    regularized = any(getattr(m, f"{p}_regularizer", None) is not None for m in model.modules() for p in ("weight", "bias"))
+    constrained = any(getattr(m, f"{p}_constraint", None) is not None for m in model.modules() for p in ("weight", "bias"))
     train_images, train_labels = data.train
     epochs = 1 if cfg.dry_run else cfg.epochs
     _say(cfg, f"{cfg.model} + {cfg.norm} on {cfg.dataset}: {len(train_labels)} train / {len(data.val[1])} validation / "
@@ -715,9 +761,13 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                 images, labels = train_images[index], train_labels[index]
                 logits = train_model(images)
                 loss = F.cross_entropy(logits, labels)
+                if regularized:
+                    loss = loss + regularization_loss(model)  # as Keras: the reported training loss includes it
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if constrained:
+                    apply_constraints(model)
                 step += 1
                 with torch.no_grad():
                     batch_loss, batch_correct = loss.detach(), (logits.argmax(1) == labels).sum()
