@@ -350,3 +350,15 @@ def test_cuda_compiled_layer_equals_eager(name, rng):
         mask = None if mask_shape is None else torch.as_tensor(rng.uniform(size=mask_shape) > 0.3)
         for got, want in zip(_step(compiled, x, g, mask, "cuda"), _step(eager, x, g, mask, "cuda"), strict=True):
             assert_close(got, to_numpy(want), torch.float32)
+
+
+@pytest.mark.parametrize("name,args,shape", [("LayerNorm", (7,), (6, 9, 7)), ("GroupNorm", (3, 9), (6, 9, 4, 4))])
+def test_cuda_autocast_layer_and_group_norm_as_torch_nn(name, args, shape):
+    """CUDA autocast runs layer_norm and group_norm in float32 and returns float32: normkit's layers too."""
+    torch.manual_seed(0)
+    ours, theirs = getattr(normkit, name)(*args).cuda(), getattr(torch.nn, name)(*args).cuda()
+    x = torch.randn(shape, device="cuda").half()
+    with torch.autocast("cuda", dtype=torch.float16):
+        y_ours, y_theirs = ours(x), theirs(x)
+    assert y_theirs.dtype == torch.float32 and y_ours.dtype == y_theirs.dtype
+    torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=0)

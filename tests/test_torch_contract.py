@@ -137,3 +137,91 @@ def test_torch_tools_that_read_torch_nn_attributes_work():
     model = nn.Sequential(conv, ours).eval()
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+# ------------------------------------------------------------------------------ constructors, as torch.nn's
+
+@pytest.mark.parametrize("name,args", [("LayerNorm", (3,)), ("GroupNorm", (1, 3)), ("BatchNorm1d", (3,)),
+                                       ("InstanceNorm1d", (3,))])
+def test_a_subclass_s_reset_parameters_runs_at_construction(name, args):
+    """torch.nn calls reset_parameters() in __init__, so a subclass's own initialization (zero gamma) applies."""
+    def zero_gamma(base):
+        class ZeroGamma(base):
+            def reset_parameters(self):
+                super().reset_parameters()
+                if getattr(self, "weight", None) is not None:
+                    nn.init.zeros_(self.weight)
+        return ZeroGamma
+    kwargs = {"affine": True} if name.startswith("Instance") else {}
+    ours, theirs = zero_gamma(getattr(normkit, name))(*args, **kwargs), zero_gamma(getattr(nn, name))(*args, **kwargs)
+    assert torch.equal(ours.weight, theirs.weight) and not ours.weight.any()
+
+
+@pytest.mark.parametrize("build, error, words", [
+    (lambda: normkit.LayerNorm(4.0), TypeError, "normalized_shape"),
+    (lambda: normkit.LayerNorm("4"), TypeError, "normalized_shape"),
+    (lambda: normkit.LayerNorm(()), ValueError, "normalized_shape"),
+    (lambda: normkit.LayerNorm((4, 0)), ValueError, "normalized_shape"),
+    (lambda: normkit.GroupNorm((2,), 4), TypeError, "num_groups"),
+    (lambda: normkit.GroupNorm(2.0, 4), TypeError, "num_groups"),
+    (lambda: normkit.GroupNorm(2, (4,)), TypeError, "num_channels"),
+    (lambda: normkit.BatchNorm1d(3.0), TypeError, "num_features"),
+    (lambda: normkit.BatchNorm1d(0), ValueError, "num_features"),
+    (lambda: normkit.BatchNorm(3, axis=1.0), TypeError, "axis"),
+])
+def test_bad_sizes_name_the_argument(build, error, words):
+    with pytest.raises(error, match=words):
+        build()
+
+
+def test_numpy_integer_axes_are_ints():
+    x = torch.randn(6, 5, 3)
+    for axis in (np.int64(-1), (np.int32(2),), [np.int64(-1)]):
+        layer = normkit.BatchNorm(3, axis=axis)
+        assert layer.axis in (2, -1, (2,), (-1,)) and all(type(a) is int for a in np.atleast_1d(layer.axis).tolist())
+        torch.testing.assert_close(layer(x), normkit.BatchNorm(3, axis=-1)(x), rtol=0, atol=0)
+    assert normkit.keras.BatchNormalization(axis=np.int64(1)).axis == 1
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm2d", (3,), {"eps": 1, "momentum": 1}), ("LayerNorm", (4,), {"eps": 1}),
+    ("GroupNorm", (2, 4), {"eps": 1}), ("InstanceNorm1d", (3,), {"eps": 1, "momentum": 0}),
+])
+def test_repr_keeps_numbers_as_written(name, args, kwargs):
+    ours, theirs = _pair(name, *args, **kwargs)
+    assert repr(ours) == repr(theirs)
+
+
+def test_instance_norm_with_running_stats_refuses_other_channel_counts():
+    """torch.nn fails inside ATen on the running buffers' size; normkit names num_features."""
+    with pytest.raises(ValueError, match="num_features=4 but the input of shape .* has 5 channels"):
+        normkit.InstanceNorm1d(4, track_running_stats=True)(torch.randn(2, 5, 6))
+    with pytest.warns(UserWarning, match="5 channels but num_features=4"):  # no buffers, no weights: as torch.nn
+        normkit.InstanceNorm1d(4)(torch.randn(2, 5, 6))
+
+
+# ------------------------------------------------------------------------------ autocast
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,args,kwargs,shape", [
+    ("LayerNorm", (5,), {}, (4, 8, 5)), ("GroupNorm", (2, 8), {}, (4, 8, 5, 5)),
+    ("InstanceNorm2d", (8,), {"affine": True, "track_running_stats": True}, (4, 8, 5, 5)),
+])
+def test_under_cpu_autocast_as_torch_nn(name, args, kwargs, shape, dtype):
+    """Autocast's rule for the op decides the computation and output dtype, for both layers alike."""
+    torch.manual_seed(0)
+    ours, theirs = _pair(name, *args, **kwargs)
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, layer.weight.numel()).view_as(layer.weight))
+    for given in (torch.float32, dtype):
+        x = torch.randn(shape).to(given).requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y_ours, y_theirs = ours(x), theirs(x)
+        assert y_ours.dtype == y_theirs.dtype
+        torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=0)
+        g = torch.randn(shape).to(y_ours.dtype)
+        grads_ours = torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), g)
+        grads_theirs = torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), g)
+        for a, b in zip(grads_ours, grads_theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

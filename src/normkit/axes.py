@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -60,17 +61,23 @@ def broadcast_shape(feature_axes: Sequence[int], shape: Sequence[int]) -> tuple[
     return tuple(shape[i] if i in feature_axes else 1 for i in range(len(shape)))
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _entries(axis, name):
-    if isinstance(axis, int) and not isinstance(axis, bool):
-        return (axis,)
+    """The entries of an axis spec, NumPy integers made Python ints (anything else left for the caller to refuse)."""
+    if _is_integer(axis):
+        return (int(axis),)
     try:
-        return tuple(axis)
+        return tuple(int(entry) if _is_integer(entry) else entry for entry in axis)
     except TypeError:
         raise TypeError(f"{name} entries must be ints: give an int or a tuple of ints, got {axis!r}") from None
 
 
-def check_feature_axes(axis: AxisSpec, *, name: str = "axis") -> None:
-    """Validate an axis spec before the input rank is known (types and duplicates of equal sign)."""
+def check_feature_axes(axis: AxisSpec, *, name: str = "axis") -> Union[int, tuple[int, ...]]:
+    """Validate an axis spec before the input rank is known (types and duplicates of equal sign); returns
+    it as an int or a tuple of Python ints."""
     entries = _entries(axis, name)
     if len(entries) == 0:
         raise ValueError(f"{name} must name at least one axis, got an empty sequence")
@@ -79,3 +86,4 @@ def check_feature_axes(axis: AxisSpec, *, name: str = "axis") -> None:
             raise TypeError(f"{name} entries must be ints, got {entry!r} of type {type(entry).__name__}")
     if len(set(entries)) != len(entries):
         raise ValueError(f"{name}={axis!r} names the same axis twice; list each axis once")
+    return entries[0] if _is_integer(axis) else entries

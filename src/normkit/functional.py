@@ -839,8 +839,14 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
 
 
 def _params_for(x, *params):
-    """Half-precision input with float32 parameters: compute in float32 (parameters stay float32)."""
-    if x.dtype in LOW_PRECISION and any(p is not None and p.dtype != x.dtype for p in params):
+    """Half-precision input with float32 parameters: compute in float32 (parameters stay float32).
+
+    Under autocast the input goes to ATen as it is, so autocast's own rule for the op decides the
+    computation and the output dtype exactly as for torch.nn's layer (CUDA: layer_norm and
+    group_norm run in float32 and return float32).
+    """
+    if (x.dtype in LOW_PRECISION and any(p is not None and p.dtype != x.dtype for p in params)
+            and not torch.is_autocast_enabled(x.device.type)):
         return x.float(), True
     return x, False
 

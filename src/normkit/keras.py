@@ -105,7 +105,7 @@ class BatchNormalization(nn.Module):
                  trainable: bool = True, name: Optional[str] = None, *, ghost_layout: str = "strided",
                  process_group=None, dtype=None, device=None):
         super().__init__()
-        check_feature_axes(axis)
+        axis = check_feature_axes(axis)
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be a number in [0, 1] (Keras: the decay of the moving average), "
                              f"got {momentum!r}")

@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Iterable
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -26,17 +27,29 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm"
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-def _check_num_features(num_features, *, name="num_features"):
-    """A positive int, or a tuple of them; NumPy integers count as ints (returned as Python ints)."""
+def _check_num_features(num_features, *, name="num_features", tuples=True):
+    """A positive int, or (``tuples``) a non-empty tuple of them; NumPy integers count as ints (returned as
+    Python ints). Not an integer: TypeError; not positive: ValueError."""
+    what = "a positive int (or a tuple of them)" if tuples else "a positive int"
     single = isinstance(num_features, numbers.Integral)
     try:
-        entries = (num_features,) if single else tuple(num_features)
+        entries = (num_features,) if single or not tuples else tuple(num_features)
     except TypeError:
         entries = (num_features,)
+    if not entries:
+        raise ValueError(f"{name} must be {what}, got an empty {type(num_features).__name__}")
     for entry in entries:
-        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry <= 0:
-            raise ValueError(f"{name} must be a positive int (or a tuple of them), got {num_features!r}")
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral):
+            raise TypeError(f"{name} must be {what}, got {num_features!r} of type {type(num_features).__name__}")
+        if entry <= 0:
+            raise ValueError(f"{name} must be {what}, got {num_features!r}")
     return int(num_features) if single else tuple(int(entry) for entry in entries)
+
+
+def _as_given(number: float):
+    """eps/momentum kept as the caller wrote them when they are plain Python numbers (the repr then reads
+    as torch.nn's: eps=1, not eps=1.0); other real numbers (NumPy scalars) become floats."""
+    return number if type(number) in (int, float) else float(number)
 
 
 def _check_momentum(momentum, *, name="momentum"):
@@ -45,7 +58,7 @@ def _check_momentum(momentum, *, name="momentum"):
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1] (the weight of the new batch) or None "
                          f"(cumulative average), got {momentum!r}")
-    return float(momentum)
+    return _as_given(momentum)
 
 
 def _register_affine(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
@@ -76,7 +89,7 @@ class _NormBase(nn.Module):
         super().__init__()
         F.check_eps(eps)
         self.num_features = _check_num_features(num_features)
-        self.eps = float(eps)
+        self.eps = _as_given(eps)
         self.momentum = _check_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -190,8 +203,7 @@ class BatchNorm(_NormBase):
                  weight_constraint=None, bias_constraint=None,
                  unbiased_running_var: bool = True,
                  synchronized: bool = False, process_group=None):
-        check_feature_axes(axis)
-        self.axis = axis if isinstance(axis, int) else tuple(axis)
+        self.axis = check_feature_axes(axis)
         self.weight_initializer = resolve_initializer(weight_initializer, name="weight_initializer")
         self.bias_initializer = resolve_initializer(bias_initializer, name="bias_initializer")
         self.running_mean_initializer = resolve_initializer(running_mean_initializer, name="running_mean_initializer")
@@ -583,11 +595,16 @@ class LayerNorm(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         F.check_eps(eps)
-        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
-        self.normalized_shape = shape = _check_num_features(shape, name="normalized_shape")
-        self.eps = float(eps)
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        elif not isinstance(normalized_shape, Iterable) or isinstance(normalized_shape, (str, bytes)):
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints (the trailing dims to "
+                            f"normalize), got {normalized_shape!r}")
+        self.normalized_shape = shape = _check_num_features(tuple(normalized_shape), name="normalized_shape")
+        self.eps = _as_given(eps)
         self.elementwise_affine = bool(elementwise_affine)
         _register_affine(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
+        self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
 
     def reset_parameters(self) -> None:
         _reset_affine(self)
@@ -621,16 +638,17 @@ class GroupNorm(nn.Module):
                  device=None, dtype=None, *, bias: bool = True):
         super().__init__()
         F.check_eps(eps)
-        num_groups = _check_num_features(num_groups, name="num_groups")
-        num_channels = _check_num_features(num_channels, name="num_channels")
+        num_groups = _check_num_features(num_groups, name="num_groups", tuples=False)
+        num_channels = _check_num_features(num_channels, name="num_channels", tuples=False)
         if num_channels % num_groups != 0:
             divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}; "
                              f"choose one of {divisors}")
         self.num_groups, self.num_channels = num_groups, num_channels
-        self.eps = float(eps)
+        self.eps = _as_given(eps)
         self.affine = bool(affine)
         _register_affine(self, num_channels, self.affine, bias, {"device": device, "dtype": dtype})
+        self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
 
     def reset_parameters(self) -> None:
         _reset_affine(self)
@@ -694,7 +712,8 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == batched_rank - 1
         x = input.unsqueeze(0) if unbatched else input
         if x.shape[1] != self.num_features:
-            if self.affine:
+            if self.affine or self.running_mean is not None:
+                # (torch.nn fails inside ATen here, on the size of the weight or the running buffers)
                 raise ValueError(f"num_features={self.num_features} but the input of shape {tuple(input.shape)} has "
                                  f"{x.shape[1]} channels: build the layer with num_features={x.shape[1]}")
             warnings.warn(f"input has {x.shape[1]} channels but num_features={self.num_features}; without affine "
