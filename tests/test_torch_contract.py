@@ -225,3 +225,36 @@ def test_under_cpu_autocast_as_torch_nn(name, args, kwargs, shape, dtype):
         grads_theirs = torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), g)
         for a, b in zip(grads_ours, grads_theirs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", [
+    ("BatchNorm1d", (3,), {}, (8, 3)), ("BatchNorm1d", (3,), {"affine": False}, (8, 3)),
+    ("LayerNorm", (3,), {}, (2, 3)), ("GroupNorm", (1, 3), {}, (2, 3, 4)),
+    ("InstanceNorm1d", (3,), {"affine": True}, (2, 3, 4)),
+    ("InstanceNorm1d", (3,), {"track_running_stats": True}, (2, 3, 4)),
+    ("LayerNorm", (3,), {"elementwise_affine": False}, (2, 3)),
+])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_float64_input_to_a_float32_layer_as_torch_nn(name, args, kwargs, shape, mode):
+    """Refused where torch.nn refuses (normkit: a TypeError saying what to cast), accepted where it accepts."""
+    ours, theirs = _pair(name, *args, **kwargs)
+    getattr(ours, mode)(), getattr(theirs, mode)()
+    x = torch.randn(shape, dtype=torch.float64)
+    try:
+        expected = theirs(x)
+    except RuntimeError as error:
+        assert "mixed dtype" in str(error)
+        with pytest.raises(TypeError, match=r"input has dtype torch.float64 .*torch.float32: cast the input"):
+            ours(x)
+    else:
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [{"renorm": True}, {"virtual_batch_size": 4}, {"momentum": None}])
+def test_float64_input_to_a_float32_layer_with_options(options):
+    """The option paths refuse as the plain one does (renorm used to compute in float64 in training)."""
+    for mode in ("train", "eval"):
+        layer = getattr(normkit.BatchNorm(3, **options), mode)()
+        with pytest.raises(TypeError, match="cast the input"):
+            layer(torch.randn(8, 3, dtype=torch.float64))
+        assert layer.double()(torch.randn(8, 3, dtype=torch.float64)).dtype == torch.float64

@@ -61,6 +61,20 @@ def _check_momentum(momentum, *, name="momentum"):
     return _as_given(momentum)
 
 
+def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
+    """The input's dtype must be the layer's (or float16/bfloat16 with float32 parameters: mixed precision)."""
+    reference = next((t for t in tensors if t is not None), None)
+    if reference is None or input.dtype == reference.dtype:
+        return
+    if (input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32) or torch.is_autocast_enabled(
+            input.device.type):
+        return
+    # (torch.nn fails inside ATen with "mixed dtype"; some of normkit's option paths would silently compute
+    # in the wider dtype instead)
+    raise TypeError(f"input has dtype {input.dtype} but the layer's parameters/buffers are {reference.dtype}: cast "
+                    f"the input (input.to({reference.dtype})) or the layer (layer.to({input.dtype}))")
+
+
 def _register_affine(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
     """weight = 1 and bias = 0 over ``shape`` (each optional), registered as None when absent (torch.nn's way)."""
     module.register_parameter("weight", nn.Parameter(torch.ones(shape, **factory)) if affine else None)
@@ -463,8 +477,12 @@ class BatchNorm(_NormBase):
             F.check_enough_values(channels.numel() // self.num_features, input.shape)
             y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
         else:
-            y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var, batch_stats, factor,
-                                 self.eps, torch.backends.cudnn.enabled)
+            try:
+                y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var, batch_stats, factor,
+                                     self.eps, torch.backends.cudnn.enabled)
+            except RuntimeError:
+                _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
+                raise
         if back is not None:
             return y.permute(back)
         return y if restore is None else restore(y)
@@ -492,6 +510,7 @@ class BatchNorm(_NormBase):
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         F.check_floating(input)
+        _check_input_dtype(input, self.weight, self.running_mean)
         self._check_input_dim(input)
         feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
@@ -611,6 +630,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         F.check_floating(input)
+        _check_input_dtype(input, self.weight)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm(normalized_shape={self.normalized_shape}) needs an input whose last {k} "
@@ -655,6 +675,7 @@ class GroupNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         F.check_floating(input)
+        _check_input_dtype(input, self.weight)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
                              f"got shape {tuple(input.shape)}")
@@ -705,6 +726,7 @@ class _InstanceNorm(_NormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         F.check_floating(input)
+        _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         batched_rank = self._spatial_dims + 2
         if input.dim() not in (batched_rank - 1, batched_rank):
             raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
