@@ -25,7 +25,12 @@ def _reference_state(layer):
     return state
 
 
-def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64, **reference_kwargs):
+def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64, reference_mask=None,
+                   **reference_kwargs):
+    """``steps`` training steps of ``layer`` against the reference: outputs, every gradient, every buffer.
+
+    ``mask_fn(rng)`` draws the layer's mask; ``reference_mask(mask)`` says where its features go for the
+    reference (default: a trailing feature axis when ``axis=-1``, else the mask as it is)."""
     layer = layer.to(dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, size=layer.weight.shape)))
@@ -42,7 +47,8 @@ def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64
         y.backward(torch.tensor(g_np, dtype=dtype))
         kwargs = dict(reference_kwargs)
         if mask is not None:
-            kwargs["mask"] = np.expand_dims(mask, -1) if layer.axis == -1 else mask
+            kwargs["mask"] = (reference_mask(mask) if reference_mask is not None
+                              else np.expand_dims(mask, -1) if layer.axis == -1 else mask)
         if layer.renorm:
             kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
                           renorm_clipping=layer.renorm_clipping.at(step))
@@ -110,6 +116,25 @@ def test_renorm_ghost_without_affine(shape, rng):
         assert_close(getattr(layer, name), value, err_msg=name)
 
 
+def test_renorm_stddev_floor_is_sqrt_eps(rng):
+    """r and d divide by max(renorm_stddev, sqrt(eps)): a renorm stddev below the floor (set by hand, or
+    loaded) must not blow them up. (The buffer starts at 1 and follows sqrt(var + eps) >= sqrt(eps), so
+    only a set value reaches the floor.)"""
+    layer = normkit.BatchNorm(3, renorm=True, eps=1e-3, momentum=0.2)
+    layer.renorm_stddev.fill_(1e-3)  # below sqrt(1e-3) = 0.0316
+    _compare_steps(layer, (8, 3), rng, steps=1)
+
+
+@pytest.mark.parametrize("clipping", [{"rmin": 0.95}, {"dmax": 0.1}, {"rmax": 1.05}])
+def test_renorm_clipping_with_one_bound(clipping, rng):
+    """Each bound clips on its own (Keras: a key that is absent does not clip): r far below 1 (renorm stddev 5
+    against batch stddevs of 1-3), d far from 0, so every bound given bites."""
+    layer = normkit.BatchNorm(3, renorm=True, renorm_clipping=clipping, eps=1e-3)
+    layer.renorm_stddev.fill_(5.0)
+    layer.renorm_mean.fill_(-3.0)
+    _compare_steps(layer, (8, 3), rng, steps=2)
+
+
 def test_renorm_inference_equals_plain_batch_norm(rng):
     renorm, plain = normkit.BatchNorm(3, renorm=True), normkit.BatchNorm(3)
     for _ in range(4):
@@ -175,16 +200,10 @@ def test_masks(shape, axis, dtype, rng):
         mask[0, 0] = True
         return mask
 
-    def reference_mask(mask):
-        return mask
-
     layer = normkit.BatchNorm(shape[axis], axis=axis, momentum=0.3)
-    if axis == 1:
-        # (N, C, T) with a (N, T) mask: the mask gets the feature axis inserted at 1.
-        layer_mask = lambda rng: mask_fn(rng)
-        _compare_masked_axis1(layer.to(dtype), shape, rng, layer_mask, dtype)
-    else:
-        _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype)
+    # (N, C, T) with a (N, T) mask: the mask gets the feature axis inserted at 1.
+    reference_mask = (lambda mask: mask[:, None, :]) if axis == 1 else None
+    _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype, reference_mask=reference_mask)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 3), (2, 3, 4, 2, 3)])  # channels-last images and volumes
@@ -199,19 +218,6 @@ def test_masks_on_channels_last_inputs(shape, renorm, rng):
     layer = normkit.BatchNorm(shape[-1], axis=-1, momentum=0.3, renorm=renorm,
                               renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.2} if renorm else None)
     _compare_steps(layer, shape, rng, mask_fn=mask_fn)
-
-
-def _compare_masked_axis1(layer, shape, rng, mask_fn, dtype):
-    state = _reference_state(layer)
-    for step in range(3):
-        x_np = rng.normal(size=shape) + step
-        mask = mask_fn(rng)
-        y = layer(torch.tensor(x_np, dtype=dtype), mask=torch.tensor(mask))
-        expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], to_numpy(layer.weight),
-                                to_numpy(layer.bias), True, layer.momentum, layer.eps, axis=1,
-                                mask=mask[:, None, :])
-        assert_close(y, expected, dtype)
-        assert_close(layer.running_var, state["running_var"], dtype)
 
 
 def test_masked_batch_equals_unpadded_rows(rng):

@@ -90,6 +90,9 @@ def test_variance_is_robust_for_large_mean_small_spread(make):
         exact = x.double().var(dim=reduce, unbiased=True)
     assert (layer.running_var >= 0).all()
     np.testing.assert_allclose(to_numpy(layer.running_var), to_numpy(exact), rtol=1e-3)
+    # ...and the mean (ghost batches: the mean of equal-sized ghosts' means is the batch mean), to float32's
+    # resolution: the shift that keeps the variance exact is added back.
+    np.testing.assert_allclose(to_numpy(layer.running_mean), to_numpy(x.double().mean(dim=reduce)), rtol=1e-7)
 
 
 def test_moments_are_robust_in_float32():

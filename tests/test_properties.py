@@ -57,6 +57,7 @@ def test_batch_norm_matches_reference(case):
     assert_close(y, expected, **tol)
     assert_close(x.grad, grads[0], rtol=1e-6, atol=1e-6 * max(1.0, 1.0 / scale))
     assert_close(layer.weight.grad, grads[1], rtol=1e-6, atol=1e-6)
+    assert_close(layer.bias.grad, grads[2], rtol=1e-6, atol=1e-6)
     assert_close(layer.running_mean, rm, **tol)
     assert_close(layer.running_var, rv, rtol=1e-7, atol=1e-7 * scale ** 2)
 

@@ -75,6 +75,27 @@ def test_batch_norm_option_backward_matches_finite_differences(option, rng):
     check_backward(forward, backward, x, weight, bias, rng)
 
 
+@pytest.mark.parametrize("affine", ["weight only", "bias only", "neither"])
+def test_batch_norm_backward_without_weight_or_bias(affine, rng):
+    """Keras' scale=False / center=False: the parameter left is differentiated alone."""
+    x = rng.normal(size=(5, 3, 2)) * 2 + 1
+    weight = rng.normal(size=3) if affine == "weight only" else None
+    bias = rng.normal(size=3) if affine == "bias only" else None
+    g = rng.normal(size=x.shape)
+    forward = lambda v, w, b: R.batch_norm(v, None, None, w, b, True, 0.1, 1e-3)
+    dx, dw, db = R.batch_norm_backward(g, x, None, None, weight, bias, True, 1e-3)
+    np.testing.assert_allclose(dx, numeric_gradient(lambda v: (forward(v, weight, bias) * g).sum(), x.copy()),
+                               rtol=1e-6, atol=1e-7)
+    assert (dw is None) == (weight is None) and (db is None) == (bias is None)
+    if weight is not None:
+        np.testing.assert_allclose(dw, numeric_gradient(lambda v: (forward(x, v, None) * g).sum(), weight.copy()),
+                                   rtol=1e-6, atol=1e-7)
+    if bias is not None:
+        assert db.shape == bias.shape
+        np.testing.assert_allclose(db, numeric_gradient(lambda v: (forward(x, None, v) * g).sum(), bias.copy()),
+                                   rtol=1e-6, atol=1e-7)
+
+
 def test_layer_group_instance_backward_match_finite_differences(rng):
     x = rng.normal(size=(3, 4, 5))
     w, b = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))

@@ -312,8 +312,8 @@ def batch_norm_backward(grad_output, x, running_mean=None, running_var=None, wei
     grad_x_hat = grad_z if parts["r"] is None else grad_z * parts["r"]
     grad_x = normalize_backward(grad_x_hat, x_hat, inv_std, parts["reduce_axes"], parts["mask"],
                                 parts["batch_statistics"])
-    reshape = (lambda g: None if g is None else g.reshape(np.shape(weight)))
-    return grad_x.reshape(np.shape(x)), reshape(grad_weight), reshape(grad_bias)
+    reshape = (lambda g, param: None if g is None else g.reshape(np.shape(param)))
+    return grad_x.reshape(np.shape(x)), reshape(grad_weight, weight), reshape(grad_bias, bias)
 
 
 def _view_param_shape(parts):
