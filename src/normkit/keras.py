@@ -20,6 +20,7 @@ Porting: ``from_keras(keras_layer)`` (or ``from_keras_config(config, build_confi
 with what a Keras layer's ``get_config()``, ``get_build_config()`` and ``get_weights()`` return)
 gives the same layer here; ``layer.keras_config()`` is this layer as Keras' ``get_config()``
 writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that one only).
+``load_batch_norms("model.keras")`` takes every BN layer of a saved Keras model, without Keras.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .modules import BatchNorm
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
 
-__all__ = ["BatchNormalization", "from_keras", "from_keras_config", "to_keras"]
+__all__ = ["BatchNormalization", "from_keras", "from_keras_config", "load_batch_norms", "to_keras"]
 
 # Keras dtype policies -> (dtype of the variables, dtype inputs are cast to and outputs come in).
 # A mixed policy keeps float32 variables and computes in half precision; the statistics are float32 anyway.
@@ -453,3 +454,120 @@ def to_keras(layer: BatchNormalization):
         ported.build(tuple(layer.get_build_config()["input_shape"]))
         ported.set_weights(layer.get_weights())
     return ported
+
+
+# ----------------------------------------------------------------------------- saved Keras models
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
+    """The BatchNormalization layers of a Keras 3 model saved with ``model.save("x.keras")``, without Keras.
+
+    Returns ``{path: BatchNormalization}``, built and holding the saved weights (moving statistics
+    included), in the order of the model's config; a layer inside a nested model is found under
+    ``"outer/inner"`` (``"block/bn_inner"``). Each is ``from_keras_config`` of the layer's saved
+    config, build config and weights, so it computes what the Keras layer computed.
+
+    ``axis`` moves the feature axis: a channels-last Keras layer (``axis=-1`` on NHWC data) taken with
+    ``axis=1`` normalizes the same channels of an NCHW PyTorch model (its build shape is permuted
+    to match; only layers with a single feature axis).
+
+    Only data is read: the archive's JSON and the HDF5 arrays (h5py needed: ``pip install h5py``).
+    Nothing in the file is imported or executed; initializers, regularizers and constraints are
+    rebuilt from normkit's own table of Keras' built-in ones, and anything else is a ValueError.
+    """
+    import io
+    import json
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_batch_norms: no such file {path}")
+    with path.open("rb") as handle:
+        signature = handle.read(len(_HDF5_SIGNATURE))
+    if signature == _HDF5_SIGNATURE:
+        raise ValueError(f"load_batch_norms: {path} is an HDF5 weights file (model.save_weights / .weights.h5 or "
+                         "a legacy .h5 model); it does not hold the layers' options in Keras 3's format: save "
+                         "the model with model.save('model.keras') and pass that file")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"load_batch_norms: {path} is not a Keras 3 model archive (.keras, a zip file written "
+                         "by model.save); it may be truncated or another format") from None
+    with archive:
+        names = set(archive.namelist())
+        missing = [name for name in ("config.json", "model.weights.h5") if name not in names]
+        if missing:
+            raise ValueError(f"load_batch_norms: {path} lacks {' and '.join(missing)}: not a Keras 3 model "
+                             "archive (model.save('model.keras') writes both)")
+        try:
+            config = json.loads(archive.read("config.json"))
+            weights_file = archive.read("model.weights.h5")
+        except (zipfile.BadZipFile, ValueError, OSError) as error:  # (a CRC mismatch is a BadZipFile)
+            raise ValueError(f"load_batch_norms: {path} is damaged ({error})") from None
+    try:
+        import h5py
+    except ImportError as error:
+        raise ImportError("load_batch_norms reads the HDF5 weights inside .keras files: pip install h5py") from error
+    try:
+        weights = h5py.File(io.BytesIO(weights_file), "r")
+    except OSError as error:
+        raise ValueError(f"load_batch_norms: the weights in {path} cannot be read ({error})") from None
+    found: dict = {}
+    with weights:
+        root = config.get("config") if isinstance(config, dict) else None
+        if not isinstance(root, dict) or not isinstance(root.get("layers"), list):
+            raise ValueError(f"load_batch_norms: {path}'s config.json has no list of layers (config.layers): "
+                             "not a saved Keras model")
+        _collect_batch_norms(root["layers"], weights, "", found, path, axis)
+    return found
+
+
+def _keras_name(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, axis) -> None:
+    """Walk a model's layer configs beside its HDF5 group (``layers/<key>/vars`` carries each layer's name)."""
+    by_name = {}
+    if group is not None and "layers" in group:
+        for key in group["layers"]:
+            entry = group["layers"][key]
+            if "vars" in entry and "name" in entry["vars"].attrs:
+                by_name[_keras_name(entry["vars"].attrs["name"])] = entry
+    for layer in layers:
+        if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
+            continue
+        layer_config, name = layer["config"], str(layer["config"].get("name"))
+        if layer.get("class_name") == "BatchNormalization":
+            entry = by_name.get(name)
+            if entry is None:
+                raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
+                                 f"{prefix + name!r} (the weights file does not match the config)")
+            variables = entry["vars"]
+            arrays = [np.asarray(variables[key]) for key in sorted(variables, key=int)]
+            found[prefix + name] = _batch_norm_from_saved(layer_config, layer.get("build_config"), arrays, axis,
+                                                          prefix + name)
+        elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
+            _collect_batch_norms(layer_config["layers"], by_name.get(name), prefix + name + "/", found, path, axis)
+
+
+def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis, where: str) -> BatchNormalization:
+    if not isinstance(build_config, dict) or "input_shape" not in build_config:
+        raise ValueError(f"load_batch_norms: layer {where!r} was saved unbuilt (no build_config): it has no weights")
+    if axis is not None:
+        saved_axis = config.get("axis")
+        if not isinstance(saved_axis, int):
+            raise ValueError(f"load_batch_norms(axis={axis}): layer {where!r} normalizes over axes {saved_axis}; "
+                             "only a single feature axis can be moved")
+        shape = list(build_config["input_shape"])
+        rank = len(shape)
+        (old,), (new,) = canonicalize_axes(saved_axis, rank), canonicalize_axes(axis, rank, name="axis")
+        shape.insert(new, shape.pop(old))
+        config, build_config = {**config, "axis": axis}, {**build_config, "input_shape": shape}
+    try:
+        return from_keras_config(config, build_config, arrays)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"load_batch_norms: layer {where!r}: {error}") from None
