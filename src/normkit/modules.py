@@ -598,7 +598,23 @@ class BatchNorm3d(_BatchNormNd):
     _accepted_ranks = (5,)
 
 
-class LayerNorm(nn.Module):
+class _SampleNorm(nn.Module):
+    """What LayerNorm and GroupNorm share: the sample's own statistics, an optional affine, torch.nn's init order."""
+
+    def _init_affine(self, eps, shape, affine: bool, bias: bool, device, dtype) -> None:
+        self.eps = _as_given(eps)
+        _register_affine(self, shape, affine, bias, {"device": device, "dtype": dtype})
+        self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
+
+    def reset_parameters(self) -> None:
+        _reset_affine(self)
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        F.check_floating(input)
+        _check_input_dtype(input, self.weight)
+
+
+class LayerNorm(_SampleNorm):
     r"""Normalize each sample over its trailing ``normalized_shape`` axes: a drop-in for torch.nn.LayerNorm.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -620,17 +636,11 @@ class LayerNorm(nn.Module):
             raise TypeError(f"normalized_shape must be an int or a sequence of ints (the trailing dims to "
                             f"normalize), got {normalized_shape!r}")
         self.normalized_shape = shape = _check_num_features(tuple(normalized_shape), name="normalized_shape")
-        self.eps = _as_given(eps)
         self.elementwise_affine = bool(elementwise_affine)
-        _register_affine(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
-        self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
-
-    def reset_parameters(self) -> None:
-        _reset_affine(self)
+        self._init_affine(eps, shape, self.elementwise_affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        F.check_floating(input)
-        _check_input_dtype(input, self.weight)
+        self._check_input(input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm(normalized_shape={self.normalized_shape}) needs an input whose last {k} "
@@ -642,7 +652,7 @@ class LayerNorm(nn.Module):
                 "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_SampleNorm):
     r"""Normalize each sample over groups of channels: a drop-in for torch.nn.GroupNorm.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -665,17 +675,11 @@ class GroupNorm(nn.Module):
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}; "
                              f"choose one of {divisors}")
         self.num_groups, self.num_channels = num_groups, num_channels
-        self.eps = _as_given(eps)
         self.affine = bool(affine)
-        _register_affine(self, num_channels, self.affine, bias, {"device": device, "dtype": dtype})
-        self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
-
-    def reset_parameters(self) -> None:
-        _reset_affine(self)
+        self._init_affine(eps, num_channels, self.affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        F.check_floating(input)
-        _check_input_dtype(input, self.weight)
+        self._check_input(input)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
                              f"got shape {tuple(input.shape)}")
