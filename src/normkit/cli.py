@@ -151,14 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=SUPPRESS, metavar="DIR",
                        help="run directory (default: runs/<model>-<norm>-<dataset>-seed<seed>)")
     train.add_argument("--resume", action="store_true", default=SUPPRESS,
-                       help="continue from DIR/checkpoint.pt (same settings; --epochs may grow, not shrink); "
-                            "without a checkpoint, or with a dry run's, starts from the beginning")
+                       help="continue from DIR/checkpoint.pt (same settings and data; --epochs may grow, not "
+                            "shrink); without a checkpoint, or with a dry run's, starts from the beginning (with "
+                            "the settings of DIR/config.json when a run stopped there before its first checkpoint)")
     train.add_argument("--stop-after-steps", type=_positive_int, default=SUPPRESS, help=SUPPRESS)  # tests: a kill
 
     evaluate = commands.add_parser("evaluate", help="test accuracy and loss of a saved checkpoint",
                                    description="Rebuild the model of a checkpoint and print its test accuracy and loss.")
     evaluate.add_argument("--checkpoint", required=True, metavar="FILE",
-                          help="a run's checkpoint.pt (written by `normkit train --out DIR` as DIR/checkpoint.pt)")
+                          help="a run's checkpoint.pt (written by `normkit train --out DIR` as DIR/checkpoint.pt), "
+                               "or the run folder DIR itself")
     evaluate.add_argument("--dataset", choices=DATASETS, default=None,
                           help="test split to use (default: the dataset the model was trained on)")
     evaluate.add_argument("--data-dir", default=None, metavar="DIR",
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated names, each once, from: " + ", ".join(NORM_NAMES) + " (default: batch,none)")
     compare.add_argument("--seeds", default=None, help="comma-separated seeds, each once (default: --seed)")
     compare.add_argument("--out", default=None, metavar="DIR", help="default: runs/compare-<model>-<dataset>")
+    compare.add_argument("--resume", action="store_true", default=SUPPRESS,
+                         help="continue an interrupted comparison: every run resumes from its checkpoint (finished "
+                              "runs are only evaluated again, unfinished ones continue, missing ones start)")
     _add_training_options(compare, with_norm=False)
 
     download = commands.add_parser("download", help="fetch and verify the canonical IDX files")
@@ -193,11 +198,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from normkit.lab.train import evaluate_checkpoint
+    from normkit.lab.train import evaluate_checkpoint, json_bytes
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
     if args.json:
-        print(json.dumps(result, indent=2))
+        # Strict JSON, as metrics.json: a diverged model's NaN loss is null.
+        print(json_bytes(result).decode(), end="")
     else:
         print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['dataset']} test "
               f"({result['test_size']} images): test accuracy {result['test_accuracy']:.4f}  "
@@ -240,7 +246,7 @@ def _download(args: argparse.Namespace) -> int:
 
     from normkit.lab.data import download
 
-    data_dir = args.data_dir or os.environ.get("NORMKIT_DATA")
+    data_dir = args.data_dir or os.environ.get("NORMKIT_DATA") or None  # an empty NORMKIT_DATA is unset
     if data_dir is None:
         raise ValueError("download: pass --data-dir DIR or set NORMKIT_DATA")
     target = download(args.dataset, data_dir)

@@ -1,8 +1,11 @@
 """Smoke tests of every `normkit` command and the contents of a run directory (config, metrics, checkpoint, events)."""
 
 import json
+import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -102,6 +105,52 @@ def test_truncated_checkpoint(dry_run, tmp_path):
     path.write_bytes((dry_run / "checkpoint.pt").read_bytes()[:2000])
     with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint"):
         load_checkpoint(path)
+
+
+def flip_a_tensor_byte(path):
+    """Flip one bit in the middle of a tensor's stored bytes, keeping the zip archive's structure valid."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert entry.compress_type == zipfile.ZIP_STORED  # torch.save stores tensors uncompressed
+    raw = bytearray(path.read_bytes())
+    # A local file header is 30 bytes, then the name and the extra field, then the data.
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() and archive.testzip() == entry.filename  # readable, but its CRC fails
+    return entry.filename
+
+
+def test_a_checkpoint_with_flipped_bits_is_refused(dry_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(dry_run, out)
+    path = out / "checkpoint.pt"
+    damaged_entry = flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match=f"{path}: damaged.*{damaged_entry}"):
+        load_checkpoint(path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and str(path) in error and "damaged" in error
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["train", "--resume", "--quiet", "--out", str(out)]) == 2
+    assert "damaged" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_evaluate_json_is_strict_and_takes_a_run_folder(dry_run, tmp_path, capsys):
+    payload = load_checkpoint(dry_run / "checkpoint.pt")
+    payload["model"]["0.weight"][0, 0, 0, 0] = float("nan")  # a diverged model: NaN logits, NaN loss
+    (tmp_path / "run").mkdir()
+    torch.save(payload, tmp_path / "run" / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"evaluate --json printed {constant}")
+    result = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert result["test_loss"] is None and result["checkpoint"] == str(tmp_path / "run" / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2  # a folder without checkpoint.pt
+    assert str(tmp_path / "checkpoint.pt") in capsys.readouterr().err
 
 
 def test_other_torch_file(tmp_path):

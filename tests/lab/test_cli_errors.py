@@ -136,6 +136,39 @@ def test_no_validation_split_writes_null_not_nan(tmp_path):
     assert "nan" not in table and "| n/a |" in table
 
 
+def test_a_diverging_run_with_tensorboard_completes(tmp_path):
+    """Weights and losses become NaN: TensorBoard cannot histogram them, and the run must still finish."""
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "sgd", "--lr", "1e6", "--activation", "relu", "--train-limit", "600",
+                 "--epochs", "2", "--batch-size", "32", "--quiet", "--tensorboard", "--out", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["history"][-1]["loss"] is None and metrics["test_loss"] is None
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
+    assert [event.step for event in events.Scalars("step/loss")] == list(range(1, 31))
+
+
+def test_histograms_keep_only_finite_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normkit.lab.models import build_model
+    from normkit.lab.train import Board
+
+    model = build_model("lenet", "batch")
+    with torch.no_grad():
+        model[1].weight[:2] = float("nan")  # the first norm layer (6 channels): 4 finite values left
+        model[1].bias[:] = float("inf")  # none left: no histogram
+    board = Board(tmp_path, True, None)
+    board.epoch(5, {"loss": 1.0, "accuracy": 0.5, "val_loss": None, "val_accuracy": None}, model,
+                torch.rand(8, 1, 28, 28))
+    board.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    assert events.Histograms("norm/1.weight")[0].histogram_value.num == 4
+    assert "norm/1.bias" not in events.Tags()["histograms"]
+
+
 # ------------------------------------------------------------------------------ 5, 11: settings refused up front
 
 @pytest.mark.parametrize("arguments, flags", [

@@ -58,6 +58,22 @@ def test_truncated_file_names_file_and_sizes(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_header_with_huge_sizes_says_how_many_bytes(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    side = 2**32 - 1
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(struct.pack(">HBB3I", 0, 8, 3, side, side, side) + bytes(10))
+    with pytest.raises(DataError, match=rf"truncated: header says shape \({side}, {side}, {side}\) = {side**3} bytes"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_file_without_images_is_refused(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(0, dtype=np.uint8))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: holds no images"):
+        load_dataset("mnist", tmp_path)
+
+
 def test_truncated_gzip_stream(tmp_path):
     write_dataset(tmp_path)
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -104,6 +120,14 @@ def test_no_data_dir(monkeypatch):
     monkeypatch.delenv("NORMKIT_DATA", raising=False)
     with pytest.raises(DataError, match="pass --data-dir DIR or set NORMKIT_DATA"):
         load_dataset("kmnist")
+
+
+def test_empty_normkit_data_counts_as_unset(tmp_path, monkeypatch):
+    write_dataset(tmp_path, compress=False)
+    monkeypatch.chdir(tmp_path)  # "" is not the current folder
+    monkeypatch.setenv("NORMKIT_DATA", "")
+    with pytest.raises(DataError, match="no data directory; pass --data-dir DIR or set NORMKIT_DATA"):
+        load_dataset("mnist")
 
 
 def test_digits_fixed_split():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
-from .train import TrainConfig, check_out_folder, json_bytes, plan_run, run
+from .train import RunInterrupted, TrainConfig, UnfinishedRunError, check_out_folder, json_bytes, plan_run, run
 
 CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -57,9 +57,17 @@ def _refuse_duplicates(items: list, flag: str) -> None:
         raise ValueError(f"{flag}: {', '.join(repeated)} listed more than once; list each once")
 
 
+# What continues an interrupted comparison: the same command, every run resumed (finished ones only evaluated).
+CONTINUE = "re-run the same compare command with --resume (finished runs are evaluated again, not retrained)"
+
+
 def _check(norm: str, seed: int, validate) -> None:
     try:
         validate()
+    except UnfinishedRunError as error:
+        # `normkit train --resume` would continue this run alone; the comparison continues with compare --resume.
+        unfinished = UnfinishedRunError(error.out, error.epoch, error.epochs, how=CONTINUE)
+        raise ValueError(f"run {norm}, seed {seed}: {unfinished}") from None
     except ValueError as error:
         raise ValueError(f"run {norm}, seed {seed}: {error}") from None
 
@@ -68,7 +76,9 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
     """Train every (norm, seed) with the same other ``options`` (TrainConfig fields); write to ``out``:
     <norm>-seed<seed>/ run directories, comparison.md, comparison.json and comparison.png.
 
-    Every run is validated (settings, its folder, the data and its batches) before the first one trains."""
+    Every run is validated (settings, its folder, the data and its batches) before the first one trains. With
+    ``resume=True`` every run is resumed as ``normkit train --resume`` does: a finished run is only evaluated
+    again, an unfinished one continues from its checkpoint, one without a checkpoint starts."""
     if not norms or not seeds:
         raise ValueError("--norms and --seeds each need at least one entry")
     _refuse_duplicates(list(norms), "--norms")
@@ -88,7 +98,11 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
         _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
     results: dict[str, dict[int, dict]] = {}
     for (norm, seed), cfg in configs.items():
-        results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
+        try:
+            results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
+        except RunInterrupted as interrupt:
+            raise RunInterrupted(f"run {norm}, seed {seed}: {interrupt}; to continue the whole comparison, "
+                                 f"{CONTINUE}") from None
     table = comparison_table(results)
     atomic_write_bytes(out_dir / "comparison.md", table.encode())
     summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}

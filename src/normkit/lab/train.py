@@ -9,8 +9,9 @@ the checkpoint is rewritten with them: the final checkpoint is the model the rep
 
 Safety: ``plan_run`` validates the settings, the output folder, the checkpoint to resume or replace, the
 data and its batches before anything is written, so a failed run leaves ``out`` as it was. A fresh run
-replaces an earlier run in ``out`` only when that was a dry run or a finished run with the same settings
-(``overwrite=True`` replaces any); docs/lab.md, "Output directory", has the rules.
+replaces an earlier run in ``out`` only when that was a dry run, a finished run with the same settings and
+data (``data_sha256``, a fingerprint of the prepared splits) or a run stopped before its first checkpoint with
+the same settings (``overwrite=True`` replaces any); docs/lab.md, "Output directory", has the rules.
 
 Determinism: batches are shuffled by a dedicated ``torch.Generator`` seeded with ``seed``; its state,
 and torch's, NumPy's and Python's global RNG states, are saved with each checkpoint. A resumed run
@@ -21,6 +22,7 @@ an uninterrupted run takes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -30,6 +32,7 @@ import random
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,7 +46,7 @@ from normkit.options import apply_constraints, regularization_loss
 from normkit.registry import NORM_NAMES, create_norm, is_norm_layer
 from normkit.tools import recalibrate_running_stats
 
-from .data import DATASETS, Splits, atomic_write_bytes, load_dataset
+from .data import DATASETS, Splits, atomic_write_bytes, leftover_temporaries, load_dataset
 from .models import ACTIVATIONS, INITS, MODELS, build_model
 from .optim import DEFAULT_LR, OPTIMIZERS, build_optimizer
 
@@ -138,12 +141,21 @@ class TrainConfig:
             raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+        for name in ("out", "data_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+                raise ValueError(f"{_flag(name)} {value!r}: give a folder path (an empty one would mean the current "
+                                 f"folder by accident){'; omit it for $NORMKIT_DATA' if name == 'data_dir' else ''}")
         _check_device(self.device)
         updates = {}
         if self.lr is None:
             updates["lr"] = DEFAULT_LR[self.optimizer]
-        if self.out is None:
-            updates["out"] = str(Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}")
+        # Stored absolute (and ~ expanded): config.json and the checkpoint name the same folders from any
+        # working directory, so `normkit evaluate` elsewhere still finds the run's data.
+        out = self.out if self.out is not None else Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}"
+        updates["out"] = os.path.abspath(os.path.expanduser(os.fspath(out)))
+        if self.data_dir is not None:
+            updates["data_dir"] = os.path.abspath(os.path.expanduser(os.fspath(self.data_dir)))
         if self.drop_last is None:
             updates["drop_last"] = virtual is not None
         return dataclasses.replace(self, **updates)
@@ -236,7 +248,18 @@ NOT_IDENTITY = {"out", "resume", "quiet", "tensorboard", "device", "threads", "c
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or not a normkit lab checkpoint."""
+    """A checkpoint file is missing, truncated, damaged or not a normkit lab checkpoint."""
+
+
+class UnfinishedRunError(ValueError):
+    """A fresh run into a folder that holds an unfinished run (``--resume`` continues it); the caller
+    (``normkit train`` or ``normkit compare``) knows which command continues it."""
+
+    def __init__(self, out: Path, epoch: int, epochs: int, how: str = ""):
+        self.out, self.epoch, self.epochs = out, epoch, epochs
+        how = how or f"continue it with `normkit train --out {out} --resume`"
+        super().__init__(f"--out {out} holds an unfinished run (checkpoint.pt after epoch {epoch} of {epochs}): "
+                         f"{how}, or pass --overwrite to start over, or choose another --out")
 
 
 # ------------------------------------------------------------------------------------------ data plumbing
@@ -246,22 +269,43 @@ class Prepared:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
+    fingerprint: str = ""  # data_fingerprint of the three splits: which data a run was trained on
+
+
+def data_fingerprint(parts: dict[str, tuple]) -> str:
+    """sha256 over each split's arrays (dtype, shape and bytes): equal exactly when the prepared data is.
+
+    ``parts`` maps a split's name to its arrays (NumPy or CPU tensors). It tells a run's data apart from other
+    files (another --data-dir) whatever folder they are in, so a moved dataset is still the same data."""
+    digest = hashlib.sha256()
+    for name, arrays in parts.items():
+        digest.update(name.encode())
+        for array in arrays:
+            array = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.reshape(-1).view(np.uint8))  # the bytes, not a copy (empty: the val split with 0)
+    return digest.hexdigest()
 
 
 def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
     splits = splits if splits is not None else load_dataset(cfg.dataset, cfg.data_dir)
     images, labels = splits.train
+    # The integer images the tensors came from (a quarter of the bytes to hash); else the tensors themselves.
+    sources = splits.sources if splits.sources is not None else (images, splits.test[0])
+    source = sources[0]
     if cfg.train_limit is not None:
-        images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
+        images, labels, source = images[:cfg.train_limit], labels[:cfg.train_limit], source[:cfg.train_limit]
     # Keras' validation_split: the last fraction, taken before any shuffling.
     cut = int(len(labels) * (1.0 - cfg.val_split))
     if cut < 2:
         raise ValueError(f"only {cut} training images after the {cfg.val_split:.0%} validation split; "
                          "raise --train-limit or lower --val-split")
+    fingerprint = data_fingerprint({"train": (source[:cut], labels[:cut]), "val": (source[cut:], labels[cut:]),
+                                    "test": (sources[1], splits.test[1])})
     device = torch.device(cfg.device)
     move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
     return Prepared(train=move((images[:cut], labels[:cut])), val=move((images[cut:], labels[cut:])),
-                    test=move(splits.test))
+                    test=move(splits.test), fingerprint=fingerprint)
 
 
 def _drops_last(size: int, cfg: TrainConfig) -> bool:
@@ -368,10 +412,13 @@ def _restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                    cfg: TrainConfig, history: list[dict], shuffle: torch.Generator) -> None:
+                    cfg: TrainConfig, history: list[dict], shuffle: torch.Generator, data_sha256: str = "") -> None:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "history": history, "rng": _rng_states(shuffle)}
+    if data_sha256:
+        # Optional, so version 1 stays: checkpoints written before it load as before (nothing to compare).
+        payload["data_sha256"] = data_sha256
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -389,6 +436,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         # torch.save writes a zip archive; anything else (an old pickle, text, an empty file) is foreign.
         raise CheckpointError(f"{path}: not a torch checkpoint ({size} bytes, no zip archive header); "
                               "`normkit train --out DIR` writes DIR/checkpoint.pt")
+    # torch.load does not check the archive's CRC-32s: flipped bits in a tensor would load as other weights.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({size} bytes): {error}") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged: the bytes of {damaged} do not match their CRC-32 (the file "
+                              "changed after it was written: a disk or copy error); restore it from a copy or "
+                              "train again")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -485,11 +542,18 @@ class Board:
             if is_norm_layer(module):
                 for tensor_name in ("weight", "bias", "running_mean", "running_var"):
                     tensor = getattr(module, tensor_name, None)
-                    if isinstance(tensor, torch.Tensor) and tensor.numel():
-                        self.writer.add_histogram(f"norm/{name}.{tensor_name}", tensor.detach().float().cpu(), step)
+                    if isinstance(tensor, torch.Tensor):
+                        self._histogram(f"norm/{name}.{tensor_name}", tensor.detach().float().cpu(), step)
         for name, values in preactivations(model, probe).items():
-            self.writer.add_histogram(f"preactivation/{name}", values, step)
+            self._histogram(f"preactivation/{name}", values, step)
         self.writer.flush()
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        # TensorBoard cannot bin NaN or infinity ("The histogram is empty"): a diverged run's weights are drawn
+        # from their finite values, and a tensor with none is left out of that epoch.
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            self.writer.add_histogram(tag, values, step)
 
     def close(self) -> None:
         if self.writer:
@@ -573,11 +637,15 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what the run directory holds and how to continue."""
 
 
-def _resume_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
-    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (checkpoint: {saved[k]!r})" for k in sorted(given)
+# The files a run writes in its folder (besides TensorBoard's event files).
+RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
+
+
+def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint") -> TrainConfig:
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
                  if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
     if conflicts:
-        raise ValueError("a resumed run keeps its settings; these differ from the checkpoint's: " + ", ".join(conflicts)
+        raise ValueError(f"a resumed run keeps its settings; these differ from the {source}'s: " + ", ".join(conflicts)
                          + ". Start a new run with another --out instead.")
     # How this invocation runs (where, how loudly, whether to simulate a kill) is never inherited.
     overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE if k in given or k in PER_INVOCATION}
@@ -594,8 +662,17 @@ class RunPlan:
     notes: list[str]
 
 
-def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> str:
-    """Whether a fresh run may replace the run whose checkpoint is in ``out``; raises when it would lose work."""
+def _identity_differences(saved: dict, mine: dict) -> list[str]:
+    """The settings that make two runs compute different things (all but NOT_IDENTITY), as "--flag A there, B here"."""
+    return [f"{_flag(k)} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
+            if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+
+
+def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> tuple[str, str | None]:
+    """Whether a fresh run may replace the run whose checkpoint is in ``out``; raises when it would lose work.
+
+    Returns the note to print and, for a finished run with the same settings, its data fingerprint (None when it
+    has none): the caller compares it with this run's once the data is loaded."""
     out = checkpoint_path.parent
     try:
         payload = load_checkpoint(checkpoint_path)
@@ -604,31 +681,98 @@ def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> str:
         raise ValueError(f"--out {out} holds a checkpoint.pt that cannot be read ({error}); pass --overwrite to "
                          "replace it, or choose another --out") from None
     if saved["dry_run"]:
-        return f"replacing the dry run in {out}"
+        return f"replacing the dry run in {out}", None
     if payload["epoch"] < saved["epochs"]:
-        raise ValueError(f"--out {out} holds an unfinished run (checkpoint.pt after epoch {payload['epoch']} of "
-                         f"{saved['epochs']}): continue it with `normkit train --out {out} --resume`, or pass "
-                         "--overwrite to start over, or choose another --out")
-    mine = cfg.to_dict()
-    differences = [f"{_flag(k)} {saved[k]!r} there, {mine[k]!r} here" for k in mine
-                   if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+        raise UnfinishedRunError(out, payload["epoch"], saved["epochs"])
+    differences = _identity_differences(saved, cfg.to_dict())
     if differences:
         longer = (len(differences) == 1 and differences[0].startswith("--epochs ") and cfg.epochs > saved["epochs"])
         raise ValueError(f"--out {out} holds a finished run with other settings ({'; '.join(differences)}); pass "
                          "--overwrite to replace it, or choose another --out to keep both"
                          + (f" (or train it longer: `normkit train --out {out} --resume --epochs {cfg.epochs}`)"
                             if longer else ""))
-    return f"replacing the finished run in {out} (same settings: this run repeats it)"
+    return (f"replacing the finished run in {out} (same settings: this run repeats it)",
+            payload.get("data_sha256") or None)
+
+
+def _run_config_json(path: Path, remedy: str) -> dict:
+    """The settings in a run's config.json, each one known (as a checkpoint's config); one line when unreadable."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return config_from_checkpoint({"config": saved}, path).to_dict()
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:  # JSONDecodeError, CheckpointError
+        reason = str(error).removeprefix(f"{path}: ")
+        raise ValueError(f"--out {path.parent}: its config.json cannot be read ({reason}); {remedy}") from None
+
+
+def _leftover_results(out: Path) -> list[str]:
+    """A run's results in ``out`` other than checkpoint.pt: what a run without checkpoint would delete."""
+    return [name for name in ("metrics.json", "curves.png") if (out / name).exists()]
+
+
+def _fresh_run_without_checkpoint(cfg: TrainConfig, out: Path) -> str | None:
+    """Whether a fresh run may start in ``out``, which has no checkpoint.pt; the note to print, or None when
+    the folder holds no run. Raises when starting would delete files worth keeping."""
+    leftovers = _leftover_results(out)
+    if leftovers:
+        raise ValueError(f"--out {out} holds {' and '.join(leftovers)} but no checkpoint.pt (a run whose checkpoint "
+                         "was deleted, or files of your own), which this run would delete; pass --overwrite to "
+                         "replace them, or choose another --out")
+    config_path = out / "config.json"
+    if not config_path.exists():
+        if any(out.glob("events.out.tfevents.*")):
+            raise ValueError(f"--out {out} holds TensorBoard event files but no config.json (not a run of this lab), "
+                             "which this run would delete; pass --overwrite to replace them, or choose another --out")
+        return None
+    # config.json alone (and event files): a run stopped in epoch 1, before its first checkpoint.
+    saved = _run_config_json(config_path, "pass --overwrite to replace it, or choose another --out")
+    if saved["dry_run"]:
+        return f"replacing the dry run stopped before its checkpoint in {out}"
+    differences = _identity_differences(saved, cfg.to_dict())
+    if differences:
+        raise ValueError(f"--out {out} holds a run stopped in epoch 1, before its first checkpoint (config.json, no "
+                         f"checkpoint.pt), with other settings ({'; '.join(differences)}); pass --overwrite to "
+                         "replace it, or choose another --out to keep both, or restart it with its own settings: "
+                         f"`normkit train --out {out} --resume`")
+    return f"replacing the run stopped in epoch 1 in {out} (same settings: this run starts it over)"
+
+
+def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], notes: list[str]) -> TrainConfig:
+    """--resume where there is no checkpoint yet: start from the beginning, with the settings of the run that
+    stopped in epoch 1 (its config.json) for those the user did not give."""
+    leftovers = _leftover_results(out)
+    if leftovers:
+        raise ValueError(f"--resume: {out} holds {' and '.join(leftovers)} but no checkpoint.pt, so there is nothing "
+                         "to continue, and starting over would delete them; pass --overwrite instead of --resume to "
+                         "replace them, or choose another --out")
+    config_path = out / "config.json"
+    if not config_path.exists():
+        notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
+        return cfg
+    saved = _run_config_json(config_path, "pass --overwrite instead of --resume to start over, or choose another --out")
+    resumed = _resume_config(cfg, saved, given, source="config.json")
+    try:
+        cfg = resumed.resolved()
+    except ValueError as error:
+        raise ValueError(f"{config_path}: its settings are not valid here: {error}") from None
+    notes.append(f"--resume: no checkpoint in {out} yet (the run stopped in epoch 1); starting from the beginning "
+                 f"with the settings in {config_path}")
+    return cfg
+
+
+def _other_data(theirs: str, mine: str) -> str:
+    return f"its data's sha256 {theirs[:12]}..., this data's {mine[:12]}..."
 
 
 def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> RunPlan:
     """Validate everything a run needs (settings, --out, the checkpoint it resumes or replaces, the data and
     its batches) without writing anything: a failed run leaves ``out`` as it found it."""
     cfg = cfg.resolved()
+    given = given if given is not None else set()
     out = Path(cfg.out)
     check_out_folder(out)
     checkpoint_path = out / "checkpoint.pt"
-    checkpoint, notes = None, []
+    checkpoint, notes, replaced_data = None, [], None
     if cfg.resume and checkpoint_path.is_file():
         payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
         saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
@@ -641,7 +785,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
                              "metrics with one-batch estimates; drop --dry-run to continue it, or smoke-test in "
                              "another --out")
         else:
-            resumed = _resume_config(cfg, saved, given if given is not None else set())  # conflicts name the flags
+            resumed = _resume_config(cfg, saved, given)  # conflicts name the flags
             try:
                 cfg = resumed.resolved()
             except ValueError as error:
@@ -653,13 +797,32 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             checkpoint = payload
             notes.append(f"resuming {checkpoint_path} after epoch {payload['epoch']} (step {payload['step']})")
     elif cfg.resume:
-        notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
-    elif checkpoint_path.is_file() and not cfg.overwrite:
-        notes.append(_replacement_note(cfg, checkpoint_path))
+        cfg = _resume_without_checkpoint(cfg, out, given, notes)
+    elif cfg.overwrite:
+        if out.is_dir() and (any((out / name).exists() for name in RUN_FILES)
+                             or any(out.glob("events.out.tfevents.*"))):
+            notes.append(f"--overwrite: replacing the run in {out}")
     elif checkpoint_path.is_file():
-        notes.append(f"--overwrite: replacing the run in {out}")
+        note, replaced_data = _replacement_note(cfg, checkpoint_path)
+        notes.append(note)
+    elif out.is_dir():
+        note = _fresh_run_without_checkpoint(cfg, out)
+        if note is not None:
+            notes.append(note)
     data = prepare_data(cfg, splits)
     check_batches(cfg, len(data.train[1]))
+    # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
+    # (a moved dataset is the same data). Checkpoints written before fingerprints existed have none to compare.
+    resumed_data = checkpoint.get("data_sha256") if checkpoint is not None else None
+    if resumed_data and resumed_data != data.fingerprint:
+        where = cfg.data_dir if cfg.data_dir is not None else "$NORMKIT_DATA"
+        raise ValueError(f"--resume: {checkpoint_path} was trained on other data than {where} holds "
+                         f"({_other_data(resumed_data, data.fingerprint)}); point --data-dir at that run's data, or "
+                         "start a new run in another --out")
+    if replaced_data and replaced_data != data.fingerprint:
+        raise ValueError(f"--out {out} holds a finished run with the same settings but trained on other data "
+                         f"({_other_data(replaced_data, data.fingerprint)}: another --data-dir, or changed files); "
+                         "pass --overwrite to replace it, or choose another --out to keep both")
     return RunPlan(cfg=cfg, checkpoint=checkpoint, data=data, notes=notes)
 
 
@@ -706,6 +869,9 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     for note in plan.notes:
         _say(cfg, note)
     _make_out_folder(out)
+    # Temporaries of a process killed mid-write (SIGKILL skips atomic_write_bytes' cleanup): never read, only in the way.
+    for leftover in leftover_temporaries(out, RUN_FILES):
+        leftover.unlink(missing_ok=True)
     if checkpoint is None:
         # A fresh run owns its directory (plan_run allowed the replacement): stale event files would mix two
         # runs' curves in TensorBoard, and an old checkpoint would be "resumed" after a Ctrl-C in epoch 1.
@@ -793,10 +959,11 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                       "val_accuracy": val_accuracy, "seconds": seconds,
                       "images_per_second": seen / seconds if seconds > 0 else None}
             history.append(record)
-            board.epoch(step, record, model, probe)
-            save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle)
+            # The checkpoint first: whatever TensorBoard makes of this epoch, the epoch is saved.
+            save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle, data.fingerprint)
             progress["saved_epochs"] = epoch + 1
-            _write_json(out / "metrics.json", {"history": history})
+            _write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
+            board.epoch(step, record, model, probe)
             speed = record["images_per_second"]
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
                       f"val_loss {_show(val_loss)}  val_accuracy {_show(val_accuracy)}  {seconds:.1f}s "
@@ -830,12 +997,12 @@ def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module
         batches = recalibration_batches(train_images, cfg, 1 if cfg.dry_run else cfg.recalibrate)
         recalibrate_running_stats(model, batches)
         recalibration = {"batches": len(batches), "images": sum(len(batch) for batch in batches)}
-        save_checkpoint(checkpoint_path, model, optimizer, len(history), step, cfg, history, shuffle)
+        save_checkpoint(checkpoint_path, model, optimizer, len(history), step, cfg, history, shuffle, data.fingerprint)
         test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
     metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_accuracy, **before,
                "recalibration": recalibration,
                "train_size": len(train_labels), "val_size": len(data.val[1]), "test_size": len(data.test[1]),
-               "steps": step}
+               "steps": step, "data_sha256": data.fingerprint}
     norm = first_norm_layer(model)
     if norm is not None:
         name, layer = norm
@@ -864,7 +1031,8 @@ def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module
 
 
 def _format(values: list[float] | None) -> str:
-    return "none (affine=False)" if values is None else "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+    # A diverged run's NaN weights are None here (metrics.json's null).
+    return "none (affine=False)" if values is None else "[" + ", ".join("nan" if v is None else f"{v:.4f}" for v in values) + "]"
 
 
 def _progress(total: int, description: str, cfg: TrainConfig):
@@ -881,6 +1049,8 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     _check_device(device)
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    if Path(path).is_dir():
+        path = Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
     payload = load_checkpoint(path, map_location=device)
     model, cfg = model_from_checkpoint(payload, path)
     dataset = dataset or cfg.dataset

@@ -1,0 +1,267 @@
+"""What a run does with the folder it trains in: it never deletes another run's files by accident, tells data apart
+by its fingerprint, restarts an epoch-1 run with that run's settings, and compare continues where it stopped."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normkit.cli import main
+from normkit.lab import data
+from normkit.lab.data import write_idx
+from normkit.lab.train import RunInterrupted, TrainConfig, load_checkpoint, run
+
+TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
+
+
+def one_line_error(capsys, *phrases: str) -> str:
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    for phrase in phrases:
+        assert phrase in error, (phrase, error)
+    return error
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def write_mnist(directory: Path, seed: int, train: int = 200, test: int = 40) -> Path:
+    """An MNIST-format dataset (IDX files) of random images; another seed gives other images."""
+    rng = np.random.default_rng(seed)
+    for part, count in (("train", train), ("test", test)):
+        write_idx(directory / (data.IDX_FILES[part][0] + ".gz"), rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(directory / (data.IDX_FILES[part][1] + ".gz"), rng.integers(0, 10, count, dtype=np.uint8))
+    return directory
+
+
+def killed_in_epoch_one(out: Path, **settings) -> None:
+    """A run interrupted (Ctrl-C) at its 3rd step: config.json is written, checkpoint.pt not yet."""
+    def stop(step, model):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(RunInterrupted, match="before the first checkpoint"):
+        run(TrainConfig(out=str(out), quiet=True, **settings), on_step=stop)
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------ a folder without checkpoint.pt
+
+def test_a_finished_run_without_its_checkpoint_is_not_wiped(tmp_path, capsys):
+    out = tmp_path / "run"
+    command = ["train", "--epochs", "1", *TINY[:-1], "--out", str(out)]  # with TensorBoard events
+    assert main(command) == 0
+    (out / "checkpoint.pt").unlink()
+    before = snapshot(out)
+    assert main(command) == 2
+    one_line_error(capsys, f"--out {out}", "metrics.json", "curves.png", "no checkpoint.pt", "--overwrite")
+    assert main(command + ["--resume"]) == 2  # nothing to continue, and --resume must not wipe it either
+    one_line_error(capsys, "metrics.json", "no checkpoint.pt", "--overwrite")
+    assert snapshot(out) == before
+    assert main(command + ["--overwrite"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def test_someone_elses_files_are_not_wiped(tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": 1}')
+    assert main(["train", "--dry-run", *TINY, "--out", str(out)]) == 2
+    one_line_error(capsys, "metrics.json", "--overwrite")
+    assert (out / "metrics.json").read_text() == '{"mine": 1}'
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "events.out.tfevents.1.host.1.0").write_bytes(b"someone's curves")
+    assert main(["train", "--dry-run", *TINY, "--out", str(logs)]) == 2
+    one_line_error(capsys, "event files", "--overwrite")
+    assert (logs / "events.out.tfevents.1.host.1.0").read_bytes() == b"someone's curves"
+
+
+def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = dict(train_limit=200, batch_size=32, epochs=2)
+    killed_in_epoch_one(out, **settings, tensorboard=True)
+    before = snapshot(out)
+    command = ["train", "--train-limit", "200", "--batch-size", "32", "--epochs", "2", "--out", str(out)]
+    # Other settings: refused, listing them; the folder is untouched.
+    assert main(command + ["--lr", "0.01", "--quiet"]) == 2
+    one_line_error(capsys, f"--out {out}", "epoch 1", "--lr 0.001 there, 0.01 here", "--overwrite")
+    assert snapshot(out) == before
+    # The same command again, as the Ctrl-C message says: starts over.
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "stopped in epoch 1" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 10
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1  # the killed run's events are gone
+
+    damaged = tmp_path / "damaged"
+    killed_in_epoch_one(damaged, **settings, tensorboard=False)
+    (damaged / "config.json").write_text("{ not json")
+    assert main(command[:-1] + [str(damaged), "--quiet"]) == 2
+    one_line_error(capsys, "config.json", "cannot be read", "--overwrite")
+    assert (damaged / "config.json").read_text() == "{ not json"
+
+
+# ------------------------------------------------------------------------------ --resume without checkpoint.pt
+
+def test_resume_before_the_first_checkpoint_keeps_the_runs_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    killed_in_epoch_one(out, train_limit=300, batch_size=32, epochs=2, tensorboard=False)
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5", "--quiet"]) == 2
+    one_line_error(capsys, "--lr 0.5", "config.json")
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "starting from the beginning with the settings in" in capsys.readouterr().out
+    payload = load_checkpoint(out / "checkpoint.pt")
+    config = payload["config"]
+    assert (config["train_limit"], config["batch_size"], config["epochs"], config["tensorboard"]) == (300, 32, 2, False)
+    assert payload["epoch"] == 2 and payload["step"] == 16  # 240 images in batches of 32: 8 steps per epoch
+    assert json.loads((out / "config.json").read_text())["train_limit"] == 300
+
+    (out / "checkpoint.pt").unlink()
+    (out / "metrics.json").unlink()
+    (out / "curves.png").unlink()
+    (out / "config.json").write_bytes(b"\xff\xfe")
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+    one_line_error(capsys, "config.json", "cannot be read")
+
+
+# ------------------------------------------------------------------------------ the data fingerprint
+
+def test_runs_on_other_data_are_told_apart(tmp_path, capsys):
+    first, other = write_mnist(tmp_path / "first", seed=1), write_mnist(tmp_path / "other", seed=2)
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "mnist", "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(command + ["--data-dir", str(first)]) == 0
+    fingerprint = load_checkpoint(out / "checkpoint.pt")["data_sha256"]
+    assert len(fingerprint) == 64 and json.loads((out / "metrics.json").read_text())["data_sha256"] == fingerprint
+    before = snapshot(out)
+
+    assert main(command + ["--data-dir", str(other)]) == 2
+    one_line_error(capsys, f"--out {out}", "trained on other data", "--overwrite")
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--data-dir", str(other), "--quiet"]) == 2
+    one_line_error(capsys, "--resume", "other data", "--data-dir")
+    assert snapshot(out) == before
+
+    moved = shutil.copytree(first, tmp_path / "moved")  # the same files elsewhere: the same data
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--data-dir", str(moved), "--quiet"]) == 0
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["epoch"] == 2 and payload["data_sha256"] == fingerprint
+
+
+def test_checkpoints_without_a_fingerprint_still_load_and_are_not_compared(tmp_path, capsys):
+    first, other = write_mnist(tmp_path / "first", seed=1), write_mnist(tmp_path / "other", seed=2)
+    out = tmp_path / "run"
+    command = ["train", "--dataset", "mnist", "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(command + ["--data-dir", str(first)]) == 0
+    payload = load_checkpoint(out / "checkpoint.pt")
+    del payload["data_sha256"]  # as written before fingerprints existed
+    torch.save(payload, out / "checkpoint.pt")
+    assert "data_sha256" not in load_checkpoint(out / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt")]) == 0
+    assert main(command + ["--data-dir", str(other)]) == 0  # nothing to compare with: replaced as before
+
+
+def test_the_fingerprint_covers_the_prepared_splits():
+    from normkit.lab.train import prepare_data
+
+    splits = data.load_dataset("digits")
+    base = prepare_data(TrainConfig(train_limit=200).resolved(), splits).fingerprint
+    assert prepare_data(TrainConfig(train_limit=200, out="x").resolved(), data.load_dataset("digits")).fingerprint == base
+    assert prepare_data(TrainConfig(train_limit=201).resolved(), splits).fingerprint != base
+    assert prepare_data(TrainConfig(train_limit=200, val_split=0.3).resolved(), splits).fingerprint != base
+    relabelled = data.Splits(train=splits.train, test=(splits.test[0], splits.test[1].roll(1)), sources=splits.sources)
+    assert prepare_data(TrainConfig(train_limit=200).resolved(), relabelled).fingerprint != base
+
+
+# ------------------------------------------------------------------------------ compare --resume
+
+def test_compare_resumes_where_it_stopped(tmp_path, capsys):
+    out = tmp_path / "compare"
+    settings = ["--epochs", "2", *TINY]
+    # As a compare interrupted during its second run: batch finished, none stopped in epoch 2.
+    assert main(["train", "--norm", "batch", "--out", str(out / "batch-seed0"), *settings]) == 0
+
+    def stop(step, model):
+        if step == 7:
+            raise KeyboardInterrupt
+    with pytest.raises(RunInterrupted, match="holds epoch 1 of 2"):
+        run(TrainConfig(norm="none", epochs=2, train_limit=200, batch_size=32, quiet=True, tensorboard=False,
+                        out=str(out / "none-seed0")), on_step=stop)
+    finished = snapshot(out / "batch-seed0")
+
+    command = ["compare", "--norms", "batch,none", *settings, "--out", str(out)]
+    assert main(command) == 2
+    error = one_line_error(capsys, "run none, seed 0", "unfinished", "compare command with --resume")
+    assert "normkit train" not in error
+    assert main(command + ["--resume"]) == 0
+    assert (out / "batch-seed0" / "checkpoint.pt").read_bytes() == finished["checkpoint.pt"]  # not trained again
+    payload = load_checkpoint(out / "none-seed0" / "checkpoint.pt")
+    assert payload["epoch"] == 2 and payload["step"] == 10
+    summary = json.loads((out / "comparison.json").read_text())
+    assert [len(summary[norm]["0"]["history"]) for norm in ("batch", "none")] == [2, 2]
+
+
+# ------------------------------------------------------------------------------ paths and leftovers
+
+def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path / "work" / "idx", seed=1)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["train", "--dataset", "mnist", "--data-dir", "idx", "--dry-run", *TINY, "--out", "run"]) == 0
+    config = json.loads((tmp_path / "work" / "run" / "config.json").read_text())
+    assert config["out"] == str(tmp_path / "work" / "run") and config["data_dir"] == str(tmp_path / "work" / "idx")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the checkpoint still finds its data
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", "work/run", "--json"]) == 0  # a run folder is taken as its checkpoint
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_size"] == 40 and result["checkpoint"] == str(Path("work/run/checkpoint.pt"))
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["train", "--dry-run", *TINY, "--out", "~/run"]) == 0
+    assert (tmp_path / "home" / "run" / "checkpoint.pt").is_file() and not Path("~").exists()
+
+    assert main(["train", "--dry-run", *TINY, "--data-dir", "", "--out", "empty"]) == 2
+    one_line_error(capsys, "--data-dir")
+
+
+def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    leftovers = []
+    for name in ("checkpoint.pt", "metrics.json", "config.json", "curves.png"):
+        # The names atomic_write_bytes gives its temporaries, as a SIGKILL mid-write leaves them.
+        handle, path = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.write(handle, b"half a file")
+        os.close(handle)
+        leftovers.append(Path(path))
+    kept = [out / "notes.tmp", out / ".checkpoint.pt.mine.tmp", out / ".checkpoint.pt.abcdefgh.tmp.keep"]
+    for path in kept:
+        path.write_text("not the lab's")
+    assert main(["train", "--dry-run", *TINY, "--out", str(out)]) == 0
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.read_text() == "not the lab's" for path in kept)
+
+
+def test_an_interrupted_compare_says_how_to_continue(tmp_path):
+    """Ctrl-C (a real SIGINT) during a comparison: the message names the compare --resume that continues it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "compare"
+    child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "compare", "--norms", "batch,none", "--epochs",
+                              "400", *TINY, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "batch-seed0" / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, error = child.communicate(timeout=120)
+    assert child.returncode == 130, error
+    assert "run batch, seed 0: interrupted in epoch" in error and "compare command with --resume" in error, error
