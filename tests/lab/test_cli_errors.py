@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -341,6 +342,20 @@ def test_resume_cannot_shrink_epochs(tmp_path, capsys):
     assert main(["train", "--resume", "--epochs", "1", "--quiet", "--out", str(out)]) == 2
     one_line_error(capsys, "--epochs 1", "already trained 2 epochs")
     assert snapshot(out) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="needs POSIX signals")
+def test_ctrl_c_waits_until_the_optimizer_is_built():
+    """The first optimizer imports torch._dynamo/Triton, where a KeyboardInterrupt aborts the process: held back."""
+    from normkit.lab.train import _interrupts_held
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (an unheld SIGINT raises here)
+            reached.append("end of the block")
+    assert reached == ["end of the block"]
 
 
 def test_interrupt_messages_say_what_is_saved(tmp_path, monkeypatch, capsys):

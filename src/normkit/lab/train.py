@@ -21,6 +21,7 @@ an uninterrupted run takes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -29,8 +30,10 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -884,8 +887,9 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
     model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options).to(cfg.device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
-                                momentum=cfg.momentum)
+    with _interrupts_held():
+        optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps,
+                                    momentum=cfg.momentum)
     # The compiled module shares the model's parameters and buffers: checkpoints, evaluation and
     # the TensorBoard probes use the model itself (eager; evaluation would recompile for eval mode).
     train_model = torch.compile(model) if cfg.compile else model
@@ -971,6 +975,27 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     finally:
         board.close()
     return _finish(cfg, out, checkpoint_path, model, optimizer, history, step, shuffle, data)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C waits until the block ends: torch's first optimizer imports torch._dynamo and Triton (about a
+    second), and a KeyboardInterrupt raised inside that import's native callbacks aborts the whole process
+    (SIGABRT, no message). A Ctrl-C pressed meanwhile is recorded and raised right after, as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (only the main thread receives Python's signal handlers)
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def _interrupted_message(out: Path, saved_epochs: int, epochs: int) -> str:
