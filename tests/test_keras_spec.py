@@ -1,4 +1,4 @@
-"""Keras' own BatchNormalization tests (shared/spec/keras-batchnorm.md section 9), ported to normkit.
+"""Keras' own BatchNormalization tests, ported to normkit (section 9 of ../shared/spec/keras-batchnorm.md).
 
 Sources: K3 ``keras/src/layers/normalization/batch_normalization_test.py`` and
 ``keras/src/ops/nn_test.py``; TFK ``tf_keras/layers/normalization/batch_normalization_test.py``

@@ -1,5 +1,7 @@
-"""normkit.BatchNorm's options (renorm, ghost batches, masks, adjustment, frozen mode, initializers,
-regularizers, constraints, synchronized) against the NumPy reference, over several training steps."""
+"""normkit.BatchNorm's options against the NumPy reference, over several training steps.
+
+Renorm, ghost batches, masks, adjustment, frozen mode, initializers, regularizers, constraints,
+synchronized."""
 
 import math
 import warnings

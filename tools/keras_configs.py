@@ -46,6 +46,7 @@ LAYERS = {
         "beta_regularizer": {"class_name": "L1", "config": {"l1": 0.05}}}),
     "renorm": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
                         "renorm_momentum": 0.9, "momentum": 0.9}),
+    "renorm_default_clipping": ((8, 3), {"renorm": True}),
     "frozen": ((6, 4), {"trainable": False}),
     "mixed_float16": ((6, 4), {"dtype": "mixed_float16", "momentum": 0.8}),
     "variance_scaling_initializers": ((6, 3), {

@@ -269,9 +269,9 @@ def bn_paper_figure1(runs, mnist, splits):
                     quantiles = torch.quantile(last_sigmoid[:, 0], torch.tensor(FIGURE1_PERCENTILES))
                     trace.append((step, evaluate(model, test_images, test_labels)[1], *quantiles.tolist()))
 
-            run(TrainConfig(norm=norm, seed=seed, out=str(runs / "mnist-figure1" / f"{norm}-seed{seed}"),
-                            quiet=True, tensorboard=False, threads=1, overwrite=True, **FIGURE1, **mnist),
-                splits=splits, on_step=measure)
+            total_steps = run(TrainConfig(norm=norm, seed=seed, out=str(runs / "mnist-figure1" / f"{norm}-seed{seed}"),
+                                          quiet=True, tensorboard=False, threads=1, overwrite=True, **FIGURE1, **mnist),
+                              splits=splits, on_step=measure)["steps"]
     steps = [row[0] for row in traces["none"][FIGURE1_SEEDS[0]]]
     mean_accuracy = {norm: [statistics.fmean(by_seed[s][i][1] for s in FIGURE1_SEEDS) for i in range(len(steps))]
                      for norm, by_seed in traces.items()}
@@ -312,7 +312,7 @@ def bn_paper_figure1(runs, mnist, splits):
              f"(a) its test accuracy as training progresses and (b, c) the distribution, over the test images, of the "
              f"input of one sigmoid of the last hidden layer (unit 0; the 15th, 50th and 85th percentiles; the "
              f"network in eval mode). Here: {FIGURE1['epochs']} epochs of the 6,400 training images "
-             f"({steps[-1]} steps; the paper ran 50,000 steps on 60,000 images), SGD lr {FIGURE1['lr']} without "
+             f"({total_steps} steps; the paper ran 50,000 steps on 60,000 images), SGD lr {FIGURE1['lr']} without "
              f"momentum (the paper gives no learning rate), Glorot-uniform weights (the paper: small Gaussian ones), "
              f"measured every {FIGURE1_EVERY} steps; accuracy is the mean of seeds "
              f"{', '.join(map(str, FIGURE1_SEEDS))}, the distributions are seed {FIGURE1_SEEDS[0]}'s. "

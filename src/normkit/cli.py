@@ -130,7 +130,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
                          help="write TensorBoard event files (default: on)")
     running.add_argument("--dry-run", action="store_true", default=SUPPRESS,
                          help="one training batch and one evaluation batch: a smoke test")
-    running.add_argument("--quiet", action="store_true", default=SUPPRESS, help="no progress bars or epoch lines")
+    running.add_argument("--quiet", action="store_true", default=SUPPRESS, help="print nothing on stdout (no progress bars, epoch lines or summary; errors still go to stderr)")
     running.add_argument("--overwrite", action="store_true", default=SUPPRESS,
                          help="replace an earlier run in the output folder even when that would lose work (an "
                               "unfinished run, or a finished one with other settings); without it such a run is "
@@ -138,6 +138,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `normkit` argument parser: train, evaluate, compare and download."""
     from normkit.lab.data import DATASETS
 
     parser = _Parser(prog="normkit", description="normkit's lab: the classic batch-normalization "
@@ -255,6 +256,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `normkit` command; returns the exit status (0 ok, 1 a refused write, 2 a user error, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "evaluate": _evaluate, "compare": _compare, "download": _download}
     try:

@@ -28,6 +28,7 @@ def is_active(process_group=None) -> bool:
 
 
 def warn_local_once(layer) -> None:
+    """Warn once per layer that synchronized=True computes local statistics (no process group)."""
     if not getattr(layer, "_warned_local", False):
         layer._warned_local = True
         warnings.warn(f"{type(layer).__name__}(synchronized=True) runs without an initialized torch.distributed "

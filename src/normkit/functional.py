@@ -31,6 +31,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def check_eps(eps, *, name="eps"):
+    """Refuse an eps that is not a positive finite number (it keeps 1/sqrt(var + eps) finite)."""
     if type(eps) is float and 0.0 < eps < math.inf:
         return  # the common case, checked per call: without the ABC lookup numbers.Real costs
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
@@ -38,6 +39,7 @@ def check_eps(eps, *, name="eps"):
 
 
 def check_floating(x, *, name="input"):
+    """Refuse what is not a floating-point tensor, saying how to convert it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -48,6 +50,7 @@ def check_floating(x, *, name="input"):
 
 
 def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger batch, or GroupNorm/LayerNorm"):
+    """Refuse batch statistics over a single value per feature (the variance would be 0)."""
     if count_per_group == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)}: "

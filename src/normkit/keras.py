@@ -161,6 +161,7 @@ class BatchNormalization(nn.Module):
 
     @property
     def built(self) -> bool:
+        """Whether the weights exist (after the first call or ``build``), as Keras' ``layer.built``."""
         return self.bn is not None
 
     def build(self, input_shape: Sequence[int], device=None) -> None:
@@ -255,10 +256,12 @@ class BatchNormalization(nn.Module):
 
     @property
     def weights(self):
+        """Every weight tensor in Keras' order (gamma, beta, moving_mean, moving_variance, renorm state)."""
         return [tensor for _, tensor in self._weight_tensors()]
 
     @property
     def trainable_weights(self):
+        """gamma and beta (those present), unless the layer is frozen (trainable=False): then none."""
         if not self._trainable:
             return []
         return [tensor for name, tensor in self._weight_tensors() if name in ("gamma", "beta")]
@@ -359,7 +362,9 @@ class BatchNormalization(nn.Module):
                           "config": {"name": dtype}, "registered_name": None},
                 "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
-                "renorm_clipping": None if clipping is None else {k: float(v) for k, v in clipping.items()},
+                # (Keras 3 writes {} for renorm without clipping, and keeps None without renorm)
+                "renorm_clipping": ({} if self.renorm else None) if clipping is None
+                else {k: float(v) for k, v in clipping.items()},
                 "renorm_momentum": self.renorm_momentum}
 
     def get_build_config(self) -> Optional[dict]:

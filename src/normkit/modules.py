@@ -1,8 +1,9 @@
 """nn.Module layers: thin holders of parameters and buffers that validate and call functional.py.
 
-Every layer is the same pipeline configured differently (DESIGN.md): which axes are
-reduced, which carry weight and bias, and where the statistics come from. The math of
-each is written once, in its docstring; the arithmetic lives in functional.py.
+Every layer is the same pipeline configured differently (the design in ../shared/DESIGN.md,
+beside the repository): which axes are reduced, which carry weight and bias, and where the
+statistics come from. The math of each is written once, in its docstring; the arithmetic lives
+in functional.py.
 """
 
 from __future__ import annotations
@@ -336,6 +337,7 @@ class BatchNorm(_NormBase):
         return self
 
     def unfreeze(self) -> "BatchNorm":
+        """Leave frozen mode: the layer trains and updates its running statistics again in train()."""
         self.frozen = False
         for parameter in (self.weight, self.bias):
             if parameter is not None:

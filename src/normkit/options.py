@@ -69,6 +69,7 @@ class _SeededDraw:
 
 
 class RandomNormal(_SeededDraw):
+    """Keras' RandomNormal: normal values with ``mean`` and ``stddev`` (torch's generator, seeded if given)."""
     keras_name = "RandomNormal"
 
     def __init__(self, mean=0.0, stddev=0.05, seed=None):
@@ -79,6 +80,7 @@ class RandomNormal(_SeededDraw):
 
 
 class RandomUniform(_SeededDraw):
+    """Keras' RandomUniform: uniform values in [minval, maxval) (torch's generator, seeded if given)."""
     keras_name = "RandomUniform"
 
     def __init__(self, minval=-0.05, maxval=0.05, seed=None):

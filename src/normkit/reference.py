@@ -360,6 +360,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def layer_norm_backward(grad_output, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(dL/dx, dL/dweight, dL/dbias) of ``layer_norm``: ``normalize_backward`` per sample."""
     x = np.asarray(x, dtype=np.float64)
     reduce_axes, param_shape = _layer_norm_geometry(x, normalized_shape)
     return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
@@ -380,6 +381,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def group_norm_backward(grad_output, x, num_groups, weight=None, bias=None, eps=1e-5):
+    """(dL/dx, dL/dweight, dL/dbias) of ``group_norm``: ``normalize_backward`` per sample and group."""
     x = np.asarray(x, dtype=np.float64)
     view, reduce_axes, param_shape = _group_view(x, num_groups)
     grad_view = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
@@ -411,6 +413,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def instance_norm_backward(grad_output, x, running_mean=None, running_var=None, weight=None, bias=None,
                            use_input_stats=True, eps=1e-5):
+    """(dL/dx, dL/dweight, dL/dbias) of ``instance_norm`` (eval with running statistics: affine)."""
     x = np.asarray(x, dtype=np.float64)
     c = x.shape[1]
     reduce_axes = tuple(range(2, x.ndim))

@@ -115,6 +115,7 @@ class RenormClipping:
 
     @classmethod
     def from_dict(cls, clipping, *, name: str = "renorm_clipping") -> "RenormClipping":
+        """Keras' renorm_clipping dict (keys rmax, rmin, dmax; values numbers or callables of the step), validated."""
         if clipping is None:
             return cls()
         if isinstance(clipping, RenormClipping):

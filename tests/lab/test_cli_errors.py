@@ -1,5 +1,8 @@
-"""User errors are one line naming the flag (exit 2, no traceback), found before anything is written; earlier
-runs are never lost by accident; absent measurements are JSON null. Each test runs in about a second."""
+"""User errors and failures of the machine cost one line and lose nothing already written.
+
+User errors are one line naming the flag (exit 2, no traceback), found before anything is written;
+earlier runs are never lost by accident; absent measurements are JSON null; a write the OS refuses
+or a closed stdout stop the run cleanly. Each test runs in about a second."""
 
 import json
 import os

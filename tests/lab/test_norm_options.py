@@ -1,5 +1,7 @@
-"""`--norm-option KEY=VALUE`: keywords for every norm layer, checked before anything is written, saved in the run,
-and equal in effect to building the layers with them (against the registry's own names and plain arithmetic)."""
+"""`--norm-option KEY=VALUE` gives every norm layer of the model a constructor keyword.
+
+The options are checked before anything is written, saved in the run, and equal in effect to
+building the layers with them (against the registry's own names and plain arithmetic)."""
 
 import json
 

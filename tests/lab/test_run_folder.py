@@ -1,5 +1,7 @@
-"""What a run does with the folder it trains in: it never deletes another run's files by accident, tells data apart
-by its fingerprint, restarts an epoch-1 run with that run's settings, and compare continues where it stopped."""
+"""A run never deletes another run's files by accident, in the folder it trains in.
+
+It tells data apart by its fingerprint, restarts an epoch-1 run with that run's settings, and
+compare continues where it stopped."""
 
 import json
 import os

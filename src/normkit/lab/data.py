@@ -82,6 +82,7 @@ class DataError(ValueError):
 
 @dataclass
 class Splits:
+    """A dataset's training and test images (N, 1, 28, 28 float tensors in [0, 1]) and labels."""
     train: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
     # The integer images the float tensors were made from (train, test; IDX uint8 pixels, the digits' values
@@ -202,6 +203,7 @@ def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
 
 
 def load_idx_split(directory: Path, part: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split (images, labels) from a dataset folder's IDX files, checked file by file."""
     images, labels = read_idx_split(directory, part, dataset)
     return idx_tensors(images, labels)
 
@@ -255,6 +257,7 @@ def load_digits_28() -> Splits:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Splits:
+    """The named dataset's splits: digits (embedded) or IDX files from ``data_dir`` (else $NORMKIT_DATA)."""
     if name == "digits":
         return load_digits_28()
     if name not in DATASETS:

@@ -60,6 +60,7 @@ CHECKPOINT_VERSION = 1
 @dataclass
 class TrainConfig:
     # data
+    """Every setting of a lab run (the `normkit train` flags are its fields); ``resolved()`` validates them."""
     dataset: str = "digits"          # digits (embedded, no download), mnist, fashion-mnist, kmnist
     data_dir: str | None = None      # folder with the IDX files (DIR/<dataset>/ or DIR/); None: $NORMKIT_DATA
     train_limit: int | None = None   # use only the first N training images (before the validation split)
@@ -269,6 +270,7 @@ class UnfinishedRunError(ValueError):
 
 @dataclass
 class Prepared:
+    """A run's train/validation/test tensors on its device, and the fingerprint of that data."""
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
@@ -291,6 +293,7 @@ def data_fingerprint(parts: dict[str, tuple]) -> str:
 
 
 def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
+    """The run's splits as tensors: --train-limit, then Keras' validation split (the last fraction)."""
     splits = splits if splits is not None else load_dataset(cfg.dataset, cfg.data_dir)
     images, labels = splits.train
     # The integer images the tensors came from (a quarter of the bytes to hash); else the tensors themselves.
@@ -342,6 +345,7 @@ def check_batches(cfg: TrainConfig, count: int) -> None:
 
 
 def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of indices, shuffled by ``generator`` (a partial last batch per ``drop_last``)."""
     order = torch.randperm(count, generator=generator)
     batches = list(order.split(cfg.batch_size))
     if batches and _drops_last(len(batches[-1]), cfg):
@@ -383,6 +387,7 @@ def recalibration_batches(images: torch.Tensor, cfg: "TrainConfig", count: int) 
 
 
 def first_norm_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the model's first normalization layer, or None (what the summary prints)."""
     return next(((name, module) for name, module in model.named_modules() if is_norm_layer(module)), None)
 
 
@@ -416,6 +421,7 @@ def _restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
                     cfg: TrainConfig, history: list[dict], shuffle: torch.Generator, data_sha256: str = "") -> None:
+    """Write the run's state (model, optimizer, epoch, RNG states, config, history) atomically to ``path``."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "history": history, "rng": _rng_states(shuffle)}
@@ -511,6 +517,7 @@ def load_weights(model: nn.Module, state: dict, path: str | os.PathLike | None, 
 
 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> tuple[nn.Module, TrainConfig]:
+    """The model a checkpoint describes (rebuilt from its config), with its weights, and that config."""
     cfg = config_from_checkpoint(payload, path)
     model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options)
     load_weights(model, payload["model"], path, cfg)
@@ -597,6 +604,7 @@ def json_safe(value):
 
 
 def json_bytes(payload) -> bytes:
+    """``payload`` as strict JSON (non-finite numbers as null), UTF-8, for the run's .json files."""
     return (json.dumps(json_safe(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
