@@ -429,3 +429,26 @@ def test_cpu_calls_keep_aten_when_only_cuda_is_enabled(cpp_kernel, rng):
     finally:
         cpp_kernel._enabled, cpp_kernel._cpu = previous
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_build(built_kernels, tmp_path):
+    """torch waits forever for a lock file in the build folder; normkit removes one that is long stale."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from normkit import kernels
+
+    lock = Path(cpp_extension._get_build_directory(kernels._extension_name(), False)) / "lock"
+    lock.touch()
+    old = lock.stat().st_mtime - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    try:
+        child = subprocess.run([sys.executable, "-c", "import normkit.kernels as k; k.build(); print('built')"],
+                               capture_output=True, text=True, timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert child.returncode == 0 and "built" in child.stdout, child.stderr
+    assert "removing" in child.stderr and "build lock" in child.stderr

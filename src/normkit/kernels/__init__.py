@@ -73,6 +73,38 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+# A build takes about a minute; a lock this old was left by a process killed while it held it.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(cpp_extension, name: str) -> None:
+    """Wait for another process's build, or remove the lock a killed one left behind.
+
+    torch's loader takes a lock file in the build folder even to load a cached build, and waits for
+    it forever while it exists: a process killed during a build (or a load) would leave every later
+    ``enable()`` hanging. A lock older than STALE_LOCK_SECONDS is removed, with a warning.
+    """
+    import time
+
+    lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+    announced = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= STALE_LOCK_SECONDS:
+            warnings.warn(f"normkit.kernels: removing {lock}, a build lock {age / 60:.0f} minutes old (left by a "
+                          "process that was killed while building or loading the kernel)")
+            lock.unlink(missing_ok=True)
+            return
+        if not announced:
+            warnings.warn(f"normkit.kernels: waiting for another process's build of the fused kernel ({lock}; "
+                          f"taken {age:.0f} s ago, presumed abandoned after {STALE_LOCK_SECONDS} s)")
+            announced = True
+        time.sleep(1.0)
+
+
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the fused kernel and return the extension module."""
     global _extension
@@ -80,6 +112,7 @@ def build(verbose: bool = False):
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
+        _clear_stale_lock(cpp_extension, _extension_name())
 
         try:
             _extension = cpp_extension.load(name=_extension_name(), sources=[str(_SOURCE)],
