@@ -11,6 +11,7 @@ import torch
 
 import normkit
 import normkit.keras
+from normkit.stats import RenormClipping
 
 from oracle import assert_close, to_numpy
 
@@ -50,9 +51,12 @@ CASES = {
                                   (6, 4, 3, 3), None, True),
     # Reading the step count on the host breaks the graph, as in torch.nn (momentum=None there too).
     "momentum None": (lambda: normkit.BatchNorm2d(4, momentum=None), (8, 4, 3, 3), None, False),
+    # Clipping schedules trace with the step count as a symbol (the bounds reach r and d as a tensor).
     "clipping schedule": (lambda: normkit.BatchNorm(4, renorm=True, renorm_clipping={
         "rmax": lambda step: 1.0 + step / 10, "rmin": lambda step: 1.0 / (1.0 + step / 10),
-        "dmax": lambda step: step / 20}), (8, 4, 3), None, False),
+        "dmax": lambda step: step / 20}), (8, 4, 3), None, True),
+    "paper clipping schedule": (lambda: normkit.BatchNorm(4, renorm=True, renorm_clipping=(
+        RenormClipping.paper_schedule(0.0001))), (8, 4, 3), None, True),  # ramps over steps 0.5 to 4
 }
 
 
@@ -93,7 +97,8 @@ def test_compiled_graph_equals_eager(name, rng):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["BatchNorm2d", "ghost contiguous + renorm", "padding mask + renorm"])
+@pytest.mark.parametrize("name", ["BatchNorm2d", "ghost contiguous + renorm", "padding mask + renorm",
+                                  "paper clipping schedule"])
 def test_inductor_kernels_equal_eager(name, rng):
     build, shape, mask_shape, fullgraph = CASES[name]
     _assert_compiled_equals_eager(build, shape, mask_shape, fullgraph, "inductor", torch.float32, rng, steps=2)

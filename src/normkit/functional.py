@@ -526,20 +526,26 @@ def _renorm_factors(mean, stddev, eps, renorm_mean, renorm_stddev, clipping):
         # compiled graph may recompute r and d in the backward from those buffers, after the update
         # (a known fault of AOTAutograd's partitioner: silently wrong gradients). An opaque op's
         # outputs are saved, never recomputed, so the backward sees the values the forward used.
-        return torch.ops.normkit.renorm_factors(mean, stddev, renorm_mean, renorm_stddev, float(eps), float(rmin),
-                                                float(rmax), float(dmax))
+        # The bounds go in as a tensor: a clipping schedule traced with the step count as a symbol gives
+        # symbolic numbers, which an op cannot take as floats.
+        bounds = torch.stack([torch.scalar_tensor(bound, dtype=torch.float64, device=mean.device)
+                              for bound in clipping])
+        return torch.ops.normkit.renorm_factors(mean, stddev, renorm_mean, renorm_stddev, float(eps), bounds)
     return _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax)
 
 
 @torch.library.custom_op("normkit::renorm_factors", mutates_args=())
 def _renorm_factors_op(mean: torch.Tensor, stddev: torch.Tensor, renorm_mean: torch.Tensor,
-                       renorm_stddev: torch.Tensor, eps: float, rmin: float, rmax: float,
-                       dmax: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax)
+                       renorm_stddev: torch.Tensor, eps: float, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r and d as one opaque op (its outputs are saved for the backward, never recomputed); ``bounds`` is
+    (rmin, rmax, dmax)."""
+    bounds = bounds.to(mean.dtype)  # (clamped on the device: no host sync for the bounds)
+    r, d = _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, 0.0, math.inf, math.inf)
+    return torch.clamp(r, bounds[0], bounds[1]), torch.clamp(d, -bounds[2], bounds[2])
 
 
 @_renorm_factors_op.register_fake
-def _renorm_factors_shape(mean, stddev, renorm_mean, renorm_stddev, eps, rmin, rmax, dmax):
+def _renorm_factors_shape(mean, stddev, renorm_mean, renorm_stddev, eps, bounds):
     shape = torch.broadcast_shapes(mean.shape, stddev.shape, renorm_mean.shape, renorm_stddev.shape)
     return mean.new_empty(shape), mean.new_empty(shape)
 

@@ -552,8 +552,7 @@ class BatchNorm(_NormBase):
             renorm_mean=self.renorm_mean if renorm else None,
             renorm_stddev=self.renorm_stddev if renorm else None,
             moving_stddev=self.moving_stddev if renorm else None,
-            renorm_clipping=(self.renorm_clipping.at_step(lambda: int(self.num_batches_tracked) - 1) if renorm
-                             else (0.0, math.inf, math.inf)),
+            renorm_clipping=(self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)),
             renorm_momentum=self.renorm_momentum,
             adjustment=self.adjustment if training else None,
             # Compiled graphs always recenter: the check reads data on the host, and inductor's
@@ -561,6 +560,14 @@ class BatchNorm(_NormBase):
             # one subtraction the compiler fuses into the statistics pass.
             recenter=self._recenter or torch.compiler.is_compiling(),
         )
+
+
+    def _renorm_step(self):
+        """The training step a clipping schedule is evaluated at: the batches tracked before this one."""
+        step = int(self.num_batches_tracked) - 1
+        # Compiled, the step is a symbol; as a float, schedules like ``1 + t / 10`` trace as float division
+        # (Dynamo fails on a symbolic integer's true division). Same values as the eager int.
+        return torch.sym_float(step) if torch.compiler.is_compiling() else step
 
 
 class _BatchNormNd(BatchNorm):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 def momentum_factor(momentum: float | None, num_batches_tracked: int) -> float:
     """The weight of the new batch value for this step.
@@ -144,6 +146,13 @@ class RenormClipping:
             except (TypeError, ValueError):
                 raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}") from None
         rmin, rmax, dmax = values
+        if torch.compiler.is_compiling() and self.scheduled:
+            # Traced with the step count as a symbol: the checks become assertions of the compiled graph
+            # (a RuntimeError when a schedule's values break them at run time).
+            torch._check(rmax >= rmin, lambda: f"{name}: rmax should be greater than or equal to rmin")
+            torch._check(dmax >= 0, lambda: f"{name}: dmax should be non-negative")
+            torch._check(rmin >= 0, lambda: f"{name}: rmin should be non-negative")
+            return rmin, rmax, dmax
         if rmax < rmin:
             raise ValueError(f"{name}: rmax should be greater than or equal to rmin, got rmax={rmax}, rmin={rmin}")
         if dmax < 0:
