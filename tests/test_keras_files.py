@@ -137,3 +137,97 @@ def test_moving_an_axis_needs_a_single_one(tmp_path):
         _batch_norm_configs(config)[0]["config"]["axis"] = [1, 3]
     with pytest.raises(ValueError, match="only a single feature axis can be moved"):
         load_batch_norms(_rewritten(tmp_path, two_axes), axis=1)
+
+
+def test_a_bfloat16_layer_loads_exactly(recorded):
+    """Keras writes bfloat16 variables as raw 2-byte HDF5 values; they are read as the same numbers."""
+    layer = load_batch_norms(DATA / "keras_bn_model_bfloat16.keras")["bn_bf16"]
+    assert layer.dtype_policy == "bfloat16" and layer.gamma.dtype == torch.bfloat16
+    for ours, theirs in zip(layer.get_weights(), keras_arrays(recorded, "bn_bf16", "weights"), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), theirs)
+    y = layer(torch.as_tensor(recorded["bn_bf16/x"]), training=False)
+    assert y.dtype == torch.bfloat16
+    # one bfloat16 rounding apart at most (Keras and torch may order the multiply-adds differently)
+    np.testing.assert_allclose(y.detach().float().numpy(), recorded["bn_bf16/y_infer"], rtol=2 ** -7, atol=0)
+
+
+def _with_weights(tmp_path, edit, name="edited.keras", compress=None):
+    """A copy of the recorded archive whose model.weights.h5 went through ``edit(h5py.File)``."""
+    weights = tmp_path / "model.weights.h5"
+    with zipfile.ZipFile(MODEL) as source:
+        weights.write_bytes(source.read("model.weights.h5"))
+        config = source.read("config.json")
+    with h5py.File(weights, "r+") as handle:
+        edit(handle)
+    target = tmp_path / name
+    with zipfile.ZipFile(target, "w", compression=compress or zipfile.ZIP_STORED) as out:
+        out.writestr("config.json", config)
+        out.write(weights, "model.weights.h5")
+    return target
+
+
+BN_CONV_VARS = "layers/batch_normalization/vars"  # (Keras' own HDF5 path of the layer named bn_conv)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("huge variable", "too large for a BN variable"),
+    ("soft link loop", "not an array of this file"),
+    ("external link", "not an array of this file"),
+    ("odd variable names", "not 0, 1"),
+    ("complex values", "not floating-point"),
+])
+def test_a_hostile_weights_file_is_refused_before_it_is_read(tmp_path, case, message):
+    """Untrusted files: declared sizes are checked before reading, links are not followed, every oddity is a
+    ValueError naming the file and the layer."""
+    def edit(handle):
+        variables = handle[BN_CONV_VARS]
+        if case == "huge variable":  # 2**33 declared values in a few bytes of file (chunked, never written)
+            del variables["0"]
+            variables.create_dataset("0", shape=(1 << 33,), dtype="f4", chunks=(1 << 16,), compression="gzip")
+        elif case == "soft link loop":
+            del variables["0"]
+            variables["0"] = h5py.SoftLink(f"/{BN_CONV_VARS}/0")
+        elif case == "external link":
+            del variables["0"]
+            variables["0"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/data")
+        elif case == "odd variable names":
+            variables["abc"] = np.ones(4, dtype="f4")
+        else:
+            values = variables["0"][()]
+            del variables["0"]
+            variables.create_dataset("0", data=values.astype(np.complex64))
+    target = _with_weights(tmp_path, edit)
+    with pytest.raises(ValueError, match=f"{target.name}: layer 'bn_conv': .*{message}"):
+        load_batch_norms(target)
+
+
+def test_an_archive_that_would_inflate_beyond_reason_is_refused(tmp_path):
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(MODEL) as source, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        out.writestr("config.json", source.read("config.json"))
+        out.writestr("model.weights.h5", bytes(64 << 20))  # 64 MiB of zeros: about 64 KiB deflated
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match="would inflate from .* refused"):
+        load_batch_norms(bomb)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: _batch_norm_configs(c)[0]["config"].update(center="no"), "center must be True or False"),
+    (lambda c: _batch_norm_configs(c)[0]["config"].update(momentum=True), "momentum must be a number"),
+    (lambda c: _batch_norm_configs(c)[0]["config"].update(dtype={"config": "x"}), "dtype"),
+    (lambda c: _batch_norm_configs(c)[0].update(build_config={"input_shape": [None, 5, 5, 1 << 40]}),
+     "is not a shape"),
+    (lambda c: _batch_norm_configs(c)[0].update(build_config={"input_shape": "abc"}), "is not a shape"),
+])
+def test_a_malformed_config_is_a_value_error_naming_the_layer(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=f"layer 'bn_conv': .*{message}"):
+        load_batch_norms(_rewritten(tmp_path, edit))
+
+
+def test_a_config_nested_too_deep_is_refused(tmp_path):
+    deep = tmp_path / "deep.keras"
+    with zipfile.ZipFile(MODEL) as source, zipfile.ZipFile(deep, "w") as out:
+        out.writestr("config.json", "[" * 100_000 + "]" * 100_000)
+        out.writestr("model.weights.h5", source.read("model.weights.h5"))
+    with pytest.raises(ValueError, match="config.json cannot be read"):
+        load_batch_norms(deep)

@@ -258,3 +258,17 @@ def test_float64_input_to_a_float32_layer_with_options(options):
         with pytest.raises(TypeError, match="cast the input"):
             layer(torch.randn(8, 3, dtype=torch.float64))
         assert layer.double()(torch.randn(8, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 4}])
+def test_float64_input_is_refused_under_autocast_too(options):
+    """Autocast leaves float64 alone and ATen refuses the mix; normkit says so on every path (renorm used to
+    compute the batch in float64 under autocast)."""
+    layer = normkit.BatchNorm(3, **options)
+    theirs = nn.BatchNorm1d(3)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            theirs(x)
+        with pytest.raises(TypeError, match="cast the input"):
+            layer(x)

@@ -8,7 +8,8 @@ installed (torch backend):
     python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy h5py
     KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_model_file.py
 
-Writes tests/data/keras_bn_model.keras (Keras' own ``model.save``) and tests/data/keras_bn_model.npz:
+Writes tests/data/keras_bn_model.keras (Keras' own ``model.save``), keras_bn_model_bfloat16.keras (one
+layer with the bfloat16 policy: ``bn_bf16``, weights and inference only) and tests/data/keras_bn_model.npz:
 for every BN layer (key prefix = its path, e.g. ``block/bn_inner``), ``weights_<i>`` as
 ``get_weights()`` returns them after training; ``x`` (a seeded input of the layer's input shape);
 ``y_infer`` (Keras' inference output on ``x``); ``y_train`` and ``after_<i>`` (a training call on
@@ -78,8 +79,22 @@ def main() -> int:
         arrays[f"{path}/y_train"] = keras.ops.convert_to_numpy(layer(x, training=True))
         for index, weight in enumerate(layer.get_weights()):
             arrays[f"{path}/after_{index}"] = weight
+    # A bfloat16 layer: Keras writes its variables as raw 2-byte values (HDF5 has no bfloat16).
+    keras.utils.set_random_seed(1)
+    half = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization(name="bn_bf16", dtype="bfloat16",
+                                                                                momentum=0.5)], name="half")
+    half.compile(optimizer="sgd", loss="mse")
+    half.fit(rng.normal(size=(32, 4)).astype("float32") * 3 + 1, rng.normal(size=(32, 4)).astype("float32"),
+             batch_size=8, epochs=1, verbose=0)
+    half.save(OUT + "_bfloat16.keras")
+    layer = half.get_layer("bn_bf16")
+    x = (rng.normal(size=(6, 4)) * 2 + 1).astype("float32")
+    for index, weight in enumerate(layer.get_weights()):
+        arrays[f"bn_bf16/weights_{index}"] = np.asarray(weight, dtype=np.float32)  # (exact: bfloat16 in float32)
+    arrays["bn_bf16/x"] = x
+    arrays["bn_bf16/y_infer"] = np.asarray(keras.ops.convert_to_numpy(layer(x, training=False)), dtype=np.float32)
     np.savez_compressed(OUT + ".npz", **arrays)
-    print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(path for path, _ in batch_norm_layers(model))}"
+    print(f"wrote {OUT}.keras, {OUT}_bfloat16.keras and {OUT}.npz: {', '.join(path for path, _ in batch_norm_layers(model))}"
           f" (keras {keras.__version__})")
     return 0
 

@@ -26,6 +26,7 @@ writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -51,7 +52,8 @@ def _policy_name(dtype) -> Optional[str]:
     if dtype is None:
         return None
     if isinstance(dtype, dict):  # Keras 3 writes {"class_name": "DTypePolicy", "config": {"name": "float32"}}
-        dtype = (dtype.get("config") or {}).get("name")
+        config = dtype.get("config")
+        dtype = config.get("name") if isinstance(config, dict) else config
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
     if dtype not in _POLICIES:
@@ -107,12 +109,18 @@ class BatchNormalization(nn.Module):
                  process_group=None, dtype=None, device=None):
         super().__init__()
         axis = check_feature_axes(axis)
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        for flag, value in (("center", center), ("scale", scale), ("synchronized", synchronized), ("renorm", renorm),
+                            ("trainable", trainable)):
+            if not isinstance(value, (bool, np.bool_)):
+                # (a config with "center": "no" must not load as center=True)
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be a number in [0, 1] (Keras: the decay of the moving average), "
                              f"got {momentum!r}")
-        if not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
             raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
-        if not isinstance(renorm_momentum, (int, float)) or not 0.0 <= renorm_momentum <= 1.0:
+        if (isinstance(renorm_momentum, bool) or not isinstance(renorm_momentum, (int, float))
+                or not 0.0 <= renorm_momentum <= 1.0):
             raise ValueError(f"renorm_momentum must be a number in [0, 1], got {renorm_momentum!r}")
         RenormClipping.from_dict(renorm_clipping)  # validate keys and values now, as Keras does
         if fused:
@@ -481,8 +489,11 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
     Only data is read: the archive's JSON and the HDF5 arrays (h5py needed: ``pip install h5py``).
     Nothing in the file is imported or executed; initializers, regularizers and constraints are
     rebuilt from normkit's own table of Keras' built-in ones, and anything else is a ValueError.
+    The file may be untrusted: sizes are checked before anything is read into memory (a
+    compressed member that would inflate beyond reason, a variable larger than any BN layer's),
+    HDF5 links are not followed, and whatever is malformed is a ValueError naming the file and,
+    where there is one, the layer.
     """
-    import io
     import json
     import zipfile
     from pathlib import Path
@@ -498,81 +509,148 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
                          "the model with model.save('model.keras') and pass that file")
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError):
         raise ValueError(f"load_batch_norms: {path} is not a Keras 3 model archive (.keras, a zip file written "
                          "by model.save); it may be truncated or another format") from None
-    with archive:
-        names = set(archive.namelist())
-        missing = [name for name in ("config.json", "model.weights.h5") if name not in names]
-        if missing:
-            raise ValueError(f"load_batch_norms: {path} lacks {' and '.join(missing)}: not a Keras 3 model "
-                             "archive (model.save('model.keras') writes both)")
-        try:
-            config = json.loads(archive.read("config.json"))
-            weights_file = archive.read("model.weights.h5")
-        except (zipfile.BadZipFile, ValueError, OSError) as error:  # (a CRC mismatch is a BadZipFile)
-            raise ValueError(f"load_batch_norms: {path} is damaged ({error})") from None
     try:
         import h5py
     except ImportError as error:
+        archive.close()
         raise ImportError("load_batch_norms reads the HDF5 weights inside .keras files: pip install h5py") from error
-    try:
-        weights = h5py.File(io.BytesIO(weights_file), "r")
-    except OSError as error:
-        raise ValueError(f"load_batch_norms: the weights in {path} cannot be read ({error})") from None
-    found: dict = {}
-    with weights:
+    with archive:
+        members = {info.filename: info for info in archive.infolist()}
+        missing = [name for name in ("config.json", "model.weights.h5") if name not in members]
+        if missing:
+            raise ValueError(f"load_batch_norms: {path} lacks {' and '.join(missing)}: not a Keras 3 model "
+                             "archive (model.save('model.keras') writes both)")
+        for name, info in members.items():
+            _check_member_size(path, info, _MAX_CONFIG_BYTES if name == "config.json" else None)
+        try:
+            config = json.loads(archive.read("config.json"))
+        except (zipfile.BadZipFile, ValueError, OSError, RecursionError) as error:  # (a CRC mismatch: BadZipFile)
+            raise ValueError(f"load_batch_norms: {path}: config.json cannot be read ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
         root = config.get("config") if isinstance(config, dict) else None
         if not isinstance(root, dict) or not isinstance(root.get("layers"), list):
             raise ValueError(f"load_batch_norms: {path}'s config.json has no list of layers (config.layers): "
                              "not a saved Keras model")
-        _collect_batch_norms(root["layers"], weights, "", found, path, axis)
+        found: dict = {}
+        # Read in place (Keras stores the member uncompressed; a compressed one is decompressed as read).
+        with archive.open("model.weights.h5") as stream:
+            try:
+                weights = h5py.File(stream, "r")
+            except (OSError, ValueError) as error:
+                raise ValueError(f"load_batch_norms: the weights in {path} cannot be read ({error})") from None
+            with weights:
+                _collect_batch_norms(root["layers"], weights, "", found, path, axis, h5py)
     return found
+
+
+_MAX_CONFIG_BYTES = 64 << 20        # a model's config.json is kilobytes; more is not a Keras file
+_MAX_COMPRESSION_RATIO = 100        # float weights barely compress; a bomb inflates by thousands
+_MAX_VARIABLE_VALUES = 1 << 24      # a BN variable holds one value per feature
+
+
+def _check_member_size(path, info, limit: Optional[int]) -> None:
+    if limit is not None and info.file_size > limit:
+        raise ValueError(f"load_batch_norms: {path}: {info.filename} would be {info.file_size} bytes (more than "
+                         f"{limit}): not a Keras model's")
+    if info.compress_size and info.file_size > _MAX_COMPRESSION_RATIO * info.compress_size + (1 << 20):
+        raise ValueError(f"load_batch_norms: {path}: {info.filename} would inflate from {info.compress_size} to "
+                         f"{info.file_size} bytes: refused (a Keras model's weights barely compress)")
 
 
 def _keras_name(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, axis) -> None:
+def _hard_member(group, key, h5py):
+    """``group[key]`` when it is a plain member (a group or dataset of this file), else None: soft and
+    external links are not followed (they may point outside the file, or in a loop)."""
+    try:
+        link = group.get(key, getlink=True)
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError):
+        return None
+    return group[key] if isinstance(link, h5py.HardLink) else None
+
+
+def _subgroup(group, key, h5py):
+    member = None if group is None or not isinstance(group, h5py.Group) else _hard_member(group, key, h5py)
+    return member if isinstance(member, h5py.Group) else None
+
+
+def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, axis, h5py) -> None:
     """Walk a model's layer configs beside its HDF5 group (``layers/<key>/vars`` carries each layer's name)."""
     by_name = {}
-    if group is not None and "layers" in group:
-        for key in group["layers"]:
-            entry = group["layers"][key]
-            if "vars" in entry and "name" in entry["vars"].attrs:
-                by_name[_keras_name(entry["vars"].attrs["name"])] = entry
+    members = _subgroup(group, "layers", h5py)
+    if members is not None:
+        for key in members:
+            entry = _subgroup(members, key, h5py)
+            variables = _subgroup(entry, "vars", h5py)
+            if variables is not None and "name" in variables.attrs:
+                by_name[_keras_name(variables.attrs["name"])] = entry
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
             continue
         layer_config, name = layer["config"], str(layer["config"].get("name"))
+        where = prefix + name
         if layer.get("class_name") == "BatchNormalization":
             entry = by_name.get(name)
             if entry is None:
                 raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
-                                 f"{prefix + name!r} (the weights file does not match the config)")
-            variables = entry["vars"]
-            arrays = [np.asarray(variables[key]) for key in sorted(variables, key=int)]
-            found[prefix + name] = _batch_norm_from_saved(layer_config, layer.get("build_config"), arrays, axis,
-                                                          prefix + name)
+                                 f"{where!r} (the weights file does not match the config)")
+            try:
+                arrays = _read_variables(_subgroup(entry, "vars", h5py), h5py)
+                found[where] = _batch_norm_from_saved(layer_config, layer.get("build_config"), arrays, axis)
+            except Exception as error:  # an untrusted file: whatever is malformed, say where
+                raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
-            _collect_batch_norms(layer_config["layers"], by_name.get(name), prefix + name + "/", found, path, axis)
+            _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py)
 
 
-def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis, where: str) -> BatchNormalization:
+def _read_variables(variables, h5py) -> list:
+    """A layer's saved variables ("0", "1", ...) as float arrays, each checked before it is read."""
+    keys = list(variables)
+    if not all(key.isdigit() for key in keys) or sorted(map(int, keys)) != list(range(len(keys))):
+        raise ValueError(f"its variables are named {keys[:8]}, not 0, 1, ...")
+    arrays = []
+    for key in sorted(keys, key=int):
+        dataset = _hard_member(variables, key, h5py)
+        if not isinstance(dataset, h5py.Dataset):
+            raise ValueError(f"variable {key} is not an array of this file")
+        if dataset.ndim > 8 or dataset.size > _MAX_VARIABLE_VALUES:
+            raise ValueError(f"variable {key} has shape {dataset.shape}: too large for a BN variable")
+        kind, declared = dataset.dtype, _keras_name(dataset.attrs.get("dtype", ""))
+        if kind.kind == "V" and kind.itemsize == 2 and declared == "bfloat16":
+            # Keras writes bfloat16 as raw 2-byte values: the high half of a float32, exactly.
+            raw = np.asarray(dataset[()]).view("<u2").astype("<u4")
+            arrays.append((raw << 16).view("<f4"))
+        elif kind.kind == "f":
+            arrays.append(np.asarray(dataset[()], dtype=kind))
+        else:
+            raise ValueError(f"variable {key} holds {kind} values, not floating-point numbers")
+    return arrays
+
+
+def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis) -> BatchNormalization:
     if not isinstance(build_config, dict) or "input_shape" not in build_config:
-        raise ValueError(f"load_batch_norms: layer {where!r} was saved unbuilt (no build_config): it has no weights")
+        raise ValueError("it was saved unbuilt (no build_config): it has no weights")
+    shape = build_config["input_shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
+            or not all(size is None or (type(size) is int and 0 <= size <= _MAX_VARIABLE_VALUES) for size in shape)):
+        raise ValueError(f"its build_config input_shape {str(shape)[:80]} is not a shape")
+    if isinstance(config.get("axis", -1), (int, list)):
+        features = math.prod(shape[a] or 0 for a in canonicalize_axes(config.get("axis", -1), len(shape)))
+        if features > _MAX_VARIABLE_VALUES:
+            raise ValueError(f"its build_config input_shape {shape} gives {features} features: too many")
     if axis is not None:
         saved_axis = config.get("axis")
         if not isinstance(saved_axis, int):
-            raise ValueError(f"load_batch_norms(axis={axis}): layer {where!r} normalizes over axes {saved_axis}; "
+            raise ValueError(f"load_batch_norms(axis={axis}): it normalizes over axes {saved_axis}; "
                              "only a single feature axis can be moved")
-        shape = list(build_config["input_shape"])
+        shape = list(shape)
         rank = len(shape)
         (old,), (new,) = canonicalize_axes(saved_axis, rank), canonicalize_axes(axis, rank, name="axis")
         shape.insert(new, shape.pop(old))
         config, build_config = {**config, "axis": axis}, {**build_config, "input_shape": shape}
-    try:
-        return from_keras_config(config, build_config, arrays)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"load_batch_norms: layer {where!r}: {error}") from None
+    return from_keras_config(config, build_config, arrays)

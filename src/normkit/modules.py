@@ -67,9 +67,10 @@ def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
     reference = next((t for t in tensors if t is not None), None)
     if reference is None or input.dtype == reference.dtype:
         return
-    if (input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32) or torch.is_autocast_enabled(
-            input.device.type):
+    if input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32:
         return
+    if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
+        return  # autocast casts these for the op (float64 it leaves alone, and ATen refuses the mix)
     # (torch.nn fails inside ATen with "mixed dtype"; some of normkit's option paths would silently compute
     # in the wider dtype instead)
     raise TypeError(f"input has dtype {input.dtype} but the layer's parameters/buffers are {reference.dtype}: cast "

@@ -124,7 +124,8 @@ def test_resume_keeps_the_options(tmp_path, capsys):
     assert main(["train", "--epochs", "1", *TINY, "--out", str(out), "--norm-option", "momentum=0.5"]) == 0
     assert main(["train", "--epochs", "2", *TINY, "--out", str(out), "--resume",
                  "--norm-option", "momentum=0.25"]) == 2
-    assert "--norm-option" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--norm-option {'momentum': 0.25}" in error and "--norm-options" not in error, error
     # Not given on --resume: the checkpoint's options are used.
     metrics = run(TrainConfig(out=str(out), resume=True, epochs=2, quiet=True, tensorboard=False),
                   given={"out", "resume", "epochs", "quiet", "tensorboard"})

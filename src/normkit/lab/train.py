@@ -653,7 +653,7 @@ RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
 
 
 def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint") -> TrainConfig:
-    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
+    conflicts = [f"{_flag(k)} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
                  if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
     if conflicts:
         raise ValueError(f"a resumed run keeps its settings; these differ from the {source}'s: " + ", ".join(conflicts)
