@@ -217,9 +217,10 @@ def check_norm_options(norm: str, options, model: str) -> None:
             raise ValueError(f"--norm-option for --norm {norm} ({where} layers): {error}") from None
     # Layers that build may still not fit the network (axis=-1 on a conv's output): one training step of a
     # throwaway model on a few blank images finds out before anything is written.
-    probe = build_model(model, norm, norm_options=options)
     try:
-        probe(torch.rand(virtual_batch_size(norm, options) or 4, 1, 28, 28)).sum().backward()
+        with torch.random.fork_rng(devices=[]):  # (the probe's initialization must not move the run's generators)
+            probe = build_model(model, norm, norm_options=options)
+            probe(torch.rand(virtual_batch_size(norm, options) or 4, 1, 28, 28)).sum().backward()
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"--norm-option {', '.join(options)}: the {model} with --norm {norm} cannot train with "
                          f"them: {str(error).splitlines()[0]}") from None
