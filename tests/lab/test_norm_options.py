@@ -132,3 +132,13 @@ def test_resume_keeps_the_options(tmp_path, capsys):
     assert len(metrics["history"]) == 2
     model, cfg = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
     assert cfg.norm_options == {"momentum": 0.5} and {m.momentum for m in norm_layers(model)} == {0.5}
+
+
+def test_checking_the_options_draws_nothing_from_the_run_s_generator():
+    from normkit.lab.train import check_norm_options
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_norm_options("batch", {"momentum": 0.5}, "lenet")  # builds and steps a throwaway LeNet
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
