@@ -381,3 +381,46 @@ def test_fused_is_accepted_by_keras_layer():
     assert BatchNormalization(fused=True)(torch.randn(4, 3), training=True).shape == (4, 3)
     with pytest.raises(ValueError, match="fused=True is not supported with renorm"):
         BatchNormalization(fused=True, renorm=True)
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}, {"momentum": 0.7, "eps": 1e-2},
+])
+@pytest.mark.parametrize("shape", [(8, 3), (12, 3, 4, 2), (8, 3, 5)])
+def test_plain_ghost_batches_take_one_aten_call_with_the_general_path_s_results(settings, shape, rng):
+    """Ghost batches alone on (N, C, *) run as one ATen call on the (V, G*C, *) view with G copies of each
+    buffer; outputs, every gradient and the buffers equal the general path's and the reference's."""
+    fast = normkit.BatchNorm(3, virtual_batch_size=4, **settings).double()
+    general = normkit.BatchNorm(3, virtual_batch_size=4, **settings).double()
+    general._plain_ghost = False  # the pipeline of every other option
+    assert fast._plain_ghost
+    if fast.affine and fast.track_running_stats and fast.momentum is not None:  # (what _compare_steps covers)
+        _compare_steps(fast, shape, rng, steps=3, virtual_batch_size=4, ghost_layout="strided")
+        assert int(fast.num_batches_tracked) == 3
+    fast.load_state_dict(general.state_dict())
+    for step in range(3):
+        x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
+        g = torch.tensor(rng.normal(size=shape))
+        results = []
+        for layer in (fast, general):
+            leaf = x.clone().requires_grad_()
+            y = layer(leaf)
+            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for (name, got), want in zip(fast.state_dict().items(), general.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_plain_ghost_path_leaves_what_it_does_not_take_to_the_general_path(rng):
+    layer = normkit.BatchNorm(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match="virtual_batch_size"):  # 10 rows are not whole ghost batches
+        layer(torch.randn(10, 3))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(3))
+    # data far from zero: the layer recenters (general path), and the statistics stay exact
+    far = torch.tensor(rng.normal(size=(16, 3)) * 1e-2 + 1e4, dtype=torch.float32)
+    layer = normkit.BatchNorm(3, virtual_batch_size=4, momentum=1.0)
+    layer(far)
+    assert layer._recenter
+    ghosts = far.double().view(4, 4, 3).transpose(0, 1)  # Keras' strided ghosts: rows g, g + 4, ...
+    torch.testing.assert_close(layer.running_mean.double(), ghosts.mean(dim=(0, 1)), rtol=1e-7, atol=0)
