@@ -452,3 +452,35 @@ def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_build(buil
         lock.unlink(missing_ok=True)
     assert child.returncode == 0 and "built" in child.stdout, child.stderr
     assert "removing" in child.stderr and "build lock" in child.stderr
+
+
+@pytest.mark.parametrize("options, shape", [
+    ({"renorm": True, "renorm_clipping": {"rmax": lambda t: 1.0 + t / 4, "dmax": lambda t: t / 8}}, (8, 3, 5)),
+    ({"virtual_batch_size": 4, "momentum": None}, (8, 3, 2, 2)),
+    ({"virtual_batch_size": 2, "renorm": True, "ghost_layout": "contiguous"}, (8, 3)),
+    ({"unbiased_running_var": False, "axis": -1}, (6, 4, 3)),
+    ({"renorm": True, "axis": -1}, (4, 2, 3, 3)),
+])
+def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(cpp_kernel, options, shape, rng):
+    """BatchNorm._forward_fused skips the general path's plumbing; same outputs, gradients and buffers, and one
+    count per step, also when the kernel declines (float16 on the CPU: the general path takes it)."""
+    direct = normkit.BatchNorm(3, **options).double()
+    general = normkit.BatchNorm(3, **options).double()
+    general._fusable = False
+    assert direct._fusable
+    for step in range(4):
+        x = torch.tensor(rng.normal(size=shape) * (step + 1) + step)
+        g = torch.tensor(rng.normal(size=shape))
+        results = []
+        for layer in (direct, general):
+            leaf = x.clone().requires_grad_()
+            y = layer(leaf)
+            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for (name, got), want in zip(direct.state_dict().items(), general.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    assert int(direct.num_batches_tracked) == 4
+    half = normkit.BatchNorm(3, **options)
+    half(torch.tensor(rng.normal(size=shape), dtype=torch.float16))  # declined by the C++ kernel
+    assert int(half.num_batches_tracked) == 1

@@ -265,6 +265,9 @@ class BatchNorm(_NormBase):
         self._plain_ghost = (self.axis == 1 and virtual_batch_size is not None and ghost_layout == "strided"
                              and not self.renorm and self.adjustment is None and not self.synchronized
                              and self.unbiased_running_var)
+        # Options the fused kernel computes whole (normkit.kernels), reachable without the general path's plumbing.
+        self._fusable = (self.axis in (1, -1) and self.track_running_stats and self.adjustment is None
+                         and not self.synchronized and not self._plain)
         if self.renorm and self.track_running_stats:
             self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
             self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
@@ -513,12 +516,45 @@ class BatchNorm(_NormBase):
         if (self._plain and mask is None and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):  # (compiled graphs take the recentered path)
             return self._forward_plain(input)
+        if (self._fusable and mask is None and self.training and not self.frozen and kernels.enabled()
+                and not torch.compiler.is_compiling()):
+            y = self._forward_fused(input)
+            if y is not None:
+                return y
         if (self._plain_ghost and mask is None and self.training and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):
             y = self._forward_plain_ghost(input)
             if y is not None:
                 return y
         return self._forward_options(input, mask)
+
+    def _forward_fused(self, input: torch.Tensor) -> Optional[torch.Tensor]:
+        """A training step of the options normkit.kernels computes whole, straight to the kernel.
+
+        The general path reaches the same call (functional._fused_batch_norm) through checks and
+        arguments that cost more than the kernel itself on small inputs. Returns None, having changed
+        nothing, where the kernel declines or the input is not simply valid (the general path then
+        handles or refuses it). No recentering check: the kernel's statistics are exact far from zero.
+        """
+        if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2:
+            return None
+        axis = 1 if self.axis == 1 else input.dim() - 1
+        if input.shape[axis] != self.num_features or input.numel() == 0 or not kernels.enabled(input.device):
+            return None
+        renorm = self.renorm
+        # The count is read (a host sync on GPUs) only where a rule needs it; this step is count + 1.
+        count = (int(self.num_batches_tracked) if self.momentum is None or (renorm and self.renorm_clipping.scheduled)
+                 else None)
+        factor = self.momentum if self.momentum is not None else momentum_factor(None, count + 1)
+        clipping = self.renorm_clipping.at_step(lambda: count) if renorm else (0.0, math.inf, math.inf)
+        y = F._fused_batch_norm(input, (axis,), None, self.virtual_batch_size, self.ghost_layout, self.running_mean,
+                                self.running_var, self.weight, self.bias, True, factor, self.eps,
+                                self.unbiased_running_var, self.renorm_mean if renorm else None,
+                                self.renorm_stddev if renorm else None, self.moving_stddev if renorm else None,
+                                clipping, self.renorm_momentum)
+        if y is not None:
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _forward_plain_ghost(self, input: torch.Tensor) -> Optional[torch.Tensor]:
         """Ghost batches with nothing else, in training: one ATen training call, buffers included.
