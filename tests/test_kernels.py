@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normkit
+import normkit.keras
 from normkit import functional as F
 from normkit import reference as R
 
@@ -484,3 +485,21 @@ def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(
     half = normkit.BatchNorm(3, **options)
     half(torch.tensor(rng.normal(size=shape), dtype=torch.float16))  # declined by the C++ kernel
     assert int(half.num_batches_tracked) == 1
+
+
+def test_the_direct_kernel_route_reads_the_layer_s_flags_at_every_call(cpp_kernel, rng):
+    x = torch.tensor(rng.normal(size=(8, 4)) + 5)
+    layer = normkit.BatchNorm(4, renorm=True).double()
+    layer.track_running_stats = False  # switched off on a built layer: read per call, as torch.nn does
+    layer(x)
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(4, dtype=torch.float64))
+    layer = normkit.BatchNorm2d(4, renorm=True)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(torch.randn(8, 4))
+    layer = normkit.BatchNorm(4, renorm=True).double()
+    layer.num_batches_tracked = None  # (torch.nn's layers run on with momentum's factor 0 and no count)
+    layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(4, dtype=torch.float64))
+    keras_layer = normkit.keras.BatchNormalization(renorm=True, dtype=torch.float64)  # builds with axis 3
+    keras_layer(torch.tensor(rng.normal(size=(4, 3, 3, 2))), training=True)
+    assert keras_layer.bn._fusable  # a positive feature axis reaches the kernel too

@@ -425,3 +425,31 @@ def test_plain_ghost_path_leaves_what_it_does_not_take_to_the_general_path(rng):
     assert layer._recenter or normkit.kernels.enabled()  # (the fused kernel's statistics need no recentering)
     ghosts = far.double().view(4, 4, 3).transpose(0, 1)  # Keras' strided ghosts: rows g, g + 4, ...
     torch.testing.assert_close(layer.running_mean.double(), ghosts.mean(dim=(0, 1)), rtol=1e-7, atol=0)
+
+
+def test_plain_ghost_path_keeps_every_rule_of_the_general_path(rng):
+    """What the one-call ghost path must refuse or leave alone exactly as the general path does."""
+    for fast in (True, False):
+        def layer(*args, **kwargs):
+            built = normkit.BatchNorm1d(*args, **kwargs) if kwargs.pop("rank_checked", False) else normkit.BatchNorm(
+                *args, **kwargs)
+            built._plain_ghost = fast and built._plain_ghost
+            return built
+        ranked = layer(4, virtual_batch_size=2, rank_checked=True)
+        with pytest.raises(ValueError, match="expected 2D or 3D input"):
+            ranked(torch.randn(8, 4, 3, 3))
+        single = layer(4, virtual_batch_size=1)  # one value per ghost and feature
+        with pytest.raises(ValueError, match="more than 1 value"):
+            single(torch.randn(8, 4))
+        assert torch.equal(single.running_var, torch.ones(4))
+        unweighted = layer(4, virtual_batch_size=2, affine=False)
+        with pytest.raises(TypeError, match="cast the input"):
+            unweighted(torch.randn(8, 4, dtype=torch.float64))
+        assert int(unweighted.num_batches_tracked) == 0
+        # bfloat16 input without a float32 weight: statistics in float32 all the same (not from bfloat16 invstd)
+        x = torch.tensor(rng.normal(size=(8, 4, 3)) * 2 + 1).to(torch.bfloat16)
+        half = layer(4, virtual_batch_size=2, affine=False, momentum=1.0)
+        half(x)
+        exact = x.double().reshape(2, 4, 4, 3).permute(1, 0, 2, 3)  # the strided ghosts: (V=2) rows g, g + 4
+        unbiased = exact.var(dim=(1, 3), unbiased=True).mean(dim=0)
+        torch.testing.assert_close(half.running_var.double(), unbiased, rtol=1e-6, atol=0)

@@ -457,8 +457,15 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         # per-group statistics it normalizes with (one pass, C++ autograd). The variance comes
         # back as 1 / invstd^2 - eps: exact up to float32 rounding of var + eps, which is all
         # that inference (var + eps again) ever sees.
-        y, mean, invstd = torch.native_batch_norm(channels, _repeat_groups(_flat(weight), groups),
-                                                  _repeat_groups(_flat(bias), groups), None, None, True, 0.0, eps)
+        # (Half-precision input with no float32 weight to widen ATen's kernel: the statistics in float32 all the same.)
+        widen = channels.dtype in LOW_PRECISION and (weight is None or weight.dtype in LOW_PRECISION)
+        y, mean, invstd = torch.native_batch_norm(channels.float() if widen else channels,
+                                                  _repeat_groups(_flat(_in_dtype(weight, torch.float32) if widen
+                                                                       else weight), groups),
+                                                  _repeat_groups(_flat(_in_dtype(bias, torch.float32) if widen
+                                                                       else bias), groups), None, None, True, 0.0,
+                                                  eps)
+        y = y.to(channels.dtype) if widen else y
         var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0.0)
         batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center)
     else:

@@ -266,8 +266,8 @@ class BatchNorm(_NormBase):
                              and not self.renorm and self.adjustment is None and not self.synchronized
                              and self.unbiased_running_var)
         # Options the fused kernel computes whole (normkit.kernels), reachable without the general path's plumbing.
-        self._fusable = (self.axis in (1, -1) and self.track_running_stats and self.adjustment is None
-                         and not self.synchronized and not self._plain)
+        self._fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
+                         and not self._plain)
         if self.renorm and self.track_running_stats:
             self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
             self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
@@ -536,9 +536,13 @@ class BatchNorm(_NormBase):
         nothing, where the kernel declines or the input is not simply valid (the general path then
         handles or refuses it). No recentering check: the kernel's statistics are exact far from zero.
         """
-        if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2:
+        if (not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2
+                or not self.track_running_stats or self.num_batches_tracked is None):  # (both read per call)
             return None
-        axis = 1 if self.axis == 1 else input.dim() - 1
+        self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
+        if not -input.dim() <= self.axis < input.dim():
+            return None
+        axis = self.axis % input.dim()  # (the kernel takes axis 1 or the last one, and declines the rest)
         if input.shape[axis] != self.num_features or input.numel() == 0 or not kernels.enabled(input.device):
             return None
         renorm = self.renorm
@@ -569,13 +573,17 @@ class BatchNorm(_NormBase):
         """
         if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2:
             return None
+        self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         buffers = self.running_mean if self.track_running_stats else None
-        if (channels != self.num_features or n % virtual or n == virtual or input.numel() == virtual * channels
-                or input.numel() == 0 or kernels.enabled(input.device)
-                or (buffers is not None and buffers.dtype not in (torch.float32, torch.float64))
-                or (self.weight is not None and self.weight.dtype != input.dtype
-                    and not (input.dtype in F.LOW_PRECISION and self.weight.dtype == torch.float32))):
+        reference = self.weight if self.weight is not None else buffers  # (the layer's dtype)
+        if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
+                or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
+                or kernels.enabled(input.device)
+                or (buffers is not None and (buffers.dtype not in (torch.float32, torch.float64)
+                                             or (self.weight is not None and buffers.dtype != self.weight.dtype)))
+                or (reference is not None and reference.dtype != input.dtype
+                    and not (input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32))):
             return None
         if self._recenter_check_due():
             self._update_recenter(input, (1,))
