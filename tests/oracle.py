@@ -22,6 +22,23 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
 
 
 
+def assert_same_training_steps(first, second, shape, rng, steps=3):
+    """``steps`` training steps of two layers on the same float64 data: outputs, input and parameter gradients
+    and every state_dict entry equal to 1e-12 (one execution path against another)."""
+    for step in range(steps):
+        x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
+        g = torch.tensor(rng.normal(size=shape))
+        results = []
+        for layer in (first, second):
+            leaf = x.clone().requires_grad_()
+            y = layer(leaf)
+            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for (name, got), want in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def assert_training_step(layer, y, x_grad, expected, expected_grads, expected_buffers, dtype=torch.float64):
     """One training step of ``layer`` against the reference: output, input/weight/bias gradients, buffers."""
     assert_close(y, expected, dtype)

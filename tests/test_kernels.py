@@ -25,7 +25,7 @@ import normkit.keras
 from normkit import functional as F
 from normkit import reference as R
 
-from oracle import assert_close, assert_training_step, routed_to_triton, to_numpy
+from oracle import assert_close, assert_same_training_steps, assert_training_step, routed_to_triton, to_numpy
 
 INF = (0.0, math.inf, math.inf)
 
@@ -469,18 +469,7 @@ def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(
     general = normkit.BatchNorm(3, **options).double()
     general._fusable = False
     assert direct._fusable
-    for step in range(4):
-        x = torch.tensor(rng.normal(size=shape) * (step + 1) + step)
-        g = torch.tensor(rng.normal(size=shape))
-        results = []
-        for layer in (direct, general):
-            leaf = x.clone().requires_grad_()
-            y = layer(leaf)
-            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
-        for got, want in zip(*results, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for (name, got), want in zip(direct.state_dict().items(), general.state_dict().values(), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    assert_same_training_steps(direct, general, shape, rng, steps=4)
     assert int(direct.num_batches_tracked) == 4
     half = normkit.BatchNorm(3, **options)
     half(torch.tensor(rng.normal(size=shape), dtype=torch.float16))  # declined by the C++ kernel

@@ -14,7 +14,7 @@ import normkit
 import normkit.kernels
 from normkit import reference as R
 
-from oracle import assert_close, assert_training_step, to_numpy
+from oracle import assert_close, assert_same_training_steps, assert_training_step, to_numpy
 
 # Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
 pytestmark = pytest.mark.usefixtures("execution")
@@ -399,18 +399,7 @@ def test_plain_ghost_batches_take_one_aten_call_with_the_general_path_s_results(
         _compare_steps(fast, shape, rng, steps=3, virtual_batch_size=4, ghost_layout="strided")
         assert int(fast.num_batches_tracked) == 3
     fast.load_state_dict(general.state_dict())
-    for step in range(3):
-        x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
-        g = torch.tensor(rng.normal(size=shape))
-        results = []
-        for layer in (fast, general):
-            leaf = x.clone().requires_grad_()
-            y = layer(leaf)
-            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
-        for got, want in zip(*results, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for (name, got), want in zip(fast.state_dict().items(), general.state_dict().values(), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    assert_same_training_steps(fast, general, shape, rng)
 
 
 def test_plain_ghost_path_leaves_what_it_does_not_take_to_the_general_path(rng):
