@@ -717,19 +717,19 @@ def _run_config_json(path: Path, remedy: str) -> dict:
         raise ValueError(f"--out {path.parent}: its config.json cannot be read ({reason}); {remedy}") from None
 
 
-def _leftover_results(out: Path) -> list[str]:
-    """A run's results in ``out`` other than checkpoint.pt: what a run without checkpoint would delete."""
-    return [name for name in ("metrics.json", "curves.png") if (out / name).exists()]
+def _refuse_leftover_results(out: Path, situation: str, remedy: str) -> None:
+    """Refuse to start in ``out`` when it holds a run's results (metrics.json, curves.png) but no checkpoint.pt:
+    a fresh start would delete them."""
+    leftovers = [name for name in ("metrics.json", "curves.png") if (out / name).exists()]
+    if leftovers:
+        raise ValueError(f"{situation} {out} holds {' and '.join(leftovers)} but no checkpoint.pt{remedy}")
 
 
 def _fresh_run_without_checkpoint(cfg: TrainConfig, out: Path) -> str | None:
     """Whether a fresh run may start in ``out``, which has no checkpoint.pt; the note to print, or None when
     the folder holds no run. Raises when starting would delete files worth keeping."""
-    leftovers = _leftover_results(out)
-    if leftovers:
-        raise ValueError(f"--out {out} holds {' and '.join(leftovers)} but no checkpoint.pt (a run whose checkpoint "
-                         "was deleted, or files of your own), which this run would delete; pass --overwrite to "
-                         "replace them, or choose another --out")
+    _refuse_leftover_results(out, "--out", " (a run whose checkpoint was deleted, or files of your own), which this "
+                             "run would delete; pass --overwrite to replace them, or choose another --out")
     config_path = out / "config.json"
     if not config_path.exists():
         if any(out.glob("events.out.tfevents.*")):
@@ -752,11 +752,8 @@ def _fresh_run_without_checkpoint(cfg: TrainConfig, out: Path) -> str | None:
 def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], notes: list[str]) -> TrainConfig:
     """--resume where there is no checkpoint yet: start from the beginning, with the settings of the run that
     stopped in epoch 1 (its config.json) for those the user did not give."""
-    leftovers = _leftover_results(out)
-    if leftovers:
-        raise ValueError(f"--resume: {out} holds {' and '.join(leftovers)} but no checkpoint.pt, so there is nothing "
-                         "to continue, and starting over would delete them; pass --overwrite instead of --resume to "
-                         "replace them, or choose another --out")
+    _refuse_leftover_results(out, "--resume:", ", so there is nothing to continue, and starting over would delete "
+                             "them; pass --overwrite instead of --resume to replace them, or choose another --out")
     config_path = out / "config.json"
     if not config_path.exists():
         notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
