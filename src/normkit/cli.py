@@ -243,8 +243,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    import os
-
     from normkit.lab.data import download
 
     data_dir = args.data_dir or os.environ.get("NORMKIT_DATA") or None  # an empty NORMKIT_DATA is unset

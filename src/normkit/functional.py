@@ -459,12 +459,10 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         # that inference (var + eps again) ever sees.
         # (Half-precision input with no float32 weight to widen ATen's kernel: the statistics in float32 all the same.)
         widen = channels.dtype in LOW_PRECISION and (weight is None or weight.dtype in LOW_PRECISION)
-        y, mean, invstd = torch.native_batch_norm(channels.float() if widen else channels,
-                                                  _repeat_groups(_flat(_in_dtype(weight, torch.float32) if widen
-                                                                       else weight), groups),
-                                                  _repeat_groups(_flat(_in_dtype(bias, torch.float32) if widen
-                                                                       else bias), groups), None, None, True, 0.0,
-                                                  eps)
+        computed, scale, offset = ((channels.float(), _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32))
+                                   if widen else (channels, weight, bias))
+        y, mean, invstd = torch.native_batch_norm(computed, _repeat_groups(_flat(scale), groups),
+                                                  _repeat_groups(_flat(offset), groups), None, None, True, 0.0, eps)
         y = y.to(channels.dtype) if widen else y
         var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0.0)
         batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center)

@@ -62,12 +62,17 @@ def _check_momentum(momentum, *, name="momentum"):
     return _as_given(momentum)
 
 
+def _dtype_fits(dtype: torch.dtype, reference: Optional[torch.Tensor]) -> bool:
+    """Whether ATen takes input of ``dtype`` with the layer's tensors: the same dtype, or float16/bfloat16 input
+    with float32 parameters and buffers (mixed precision)."""
+    return (reference is None or dtype == reference.dtype
+            or (dtype in F.LOW_PRECISION and reference.dtype == torch.float32))
+
+
 def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
-    """The input's dtype must be the layer's (or float16/bfloat16 with float32 parameters: mixed precision)."""
+    """The input's dtype must be the layer's (see ``_dtype_fits``), but where autocast casts it for the op."""
     reference = next((t for t in tensors if t is not None), None)
-    if reference is None or input.dtype == reference.dtype:
-        return
-    if input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32:
+    if _dtype_fits(input.dtype, reference):
         return
     if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
         return  # autocast casts these for the op (float64 it leaves alone, and ATen refuses the mix)
@@ -576,14 +581,12 @@ class BatchNorm(_NormBase):
         self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         buffers = self.running_mean if self.track_running_stats else None
-        reference = self.weight if self.weight is not None else buffers  # (the layer's dtype)
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
                 or kernels.enabled(input.device)
                 or (buffers is not None and (buffers.dtype not in (torch.float32, torch.float64)
                                              or (self.weight is not None and buffers.dtype != self.weight.dtype)))
-                or (reference is not None and reference.dtype != input.dtype
-                    and not (input.dtype in F.LOW_PRECISION and reference.dtype == torch.float32))):
+                or not _dtype_fits(input.dtype, self.weight if self.weight is not None else buffers)):
             return None
         if self._recenter_check_due():
             self._update_recenter(input, (1,))
@@ -651,7 +654,6 @@ class BatchNorm(_NormBase):
             # one subtraction the compiler fuses into the statistics pass.
             recenter=self._recenter or torch.compiler.is_compiling(),
         )
-
 
     def _renorm_step(self):
         """The training step a clipping schedule is evaluated at: the batches tracked before this one."""
