@@ -22,9 +22,9 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
 
 
 
-def assert_same_training_steps(first, second, shape, rng, steps=3):
+def assert_same_training_steps(first, second, shape, rng, steps=3, state=lambda layer: layer.state_dict()):
     """``steps`` training steps of two layers on the same float64 data: outputs, input and parameter gradients
-    and every state_dict entry equal to 1e-12 (one execution path against another)."""
+    and every entry of ``state`` (the state_dict) equal to 1e-12 (one execution path against another)."""
     for step in range(steps):
         x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
         g = torch.tensor(rng.normal(size=shape))
@@ -35,7 +35,7 @@ def assert_same_training_steps(first, second, shape, rng, steps=3):
             results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
         for got, want in zip(*results, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for (name, got), want in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        for (name, got), want in zip(state(first).items(), state(second).values(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
 
 

@@ -166,3 +166,25 @@ def test_keras_objects_given_to_a_normkit_layer_are_written_back():
     assert back.beta_regularizer.get_config()["l2"] == pytest.approx(0.3)
     assert isinstance(back.gamma_constraint, keras.constraints.NonNeg)
     np.testing.assert_array_equal(back.get_weights()[0], np.full(3, 0.5, dtype=np.float32))
+
+
+def test_options_changed_after_build_act_as_in_the_real_keras():
+    """With Keras installed: Keras reads momentum and epsilon on every call, so a change after build counts there;
+    the same change on normkit's layer gives the same outputs and moving statistics."""
+    keras = _keras_on_torch()
+    rng = np.random.default_rng(5)
+    theirs, ours = keras.layers.BatchNormalization(), BatchNormalization()
+    first = rng.normal(size=(16, 3)).astype(np.float32)
+    theirs(first, training=True)
+    ours(torch.tensor(first), training=True)
+    theirs.momentum = ours.momentum = 0.5
+    theirs.epsilon = ours.epsilon = 0.25
+    for step in range(3):
+        x = (rng.normal(size=(16, 3)) * (step + 2) + step).astype(np.float32)
+        expected = keras.ops.convert_to_numpy(theirs(x, training=True))
+        assert_close(ours(torch.tensor(x), training=True), expected, torch.float32)
+    for got, want in zip(ours.get_weights(), theirs.get_weights(), strict=True):
+        assert_close(torch.tensor(got), want, torch.float32)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    assert_close(ours(torch.tensor(x), training=False), keras.ops.convert_to_numpy(theirs(x, training=False)),
+                 torch.float32)

@@ -810,14 +810,30 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
                 None, None, None)
 
 
+def _adjustment_terms(adjustment, x, dtype):
+    """``adjustment(shape)``'s (scale, bias), each expanded to ``x``'s shape (a clear error where it cannot be)."""
+    terms = adjustment(tuple(x.shape))
+    if not isinstance(terms, (tuple, list)) or len(terms) != 2:
+        raise ValueError(f"adjustment must return a pair (scale, bias) for the input shape {tuple(x.shape)}, "
+                         f"got {type(terms).__name__}")
+    expanded = []
+    for label, term in zip(("scale", "bias"), terms):
+        term = torch.as_tensor(term, dtype=dtype, device=x.device)
+        try:
+            expanded.append(term.expand(x.shape))
+        except RuntimeError:
+            raise ValueError(f"adjustment returned a {label} of shape {tuple(term.shape)}, which does not broadcast "
+                             f"to the input's shape {tuple(x.shape)}: return tensors broadcastable to it (size 1 on "
+                             "the axes they do not vary over)") from None
+    return expanded
+
+
 def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
     dtype = statistics_dtype(view)
     x_hat = (view.to(dtype) - mean) * torch.rsqrt(var + eps)
     z = x_hat if r is None else x_hat * r + d
     if adjustment is not None:
-        adj_scale, adj_bias = adjustment(tuple(x.shape))
-        adj_scale = torch.as_tensor(adj_scale, dtype=dtype, device=x.device).expand(x.shape)
-        adj_bias = torch.as_tensor(adj_bias, dtype=dtype, device=x.device).expand(x.shape)
+        adj_scale, adj_bias = _adjustment_terms(adjustment, x, dtype)
         if virtual_batch_size is not None:
             adj_scale = ghost_view(adj_scale, virtual_batch_size, ghost_layout)[0]
             adj_bias = ghost_view(adj_bias, virtual_batch_size, ghost_layout)[0]

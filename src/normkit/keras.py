@@ -83,6 +83,74 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return values.astype(ml_dtypes.bfloat16)
 
 
+def _keras_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        # (a config with "center": "no" must not load as center=True)
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _keras_decay(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (Keras: the decay of the moving average), got {value!r}")
+    return float(value)
+
+
+def _keras_epsilon(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _keras_axis(value, name):
+    axis = check_feature_axes(value)
+    return axis if isinstance(axis, int) else list(axis)
+
+
+def _keras_clipping(value, name):
+    RenormClipping.from_dict(value, name=name)  # validate keys and values now, as Keras does
+    return value
+
+
+def _keras_virtual_batch_size(value, name):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _keras_ghost_layout(value, name):
+    if value not in ("strided", "contiguous"):
+        raise ValueError(f"{name} must be 'strided' or 'contiguous', got {value!r}")
+    return value
+
+
+def _keras_adjustment(value, name):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {value!r}")
+    return value
+
+
+def _resolvable(resolve):
+    """A check that the option resolves (by name or callable) and keeps it as given (get_config writes it back)."""
+    def check(value, name):
+        resolve(value, name=name)
+        return value
+    return check
+
+
+# The check of each of the Keras layer's options, for the constructor's value and any later change.
+_OPTION_CHECKS = {
+    "axis": _keras_axis, "momentum": _keras_decay, "renorm_momentum": _keras_decay, "epsilon": _keras_epsilon,
+    **{flag: _keras_flag for flag in ("center", "scale", "synchronized", "renorm", "trainable")},
+    "renorm_clipping": _keras_clipping, "virtual_batch_size": _keras_virtual_batch_size,
+    "ghost_layout": _keras_ghost_layout, "adjustment": _keras_adjustment,
+    **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
+                                                           "moving_mean_initializer", "moving_variance_initializer")},
+    **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer")},
+    **{name: _resolvable(resolve_constraint) for name in ("beta_constraint", "gamma_constraint")},
+}
+
+
 class BatchNormalization(nn.Module):
     """Keras 3's ``BatchNormalization`` (and tf.keras' extra options) as a torch module.
 
@@ -108,50 +176,24 @@ class BatchNormalization(nn.Module):
                  trainable: bool = True, name: Optional[str] = None, *, ghost_layout: str = "strided",
                  process_group=None, dtype=None, device=None):
         super().__init__()
-        axis = check_feature_axes(axis)
-        for flag, value in (("center", center), ("scale", scale), ("synchronized", synchronized), ("renorm", renorm),
-                            ("trainable", trainable)):
-            if not isinstance(value, (bool, np.bool_)):
-                # (a config with "center": "no" must not load as center=True)
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1] (Keras: the decay of the moving average), "
-                             f"got {momentum!r}")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
-        if (isinstance(renorm_momentum, bool) or not isinstance(renorm_momentum, (int, float))
-                or not 0.0 <= renorm_momentum <= 1.0):
-            raise ValueError(f"renorm_momentum must be a number in [0, 1], got {renorm_momentum!r}")
-        RenormClipping.from_dict(renorm_clipping)  # validate keys and values now, as Keras does
         if fused:
             # tf.keras refuses the fused kernel with these options; normkit keeps the same contract.
             for option, value in (("renorm", renorm), ("virtual_batch_size", virtual_batch_size),
                                   ("adjustment", adjustment)):
                 if value:
                     raise ValueError(f"fused=True is not supported with {option}; leave fused=None")
-        if virtual_batch_size is not None and (not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0):
-            raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-        for label, value, resolve in (("beta_initializer", beta_initializer, resolve_initializer),
-                                      ("gamma_initializer", gamma_initializer, resolve_initializer),
-                                      ("moving_mean_initializer", moving_mean_initializer, resolve_initializer),
-                                      ("moving_variance_initializer", moving_variance_initializer, resolve_initializer),
-                                      ("beta_regularizer", beta_regularizer, resolve_regularizer),
-                                      ("gamma_regularizer", gamma_regularizer, resolve_regularizer),
-                                      ("beta_constraint", beta_constraint, resolve_constraint),
-                                      ("gamma_constraint", gamma_constraint, resolve_constraint)):
-            resolve(value, name=label)
-        self.axis = axis if isinstance(axis, int) else list(axis)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.center, self.scale = bool(center), bool(scale)
+        # Every option goes through __setattr__'s checks (the same ones guard a change later).
+        self.axis = axis
+        self.momentum, self.epsilon = momentum, epsilon
+        self.center, self.scale = center, scale
         self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
         self.moving_mean_initializer, self.moving_variance_initializer = moving_mean_initializer, moving_variance_initializer
         self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
         self.beta_constraint, self.gamma_constraint = beta_constraint, gamma_constraint
-        self.synchronized = bool(synchronized)
-        self.renorm = bool(renorm)
+        self.synchronized = synchronized
+        self.renorm = renorm
         self.renorm_clipping = renorm_clipping
-        self.renorm_momentum = float(renorm_momentum)
+        self.renorm_momentum = renorm_momentum
         self.virtual_batch_size = virtual_batch_size
         self.adjustment = adjustment
         self.fused = fused
@@ -161,9 +203,48 @@ class BatchNormalization(nn.Module):
         self.dtype_policy = _policy_name(dtype)
         variable_dtype, self._compute_dtype = _POLICIES[self.dtype_policy] if self.dtype_policy else (None, None)
         self._factory = {"dtype": variable_dtype, "device": device}
-        self._trainable = bool(trainable)
         self.bn: Optional[BatchNorm] = None
         self._build_shape: Optional[tuple] = None
+        self.trainable = trainable
+
+    # -- options ----------------------------------------------------------------------------------
+
+    # Keras reads these on every call, so a change on a built layer takes effect: it reaches the
+    # BatchNorm underneath as (its name there, the conversion to PyTorch's convention).
+    _LIVE_OPTIONS = {
+        "momentum": ("momentum", lambda decay: 1.0 - decay), "epsilon": ("eps", None),
+        "renorm_momentum": ("renorm_momentum", lambda decay: 1.0 - decay),
+        "virtual_batch_size": ("virtual_batch_size", None), "ghost_layout": ("ghost_layout", None),
+        "adjustment": ("adjustment", None), "synchronized": ("synchronized", None),
+        "process_group": ("process_group", None),
+        "gamma_initializer": ("weight_initializer", None), "beta_initializer": ("bias_initializer", None),
+        "moving_mean_initializer": ("running_mean_initializer", None),
+        "moving_variance_initializer": ("running_var_initializer", None),
+        "gamma_regularizer": ("weight_regularizer", None), "beta_regularizer": ("bias_regularizer", None),
+        "gamma_constraint": ("weight_constraint", None), "beta_constraint": ("bias_constraint", None),
+    }
+    # These shape the weights, so they are fixed once the layer is built.
+    _BUILD_OPTIONS = frozenset({"axis", "center", "scale"})
+
+    def __setattr__(self, name, value):
+        check = _OPTION_CHECKS.get(name)
+        if check is not None:
+            value = check(value, name)
+        inner = self.__dict__.get("_modules", {}).get("bn")
+        if inner is not None and name in self._BUILD_OPTIONS and value != getattr(self, name):
+            raise ValueError(f"{self.name} is built: {name} is fixed by its weights' shapes (set it before the first "
+                             "call or build(), or make a new layer)")
+        super().__setattr__(name, value)
+        if inner is None:
+            return
+        if name in self._LIVE_OPTIONS:
+            target, convert = self._LIVE_OPTIONS[name]
+            setattr(inner, target, value if convert is None else convert(value))
+        elif name in ("renorm", "renorm_clipping"):
+            # Keras keeps renorm_clipping without renorm (and ignores it); normkit.BatchNorm takes it with renorm only.
+            inner.renorm_clipping = None
+            inner.renorm = self.renorm
+            inner.renorm_clipping = self.renorm_clipping if self.renorm else None
 
     # -- build ------------------------------------------------------------------------------------
 

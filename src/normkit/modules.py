@@ -224,62 +224,163 @@ class BatchNorm(_NormBase):
                  weight_constraint=None, bias_constraint=None,
                  unbiased_running_var: bool = True,
                  synchronized: bool = False, process_group=None):
-        self.axis = check_feature_axes(axis)
-        self.weight_initializer = resolve_initializer(weight_initializer, name="weight_initializer")
-        self.bias_initializer = resolve_initializer(bias_initializer, name="bias_initializer")
-        self.running_mean_initializer = resolve_initializer(running_mean_initializer, name="running_mean_initializer")
-        self.running_var_initializer = resolve_initializer(running_var_initializer, name="running_var_initializer")
-        self.renorm = bool(renorm)
+        # Every option goes through __setattr__'s checks (the same ones guard a change on a built layer).
+        self.axis = axis
+        self.weight_initializer, self.bias_initializer = weight_initializer, bias_initializer
+        self.running_mean_initializer, self.running_var_initializer = running_mean_initializer, running_var_initializer
+        self.renorm = renorm
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        if isinstance(self.num_features, tuple) and (isinstance(self.axis, int) or len(self.axis) != len(self.num_features)):
-            raise ValueError(f"num_features={self.num_features!r} gives one size per feature axis, so axis must be "
-                             f"a tuple of {len(self.num_features)} axes, got axis={self.axis!r}")
-        self.renorm_clipping = RenormClipping.from_dict(renorm_clipping)
-        self.renorm_momentum = _check_momentum(renorm_momentum, name="renorm_momentum")
-        if self.renorm_momentum is None:
-            raise ValueError("renorm_momentum must be a number in [0, 1], got None")
+        self._check_axis_fits_features(self.axis)
+        if self.renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs running statistics: pass track_running_stats=True")
         if renorm_clipping is not None and not self.renorm:
             raise ValueError("renorm_clipping was given but renorm=False: pass renorm=True to use batch renormalization")
-        if virtual_batch_size is not None:
-            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
-                raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-            axes = (self.axis,) if isinstance(self.axis, int) else self.axis
-            if 0 in axes:
-                raise ValueError("virtual_batch_size splits the batch axis 0, so axis may not contain 0; "
-                                 f"got axis={self.axis!r}")
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = renorm_momentum
         self.virtual_batch_size = virtual_batch_size
-        if ghost_layout not in ("strided", "contiguous"):
-            raise ValueError(f"ghost_layout must be 'strided' or 'contiguous', got {ghost_layout!r}")
         self.ghost_layout = ghost_layout
-        if adjustment is not None and not callable(adjustment):
-            raise TypeError(f"adjustment must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
         self.adjustment = adjustment
-        self.weight_regularizer = resolve_regularizer(weight_regularizer, name="weight_regularizer")
-        self.bias_regularizer = resolve_regularizer(bias_regularizer, name="bias_regularizer")
-        self.weight_constraint = resolve_constraint(weight_constraint, name="weight_constraint")
-        self.bias_constraint = resolve_constraint(bias_constraint, name="bias_constraint")
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.synchronized = bool(synchronized)
+        self.weight_regularizer, self.bias_regularizer = weight_regularizer, bias_regularizer
+        self.weight_constraint, self.bias_constraint = weight_constraint, bias_constraint
+        self.unbiased_running_var = unbiased_running_var
+        self.synchronized = synchronized
         self.process_group = process_group
         self.frozen = False
         self._recenter = False
         self._steps_to_recenter_check = 0
-        # Options are constructor-time settings; the plain case takes torch.nn's short path.
+        if self.renorm:
+            for name in self.RENORM_STATE:
+                self.register_buffer(name, torch.empty_like(self.running_var))
+            self.reset_running_stats()  # (Keras' initial renorm state)
+        self._choose_routes()
+
+    # -- options --------------------------------------------------------------------------------
+
+    # Each option's check (a method name); the constructor's values and later changes both pass it.
+    _OPTION_CHECKS = {
+        "eps": "_checked_eps", "momentum": "_checked_momentum", "axis": "_checked_axis", "renorm": "_checked_renorm",
+        "renorm_clipping": "_checked_renorm_clipping", "renorm_momentum": "_checked_renorm_momentum",
+        "virtual_batch_size": "_checked_virtual_batch_size", "ghost_layout": "_checked_ghost_layout",
+        "adjustment": "_checked_adjustment", "unbiased_running_var": "_checked_flag", "synchronized": "_checked_flag",
+        **{name: "_checked_initializer" for name in ("weight_initializer", "bias_initializer",
+                                                      "running_mean_initializer", "running_var_initializer")},
+        **{name: "_checked_regularizer" for name in ("weight_regularizer", "bias_regularizer")},
+        **{name: "_checked_constraint" for name in ("weight_constraint", "bias_constraint")},
+    }
+    # The options that choose how a call executes (the short paths of forward).
+    _ROUTING_OPTIONS = frozenset({"axis", "renorm", "virtual_batch_size", "ghost_layout", "adjustment",
+                                  "synchronized", "unbiased_running_var"})
+
+    def __setattr__(self, name, value):
+        # Options may change on a built layer, as torch.nn's momentum and eps may: the change is checked
+        # as the constructor checks it, and the short paths chosen from the options are chosen again
+        # (a cached choice would silently ignore, say, a virtual_batch_size set after construction).
+        check = self._OPTION_CHECKS.get(name)
+        if check is None:
+            return super().__setattr__(name, value)
+        built = "_plain" in self.__dict__
+        value = getattr(self, check)(value, name)
+        if name == "renorm" and built and value and not self.renorm:
+            self._add_renorm_state()
+        super().__setattr__(name, value)
+        if built and name in self._ROUTING_OPTIONS:
+            self._choose_routes()
+
+    def _choose_routes(self) -> None:
+        # The plain case takes torch.nn's short path.
         self._plain = self._is_plain()
         # Ghost batches alone, Keras' strided groups on features at axis 1: ATen's kernel on a free view.
-        self._plain_ghost = (self.axis == 1 and virtual_batch_size is not None and ghost_layout == "strided"
-                             and not self.renorm and self.adjustment is None and not self.synchronized
-                             and self.unbiased_running_var)
+        self._plain_ghost = (self.axis == 1 and self.virtual_batch_size is not None
+                             and self.ghost_layout == "strided" and not self.renorm and self.adjustment is None
+                             and not self.synchronized and self.unbiased_running_var)
         # Options the fused kernel computes whole (normkit.kernels), reachable without the general path's plumbing.
         self._fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
                          and not self._plain)
-        if self.renorm and self.track_running_stats:
-            self.register_buffer("moving_stddev", torch.empty_like(self.running_var))
-            self.register_buffer("renorm_mean", torch.empty_like(self.running_mean))
-            self.register_buffer("renorm_stddev", torch.empty_like(self.running_var))
-            self.reset_running_stats()
-        elif self.renorm:
-            raise ValueError("renorm=True needs running statistics: pass track_running_stats=True")
+
+    def _checked_eps(self, eps, name):
+        F.check_eps(eps)
+        return _as_given(eps)
+
+    def _checked_momentum(self, momentum, name):
+        return _check_momentum(momentum, name=name)
+
+    def _checked_axis(self, axis, name):
+        axis = check_feature_axes(axis)
+        if "num_features" in self.__dict__:  # (a change on a built layer; the constructor checks after sizing)
+            self._check_axis_fits_features(axis)
+        if self.__dict__.get("virtual_batch_size") is not None:
+            self._check_ghost_axes(axis)
+        return axis
+
+    def _check_axis_fits_features(self, axis) -> None:
+        if isinstance(self.num_features, tuple) and (isinstance(axis, int) or len(axis) != len(self.num_features)):
+            raise ValueError(f"num_features={self.num_features!r} gives one size per feature axis, so axis must be "
+                             f"a tuple of {len(self.num_features)} axes, got axis={axis!r}")
+
+    @staticmethod
+    def _check_ghost_axes(axis) -> None:
+        if 0 in ((axis,) if isinstance(axis, int) else axis):
+            raise ValueError(f"virtual_batch_size splits the batch axis 0, so axis may not contain 0; got axis={axis!r}")
+
+    def _checked_renorm(self, renorm, name):
+        renorm = bool(renorm)
+        if renorm and "_plain" in self.__dict__ and not self.track_running_stats:
+            raise ValueError("renorm=True needs running statistics: this layer has track_running_stats=False")
+        return renorm
+
+    def _add_renorm_state(self) -> None:
+        """Renorm switched on for a built layer (say, to fine-tune with it): its state follows from the running
+        statistics (moving_stddev = sqrt(running_var + eps)), as when a plain checkpoint loads into a renorm
+        layer. Buffers kept from an earlier renorm phase are brought back in line with the running
+        variance, which plain steps have moved since."""
+        with torch.no_grad():
+            stddev = (self.running_var.double() + self.eps).sqrt().to(self.running_var.dtype)
+            if "moving_stddev" in self._buffers:
+                self.moving_stddev.copy_(stddev)
+                return
+            self.register_buffer("moving_stddev", stddev)
+            self.register_buffer("renorm_mean", self.running_mean.clone())
+            self.register_buffer("renorm_stddev", stddev.clone())
+
+    def _checked_renorm_clipping(self, clipping, name):
+        if clipping is not None and "_plain" in self.__dict__ and not self.renorm:
+            raise ValueError("renorm_clipping was set but renorm=False: set renorm=True to use batch renormalization")
+        return RenormClipping.from_dict(clipping)
+
+    def _checked_renorm_momentum(self, momentum, name):
+        if momentum is None:
+            raise ValueError(f"{name} must be a number in [0, 1], got None")
+        return _check_momentum(momentum, name=name)
+
+    def _checked_virtual_batch_size(self, virtual, name):
+        if virtual is not None:
+            if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
+                raise ValueError(f"{name} must be a positive int, got {virtual!r}")
+            self._check_ghost_axes(self.axis)
+            virtual = int(virtual)
+        return virtual
+
+    def _checked_ghost_layout(self, layout, name):
+        if layout not in ("strided", "contiguous"):
+            raise ValueError(f"{name} must be 'strided' or 'contiguous', got {layout!r}")
+        return layout
+
+    def _checked_adjustment(self, adjustment, name):
+        if adjustment is not None and not callable(adjustment):
+            raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
+        return adjustment
+
+    def _checked_flag(self, value, name):
+        return bool(value)
+
+    def _checked_initializer(self, initializer, name):
+        return resolve_initializer(initializer, name=name)
+
+    def _checked_regularizer(self, regularizer, name):
+        return resolve_regularizer(regularizer, name=name)
+
+    def _checked_constraint(self, constraint, name):
+        return resolve_constraint(constraint, name=name)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -309,7 +410,7 @@ class BatchNorm(_NormBase):
             apply_initializer(self.running_mean_initializer, self.running_mean)
             apply_initializer(self.running_var_initializer, self.running_var)
         self.num_batches_tracked.zero_()
-        if getattr(self, "renorm", False) and hasattr(self, "moving_stddev"):
+        if "moving_stddev" in self._buffers:  # (also while renorm is switched off: it may come back on)
             with torch.no_grad():
                 # sqrt of the variance initializer, as Keras does (moving_stddev = renorm_stddev = 1).
                 self.moving_stddev.copy_(self.running_var.clamp(min=0).sqrt())
@@ -670,10 +771,14 @@ class _BatchNormNd(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **options):
-        if options.pop("axis", 1) != 1:
-            raise ValueError(f"{type(self).__name__} normalizes over axis 1 (channels); use normkit.BatchNorm(axis=...) "
-                             f"for another feature axis")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, axis=1, **options)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         axis=options.pop("axis", 1), **options)
+
+    def _checked_axis(self, axis, name):
+        if isinstance(axis, bool) or axis != 1:
+            raise ValueError(f"{type(self).__name__} normalizes over axis 1 (channels), got {name}={axis!r}; use "
+                             "normkit.BatchNorm(axis=...) for another feature axis")
+        return super()._checked_axis(axis, name)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._accepted_ranks:

@@ -159,13 +159,11 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
         for layer, momentum, renorm, buffers in saved:
             layer.momentum = momentum
             if renorm is not None:
-                layer.renorm = renorm
+                layer.renorm = renorm  # (switched back on, its moving_stddev follows the new running_var)
             layer.num_batches_tracked.copy_(buffers["num_batches_tracked"])
             if not succeeded:
                 for name, value in buffers.items():
                     getattr(layer, name).copy_(value)
-            elif "moving_stddev" in buffers and renorm:
-                torch.add(layer.running_var, layer.eps, out=layer.moving_stddev).sqrt_()
         for module, training in modes:
             module.training = training
     return model

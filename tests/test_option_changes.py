@@ -1,0 +1,215 @@
+"""Options changed on a built layer act as if the layer had been built with them, or are refused clearly.
+
+torch.nn users change ``momentum`` or ``eps`` on a built layer; Keras users set ``layer.momentum``
+and Keras reads it on the next call. normkit chooses short execution paths from its options, so a
+change must reach that choice: the oracle here is a layer constructed with the option, stepped
+on the same data (every output, gradient and buffer equal)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit.keras import BatchNormalization
+
+from oracle import assert_same_training_steps
+
+# Each test runs on ATen's paths and again with normkit.kernels' fused kernel on (conftest.py), whose
+# short path is chosen from the options too.
+pytestmark = pytest.mark.usefixtures("execution")
+
+
+def _adjust(shape):
+    return torch.full((1, 4, 1), 1.5, dtype=torch.float64), torch.full((1, 4, 1), -0.25, dtype=torch.float64)
+
+
+# (option, value, constructor arguments of the layer it is set on, input shape[, input shape before the change])
+CHANGES = [
+    ("virtual_batch_size", 4, {}, (16, 4, 3)),
+    ("virtual_batch_size", 4, {}, (16, 4)),
+    ("virtual_batch_size", None, {"virtual_batch_size": 4}, (16, 4, 3)),
+    ("ghost_layout", "contiguous", {"virtual_batch_size": 4}, (16, 4, 3)),
+    ("axis", -1, {}, (8, 3, 4), (8, 4, 3)),
+    ("axis", (1, 2), {"num_features": 12}, (8, 3, 4), (8, 12, 2)),
+    ("adjustment", _adjust, {}, (8, 4, 3)),
+    ("unbiased_running_var", False, {}, (8, 4, 3)),
+    ("renorm_momentum", 0.5, {"renorm": True}, (8, 4, 3)),
+    ("renorm_clipping", {"rmax": 1.1, "rmin": 0.9, "dmax": 0.05}, {"renorm": True}, (8, 4, 3)),
+    ("momentum", None, {"renorm": True, "virtual_batch_size": 4}, (16, 4, 3)),
+    ("eps", 0.5, {"virtual_batch_size": 4}, (16, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("option, value, built_with, shape, before", [c if len(c) == 5 else (*c, c[3]) for c in CHANGES],
+                         ids=[f"{c[0]}={c[1].__name__ if callable(c[1]) else c[1]}" for c in CHANGES])
+def test_an_option_set_on_a_built_layer_acts_as_if_built_with_it(option, value, built_with, shape, before):
+    arguments = {"num_features": 4, "dtype": torch.float64, **built_with}
+    changed = normkit.BatchNorm(**arguments)
+    changed(torch.randn(before, dtype=torch.float64))  # (a step first: the layer has chosen its paths)
+    setattr(changed, option, value)
+    expected = normkit.BatchNorm(**{**arguments, option: value})
+    expected.load_state_dict(changed.state_dict())
+    assert_same_training_steps(changed, expected, shape, np.random.default_rng(0))
+
+
+def test_virtual_batch_size_set_later_is_not_plain_batch_norm():
+    # (the difference the test above relies on: the ghost statistics are not the whole batch's)
+    layer, plain = normkit.BatchNorm1d(4, dtype=torch.float64), normkit.BatchNorm1d(4, dtype=torch.float64)
+    layer.virtual_batch_size = 4
+    x = torch.randn(16, 4, dtype=torch.float64) * torch.arange(1, 17, dtype=torch.float64)[:, None]
+    assert not torch.allclose(layer(x), plain(x))
+
+
+def test_renorm_switched_on_for_fine_tuning_starts_from_the_learned_statistics():
+    rng = np.random.default_rng(1)
+    layer = normkit.BatchNorm2d(3, dtype=torch.float64)
+    for _ in range(3):
+        layer(torch.tensor(rng.normal(2.0, 3.0, size=(8, 3, 4, 4))))
+    layer.renorm = True
+    assert {"moving_stddev", "renorm_mean", "renorm_stddev"} <= set(layer.state_dict())
+    # The same state as loading the plain checkpoint into a renorm layer (BatchNorm's documented conversion).
+    loaded = normkit.BatchNorm2d(3, dtype=torch.float64, renorm=True)
+    plain_state = {k: v for k, v in layer.state_dict().items() if k not in BatchNormRenormState}
+    loaded.load_state_dict(plain_state)
+    assert_same_training_steps(layer, loaded, (8, 3, 4, 4), rng)
+    torch.testing.assert_close(layer.moving_stddev, (layer.running_var + layer.eps).sqrt(), rtol=1e-12, atol=1e-12)
+
+
+BatchNormRenormState = normkit.BatchNorm.RENORM_STATE
+
+
+def test_renorm_switched_off_and_on_again_resyncs_its_stddev_with_the_running_variance():
+    rng = np.random.default_rng(2)
+    layer = normkit.BatchNorm1d(3, dtype=torch.float64, renorm=True)
+    layer(torch.tensor(rng.normal(size=(8, 3))))
+    layer.renorm = False
+    for _ in range(2):  # plain steps move running_var but not renorm's moving_stddev
+        layer(torch.tensor(rng.normal(5.0, 4.0, size=(8, 3))))
+    assert not torch.allclose(layer.moving_stddev, (layer.running_var + layer.eps).sqrt())
+    layer.renorm = True
+    torch.testing.assert_close(layer.moving_stddev, (layer.running_var + layer.eps).sqrt(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_refused_change_keeps_the_old_value():
+    layer = normkit.BatchNorm(4, virtual_batch_size=2)
+    for option, value, error in [("virtual_batch_size", 0, ValueError), ("virtual_batch_size", 2.5, ValueError),
+                                 ("ghost_layout", "rows", ValueError), ("adjustment", 3, TypeError),
+                                 ("momentum", 1.5, ValueError), ("eps", 0, ValueError), ("axis", 0, ValueError),
+                                 ("renorm_clipping", {"rmax": 2}, ValueError), ("renorm_momentum", None, ValueError),
+                                 ("weight_regularizer", "l3", ValueError)]:
+        before = getattr(layer, option)
+        with pytest.raises(error, match=option):
+            setattr(layer, option, value)
+        assert getattr(layer, option) == before
+
+
+def test_drop_in_classes_keep_their_feature_axis():
+    layer = normkit.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="BatchNorm2d normalizes over axis 1.*normkit.BatchNorm"):
+        layer.axis = -1
+    assert layer.axis == 1
+    with pytest.raises(ValueError, match="axis 1"):
+        normkit.BatchNorm1d(3, axis=-1)
+
+
+def test_renorm_needs_running_statistics_when_switched_on_too():
+    layer = normkit.BatchNorm1d(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="renorm=True needs running statistics"):
+        layer.renorm = True
+    assert not layer.renorm and "moving_stddev" not in dict(layer.named_buffers())
+
+
+def test_synchronized_set_later_warns_without_a_process_group_as_when_built_with_it():
+    layer = normkit.BatchNorm1d(3)
+    layer.synchronized = True
+    with pytest.warns(RuntimeWarning, match="process group"):
+        layer(torch.randn(8, 3))
+
+
+def test_regularizers_and_constraints_set_later_take_part():
+    layer = normkit.BatchNorm1d(3)
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+    layer.weight_regularizer = "l2"
+    torch.testing.assert_close(layer.regularization_loss(), torch.tensor(0.01 * 3 * 4.0))
+    layer.weight_constraint = "unit_norm"
+    layer.apply_constraints()
+    torch.testing.assert_close(layer.weight.norm(), torch.tensor(1.0))
+
+
+# -- the Keras-vocabulary layer ---------------------------------------------------------------------------------
+
+KERAS_CHANGES = [
+    ("momentum", 0.5, {}), ("epsilon", 0.25, {}), ("renorm", True, {}), ("renorm", False, {"renorm": True}),
+    ("renorm_momentum", 0.3, {"renorm": True}), ("renorm_clipping", {"rmax": 1.2, "dmax": 0.1}, {"renorm": True}),
+    ("virtual_batch_size", 4, {}), ("ghost_layout", "contiguous", {"virtual_batch_size": 4}),
+]
+
+
+@pytest.mark.parametrize("option, value, built_with", KERAS_CHANGES,
+                         ids=[f"{c[0]}={c[1]}" for c in KERAS_CHANGES])
+def test_keras_options_set_on_a_built_layer_take_effect_as_in_keras(option, value, built_with):
+    # Keras reads these on every call: a layer changed after its first call steps as one built with the value.
+    shape = (16, 5, 3)
+    changed = BatchNormalization(dtype="float64", **built_with).train()
+    changed(torch.randn(shape, dtype=torch.float64))
+    setattr(changed, option, value)
+    expected = BatchNormalization(dtype="float64", **{**built_with, option: value}).train()
+    expected.build(shape)
+    # (switched on, the renorm state follows from the running statistics, as when such a state_dict loads)
+    expected.load_state_dict(changed.state_dict(), strict=False)
+    assert_same_training_steps(changed, expected, shape, np.random.default_rng(3),
+                               state=lambda layer: dict(enumerate(layer.weights)))
+
+
+def test_keras_options_set_before_the_first_call_are_used_by_the_build():
+    layer = BatchNormalization()
+    layer.momentum, layer.axis, layer.center = 0.5, 1, False
+    layer(torch.randn(8, 3, 2))
+    assert layer.bn.momentum == 0.5 and layer.bn.axis == 1 and layer.bn.bias is None
+
+
+def test_keras_weight_shaping_options_are_fixed_once_built():
+    layer = BatchNormalization()
+    layer(torch.randn(8, 3))
+    for option, value in (("axis", 0), ("center", False), ("scale", False)):
+        with pytest.raises(ValueError, match=f"built: {option} is fixed"):
+            setattr(layer, option, value)
+    layer.axis = -1  # (the same value is no change)
+    assert layer.center and layer.scale and len(layer.get_weights()) == 4
+
+
+def test_keras_option_checks_apply_to_changes():
+    layer = BatchNormalization()
+    layer(torch.randn(8, 3))
+    for option, value, error in [("momentum", 2, ValueError), ("epsilon", -1, ValueError),
+                                 ("renorm", "yes", TypeError), ("virtual_batch_size", 0, ValueError),
+                                 ("renorm_clipping", {"bad": 1}, ValueError), ("gamma_regularizer", "l3", ValueError)]:
+        before = getattr(layer, option)
+        with pytest.raises(error, match=option):
+            setattr(layer, option, value)
+        assert getattr(layer, option) == before
+    assert layer.bn.momentum == pytest.approx(0.01)
+
+
+def test_keras_regularizer_set_later_counts_in_losses():
+    layer = BatchNormalization(gamma_initializer="ones")
+    layer(torch.randn(8, 3))
+    assert layer.losses == []
+    layer.gamma_regularizer = "l2"
+    [loss] = layer.losses
+    torch.testing.assert_close(loss, torch.tensor(0.01 * 3.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer.get_config()["gamma_regularizer"] == "l2"
+
+
+def test_an_adjustment_of_the_wrong_shape_is_named():
+    layer = normkit.BatchNorm(4, adjustment=lambda shape: (torch.ones(4), torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"adjustment returned a scale of shape \(4,\).*\(8, 4, 3\)"):
+        layer(torch.randn(8, 4, 3))
+    layer.adjustment = lambda shape: torch.ones(shape)
+    with pytest.raises(ValueError, match="adjustment must return a pair"):
+        layer(torch.randn(8, 4, 3))
