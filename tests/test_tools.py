@@ -224,8 +224,31 @@ def test_errors():
             recalibrate_running_stats(model, [torch.randn(4, 2)], num_batches=bad)
     with pytest.raises(TypeError, match="batch 1 is a str"):
         recalibrate_running_stats(model, [torch.randn(4, 2), "images"])
+    with pytest.raises(TypeError, match=r"batch 0 is a dict.*a generator such as \(batch\['image'\] for batch in"):
+        recalibrate_running_stats(model, [{"image": torch.randn(4, 2), "label": torch.zeros(4)}])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         recalibrate_running_stats(lambda x: x, [torch.randn(4, 2)])
+
+
+def test_unbuilt_layers_are_refused_with_the_fix():
+    """A lazy BN or an unbuilt Keras layer has no statistics yet: a clear error, not torch's deep-copy failure."""
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    keras = nn.Sequential(nn.Linear(3, 4), normkit.keras.BatchNormalization(), nn.BatchNorm1d(4))
+    for model, names in ((lazy, r"'0' \(LazyConv2d\), '1' \(LazyBatchNorm2d\)"),
+                         (keras, r"'1' \(BatchNormalization\)")):
+        with pytest.raises(ValueError, match="fold_batch_norm: not built yet: " + names + r".*model\(example_batch\)"):
+            fold_batch_norm(model.eval())
+    with pytest.raises(ValueError, match=r"recalibrate_running_stats: not built yet: '1' \(LazyBatchNorm2d\)"):
+        recalibrate_running_stats(lazy, [torch.randn(4, 3, 6, 6)])
+    with pytest.raises(ValueError, match=r"recalibrate_running_stats: not built yet: '1' \(BatchNormalization\)"):
+        recalibrate_running_stats(keras, [torch.randn(4, 3)])  # (the torch.nn BN would have hidden it)
+    # A lazy conv before a built BN builds on the first batch: recalibration works, against the NumPy average.
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.LazyLinear(4), nn.BatchNorm1d(4))
+    batches = [torch.randn(6, 3) * 2 + 1 for _ in range(3)]
+    recalibrate_running_stats(model, batches)
+    with torch.no_grad():
+        assert_stats(model[1], *average_stats([as64(model[0](x)) for x in batches], (0,)))
 
 
 @pytest.mark.parametrize("batches", [[], iter(()), [torch.randn(4, 2), torch.randn(4, 5)]], ids=["empty list",
@@ -367,6 +390,26 @@ def test_convert_leaves_other_modules_and_subclasses_alone():
     assert type(model[0]) is normkit.BatchNorm1d and model[0] is model[2]
 
 
+def test_convert_carries_hooks_and_their_handles():
+    torch.manual_seed(12)
+    calls = []
+    layer = nn.BatchNorm2d(3)
+    handle = layer.register_forward_hook(lambda module, args, output: calls.append(("forward", type(module))))
+    layer.register_forward_pre_hook(lambda module, args: calls.append(("pre", type(module))))
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(("backward", type(module))))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), layer)
+    convert_batch_norm(model, "normkit")
+    model(torch.randn(4, 2, 3, 3, requires_grad=True)).sum().backward()
+    assert calls == [("pre", normkit.BatchNorm2d), ("forward", normkit.BatchNorm2d), ("backward", normkit.BatchNorm2d)]
+    handle.remove()  # a handle taken on the old layer still removes its hook
+    calls.clear()
+    model(torch.randn(4, 2, 3, 3))
+    assert calls == [("pre", normkit.BatchNorm2d)]
+    convert_batch_norm(model, "torch")
+    model(torch.randn(4, 2, 3, 3))
+    assert calls[-1] == ("pre", nn.BatchNorm2d)
+
+
 @pytest.mark.parametrize("make,option", [
     (lambda: normkit.BatchNorm2d(3, renorm=True), "renorm=True"),
     (lambda: normkit.BatchNorm2d(3, virtual_batch_size=2), "virtual_batch_size=2"),
@@ -419,6 +462,10 @@ def randomize(model, shape, steps=3):
     return model.eval()
 
 
+class PlainSubclassConv(nn.Conv2d):
+    """A subclass that only adds to the constructor computes what nn.Conv2d does: it folds."""
+
+
 def fold_cases():
     tbn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
     nbn = {1: normkit.BatchNorm1d, 2: normkit.BatchNorm2d, 3: normkit.BatchNorm3d}
@@ -440,6 +487,20 @@ def fold_cases():
                                            nn.Linear(6, 6), normkit.BatchNorm1d(6, unbiased_running_var=False,
                                                                                 adjustment=lambda s: (1.5, 0.5))),
                      (10, 5), 3, id="renorm-ghost-adjustment"),
+        pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect"),
+                                           nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, groups=6, bias=False),
+                                           normkit.BatchNorm2d(6)), (4, 4, 8, 8), 2, id="grouped-dilated-reflect"),
+        # A transposed conv's weight is (in, out / groups, *k): the scale goes on its second axis, per group.
+        pytest.param(lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, groups=2, stride=2), nn.BatchNorm1d(6)),
+                     (4, 4, 7), 1, id="conv-transpose1d-groups"),
+        pytest.param(lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, bias=False, output_padding=1, stride=2),
+                                           normkit.BatchNorm2d(4), nn.ReLU(),
+                                           nn.ConvTranspose2d(4, 4, 1, groups=4), nn.BatchNorm2d(4, affine=False)),
+                     (4, 3, 5, 5), 2, id="conv-transpose2d"),
+        pytest.param(lambda: nn.Sequential(nn.ConvTranspose3d(2, 6, 2, groups=2, dilation=2), normkit.BatchNorm3d(6)),
+                     (4, 2, 3, 3, 3), 1, id="conv-transpose3d-groups"),
+        pytest.param(lambda: nn.Sequential(PlainSubclassConv(3, 4, 3), nn.BatchNorm2d(4)), (4, 3, 6, 6), 1,
+                     id="subclass-not-overriding-forward"),
         pytest.param(lambda: nn.Sequential(nn.Linear(5, 6), normkit.BatchNorm(6, axis=-1, bias=False)),
                      (4, 7, 5), 1, id="features-last-after-linear"),
         pytest.param(lambda: nn.Sequential(nn.Linear(5, 6),
@@ -510,7 +571,6 @@ def test_bn_layers_that_cannot_fold_stay():
         nn.BatchNorm2d(3),                                                 # first: nothing before it
         nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3),                  # after an activation
         nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False),  # batch statistics in eval
-        nn.ConvTranspose2d(3, 3, 1), nn.BatchNorm2d(3),                    # transposed conv
         nn.Conv2d(3, 3, 1), normkit.BatchNorm(3, axis=-1),                 # normalizes the width, not channels
         shared, nn.BatchNorm2d(3), shared,                                 # the conv is used twice
         parametrizations.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3),  # weight recomputed each call
@@ -519,14 +579,69 @@ def test_bn_layers_that_cannot_fold_stay():
     model = randomize(model, (4, 3, 3, 3))
     x = torch.randn(2, 3, 3, 3).double()
     folded, names = fold_batch_norm(model)
-    assert names == ["16"]
-    assert [i for i, m in enumerate(folded) if isinstance(m, BN_CLASSES)] == [0, 3, 5, 7, 9, 11, 14]
+    assert names == ["14"]
+    assert [i for i, m in enumerate(folded) if isinstance(m, BN_CLASSES)] == [0, 3, 5, 7, 9, 12]
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
 
     with pytest.warns(FutureWarning):  # old-style weight_norm: a pre-forward hook recomputes the weight
         model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3)).eval()
     model(x.float())  # (such a model cannot be deep-copied after a call: torch's limitation; inplace=True can)
     assert fold_batch_norm(model, inplace=True)[1] == []
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a torch.nn BN subclass whose forward adds an activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class StandardizedConv(nn.Conv2d):
+    """A weight-standardized conv (BiT's StdConv2d pattern): it rescales its weight per output channel in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class TappedSequential(nn.Sequential):
+    """A Sequential whose own forward also uses the conv's output: the children's order proves nothing."""
+
+    def forward(self, x):
+        h = self[0](x)
+        return self[1](h) + h
+
+
+def double_output(module, args, output):
+    return output * 2
+
+
+def shift_input(module, args):
+    return (args[0] + 1,)
+
+
+def with_hook(index, register, hook):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    getattr(model[index], register)(hook)
+    return model
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4)),
+    lambda: nn.Sequential(StandardizedConv(3, 4, 3), nn.BatchNorm2d(4)),
+    lambda: TappedSequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+    lambda: with_hook(0, "register_forward_hook", double_output),
+    lambda: with_hook(1, "register_forward_pre_hook", shift_input),
+], ids=["bn-subclass-forward", "conv-subclass-forward", "sequential-subclass-forward", "conv-hook", "bn-pre-hook"])
+def test_layers_whose_computation_is_not_the_formulas_stay(make):
+    """Folding assumes conv -> BN as torch.nn computes them, in Sequential's order: anything else must stay."""
+    torch.manual_seed(17)
+    model = randomize(make().double(), (4, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
 def test_a_conv_whose_weight_is_tied_to_another_layer_stays():
@@ -585,6 +700,29 @@ def test_frozen_layers_keep_running_statistics_after_train_and_get_no_gradient()
     assert model[6].trainable and not model[1].frozen and all(p.requires_grad for p in model.parameters())
     model(x * 1.5)
     assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1),
+    lambda params: torch.optim.AdamW(params, lr=0.1),
+], ids=["sgd-momentum-decay", "adamw"])
+def test_no_optimizer_moves_a_frozen_layer(make_optimizer):
+    """Gradients from before freezing, zeroed but kept (zero_grad(set_to_none=False)), still feed weight decay and
+    momentum: freezing drops them, so optimizers skip the layer."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), normkit.BatchNorm1d(4), normkit.keras.BatchNormalization())
+    optimizer = make_optimizer(model.parameters())
+    model(torch.randn(8, 3)).square().sum().backward()
+    optimizer.step()
+    freeze_batch_norm(model)  # between a backward and the next step, with gradients present
+    frozen = {name: p.clone() for name, p in model.named_parameters() if not name.startswith("0.")}
+    linear = model[0].weight.clone()
+    for _ in range(2):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        model(torch.randn(8, 3)).square().sum().backward()
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    assert not torch.equal(model[0].weight, linear)  # the rest of the model trains
 
 
 def test_freeze_refuses_torch_layers_and_models_without_normkit_bn():

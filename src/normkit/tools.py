@@ -44,9 +44,25 @@ def _input_of(item, index: int) -> torch.Tensor:
                             "expected an input tensor or an (input, target) pair")
         item = item[0]
     if not isinstance(item, torch.Tensor):
+        hint = (" (a dict's input key is the caller's to name: pass a generator such as "
+                "(batch['image'] for batch in loader))" if isinstance(item, dict) else "")
         raise TypeError(f"recalibrate_running_stats: batch {index} is a {type(item).__name__}; expected an input "
-                        "tensor or an (input, target) pair whose first element is the input tensor")
+                        f"tensor or an (input, target) pair whose first element is the input tensor{hint}")
     return item
+
+
+def _refuse_unbuilt(model: nn.Module, caller: str, norms_only: bool) -> None:
+    """Lazy modules before their first call and unbuilt Keras-style layers hold no tensors to work on."""
+    keras = sys.modules.get(__package__ + ".keras")
+    unbuilt = []
+    for name, module in model.named_modules():
+        lazy = (isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+                and (isinstance(module, _BN_TYPES) or not norms_only))
+        if lazy or (keras is not None and isinstance(module, keras.BatchNormalization) and module.bn is None):
+            unbuilt.append(f"{_label(name)} ({type(module).__name__})")
+    if unbuilt:
+        raise ValueError(f"{caller}: not built yet: {', '.join(unbuilt)} (lazy and Keras-style layers get their "
+                         "tensors on their first call); call model(example_batch) once first")
 
 
 def _check_num_batches(num_batches) -> None:
@@ -105,13 +121,16 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
 
     Raises:
         ValueError: ``model`` holds no BN layer, none that can be recalibrated (all frozen or
-            without running statistics), ``batches`` yields nothing, or ``num_batches`` is not
-            None or a positive int.
-        TypeError: a batch is neither a tensor nor a tuple/list starting with one.
+            without running statistics), a lazy BN or Keras-style layer not built yet (call the
+            model once first), ``batches`` yields nothing, or ``num_batches`` is not None or a
+            positive int.
+        TypeError: a batch is neither a tensor nor a tuple/list starting with one (a dict is
+            refused: pass a generator of its input, ``(b["image"] for b in loader)``).
     """
     _check_num_batches(num_batches)
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_running_stats: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_unbuilt(model, "recalibrate_running_stats", norms_only=True)
     norms = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
     if not norms:
         raise ValueError(f"recalibrate_running_stats: {type(model).__name__} has no batch-normalization layer "
@@ -218,6 +237,10 @@ def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
             new.register_parameter(name, layer._parameters.get(name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             new.register_buffer(name, layer._buffers.get(name))
+    # The same hook dicts (not copies): hooks run on the new layer and their handles still remove them.
+    for name, value in vars(layer).items():
+        if (name.startswith(("_forward_", "_backward_")) and "hook" in name) or name == "_is_full_backward_hook":
+            setattr(new, name, value)
     return new.train(layer.training)
 
 
@@ -242,8 +265,9 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     old layer's tensors**: the same ``weight``/``bias`` Parameter objects (so ``requires_grad``,
     an optimizer built before the conversion and its state keep working) and the same buffers
     (``running_mean``, ``running_var``, ``num_batches_tracked``), hence the same device, dtype
-    and state_dict. A layer shared by several parents is converted once and stays shared. Hooks
-    registered on the old layer are not carried.
+    and state_dict. A layer shared by several parents is converted once and stays shared. Its
+    forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
+    before the conversion still removes its hook); state_dict hooks are not carried.
 
     Only these exact classes are converted: subclasses (which may override ``forward``),
     ``SyncBatchNorm``, lazy layers and every other module are left as they are. normkit's
@@ -301,7 +325,24 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
 
 # ----------------------------------------------------------------------------- folding
 
-_FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FOLD_INTO = _CONV + _CONV_TRANSPOSE + (nn.Linear,)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _runs_as_its_base(module: nn.Module, bases: tuple) -> bool:
+    """Whether ``module`` computes what its base class does: a subclass overriding ``forward`` (timm's
+    BatchNormAct2d adds an activation, a weight-standardized conv rescales its weight) may compute anything."""
+    kind = type(module)
+    base = next((b for b in kind.__mro__ if b in bases), None)
+    return base is not None and all(getattr(kind, name, None) is getattr(base, name, None)
+                                    for name in ("forward", "_conv_forward"))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """A hook may change the module's input or output, or watch it: folding would change what it sees."""
+    return any(getattr(module, name, None) for name in _HOOKS)
 
 
 def _batch_norm_of(module: nn.Module):
@@ -325,6 +366,11 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     """Whether ``module`` (a BN) in eval mode is an affine map per output channel of ``layer`` (conv or linear)."""
     bn = _batch_norm_of(module)
     if bn is None or not isinstance(layer, _FOLD_INTO) or bn.running_mean is None:
+        return False
+    keras = sys.modules.get(__package__ + ".keras")
+    norm_bases = (_BatchNorm, nn.SyncBatchNorm, BatchNorm) + ((keras.BatchNormalization,) if keras else ())
+    if (not _runs_as_its_base(layer, _FOLD_INTO) or not all(_runs_as_its_base(m, norm_bases) for m in (module, bn))
+            or any(_hooked(m) for m in (layer, module, bn))):
         return False
     weight = layer._parameters.get("weight")
     if (parametrize.is_parametrized(layer) or not isinstance(weight, nn.Parameter)
@@ -354,7 +400,11 @@ def _fold(layer: nn.Module, bn) -> None:
     bias = (bias - mean) * scale
     if bn.bias is not None:
         bias = bias + bn.bias.to(weight.device, dtype)
-    weight.copy_(weight.to(dtype) * scale.view(-1, *([1] * (weight.dim() - 1))))
+    if isinstance(layer, _CONV_TRANSPOSE):  # weight (in, out / groups, *k): output channel g * out / groups + j
+        grouped = weight.view(layer.groups, -1, *weight.shape[1:])
+        grouped.copy_(grouped.to(dtype) * scale.view(layer.groups, 1, -1, *([1] * (weight.dim() - 2))))
+    else:  # weight (out, ...)
+        weight.copy_(weight.to(dtype) * scale.view(-1, *([1] * (weight.dim() - 1))))
     if layer.bias is None:
         layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
     else:
@@ -364,9 +414,9 @@ def _fold(layer: nn.Module, bn) -> None:
 def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Module, List[str]]:
     r"""Fold every eval-mode BN that directly follows a conv or linear layer into it, for inference.
 
-    In eval mode a BN layer is an affine map per channel, so after a ``Conv1d/2d/3d`` or
-    ``Linear`` whose output channels it normalizes it merges into that layer's weight and bias
-    (per output channel ``c``, with the BN's running statistics):
+    In eval mode a BN layer is an affine map per channel, so after a ``Conv1d/2d/3d``,
+    ``ConvTranspose1d/2d/3d`` or ``Linear`` whose output channels it normalizes it merges into
+    that layer's weight and bias (per output channel ``c``, with the BN's running statistics):
 
     .. math::
         s_c = \frac{\gamma_c}{\sqrt{\mathrm{running\_var}_c + \epsilon}}, \quad
@@ -378,8 +428,10 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 
     Args:
         model: a model in eval mode (``model.eval()``). Pairs are looked for inside every
-            ``nn.Sequential`` of the model (at any depth, the model itself included): a BN is
-            folded when the child just before it in the same Sequential is a conv/linear layer.
+            ``nn.Sequential`` of the model (at any depth, the model itself included) that runs
+            Sequential's own ``forward``: a BN is folded when the child just before it in the
+            same Sequential is a conv/linear layer. (Code elsewhere that calls such a Sequential's
+            children one by one is not visible in the module tree: don't fold such a model.)
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
@@ -396,14 +448,19 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 
     Left as they are: a BN with no running statistics (``track_running_stats=False``: it
     normalizes with batch statistics in eval too), one not directly after a conv/linear layer,
-    one after a ``ConvTranspose`` (its weight is laid out by input channel), a layer whose weight
-    is parametrized or computed by a hook (weight_norm, spectral_norm) or not yet initialized (lazy), a layer or BN used at more than one place in the model or whose weight or bias is tied to another layer's, and BNs outside
-    ``nn.Sequential`` containers (their order of calls is the code's, not the module tree's).
+    a layer whose weight is parametrized or computed by a hook (weight_norm, spectral_norm), a
+    layer or BN used at more than one place in the model or whose weight or bias is tied to
+    another layer's, a layer or BN whose class overrides its torch.nn/normkit base's ``forward``
+    (timm's BatchNormAct2d, weight-standardized convs: they compute something else), a layer or
+    BN with forward or backward hooks (a hook may change or watch the activation that folding
+    removes), and BNs outside ``nn.Sequential`` containers or inside a Sequential subclass with
+    its own ``forward`` (their order of calls is the code's, not the module tree's).
 
     Raises:
         ValueError: ``model`` or one of its submodules is in training mode: a training-mode BN
             normalizes with batch statistics, which no fixed weight can reproduce; call
-            ``model.eval()`` first.
+            ``model.eval()`` first. Or the model holds an unbuilt lazy module or Keras-style layer
+            (no running statistics yet, and no deep copy): call it once on an example batch.
         TypeError: ``model`` is not a torch.nn.Module.
     """
     if not isinstance(model, nn.Module):
@@ -413,6 +470,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
         raise ValueError(f"fold_batch_norm: {_label(training[0])} ({type(model.get_submodule(training[0])).__name__}) "
                          "is in training mode; folding uses running statistics, which a BN in training mode does "
                          "not: call model.eval() before fold_batch_norm(model)")
+    _refuse_unbuilt(model, "fold_batch_norm", norms_only=False)
     if not inplace:
         model = copy.deepcopy(model)
     uses = {}  # how many places hold each module and each parameter (tied weights count twice)
@@ -422,7 +480,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
     folded = []
     for prefix, container in model.named_modules():
-        if not isinstance(container, nn.Sequential):
+        # Only Sequential's own forward proves that each child's output is the next child's input, and only there.
+        if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
         names = list(container._modules)
         for before, name in zip(names, names[1:]):
@@ -467,6 +526,11 @@ def _set_frozen(layers, frozen: bool) -> None:
             layer.freeze() if frozen else layer.unfreeze()
         else:  # the Keras wrapper
             layer.trainable = not frozen
+        if frozen:
+            # A gradient left from before (or zeroed by zero_grad(set_to_none=False)) would still let an
+            # optimizer with weight decay or momentum move the layer; without one, optimizers skip it.
+            for parameter in layer.parameters():
+                parameter.grad = None
 
 
 def freeze_batch_norm(model: nn.Module) -> nn.Module:
@@ -474,7 +538,8 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
 
     Each ``normkit.BatchNorm`` (subclasses included) gets ``freeze()``: it normalizes with its
     running statistics in training mode too, updates neither them nor ``num_batches_tracked``,
-    and its ``weight``/``bias`` get ``requires_grad=False`` (no gradient, no optimizer update).
+    and its ``weight``/``bias`` get ``requires_grad=False`` and ``grad=None`` (no gradient, so
+    optimizers skip them: a gradient kept from before would still feed weight decay or momentum).
     Unlike ``bn.eval()``, this survives ``model.train()``, so fine-tuning a model with frozen
     BN is just ``model.train()``. A ``normkit.keras.BatchNormalization`` gets ``trainable =
     False`` (Keras' meaning; built or not). Returns ``model`` (changed in place).
