@@ -213,3 +213,22 @@ def test_an_adjustment_of_the_wrong_shape_is_named():
     layer.adjustment = lambda shape: torch.ones(shape)
     with pytest.raises(ValueError, match="adjustment must return a pair"):
         layer(torch.randn(8, 4, 3))
+
+
+@pytest.mark.parametrize("make_layer, freeze", [
+    (lambda: normkit.BatchNorm1d(3), lambda layer: layer.freeze()),
+    (lambda: BatchNormalization(), lambda layer: setattr(layer, "trainable", False)),
+], ids=["freeze()", "keras trainable=False"])
+def test_a_frozen_layer_is_skipped_by_optimizers_with_decay_and_momentum(make_layer, freeze):
+    # A gradient kept from before freezing (zero_grad(set_to_none=False) keeps zeros) would let SGD's momentum and
+    # weight decay move the layer; frozen, its parameters hold no gradient and optimizers skip them.
+    layer = make_layer()
+    layer(torch.randn(8, 3)).square().sum().backward()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    freeze(layer)
+    before = [p.clone() for p in layer.parameters()]
+    optimizer.step()
+    assert all(p.grad is None for p in layer.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before, strict=True))

@@ -442,12 +442,17 @@ class BatchNorm(_NormBase):
         """Use running statistics, update nothing and train nothing, even after ``model.train()``.
 
         torch.nn's BN goes back to batch statistics when the model is put in train()
-        again (a fine-tuning trap); a frozen normkit layer does not. ``unfreeze()`` undoes it.
+        again (a fine-tuning trap); a frozen normkit layer does not. Parameters lose any
+        gradient they hold, so optimizers skip them (weight decay and momentum included).
+        ``unfreeze()`` undoes it.
         """
         self.frozen = True
         for parameter in (self.weight, self.bias):
             if parameter is not None:
                 parameter.requires_grad_(False)
+                # A gradient left from before (or zeroed by zero_grad(set_to_none=False)) would still let an
+                # optimizer with weight decay or momentum move the layer; without one, optimizers skip it.
+                parameter.grad = None
         return self
 
     def unfreeze(self) -> "BatchNorm":

@@ -525,12 +525,7 @@ def _set_frozen(layers, frozen: bool) -> None:
         if isinstance(layer, BatchNorm):
             layer.freeze() if frozen else layer.unfreeze()
         else:  # the Keras wrapper
-            layer.trainable = not frozen
-        if frozen:
-            # A gradient left from before (or zeroed by zero_grad(set_to_none=False)) would still let an
-            # optimizer with weight decay or momentum move the layer; without one, optimizers skip it.
-            for parameter in layer.parameters():
-                parameter.grad = None
+            layer.trainable = not frozen  # (its BatchNorm's freeze(), once built)
 
 
 def freeze_batch_norm(model: nn.Module) -> nn.Module:
