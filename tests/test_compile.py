@@ -49,8 +49,11 @@ CASES = {
     "GroupNorm": (lambda: normkit.GroupNorm(2, 4), (6, 4, 5), None, True),
     "InstanceNorm2d with stats": (lambda: normkit.InstanceNorm2d(4, affine=True, track_running_stats=True),
                                   (6, 4, 3, 3), None, True),
-    # Reading the step count on the host breaks the graph, as in torch.nn (momentum=None there too).
-    "momentum None": (lambda: normkit.BatchNorm2d(4, momentum=None), (8, 4, 3, 3), None, False),
+    # The cumulative average's weight 1/t stays a tensor when traced: one graph (torch.nn's layer breaks here).
+    "momentum None": (lambda: normkit.BatchNorm2d(4, momentum=None), (8, 4, 3, 3), None, True),
+    "momentum None, renorm and ghosts": (lambda: normkit.BatchNorm2d(4, momentum=None, renorm=True, virtual_batch_size=4),
+                                         (8, 4, 3, 3), None, True),
+    "momentum None, masked": (lambda: normkit.BatchNorm(4, momentum=None, axis=-1), (8, 6, 4), (8, 6), True),
     # Clipping schedules trace with the step count as a symbol (the bounds reach r and d as a tensor).
     "clipping schedule": (lambda: normkit.BatchNorm(4, renorm=True, renorm_clipping={
         "rmax": lambda step: 1.0 + step / 10, "rmin": lambda step: 1.0 / (1.0 + step / 10),

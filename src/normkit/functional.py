@@ -273,7 +273,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)
-    if plain and unbiased_running_var:
+    if plain and unbiased_running_var and not isinstance(momentum, torch.Tensor):
+        # (a tensor momentum, the traced cumulative average, goes to the pipelines: ATen's kernel takes a number)
         check_enough_values(x.numel() // math.prod([x.shape[a] for a in feature_axes]), x.shape)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
                                 recenter)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
-from .modules import BatchNorm
+from .modules import BatchNorm, _refuse_torchscript
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
 
@@ -206,6 +206,8 @@ class BatchNormalization(nn.Module):
         self.bn: Optional[BatchNorm] = None
         self._build_shape: Optional[tuple] = None
         self.trainable = trainable
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     # -- options ----------------------------------------------------------------------------------
 

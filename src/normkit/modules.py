@@ -95,6 +95,14 @@ def _reset_affine(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _refuse_torchscript(module: nn.Module):
+    """``__prepare_scriptable__`` of every normkit layer: torch.jit.script's own error would point into normkit's code."""
+    raise TypeError(f"torch.jit.script cannot compile {type(module).__name__}: TorchScript (deprecated in PyTorch) "
+                    "takes a subset of Python that normkit's layers are not written in. Use torch.export.export(model, "
+                    "(example_input,)) or torch.compile(model) (both trace normkit's layers, training included), or "
+                    "torch.jit.trace(model.eval(), example_input) for an inference TorchScript module")
+
+
 class _NormBase(nn.Module):
     """Parameters ``weight``/``bias`` and buffers ``running_mean``/``running_var``/``num_batches_tracked``.
 
@@ -104,6 +112,7 @@ class _NormBase(nn.Module):
     """
 
     _version = 2
+    __prepare_scriptable__ = _refuse_torchscript
 
     def __init__(self, num_features, eps=1e-5, momentum: Optional[float] = 0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias: bool = True):
@@ -164,6 +173,10 @@ class _NormBase(nn.Module):
             return 0.0
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
+            if torch.compiler.is_compiling():
+                # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
+                # torch.export refuses it) and the running average's weight 1/t is computed on the device.
+                return torch.reciprocal(self.num_batches_tracked.to(self.running_mean.dtype))
             # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
             return momentum_factor(None, int(self.num_batches_tracked))
         return self.momentum
@@ -812,6 +825,8 @@ class BatchNorm3d(_BatchNormNd):
 
 class _SampleNorm(nn.Module):
     """What LayerNorm and GroupNorm share: the sample's own statistics, an optional affine, torch.nn's init order."""
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def _init_affine(self, eps, shape, affine: bool, bias: bool, device, dtype) -> None:
         self.eps = _as_given(eps)

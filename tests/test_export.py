@@ -1,0 +1,92 @@
+"""Deploying normkit layers: torch.export and torch.jit.trace give the eager layer's results; torch.jit.script says what to use.
+
+The oracle is the eager layer itself (tested against the NumPy reference elsewhere), stepped on the same data
+as the exported program: outputs, input and parameter gradients, and every buffer."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit.keras import BatchNormalization
+
+# name: (layer factory, input shape)
+LAYERS = {
+    "BatchNorm2d": (lambda: normkit.BatchNorm2d(4), (8, 4, 5, 5)),
+    "BatchNorm axis=-1": (lambda: normkit.BatchNorm(4, axis=-1), (8, 5, 5, 4)),
+    "renorm with clipping": (lambda: normkit.BatchNorm2d(4, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5}),
+                             (8, 4, 5, 5)),
+    "ghost batches": (lambda: normkit.BatchNorm2d(4, virtual_batch_size=4), (8, 4, 5, 5)),
+    "momentum None": (lambda: normkit.BatchNorm1d(4, momentum=None), (8, 4)),
+    "frozen": (lambda: normkit.BatchNorm2d(4).freeze(), (8, 4, 5, 5)),
+    "LayerNorm": (lambda: normkit.LayerNorm([4, 5]), (8, 3, 4, 5)),
+    "GroupNorm": (lambda: normkit.GroupNorm(2, 4), (8, 4, 5)),
+    "InstanceNorm2d with stats": (lambda: normkit.InstanceNorm2d(4, affine=True, track_running_stats=True),
+                                  (8, 4, 5, 5)),
+    "Keras layer": (lambda: BatchNormalization(momentum=0.9, dtype="float64"), (8, 5, 4)),
+}
+
+
+def _layer(name):
+    make, shape = LAYERS[name]
+    layer = make().double()
+    layer(torch.zeros(shape, dtype=torch.float64))  # (builds the Keras layer; a step for the rest)
+    return layer, shape
+
+
+def _step(module, params, x, g):
+    leaf = x.clone().requires_grad_()
+    y = module(leaf)
+    return [y, *torch.autograd.grad(y, [leaf, *params], g)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_exported_program_steps_as_the_eager_layer(name, training):
+    rng = np.random.default_rng(0)
+    layer, shape = _layer(name)
+    layer.train(training)
+    eager = copy.deepcopy(layer)
+    example = torch.tensor(rng.normal(size=shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (export's notes on mutated buffers)
+        program = torch.export.export(layer, (example,)).module()
+    exported_params = [p for p in program.parameters() if p.requires_grad]
+    eager_params = [p for p in eager.parameters() if p.requires_grad]
+    assert len(exported_params) == len(eager_params)
+    for step in range(3):
+        x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
+        g = torch.tensor(rng.normal(size=shape))
+        for got, want in zip(_step(program, exported_params, x, g), _step(eager, eager_params, x, g), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        exported_buffers = dict(program.named_buffers())
+        for buffer_name, want in eager.named_buffers():
+            torch.testing.assert_close(exported_buffers[buffer_name], want, rtol=1e-10, atol=1e-10, msg=buffer_name)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_traced_inference_module_equals_the_eager_layer(name):
+    rng = np.random.default_rng(1)
+    layer, shape = _layer(name)
+    layer.eval()
+    example = torch.tensor(rng.normal(size=shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (tracer warnings about Python values in shape checks)
+        traced = torch.jit.trace(layer, example)
+    x = torch.tensor(rng.normal(2.0, 3.0, size=shape))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_torchscript_scripting_says_what_to_use_instead(name):
+    layer, _ = _layer(name)
+    model = torch.nn.Sequential(torch.nn.Identity(), layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script's own deprecation warning)
+        with pytest.raises(TypeError, match=r"torch.jit.script cannot compile .*torch\.export\.export.*torch.jit.trace"):
+            torch.jit.script(model)
+    assert model[1] is layer  # (the model is left as it was)
