@@ -121,3 +121,18 @@ def test_group_norm_is_independent_of_batch_size(rng):
     gn = normkit.GroupNorm(2, 4).double()
     x = torch.tensor(rng.normal(size=(5, 4, 3, 3)))
     torch.testing.assert_close(gn(x)[1:2], gn(x[1:2]))
+
+
+@pytest.mark.parametrize("name, arguments, shape", [("LayerNorm", (6,), (4, 3, 6)), ("GroupNorm", (2, 4), (3, 4, 5))])
+def test_parametrized_weight_is_used_as_in_torch_nn(name, arguments, shape):
+    # (the short path reads the parameters from the module's dict; a parametrization moves the weight out of it)
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2.0 * weight
+
+    ours, theirs = getattr(normkit, name)(*arguments), getattr(torch.nn, name)(*arguments)
+    for layer in (ours, theirs):
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert not torch.allclose(ours(x), getattr(normkit, name)(*arguments)(x))

@@ -62,6 +62,9 @@ def _check_momentum(momentum, *, name="momentum"):
     return _as_given(momentum)
 
 
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
 def _dtype_fits(dtype: torch.dtype, reference: Optional[torch.Tensor]) -> bool:
     """Whether ATen takes input of ``dtype`` with the layer's tensors: the same dtype, or float16/bfloat16 input
     with float32 parameters and buffers (mixed precision)."""
@@ -836,6 +839,14 @@ class _SampleNorm(nn.Module):
     def reset_parameters(self) -> None:
         _reset_affine(self)
 
+    def _affine(self) -> tuple:
+        """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
+        a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
+        params = self._parameters
+        if "weight" in params and "bias" in params:
+            return params["weight"], params["bias"]
+        return self.weight, self.bias
+
     def _check_input(self, input: torch.Tensor) -> None:
         F.check_floating(input)
         _check_input_dtype(input, self.weight)
@@ -867,6 +878,12 @@ class LayerNorm(_SampleNorm):
         self._init_affine(eps, shape, self.elementwise_affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The common case straight to ATen as torch.nn's layer calls it: on small inputs the general path's
+        # checks cost as much as the op.
+        shape, (weight, bias) = self.normalized_shape, self._affine()
+        if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
+                and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape):
+            return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
         self._check_input(input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
@@ -906,6 +923,12 @@ class GroupNorm(_SampleNorm):
         self._init_affine(eps, num_channels, self.affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The common case straight to ATen, as in LayerNorm.forward.
+        weight, bias = self._affine()
+        if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
+                and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
+                and input.shape[1] == self.num_channels and input.numel() != self.num_groups):
+            return torch.group_norm(input, self.num_groups, weight, bias, self.eps, torch.backends.cudnn.enabled)
         self._check_input(input)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "

@@ -1,0 +1,107 @@
+"""normkit's LayerNorm, GroupNorm and InstanceNorm vs torch.nn's, side by side in one process.
+
+    python benchmarks/bench_sample_norms.py [--threads 1] [--budget 6] [--quick] [--only SUBSTRING] [--device cuda]
+
+Each pair runs interleaved (see common.compare) on the same tensor, in training (forward, then
+``torch.autograd.grad`` w.r.t. input and the affine parameters) and inference (eval, no_grad); the table
+gives the median time per call of each and the median paired ratio normkit / torch.nn (target: <= 1.05,
+the drop-in promise: never slower than torch.nn where they overlap), with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (add_device_argument, check_device, compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
+                    machine_line, set_threads, training_step)
+
+import normkit  # noqa: E402
+
+TARGET = 1.05
+
+# label: (the layer's class name in both libraries, constructor arguments, input shape)
+CASES = {
+    "LayerNorm(120) (64,120)": ("LayerNorm", (120,), (64, 120)),
+    "LayerNorm(768) (16,128,768)": ("LayerNorm", (768,), (16, 128, 768)),
+    "LayerNorm([16,8,8]) (64,16,8,8)": ("LayerNorm", ([16, 8, 8],), (64, 16, 8, 8)),
+    "GroupNorm(3,6) (64,6,24,24)": ("GroupNorm", (3, 6), (64, 6, 24, 24)),
+    "GroupNorm(4,16) (64,16,8,8)": ("GroupNorm", (4, 16), (64, 16, 8, 8)),
+    "GroupNorm(32,256) (32,256,14,14)": ("GroupNorm", (32, 256), (32, 256, 14, 14)),
+    "InstanceNorm1d(16) (64,16,50)": ("InstanceNorm1d", (16,), (64, 16, 50)),
+    "InstanceNorm2d(6, affine) (64,6,24,24)": ("InstanceNorm2d", (6, 1e-5, 0.1, True), (64, 6, 24, 24)),
+    "InstanceNorm2d(64, stats) (8,64,56,56)": ("InstanceNorm2d", (64, 1e-5, 0.1, True, True), (8, 64, 56, 56)),
+}
+
+
+def pair(label, device="cpu"):
+    """(normkit module, torch.nn module, input, upstream gradient), the same parameters in both."""
+    name, arguments, shape = CASES[label]
+    torch.manual_seed(0)
+    ours, theirs = getattr(normkit, name)(*arguments), getattr(torch.nn, name)(*arguments)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    ours.to(device), theirs.to(device)
+    return ours, theirs, torch.randn(shape, device=device) * 2.0 + 0.5, torch.randn(shape, device=device)
+
+
+def run(args):
+    rows = []
+    for label in CASES:
+        if args.only not in label:
+            continue
+        ours, theirs, x, g = pair(label, args.device)
+        for mode in ("train", "infer"):
+            if mode == "train":
+                ours.train(), theirs.train()
+                contenders = {"normkit": training_step(ours, x, g, list(ours.parameters())),
+                              "torch.nn": training_step(theirs, x, g, list(theirs.parameters()))}
+            else:
+                ours.eval(), theirs.eval()
+                contenders = {"normkit": inference_step(ours, x), "torch.nn": inference_step(theirs, x)}
+            result = compare(contenders, budget_s=args.budget, min_rounds=args.min_rounds, device=args.device)
+            ratio = result.ratio("normkit", "torch.nn")
+            q1, q3 = result.ratio_iqr("normkit", "torch.nn")
+            rows.append({"label": label, "mode": mode, "normkit": result.medians["normkit"],
+                         "torch.nn": result.medians["torch.nn"], "ratio": ratio, "q1": q1, "q3": q3})
+            print(f"  {label} {mode}: ratio {ratio:.3f} [{q1:.3f}, {q3:.3f}] ({result.rounds} rounds x "
+                  f"{result.calls_per_sample})", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| layer and input | mode | normkit | torch.nn | ratio normkit / torch.nn | IQR of ratio | <= 1.05 |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ok = "yes" if row["ratio"] <= TARGET else "**no**"
+        lines.append(f"| {row['label']} | {row['mode']} | {fmt_us(row['normkit'])} | {fmt_us(row['torch.nn'])} | "
+                     f"{fmt_ratio(row['ratio'])} | {row['q1']:.3f}-{row['q3']:.3f} | {ok} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row (default 6)")
+    parser.add_argument("--min-rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    add_device_argument(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget, args.min_rounds = 0.3, 3
+    check_device(args.device)
+    set_threads(args.threads)
+    print(machine_line(args.threads, args.device))
+    print()
+    print(table(run(args)))
+
+
+if __name__ == "__main__":
+    main()
