@@ -944,3 +944,69 @@ def test_keras_class_names_are_accepted_as_strings(value):
     kind = option.rsplit("_", 1)[1]
     assert layer.keras_config()[option]["class_name"] == value
     assert layer.keras_config()[option]["module"] == f"keras.{kind}s"
+
+
+# ----------------------------------------------------------------------------- half precision: float32 math (audit)
+
+def _half_step_against_reference(layer, x, g, seen_dtype, weight, bias, variance, eps, axis=-1):
+    """One training step of ``layer`` against NumPy's float64 reference on the values Keras computes with (the
+    input rounded to ``seen_dtype``, the weights as stored): output and input gradient within one rounding
+    of the output dtype (Keras casts to float32, computes there and rounds once)."""
+    from normkit import reference as R
+
+    leaf = x.clone().requires_grad_()
+    y = layer(leaf, training=True)
+    (dx,) = torch.autograd.grad(y, leaf, g.to(y.dtype))
+    seen = x.to(seen_dtype).double().numpy()
+    kwargs = dict(training=True, eps=eps, axis=axis, unbiased_running_var=False)
+    expected = R.batch_norm(seen, np.zeros(seen.shape[axis]), variance.copy(), weight, bias, momentum=0.1, **kwargs)
+    expected_dx, _, _ = R.batch_norm_backward(g.to(y.dtype).double().numpy(), seen, np.zeros(seen.shape[axis]),
+                                              variance.copy(), weight, bias, **{k: v for k, v in kwargs.items()
+                                                                               if k != "unbiased_running_var"})
+    ulp = torch.finfo(y.dtype).eps  # one unit in the last place, relative (atol: float32 rounding of x * inv_std)
+    np.testing.assert_allclose(npy(y.double()), expected, rtol=ulp, atol=2e-5)
+    np.testing.assert_allclose(npy(dx.double()), expected_dx, rtol=ulp, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy,dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_half_policy_computes_in_float32(policy, dtype):
+    """A "float16"/"bfloat16" policy (half-precision variables): Keras computes in float32 with the variables cast
+    to it; normkit ran ATen's half kernels, ten times Keras' error on outputs and input gradients with few values
+    per channel (found by tests/test_keras_differential.py, seed 264 before the fix)."""
+    rng = np.random.default_rng(264)
+    for _ in range(20):
+        x = torch.tensor(rng.normal(size=(3, 3)) * 2 + 1, dtype=torch.float32)
+        g = torch.tensor(rng.normal(size=(3, 3)), dtype=torch.float32)
+        weights = [rng.uniform(0.5, 2, 3), rng.normal(size=3), np.zeros(3), np.ones(3)]
+        layer = BatchNormalization(momentum=0.9, epsilon=1e-3, dtype=policy)
+        layer.build((3, 3))
+        layer.set_weights([w.astype(np.float32) for w in weights])
+        stored = [w.astype(np.float64) for w in layer.get_weights()]  # (rounded to the policy's dtype)
+        _half_step_against_reference(layer, x, g, dtype, stored[0], stored[1], stored[3], 1e-3)
+        assert layer.gamma.dtype == dtype
+        # the moving statistics: blended in float32, rounded once (the step above used momentum 0.9)
+        rounded = x.to(dtype).double().numpy()
+        np.testing.assert_allclose(npy(layer.moving_variance.double()), 0.9 + 0.1 * rounded.var(axis=0),
+                                   rtol=torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("center,scale", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("shape,axis", [((2, 4), -1), ((2, 1, 2), 0)])
+def test_half_input_computes_in_float32(dtype, center, scale, shape, axis):
+    """A half-precision input to a float32 layer: computed in float32 and rounded once, as Keras does. ATen's
+    half kernels round intermediates (all in half without a float32 weight and bias), which two values per channel
+    amplify in the input gradient (found by tests/test_keras_differential.py, seeds 540 and 648 before the fix)."""
+    rng = np.random.default_rng(648)
+    channels = shape[axis]
+    for _ in range(20):
+        x = torch.tensor(rng.normal(size=shape) * 2 + 1, dtype=torch.float32).to(dtype)
+        g = torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+        layer = BatchNormalization(axis=axis, momentum=0.5, center=center, scale=scale)
+        layer.build(shape)
+        weight = rng.uniform(0.5, 2, channels).astype(np.float32) if scale else None
+        bias = rng.normal(size=channels).astype(np.float32) if center else None
+        layer.set_weights([w for w in (weight, bias) if w is not None] + [np.zeros(channels, np.float32),
+                                                                          np.ones(channels, np.float32)])
+        as64 = (lambda w: None if w is None else w.astype(np.float64))
+        _half_step_against_reference(layer, x, g, dtype, as64(weight), as64(bias), np.ones(channels), 1e-3, axis)

@@ -41,10 +41,13 @@ from .stats import RenormClipping
 __all__ = ["BatchNormalization", "from_keras", "from_keras_config", "load_batch_norms", "to_keras"]
 
 # Keras dtype policies -> (dtype of the variables, dtype inputs are cast to and outputs come in).
-# A mixed policy keeps float32 variables and computes in half precision; the statistics are float32 anyway.
+# A mixed policy keeps float32 variables and casts inputs to half precision; the math is float32 either way (as Keras).
 _POLICIES = {"float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
              "float16": (torch.float16, torch.float16), "bfloat16": (torch.bfloat16, torch.bfloat16),
              "mixed_float16": (torch.float32, torch.float16), "mixed_bfloat16": (torch.float32, torch.bfloat16)}
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _policy_name(dtype) -> Optional[str]:
@@ -496,9 +499,35 @@ class BatchNormalization(nn.Module):
         previous = self.bn.training
         self.bn.training = mode
         try:
+            if stored in _HALF:
+                return self._forward_widened(inputs, mask if mode else None)
+            if inputs.dtype in _HALF:
+                # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
+                # intermediates (in half throughout without a float32 weight and bias), which few values per
+                # channel amplify: ten times Keras' error in the input gradient.
+                return self.bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
             return self.bn(inputs, mask=mask if mode else None)
         finally:
             self.bn.training = previous
+
+    def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """A call of a layer with half-precision variables ("float16"/"bfloat16" policy), as Keras computes it.
+
+        Keras casts the input and the variables to float32, computes there, rounds the output to the
+        compute dtype and each updated statistic once as it is assigned. ATen's half-precision kernels
+        round along the way instead (ten times Keras' error on outputs and gradients), so the inner layer
+        runs on float32 copies (gradients still reach the half parameters through the casts) and the
+        buffers take the copies' new values back.
+        """
+        stored = self.bn.running_mean.dtype
+        widened = {name: tensor.float() for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
+                   if tensor.dtype == stored}
+        y = torch.func.functional_call(self.bn, widened, (inputs.to(stored).float(),), {"mask": mask})
+        with torch.no_grad():
+            for name, buffer in self.bn.named_buffers():
+                if name in widened:
+                    buffer.copy_(widened[name])
+        return y.to(stored)
 
     def extra_repr(self) -> str:
         return (f"axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, center={self.center}, "
