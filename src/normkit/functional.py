@@ -802,7 +802,9 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
                 shift = factor * sum_grad / count
                 # slope * (x - mean), not slope * x - slope * mean: the two products cancel to
                 # float32 rounding when the values are close to each other and far from zero.
-                grad_rows = torch.addcmul(-shift, rows - mean, slope, value=-1)
+                # In place in the one buffer: a fresh input-sized allocation costs as much as a pass.
+                grad_rows = torch.sub(rows, mean)
+                torch.addcmul(-shift, grad_rows, slope, value=-1, out=grad_rows)
                 grad_rows.index_fill_(0, padded_rows, 0.0)
                 grad_rows.addcmul_(grad, factor)
             else:
