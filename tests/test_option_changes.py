@@ -232,3 +232,22 @@ def test_a_frozen_layer_is_skipped_by_optimizers_with_decay_and_momentum(make_la
     optimizer.step()
     assert all(p.grad is None for p in layer.parameters())
     assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before, strict=True))
+
+
+def test_keras_dtype_policy_set_later_changes_the_compute_dtype_as_in_keras():
+    x = torch.randn(8, 3)
+    changed, expected = BatchNormalization(), BatchNormalization(dtype="mixed_bfloat16")
+    changed(x, training=False), expected(x, training=False)  # (built, the moving statistics as initialized)
+    changed.dtype_policy = "mixed_bfloat16"
+    y = changed(x, training=True)
+    assert y.dtype == torch.bfloat16 and changed.gamma.dtype == torch.float32
+    torch.testing.assert_close(y, expected(x, training=True))
+    for got, want in zip(changed.get_weights(), expected.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    unbuilt = BatchNormalization()
+    unbuilt.dtype_policy = "float64"  # (before the build: the variables take it)
+    unbuilt(x)
+    assert unbuilt.gamma.dtype == torch.float64 and unbuilt.keras_config()["dtype"]["config"]["name"] == "float64"
+    with pytest.raises(ValueError, match="dtype must be"):
+        unbuilt.dtype_policy = "float8"
+    assert unbuilt.dtype_policy == "float64"

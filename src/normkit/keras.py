@@ -146,6 +146,7 @@ _OPTION_CHECKS = {
     "axis": _keras_axis, "momentum": _keras_decay, "renorm_momentum": _keras_decay, "epsilon": _keras_epsilon,
     **{flag: _keras_flag for flag in ("center", "scale", "synchronized", "renorm", "trainable")},
     "renorm_clipping": _keras_clipping, "virtual_batch_size": _keras_virtual_batch_size,
+    "dtype_policy": lambda value, name: _policy_name(value),
     "ghost_layout": _keras_ghost_layout, "adjustment": _keras_adjustment,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
                                                            "moving_mean_initializer", "moving_variance_initializer")},
@@ -203,9 +204,8 @@ class BatchNormalization(nn.Module):
         self.ghost_layout = ghost_layout
         self.name = name or "batch_normalization"
         self.process_group = process_group
-        self.dtype_policy = _policy_name(dtype)
-        variable_dtype, self._compute_dtype = _POLICIES[self.dtype_policy] if self.dtype_policy else (None, None)
-        self._factory = {"dtype": variable_dtype, "device": device}
+        self._factory = {"dtype": None, "device": device}
+        self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
         self.bn: Optional[BatchNorm] = None
         self._build_shape: Optional[tuple] = None
         self.trainable = trainable
@@ -240,6 +240,12 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"{self.name} is built: {name} is fixed by its weights' shapes (set it before the first "
                              "call or build(), or make a new layer)")
         super().__setattr__(name, value)
+        if name == "dtype_policy":
+            # As Keras' dtype_policy setter: the compute dtype changes at once; variables keep the dtype they
+            # were built with (an unbuilt layer builds them in the new policy's).
+            variables, self._compute_dtype = _POLICIES[value] if value else (None, None)
+            if inner is None:
+                self._factory["dtype"] = variables
         if inner is None:
             return
         if name in self._LIVE_OPTIONS:
