@@ -707,7 +707,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         dtype = statistics_dtype(view)
         y = _MaskedNormalize.apply(view.to(dtype), mask_view.to(dtype), count, mean, torch.rsqrt(var + eps),
                                    _in_dtype(view_param(scale), dtype), _in_dtype(view_param(offset), dtype),
-                                   reduce_axes).to(view.dtype)
+                                   reduce_axes, eps).to(view.dtype)
     y = y.reshape(x.shape)
     if training and running_mean is not None:
         with torch.no_grad():
@@ -726,6 +726,30 @@ def _sum_to(grad, shape):
     return grad.sum(dim=axes, keepdim=True) if axes else grad
 
 
+def _differentiable_masked_backward(ctx, grad, x, weights, reduce_axes, eps, scale, offset, first):
+    """The masked Functions' gradient when it must itself be differentiable (``create_graph=True``: a gradient
+    penalty, ``gradgradcheck``), as torch.nn's BN is twice differentiable.
+
+    Their closed-form backward works on statistics computed without a graph, so differentiating it would
+    miss how the statistics depend on the input (silently wrong second derivatives). Here the forward is
+    recomputed by autograd from the saved inputs (same formula, ``moments`` with the mask) and its gradient
+    taken with ``create_graph=True``. ``first`` is the Function's gradient tuple with the input, scale and
+    offset slots (0, 3, 4 or 0, 5, 6: ``first`` says where) to fill.
+    """
+    wanted = [(slot, t) for slot, t in zip(first, (x, scale, offset))
+              if t is not None and ctx.needs_input_grad[slot]]
+    grads = [None] * len(ctx.needs_input_grad)
+    if not wanted:
+        return tuple(grads)
+    with torch.enable_grad():
+        _, mean, var = moments(x, reduce_axes, weights)
+        y = normalize(x, mean, var, eps, scale, offset)
+        found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
+    for (slot, _), value in zip(wanted, found):
+        grads[slot] = value
+    return tuple(grads)
+
+
 class _MaskedNormalize(torch.autograd.Function):
     """``(x - mean) * invstd * scale + offset`` where mean/invstd are masked batch statistics of x.
 
@@ -735,18 +759,22 @@ class _MaskedNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, count, mean, invstd, scale, offset, reduce_axes):
+    def forward(ctx, x, weights, count, mean, invstd, scale, offset, reduce_axes, eps):
         centered = x - mean
         factor = invstd if scale is None else invstd * scale
         y = centered * factor if offset is None else torch.addcmul(offset, centered, factor)
-        ctx.reduce_axes = reduce_axes
+        ctx.reduce_axes, ctx.eps = reduce_axes, eps
         ctx.has_scale, ctx.has_offset = scale is not None, offset is not None
-        ctx.save_for_backward(centered, weights, count, invstd, factor, scale if scale is not None else invstd)
+        ctx.save_for_backward(centered, weights, count, invstd, factor, scale if scale is not None else invstd,
+                              x, scale, offset)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        centered, weights, count, invstd, factor, scale = ctx.saved_tensors
+        centered, weights, count, invstd, factor, scale, x, given_scale, given_offset = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
+            return _differentiable_masked_backward(ctx, grad, x, weights, ctx.reduce_axes, ctx.eps, given_scale,
+                                                   given_offset, (0, 5, 6))
         axes = ctx.reduce_axes
         sum_grad = grad.sum(dim=axes, keepdim=True)
         sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
@@ -756,7 +784,7 @@ class _MaskedNormalize(torch.autograd.Function):
         grad_x = grad * factor - weights * torch.addcmul(shift, centered, slope)
         grad_scale = _sum_to(sum_grad_centered * invstd, scale.shape) if ctx.has_scale else None
         grad_offset = _sum_to(sum_grad, scale.shape) if ctx.has_offset else None
-        return grad_x, None, None, None, None, grad_scale, grad_offset, None
+        return grad_x, None, None, None, None, grad_scale, grad_offset, None, None
 
 
 class _MaskedRowsBatchNorm(torch.autograd.Function):
@@ -779,12 +807,15 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
         y = torch.batch_norm(rows, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.eps, ctx.has_scale, ctx.has_offset = eps, scale is not None, offset is not None
         ctx.count = valid_rows.numel()
-        ctx.save_for_backward(rows, padded_rows, scale, mean, var)
+        ctx.save_for_backward(rows, padded_rows, scale, mean, var, offset)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        rows, padded_rows, scale, mean, var = ctx.saved_tensors
+        rows, padded_rows, scale, mean, var, offset = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
+            weights = torch.ones_like(rows[:, :1]).index_fill_(0, padded_rows, 0.0)
+            return _differentiable_masked_backward(ctx, grad, rows, weights, (0,), ctx.eps, scale, offset, (0, 3, 4))
         need_rows = ctx.needs_input_grad[0]
         need_scale = ctx.needs_input_grad[3] and ctx.has_scale
         need_offset = ctx.needs_input_grad[4] and ctx.has_offset

@@ -643,6 +643,17 @@ class BatchNorm(_NormBase):
         if (self._plain and mask is None and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):  # (compiled graphs take the recentered path)
             return self._forward_plain(input)
+        if (self.renorm and self.training and not self.frozen and not torch.compiler.is_compiling()
+                and torch._C._current_graph_task_id() != -1):
+            # A training forward inside a backward pass is activation checkpointing's recomputation
+            # (torch.utils.checkpoint, either mode). torch.nn's BN recomputes its output from the same batch
+            # (and updates its running statistics a second time, pytorch/pytorch#96136; normkit does as it
+            # does), but renorm's r and d would come from the renorm statistics this step already moved: a
+            # different function of the batch than the forward's, so silently wrong gradients.
+            raise RuntimeError(f"{type(self).__name__} with renorm=True was recomputed in the backward pass "
+                               "(activation checkpointing, torch.utils.checkpoint): its r and d would be taken from "
+                               "the renorm statistics this step already updated, giving wrong gradients. Keep the "
+                               "renorm layer outside the checkpointed block")
         if (self._fusable and mask is None and self.training and not self.frozen and kernels.enabled()
                 and not torch.compiler.is_compiling()):
             y = self._forward_fused(input)

@@ -1,0 +1,524 @@
+"""The torch ecosystem around a drop-in layer (meta device, torch.func, fusion, pickling, checkpointing, autocast, casts):
+each case runs normkit's layer and torch.nn's side by side, or against finite differences."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils.checkpoint import checkpoint
+
+import normkit
+from normkit.stats import RenormClipping
+
+
+def _pair(name, *args, **kwargs):
+    return getattr(normkit, name)(*args, **kwargs), getattr(nn, name)(*args, **kwargs)
+
+
+def _assert_same_state(ours, theirs, **tolerance):
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key, **tolerance)
+
+
+LAYERS = [  # (name, args, kwargs, input shape)
+    ("BatchNorm2d", (3,), {}, (4, 3, 2, 2)),
+    ("BatchNorm1d", (3,), {"momentum": None}, (5, 3)),
+    ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}, (2, 3, 4)),
+    ("LayerNorm", (4,), {}, (2, 3, 4)),
+    ("GroupNorm", (2, 4), {}, (2, 4, 3)),
+]
+LAYER_IDS = [spec[0] + ("-" + "-".join(spec[2]) if spec[2] else "") for spec in LAYERS]
+
+
+def _random_state(layer):
+    """A state_dict of layer's keys with random values (positive variances, a nonzero count)."""
+    state = {}
+    for key, value in layer.state_dict().items():
+        if not value.is_floating_point():
+            state[key] = value + 2
+        elif "var" in key:
+            state[key] = torch.rand_like(value) + 0.5
+        else:
+            state[key] = torch.randn_like(value)
+    return state
+
+
+# ------------------------------------------------------------------------------ meta device, apply
+
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=LAYER_IDS)
+def test_meta_device_then_to_empty_and_reset_parameters(name, args, kwargs, shape):
+    ours, theirs = _pair(name, *args, device="meta", **kwargs)
+    assert [(k, v.shape, v.dtype, v.device) for k, v in ours.state_dict().items()] == \
+           [(k, v.shape, v.dtype, v.device) for k, v in theirs.state_dict().items()]
+    for layer in (ours, theirs):
+        layer.to_empty(device="cpu")
+        layer.reset_parameters()
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=LAYER_IDS)
+def test_meta_context_then_load_state_dict_assign(name, args, kwargs, shape):
+    with torch.device("meta"):
+        ours, theirs = _pair(name, *args, **kwargs)
+    state = _random_state(getattr(nn, name)(*args, **kwargs))
+    for layer in (ours, theirs):
+        layer.load_state_dict(state, strict=True, assign=True)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in ours.parameters())
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+def test_meta_layers_with_options_and_old_checkpoints():
+    """A renorm/ghost layer built on meta materializes as a CPU-built one; a pre-count checkpoint assigned into a
+    meta layer starts counting from 0, as torch.nn's does."""
+    options = {"renorm": True, "virtual_batch_size": 2}
+    meta = normkit.BatchNorm(3, device="meta", **options).to_empty(device="cpu")
+    meta.reset_parameters()
+    _assert_same_state(meta, normkit.BatchNorm(3, **options), rtol=0, atol=0)
+    old = nn.BatchNorm1d(3).state_dict()
+    del old["num_batches_tracked"]
+    old._metadata[""]["version"] = 1
+    with torch.device("meta"):
+        ours, theirs = _pair("BatchNorm1d", 3)
+    for layer in (ours, theirs):
+        layer.load_state_dict(old, assign=True)
+    assert ours.num_batches_tracked.device.type == "cpu"
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+def test_module_apply_initializes_normkit_layers_as_torch_nn_s():
+    def init(module):
+        if isinstance(module, (nn.BatchNorm2d, normkit.BatchNorm2d)):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.normal_(module.bias)
+    models = []
+    for cls in (normkit.BatchNorm2d, nn.BatchNorm2d):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Conv2d(3, 4, 1), cls(4)).apply(init))
+    _assert_same_state(*models, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ torch.func
+
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=LAYER_IDS)
+def test_functional_call_with_replaced_parameters_and_buffers(name, args, kwargs, shape):
+    """The replaced buffers are the ones updated in training (as torch.nn's are); the layer's own stay as they were."""
+    ours, theirs = (layer.double() for layer in _pair(name, *args, **kwargs))
+    state = _random_state(theirs)
+    given = {"ours": {k: v.clone() for k, v in state.items()}, "theirs": {k: v.clone() for k, v in state.items()}}
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    for mode in ("train", "eval", "train"):
+        outputs = []
+        for label, layer in (("ours", ours), ("theirs", theirs)):
+            getattr(layer, mode)()
+            replaced = {k: v.requires_grad_() if k in dict(layer.named_parameters()) else v
+                        for k, v in given[label].items()}
+            y = torch.func.functional_call(layer, replaced, (x,))
+            outputs.append([y, *torch.autograd.grad(y.square().sum(), [v for v in replaced.values() if v.requires_grad])])
+        for got, want in zip(*outputs, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for key in state:
+            torch.testing.assert_close(given["ours"][key], given["theirs"][key], rtol=1e-12, atol=1e-12, msg=key)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", LAYERS, ids=LAYER_IDS)
+def test_func_grad_jacrev_and_per_sample_gradients_through_an_eval_layer(name, args, kwargs, shape):
+    ours, theirs = (layer.double().eval() for layer in _pair(name, *args, **kwargs))
+    state = _random_state(theirs)
+    ours.load_state_dict(state), theirs.load_state_dict(state)
+    x = torch.randn(shape, dtype=torch.float64)
+    samples = torch.randn((3,) + shape, dtype=torch.float64)
+    results = []
+    for layer in (ours, theirs):
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        loss = (lambda p, x, layer=layer: torch.func.functional_call(layer, p, (x,)).square().sum())
+        results.append([*torch.func.grad(loss)(params, x).values(),
+                        torch.func.jacrev(lambda x, layer=layer: layer(x))(x),
+                        *torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples).values()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_in_training_needs_functorch_s_recipe_which_does_not_see_normkit_layers():
+    """torch.func.replace_all_batch_norm_modules_ tests isinstance(m, torch.nn's _BatchNorm): normkit's layers keep
+    their running statistics, and vmap then refuses them with ATen's error, as it refuses torch.nn's without the
+    recipe. Converting to torch.nn's layers first, or switching the statistics off by hand (the recipe's own
+    three lines, for layers with options), gives torch.nn's results."""
+    torch.manual_seed(0)
+    samples = torch.randn(3, 4, 3, 5) * 2 + 1
+
+    def recipe_by_hand(model):
+        for module in model.modules():
+            if isinstance(module, normkit.BatchNorm):
+                module.running_mean = module.running_var = module.num_batches_tracked = None
+                module.track_running_stats = False
+        return model
+
+    theirs = nn.Sequential(nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3))
+    ours = normkit.convert_batch_norm(copy.deepcopy(theirs))
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    torch.func.replace_all_batch_norm_modules_(ours)
+    assert ours[1].running_mean is not None  # not seen
+    with pytest.raises(RuntimeError, match="track_running_stats"):
+        torch.func.vmap(ours)(samples)
+    expected = torch.func.vmap(theirs)(samples)
+    converted = torch.func.replace_all_batch_norm_modules_(normkit.convert_batch_norm(copy.deepcopy(ours), "torch"))
+    torch.testing.assert_close(torch.func.vmap(converted)(samples), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.vmap(recipe_by_hand(ours))(samples), expected, rtol=0, atol=0)
+    # With an option torch.nn lacks (ghost batches), by hand: each sample as its own batch.
+    ghost = recipe_by_hand(normkit.BatchNorm(3, virtual_batch_size=2))
+    torch.testing.assert_close(torch.func.vmap(ghost)(samples), torch.stack([ghost(x) for x in samples]))
+
+
+# ------------------------------------------------------------------------------ fusion and quantization
+
+def _with_statistics(layer, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(layer.running_mean.shape, generator=generator))
+        layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=generator) + 0.5)
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return layer.eval()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"affine": False}, {"bias": False}, {"eps": 0.1}])
+def test_fuse_conv_bn_eval_and_fuse_linear_bn_eval_as_with_torch_nn(kwargs):
+    """The fusion utilities read attributes, and normkit's layers have torch.nn's (torch's linear fusion fails on
+    a BN without weight or bias for both alike)."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 4, 3).eval(), nn.Linear(5, 4).eval()
+    ours, theirs = (_with_statistics(layer) for layer in _pair("BatchNorm2d", 4, **kwargs))
+    x = torch.randn(2, 3, 6, 6)
+    fused = nn.utils.fuse_conv_bn_eval(conv, ours)
+    torch.testing.assert_close(fused(x), nn.utils.fuse_conv_bn_eval(conv, theirs)(x), rtol=0, atol=0)
+    torch.testing.assert_close(fused(x), ours(conv(x)))
+    ours, theirs = (_with_statistics(layer) for layer in _pair("BatchNorm1d", 4, **kwargs))
+    x = torch.randn(3, 5)
+    try:
+        expected = nn.utils.fuse_linear_bn_eval(linear, theirs)(x)
+    except TypeError:
+        with pytest.raises(TypeError):
+            nn.utils.fuse_linear_bn_eval(linear, ours)
+    else:
+        torch.testing.assert_close(nn.utils.fuse_linear_bn_eval(linear, ours)(x), expected, rtol=0, atol=0)
+
+
+def test_quantization_fuse_modules_needs_torch_nn_layers():
+    """torch.ao's fuser looks its methods up by type: normkit's layers are refused (an AssertionError naming the
+    types). convert_batch_norm(model, "torch") first gives torch.nn's fusion (eval and QAT); for inference alone,
+    normkit.fold_batch_norm folds in place of it."""
+    from torch.ao.quantization import fuse_modules, fuse_modules_qat
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), _with_statistics(nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    ours = copy.deepcopy(theirs)
+    ours[1] = _with_statistics(normkit.BatchNorm2d(4))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(AssertionError, match="normkit"):
+        fuse_modules(ours, [["0", "1", "2"]])
+    expected = fuse_modules(theirs, [["0", "1", "2"]])(x)
+    converted = normkit.convert_batch_norm(copy.deepcopy(ours), "torch")
+    torch.testing.assert_close(fuse_modules(converted, [["0", "1", "2"]])(x), expected, rtol=0, atol=0)
+    folded, names = normkit.fold_batch_norm(ours)
+    assert names == ["1"]
+    torch.testing.assert_close(folded(x), ours(x))
+    qat = fuse_modules_qat(normkit.convert_batch_norm(copy.deepcopy(ours), "torch").train(), [["0", "1", "2"]])
+    reference = fuse_modules_qat(copy.deepcopy(theirs).train(), [["0", "1", "2"]])
+    assert type(qat[0]) is type(reference[0])
+
+
+def test_fuse_conv_bn_eval_reads_no_axis():
+    """A features-last normkit.BatchNorm after a conv is no conv-BN pair, but torch's fuse_conv_bn_eval cannot
+    tell (documented in docs/decisions.md); normkit.fold_batch_norm checks the axis and leaves it."""
+    conv = nn.Conv2d(3, 4, 3).eval()
+    model = nn.Sequential(conv, _with_statistics(normkit.BatchNorm(4, axis=-1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert not torch.allclose(nn.utils.fuse_conv_bn_eval(conv, model[1])(x), model(x))
+    folded, names = normkit.fold_batch_norm(model)
+    assert names == [] and torch.equal(folded(x), model(x))
+
+
+# ------------------------------------------------------------------------------ copies and checkpoints
+
+def _adjustment(shape):  # module-level: picklable
+    return torch.full((3, 1), 1.1), torch.full((3, 1), 0.1)
+
+
+def _clipping_rmax(step):
+    return 1.0 + step / 10
+
+
+@pytest.mark.parametrize("make", [
+    lambda: normkit.BatchNorm1d(3),
+    lambda: normkit.BatchNorm(3, renorm=True, renorm_clipping=RenormClipping.paper_schedule(0.001)),
+    lambda: normkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": _clipping_rmax}),
+    lambda: normkit.BatchNorm(3, virtual_batch_size=2, adjustment=_adjustment, weight_regularizer="l2",
+                              weight_constraint="non_neg", unbiased_running_var=False),
+    lambda: normkit.keras.BatchNormalization(axis=1, renorm=True, virtual_batch_size=2, beta_regularizer="l1",
+                                             gamma_initializer="glorot_uniform"),
+    lambda: normkit.BatchNorm1d(3).freeze(),
+    lambda: normkit.InstanceNorm1d(3, affine=True, track_running_stats=True),
+    lambda: normkit.GroupNorm(1, 3), lambda: normkit.LayerNorm(2),
+], ids=["plain", "renorm-schedule", "renorm-function", "ghost-adjustment", "keras", "frozen", "instance", "group",
+        "layer"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_train_on_as_the_original(make, how):
+    def steps(layer, seed):
+        generator = torch.Generator().manual_seed(seed)
+        outputs = [layer.train()(torch.randn(4, 3, 2, generator=generator)) for _ in range(2)]
+        return outputs + [layer.eval()(torch.randn(4, 3, 2, generator=generator))]
+
+    layer = make()
+    steps(layer, 0)
+    if how == "deepcopy":
+        copied = copy.deepcopy(layer)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(layer))
+    else:
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert repr(copied) == repr(layer)
+    for got, want in zip(steps(copied, 1), steps(layer, 1), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_same_state(copied, layer, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,args,kwargs", [
+    ("BatchNorm2d", (3,), {}), ("BatchNorm1d", (3,), {"track_running_stats": False}),
+    ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}), ("InstanceNorm2d", (3,), {}),
+    ("LayerNorm", (3,), {}), ("GroupNorm", (1, 3), {}),
+])
+def test_state_dict_metadata_and_hooks_as_torch_nn_s(name, args, kwargs):
+    """The same keys and _version metadata; state_dict and load hooks see the same calls."""
+    ours, theirs = _pair(name, *args, **kwargs)
+    assert ours.state_dict()._metadata == theirs.state_dict()._metadata
+    calls = {"ours": [], "theirs": []}
+    for label, layer in (("ours", ours), ("theirs", theirs)):
+        seen = calls[label]
+        layer.register_state_dict_pre_hook(lambda module, prefix, keep_vars, seen=seen: seen.append(prefix))
+        layer.register_state_dict_post_hook(
+            lambda module, state, prefix, metadata: state.__setitem__(prefix + "extra", torch.ones(1)))
+        layer.register_load_state_dict_pre_hook(lambda module, state, prefix, *rest: state.pop(prefix + "extra"))
+        layer.register_load_state_dict_post_hook(
+            lambda module, keys, seen=seen: seen.append((keys.missing_keys, keys.unexpected_keys)))
+    ours_state, theirs_state = nn.Sequential(ours).state_dict(), nn.Sequential(theirs).state_dict()
+    assert list(ours_state) == list(theirs_state) and "0.extra" in ours_state
+    nn.Sequential(ours).load_state_dict(theirs_state, strict=True)
+    nn.Sequential(theirs).load_state_dict(ours_state, strict=True)
+    assert calls["ours"] == calls["theirs"]
+
+
+# ------------------------------------------------------------------------------ parallel and checkpointing
+
+def test_data_parallel_on_the_cpu_calls_the_module():
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
+    ours = normkit.convert_batch_norm(copy.deepcopy(theirs))
+    assert isinstance(ours[1], normkit.BatchNorm2d)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(nn.DataParallel(ours)(x), nn.DataParallel(theirs)(x), rtol=0, atol=0)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+def test_convert_sync_batchnorm_leaves_normkit_layers_alone():
+    """SyncBatchNorm converts torch.nn's _BatchNorm only; normkit's layers synchronize with synchronized=True."""
+    model = nn.Sequential(normkit.BatchNorm2d(4), normkit.BatchNorm(4, renorm=True), nn.BatchNorm2d(4))
+    layers = list(model)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted[0] is layers[0] and converted[1] is layers[1]
+    assert type(converted[2]) is nn.SyncBatchNorm
+
+
+def _step(model, x, use_reentrant=None):
+    """Output, input gradient and parameter gradients of one step (.backward(): reentrant checkpoints refuse .grad())."""
+    leaf = x.detach().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = model(leaf) if use_reentrant is None else checkpoint(model, leaf, use_reentrant=use_reentrant)
+    y.square().sum().backward()
+    return [y, leaf.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputes_as_torch_nn(use_reentrant):
+    """Checkpointing recomputes the block in backward, and torch.nn's BN then updates its running statistics a
+    second time (pytorch/pytorch#96136): normkit's drop-in does exactly the same."""
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
+    ours = normkit.convert_batch_norm(copy.deepcopy(theirs))
+    for _ in range(2):
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+        results = [_step(model, x, use_reentrant) for model in (ours, theirs)]
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        _assert_same_state(ours, theirs, rtol=0, atol=0)
+    assert int(ours[1].num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("options", [{"virtual_batch_size": 2}, {"momentum": None}, {"unbiased_running_var": False}])
+def test_checkpoint_with_options_is_two_forwards_and_one_backward(use_reentrant, options):
+    """torch.nn's rule under checkpointing, for the options: the step's gradients, and the buffers of two
+    forwards of the same batch."""
+    torch.manual_seed(0)
+    checkpointed = nn.Sequential(nn.Conv2d(3, 4, 3), normkit.BatchNorm(4, **options), nn.ReLU()).double()
+    plain = copy.deepcopy(checkpointed)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    got = _step(checkpointed, x, use_reentrant)
+    want = _step(plain, x)
+    plain(x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _assert_same_state(checkpointed, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_refuses_to_recompute_renorm(use_reentrant):
+    """Recomputed, renorm's r and d would come from the renorm statistics the step already moved: wrong
+    gradients (they differed from the uncheckpointed step's), so the recomputation is refused."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), normkit.BatchNorm(4, renorm=True), nn.ReLU()).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="renorm=True was recomputed in the backward pass"):
+        _step(model, x, use_reentrant)
+    model.eval()  # eval has no r and d: checkpointing it is fine
+    for got, want in zip(_step(model, x, use_reentrant), _step(model, x), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ double backward
+
+_MASK_ROWS = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]], dtype=torch.bool)
+_MASK_FEATURES = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(0)) > 0.3
+_CLIPPED = {"rmax": 1.5, "rmin": 1.5, "dmax": 0.0}  # r, d constant: the function has a gradient (test_gradcheck)
+
+DOUBLE_BACKWARD = {
+    "bn2d": (lambda: normkit.BatchNorm2d(3), (3, 3, 2, 2), None),
+    "axis-last": (lambda: normkit.BatchNorm(3, axis=-1), (3, 2, 3), None),
+    "renorm": (lambda: normkit.BatchNorm(3, renorm=True, renorm_clipping=_CLIPPED), (6, 3), None),
+    "ghost": (lambda: normkit.BatchNorm(3, virtual_batch_size=3), (6, 3, 2), None),
+    "ghost-contiguous": (lambda: normkit.BatchNorm(3, virtual_batch_size=3, ghost_layout="contiguous"), (6, 3), None),
+    "adjustment": (lambda: normkit.BatchNorm(3, adjustment=lambda s: (torch.full((3,), 1.2, dtype=torch.float64),
+                                                                       torch.full((3,), .1, dtype=torch.float64))),
+                   (4, 3), None),
+    "mask-rows": (lambda: normkit.BatchNorm(3, axis=-1), (2, 4, 3), _MASK_ROWS),
+    "mask-rows-renorm": (lambda: normkit.BatchNorm(3, axis=-1, renorm=True, renorm_clipping=_CLIPPED), (2, 4, 3),
+                         _MASK_ROWS),
+    "mask-rows-no-affine": (lambda: normkit.BatchNorm(3, axis=-1, affine=False), (2, 4, 3), _MASK_ROWS),
+    "mask-features": (lambda: normkit.BatchNorm(3, axis=-1), (2, 4, 3), _MASK_FEATURES),
+    "mask-ghost": (lambda: normkit.BatchNorm(3, axis=-1, virtual_batch_size=1), (2, 4, 3), _MASK_ROWS),
+    "mask-features-renorm": (lambda: normkit.BatchNorm(3, axis=-1, renorm=True, renorm_clipping=_CLIPPED),
+                             (2, 4, 3), _MASK_FEATURES),
+    "instance": (lambda: normkit.InstanceNorm1d(3, affine=True, track_running_stats=True), (2, 3, 4), None),
+    "group": (lambda: normkit.GroupNorm(2, 4), (2, 4, 3), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOUBLE_BACKWARD))
+def test_double_backward_in_training(name):
+    """torch.nn's BN is twice differentiable in training; so is every normkit path (the masked ones used to give
+    wrong second derivatives, or fail inside their backward)."""
+    make, shape, mask = DOUBLE_BACKWARD[name]
+    layer = make().double().train()
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run(x, *params):
+        return layer(x) if mask is None else layer(x, mask=mask)
+
+    assert gradgradcheck(run, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_a_gradient_penalty_as_torch_nn_s():
+    """The second derivative of the plain path is torch.nn's (the same ATen kernels)."""
+    ours, theirs = (layer.double() for layer in _pair("BatchNorm2d", 3))
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    results = []
+    for layer in (ours, theirs):
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(layer(leaf).sin().sum(), leaf, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), [leaf, *layer.parameters()]))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_first_derivatives_unchanged_by_the_double_backward_path():
+    """With create_graph=True the masked paths recompute by autograd: the same gradient as their closed form."""
+    for mask in (_MASK_ROWS, _MASK_FEATURES):
+        layer = normkit.BatchNorm(3, axis=-1).double()
+        x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, 4, 3, dtype=torch.float64)
+        closed = torch.autograd.grad(layer(x, mask=mask), [x, *layer.parameters()], g)
+        graphed = torch.autograd.grad(layer(x, mask=mask), [x, *layer.parameters()], g, create_graph=True)
+        for a, b in zip(graphed, closed, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert gradcheck(lambda x: layer(x, mask=mask), (x,))
+
+
+# ------------------------------------------------------------------------------ precision, repr
+
+def _small_cnn(ns):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ns.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         ns.GroupNorm(2, 8), ns.InstanceNorm2d(8, affine=True, track_running_stats=True),
+                         nn.Flatten(1), nn.Linear(8 * 4 * 4, 6), ns.BatchNorm1d(6), ns.LayerNorm(6))
+
+
+def _cnn_pair():
+    torch.manual_seed(0)
+    theirs = _small_cnn(nn)
+    ours = _small_cnn(normkit)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_small_cnn_under_cpu_autocast_as_torch_nn(dtype, mode):
+    models = _cnn_pair()
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    results = []
+    for model in models:
+        getattr(model, mode)()
+        with torch.autocast("cpu", dtype=dtype):
+            activations, h = [], x
+            for layer in model:
+                h = layer(h)
+                activations.append(h)
+        results.append((activations, torch.autograd.grad(h.float().sum(), [x, *model.parameters()])))
+    (ours, ours_grads), (theirs, theirs_grads) = results
+    for index, (got, want) in enumerate(zip(ours, theirs, strict=True)):
+        assert got.dtype == want.dtype, index
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"layer {index}")
+    for got, want in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_same_state(*models, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_whole_model_cast_to_half_precision_as_torch_nn(dtype, mode):
+    """torch.nn runs half-precision buffers and parameters on the CPU; normkit gives the same bits."""
+    models = [getattr(model.to(dtype), mode)() for model in _cnn_pair()]
+    x = torch.randn(4, 3, 6, 6).to(dtype)
+    outputs = [model(x) for model in models]
+    assert outputs[0].dtype == dtype
+    torch.testing.assert_close(*outputs, rtol=0, atol=0)
+    _assert_same_state(*models, rtol=0, atol=0)
+
+
+def test_repr_and_named_modules_of_a_model_as_torch_nn_s():
+    ours, theirs = _cnn_pair()
+    assert repr(ours) == repr(theirs)
+    assert [(name, type(m).__name__) for name, m in ours.named_modules()] == \
+           [(name, type(m).__name__) for name, m in theirs.named_modules()]
