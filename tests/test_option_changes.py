@@ -251,3 +251,15 @@ def test_keras_dtype_policy_set_later_changes_the_compute_dtype_as_in_keras():
     with pytest.raises(ValueError, match="dtype must be"):
         unbuilt.dtype_policy = "float8"
     assert unbuilt.dtype_policy == "float64"
+
+
+def test_repr_names_every_option_that_differs_from_torch_nn():
+    def adjust(shape):
+        return 1.0, 0.0
+
+    text = repr(normkit.BatchNorm(3, virtual_batch_size=2, ghost_layout="contiguous", adjustment=adjust,
+                                  unbiased_running_var=False, renorm=True))
+    for part in ("renorm=True", "virtual_batch_size=2", "ghost_layout='contiguous'", "adjustment=adjust",
+                 "unbiased_running_var=False"):
+        assert part in text
+    assert repr(normkit.BatchNorm2d(3)) == repr(torch.nn.BatchNorm2d(3))

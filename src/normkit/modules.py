@@ -445,9 +445,14 @@ class BatchNorm(_NormBase):
         text = super().extra_repr()
         if self.axis != 1:
             text += f", axis={self.axis}"
-        for name, default in (("renorm", False), ("virtual_batch_size", None), ("synchronized", False)):
+        for name, default in (("renorm", False), ("virtual_batch_size", None), ("synchronized", False),
+                              ("unbiased_running_var", True)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
+        if self.virtual_batch_size is not None and self.ghost_layout != "strided":
+            text += f", ghost_layout={self.ghost_layout!r}"
+        if self.adjustment is not None:
+            text += f", adjustment={getattr(self.adjustment, '__name__', type(self.adjustment).__name__)}"
         if self.frozen:
             text += ", frozen=True"
         return text
