@@ -66,7 +66,8 @@ def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape,axis", [((8, 3), 1), ((4, 3, 5, 2), 1), ((4, 5, 2, 3), -1)])
+# (32, 4, 16, 16): large enough for the statistics from per-position columns (functional._moments_by_position)
+@pytest.mark.parametrize("shape,axis", [((8, 3), 1), ((4, 3, 5, 2), 1), ((4, 5, 2, 3), -1), ((32, 4, 16, 16), 1)])
 @pytest.mark.parametrize("clipping", [None, {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3},
                                       {"rmax": lambda t: 1.0 + t, "dmax": lambda t: 0.5 * t}])
 def test_renorm(dtype, shape, axis, clipping, rng):

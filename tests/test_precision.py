@@ -171,3 +171,26 @@ def test_half_precision_layer_with_a_mask_matches_reference(dtype, options, mask
     assert_close(y, expected, dtype)
     assert_close(layer.running_mean, running_mean, dtype)
     assert_close(layer.running_var, running_var, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, layout", [((64, 8, 8, 8), "contiguous"), ((32, 3, 16, 16, 2), "contiguous"),
+                                           ((64, 4, 8, 8), "channels_last"), ((16, 4, 32, 32), "contiguous"),
+                                           ((64, 512, 1), "contiguous")])
+def test_channel_moments_on_every_route_equal_the_reference(shape, layout, dtype):
+    # Large contiguous CPU inputs take per-position columns and a combine (functional._moments_by_position);
+    # the others ATen's statistics kernel: both must give the float64 reference's moments.
+    from normkit.functional import WIDE_MOMENTS_MIN_NUMEL, _channel_moments, _moments_by_position
+    rng = np.random.default_rng(7)
+    x_np = rng.normal(size=shape) * rng.uniform(0.5, 3.0, size=(1, shape[1]) + (1,) * (len(shape) - 2)) + 2.0
+    x = torch.tensor(x_np, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, var = R.moments(x_np, (0,) + tuple(range(2, len(shape))))
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for got, want in zip(_channel_moments(x), (mean, var), strict=True):
+        np.testing.assert_allclose(got.double().numpy(), want.reshape(-1), **tolerance)
+    if x.is_contiguous() and x.numel() > shape[0] * shape[1]:
+        for got, want in zip(_moments_by_position(x), (mean, var), strict=True):
+            np.testing.assert_allclose(got.double().numpy(), want.reshape(-1), **tolerance)
+    assert WIDE_MOMENTS_MIN_NUMEL <= 64 * 8 * 8 * 8  # (the first case takes the per-position route)
