@@ -19,15 +19,14 @@ input, weight and bias. Inference: eval mode under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_device_argument, check_device, compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
-                    machine_line, set_threads, training_step)
+from common import (compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
+                    parse_table_benchmark_arguments, report, table_benchmark_parser, training_step)
 
 import normkit  # noqa: E402
 
@@ -122,21 +121,8 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timing per row (default 8)")
-    parser.add_argument("--min-rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
-    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
-    add_device_argument(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.budget, args.min_rounds = 0.3, 3
-    check_device(args.device)
-    set_threads(args.threads)
-    print(machine_line(args.threads, args.device))
-    print()
-    print(table(run(args)))
+    args = parse_table_benchmark_arguments(table_benchmark_parser(__doc__, budget=8.0), argv)
+    report(args, lambda: table(run(args)))
 
 
 if __name__ == "__main__":

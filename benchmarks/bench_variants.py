@@ -23,7 +23,6 @@ Targets: normkit / torch.nn <= 1.5 and Keras / normkit >= 3 (normkit at least 3x
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_device_argument, check_device, compare, fmt_ratio, fmt_us, machine_line,  # noqa: E402
-                    set_threads, training_step, with_kernels)
+from common import (compare, fmt_ratio, fmt_us,  # noqa: E402
+                    parse_table_benchmark_arguments, report, table_benchmark_parser, training_step, with_kernels)
 
 import normkit  # noqa: E402
 import normkit.kernels  # noqa: E402
@@ -227,28 +226,15 @@ def table(rows, keras_line: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row (default 6)")
-    parser.add_argument("--min-rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
+    parser = table_benchmark_parser(__doc__, budget=6.0)
     parser.add_argument("--no-keras", action="store_true", help="leave the Keras column out")
-    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
     parser.add_argument("--fused", action="store_true",
                         help="also time normkit with normkit.kernels enabled (builds the C++ kernel once)")
-    add_device_argument(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.budget, args.min_rounds = 0.3, 3
-    check_device(args.device)
+    args = parse_table_benchmark_arguments(parser, argv)
     keras, keras_line = (None, "left out (--no-keras)") if args.no_keras else import_keras()
-    set_threads(args.threads)
     if args.fused:
         normkit.kernels.build()
-    print(machine_line(args.threads, args.device))
-    print()
-    print(table(run(args, keras), keras_line))
-
+    report(args, lambda: table(run(args, keras), keras_line))
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ the median over rounds of the paired ratio ``t[name] / t[baseline]`` with its in
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -48,6 +49,36 @@ def add_device_argument(parser) -> None:
     parser.add_argument("--device", default="cpu",
                         help="where tensors and modules live: cpu (default) or cuda[:N]; GPU timings wait for "
                              "the device (torch.cuda.synchronize) at the end of every sample")
+
+
+def table_benchmark_parser(doc: str, budget: float) -> argparse.ArgumentParser:
+    """The options of the table benchmarks (--threads, --budget, --min-rounds, --quick, --only, --device);
+    a script adds its own, then calls ``parse_table_benchmark_arguments``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--budget", type=float, default=budget, help=f"seconds of timing per row (default {budget:g})")
+    parser.add_argument("--min-rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per row, 3 rounds minimum")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    add_device_argument(parser)
+    return parser
+
+
+def parse_table_benchmark_arguments(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parsed options with --quick applied and the device checked; the thread count set."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.budget, args.min_rounds = 0.3, 3
+    check_device(args.device)
+    set_threads(args.threads)
+    return args
+
+
+def report(args: argparse.Namespace, rows: Callable[[], str]) -> None:
+    """Print the machine line, then the table ``rows()`` times and formats (the line first: a run's context)."""
+    print(machine_line(args.threads, args.device))
+    print()
+    print(rows())
 
 
 def check_device(device: str) -> str:

@@ -1,6 +1,7 @@
 """Shared test helpers: tensor<->array conversion, tolerance per dtype for comparing with the reference, kernel routing."""
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -37,6 +38,18 @@ def assert_same_training_steps(first, second, shape, rng, steps=3, state=lambda 
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for (name, got), want in zip(state(first).items(), state(second).values(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def assert_same_config(ours, theirs, path="config"):
+    """Equal dicts; numbers equal to float32 precision (Keras keeps regularization factors as float32)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and set(ours) == set(theirs), f"{path}: keys {sorted(ours)} vs {sorted(theirs)}"
+        for key in theirs:
+            assert_same_config(ours[key], theirs[key], f"{path}.{key}")
+    elif isinstance(theirs, float) and not isinstance(ours, bool):
+        assert isinstance(ours, (int, float)) and math.isclose(ours, theirs, rel_tol=1e-6), f"{path}: {ours} vs {theirs}"
+    else:
+        assert ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
 
 
 def assert_training_step(layer, y, x_grad, expected, expected_grads, expected_buffers, dtype=torch.float64):

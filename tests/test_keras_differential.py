@@ -18,23 +18,19 @@ import torch
 
 from normkit.keras import BatchNormalization, from_keras, to_keras
 
-# One skip for the module where Keras is missing (CI), not one per drawn configuration.
+from oracle import assert_same_config
+
+# One skip for the module where Keras is missing (CI) or runs on another backend, not one per configuration.
 os.environ.setdefault("KERAS_BACKEND", "torch")
-pytest.importorskip("keras", reason="Keras 3 is not installed (the differential audit needs it)")
+KERAS = pytest.importorskip("keras", reason="Keras 3 is not installed (the differential audit needs it)")
+if KERAS.backend.backend() != "torch":
+    pytest.skip("Keras runs on another backend here", allow_module_level=True)
 
 SEEDS = range(300)
 F32 = dict(rtol=1e-4, atol=1e-5)
 # Half-precision outputs: Keras and normkit both compute in float32 and round once, so they agree to
 # one rounding of the output dtype (an ulp where the float32 results straddle a rounding boundary).
 HALF = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-
-
-def _keras():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras", reason="Keras 3 is not installed (the differential audit needs it)")
-    if keras.backend.backend() != "torch":
-        pytest.skip("Keras runs on another backend here")
-    return keras
 
 
 # ----------------------------------------------------------------------------- drawing configurations
@@ -322,30 +318,18 @@ def _same_bookkeeping(ours, theirs, tol, what):
         _close(got, want, tol, f"{what}: regularization loss")  # (of half-precision weights under a half policy)
 
 
-def _same_config(ours, theirs, path="config"):
-    """Equal configs; numbers to float32 precision (Keras keeps regularization factors as float32)."""
-    if isinstance(theirs, dict):
-        assert isinstance(ours, dict) and set(ours) == set(theirs), f"{path}: keys {sorted(ours)} vs {sorted(theirs)}"
-        for key in theirs:
-            _same_config(ours[key], theirs[key], f"{path}.{key}")
-    elif isinstance(theirs, float) and not isinstance(ours, bool):
-        assert isinstance(ours, (int, float)) and math.isclose(ours, theirs, rel_tol=1e-6), f"{path}: {ours} vs {theirs}"
-    else:
-        assert ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
-
-
 def _round_trips(keras, ours, theirs, tol, what):
     """keras_config() is Keras' get_config(); from_keras and to_keras carry options, build and weights."""
     ours.name = theirs.name
-    _same_config(ours.keras_config(), theirs.get_config(), f"{what}: keras_config")
+    assert_same_config(ours.keras_config(), theirs.get_config(), f"{what}: keras_config")
     # (Keras keeps the shape build() was given, a tuple here; saved as JSON it is the list normkit gives)
     assert ours.get_build_config()["input_shape"] == list(theirs.get_build_config()["input_shape"]), what
     ported = from_keras(theirs)
-    _same_config(ported.keras_config(), theirs.get_config(), f"{what}: from_keras")
+    assert_same_config(ported.keras_config(), theirs.get_config(), f"{what}: from_keras")
     for got, want in zip(ported.get_weights(), theirs.get_weights(), strict=True):
         np.testing.assert_array_equal(_as_float64(got), _as_float64(want), err_msg=f"{what}: from_keras weights")
     back = to_keras(ours)
-    _same_config(back.get_config(), theirs.get_config(), f"{what}: to_keras")
+    assert_same_config(back.get_config(), theirs.get_config(), f"{what}: to_keras")
     for got, want in zip(back.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_array_equal(_as_float64(got), _as_float64(want), err_msg=f"{what}: to_keras weights")
     x = torch.randn(theirs.get_build_config()["input_shape"])
@@ -356,14 +340,14 @@ def _round_trips(keras, ours, theirs, tol, what):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_configuration_matches_keras(seed):
-    keras = _keras()
+    keras = KERAS
     run_pair(keras, draw_config(seed, keras))
 
 
 def test_a_list_axis_is_keras_on_the_merged_axes():
     """Keras 3 refuses a list axis (tf.keras' option, kept here); normkit's axis=[2, 3] on (N, H, W, C) is Keras'
     axis=-1 on the input with W and C merged: outputs, gradients and weights after each step."""
-    keras = _keras()
+    keras = KERAS
     with pytest.raises(TypeError):
         keras.layers.BatchNormalization(axis=[2, 3])
     rng = np.random.default_rng(7)
@@ -387,7 +371,7 @@ def test_a_list_axis_is_keras_on_the_merged_axes():
 
 
 def test_masks_of_the_wrong_rank_are_refused_by_both():
-    keras = _keras()
+    keras = KERAS
     x, mask = torch.randn(4, 3, 2), torch.ones(4, dtype=torch.bool)
     for layer in (keras.layers.BatchNormalization(), BatchNormalization()):
         with pytest.raises(ValueError, match="one dimension less than the inputs"):
@@ -396,7 +380,7 @@ def test_masks_of_the_wrong_rank_are_refused_by_both():
 
 def test_a_fully_masked_batch_is_the_documented_difference():
     """docs/keras.md: the same output and gradient; Keras decays the moving statistics toward 0, normkit keeps them."""
-    keras = _keras()
+    keras = KERAS
     rng = np.random.default_rng(3)
     ours, theirs = BatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
     for layer in (ours, theirs):

@@ -6,7 +6,6 @@ get_config(), get_build_config(), weights, a training call and an inference call
 """
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from normkit.keras import BatchNormalization, from_keras, from_keras_config, to_keras
 
-from oracle import assert_close
+from oracle import assert_close, assert_same_config
 
 DATA = json.loads((Path(__file__).parent / "data" / "keras_configs.json").read_text())
 NAMES = sorted(name for name in DATA if name != "__meta__")
@@ -24,18 +23,6 @@ NAMES = sorted(name for name in DATA if name != "__meta__")
 
 def _arrays(values):
     return [np.asarray(value, dtype=np.float32) for value in values]
-
-
-def _assert_same_config(ours, theirs, path="config"):
-    """Equal dicts; numbers equal to float32 precision (Keras keeps regularization factors as float32)."""
-    if isinstance(theirs, dict):
-        assert isinstance(ours, dict) and set(ours) == set(theirs), f"{path}: keys {sorted(ours)} vs {sorted(theirs)}"
-        for key in theirs:
-            _assert_same_config(ours[key], theirs[key], f"{path}.{key}")
-    elif isinstance(theirs, float) and not isinstance(ours, bool):
-        assert isinstance(ours, (int, float)) and math.isclose(ours, theirs, rel_tol=1e-6), f"{path}: {ours} vs {theirs}"
-    else:
-        assert ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -65,14 +52,14 @@ def test_keras_config_is_what_keras_writes(name):
     recorded = DATA[name]
     ours = BatchNormalization(**recorded["kwargs"], name=recorded["config"]["name"])
     ours.build(recorded["build_config"]["input_shape"])
-    _assert_same_config(ours.keras_config(), recorded["config"])
+    assert_same_config(ours.keras_config(), recorded["config"])
     assert ours.get_build_config() == recorded["build_config"]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_keras_config_round_trips(name):
     recorded = DATA[name]
-    _assert_same_config(from_keras_config(recorded["config"]).keras_config(), recorded["config"])
+    assert_same_config(from_keras_config(recorded["config"]).keras_config(), recorded["config"])
 
 
 def test_keras_initializer_configs_give_their_distributions():
