@@ -65,6 +65,15 @@ def _check_momentum(momentum, *, name="momentum"):
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
+def _affine_of(module: nn.Module) -> tuple:
+    """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
+    a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
+    params = module._parameters
+    if "weight" in params and "bias" in params:
+        return params["weight"], params["bias"]
+    return module.weight, module.bias
+
+
 def _dtype_fits(dtype: torch.dtype, reference: Optional[torch.Tensor]) -> bool:
     """Whether ATen takes input of ``dtype`` with the layer's tensors: the same dtype, or float16/bfloat16 input
     with float32 parameters and buffers (mixed precision)."""
@@ -172,16 +181,17 @@ class _NormBase(nn.Module):
 
     def _tracking_factor(self) -> float:
         """Count this training batch and return the weight of its statistics in the running average."""
-        if self.num_batches_tracked is None:
+        count = self._buffers.get("num_batches_tracked")  # (the dict: Module.__getattr__ costs more, every step)
+        if count is None:
             return 0.0
-        self.num_batches_tracked.add_(1)
+        count.add_(1)
         if self.momentum is None:
             if torch.compiler.is_compiling():
                 # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
                 # torch.export refuses it) and the running average's weight 1/t is computed on the device.
-                return torch.reciprocal(self.num_batches_tracked.to(self.running_mean.dtype))
+                return torch.reciprocal(count.to(self.running_mean.dtype))
             # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
-            return momentum_factor(None, int(self.num_batches_tracked))
+            return momentum_factor(None, int(count))
         return self.momentum
 
 
@@ -717,29 +727,31 @@ class BatchNorm(_NormBase):
         if not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2:
             return None
         self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
+        # (tensors read from the module's dicts: on small inputs Module.__getattr__ is a measurable share)
+        weight, bias = _affine_of(self)
+        buffers = self._buffers
+        running_mean = buffers.get("running_mean") if self.track_running_stats else None
+        running_var = buffers.get("running_var") if running_mean is not None else None
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
-        buffers = self.running_mean if self.track_running_stats else None
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
-                or kernels.enabled(input.device)
-                or (buffers is not None and (buffers.dtype not in (torch.float32, torch.float64)
-                                             or (self.weight is not None and buffers.dtype != self.weight.dtype)))
-                or not _dtype_fits(input.dtype, self.weight if self.weight is not None else buffers)):
+                or (kernels.enabled() and kernels.enabled(input.device))
+                or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
+                                                  or (weight is not None and running_mean.dtype != weight.dtype)))
+                or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)):
             return None
         if self._recenter_check_due():
             self._update_recenter(input, (1,))
             if self._recenter:
                 return None
         groups = n // virtual
-        factor = self._tracking_factor() if self.track_running_stats else 0.0
-        repeat = (lambda t: None if t is None else torch.cat([t] * groups))
-        running_mean, running_var = repeat(buffers), repeat(self.running_var if buffers is not None else None)
-        y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), repeat(self.weight),
-                             repeat(self.bias), running_mean, running_var, True, factor, self.eps,
-                             torch.backends.cudnn.enabled)
-        if buffers is not None:
-            torch.mean(running_mean.view(groups, channels), 0, out=self.running_mean)
-            torch.mean(running_var.view(groups, channels), 0, out=self.running_var)
+        factor = self._tracking_factor() if running_mean is not None else 0.0
+        wide = [None if t is None else torch.cat([t] * groups) for t in (running_mean, running_var, weight, bias)]
+        y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide[2], wide[3],
+                             wide[0], wide[1], True, factor, self.eps, torch.backends.cudnn.enabled)
+        if running_mean is not None:
+            torch.mean(wide[0].view(groups, channels), 0, out=running_mean)
+            torch.mean(wide[1].view(groups, channels), 0, out=running_var)
         return y.reshape(input.shape)
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -855,14 +867,6 @@ class _SampleNorm(nn.Module):
     def reset_parameters(self) -> None:
         _reset_affine(self)
 
-    def _affine(self) -> tuple:
-        """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
-        a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
-        params = self._parameters
-        if "weight" in params and "bias" in params:
-            return params["weight"], params["bias"]
-        return self.weight, self.bias
-
     def _check_input(self, input: torch.Tensor) -> None:
         F.check_floating(input)
         _check_input_dtype(input, self.weight)
@@ -896,7 +900,7 @@ class LayerNorm(_SampleNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The common case straight to ATen as torch.nn's layer calls it: on small inputs the general path's
         # checks cost as much as the op.
-        shape, (weight, bias) = self.normalized_shape, self._affine()
+        shape, (weight, bias) = self.normalized_shape, _affine_of(self)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape):
             return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
@@ -940,7 +944,7 @@ class GroupNorm(_SampleNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The common case straight to ATen, as in LayerNorm.forward.
-        weight, bias = self._affine()
+        weight, bias = _affine_of(self)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
                 and input.shape[1] == self.num_channels and input.numel() != self.num_groups):
