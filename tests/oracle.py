@@ -70,3 +70,23 @@ def routed_to_triton(kernels, on=True):
         yield
     finally:
         kernels._triton_on_cpu = previous
+
+
+def spawn_processes(worker, nprocs, args=(), deadline=180.0):
+    """Run ``worker(rank, *args)`` in ``nprocs`` processes; fail (having ended them) if they are not done in time.
+
+    torch.multiprocessing.spawn's join waits forever: a collective that one process never joins would
+    hang the test run instead of failing it.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.monotonic() + deadline
+    while not context.join(timeout=max(end - time.monotonic(), 0.1)):
+        if time.monotonic() > end:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"{nprocs} processes were not done after {deadline:.0f} s (a collective that hangs?)")

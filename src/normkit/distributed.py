@@ -57,6 +57,34 @@ def _gather(tensor, process_group):
     return _AllGather.apply(tensor, process_group)
 
 
+# Dtype codes for the agreement check (a dtype's name would hash differently in every process).
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def check_agreement(local, process_group=None) -> None:
+    """Refuse, on every process at once, statistics whose shape or dtype differ between the processes.
+
+    all_gather of tensors of different sizes does not fail cleanly: gloo aborts the process whose
+    buffer is too small (std::terminate, no Python error) and gives the others garbage that they
+    use silently. One small all_reduce of each process's (shape, dtype) as its max and -min gives
+    every process the same verdict, so all of them raise together and none is left waiting.
+    """
+    shape = tuple(local.shape[1:])
+    code = 0
+    for size in shape:  # (a polynomial hash of the sizes: Python ints, the same in every process)
+        code = (code * 1_000_003 + size + 1) % (1 << 61)
+    signature = torch.tensor([_DTYPE_CODES.get(local.dtype, 0), len(shape), local.numel(), code],
+                             dtype=torch.int64, device=local.device)
+    both = torch.cat([signature, -signature])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
+    if not torch.equal(both[:4], -both[4:]):
+        raise ValueError(
+            f"synchronized BatchNorm: the processes of the group disagree on the statistics they merge (this "
+            f"process: {local.dtype} statistics of shape {shape}). Every process must call the layer in training "
+            "mode with inputs of the same number of features and dtype and, with virtual_batch_size, the same local "
+            "batch size (the same number of ghost batches)")
+
+
 def sync_moments(x, reduce_axes, mask=None, process_group=None):
     """Global (count, mean, biased var) over ``reduce_axes`` of every process's ``x``; differentiable.
 
@@ -72,6 +100,7 @@ def sync_moments(x, reduce_axes, mask=None, process_group=None):
     empty = count == 0  # (var_mean of nothing is NaN; 0 * NaN would spoil the merge)
     mean, var = mean.masked_fill(empty, 0.0), var.masked_fill(empty, 0.0)
     local = torch.stack([count, mean, var * count])
+    check_agreement(local, process_group)
     gathered = _gather(local, process_group)
     counts, means, squares = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     total = counts.sum(dim=0)
@@ -88,12 +117,18 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
     """Batch norm whose batch is the union of every process's batch (axis: canonical feature axes).
 
     The options are ``functional.batch_norm``'s, run by its composite pipeline on the merged
-    statistics. Ghost batch j of the union is every process's ghost j (tf.keras' rule), so each
-    local batch must divide into virtual batches. ``recenter`` is accepted and not needed
+    statistics. Ghost batch j of the union is every process's ghost j (tf.keras' rule), so every
+    process's local batch must be the same multiple of the virtual batch size (``check_agreement``
+    refuses others). ``recenter`` is accepted and not needed
     (``sync_moments`` is exact far from zero).
     """
-    return F._batch_norm_pipeline(
-        x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
+    # Half precision: one cast to float32 for both uses of x (statistics and normalization), so the two parts
+    # of the input gradient add up in float32 and are rounded once; cast separately, each part was rounded
+    # to half precision before the sum, an error of one or two half-precision ulps more than torch.nn's.
+    wide = x.to(F.statistics_dtype(x))
+    y = F._batch_norm_pipeline(
+        wide, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
         mask, virtual_batch_size, ghost_layout, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
         renorm_clipping, renorm_momentum, adjustment,
         moments_fn=functools.partial(sync_moments, process_group=process_group))
+    return y.to(x.dtype)
