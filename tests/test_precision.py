@@ -194,3 +194,30 @@ def test_channel_moments_on_every_route_equal_the_reference(shape, layout, dtype
         for got, want in zip(_moments_by_position(x), (mean, var), strict=True):
             np.testing.assert_allclose(got.double().numpy(), want.reshape(-1), **tolerance)
     assert WIDE_MOMENTS_MIN_NUMEL <= 64 * 8 * 8 * 8  # (the first case takes the per-position route)
+
+
+def _adjust(shape):
+    return torch.full(shape, 1.3), torch.full(shape, -0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [{"adjustment": _adjust}, {"adjustment": _adjust, "mask": True},
+                                     {"virtual_batch_size": 4, "mask": True}, {"renorm": True}],
+                         ids=["adjustment", "adjustment+mask", "ghost+mask", "renorm"])
+def test_half_precision_input_gradient_is_rounded_once(options, dtype):
+    # Statistics and normalization both depend on x; their gradients must add up in float32 and be rounded to
+    # the input's dtype once, as the same computation on the float32 copy of the input rounded at the end.
+    options = dict(options)
+    masked = options.pop("mask", False)
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(1.0, 2.0, size=(8, 6, 4)), dtype=torch.float32).to(dtype)
+    g = torch.tensor(rng.normal(size=(8, 6, 4)), dtype=torch.float32).to(dtype)
+    mask = torch.tensor(rng.uniform(size=(8, 6)) > 0.3) if masked else None
+    results = []
+    for computed in (x, x.float()):
+        leaf = computed.clone().requires_grad_()
+        y = normkit.BatchNorm(4, axis=-1, **options)(leaf, mask=mask)
+        y.backward(g.to(computed.dtype))
+        results.append((y.to(dtype), leaf.grad.to(dtype)))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

@@ -122,13 +122,9 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
     refuses others). ``recenter`` is accepted and not needed
     (``sync_moments`` is exact far from zero).
     """
-    # Half precision: one cast to float32 for both uses of x (statistics and normalization), so the two parts
-    # of the input gradient add up in float32 and are rounded once; cast separately, each part was rounded
-    # to half precision before the sum, an error of one or two half-precision ulps more than torch.nn's.
-    wide = x.to(F.statistics_dtype(x))
-    y = F._batch_norm_pipeline(
-        wide, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
+    # (half-precision input is widened once inside, for both uses of x: its gradient is rounded once)
+    return F._batch_norm_pipeline(
+        x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
         mask, virtual_batch_size, ghost_layout, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
         renorm_clipping, renorm_momentum, adjustment,
         moments_fn=functools.partial(sync_moments, process_group=process_group))
-    return y.to(x.dtype)

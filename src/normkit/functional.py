@@ -701,6 +701,14 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     ``distributed.sync_batch_norm`` passes statistics over every process's batch. Its counts
     are then not the local ones, and autograd differentiates through it.
     """
+    if x.dtype in LOW_PRECISION and (adjustment is not None or moments_fn is not None):
+        # Autograd through both uses of x (statistics and normalization): one cast to float32 for both, so
+        # the two parts of the input gradient add up in float32 and are rounded once (cast separately,
+        # each part was rounded to half precision before the sum: one or two ulps off torch.nn's).
+        return _batch_norm_pipeline(x.float(), feature_axes, param_shape, running_mean, running_var, weight, bias,
+                                    training, momentum, eps, mask, virtual_batch_size, ghost_layout,
+                                    unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev, renorm_clipping,
+                                    renorm_momentum, adjustment, recenter, moments_fn).to(x.dtype)
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
