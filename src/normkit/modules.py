@@ -620,17 +620,19 @@ class BatchNorm(_NormBase):
             if self.track_running_stats:  # read per call, as torch.nn does: users switch it off on a built layer
                 factor = self._tracking_factor()
         use_buffers = not training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        buffers = self._buffers  # (the dicts: Module.__getattr__ is a measurable share of a small step)
+        running_mean = buffers.get("running_mean") if use_buffers else None
+        running_var = buffers.get("running_var") if use_buffers else None
+        weight, bias = _affine_of(self)
         batch_stats = training or running_mean is None
         if batch_stats and channels.numel() <= self.num_features:
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
             F.check_enough_values(channels.numel() // self.num_features, input.shape)
-            y = F.batch_norm(channels, None, None, self.weight, self.bias, True, factor, self.eps)
+            y = F.batch_norm(channels, None, None, weight, bias, True, factor, self.eps)
         else:
             try:
-                y = torch.batch_norm(channels, self.weight, self.bias, running_mean, running_var, batch_stats, factor,
+                y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
                                      self.eps, torch.backends.cudnn.enabled)
             except RuntimeError:
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
