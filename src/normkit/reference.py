@@ -2,6 +2,7 @@
 
 This file is also the derivation for learners. It never imports torch; functional.py is
 its PyTorch twin (same function names, same arguments, same order of steps).
+docs/learn.md is a tutorial that walks through it with runnable, tested examples.
 
 The one idea (DESIGN.md): a normalization is a choice of *reduce axes* (where the
 statistics are taken), *parameter axes* (where gamma/beta live) and *where the
