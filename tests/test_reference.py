@@ -161,3 +161,11 @@ def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
     np.testing.assert_allclose(running_var, np.maximum(moving_stddev ** 2 - 1e-3, 0))
     np.testing.assert_allclose(renorm_mean, 0.2 * x.mean(0))
     assert math.isclose(running_mean[0], 0.1 * x.mean(0)[0])
+
+
+def test_instance_norm_without_input_stats_needs_running_statistics():
+    x = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    for call in (lambda: R.instance_norm(x, use_input_stats=False),
+                 lambda: R.instance_norm_backward(np.ones_like(x), x, use_input_stats=False)):
+        with pytest.raises(ValueError, match="use_input_stats=False normalizes with running_mean and running_var"):
+            call()

@@ -1,12 +1,13 @@
 """NumPy float64 reference of every normalization in normkit, forward AND backward: the oracle of the tests.
 
-This file is also the derivation for learners. It never imports torch; functional.py is
-its PyTorch twin (same function names, same arguments, same order of steps).
+This file is also the derivation for learners. It computes with NumPy alone (no torch call, so
+it cannot share a bug with the code it checks; the package itself still needs torch installed);
+functional.py is its PyTorch twin (same function names, same arguments, same order of steps).
 docs/learn.md is a tutorial that walks through it with runnable, tested examples.
 
-The one idea (DESIGN.md): a normalization is a choice of *reduce axes* (where the
-statistics are taken), *parameter axes* (where gamma/beta live) and *where the
-statistics come from* (this batch, or running averages). Every layer below is:
+The one idea (../shared/DESIGN.md, beside the repository): a normalization is a choice of
+*reduce axes* (where the statistics are taken), *parameter axes* (where gamma/beta live) and
+*where the statistics come from* (this batch, or running averages). Every layer below is:
 
     count, mean, var = moments(x, reduce_axes, mask)         # biased, two-pass
     x_hat = (x - mean) / sqrt(var + eps)
@@ -390,6 +391,12 @@ def group_norm_backward(grad_output, x, num_groups, weight=None, bias=None, eps=
     return grad_x.reshape(x.shape), grad_weight, grad_bias
 
 
+def _check_running_for_instance_norm(use_input_stats, running_mean, running_var):
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise ValueError("use_input_stats=False normalizes with running_mean and running_var: pass both, or "
+                         "use_input_stats=True")
+
+
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5):
     """Normalize each sample and channel over its spatial positions; running stats optional.
@@ -402,6 +409,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     n, c = x.shape[:2]
     reduce_axes = tuple(range(2, x.ndim))
     param_shape = (1, c) + (1,) * (x.ndim - 2)
+    _check_running_for_instance_norm(use_input_stats, running_mean, running_var)
     if not use_input_stats:
         return normalize(x, _param(running_mean, param_shape), _param(running_var, param_shape), eps,
                          _param(weight, param_shape), _param(bias, param_shape))
@@ -419,6 +427,7 @@ def instance_norm_backward(grad_output, x, running_mean=None, running_var=None, 
     c = x.shape[1]
     reduce_axes = tuple(range(2, x.ndim))
     param_shape = (1, c) + (1,) * (x.ndim - 2)
+    _check_running_for_instance_norm(use_input_stats, running_mean, running_var)
     if use_input_stats:
         return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
     return batch_norm_backward(grad_output, x, running_mean, running_var, weight, bias, False, eps, axis=1)
