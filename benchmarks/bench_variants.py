@@ -236,5 +236,6 @@ def main(argv=None) -> None:
         normkit.kernels.build()
     report(args, lambda: table(run(args, keras), keras_line))
 
+
 if __name__ == "__main__":
     main()

@@ -263,3 +263,39 @@ def test_repr_names_every_option_that_differs_from_torch_nn():
                  "unbiased_running_var=False"):
         assert part in text
     assert repr(normkit.BatchNorm2d(3)) == repr(torch.nn.BatchNorm2d(3))
+
+
+def test_keras_half_policy_changed_to_float32_returns_float32_as_keras():
+    # (Keras 3: a "float16" layer set to "float32" computes and returns float32; its variables stay float16)
+    x = torch.randn(8, 3)
+    layer = BatchNormalization(dtype="float16")
+    layer(x, training=False)
+    layer.dtype_policy = "float32"
+    y = layer(x, training=True)
+    assert y.dtype == torch.float32 and layer.gamma.dtype == torch.float16
+
+
+def test_sample_norms_refuse_an_eps_set_to_zero_on_every_path():
+    for layer, x in ((normkit.LayerNorm(4), torch.ones(2, 4)), (normkit.GroupNorm(2, 4), torch.ones(2, 4, 3))):
+        layer.eps = 0.0
+        with pytest.raises(ValueError, match="eps"):
+            layer(x)
+
+
+def test_buffers_replaced_by_attributes_are_the_ones_used():
+    # (the short paths read tensors from the module's dicts; a buffer moved out of them must still be used)
+    layer, reference = normkit.BatchNorm1d(4).eval(), torch.nn.BatchNorm1d(4).eval()
+    for module in (layer, reference):
+        del module.running_mean, module.running_var
+        module.running_mean, module.running_var = torch.ones(4), torch.full((4,), 4.0)
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(layer(x), reference(x))
+
+
+def test_a_subclass_may_set_options_before_the_constructor():
+    class Ghost(normkit.BatchNorm):
+        def __init__(self, channels):
+            self.virtual_batch_size = 2  # (before super().__init__: no axis yet to check against)
+            super().__init__(channels, virtual_batch_size=2)
+
+    assert Ghost(3).virtual_batch_size == 2

@@ -66,9 +66,18 @@ def statistics_dtype(x):
 # ----------------------------------------------------------------------------- statistics core
 
 
+# On the CPU, ATen's statistics kernel reads an (N, K, S) tensor one (n, k) plane of S values at a time:
+# about 1.2 ns a value on the hosts measured, whatever the shape. Its 2-D kernel, vectorized across the
+# columns of the free (N, K*S) view, takes 0.4-0.7 ns once there are 32 rows or more; the second call
+# that combines each feature's S columns costs a fixed ~16 µs, repaid from about 2^15 values
+# (docs/benchmarks.md, "Renorm's statistics by position").
+WIDE_MOMENTS_MIN_NUMEL = 1 << 15
+
+
 def _channel_moments(channels):
-    """Per-feature mean and biased variance of an (N, K, *) tensor: ATen's one-pass statistics
-    kernel, or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule)."""
+    """Per-feature mean and biased variance of an (N, K, *) tensor: ATen's one-pass statistics kernel
+    (on the CPU, for large contiguous inputs of 32 rows or more, by position: ``_moments_by_position``),
+    or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule)."""
     if torch.compiler.is_compiling():
         var, mean = torch.var_mean(channels, dim=[0, *range(2, channels.dim())], correction=0)
         return mean, var
@@ -77,14 +86,6 @@ def _channel_moments(channels):
             and channels.numel() > channels.shape[0] * channels.shape[1]):
         return _moments_by_position(channels)
     return torch.batch_norm_update_stats(channels, None, None, 0.0)
-
-
-# On the CPU, ATen's statistics kernel reads an (N, K, S) tensor one (n, k) plane of S values at a time:
-# about 1.2 ns a value on the hosts measured, whatever the shape. Its 2-D kernel, vectorized across the
-# columns of the free (N, K*S) view, takes 0.4-0.7 ns once there are 32 rows or more; the second call
-# that combines each feature's S columns costs a fixed ~16 µs, repaid from about 2^15 values
-# (docs/benchmarks.md, "Padding masks and the allocator").
-WIDE_MOMENTS_MIN_NUMEL = 1 << 15
 
 
 def _moments_by_position(channels):
@@ -701,14 +702,12 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     ``distributed.sync_batch_norm`` passes statistics over every process's batch. Its counts
     are then not the local ones, and autograd differentiates through it.
     """
+    out_dtype = x.dtype
     if x.dtype in LOW_PRECISION and (adjustment is not None or moments_fn is not None):
         # Autograd through both uses of x (statistics and normalization): one cast to float32 for both, so
         # the two parts of the input gradient add up in float32 and are rounded once (cast separately,
         # each part was rounded to half precision before the sum: one or two ulps off torch.nn's).
-        return _batch_norm_pipeline(x.float(), feature_axes, param_shape, running_mean, running_var, weight, bias,
-                                    training, momentum, eps, mask, virtual_batch_size, ghost_layout,
-                                    unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev, renorm_clipping,
-                                    renorm_momentum, adjustment, recenter, moments_fn).to(x.dtype)
+        x = x.float()
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
@@ -753,7 +752,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                      "group_count": view.numel() // mean.numel() if local_counts else None}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
-    return y
+    return y.to(out_dtype)
 
 
 def _sum_to(grad, shape):
@@ -800,17 +799,18 @@ class _MaskedNormalize(torch.autograd.Function):
         factor = invstd if scale is None else invstd * scale
         y = centered * factor if offset is None else torch.addcmul(offset, centered, factor)
         ctx.reduce_axes, ctx.eps = reduce_axes, eps
-        ctx.has_scale, ctx.has_offset = scale is not None, offset is not None
-        ctx.save_for_backward(centered, weights, count, invstd, factor, scale if scale is not None else invstd,
-                              x, scale, offset)
+        # x, not x - mean: the double backward needs x itself, and one input-sized tensor held is enough
+        # (the closed form recomputes x - mean, one elementwise pass).
+        ctx.save_for_backward(x, weights, count, mean, invstd, factor, scale, offset)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        centered, weights, count, invstd, factor, scale, x, given_scale, given_offset = ctx.saved_tensors
+        x, weights, count, mean, invstd, factor, scale, offset = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
-            return _differentiable_masked_backward(ctx, grad, x, weights, ctx.reduce_axes, ctx.eps, given_scale,
-                                                   given_offset, (0, 5, 6))
+            return _differentiable_masked_backward(ctx, grad, x, weights, ctx.reduce_axes, ctx.eps, scale,
+                                                   offset, (0, 5, 6))
+        centered = x - mean
         axes = ctx.reduce_axes
         sum_grad = grad.sum(dim=axes, keepdim=True)
         sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
@@ -818,8 +818,8 @@ class _MaskedNormalize(torch.autograd.Function):
         shift = factor * sum_grad / safe_count
         slope = factor * invstd.square() * sum_grad_centered / safe_count
         grad_x = grad * factor - weights * torch.addcmul(shift, centered, slope)
-        grad_scale = _sum_to(sum_grad_centered * invstd, scale.shape) if ctx.has_scale else None
-        grad_offset = _sum_to(sum_grad, scale.shape) if ctx.has_offset else None
+        grad_scale = None if scale is None else _sum_to(sum_grad_centered * invstd, scale.shape)
+        grad_offset = None if offset is None else _sum_to(sum_grad, offset.shape)
         return grad_x, None, None, None, None, grad_scale, grad_offset, None, None
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
+from .functional import LOW_PRECISION
 from .modules import BatchNorm, _refuse_torchscript
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
@@ -45,9 +46,6 @@ __all__ = ["BatchNormalization", "from_keras", "from_keras_config", "load_batch_
 _POLICIES = {"float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
              "float16": (torch.float16, torch.float16), "bfloat16": (torch.bfloat16, torch.bfloat16),
              "mixed_float16": (torch.float32, torch.float16), "mixed_bfloat16": (torch.float32, torch.bfloat16)}
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _policy_name(dtype) -> Optional[str]:
@@ -490,7 +488,7 @@ class BatchNormalization(nn.Module):
             # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
             # and the output comes in the compute dtype, as in Keras.
             inputs = inputs.to(self._compute_dtype)
-        elif inputs.dtype != stored and inputs.dtype not in (torch.float16, torch.bfloat16):
+        elif inputs.dtype != stored and inputs.dtype not in LOW_PRECISION:
             # Keras casts inputs (integers too) to the layer's dtype (float32 unless built otherwise);
             # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
             inputs = inputs.to(stored)
@@ -505,9 +503,9 @@ class BatchNormalization(nn.Module):
         previous = self.bn.training
         self.bn.training = mode
         try:
-            if stored in _HALF:
+            if stored in LOW_PRECISION:
                 return self._forward_widened(inputs, mask if mode else None)
-            if inputs.dtype in _HALF:
+            if inputs.dtype in LOW_PRECISION:
                 # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
                 # channel amplify: ten times Keras' error in the input gradient.
@@ -526,14 +524,15 @@ class BatchNormalization(nn.Module):
         buffers take the copies' new values back.
         """
         stored = self.bn.running_mean.dtype
+        compute = self._compute_dtype or stored  # (Keras rounds the input to the compute dtype, then widens it)
         widened = {name: tensor.float() for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
                    if tensor.dtype == stored}
-        y = torch.func.functional_call(self.bn, widened, (inputs.to(stored).float(),), {"mask": mask})
+        y = torch.func.functional_call(self.bn, widened, (inputs.to(compute).float(),), {"mask": mask})
         with torch.no_grad():
             for name, buffer in self.bn.named_buffers():
                 if name in widened:
                     buffer.copy_(widened[name])
-        return y.to(stored)
+        return y.to(compute)
 
     def extra_repr(self) -> str:
         return (f"axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, center={self.center}, "

@@ -65,6 +65,13 @@ def _check_momentum(momentum, *, name="momentum"):
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
+def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """A buffer read from the module's dict where it is there (cheaper than Module.__getattr__), else the attribute
+    (a parametrized buffer, or one replaced by a plain attribute)."""
+    buffers = module._buffers
+    return buffers[name] if name in buffers else getattr(module, name, None)
+
+
 def _affine_of(module: nn.Module) -> tuple:
     """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
     a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
@@ -181,7 +188,7 @@ class _NormBase(nn.Module):
 
     def _tracking_factor(self) -> float:
         """Count this training batch and return the weight of its statistics in the running average."""
-        count = self._buffers.get("num_batches_tracked")  # (the dict: Module.__getattr__ costs more, every step)
+        count = _buffer_of(self, "num_batches_tracked")
         if count is None:
             return 0.0
         count.add_(1)
@@ -189,7 +196,8 @@ class _NormBase(nn.Module):
             if torch.compiler.is_compiling():
                 # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
                 # torch.export refuses it) and the running average's weight 1/t is computed on the device.
-                return torch.reciprocal(count.to(self.running_mean.dtype))
+                # (in float32 at least: a float16 count would overflow at 65504 steps)
+                return torch.reciprocal(count.to(torch.promote_types(self.running_mean.dtype, torch.float32)))
             # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
             return momentum_factor(None, int(count))
         return self.momentum
@@ -357,8 +365,9 @@ class BatchNorm(_NormBase):
     def _add_renorm_state(self) -> None:
         """Renorm switched on for a built layer (say, to fine-tune with it): its state follows from the running
         statistics (moving_stddev = sqrt(running_var + eps)), as when a plain checkpoint loads into a renorm
-        layer. Buffers kept from an earlier renorm phase are brought back in line with the running
-        variance, which plain steps have moved since."""
+        layer. Buffers kept from an earlier renorm phase: moving_stddev is brought back in line with the
+        running variance, which plain steps have moved since; renorm_mean and renorm_stddev (renorm's own
+        averages, which r and d are measured against) keep the values they had."""
         with torch.no_grad():
             stddev = (self.running_var.double() + self.eps).sqrt().to(self.running_var.dtype)
             if "moving_stddev" in self._buffers:
@@ -382,7 +391,8 @@ class BatchNorm(_NormBase):
         if virtual is not None:
             if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
                 raise ValueError(f"{name} must be a positive int, got {virtual!r}")
-            self._check_ghost_axes(self.axis)
+            if "axis" in self.__dict__:  # (a subclass may set it before the constructor has set the axis)
+                self._check_ghost_axes(self.axis)
             virtual = int(virtual)
         return virtual
 
@@ -620,9 +630,9 @@ class BatchNorm(_NormBase):
             if self.track_running_stats:  # read per call, as torch.nn does: users switch it off on a built layer
                 factor = self._tracking_factor()
         use_buffers = not training or self.track_running_stats
-        buffers = self._buffers  # (the dicts: Module.__getattr__ is a measurable share of a small step)
-        running_mean = buffers.get("running_mean") if use_buffers else None
-        running_var = buffers.get("running_var") if use_buffers else None
+        # (read through the dicts: Module.__getattr__ is a measurable share of a small step)
+        running_mean = _buffer_of(self, "running_mean") if use_buffers else None
+        running_var = _buffer_of(self, "running_var") if use_buffers else None
         weight, bias = _affine_of(self)
         batch_stats = training or running_mean is None
         if batch_stats and channels.numel() <= self.num_features:
@@ -731,13 +741,12 @@ class BatchNorm(_NormBase):
         self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
         # (tensors read from the module's dicts: on small inputs Module.__getattr__ is a measurable share)
         weight, bias = _affine_of(self)
-        buffers = self._buffers
-        running_mean = buffers.get("running_mean") if self.track_running_stats else None
-        running_var = buffers.get("running_var") if running_mean is not None else None
+        running_mean = _buffer_of(self, "running_mean") if self.track_running_stats else None
+        running_var = _buffer_of(self, "running_var") if running_mean is not None else None
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
-                or (kernels.enabled() and kernels.enabled(input.device))
+                or kernels.enabled(input.device)
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
                 or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)):
@@ -748,12 +757,13 @@ class BatchNorm(_NormBase):
                 return None
         groups = n // virtual
         factor = self._tracking_factor() if running_mean is not None else 0.0
-        wide = [None if t is None else torch.cat([t] * groups) for t in (running_mean, running_var, weight, bias)]
-        y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide[2], wide[3],
-                             wide[0], wide[1], True, factor, self.eps, torch.backends.cudnn.enabled)
+        wide_mean, wide_var, wide_weight, wide_bias = (None if t is None else torch.cat([t] * groups)
+                                                       for t in (running_mean, running_var, weight, bias))
+        y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide_weight,
+                             wide_bias, wide_mean, wide_var, True, factor, self.eps, torch.backends.cudnn.enabled)
         if running_mean is not None:
-            torch.mean(wide[0].view(groups, channels), 0, out=running_mean)
-            torch.mean(wide[1].view(groups, channels), 0, out=running_var)
+            torch.mean(wide_mean.view(groups, channels), 0, out=running_mean)
+            torch.mean(wide_var.view(groups, channels), 0, out=running_var)
         return y.reshape(input.shape)
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -904,7 +914,8 @@ class LayerNorm(_SampleNorm):
         # checks cost as much as the op.
         shape, (weight, bias) = self.normalized_shape, _affine_of(self)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
-                and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape):
+                and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape
+                and self.eps > 0):  # (else the general path refuses the eps)
             return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
         self._check_input(input)
         k = len(self.normalized_shape)
@@ -949,7 +960,8 @@ class GroupNorm(_SampleNorm):
         weight, bias = _affine_of(self)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
-                and input.shape[1] == self.num_channels and input.numel() != self.num_groups):
+                and input.shape[1] == self.num_channels and input.numel() != self.num_groups
+                and self.eps > 0):  # (else the general path refuses the eps)
             return torch.group_norm(input, self.num_groups, weight, bias, self.eps, torch.backends.cudnn.enabled)
         self._check_input(input)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
