@@ -35,7 +35,8 @@ from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION
-from .modules import BatchNorm, _refuse_torchscript
+from .modules import (BatchNorm, _refuse_torchscript, check_adjustment, check_ghost_layout,
+                      check_virtual_batch_size)
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
 
@@ -113,24 +114,6 @@ def _keras_clipping(value, name):
     return value
 
 
-def _keras_virtual_batch_size(value, name):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _keras_ghost_layout(value, name):
-    if value not in ("strided", "contiguous"):
-        raise ValueError(f"{name} must be 'strided' or 'contiguous', got {value!r}")
-    return value
-
-
-def _keras_adjustment(value, name):
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {value!r}")
-    return value
-
-
 def _resolvable(resolve):
     """A check that the option resolves (by name or callable) and keeps it as given (get_config writes it back)."""
     def check(value, name):
@@ -143,9 +126,9 @@ def _resolvable(resolve):
 _OPTION_CHECKS = {
     "axis": _keras_axis, "momentum": _keras_decay, "renorm_momentum": _keras_decay, "epsilon": _keras_epsilon,
     **{flag: _keras_flag for flag in ("center", "scale", "synchronized", "renorm", "trainable")},
-    "renorm_clipping": _keras_clipping, "virtual_batch_size": _keras_virtual_batch_size,
+    "renorm_clipping": _keras_clipping, "virtual_batch_size": check_virtual_batch_size,
     "dtype_policy": lambda value, name: _policy_name(value),
-    "ghost_layout": _keras_ghost_layout, "adjustment": _keras_adjustment,
+    "ghost_layout": check_ghost_layout, "adjustment": check_adjustment,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
                                                            "moving_mean_initializer", "moving_variance_initializer")},
     **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer")},

@@ -65,6 +65,28 @@ def _check_momentum(momentum, *, name="momentum"):
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
+# Checks of the options that BatchNorm and the Keras-vocabulary layer share (each returns the value to keep).
+
+def check_virtual_batch_size(virtual, name="virtual_batch_size"):
+    if virtual is None:
+        return None
+    if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
+        raise ValueError(f"{name} must be a positive int, got {virtual!r}")
+    return int(virtual)
+
+
+def check_ghost_layout(layout, name="ghost_layout"):
+    if layout not in ("strided", "contiguous"):
+        raise ValueError(f"{name} must be 'strided' or 'contiguous', got {layout!r}")
+    return layout
+
+
+def check_adjustment(adjustment, name="adjustment"):
+    if adjustment is not None and not callable(adjustment):
+        raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
+    return adjustment
+
+
 def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """A buffer read from the module's dict where it is there (cheaper than Module.__getattr__), else the attribute
     (a parametrized buffer, or one replaced by a plain attribute)."""
@@ -388,23 +410,16 @@ class BatchNorm(_NormBase):
         return _check_momentum(momentum, name=name)
 
     def _checked_virtual_batch_size(self, virtual, name):
-        if virtual is not None:
-            if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
-                raise ValueError(f"{name} must be a positive int, got {virtual!r}")
-            if "axis" in self.__dict__:  # (a subclass may set it before the constructor has set the axis)
-                self._check_ghost_axes(self.axis)
-            virtual = int(virtual)
+        virtual = check_virtual_batch_size(virtual, name)
+        if virtual is not None and "axis" in self.__dict__:  # (a subclass may set it before the constructor's axis)
+            self._check_ghost_axes(self.axis)
         return virtual
 
     def _checked_ghost_layout(self, layout, name):
-        if layout not in ("strided", "contiguous"):
-            raise ValueError(f"{name} must be 'strided' or 'contiguous', got {layout!r}")
-        return layout
+        return check_ghost_layout(layout, name)
 
     def _checked_adjustment(self, adjustment, name):
-        if adjustment is not None and not callable(adjustment):
-            raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
-        return adjustment
+        return check_adjustment(adjustment, name)
 
     def _checked_flag(self, value, name):
         return bool(value)

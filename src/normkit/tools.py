@@ -51,9 +51,14 @@ def _input_of(item, index: int) -> torch.Tensor:
     return item
 
 
+def _keras_module():
+    """normkit.keras if it was imported (else no Keras-vocabulary layer can exist, and it need not be imported)."""
+    return sys.modules.get(__package__ + ".keras")
+
+
 def _refuse_unbuilt(model: nn.Module, caller: str, norms_only: bool) -> None:
     """Lazy modules before their first call and unbuilt Keras-style layers hold no tensors to work on."""
-    keras = sys.modules.get(__package__ + ".keras")
+    keras = _keras_module()
     unbuilt = []
     for name, module in model.named_modules():
         lazy = (isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
@@ -349,7 +354,7 @@ def _batch_norm_of(module: nn.Module):
     """The BN layer that computes ``module``'s eval output: itself, a built Keras layer's ``bn``, or None."""
     if isinstance(module, (BatchNorm, _BatchNorm)):
         return module
-    keras = sys.modules.get(__package__ + ".keras")  # not imported: no Keras layer can exist
+    keras = _keras_module()
     if keras is not None and isinstance(module, keras.BatchNormalization):
         return module.bn
     return None
@@ -367,7 +372,7 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     bn = _batch_norm_of(module)
     if bn is None or not isinstance(layer, _FOLD_INTO) or bn.running_mean is None:
         return False
-    keras = sys.modules.get(__package__ + ".keras")
+    keras = _keras_module()
     norm_bases = (_BatchNorm, nn.SyncBatchNorm, BatchNorm) + ((keras.BatchNormalization,) if keras else ())
     if (not _runs_as_its_base(layer, _FOLD_INTO) or not all(_runs_as_its_base(m, norm_bases) for m in (module, bn))
             or any(_hooked(m) for m in (layer, module, bn))):
@@ -500,7 +505,7 @@ def _normkit_layers(model: nn.Module, caller: str):
     """(normkit layers or Keras wrappers to (un)freeze, qualified names of torch.nn BN layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
-    keras = sys.modules.get(__package__ + ".keras")
+    keras = _keras_module()
     wrapped = set()
     layers, foreign = [], []
     for name, module in model.named_modules():
