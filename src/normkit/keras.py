@@ -234,9 +234,12 @@ class BatchNormalization(nn.Module):
             setattr(inner, target, value if convert is None else convert(value))
         elif name in ("renorm", "renorm_clipping"):
             # Keras keeps renorm_clipping without renorm (and ignores it); normkit.BatchNorm takes it with renorm only.
-            inner.renorm_clipping = None
-            inner.renorm = self.renorm
-            inner.renorm_clipping = self.renorm_clipping if self.renorm else None
+            if self.renorm:
+                inner.renorm = True
+                inner.renorm_clipping = self.renorm_clipping
+            else:
+                inner.renorm_clipping = None  # (first: BatchNorm takes clipping only with renorm)
+                inner.renorm = False
 
     # -- build ------------------------------------------------------------------------------------
 

@@ -334,13 +334,18 @@ class BatchNorm(_NormBase):
         check = self._OPTION_CHECKS.get(name)
         if check is None:
             return super().__setattr__(name, value)
-        built = "_plain" in self.__dict__
+        built = self._constructed()
         value = getattr(self, check)(value, name)
         if name == "renorm" and built and value and not self.renorm:
             self._add_renorm_state()
         super().__setattr__(name, value)
         if built and name in self._ROUTING_OPTIONS:
             self._choose_routes()
+
+    def _constructed(self) -> bool:
+        """Whether the constructor has finished (its last step chooses the routes): checks that relate an option
+        to others, and the route choice, apply to changes made after it."""
+        return "_plain" in self.__dict__
 
     def _choose_routes(self) -> None:
         # The plain case takes torch.nn's short path.
@@ -380,7 +385,7 @@ class BatchNorm(_NormBase):
 
     def _checked_renorm(self, renorm, name):
         renorm = bool(renorm)
-        if renorm and "_plain" in self.__dict__ and not self.track_running_stats:
+        if renorm and self._constructed() and not self.track_running_stats:
             raise ValueError("renorm=True needs running statistics: this layer has track_running_stats=False")
         return renorm
 
@@ -391,16 +396,21 @@ class BatchNorm(_NormBase):
         running variance, which plain steps have moved since; renorm_mean and renorm_stddev (renorm's own
         averages, which r and d are measured against) keep the values they had."""
         with torch.no_grad():
-            stddev = (self.running_var.double() + self.eps).sqrt().to(self.running_var.dtype)
+            state = self._renorm_state_from(self.running_mean, self.running_var)
             if "moving_stddev" in self._buffers:
-                self.moving_stddev.copy_(stddev)
+                self.moving_stddev.copy_(state["moving_stddev"])
                 return
-            self.register_buffer("moving_stddev", stddev)
-            self.register_buffer("renorm_mean", self.running_mean.clone())
-            self.register_buffer("renorm_stddev", stddev.clone())
+            for name, value in state.items():
+                self.register_buffer(name, value)
+
+    def _renorm_state_from(self, mean: torch.Tensor, var: torch.Tensor) -> dict:
+        """Renorm's buffers implied by running statistics: moving_stddev = renorm_stddev = sqrt(var + eps),
+        renorm_mean = mean (so the running variance derived back from moving_stddev is var)."""
+        stddev = (var.double() + self.eps).sqrt().to(var.dtype)
+        return {"moving_stddev": stddev, "renorm_mean": mean.clone(), "renorm_stddev": stddev.clone()}
 
     def _checked_renorm_clipping(self, clipping, name):
-        if clipping is not None and "_plain" in self.__dict__ and not self.renorm:
+        if clipping is not None and self._constructed() and not self.renorm:
             raise ValueError("renorm_clipping was set but renorm=False: set renorm=True to use batch renormalization")
         return RenormClipping.from_dict(clipping)
 
@@ -445,11 +455,8 @@ class BatchNorm(_NormBase):
             # A plain BN checkpoint (torch.nn's, say) for a renorm layer, e.g. to fine-tune with renorm: its
             # renorm state follows from the running statistics (moving_stddev = sqrt(running_var + eps), so
             # running_var stays as loaded), as torch.nn fills num_batches_tracked for old checkpoints.
-            mean, var = state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"]
-            stddev = (var.double() + self.eps).sqrt().to(var.dtype)
-            state_dict[prefix + "moving_stddev"] = stddev
-            state_dict[prefix + "renorm_stddev"] = stddev.clone()
-            state_dict[prefix + "renorm_mean"] = mean.clone()
+            derived = self._renorm_state_from(state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"])
+            state_dict.update({prefix + name: value for name, value in derived.items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
