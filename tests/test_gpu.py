@@ -308,7 +308,8 @@ def test_cuda_synchronized_over_nccl_equals_local(tmp_path):
 
 
 def test_cuda_lab_trains_and_its_checkpoint_evaluates_anywhere(tmp_path):
-    from normkit.lab.train import TrainConfig, evaluate_checkpoint, run
+    from normkit.lab.config import TrainConfig
+    from normkit.lab.train import evaluate_checkpoint, run
 
     out = tmp_path / "run"
     cfg = TrainConfig(device="cuda", epochs=1, train_limit=512, out=str(out), tensorboard=False, quiet=True)

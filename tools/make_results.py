@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
+from normkit import recalibrate_running_stats
+from normkit.lab.batches import prepare_data, recalibration_batches
+from normkit.lab.board import preactivations
+from normkit.lab.checkpoint import load_checkpoint, model_from_checkpoint
 from normkit.lab.compare import compare, comparison_table
+from normkit.lab.config import TrainConfig
 from normkit.lab.data import atomic_write_bytes, load_dataset, split_test_set
 from normkit.lab.plots import plot_curves
-from normkit import recalibrate_running_stats
-from normkit.lab.train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, preactivations,
-                               prepare_data, recalibration_batches, run)
+from normkit.lab.train import evaluate, run
 from normkit.registry import NORM_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]

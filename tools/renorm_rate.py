@@ -18,8 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from normkit.lab.config import TrainConfig
 from normkit.lab.data import load_dataset, split_test_set
-from normkit.lab.train import TrainConfig, run
+from normkit.lab.train import run
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 SEEDS = (0, 1, 2)

@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from normkit.lab.train import TrainConfig, run
+    from normkit.lab.config import TrainConfig
+    from normkit.lab.train import run
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
     run(TrainConfig(**given), given=set(given))
@@ -199,7 +200,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from normkit.lab.train import evaluate_checkpoint, json_bytes
+    from normkit.lab.runfolder import json_bytes
+    from normkit.lab.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
     if args.json:

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from normkit.cli import main
+from normkit.lab.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from normkit.lab.config import TrainConfig
 from normkit.lab.models import build_model
-from normkit.lab.train import CheckpointError, TrainConfig, load_checkpoint, model_from_checkpoint, run
+from normkit.lab.train import run
 from normkit.registry import NORM_NAMES
 
 TINY = ["--train-limit", "200", "--batch-size", "32"]
@@ -180,7 +182,7 @@ def test_every_norm_and_model_trains(tmp_path, norm, model):
 def test_on_step_sees_every_step_and_leaves_the_run_unchanged(tmp_path):
     """run(on_step=...) is called after each optimizer step with the model; a measurement that leaves the
     model as it found it (preactivations: eval mode, restored) gives the same weights as a run without it."""
-    from normkit.lab.train import preactivations
+    from normkit.lab.board import preactivations
 
     settings = dict(norm="batch", epochs=2, train_limit=160, batch_size=32, quiet=True, tensorboard=False)
     seen = []
@@ -298,7 +300,7 @@ def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
 
 
 def test_recalibration_batches_follow_training_batching():
-    from normkit.lab.train import recalibration_batches
+    from normkit.lab.batches import recalibration_batches
     images = torch.arange(100.0).view(100, 1)
     cfg = TrainConfig(batch_size=32).resolved()
     assert [len(b) for b in recalibration_batches(images, cfg, -1)] == [32, 32, 32, 4]

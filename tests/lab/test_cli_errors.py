@@ -24,8 +24,10 @@ import torch
 
 from normkit.cli import main
 from normkit.lab import data
+from normkit.lab.checkpoint import CheckpointError, load_checkpoint
+from normkit.lab.config import TrainConfig
 from normkit.lab.data import DataError, load_dataset, write_idx
-from normkit.lab.train import CheckpointError, RunInterrupted, TrainConfig, evaluate_checkpoint, load_checkpoint, run
+from normkit.lab.train import RunInterrupted, evaluate_checkpoint, run
 
 TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
 
@@ -158,7 +160,7 @@ def test_histograms_keep_only_finite_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from normkit.lab.models import build_model
-    from normkit.lab.train import Board
+    from normkit.lab.board import Board
 
     model = build_model("lenet", "batch")
     with torch.no_grad():

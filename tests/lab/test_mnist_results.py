@@ -2,10 +2,12 @@
 
 import pytest
 
-from normkit.lab.data import load_dataset
 from normkit import recalibrate_running_stats
-from normkit.lab.train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, prepare_data,
-                               recalibration_batches, run)
+from normkit.lab.batches import prepare_data, recalibration_batches
+from normkit.lab.checkpoint import load_checkpoint, model_from_checkpoint
+from normkit.lab.config import TrainConfig
+from normkit.lab.data import load_dataset
+from normkit.lab.train import evaluate, run
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,9 @@ import torch
 
 from normkit import BatchNorm
 from normkit.cli import main
-from normkit.lab.train import TrainConfig, load_checkpoint, model_from_checkpoint, run
+from normkit.lab.checkpoint import load_checkpoint, model_from_checkpoint
+from normkit.lab.config import TrainConfig
+from normkit.lab.train import run
 
 TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]
 
@@ -135,7 +137,7 @@ def test_resume_keeps_the_options(tmp_path, capsys):
 
 
 def test_checking_the_options_draws_nothing_from_the_run_s_generator():
-    from normkit.lab.train import check_norm_options
+    from normkit.lab.config import check_norm_options
 
     torch.manual_seed(0)
     expected = torch.rand(3)

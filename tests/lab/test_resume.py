@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from normkit.lab.train import load_checkpoint
+from normkit.lab.checkpoint import load_checkpoint
 
 # 240 training images / batch 32 = 8 steps per epoch (the last batch has 16); 3 epochs = 24 steps.
 RUN = ["--train-limit", "300", "--batch-size", "32", "--epochs", "3", "--quiet", "--no-tensorboard"]
@@ -75,7 +75,8 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
 @pytest.mark.parametrize("norm", ["torch", "renorm"])
 def test_resume_other_norms_in_process(tmp_path, norm):
     """Same property without subprocesses, for layers with extra state (renorm's statistics)."""
-    from normkit.lab.train import TrainConfig, run
+    from normkit.lab.config import TrainConfig
+    from normkit.lab.train import run
 
     settings = dict(norm=norm, train_limit=200, batch_size=32, epochs=2, quiet=True, tensorboard=False)
     run(TrainConfig(out=str(tmp_path / "a"), **settings))

@@ -15,8 +15,10 @@ import torch
 
 from normkit.cli import main
 from normkit.lab import data
+from normkit.lab.checkpoint import load_checkpoint
+from normkit.lab.config import TrainConfig
 from normkit.lab.data import write_idx
-from normkit.lab.train import RunInterrupted, TrainConfig, load_checkpoint, run
+from normkit.lab.train import RunInterrupted, run
 
 TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
 
@@ -170,7 +172,7 @@ def test_checkpoints_without_a_fingerprint_still_load_and_are_not_compared(tmp_p
 
 
 def test_the_fingerprint_covers_the_prepared_splits():
-    from normkit.lab.train import prepare_data
+    from normkit.lab.batches import prepare_data
 
     splits = data.load_dataset("digits")
     base = prepare_data(TrainConfig(train_limit=200).resolved(), splits).fingerprint

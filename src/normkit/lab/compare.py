@@ -5,9 +5,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .config import TrainConfig
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
-from .train import RunInterrupted, TrainConfig, UnfinishedRunError, check_out_folder, json_bytes, plan_run, run
+from .runfolder import UnfinishedRunError, check_out_folder, json_bytes, plan_run
+from .train import RunInterrupted, run
 
 CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 

@@ -1,0 +1,264 @@
+"""A run's folder (--out): checked before anything is written, what a run may replace or resume there, its JSON files.
+
+Safety: ``plan_run`` validates the settings, the output folder, the checkpoint to resume or replace, the
+data and its batches before anything is written, so a failed run leaves ``out`` as it was. A fresh run
+replaces an earlier run in ``out`` only when that was a dry run, a finished run with the same settings and
+data (``data_sha256``, a fingerprint of the prepared splits) or a run stopped before its first checkpoint with
+the same settings (``overwrite=True`` replaces any); docs/lab.md, "Output directory", has the rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batches import Prepared, check_batches, prepare_data
+from .checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
+from .config import NOT_IDENTITY, PER_INVOCATION, RESUME_OVERRIDABLE, TrainConfig, _flag
+from .data import Splits, atomic_write_bytes
+
+
+class UnfinishedRunError(ValueError):
+    """A fresh run into a folder that holds an unfinished run (``--resume`` continues it); the caller
+    (``normkit train`` or ``normkit compare``) knows which command continues it."""
+
+    def __init__(self, out: Path, epoch: int, epochs: int, how: str = ""):
+        self.out, self.epoch, self.epochs = out, epoch, epochs
+        how = how or f"continue it with `normkit train --out {out} --resume`"
+        super().__init__(f"--out {out} holds an unfinished run (checkpoint.pt after epoch {epoch} of {epochs}): "
+                         f"{how}, or pass --overwrite to start over, or choose another --out")
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinity replaced by None: strict JSON parsers refuse NaN, and an absent
+    measurement (no validation images with --val-split 0) is null, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_bytes(payload) -> bytes:
+    """``payload`` as strict JSON (non-finite numbers as null), UTF-8, for the run's .json files."""
+    return (json.dumps(json_safe(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, json_bytes(payload))
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse a path that cannot become a writable folder, before anything is created or loaded."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out}: is a file, not a folder; choose a folder path (created if missing)")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {out}: {parent} is a file, not a folder; choose a folder path")
+            break
+
+
+def _make_out_folder(out: Path, flag: str = "--out") -> None:
+    """mkdir -p, and a probe file: both fail here, with the flag named, rather than as a traceback later."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".normkit-write-probe.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{flag} {out}: cannot write there ({error.strerror or error}); choose a folder you can "
+                         "write to") from None
+
+
+# The files a run writes in its folder (besides TensorBoard's event files).
+RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
+
+
+def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint") -> TrainConfig:
+    conflicts = [f"{_flag(k)} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
+                 if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
+    if conflicts:
+        raise ValueError(f"a resumed run keeps its settings; these differ from the {source}'s: " + ", ".join(conflicts)
+                         + ". Start a new run with another --out instead.")
+    # How this invocation runs (where, how loudly, whether to simulate a kill) is never inherited.
+    overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE if k in given or k in PER_INVOCATION}
+    return dataclasses.replace(TrainConfig(**saved), **overrides)
+
+
+@dataclass
+class RunPlan:
+    """A validated run: its resolved settings, the checkpoint it resumes (or None), its data, and what it
+    replaces in ``out`` (None: nothing). Making one reads files but writes nothing."""
+    cfg: TrainConfig
+    checkpoint: dict | None
+    data: Prepared
+    notes: list[str]
+
+
+def _identity_differences(saved: dict, mine: dict) -> list[str]:
+    """The settings that make two runs compute different things (all but NOT_IDENTITY), as "--flag A there, B here"."""
+    return [f"{_flag(k)} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
+            if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
+
+
+def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> tuple[str, str | None]:
+    """Whether a fresh run may replace the run whose checkpoint is in ``out``; raises when it would lose work.
+
+    Returns the note to print and, for a finished run with the same settings, its data fingerprint (None when it
+    has none): the caller compares it with this run's once the data is loaded."""
+    out = checkpoint_path.parent
+    try:
+        payload = load_checkpoint(checkpoint_path)
+        saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+    except CheckpointError as error:
+        raise ValueError(f"--out {out} holds a checkpoint.pt that cannot be read ({error}); pass --overwrite to "
+                         "replace it, or choose another --out") from None
+    if saved["dry_run"]:
+        return f"replacing the dry run in {out}", None
+    if payload["epoch"] < saved["epochs"]:
+        raise UnfinishedRunError(out, payload["epoch"], saved["epochs"])
+    differences = _identity_differences(saved, cfg.to_dict())
+    if differences:
+        longer = (len(differences) == 1 and differences[0].startswith("--epochs ") and cfg.epochs > saved["epochs"])
+        raise ValueError(f"--out {out} holds a finished run with other settings ({'; '.join(differences)}); pass "
+                         "--overwrite to replace it, or choose another --out to keep both"
+                         + (f" (or train it longer: `normkit train --out {out} --resume --epochs {cfg.epochs}`)"
+                            if longer else ""))
+    return (f"replacing the finished run in {out} (same settings: this run repeats it)",
+            payload.get("data_sha256") or None)
+
+
+def _run_config_json(path: Path, remedy: str) -> dict:
+    """The settings in a run's config.json, each one known (as a checkpoint's config); one line when unreadable."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return config_from_checkpoint({"config": saved}, path).to_dict()
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:  # JSONDecodeError, CheckpointError
+        reason = str(error).removeprefix(f"{path}: ")
+        raise ValueError(f"--out {path.parent}: its config.json cannot be read ({reason}); {remedy}") from None
+
+
+def _refuse_leftover_results(out: Path, situation: str, remedy: str) -> None:
+    """Refuse to start in ``out`` when it holds a run's results (metrics.json, curves.png) but no checkpoint.pt:
+    a fresh start would delete them."""
+    leftovers = [name for name in ("metrics.json", "curves.png") if (out / name).exists()]
+    if leftovers:
+        raise ValueError(f"{situation} {out} holds {' and '.join(leftovers)} but no checkpoint.pt{remedy}")
+
+
+def _fresh_run_without_checkpoint(cfg: TrainConfig, out: Path) -> str | None:
+    """Whether a fresh run may start in ``out``, which has no checkpoint.pt; the note to print, or None when
+    the folder holds no run. Raises when starting would delete files worth keeping."""
+    _refuse_leftover_results(out, "--out", " (a run whose checkpoint was deleted, or files of your own), which this "
+                             "run would delete; pass --overwrite to replace them, or choose another --out")
+    config_path = out / "config.json"
+    if not config_path.exists():
+        if any(out.glob("events.out.tfevents.*")):
+            raise ValueError(f"--out {out} holds TensorBoard event files but no config.json (not a run of this lab), "
+                             "which this run would delete; pass --overwrite to replace them, or choose another --out")
+        return None
+    # config.json alone (and event files): a run stopped in epoch 1, before its first checkpoint.
+    saved = _run_config_json(config_path, "pass --overwrite to replace it, or choose another --out")
+    if saved["dry_run"]:
+        return f"replacing the dry run stopped before its checkpoint in {out}"
+    differences = _identity_differences(saved, cfg.to_dict())
+    if differences:
+        raise ValueError(f"--out {out} holds a run stopped in epoch 1, before its first checkpoint (config.json, no "
+                         f"checkpoint.pt), with other settings ({'; '.join(differences)}); pass --overwrite to "
+                         "replace it, or choose another --out to keep both, or restart it with its own settings: "
+                         f"`normkit train --out {out} --resume`")
+    return f"replacing the run stopped in epoch 1 in {out} (same settings: this run starts it over)"
+
+
+def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], notes: list[str]) -> TrainConfig:
+    """--resume where there is no checkpoint yet: start from the beginning, with the settings of the run that
+    stopped in epoch 1 (its config.json) for those the user did not give."""
+    _refuse_leftover_results(out, "--resume:", ", so there is nothing to continue, and starting over would delete "
+                             "them; pass --overwrite instead of --resume to replace them, or choose another --out")
+    config_path = out / "config.json"
+    if not config_path.exists():
+        notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
+        return cfg
+    saved = _run_config_json(config_path, "pass --overwrite instead of --resume to start over, or choose another --out")
+    resumed = _resume_config(cfg, saved, given, source="config.json")
+    try:
+        cfg = resumed.resolved()
+    except ValueError as error:
+        raise ValueError(f"{config_path}: its settings are not valid here: {error}") from None
+    notes.append(f"--resume: no checkpoint in {out} yet (the run stopped in epoch 1); starting from the beginning "
+                 f"with the settings in {config_path}")
+    return cfg
+
+
+def _other_data(theirs: str, mine: str) -> str:
+    return f"its data's sha256 {theirs[:12]}..., this data's {mine[:12]}..."
+
+
+def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> RunPlan:
+    """Validate everything a run needs (settings, --out, the checkpoint it resumes or replaces, the data and
+    its batches) without writing anything: a failed run leaves ``out`` as it found it."""
+    cfg = cfg.resolved()
+    given = given if given is not None else set()
+    out = Path(cfg.out)
+    check_out_folder(out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint, notes, replaced_data = None, [], None
+    if cfg.resume and checkpoint_path.is_file():
+        payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
+        saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+        if saved["dry_run"] and not cfg.dry_run:
+            # A dry run's one batch is a smoke test, not a start worth continuing: the real run starts over.
+            notes.append(f"--resume: {checkpoint_path} is a dry run's (one batch); starting the real run from the "
+                         "beginning")
+        elif cfg.dry_run and not saved["dry_run"]:
+            raise ValueError(f"--dry-run --resume: {checkpoint_path} is a real run's, and a dry run would replace its "
+                             "metrics with one-batch estimates; drop --dry-run to continue it, or smoke-test in "
+                             "another --out")
+        else:
+            resumed = _resume_config(cfg, saved, given)  # conflicts name the flags
+            try:
+                cfg = resumed.resolved()
+            except ValueError as error:
+                raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
+            if cfg.epochs < payload["epoch"]:
+                raise ValueError(f"--epochs {cfg.epochs}: {checkpoint_path} has already trained {payload['epoch']} "
+                                 f"epochs; a resumed run can train longer (--epochs {payload['epoch']} or more) but "
+                                 "not undo epochs; train a shorter run in another --out")
+            checkpoint = payload
+            notes.append(f"resuming {checkpoint_path} after epoch {payload['epoch']} (step {payload['step']})")
+    elif cfg.resume:
+        cfg = _resume_without_checkpoint(cfg, out, given, notes)
+    elif cfg.overwrite:
+        if out.is_dir() and (any((out / name).exists() for name in RUN_FILES)
+                             or any(out.glob("events.out.tfevents.*"))):
+            notes.append(f"--overwrite: replacing the run in {out}")
+    elif checkpoint_path.is_file():
+        note, replaced_data = _replacement_note(cfg, checkpoint_path)
+        notes.append(note)
+    elif out.is_dir():
+        note = _fresh_run_without_checkpoint(cfg, out)
+        if note is not None:
+            notes.append(note)
+    data = prepare_data(cfg, splits)
+    check_batches(cfg, len(data.train[1]))
+    # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
+    # (a moved dataset is the same data). Checkpoints written before fingerprints existed have none to compare.
+    resumed_data = checkpoint.get("data_sha256") if checkpoint is not None else None
+    if resumed_data and resumed_data != data.fingerprint:
+        where = cfg.data_dir if cfg.data_dir is not None else "$NORMKIT_DATA"
+        raise ValueError(f"--resume: {checkpoint_path} was trained on other data than {where} holds "
+                         f"({_other_data(resumed_data, data.fingerprint)}); point --data-dir at that run's data, or "
+                         "start a new run in another --out")
+    if replaced_data and replaced_data != data.fingerprint:
+        raise ValueError(f"--out {out} holds a finished run with the same settings but trained on other data "
+                         f"({_other_data(replaced_data, data.fingerprint)}: another --data-dir, or changed files); "
+                         "pass --overwrite to replace it, or choose another --out to keep both")
+    return RunPlan(cfg=cfg, checkpoint=checkpoint, data=data, notes=notes)
