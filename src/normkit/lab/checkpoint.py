@@ -47,7 +47,7 @@ def _rng_states(shuffle: torch.Generator) -> dict:
     }
 
 
-def _restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
+def restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
     shuffle.set_state(states["shuffle"])
     torch.set_rng_state(states["torch"])
     numpy_state = states["numpy"]

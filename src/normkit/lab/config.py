@@ -64,12 +64,12 @@ class TrainConfig:
                        optimizer=OPTIMIZERS, device=("cpu", "cuda"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise ValueError(f"{flag_of(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not _is_number(self.val_split) or not 0.0 <= self.val_split < 1.0:
             raise ValueError(f"--val-split={self.val_split} must be in [0, 1) (0: no validation split)")
         for name in ("batch_size", "epochs"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{_flag(name)}={getattr(self, name)} must be at least 1")
+                raise ValueError(f"{flag_of(name)}={getattr(self, name)} must be at least 1")
         if self.train_limit is not None and (not _is_int(self.train_limit) or self.train_limit < 2):
             raise ValueError(f"--train-limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
@@ -109,9 +109,9 @@ class TrainConfig:
         for name in ("out", "data_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
-                raise ValueError(f"{_flag(name)} {value!r}: give a folder path (an empty one would mean the current "
+                raise ValueError(f"{flag_of(name)} {value!r}: give a folder path (an empty one would mean the current "
                                  f"folder by accident){'; omit it for $NORMKIT_DATA' if name == 'data_dir' else ''}")
-        _check_device(self.device)
+        check_device(self.device)
         updates = {}
         if self.lr is None:
             updates["lr"] = DEFAULT_LR[self.optimizer]
@@ -135,7 +135,7 @@ class TrainConfig:
 MAX_SEED = 2**32 - 1
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r} is not one of cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -143,7 +143,8 @@ def _check_device(device: str) -> None:
                          "use --device cpu")
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line flag that sets the TrainConfig field ``name`` (error messages name flags)."""
     return "--norm-option" if name == "norm_options" else "--" + name.replace("_", "-")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .batches import Prepared, check_batches, prepare_data
 from .checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
-from .config import NOT_IDENTITY, PER_INVOCATION, RESUME_OVERRIDABLE, TrainConfig, _flag
+from .config import NOT_IDENTITY, PER_INVOCATION, RESUME_OVERRIDABLE, TrainConfig, flag_of
 from .data import Splits, atomic_write_bytes
 
 
@@ -51,7 +51,7 @@ def json_bytes(payload) -> bytes:
     return (json.dumps(json_safe(payload), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, json_bytes(payload))
 
 
@@ -66,7 +66,7 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
             break
 
 
-def _make_out_folder(out: Path, flag: str = "--out") -> None:
+def make_out_folder(out: Path, flag: str = "--out") -> None:
     """mkdir -p, and a probe file: both fail here, with the flag named, rather than as a traceback later."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
 
 
 def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint") -> TrainConfig:
-    conflicts = [f"{_flag(k)} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
+    conflicts = [f"{flag_of(k)} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
                  if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
     if conflicts:
         raise ValueError(f"a resumed run keeps its settings; these differ from the {source}'s: " + ", ".join(conflicts)
@@ -105,7 +105,7 @@ class RunPlan:
 
 def _identity_differences(saved: dict, mine: dict) -> list[str]:
     """The settings that make two runs compute different things (all but NOT_IDENTITY), as "--flag A there, B here"."""
-    return [f"{_flag(k)} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
+    return [f"{flag_of(k)} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
             if k not in NOT_IDENTITY and saved.get(k) != mine[k]]
 
 

@@ -40,13 +40,13 @@ from normkit.tools import recalibrate_running_stats
 
 from .batches import Prepared, recalibration_batches, training_batches
 from .board import Board
-from .checkpoint import (CheckpointError, _restore_rng_states, load_checkpoint, load_weights, model_from_checkpoint,
+from .checkpoint import (CheckpointError, load_checkpoint, load_weights, model_from_checkpoint, restore_rng_states,
                          save_checkpoint)
-from .config import TrainConfig, _check_device
+from .config import TrainConfig, check_device
 from .data import DATASETS, Splits, leftover_temporaries, load_dataset
 from .models import build_model
 from .optim import build_optimizer
-from .runfolder import RUN_FILES, RunPlan, _make_out_folder, _write_json, json_safe, plan_run
+from .runfolder import RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
 
 
 @torch.no_grad()
@@ -130,7 +130,7 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     checkpoint_path = out / "checkpoint.pt"
     for note in plan.notes:
         _say(cfg, note)
-    _make_out_folder(out)
+    make_out_folder(out)
     # Temporaries of a process killed mid-write (SIGKILL skips atomic_write_bytes' cleanup): never read, only in the way.
     for leftover in leftover_temporaries(out, RUN_FILES):
         leftover.unlink(missing_ok=True)
@@ -162,8 +162,8 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
             raise CheckpointError(f"{checkpoint_path}: its optimizer state does not fit the model: "
                                   f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         history, start_epoch, step = list(checkpoint["history"]), checkpoint["epoch"], checkpoint["step"]
-        _restore_rng_states(checkpoint["rng"], shuffle)
-    _write_json(out / "config.json", cfg.to_dict())
+        restore_rng_states(checkpoint["rng"], shuffle)
+    write_json(out / "config.json", cfg.to_dict())
 
     # The checkpoint's last step is logged; a killed run may have logged later ones, which the resumed run redoes.
     board = Board(out, cfg.tensorboard, purge_step=step + 1 if checkpoint is not None else None)
@@ -225,7 +225,7 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
             # The checkpoint first: whatever TensorBoard makes of this epoch, the epoch is saved.
             save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle, data.fingerprint)
             progress["saved_epochs"] = epoch + 1
-            _write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
+            write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
             board.epoch(step, record, model, probe)
             speed = record["images_per_second"]
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
@@ -295,7 +295,7 @@ def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module
             "weight": layer.weight.detach().cpu().flatten().tolist() if getattr(layer, "weight", None) is not None else None,
             "bias": layer.bias.detach().cpu().flatten().tolist() if getattr(layer, "bias", None) is not None else None}
     metrics = json_safe(metrics)
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     if history:
         from .plots import plot_curves
         plot_curves({cfg.norm: history}, out / "curves.png", title=f"{cfg.model} on {cfg.dataset}")
@@ -330,7 +330,7 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
                         device: str = "cpu") -> dict:
     """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s."""
     # Checked first: torch.load onto a missing device would read as a corrupt checkpoint.
-    _check_device(device)
+    check_device(device)
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
     if Path(path).is_dir():
