@@ -756,6 +756,7 @@ def test_bessels_correction_torch_vocabulary():
 @pytest.mark.parametrize("name, formula", [
     ("l1", lambda w: 0.01 * np.abs(w).sum()),
     ("l2", lambda w: 0.01 * np.square(w).sum()),
+    ("l1_l2", lambda w: 0.01 * np.abs(w).sum() + 0.01 * np.square(w).sum()),  # (tf.keras: both factors 0.01)
 ])
 def test_regularizer_values(name, formula):
     rng = np.random.default_rng(12)

@@ -93,6 +93,20 @@ def test_instance_norm(cls, theirs_cls, shape, affine, track, rng):
             torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
+
+@pytest.mark.parametrize("name,args,reference", [
+    ("LayerNorm", ((4, 5),), lambda x, eps: R.layer_norm(x, (4, 5), eps=eps)),
+    ("GroupNorm", (2, 4), lambda x, eps: R.group_norm(x, 2, eps=eps)),
+    ("InstanceNorm1d", (4,), lambda x, eps: R.instance_norm(x, eps=eps)),
+])
+def test_eps_given_to_the_layer_is_the_one_used(name, args, reference, rng):
+    """A spread of the order of sqrt(eps), where eps shows: the layer's own eps, not the default."""
+    x = torch.tensor(rng.normal(size=(3, 4, 5)) * 0.3)
+    ours = getattr(normkit, name)(*args, eps=0.25).double()
+    y = ours(x)
+    assert_close(y, reference(x.numpy(), 0.25))
+    torch.testing.assert_close(y, getattr(torch.nn, name)(*args, eps=0.25).double()(x))
+
 def test_layer_norm_over_chw_equals_group_norm_with_one_group(rng):
     x = torch.tensor(rng.normal(size=(3, 4, 5, 6)))
     layer = normkit.LayerNorm((4, 5, 6), elementwise_affine=False).double()

@@ -142,7 +142,7 @@ def test_regularizers_and_constraints_set_later_take_part():
 # -- the Keras-vocabulary layer ---------------------------------------------------------------------------------
 
 KERAS_CHANGES = [
-    ("momentum", 0.5, {}), ("epsilon", 0.25, {}), ("renorm", True, {}), ("renorm", False, {"renorm": True}),
+    ("momentum", 0.8, {}), ("epsilon", 0.25, {}),  # (0.8, not 0.5: Keras' decay is 1 - PyTorch's momentum) ("renorm", True, {}), ("renorm", False, {"renorm": True}),
     ("renorm_momentum", 0.3, {"renorm": True}), ("renorm_clipping", {"rmax": 1.2, "dmax": 0.1}, {"renorm": True}),
     ("virtual_batch_size", 4, {}), ("ghost_layout", "contiguous", {"virtual_batch_size": 4}),
 ]
@@ -166,9 +166,9 @@ def test_keras_options_set_on_a_built_layer_take_effect_as_in_keras(option, valu
 
 def test_keras_options_set_before_the_first_call_are_used_by_the_build():
     layer = BatchNormalization()
-    layer.momentum, layer.axis, layer.center = 0.5, 1, False
+    layer.momentum, layer.axis, layer.center = 0.8, 1, False
     layer(torch.randn(8, 3, 2))
-    assert layer.bn.momentum == 0.5 and layer.bn.axis == 1 and layer.bn.bias is None
+    assert layer.bn.momentum == pytest.approx(0.2) and layer.bn.axis == 1 and layer.bn.bias is None
 
 
 def test_keras_weight_shaping_options_are_fixed_once_built():

@@ -210,6 +210,24 @@ def test_masks(shape, axis, dtype, rng):
     _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype, reference_mask=reference_mask)
 
 
+
+# (shape, axis, virtual_batch_size, ghost_layout, whether the mask varies along the features)
+COMPOSITE_MASKS = {"feature mask": ((4, 6, 3), -1, None, "strided", True),
+                   "ghost+padding mask": ((8, 5, 3), -1, 4, "strided", False),
+                   "ghost+feature mask": ((8, 3, 4), 1, 2, "contiguous", True)}
+
+
+@pytest.mark.parametrize("case", list(COMPOSITE_MASKS))
+def test_masks_that_vary_along_the_features_or_meet_ghost_batches(case, rng):
+    """The composite execution (closed-form masked gradient, count-weighted ghost statistics) against the
+    reference. (test_kernels' random cases reach it too, but only where the C++ kernel builds.)"""
+    shape, axis, virtual, layout, per_feature = COMPOSITE_MASKS[case]
+    mask_shape = shape if per_feature else tuple(size for i, size in enumerate(shape) if i != axis % len(shape))
+    layer = normkit.BatchNorm(shape[axis], axis=axis, virtual_batch_size=virtual, ghost_layout=layout, momentum=0.3)
+    kwargs = {} if virtual is None else {"virtual_batch_size": virtual, "ghost_layout": layout}
+    _compare_steps(layer, shape, rng, mask_fn=lambda rng: rng.uniform(size=mask_shape) > 0.4,
+                   reference_mask=(lambda mask: mask) if per_feature else None, **kwargs)
+
 @pytest.mark.parametrize("shape", [(3, 4, 5, 3), (2, 3, 4, 2, 3)])  # channels-last images and volumes
 @pytest.mark.parametrize("renorm", [False, True])
 def test_masks_on_channels_last_inputs(shape, renorm, rng):
@@ -284,6 +302,14 @@ def test_adjustment_applies_in_training_only(rng):
     torch.testing.assert_close(layer(x), plain(x))
 
 
+
+def test_adjustment_is_not_applied_in_eval_without_running_statistics(rng):
+    """Without running statistics eval normalizes with the batch's, but the adjustment stays a training stage."""
+    layer = normkit.BatchNorm(3, axis=-1, adjustment=lambda shape: (torch.full(shape, 2.0), torch.full(shape, 0.5)),
+                              track_running_stats=False).double().eval()
+    x = rng.normal(size=(6, 2, 3)) * 2 + 1
+    assert_close(layer(torch.tensor(x)), R.batch_norm(x, axis=-1))
+
 def test_renorm_with_adjustment_and_ghost_batches_compose(rng):
     scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
     layer = normkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.4}, virtual_batch_size=2,
@@ -311,6 +337,24 @@ def test_frozen_uses_running_statistics_updates_nothing_and_survives_train():
     model(x)
     assert int(bn.num_batches_tracked) == int(state["num_batches_tracked"]) + 1
 
+
+
+def test_frozen_layer_trains_nothing_even_when_requires_grad_is_switched_back_on():
+    """Model-wide code (``model.requires_grad_(True)`` to fine-tune a backbone) switches a frozen layer's
+    parameters back on: until unfreeze() it still gets no gradient and adds no regularization term, and
+    it is the eval-mode affine map x * weight / sqrt(running_var + eps) + const."""
+    bn = normkit.BatchNorm1d(3, weight_regularizer="l2", bias_regularizer="l1").double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    model = torch.nn.Sequential(bn)
+    bn.freeze()
+    model.train().requires_grad_(True)
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    model(x).sum().backward()
+    assert bn.weight.grad is None and bn.bias.grad is None
+    torch.testing.assert_close(x.grad, (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().expand(8, 3))
+    assert float(normkit.regularization_loss(model)) == 0.0
 
 def test_initializers_by_name_number_and_callable():
     layer = normkit.BatchNorm(4, weight_initializer=2.0, bias_initializer="ones", running_mean_initializer=0.5,

@@ -148,6 +148,23 @@ def test_cumulative_and_unbiased_running_rules():
     np.testing.assert_allclose([running_mean[0], running_var[0]], [2.0, 1.0])
 
 
+@pytest.mark.parametrize("unbiased, expected_var", [(False, 14 / 3), (True, 64 / 9)])
+def test_masked_ghost_batches_weight_each_ghost_by_its_valid_count(unbiased, expected_var):
+    """docs/decisions.md: with a mask, the running statistics move toward the count-weighted mean of the
+    per-ghost statistics (Keras' plain average when every ghost holds as many values). By hand: strided
+    ghosts of 4 rows, ghost 0 = rows 0, 2, 4, 6 = [0, 2, 4, 6] (mean 3, var 5, unbiased 20/3), ghost 1 =
+    rows 1, 3 = [10, 14] (mean 12, var 4, unbiased 8; rows 5 and 7 masked). Weighted 4:2, the mean is 6 and
+    the variance (4 * 5 + 2 * 4) / 6 = 14/3, unbiased (4 * 20/3 + 2 * 8) / 6 = 64/9 (plain averages: 7.5, 4.5, 22/3)."""
+    x = np.array([0.0, 10.0, 2.0, 14.0, 4.0, 100.0, 6.0, -100.0]).reshape(8, 1)
+    mask = np.array([1, 1, 1, 1, 1, 0, 1, 0], dtype=bool).reshape(8, 1)
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    y = R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, eps=1e-5, mask=mask,
+                     virtual_batch_size=4, unbiased_running_var=unbiased)
+    np.testing.assert_allclose([running_mean[0], running_var[0]], [6.0, expected_var])
+    ghost = np.arange(8) % 2  # (padded rows too are normalized with their ghost's statistics)
+    mean, var = np.where(ghost, 12.0, 3.0), np.where(ghost, 4.0, 5.0)
+    np.testing.assert_allclose(y.ravel(), (x.ravel() - mean) / np.sqrt(var + 1e-5))
+
 def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
     x = rng.normal(size=(8, 2)) * 3
     running_mean, running_var = np.zeros(2), np.ones(2)
@@ -162,6 +179,29 @@ def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
     np.testing.assert_allclose(renorm_mean, 0.2 * x.mean(0))
     assert math.isclose(running_mean[0], 0.1 * x.mean(0)[0])
 
+
+
+def test_renorm_running_buffers_with_torch_s_unbiased_running_variance():
+    """docs/decisions.md: in the PyTorch vocabulary moving_stddev tracks sqrt(unbiased var + eps) (so running_var
+    keeps torch.nn's unbiased meaning), renorm_stddev the biased batch stddev that r divides by."""
+    x = np.array([[1.0], [3.0]])  # mean 2, biased var 1, unbiased 2
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    moving_stddev, renorm_mean, renorm_stddev = np.ones(1), np.zeros(1), np.ones(1)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, eps=0.25, renorm_mean=renorm_mean,
+                 renorm_stddev=renorm_stddev, moving_stddev=moving_stddev, renorm_momentum=1.0)
+    np.testing.assert_allclose([renorm_mean[0], renorm_stddev[0]], [2.0, math.sqrt(1.25)])
+    np.testing.assert_allclose([running_mean[0], moving_stddev[0], running_var[0]], [2.0, 1.5, 2.0])
+
+
+def test_renorm_correction_by_hand():
+    """r = s / max(renorm_stddev, sqrt(eps)) clipped to [rmin, rmax], d = (mean - renorm_mean) / that, clipped
+    to [-dmax, dmax]; s = sqrt(var + eps). Channels: r 2 -> rmax 1.5, r 0.5 -> rmin 0.8, r 1.25 unclipped (the
+    floor sqrt(eps) = 0.2 replaces the renorm stddev 0.01)."""
+    eps = 0.04
+    mean, var = np.array([3.0, -3.0, 0.1]), np.array([4.0, 0.25, 0.0625]) - eps  # s = 2, 0.5, 0.25
+    r, d = R.renorm_correction(mean, var, eps, np.zeros(3), np.array([1.0, 1.0, 0.01]), (0.8, 1.5, 1.0))
+    np.testing.assert_allclose(r, [1.5, 0.8, 1.25])
+    np.testing.assert_allclose(d, [1.0, -1.0, 0.5])
 
 def test_instance_norm_without_input_stats_needs_running_statistics():
     x = np.arange(24, dtype=np.float64).reshape(2, 3, 4)

@@ -90,6 +90,11 @@ def test_track_running_stats_switched_off_after_construction_stops_counting():
     torch.testing.assert_close(ours(x), theirs(x))
     assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    # The buffers are not used at all (not moved by a zero weight: 0 * inf would poison them).
+    x[0, 1] = float("inf")
+    ours(x), theirs(x)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0, msg=name)
 
 
 def test_running_stats_removed_in_eval_normalize_with_the_batch():
