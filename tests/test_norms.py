@@ -93,7 +93,6 @@ def test_instance_norm(cls, theirs_cls, shape, affine, track, rng):
             torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
-
 @pytest.mark.parametrize("name,args,reference", [
     ("LayerNorm", ((4, 5),), lambda x, eps: R.layer_norm(x, (4, 5), eps=eps)),
     ("GroupNorm", (2, 4), lambda x, eps: R.group_norm(x, 2, eps=eps)),
@@ -106,6 +105,7 @@ def test_eps_given_to_the_layer_is_the_one_used(name, args, reference, rng):
     y = ours(x)
     assert_close(y, reference(x.numpy(), 0.25))
     torch.testing.assert_close(y, getattr(torch.nn, name)(*args, eps=0.25).double()(x))
+
 
 def test_layer_norm_over_chw_equals_group_norm_with_one_group(rng):
     x = torch.tensor(rng.normal(size=(3, 4, 5, 6)))

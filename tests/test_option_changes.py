@@ -142,7 +142,8 @@ def test_regularizers_and_constraints_set_later_take_part():
 # -- the Keras-vocabulary layer ---------------------------------------------------------------------------------
 
 KERAS_CHANGES = [
-    ("momentum", 0.8, {}), ("epsilon", 0.25, {}),  # (0.8, not 0.5: Keras' decay is 1 - PyTorch's momentum) ("renorm", True, {}), ("renorm", False, {"renorm": True}),
+    # (momentum 0.8, not 0.5: Keras' decay is 1 - PyTorch's momentum, and 0.5 would hide a missing conversion)
+    ("momentum", 0.8, {}), ("epsilon", 0.25, {}), ("renorm", True, {}), ("renorm", False, {"renorm": True}),
     ("renorm_momentum", 0.3, {"renorm": True}), ("renorm_clipping", {"rmax": 1.2, "dmax": 0.1}, {"renorm": True}),
     ("virtual_batch_size", 4, {}), ("ghost_layout", "contiguous", {"virtual_batch_size": 4}),
 ]

@@ -210,7 +210,6 @@ def test_masks(shape, axis, dtype, rng):
     _compare_steps(layer, shape, rng, mask_fn=mask_fn, dtype=dtype, reference_mask=reference_mask)
 
 
-
 # (shape, axis, virtual_batch_size, ghost_layout, whether the mask varies along the features)
 COMPOSITE_MASKS = {"feature mask": ((4, 6, 3), -1, None, "strided", True),
                    "ghost+padding mask": ((8, 5, 3), -1, 4, "strided", False),
@@ -227,6 +226,7 @@ def test_masks_that_vary_along_the_features_or_meet_ghost_batches(case, rng):
     kwargs = {} if virtual is None else {"virtual_batch_size": virtual, "ghost_layout": layout}
     _compare_steps(layer, shape, rng, mask_fn=lambda rng: rng.uniform(size=mask_shape) > 0.4,
                    reference_mask=(lambda mask: mask) if per_feature else None, **kwargs)
+
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 3), (2, 3, 4, 2, 3)])  # channels-last images and volumes
 @pytest.mark.parametrize("renorm", [False, True])
@@ -302,13 +302,13 @@ def test_adjustment_applies_in_training_only(rng):
     torch.testing.assert_close(layer(x), plain(x))
 
 
-
 def test_adjustment_is_not_applied_in_eval_without_running_statistics(rng):
     """Without running statistics eval normalizes with the batch's, but the adjustment stays a training stage."""
     layer = normkit.BatchNorm(3, axis=-1, adjustment=lambda shape: (torch.full(shape, 2.0), torch.full(shape, 0.5)),
                               track_running_stats=False).double().eval()
     x = rng.normal(size=(6, 2, 3)) * 2 + 1
     assert_close(layer(torch.tensor(x)), R.batch_norm(x, axis=-1))
+
 
 def test_renorm_with_adjustment_and_ghost_batches_compose(rng):
     scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
@@ -338,7 +338,6 @@ def test_frozen_uses_running_statistics_updates_nothing_and_survives_train():
     assert int(bn.num_batches_tracked) == int(state["num_batches_tracked"]) + 1
 
 
-
 def test_frozen_layer_trains_nothing_even_when_requires_grad_is_switched_back_on():
     """Model-wide code (``model.requires_grad_(True)`` to fine-tune a backbone) switches a frozen layer's
     parameters back on: until unfreeze() it still gets no gradient and adds no regularization term, and
@@ -355,6 +354,7 @@ def test_frozen_layer_trains_nothing_even_when_requires_grad_is_switched_back_on
     assert bn.weight.grad is None and bn.bias.grad is None
     torch.testing.assert_close(x.grad, (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().expand(8, 3))
     assert float(normkit.regularization_loss(model)) == 0.0
+
 
 def test_initializers_by_name_number_and_callable():
     layer = normkit.BatchNorm(4, weight_initializer=2.0, bias_initializer="ones", running_mean_initializer=0.5,

@@ -165,6 +165,7 @@ def test_masked_ghost_batches_weight_each_ghost_by_its_valid_count(unbiased, exp
     mean, var = np.where(ghost, 12.0, 3.0), np.where(ghost, 4.0, 5.0)
     np.testing.assert_allclose(y.ravel(), (x.ravel() - mean) / np.sqrt(var + 1e-5))
 
+
 def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
     x = rng.normal(size=(8, 2)) * 3
     running_mean, running_var = np.zeros(2), np.ones(2)
@@ -178,7 +179,6 @@ def test_renorm_running_variance_is_derived_from_moving_stddev(rng):
     np.testing.assert_allclose(running_var, np.maximum(moving_stddev ** 2 - 1e-3, 0))
     np.testing.assert_allclose(renorm_mean, 0.2 * x.mean(0))
     assert math.isclose(running_mean[0], 0.1 * x.mean(0)[0])
-
 
 
 def test_renorm_running_buffers_with_torch_s_unbiased_running_variance():
@@ -202,6 +202,7 @@ def test_renorm_correction_by_hand():
     r, d = R.renorm_correction(mean, var, eps, np.zeros(3), np.array([1.0, 1.0, 0.01]), (0.8, 1.5, 1.0))
     np.testing.assert_allclose(r, [1.5, 0.8, 1.25])
     np.testing.assert_allclose(d, [1.0, -1.0, 0.5])
+
 
 def test_instance_norm_without_input_stats_needs_running_statistics():
     x = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
