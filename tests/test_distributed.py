@@ -63,6 +63,27 @@ def _train(layer, batches):
     return outputs, grads, {"weight_grad": layer.weight.grad, **layer.state_dict()}
 
 
+def _torch_model(last=torch.nn.SyncBatchNorm):
+    """torch.nn layers for synchronize_batch_norm: BatchNorm1d and (GPU-only in torch.nn) SyncBatchNorm."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(FEATURES), torch.nn.Linear(3, 3), last(FEATURES)).double()
+    for parameter in model.parameters():
+        torch.nn.init.uniform_(parameter, 0.5, 1.5)
+    return model
+
+
+def _train_model(model, batches):
+    """Like _train for a whole model: per-step outputs and input gradients, the state, the parameter gradients."""
+    outputs, grads = [], []
+    for x, g in batches:
+        x = x.clone().requires_grad_()
+        y = model(x)
+        y.backward(g)
+        outputs.append(y.detach())
+        grads.append(x.grad)
+    return outputs, grads, model.state_dict(), [parameter.grad for parameter in model.parameters()]
+
+
 def _local(batch, sizes, rank):
     start = sum(sizes[:rank])
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
@@ -76,6 +97,9 @@ def _worker(rank, world_size, init_file, out_dir):
             batches = [_local(_data(sizes, step)[:2] + (_data(sizes, step)[2] if masked else None,), sizes, rank)
                        for step in range(STEPS)]
             results[name] = _train(_layer(options, synchronized=True), batches)
+        model = normkit.synchronize_batch_norm(_torch_model())
+        results["tool_types"] = [type(module) for module in model]
+        results["tool"] = _train_model(model, [_local(_data((3, 5), step)[:2], (3, 5), rank) for step in range(STEPS)])
         # Eval never synchronizes: without running statistics each process normalizes its own batch.
         x = _local(_data((3, 5), 0), (3, 5), rank)[0]
         results["eval_local"] = _layer({}, synchronized=True, track_running_stats=False).eval()(x)
@@ -122,3 +146,22 @@ def test_eval_never_synchronizes(ranks):
         local = _local((x,), (3, 5), rank)[0]
         expected = _layer({}, track_running_stats=False).eval()(local)
         torch.testing.assert_close(r["eval_local"], expected)
+
+
+def test_synchronize_batch_norm_turns_torch_nn_layers_into_synchronized_ones(ranks):
+    """normkit.synchronize_batch_norm on torch.nn.BatchNorm1d and SyncBatchNorm (which torch.nn cannot run on the
+    CPU): over 2 gloo processes the model trains as torch.nn's BatchNorm1d on the whole batch in one process."""
+    assert ranks[0]["tool_types"] == [normkit.BatchNorm1d, torch.nn.Linear, normkit.BatchNorm]
+    single = _torch_model(torch.nn.BatchNorm1d)
+    single.load_state_dict(_torch_model().state_dict())
+    outputs, grads, state, parameter_grads = _train_model(single, [_data((3, 5), step)[:2] for step in range(STEPS)])
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([r["tool"][0][step] for r in ranks]), outputs[step], msg=f"output {step}")
+        torch.testing.assert_close(torch.cat([r["tool"][1][step] for r in ranks]), grads[step], msg=f"grad {step}")
+    for index, expected in enumerate(parameter_grads):  # (local: their sum is the whole batch's)
+        torch.testing.assert_close(ranks[0]["tool"][3][index] + ranks[1]["tool"][3][index], expected)
+    for r in ranks:
+        assert r["tool"][2].keys() == state.keys()
+        for key, value in state.items():
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                torch.testing.assert_close(r["tool"][2][key], value, msg=key)

@@ -1,6 +1,7 @@
 """normkit's model tools: precise BN vs NumPy averages; conversion, folding, freezing vs torch.nn and float64."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch.nn.utils import parametrizations
 
 import normkit
 from normkit import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
-                     unfreeze_batch_norm)
+                     synchronize_batch_norm, unfreeze_batch_norm)
 
 
 def as64(tensor):
@@ -440,6 +441,60 @@ def test_convert_argument_errors():
         convert_batch_norm(model, "normkit", plain_as=nn.BatchNorm1d)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         convert_batch_norm(lambda x: x)
+
+
+# ----------------------------------------------------------------------------- synchronize_batch_norm
+# (tests/test_distributed.py trains a synchronized model over real gloo processes)
+
+
+def test_synchronize_converts_torch_layers_keeping_their_tensors_and_sets_normkit_layers():
+    import normkit.keras
+    group = object()  # (stands for a process group: the tool only hands it on)
+    sync = nn.SyncBatchNorm(3, momentum=0.3, process_group=group).double()
+    torch_bn = nn.BatchNorm2d(3, eps=1e-3).double()
+    ours = normkit.BatchNorm(3, renorm=True, axis=-1).double()
+    keras_layer = normkit.keras.BatchNormalization(axis=1)
+    model = nn.Sequential(torch_bn, nn.Sequential(sync, ours), keras_layer).eval()
+    tensors = [torch_bn.weight, torch_bn.running_var, sync.bias, sync.num_batches_tracked]
+    assert synchronize_batch_norm(model) is model
+    assert type(model[0]) is normkit.BatchNorm2d and type(model[1][0]) is normkit.BatchNorm
+    assert [model[0].weight, model[0].running_var, model[1][0].bias, model[1][0].num_batches_tracked] == tensors
+    assert (model[0].eps, model[1][0].momentum, model[1][0].axis) == (1e-3, 0.3, 1) and not model[1][0].training
+    assert model[1][0].process_group is group and model[0].process_group is None  # (None: each keeps its group)
+    assert all(layer.synchronized for layer in (model[0], model[1][0], ours, keras_layer)) and model[1][1] is ours
+    other = object()
+    synchronize_batch_norm(model, other)
+    assert all(layer.process_group is other for layer in (model[0], model[1][0], ours, keras_layer))
+    keras_layer(torch.randn(4, 3, 2))  # (built after: the wrapper hands its options to its BatchNorm)
+    assert keras_layer.bn.synchronized and keras_layer.bn.process_group is other
+    bare = synchronize_batch_norm(nn.BatchNorm1d(2))  # (a model that is a layer: the new layer is returned)
+    assert type(bare) is normkit.BatchNorm1d and bare.synchronized
+
+
+def test_synchronized_without_a_process_group_is_the_local_layer_and_warns_once():
+    theirs = nn.BatchNorm1d(3).double()
+    model = synchronize_batch_norm(nn.Sequential(copy.deepcopy(theirs)))
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"synchronized=True\) runs without an initialized torch.distributed"):
+        torch.testing.assert_close(model(x), theirs(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(model(x), theirs(x))
+    torch.testing.assert_close(model[0].running_var, theirs.running_var)
+
+
+def test_synchronize_refuses_subclasses_lazy_layers_and_models_without_bn():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.BatchNorm2d(2), MyBN(2), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"'1' \(MyBN\), '2' \(LazyBatchNorm1d\).*nothing was changed"):
+        synchronize_batch_norm(model)
+    assert type(model[0]) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="no batch-normalization layer"):
+        synchronize_batch_norm(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        synchronize_batch_norm(lambda x: x)
 
 
 # ----------------------------------------------------------------------------- fold_batch_norm

@@ -5,14 +5,14 @@ from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNor
                       InstanceNorm3d, LayerNorm)
 from .options import apply_constraints, constrain_after_step, regularization_loss
 from .tools import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
-                    unfreeze_batch_norm)
+                    synchronize_batch_norm, unfreeze_batch_norm)
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
-           "recalibrate_running_stats", "convert_batch_norm", "fold_batch_norm", "freeze_batch_norm",
-           "unfreeze_batch_norm", "functional", "reference", "keras"]
+           "recalibrate_running_stats", "convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm",
+           "freeze_batch_norm", "unfreeze_batch_norm", "functional", "reference", "keras"]
 
 
 def __getattr__(name):

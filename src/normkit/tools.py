@@ -1,7 +1,9 @@
-"""Model surgery around batch normalization: convert to/from torch.nn, fold into conv/linear, freeze, recalibrate.
+"""Model surgery around batch normalization: convert to/from torch.nn, synchronize, fold, freeze, recalibrate.
 
 * ``convert_batch_norm(model, to)``: swap torch.nn's ``BatchNorm1d/2d/3d`` for normkit's and
   back, in place, keeping every tensor (the same Parameter objects) and setting.
+* ``synchronize_batch_norm(model, process_group)``: every BN layer computes its training statistics over
+  all processes of the group (torch.nn's layers, SyncBatchNorm included, become normkit's).
 * ``fold_batch_norm(model)``: for inference, fold each eval-mode BN that directly follows a
   conv/linear layer into that layer's weight and bias.
 * ``freeze_batch_norm(model)`` / ``unfreeze_batch_norm(model)``: normkit's frozen mode
@@ -31,8 +33,8 @@ from torch.nn.utils import parametrize
 
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["convert_batch_norm", "fold_batch_norm", "freeze_batch_norm", "unfreeze_batch_norm",
-           "recalibrate_running_stats"]
+__all__ = ["convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm", "freeze_batch_norm",
+           "unfreeze_batch_norm", "recalibrate_running_stats"]
 
 _BN_TYPES = (BatchNorm, _BatchNorm)
 
@@ -320,12 +322,79 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals) + ". Remove the option from the layer, or keep it a normkit layer")
-    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
+    return _replace(model, {key: _rebuild(module, cls) for key, (module, cls) in targets.items()})
+
+
+def _replace(model: nn.Module, new: dict) -> nn.Module:
+    """Put ``new[id(old)]`` wherever ``old`` is a child in ``model`` (shared layers stay shared); returns the model."""
     for parent in model.modules():
         for name, child in parent._modules.items():
             if child is not None and id(child) in new:
                 parent._modules[name] = new[id(child)]
     return new.get(id(model), model)
+
+
+# ----------------------------------------------------------------------------- synchronizing
+
+
+def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every batch-normalization layer of ``model`` train on statistics of all processes: normkit's
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, in place.
+
+    * ``normkit.BatchNorm`` layers (``1d/2d/3d`` and subclasses included) and
+      ``normkit.keras.BatchNormalization`` layers get ``synchronized=True``; every option they
+      have combines with it (renorm, ghost batches, masks, adjustment).
+    * ``torch.nn.BatchNorm1d/2d/3d`` become normkit's ``BatchNorm1d/2d/3d``, synchronized, as
+      ``convert_batch_norm`` makes them: the same Parameter and buffer objects, settings, mode and
+      hooks, so optimizers built before and state_dicts keep working.
+    * ``torch.nn.SyncBatchNorm`` (whose kernels exist on GPUs only) becomes a synchronized
+      ``normkit.BatchNorm`` (features on axis 1, any rank) the same way, which also runs on the
+      CPU over gloo.
+
+    ``process_group``: the group whose processes share statistics; ``None`` keeps each layer's own
+    group (a SyncBatchNorm's or normkit layer's ``process_group``), the default group where it had
+    none. The statistics are merged in training only (docs/decisions.md, "``fused`` and
+    ``synchronized``"); without an initialized group of several processes a layer computes local
+    statistics and warns once. Returns ``model`` (or the new layer when ``model`` is itself a
+    torch.nn BN layer).
+
+    Raises:
+        ValueError: ``model`` has no batch-normalization layer, or a subclass of a torch.nn BN class
+            (it may override ``forward``: replace it by hand) or a lazy one (run one batch through
+            the model first). The message names the layers; nothing is changed.
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"synchronize_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    keras = _keras_module()
+    wrapped = {id(module.bn) for module in model.modules()
+               if keras is not None and isinstance(module, keras.BatchNormalization) and module.bn is not None}
+    layers, targets, refused = [], {}, []
+    for name, module in model.named_modules():
+        if id(module) in wrapped:
+            continue  # (its Keras wrapper passes the options on)
+        if isinstance(module, BatchNorm) or (keras is not None and isinstance(module, keras.BatchNormalization)):
+            layers.append(module)
+        elif type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
+            targets[id(module)] = (module, _TO_NORMKIT.get(type(module), BatchNorm))
+        elif isinstance(module, _BatchNorm):
+            refused.append(f"{_label(name)} ({type(module).__name__})")
+    if refused:
+        raise ValueError("synchronize_batch_norm: " + ", ".join(refused) + " derive from torch.nn's batch norm but are "
+                         "not torch.nn's own classes (a subclass may compute something else; a lazy layer has no "
+                         "size yet): nothing was changed. Replace them with normkit layers (synchronized=True), or "
+                         "run one batch through the model first for lazy layers")
+    if not layers and not targets:
+        raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
+                         "to synchronize")
+    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
+    for key, layer in new.items():
+        layer.process_group = getattr(targets[key][0], "process_group", None)
+    for layer in layers + list(new.values()):
+        layer.synchronized = True
+        if process_group is not None:
+            layer.process_group = process_group
+    return _replace(model, new)
 
 
 # ----------------------------------------------------------------------------- folding
