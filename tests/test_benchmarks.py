@@ -18,6 +18,7 @@ RUNS = {
     "bench_op_floor.py": ["--budget", "0.3", "--no-fused"],
     "bench_compile.py": ["--budget", "0.3", "--shapes", "64,120"],
     "bench_lab.py": ["--rounds", "1", "--steps", "2", "--threads", "1"],
+    "bench_memory.py": ["--only", "renorm"],
 }
 
 

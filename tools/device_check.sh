@@ -5,7 +5,7 @@
 #   OUT=some/dir STAGES="tests bench" bash tools/device_check.sh
 #
 # Stages: tests (tests/test_gpu.py), lab (normkit train --device cuda), bench (bench_variants --fused,
-# bench_compile and bench_batchnorm on cuda), bench-lab (bench_lab on cuda), suite (all tests, pytest -n 12).
+# bench_memory, bench_compile and bench_batchnorm on cuda), bench-lab (bench_lab on cuda), suite (all tests, pytest -n 12).
 # Writes logs and benchmark tables under $OUT; each stage has its own time limit so one slow stage
 # cannot eat the others' time. It installs normkit (editable, no dependencies) into the machine's
 # python3 (else puts src/ on PYTHONPATH), which must already hold torch with CUDA, Triton and the
@@ -42,6 +42,8 @@ if wanted bench; then
   stage "bench_variants --device cuda --fused"
   timeout 180 python3 benchmarks/bench_variants.py --device cuda --fused --budget 1.2 --no-keras 2>/dev/null \
       | tee "$OUT/bench_variants_cuda.md"
+  stage "bench_memory --device cuda --fused (kept for backward and peak allocated)"
+  timeout 60 python3 benchmarks/bench_memory.py --device cuda --fused 2>/dev/null | tee "$OUT/bench_memory_cuda.md"
   stage "bench_compile --device cuda (torch.compile on the GPU: not measured yet)"
   timeout 240 python3 benchmarks/bench_compile.py --device cuda --budget 2 2>/dev/null | tee "$OUT/bench_compile_cuda.md"
   stage "bench_batchnorm --device cuda"
