@@ -483,6 +483,26 @@ def test_synchronized_without_a_process_group_is_the_local_layer_and_warns_once(
     torch.testing.assert_close(model[0].running_var, theirs.running_var)
 
 
+def test_synchronized_layers_convert_to_torch_s_sync_batch_norm_and_back():
+    group = object()
+    ours = normkit.BatchNorm2d(3, momentum=None, synchronized=True, process_group=group).double()
+    model = nn.Sequential(ours, normkit.BatchNorm(3, synchronized=True).double())  # (no plain_as needed)
+    convert_batch_norm(model, "torch")
+    assert [type(layer) for layer in model] == [nn.SyncBatchNorm, nn.SyncBatchNorm]
+    assert model[0].weight is ours.weight and model[0].process_group is group and model[0].momentum is None
+    # Without a process group torch's SyncBatchNorm computes torch.nn's batch norm (also on the CPU): the oracle.
+    plain = nn.BatchNorm2d(3, momentum=None).double()
+    plain.load_state_dict(model[0].state_dict())
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(model[0](x), plain(x))
+    torch.testing.assert_close(model[0].running_var, plain.running_var)
+    synchronize_batch_norm(model)
+    assert [type(layer) for layer in model] == [normkit.BatchNorm, normkit.BatchNorm] and model[0].weight is ours.weight
+    assert model[0].process_group is group and model[0].synchronized and model[0].momentum is None
+    with pytest.raises(ValueError, match="renorm=True"):
+        convert_batch_norm(nn.Sequential(normkit.BatchNorm2d(3, renorm=True, synchronized=True)), "torch")
+
+
 def test_synchronize_refuses_subclasses_lazy_layers_and_models_without_bn():
     class MyBN(nn.BatchNorm2d):
         pass

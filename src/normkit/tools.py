@@ -213,7 +213,7 @@ def _options_torch_lacks(layer: BatchNorm) -> List[str]:
     if layer.axis != 1:
         found.append(f"axis={layer.axis!r} (torch.nn normalizes axis 1 only)")
     for option, default in (("renorm", False), ("virtual_batch_size", None), ("adjustment", None),
-                            ("synchronized", False), ("weight_regularizer", None), ("bias_regularizer", None),
+                            ("weight_regularizer", None), ("bias_regularizer", None),
                             ("weight_constraint", None), ("bias_constraint", None)):
         value = getattr(layer, option)
         if value != default:
@@ -260,7 +260,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             layer cannot replace itself: the new layer is returned instead.
         to: ``"normkit"``: each ``torch.nn.BatchNorm1d/2d/3d`` becomes ``normkit.BatchNorm1d/2d/3d``.
             ``"torch"``: each ``normkit.BatchNorm1d/2d/3d`` becomes torch.nn's of the same rank,
-            and each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``.
+            each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``, and each layer with
+            ``synchronized=True`` a ``torch.nn.SyncBatchNorm`` with its ``process_group``.
         plain_as: with ``to="torch"``, the torch.nn class (``BatchNorm1d``, ``2d`` or ``3d``) for
             plain ``normkit.BatchNorm`` layers: such a layer accepts every input rank and cannot
             know which one it gets, while torch.nn has one class per rank.
@@ -285,7 +286,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             BatchNorm1d/2d/3d class, or is given with ``to="normkit"``, or is missing while the
             model holds a plain ``normkit.BatchNorm``; with ``to="torch"``, a normkit layer uses an
             option torch.nn lacks (``axis`` other than 1, ``renorm``, ``virtual_batch_size``,
-            ``adjustment``, ``synchronized``, regularizers, constraints,
+            ``adjustment``, regularizers, constraints,
             ``unbiased_running_var=False``, frozen, an affine layer without weight). The message
             names the layer (its qualified name in ``model``) and the option. Nothing is converted
             when any layer is refused.
@@ -313,6 +314,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             lacking = _options_torch_lacks(module)
             if lacking:
                 refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
+            elif module.synchronized:
+                targets[id(module)] = (module, nn.SyncBatchNorm)
             elif kind is BatchNorm and plain_as is None:
                 refusals.append(f"{_label(name)} is a plain normkit.BatchNorm, which takes inputs of any rank while "
                                 "torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
@@ -322,7 +325,11 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals) + ". Remove the option from the layer, or keep it a normkit layer")
-    return _replace(model, {key: _rebuild(module, cls) for key, (module, cls) in targets.items()})
+    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
+    for key, layer in new.items():
+        if isinstance(layer, nn.SyncBatchNorm):
+            layer.process_group = targets[key][0].process_group
+    return _replace(model, new)
 
 
 def _replace(model: nn.Module, new: dict) -> nn.Module:
