@@ -381,7 +381,7 @@ def test_convert_leaves_other_modules_and_subclasses_alone():
     class Custom(nn.BatchNorm2d):
         pass
 
-    model = nn.Sequential(Custom(2), nn.SyncBatchNorm(2), normkit.LayerNorm(2), nn.InstanceNorm2d(2))
+    model = nn.Sequential(Custom(2), nn.LazyBatchNorm1d(), normkit.LayerNorm(2), nn.InstanceNorm2d(2))
     kinds = [type(m) for m in model]
     convert_batch_norm(model, "normkit")
     assert [type(m) for m in model] == kinds
@@ -489,6 +489,8 @@ def test_synchronized_layers_convert_to_torch_s_sync_batch_norm_and_back():
     model = nn.Sequential(ours, normkit.BatchNorm(3, synchronized=True).double())  # (no plain_as needed)
     convert_batch_norm(model, "torch")
     assert [type(layer) for layer in model] == [nn.SyncBatchNorm, nn.SyncBatchNorm]
+    back = convert_batch_norm(copy.deepcopy(model), "normkit")  # (SyncBatchNorm -> synchronized normkit.BatchNorm)
+    assert [type(layer) for layer in back] == [normkit.BatchNorm] * 2 and all(layer.synchronized for layer in back)
     assert model[0].weight is ours.weight and model[0].process_group is group and model[0].momentum is None
     # Without a process group torch's SyncBatchNorm computes torch.nn's batch norm (also on the CPU): the oracle.
     plain = nn.BatchNorm2d(3, momentum=None).double()

@@ -258,7 +258,9 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
         model: any module; its children are replaced in place, at any depth, as
             ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. A model that is itself a BN
             layer cannot replace itself: the new layer is returned instead.
-        to: ``"normkit"``: each ``torch.nn.BatchNorm1d/2d/3d`` becomes ``normkit.BatchNorm1d/2d/3d``.
+        to: ``"normkit"``: each ``torch.nn.BatchNorm1d/2d/3d`` becomes ``normkit.BatchNorm1d/2d/3d``,
+            each ``torch.nn.SyncBatchNorm`` a ``normkit.BatchNorm`` with ``synchronized=True`` and its
+            ``process_group``.
             ``"torch"``: each ``normkit.BatchNorm1d/2d/3d`` becomes torch.nn's of the same rank,
             each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``, and each layer with
             ``synchronized=True`` a ``torch.nn.SyncBatchNorm`` with its ``process_group``.
@@ -277,8 +279,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
     before the conversion still removes its hook); state_dict hooks are not carried.
 
-    Only these exact classes are converted: subclasses (which may override ``forward``),
-    ``SyncBatchNorm``, lazy layers and every other module are left as they are. normkit's
+    Only these exact classes are converted: subclasses (which may override ``forward``), lazy
+    layers and every other module are left as they are. normkit's
     initializers act at construction and ``reset_parameters()`` only, so they are not carried.
 
     Raises:
@@ -308,8 +310,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     refusals = []
     for name, module in model.named_modules():
         kind = type(module)
-        if to == "normkit" and kind in _TO_NORMKIT:
-            targets[id(module)] = (module, _TO_NORMKIT[kind])
+        if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
+            targets[id(module)] = (module, _TO_NORMKIT.get(kind, BatchNorm))
         elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
             lacking = _options_torch_lacks(module)
             if lacking:
@@ -325,11 +327,19 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals) + ". Remove the option from the layer, or keep it a normkit layer")
-    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
-    for key, layer in new.items():
-        if isinstance(layer, nn.SyncBatchNorm):
-            layer.process_group = targets[key][0].process_group
-    return _replace(model, new)
+    return _replace(model, _rebuilt(targets))
+
+
+def _rebuilt(targets: dict) -> dict:
+    """``_rebuild`` for each ``targets[key] = (layer, cls)``; SyncBatchNorm and synchronized layers stay synchronized."""
+    new = {}
+    for key, (module, cls) in targets.items():
+        new[key] = layer = _rebuild(module, cls)
+        if isinstance(module, nn.SyncBatchNorm) or getattr(module, "synchronized", False):
+            if isinstance(layer, BatchNorm):
+                layer.synchronized = True
+            layer.process_group = module.process_group
+    return new
 
 
 def _replace(model: nn.Module, new: dict) -> nn.Module:
@@ -394,9 +404,7 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     if not layers and not targets:
         raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
                          "to synchronize")
-    new = {key: _rebuild(module, cls) for key, (module, cls) in targets.items()}
-    for key, layer in new.items():
-        layer.process_group = getattr(targets[key][0], "process_group", None)
+    new = _rebuilt(targets)
     for layer in layers + list(new.values()):
         layer.synchronized = True
         if process_group is not None:
