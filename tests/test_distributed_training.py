@@ -187,6 +187,7 @@ def _layer_case(name, rank, groups):
 def _disagreements(rank):
     """Calls where the processes disagree; every process records the error it got (all must raise)."""
     x = torch.randn(4, FEATURES, 2, dtype=torch.float64)
+    transposed = (3, 2) if rank == 1 else (2, 3)
     calls = {
         "features": lambda: normkit.BatchNorm(FEATURES + (rank == 3), synchronized=True).double()(
             torch.randn(4, FEATURES + (rank == 3), 2, dtype=torch.float64)),
@@ -196,6 +197,9 @@ def _disagreements(rank):
             torch.randn(6 if rank == 1 else 4, FEATURES, 2, dtype=torch.float64)),
         "ghost_empty_rank": lambda: normkit.BatchNorm(FEATURES, virtual_batch_size=2, synchronized=True).double()(
             torch.randn(0 if rank == 0 else 4, FEATURES, 2, dtype=torch.float64)),
+        # Statistics of shape (1, 2, 3, 1) here and (1, 3, 2, 1) on process 1: the same rank and number of values.
+        "transposed": lambda: normkit.BatchNorm(transposed, axis=(1, 2), synchronized=True).double()(
+            torch.randn(4, *transposed, 2, dtype=torch.float64)),
     }
     errors = {}
     for name, call in calls.items():
@@ -355,7 +359,7 @@ def test_half_precision_statistics_are_merged_in_float32(ranks, name):
             torch.testing.assert_close(r[f"layer/{name}"]["state"][key], expected[key].float(), msg=f"{rank} {key}")
 
 
-@pytest.mark.parametrize("name", ["features", "dtype", "ghost_uneven", "ghost_empty_rank"])
+@pytest.mark.parametrize("name", ["features", "dtype", "ghost_uneven", "ghost_empty_rank", "transposed"])
 def test_disagreeing_processes_all_get_a_clear_error(ranks, name):
     # Without the check, gloo aborted one process (std::terminate) and gave the others garbage statistics.
     for rank, r in enumerate(ranks):

@@ -74,6 +74,23 @@ def test_axis_moves_a_channels_last_layer_into_an_nchw_model(recorded):
     torch.testing.assert_close(layer.moving_mean, torch.as_tensor(recorded["bn_conv/weights_2"]))
 
 
+def test_moving_the_axis_permutes_the_build_shape(tmp_path):
+    """bn_conv built on NHWC inputs of 5x6 images with its 4 channels last: with axis=1 it is built on
+    (N, 4, 5, 6) and normalizes NCHW data as torch.nn's BatchNorm2d with its moving statistics does."""
+    def wider(config):
+        _batch_norm_configs(config)[0]["build_config"]["input_shape"] = [None, 5, 6, 4]
+    layer = load_batch_norms(_rewritten(tmp_path, wider), axis=1)["bn_conv"]
+    assert layer.get_build_config()["input_shape"] == [None, 4, 5, 6]
+    gamma, beta, mean, variance = (torch.as_tensor(w) for w in layer.get_weights())
+    oracle = torch.nn.BatchNorm2d(4, eps=1e-3).eval()
+    with torch.no_grad():
+        for tensor, value in zip((oracle.weight, oracle.bias, oracle.running_mean, oracle.running_var),
+                                 (gamma, beta, mean, variance)):
+            tensor.copy_(value)
+    x = torch.randn(3, 4, 5, 6)
+    torch.testing.assert_close(layer(x, training=False), oracle(x))
+
+
 def _rewritten(tmp_path, edit_config=None, drop=None, name="edited.keras"):
     """A copy of the recorded archive with config.json edited or a member left out."""
     target = tmp_path / name

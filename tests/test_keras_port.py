@@ -113,6 +113,17 @@ def test_weights_need_a_build():
         from_keras_config(recorded["config"], None, _arrays(recorded["weights"]))
 
 
+def test_weights_of_another_shape_are_refused_and_change_nothing():
+    """Keras' set_weights refuses an array whose shape is not its weight's (a (1,) array for a (4,) moving
+    variance would otherwise broadcast into every feature), before any weight changes."""
+    recorded = DATA["defaults_dense"]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    with pytest.raises(ValueError, match=r"'moving_variance'.*\(4,\).*\(1,\)"):
+        layer.set_weights([np.full(4, 2.0), np.full(4, 3.0), np.full(4, 4.0), np.full(1, 5.0)])
+    for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights"]), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_from_keras_refuses_other_objects():
     with pytest.raises(TypeError, match="Keras BatchNormalization"):
         from_keras(torch.nn.BatchNorm1d(3))

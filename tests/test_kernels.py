@@ -53,6 +53,8 @@ def _fused(x, state, axis=1, mask=None, virtual=None, layout="strided", training
 
 TAKEN = {
     "renorm, NCHW": dict(shape=(6, 3, 4, 5), renorm=True, clipping=(0.9, 1.1, 0.2)),
+    # Batch means near -3 against a renorm mean of 0.2: d = (-3 - 0.2) / 1.5 is clipped at -dmax.
+    "renorm, d clipped below": dict(shape=(6, 3, 4, 5), renorm=True, clipping=(0.9, 1.1, 0.2), center=-3.0),
     "renorm, channels_last memory": dict(shape=(6, 3, 4, 5), renorm=True, channels_last=True),
     "renorm, (N, C)": dict(shape=(10, 7), renorm=True),
     "ghost strided, NCL": dict(shape=(8, 3, 5), virtual=2),
@@ -68,7 +70,7 @@ TAKEN = {
 def _case(spec, rng):
     spec = dict(spec)
     shape, axis = spec.pop("shape"), spec.get("axis", 1)
-    x = torch.tensor(rng.normal(size=shape) * 2 + 1, requires_grad=True)
+    x = torch.tensor(rng.normal(size=shape) * 2 + spec.pop("center", 1.0), requires_grad=True)
     memory = x.to(memory_format=torch.channels_last) if spec.pop("channels_last", False) else x
     mask = None
     if spec.pop("mask", False):

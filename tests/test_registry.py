@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,10 +46,17 @@ def test_registry_renorm_is_plain_bn_before_the_schedule_starts():
     differs: renorm averages standard deviations, see docs/decisions.md)."""
     torch.manual_seed(0)
     renorm, plain = create_norm("renorm", 5, rank=2).double(), normkit.BatchNorm(5).double()
+    # The renorm averages (Keras' initial 0 and 1) move at BN's momentum 0.1, not Keras' 0.01: r and d must
+    # follow a short run's weights once the schedule starts.
+    renorm_mean, renorm_stddev = np.zeros(5), np.ones(5)
     for _ in range(3):
         x = torch.randn(16, 5, dtype=torch.float64) * 3 + 1
         torch.testing.assert_close(renorm(x), plain(x))
+        renorm_mean += 0.1 * (x.numpy().mean(axis=0) - renorm_mean)
+        renorm_stddev += 0.1 * (np.sqrt(x.numpy().var(axis=0) + 1e-5) - renorm_stddev)
     torch.testing.assert_close(renorm.running_mean, plain.running_mean)
+    np.testing.assert_allclose(renorm.renorm_mean.numpy(), renorm_mean, rtol=1e-12)
+    np.testing.assert_allclose(renorm.renorm_stddev.numpy(), renorm_stddev, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)

@@ -666,6 +666,17 @@ def test_bn_layers_that_cannot_fold_stay():
     assert fold_batch_norm(model, inplace=True)[1] == []
 
 
+def test_a_bn_over_another_axis_than_the_linear_outputs_stays():
+    """Linear on (N, L, F) sequences, then BatchNorm1d(L): BN's axis 1 holds the L positions, not the
+    Linear's outputs (its last axis); no weight can fold it (num_features 4 is not out_features 6)."""
+    torch.manual_seed(18)
+    model = randomize(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(4)).double(), (8, 4, 5))
+    x = torch.randn(8, 4, 5, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == [] and isinstance(folded[1], nn.BatchNorm1d)
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d pattern: a torch.nn BN subclass whose forward adds an activation."""
 

@@ -162,6 +162,15 @@ def test_other_torch_file(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_checkpoint_of_another_version_is_refused(dry_run, tmp_path):
+    payload = load_checkpoint(dry_run / "checkpoint.pt")
+    payload["version"] = 2  # (a later format: its fields may mean something else)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="checkpoint version 2, this normkit reads version 1"):
+        load_checkpoint(path)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")

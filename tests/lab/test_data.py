@@ -58,6 +58,15 @@ def test_truncated_file_names_file_and_sizes(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_trailing_bytes_are_refused(tmp_path):
+    write_dataset(tmp_path, compress=False)
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes() + bytes(3))  # 20 labels, then 3 bytes the header does not account for
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: has trailing bytes: header says shape \(20,\) = "
+                                        r"20 bytes of data, file has 23"):
+        load_dataset("mnist", tmp_path)
+
+
 def test_a_header_with_huge_sizes_says_how_many_bytes(tmp_path):
     write_dataset(tmp_path, compress=False)
     side = 2**32 - 1
@@ -136,6 +145,27 @@ def test_digits_fixed_split():
     assert torch.equal(first.test[1], second.test[1])  # the documented split never moves
     assert 0.0 <= first.train[0].min() and first.train[0].max() <= 1.0
     assert torch.bincount(first.test[1]).min() >= 35  # stratified: every digit is in the test set
+
+
+def _bilinear_half_pixel(size_in, size_out):
+    """The (size_out, size_in) matrix of bilinear resizing with half-pixel centers (PIL's and OpenCV's rule):
+    output pixel i samples source coordinate (i + 0.5) * size_in / size_out - 0.5, clamped to the image."""
+    matrix = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        source = min(max((i + 0.5) * size_in / size_out - 0.5, 0.0), size_in - 1.0)
+        low = int(np.floor(source))
+        high, fraction = min(low + 1, size_in - 1), source - low
+        matrix[i, low] += 1.0 - fraction
+        matrix[i, high] += fraction
+    return matrix
+
+
+def test_digits_are_their_8x8_sources_resized_bilinearly():
+    splits = data.load_digits_28()
+    resize = _bilinear_half_pixel(8, 28)
+    for (images, _), source in zip((splits.train, splits.test), splits.sources, strict=True):
+        expected = np.einsum("ia,nab,jb->nij", resize, source[:40].astype(np.float64) / 16.0, resize)
+        np.testing.assert_allclose(images[:40, 0].numpy(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.fixture
