@@ -123,6 +123,13 @@ def test_virtual_batch_must_divide_batch_in_training_only():
         layer(torch.randn(6, 3))
     layer.eval()
     assert layer(torch.randn(6, 3)).shape == (6, 3)
+    # The functional twins say the same (not a reshape error from inside the statistics).
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for ghost_layout in ("strided", "contiguous"):
+        for batch_norm in (normkit.functional.batch_norm, normkit.reference.batch_norm):
+            data = x if batch_norm is normkit.functional.batch_norm else x.numpy()
+            with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size .* batch of 6"):
+                batch_norm(data, training=True, virtual_batch_size=4, ghost_layout=ghost_layout)
 
 
 def test_mask_shape_mismatch():

@@ -23,7 +23,7 @@ import torch
 
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import bessel_factor
+from .stats import bessel_factor, check_ghost_batch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -278,6 +278,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if virtual_batch_size is not None:  # (reference.py checks in ghost_view; the paths below reshape by it first)
+        check_ghost_batch(x.shape[0], virtual_batch_size)
     plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
     if x.numel() == 0:
         # An empty batch has no statistics: an empty output, the buffers left alone, and (as in torch.nn)

@@ -22,7 +22,7 @@ from . import functional as F
 from . import kernels
 from .axes import canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
-from .stats import RenormClipping, momentum_factor
+from .stats import RenormClipping, check_ghost_batch, momentum_factor
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -799,10 +799,8 @@ class BatchNorm(_NormBase):
         if mask is not None:
             mask = self._expand_mask(mask, input, feature_axes)
         virtual = self.virtual_batch_size if training else None
-        if virtual is not None and input.shape[0] % virtual != 0:
-            raise ValueError(f"virtual_batch_size={virtual} must divide the batch size in training, got a batch of "
-                             f"{input.shape[0]}: use a batch size that is a multiple of {virtual} (or drop_last=True "
-                             "in the DataLoader); inference works for any batch size")
+        if virtual is not None:
+            check_ghost_batch(input.shape[0], virtual)
         factor = 0.0
         if training and self.track_running_stats:
             factor = self._tracking_factor()

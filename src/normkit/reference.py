@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import bessel_factor, ema_update
+from .stats import bessel_factor, check_ghost_batch, ema_update
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -110,6 +110,7 @@ def ghost_view(x, virtual_batch_size, layout="strided"):
     """
     batch = x.shape[0]
     size = virtual_batch_size
+    check_ghost_batch(batch, size)
     if layout == "strided":
         return x.reshape((size, batch // size) + x.shape[1:]), 0, 1
     return x.reshape((batch // size, size) + x.shape[1:]), 1, 0

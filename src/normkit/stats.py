@@ -48,6 +48,14 @@ def bessel_factor(count):
     return count / safe * (denominator > 0) + 1 * (denominator <= 0)
 
 
+def check_ghost_batch(batch_size, virtual_batch_size) -> None:
+    """Ghost batches need a batch that ``virtual_batch_size`` divides (in training; inference is plain BN)."""
+    if batch_size % virtual_batch_size:
+        raise ValueError(f"virtual_batch_size={virtual_batch_size} must divide the batch size in training, got a "
+                         f"batch of {batch_size}: use a batch size that is a multiple of {virtual_batch_size} (or "
+                         "drop_last=True in the DataLoader); inference works for any batch size")
+
+
 def ema_update(running, batch_value, factor):
     """Move ``running`` toward ``batch_value`` by ``factor`` in place; returns ``running``.
 
