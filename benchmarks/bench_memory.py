@@ -1,6 +1,8 @@
 """What a training step keeps for backward: normkit's layers and options vs torch.nn, in input-sized buffers.
 
-    python benchmarks/bench_memory.py [--fused] [--only TEXT] [--device cuda]   (about 30 s; --fused builds the kernels)
+    python benchmarks/bench_memory.py [--fused] [--only TEXT] [--device cuda]
+
+(about 30 s; ``--fused`` builds the kernels first.)
 
 A layer's activation memory in a model is what autograd keeps from its forward until its backward:
 every tensor saved for backward (``torch.autograd.graph.saved_tensors_hooks`` sees each one, the
@@ -8,9 +10,11 @@ fused kernels' included). The input is not counted (the layer before holds it an
 each storage once, is reported in units of the input's size, so 1.00 means one extra input-sized
 buffer alive per layer through the forward of the whole model (per-feature statistics show as small
 fractions at small shapes). Rows "at 1e4" feed data whose mean is 1e4 standard deviations from zero,
-where normkit recenters float32 statistics (docs/decisions.md, "Numerics"). These are counts of bytes, not timings: the numbers are exact and the same on every
-machine. With ``--device cuda`` the peak of allocated memory over a forward and backward, above the
-input, output and gradient, is reported too (``torch.cuda.max_memory_allocated``).
+where normkit recenters float32 statistics (docs/decisions.md, "Numerics"). These are counts of
+bytes, not timings: the numbers are exact and the same on every machine. With ``--device cuda`` the
+peak of allocated memory over a forward and backward, above what was allocated before (the input and
+the layer; so the output and the input's gradient count), is reported too, in the same units
+(``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_argument, check_device, fmt_ratio, machine_line, set_threads  # noqa: E402
+from common import (add_device_argument, check_device, fmt_ratio, machine_line, padding_mask,  # noqa: E402
+                    set_threads)
 
 import normkit  # noqa: E402
 import normkit.kernels  # noqa: E402
@@ -30,8 +35,8 @@ import normkit.kernels  # noqa: E402
 EPS, MOMENTUM = 1e-5, 0.1
 
 
-def kept_for_backward(call, x: torch.Tensor, *args) -> tuple[int, torch.Tensor]:
-    """(bytes of the storages ``call(x)`` saves for backward, other than x's; its output)."""
+def kept_for_backward(call, x: torch.Tensor, *args) -> int:
+    """Bytes of the storages ``call(x)`` saves for backward, other than x's."""
     storages = {}
 
     def pack(tensor):
@@ -40,9 +45,9 @@ def kept_for_backward(call, x: torch.Tensor, *args) -> tuple[int, torch.Tensor]:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = call(x, *args)
+        call(x, *args)
     storages.pop(x.untyped_storage().data_ptr(), None)
-    return sum(storages.values()), y
+    return sum(storages.values())
 
 
 def peak_above(call, x: torch.Tensor, *args) -> int:
@@ -84,9 +89,7 @@ def rows_spec(device):
                 baseline = (torch_bn(channels, 2), x.detach().reshape(-1, channels).requires_grad_(), ())
             if not masked:
                 return {"torch.nn": baseline, "normkit": (ours, x, ())}
-            generator = torch.Generator().manual_seed(0)
-            lengths = torch.randint(int(0.6 * shape[1]), shape[1] + 1, (shape[0],), generator=generator)
-            mask = (torch.arange(shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
+            mask = padding_mask(shape[0], shape[1]).to(device)
             return {"torch.nn": baseline, "normkit": (lambda t, m: ours(t, mask=m), x, (mask,))}
         return build
 
@@ -119,7 +122,7 @@ def rows_spec(device):
 
 def measure(contender, cuda: bool) -> dict:
     call, x, args = contender
-    kept, _ = kept_for_backward(call, x, *args)
+    kept = kept_for_backward(call, x, *args)
     result = {"kept": kept / x.untyped_storage().nbytes()}
     if cuda:
         result["peak"] = peak_above(call, x, *args) / x.untyped_storage().nbytes()

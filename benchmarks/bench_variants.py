@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (compare, fmt_ratio, fmt_us,  # noqa: E402
+from common import (compare, fmt_ratio, fmt_us, padding_mask,  # noqa: E402
                     parse_table_benchmark_arguments, report, table_benchmark_parser, training_step, with_kernels)
 
 import normkit  # noqa: E402
@@ -78,13 +78,6 @@ def keras_step(keras, x, g, mask=None, **options):
     layer(x.detach(), training=True, mask=mask)
     params = [v.value for v in layer.trainable_variables]
     return training_step(lambda t: layer(t, training=True, mask=mask), x, g, params)
-
-
-def padding_mask(n, t, seed=0):
-    """(N, T) bool mask of right-padded sequences with lengths uniform in [0.6 T, T] (about 20% padding)."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(int(0.6 * t), t + 1, (n,), generator=generator)
-    return torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 def rows_spec(keras, device="cpu"):

@@ -199,6 +199,13 @@ def inference_step(module_call: Callable[[torch.Tensor], torch.Tensor], x: torch
     return step
 
 
+def padding_mask(n, t, seed=0):
+    """(N, T) bool mask of right-padded sequences with lengths uniform in [0.6 T, T] (about 20% padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.6 * t), t + 1, (n,), generator=generator)
+    return torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+
+
 def fmt_us(seconds: float) -> str:
     us = seconds * 1e6
     if us >= 10000:

@@ -331,7 +331,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
 
 
 def _rebuilt(targets: dict) -> dict:
-    """``_rebuild`` for each ``targets[key] = (layer, cls)``; SyncBatchNorm and synchronized layers stay synchronized."""
+    """``_rebuild`` of each ``targets[key] = (layer, cls)``; SyncBatchNorm and synchronized layers stay synchronized."""
     new = {}
     for key, (module, cls) in targets.items():
         new[key] = layer = _rebuild(module, cls)
@@ -381,18 +381,10 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
             the model first). The message names the layers; nothing is changed.
         TypeError: ``model`` is not a torch.nn.Module.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"synchronize_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
-    keras = _keras_module()
-    wrapped = {id(module.bn) for module in model.modules()
-               if keras is not None and isinstance(module, keras.BatchNormalization) and module.bn is not None}
-    layers, targets, refused = [], {}, []
+    layers, _ = _normkit_layers(model, "synchronize_batch_norm")  # (a Keras wrapper passes the options on)
+    targets, refused = {}, []
     for name, module in model.named_modules():
-        if id(module) in wrapped:
-            continue  # (its Keras wrapper passes the options on)
-        if isinstance(module, BatchNorm) or (keras is not None and isinstance(module, keras.BatchNormalization)):
-            layers.append(module)
-        elif type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
+        if type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
             targets[id(module)] = (module, _TO_NORMKIT.get(type(module), BatchNorm))
         elif isinstance(module, _BatchNorm):
             refused.append(f"{_label(name)} ({type(module).__name__})")
@@ -586,7 +578,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 
 
 def _normkit_layers(model: nn.Module, caller: str):
-    """(normkit layers or Keras wrappers to (un)freeze, qualified names of torch.nn BN layers)."""
+    """(normkit layers and Keras wrappers, a wrapped BatchNorm only via its wrapper; names of torch.nn BN layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
     keras = _keras_module()
