@@ -41,8 +41,16 @@ def machine_line(threads: int, device: str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         gpu = f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); "
     return (f"{gpu}CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
-            f"torch.set_num_threads({threads}); Python {platform.python_version()}; "
+            f"torch.set_num_threads({threads}); Python {platform.python_version()}; {kernels_line()}; "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def kernels_line() -> str:
+    """Which execution normkit's default columns ran: a cached build of the fused kernel is used by every import."""
+    import normkit.kernels
+
+    on = [kind for kind in ("cpu", "cuda") if normkit.kernels.enabled(kind)]
+    return f"normkit.kernels at import: {', '.join(on) + ' on' if on else 'off'} ({normkit.kernels.status()['mode']})"
 
 
 def add_device_argument(parser) -> None:

@@ -14,6 +14,11 @@ from oracle import routed_to_triton
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A build of normkit.kernels cached on this machine would otherwise be loaded by every `import normkit`
+# (NORMKIT_FUSED_KERNELS=auto), in this process and in the ones tests start: tests choose the
+# execution they check (the ``execution`` fixture, ``switched``); subprocesses inherit the setting.
+os.environ["NORMKIT_FUSED_KERNELS"] = "0"
+
 
 @pytest.fixture
 def rng():

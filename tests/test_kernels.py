@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +254,114 @@ def test_switched_restores_the_previous_state(fused_kernels):
 
 def test_environment_variable_enables_the_kernel_at_import(cpp_kernel):
     env = dict(os.environ, NORMKIT_FUSED_KERNELS="1")
-    code = "import normkit, normkit.kernels as k; print(k.enabled())"
+    code = "import normkit, normkit.kernels as k; print(k.enabled('cpu'), k.enabled('cuda'))"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True"
+    assert result.stdout.split() == ["True", "True"]
+
+
+_PROBE = """
+import warnings
+warnings.simplefilter("always")
+import torch, normkit, normkit.kernels as k
+x = torch.randn(8, 3, requires_grad=True)
+y = normkit.BatchNorm(3, renorm=True)(x)
+print(k.enabled("cpu"), k.enabled("cuda"), "FusedBatchNorm" in y.grad_fn.name())
+"""
+
+
+def _import_normkit(mode=None, extensions_dir=None):
+    """A fresh ``import normkit`` with NORMKIT_FUSED_KERNELS=mode (unset: None): its kernels' state and stderr."""
+    env = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    if mode is not None:
+        env["NORMKIT_FUSED_KERNELS"] = mode
+    if extensions_dir is not None:
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
+    child = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    return child.stdout.split(), child.stderr
+
+
+def _copy_of_the_build(built_kernels, root):
+    """This machine's build copied into another extensions folder (as a cache the import can find)."""
+    folder = root / built_kernels.build_directory().name
+    folder.mkdir(parents=True)
+    library = built_kernels._library(built_kernels.build_directory())
+    (folder / library.name).write_bytes(library.read_bytes())
+    return folder
+
+
+def test_import_loads_a_cached_build_by_default_for_cpu_tensors_only(built_kernels, tmp_path):
+    """NORMKIT_FUSED_KERNELS unset or auto: a finished build on this machine is used, CUDA kernels stay off."""
+    _copy_of_the_build(built_kernels, tmp_path)
+    for mode in (None, "auto"):
+        state, _ = _import_normkit(mode, tmp_path)
+        assert state == ["True", "False", "True"], mode
+    assert _import_normkit("0", tmp_path)[0] == ["False", "False", "False"]
+
+
+def test_import_compiles_nothing_without_a_cached_build(tmp_path):
+    state, errors = _import_normkit(None, tmp_path)
+    assert state == ["False", "False", "False"]
+    assert list(tmp_path.iterdir()) == [] and "Warning" not in errors
+
+
+def test_import_leaves_a_build_in_progress_alone(built_kernels, tmp_path):
+    """A fresh lock in the build folder: another process may be writing the library; ATen's paths serve."""
+    folder = _copy_of_the_build(built_kernels, tmp_path)
+    (folder / "lock").touch()
+    assert _import_normkit(None, tmp_path)[0] == ["False", "False", "False"]
+    old = time.time() - built_kernels.STALE_LOCK_SECONDS - 60
+    os.utime(folder / "lock", (old, old))
+    assert _import_normkit(None, tmp_path)[0] == ["True", "False", "True"]
+
+
+def test_a_cached_build_that_does_not_load_is_a_warning_not_a_failed_import(built_kernels, tmp_path):
+    folder = tmp_path / built_kernels.build_directory().name
+    folder.mkdir()
+    built_kernels._library(folder).write_bytes(b"not a shared library")
+    state, errors = _import_normkit(None, tmp_path)
+    assert state == ["False", "False", "False"]
+    assert "does not load" in errors and "normkit kernels build" in errors
+
+
+def test_an_unknown_kernels_setting_is_named_and_read_as_auto(tmp_path):
+    state, errors = _import_normkit("fast", tmp_path)
+    assert state == ["False", "False", "False"]
+    assert "NORMKIT_FUSED_KERNELS='fast'" in errors and "auto, 1, cuda, 0" in errors
+
+
+def test_the_build_name_changes_with_the_kernel_source(built_kernels, monkeypatch, tmp_path):
+    """A cache written by another version of the kernel is never loaded: the source is part of the name."""
+    name = built_kernels._extension_name()
+    changed = tmp_path / "fused_batch_norm.cpp"
+    changed.write_bytes(built_kernels._SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(built_kernels, "_SOURCE", changed)
+    assert built_kernels._extension_name() != name
+
+
+def _kernels_command(action, **env):
+    environment = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-m", "normkit.cli", "kernels", action], env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_kernels_command_builds_and_reports(built_kernels, tmp_path):
+    built = _kernels_command("build")
+    assert built.returncode == 0, built.stderr
+    assert str(built_kernels.build_directory()) in built.stdout
+    status = _kernels_command("status").stdout.splitlines()
+    assert {"mode: auto", "cached: True", "loaded: True", "cpu: True", "cuda: False"} <= set(status)
+    elsewhere = _kernels_command("status", TORCH_EXTENSIONS_DIR=str(tmp_path)).stdout.splitlines()
+    assert {"cached: False", "loaded: False", "cpu: False"} <= set(elsewhere)
+
+
+def test_kernels_command_says_in_one_line_why_a_build_failed(tmp_path):
+    failed = _kernels_command("build", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"))
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines()[-1].startswith("normkit kernels: error:")
+    assert "C++ compiler" in failed.stderr and "Traceback" not in failed.stderr
 
 
 @st.composite
@@ -402,9 +507,10 @@ def test_triton_kernels_compile_for_hopper():
 
 
 @pytest.mark.parametrize("how", ["enable(cpu=False)", "NORMKIT_FUSED_KERNELS=cuda"])
-def test_cuda_only_enabling_compiles_nothing(how):
+def test_cuda_only_enabling_compiles_nothing(how, tmp_path):
     """A GPU machine can switch on the Triton kernels alone: no C++ build, CPU calls keep ATen's paths."""
     env = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)  # (no cached build for the default mode to load)
     code = "import normkit.kernels as k\n"
     if how.startswith("enable"):
         code += "k.enable(cpu=False)\n"
@@ -414,37 +520,28 @@ def test_cuda_only_enabling_compiles_nothing(how):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "False", "True"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cpu_calls_keep_aten_when_only_cuda_is_enabled(cpp_kernel, rng):
     x = torch.tensor(rng.normal(size=(16, 4, 3)), dtype=torch.float32)
     outputs = []
-    previous = (cpp_kernel._enabled, cpp_kernel._cpu)
-    try:
-        for setting in ("off", "cuda only"):
-            if setting == "off":
-                cpp_kernel.disable()
-            else:
+    for setting in ("off", "cuda only"):
+        with cpp_kernel.switched(False):
+            if setting == "cuda only":
                 cpp_kernel.enable(cpu=False)
+                assert cpp_kernel.enabled("cuda") and not cpp_kernel.enabled("cpu")
             torch.manual_seed(0)
             layer = normkit.BatchNorm(4, renorm=True, virtual_batch_size=8)
             outputs.append((layer(x), layer.running_var.clone()))
-    finally:
-        cpp_kernel._enabled, cpp_kernel._cpu = previous
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
 
 
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_build(built_kernels, tmp_path):
     """torch waits forever for a lock file in the build folder; normkit removes one that is long stale."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from torch.utils import cpp_extension
-
     from normkit import kernels
 
-    lock = Path(cpp_extension._get_build_directory(kernels._extension_name(), False)) / "lock"
+    lock = kernels.build_directory() / "lock"
     lock.touch()
     old = lock.stat().st_mtime - kernels.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))

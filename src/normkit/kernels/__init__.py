@@ -1,4 +1,4 @@
-"""Optional fused kernels for BatchNorm's training step: C++ for the CPU (compiled on first use), Triton for CUDA.
+"""Optional fused kernels for BatchNorm's training step: C++ for the CPU (compiled once per machine), Triton for CUDA.
 
 Small inputs with renorm, ghost batches or a padding mask spend their time launching a dozen
 small ATen operations, not on data (benchmarks/bench_op_floor.py). ``fused_batch_norm.cpp``
@@ -10,23 +10,26 @@ multi-threaded path. It takes renorm, ghost batches, padding masks and Keras' bi
 variance, and plain training of features-last inputs of rank 4/5 (docs/decisions.md, "How a
 call executes").
 
-It is opt-in because it compiles C++ (about a minute, once; cached by torch in
-``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and needs a C++ compiler,
-the Python headers and ``ninja`` (``pip install "normkit[fused]"``)::
+Compiling takes about a minute and needs a C++ compiler, the Python headers and ``ninja``
+(``pip install "normkit[fused]"``), so it never happens behind a user's back. Once built, the
+build is cached per machine (CPU features, torch, Python and the kernel's source name it) and
+every later ``import normkit`` on that machine loads it and uses it for CPU tensors, at no cost::
+
+    normkit kernels build          # once per machine (or normkit.kernels.build() / enable())
+    normkit kernels status         # what is built, where, and what is on
 
     import normkit.kernels
-    normkit.kernels.enable()      # builds or loads the kernel; raises if it cannot
-    ...                           # those calls on CPU now take the fused path
-    normkit.kernels.disable()
+    normkit.kernels.enable()       # builds or loads the kernel now; raises if it cannot
+    normkit.kernels.disable()      # every call on ATen's paths again
 
-On CUDA tensors the same calls take ``triton_batch_norm.py``'s Triton kernels instead (Triton comes
-with CUDA builds of torch; without it CUDA calls keep ATen's path). Plain BatchNorm on a GPU always
-keeps torch.nn's CUDA kernels (cuDNN's or ATen's).
+``NORMKIT_FUSED_KERNELS`` chooses at import: ``auto`` (the default, also when unset) loads a cached
+CPU build when there is one and compiles nothing; ``1`` builds the CPU kernel if needed and turns on
+the CUDA kernels too (a build failure warns); ``cuda`` the CUDA kernels alone; ``0`` nothing.
 
-``enable(cpu=False)`` switches on the CUDA kernels alone, compiling nothing up front.
-``NORMKIT_FUSED_KERNELS=1`` in the environment enables the kernels when normkit is imported, and
-``NORMKIT_FUSED_KERNELS=cuda`` the CUDA kernels alone (a build failure then warns instead of
-raising). Without it every path is ATen's, as before; both compute the same function
+On CUDA tensors the calls take ``triton_batch_norm.py``'s Triton kernels, only when asked for
+(``enable()``, ``enable(cpu=False)``, ``NORMKIT_FUSED_KERNELS=1`` or ``cuda``): Triton comes with
+CUDA builds of torch; without it CUDA calls keep ATen's path. Plain BatchNorm on a GPU always
+keeps torch.nn's CUDA kernels (cuDNN's or ATen's). Both executions compute the same function
 (tests/test_kernels.py compares them and the NumPy reference).
 """
 
@@ -34,9 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -45,22 +51,52 @@ import torch
 
 _SOURCE = Path(__file__).with_name("fused_batch_norm.cpp")
 _extension = None
-_enabled = False
-_cpu = True  # whether the CPU kernel is part of what is enabled (enable(cpu=False): CUDA only)
+_cpu_on = False   # CPU tensors take the C++ kernel
+_cuda_on = False  # CUDA tensors take the Triton kernels
+
 
 def _extension_name() -> str:
-    """The build's name, which keys torch's cache: one per CPU feature set, as ``-march=native`` needs.
+    """The build's name, which keys its cache folder: one per CPU feature set (as ``-march=native``
+    needs), torch version, Python version and kernel source.
 
     (A build cached in a shared home directory by a machine with wider vector units must not be
-    loaded on one without them.)
+    loaded on one without them, nor one built against another torch's ABI or an older source.)
     """
-    flags = platform.machine()
+    key = f"{platform.machine()} torch {torch.__version__} python {sys.version_info[:2]} "
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+            key += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
     except OSError:
-        flags += platform.processor()
-    return "normkit_fused_batch_norm_" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+        key += platform.processor()
+    digest = hashlib.sha256(key.encode() + _SOURCE.read_bytes()).hexdigest()[:10]
+    return "normkit_fused_batch_norm_" + digest
+
+
+def build_directory() -> Path:
+    """Where this machine's build lives: ``$TORCH_EXTENSIONS_DIR`` (else ``~/.cache/torch_extensions``)/<name>."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    return Path(root) / _extension_name()
+
+
+def _library(folder: Path) -> Path:
+    """The compiled module in a build folder (what torch's loader writes for a first version)."""
+    return folder / (folder.name + (".pyd" if sys.platform == "win32" else ".so"))
+
+
+def cached() -> bool:
+    """Whether this machine has a finished build of the CPU kernel that ``import normkit`` can load."""
+    folder = build_directory()
+    return _library(folder).is_file() and not _build_in_progress(folder)
+
+
+def _build_in_progress(folder: Path) -> bool:
+    """A fresh lock: another process is building (its library may be half written)."""
+    try:
+        return time.time() - (folder / "lock").stat().st_mtime < STALE_LOCK_SECONDS
+    except FileNotFoundError:
+        return False
 
 
 def _put_ninja_on_path() -> None:
@@ -77,16 +113,14 @@ def _put_ninja_on_path() -> None:
 STALE_LOCK_SECONDS = 600
 
 
-def _clear_stale_lock(cpp_extension, name: str) -> None:
+def _clear_stale_lock(folder: Path) -> None:
     """Wait for another process's build, or remove the lock a killed one left behind.
 
     torch's loader takes a lock file in the build folder even to load a cached build, and waits for
     it forever while it exists: a process killed during a build (or a load) would leave every later
     ``enable()`` hanging. A lock older than STALE_LOCK_SECONDS is removed, with a warning.
     """
-    import time
-
-    lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+    lock = folder / "lock"
     announced = False
     while True:
         try:
@@ -106,24 +140,51 @@ def _clear_stale_lock(cpp_extension, name: str) -> None:
 
 
 def build(verbose: bool = False):
-    """Compile (or load the cached build of) the fused kernel and return the extension module."""
+    """Compile (or load the cached build of) the fused CPU kernel and return the extension module.
+
+    Builds into ``build_directory()``; later processes on this machine load that build at import
+    (``NORMKIT_FUSED_KERNELS=auto``, the default).
+    """
     global _extension
     if _extension is None:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        _clear_stale_lock(cpp_extension, _extension_name())
-
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder)
         try:
-            _extension = cpp_extension.load(name=_extension_name(), sources=[str(_SOURCE)],
+            _extension = cpp_extension.load(name=folder.name, sources=[str(_SOURCE)], build_directory=str(folder),
                                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
         except (RuntimeError, OSError, ImportError) as error:
             raise RuntimeError(
                 f"normkit.kernels: building the fused kernel failed ({type(error).__name__}; the compiler's "
                 "output is in the chained exception above). It needs a C++ compiler, the "
                 "Python development headers and ninja (pip install ninja); normkit works without it "
-                "(call normkit.kernels.disable() or unset NORMKIT_FUSED_KERNELS).") from error
+                "(call normkit.kernels.disable() or set NORMKIT_FUSED_KERNELS=0).") from error
     return _extension
+
+
+def load_cached() -> bool:
+    """Load this machine's finished build, if there is one, compiling nothing; True when loaded.
+
+    What ``import normkit`` does by default. The library is imported directly (no ninja, no
+    compiler, no lock taken); one that fails to load (a build from a broken toolchain) is reported
+    in a warning and left alone, and the calls keep ATen's paths.
+    """
+    global _extension
+    if _extension is None and cached():
+        path = _library(build_directory())
+        try:
+            spec = importlib.util.spec_from_file_location(path.parent.name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (ImportError, OSError) as error:
+            warnings.warn(f"normkit.kernels: the cached build {path} does not load ({error}); rebuild it with "
+                          "`normkit kernels build`, or set NORMKIT_FUSED_KERNELS=0", RuntimeWarning, stacklevel=2)
+            return False
+        _extension = module
+    return _extension is not None
 
 
 def enable(verbose: bool = False, *, cpu: bool = True) -> None:
@@ -133,38 +194,44 @@ def enable(verbose: bool = False, *, cpu: bool = True) -> None:
     ``cpu=False`` enables the CUDA kernels alone and compiles nothing now (a GPU machine need not
     wait for, or have a compiler for, the CPU kernel); CPU calls then keep ATen's paths.
     """
-    global _enabled, _cpu
+    global _cpu_on, _cuda_on
     if cpu:
         build(verbose)
-    _enabled, _cpu = True, bool(cpu)
+    _cpu_on, _cuda_on = bool(cpu), True
 
 
 def disable() -> None:
     """Route every call through ATen again (the build stays loaded)."""
-    global _enabled
-    _enabled = False
+    global _cpu_on, _cuda_on
+    _cpu_on = _cuda_on = False
 
 
 def enabled(device=None) -> bool:
-    """Whether the fused kernels are on (for ``device``'s type, "cpu" or "cuda", when given)."""
-    if not _enabled or device is None:
-        return _enabled
+    """Whether the fused kernels are on: for ``device``'s type ("cpu" or "cuda") when given, else for either."""
+    if device is None:
+        return _cpu_on or _cuda_on
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _cpu if kind == "cpu" else kind == "cuda"
+    return _cpu_on if kind == "cpu" else _cuda_on and kind == "cuda"
 
 
 @contextlib.contextmanager
 def switched(on: bool):
     """Within the block the fused path is on (``True``, both devices, building the CPU kernel if needed)
     or off; then as before."""
-    global _enabled, _cpu
+    global _cpu_on, _cuda_on
     if on:
         build()
-    previous, _enabled, _cpu = (_enabled, _cpu), on, True
+    previous, (_cpu_on, _cuda_on) = (_cpu_on, _cuda_on), (on, on)
     try:
         yield
     finally:
-        _enabled, _cpu = previous
+        _cpu_on, _cuda_on = previous
+
+
+def status() -> dict:
+    """What is built, loaded and switched on, for ``normkit kernels status`` and bug reports."""
+    return {"mode": _MODE, "build_directory": str(build_directory()), "cached": cached(),
+            "loaded": _extension is not None, "cpu": _cpu_on, "cuda": _cuda_on}
 
 
 _triton_module = None
@@ -196,14 +263,27 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
             return None
         return module.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
                                        renorm_stddev, moving_stddev, dims, settings)
-    if not _cpu or _extension is None:
+    if not _cpu_on or _extension is None:
         return None
     return _extension.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean,
                                        renorm_stddev, moving_stddev, dims, settings)
 
 
-if os.environ.get("NORMKIT_FUSED_KERNELS", "") not in ("", "0"):
+def _mode_from_environment() -> str:
+    text = os.environ.get("NORMKIT_FUSED_KERNELS", "").strip().lower()
+    modes = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off", "no": "off",
+             "1": "on", "on": "on", "true": "on", "yes": "on", "cuda": "cuda"}
+    if text not in modes:
+        warnings.warn(f"NORMKIT_FUSED_KERNELS={text!r} is not one of auto, 1, cuda, 0; using auto",
+                      RuntimeWarning, stacklevel=3)
+    return modes.get(text, "auto")
+
+
+_MODE = _mode_from_environment()
+if _MODE == "auto":
+    _cpu_on = load_cached()
+elif _MODE in ("on", "cuda"):
     try:
-        enable(cpu=os.environ["NORMKIT_FUSED_KERNELS"].lower() != "cuda")
+        enable(cpu=_MODE == "on")
     except RuntimeError as error:  # importing normkit must not fail for an optional speed-up
         warnings.warn(str(error), RuntimeWarning, stacklevel=2)
