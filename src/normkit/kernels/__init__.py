@@ -281,7 +281,11 @@ def _mode_from_environment() -> str:
 
 _MODE = _mode_from_environment()
 if _MODE == "auto":
-    _cpu_on = load_cached()
+    try:
+        _cpu_on = load_cached()
+    except (OSError, RuntimeError) as error:  # no home folder, an unreadable cache: ATen's paths serve
+        warnings.warn(f"normkit.kernels: the cached build cannot be looked up ({error}); set TORCH_EXTENSIONS_DIR "
+                      "or NORMKIT_FUSED_KERNELS=0", RuntimeWarning, stacklevel=2)
 elif _MODE in ("on", "cuda"):
     try:
         enable(cpu=_MODE == "on")
