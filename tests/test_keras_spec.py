@@ -772,6 +772,34 @@ def test_regularizer_values(name, formula):
     assert layer.losses == []
 
 
+@pytest.mark.parametrize("how", ["trainable=False", "freeze()", "requires_grad_(False)"])
+def test_constraints_leave_what_is_not_trained_alone(how):
+    """Keras applies a constraint to the variables it trains only: a frozen BN keeps its pretrained gamma."""
+    layer = BatchNormalization(gamma_constraint="max_norm", beta_constraint="non_neg")
+    layer.build((None, 3))
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor([3.0, 4.0, 0.0]))  # norm 5 > max_norm's 2
+        layer.beta.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+    if how == "trainable=False":
+        layer.trainable = False
+    elif how == "freeze()":
+        layer.bn.freeze()
+    else:
+        layer.gamma.requires_grad_(False)
+    model = torch.nn.Sequential(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    normkit.constrain_after_step(optimizer, model)
+    optimizer.step()
+    normkit.apply_constraints(model)
+    np.testing.assert_array_equal(npy(layer.gamma), [3.0, 4.0, 0.0])
+    np.testing.assert_array_equal(npy(layer.beta), [0.0, 2.0, 0.0] if how == "requires_grad_(False)"
+                                  else [-1.0, 2.0, -3.0])
+    if how == "trainable=False":  # trained again: constrained again
+        layer.trainable = True
+        normkit.apply_constraints(model)
+        np.testing.assert_allclose(npy(layer.gamma), [1.2, 1.6, 0.0], rtol=1e-6)
+
+
 def test_constraints_applied_after_optimizer_step():
     layer = BatchNormalization(gamma_constraint="non_neg", beta_constraint=normkit.options.MaxNorm(0.5))
     layer.build((None, 4))

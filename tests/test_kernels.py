@@ -483,6 +483,34 @@ def test_triton_kernels_decline_and_do_nothing(why, make):
     assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
 
 
+@pytest.mark.parametrize("options", [dict(virtual_batch_size=2), dict(virtual_batch_size=2, ghost_layout="contiguous"),
+                                     dict(axis=-1), dict(unbiased_running_var=False, virtual_batch_size=2, axis=-1)],
+                         ids=["ghost", "contiguous ghost", "features last", "keras variance + ghost, features last"])
+def test_torch_func_transforms_take_aten_s_path(fused_kernels, options, rng):
+    """grad, jacrev and vmap(grad) cannot see inside the kernels' autograd functions: under them the
+    layer declines the kernel (the cached build is on by default) and computes what ATen's path computes.
+    (Without running statistics: torch.func refuses a step that updates them, for torch.nn's layers too,
+    and renorm needs them.)"""
+    shape = (4, 3, 3, 2) if options.get("axis") == -1 else (4, 2, 3, 3)
+    x = torch.tensor(rng.normal(size=shape) * 2 + 1)
+    samples = torch.tensor(rng.normal(size=(3,) + shape))
+    results = []
+    for on in (True, False):
+        with fused_kernels.switched(on):
+            layer = normkit.BatchNorm(2, track_running_stats=False, **options).double()
+            eager = layer(x)
+            params = {name: value.detach() for name, value in layer.named_parameters()}
+            loss = (lambda p, x, layer=layer: torch.func.functional_call(layer, p, (x,)).pow(3).sum())
+            gradients = torch.func.grad(loss, argnums=(0, 1))(params, x)
+            jacobian = torch.func.jacrev(layer)(x)
+            per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, 0))(params, samples)
+            results.append([eager, *gradients[0].values(), gradients[1], jacobian, per_sample])
+    assert results[0][0].grad_fn.name() != results[1][0].grad_fn.name()  # (eagerly the kernel serves)
+    for got, want in zip(results[0][1:], results[1][1:], strict=True):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(results[0][0], results[1][0])  # (eagerly, the kernel itself: equal to rounding)
+
+
 def test_double_backward_is_a_clear_error(fused_kernels):
     layer = normkit.BatchNorm(3, renorm=True).double()
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)

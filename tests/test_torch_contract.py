@@ -113,6 +113,19 @@ def test_vmap_over_a_layer_without_running_stats():
     torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
 
 
+def test_per_sample_gradients_through_a_training_layer_without_running_stats():
+    """vmap(grad(f)): the input reaches the layer as a gradient wrapper around a batched tensor; the layer's
+    periodic far-from-zero check (first step, then every RECENTER_CHECK_EVERY) must see through it."""
+    ours, theirs = _pair("BatchNorm1d", 3, track_running_stats=False)
+    ours.RECENTER_CHECK_EVERY = 2  # (1000 by default: steps 0, 2 and 4 run the check here)
+    x = torch.randn(6, 4, 3) * 2 + 1
+    per_sample = [torch.func.vmap(torch.func.grad(lambda x, layer=layer: layer(x).pow(3).sum()))
+                  for layer in (ours, theirs)]
+    expected = per_sample[1](x)
+    for _ in range(5):
+        torch.testing.assert_close(per_sample[0](x), expected)
+
+
 def test_constant_channel_far_from_zero_keeps_torch_nn_bits():
     """A constant channel is no reason to leave torch.nn's kernel: outputs and buffers stay bit for bit equal."""
     ours, theirs = _pair("BatchNorm1d", 3)

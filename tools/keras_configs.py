@@ -47,6 +47,7 @@ LAYERS = {
     "renorm": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
                         "renorm_momentum": 0.9, "momentum": 0.9}),
     "renorm_default_clipping": ((8, 3), {"renorm": True}),
+    "renorm_partial_clipping": ((8, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": None}}),
     "frozen": ((6, 4), {"trainable": False}),
     "mixed_float16": ((6, 4), {"dtype": "mixed_float16", "momentum": 0.8}),
     "variance_scaling_initializers": ((6, 3), {

@@ -496,7 +496,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         y, mean, invstd = torch.native_batch_norm(computed, _repeat_groups(_flat(scale), groups),
                                                   _repeat_groups(_flat(offset), groups), None, None, True, 0.0, eps)
         y = y.to(channels.dtype) if widen else y
-        var = invstd.detach().pow(-2).sub_(eps).clamp_(min=0.0)
+        var = invstd.detach().pow(-2).sub_(eps).clamp(min=0.0)  # (out of place: vmap has no batching rule for clamp_)
         batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center)
     else:
         # Statistics of the detached input: everything computed from them is constant to autograd

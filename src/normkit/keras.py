@@ -448,7 +448,7 @@ class BatchNormalization(nn.Module):
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
                 # (Keras 3 writes {} for renorm without clipping, and keeps None without renorm)
                 "renorm_clipping": ({} if self.renorm else None) if clipping is None
-                else {k: float(v) for k, v in clipping.items()},
+                else {k: None if v is None else float(v) for k, v in clipping.items()},  # (None: no bound)
                 "renorm_momentum": self.renorm_momentum}
 
     def get_build_config(self) -> Optional[dict]:

@@ -110,6 +110,17 @@ def _dtype_fits(dtype: torch.dtype, reference: Optional[torch.Tensor]) -> bool:
             or (dtype in F.LOW_PRECISION and reference.dtype == torch.float32))
 
 
+def _under_vmap(tensor: torch.Tensor) -> bool:
+    """Whether a torch.func.vmap is batching ``tensor``, at any depth of functorch's wrappers
+    (``vmap(grad(f))`` hands f a gradient-tracking wrapper around the batched tensor)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
 def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
     """The input's dtype must be the layer's (see ``_dtype_fits``), but where autocast casts it for the op."""
     reference = next((t for t in tensors if t is not None), None)
@@ -539,10 +550,17 @@ class BatchNorm(_NormBase):
         return total
 
     def apply_constraints(self) -> None:
-        """Project weight/bias onto their constraints (call after each optimizer step)."""
+        """Project weight/bias onto their constraints (call after each optimizer step).
+
+        As in Keras, which constrains only the variables it trains: a frozen layer, or a parameter
+        with ``requires_grad=False``, keeps its values (a pretrained gamma is not projected while
+        the layer is frozen for fine-tuning).
+        """
+        if self.frozen:
+            return
         with torch.no_grad():
             for constraint, parameter in ((self.weight_constraint, self.weight), (self.bias_constraint, self.bias)):
-                if constraint is not None and parameter is not None:
+                if constraint is not None and parameter is not None and parameter.requires_grad:
                     parameter.copy_(constraint(parameter))
 
     # -- forward --------------------------------------------------------------------------------
@@ -597,9 +615,8 @@ class BatchNorm(_NormBase):
         the layer recenter (see functional._aten_batch_norm) only where it matters.
         """
         self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
-        if (input.is_cuda or input.dtype == torch.float64 or input.numel() == 0
-                or torch._C._functorch.is_batchedtensor(input)):  # (under vmap a data-dependent branch cannot run)
-            return
+        if input.is_cuda or input.dtype == torch.float64 or input.numel() == 0 or _under_vmap(input):
+            return  # (under vmap a data-dependent branch cannot run)
         with torch.no_grad():
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)
@@ -631,7 +648,8 @@ class BatchNorm(_NormBase):
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
             if not input.is_contiguous() or (self.training and input.dim() >= 4 and not input.is_cuda
-                                             and kernels.enabled("cpu")):
+                                             and kernels.enabled("cpu")
+                                             and not torch._C._are_functorch_transforms_active()):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md)
                 return self._forward_options(input, None)
@@ -704,7 +722,7 @@ class BatchNorm(_NormBase):
                                "the renorm statistics this step already updated, giving wrong gradients. Keep the "
                                "renorm layer outside the checkpointed block")
         if (self._fusable and mask is None and self.training and not self.frozen and kernels.enabled()
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
             y = self._forward_fused(input)
             if y is not None:
                 return y

@@ -256,7 +256,13 @@ def _triton_kernels():
 
 def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                      moving_stddev, dims, settings):
-    """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply."""
+    """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply.
+
+    Declined under torch.func's transforms (grad, vmap, jacrev, ...), which cannot see inside the
+    kernels' autograd functions: ATen's paths compute the same function there.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return None
     if x.is_cuda or _triton_on_cpu:
         module = _triton_kernels()
         if module is None:
