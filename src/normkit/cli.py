@@ -246,8 +246,8 @@ def _compare(args: argparse.Namespace) -> int:
     unknown = [n for n in norms if n not in NORM_NAMES]
     if unknown:
         raise ValueError(f"--norms: unknown {', '.join(unknown)}; choose from {', '.join(NORM_NAMES)}")
-    seeds = _split_list(args.seeds, int, "--seeds") if args.seeds else [options.pop("seed", 0)]
-    if args.seeds and "seed" in options:
+    seeds = _split_list(args.seeds, int, "--seeds") if args.seeds is not None else [options.pop("seed", 0)]
+    if args.seeds is not None and "seed" in options:
         raise ValueError("--seed and --seeds both given; pass the seeds as --seeds only")
     options.pop("seed", None)
     compare(norms, seeds, out=args.out, **options)

@@ -302,6 +302,12 @@ def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["recalibration"]["batches"] == 1
     assert main(["train", "--dry-run", "--norm", "none", "--recalibrate", "2", "--out", str(tmp_path / "x")]) == 2
     assert "norm 'none' has none" in capsys.readouterr().err
+    # Layers built without running statistics: refused before anything trains or is written.
+    for norm in ("torch", "batch"):
+        refused = tmp_path / f"no-stats-{norm}"
+        assert main(["train", "--norm", norm, "--norm-option", "track_running_stats=false", "--recalibrate", "-1",
+                     "--out", str(refused)] + TINY) == 2
+        assert "track_running_stats=false keeps none" in capsys.readouterr().err and not refused.exists()
     with pytest.raises(SystemExit):
         main(["train", "--recalibrate", "-2"])
     with pytest.raises(ValueError, match="recalibrate=-3"):

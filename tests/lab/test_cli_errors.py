@@ -81,6 +81,16 @@ def test_out_that_is_a_file_or_under_one(tmp_path, capsys):
     assert afile.read_text() == "keep me"
 
 
+def test_empty_out_and_seeds_are_refused_by_compare_as_by_train(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in ("train", "compare"):
+        assert main([command, "--dry-run", *TINY, "--out", ""]) == 2
+        one_line_error(capsys, "--out", "current folder")
+    assert main(["compare", "--dry-run", *TINY, "--seeds", "", "--out", "c"]) == 2
+    one_line_error(capsys, "--seeds", "comma-separated")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys").is_dir(), reason="needs Linux's /sys")
 def test_out_where_folders_cannot_be_made(capsys):
     assert main(["train", "--dry-run", *TINY, "--out", "/sys/normkit-run"]) == 2
@@ -156,6 +166,21 @@ def test_a_diverging_run_with_tensorboard_completes(tmp_path):
     assert [event.step for event in events.Scalars("step/loss")] == list(range(1, 31))
 
 
+def test_a_comparison_of_diverging_runs_is_written_with_n_a(tmp_path):
+    """A NaN test loss is null in metrics.json; the comparison's table says n/a where a mean is undefined."""
+    out = tmp_path / "compare"
+    assert main(["compare", "--norms", "batch,none", "--seeds", "0,1", "--optimizer", "sgd", "--lr", "1e6",
+                 "--activation", "relu", "--train-limit", "600", "--epochs", "1", "--batch-size", "32", "--quiet",
+                 "--no-tensorboard", "--out", str(out)]) == 0
+    summary = strict_json(out / "comparison.json")
+    assert summary["batch"]["0"]["test_loss"] is None and summary["batch"]["1"]["test_loss"] is None
+    row = next(line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| batch |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[4] == "n/a"  # (norm, test accuracy, seed 0, seed 1, test loss, ...)
+    assert "±" in cells[1] and all(0.0 <= float(cell) <= 1.0 for cell in cells[2:4] + cells[5:])
+    assert (out / "comparison.png").stat().st_size > 0
+
+
 def test_histograms_keep_only_finite_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -166,6 +191,8 @@ def test_histograms_keep_only_finite_values(tmp_path):
     with torch.no_grad():
         model[1].weight[:2] = float("nan")  # the first norm layer (6 channels): 4 finite values left
         model[1].bias[:] = float("inf")  # none left: no histogram
+        model[5].weight[:] = 3e29  # diverged through TensorBoard's largest bucket (about 1e20): drawn at the edge
+        model[5].bias[:] = torch.tensor([-1e30, 1.0] * 8)
     board = Board(tmp_path, True, None)
     board.epoch(5, {"loss": 1.0, "accuracy": 0.5, "val_loss": None, "val_accuracy": None}, model,
                 torch.rand(8, 1, 28, 28))
@@ -173,6 +200,9 @@ def test_histograms_keep_only_finite_values(tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
     assert events.Histograms("norm/1.weight")[0].histogram_value.num == 4
     assert "norm/1.bias" not in events.Tags()["histograms"]
+    huge = events.Histograms("norm/5.weight")[0].histogram_value
+    assert huge.num == 16 and sum(huge.bucket) == 16
+    assert sum(events.Histograms("norm/5.bias")[0].histogram_value.bucket) == 16
 
 
 # ------------------------------------------------------------------------------ 5, 11: settings refused up front

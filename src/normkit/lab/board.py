@@ -45,10 +45,14 @@ class Board:
             self._histogram(f"preactivation/{name}", values, step)
         self.writer.flush()
 
+    # TensorBoard's buckets end just below 1e20 and a histogram whose values all lie beyond them is an error.
+    HISTOGRAM_LIMIT = 1e19
+
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         # TensorBoard cannot bin NaN or infinity ("The histogram is empty"): a diverged run's weights are drawn
-        # from their finite values, and a tensor with none is left out of that epoch.
-        values = values[torch.isfinite(values)]
+        # from their finite values, and a tensor with none is left out of that epoch. Finite values past
+        # TensorBoard's largest bucket (a run diverging through 1e20 and up) are drawn in the outermost ones.
+        values = values[torch.isfinite(values)].clamp(-self.HISTOGRAM_LIMIT, self.HISTOGRAM_LIMIT)
         if values.numel():
             self.writer.add_histogram(tag, values, step)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -26,9 +27,15 @@ def _mean_history(histories: list[list[dict]]) -> list[dict]:
             for index in range(epochs)]
 
 
-def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
+def _number(value: float | None) -> str:
+    # A diverged run's NaN loss is None in metrics.json: the table says n/a, as for an absent validation split.
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _spread(values: list[float | None]) -> str:
+    if len(values) == 1 or any(value is None for value in values):
+        # (one diverged seed leaves the mean undefined; the per-seed columns show which)
+        return _number(values[0]) if len(values) == 1 else "n/a"
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
@@ -45,9 +52,9 @@ def comparison_table(results: dict[str, dict[int, dict]]) -> str:
         curve = _mean_history([m["history"] for m in runs])
         row = [norm, _spread([m["test_accuracy"] for m in runs])]
         if len(seeds) > 1:
-            row += [f"{by_seed[s]['test_accuracy']:.4f}" if s in by_seed else "" for s in seeds]
+            row += [_number(by_seed[s]["test_accuracy"]) if s in by_seed else "" for s in seeds]
         row += [_spread([m["test_loss"] for m in runs])]
-        row += ["n/a" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}" for record in curve]
+        row += [_number(record["val_accuracy"]) for record in curve]
         row += [""] * (epochs - len(curve))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -85,6 +92,8 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
         raise ValueError("--norms and --seeds each need at least one entry")
     _refuse_duplicates(list(norms), "--norms")
     _refuse_duplicates(list(seeds), "--seeds")
+    if out is not None and not os.fspath(out):
+        raise ValueError("--out '': give a folder path (an empty one would mean the current folder by accident)")
     base = TrainConfig(**options)
     out_dir = Path(out if out is not None else Path("runs") / f"compare-{base.model}-{base.dataset}")
     check_out_folder(out_dir)

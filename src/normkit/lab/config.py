@@ -102,6 +102,11 @@ class TrainConfig:
         if self.recalibrate and not _has_batch_norm(self.norm):
             raise ValueError(f"--recalibrate={self.recalibrate} recomputes batch-normalization running statistics, and "
                              f"norm {self.norm!r} has none; use it with batch, torch, renorm, ghost or keras")
+        if self.recalibrate and not _keeps_running_stats(self.norm, self.norm_options):
+            # (checked now, not after the whole training when recalibrate_running_stats would refuse it)
+            raise ValueError(f"--recalibrate={self.recalibrate} recomputes running statistics, and --norm {self.norm} "
+                             f"with --norm-option {_options_text(self.norm_options)} keeps none; drop --recalibrate "
+                             "or that option")
         if not _is_int(self.threads) or self.threads < 0:
             raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.resume and self.overwrite:
@@ -193,6 +198,15 @@ def virtual_batch_size(norm: str, options: dict | None = None) -> int | None:
     if norm == "none":
         return None
     return getattr(create_norm(norm, 6, rank=4, **(options or {})), "virtual_batch_size", None)
+
+
+def _keeps_running_stats(norm: str, options: dict) -> bool:
+    """Whether the norm's layers, built with ``options``, have running statistics."""
+    return not options or bool(create_norm(norm, 4, rank=2, **options).track_running_stats)
+
+
+def _options_text(options: dict) -> str:
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in options.items())
 
 
 def _has_batch_norm(norm: str) -> bool:
