@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=DATASETS, default=None,
                           help="test split to use (default: the dataset the model was trained on)")
     evaluate.add_argument("--data-dir", default=None, metavar="DIR",
-                          help="folder with the IDX files (default: the run's --data-dir, else $NORMKIT_DATA)")
+                          help="folder with the test split's IDX files, the only ones read (default: the folder "
+                               "the run trained on, saved in its config.json; else $NORMKIT_DATA)")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 

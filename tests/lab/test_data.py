@@ -139,6 +139,42 @@ def test_empty_normkit_data_counts_as_unset(tmp_path, monkeypatch):
         load_dataset("mnist")
 
 
+def copy_test_files(source: Path, target: Path) -> Path:
+    """``target`` holding only the t10k files of ``source``, as the shared MNIST sample folder does."""
+    target.mkdir(parents=True)
+    for path in source.glob("t10k-*"):
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_the_test_split_alone_reads_only_the_test_files(tmp_path):
+    full = write_dataset(tmp_path / "full" / "mnist", train=20, test=10)
+    expected = load_dataset("mnist", tmp_path / "full").test
+    only_test = copy_test_files(full, tmp_path / "only-test" / "mnist")
+    for folder in (tmp_path / "full", tmp_path / "only-test"):
+        images, labels = data.load_test_split("mnist", folder)
+        assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+    # A damaged training file: training refuses it, evaluation never opens it.
+    (full / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot be read as gzip"):
+        load_dataset("mnist", tmp_path / "full")
+    assert torch.equal(data.load_test_split("mnist", tmp_path / "full")[0], expected[0])
+    with pytest.raises(DataError, match="missing file .*train-images-idx3-ubyte"):
+        load_dataset("mnist", tmp_path / "only-test")  # training still needs both splits
+    (only_test / "t10k-labels-idx1-ubyte.gz").unlink()
+    # The hint lists the two files evaluation needs, not the four of training.
+    with pytest.raises(DataError, match=r"missing file .*t10k-labels-idx1-ubyte\[\.gz\].* put the two IDX files "
+                                        r"\(t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzip or not\)"):
+        data.load_test_split("mnist", tmp_path / "only-test")
+
+
+def test_the_digits_test_split_alone_is_the_documented_one():
+    images, labels = data.load_test_split("digits")
+    expected = data.load_digits_28().test
+    assert images.shape == (360, 1, 28, 28)
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+
+
 def test_digits_fixed_split():
     first, second = data.load_digits_28(), data.load_digits_28()
     assert first.train[0].shape == (1437, 1, 28, 28) and first.test[0].shape == (360, 1, 28, 28)

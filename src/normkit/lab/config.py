@@ -13,7 +13,7 @@ import torch
 
 from normkit.registry import NORM_NAMES, create_norm
 
-from .data import DATASETS
+from .data import DATASETS, data_folder
 from .models import ACTIVATIONS, INITS, MODELS, build_model
 from .optim import DEFAULT_LR, OPTIMIZERS
 
@@ -23,7 +23,8 @@ class TrainConfig:
     # data
     """Every setting of a lab run (the `normkit train` flags are its fields); ``resolved()`` validates them."""
     dataset: str = "digits"          # digits (embedded, no download), mnist, fashion-mnist, kmnist
-    data_dir: str | None = None      # folder with the IDX files (DIR/<dataset>/ or DIR/); None: $NORMKIT_DATA
+    data_dir: str | None = None      # folder with the IDX files (DIR/<dataset>/ or DIR/); None: $NORMKIT_DATA's,
+                                     # which resolved() records (digits read no folder: None stays None)
     train_limit: int | None = None   # use only the first N training images (before the validation split)
     val_split: float = 0.2           # the LAST fraction of the training images, as Keras' validation_split
     # model
@@ -111,11 +112,8 @@ class TrainConfig:
             raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass only one")
-        for name in ("out", "data_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
-                raise ValueError(f"{flag_of(name)} {value!r}: give a folder path (an empty one would mean the current "
-                                 f"folder by accident){'; omit it for $NORMKIT_DATA' if name == 'data_dir' else ''}")
+        check_folder_option("--out", self.out)
+        check_folder_option("--data-dir", self.data_dir, omitted="$NORMKIT_DATA")
         check_device(self.device)
         updates = {}
         if self.lr is None:
@@ -124,8 +122,12 @@ class TrainConfig:
         # working directory, so `normkit evaluate` elsewhere still finds the run's data.
         out = self.out if self.out is not None else Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}"
         updates["out"] = os.path.abspath(os.path.expanduser(os.fspath(out)))
-        if self.data_dir is not None:
-            updates["data_dir"] = os.path.abspath(os.path.expanduser(os.fspath(self.data_dir)))
+        # The data folder is resolved once, here (--data-dir, else $NORMKIT_DATA): config.json and the checkpoint
+        # then name the folder the run trained on, which evaluate and --resume read whatever NORMKIT_DATA says
+        # later. The embedded digits read no folder: without --data-dir they record none (null).
+        data_dir = self.data_dir if self.dataset == "digits" else data_folder(self.data_dir)
+        if data_dir is not None:
+            updates["data_dir"] = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
         if self.drop_last is None:
             updates["drop_last"] = virtual is not None
         return dataclasses.replace(self, **updates)
@@ -146,6 +148,14 @@ def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
                          "use --device cpu")
+
+
+def check_folder_option(flag: str, value, omitted: str = "") -> None:
+    """Refuse a folder option that is not a path, or is empty: "" would mean the current folder by accident.
+    ``omitted`` says what leaving the option out means, for the error's remedy."""
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+        raise ValueError(f"{flag} {value!r}: give a folder path (an empty one would mean the current folder by "
+                         f"accident){f'; omit it for {omitted}' if omitted else ''}")
 
 
 def flag_of(name: str) -> str:

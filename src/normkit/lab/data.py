@@ -179,20 +179,27 @@ def leftover_temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:
     return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name) and path.is_file())
 
 
-def _find_idx(directory: Path, stem: str, dataset: str) -> Path:
+def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] = tuple(IDX_FILES)) -> Path:
+    """``directory/stem`` or ``stem.gz``; when missing, the error lists the files of the ``needed`` splits."""
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
+    files = [name for part in needed for name in IDX_FILES[part]]
     raise DataError(f"{dataset}: missing file {directory / stem}[.gz]; run `normkit download {dataset} --data-dir "
                     f"{directory.parent if directory.name == dataset else directory}` where a network is available, "
-                    f"or put the four IDX files ({', '.join(s for pair in IDX_FILES.values() for s in pair)}, "
+                    f"or put the {'four' if len(files) == 4 else 'two'} IDX files ({', '.join(files)}, "
                     f"gzip or not) in {directory}")
+
+
+def data_folder(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The data folder to read: ``data_dir`` (--data-dir), else $NORMKIT_DATA, else None (neither is set)."""
+    # An empty NORMKIT_DATA (`NORMKIT_DATA= normkit ...`) is unset, not the current folder.
+    return data_dir if data_dir is not None else (os.environ.get("NORMKIT_DATA") or None)
 
 
 def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
     """``DIR/<dataset>`` when that folder exists, else ``DIR`` itself; DIR is --data-dir, else $NORMKIT_DATA."""
-    # An empty NORMKIT_DATA (`NORMKIT_DATA= normkit ...`) is unset, not the current folder.
-    root = data_dir if data_dir is not None else (os.environ.get("NORMKIT_DATA") or None)
+    root = data_folder(data_dir)
     if root is None:
         raise DataError(f"{dataset}: no data directory; pass --data-dir DIR or set NORMKIT_DATA "
                         f"(files go in DIR/{dataset}/ or DIR/; `normkit download {dataset} --data-dir DIR` fetches them)")
@@ -214,10 +221,12 @@ def idx_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, t
     return pixels, torch.from_numpy(labels.astype(np.int64))
 
 
-def read_idx_split(directory: Path, part: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """The checked uint8 images (N, 28, 28) and labels (N,) of one split's IDX files."""
+def read_idx_split(directory: Path, part: str, dataset: str,
+                   needed: tuple[str, ...] = tuple(IDX_FILES)) -> tuple[np.ndarray, np.ndarray]:
+    """The checked uint8 images (N, 28, 28) and labels (N,) of one split's IDX files; ``needed`` names the splits
+    the caller reads, whose files a missing-file error lists."""
     images_stem, labels_stem = IDX_FILES[part]
-    images_path, labels_path = _find_idx(directory, images_stem, dataset), _find_idx(directory, labels_stem, dataset)
+    images_path, labels_path = (_find_idx(directory, stem, dataset, needed) for stem in (images_stem, labels_stem))
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if images.ndim != 3:
@@ -269,6 +278,17 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Splits
                   sources=(train_images, test_images))
 
 
+def load_test_split(name: str, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The named dataset's test split alone, (images, labels) as in ``load_dataset``: what evaluating a model
+    needs. The training files are neither needed nor read (a folder of the two t10k files will do)."""
+    if name == "digits":
+        # The documented fixed split is drawn over all 1,797 digits (stratified): its test part is load_digits_28's.
+        return load_digits_28().test
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return idx_tensors(*read_idx_split(dataset_directory(name, data_dir), "test", name, needed=("test",)))
+
+
 # --------------------------------------------------------------------------------------------- download
 
 def _md5(payload: bytes) -> str:
@@ -311,8 +331,8 @@ def split_test_set(source: str | os.PathLike, target: str | os.PathLike, train_c
     """Write a train/test pair of IDX files to ``target`` from a folder holding only the 10,000-image
     t10k files (the shared MNIST sample): train = the first ``train_count`` images, test = the rest."""
     source, target = Path(source), Path(target)
-    images = read_idx(_find_idx(source, IDX_FILES["test"][0], "mnist"), IDX_IMAGES_MAGIC)
-    labels = read_idx(_find_idx(source, IDX_FILES["test"][1], "mnist"), IDX_LABELS_MAGIC)
+    images = read_idx(_find_idx(source, IDX_FILES["test"][0], "mnist", ("test",)), IDX_IMAGES_MAGIC)
+    labels = read_idx(_find_idx(source, IDX_FILES["test"][1], "mnist", ("test",)), IDX_LABELS_MAGIC)
     if not 0 < train_count < len(labels):
         raise DataError(f"train_count={train_count} must leave images on both sides of {len(labels)}")
     for part, rows in (("train", slice(0, train_count)), ("test", slice(train_count, None))):

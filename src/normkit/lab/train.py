@@ -42,8 +42,8 @@ from .batches import Prepared, recalibration_batches, training_batches
 from .board import Board
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, model_from_checkpoint, restore_rng_states,
                          save_checkpoint)
-from .config import TrainConfig, check_device
-from .data import DATASETS, Splits, leftover_temporaries, load_dataset
+from .config import TrainConfig, check_device, check_folder_option
+from .data import DATASETS, Splits, leftover_temporaries, load_test_split
 from .models import build_model
 from .optim import build_optimizer
 from .runfolder import RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
@@ -328,18 +328,21 @@ def _progress(total: int, description: str, cfg: TrainConfig):
 
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, data_dir: str | None = None,
                         device: str = "cpu") -> dict:
-    """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s."""
+    """Test loss and accuracy of a saved run, on its own dataset's test split or on ``dataset``'s.
+
+    The data folder is ``data_dir``, else the one the run trained on (its config's, resolved when it trained),
+    else $NORMKIT_DATA (checkpoints that recorded none). Only the test split's files are read."""
     # Checked first: torch.load onto a missing device would read as a corrupt checkpoint.
     check_device(device)
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    check_folder_option("--data-dir", data_dir, omitted="the folder the run trained on")
     if Path(path).is_dir():
         path = Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
     payload = load_checkpoint(path, map_location=device)
     model, cfg = model_from_checkpoint(payload, path)
     dataset = dataset or cfg.dataset
-    splits = load_dataset(dataset, data_dir if data_dir is not None else cfg.data_dir)
-    images, labels = splits.test
+    images, labels = load_test_split(dataset, data_dir if data_dir is not None else cfg.data_dir)
     test_loss, test_accuracy = evaluate(model.to(device), images.to(device), labels.to(device))
     return {"checkpoint": str(path), "dataset": dataset, "epoch": payload["epoch"], "test_size": len(labels),
             "test_loss": test_loss, "test_accuracy": test_accuracy}

@@ -1,0 +1,150 @@
+"""Which data a run's files name and `evaluate` reads: the folder the run trained on, and of it only the test split."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normkit.cli import main
+from normkit.lab import data
+from normkit.lab.checkpoint import load_checkpoint
+from normkit.lab.data import write_idx
+from normkit.lab.train import evaluate_checkpoint
+
+# ../shared/datasets/mnist relative to the repository root (as conftest.py): the MNIST test set alone.
+SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "mnist"
+
+TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
+
+
+def one_line_error(capsys, *phrases: str) -> str:
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    for phrase in phrases:
+        assert phrase in error, (phrase, error)
+    return error
+
+
+def write_mnist(directory: Path, seed: int, train: int = 200, test: int = 40) -> Path:
+    """An MNIST-format dataset (IDX files) of random images; another seed gives other images."""
+    rng = np.random.default_rng(seed)
+    for part, count in (("train", train), ("test", test)):
+        write_idx(directory / (data.IDX_FILES[part][0] + ".gz"), rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(directory / (data.IDX_FILES[part][1] + ".gz"), rng.integers(0, 10, count, dtype=np.uint8))
+    return directory
+
+
+def evaluated(capsys, *arguments: str) -> dict:
+    """The --json result of `normkit evaluate ARGUMENTS`, which must succeed."""
+    capsys.readouterr()
+    assert main(["evaluate", *arguments, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------ evaluate reads the test split only
+
+@pytest.fixture(scope="module")
+def mnist_run(mnist_split_dir, tmp_path_factory):
+    """A dry run on the real MNIST sample split (8,000 train / 2,000 test images)."""
+    out = tmp_path_factory.mktemp("mnist-run") / "run"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(mnist_split_dir), "--dry-run", "--quiet",
+                 "--no-tensorboard", "--out", str(out)]) == 0
+    return out
+
+
+def test_evaluate_needs_only_the_test_files(mnist_run, mnist_split_dir, tmp_path, capsys):
+    full = evaluated(capsys, "--checkpoint", str(mnist_run), "--data-dir", str(mnist_split_dir))
+    assert full["test_size"] == 2000
+    only_test = tmp_path / "only-test"
+    only_test.mkdir()
+    for path in (mnist_split_dir / "mnist").glob("t10k-*"):
+        shutil.copy(path, only_test / path.name)
+    assert evaluated(capsys, "--checkpoint", str(mnist_run), "--data-dir", str(only_test)) == full
+    # The shared sample itself: only the t10k files, all 10,000 test images (the fixture needs it, so it is there).
+    assert not list(SHARED_MNIST.glob("train-*"))
+    assert evaluated(capsys, "--checkpoint", str(mnist_run), "--data-dir", str(SHARED_MNIST))["test_size"] == 10000
+
+
+def test_a_damaged_train_file_stops_training_not_evaluation(mnist_run, mnist_split_dir, tmp_path, capsys):
+    full = evaluated(capsys, "--checkpoint", str(mnist_run))  # the folder the run trained on
+    damaged = tmp_path / "damaged"
+    shutil.copytree(mnist_split_dir / "mnist", damaged)
+    (images,) = damaged.glob("train-images-idx3-ubyte*")  # (the fixture writes them uncompressed)
+    images.write_bytes(images.read_bytes()[:-100])
+    assert evaluated(capsys, "--checkpoint", str(mnist_run), "--data-dir", str(damaged)) == full
+    # Training still checks both splits' files.
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(damaged), "--dry-run", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "train-images-idx3-ubyte", "truncated")
+    (labels,) = damaged.glob("train-labels-idx1-ubyte*")
+    labels.unlink()
+    assert evaluated(capsys, "--checkpoint", str(mnist_run), "--data-dir", str(damaged)) == full
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(damaged), "--dry-run", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "missing file", "train-labels-idx1-ubyte")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ the folder a run records
+
+def test_a_folder_from_normkit_data_is_recorded_and_evaluated(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path / "a" / "mnist", seed=1, test=40)
+    write_mnist(tmp_path / "b" / "mnist", seed=2, test=30)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NORMKIT_DATA", "a")  # relative: recorded absolute
+    assert main(["train", "--dataset", "mnist", "--dry-run", *TINY, "--out", "run"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_dir"] == str(tmp_path / "a")
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["data_dir"] == str(tmp_path / "a")
+
+    expected = evaluated(capsys, "--checkpoint", "run", "--data-dir", str(tmp_path / "a"))
+    assert expected["test_size"] == 40
+    monkeypatch.setenv("NORMKIT_DATA", "")  # unset: the run's own folder
+    assert evaluated(capsys, "--checkpoint", "run") == expected
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "b"))  # other files: still the run's own folder
+    assert evaluated(capsys, "--checkpoint", "run") == expected
+    assert evaluated(capsys, "--checkpoint", "run", "--data-dir", "b")["test_size"] == 30  # unless told otherwise
+
+    # The embedded digits read no folder: NORMKIT_DATA is not theirs to record; an explicit --data-dir still is.
+    assert main(["train", "--dry-run", *TINY, "--out", "digits"]) == 0
+    assert json.loads((tmp_path / "digits" / "config.json").read_text())["data_dir"] is None
+    assert main(["train", "--dry-run", *TINY, "--data-dir", "a", "--out", "digits"]) == 0
+    assert json.loads((tmp_path / "digits" / "config.json").read_text())["data_dir"] == str(tmp_path / "a")
+
+
+def test_resume_reads_the_folder_the_run_trained_on(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path / "a" / "mnist", seed=1)
+    write_mnist(tmp_path / "b" / "mnist", seed=2)
+    out = tmp_path / "run"
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "a"))
+    assert main(["train", "--dataset", "mnist", "--epochs", "1", *TINY, "--out", str(out)]) == 0
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "b"))  # other data now: the run keeps reading its own
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(tmp_path / "a")
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    # --data-dir may still change on --resume (the same data moved elsewhere), and the new folder is recorded.
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--quiet",
+                 "--data-dir", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(tmp_path / "moved")
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["data_dir"] == str(tmp_path / "moved")
+    # Other data behind an explicit --data-dir is still refused by the fingerprint.
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "4", "--quiet",
+                 "--data-dir", str(tmp_path / "b")]) == 2
+    one_line_error(capsys, "--resume", "trained on other data", str(tmp_path / "b"))
+
+
+def test_evaluate_refuses_an_empty_data_dir_as_train_does(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path / "data", seed=1)
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--dry-run", *TINY,
+                 "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.chdir(tmp_path / "data")  # "" would read the current folder, which holds the files
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data-dir", ""]) == 2
+    refusal = "--data-dir '': give a folder path (an empty one would mean the current folder by accident); omit it"
+    one_line_error(capsys, "normkit evaluate: error: " + refusal, "the folder the run trained on")
+    assert main(["train", "--dataset", "mnist", "--data-dir", "", "--dry-run", *TINY, "--out", "run"]) == 2
+    one_line_error(capsys, "normkit train: error: " + refusal)  # the same words as train's
+    with pytest.raises(ValueError, match="--data-dir '': give a folder path"):
+        evaluate_checkpoint(tmp_path / "run", data_dir="")
