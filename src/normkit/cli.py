@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run directory (default: runs/<model>-<norm>-<dataset>-seed<seed>)")
     train.add_argument("--resume", action="store_true", default=SUPPRESS,
                        help="continue from DIR/checkpoint.pt (same settings and data; --epochs may grow, not "
-                            "shrink); without a checkpoint, or with a dry run's, starts from the beginning (with "
-                            "the settings of DIR/config.json when a run stopped there before its first checkpoint)")
+                            "shrink); with a dry run's checkpoint, starts the real run from the beginning with the "
+                            "dry run's settings; without a checkpoint, starts from the beginning (with the settings "
+                            "of DIR/config.json when a run stopped there before its first checkpoint)")
     train.add_argument("--stop-after-steps", type=_positive_int, default=SUPPRESS, help=SUPPRESS)  # tests: a kill
 
     evaluate = commands.add_parser("evaluate", help="test accuracy and loss of a saved checkpoint",

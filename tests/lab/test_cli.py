@@ -176,6 +176,106 @@ def test_missing_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
+def one_line_naming(capsys, path, *phrases: str) -> str:
+    """The stderr of a refused command: one line, no traceback or terminal escapes, naming ``path`` and ``phrases``."""
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error and "\x1b" not in error, error
+    for phrase in (str(path), *phrases):
+        assert phrase in error, (phrase, error)
+    return error
+
+
+def edited_checkpoint(dry_run, folder, edit):
+    """``folder``/checkpoint.pt: the dry run's checkpoint with its dict changed by ``edit``, saved by torch.save."""
+    payload = load_checkpoint(dry_run / "checkpoint.pt")
+    edit(payload)
+    folder.mkdir()
+    torch.save(payload, folder / "checkpoint.pt")
+    return folder / "checkpoint.pt"
+
+
+def opened(path):
+    """What evaluate does with a checkpoint before it loads any data: load it, rebuild its config and model."""
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda p: p["rng"].pop("shuffle"), "its rng entry lacks ['shuffle']"),
+    (lambda p: p["rng"].update(shuffle=torch.zeros(3, dtype=torch.uint8)),
+     "its rng entry 'shuffle' is not a valid generator state (Expected a CPUGeneratorImplState of size"),
+    (lambda p: p["rng"].update(torch=p["rng"]["torch"].float()), "its rng entry 'torch' is not a valid generator state"),
+    (lambda p: p["rng"]["numpy"].update(keys=torch.zeros(3, dtype=torch.int64)),
+     "its rng entry 'numpy' is not a valid generator state"),
+    (lambda p: p["rng"]["python"].update(state=[1, 2, 3]), "its rng entry 'python' is not a valid generator state"),
+    (lambda p: p["rng"].update(cuda="none"), "its rng entry 'cuda' is not a valid generator state"),
+    (lambda p: p.update(rng=None), "its rng entry is None, not a dict"),
+    (lambda p: p.update(epoch="1"), "its epoch is '1', not a whole number >= 0"),
+    (lambda p: p.update(epoch=-1), "its epoch is -1, not a whole number >= 0"),
+    (lambda p: p.update(step=None), "its step is None, not a whole number >= 0"),
+    (lambda p: p.update(history=None), "its history is None, not a list of per-epoch records"),
+    (lambda p: p.update(history=[1]), "its history is [1], not a list of per-epoch records"),
+    (lambda p: p.update(model=None), "its model is None, not a state_dict"),
+    (lambda p: p.update(optimizer=[]), "its optimizer is [], not an optimizer's state_dict"),
+    (lambda p: p.update(data_sha256=5), "its data_sha256 is 5"),
+    (lambda p: p["config"].update(norm_options="abc"), "its stored settings are invalid (--norm-option"),
+    (lambda p: p["config"].update(dataset="cifar"), "its stored settings are invalid (--dataset 'cifar'"),
+    (lambda p: p["config"].update(momentum=2.0), "its stored settings are invalid (--momentum=2.0 must be in [0, 1]"),
+    (lambda p: p["config"].update(norm_options={"momentum": "fast"}), "its stored settings are invalid (--norm-option"),
+    (lambda p: p["config"].update(dry_run="false"), "its config has dry_run 'false', not true or false"),
+])
+def test_malformed_entries_are_one_line_errors_naming_the_file(dry_run, tmp_path, capsys, edit, problem):
+    path = edited_checkpoint(dry_run, tmp_path / "run", edit)
+    with pytest.raises(CheckpointError) as refusal:
+        opened(path)
+    assert str(refusal.value).startswith(f"{path}: {problem}"), str(refusal.value)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    one_line_naming(capsys, path, problem)
+    # --dry-run resumes the dry run (restoring its RNG states); without it the real run would start over.
+    for resume in (["--dry-run"], []):
+        assert main(["train", "--resume", *resume, "--quiet", "--no-tensorboard", "--out", str(path.parent)]) == 2
+        one_line_naming(capsys, path, problem)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
+def test_rng_states_that_cannot_be_restored_name_the_file(dry_run, tmp_path, capsys, monkeypatch):
+    # CUDA's states are only tried when they are restored (trying them earlier would start CUDA for a CPU run):
+    # a checkpoint of a machine with more GPUs than this one.
+    path = edited_checkpoint(dry_run, tmp_path / "run", lambda p: p["rng"].update(
+        cuda=[torch.zeros(16, dtype=torch.uint8)] * 2))
+
+    def two_states_one_gpu(states):
+        raise RuntimeError("CUDA error: invalid device ordinal\nCUDA kernel errors might be reported later")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", two_states_one_gpu)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    assert main(["train", "--resume", "--dry-run", "--quiet", "--no-tensorboard", "--out", str(path.parent)]) == 2
+    one_line_naming(capsys, path, "its RNG states cannot be restored: CUDA error: invalid device ordinal")
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
+def test_a_pickled_module_is_not_a_normkit_checkpoint(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # the whole module pickled, not its state_dict
+    with pytest.raises(CheckpointError, match="not a normkit lab checkpoint"):
+        load_checkpoint(path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    error = one_line_naming(capsys, path, "not a normkit lab checkpoint",
+                            "unsupported global torch.nn.modules.linear.Linear", "weights_only=True")
+    assert "(1)" not in error  # torch's numbered advice, cut off after its first line
+
+
+def test_a_zip_file_that_is_not_a_torch_checkpoint(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(CheckpointError, match="a zip archive but not a torch checkpoint"):
+        load_checkpoint(path)
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    error = one_line_naming(capsys, path, "not a torch checkpoint", "notes.txt")
+    assert "enforce fail" not in error and "corrupt" not in error
+
+
 @pytest.mark.parametrize("norm", NORM_NAMES)
 @pytest.mark.parametrize("model", ["lenet", "mlp"])
 def test_every_norm_and_model_trains(tmp_path, norm, model):

@@ -267,6 +267,28 @@ def test_real_resume_of_a_dry_run_starts_from_the_beginning(tmp_path, capsys):
     assert [r["step"] for r in strict_json(out / "metrics.json")["history"]] == [5, 10]  # two whole epochs
 
 
+def test_real_resume_of_a_dry_run_keeps_the_dry_run_s_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", "--lr", "0.005", "--norm", "torch", "--epochs", "2", *TINY, "--out", str(out)]) == 0
+    before = snapshot(out)
+    # Given options that differ are refused as on any resume; the dry run is left as it was.
+    assert main(["train", "--resume", "--lr", "0.01", "--quiet", "--out", str(out)]) == 2
+    one_line_error(capsys, "a resumed run keeps its settings", "--lr 0.01 (dry run: 0.005)", "Drop --resume")
+    assert main(["train", "--resume", "--norm", "batch", "--epochs", "2", "--quiet", "--out", str(out)]) == 2
+    one_line_error(capsys, "--norm 'batch' (dry run: 'torch')")
+    assert snapshot(out) == before
+    # Those not given come from the dry run (--tensorboard too), except --dry-run itself; --threads may differ.
+    assert main(["train", "--resume", "--threads", "1", "--out", str(out)]) == 0
+    assert "dry run's (one batch); starting the real run from the beginning with its settings" in capsys.readouterr().out
+    config = strict_json(out / "config.json")
+    assert (config["norm"], config["lr"], config["epochs"], config["train_limit"], config["batch_size"]) == (
+        "torch", 0.005, 2, 200, 32)
+    assert config["dry_run"] is False and config["tensorboard"] is False and config["quiet"] is False
+    assert not list(out.glob("events.out.tfevents.*"))
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["config"] == config and payload["epoch"] == 2 and payload["step"] == 10  # two whole epochs
+
+
 def test_dry_resume_of_a_real_run_is_refused(finished, capsys):
     before = snapshot(finished)
     assert main(["train", "--resume", "--dry-run", "--quiet", "--out", str(finished)]) == 2

@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, damaged or not a normkit lab checkpoint."""
 
 
+# What to do about a checkpoint whose entries are of the wrong kind: nothing normkit writes looks like that.
+EDITED = "the file was edited or damaged: restore it from a copy or train the run again"
+
+
 def _rng_states(shuffle: torch.Generator) -> dict:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, python_state, gauss = random.getstate()
@@ -47,16 +52,108 @@ def _rng_states(shuffle: torch.Generator) -> dict:
     }
 
 
+def _numpy_state(numpy_state: dict) -> tuple:
+    """The tuple ``np.random.set_state`` takes, from the checkpoint's dict of it."""
+    return (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+            numpy_state["has_gauss"], numpy_state["cached"])
+
+
+def _python_state(python_state: dict) -> tuple:
+    """The tuple ``random.setstate`` takes, from the checkpoint's dict of it."""
+    return python_state["version"], tuple(python_state["state"]), python_state["gauss"]
+
+
 def restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
     shuffle.set_state(states["shuffle"])
     torch.set_rng_state(states["torch"])
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached"]))
-    python_state = states["python"]
-    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+    np.random.set_state(_numpy_state(states["numpy"]))
+    random.setstate(_python_state(states["python"]))
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _shown(value) -> str:
+    """``value`` as an error message shows it: its repr when short, else its type."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_rng_states(states, path: Path) -> dict:
+    """The checkpoint's RNG states with their tensors on the CPU, each one tried on a throwaway generator first.
+
+    Generators keep their state in CPU byte tensors whatever ``map_location`` moved them to, and a state that does
+    not fit (a key missing, a wrong-sized tensor) is refused here, naming the file, rather than met as a traceback
+    when a resumed run restores it."""
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{path}: its rng entry is {_shown(states)}, not a dict of generator states; {EDITED}")
+    missing = sorted({"shuffle", "torch", "numpy", "python", "cuda"} - set(states))
+    if missing:
+        raise CheckpointError(f"{path}: its rng entry lacks {missing}; {EDITED}")
+    checked = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in states.items()}
+    if isinstance(checked["cuda"], list):
+        checked["cuda"] = [state.cpu() if isinstance(state, torch.Tensor) else state for state in checked["cuda"]]
+
+    def cuda_states(cuda: list) -> None:
+        # Not tried on a CUDA generator: that would start CUDA for a CPU run; restoring them reports a misfit.
+        if not isinstance(cuda, list) or not all(isinstance(state, torch.Tensor) and state.dtype == torch.uint8
+                                                 and state.dim() == 1 for state in cuda):
+            raise TypeError(f"expected a list of byte tensors, got {_shown(cuda)}")
+
+    trials = {"shuffle": lambda state: torch.Generator().set_state(state),
+              "torch": lambda state: torch.Generator().set_state(state),  # the global generator's kind
+              "numpy": lambda state: np.random.RandomState().set_state(_numpy_state(state)),
+              "python": lambda state: random.Random().setstate(_python_state(state)),
+              "cuda": cuda_states}
+    for name, trial in trials.items():
+        try:
+            trial(checked[name])
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if isinstance(error, KeyError):
+                reason = f"no {reason}"
+            raise CheckpointError(f"{path}: its rng entry {name!r} is not a valid generator state ({reason}); "
+                                  f"{EDITED}") from None
+    return checked
+
+
+def _check_entries(payload: dict, path: Path) -> None:
+    """Refuse entries of the wrong kind (a text epoch, no history) with one line naming the file, before a
+    resumed run or an evaluation trips over them; the RNG states come back on the CPU (``_checked_rng_states``)."""
+    for name in ("epoch", "step"):
+        if not _is_count(payload[name]):
+            raise CheckpointError(f"{path}: its {name} is {_shown(payload[name])}, not a whole number >= 0; {EDITED}")
+    history = payload["history"]
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        raise CheckpointError(f"{path}: its history is {_shown(history)}, not a list of per-epoch records (dicts); "
+                              f"{EDITED}")
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{path}: its config is {_shown(payload['config'])}, not a dict of settings; {EDITED}")
+    model = payload["model"]
+    if not isinstance(model, dict) or not all(isinstance(value, torch.Tensor) for value in model.values()):
+        raise CheckpointError(f"{path}: its model is {_shown(model)}, not a state_dict (a dict of tensors); {EDITED}")
+    optimizer = payload["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise CheckpointError(f"{path}: its optimizer is {_shown(optimizer)}, not an optimizer's state_dict (a dict "
+                              f"with state and param_groups); {EDITED}")
+    if not isinstance(payload.get("data_sha256", ""), str):
+        raise CheckpointError(f"{path}: its data_sha256 is {_shown(payload['data_sha256'])}, not a hex digest; "
+                              f"{EDITED}")
+    payload["rng"] = _checked_rng_states(payload["rng"], path)
+
+
+def _refused_objects(error: pickle.UnpicklingError) -> str:
+    """What torch.load(weights_only=True) refused, in a few words: its message is a paragraph with ANSI codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    unsupported = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+    if unsupported:
+        return f"unsupported global {unsupported.group(1)}"
+    detail = text.split("WeightsUnpickler error:")[-1].strip()
+    return detail.splitlines()[0].split(". ")[0] if detail else type(error).__name__
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
@@ -89,20 +186,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({size} bytes): {error}") from None
     if damaged is not None:
         raise CheckpointError(f"{path}: damaged: the bytes of {damaged} do not match their CRC-32 (the file "
                               "changed after it was written: a disk or copy error); restore it from a copy or "
                               "train again")
+    if not any(name.endswith("/data.pkl") for name in names):
+        # torch.save puts data.pkl in the archive's one folder; a zip without it is some other zip file.
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "nothing"
+        raise CheckpointError(f"{path}: a zip archive but not a torch checkpoint (no data.pkl; it holds {shown}); "
+                              "`normkit train --out DIR` writes DIR/checkpoint.pt")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).split(" In PyTorch")[0].strip()
-        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, refused by "
-                              f"torch.load(weights_only=True): {reason}") from None
+        raise CheckpointError(f"{path}: not a normkit lab checkpoint: it holds objects other than tensors and plain "
+                              f"data ({_refused_objects(error)}), which torch.load(weights_only=True) refuses to "
+                              "unpickle; `normkit train --out DIR` writes DIR/checkpoint.pt") from None
     except Exception as error:  # torch raises RuntimeError, EOFError... depending on where the file was cut
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # c10's "[enforce fail at inline_container.cc:180] . " says where in torch, not what is wrong with the file.
+        first_line = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line)
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({size} bytes): {first_line.split('. ')[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = type(payload).__name__ if not isinstance(payload, dict) else f"a dict with keys {sorted(payload)[:6]}"
@@ -114,16 +219,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = {"epoch", "step", "config", "model", "optimizer", "history", "rng"} - set(payload)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing)}")
+    _check_entries(payload, path)
     return payload
 
 
 def config_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> TrainConfig:
-    """The checkpoint's TrainConfig (not resolved); CheckpointError names the file when it cannot be one."""
+    """The checkpoint's TrainConfig (not resolved, but every setting checked as a run's are before it starts);
+    CheckpointError names the file when it cannot be one."""
     where = str(path) if path is not None else "checkpoint"
     saved = payload["config"]
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where}: its config is a {type(saved).__name__}, not a dict of settings")
-    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(map(str, set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}))
     if unknown:
         raise CheckpointError(f"{where}: its config has settings this normkit does not know ({', '.join(unknown)}); "
                               "it was written by another version of normkit or edited")
@@ -131,6 +238,18 @@ def config_from_checkpoint(payload: dict, path: str | os.PathLike | None = None)
     for name, allowed in dict(model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS).items():
         if getattr(cfg, name) not in allowed:
             raise CheckpointError(f"{where}: its config has {name} {getattr(cfg, name)!r}, not one of {', '.join(allowed)}")
+    # resolved() leaves these switches alone, and a text "false" would read as true.
+    switches = [name for name in ("resume", "tensorboard", "dry_run", "quiet", "compile", "drop_last")
+                if not isinstance(getattr(cfg, name), bool) and not (name == "drop_last" and cfg.drop_last is None)]
+    if switches:
+        raise CheckpointError(f"{where}: its config has {switches[0]} {getattr(cfg, switches[0])!r}, not true or "
+                              f"false; {EDITED}")
+    # The checks every run passes before it starts. The device is this machine's business, not the file's: a run
+    # trained on a GPU is still evaluated on a CPU (a resumed run checks the device it will use).
+    try:
+        (dataclasses.replace(cfg, device="cpu") if cfg.device == "cuda" else cfg).resolved()
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: its stored settings are invalid ({error}); {EDITED}") from None
     return cfg
 
 
@@ -159,6 +278,10 @@ def load_weights(model: nn.Module, state: dict, path: str | os.PathLike | None, 
 def model_from_checkpoint(payload: dict, path: str | os.PathLike | None = None) -> tuple[nn.Module, TrainConfig]:
     """The model a checkpoint describes (rebuilt from its config), with its weights, and that config."""
     cfg = config_from_checkpoint(payload, path)
-    model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options)
+    try:
+        model = build_model(cfg.model, cfg.norm, cfg.activation, cfg.init, cfg.norm_options)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path if path is not None else 'checkpoint'}: the model its config describes cannot "
+                              f"be built ({cfg.model} + {cfg.norm}): {str(error).splitlines()[0]}; {EDITED}") from None
     load_weights(model, payload["model"], path, cfg)
     return model, cfg

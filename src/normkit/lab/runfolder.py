@@ -82,12 +82,15 @@ def make_out_folder(out: Path, flag: str = "--out") -> None:
 RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
 
 
-def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint") -> TrainConfig:
+def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint",
+                   remedy: str = "Start a new run with another --out instead.") -> TrainConfig:
+    """The settings of a resumed run: ``saved``'s, except how this invocation runs; a given option that differs from
+    ``saved`` (one a resumed run may not change) is refused, naming its flag."""
     conflicts = [f"{flag_of(k)} {getattr(cfg, k)!r} ({source}: {saved[k]!r})" for k in sorted(given)
                  if k not in RESUME_OVERRIDABLE and k in saved and getattr(cfg, k) != saved[k]]
     if conflicts:
         raise ValueError(f"a resumed run keeps its settings; these differ from the {source}'s: " + ", ".join(conflicts)
-                         + ". Start a new run with another --out instead.")
+                         + f". {remedy}")
     # How this invocation runs (where, how loudly, whether to simulate a kill) is never inherited.
     overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDABLE if k in given or k in PER_INVOCATION}
     return dataclasses.replace(TrainConfig(**saved), **overrides)
@@ -198,6 +201,15 @@ def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], not
     return cfg
 
 
+def _resolved_from(resumed: TrainConfig, checkpoint_path: Path) -> TrainConfig:
+    """The settings a run resumed from ``checkpoint_path`` takes, resolved; one naming the file when they do not
+    hold here (e.g. its --device cuda on a machine without CUDA)."""
+    try:
+        return resumed.resolved()
+    except ValueError as error:
+        raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
+
+
 def _other_data(theirs: str, mine: str) -> str:
     return f"its data's sha256 {theirs[:12]}..., this data's {mine[:12]}..."
 
@@ -215,19 +227,20 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
         payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
         saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
         if saved["dry_run"] and not cfg.dry_run:
-            # A dry run's one batch is a smoke test, not a start worth continuing: the real run starts over.
+            # A dry run's one batch is a smoke test, not a start worth continuing: the real run starts over, but
+            # with the dry run's settings (as a run stopped before its first checkpoint restarts with its config.json's).
+            resumed = _resume_config(cfg, saved, given, source="dry run",
+                                     remedy="Drop --resume to replace the dry run with a run of these settings, "
+                                            "or choose another --out.")
+            cfg = _resolved_from(resumed, checkpoint_path)
             notes.append(f"--resume: {checkpoint_path} is a dry run's (one batch); starting the real run from the "
-                         "beginning")
+                         "beginning with its settings (all but --dry-run)")
         elif cfg.dry_run and not saved["dry_run"]:
             raise ValueError(f"--dry-run --resume: {checkpoint_path} is a real run's, and a dry run would replace its "
                              "metrics with one-batch estimates; drop --dry-run to continue it, or smoke-test in "
                              "another --out")
         else:
-            resumed = _resume_config(cfg, saved, given)  # conflicts name the flags
-            try:
-                cfg = resumed.resolved()
-            except ValueError as error:
-                raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
+            cfg = _resolved_from(_resume_config(cfg, saved, given), checkpoint_path)  # conflicts name the flags
             if cfg.epochs < payload["epoch"]:
                 raise ValueError(f"--epochs {cfg.epochs}: {checkpoint_path} has already trained {payload['epoch']} "
                                  f"epochs; a resumed run can train longer (--epochs {payload['epoch']} or more) but "

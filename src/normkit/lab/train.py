@@ -158,11 +158,16 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
         load_weights(model, checkpoint["model"], checkpoint_path, cfg)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as error:
+        except (ValueError, KeyError, RuntimeError, TypeError) as error:
             raise CheckpointError(f"{checkpoint_path}: its optimizer state does not fit the model: "
                                   f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         history, start_epoch, step = list(checkpoint["history"]), checkpoint["epoch"], checkpoint["step"]
-        restore_rng_states(checkpoint["rng"], shuffle)
+        try:
+            restore_rng_states(checkpoint["rng"], shuffle)
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as error:
+            # load_checkpoint tried every state but CUDA's (trying those would start CUDA for a CPU run).
+            raise CheckpointError(f"{checkpoint_path}: its RNG states cannot be restored: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     write_json(out / "config.json", cfg.to_dict())
 
     # The checkpoint's last step is logged; a killed run may have logged later ones, which the resumed run redoes.
