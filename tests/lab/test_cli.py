@@ -217,6 +217,7 @@ def opened(path):
     (lambda p: p.update(model=None), "its model is None, not a state_dict"),
     (lambda p: p.update(optimizer=[]), "its optimizer is [], not an optimizer's state_dict"),
     (lambda p: p.update(data_sha256=5), "its data_sha256 is 5"),
+    (lambda p: p.update(recalibration={"batches": 2}), "its recalibration entry is {'batches': 2}"),
     (lambda p: p["config"].update(norm_options="abc"), "its stored settings are invalid (--norm-option"),
     (lambda p: p["config"].update(dataset="cifar"), "its stored settings are invalid (--dataset 'cifar'"),
     (lambda p: p["config"].update(momentum=2.0), "its stored settings are invalid (--momentum=2.0 must be in [0, 1]"),
@@ -393,6 +394,30 @@ def test_recalibrate_reports_both_accuracies_and_saves_the_recalibrated_model(tm
         same = torch.equal(recalibrated["model"][key], value)
         assert same if "running" not in key else not same, key
     assert recalibrated["epoch"] == saved["epoch"] == 1 and recalibrated["step"] == saved["step"]
+
+
+def test_resuming_a_finished_recalibrated_run_keeps_its_checkpoint_and_first_measurement(tmp_path):
+    out = tmp_path / "run"
+    arguments = ["train", "--epochs", "1", "--no-tensorboard", "--out", str(out)] + TINY
+    assert main(arguments + ["--recalibrate", "-1"]) == 0
+    checkpoint, metrics = (out / "checkpoint.pt").read_bytes(), json.loads((out / "metrics.json").read_text())
+    assert load_checkpoint(out / "checkpoint.pt")["recalibration"]["recalibrate"] == -1
+    # Resumed with the same recalibration: evaluated again, the checkpoint untouched, the same report.
+    assert main(arguments + ["--recalibrate", "-1", "--resume"]) == 0
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # Another batch count: recalibrated again from the same weights; "before" is still training's statistics'.
+    assert main(arguments + ["--recalibrate", "2", "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["recalibration"]["batches"] == 2 and load_checkpoint(out / "checkpoint.pt")["recalibration"][
+        "recalibrate"] == 2
+    for key in ("test_accuracy_before_recalibration", "test_loss_before_recalibration"):
+        assert again[key] == metrics[key]
+    # Trained further (without recalibrating at the end): the new epoch's checkpoint is not a recalibrated one.
+    assert main(["train", "--epochs", "2", "--recalibrate", "0", "--no-tensorboard", "--out", str(out), "--resume"]
+                + TINY) == 0
+    assert "recalibration" not in load_checkpoint(out / "checkpoint.pt")
+    assert json.loads((out / "metrics.json").read_text())["recalibration"] is None
 
 
 def test_recalibrate_dry_run_and_errors(tmp_path, capsys):

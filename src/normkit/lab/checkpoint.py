@@ -143,6 +143,15 @@ def _check_entries(payload: dict, path: Path) -> None:
     if not isinstance(payload.get("data_sha256", ""), str):
         raise CheckpointError(f"{path}: its data_sha256 is {_shown(payload['data_sha256'])}, not a hex digest; "
                               f"{EDITED}")
+    recalibration = payload.get("recalibration")
+    if recalibration is not None and not (
+            isinstance(recalibration, dict) and set(recalibration) == set(RECALIBRATION_KEYS)
+            and all(_is_count(recalibration[key]) for key in ("batches", "images"))
+            and isinstance(recalibration["recalibrate"], int) and not isinstance(recalibration["recalibrate"], bool)
+            and all(value is None or isinstance(value, float) for key, value in recalibration.items()
+                    if key.startswith("test_"))):
+        raise CheckpointError(f"{path}: its recalibration entry is {_shown(recalibration)}, not the record normkit "
+                              f"writes ({', '.join(RECALIBRATION_KEYS)}); {EDITED}")
     payload["rng"] = _checked_rng_states(payload["rng"], path)
 
 
@@ -156,15 +165,25 @@ def _refused_objects(error: pickle.UnpicklingError) -> str:
     return detail.splitlines()[0].split(". ")[0] if detail else type(error).__name__
 
 
+# A recalibrated checkpoint's record of it: the batch count asked for, what it used, and the test measurement of
+# the running statistics training ended with (which the recalibrated checkpoint no longer holds).
+RECALIBRATION_KEYS = ("recalibrate", "batches", "images", "test_loss_before_recalibration",
+                      "test_accuracy_before_recalibration")
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                    cfg: TrainConfig, history: list[dict], shuffle: torch.Generator, data_sha256: str = "") -> None:
-    """Write the run's state (model, optimizer, epoch, RNG states, config, history) atomically to ``path``."""
+                    cfg: TrainConfig, history: list[dict], shuffle: torch.Generator, data_sha256: str = "",
+                    recalibration: dict | None = None) -> None:
+    """Write the run's state (model, optimizer, epoch, RNG states, config, history) atomically to ``path``;
+    ``recalibration`` (RECALIBRATION_KEYS) when the model's running statistics were just recalibrated."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "history": history, "rng": _rng_states(shuffle)}
     if data_sha256:
         # Optional, so version 1 stays: checkpoints written before it load as before (nothing to compare).
         payload["data_sha256"] = data_sha256
+    if recalibration is not None:  # (optional too, for the same reason)
+        payload["recalibration"] = {key: recalibration[key] for key in RECALIBRATION_KEYS}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -238,7 +238,9 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                       f"({'n/a' if speed is None else f'{speed:.0f}'} img/s)")
     finally:
         board.close()
-    return _finish(cfg, out, checkpoint_path, model, optimizer, history, step, shuffle, data)
+    # A finished, recalibrated run resumed without training further: its checkpoint says what was measured before.
+    recalibrated = checkpoint.get("recalibration") if checkpoint is not None and start_epoch >= epochs else None
+    return _finish(cfg, out, checkpoint_path, model, optimizer, history, step, shuffle, data, recalibrated)
 
 
 @contextlib.contextmanager
@@ -274,19 +276,32 @@ def _interrupted_message(out: Path, saved_epochs: int, epochs: int) -> str:
 
 
 def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            history: list[dict], step: int, shuffle: torch.Generator, data: Prepared) -> dict:
-    """After the last epoch: test evaluation, optional recalibration, metrics.json, curves.png, the summary."""
+            history: list[dict], step: int, shuffle: torch.Generator, data: Prepared,
+            recalibrated: dict | None = None) -> dict:
+    """After the last epoch: test evaluation, optional recalibration, metrics.json, curves.png, the summary.
+
+    ``recalibrated``: the checkpoint's record when it holds an already recalibrated model and nothing was trained
+    since. Its "before" measurement is reported (the statistics training ended with are gone from the model),
+    and the recalibration is not redone, nor the checkpoint rewritten, when it used the same batch count.
+    """
     train_images, train_labels = data.train
     test_batches = 1 if cfg.dry_run else None
-    test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
-    before = {"test_loss_before_recalibration": test_loss, "test_accuracy_before_recalibration": test_accuracy}
-    recalibration = None
-    if cfg.recalibrate:
+    if recalibrated is not None:
+        before = {key: recalibrated[key] for key in ("test_loss_before_recalibration",
+                                                     "test_accuracy_before_recalibration")}
+        recalibration = {"batches": recalibrated["batches"], "images": recalibrated["images"]}
+    else:
+        test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
+        before = {"test_loss_before_recalibration": test_loss, "test_accuracy_before_recalibration": test_accuracy}
+        recalibration = None
+    if cfg.recalibrate and (recalibrated is None or recalibrated["recalibrate"] != cfg.recalibrate):
         # Precise BN: the running statistics of the final weights; the checkpoint then holds the recalibrated model.
         batches = recalibration_batches(train_images, cfg, 1 if cfg.dry_run else cfg.recalibrate)
         recalibrate_running_stats(model, batches)
         recalibration = {"batches": len(batches), "images": sum(len(batch) for batch in batches)}
-        save_checkpoint(checkpoint_path, model, optimizer, len(history), step, cfg, history, shuffle, data.fingerprint)
+        save_checkpoint(checkpoint_path, model, optimizer, len(history), step, cfg, history, shuffle, data.fingerprint,
+                        recalibration={**recalibration, **before, "recalibrate": cfg.recalibrate})
+    if recalibration is not None:
         test_loss, test_accuracy = evaluate(model, *data.test, max_batches=test_batches)
     metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_accuracy, **before,
                "recalibration": recalibration,
