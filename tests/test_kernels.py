@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.autograd import forward_ad
 
 import normkit
 import normkit.keras
@@ -282,12 +282,13 @@ def _import_normkit(mode=None, extensions_dir=None):
     return child.stdout.split(), child.stderr
 
 
-def _copy_of_the_build(built_kernels, root):
-    """This machine's build copied into another extensions folder (as a cache the import can find)."""
+def _copy_of_the_build(built_kernels, root, record=True):
+    """This machine's build copied into another extensions folder (as a cache the import can find): the library
+    and, with ``record``, the record of its size and SHA-256 that its build wrote."""
     folder = root / built_kernels.build_directory().name
     folder.mkdir(parents=True)
-    library = built_kernels._library(built_kernels.build_directory())
-    (folder / library.name).write_bytes(library.read_bytes())
+    for name in (built_kernels._library(folder).name,) + ((built_kernels._RECORD,) if record else ()):
+        (folder / name).write_bytes((built_kernels.build_directory() / name).read_bytes())
     return folder
 
 
@@ -306,20 +307,60 @@ def test_import_compiles_nothing_without_a_cached_build(tmp_path):
     assert list(tmp_path.iterdir()) == [] and "Warning" not in errors
 
 
-def test_import_leaves_a_build_in_progress_alone(built_kernels, tmp_path):
-    """A fresh lock in the build folder: another process may be writing the library; ATen's paths serve."""
+def test_import_loads_only_a_library_its_build_record_vouches_for(built_kernels, tmp_path):
+    """A library cut short (a build killed while linking, a full disk) would pass the loader's checks and then
+    kill the process (SIGBUS): without a record of its size and SHA-256 matching it, it is not loaded."""
+    folder = _copy_of_the_build(built_kernels, tmp_path)
+    library = built_kernels._library(folder)
+    library.write_bytes(library.read_bytes()[:len(library.read_bytes()) // 2])
+    state, errors = _import_normkit(None, tmp_path)
+    assert state == ["False", "False", "False"]
+    assert "incomplete or changed" in errors and "normkit kernels build" in errors
+    (folder / "lock").touch()  # another process building now: the half-written library is no news
+    state, errors = _import_normkit(None, tmp_path)
+    assert state == ["False", "False", "False"] and "Warning" not in errors
+    unrecorded = _copy_of_the_build(built_kernels, tmp_path / "unrecorded", record=False)
+    state, errors = _import_normkit(None, unrecorded.parent)
+    assert state == ["False", "False", "False"] and "incomplete or changed" in errors
+
+
+def test_a_finished_build_is_loaded_whatever_lock_or_compiler(built_kernels, tmp_path):
+    """torch's loader takes the build folder's lock even to load: with the record, the import needs neither it
+    nor ninja nor a compiler (enable() too), so a lock held a moment by another process changes nothing."""
     folder = _copy_of_the_build(built_kernels, tmp_path)
     (folder / "lock").touch()
-    assert _import_normkit(None, tmp_path)[0] == ["False", "False", "False"]
-    old = time.time() - built_kernels.STALE_LOCK_SECONDS - 60
-    os.utime(folder / "lock", (old, old))
     assert _import_normkit(None, tmp_path)[0] == ["True", "False", "True"]
+    (folder / "lock").unlink()
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"),
+               NORMKIT_FUSED_KERNELS="1", PATH=os.path.dirname(sys.executable))
+    child = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and child.stdout.split() == ["True", "True", "True"], child.stderr
+
+
+def test_a_build_folder_that_cannot_be_made_is_a_warning_at_import(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for mode in ("1", None):
+        state, errors = _import_normkit(mode, tmp_path / "afile" / "cache")
+        assert state == ["False", "False", "False"], mode
+        if mode == "1":
+            assert "cannot use the build folder" in errors and "TORCH_EXTENSIONS_DIR" in errors
+
+
+def test_a_library_cut_short_is_relinked_by_the_next_build(built_kernels, tmp_path):
+    """ninja would take the truncated library for up to date; build() removes what its record does not vouch for."""
+    folder = _copy_of_the_build(built_kernels, tmp_path)
+    library = built_kernels._library(folder)
+    library.write_bytes(library.read_bytes()[:4096])
+    built = _kernels_command("build", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    assert _import_normkit(None, tmp_path) == (["True", "False", "True"], "")
 
 
 def test_a_cached_build_that_does_not_load_is_a_warning_not_a_failed_import(built_kernels, tmp_path):
     folder = tmp_path / built_kernels.build_directory().name
     folder.mkdir()
     built_kernels._library(folder).write_bytes(b"not a shared library")
+    built_kernels._write_record(folder)  # (as if a broken toolchain had built it)
     state, errors = _import_normkit(None, tmp_path)
     assert state == ["False", "False", "False"]
     assert "does not load" in errors and "normkit kernels build" in errors
@@ -487,7 +528,7 @@ def test_triton_kernels_decline_and_do_nothing(why, make):
                                      dict(axis=-1), dict(unbiased_running_var=False, virtual_batch_size=2, axis=-1)],
                          ids=["ghost", "contiguous ghost", "features last", "keras variance + ghost, features last"])
 def test_torch_func_transforms_take_aten_s_path(fused_kernels, options, rng):
-    """grad, jacrev and vmap(grad) cannot see inside the kernels' autograd functions: under them the
+    """grad, jacrev, vmap(grad) and forward-mode AD cannot see inside the kernels' autograd functions: under them the
     layer declines the kernel (the cached build is on by default) and computes what ATen's path computes.
     (Without running statistics: torch.func refuses a step that updates them, for torch.nn's layers too,
     and renorm needs them.)"""
@@ -504,7 +545,9 @@ def test_torch_func_transforms_take_aten_s_path(fused_kernels, options, rng):
             gradients = torch.func.grad(loss, argnums=(0, 1))(params, x)
             jacobian = torch.func.jacrev(layer)(x)
             per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(None, 0))(params, samples)
-            results.append([eager, *gradients[0].values(), gradients[1], jacobian, per_sample])
+            with forward_ad.dual_level():  # forward-mode AD, outside torch.func
+                tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, torch.ones_like(x)))).tangent
+            results.append([eager, *gradients[0].values(), gradients[1], jacobian, per_sample, tangent])
     assert results[0][0].grad_fn.name() != results[1][0].grad_fn.name()  # (eagerly the kernel serves)
     for got, want in zip(results[0][1:], results[1][1:], strict=True):
         assert torch.equal(got, want)

@@ -277,8 +277,7 @@ def _kernels(args: argparse.Namespace) -> int:
         try:
             kernels.build(verbose=args.verbose)
         except RuntimeError as error:
-            print(f"normkit kernels: error: {error}".replace("in the chained exception above",
-                                                            "shown with --verbose"), file=sys.stderr)
+            print(f"normkit kernels: error: {error}", file=sys.stderr)
             return 1
         print(f"normkit kernels: built in {time.perf_counter() - start:.0f} s into {kernels.build_directory()}; "
               "every `import normkit` on this machine now uses it (NORMKIT_FUSED_KERNELS=0 to turn it off)")

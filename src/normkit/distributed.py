@@ -93,7 +93,11 @@ def sync_moments(x, reduce_axes, mask=None, process_group=None):
     """
     if mask is None:
         x = x.to(F.statistics_dtype(x))
-        var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
+        if x.numel():
+            var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
+        else:  # (var_mean would warn of zero degrees of freedom: zeros, in the graph, and a count of 0 say it all)
+            mean = x.sum(dim=reduce_axes, keepdim=True)
+            var = mean.clone()
         count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
     else:
         count, mean, var = F.moments(x, reduce_axes, mask)

@@ -649,7 +649,7 @@ class BatchNorm(_NormBase):
                 self._feature_axes(input)  # raises the explanatory error
             if not input.is_contiguous() or (self.training and input.dim() >= 4 and not input.is_cuda
                                              and kernels.enabled("cpu")
-                                             and not torch._C._are_functorch_transforms_active()):
+                                             and not kernels.transforms_active()):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md)
                 return self._forward_options(input, None)
@@ -722,7 +722,7 @@ class BatchNorm(_NormBase):
                                "the renorm statistics this step already updated, giving wrong gradients. Keep the "
                                "renorm layer outside the checkpointed block")
         if (self._fusable and mask is None and self.training and not self.frozen and kernels.enabled()
-                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+                and not torch.compiler.is_compiling() and not kernels.transforms_active()):
             y = self._forward_fused(input)
             if y is not None:
                 return y

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -47,6 +48,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd import forward_ad
 
 
 _SOURCE = Path(__file__).with_name("fused_batch_norm.cpp")
@@ -85,18 +87,55 @@ def _library(folder: Path) -> Path:
     return folder / (folder.name + (".pyd" if sys.platform == "win32" else ".so"))
 
 
+# Written after a build succeeds: the library's size and SHA-256. Without it (a build killed while linking, a
+# file cut short by a full disk) the library is never loaded: a truncated shared library passes the loader's
+# header checks and then kills the process (SIGBUS) instead of raising.
+_RECORD = "normkit-build.json"
+
+
+def _verified_library(folder: Path) -> Path | None:
+    """The folder's library when the record written after its build vouches for it (size and SHA-256), else None."""
+    library = _library(folder)
+    try:
+        record = json.loads((folder / _RECORD).read_text())
+        content = library.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or record.get("library") != library.name or record.get("size") != len(content)
+            or record.get("sha256") != hashlib.sha256(content).hexdigest()):
+        return None
+    return library
+
+
+def _write_record(folder: Path) -> None:
+    content = _library(folder).read_bytes()
+    record = {"library": _library(folder).name, "size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
+              "torch": torch.__version__}
+    temporary = folder / f".{_RECORD}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, folder / _RECORD)
+
+
 def cached() -> bool:
-    """Whether this machine has a finished build of the CPU kernel that ``import normkit`` can load."""
-    folder = build_directory()
-    return _library(folder).is_file() and not _build_in_progress(folder)
+    """Whether this machine has a finished, verified build of the CPU kernel that ``import normkit`` can load."""
+    try:
+        return _verified_library(build_directory()) is not None
+    except (OSError, RuntimeError):  # (no home folder, an unreadable cache: nothing to load)
+        return False
 
 
 def _build_in_progress(folder: Path) -> bool:
     """A fresh lock: another process is building (its library may be half written)."""
     try:
         return time.time() - (folder / "lock").stat().st_mtime < STALE_LOCK_SECONDS
-    except FileNotFoundError:
+    except OSError:
         return False
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD (``torch.autograd.forward_ad``)
+    is running: neither can see inside the kernels' autograd functions, so the layers keep ATen's paths there."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _put_ninja_on_path() -> None:
@@ -140,51 +179,70 @@ def _clear_stale_lock(folder: Path) -> None:
 
 
 def build(verbose: bool = False):
-    """Compile (or load the cached build of) the fused CPU kernel and return the extension module.
+    """Load this machine's finished build of the fused CPU kernel, or compile it; return the extension module.
 
     Builds into ``build_directory()``; later processes on this machine load that build at import
-    (``NORMKIT_FUSED_KERNELS=auto``, the default).
+    (``NORMKIT_FUSED_KERNELS=auto``, the default). Raises RuntimeError, saying why, when it cannot.
     """
     global _extension
     if _extension is None:
+        folder = build_directory()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(folder)
+        except OSError as error:
+            raise RuntimeError(f"normkit.kernels: cannot use the build folder {folder} ({error}); set "
+                               "TORCH_EXTENSIONS_DIR to a folder you can write, or NORMKIT_FUSED_KERNELS=0") from None
+        if load_cached(warn=False):  # a finished build: no compiler, no ninja, no lock needed
+            return _extension
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        folder = build_directory()
-        folder.mkdir(parents=True, exist_ok=True)
-        _clear_stale_lock(folder)
+        # A library its record does not vouch for (a link cut short) would look up to date to ninja: relink it.
+        _library(folder).unlink(missing_ok=True)
         try:
             _extension = cpp_extension.load(name=folder.name, sources=[str(_SOURCE)], build_directory=str(folder),
                                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
+            _write_record(folder)
         except (RuntimeError, OSError, ImportError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise RuntimeError(
-                f"normkit.kernels: building the fused kernel failed ({type(error).__name__}; the compiler's "
-                "output is in the chained exception above). It needs a C++ compiler, the "
-                "Python development headers and ninja (pip install ninja); normkit works without it "
-                "(call normkit.kernels.disable() or set NORMKIT_FUSED_KERNELS=0).") from error
+                f"normkit.kernels: building the fused kernel failed ({reason}). It needs a C++ compiler, the Python "
+                "development headers and ninja (pip install ninja); `normkit kernels build --verbose` shows the "
+                "compiler's output. normkit works without it (NORMKIT_FUSED_KERNELS=0 keeps it off).") from error
     return _extension
 
 
-def load_cached() -> bool:
+def load_cached(warn: bool = True) -> bool:
     """Load this machine's finished build, if there is one, compiling nothing; True when loaded.
 
     What ``import normkit`` does by default. The library is imported directly (no ninja, no
-    compiler, no lock taken); one that fails to load (a build from a broken toolchain) is reported
-    in a warning and left alone, and the calls keep ATen's paths.
+    compiler, no lock taken) once the record written after its build has vouched for it; one that
+    is incomplete (a build interrupted) or fails to load is reported in a warning (``warn``) and
+    left alone, and the calls keep ATen's paths.
     """
     global _extension
-    if _extension is None and cached():
-        path = _library(build_directory())
-        try:
-            spec = importlib.util.spec_from_file_location(path.parent.name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except (ImportError, OSError) as error:
-            warnings.warn(f"normkit.kernels: the cached build {path} does not load ({error}); rebuild it with "
+    if _extension is not None:
+        return True
+    folder = build_directory()
+    library = _verified_library(folder)
+    if library is None:
+        if warn and _library(folder).is_file() and not _build_in_progress(folder):
+            warnings.warn(f"normkit.kernels: the cached build {_library(folder)} is incomplete or changed since it "
+                          "was built (a build interrupted?); rebuild it with `normkit kernels build`, or set "
+                          "NORMKIT_FUSED_KERNELS=0", RuntimeWarning, stacklevel=2)
+        return False
+    try:
+        spec = importlib.util.spec_from_file_location(folder.name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as error:
+        if warn:
+            warnings.warn(f"normkit.kernels: the cached build {library} does not load ({error}); rebuild it with "
                           "`normkit kernels build`, or set NORMKIT_FUSED_KERNELS=0", RuntimeWarning, stacklevel=2)
-            return False
-        _extension = module
-    return _extension is not None
+        return False
+    _extension = module
+    return True
 
 
 def enable(verbose: bool = False, *, cpu: bool = True) -> None:
@@ -230,8 +288,12 @@ def switched(on: bool):
 
 def status() -> dict:
     """What is built, loaded and switched on, for ``normkit kernels status`` and bug reports."""
-    return {"mode": _MODE, "build_directory": str(build_directory()), "cached": cached(),
-            "loaded": _extension is not None, "cpu": _cpu_on, "cuda": _cuda_on}
+    try:
+        folder = str(build_directory())
+    except (OSError, RuntimeError) as error:  # (no home folder)
+        folder = f"unknown ({error})"
+    return {"mode": _MODE, "build_directory": folder, "cached": cached(), "loaded": _extension is not None,
+            "cpu": _cpu_on, "cuda": _cuda_on}
 
 
 _triton_module = None
@@ -258,10 +320,10 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
                      moving_stddev, dims, settings):
     """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply.
 
-    Declined under torch.func's transforms (grad, vmap, jacrev, ...), which cannot see inside the
-    kernels' autograd functions: ATen's paths compute the same function there.
+    Declined under torch.func's transforms (grad, vmap, jacrev, ...) and forward-mode AD, which cannot see
+    inside the kernels' autograd functions: ATen's paths compute the same function there.
     """
-    if torch._C._are_functorch_transforms_active():
+    if transforms_active():
         return None
     if x.is_cuda or _triton_on_cpu:
         module = _triton_kernels()
@@ -295,5 +357,5 @@ if _MODE == "auto":
 elif _MODE in ("on", "cuda"):
     try:
         enable(cpu=_MODE == "on")
-    except RuntimeError as error:  # importing normkit must not fail for an optional speed-up
+    except (RuntimeError, OSError) as error:  # importing normkit must not fail for an optional speed-up
         warnings.warn(str(error), RuntimeWarning, stacklevel=2)
