@@ -1,5 +1,7 @@
 """Mixed precision (statistics in float32, output in the input dtype) and a robust variance."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,42 @@ def test_variance_is_robust_for_large_mean_small_spread(make):
     # ...and the mean (ghost batches: the mean of equal-sized ghosts' means is the batch mean), to float32's
     # resolution: the shift that keeps the variance exact is added back.
     np.testing.assert_allclose(to_numpy(layer.running_mean), to_numpy(x.double().mean(dim=reduce)), rtol=1e-7)
+
+
+def _shift_by_position(shape):
+    return torch.full(shape, 0.5), torch.full(shape, 0.25)
+
+
+@pytest.mark.parametrize("options, mask_shape", [
+    ({"virtual_batch_size": 4}, (16, 1, 6)),
+    ({"adjustment": _shift_by_position}, None),
+    ({}, (16, 3, 6)),  # a mask that varies along the features
+    ({"virtual_batch_size": 4, "renorm": True}, (16, 1, 6)),
+], ids=["ghost + mask", "adjustment", "feature-varying mask", "ghost + renorm + mask"])
+def test_composite_paths_stay_exact_far_from_zero(options, mask_shape):
+    """float32 data with mean 1e4 and std 1e-2 through the composite pipeline: once the layer has seen such data
+    it recenters, and the output and running variance match the float64 reference of the same values."""
+    torch.manual_seed(0)
+    layer = normkit.BatchNorm(3, momentum=1.0, **options)
+    x = (torch.randn(16, 3, 6, dtype=torch.float64) * 1e-2 + 1e4).float()
+    mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+    state = {name: to_numpy(getattr(layer, name)).copy() for name in ("running_mean", "running_var")}
+    extra = {key: to_numpy(getattr(layer, key)).copy() for key in ("renorm_mean", "renorm_stddev", "moving_stddev")
+             if options.get("renorm")}
+    y = layer(x, mask=mask)
+    assert layer._recenter
+    expected = R.batch_norm(x.double().numpy(), state["running_mean"], state["running_var"], np.ones(3), np.zeros(3),
+                            True, 1.0, layer.eps, axis=1, mask=None if mask is None else mask.numpy(),
+                            virtual_batch_size=options.get("virtual_batch_size"),
+                            adjustment=(lambda shape: tuple(t.double().numpy() for t in _shift_by_position(shape)))
+                            if "adjustment" in options else None, **extra,
+                            **({"renorm_clipping": (0.0, math.inf, math.inf), "renorm_momentum": layer.renorm_momentum}
+                               if options.get("renorm") else {}))
+    # Outputs of size ~1 to 1e-4 (the error was 6e-2 before recentering); renorm's, x * r + d with fresh renorm
+    # statistics (d = 1e4), to float32's rounding of their size.
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=2e-7, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer.running_var), state["running_var"], rtol=1e-3)
+    np.testing.assert_allclose(to_numpy(layer.running_mean), state["running_mean"], rtol=1e-7)
 
 
 def test_moments_are_robust_in_float32():

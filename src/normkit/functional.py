@@ -712,6 +712,15 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         x = x.float()
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
+    shift = None
+    if recenter and moments_fn is None:
+        # Float32 data far from zero: its mean is known only to an ulp of the data, a sizeable fraction of the
+        # spread, and every statistic and normalized value inherits that error. About a per-feature centre
+        # within an ulp of the mean the residuals are exact (Sterbenz) and so are their statistics; BN is shift
+        # invariant, so the output and the gradients are the same function. (Synchronized statistics merge
+        # their processes' moments, whose centres would differ: they keep theirs.)
+        shift = _rough_centre(view, reduce_axes + (() if ghost_axis is None else (ghost_axis,)), mask_view)
+        view = (view - shift).to(view.dtype)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
     # composite path, with the closed-form masked gradient when there is no adjustment.
     needs_composite = adjustment is not None or moments_fn is not None
@@ -724,6 +733,9 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     with torch.no_grad():
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
                                                                 equal_counts=local_counts)
+        group_mean = mean.detach()
+        if shift is not None:  # (the statistics that leave the layer are the data's, not the residuals')
+            batch_mean, group_mean = batch_mean + shift, group_mean + shift
         r = d = None
         if renorm_mean is not None:
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
@@ -749,12 +761,27 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if training and running_mean is not None:
         with torch.no_grad():
             parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
-                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis,
+                     "mean": group_mean, "var": var.detach(), "ghost_axis": ghost_axis,
                      "masked": not local_counts,
                      "group_count": view.numel() // mean.numel() if local_counts else None}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y.to(out_dtype)
+
+
+def _rough_centre(view, axes, mask_view):
+    """A per-feature value within float32 rounding of the (valid) data's mean, detached: a centre to recenter on.
+
+    Padded positions do not count and may hold anything (NaN included); a feature with no valid value gets 0.
+    """
+    with torch.no_grad():
+        data = view.detach().to(statistics_dtype(view))
+        if mask_view is None:
+            return data.mean(dim=axes, keepdim=True)
+        valid = mask_view.to(torch.bool).expand(data.shape) if mask_view.dtype == torch.bool else (
+            mask_view.expand(data.shape) != 0)
+        count = valid.sum(dim=axes, keepdim=True).clamp(min=1).to(data.dtype)
+        return torch.where(valid, data, torch.zeros((), dtype=data.dtype)).sum(dim=axes, keepdim=True) / count
 
 
 def _sum_to(grad, shape):
