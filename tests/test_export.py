@@ -46,9 +46,55 @@ def _step(module, params, x, g):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_exported_program_steps_as_the_eager_layer(name, training):
-    rng = np.random.default_rng(0)
     layer, shape = _layer(name)
     layer.train(training)
+    _assert_exported_steps_as_eager(layer, shape, np.random.default_rng(0))
+
+
+class _Masked(torch.nn.Module):
+    """A layer called with a fixed mask (the exported program's input is the tensor alone)."""
+
+    def __init__(self, layer, mask):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        return self.layer(x, mask=self.mask)
+
+
+_PADDING = torch.arange(6).reshape(1, 1, 6) < torch.tensor([6, 4, 5, 3, 6, 2, 6, 5]).reshape(8, 1, 1)
+
+# Training paths whose eager gradient comes from a Python autograd.Function (torch.export keeps a Function's
+# forward and drops its backward): exported, they must take a differentiable composite.
+FUNCTION_PATHS = {
+    "padding mask": (lambda: _Masked(normkit.BatchNorm1d(4), _PADDING), (8, 4, 6)),
+    "ghost batches + mask": (lambda: _Masked(normkit.BatchNorm1d(4, virtual_batch_size=4), _PADDING), (8, 4, 6)),
+    "mask varying along the features": (
+        lambda: _Masked(normkit.BatchNorm1d(4), torch.rand(8, 4, 6, generator=torch.Generator().manual_seed(0)) > 0.3),
+        (8, 4, 6)),
+    "renorm, 2^14 values": (lambda: normkit.BatchNorm2d(4, renorm=True), (16, 4, 16, 16)),
+    "biased running variance, 2^14 values": (lambda: normkit.BatchNorm2d(4, unbiased_running_var=False),
+                                             (16, 4, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTION_PATHS))
+def test_exported_training_step_keeps_the_gradient_through_the_statistics(name):
+    make, shape = FUNCTION_PATHS[name]
+    layer = make().double().train()
+    _assert_exported_steps_as_eager(layer, shape, np.random.default_rng(2))
+
+
+def test_a_clipping_schedule_cannot_be_exported_for_training_and_says_so():
+    layer = normkit.BatchNorm1d(3, renorm=True, renorm_clipping={"rmax": lambda step: 1.0 + step / 100})
+    with pytest.raises(RuntimeError, match="cannot trace a renorm_clipping schedule.*export in eval mode"):
+        torch.export.export(layer, (torch.randn(8, 3),))
+    torch.export.export(layer.eval(), (torch.randn(8, 3),))  # (inference uses no clipping)
+
+
+def _assert_exported_steps_as_eager(layer, shape, rng):
+    """Three steps of the exported program and of the eager layer on the same data: outputs, gradients, buffers."""
     eager = copy.deepcopy(layer)
     example = torch.tensor(rng.normal(size=shape))
     with warnings.catch_warnings():

@@ -509,7 +509,8 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             batch_std = torch.add(batch_var, eps).sqrt_()
             r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
                                    renorm_clipping)
-        if channels.numel() >= FOLDED_MIN_NUMEL:
+        # (torch.export keeps a Python Function's forward and drops its backward: exported, ATen's kernel serves)
+        if channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting():
             y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
         else:
             # Small inputs: Python overhead, not the data, is the cost, and a second statistics
@@ -723,7 +724,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         view = (view - shift).to(view.dtype)
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
     # composite path, with the closed-form masked gradient when there is no adjustment.
-    needs_composite = adjustment is not None or moments_fn is not None
+    # (torch.export keeps a Python Function's forward and drops its backward: exported, autograd's composite serves)
+    needs_composite = adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),

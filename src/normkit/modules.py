@@ -857,6 +857,11 @@ class BatchNorm(_NormBase):
 
     def _renorm_step(self):
         """The training step a clipping schedule is evaluated at: the batches tracked before this one."""
+        if torch.compiler.is_exporting():
+            raise RuntimeError(f"{type(self).__name__}: torch.export cannot trace a renorm_clipping schedule in "
+                               "training mode (its values depend on the step count, a buffer, and a Python "
+                               "callable of it cannot become part of the program); export in eval mode, or give "
+                               "fixed rmax/rmin/dmax values for the exported training step")
         step = int(self.num_batches_tracked) - 1
         # Compiled, the step is a symbol; as a float, schedules like ``1 + t / 10`` trace as float division
         # (Dynamo fails on a symbolic integer's true division). Same values as the eager int.
