@@ -133,6 +133,21 @@ def test_composite_paths_stay_exact_far_from_zero(options, mask_shape):
     np.testing.assert_allclose(to_numpy(layer.running_mean), state["running_mean"], rtol=1e-7)
 
 
+def test_masked_input_gradient_at_a_huge_spread_matches_the_reference():
+    """float32 data with std 1e15 through the masked closed-form gradient (ghost batches with a mask): no
+    intermediate underflows (invstd^3 is ~1e-45 there), so the gradient is float32-accurate."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 3, dtype=torch.float64) * 1e15).float().requires_grad_()
+    g = torch.randn(16, 3, dtype=torch.float64)
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[::5] = False
+    (normkit.BatchNorm1d(3, virtual_batch_size=4)(x, mask=mask).double() * g).sum().backward()
+    expected = R.batch_norm_backward(g.numpy(), x.detach().double().numpy(), np.zeros(3), np.ones(3), np.ones(3),
+                                     np.zeros(3), True, 1e-5, virtual_batch_size=4,
+                                     mask=mask.double().numpy()[:, None])[0]
+    assert np.abs(to_numpy(x.grad) - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
 def test_moments_are_robust_in_float32():
     x = (torch.randn(4096, dtype=torch.float64) * 1e-2 + 1e4).float()
     count, mean, var = normkit.functional.moments(x, (0,))

@@ -847,7 +847,8 @@ class _MaskedNormalize(torch.autograd.Function):
         sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
         safe_count = torch.where(count > 0, count, torch.ones_like(count))
         shift = factor * sum_grad / safe_count
-        slope = factor * invstd.square() * sum_grad_centered / safe_count
+        # (paired so no intermediate underflows: invstd^3 is below float32's range once the std passes ~1e13)
+        slope = (sum_grad_centered * invstd) * (factor * invstd) / safe_count
         grad_x = grad * factor - weights * torch.addcmul(shift, centered, slope)
         grad_scale = None if scale is None else _sum_to(sum_grad_centered * invstd, scale.shape)
         grad_offset = None if offset is None else _sum_to(sum_grad, offset.shape)
