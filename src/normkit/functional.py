@@ -780,8 +780,7 @@ def _rough_centre(view, axes, mask_view):
         data = view.detach().to(statistics_dtype(view))
         if mask_view is None:
             return data.mean(dim=axes, keepdim=True)
-        valid = mask_view.to(torch.bool).expand(data.shape) if mask_view.dtype == torch.bool else (
-            mask_view.expand(data.shape) != 0)
+        valid = (mask_view != 0).expand(data.shape)
         count = valid.sum(dim=axes, keepdim=True).clamp(min=1).to(data.dtype)
         return torch.where(valid, data, torch.zeros((), dtype=data.dtype)).sum(dim=axes, keepdim=True) / count
 

@@ -648,10 +648,11 @@ class BatchNorm(_NormBase):
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
             if not input.is_contiguous() or (self.training and input.dim() >= 4 and not input.is_cuda
-                                             and kernels.enabled("cpu")
+                                             and kernels.enabled("cpu") and input.numel() <= F.fused_max_numel()
                                              and not kernels.transforms_active()):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
-                # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md)
+                # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md; larger inputs, which
+                # the kernel leaves to ATen, keep this path)
                 return self._forward_options(input, None)
             back = F._FEATURES_LAST.get(input.dim())
             if back is not None:  # rank 4/5: the channels_last view, inline (a call costs as much as the view)
