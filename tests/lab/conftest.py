@@ -1,13 +1,10 @@
-"""Fixtures for the lab's tests: the real MNIST sample split into train/test IDX files, and tiny run settings."""
-
-from pathlib import Path
+"""Fixtures for the lab's tests: the real MNIST sample split into train/test IDX files."""
 
 import pytest
 
 from normkit.lab.data import split_test_set
 
-# ../shared/datasets/mnist relative to the repository root: the 10,000-image MNIST test set, never copied here.
-SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "mnist"
+from lab_testing import SHARED_MNIST
 
 
 @pytest.fixture(scope="session")

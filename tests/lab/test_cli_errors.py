@@ -4,7 +4,6 @@ User errors are one line naming the flag (exit 2, no traceback), found before an
 earlier runs are never lost by accident; absent measurements are JSON null; a write the OS refuses
 or a closed stdout stop the run cleanly. Each test runs in about a second."""
 
-import json
 import os
 import shutil
 import signal
@@ -29,17 +28,7 @@ from normkit.lab.config import TrainConfig
 from normkit.lab.data import DataError, load_dataset, write_idx
 from normkit.lab.train import RunInterrupted, evaluate_checkpoint, run
 
-TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
-
-
-def one_line_error(capsys, *flags: str) -> str:
-    """The stderr of a failed command: exactly one line, no traceback, naming every one of ``flags``."""
-    error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1, error
-    assert "Traceback" not in error
-    for flag in flags:
-        assert flag in error, (flag, error)
-    return error
+from lab_testing import TINY, one_line_error, snapshot, strict_json
 
 
 def exit_code(argv: list[str]) -> int:
@@ -48,16 +37,6 @@ def exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exit_info:
         return exit_info.code
-
-
-def strict_json(path: Path):
-    def refuse(constant):
-        raise AssertionError(f"{path} holds {constant}, which strict JSON parsers refuse")
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from normkit.lab.checkpoint import load_checkpoint, model_from_checkpoint
 from normkit.lab.config import TrainConfig
 from normkit.lab.train import run
 
-TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]
+from lab_testing import TINY
 
 
 def norm_layers(model):

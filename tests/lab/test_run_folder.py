@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,31 +16,9 @@ from normkit.cli import main
 from normkit.lab import data
 from normkit.lab.checkpoint import load_checkpoint
 from normkit.lab.config import TrainConfig
-from normkit.lab.data import write_idx
 from normkit.lab.train import RunInterrupted, run
 
-TINY = ["--train-limit", "200", "--batch-size", "32", "--quiet", "--no-tensorboard"]  # 160 train images: 5 steps
-
-
-def one_line_error(capsys, *phrases: str) -> str:
-    error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
-    for phrase in phrases:
-        assert phrase in error, (phrase, error)
-    return error
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def write_mnist(directory: Path, seed: int, train: int = 200, test: int = 40) -> Path:
-    """An MNIST-format dataset (IDX files) of random images; another seed gives other images."""
-    rng = np.random.default_rng(seed)
-    for part, count in (("train", train), ("test", test)):
-        write_idx(directory / (data.IDX_FILES[part][0] + ".gz"), rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(directory / (data.IDX_FILES[part][1] + ".gz"), rng.integers(0, 10, count, dtype=np.uint8))
-    return directory
+from lab_testing import TINY, one_line_error, snapshot, write_mnist
 
 
 def killed_in_epoch_one(out: Path, **settings) -> None:
