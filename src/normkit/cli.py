@@ -257,9 +257,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from normkit.lab.data import download
+    from normkit.lab.config import check_folder_option
+    from normkit.lab.data import data_folder, download
 
-    data_dir = args.data_dir or os.environ.get("NORMKIT_DATA") or None  # an empty NORMKIT_DATA is unset
+    check_folder_option("--data-dir", args.data_dir, omitted="$NORMKIT_DATA")
+    data_dir = data_folder(args.data_dir)
     if data_dir is None:
         raise ValueError("download: pass --data-dir DIR or set NORMKIT_DATA")
     target = download(args.dataset, data_dir)
@@ -273,14 +275,15 @@ def _kernels(args: argparse.Namespace) -> int:
     from normkit import kernels
 
     if args.action == "build":
-        start = time.perf_counter()
+        start, present = time.perf_counter(), kernels.cached()
         try:
             kernels.build(verbose=args.verbose)
         except RuntimeError as error:
             print(f"normkit kernels: error: {error}", file=sys.stderr)
             return 1
-        print(f"normkit kernels: built in {time.perf_counter() - start:.0f} s into {kernels.build_directory()}; "
-              "every `import normkit` on this machine now uses it (NORMKIT_FUSED_KERNELS=0 to turn it off)")
+        done = "already built" if present else f"built in {time.perf_counter() - start:.0f} s"
+        print(f"normkit kernels: {done} in {kernels.build_directory()}; every `import normkit` on this machine "
+              "uses it (NORMKIT_FUSED_KERNELS=0 to turn it off)")
         return 0
     state = kernels.status()
     for key, value in state.items():

@@ -339,16 +339,8 @@ def _fused_layout(x, feature_axes):
     return None
 
 
-# Measured (docs/benchmarks.md, 1 and 2 threads): the single-threaded fused kernel wins below about
-# a million values; above, ATen's kernels (multi-threaded, one statistics pass) are as fast or faster.
-# With more threads ATen's kernels speed up and the limit shrinks in proportion (a conservative
-# rule, not measured beyond 2 threads: fused_max_numel()).
-FUSED_MAX_NUMEL = 1 << 20
-
-
-def fused_max_numel():
-    """The largest input the fused kernel takes with the current number of torch threads."""
-    return FUSED_MAX_NUMEL // max(1, torch.get_num_threads() // 2)
+# The fused CPU kernel's size limit (defined with the kernels, which the layers ask first: kernels.takes).
+FUSED_MAX_NUMEL, fused_max_numel = kernels.FUSED_MAX_NUMEL, kernels.fused_max_numel
 
 
 def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var, weight,
@@ -706,7 +698,11 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     are then not the local ones, and autograd differentiates through it.
     """
     out_dtype = x.dtype
-    if x.dtype in LOW_PRECISION and (adjustment is not None or moments_fn is not None):
+    # Masks (that vary along the features, or with ghost batches) and the adjustment: the
+    # composite path, with the closed-form masked gradient when there is no adjustment.
+    # (torch.export keeps a Python Function's forward and drops its backward: exported, autograd's composite serves)
+    needs_composite = adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
+    if x.dtype in LOW_PRECISION and needs_composite:
         # Autograd through both uses of x (statistics and normalization): one cast to float32 for both, so
         # the two parts of the input gradient add up in float32 and are rounded once (cast separately,
         # each part was rounded to half precision before the sum: one or two ulps off torch.nn's).
@@ -720,12 +716,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         # within an ulp of the mean the residuals are exact (Sterbenz) and so are their statistics; BN is shift
         # invariant, so the output and the gradients are the same function. (Synchronized statistics merge
         # their processes' moments, whose centres would differ: they keep theirs.)
-        shift = _rough_centre(view, reduce_axes + (() if ghost_axis is None else (ghost_axis,)), mask_view)
-        view = (view - shift).to(view.dtype)
-    # Masks (that vary along the features, or with ghost batches) and the adjustment: the
-    # composite path, with the closed-form masked gradient when there is no adjustment.
-    # (torch.export keeps a Python Function's forward and drops its backward: exported, autograd's composite serves)
-    needs_composite = adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
+        # (residuals in the statistics' dtype: half-precision ones would be rounded again)
+        with torch.no_grad():
+            shift = moments(view.detach(), reduce_axes + (() if ghost_axis is None else (ghost_axis,)), mask_view)[1]
+        view = view.to(statistics_dtype(view)) - shift
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
@@ -735,9 +729,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     with torch.no_grad():
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
                                                                 equal_counts=local_counts)
-        group_mean = mean.detach()
-        if shift is not None:  # (the statistics that leave the layer are the data's, not the residuals')
-            batch_mean, group_mean = batch_mean + shift, group_mean + shift
+        if shift is not None:  # (the mean that leaves the layer is the data's, not the residuals')
+            batch_mean = batch_mean + shift
         r = d = None
         if renorm_mean is not None:
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
@@ -763,26 +756,12 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if training and running_mean is not None:
         with torch.no_grad():
             parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
-                     "mean": group_mean, "var": var.detach(), "ghost_axis": ghost_axis,
+                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis,
                      "masked": not local_counts,
                      "group_count": view.numel() // mean.numel() if local_counts else None}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                             renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y.to(out_dtype)
-
-
-def _rough_centre(view, axes, mask_view):
-    """A per-feature value within float32 rounding of the (valid) data's mean, detached: a centre to recenter on.
-
-    Padded positions do not count and may hold anything (NaN included); a feature with no valid value gets 0.
-    """
-    with torch.no_grad():
-        data = view.detach().to(statistics_dtype(view))
-        if mask_view is None:
-            return data.mean(dim=axes, keepdim=True)
-        valid = (mask_view != 0).expand(data.shape)
-        count = valid.sum(dim=axes, keepdim=True).clamp(min=1).to(data.dtype)
-        return torch.where(valid, data, torch.zeros((), dtype=data.dtype)).sum(dim=axes, keepdim=True) / count
 
 
 def _sum_to(grad, shape):

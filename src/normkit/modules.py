@@ -647,9 +647,8 @@ class BatchNorm(_NormBase):
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
-            if not input.is_contiguous() or (self.training and input.dim() >= 4 and not input.is_cuda
-                                             and kernels.enabled("cpu") and input.numel() <= F.fused_max_numel()
-                                             and not kernels.transforms_active()):
+            if not input.is_contiguous() or (self.training and input.dim() >= 4 and input.is_cpu
+                                             and kernels.takes(input)):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md; larger inputs, which
                 # the kernel leaves to ATen, keep this path)
@@ -722,8 +721,8 @@ class BatchNorm(_NormBase):
                                "(activation checkpointing, torch.utils.checkpoint): its r and d would be taken from "
                                "the renorm statistics this step already updated, giving wrong gradients. Keep the "
                                "renorm layer outside the checkpointed block")
-        if (self._fusable and mask is None and self.training and not self.frozen and kernels.enabled()
-                and not torch.compiler.is_compiling() and not kernels.transforms_active()):
+        if (self._fusable and mask is None and self.training and not self.frozen and kernels.takes(input)
+                and not torch.compiler.is_compiling()):
             y = self._forward_fused(input)
             if y is not None:
                 return y
@@ -787,7 +786,7 @@ class BatchNorm(_NormBase):
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
-                or kernels.enabled(input.device)
+                or kernels.takes(input)
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
                 or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)):

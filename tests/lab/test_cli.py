@@ -439,6 +439,19 @@ def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
         TrainConfig(recalibrate=-3).resolved()
 
 
+def test_a_checkpoint_whose_run_settings_a_later_check_refuses_still_evaluates(tmp_path, capsys):
+    """An older normkit wrote epoch checkpoints of a run with --recalibrate and layers without running statistics
+    (refused up front today): the model is fine, and evaluating it is not refused as an edited file."""
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", "--norm", "torch", "--norm-option", "track_running_stats=false",
+                 "--no-tensorboard", "--out", str(out)] + TINY) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    payload["config"]["recalibrate"] = 5
+    torch.save(payload, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0, capsys.readouterr().err
+
+
 def test_recalibration_batches_follow_training_batching():
     from normkit.lab.batches import recalibration_batches
     images = torch.arange(100.0).view(100, 1)

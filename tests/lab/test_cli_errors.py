@@ -67,6 +67,9 @@ def test_empty_out_and_seeds_are_refused_by_compare_as_by_train(tmp_path, capsys
         one_line_error(capsys, "--out", "current folder")
     assert main(["compare", "--dry-run", *TINY, "--seeds", "", "--out", "c"]) == 2
     one_line_error(capsys, "--seeds", "comma-separated")
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "elsewhere"))
+    assert main(["download", "mnist", "--data-dir", ""]) == 2  # (not the current folder, nor $NORMKIT_DATA)
+    one_line_error(capsys, "--data-dir", "current folder")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,7 +5,7 @@ small ATen operations, not on data (benchmarks/bench_op_floor.py). ``fused_batch
 does the whole training step (statistics, renorm's r and d, normalization, every running
 buffer) in one C++ call and its backward in another, with autograd in C++. It is compiled
 for the machine it runs on (``-march=native``), which is what makes its loops as fast as
-ATen's hand-vectorized ones; inputs over ``functional.fused_max_numel()`` values keep ATen's
+ATen's hand-vectorized ones; inputs over ``fused_max_numel()`` values keep ATen's
 multi-threaded path. It takes renorm, ghost batches, padding masks and Keras' biased running
 variance, and plain training of features-last inputs of rank 4/5 (docs/decisions.md, "How a
 call executes").
@@ -109,8 +109,7 @@ def _verified_library(folder: Path) -> Path | None:
 
 def _write_record(folder: Path) -> None:
     content = _library(folder).read_bytes()
-    record = {"library": _library(folder).name, "size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-              "torch": torch.__version__}
+    record = {"library": _library(folder).name, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     temporary = folder / f".{_RECORD}.{os.getpid()}.tmp"
     temporary.write_text(json.dumps(record))
     os.replace(temporary, folder / _RECORD)
@@ -124,12 +123,41 @@ def cached() -> bool:
         return False
 
 
+def _lock_age(folder: Path) -> float | None:
+    """Seconds since the build folder's lock was taken; None without one."""
+    try:
+        return time.time() - (folder / "lock").stat().st_mtime
+    except OSError:
+        return None
+
+
 def _build_in_progress(folder: Path) -> bool:
     """A fresh lock: another process is building (its library may be half written)."""
-    try:
-        return time.time() - (folder / "lock").stat().st_mtime < STALE_LOCK_SECONDS
-    except OSError:
+    age = _lock_age(folder)
+    return age is not None and age < STALE_LOCK_SECONDS
+
+
+# Measured (docs/benchmarks.md, 1 and 2 threads): the single-threaded fused kernel wins below about
+# a million values; above, ATen's kernels (multi-threaded, one statistics pass) are as fast or faster.
+# With more threads ATen's kernels speed up and the limit shrinks in proportion (a conservative
+# rule, not measured beyond 2 threads: fused_max_numel()).
+FUSED_MAX_NUMEL = 1 << 20
+
+
+def fused_max_numel() -> int:
+    """The largest input the fused CPU kernel takes with the current number of torch threads."""
+    return FUSED_MAX_NUMEL // max(1, torch.get_num_threads() // 2)
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether a training step on ``x`` may go to a fused kernel: the kernel of its device is on, no transform
+    is running, and (on the CPU) it is within the kernel's size limit. The kernels decline the rest themselves;
+    this is what lets the layers keep their own fast paths for it."""
+    if not isinstance(x, torch.Tensor):
         return False
+    if x.is_cpu:
+        return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
+    return _cuda_on and x.is_cuda and not transforms_active()
 
 
 def transforms_active() -> bool:
@@ -162,9 +190,8 @@ def _clear_stale_lock(folder: Path) -> None:
     lock = folder / "lock"
     announced = False
     while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
+        age = _lock_age(folder)
+        if age is None:
             return
         if age >= STALE_LOCK_SECONDS:
             warnings.warn(f"normkit.kernels: removing {lock}, a build lock {age / 60:.0f} minutes old (left by a "
@@ -185,7 +212,7 @@ def build(verbose: bool = False):
     (``NORMKIT_FUSED_KERNELS=auto``, the default). Raises RuntimeError, saying why, when it cannot.
     """
     global _extension
-    if _extension is None:
+    if _extension is None and not load_cached(warn=False):  # a finished build: no compiler, ninja or lock needed
         folder = build_directory()
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -193,8 +220,6 @@ def build(verbose: bool = False):
         except OSError as error:
             raise RuntimeError(f"normkit.kernels: cannot use the build folder {folder} ({error}); set "
                                "TORCH_EXTENSIONS_DIR to a folder you can write, or NORMKIT_FUSED_KERNELS=0") from None
-        if load_cached(warn=False):  # a finished build: no compiler, no ninja, no lock needed
-            return _extension
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
@@ -203,13 +228,17 @@ def build(verbose: bool = False):
         try:
             _extension = cpp_extension.load(name=folder.name, sources=[str(_SOURCE)], build_directory=str(folder),
                                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
-            _write_record(folder)
         except (RuntimeError, OSError, ImportError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise RuntimeError(
                 f"normkit.kernels: building the fused kernel failed ({reason}). It needs a C++ compiler, the Python "
                 "development headers and ninja (pip install ninja); `normkit kernels build --verbose` shows the "
                 "compiler's output. normkit works without it (NORMKIT_FUSED_KERNELS=0 keeps it off).") from error
+        try:
+            _write_record(folder)
+        except OSError as error:  # (this process has the kernel; later imports will not trust the build)
+            warnings.warn(f"normkit.kernels: built, but its record could not be written ({error}): later imports "
+                          "will not load this build", RuntimeWarning, stacklevel=2)
     return _extension
 
 

@@ -263,10 +263,12 @@ def config_from_checkpoint(payload: dict, path: str | os.PathLike | None = None)
     if switches:
         raise CheckpointError(f"{where}: its config has {switches[0]} {getattr(cfg, switches[0])!r}, not true or "
                               f"false; {EDITED}")
-    # The checks every run passes before it starts. The device is this machine's business, not the file's: a run
-    # trained on a GPU is still evaluated on a CPU (a resumed run checks the device it will use).
+    # The checks every run passes before it starts, on the settings that describe the model and its data. How a
+    # run went is not the file's to answer for: the device (a run trained on a GPU is evaluated on a CPU; a
+    # resumed run checks the one it will use), recalibration and the resume flags (an older normkit wrote epoch
+    # checkpoints of runs that a later check refuses to start).
     try:
-        (dataclasses.replace(cfg, device="cpu") if cfg.device == "cuda" else cfg).resolved()
+        dataclasses.replace(cfg, device="cpu", recalibrate=0, resume=False, overwrite=False).resolved()
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{where}: its stored settings are invalid ({error}); {EDITED}") from None
     return cfg

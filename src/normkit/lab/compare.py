@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, check_folder_option
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
 from .runfolder import UnfinishedRunError, check_out_folder, json_bytes, plan_run
@@ -33,9 +32,10 @@ def _number(value: float | None) -> str:
 
 
 def _spread(values: list[float | None]) -> str:
-    if len(values) == 1 or any(value is None for value in values):
-        # (one diverged seed leaves the mean undefined; the per-seed columns show which)
-        return _number(values[0]) if len(values) == 1 else "n/a"
+    if any(value is None for value in values):
+        return "n/a"  # (one diverged seed leaves the mean undefined; the per-seed columns show which)
+    if len(values) == 1:
+        return _number(values[0])
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
@@ -92,8 +92,7 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
         raise ValueError("--norms and --seeds each need at least one entry")
     _refuse_duplicates(list(norms), "--norms")
     _refuse_duplicates(list(seeds), "--seeds")
-    if out is not None and not os.fspath(out):
-        raise ValueError("--out '': give a folder path (an empty one would mean the current folder by accident)")
+    check_folder_option("--out", out)
     base = TrainConfig(**options)
     out_dir = Path(out if out is not None else Path("runs") / f"compare-{base.model}-{base.dataset}")
     check_out_folder(out_dir)
