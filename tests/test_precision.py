@@ -133,18 +133,25 @@ def test_composite_paths_stay_exact_far_from_zero(options, mask_shape):
     np.testing.assert_allclose(to_numpy(layer.running_mean), state["running_mean"], rtol=1e-7)
 
 
-def test_masked_input_gradient_at_a_huge_spread_matches_the_reference():
-    """float32 data with std 1e15 through the masked closed-form gradient (ghost batches with a mask): no
-    intermediate underflows (invstd^3 is ~1e-45 there), so the gradient is float32-accurate."""
+@pytest.mark.parametrize("path", ["ghost batches + mask", "adjustment"])
+def test_input_gradient_at_a_huge_spread_matches_the_reference(path):
+    """float32 data with std 1e15 through the masked closed-form gradient (ghost batches with a mask) and
+    through autograd's composite (an adjustment): no intermediate underflows (invstd^3 is ~1e-45 there), so
+    the gradient is float32-accurate."""
     torch.manual_seed(0)
     x = (torch.randn(16, 3, dtype=torch.float64) * 1e15).float().requires_grad_()
     g = torch.randn(16, 3, dtype=torch.float64)
     mask = torch.ones(16, dtype=torch.bool)
     mask[::5] = False
-    (normkit.BatchNorm1d(3, virtual_batch_size=4)(x, mask=mask).double() * g).sum().backward()
+    if path == "adjustment":
+        layer, call, options = (normkit.BatchNorm1d(3, adjustment=lambda shape: (torch.ones(shape), torch.zeros(shape))),
+                                {}, {"adjustment": lambda shape: (np.ones(shape), np.zeros(shape))})
+    else:
+        layer, call = normkit.BatchNorm1d(3, virtual_batch_size=4), {"mask": mask}
+        options = {"virtual_batch_size": 4, "mask": mask.double().numpy()[:, None]}
+    (layer(x, **call).double() * g).sum().backward()
     expected = R.batch_norm_backward(g.numpy(), x.detach().double().numpy(), np.zeros(3), np.ones(3), np.ones(3),
-                                     np.zeros(3), True, 1e-5, virtual_batch_size=4,
-                                     mask=mask.double().numpy()[:, None])[0]
+                                     np.zeros(3), True, 1e-5, **options)[0]
     assert np.abs(to_numpy(x.grad) - expected).max() <= 1e-6 * np.abs(expected).max()
 
 

@@ -910,7 +910,9 @@ def _adjustment_terms(adjustment, x, dtype):
 
 def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
     dtype = statistics_dtype(view)
-    x_hat = (view.to(dtype) - mean) * torch.rsqrt(var + eps)
+    # Divided by the standard deviation, not multiplied by rsqrt: autograd's rsqrt derivative, var^-1.5,
+    # underflows float32 once the spread passes ~1e13, and the division's terms stay in range.
+    x_hat = (view.to(dtype) - mean) / torch.sqrt(var + eps)
     z = x_hat if r is None else x_hat * r + d
     if adjustment is not None:
         adj_scale, adj_bias = _adjustment_terms(adjustment, x, dtype)
