@@ -70,6 +70,8 @@ def test_empty_out_and_seeds_are_refused_by_compare_as_by_train(tmp_path, capsys
     monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "elsewhere"))
     assert main(["download", "mnist", "--data-dir", ""]) == 2  # (not the current folder, nor $NORMKIT_DATA)
     one_line_error(capsys, "--data-dir", "current folder")
+    assert main(["evaluate", "--checkpoint", ""]) == 2  # (not ./checkpoint.pt)
+    one_line_error(capsys, "--checkpoint", "current folder")
     assert list(tmp_path.iterdir()) == []
 
 

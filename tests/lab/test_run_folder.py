@@ -246,3 +246,36 @@ def test_an_interrupted_compare_says_how_to_continue(tmp_path):
     _, error = child.communicate(timeout=120)
     assert child.returncode == 130, error
     assert "run batch, seed 0: interrupted in epoch" in error and "compare command with --resume" in error, error
+
+
+# ------------------------------------------------------------------------------ resumed runs: hints and records
+
+def test_the_hint_of_a_run_interrupted_while_training_longer_continues_it(tmp_path, capsys):
+    """A finished 1-epoch run resumed with --epochs 2 and interrupted in epoch 2: its checkpoint's settings still
+    say 1 epoch, so the printed command must carry --epochs 2, and following it trains epoch 2."""
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", *TINY, "--out", str(out)]) == 0
+
+    def stop(step, model):
+        if step == 7:  # (epoch 2 of 5 steps each)
+            raise KeyboardInterrupt
+    with pytest.raises(RunInterrupted) as interrupted:
+        run(TrainConfig(out=str(out), resume=True, epochs=2, quiet=True, train_limit=200, batch_size=32,
+                        tensorboard=False), given={"out", "resume", "epochs", "quiet"}, on_step=stop)
+    hint = str(interrupted.value).split("continue with `")[1].rstrip("`")
+    assert hint.endswith("--resume --epochs 2"), hint
+    assert main([*hint.split()[1:], "--quiet"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_finished_run_resumed_from_a_moved_data_folder_records_it_in_its_checkpoint(tmp_path, capsys):
+    data = write_mnist(tmp_path / "data", seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(data), "--epochs", "1", *TINY,
+                 "--out", str(out)]) == 0
+    moved = data.rename(tmp_path / "moved")
+    assert main(["train", "--out", str(out), "--resume", "--data-dir", str(moved), "--quiet"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["data_dir"] == str(moved)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0, capsys.readouterr().err  # (the moved folder)
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0

@@ -52,7 +52,7 @@ class Board:
         # TensorBoard cannot bin NaN or infinity ("The histogram is empty"): a diverged run's weights are drawn
         # from their finite values, and a tensor with none is left out of that epoch. Finite values past
         # TensorBoard's largest bucket (a run diverging through 1e20 and up) are drawn in the outermost ones.
-        values = values[torch.isfinite(values)].clamp(-self.HISTOGRAM_LIMIT, self.HISTOGRAM_LIMIT)
+        values = values[torch.isfinite(values)].float().clamp(-self.HISTOGRAM_LIMIT, self.HISTOGRAM_LIMIT)
         if values.numel():
             self.writer.add_histogram(tag, values, step)
 

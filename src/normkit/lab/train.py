@@ -178,6 +178,11 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     constrained = any(getattr(m, f"{p}_constraint", None) is not None for m in model.modules() for p in ("weight", "bias"))
     train_images, train_labels = data.train
     epochs = 1 if cfg.dry_run else cfg.epochs
+    if checkpoint is not None and start_epoch >= epochs and checkpoint["config"].get("data_dir") != cfg.data_dir:
+        # A finished run resumed from a moved data folder: the checkpoint (which evaluate and the next --resume
+        # read) names the new folder, as config.json does; nothing else in it changes.
+        save_checkpoint(checkpoint_path, model, optimizer, start_epoch, step, cfg, history, shuffle, data.fingerprint,
+                        recalibration=checkpoint.get("recalibration"))
     _say(cfg, f"{cfg.model} + {cfg.norm} on {cfg.dataset}: {len(train_labels)} train / {len(data.val[1])} validation / "
               f"{len(data.test[1])} test images, {cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, "
               f"{epochs} epochs -> {out}")
@@ -271,8 +276,9 @@ def _interrupted_message(out: Path, saved_epochs: int, epochs: int) -> str:
     if saved_epochs >= epochs:
         return (f"interrupted after training: {out / 'checkpoint.pt'} holds all {epochs} epochs; "
                 f"`normkit train --out {out} --resume` evaluates it again")
+    # (--epochs in the command: a run resumed to train longer has a checkpoint whose settings still say fewer)
     return (f"interrupted in epoch {saved_epochs + 1}: {out / 'checkpoint.pt'} holds epoch {saved_epochs} of {epochs}; "
-            f"continue with `normkit train --out {out} --resume`")
+            f"continue with `normkit train --out {out} --resume --epochs {epochs}`")
 
 
 def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -357,6 +363,9 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
     check_folder_option("--data-dir", data_dir, omitted="the folder the run trained on")
+    if isinstance(path, (str, os.PathLike)) and not os.fspath(path):
+        raise ValueError("--checkpoint '': give a run's checkpoint.pt or its run folder (an empty path would mean "
+                         "the current folder by accident)")
     if Path(path).is_dir():
         path = Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
     payload = load_checkpoint(path, map_location=device)
