@@ -279,3 +279,21 @@ def test_a_finished_run_resumed_from_a_moved_data_folder_records_it_in_its_check
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out)]) == 0, capsys.readouterr().err  # (the moved folder)
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+
+
+def test_compare_resume_reads_the_folder_its_runs_trained_on(tmp_path, monkeypatch, capsys):
+    """As `normkit train --resume`: NORMKIT_DATA unset, or pointing at other data, changes nothing."""
+    data, other = write_mnist(tmp_path / "data", seed=0), write_mnist(tmp_path / "other", seed=1)
+    out = tmp_path / "compare"
+    command = ["compare", "--norms", "batch,none", "--dataset", "mnist", "--epochs", "1", *TINY, "--out", str(out)]
+    monkeypatch.setenv("NORMKIT_DATA", str(data))
+    assert main(command) == 0
+    table = (out / "comparison.md").read_text()
+    for environment in (None, str(other)):
+        if environment is None:
+            monkeypatch.delenv("NORMKIT_DATA")
+        else:
+            monkeypatch.setenv("NORMKIT_DATA", environment)
+        capsys.readouterr()
+        assert main(command + ["--resume"]) == 0, capsys.readouterr().err
+        assert (out / "comparison.md").read_text() == table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -60,6 +61,18 @@ def comparison_table(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recorded_data_dir(configs) -> str | None:
+    """The data folder the comparison's runs recorded (config.json of the first run that has one), or None."""
+    for cfg in configs:
+        try:
+            recorded = json.loads((Path(cfg.out) / "config.json").read_text()).get("data_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded:
+            return recorded
+    return None
+
+
 def _refuse_duplicates(items: list, flag: str) -> None:
     repeated = sorted({str(item) for item in items if items.count(item) > 1})
     if repeated:
@@ -103,7 +116,12 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
     # Settings first (a bad option fails before the data is loaded), then each run's folder, data and batches.
     for (norm, seed), cfg in configs.items():
         _check(norm, seed, cfg.resolved)
-    splits = load_dataset(base.dataset, base.data_dir)  # loaded once: every run sees the same tensors
+    data_dir = base.data_dir
+    if base.resume and data_dir is None:
+        # Resumed runs read the folder they trained on, as `normkit train --resume` does, whatever NORMKIT_DATA
+        # says now (their checkpoints' fingerprints still check the data).
+        data_dir = _recorded_data_dir(configs.values())
+    splits = load_dataset(base.dataset, data_dir)  # loaded once: every run sees the same tensors
     for (norm, seed), cfg in configs.items():
         _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
     results: dict[str, dict[int, dict]] = {}
