@@ -420,6 +420,21 @@ def test_resuming_a_finished_recalibrated_run_keeps_its_checkpoint_and_first_mea
     assert json.loads((out / "metrics.json").read_text())["recalibration"] is None
 
 
+def test_a_recalibrated_checkpoint_from_before_the_record_keeps_its_first_measurement(tmp_path):
+    """Checkpoints written before they recorded their recalibration: the run's metrics.json says what it was."""
+    out = tmp_path / "run"
+    arguments = ["train", "--epochs", "1", "--recalibrate", "-1", "--no-tensorboard", "--out", str(out)] + TINY
+    assert main(arguments) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    del payload["recalibration"]  # (as the previous normkit wrote it)
+    torch.save(payload, out / "checkpoint.pt")
+    older = (out / "checkpoint.pt").read_bytes()
+    assert main(arguments + ["--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "checkpoint.pt").read_bytes() == older  # (same recalibration: not redone, not rewritten)
+
+
 def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
     out = tmp_path / "dry"
     assert main(["train", "--dry-run", "--recalibrate", "3", "--no-tensorboard", "--out", str(out)] + TINY) == 0

@@ -19,6 +19,7 @@ an uninterrupted run takes.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -243,8 +244,11 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                       f"({'n/a' if speed is None else f'{speed:.0f}'} img/s)")
     finally:
         board.close()
-    # A finished, recalibrated run resumed without training further: its checkpoint says what was measured before.
-    recalibrated = checkpoint.get("recalibration") if checkpoint is not None and start_epoch >= epochs else None
+    # A finished, recalibrated run resumed without training further: its checkpoint says what was measured before
+    # (or, written before checkpoints recorded it, the run's metrics.json).
+    recalibrated = None
+    if checkpoint is not None and start_epoch >= epochs:
+        recalibrated = checkpoint.get("recalibration") or _recalibration_in_metrics(out, checkpoint)
     return _finish(cfg, out, checkpoint_path, model, optimizer, history, step, shuffle, data, recalibrated)
 
 
@@ -267,6 +271,24 @@ def _interrupts_held():
             previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
         elif previous != signal.SIG_IGN:
             raise KeyboardInterrupt
+
+
+def _recalibration_in_metrics(out: Path, checkpoint: dict) -> dict | None:
+    """The recalibration record of a checkpoint written before checkpoints carried one (normkit before
+    2026-11-30), from the metrics.json its run wrote right after it: that file, for the same epochs and data,
+    names the recalibration and the test measurement before it, which the checkpoint no longer holds."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+        info, history = metrics["recalibration"], metrics["history"]
+        record = {"recalibrate": checkpoint["config"]["recalibrate"], "batches": info["batches"],
+                  "images": info["images"], **{key: metrics[key] for key in ("test_loss_before_recalibration",
+                                                                            "test_accuracy_before_recalibration")}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (len(history) != checkpoint["epoch"] or metrics.get("data_sha256") != checkpoint.get("data_sha256")
+            or not isinstance(record["recalibrate"], int) or record["recalibrate"] == 0):
+        return None
+    return record
 
 
 def _interrupted_message(out: Path, saved_epochs: int, epochs: int) -> str:
