@@ -448,6 +448,16 @@ def test_recalibrate_dry_run_and_errors(tmp_path, capsys):
         assert main(["train", "--norm", norm, "--norm-option", "track_running_stats=false", "--recalibrate", "-1",
                      "--out", str(refused)] + TINY) == 2
         assert "track_running_stats=false keeps none" in capsys.readouterr().err and not refused.exists()
+    # The same option given on --resume of such a run: refused, saying the options given now are part of it.
+    stateless = tmp_path / "stateless"
+    assert main(["train", "--dry-run", "--norm", "torch", "--norm-option", "track_running_stats=false",
+                 "--no-tensorboard", "--out", str(stateless)] + TINY) == 0
+    saved = (stateless / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--out", str(stateless), "--resume", "--recalibrate", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "resumed with the options given now" in error and "--recalibrate=2" in error, error
+    assert (stateless / "checkpoint.pt").read_bytes() == saved
     with pytest.raises(SystemExit):
         main(["train", "--recalibrate", "-2"])
     with pytest.raises(ValueError, match="recalibrate=-3"):

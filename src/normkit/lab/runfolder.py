@@ -207,7 +207,9 @@ def _resolved_from(resumed: TrainConfig, checkpoint_path: Path) -> TrainConfig:
     try:
         return resumed.resolved()
     except ValueError as error:
-        raise CheckpointError(f"{checkpoint_path}: its settings are not valid here: {error}") from None
+        # (the resumed settings are the checkpoint's with the options given now: either may be what fails)
+        raise CheckpointError(f"{checkpoint_path}: resumed with the options given now, its settings are not valid "
+                              f"here: {error}") from None
 
 
 def _other_data(theirs: str, mine: str) -> str:
