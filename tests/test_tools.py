@@ -269,6 +269,69 @@ def test_a_failed_call_leaves_every_layer_as_it_was(batches):
     assert model[1].momentum == 0.1 and model[1].renorm and model[2].momentum == 0.1
 
 
+class AuxiliaryHead(nn.Module):
+    """Inception's pattern: a head (with its own BN) that runs in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(3, 4), normkit.BatchNorm1d(4))
+        self.aux = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        y = self.main(x)
+        return y + self.aux(x) if self.training else y
+
+
+def test_a_layer_no_batch_reaches_keeps_its_statistics_and_is_named():
+    """Recalibration runs the model in eval mode, so a training-only branch is never called: its BN averaged
+    nothing and kept the reset 0/1 statistics (silently replacing trained ones) before this was fixed."""
+    torch.manual_seed(10)
+    model = AuxiliaryHead()
+    for _ in range(3):
+        model(torch.randn(8, 3) * 2 + 1)
+    aux = {k: v.clone() for k, v in model.aux[1].state_dict().items()}
+    batches = [torch.randn(6, 3) * 2 + 1 for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=r"no batch reached 'aux.1' \(BatchNorm1d\)"):
+        recalibrate_running_stats(model, batches)
+    assert all(torch.equal(model.aux[1].state_dict()[k], v) for k, v in aux.items())
+    with torch.no_grad():
+        assert_stats(model.main[1], *average_stats([as64(model.main[0](x)) for x in batches], (0,)))
+    assert model.training and model.aux[1].training
+
+
+class Padded(nn.Module):
+    """A layer whose padding (NaN positions) is a mask computed from the input."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.bn = make()
+
+    def forward(self, x):
+        valid = ~torch.isnan(x[:, 0])
+        return self.bn(torch.nan_to_num(x), mask=valid) if isinstance(self.bn, normkit.BatchNorm) else self.bn(x)
+
+
+@pytest.mark.parametrize("make, padding", [
+    (lambda: nn.BatchNorm1d(2), torch.randn(0, 2, 5)),
+    (lambda: normkit.BatchNorm1d(2), torch.randn(0, 2, 5)),
+    (lambda: normkit.BatchNorm1d(2), torch.full((4, 2, 5), float("nan"))),
+], ids=["torch.nn, empty batch", "normkit, empty batch", "normkit, all padding"])
+def test_a_batch_without_values_does_not_dilute_the_average(make, padding):
+    """A batch that gives a layer no value leaves its statistics as they were but counted as a batch: the
+    cumulative average then weighed each later batch by 1/(k + 1), so the result was no plain average."""
+    torch.manual_seed(11)
+    model = Padded(make)
+    batches = [torch.randn(4, 2, 5) * 2 + 3, padding, torch.randn(6, 2, 5) - 1]
+    recalibrate_running_stats(model, batches)
+    assert_stats(model.bn, *average_stats([as64(batches[0]), as64(batches[2])], (0, 2)))
+    assert int(model.bn.num_batches_tracked) == 0
+    # Only batches without values: the layer averaged nothing and keeps its statistics.
+    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"no batch reached 'bn'"):
+        recalibrate_running_stats(model, [padding, padding])
+    assert all(torch.equal(model.bn.state_dict()[k], v) for k, v in before.items())
+
+
 # ----------------------------------------------------------------------------- convert_batch_norm
 
 

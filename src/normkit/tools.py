@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
+import warnings
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -70,6 +71,21 @@ def _refuse_unbuilt(model: nn.Module, caller: str, norms_only: bool) -> None:
     if unbuilt:
         raise ValueError(f"{caller}: not built yet: {', '.join(unbuilt)} (lazy and Keras-style layers get their "
                          "tensors on their first call); call model(example_batch) once first")
+
+
+def _uncount_empty(layer, args, kwargs, output) -> None:
+    """Forward hook: a call that gave the layer no value (an empty batch, or all padding) leaves its statistics
+    as they were, yet counts in num_batches_tracked, as in training; the cumulative rule would then weigh every
+    later batch by 1/(k + 1) instead of 1/k. Synchronized layers are left alone: the other processes' batches
+    may hold values."""
+    if getattr(layer, "synchronized", False):
+        from . import distributed
+        if distributed.is_active(layer.process_group):
+            return
+    x = args[0] if args else kwargs.get("input")
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    if isinstance(x, torch.Tensor) and (x.numel() == 0 or (isinstance(mask, torch.Tensor) and not bool(mask.any()))):
+        layer.num_batches_tracked.sub_(1)
 
 
 def _check_num_batches(num_batches) -> None:
@@ -122,6 +138,10 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
       further continues its cumulative average, weighting the recalibrated statistics as the
       average of all the steps tracked before.
 
+    A batch that gives a layer no value (empty, or all padding under its mask) is not counted in
+    its average. A layer that no batch reaches (a branch run in training mode only, such as an
+    auxiliary head) keeps its statistics, with a RuntimeWarning naming it.
+
     Frozen normkit layers, layers with ``track_running_stats=False`` and non-BN modules are not
     changed. If anything fails (an empty iterable, a batch the model refuses), every layer's
     statistics and every setting are restored as they were before the call.
@@ -161,6 +181,7 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
 
     count = 0
     succeeded = False
+    hooks = [layer.register_forward_hook(_uncount_empty, with_kwargs=True) for layer in layers]
     try:
         model.eval()
         for layer in layers:
@@ -182,16 +203,27 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
                              "training inputs (a re-iterable such as a list or a DataLoader, not a spent generator)")
         succeeded = True
     finally:
+        for hook in hooks:
+            hook.remove()
+        # A layer no batch reached (a branch that runs in training only, such as Inception's auxiliary head, or
+        # batches that were all empty for it) has averaged nothing: its reset 0/1 would replace its statistics.
+        unreached = {id(layer) for layer, *_ in saved if succeeded and int(layer.num_batches_tracked) == 0}
         for layer, momentum, renorm, buffers in saved:
             layer.momentum = momentum
             if renorm is not None:
                 layer.renorm = renorm  # (switched back on, its moving_stddev follows the new running_var)
             layer.num_batches_tracked.copy_(buffers["num_batches_tracked"])
-            if not succeeded:
+            if not succeeded or id(layer) in unreached:
                 for name, value in buffers.items():
                     getattr(layer, name).copy_(value)
         for module, training in modes:
             module.training = training
+    if unreached:
+        names = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
+                 if id(module) in unreached]
+        warnings.warn(f"recalibrate_running_stats: no batch reached {', '.join(names)} (not called on these inputs, "
+                      "or only on empty or all-padding batches): their running statistics were left as they were",
+                      RuntimeWarning, stacklevel=3)  # (3: the caller's line, past torch.no_grad's wrapper)
     return model
 
 
