@@ -101,6 +101,13 @@ def _worker(rank, world_size, init_file, out_dir):
                 warnings.simplefilter("always")
                 results[name] = _train(_layer(options, synchronized=True), batches)
             results[f"{name} warnings"] = [str(warning.message) for warning in caught]
+        # One value per feature over the whole group (rank 0 holds it, rank 1 nothing): both refuse it together,
+        # and the collectives below still pair up.
+        try:
+            _layer({}, synchronized=True)(torch.randn(1 - rank, FEATURES, dtype=torch.float64))
+            results["one_value"] = None
+        except ValueError as error:
+            results["one_value"] = str(error)
         model = normkit.synchronize_batch_norm(_torch_model())
         results["tool_types"] = [type(module) for module in model]
         results["tool"] = _train_model(model, [_local(_data((3, 5), step)[:2], (3, 5), rank) for step in range(STEPS)])
@@ -147,6 +154,16 @@ def test_two_process_gloo_equals_single_process_on_the_whole_batch(ranks, name):
         for key, value in state.items():
             if key != "weight_grad" and key not in ("weight", "bias"):
                 torch.testing.assert_close(r[name][2][key], value, msg=key)
+
+
+def test_one_value_per_feature_over_the_group_is_refused_on_every_process(ranks):
+    """One process on the whole batch (and torch.nn.SyncBatchNorm) refuses a single value per feature, whose
+    variance is 0; synchronized, it normalized everything to the bias and stored a variance of 0 before."""
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        _layer({})(torch.randn(1, FEATURES, dtype=torch.float64))
+    for r in ranks:
+        assert r["one_value"] is not None and "Expected more than 1 value per channel when training, got 1 over " \
+            "the 2 processes" in r["one_value"]
 
 
 def test_eval_never_synchronizes(ranks):

@@ -98,7 +98,8 @@ def sync_moments(x, reduce_axes, mask=None, process_group=None):
         else:  # (var_mean would warn of zero degrees of freedom: zeros, in the graph, and a count of 0 say it all)
             mean = x.sum(dim=reduce_axes, keepdim=True)
             var = mean.clone()
-        count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
+        local_count = x.numel() / max(mean.numel(), 1)
+        count = torch.full_like(mean, local_count)
     else:
         count, mean, var = F.moments(x, reduce_axes, mask)
     empty = count == 0  # (var_mean of nothing is NaN; 0 * NaN would spoil the merge)
@@ -108,6 +109,15 @@ def sync_moments(x, reduce_axes, mask=None, process_group=None):
     gathered = _gather(local, process_group)
     counts, means, squares = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     total = counts.sum(dim=0)
+    if mask is None and local_count <= 1 and total.numel() and int(total.reshape(-1)[0]) == 1:
+        # One value per feature over the whole group: its variance is 0, as one process's would be, and that
+        # process refuses it (so does torch.nn.SyncBatchNorm). Every process holds at most one value here (any
+        # other process's two would make the total larger), so all of them read the total and raise together;
+        # the others skip the read.
+        raise ValueError(f"Expected more than 1 value per channel when training, got 1 over the "
+                         f"{dist.get_world_size(process_group)} processes of the group (this process's input size "
+                         f"{tuple(x.shape)}): the batch variance of a single value is 0; use eval(), larger local "
+                         "batches, or GroupNorm/LayerNorm")
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     global_mean = (counts * means).sum(dim=0) / safe_total
     m2 = (squares + counts * (means - global_mean).square()).sum(dim=0)
