@@ -740,6 +740,20 @@ def test_a_bn_over_another_axis_than_the_linear_outputs_stays():
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+def test_a_keras_layer_built_on_sequences_with_axis_1_after_a_linear_stays():
+    """The Keras layer knows the rank it was built for: axis=1 of (N, L, F) Linear outputs is L, which folded into
+    the Linear's F outputs (L == F) and changed the output before."""
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 5), normkit.keras.BatchNormalization(axis=1, momentum=0.5)).double()
+    for _ in range(3):
+        model(torch.randn(8, 5, 3, dtype=torch.float64) * 2 + 1)
+    model.eval()
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d pattern: a torch.nn BN subclass whose forward adds an activation."""
 

@@ -496,6 +496,9 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     # Conv output channels are axis 1; Linear's are the last axis (= 1 for (N, C) activations).
     if not (axis == 1 or (axis == -1 and isinstance(layer, nn.Linear))):
         return False
+    build_shape = getattr(module, "_build_shape", None) if module is not bn else None
+    if isinstance(layer, nn.Linear) and axis == 1 and build_shape is not None and len(build_shape) > 2:
+        return False  # a Keras layer built on (N, L, F) Linear outputs normalizes L, not the Linear's F outputs
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return isinstance(bn.num_features, int) and bn.num_features == channels
 
