@@ -126,8 +126,9 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
       training path:
     * a ghost layer (``virtual_batch_size``) computes statistics per virtual batch, so its
       running statistics become the average over all ghost batches of the ghost means and of
-      the ghost (unbiased) variances; every batch must then hold a multiple of
-      ``virtual_batch_size`` rows, as in training;
+      the ghost (unbiased) variances (each batch weighs the same, as for every layer: with
+      batches of different sizes, a ghost batch of a smaller batch weighs more); every batch
+      must then hold a multiple of ``virtual_batch_size`` rows, as in training;
     * a renorm layer runs as plain BN during recalibration (no r/d correction, which would
       average standard deviations rather than variances); afterwards ``moving_stddev =
       sqrt(running_var + eps)``, so its two views of the variance agree. Its ``renorm_mean``
