@@ -229,6 +229,10 @@ def test_errors():
         recalibrate_running_stats(model, [{"image": torch.randn(4, 2), "label": torch.zeros(4)}])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         recalibrate_running_stats(lambda x: x, [torch.randn(4, 2)])
+    # An ((input, mask), target) pair: the message said "batch 0 is a tuple", which it was meant to be.
+    with pytest.raises(TypeError, match=r"the first element of batch 0 \(a tuple, taken as \(input, target, \.\.\.\)\) "
+                                        r"is a tuple;.*a model of several inputs"):
+        recalibrate_running_stats(model, [((torch.randn(4, 2), torch.ones(4, dtype=torch.bool)), torch.zeros(4))])
 
 
 def test_unbuilt_layers_are_refused_with_the_fix():

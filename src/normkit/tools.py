@@ -41,15 +41,20 @@ _BN_TYPES = (BatchNorm, _BatchNorm)
 
 
 def _input_of(item, index: int) -> torch.Tensor:
+    what = f"batch {index}"
     if isinstance(item, (tuple, list)):
         if not item:
             raise TypeError(f"recalibrate_running_stats: batch {index} is an empty {type(item).__name__}; "
                             "expected an input tensor or an (input, target) pair")
+        what = f"the first element of batch {index} (a {type(item).__name__}, taken as (input, target, ...))"
         item = item[0]
     if not isinstance(item, torch.Tensor):
         hint = (" (a dict's input key is the caller's to name: pass a generator such as "
                 "(batch['image'] for batch in loader))" if isinstance(item, dict) else "")
-        raise TypeError(f"recalibrate_running_stats: batch {index} is a {type(item).__name__}; expected an input "
+        if isinstance(item, (tuple, list)):  # (a model of several inputs: one module that takes them as one)
+            hint = (" (the model is called with that one tensor: for a model of several inputs, recalibrate a "
+                    "module whose forward takes one tensor and calls the model with the rest)")
+        raise TypeError(f"recalibrate_running_stats: {what} is a {type(item).__name__}; expected an input "
                         f"tensor or an (input, target) pair whose first element is the input tensor{hint}")
     return item
 
