@@ -336,6 +336,29 @@ def test_a_batch_without_values_does_not_dilute_the_average(make, padding):
     assert all(torch.equal(model.bn.state_dict()[k], v) for k, v in before.items())
 
 
+class KerasPadded(nn.Module):
+    """A Keras-vocabulary layer given its padding mask positionally, after ``training``, as Keras models pass it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = normkit.keras.BatchNormalization()
+
+    def forward(self, x):
+        return self.bn(torch.nan_to_num(x), None, ~torch.isnan(x[..., 0]))
+
+
+def test_an_all_padding_batch_of_a_keras_layer_does_not_dilute_the_average():
+    torch.manual_seed(12)
+    model = KerasPadded()
+    model(torch.randn(2, 3, 4))  # (builds the layer)
+    batches = [torch.randn(4, 5, 4) * 2 + 3, torch.full((2, 5, 4), float("nan")), torch.randn(3, 5, 4) - 1]
+    recalibrate_running_stats(model, batches)
+    mean, var = average_stats([as64(batches[0]), as64(batches[2])], (0, 1), ddof=0)  # (Keras: biased variance)
+    gamma, beta, moving_mean, moving_variance = model.bn.get_weights()
+    np.testing.assert_allclose(moving_mean, mean, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(moving_variance, var, rtol=2e-5, atol=2e-6)
+
+
 # ----------------------------------------------------------------------------- convert_batch_norm
 
 

@@ -22,6 +22,7 @@ docs/tools.md says what each does, its math and the decisions taken.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import sys
 import warnings
@@ -87,8 +88,12 @@ def _uncount_empty(layer, args, kwargs, output) -> None:
         from . import distributed
         if distributed.is_active(layer.process_group):
             return
-    x = args[0] if args else kwargs.get("input")
-    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    try:  # (by name: the Keras layer's mask comes third, after training, and its input is called inputs)
+        bound = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        return
+    x = next(iter(bound.values()), None)
+    mask = bound.get("mask")
     if isinstance(x, torch.Tensor) and (x.numel() == 0 or (isinstance(mask, torch.Tensor) and not bool(mask.any()))):
         layer.num_batches_tracked.sub_(1)
 
