@@ -877,6 +877,19 @@ def test_float64_input_is_cast_to_the_layer_dtype_as_keras_does():
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_scalar_arguments_are_numbers_as_in_keras():
+    """Keras takes ``float(momentum)``, so NumPy scalars (a config computed with NumPy) are valid arguments."""
+    layer = BatchNormalization(momentum=np.float32(0.5), epsilon=np.float32(0.25), renorm=True,
+                               renorm_momentum=np.float32(0.5))
+    assert (layer.momentum, layer.epsilon, layer.renorm_momentum) == (0.5, 0.25, 0.5)
+    assert all(type(value) is float for value in (layer.momentum, layer.epsilon, layer.renorm_momentum))
+    x = np.array([[1.0], [3.0]])
+    layer(t(x), training=True)
+    # Keras' rule: moving = 0.5 * initial + 0.5 * batch; moving_stddev = 0.5 * 1 + 0.5 * sqrt(var + eps)
+    np.testing.assert_allclose(npy(layer.moving_mean), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(npy(layer.moving_stddev), [0.5 + 0.5 * np.sqrt(1.0 + 0.25)], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- dtype policies, inputs, build rank
 
 

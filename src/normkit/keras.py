@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -93,13 +94,14 @@ def _keras_flag(value, name):
 
 
 def _keras_decay(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    # numbers.Real: NumPy scalars (np.float32(0.9)) are numbers too, and Keras takes them (float(momentum)).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1] (Keras: the decay of the moving average), got {value!r}")
     return float(value)
 
 
 def _keras_epsilon(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
