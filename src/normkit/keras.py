@@ -462,7 +462,12 @@ class BatchNormalization(nn.Module):
     def forward(self, inputs: torch.Tensor, training: Optional[bool] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(inputs, torch.Tensor):
-            inputs = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+            # Keras converts array inputs to the layer's compute dtype: a float64 layer's NumPy data stays
+            # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).
+            built = self.bn.running_mean if self.bn is not None else None
+            dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
+            inputs = torch.as_tensor(_from_numpy(inputs), dtype=dtype or torch.get_default_dtype(),
+                                     device=built.device if built is not None else self._factory["device"])
         if self.bn is None:
             self._build_on_first_call(inputs)
         elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
