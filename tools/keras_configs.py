@@ -54,6 +54,9 @@ LAYERS = {
         "gamma_initializer": "he_uniform", "beta_initializer": "glorot_normal",
         "moving_mean_initializer": "LecunNormal", "moving_variance_initializer": {
             "class_name": "VarianceScaling", "config": {"scale": 2.0, "mode": "fan_out", "distribution": "uniform"}}}),
+    # Keras writes back the class it was given: L1L2 with one factor 0 stays L1L2, L2(0) stays L2.
+    "one_factor_regularizers": ((6, 3), {"gamma_regularizer": {"class_name": "L1L2", "config": {"l1": 0.02, "l2": 0.0}},
+                                         "beta_regularizer": {"class_name": "L2", "config": {"l2": 0.0}}}),
 }
 
 

@@ -235,24 +235,38 @@ class L1L2:
         return loss
 
     def keras_config(self):
-        if self.l1 and not self.l2:
-            return "L1", {"l1": self.l1}
-        if self.l2 and not self.l1:
-            return "L2", {"l2": self.l2}
+        # Keras writes back the class it was given (an L1L2 with one factor 0 stays L1L2), so each class here
+        # writes its own; guessing the class from the factors turned L1L2(0.01, 0) into L1 and L2(0) into L1L2.
         return "L1L2", {"l1": self.l1, "l2": self.l2}
 
     def __repr__(self):
         return f"L1L2(l1={self.l1}, l2={self.l2})"
 
 
-def L1(l1: float = 0.01) -> L1L2:
+class L1(L1L2):
     """``l1 * sum(|w|)`` (Keras' L1; its argument name)."""
-    return L1L2(l1=l1)
+
+    def __init__(self, l1: float = 0.01):
+        super().__init__(l1=l1)
+
+    def keras_config(self):
+        return "L1", {"l1": self.l1}
+
+    def __repr__(self):
+        return f"L1(l1={self.l1})"
 
 
-def L2(l2: float = 0.01) -> L1L2:
+class L2(L1L2):
     """``l2 * sum(w^2)`` (Keras' L2; its argument name)."""
-    return L1L2(l2=l2)
+
+    def __init__(self, l2: float = 0.01):
+        super().__init__(l2=l2)
+
+    def keras_config(self):
+        return "L2", {"l2": self.l2}
+
+    def __repr__(self):
+        return f"L2(l2={self.l2})"
 
 
 REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.01, 0.01)}
