@@ -136,6 +136,19 @@ def test_bad_files_are_clear_errors(tmp_path):
         load_batch_norms(_rewritten(tmp_path, rename))
 
 
+def test_a_subclassed_model_is_named_as_such(tmp_path):
+    """Keras 3 saves a subclassed model's constructor arguments, not its layers (config.json as Keras 3.15.1
+    writes it for ``class Sub(keras.Model)``): the error says so instead of "not a saved Keras model"."""
+    def subclassed(config):
+        config.clear()
+        config.update({"module": None, "class_name": "Sub", "registered_name": "Custom>Sub",
+                       "config": {"trainable": True, "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                                                               "config": {"name": "float32"}, "registered_name": None}},
+                       "build_config": {"input_shape": [1, 3]}})
+    with pytest.raises(ValueError, match="subclassed model \\('Sub'\\).*from_keras"):
+        load_batch_norms(_rewritten(tmp_path, subclassed))
+
+
 def test_nothing_in_the_file_is_imported_or_run(tmp_path):
     """A config naming arbitrary code (module/class) is refused by name; only Keras' built-ins are rebuilt."""
     marker = tmp_path / "ran"

@@ -641,6 +641,14 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
             raise ValueError(f"load_batch_norms: {path}: config.json cannot be read ({type(error).__name__}: "
                              f"{str(error)[:200]})") from None
         root = config.get("config") if isinstance(config, dict) else None
+        if isinstance(root, dict) and not isinstance(root.get("layers"), list) and isinstance(config.get("class_name"), str):
+            # A subclassed model: Keras saves its constructor's arguments, not its layers' options (this is a
+            # saved Keras model all the same, which the message below would deny).
+            raise ValueError(f"load_batch_norms: {path} holds a subclassed model ({config['class_name'][:80]!r}): "
+                             "Keras saves its constructor's arguments, not its layers' options, so its "
+                             "BatchNormalization layers cannot be rebuilt from the file; load the model in Keras "
+                             "and take each layer with normkit.keras.from_keras(model.<attribute>), or save a "
+                             "Functional or Sequential model")
         if not isinstance(root, dict) or not isinstance(root.get("layers"), list):
             raise ValueError(f"load_batch_norms: {path}'s config.json has no list of layers (config.layers): "
                              "not a saved Keras model")
