@@ -196,7 +196,7 @@ def _trainable_params(ours, theirs):
 def _truth(ours, x, g, mask, training):
     """The same call in float64 (normkit's float64 path, checked against the NumPy reference elsewhere) on the
     values both layers see: the input rounded to the compute dtype, the weights as stored."""
-    config = {key: value for key, value in ours.get_config().items() if key not in ("name",)}
+    config = {key: value for key, value in ours.get_config().items() if key not in ("name", "dtype")}
     exact = BatchNormalization(**config, dtype=torch.float64)
     exact.build(tuple(x.shape))
     exact.set_weights([np.asarray(w, dtype=np.float32).astype(np.float64) for w in ours.get_weights()])

@@ -437,6 +437,19 @@ def test_serialization():
         assert BatchNormalization().get_config()[key] == default, key
 
 
+@pytest.mark.parametrize("policy,compute,variables", [("mixed_float16", torch.float16, torch.float32),
+                                                       ("mixed_bfloat16", torch.bfloat16, torch.float32),
+                                                       ("float64", torch.float64, torch.float64),
+                                                       ("float16", torch.float16, torch.float16)])
+def test_serialization_keeps_the_dtype_policy(policy, compute, variables):
+    """Keras' get_config carries the dtype policy; a mixed_float16 layer must come back mixed_float16
+    (output float16, float32 weights: K3's mixed-precision check), not float32."""
+    layer = BatchNormalization.from_config(BatchNormalization(dtype=policy).get_config())
+    assert layer.dtype_policy == policy
+    y = layer(t(np.array([[-1000.0], [1000.0], [3.0]])), training=True)
+    assert y.dtype == compute and layer.moving_mean.dtype == variables
+
+
 # ----------------------------------------------------------------------------- K3 ops/nn_test
 
 

@@ -389,7 +389,8 @@ class BatchNormalization(nn.Module):
         return terms
 
     def get_config(self) -> dict:
-        """Every constructor argument (Keras' ``get_config``); ``adjustment`` is not serializable and is dropped."""
+        """Every constructor argument (Keras' ``get_config``), the dtype policy's name included; ``adjustment`` is
+        not serializable and is dropped."""
         return {"name": self.name, "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
                 "center": self.center, "scale": self.scale, "beta_initializer": self.beta_initializer,
                 "gamma_initializer": self.gamma_initializer,
@@ -399,7 +400,9 @@ class BatchNormalization(nn.Module):
                 "beta_constraint": self.beta_constraint, "gamma_constraint": self.gamma_constraint,
                 "synchronized": self.synchronized, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
                 "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size,
-                "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout}
+                "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout,
+                # (as Keras' config: without it a mixed_float16 layer came back float32 from from_config)
+                "dtype": self.dtype_policy}
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNormalization":
