@@ -105,6 +105,9 @@ def test_layer_norm_shape_mismatch():
     (dict(renorm=True, renorm_clipping={"random_key": 1}), "invalid keys"),
     (dict(renorm=True, renorm_clipping={"rmax": 0, "rmin": 1}), "rmax should be"),
     (dict(renorm=True, renorm_clipping={"rmax": 1, "dmax": -1}), "dmax should be non-negative"),
+    # NaN passes every comparison as False: it clipped nothing, silently (Keras' output is NaN)
+    (dict(renorm=True, renorm_clipping={"rmax": float("nan")}), "rmax is NaN"),
+    (dict(renorm=True, renorm_clipping={"dmax": lambda step: float("nan")}), "dmax is NaN"),
     (dict(renorm=True, track_running_stats=False), "renorm=True needs running statistics"),
     (dict(weight_initializer="nope"), "weight_initializer='nope' is not a known initializer"),
     (dict(weight_regularizer="l3"), "weight_regularizer='l3' is not a known regularizer"),

@@ -161,6 +161,9 @@ class RenormClipping:
             torch._check(dmax >= 0, lambda: f"{name}: dmax should be non-negative")
             torch._check(rmin >= 0, lambda: f"{name}: rmin should be non-negative")
             return rmin, rmax, dmax
+        for key, value in zip(("rmin", "rmax", "dmax"), values):
+            if math.isnan(value):  # (every comparison below is False for NaN: the bound would silently not clip)
+                raise ValueError(f"{name}: {key} is NaN; give a number (or leave the key out for no bound)")
         if rmax < rmin:
             raise ValueError(f"{name}: rmax should be greater than or equal to rmin, got rmax={rmax}, rmin={rmin}")
         if dmax < 0:
