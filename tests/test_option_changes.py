@@ -276,6 +276,48 @@ def test_keras_half_policy_changed_to_float32_returns_float32_as_keras():
     assert y.dtype == torch.float32 and layer.gamma.dtype == torch.float16
 
 
+@pytest.mark.parametrize("built,policy", [("float32", "float64"), ("float64", "float32")])
+def test_keras_full_precision_policy_set_later_computes_in_it(built, policy):
+    """Keras 3.15.1: a float32 layer set to "float64" (or back) computes and returns the policy's dtype, its
+    variables keep theirs. This raised a TypeError (float64 input, float32 parameters) before. Oracle: the
+    NumPy reference in float64 on what the layer sees (the input and the weights in the policy's dtype)."""
+    from normkit import reference as R
+    rng = np.random.default_rng(11)
+    weights = [rng.uniform(0.5, 2.0, 3) for _ in range(4)]
+    layer = BatchNormalization(dtype=built, momentum=0.5)
+    layer.build((6, 3))
+    layer.set_weights(weights)
+    layer.dtype_policy = policy
+    compute, stored = getattr(torch, policy), getattr(torch, built)
+    seen = [np.asarray(w, dtype=np.float32 if "float32" in (built, policy) else np.float64).astype(np.float64)
+            for w in weights]  # (the weights as stored, then in the policy's dtype: float32 on either side)
+    gamma, beta, mean, var = seen
+    x = rng.normal(size=(6, 3)) * 1e-2 + 1.0
+    x_seen = torch.tensor(x).to(compute).double().numpy()
+    leaf = torch.tensor(x, requires_grad=True)
+    y = layer(leaf, training=True)
+    g = rng.normal(size=(6, 3))
+    (y * torch.tensor(g, dtype=compute)).sum().backward()
+    want = R.batch_norm(x_seen, mean, var, gamma, beta, True, 0.5, 1e-3, axis=-1, unbiased_running_var=False)
+    dx, dgamma, _ = R.batch_norm_backward(g, x_seen, None, None, gamma, beta, True, 1e-3, axis=-1)
+    tol = dict(rtol=1e-10, atol=1e-10) if compute == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert y.dtype == compute and layer.gamma.dtype == stored and layer.moving_mean.dtype == stored
+    np.testing.assert_allclose(y.detach().double().numpy(), want, **tol)
+    np.testing.assert_allclose(leaf.grad.numpy(), dx, **{k: 100 * v for k, v in tol.items()})
+    np.testing.assert_allclose(layer.gamma.grad.double().numpy(), dgamma, **{k: 100 * v for k, v in tol.items()})
+    # the moving statistics move by Keras' rule (reference: mean, var updated in place), stored in their dtype
+    # (float32 variables: the blend rounded once, half an ulp)
+    stats_tol = dict(rtol=6e-8, atol=0) if stored == torch.float32 else tol
+    np.testing.assert_allclose(layer.moving_mean.double().numpy(), mean, **stats_tol)
+    np.testing.assert_allclose(layer.moving_variance.double().numpy(), var, **stats_tol)
+    y = layer(torch.tensor(x), training=False)
+    assert y.dtype == compute
+    as_stored = np.float32 if stored == torch.float32 else np.float64  # (inference reads the statistics as stored)
+    mean, var = (np.asarray(v, dtype=as_stored).astype(np.float64) for v in (mean, var))
+    np.testing.assert_allclose(y.detach().double().numpy(),
+                               R.batch_norm(x_seen, mean, var, gamma, beta, False, eps=1e-3, axis=-1), **tol)
+
+
 def test_sample_norms_refuse_an_eps_set_to_zero_on_every_path():
     for layer, x in ((normkit.LayerNorm(4), torch.ones(2, 4)), (normkit.GroupNorm(2, 4), torch.ones(2, 4, 3))):
         layer.eps = 0.0

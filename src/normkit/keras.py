@@ -500,7 +500,12 @@ class BatchNormalization(nn.Module):
         self.bn.training = mode
         try:
             if stored in LOW_PRECISION:
-                return self._forward_widened(inputs, mask if mode else None)
+                return self._forward_widened(inputs, mask if mode else None, torch.float32)
+            compute = self._compute_dtype
+            if compute is not None and compute != stored and compute not in LOW_PRECISION:
+                # dtype_policy set after build to the other full precision (float32 <-> float64): Keras computes
+                # in the policy's dtype with the variables cast to it (the inner layer refused the mix).
+                return self._forward_widened(inputs, mask if mode else None, compute)
             if inputs.dtype in LOW_PRECISION:
                 # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
@@ -510,20 +515,22 @@ class BatchNormalization(nn.Module):
         finally:
             self.bn.training = previous
 
-    def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """A call of a layer with half-precision variables ("float16"/"bfloat16" policy), as Keras computes it.
+    def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
+        """A call whose math runs in ``math`` rather than the variables' dtype, as Keras computes it: a layer with
+        half-precision variables ("float16"/"bfloat16" policy; ``math`` float32), or one whose policy was set
+        after build to the other full precision (``math`` the policy's dtype).
 
-        Keras casts the input and the variables to float32, computes there, rounds the output to the
+        Keras casts the input and the variables to that dtype, computes there, rounds the output to the
         compute dtype and each updated statistic once as it is assigned. ATen's half-precision kernels
         round along the way instead (ten times Keras' error on outputs and gradients), so the inner layer
-        runs on float32 copies (gradients still reach the half parameters through the casts) and the
+        runs on copies in ``math`` (gradients still reach the parameters through the casts) and the
         buffers take the copies' new values back.
         """
         stored = self.bn.running_mean.dtype
         compute = self._compute_dtype or stored  # (Keras rounds the input to the compute dtype, then widens it)
-        widened = {name: tensor.float() for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
+        widened = {name: tensor.to(math) for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
                    if tensor.dtype == stored}
-        y = torch.func.functional_call(self.bn, widened, (inputs.to(compute).float(),), {"mask": mask})
+        y = torch.func.functional_call(self.bn, widened, (inputs.to(compute).to(math),), {"mask": mask})
         with torch.no_grad():
             for name, buffer in self.bn.named_buffers():
                 if name in widened:
