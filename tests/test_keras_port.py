@@ -96,6 +96,13 @@ def test_keras_config_refuses_what_keras_cannot_load(kwargs, match):
         BatchNormalization(**kwargs).keras_config()
 
 
+def test_keras_config_writes_a_one_element_axis_list_as_its_int():
+    """A built tf.keras layer's config holds axis=[3]; Keras 3 only reads an int, which is the same layer."""
+    listed, plain = BatchNormalization(axis=[3], name="bn"), BatchNormalization(axis=3, name="bn")
+    assert listed.keras_config() == plain.keras_config()
+    assert listed.keras_config()["axis"] == 3
+
+
 @pytest.mark.parametrize("config,match", [
     ({"axis": -1, "unknown_option": 1}, "unknown_option"),
     ({"dtype": {"class_name": "DTypePolicy", "config": {"name": "int8"}}}, "int8"),

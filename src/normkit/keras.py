@@ -424,14 +424,18 @@ class BatchNormalization(nn.Module):
         """This layer as Keras 3's ``BatchNormalization.get_config()`` writes it.
 
         ``keras.layers.BatchNormalization.from_config(layer.keras_config())`` is the same layer in
-        Keras. Options Keras 3 does not have (``virtual_batch_size``, ``adjustment``, a list axis), Python
+        Keras. Options Keras 3 does not have (``virtual_batch_size``, ``adjustment``, an axis list of several
+        features; a one-element list is written as its int), Python
         callables among the initializers, regularizers and constraints, and clipping schedules
         (callables) cannot be written, and raise a ValueError naming them.
         """
         missing = [option for option, value in (("virtual_batch_size", self.virtual_batch_size),
                                                 ("adjustment", self.adjustment)) if value is not None]
-        if not isinstance(self.axis, int):
-            missing.append("list axis (tf.keras only)")
+        axis = self.axis
+        if isinstance(axis, (list, tuple)) and len(axis) == 1:
+            axis = axis[0]  # (a built tf.keras layer's config holds [3]: one axis, which Keras 3 writes as 3)
+        if not isinstance(axis, int):
+            missing.append("list axis of several features (tf.keras only)")
         clipping = self.renorm_clipping
         if clipping is not None and any(callable(v) for v in clipping.values()):
             missing.append("renorm_clipping schedules (callables)")
@@ -449,7 +453,7 @@ class BatchNormalization(nn.Module):
         return {"name": self.name, "trainable": self._trainable,
                 "dtype": {"module": "keras", "class_name": "DTypePolicy",
                           "config": {"name": dtype}, "registered_name": None},
-                "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
+                "axis": axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
                 # (Keras 3 writes {} for renorm without clipping, and keeps None without renorm)
                 "renorm_clipping": ({} if self.renorm else None) if clipping is None
