@@ -444,8 +444,8 @@ def main() -> int:
             page += ["### Every normalization in the registry (LeNet, sigmoid, seeds 0, 1, 2)", "",
                      "`layer` is LayerNorm over (C, H, W) in conv blocks; `instance` normalizes the conv blocks only "
                      "(dense blocks have no spatial axes and go unnormalized); `group` uses the largest divisor of C "
-                     "up to 32 that leaves 2 channels per group; `renorm` is Batch Renormalization with the paper's clipping "
-                     "schedule at 1/50 of its step counts (plain BN for the first 100 steps, then rmax 1 -> 3 by step "
+                     "up to 32 that leaves at least 2 channels per group; `renorm` is Batch Renormalization with the "
+                     "paper's clipping schedule at 1/50 of its step counts (plain BN for the first 100 steps, then rmax 1 -> 3 by step "
                      "800 and dmax 0 -> 5 by step 500) and renorm_momentum 0.1 (docs/decisions.md: why); "
                      "`ghost` uses virtual batches of 16; `keras` is normkit.BatchNorm with Keras' defaults (momentum 0.99, "
                      "eps 1e-3), whose running statistics still give their initial values (mean 0, variance 1) a "
