@@ -97,6 +97,35 @@ def test_track_running_stats_switched_off_after_construction_stops_counting():
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("name,options,shape", [
+    ("BatchNorm2d", {}, (4, 3, 2, 2)), ("BatchNorm1d", {}, (8, 3)), ("BatchNorm1d", {"virtual_batch_size": 2}, (8, 3)),
+    ("BatchNorm1d", {"renorm": True}, (8, 3)),
+])
+def test_running_stats_without_a_batch_count_move_by_momentum_as_torch_nn(name, options, shape, momentum):
+    """A layer whose num_batches_tracked is None (code that strips it for older checkpoints) still moves its
+    running statistics by momentum in torch.nn; only momentum=None, which needs the count, leaves them alone."""
+    ours = getattr(normkit, name)(3, momentum=momentum, **options).double()
+    theirs = getattr(nn, name)(3, momentum=momentum).double()
+    ours.num_batches_tracked = theirs.num_batches_tracked = None
+    for _ in range(2):
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 5
+        ours(x), theirs(x)
+    assert ours.num_batches_tracked is None
+    # Ghost batches of equal size and renorm move running_mean toward the batch mean as torch.nn does (their
+    # running variances follow their own rules).
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    if not options:
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_a_clipping_schedule_without_a_batch_count_says_so():
+    layer = normkit.BatchNorm1d(3, renorm=True, renorm_clipping={"rmax": lambda step: 1 + step / 100})
+    layer.num_batches_tracked = None
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        layer(torch.randn(8, 3))
+
+
 def test_running_stats_removed_in_eval_normalize_with_the_batch():
     """Test-time adaptation code sets the buffers to None: eval then uses the batch's statistics."""
     ours, theirs = _pair("BatchNorm2d", 3)

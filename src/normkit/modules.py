@@ -223,7 +223,9 @@ class _NormBase(nn.Module):
         """Count this training batch and return the weight of its statistics in the running average."""
         count = _buffer_of(self, "num_batches_tracked")
         if count is None:
-            return 0.0
+            # No count to keep (a buffer set to None): torch.nn's rule still moves the running statistics by
+            # momentum, and only the cumulative average, which needs the count, leaves them as they are.
+            return self.momentum if self.momentum is not None else 0.0
         count.add_(1)
         if self.momentum is None:
             if torch.compiler.is_compiling():
@@ -862,6 +864,10 @@ class BatchNorm(_NormBase):
                                "training mode (its values depend on the step count, a buffer, and a Python "
                                "callable of it cannot become part of the program); export in eval mode, or give "
                                "fixed rmax/rmin/dmax values for the exported training step")
+        if self.num_batches_tracked is None:  # (int(None) would fail with a TypeError that names nothing here)
+            raise ValueError(f"{type(self).__name__}: a renorm_clipping schedule is a function of the step count, "
+                             "num_batches_tracked, which this layer has set to None; register it again "
+                             "(layer.num_batches_tracked = torch.tensor(0)) or give fixed rmax/rmin/dmax values")
         step = int(self.num_batches_tracked) - 1
         # Compiled, the step is a symbol; as a float, schedules like ``1 + t / 10`` trace as float division
         # (Dynamo fails on a symbolic integer's true division). Same values as the eager int.
