@@ -80,6 +80,16 @@ def test_one_value_per_channel_in_training_suggests_remedies():
     assert layer(torch.randn(1, 10)).shape == (1, 10)  # eval never needs a batch
 
 
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"ghost_layout": "contiguous"},
+                                     {"adjustment": lambda shape: (1.0, 0.0)}])
+def test_one_value_per_ghost_batch_names_virtual_batch_size(options, execution):
+    """The batch holds 8 values per channel; the ghost batches of 1 hold one: "a larger batch" would not help."""
+    layer = normkit.BatchNorm(3, virtual_batch_size=1, **options)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*virtual_batch_size=1.*larger virtual_batch_size"):
+        layer(torch.randn(8, 3))
+    normkit.BatchNorm(3, virtual_batch_size=2, **options)(torch.randn(8, 3))  # two rows per ghost batch: fine
+
+
 def test_group_norm_groups_must_divide_channels():
     with pytest.raises(ValueError, match=r"num_groups=4 must divide num_channels=6; choose one of \[1, 2, 3, 6\]"):
         normkit.GroupNorm(4, 6)

@@ -49,9 +49,20 @@ def check_floating(x, *, name="input"):
         )
 
 
-def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger batch, or GroupNorm/LayerNorm"):
-    """Refuse batch statistics over a single value per feature (the variance would be 0)."""
+def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger batch, or GroupNorm/LayerNorm",
+                        virtual_batch_size=None):
+    """Refuse batch statistics over a single value per feature (the variance would be 0).
+
+    With ghost batches smaller than the batch (``virtual_batch_size``) the single value is per ghost batch,
+    and the message says so: the input itself may hold many values per feature.
+    """
     if count_per_group == 1:
+        if virtual_batch_size is not None and len(shape) > 0 and shape[0] > virtual_batch_size:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(shape)} in ghost "
+                f"batches of virtual_batch_size={virtual_batch_size}: each ghost batch holds a single value per "
+                "channel, and the variance of a single value is 0; use a larger virtual_batch_size, or eval()"
+            )
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)}: "
             f"the batch variance of a single value is 0; {hint}"
@@ -371,7 +382,7 @@ def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, r
         full = tuple(1 if a in feature_axes else size for a, size in enumerate(x.shape))
         valid = (mask.expand(full) != 0).reshape(-1).contiguous()
     else:
-        check_enough_values(n // groups * rows * positions, x.shape)
+        check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size)
     rmin, rmax, dmax = renorm_clipping
     settings = [float(momentum), float(renorm_momentum), float(rmin), float(rmax), float(dmax), float(eps),
                 1.0 if unbiased_running_var else 0.0, 1.0 if training else 0.0]
@@ -470,7 +481,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
     """
     channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
     per_group = channels.numel() // max(channels.shape[1], 1)
-    check_enough_values(per_group, x.shape)
+    check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size)
     center = None
     if recenter:
         center = sample_per_feature(channels, (1,))
@@ -723,7 +734,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
-                            x.shape)
+                            x.shape, virtual_batch_size=virtual_batch_size)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
         count, mean, var = (moments_fn or moments)(view, reduce_axes, mask_view)
     with torch.no_grad():
