@@ -13,6 +13,16 @@ def test_channel_count_mismatch_names_num_features():
         normkit.BatchNorm(5, axis=-1)(torch.randn(2, 4, 3))
 
 
+def test_features_last_into_a_drop_in_class_names_the_layer_that_takes_them():
+    """(N, L, C) data into BatchNorm1d(C): the drop-in classes refuse axis=..., so the message names normkit.BatchNorm."""
+    with pytest.raises(ValueError, match=r"num_features=10; BatchNorm1d normalizes axis 1 only.*"
+                                         r"normkit\.BatchNorm\(16, axis=-1\)"):
+        normkit.BatchNorm1d(16)(torch.randn(4, 10, 16))
+    with pytest.raises(ValueError, match=r"BatchNorm2d normalizes axis 1 only.*normkit\.BatchNorm\(3, axis=\.\.\.\)"):
+        normkit.BatchNorm2d(3)(torch.randn(4, 8, 3, 5))
+    normkit.BatchNorm(16, axis=-1)(torch.randn(4, 10, 16))  # what the message suggests works
+
+
 @pytest.mark.parametrize("cls,rank", [(normkit.BatchNorm1d, 4), (normkit.BatchNorm2d, 3), (normkit.BatchNorm3d, 4),
                                       (normkit.BatchNorm1d, 1)])
 def test_wrong_rank_says_expected_and_got(cls, rank):

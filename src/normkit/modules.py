@@ -580,9 +580,13 @@ class BatchNorm(_NormBase):
             raise ValueError(
                 f"num_features={self.num_features} but the input of shape {tuple(input.shape)} has "
                 f"{sizes if len(sizes) > 1 else sizes[0]} features on axis {self.axis}: build the layer with "
-                f"num_features={sizes[0] if len(sizes) == 1 else sizes} or pass the right axis"
+                f"num_features={sizes[0] if len(sizes) == 1 else sizes}{self._other_axis_hint(input)}"
             )
         return axes
+
+    def _other_axis_hint(self, input: torch.Tensor) -> str:
+        """The remedy for features on another axis than the layer's, in the error above."""
+        return " or pass the right axis"
 
     def _expand_mask(self, mask, input, feature_axes):
         """A mask over the non-feature axes, as a tensor of the input's rank (size 1 on feature axes)."""
@@ -889,6 +893,14 @@ class _BatchNormNd(BatchNorm):
             raise ValueError(f"{type(self).__name__} normalizes over axis 1 (channels), got {name}={axis!r}; use "
                              "normkit.BatchNorm(axis=...) for another feature axis")
         return super()._checked_axis(axis, name)
+
+    def _other_axis_hint(self, input: torch.Tensor) -> str:
+        # (these classes refuse any axis but 1: "pass the right axis" would send the user to another error)
+        last = input.dim() - 1
+        where = "the last axis" if input.shape[last] == self.num_features else "another axis"
+        axis = -1 if where == "the last axis" else "..."
+        return (f"; {type(self).__name__} normalizes axis 1 only, so for features on {where} use "
+                f"normkit.BatchNorm({self.num_features}, axis={axis}) (or move them to axis 1)")
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._accepted_ranks:
