@@ -440,6 +440,45 @@ def test_double_backward_in_training(name):
     assert gradgradcheck(run, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 16}, {"bias": False}])
+def test_a_gradient_penalty_through_renorm_on_a_large_input(options):
+    """From 2^14 values renorm normalizes in _FoldedBatchNorm, which folds r into the weight inside its forward:
+    with create_graph=True its backward must still see how the input gradient depends on the weight (it did not:
+    the weight's gradient of a gradient penalty was off by 70%). Oracle: the composite formula by autograd, with r
+    and d (constants, without gradient) from the NumPy reference."""
+    from normkit import reference
+
+    layer = normkit.BatchNorm(16, renorm=True, renorm_clipping={"rmax": 1.1, "dmax": 0.1}, **options).double()
+    with torch.no_grad():
+        layer.renorm_mean.uniform_(-0.5, 0.5), layer.renorm_stddev.uniform_(1.5, 2.5), layer.weight.uniform_(0.5, 1.5)
+        if layer.bias is not None:
+            layer.bias.uniform_(-1, 1)
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, 16, dtype=torch.float64) * 2 + 1  # 16,384 values
+    renorm_mean, renorm_stddev = layer.renorm_mean.numpy().copy(), layer.renorm_stddev.numpy().copy()
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+
+    def penalty_gradients(forward):
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(forward(leaf).sin().sum(), leaf, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), [leaf, *params])
+
+    def composite(leaf):
+        groups = 1 if "virtual_batch_size" not in options else 64 // options["virtual_batch_size"]
+        view = leaf.reshape(leaf.shape[0] // groups, groups, 16, 16)  # Keras' strided ghost batches
+        var, mean = torch.var_mean(view, dim=(0, 3), correction=0, keepdim=True)
+        batch = x.reshape(view.shape).numpy()
+        r, d = reference.renorm_correction(batch.mean(axis=(0, 3)).mean(axis=0), batch.var(axis=(0, 3)).mean(axis=0),
+                                           layer.eps, renorm_mean, renorm_stddev, (0.0, 1.1, 0.1))
+        r, d = (torch.tensor(t).reshape(1, 1, 16, 1) for t in (r, d))
+        y = ((view - mean) / torch.sqrt(var + layer.eps) * r + d) * layer.weight.reshape(1, 1, 16, 1)
+        y = y if layer.bias is None else y + layer.bias.reshape(1, 1, 16, 1)
+        return y.reshape(leaf.shape)
+
+    for got, want in zip(penalty_gradients(layer), penalty_gradients(composite), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_a_gradient_penalty_as_torch_nn_s():
     """The second derivative of the plain path is torch.nn's (the same ATen kernels)."""
     ours, theirs = (layer.double() for layer in _pair("BatchNorm2d", 3))

@@ -667,12 +667,14 @@ class _FoldedBatchNorm(torch.autograd.Function):
         y = torch.batch_norm(channels, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         ctx.groups, ctx.eps = groups, eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(channels, scale, mean, var, r, d)
+        ctx.save_for_backward(channels, scale, mean, var, r, d, weight, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        channels, scale, mean, var, r, d = ctx.saved_tensors
+        channels, scale, mean, var, r, d, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must have a graph of its own
+            return _FoldedBatchNorm._differentiable_backward(ctx, grad, channels, weight, bias, r, d)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and ctx.has_weight
         need_bias = need_bias and ctx.has_bias
@@ -691,6 +693,27 @@ class _FoldedBatchNorm(torch.autograd.Function):
         if need_bias:
             grad_bias = grad_offset
         return grad_input if need_input else None, grad_weight, grad_bias, None, None, None, None, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad, channels, weight, bias, r, d):
+        """The gradient with a graph (a gradient penalty, ``gradgradcheck``): ``scale = r * weight`` was folded
+        inside forward, where autograd does not see it, so ATen's backward from the saved scale would miss how
+        the input gradient depends on the weight (wrong second derivatives for the weight). Recomputed instead
+        as the small inputs' path computes it, by autograd: ATen's training kernel with the folded parameters
+        (the same statistics, recomputed from the same channels), differentiated with ``create_graph=True``."""
+        wanted = [(slot, t) for slot, t in ((0, channels), (1, weight), (2, bias))
+                  if t is not None and ctx.needs_input_grad[slot]]
+        grads = [None] * len(ctx.needs_input_grad)
+        if not wanted:
+            return tuple(grads)
+        with torch.enable_grad():
+            scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
+            y = torch.batch_norm(channels, _repeat_groups(scale, ctx.groups), _repeat_groups(offset, ctx.groups),
+                                 None, None, True, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+            found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
+        for (slot, _), value in zip(wanted, found):
+            grads[slot] = value
+        return tuple(grads)
 
 
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
