@@ -149,6 +149,42 @@ def test_func_grad_jacrev_and_per_sample_gradients_through_an_eval_layer(name, a
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+_MASK_ROWS_4 = torch.rand(4, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+
+
+@pytest.mark.parametrize("options,shape,mask", [
+    ({"axis": -1}, (4, 5, 3), _MASK_ROWS_4),                                    # padding: _MaskedRowsBatchNorm
+    ({"axis": -1}, (4, 5, 3), torch.rand(4, 5, 3, generator=torch.Generator().manual_seed(2)) > 0.3),  # _MaskedNormalize
+    ({"axis": -1, "virtual_batch_size": 2}, (4, 5, 3), _MASK_ROWS_4),           # ghost batches with a mask
+    ({"unbiased_running_var": False}, (64, 3, 128), None),                       # 2^14 values+: _FoldedBatchNorm
+], ids=["mask-rows", "mask-features", "mask-ghost", "keras-variance-large"])
+def test_func_grad_and_forward_mode_ad_through_the_options_autograd_functions(options, shape, mask):
+    """torch.func's transforms and forward-mode AD refuse a Python autograd.Function without setup_context/jvp (the
+    masked paths' and _FoldedBatchNorm's): under them the layer takes the differentiable composite (they failed
+    with functorch's "must override the setup_context staticmethod"). Oracle: the NumPy reference's gradient."""
+    from normkit import reference
+
+    layer = normkit.BatchNorm(3, track_running_stats=False, **options).double()  # (torch.func refuses buffer updates)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    x, g, v = (torch.randn(*shape, dtype=torch.float64) * 2 + 1 for _ in range(3))
+    kwargs = {} if mask is None else {"mask": mask}
+    full_mask = None if mask is None else (mask.unsqueeze(-1) if mask.dim() < x.dim() else mask).numpy()
+    want = reference.batch_norm_backward(g.numpy(), x.numpy(), None, None, layer.weight.detach().numpy(),
+                                         layer.bias.detach().numpy(), True, layer.eps, axis=options.get("axis", 1),
+                                         mask=full_mask, virtual_batch_size=options.get("virtual_batch_size"))
+    params = {name: value.detach() for name, value in layer.named_parameters()}
+    loss = (lambda p, x: (torch.func.functional_call(layer, p, (x,), kwargs) * g).sum())
+    grad_params, grad_x = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    for got, expected in zip((grad_x, grad_params["weight"], grad_params["bias"]), want, strict=True):
+        torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-9, atol=1e-9)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(layer(torch.autograd.forward_ad.make_dual(x, v), **kwargs)).tangent
+    # <g, J v> = <J^T g, v>: the tangent against the reference's vector-Jacobian product
+    torch.testing.assert_close((g * tangent).sum(), (v * torch.from_numpy(want[0])).sum(), rtol=1e-9, atol=1e-9)
+
+
 def test_vmap_in_training_needs_functorch_s_recipe_which_does_not_see_normkit_layers():
     """torch.func.replace_all_batch_norm_modules_ tests isinstance(m, torch.nn's _BatchNorm): normkit's layers keep
     their running statistics, and vmap then refuses them with ATen's error, as it refuses torch.nn's without the

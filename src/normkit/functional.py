@@ -310,8 +310,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
         if y is not None:
             return y
+    # (the masked rows' Function and its gather are not for torch.func's transforms or forward-mode AD either)
     if (mask is not None and virtual_batch_size is None and adjustment is None and not compiling
-            and all(mask.shape[a] == 1 for a in feature_axes)):
+            and all(mask.shape[a] == 1 for a in feature_axes) and not kernels.transforms_active()):
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)
@@ -512,8 +513,10 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             batch_std = torch.add(batch_var, eps).sqrt_()
             r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
                                    renorm_clipping)
-        # (torch.export keeps a Python Function's forward and drops its backward: exported, ATen's kernel serves)
-        if channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting():
+        # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
+        # forward-mode AD refuse it: there ATen's kernel serves)
+        if (channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting()
+                and not kernels.transforms_active()):
             y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
         else:
             # Small inputs: Python overhead, not the data, is the cost, and a second statistics
@@ -734,8 +737,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     out_dtype = x.dtype
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
     # composite path, with the closed-form masked gradient when there is no adjustment.
-    # (torch.export keeps a Python Function's forward and drops its backward: exported, autograd's composite serves)
-    needs_composite = adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
+    # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
+    # forward-mode AD refuse it: there autograd's composite serves)
+    needs_composite = (adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
+                       or kernels.transforms_active())
     if x.dtype in LOW_PRECISION and needs_composite:
         # Autograd through both uses of x (statistics and normalization): one cast to float32 for both, so
         # the two parts of the input gradient add up in float32 and are rounded once (cast separately,
