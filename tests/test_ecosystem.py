@@ -95,6 +95,40 @@ def test_meta_layers_with_options_and_old_checkpoints():
     assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
 
 
+@pytest.mark.parametrize("options,shape,with_mask", [
+    ({}, (4, 3, 2, 2), False), ({"renorm": True}, (4, 3, 2, 2), False), ({"virtual_batch_size": 2}, (4, 3, 2, 2), False),
+    ({"axis": -1}, (4, 2, 2, 3), False), ({"unbiased_running_var": False}, (4, 3, 2, 2), False),
+    ({"axis": -1}, (4, 5, 3), True), ({"renorm": True}, (4, 3, 5), True),
+])
+@pytest.mark.parametrize("where", ["meta", "fake"])
+def test_a_training_step_on_meta_and_fake_tensors(options, shape, with_mask, where, execution):
+    """Shape inference on the meta device and FakeTensorMode's estimates run torch.nn's layers in training; normkit's
+    failed in the recentering check's host read (.item() on meta, a data-dependent output under FakeTensorMode), in
+    the fused kernel (it read the fake tensor's absent data), in the padding mask's gather (a data-dependent size) and
+    in ATen's statistics kernel (no meta kernel). Oracle: the real step's output shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    feature_axis = options.get("axis", 1) % len(shape)
+    mask_shape = tuple(size for axis, size in enumerate(shape) if axis != feature_axis)
+
+    def step(layer, x, mask):
+        y = layer(x, mask=mask) if with_mask else layer(x)
+        y.sum().backward()
+        return y.shape, y.dtype, x.grad.shape
+
+    want = step(normkit.BatchNorm(3, **options), torch.randn(shape, requires_grad=True), torch.ones(mask_shape))
+    if where == "meta":
+        got = step(normkit.BatchNorm(3, device="meta", **options), torch.randn(shape, device="meta", requires_grad=True),
+                   torch.ones(mask_shape, device="meta"))
+    else:
+        with FakeTensorMode():
+            got = step(normkit.BatchNorm(3, **options), torch.randn(shape, requires_grad=True), torch.ones(mask_shape))
+    assert got == want
+    if not options and not with_mask and where == "meta":  # the drop-in case beside torch.nn's own meta step
+        theirs = nn.BatchNorm2d(3, device="meta")
+        assert theirs(torch.randn(shape, device="meta")).shape == got[0]
+
+
 def test_module_apply_initializes_normkit_layers_as_torch_nn_s():
     def init(module):
         if isinstance(module, (nn.BatchNorm2d, normkit.BatchNorm2d)):

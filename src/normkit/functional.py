@@ -69,6 +69,12 @@ def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger ba
         )
 
 
+def without_data(x):
+    """A meta or fake tensor (shape inference, FakeTensorMode's memory and FLOP estimates): torch.nn's layers run on
+    them, so no path may read their values on the host or size a result by them."""
+    return x.is_meta or torch._subclasses.fake_tensor.is_fake(x)
+
+
 def statistics_dtype(x):
     """float32 for half-precision inputs, else the input's own floating dtype."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
@@ -89,7 +95,7 @@ def _channel_moments(channels):
     """Per-feature mean and biased variance of an (N, K, *) tensor: ATen's one-pass statistics kernel
     (on the CPU, for large contiguous inputs of 32 rows or more, by position: ``_moments_by_position``),
     or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or channels.is_meta:  # (nor a meta kernel: shape inference on "meta")
         var, mean = torch.var_mean(channels, dim=[0, *range(2, channels.dim())], correction=0)
         return mean, var
     if (channels.dim() > 2 and channels.shape[0] >= 32 and channels.numel() >= WIDE_MOMENTS_MIN_NUMEL
@@ -310,9 +316,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
         if y is not None:
             return y
-    # (the masked rows' Function and its gather are not for torch.func's transforms or forward-mode AD either)
+    # (the masked rows' Function and its gather are not for torch.func's transforms or forward-mode AD either, and
+    # the gather's data-dependent size cannot be known for meta or fake tensors)
     if (mask is not None and virtual_batch_size is None and adjustment is None and not compiling
-            and all(mask.shape[a] == 1 for a in feature_axes) and not kernels.transforms_active()):
+            and all(mask.shape[a] == 1 for a in feature_axes) and not kernels.transforms_active()
+            and not without_data(x)):
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)

@@ -621,8 +621,9 @@ class BatchNorm(_NormBase):
         the layer recenter (see functional._aten_batch_norm) only where it matters.
         """
         self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
-        if input.is_cuda or input.dtype == torch.float64 or input.numel() == 0 or _under_vmap(input):
-            return  # (under vmap a data-dependent branch cannot run)
+        if (input.is_cuda or input.dtype == torch.float64 or input.numel() == 0 or _under_vmap(input)
+                or F.without_data(input)):
+            return  # (under vmap a data-dependent branch cannot run; meta and fake tensors have no data)
         with torch.no_grad():
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)

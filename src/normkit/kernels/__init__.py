@@ -153,11 +153,17 @@ def takes(x: torch.Tensor) -> bool:
     """Whether a training step on ``x`` may go to a fused kernel: the kernel of its device is on, no transform
     is running, and (on the CPU) it is within the kernel's size limit. The kernels decline the rest themselves;
     this is what lets the layers keep their own fast paths for it."""
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) or _is_fake(x):
         return False
     if x.is_cpu:
         return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
     return _cuda_on and x.is_cuda and not transforms_active()
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """A FakeTensorMode tensor (shape, memory and FLOP estimates): it has a device but no data for a kernel to read,
+    and torch.nn's layers run on it, so the kernels decline it (a meta tensor's device they decline anyway)."""
+    return torch._subclasses.fake_tensor.is_fake(x)
 
 
 def transforms_active() -> bool:
@@ -352,7 +358,7 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
     Declined under torch.func's transforms (grad, vmap, jacrev, ...) and forward-mode AD, which cannot see
     inside the kernels' autograd functions: ATen's paths compute the same function there.
     """
-    if transforms_active():
+    if transforms_active() or _is_fake(x):
         return None
     if x.is_cuda or _triton_on_cpu:
         module = _triton_kernels()
