@@ -69,6 +69,13 @@ def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger ba
         )
 
 
+def _functions_refused():
+    """Whether torch.func's transforms or forward-mode AD are running eagerly: they refuse a Python autograd.Function
+    without ``setup_context``/``jvp`` (the masked paths', ``_FoldedBatchNorm``), so the composite serves there.
+    (Compiled graphs trace the Functions themselves, as before.)"""
+    return not torch.compiler.is_compiling() and kernels.transforms_active()
+
+
 def without_data(x):
     """A meta or fake tensor (shape inference, FakeTensorMode's memory and FLOP estimates): torch.nn's layers run on
     them, so no path may read their values on the host or size a result by them."""
@@ -319,7 +326,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     # (the masked rows' Function and its gather are not for torch.func's transforms or forward-mode AD either, and
     # the gather's data-dependent size cannot be known for meta or fake tensors)
     if (mask is not None and virtual_batch_size is None and adjustment is None and not compiling
-            and all(mask.shape[a] == 1 for a in feature_axes) and not kernels.transforms_active()
+            and all(mask.shape[a] == 1 for a in feature_axes) and not _functions_refused()
             and not without_data(x)):
         return _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, weight, bias,
                                        training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
@@ -524,7 +531,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
         # forward-mode AD refuse it: there ATen's kernel serves)
         if (channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting()
-                and not kernels.transforms_active()):
+                and not _functions_refused()):
             y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
         else:
             # Small inputs: Python overhead, not the data, is the cost, and a second statistics
@@ -748,7 +755,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
     # forward-mode AD refuse it: there autograd's composite serves)
     needs_composite = (adjustment is not None or moments_fn is not None or torch.compiler.is_exporting()
-                       or kernels.transforms_active())
+                       or _functions_refused())
     if x.dtype in LOW_PRECISION and needs_composite:
         # Autograd through both uses of x (statistics and normalization): one cast to float32 for both, so
         # the two parts of the input gradient add up in float32 and are rounded once (cast separately,

@@ -153,8 +153,8 @@ def takes(x: torch.Tensor) -> bool:
     """Whether a training step on ``x`` may go to a fused kernel: the kernel of its device is on, no transform
     is running, and (on the CPU) it is within the kernel's size limit. The kernels decline the rest themselves;
     this is what lets the layers keep their own fast paths for it."""
-    if not isinstance(x, torch.Tensor) or _is_fake(x):
-        return False
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or _is_fake(x):
+        return False  # (compiled graphs never call the kernels, and Dynamo refuses to trace is_fake)
     if x.is_cpu:
         return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
     return _cuda_on and x.is_cuda and not transforms_active()
