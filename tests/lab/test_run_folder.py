@@ -297,3 +297,26 @@ def test_compare_resume_reads_the_folder_its_runs_trained_on(tmp_path, monkeypat
         capsys.readouterr()
         assert main(command + ["--resume"]) == 0, capsys.readouterr().err
         assert (out / "comparison.md").read_text() == table
+
+
+def test_compare_resume_records_the_folder_it_read_in_runs_that_start_now(tmp_path, monkeypatch, capsys):
+    """A comparison killed before its second run started: resumed with NORMKIT_DATA unset (or pointing elsewhere),
+    that run trains on the recorded folder's data and must say so in config.json and its checkpoint, or evaluate
+    and `train --resume` of it look for data in no folder (null) or in the wrong one."""
+    data, other = write_mnist(tmp_path / "data", seed=0), write_mnist(tmp_path / "other", seed=1)
+    out = tmp_path / "compare"
+    command = ["compare", "--norms", "batch,none", "--dataset", "mnist", "--epochs", "1", *TINY, "--out", str(out)]
+    monkeypatch.setenv("NORMKIT_DATA", str(data))
+    assert main(command) == 0
+    for environment in (None, str(other)):
+        shutil.rmtree(out / "none-seed0")  # (as if killed before it started)
+        if environment is None:
+            monkeypatch.delenv("NORMKIT_DATA", raising=False)
+        else:
+            monkeypatch.setenv("NORMKIT_DATA", environment)
+        capsys.readouterr()
+        assert main(command + ["--resume"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "none-seed0" / "config.json").read_text())["data_dir"] == str(data)
+        assert load_checkpoint(out / "none-seed0" / "checkpoint.pt")["config"]["data_dir"] == str(data)
+        assert main(["evaluate", "--checkpoint", str(out / "none-seed0")]) == 0, capsys.readouterr().err
+        assert main(["train", "--out", str(out / "none-seed0"), "--resume", "--quiet"]) == 0, capsys.readouterr().err

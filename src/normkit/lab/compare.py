@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -121,6 +122,11 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
         # Resumed runs read the folder they trained on, as `normkit train --resume` does, whatever NORMKIT_DATA
         # says now (their checkpoints' fingerprints still check the data).
         data_dir = _recorded_data_dir(configs.values())
+        if data_dir is not None:
+            # A run that starts now (never started) trains on that folder's data, so its config.json and checkpoint
+            # must name it, not NORMKIT_DATA's (or null): evaluate and train --resume read the folder recorded.
+            # Runs that have a checkpoint or config.json keep their own (data_dir is not in ``given``).
+            configs = {key: dataclasses.replace(cfg, data_dir=data_dir) for key, cfg in configs.items()}
     splits = load_dataset(base.dataset, data_dir)  # loaded once: every run sees the same tensors
     for (norm, seed), cfg in configs.items():
         _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
