@@ -188,6 +188,33 @@ def test_compare_resumes_where_it_stopped(tmp_path, capsys):
     assert [len(summary[norm]["0"]["history"]) for norm in ("batch", "none")] == [2, 2]
 
 
+
+def test_a_ctrl_c_between_runs_or_while_writing_the_comparison_says_compare_resume(tmp_path, monkeypatch, capsys):
+    """Outside a run's training (the next run's checks, or comparison.md/.png being written) no run is training,
+    but the comparison is still unfinished: its Ctrl-C message gives the compare --resume hint, as inside a run."""
+    from normkit.lab import compare, train
+
+    out = tmp_path / "compare"
+    command = ["compare", "--norms", "batch,none", "--epochs", "1", *TINY, "--out", str(out)]
+    real_plan = train.plan_run
+
+    def plan_run(cfg, *args, **kwargs):  # the second run's checks, after the first run finished
+        if cfg.norm == "none":
+            raise KeyboardInterrupt
+        return real_plan(cfg, *args, **kwargs)
+    monkeypatch.setattr(train, "plan_run", plan_run)
+    assert main(command) == 130
+    error = capsys.readouterr().err
+    assert "1 of 2 runs" in error and "compare command with --resume" in error, error
+    monkeypatch.undo()
+
+    def plot_curves(*args, **kwargs):  # comparison.png
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "plot_curves", plot_curves)
+    assert main(command + ["--resume"]) == 130
+    error = capsys.readouterr().err
+    assert "2 of 2 runs" in error and "compare command with --resume" in error, error
+
 # ------------------------------------------------------------------------------ paths and leftovers
 
 def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch, capsys):

@@ -131,20 +131,29 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
     for (norm, seed), cfg in configs.items():
         _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
     results: dict[str, dict[int, dict]] = {}
-    for (norm, seed), cfg in configs.items():
-        try:
-            results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
-        except RunInterrupted as interrupt:
-            raise RunInterrupted(f"run {norm}, seed {seed}: {interrupt}; to continue the whole comparison, "
-                                 f"{CONTINUE}") from None
-    table = comparison_table(results)
-    atomic_write_bytes(out_dir / "comparison.md", table.encode())
-    summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
-                      for seed, m in by_seed.items()} for norm, by_seed in results.items()}
-    atomic_write_bytes(out_dir / "comparison.json", json_bytes(summary))
-    plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()]) for norm, by_seed in results.items()},
-                out_dir / "comparison.png",
-                title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
+    try:
+        for (norm, seed), cfg in configs.items():
+            try:
+                results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
+            except RunInterrupted as interrupt:
+                raise RunInterrupted(f"run {norm}, seed {seed}: {interrupt}; to continue the whole comparison, "
+                                     f"{CONTINUE}") from None
+        table = comparison_table(results)
+        atomic_write_bytes(out_dir / "comparison.md", table.encode())
+        summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
+                          for seed, m in by_seed.items()} for norm, by_seed in results.items()}
+        atomic_write_bytes(out_dir / "comparison.json", json_bytes(summary))
+        plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()]) for norm, by_seed in results.items()},
+                    out_dir / "comparison.png",
+                    title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, RunInterrupted):
+            raise
+        # Between two runs (the next one's checks) or while the comparison's own files are written: no run is
+        # training, and the finished ones are saved; the hint is the same as for a Ctrl-C inside a run.
+        finished = sum(len(by_seed) for by_seed in results.values())
+        raise RunInterrupted(f"interrupted after {finished} of {len(configs)} runs finished (their run folders are "
+                             f"complete); to continue the whole comparison, {CONTINUE}") from None
     if not options.get("quiet"):
         print(f"\n{table}\nwrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
     return results
