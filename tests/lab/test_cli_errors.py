@@ -232,6 +232,15 @@ def test_invalid_threads_leave_torch_alone(tmp_path):
     assert torch.get_num_threads() == threads and not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("switch", ["tensorboard", "dry_run", "quiet", "compile", "drop_last", "resume", "overwrite"])
+def test_switches_that_are_not_booleans_are_refused_before_training(tmp_path, switch):
+    """From Python, tensorboard=0 used to train the whole run and write a checkpoint that evaluate and --resume
+    then refused as edited ("not true or false"): refused up front, naming the flag, as every other setting."""
+    with pytest.raises(ValueError, match="--" + switch.replace("_", "-")):
+        run(TrainConfig(**{"train_limit": 20, "dry_run": True, "quiet": True, switch: 0}, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
 def test_evaluate_on_cuda_without_cuda(finished, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["evaluate", "--checkpoint", str(finished / "checkpoint.pt"), "--device", "cuda"]) == 2

@@ -66,6 +66,13 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag_of(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        # The switches (True/False flags on the command line) as the checkpoint loader reads them: a 0 or "no" from
+        # Python would train a whole run whose checkpoint its own loader then refuses as edited.
+        for name in ("resume", "overwrite", "tensorboard", "dry_run", "quiet", "compile", "drop_last"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "drop_last" and value is None):
+                raise ValueError(f"{flag_of(name)}={value!r} must be True or False"
+                                 + (" (or None: automatic)" if name == "drop_last" else ""))
         if not _is_number(self.val_split) or not 0.0 <= self.val_split < 1.0:
             raise ValueError(f"--val-split={self.val_split} must be in [0, 1) (0: no validation split)")
         for name in ("batch_size", "epochs"):
