@@ -241,6 +241,19 @@ def test_switches_that_are_not_booleans_are_refused_before_training(tmp_path, sw
         run(TrainConfig(**{"train_limit": 20, "dry_run": True, "quiet": True, switch: 0}, out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
+
+def test_numpy_numbers_from_python_give_a_checkpoint_that_loads(tmp_path):
+    """np.float64 passes as a float (a sweep over np.logspace), but a checkpoint holding one was refused by
+    torch.load(weights_only=True): the run trained, then evaluate and --resume called it not a lab checkpoint."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(lr=np.float64(2e-3), val_split=np.float64(0.25), rho=np.float64(0.8),
+                      norm_options={"momentum": np.float64(0.5)}, train_limit=40, dry_run=True, quiet=True,
+                      tensorboard=False, out=str(out))
+    run(cfg)
+    settings = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert settings["lr"] == 2e-3 and settings["val_split"] == 0.25 and settings["norm_options"] == {"momentum": 0.5}
+    assert evaluate_checkpoint(out)["test_size"] == 360
+
 def test_evaluate_on_cuda_without_cuda(finished, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["evaluate", "--checkpoint", str(finished / "checkpoint.pt"), "--device", "cuda"]) == 2

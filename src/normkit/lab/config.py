@@ -122,9 +122,11 @@ class TrainConfig:
         check_folder_option("--out", self.out)
         check_folder_option("--data-dir", self.data_dir, omitted="$NORMKIT_DATA")
         check_device(self.device)
-        updates = {}
-        if self.lr is None:
-            updates["lr"] = DEFAULT_LR[self.optimizer]
+        # Plain Python floats and JSON values: NumPy's float64 passes the checks above as a float (np.logspace sweeps),
+        # but a checkpoint holding one is refused by torch.load(weights_only=True) (NumPy scalars are not plain data).
+        updates = {name: float(getattr(self, name)) for name in ("val_split", "rho", "eps", "momentum")}
+        updates["norm_options"] = json.loads(json.dumps(self.norm_options))
+        updates["lr"] = DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
         # Stored absolute (and ~ expanded): config.json and the checkpoint name the same folders from any
         # working directory, so `normkit evaluate` elsewhere still finds the run's data.
         out = self.out if self.out is not None else Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}"
