@@ -207,6 +207,7 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--rho", "1"], ["--rho"]),
     (["--eps", "-1"], ["--eps"]),
     (["--val-split", "nan"], ["--val-split"]),
+    (["--train-limit", "300", "--val-split", "0.995"], ["only 1 training images", "--val-split 0.995 of 300"]),
     (["--threads", "-1"], ["--threads"]),
     (["--seed", "x"], ["--seed"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),

@@ -48,7 +48,8 @@ def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
     # Keras' validation_split: the last fraction, taken before any shuffling.
     cut = int(len(labels) * (1.0 - cfg.val_split))
     if cut < 2:
-        raise ValueError(f"only {cut} training images after the {cfg.val_split:.0%} validation split; "
+        # (the value as given: a percentage rounds 0.995 to "100%", a split that leaves no room at all)
+        raise ValueError(f"only {cut} training images after --val-split {cfg.val_split:g} of {len(labels)}; "
                          "raise --train-limit or lower --val-split")
     fingerprint = data_fingerprint({"train": (source[:cut], labels[:cut]), "val": (source[cut:], labels[cut:]),
                                     "test": (sources[1], splits.test[1])})
