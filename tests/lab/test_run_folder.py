@@ -215,6 +215,22 @@ def test_a_ctrl_c_between_runs_or_while_writing_the_comparison_says_compare_resu
     error = capsys.readouterr().err
     assert "2 of 2 runs" in error and "compare command with --resume" in error, error
 
+
+def test_compare_resume_refuses_to_mix_the_checkpoints_settings_with_other_ones(tmp_path, capsys):
+    """A resumed run keeps its checkpoint's --lr while a run that starts now takes the command's: a compare --resume
+    without the interrupted command's options compared runs of different settings, silently. Norms whose
+    drop_last defaults differ (ghost) are no mix."""
+    out = tmp_path / "compare"
+    command = ["compare", "--norms", "batch,none,ghost", "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(command + ["--lr", "0.01"]) == 0
+    shutil.rmtree(out / "none-seed0")  # (as if killed before it started)
+    capsys.readouterr()
+    assert main(command + ["--resume"]) == 2
+    one_line_error(capsys, "run none, seed 0 has --lr 0.001", "run batch, seed 0 has 0.01", "options of the interrupted")
+    assert not (out / "none-seed0").exists()
+    assert main(command + ["--resume", "--lr", "0.01"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "none-seed0" / "config.json").read_text())["lr"] == 0.01
+
 # ------------------------------------------------------------------------------ paths and leftovers
 
 def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import TrainConfig, check_folder_option
+from .config import NOT_IDENTITY, TrainConfig, check_folder_option, flag_of, virtual_batch_size
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
 from .runfolder import UnfinishedRunError, check_out_folder, json_bytes, plan_run
@@ -84,15 +84,36 @@ def _refuse_duplicates(items: list, flag: str) -> None:
 CONTINUE = "re-run the same compare command with --resume (finished runs are evaluated again, not retrained)"
 
 
-def _check(norm: str, seed: int, validate) -> None:
+def _check(norm: str, seed: int, validate):
     try:
-        validate()
+        return validate()
     except UnfinishedRunError as error:
         # `normkit train --resume` would continue this run alone; the comparison continues with compare --resume.
         unfinished = UnfinishedRunError(error.out, error.epoch, error.epochs, how=CONTINUE)
         raise ValueError(f"run {norm}, seed {seed}: {unfinished}") from None
     except ValueError as error:
         raise ValueError(f"run {norm}, seed {seed}: {error}") from None
+
+
+def _refuse_mixed_settings(plans: dict) -> None:
+    """The runs of a comparison differ in norm and seed only. A resumed run keeps its checkpoint's settings (as
+    `normkit train --resume`), so `compare --resume` without the interrupted command's options (its --lr, say)
+    would resume some runs with them and start the others without: refused, naming the setting."""
+    seen: dict = {}
+    for (norm, seed), plan in plans.items():
+        cfg = plan.cfg
+        # drop_last's default depends on the norm (ghost batches drop partial ones): compared within each kind.
+        ghost = virtual_batch_size(cfg.norm, cfg.norm_options) is not None
+        for name, value in cfg.to_dict().items():
+            if name in NOT_IDENTITY or name in ("norm", "seed"):
+                continue
+            other_norm, other_seed, other = seen.setdefault((name, ghost if name == "drop_last" else None),
+                                                            (norm, seed, value))
+            if other != value:
+                raise ValueError(f"run {norm}, seed {seed} has {flag_of(name)} {value!r} and run {other_norm}, seed "
+                                 f"{other_seed} has {other!r}: a comparison's runs differ only in norm and seed, and "
+                                 "a resumed run keeps its checkpoint's settings; give --resume the options of the "
+                                 "interrupted compare command")
 
 
 def compare(norms: list[str], seeds: list[int], out: str | None = None, **options) -> dict[str, dict[int, dict]]:
@@ -128,8 +149,9 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
             # Runs that have a checkpoint or config.json keep their own (data_dir is not in ``given``).
             configs = {key: dataclasses.replace(cfg, data_dir=data_dir) for key, cfg in configs.items()}
     splits = load_dataset(base.dataset, data_dir)  # loaded once: every run sees the same tensors
-    for (norm, seed), cfg in configs.items():
-        _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
+    plans = {(norm, seed): _check(norm, seed, lambda cfg=cfg: plan_run(cfg, given=given, splits=splits))
+             for (norm, seed), cfg in configs.items()}
+    _refuse_mixed_settings(plans)
     results: dict[str, dict[int, dict]] = {}
     try:
         for (norm, seed), cfg in configs.items():
