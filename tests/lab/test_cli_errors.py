@@ -459,7 +459,7 @@ def test_interrupt_messages_say_what_is_saved(tmp_path, monkeypatch, capsys):
 def test_help_texts(capsys):
     for command, expected in (("evaluate", ["--checkpoint FILE", "checkpoint.pt", "digits,mnist"]),
                               ("compare", ["comparison.json", "comparison.md"]),
-                              ("train", ["--overwrite"])):
+                              ("train", ["--overwrite", "--norm-option virtual_batch_size"])):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
