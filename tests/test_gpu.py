@@ -257,13 +257,21 @@ def test_cuda_options_take_the_triton_kernels_when_enabled(name, monkeypatch, rn
         assert len(calls) == 1, "plain BatchNorm on a GPU must keep torch.nn's CUDA kernels"
 
 
-def test_cuda_fused_double_backward_is_a_clear_error():
-    layer = normkit.BatchNorm(3, renorm=True).cuda()
-    x = torch.randn(8, 3, device="cuda", requires_grad=True)
-    with normkit.kernels.switched(True):
-        y = layer(x)
-    with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
-        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+def test_cuda_fused_gradient_penalty_equals_aten_s():
+    """create_graph=True through the Triton kernels: the same second derivatives as ATen's path (graph_backward)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, device="cuda", dtype=torch.float64) * 3 + 2
+    results = []
+    for on in (True, False):
+        layer = normkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.05})
+        layer = layer.to("cuda", torch.float64)
+        x_ = x.clone().requires_grad_()
+        with normkit.kernels.switched(on):
+            y = layer(x_)
+        gradient, = torch.autograd.grad(y.pow(3).sum(), x_, create_graph=True)
+        results.append([gradient, *torch.autograd.grad(gradient.pow(2).sum(), (x_, layer.weight))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_cuda_fused_variance_is_exact_far_from_zero():

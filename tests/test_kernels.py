@@ -136,6 +136,8 @@ def test_fused_gradcheck(fused_kernels):
             (0.9, 1.1, 0.05), 0.01),
         "ghost": lambda x, w, b: F._fused_batch_norm(x, (1,), None, 3, "contiguous", None, None, w, b, True, 0.1,
                                                      1e-3, True, None, None, None, INF, 0.01),
+        "ghost, strided": lambda x, w, b: F._fused_batch_norm(x, (1,), None, 2, "strided", None, None, w, b, True,
+                                                              0.1, 1e-3, True, None, None, None, INF, 0.01),
         "mask": lambda x, w, b: F._fused_batch_norm(x, (1,), mask, None, "strided", None, None, w, b, True, 0.1, 1e-3,
                                                     True, None, None, None, INF, 0.01),
     }
@@ -144,6 +146,8 @@ def test_fused_gradcheck(fused_kernels):
     for name, call in calls.items():
         assert call(x, weight, bias) is not None, name
         assert torch.autograd.gradcheck(call, (x, weight, bias), fast_mode=fast), name
+        # create_graph=True (gradient penalties): the gradient is itself differentiable (kernels.graph_backward)
+        assert torch.autograd.gradgradcheck(call, (x, weight, bias), fast_mode=fast), name
 
 
 @pytest.mark.parametrize("why,make", [
@@ -559,12 +563,29 @@ def test_torch_func_transforms_take_aten_s_path(fused_kernels, options, rng):
     torch.testing.assert_close(results[0][0], results[1][0])  # (eagerly, the kernel itself: equal to rounding)
 
 
-def test_double_backward_is_a_clear_error(fused_kernels):
-    layer = normkit.BatchNorm(3, renorm=True).double()
-    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    y = layer(x)
-    with pytest.raises(RuntimeError, match="normkit.kernels.disable"):
-        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_gradient_penalty_through_the_kernel_equals_torch_nn_s(dtype, fused_kernels):
+    """Channels-last training takes the kernel by default once it is built; a gradient penalty (create_graph=True)
+    through it must give torch.nn's second derivatives, not an error."""
+    torch.manual_seed(0)
+    ours, theirs = normkit.BatchNorm(3, axis=-1).to(dtype), torch.nn.BatchNorm2d(3).to(dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 4, 4, 3, dtype=dtype) * 2 + 1
+    results = []
+    for layer, run in ((ours, lambda x: ours(x)), (theirs, lambda x: theirs(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))):
+        x_ = x.clone().requires_grad_()
+        y = run(x_)
+        gradient, = torch.autograd.grad((y.pow(2) * torch.linspace(-1, 2, y.numel(), dtype=dtype).view(y.shape)).sum(),
+                                        x_, create_graph=True)
+        results.append([gradient, *torch.autograd.grad(gradient.pow(2).sum(), (x_, layer.weight, layer.bias),
+                                                       allow_unused=True, materialize_grads=True)])
+    assert ours(x).grad_fn.name() != "PermuteBackward0"  # (the kernel served)
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for got, want, name in zip(*results, ("gradient", "x", "weight", "bias")):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
 
 
 @pytest.mark.slow

@@ -352,6 +352,57 @@ def _triton_kernels():
     return _triton_module
 
 
+def graph_backward(x, weight, valid, dims, eps, r, d, grad, needs):
+    """The kernels' gradient with a graph of its own, for ``create_graph=True`` (gradient penalties, gradgradcheck).
+
+    The kernels' backward loops write numbers, which autograd cannot differentiate again; here the training
+    step's function of x and the weight is recomputed from the saved input by autograd, in the kernels' layout
+    (x as (N, R, C, S); ghost group of sample n: n % G strided, n // (N / G) contiguous; the mask one flag per
+    (n, r, s)) and differentiated with ``create_graph=True``::
+
+        mean, var = moments of x over each group's valid (n, r, s), per feature   (a channel without any: 0, 0)
+        y = (x - mean) / sqrt(var + eps) * (r * weight) + d * weight                (+ bias: its gradient is sum g)
+
+    r and d (renorm's correction; 1 and 0 without it) are constants, as in the forward pass. Half-precision x
+    computes in float32, as the kernels do. Called by both kernels' backward (the C++ one through pybind11);
+    ``needs`` says which of (input, weight, bias) gradients to return, the rest are None.
+    """
+    n, rows, channels, positions, groups, strided = (int(v) for v in dims)
+    need_input, need_weight, need_bias = needs
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    per_group = n // groups
+    wanted = [t for t, need in ((x, need_input), (weight, need_weight)) if need]
+    found = []
+    if wanted:
+        with torch.enable_grad():
+            grouped_shape = (per_group, groups) if strided else (groups, per_group)
+            xg = x.to(compute).reshape(*grouped_shape, rows, channels, positions)
+            if strided:
+                xg = xg.transpose(0, 1)  # (G, N / G, R, C, S) either way
+            reduce = (1, 2, 4)
+            if valid is None:
+                mean = xg.mean(reduce, keepdim=True)
+                var = (xg - mean).square().mean(reduce, keepdim=True)
+            else:  # (the kernels take a mask without ghost groups only)
+                w = valid.reshape(1, n, rows, 1, positions).to(compute)
+                count = w.sum(reduce, keepdim=True).clamp(min=1)
+                mean = (w * xg).sum(reduce, keepdim=True) / count
+                var = (w * (xg - mean).square()).sum(reduce, keepdim=True) / count
+            per_feature = (1, 1, 1, channels, 1)
+            scale, shift = r.to(compute).view(per_feature), d.to(compute).view(per_feature)
+            if weight is not None:
+                scale, shift = scale * weight.to(compute).view(per_feature), shift * weight.to(compute).view(per_feature)
+            y = (xg - mean) * torch.rsqrt(var + eps) * scale + shift
+            g = grad.to(compute).reshape(*grouped_shape, rows, channels, positions)
+            found = list(torch.autograd.grad(y, wanted, g.transpose(0, 1) if strided else g, create_graph=True))
+    grad_input = found.pop(0) if need_input else None
+    grad_weight = found.pop(0) if need_weight else None
+    grad_bias = None
+    if need_bias:
+        grad_bias = grad.to(compute).reshape(n * rows, channels, positions).sum((0, 2))
+    return grad_input, grad_weight, grad_bias
+
+
 def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                      moving_stddev, dims, settings):
     """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply.

@@ -209,6 +209,20 @@ using Optional = c10::optional<Tensor>;
 
 Tensor or_undefined(const Optional& t) { return t.has_value() ? *t : Tensor(); }
 
+// The gradient with a graph (create_graph=True), from Python: normkit.kernels.graph_backward, which the
+// Triton kernels' backward calls too. One entry per forward argument (11), as backward returns.
+variable_list graph_backward(const Tensor& x, const Tensor& weight, const Tensor& valid, const std::vector<int64_t>& dims,
+                             double eps, const Tensor& r, const Tensor& d, const Tensor& grad, bool need_input,
+                             bool need_weight, bool need_bias) {
+  pybind11::gil_scoped_acquire gil;
+  auto as_object = [](const Tensor& t) { return t.defined() ? pybind11::cast(t) : pybind11::none(); };
+  pybind11::tuple found = pybind11::module_::import("normkit.kernels").attr("graph_backward")(
+      x, as_object(weight), as_object(valid), dims, eps, r, d, grad, pybind11::make_tuple(need_input, need_weight, need_bias));
+  auto as_tensor = [&](int i) { return found[i].is_none() ? Tensor() : found[i].cast<Tensor>(); };
+  return {as_tensor(0), as_tensor(1), as_tensor(2), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+          Tensor(), Tensor()};
+}
+
 struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
   // Returns the normalized input; moves the running buffers in place when settings[kUpdate].
   // Absent tensors are empty optionals: autograd then does not count them as inputs.
@@ -302,6 +316,7 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     ctx->saved_data["dims"] = dims;
     ctx->saved_data["statistics"] = saved;
     ctx->saved_data["has_bias"] = bias.defined();
+    ctx->saved_data["eps"] = eps;
     return y;
   }
 
@@ -309,16 +324,13 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
   // shift = a sum(g) / n, sums over every position of the group (each output depends on the
   // statistics), w = 1 on valid positions; dweight = r sum(g x_hat) + d sum(g), dbias = sum(g).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // The gradient is computed from raw memory: it has no graph of its own.
-    TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "normkit's fused kernel has no double backward (create_graph=True, e.g. a gradient penalty): "
-                "call normkit.kernels.disable() for this model");
     auto saved = ctx->get_saved_variables();
     Tensor x = saved[0], weight = saved[1], valid = saved[2];
     const Layout L = layout_from(ctx->saved_data["dims"].toIntVector());
     const int64_t C = L.C, S = L.S;
     Tensor grad = grad_outputs[0].contiguous();
-    const double* packed = ctx->saved_data["statistics"].toTensor().data_ptr<double>();
+    const Tensor statistics = ctx->saved_data["statistics"].toTensor();
+    const double* packed = statistics.data_ptr<double>();
     const int64_t GC = L.G * C;
     const double *count = packed, *mean = count + L.G, *invstd = mean + GC, *scale = invstd + GC, *r = scale + C,
                  *d = r + C;
@@ -326,6 +338,14 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = weight.defined() && ctx->needs_input_grad(1);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+    if (torch::GradMode::is_enabled()) {
+      // create_graph=True (a gradient penalty): the loops below write numbers, which autograd cannot
+      // differentiate again, so normkit.kernels.graph_backward recomputes the step by autograd.
+      return graph_backward(x, weight, valid, ctx->saved_data["dims"].toIntVector(),
+                            ctx->saved_data["eps"].toDouble(), statistics.narrow(0, L.G + 2 * GC + C, C),
+                            statistics.narrow(0, L.G + 2 * GC + 2 * C, C), grad_outputs[0], need_input, need_weight,
+                            need_bias);
+    }
     Tensor grad_input, grad_weight, grad_bias;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normkit_fused_batch_norm_backward", [&] {
       const scalar_t* xp = x.data_ptr<scalar_t>();

@@ -39,14 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import graph_backward
+
 # The most values one program walks (every ghost group of a feature). Not a measured crossover with
 # ATen's kernels: a bound well above the benchmarked features (at most 100,352 values), below which
 # one program stays within a few passes of about a megabyte.
 MAX_PER_FEATURE = 1 << 18
 BLOCK = 1024
 _HALF = (torch.float16, torch.bfloat16)
-_DOUBLE_BACKWARD = ("normkit's fused kernel has no double backward (create_graph=True, e.g. a gradient penalty): "
-                    "call normkit.kernels.disable() for this model")
 
 
 @triton.jit
@@ -268,18 +268,20 @@ class _FusedBatchNorm(torch.autograd.Function):
             UNBIASED=bool(unbiased), BLOCK=BLOCK)
         ctx.save_for_backward(x, weight, valid, stats, rd)
         ctx.dims = dims
+        ctx.eps = float(settings[5])  # (for graph_backward)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph of its own
-            raise RuntimeError(_DOUBLE_BACKWARD)
         x, weight, valid, stats, rd = ctx.saved_tensors
         n, rows, channels, positions, groups, strided = ctx.dims
         need_input = ctx.needs_input_grad[0]
         need_weight = weight is not None and ctx.needs_input_grad[1]
         need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient has no graph; autograd's has
+            return (*graph_backward(x, weight, valid, ctx.dims, ctx.eps, rd[:channels], rd[channels:], grad,
+                                    (need_input, need_weight, need_bias)), *[None] * 8)
         grad = grad.contiguous()
         grad_input = torch.empty_like(x) if need_input else None
         grad_weight = torch.empty_like(weight) if need_weight else None
