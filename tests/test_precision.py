@@ -61,6 +61,28 @@ def test_half_inputs_for_the_other_norms(dtype, rng):
         assert_close(y, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "InstanceNorm1d"])
+def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, name, rng):
+    """No parameters to say float32: ATen alone keeps a half-precision call's mean and 1/std in half precision
+    (instance_norm normalizes with that rounded mean; every backward reads them). Data far from zero shows it."""
+    shape = (3, 8, 64)
+    x = torch.tensor(rng.normal(size=shape) * 0.1 + 50).to(dtype).requires_grad_()
+    g = torch.tensor(rng.normal(size=shape)).to(dtype)
+    x64, g64 = to_numpy(x), to_numpy(g)
+    layer, forward, backward = {
+        "LayerNorm": (normkit.LayerNorm(64, elementwise_affine=False), R.layer_norm(x64, 64),
+                      R.layer_norm_backward(g64, x64, 64)),
+        "GroupNorm": (normkit.GroupNorm(2, 8, affine=False), R.group_norm(x64, 2), R.group_norm_backward(g64, x64, 2)),
+        "InstanceNorm1d": (normkit.InstanceNorm1d(8), R.instance_norm(x64), R.instance_norm_backward(g64, x64)),
+    }[name]
+    y = layer(x)
+    y.backward(g)
+    assert y.dtype == x.grad.dtype == dtype
+    assert_close(y, forward, dtype)
+    assert_close(x.grad, backward[0], dtype)
+
+
 def test_large_half_values_do_not_overflow():
     """Keras' test: [-1000, 1000] in float16 normalizes to [-1, 1] (the variance 1e6 > float16 max)."""
     x = torch.tensor([[-1000.0], [1000.0]], dtype=torch.float16)

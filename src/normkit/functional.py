@@ -1006,13 +1006,19 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
 
 
 def _params_for(x, *params):
-    """Half-precision input with float32 parameters: compute in float32 (parameters stay float32).
+    """Half-precision input with float32 parameters, or with none: compute in float32 (parameters stay float32).
+
+    Without parameters too: ATen keeps the mean and 1/std of a half-precision call in the input's dtype
+    (instance_norm normalizes with that rounded mean, and every kernel's backward reads them), which put
+    the output and the input gradient of InstanceNorm/LayerNorm/GroupNorm without affine parameters up
+    to 100x further from the float64 values than the same layer's with them. A half-precision layer
+    (``.half()``: parameters in the input's dtype) stays in it, as torch.nn's does.
 
     Under autocast the input goes to ATen as it is, so autocast's own rule for the op decides the
     computation and the output dtype exactly as for torch.nn's layer (CUDA: layer_norm and
     group_norm run in float32 and return float32).
     """
-    if (x.dtype in LOW_PRECISION and any(p is not None and p.dtype != x.dtype for p in params)
+    if (x.dtype in LOW_PRECISION and not any(p is not None and p.dtype == x.dtype for p in params)
             and not torch.is_autocast_enabled(x.device.type)):
         return x.float(), True
     return x, False
