@@ -70,3 +70,22 @@ def test_every_name_builds_a_layer_for_conv_inputs(name):
 def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="unknown normalization 'bach'; choose one of none, batch"):
         create_norm("bach", 4, rank=2)
+
+
+@pytest.mark.parametrize("option", ["affine", "elementwise_affine"])
+@pytest.mark.parametrize("shape,normalized", [((5, 6), (6,)), ((5, 6, 3), (6, 3)), ((5, 6, 3, 2), (6, 3, 2))])
+def test_layer_takes_either_affine_switch_at_every_rank(option, shape, normalized, rng):
+    """'layer' is LayerNorm (dense) or GroupNorm(1, C) (conv): one option set must fit both, as the lab's
+    --norm-option does for LeNet's conv and dense layers."""
+    layer = create_norm("layer", 6, len(shape), **{option: False}).double()
+    assert list(layer.parameters()) == []
+    x = rng.normal(size=shape) * 2 + 1
+    np.testing.assert_allclose(layer(torch.tensor(x)).numpy(), normkit.reference.layer_norm(x, normalized),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_layer_refuses_conflicting_or_foreign_options():
+    with pytest.raises(ValueError, match="affine or elementwise_affine"):
+        create_norm("layer", 6, 4, affine=False, elementwise_affine=False)
+    with pytest.raises(ValueError, match="use 'group'"):
+        create_norm("layer", 6, 4, num_groups=2)

@@ -5,7 +5,8 @@
     none      nn.Identity (no normalization)
     batch     normkit.BatchNorm (over axis 1, any rank)
     torch     torch.nn.BatchNorm1d/2d/3d (the baseline normkit is compared to)
-    layer     normkit.LayerNorm over the features (dense) or GroupNorm(1, C) (conv: LayerNorm over C, H, W)
+    layer     normkit.LayerNorm over the features (dense) or GroupNorm(1, C) (conv: LayerNorm over C, H, W);
+              affine=False and elementwise_affine=False both drop gamma and beta on either
     instance  normkit.InstanceNorm (conv; affine, as BN's parameters are) - dense inputs have no
               spatial axes, so it is refused there
     group     normkit.GroupNorm with the largest divisor of C up to 32 that leaves >= 2 channels per group
@@ -63,8 +64,19 @@ def _instance_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
 
 
 def _layer_norm(num_features: int, rank: int, **kwargs) -> nn.Module:
+    # One name, two classes: either class's name for the affine switch serves both, so one option set (the lab's
+    # --norm-option, for LeNet's conv and dense layers alike) can turn gamma and beta off.
+    if "affine" in kwargs and "elementwise_affine" in kwargs:
+        raise ValueError("normalization 'layer' takes affine or elementwise_affine (the same switch), not both")
+    if "num_groups" in kwargs:
+        raise ValueError("normalization 'layer' has one group of all channels on conv inputs; for num_groups "
+                         "use 'group'")
     if rank == 2:
+        if "affine" in kwargs:
+            kwargs["elementwise_affine"] = kwargs.pop("affine")
         return modules.LayerNorm(num_features, **kwargs)
+    if "elementwise_affine" in kwargs:
+        kwargs["affine"] = kwargs.pop("elementwise_affine")
     return modules.GroupNorm(1, num_features, **kwargs)
 
 
