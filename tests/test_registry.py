@@ -89,3 +89,10 @@ def test_layer_refuses_conflicting_or_foreign_options():
         create_norm("layer", 6, 4, affine=False, elementwise_affine=False)
     with pytest.raises(ValueError, match="use 'group'"):
         create_norm("layer", 6, 4, num_groups=2)
+
+
+@pytest.mark.parametrize("name", ["group", "torch"])
+@pytest.mark.parametrize("num_features,error", [(6.0, TypeError), ((6,), TypeError), (-2, ValueError)])
+def test_bad_num_features_are_named(name, num_features, error):
+    with pytest.raises(error, match="num_features must be a positive int"):
+        create_norm(name, num_features, rank=4)

@@ -214,6 +214,8 @@ def test_a_subclass_s_reset_parameters_runs_at_construction(name, args):
     (lambda: normkit.GroupNorm(2, (4,)), TypeError, "num_channels"),
     (lambda: normkit.BatchNorm1d(3.0), TypeError, "num_features"),
     (lambda: normkit.BatchNorm1d(0), ValueError, "num_features"),
+    (lambda: normkit.InstanceNorm2d((6,), affine=True), TypeError, "num_features"),
+    (lambda: normkit.InstanceNorm1d((6,)), TypeError, "num_features"),
     (lambda: normkit.BatchNorm(3, axis=1.0), TypeError, "axis"),
 ])
 def test_bad_sizes_name_the_argument(build, error, words):

@@ -1058,6 +1058,9 @@ class _InstanceNorm(_NormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
                  track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True):
+        # One channel count: a tuple (which BatchNorm takes for several feature axes) never matched an input's
+        # channels, and only the first call said so, as "build the layer with num_features=C".
+        _check_num_features(num_features, tuples=False)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

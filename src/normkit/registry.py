@@ -106,6 +106,9 @@ def create_norm(name: str, num_features: int, rank: int, **kwargs) -> nn.Module:
     key = str(name).replace("_", "").replace("-", "").lower()
     if key not in _FACTORIES:
         raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    if key in ("group", "torch"):
+        # (their own errors name no argument: 'group' picks its groups from it first, torch.nn fails in torch.empty)
+        modules._check_num_features(num_features, tuples=False)
     if key == "none" and kwargs:
         raise ValueError(f"normalization 'none' takes no options, got {', '.join(kwargs)}")
     return _FACTORIES[key](num_features, rank, **kwargs)
