@@ -210,3 +210,16 @@ def test_instance_norm_without_input_stats_needs_running_statistics():
                  lambda: R.instance_norm_backward(np.ones_like(x), x, use_input_stats=False)):
         with pytest.raises(ValueError, match="use_input_stats=False normalizes with running_mean and running_var"):
             call()
+
+
+def test_layer_and_group_norm_refuse_shapes_they_do_not_fit():
+    """As functional.py's twins (ATen) do: without weights a mismatched normalized_shape was silently another
+    normalization (over the last axes whatever their sizes)."""
+    x = np.arange(40, dtype=np.float64).reshape(2, 4, 5)
+    for call in (lambda: R.layer_norm(x, 4), lambda: R.layer_norm(x, (2, 4, 5, 1)),
+                 lambda: R.layer_norm_backward(np.ones_like(x), x, (5, 4))):
+        with pytest.raises(ValueError, match="normalized_shape=.* must be the input's last"):
+            call()
+    for call in (lambda: R.group_norm(x, 3), lambda: R.group_norm_backward(np.ones_like(x), x, 3)):
+        with pytest.raises(ValueError, match="num_groups=3 must divide the channels"):
+            call()

@@ -347,6 +347,10 @@ def _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, 
 def _layer_norm_geometry(x, normalized_shape):
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(normalized_shape)
+    if x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
+        # (else the last k axes were reduced whatever their sizes: a silently different normalization)
+        raise ValueError(f"normalized_shape={normalized_shape} must be the input's last {k} dims, "
+                         f"got input shape {x.shape}")
     reduce_axes = tuple(range(x.ndim - k, x.ndim))
     param_shape = (1,) * (x.ndim - k) + normalized_shape
     return reduce_axes, param_shape
@@ -371,6 +375,8 @@ def layer_norm_backward(grad_output, x, normalized_shape, weight=None, bias=None
 
 def _group_view(x, num_groups):
     """(N, C, *S) -> (N, G, C/G, *S); statistics reduce over (C/G, *S)."""
+    if x.ndim < 2 or x.shape[1] % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the channels of an (N, C, *) input, got shape {x.shape}")
     n, c = x.shape[:2]
     view = x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
     return view, tuple(range(2, view.ndim)), (1, num_groups, c // num_groups) + (1,) * (x.ndim - 2)
