@@ -90,6 +90,19 @@ def test_one_value_per_channel_in_training_suggests_remedies():
     assert layer(torch.randn(1, 10)).shape == (1, 10)  # eval never needs a batch
 
 
+@pytest.mark.parametrize("make", [lambda: normkit.InstanceNorm1d(3), lambda: normkit.InstanceNorm1d(3).eval(),
+                                  lambda: normkit.InstanceNorm2d(3, affine=True, track_running_stats=True)])
+def test_one_spatial_value_in_instance_norm_names_its_remedies(make):
+    """An instance's statistics, in training and in eval without running statistics: BatchNorm's 'when training'
+    and 'batch variance' misdescribed both."""
+    layer = make()
+    x = torch.randn((2, 3) + (1,) * layer._spatial_dims)
+    with pytest.raises(ValueError, match=r"more than 1 spatial element.*input's own statistics.*track_running_stats"):
+        layer(x)
+    if layer.track_running_stats:
+        assert layer.eval()(x).shape == x.shape  # the running statistics need no spatial size
+
+
 @pytest.mark.parametrize("options", [{}, {"renorm": True}, {"ghost_layout": "contiguous"},
                                      {"adjustment": lambda shape: (1.0, 0.0)}])
 def test_one_value_per_ghost_batch_names_virtual_batch_size(options, execution):

@@ -1048,8 +1048,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly)."""
     check_floating(x)
     check_eps(eps)
-    if use_input_stats:
-        check_enough_values(math.prod(x.shape[2:]), x.shape, hint="use a larger spatial size, or BatchNorm")
+    if use_input_stats and math.prod(x.shape[2:]) == 1:
+        # (not BatchNorm's message: no batch variance is taken here, and eval without running statistics refuses too)
+        raise ValueError(f"Expected more than 1 spatial element per channel when normalizing with the input's own "
+                         f"statistics (training, or any call without running statistics), got input size "
+                         f"{tuple(x.shape)}: the variance of a single value is 0; use a larger spatial size, "
+                         "BatchNorm, or track_running_stats=True and eval()")
     computed, upcast = _params_for(x, weight, bias, running_mean)
     y = torch.instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                             torch.backends.cudnn.enabled)
