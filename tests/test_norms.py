@@ -1,5 +1,6 @@
 """LayerNorm, GroupNorm and InstanceNorm against the reference and torch.nn, and their equivalences."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,29 @@ def test_parametrized_weight_is_used_as_in_torch_nn(name, arguments, shape):
     x = torch.randn(shape)
     torch.testing.assert_close(ours(x), theirs(x))
     assert not torch.allclose(ours(x), getattr(normkit, name)(*arguments)(x))
+
+
+@pytest.mark.parametrize("affine,track", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3)])
+def test_instance_norm_of_an_empty_batch_leaves_its_state_alone(affine, track, shape, rng):
+    """As BatchNorm's empty batch: torch.nn's InstanceNorm fails with affine parameters and otherwise sets its running
+    statistics to the NaN mean of no instances, which every later eval output then is."""
+    layer = normkit.InstanceNorm2d(4, affine=affine, track_running_stats=track).double()
+    _randomize(layer, rng=rng)
+    rm, rv = (to_numpy(layer.running_mean), to_numpy(layer.running_var)) if track else (None, None)
+    for training in (True, False):
+        layer.train(training)
+        x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+        if affine:
+            assert torch.equal(layer.weight.grad, torch.zeros(4, dtype=torch.float64))
+            assert torch.equal(layer.bias.grad, torch.zeros(4, dtype=torch.float64))
+    x = torch.tensor(rng.normal(size=(2, 4, 3, 3)))
+    expected = R.instance_norm(x.numpy(), rm, rv, to_numpy(layer.weight), to_numpy(layer.bias), not track)
+    assert_close(layer(x), expected)
+    assert_close(R.instance_norm(np.zeros(shape), rm, rv), np.zeros(shape))
+    if track:
+        assert_close(layer.running_mean, rm)
+        assert_close(layer.running_var, rv)

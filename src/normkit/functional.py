@@ -1054,6 +1054,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                          f"statistics (training, or any call without running statistics), got input size "
                          f"{tuple(x.shape)}: the variance of a single value is 0; use a larger spatial size, "
                          "BatchNorm, or track_running_stats=True and eval()")
+    if x.numel() == 0:
+        # As batch_norm's empty batch: an empty output, zero gradients for weight and bias, the buffers left alone
+        # (ATen's kernel fails on weights, and otherwise sets the running statistics to the NaN mean of no samples).
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        return affine(x * 1.0, None if weight is None else weight.reshape(shape).to(x.dtype),
+                      None if bias is None else bias.reshape(shape).to(x.dtype))
     computed, upcast = _params_for(x, weight, bias, running_mean)
     y = torch.instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                             torch.backends.cudnn.enabled)

@@ -417,6 +417,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     reduce_axes = tuple(range(2, x.ndim))
     param_shape = (1, c) + (1,) * (x.ndim - 2)
     _check_running_for_instance_norm(use_input_stats, running_mean, running_var)
+    if x.size == 0:
+        return x.copy()  # no instance, no statistics: the running ones stay as they are
     if not use_input_stats:
         return normalize(x, _param(running_mean, param_shape), _param(running_var, param_shape), eps,
                          _param(weight, param_shape), _param(bias, param_shape))
