@@ -223,3 +223,19 @@ def test_layer_and_group_norm_refuse_shapes_they_do_not_fit():
     for call in (lambda: R.group_norm(x, 3), lambda: R.group_norm_backward(np.ones_like(x), x, 3)):
         with pytest.raises(ValueError, match="num_groups=3 must divide the channels"):
             call()
+
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_an_empty_training_batch_leaves_the_buffers_alone(renorm, rng):
+    """An empty batch carries no statistics: the buffers stay as they were (docs/decisions.md, as the layers do),
+    not the NaN mean of nothing."""
+    buffers = {name: rng.uniform(0.5, 1.5, 3) for name in ("running_mean", "running_var")}
+    if renorm:
+        buffers.update({name: rng.uniform(0.5, 1.5, 3) for name in ("renorm_mean", "renorm_stddev", "moving_stddev")})
+    before = {name: value.copy() for name, value in buffers.items()}
+    options = {"renorm_clipping": (0.0, math.inf, math.inf)} if renorm else {}
+    y = R.batch_norm(np.empty((0, 3)), training=True, weight=np.ones(3), bias=np.zeros(3), **buffers, **options)
+    assert y.shape == (0, 3)
+    for name, value in buffers.items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)

@@ -260,7 +260,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     z = _pre_affine(parts, x_hat)
     y = affine(z, _view_param(weight, parts), _view_param(bias, parts))
     y = y.reshape(np.shape(x))
-    if training and running_mean is not None:
+    # (an empty batch carries no statistics: the buffers stay, as the layers keep them, not the NaN mean of nothing)
+    if training and running_mean is not None and np.size(x) > 0:
         update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
                                         renorm_mean, renorm_stddev, moving_stddev, renorm_momentum)
     return y
