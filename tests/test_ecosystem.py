@@ -1,4 +1,4 @@
-"""The torch ecosystem around a drop-in layer (meta device, torch.func, fusion, pickling, checkpointing, autocast, casts):
+"""The torch ecosystem around a drop-in layer (meta device, torch.func, fusion, torch.fx, pickling, checkpointing, autocast, casts):
 each case runs normkit's layer and torch.nn's side by side, or against finite differences."""
 
 import copy
@@ -316,6 +316,67 @@ def test_fuse_conv_bn_eval_reads_no_axis():
     assert not torch.allclose(nn.utils.fuse_conv_bn_eval(conv, model[1])(x), model(x))
     folded, names = normkit.fold_batch_norm(model)
     assert names == [] and torch.equal(folded(x), model(x))
+
+
+
+# ------------------------------------------------------------------------------ torch.fx
+
+def _fx_model(ns):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), ns.BatchNorm2d(4), nn.ReLU(), ns.GroupNorm(2, 4),
+                         ns.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(1),
+                         nn.Linear(4 * 4 * 4, 5), ns.BatchNorm1d(5, momentum=None), ns.LayerNorm(5))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fx_symbolic_trace_records_the_layers_as_torch_nn_s(mode):
+    """fx records torch.nn's layers as call_module nodes (leaves); normkit's give the same graph, and the traced
+    module computes what torch.nn's does (normkit's forward run on Proxies was a TypeError)."""
+    torch.manual_seed(0)
+    theirs, ours = _fx_model(nn).double(), _fx_model(normkit).double()
+    ours.load_state_dict(theirs.state_dict())
+    traced = [getattr(torch.fx.symbolic_trace(model), mode)() for model in (ours, theirs)]
+    assert [(n.op, n.target) for n in traced[0].graph.nodes] == [(n.op, n.target) for n in traced[1].graph.nodes]
+    for _ in range(2):
+        x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+        torch.testing.assert_close(*[_step(model, x) for model in traced], rtol=0, atol=0)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+def test_fx_symbolic_trace_of_options_masks_and_the_keras_layer():
+    """A call_module node calls the layer itself: options, a mask argument and Keras' training flag reach it, and
+    an unbuilt Keras layer builds on the first call, as torch.nn.LazyBatchNorm1d does under fx."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = normkit.BatchNorm1d(4, virtual_batch_size=2, renorm=True)
+            self.keras = normkit.keras.BatchNormalization()
+
+        def forward(self, x, mask):
+            return self.keras(self.bn(x, mask=mask).transpose(1, 2), training=True)
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    eager = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.op for n in traced.graph.nodes].count("call_module") == 2
+    for _ in range(2):
+        x = torch.randn(4, 4, 3, dtype=torch.float64)
+        mask = torch.rand(4, 3) > 0.3
+        torch.testing.assert_close(traced(x, mask), eager(x, mask), rtol=0, atol=0)
+    _assert_same_state(model, eager, rtol=0, atol=0)
+
+
+def test_fx_symbolic_trace_of_a_layer_alone():
+    """As the traced root, LayerNorm and GroupNorm trace to their functional op, as torch.nn's do; a BN layer,
+    whose torch.nn twin fails there with fx's TraceError, says what to trace instead."""
+    x = torch.randn(2, 4, 3, 4)
+    for ours, theirs in (_pair("LayerNorm", 4), _pair("GroupNorm", 2, 4)):
+        traced = torch.fx.symbolic_trace(ours)
+        assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == \
+               [n.target for n in torch.fx.symbolic_trace(theirs).graph.nodes if n.op == "call_function"]
+        torch.testing.assert_close(traced(x), theirs(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cannot trace BatchNorm2d itself.*trace a model that holds it"):
+        torch.fx.symbolic_trace(normkit.BatchNorm2d(4))
 
 
 # ------------------------------------------------------------------------------ copies and checkpoints

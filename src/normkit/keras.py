@@ -36,7 +36,7 @@ from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION
-from .modules import (BatchNorm, _refuse_torchscript, check_adjustment, check_ghost_layout,
+from .modules import (BatchNorm, _fx_call_module, _refuse_torchscript, check_adjustment, check_ghost_layout,
                       check_virtual_batch_size)
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
@@ -468,6 +468,11 @@ class BatchNormalization(nn.Module):
 
     def forward(self, inputs: torch.Tensor, training: Optional[bool] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(inputs, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: one call_module node, as torch.nn's layers give (an unbuilt layer builds on
+            # the traced module's first call, as a torch.nn.LazyBatchNorm does)
+            kwargs = {name: value for name, value in (("training", training), ("mask", mask)) if value is not None}
+            return _fx_call_module(self, inputs, **kwargs)
         if not isinstance(inputs, torch.Tensor):
             # Keras converts array inputs to the layer's compute dtype: a float64 layer's NumPy data stays
             # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).

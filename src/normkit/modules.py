@@ -155,6 +155,23 @@ def _refuse_torchscript(module: nn.Module):
                     "torch.jit.trace(model.eval(), example_input) for an inference TorchScript module")
 
 
+def _fx_call_module(module: nn.Module, input, *args, **kwargs):
+    """Under ``torch.fx.symbolic_trace`` (``input`` is a Proxy): the layer as one ``call_module`` node.
+
+    fx treats torch.nn's modules as leaves and records a call of them; normkit's are not in torch.nn, so
+    fx would run their forward on Proxies, whose shape checks and option branches cannot be decided
+    (a TypeError deep in normkit, where torch.nn's model traces). The node calls the layer itself, so
+    the traced GraphModule computes exactly what the eager layer does (options, masks, modes).
+    """
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if path == "":  # (the traced root: a node calling the root would call itself)
+        raise TypeError(f"torch.fx.symbolic_trace cannot trace {type(module).__name__} itself (its forward branches "
+                        "on the input's shape and the layer's options); trace a model that holds it, where it "
+                        "becomes one call_module node as torch.nn's layers do, or use torch.export.export")
+    return tracer.create_proxy("call_module", path, (input, *args), kwargs)
+
+
 class _NormBase(nn.Module):
     """Parameters ``weight``/``bias`` and buffers ``running_mean``/``running_var``/``num_batches_tracked``.
 
@@ -714,6 +731,8 @@ class BatchNorm(_NormBase):
         return False
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
         if (self._plain and mask is None and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):  # (compiled graphs take the recentered path)
             return self._forward_plain(input)
@@ -945,6 +964,13 @@ class _SampleNorm(nn.Module):
         F.check_floating(input)
         _check_input_dtype(input, self.weight)
 
+    def _fx_trace(self, input, functional, size):
+        """torch.fx.symbolic_trace: a call_module node inside a model (as torch.nn's layer gives); traced as the
+        root, torch.nn's forward, the functional op, which fx records (torch.nn's root traces to that too)."""
+        if input.tracer.path_of_module(self) == "":
+            return functional(input, size, self.weight, self.bias, self.eps)
+        return _fx_call_module(self, input)
+
 
 class LayerNorm(_SampleNorm):
     r"""Normalize each sample over its trailing ``normalized_shape`` axes: a drop-in for torch.nn.LayerNorm.
@@ -975,6 +1001,8 @@ class LayerNorm(_SampleNorm):
         # The common case straight to ATen as torch.nn's layer calls it: on small inputs the general path's
         # checks cost as much as the op.
         shape, (weight, bias) = self.normalized_shape, _affine_of(self)
+        if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
+            return self._fx_trace(input, torch.nn.functional.layer_norm, shape)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape
                 and self.eps > 0):  # (else the general path refuses the eps)
@@ -1020,6 +1048,8 @@ class GroupNorm(_SampleNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The common case straight to ATen, as in LayerNorm.forward.
         weight, bias = _affine_of(self)
+        if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
+            return self._fx_trace(input, torch.nn.functional.group_norm, self.num_groups)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
                 and input.shape[1] == self.num_channels and input.numel() != self.num_groups
@@ -1078,6 +1108,8 @@ class _InstanceNorm(_NormBase):
                                       error_msgs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
+            return _fx_call_module(self, input)
         F.check_floating(input)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         batched_rank = self._spatial_dims + 2
