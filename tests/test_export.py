@@ -86,6 +86,19 @@ def test_exported_training_step_keeps_the_gradient_through_the_statistics(name):
     _assert_exported_steps_as_eager(layer, shape, np.random.default_rng(2))
 
 
+# Plain training BN decomposes to ATen's functional batch norm, which autograd cannot run with the running
+# buffers it updates (torch.nn.BatchNorm2d's program fails too, on a buffer updated in place: PyTorch does not
+# promise autograd through decomposed programs). Every other layer's decomposed training step is differentiable.
+DECOMPOSED_TRAINING = [name for name in LAYERS if name not in ("BatchNorm2d", "BatchNorm axis=-1")]
+
+
+@pytest.mark.parametrize("name", DECOMPOSED_TRAINING)
+def test_a_decomposed_training_program_steps_as_the_eager_layer(name):
+    """run_decompositions() (ATen's core ops, as backends lower them) keeps the step and its gradients."""
+    layer, shape = _layer(name)
+    _assert_exported_steps_as_eager(layer.train(), shape, np.random.default_rng(1), decomposed=True)
+
+
 def test_a_clipping_schedule_cannot_be_exported_for_training_and_says_so():
     layer = normkit.BatchNorm1d(3, renorm=True, renorm_clipping={"rmax": lambda step: 1.0 + step / 100})
     with pytest.raises(RuntimeError, match="cannot trace a renorm_clipping schedule.*export in eval mode"):
@@ -93,13 +106,14 @@ def test_a_clipping_schedule_cannot_be_exported_for_training_and_says_so():
     torch.export.export(layer.eval(), (torch.randn(8, 3),))  # (inference uses no clipping)
 
 
-def _assert_exported_steps_as_eager(layer, shape, rng):
+def _assert_exported_steps_as_eager(layer, shape, rng, decomposed=False):
     """Three steps of the exported program and of the eager layer on the same data: outputs, gradients, buffers."""
     eager = copy.deepcopy(layer)
     example = torch.tensor(rng.normal(size=shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (export's notes on mutated buffers)
-        program = torch.export.export(layer, (example,)).module()
+        exported = torch.export.export(layer, (example,))
+        program = (exported.run_decompositions() if decomposed else exported).module()
     exported_params = [p for p in program.parameters() if p.requires_grad]
     eager_params = [p for p in eager.parameters() if p.requires_grad]
     assert len(exported_params) == len(eager_params)

@@ -610,6 +610,16 @@ def _renorm_factors_shape(mean, stddev, renorm_mean, renorm_stddev, eps, bounds)
     return mean.new_empty(shape), mean.new_empty(shape)
 
 
+def _renorm_factors_backward(ctx, grad_r, grad_d):
+    """r and d are constants of the step by design (no gradient reaches the statistics); the op's inputs come
+    without gradient, except in graphs where a decomposition turned the detach before it into an alias
+    (``ExportedProgram.run_decompositions()``), which then backpropagate through it as the eager step does."""
+    return None, None, None, None, None, None
+
+
+_renorm_factors_op.register_autograd(_renorm_factors_backward)
+
+
 def _renorm_factors_eager(mean, stddev, eps, renorm_mean, renorm_stddev, rmin, rmax, dmax):
     safe_stddev = torch.clamp(renorm_stddev, min=math.sqrt(eps))
     r = torch.div(stddev, safe_stddev)
