@@ -240,7 +240,8 @@ class L1L2:
         return "L1L2", {"l1": self.l1, "l2": self.l2}
 
     def __repr__(self):
-        return f"L1L2(l1={self.l1}, l2={self.l2})"
+        kind, config = self.keras_config()
+        return f"{kind}({', '.join(f'{key}={value}' for key, value in config.items())})"
 
 
 class L1(L1L2):
@@ -252,9 +253,6 @@ class L1(L1L2):
     def keras_config(self):
         return "L1", {"l1": self.l1}
 
-    def __repr__(self):
-        return f"L1(l1={self.l1})"
-
 
 class L2(L1L2):
     """``l2 * sum(w^2)`` (Keras' L2; its argument name)."""
@@ -264,9 +262,6 @@ class L2(L1L2):
 
     def keras_config(self):
         return "L2", {"l2": self.l2}
-
-    def __repr__(self):
-        return f"L2(l2={self.l2})"
 
 
 REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.01, 0.01)}
