@@ -239,3 +239,86 @@ def test_an_empty_training_batch_leaves_the_buffers_alone(renorm, rng):
     assert y.shape == (0, 3)
     for name, value in buffers.items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def _spec_training_step(x, mask, rows_of_ghosts, weight, bias, eps, momentum, buffers, clipping, renorm_momentum,
+                        adjustment, unbiased):
+    """One training step of (N, C) batch norm with every option, written from the spec (Keras' formulas, normkit's
+    decisions) and not from reference.py: explicit ghost row lists, torch autograd in float64 for the gradients.
+    ``buffers`` (NumPy) move in place. Returns y and a function of the upstream gradient giving (dx, dweight,
+    dbias)."""
+    import torch
+
+    xt, w, b = (torch.tensor(v, requires_grad=True) for v in (x, weight, bias))
+    m = torch.tensor(mask, dtype=torch.float64)
+    stats = []  # (count, mean, biased var) per ghost and channel
+    y = torch.empty_like(xt)
+    for rows in rows_of_ghosts:
+        n = m[rows].sum(0)
+        mean = (m[rows] * xt[rows]).sum(0) / n
+        var = (m[rows] * (xt[rows] - mean) ** 2).sum(0) / n
+        stats.append((n, mean, var))
+        y = y.index_put((torch.tensor(rows),), (xt[rows] - mean) / torch.sqrt(var + eps))
+    total = sum(n for n, _, _ in stats)
+    batch_mean = sum(n * mu for n, mu, _ in stats) / total  # count-weighted over ghosts (docs/decisions.md)
+    batch_var = sum(n * v for n, _, v in stats) / total
+    s = torch.sqrt(batch_var.detach() + eps)
+    renorm_stddev = torch.clamp(torch.tensor(buffers["renorm_stddev"]), min=math.sqrt(eps))
+    r = torch.clamp(s / renorm_stddev, clipping[0], clipping[1])  # r, d: constants for the gradient
+    d = torch.clamp((batch_mean.detach() - torch.tensor(buffers["renorm_mean"])) / renorm_stddev, -clipping[2],
+                    clipping[2])
+    scale, shift = adjustment
+    y = ((y * r + d) * torch.tensor(scale) + torch.tensor(shift)) * w + b  # renorm, then adjustment, then affine
+    with torch.no_grad():
+        if unbiased:  # PyTorch's vocabulary: n / (n - 1) per ghost, before the count-weighted mean
+            estimate = (sum(n * v * n / (n - 1) for n, _, v in stats) / total).numpy()
+        else:
+            estimate = batch_var.numpy()
+        new = lambda old, value, rate: (1 - rate) * old + rate * value
+        buffers["renorm_mean"][:] = new(buffers["renorm_mean"], batch_mean.numpy(), renorm_momentum)
+        buffers["renorm_stddev"][:] = new(buffers["renorm_stddev"], s.numpy(), renorm_momentum)
+        buffers["running_mean"][:] = new(buffers["running_mean"], batch_mean.numpy(), momentum)
+        buffers["moving_stddev"][:] = new(buffers["moving_stddev"], np.sqrt(estimate + eps), momentum)
+        buffers["running_var"][:] = np.maximum(buffers["moving_stddev"] ** 2 - eps, 0.0)
+
+    def gradients(grad):
+        return tuple(g.numpy() for g in torch.autograd.grad(y, (xt, w, b), torch.tensor(grad)))
+
+    return y.detach().numpy(), gradients
+
+
+@pytest.mark.parametrize("layout", ["strided", "contiguous"])
+@pytest.mark.parametrize("unbiased", [True, False], ids=["torch_var", "keras_var"])
+def test_every_option_at_once_against_an_implementation_from_the_spec(layout, unbiased, rng):
+    """Ghost batches + mask + renorm (r and d unsaturated on some channels, clipped on others) + adjustment: the
+    forward pass, all three gradients and the five buffers against _spec_training_step, for two steps (the second
+    uses the renorm statistics the first moved). Finite differences cannot check renorm's gradient where r and d
+    are not clipped (they carry none by design), so this is the independent check of that case."""
+    x_steps = [rng.normal(size=(8, 4)) * [1.0, 3.0, 0.2, 5.0] + [0.0, 2.0, -1.0, 4.0] for _ in range(2)]
+    mask = rng.uniform(size=(8, 4)) > 0.25
+    mask[:2] = True  # every ghost keeps at least two valid values per channel in both layouts
+    mask[4:6] = True
+    # virtual_batch_size 4 of 8 rows: Keras' ghost j holds rows j, j + 2, ...; contiguous ones are chunks
+    rows = [[j, j + 2, j + 4, j + 6] for j in range(2)] if layout == "strided" else [[0, 1, 2, 3], [4, 5, 6, 7]]
+    weight, bias = rng.uniform(0.5, 2.0, 4), rng.normal(size=4)
+    scale, shift = rng.uniform(0.5, 1.5, (8, 4)), rng.uniform(-0.2, 0.2, (8, 4))
+    clipping = (0.7, 1.4, 0.5)
+    ours = {"running_mean": rng.normal(size=4), "running_var": rng.uniform(0.5, 2, 4),
+            "renorm_mean": rng.normal(size=4), "renorm_stddev": rng.uniform(0.5, 3, 4),
+            "moving_stddev": rng.uniform(0.5, 2, 4)}
+    spec = {name: value.copy() for name, value in ours.items()}
+    for x in x_steps:
+        g = rng.normal(size=x.shape)
+        expected, gradients = _spec_training_step(x, mask, rows, weight, bias, 1e-3, 0.2, spec, clipping, 0.3,
+                                                  (scale, shift), unbiased)
+        options = dict(mask=mask, virtual_batch_size=4, ghost_layout=layout, adjustment=lambda shape: (scale, shift))
+        grads = R.batch_norm_backward(g, x, ours["running_mean"], ours["running_var"], weight, bias, True, 1e-3,
+                                      renorm_mean=ours["renorm_mean"], renorm_stddev=ours["renorm_stddev"],
+                                      renorm_clipping=clipping, **options)
+        y = R.batch_norm(x, weight=weight, bias=bias, training=True, momentum=0.2, eps=1e-3, renorm_clipping=clipping,
+                         renorm_momentum=0.3, unbiased_running_var=unbiased, **ours, **options)
+        np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, gradients(g)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        for name in ours:
+            np.testing.assert_allclose(ours[name], spec[name], rtol=1e-12, atol=1e-12, err_msg=name)
