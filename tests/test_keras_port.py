@@ -131,6 +131,45 @@ def test_weights_of_another_shape_are_refused_and_change_nothing():
         np.testing.assert_array_equal(ours, theirs)
 
 
+def test_build_after_a_state_dict_keeps_the_loaded_weights():
+    """A torch checkpoint of a ported layer, loaded into a new unbuilt layer, then built (as the docs say, to know the
+    input rank for get_build_config/to_keras): the Keras weights stay and it computes what Keras did. build()
+    created new weights there (moving statistics 0/1: silently another layer), and on any built layer."""
+    recorded = DATA["renorm"]
+    ported = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    loaded = BatchNormalization.from_config(recorded["config"])
+    loaded.load_state_dict(ported.state_dict())
+    assert loaded.get_build_config() is None
+    with pytest.raises(ValueError, match="state_dict.*layer.build"):
+        to_keras(loaded)  # (said before Keras is imported: the same error with it or without)
+    loaded.build(recorded["build_config"]["input_shape"])
+    assert loaded.get_build_config() == recorded["build_config"]
+    for ours, theirs in zip(loaded.get_weights(), recorded["weights"], strict=True):
+        np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.float32))
+    assert_close(loaded(torch.tensor(recorded["x_train"]), training=True), recorded["y_train"], torch.float32)
+    for ours, theirs in zip(loaded.get_weights(), recorded["weights_after"], strict=True):
+        assert_close(ours, theirs, torch.float32)
+    assert_close(loaded(torch.tensor(recorded["x_infer"]), training=False), recorded["y_infer"], torch.float32)
+
+
+def test_building_a_built_layer_is_refused_and_changes_nothing():
+    """Keras refuses a second build (its state is locked); here it replaced the weights by fresh ones."""
+    recorded = DATA["defaults_dense"]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    features = recorded["build_config"]["input_shape"][-1]
+    for shape in (recorded["build_config"]["input_shape"], [None, features + 1]):
+        with pytest.raises(ValueError, match="already built"):
+            layer.build(shape)
+    for ours, theirs in zip(layer.get_weights(), recorded["weights"], strict=True):
+        np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.float32))
+    assert layer.get_build_config() == recorded["build_config"]
+    unbuilt = BatchNormalization()
+    unbuilt.load_state_dict(layer.state_dict())
+    with pytest.raises(ValueError, match="already built"):  # (features that are not the loaded ones)
+        unbuilt.build([None, features + 1])
+    assert unbuilt.get_build_config() is None
+
+
 def test_from_keras_refuses_other_objects():
     with pytest.raises(TypeError, match="Keras BatchNormalization"):
         from_keras(torch.nn.BatchNorm1d(3))

@@ -255,14 +255,28 @@ class BatchNormalization(nn.Module):
 
         They live on the constructor's ``device`` if one was given, else on ``device`` (the first
         input's, when the first call builds the layer, so a lazily built layer follows its data to a GPU).
+
+        A layer built from a state_dict (input rank unknown) takes the shape and keeps its weights; any
+        other built layer refuses, as Keras does (new weights would silently replace the trained ones).
         """
         rank = len(input_shape)
         axes = canonicalize_axes(self.axis, rank)
-        self._build_shape = tuple(None if size is None else int(size) for size in input_shape)
+        shape = tuple(None if size is None else int(size) for size in input_shape)
         sizes = tuple(input_shape[a] for a in axes)
         if any(size is None for size in sizes):
             raise ValueError(f"axis {self.axis} of input_shape {tuple(input_shape)} must have a known size")
-        self._create(sizes, axes[0] if len(axes) == 1 else axes, device)
+        axis = axes[0] if len(axes) == 1 else axes
+        if self.bn is not None:
+            features = self.bn.num_features if isinstance(self.bn.num_features, tuple) else (self.bn.num_features,)
+            if self._build_shape is not None or sizes != features:
+                raise ValueError(f"{self.name} is already built (input shape {self._build_shape}, features "
+                                 f"{features}): build({tuple(input_shape)}) would replace its weights; make a new "
+                                 "layer for other inputs")
+            self._build_shape = shape  # (loaded from a state_dict: the rank was the one thing unknown)
+            self.bn.axis = axis
+            return
+        self._build_shape = shape
+        self._create(sizes, axis, device)
 
     @torch.compiler.disable
     def _build_on_first_call(self, inputs: torch.Tensor) -> None:
@@ -586,6 +600,10 @@ def from_keras(keras_layer) -> BatchNormalization:
 
 def to_keras(layer: BatchNormalization):
     """Keras 3's BatchNormalization with ``layer``'s options and, if built, its build and weights (needs Keras)."""
+    if layer.built and layer.get_build_config() is None:
+        raise ValueError(f"to_keras: {layer.name} was built from a state_dict, which does not hold the input rank "
+                         "Keras builds with: call layer.build(input_shape) (it keeps the loaded weights) or call "
+                         "the layer once first")
     try:
         import keras
     except ImportError as error:
