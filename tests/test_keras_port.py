@@ -170,6 +170,15 @@ def test_building_a_built_layer_is_refused_and_changes_nothing():
     assert unbuilt.get_build_config() is None
 
 
+def test_unnamed_layers_get_distinct_names_as_in_keras():
+    """Keras names unnamed layers batch_normalization, batch_normalization_1, ...; every unnamed normkit layer was
+    "batch_normalization", so two exported with to_keras()/keras_config() could not go into one Keras model
+    (Keras: "All layers added to a Sequential model should have unique names")."""
+    names = [BatchNormalization().keras_config()["name"] for _ in range(3)]
+    assert len(set(names)) == 3 and all(name.startswith("batch_normalization") for name in names)
+    assert BatchNormalization(name="bn").keras_config()["name"] == "bn"  # (a name given is kept)
+
+
 def test_from_keras_refuses_other_objects():
     with pytest.raises(TypeError, match="Keras BatchNormalization"):
         from_keras(torch.nn.BatchNorm1d(3))
@@ -232,3 +241,13 @@ def test_options_changed_after_build_act_as_in_the_real_keras():
     x = rng.normal(size=(4, 3)).astype(np.float32)
     assert_close(ours(torch.tensor(x), training=False), keras.ops.convert_to_numpy(theirs(x, training=False)),
                  torch.float32)
+
+
+def test_unnamed_layers_export_into_one_keras_model():
+    """With Keras installed: two unnamed normkit layers, exported, make a Keras model that saves and loads."""
+    keras = _keras_on_torch()
+    first, second = BatchNormalization(momentum=0.5), BatchNormalization()
+    for layer in (first, second):
+        layer.build((None, 3))
+    model = keras.Sequential([keras.Input((3,)), to_keras(first), to_keras(second)])
+    assert len({layer.name for layer in model.layers}) == 2

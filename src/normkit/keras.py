@@ -86,6 +86,17 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return values.astype(ml_dtypes.bfloat16)
 
 
+_NAME_UIDS: dict = {}
+
+
+def _unique_name(base: str) -> str:
+    """Keras' automatic layer names: ``base``, then ``base_1``, ``base_2``, ... in this process. One shared
+    name made every unnamed layer's to_keras()/keras_config() clash in a Keras model ("unique names")."""
+    count = _NAME_UIDS.get(base, 0)
+    _NAME_UIDS[base] = count + 1
+    return f"{base}_{count}" if count else base
+
+
 def _keras_flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         # (a config with "center": "no" must not load as center=True)
@@ -185,7 +196,7 @@ class BatchNormalization(nn.Module):
         self.adjustment = adjustment
         self.fused = fused
         self.ghost_layout = ghost_layout
-        self.name = name or "batch_normalization"
+        self.name = name or _unique_name("batch_normalization")
         self.process_group = process_group
         self._factory = {"dtype": None, "device": device}
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
