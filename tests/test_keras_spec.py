@@ -20,7 +20,7 @@ import torch
 
 import normkit
 from normkit import functional as NF
-from normkit.keras import BatchNormalization
+from normkit.keras import BatchNormalization, from_keras_config
 
 # Every test runs on ATen's paths and again through normkit.kernels' fused kernel (conftest.py).
 pytestmark = pytest.mark.usefixtures("execution")
@@ -299,6 +299,25 @@ def test_mask_must_have_one_dimension_less():
     layer = BatchNormalization()
     with pytest.raises(ValueError, match="one dimension less"):
         layer(torch.ones(2, 3, 4), training=True, mask=torch.ones(2, 3, 4))
+
+
+def test_a_mask_that_does_not_fit_says_keras_rule():
+    """Features not last, (N, C, T) data and an (N, T) mask: the inner layer's message said "give a mask of shape
+    (4, 7)", the shape given. Keras expands the mask at the last axis: it is (N, C) here; the message says so and,
+    for such a layer (a channels-last one moved by load_batch_norms(axis=1)), how to mask time steps, which gives
+    what the channels-last layer computes."""
+    last = BatchNormalization(momentum=0.5)
+    last.build((None, 7, 5))
+    moved = from_keras_config({**last.get_config(), "axis": 1}, {"input_shape": [None, 5, 7]}, last.get_weights())
+    x, mask = torch.randn(4, 7, 5) * 2 + 1, torch.rand(4, 7) > 0.3
+    with pytest.raises(ValueError, match=r"last axis.*\(4, 5\).*axis 1, not last.*layer\.bn\(x, mask=m\)"):
+        moved(x.transpose(1, 2), training=True, mask=mask)
+    moved(x.transpose(1, 2), training=False, mask=mask)  # (inference ignores the mask, as in Keras)
+    moved.train()
+    np.testing.assert_allclose(npy(moved.bn(x.transpose(1, 2), mask=mask).transpose(1, 2)),
+                               npy(last(x, training=True, mask=mask)), rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(moved.get_weights(), last.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- K3: 8-13. renorm

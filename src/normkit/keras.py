@@ -530,6 +530,8 @@ class BatchNormalization(nn.Module):
             # Keras expands the mask at the last axis, whatever the feature axis is.
             mask = mask.unsqueeze(-1)
         mode = self.training if training is None else bool(training)
+        if mask is not None and mode:
+            self._check_mask(mask, inputs)
         previous = self.bn.training
         self.bn.training = mode
         try:
@@ -548,6 +550,25 @@ class BatchNormalization(nn.Module):
             return self.bn(inputs, mask=mask if mode else None)
         finally:
             self.bn.training = previous
+
+    def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
+        # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the
+        # features are not last: given (N, T) for (N, C, T) data it said "give a mask of shape (N, T)".
+        try:
+            torch.broadcast_shapes(mask.shape, inputs.shape)
+        except RuntimeError:
+            pass
+        else:
+            return
+        message = (f"{self.name}: a mask of shape {tuple(mask.shape[:-1])} does not fit inputs of shape "
+                   f"{tuple(inputs.shape)}: Keras expands the mask at the last axis, so it is the input's shape "
+                   f"without its last axis, {tuple(inputs.shape[:-1])}, or broadcastable to it")
+        if self.bn.axis not in (-1, inputs.dim() - 1):
+            message += (f". This layer's features are on axis {self.bn.axis}, not last (a channels-last Keras layer "
+                        "moved by load_batch_norms(axis=...) too): to mask positions along the other axes, call "
+                        "layer.bn(x, mask=m), normkit's BatchNorm underneath, with m of the input's shape without "
+                        "the feature axis")
+        raise ValueError(message)
 
     def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
         """A call whose math runs in ``math`` rather than the variables' dtype, as Keras computes it: a layer with
