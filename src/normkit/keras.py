@@ -683,9 +683,14 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
     with path.open("rb") as handle:
         signature = handle.read(len(_HDF5_SIGNATURE))
     if signature == _HDF5_SIGNATURE:
-        raise ValueError(f"load_batch_norms: {path} is an HDF5 weights file (model.save_weights / .weights.h5 or "
-                         "a legacy .h5 model); it does not hold the layers' options in Keras 3's format: save "
-                         "the model with model.save('model.keras') and pass that file")
+        if _is_legacy_h5_model(path):
+            # (it does hold the model's config, which the message below denied; Keras converts it without the code)
+            raise ValueError(f"load_batch_norms: {path} is a legacy HDF5 model (model.save('x.h5')); only Keras 3's "
+                             f".keras archives are read: where Keras is installed, keras.models.load_model("
+                             f"'{path.name}', compile=False).save('model.keras') converts it; pass that file")
+        raise ValueError(f"load_batch_norms: {path} is an HDF5 weights file (model.save_weights / .weights.h5); "
+                         "it does not hold the layers' options: load it into the model in Keras, save the model "
+                         "with model.save('model.keras') and pass that file")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
@@ -731,6 +736,16 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
             with weights:
                 _collect_batch_norms(root["layers"], weights, "", found, path, axis, h5py)
     return found
+
+
+def _is_legacy_h5_model(path) -> bool:
+    """Whether an HDF5 file is a legacy ``model.save('x.h5')`` model (its root holds ``model_config``)."""
+    try:
+        import h5py
+        with h5py.File(path, "r") as handle:
+            return "model_config" in handle.attrs
+    except Exception:  # (no h5py, or an unreadable file: the weights-file message stands)
+        return False
 
 
 _MAX_CONFIG_BYTES = 64 << 20        # a model's config.json is kilobytes; more is not a Keras file
