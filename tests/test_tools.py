@@ -521,6 +521,17 @@ def test_convert_to_torch_refuses_options_torch_lacks(make, option):
     assert type(model[1]) is normkit.BatchNorm2d and model[2][1] is layer  # atomic: the valid layer too
 
 
+def test_convert_to_torch_names_a_keras_layer_as_itself():
+    """A Keras-vocabulary layer's inner BatchNorm has unbiased_running_var=False, no option of the Keras layer: the
+    refusal names the Keras layer, once, and why."""
+    layer = normkit.keras.BatchNormalization()
+    layer(torch.randn(4, 3))
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(layer))
+    with pytest.raises(ValueError, match=r"'1\.0' is a Keras-vocabulary layer .*biased") as error:
+        convert_batch_norm(model, "torch")
+    assert "1.0.bn" not in str(error.value) and "unbiased_running_var" not in str(error.value)
+
+
 def test_convert_argument_errors():
     model = nn.Sequential(nn.BatchNorm1d(2))
     with pytest.raises(ValueError, match="to must be 'normkit'"):

@@ -351,10 +351,19 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                              f"(the class for the layer's input rank), got {plain_as!r}")
     targets = {}
     refusals = []
+    # The inner BatchNorm of a Keras-vocabulary layer: named as the Keras layer, whose options the user knows
+    # (the inner layer's unbiased_running_var=False is no option a Keras user can remove).
+    keras = _keras_module()
+    keras_inner = {} if keras is None else {id(module.bn): name for name, module in model.named_modules()
+                                            if isinstance(module, keras.BatchNormalization) and module.bn is not None}
     for name, module in model.named_modules():
         kind = type(module)
         if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
             targets[id(module)] = (module, _TO_NORMKIT.get(kind, BatchNorm))
+        elif to == "torch" and id(module) in keras_inner:
+            refusals.append(f"{_label(keras_inner[id(module)])} is a Keras-vocabulary layer "
+                            "(normkit.keras.BatchNormalization): its moving variance is the biased one, which "
+                            "torch.nn's running_var is not")
         elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
             lacking = _options_torch_lacks(module)
             if lacking:
