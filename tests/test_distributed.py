@@ -2,8 +2,10 @@
 
 One spawn runs every case (processes are the slow part); each case trains a few steps on each
 rank's part of a batch and saves what it saw, and the test replays the whole batch in one process.
+A second spawn has one process refuse its input while the other waits in the merge.
 """
 
+import datetime
 import os
 import sys
 import warnings
@@ -13,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import normkit
+import normkit.keras
 from oracle import spawn_processes
 
 STEPS = 2
@@ -90,6 +93,49 @@ def _local(batch, sizes, rank):
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
 
 
+def _refusals(rank):
+    """Process 1 alone gives an input the layer refuses (the same layer on both); each process records its error."""
+    bad = rank == 1
+    keras = normkit.keras.BatchNormalization(axis=1, synchronized=True)
+    keras.build((None, FEATURES, 3))
+    calls = {
+        "features": lambda: _layer({}, synchronized=True)(
+            torch.randn(4, FEATURES + bad, 3, dtype=torch.float64)),
+        "ghost": lambda: _layer({"virtual_batch_size": 2}, synchronized=True)(
+            torch.randn(4 + bad, FEATURES, 3, dtype=torch.float64)),
+        "mask": lambda: _layer({}, synchronized=True)(
+            torch.randn(4, FEATURES, 3, dtype=torch.float64), mask=torch.ones(4, 3 + bad, dtype=torch.bool)),
+        "keras_rank": lambda: keras(torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
+            errors[name] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def _refusal_worker(rank, init_file, out_dir):
+    # Its own spawn: a process left waiting in the merge may pair with a peer's later gather of another size, and
+    # gloo then aborts it (std::terminate), which must not take the other cases' results with it. The collectives
+    # time out fast, so a process left waiting raises instead.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=10))
+    try:
+        results = {"refusals": _refusals(rank)}
+        batches = [_local(_data((3, 5), step)[:2] + (None,), (3, 5), rank) for step in range(STEPS)]
+        try:
+            results["after_refusals"] = _train(_layer({}, synchronized=True), batches)
+        except RuntimeError as error:
+            results["after_refusals"] = f"{type(error).__name__}: {error}"
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -124,6 +170,13 @@ def _worker(rank, world_size, init_file, out_dir):
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
     spawn_processes(_worker, 2, args=(2, str(folder / "store"), str(folder)), deadline=180)  # (fails, never hangs)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def refusing_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gloo_refusals")
+    spawn_processes(_refusal_worker, 2, args=(str(folder / "store"), str(folder)), deadline=120)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -191,3 +244,28 @@ def test_synchronize_batch_norm_turns_torch_nn_layers_into_synchronized_ones(ran
         for key, value in state.items():
             if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 torch.testing.assert_close(r["tool"][2][key], value, msg=key)
+
+
+def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_ranks):
+    """Process 1 alone gives the layer an input it refuses (another number of features, a batch that is no multiple
+    of virtual_batch_size, a mask of another shape, the Keras layer's rank): it raises its own error and process 0,
+    waiting in the merge, gets a ValueError at once. Before, process 0 waited for the group's timeout (30 minutes
+    by default) or its collective paired with process 1's next one and merged statistics of another call."""
+    own = {"features": "num_features=4 but", "ghost": "virtual_batch_size=2 must divide",
+           "mask": "mask of shape (4, 4) cannot broadcast", "keras_rank": "was built for inputs of rank 3"}
+    for name, text in own.items():
+        assert refusing_ranks[1]["refusals"][name] is not None and text in refusing_ranks[1]["refusals"][name], name
+        error = refusing_ranks[0]["refusals"][name]
+        assert error is not None and error.startswith("ValueError"), (name, error)
+        assert "another process of the group refused" in error, (name, error)
+    # The group still pairs its collectives: a synchronized step afterwards is one process on the whole batch.
+    single = _layer({})
+    outputs, grads, state = _train(single, [_data((3, 5), step)[:2] + (None,) for step in range(STEPS)])
+    for r in refusing_ranks:
+        assert not isinstance(r["after_refusals"], str), r["after_refusals"]
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([r["after_refusals"][0][step] for r in refusing_ranks]), outputs[step])
+        torch.testing.assert_close(torch.cat([r["after_refusals"][1][step] for r in refusing_ranks]), grads[step])
+    for r in refusing_ranks:
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(r["after_refusals"][2][key], state[key], msg=key)

@@ -59,6 +59,9 @@ def _gather(tensor, process_group):
 
 # Dtype codes for the agreement check (a dtype's name would hash differently in every process).
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+# The dtype code of a process that refused its input (``refuse_with_peers``): the minimum, read from the
+# -signature half.
+_REFUSED = -1
 
 
 def check_agreement(local, process_group=None) -> None:
@@ -78,11 +81,34 @@ def check_agreement(local, process_group=None) -> None:
     both = torch.cat([signature, -signature])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
     if not torch.equal(both[:4], -both[4:]):
+        if int(both[4]) == -_REFUSED:
+            raise ValueError(
+                "synchronized BatchNorm: another process of the group refused its input to this layer (its own error "
+                "says why) instead of merging statistics with this one; every process must call the layer in training "
+                "mode with an input it accepts")
         raise ValueError(
             f"synchronized BatchNorm: the processes of the group disagree on the statistics they merge (this "
             f"process: {local.dtype} statistics of shape {shape}). Every process must call the layer in training "
             "mode with inputs of the same number of features and dtype and, with virtual_batch_size, the same local "
             "batch size (the same number of ghost batches)")
+
+
+def refuse_with_peers(process_group, device) -> None:
+    """A process that refuses its input before the merge tells its peers, which wait in ``check_agreement``.
+
+    It joins their all_reduce with a signature no statistics have (dtype code ``_REFUSED``), so each peer raises
+    at once, and the caller then raises its own error. Without this the peers waited for the group's timeout
+    (30 minutes for gloo by default), or their collective paired with this process's next one and merged
+    statistics of another layer or step. Nothing happens without an active group; a failed collective (peers
+    that are gone) leaves the caller's own error to be raised.
+    """
+    if not is_active(process_group):
+        return
+    signature = torch.tensor([_REFUSED, 0, 0, 0], dtype=torch.int64, device=device)
+    try:
+        dist.all_reduce(torch.cat([signature, -signature]), op=dist.ReduceOp.MAX, group=process_group)
+    except RuntimeError:
+        pass
 
 
 def sync_moments(x, reduce_axes, mask=None, process_group=None):

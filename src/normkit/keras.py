@@ -509,6 +509,7 @@ class BatchNormalization(nn.Module):
             self._build_on_first_call(inputs)
         elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
             # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
+            self._refuse_with_peers(training)
             raise ValueError(f"{self.name} was built for inputs of rank {len(self._build_shape)} "
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
@@ -525,6 +526,7 @@ class BatchNormalization(nn.Module):
         if mask is not None:
             mask = torch.as_tensor(mask, device=inputs.device)
             if mask.dim() != inputs.dim() - 1:
+                self._refuse_with_peers(training)
                 raise ValueError(f"The mask provided should be one dimension less than the inputs: mask has shape "
                                  f"{tuple(mask.shape)}, inputs {tuple(inputs.shape)}")
             # Keras expands the mask at the last axis, whatever the feature axis is.
@@ -568,7 +570,16 @@ class BatchNormalization(nn.Module):
                         "moved by load_batch_norms(axis=...) too): to mask positions along the other axes, call "
                         "layer.bn(x, mask=m), normkit's BatchNorm underneath, with m of the input's shape without "
                         "the feature axis")
+        self._refuse_with_peers(True)
         raise ValueError(message)
+
+    def _refuse_with_peers(self, training: Optional[bool]) -> None:
+        """Before refusing an input in a synchronized training call, tell the peers waiting in the merge (see
+        ``BatchNorm._forward_options``): they raise at once instead of waiting for the group's timeout."""
+        if (self.synchronized and (self.training if training is None else bool(training)) and not self.bn.frozen
+                and not torch.compiler.is_compiling()):
+            from . import distributed
+            distributed.refuse_with_peers(self.process_group, self.bn.running_mean.device)
 
     def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
         """A call whose math runs in ``math`` rather than the variables' dtype, as Keras computes it: a layer with

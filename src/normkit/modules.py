@@ -94,6 +94,14 @@ def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return buffers[name] if name in buffers else getattr(module, name, None)
 
 
+def _device_of(module: nn.Module, input) -> torch.device:
+    """The device of the layer's tensors (the one its collectives use), else of the input, else the CPU."""
+    for tensor in (*module._parameters.values(), *module._buffers.values(), input):
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    return torch.device("cpu")
+
+
 def _affine_of(module: nn.Module) -> tuple:
     """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
     a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
@@ -833,18 +841,26 @@ class BatchNorm(_NormBase):
         return y.reshape(input.shape)
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        F.check_floating(input)
-        _check_input_dtype(input, self.weight, self.running_mean)
-        self._check_input_dim(input)
-        feature_axes = self._feature_axes(input)
         training = self.training and not self.frozen
-        if training and self._recenter_check_due():
-            self._update_recenter(input, feature_axes)
-        if mask is not None:
-            mask = self._expand_mask(mask, input, feature_axes)
-        virtual = self.virtual_batch_size if training else None
-        if virtual is not None:
-            check_ghost_batch(input.shape[0], virtual)
+        try:
+            F.check_floating(input)
+            _check_input_dtype(input, self.weight, self.running_mean)
+            self._check_input_dim(input)
+            feature_axes = self._feature_axes(input)
+            if training and self._recenter_check_due():
+                self._update_recenter(input, feature_axes)
+            if mask is not None:
+                mask = self._expand_mask(mask, input, feature_axes)
+            virtual = self.virtual_batch_size if training else None
+            if virtual is not None:
+                check_ghost_batch(input.shape[0], virtual)
+        except Exception:
+            if self.synchronized and training and not torch.compiler.is_compiling():
+                # The peers are (or will be) waiting in the merge for this process: without a word from it they
+                # would wait until the group's timeout, or pair with its next collective and merge garbage.
+                from . import distributed
+                distributed.refuse_with_peers(self.process_group, _device_of(self, input))
+            raise
         factor = 0.0
         if training and self.track_running_stats:
             factor = self._tracking_factor()
