@@ -88,6 +88,15 @@ def _train_model(model, batches):
     return outputs, grads, model.state_dict(), [parameter.grad for parameter in model.parameters()]
 
 
+def _gradient_penalty(layer, batch):
+    """A double backward (create_graph=True): the input gradient's squared norm, differentiated again."""
+    x, g, _ = batch
+    x = x.clone().requires_grad_()
+    first, = torch.autograd.grad((layer(x) * g).square().sum(), x, create_graph=True)
+    first.square().sum().backward()
+    return first.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+
 def _local(batch, sizes, rank):
     start = sum(sizes[:rank])
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
@@ -160,6 +169,7 @@ def _worker(rank, world_size, init_file, out_dir):
         # Eval never synchronizes: without running statistics each process normalizes its own batch.
         x = _local(_data((3, 5), 0), (3, 5), rank)[0]
         results["eval_local"] = _layer({}, synchronized=True, track_running_stats=False).eval()(x)
+        results["penalty"] = _gradient_penalty(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
@@ -217,6 +227,18 @@ def test_one_value_per_feature_over_the_group_is_refused_on_every_process(ranks)
     for r in ranks:
         assert r["one_value"] is not None and "Expected more than 1 value per channel when training, got 1 over " \
             "the 2 processes" in r["one_value"]
+
+
+def test_double_backward_equals_single_process_on_the_whole_batch(ranks):
+    """A gradient penalty through a synchronized layer: the sum in the gather's backward is differentiated too. It
+    was an in-place all_reduce autograd did not see (torch only warned that c10d::allreduce_ has no autograd
+    kernel), and the second derivatives came out wrong."""
+    first, x_grad, weight_grad, bias_grad = _gradient_penalty(_layer({}), _data((3, 5), 0))
+    torch.testing.assert_close(torch.cat([r["penalty"][0] for r in ranks]), first)
+    torch.testing.assert_close(torch.cat([r["penalty"][1] for r in ranks]), x_grad)
+    # (parameter gradients are each process's own: their sum is the whole batch's)
+    torch.testing.assert_close(ranks[0]["penalty"][2] + ranks[1]["penalty"][2], weight_grad)
+    torch.testing.assert_close(ranks[0]["penalty"][3] + ranks[1]["penalty"][3], bias_grad)
 
 
 def test_eval_never_synchronizes(ranks):

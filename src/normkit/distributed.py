@@ -48,9 +48,25 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
-        return grad[dist.get_rank(ctx.process_group)], None
+        # (through a Function of its own, so that a backward with create_graph=True, a gradient penalty, differentiates
+        # the sum too: the bare in-place all_reduce was invisible to autograd, and second derivatives came out wrong
+        # with no more than torch's warning that c10d::allreduce_ has no autograd kernel)
+        return _AllReduceSum.apply(grad, ctx.process_group)[dist.get_rank(ctx.process_group)], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of every process's tensor; its own adjoint (each process's gradient is the sum of theirs)."""
+
+    @staticmethod
+    def forward(ctx, tensor, process_group):
+        ctx.process_group = process_group
+        total = tensor.clone(memory_format=torch.contiguous_format)  # (never the gradient autograd handed in)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.process_group), None
 
 
 def _gather(tensor, process_group):
