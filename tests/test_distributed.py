@@ -5,6 +5,7 @@ rank's part of a batch and saves what it saw, and the test replays the whole bat
 A second spawn has one process refuse its input while the other waits in the merge.
 """
 
+import copy
 import datetime
 import os
 import sys
@@ -97,6 +98,28 @@ def _gradient_penalty(layer, batch):
     return first.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
+def _copy_of_grouped_model(rank):
+    """copy.deepcopy of a model synchronized over a group of its own (an EMA copy; fold_batch_norm's copy): the copy
+    shares the group and trains on it; the original is left as it was."""
+    group = dist.new_group([0, 1])
+    model = normkit.synchronize_batch_norm(_torch_model(), process_group=group)
+    keras = normkit.keras.BatchNormalization(axis=1, synchronized=True, process_group=group)
+    keras.build((None, FEATURES, 3))
+    try:
+        copied, keras_copy = copy.deepcopy(model), copy.deepcopy(keras)
+    except TypeError as error:  # (recorded; the test says what was expected)
+        return f"TypeError: {error}"
+    shared = [layer.process_group is group for layer in (copied[0], copied[2], keras_copy, keras_copy.bn)]
+    trained = _train_model(copied, [_local(_data((3, 5), step)[:2], (3, 5), rank) for step in range(STEPS)])
+    x = _local(_data((3, 5), STEPS), (3, 5), rank)[0]
+    conv = torch.nn.Sequential(torch.nn.Conv1d(FEATURES, FEATURES, 1),
+                               normkit.BatchNorm1d(FEATURES, synchronized=True, process_group=group)).double().eval()
+    with torch.no_grad():
+        folded, names = normkit.fold_batch_norm(conv)
+        fold = (folded(x), conv(x), names)
+    return {"shared": shared, "trained": trained, "original": model.state_dict(), "fold": fold}
+
+
 def _local(batch, sizes, rank):
     start = sum(sizes[:rank])
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
@@ -169,6 +192,7 @@ def _worker(rank, world_size, init_file, out_dir):
         # Eval never synchronizes: without running statistics each process normalizes its own batch.
         x = _local(_data((3, 5), 0), (3, 5), rank)[0]
         results["eval_local"] = _layer({}, synchronized=True, track_running_stats=False).eval()(x)
+        results["copy"] = _copy_of_grouped_model(rank)
         results["penalty"] = _gradient_penalty(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
@@ -239,6 +263,34 @@ def test_double_backward_equals_single_process_on_the_whole_batch(ranks):
     # (parameter gradients are each process's own: their sum is the whole batch's)
     torch.testing.assert_close(ranks[0]["penalty"][2] + ranks[1]["penalty"][2], weight_grad)
     torch.testing.assert_close(ranks[0]["penalty"][3] + ranks[1]["penalty"][3], bias_grad)
+
+
+def test_a_deep_copy_of_a_model_synchronized_over_a_group_shares_the_group(ranks):
+    """torch's ProcessGroup cannot be copied: deepcopy of a layer synchronized over a dist.new_group was a TypeError
+    ('cannot pickle ProcessGroup'), and so was fold_batch_norm, which folds a copy. The copy shares the group and
+    trains as torch.nn's BatchNorm1d on the whole batch in one process; the original is left alone."""
+    for r in ranks:
+        assert not isinstance(r["copy"], str), r["copy"]
+        assert r["copy"]["shared"] == [True] * 4
+    single = _torch_model(torch.nn.BatchNorm1d)
+    single.load_state_dict(_torch_model().state_dict())
+    outputs, grads, state, parameter_grads = _train_model(single, [_data((3, 5), step)[:2] for step in range(STEPS)])
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([r["copy"]["trained"][0][step] for r in ranks]), outputs[step])
+        torch.testing.assert_close(torch.cat([r["copy"]["trained"][1][step] for r in ranks]), grads[step])
+    for index, expected in enumerate(parameter_grads):  # (local: their sum is the whole batch's)
+        torch.testing.assert_close(ranks[0]["copy"]["trained"][3][index] + ranks[1]["copy"]["trained"][3][index],
+                                   expected)
+    initial = _torch_model().state_dict()
+    for r in ranks:
+        for key, value in state.items():
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                torch.testing.assert_close(r["copy"]["trained"][2][key], value, msg=key)
+        for key, value in initial.items():  # (the original model did not train)
+            torch.testing.assert_close(r["copy"]["original"][key], value, msg=key)
+        folded, unfolded, names = r["copy"]["fold"]
+        assert names == ["1"]
+        torch.testing.assert_close(folded, unfolded)
 
 
 def test_eval_never_synchronizes(ranks):

@@ -36,8 +36,8 @@ from torch import nn
 
 from .axes import canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION
-from .modules import (BatchNorm, _fx_call_module, _refuse_torchscript, check_adjustment, check_ghost_layout,
-                      check_virtual_batch_size)
+from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
+                      check_ghost_layout, check_virtual_batch_size)
 from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
 from .stats import RenormClipping
 
@@ -205,6 +205,9 @@ class BatchNormalization(nn.Module):
         self.trainable = trainable
 
     __prepare_scriptable__ = _refuse_torchscript
+
+    def __deepcopy__(self, memo):
+        return _deepcopy_sharing_group(self, memo)  # (its process_group is shared by the copy, not copied)
 
     # -- options ----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ in functional.py.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -100,6 +101,19 @@ def _device_of(module: nn.Module, input) -> torch.device:
         if isinstance(tensor, torch.Tensor):
             return tensor.device
     return torch.device("cpu")
+
+
+def _deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
+    """copy.deepcopy of a module whose ``process_group`` the copy shares: a group is a handle on the processes'
+    communicator, not data, and torch's ProcessGroup cannot be copied (a TypeError, 'cannot pickle ProcessGroup', for
+    a layer synchronized over a dist.new_group: EMA copies, fold_batch_norm's copy). Otherwise the default copy."""
+    group = module.__dict__.get("process_group")
+    if group is not None:
+        memo.setdefault(id(group), group)
+    copied = type(module).__new__(type(module))
+    memo[id(module)] = copied
+    copied.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    return copied
 
 
 def _affine_of(module: nn.Module) -> tuple:
@@ -538,6 +552,9 @@ class BatchNorm(_NormBase):
         return text
 
     # -- frozen mode ----------------------------------------------------------------------------
+
+    def __deepcopy__(self, memo):
+        return _deepcopy_sharing_group(self, memo)
 
     def freeze(self) -> "BatchNorm":
         """Use running statistics, update nothing and train nothing, even after ``model.train()``.
