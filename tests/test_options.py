@@ -387,6 +387,27 @@ def test_regularization_loss_is_keras_l1_l2():
     torch.testing.assert_close(model[1].weight.grad, torch.full((3,), 0.5))
 
 
+def test_regularization_loss_of_a_model_off_the_cpu_with_layers_that_add_nothing():
+    """A layer that adds no term (no running statistics, no parameters, or frozen) gave a CPU zero, and torch.stack
+    refused it beside the other layers' terms on the model's device ('not on the expected device cpu'): a training
+    loop on a GPU failed. The meta device shows the device rule on any machine; CUDA, where there is one, the value
+    (Keras' L2, 0.01 * sum(w ** 2), computed by hand)."""
+    def model(device):
+        layers = torch.nn.Sequential(normkit.BatchNorm(3, track_running_stats=False),
+                                     normkit.BatchNorm(3, affine=False, track_running_stats=False),
+                                     normkit.BatchNorm(3, weight_regularizer="l2"),
+                                     normkit.BatchNorm(3, track_running_stats=False, bias_regularizer="l2").freeze())
+        with torch.no_grad():
+            layers[2].weight.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        return layers.to(device)
+    loss = normkit.regularization_loss(model("meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    if torch.cuda.is_available():
+        loss = normkit.regularization_loss(model("cuda"))
+        assert loss.device.type == "cuda"
+        assert float(loss) == pytest.approx(0.01 * (1 + 4 + 9), rel=1e-6)
+
+
 @pytest.mark.parametrize("name,project", [
     ("non_neg", lambda w: w.clamp(min=0)),
     ("unit_norm", lambda w: w / (1e-7 + w.norm())),

@@ -585,7 +585,8 @@ class BatchNorm(_NormBase):
 
     def regularization_loss(self) -> torch.Tensor:
         """Sum of the weight/bias regularizers (0 when none, or when frozen, as in Keras)."""
-        total = torch.zeros((), device=self.running_mean.device if self.running_mean is not None else None)
+        # (on the layer's device, buffers or not: normkit.regularization_loss stacks every layer's total)
+        total = torch.zeros((), device=_device_of(self, None))
         if self.frozen:
             return total
         for regularizer, parameter in ((self.weight_regularizer, self.weight), (self.bias_regularizer, self.bias)):

@@ -416,7 +416,12 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     terms = [m.regularization_loss() for m in model.modules() if hasattr(m, "weight_regularizer")]
     if not terms:
         return torch.zeros(())
-    return torch.stack([t.reshape(()) for t in terms]).sum()
+    # Added, not stacked: a user's regularizer may return a term on another device (a CPU number), which a
+    # 0-dim sum takes as a scalar where torch.stack refuses the mix.
+    total = terms[0].reshape(())
+    for term in terms[1:]:
+        total = total + term.reshape(())
+    return total
 
 
 def apply_constraints(model: nn.Module) -> None:
