@@ -62,6 +62,33 @@ def test_conv_layer_is_the_average_of_batch_statistics(make, training):
     assert all(torch.equal(p, weights[k]) for k, p in model.named_parameters())
 
 
+def test_swa_utils_update_bn_is_the_oracle_and_skips_normkit_layers():
+    """torch's own precise-BN tool, torch.optim.swa_utils.update_bn, on the torch.nn twin of a model (no dropout:
+    the one difference, docs/tools.md) gives the statistics recalibrate_running_stats gives the normkit model, after
+    a weight change (pruning) and with batches of different sizes; update_bn itself finds normkit's layers by
+    torch.nn's base class, so on them it silently changes nothing (docs/decisions.md)."""
+    from torch.optim.swa_utils import update_bn
+    torch.manual_seed(0)
+    twin = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=None), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    for _ in range(3):
+        twin(torch.randn(8, 3, 6, 6, dtype=torch.float64) * 2 + 1)
+    with torch.no_grad():
+        twin[3].weight[twin[3].weight.abs() < 0.1] = 0.0
+    batches = [(torch.randn(n, 3, 6, 6, dtype=torch.float64) * 3 + 1, torch.zeros(n)) for n in (16, 5, 16)]
+    ours = convert_batch_norm(copy.deepcopy(twin), "normkit")
+    before = copy.deepcopy(ours.state_dict())
+    update_bn(batches, ours)
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    update_bn(batches, twin)
+    recalibrate_running_stats(ours, batches)
+    for index in (1, 4, 9):
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(ours[index], name), getattr(twin[index], name), rtol=1e-12, atol=1e-12)
+
+
 def test_features_last_layer_and_input_target_pairs():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), normkit.BatchNorm(4, axis=-1))
