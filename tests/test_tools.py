@@ -545,6 +545,8 @@ def test_convert_to_torch_refuses_options_torch_lacks(make, option):
     with pytest.raises(ValueError, match=r"'2\.1' .*" + option) as error:
         convert_batch_norm(model, "torch")
     assert "nothing was converted" in str(error.value)
+    # (a plain layer has no option to remove: plain_as is its fix)
+    assert ("Remove the option" in str(error.value)) == (option != "plain_as=torch.nn.BatchNorm1d")
     assert type(model[1]) is normkit.BatchNorm2d and model[2][1] is layer  # atomic: the valid layer too
 
 
@@ -557,6 +559,7 @@ def test_convert_to_torch_names_a_keras_layer_as_itself():
     with pytest.raises(ValueError, match=r"'1\.0' is a Keras-vocabulary layer .*biased") as error:
         convert_batch_norm(model, "torch")
     assert "1.0.bn" not in str(error.value) and "unbiased_running_var" not in str(error.value)
+    assert "Remove the option" not in str(error.value)  # (the biased variance is no option of the Keras layer)
 
 
 def test_convert_argument_errors():

@@ -351,6 +351,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                              f"(the class for the layer's input rank), got {plain_as!r}")
     targets = {}
     refusals = []
+    optioned = False  # whether a refusal names options (the others are fixed by plain_as or by keeping the layer)
     # The inner BatchNorm of a Keras-vocabulary layer: named as the Keras layer, whose options the user knows
     # (the inner layer's unbiased_running_var=False is no option a Keras user can remove).
     keras = _keras_module()
@@ -367,6 +368,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
         elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
             lacking = _options_torch_lacks(module)
             if lacking:
+                optioned = True
                 refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
             elif module.synchronized:
                 targets[id(module)] = (module, nn.SyncBatchNorm)
@@ -378,7 +380,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                 targets[id(module)] = (module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
-                         + "; ".join(refusals) + ". Remove the option from the layer, or keep it a normkit layer")
+                         + "; ".join(refusals)
+                         + (". Remove the option from the layer, or keep it a normkit layer" if optioned else ""))
     return _replace(model, _rebuilt(targets))
 
 
