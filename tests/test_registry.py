@@ -96,3 +96,15 @@ def test_layer_refuses_conflicting_or_foreign_options():
 def test_bad_num_features_are_named(name, num_features, error):
     with pytest.raises(error, match="num_features must be a positive int"):
         create_norm(name, num_features, rank=4)
+
+
+def test_the_registry_is_part_of_the_top_level_api():
+    """`import normkit` gives the registry (normkit.registry, normkit.create_norm), as it gives the layers and tools:
+    before, normkit.registry was an AttributeError until something imported it."""
+    import subprocess
+    import sys
+    code = ("import normkit, torch; layer = normkit.create_norm('group', 8, rank=4); "
+            "assert normkit.registry.create_norm is normkit.create_norm; "
+            "assert isinstance(layer, normkit.GroupNorm) and layer.num_groups == 4; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr

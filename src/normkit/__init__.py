@@ -1,9 +1,10 @@
 """normkit: batch normalization done completely for PyTorch (public API only)."""
 
-from . import functional, reference
+from . import functional, reference, registry
 from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d, LayerNorm)
 from .options import apply_constraints, constrain_after_step, regularization_loss
+from .registry import create_norm
 from .tools import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
                     synchronize_batch_norm, unfreeze_batch_norm)
 
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
            "recalibrate_running_stats", "convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm",
-           "freeze_batch_norm", "unfreeze_batch_norm", "functional", "reference", "keras"]
+           "freeze_batch_norm", "unfreeze_batch_norm", "create_norm", "functional", "reference", "registry", "keras"]
 
 
 def __getattr__(name):
