@@ -410,8 +410,35 @@ def test_kernels_command_builds_and_reports(built_kernels, tmp_path):
 def test_kernels_command_says_in_one_line_why_a_build_failed(tmp_path):
     failed = _kernels_command("build", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"))
     assert failed.returncode == 1
-    assert failed.stderr.splitlines()[-1].startswith("normkit kernels: error:")
+    line = failed.stderr.splitlines()[-1]
+    assert line.startswith("normkit kernels: error:")
     assert "C++ compiler" in failed.stderr and "Traceback" not in failed.stderr
+    # The cause (the shell's line), not the first 300 characters of ninja's command line.
+    assert "no-compiler: not found" in line and "-isystem" not in line, line
+
+
+def test_a_build_that_waited_for_another_process_s_loads_it(built_kernels, tmp_path):
+    """Two `normkit kernels build` at once: the second waits for the first's lock, then loads what the first
+    built (torch drops the lock before the builder writes the record), not deleting and relinking its library
+    (which the first was about to import): here it has no compiler, so relinking would fail."""
+    folder = tmp_path / built_kernels.build_directory().name
+    folder.mkdir()
+    (folder / "lock").touch()  # the first process, building
+    library = built_kernels._library(folder)
+    library.write_bytes(built_kernels._library(built_kernels.build_directory()).read_bytes())
+    environment = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    environment.update(TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"))
+    child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "kernels", "build"], env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = child.stderr.readline()
+    assert "waiting for another process's build" in waiting, waiting + child.stderr.read()
+    (folder / "lock").unlink()  # the first build has linked: torch's loader drops the lock, then
+    time.sleep(0.5)             # the first process imports its library and writes the record
+    (folder / built_kernels._RECORD).write_bytes((built_kernels.build_directory() / built_kernels._RECORD).read_bytes())
+    inode = library.stat().st_ino
+    out, errors = child.communicate(timeout=300)
+    assert child.returncode == 0, errors
+    assert "in " + str(folder) in out and library.stat().st_ino == inode
 
 
 @st.composite

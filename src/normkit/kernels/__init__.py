@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -187,8 +188,8 @@ def _put_ninja_on_path() -> None:
 STALE_LOCK_SECONDS = 600
 
 
-def _clear_stale_lock(folder: Path) -> None:
-    """Wait for another process's build, or remove the lock a killed one left behind.
+def _clear_stale_lock(folder: Path) -> bool:
+    """Wait for another process's build, or remove the lock a killed one left behind; True when it waited.
 
     torch's loader takes a lock file in the build folder even to load a cached build, and waits for
     it forever while it exists: a process killed during a build (or a load) would leave every later
@@ -199,17 +200,44 @@ def _clear_stale_lock(folder: Path) -> None:
     while True:
         age = _lock_age(folder)
         if age is None:
-            return
+            return announced
         if age >= STALE_LOCK_SECONDS:
             warnings.warn(f"normkit.kernels: removing {lock}, a build lock {age / 60:.0f} minutes old (left by a "
                           "process that was killed while building or loading the kernel)")
             lock.unlink(missing_ok=True)
-            return
+            return False
         if not announced:
             warnings.warn(f"normkit.kernels: waiting for another process's build of the fused kernel ({lock}; "
                           f"taken {age:.0f} s ago, presumed abandoned after {STALE_LOCK_SECONDS} s)")
             announced = True
         time.sleep(1.0)
+
+
+# torch's loader drops the lock before the process that built imports its library and writes the record; a
+# process that waited for that build gives it this long to finish rather than relinking the library under it.
+RECORD_WAIT_SECONDS = 10.0
+
+
+def _load_finished_build() -> bool:
+    """After waiting for another process's build: load it once its record appears; False if it never does."""
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while not load_cached(warn=False):
+        if time.monotonic() > deadline:
+            return False  # (that build failed: build here)
+        time.sleep(0.2)
+    return True
+
+
+def _failure_reason(error: BaseException) -> str:
+    """The line of a failed build that says why, for a one-line message.
+
+    torch's error starts with ninja's command line (hundreds of characters of flags); the cause is a later
+    line: the shell's ``c++: not found``, the compiler's ``error:``, ``Python.h: No such file or directory``.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines[1:] if not line.startswith(("FAILED:", "ninja:"))
+               and re.search(r"error|not found|no such file|cannot|permission denied", line, re.IGNORECASE)]
+    return (telling or lines or [type(error).__name__])[0][:300]
 
 
 def build(verbose: bool = False):
@@ -223,10 +251,12 @@ def build(verbose: bool = False):
         folder = build_directory()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock(folder)
+            waited = _clear_stale_lock(folder)
         except OSError as error:
             raise RuntimeError(f"normkit.kernels: cannot use the build folder {folder} ({error}); set "
                                "TORCH_EXTENSIONS_DIR to a folder you can write, or NORMKIT_FUSED_KERNELS=0") from None
+        if waited and _load_finished_build():  # the build waited for is this one: load it, do not relink it
+            return _extension
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
@@ -236,7 +266,7 @@ def build(verbose: bool = False):
             _extension = cpp_extension.load(name=folder.name, sources=[str(_SOURCE)], build_directory=str(folder),
                                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
         except (RuntimeError, OSError, ImportError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            reason = _failure_reason(error)
             raise RuntimeError(
                 f"normkit.kernels: building the fused kernel failed ({reason}). It needs a C++ compiler, the Python "
                 "development headers and ninja (pip install ninja); `normkit kernels build --verbose` shows the "
