@@ -3,11 +3,15 @@
 The scripts are not imported by anything else, so without this a change in normkit could break one
 unnoticed until the next measurement."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import normkit
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -34,3 +38,36 @@ def test_benchmark_prints_its_table(script):
     rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
     assert len(rows) >= 3 and set(rows[1]) <= set("|-"), done.stdout  # a header, its rule, at least one row
     assert "torch " in done.stdout  # (the machine line names torch's version)
+
+
+def _load(script):
+    """A benchmark script as a module (its folder on sys.path for ``common``), without running its main."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(script[:-3], BENCHMARKS / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.mark.parametrize("flags", [["--no-fused"], []])
+def test_op_floor_s_normkit_rows_run_without_the_kernel_whatever_the_default(cpp_kernel, flags):
+    """A cached build turns the fused kernel on at import: the ``normkit_*`` rows must still be ATen's paths
+    (with --no-fused they used to run the kernel under the name of normkit without it)."""
+    floor = _load("bench_op_floor.py")
+    contenders = floor.build_contenders(floor.parse_arguments(["--shape", "16,3", "--virtual", "4", *flags]))
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(cpp_kernel.enabled("cpu")) if isinstance(module, normkit.BatchNorm) else None)
+    try:
+        for name, step in contenders.items():
+            seen.clear()
+            step()
+            assert seen == ([] if not name.startswith("normkit") else [name.endswith("_fused")]), name
+    finally:
+        hook.remove()
+    assert cpp_kernel.enabled("cpu")  # (the process default, back after each step)
+    assert sorted(name for name in contenders if name.endswith("_fused")) == (
+        [] if flags else ["normkit_ghost_fused", "normkit_renorm_fused"])
