@@ -19,6 +19,7 @@ arguments (``kwargs``). Arrays are nested lists of float32 values.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -73,9 +74,19 @@ def seeded_weights(name, names, shape):
     return [draw[n]().astype(np.float32) for n in names]
 
 
-def record() -> dict:
+def import_keras():
+    """Keras 3 on the torch backend, or exit saying how to get it (this records the real Keras; the tests never need it)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    import keras
+    try:
+        import keras
+    except ImportError as error:
+        sys.exit(f"tools/keras_configs.py records real Keras 3 layers and needs Keras ({error}); run it in a venv "
+                 "that has it: python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy")
+    return keras
+
+
+def record() -> dict:
+    keras = import_keras()
 
     out = {"__meta__": {"keras": keras.__version__, "backend": keras.backend.backend(),
                         "numpy": np.__version__}}
@@ -105,7 +116,9 @@ def record() -> dict:
 
 
 def main(argv=None) -> None:
-    out_path = (argv or sys.argv[1:] or [DEFAULT_OUT])[0]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=DEFAULT_OUT, help=f"the JSON file to write (default {DEFAULT_OUT})")
+    out_path = parser.parse_args(argv).out
     data = record()
     tmp = out_path + ".tmp"
     with open(tmp, "w") as handle:

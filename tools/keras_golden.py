@@ -33,6 +33,7 @@ Weights are stored exactly as Keras returns them (tf.keras' ghost-batch weights 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -163,9 +164,17 @@ def built_layer(layer_class, name, shape, kwargs, extra, data):
     return layer, wnames
 
 
+def import_or_exit(name, what):
+    """The module, or exit saying what to install: this records the real Keras (the tests only read the .npz)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        sys.exit(f"tools/keras_golden.py needs {what} ({error}); run it in a separate venv, as its docstring says")
+
+
 def record_k3(names, out):
     os.environ["KERAS_BACKEND"] = "torch"
-    import keras
+    keras = import_or_exit("keras", "Keras 3 (pip install keras)")
     import torch
 
     assert keras.backend.backend() == "torch"
@@ -207,8 +216,8 @@ def record_k3(names, out):
 
 def record_tfk(names, out):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-    import tf_keras
+    tf = import_or_exit("tensorflow", "TensorFlow and tf_keras (pip install tensorflow-cpu tf-keras; or --skip-tfk)")
+    tf_keras = import_or_exit("tf_keras", "tf_keras (pip install tf-keras; or --skip-tfk)")
 
     data, meta = {}, {}
     for name in names:
@@ -267,7 +276,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for part in ["k3"] + ([] if args.skip_tfk else ["tfk"]):
             path = os.path.join(tmp, f"{part}.npz")
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part, "--out", path], check=True)
+            part_run = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part, "--out", path])
+            if part_run.returncode != 0:  # (the part said why on stderr)
+                print(f"tools/keras_golden.py: recording the {part} part failed; {args.out} is unchanged",
+                      file=sys.stderr)
+                return 1
             with np.load(path) as f:
                 part_meta = json.loads(str(f["__meta__"]))
                 merged.update({k: f[k] for k in f.files if k != "__meta__"})

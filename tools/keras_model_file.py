@@ -59,7 +59,11 @@ def batch_norm_layers(model, prefix=""):
 
 def main() -> int:
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    import keras
+    try:
+        import keras
+    except ImportError as error:  # (this records the real Keras; the tests never need it)
+        sys.exit(f"tools/keras_model_file.py saves a real Keras 3 model and needs Keras ({error}); run it in a venv "
+                 "that has it: python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy h5py")
 
     keras.utils.set_random_seed(0)
     model = build_model(keras)

@@ -1,0 +1,61 @@
+"""The scripts in tools/ that need what the test environment lacks (Keras, a GPU) say so in one message, not a traceback.
+
+They record the real Keras or run GPU checks elsewhere; here only their refusal is checked, with Keras
+hidden behind a package that cannot be imported (so an environment that has Keras never records anything).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture
+def without_keras(tmp_path):
+    """An environment whose ``import keras`` (and tensorflow, tf_keras) raises ImportError, as where they are missing."""
+    hidden = tmp_path / "hidden"
+    for name in ("keras", "tensorflow", "tf_keras"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError(\"No module named '{name}'\")\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("tool, arguments, needs", [
+    ("keras_configs.py", ["{out}"], "needs Keras"),
+    ("keras_model_file.py", [], "needs Keras"),
+    ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
+    ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
+])
+def test_keras_tools_say_they_need_keras(without_keras, tmp_path, tool, arguments, needs):
+    out = tmp_path / "recorded"
+    done = subprocess.run([sys.executable, str(TOOLS / tool), *(a.format(out=out) for a in arguments)],
+                          env=without_keras, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert needs in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists()
+
+
+def test_keras_configs_help_is_not_an_output_path(without_keras, tmp_path):
+    done = subprocess.run([sys.executable, str(TOOLS / "keras_configs.py"), "--help"], env=without_keras,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["hidden"]  # (no file named --help)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="a bash script")
+def test_device_check_stops_at_once_without_a_gpu(tmp_path):
+    """Before anything is installed or run: every stage would fail, the benchmarks' reasons hidden in /dev/null."""
+    # (the script's python3: this environment's, whose torch has no CUDA here)
+    env = dict(os.environ, OUT=str(tmp_path / "out"),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    done = subprocess.run(["bash", str(TOOLS / "device_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=TOOLS.parent)
+    assert done.returncode == 2
+    assert "no CUDA device" in done.stderr and "GPU tests" not in done.stdout, done.stdout + done.stderr
