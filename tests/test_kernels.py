@@ -346,7 +346,8 @@ def test_a_build_folder_that_cannot_be_made_is_a_warning_at_import(tmp_path):
     (tmp_path / "afile").write_text("")
     for mode in ("1", None):
         state, errors = _import_normkit(mode, tmp_path / "afile" / "cache")
-        assert state == ["False", "False", "False"], mode
+        # (mode 1's CUDA kernels need no build folder: they stay on)
+        assert state == ["False", "True" if mode == "1" else "False", "False"], mode
         if mode == "1":
             assert "cannot use the build folder" in errors and "TORCH_EXTENSIONS_DIR" in errors
 
@@ -415,6 +416,15 @@ def test_kernels_command_says_in_one_line_why_a_build_failed(tmp_path):
     assert "C++ compiler" in failed.stderr and "Traceback" not in failed.stderr
     # The cause (the shell's line), not the first 300 characters of ninja's command line.
     assert "no-compiler: not found" in line and "-isystem" not in line, line
+
+
+def test_a_failed_cpu_build_at_import_leaves_the_cuda_kernels_on(tmp_path, monkeypatch):
+    """NORMKIT_FUSED_KERNELS=1 asks for both kernels; the CUDA ones need no build, so a CPU build that fails (here:
+    no compiler) warns and leaves them on, instead of turning everything off."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))
+    (cpu, cuda, fused), stderr = _import_normkit("1", tmp_path)
+    assert (cpu, cuda, fused) == ("False", "True", "False")
+    assert "building the fused kernel failed" in stderr and "the CUDA kernels are on" in stderr
 
 
 def test_a_build_that_waited_for_another_process_s_loads_it(built_kernels, tmp_path):

@@ -24,7 +24,8 @@ every later ``import normkit`` on that machine loads it and uses it for CPU tens
 
 ``NORMKIT_FUSED_KERNELS`` chooses at import: ``auto`` (the default, also when unset) loads a cached
 CPU build when there is one and compiles nothing; ``1`` builds the CPU kernel if needed and turns on
-the CUDA kernels too (a build failure warns); ``cuda`` the CUDA kernels alone; ``0`` nothing.
+the CUDA kernels too (a failed CPU build warns and leaves the CUDA kernels on); ``cuda`` the CUDA
+kernels alone; ``0`` nothing.
 
 On CUDA tensors the calls take ``triton_batch_norm.py``'s Triton kernels, only when asked for
 (``enable()``, ``enable(cpu=False)``, ``NORMKIT_FUSED_KERNELS=1`` or ``cuda``): Triton comes with
@@ -475,4 +476,6 @@ elif _MODE in ("on", "cuda"):
     try:
         enable(cpu=_MODE == "on")
     except (RuntimeError, OSError) as error:  # importing normkit must not fail for an optional speed-up
-        warnings.warn(str(error), RuntimeWarning, stacklevel=2)
+        # (the CUDA kernels need no build: a failed CPU build leaves them on, as NORMKIT_FUSED_KERNELS=1 asks)
+        warnings.warn(f"{error} (CPU calls keep ATen's paths; the CUDA kernels are on)", RuntimeWarning, stacklevel=2)
+        enable(cpu=False)
