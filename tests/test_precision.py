@@ -211,6 +211,56 @@ def test_recentering_never_takes_its_centre_from_padding(padded):
     np.testing.assert_allclose(to_numpy(layer.running_mean), to_numpy(valid.mean(dim=0)), rtol=1e-7)
 
 
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 4}],
+                         ids=["padding", "padding + renorm", "ghost + padding"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["aten", "fused"])
+def test_zero_padding_does_not_hide_data_far_from_zero_on_the_first_step(options, kernel):
+    """A fresh layer's first step on padded float32 data with mean 1e4 and std 1e-2, padding zeros: the
+    recentering check counts the valid positions only (with the zeros, the spread looked like 5e3 and the
+    layer kept ATen's rounded mean: running variance 1e-2 off, input gradient 3e-2), so the variance stays
+    within 1e-3 of the float64 value and output and gradients match the reference."""
+    from normkit import kernels
+    if kernel:
+        try:
+            kernels.build()
+        except RuntimeError as error:
+            pytest.skip(f"the fused kernel cannot be built here: {error}")
+    torch.manual_seed(0)
+    mask = torch.ones(16, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    data = (torch.randn(16, 6, 3, dtype=torch.float64) * 1e-2 + 1e4).float()
+    x = torch.where(mask[..., None], data, torch.zeros(())).requires_grad_()
+    g = torch.randn(16, 6, 3, dtype=torch.float64)
+    layer = normkit.BatchNorm(3, axis=-1, momentum=1.0, **options)
+    state = {name: to_numpy(buffer) for name, buffer in layer.named_buffers() if buffer.is_floating_point()}
+    extra = ({key: state[key].copy() for key in ("renorm_mean", "renorm_stddev", "moving_stddev")}
+             if options.get("renorm") else {})
+    with kernels.switched(kernel):
+        y = layer(x, mask=mask)
+    (y.double() * g).sum().backward()
+    x64, mask64 = x.detach().double().numpy(), mask.numpy()[..., None]
+    ghost = {"virtual_batch_size": options["virtual_batch_size"]} if "virtual_batch_size" in options else {}
+    renorm = ({"renorm_clipping": (0.0, math.inf, math.inf)} if options.get("renorm") else {})
+    expected = R.batch_norm(x64, state["running_mean"], state["running_var"], np.ones(3), np.zeros(3), True, 1.0,
+                            layer.eps, axis=-1, mask=mask64, **ghost, **renorm, **extra,
+                            **({"renorm_momentum": layer.renorm_momentum} if options.get("renorm") else {}))
+    grads = R.batch_norm_backward(g.numpy(), x64, None, None, np.ones(3), np.zeros(3), True, layer.eps, axis=-1,
+                                  mask=mask64, **ghost, **renorm,
+                                  **({"renorm_mean": np.zeros(3), "renorm_stddev": np.ones(3)}
+                                     if options.get("renorm") else {}))
+    valid = x.detach().double()[:, :4]  # (the first four positions of every row)
+    if ghost:  # Keras' strided ghosts: ghost j holds rows j, j + 4, ...; the mean of their unbiased variances
+        exact = valid.reshape(4, 4, 4, 3).var(dim=(0, 2), unbiased=True).mean(dim=0)
+    else:
+        exact = valid.reshape(-1, 3).var(dim=0, unbiased=True)
+    assert (layer.running_var >= 0).all()
+    np.testing.assert_allclose(to_numpy(layer.running_var), to_numpy(exact), rtol=1e-3)
+    np.testing.assert_allclose(to_numpy(layer.running_var), state["running_var"], rtol=1e-3)
+    # (renorm's output is x_hat * r + d with d = 1e4 from fresh renorm statistics: float32's rounding of its size)
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=2e-7, atol=1e-4)
+    assert np.abs(to_numpy(x.grad) - grads[0]).max() <= 1e-4 * np.abs(grads[0]).max()
+
+
 def test_recentering_with_everything_padded_matches_the_reference():
     """No valid position: mean 0 and variance 0 for the batch, output (x - 0) / sqrt(eps), buffers kept."""
     layer = _recentering_layer()

@@ -656,12 +656,13 @@ class BatchNorm(_NormBase):
     RECENTER_CHECK_EVERY = 1000
     RECENTER_RATIO = 1e3
 
-    def _update_recenter(self, input: torch.Tensor, feature_axes) -> None:
+    def _update_recenter(self, input: torch.Tensor, feature_axes, mask: Optional[torch.Tensor] = None) -> None:
         """Decide (on the first training step, then every 1000) whether the data sits far from zero.
 
         ATen's CPU kernel loses the variance of float32 data whose |mean| exceeds ~1e5 std; such
         data is a property of the source, so a periodic check costs nothing per step and lets
         the layer recenter (see functional._aten_batch_norm) only where it matters.
+        ``mask`` (the expanded one, or None): only valid positions count, as in the statistics.
         """
         self._steps_to_recenter_check = self.RECENTER_CHECK_EVERY - 1
         if (input.is_cuda or input.dtype == torch.float64 or input.numel() == 0 or _under_vmap(input)
@@ -669,12 +670,23 @@ class BatchNorm(_NormBase):
             return  # (under vmap a data-dependent branch cannot run; meta and fake tensors have no data)
         with torch.no_grad():
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
-            var, mean = torch.var_mean(input.float(), dim=reduce_axes, correction=0)
+            values = input.float()
+            if mask is None:
+                var, mean = torch.var_mean(values, dim=reduce_axes, correction=0)
+                high = low = values
+            else:
+                # Padding (zeros, anything) must not count: zeros beside data at 1e4 made the spread look
+                # wide and the layer skipped recentering where its statistics then lost the variance.
+                valid = mask.expand(values.shape)
+                _, mean, var = F.moments(torch.where(valid, values, 0.0), reduce_axes, valid)
+                mean, var = mean.squeeze(reduce_axes), var.squeeze(reduce_axes)
+                high = torch.where(valid, values, -math.inf)
+                low = torch.where(valid, values, math.inf)
             far = mean.abs() > self.RECENTER_RATIO * var.sqrt()
             if bool(far.any()):
                 # A constant channel is far from zero by this measure but loses nothing in ATen's kernel
                 # (its variance is 0 either way): only channels that vary call for the recentered path.
-                varies = input.amax(dim=reduce_axes) != input.amin(dim=reduce_axes)
+                varies = high.amax(dim=reduce_axes) != low.amin(dim=reduce_axes)
                 far &= varies
             self._recenter = bool(far.any())
 
@@ -865,10 +877,10 @@ class BatchNorm(_NormBase):
             _check_input_dtype(input, self.weight, self.running_mean)
             self._check_input_dim(input)
             feature_axes = self._feature_axes(input)
-            if training and self._recenter_check_due():
-                self._update_recenter(input, feature_axes)
             if mask is not None:
                 mask = self._expand_mask(mask, input, feature_axes)
+            if training and self._recenter_check_due():
+                self._update_recenter(input, feature_axes, mask)
             virtual = self.virtual_batch_size if training else None
             if virtual is not None:
                 check_ghost_batch(input.shape[0], virtual)
