@@ -261,6 +261,44 @@ def test_zero_padding_does_not_hide_data_far_from_zero_on_the_first_step(options
     assert np.abs(to_numpy(x.grad) - grads[0]).max() <= 1e-4 * np.abs(grads[0]).max()
 
 
+@pytest.mark.parametrize("spread, masked", [(30.0, False), (30.0, True), (1e4, True)],
+                         ids=["30 apart", "30 apart + mask", "1e4 apart + mask"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["aten", "fused"])
+def test_ghost_batches_whose_means_lie_apart_stay_exact(spread, masked, kernel):
+    """float32 ghost batches with std 1e-2 each, means 1e4, 1e4 + spread, ...: each ghost is normalized by its own
+    statistics, so the recentering check measures each ghost's spread (the batch's, 30 here, hid them: running
+    variance 1e-2 off) and the masked composite path recenters each ghost about its own mean (one centre per
+    feature left residuals of 1.5e4: variance 3e-3 off). Variance within 1e-3 of float64's, output and input
+    gradient as the reference's."""
+    from normkit import kernels
+    if kernel:
+        try:
+            kernels.build()
+        except RuntimeError as error:
+            pytest.skip(f"the fused kernel cannot be built here: {error}")
+    torch.manual_seed(0)
+    apart = torch.arange(4, dtype=torch.float64).repeat_interleave(4)[:, None, None] * spread
+    x = (torch.randn(16, 3, 6, dtype=torch.float64) * 1e-2 + 1e4 + apart).float().requires_grad_()
+    g = torch.randn(16, 3, 6, dtype=torch.float64)
+    mask = torch.rand(16, 6) > 0.3 if masked else None
+    mask64 = None if mask is None else mask.numpy()[:, None, :]
+    layer = normkit.BatchNorm(3, virtual_batch_size=4, ghost_layout="contiguous", momentum=1.0)
+    state = {name: to_numpy(getattr(layer, name)) for name in ("running_mean", "running_var")}
+    with kernels.switched(kernel):
+        y = layer(x) if mask is None else layer(x, mask=mask)
+    (y.double() * g).sum().backward()
+    x64 = x.detach().double().numpy()
+    ghost = {"virtual_batch_size": 4, "ghost_layout": "contiguous", "mask": mask64}
+    expected = R.batch_norm(x64, state["running_mean"], state["running_var"], np.ones(3), np.zeros(3), True, 1.0,
+                            layer.eps, **ghost)
+    grads = R.batch_norm_backward(g.numpy(), x64, None, None, np.ones(3), np.zeros(3), True, layer.eps, **ghost)
+    assert (layer.running_var >= 0).all()
+    np.testing.assert_allclose(to_numpy(layer.running_var), state["running_var"], rtol=1e-3)
+    np.testing.assert_allclose(to_numpy(layer.running_mean), state["running_mean"], rtol=1e-7)
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=2e-7, atol=1e-4)
+    assert np.abs(to_numpy(x.grad) - grads[0]).max() <= 1e-4 * np.abs(grads[0]).max()
+
+
 def test_recentering_with_everything_padded_matches_the_reference():
     """No valid position: mean 0 and variance 0 for the batch, output (x - 0) / sqrt(eps), buffers kept."""
     layer = _recentering_layer()

@@ -782,8 +782,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         # invariant, so the output and the gradients are the same function. (Synchronized statistics merge
         # their processes' moments, whose centres would differ: they keep theirs.)
         # (residuals in the statistics' dtype: half-precision ones would be rounded again)
+        # With ghost batches, a centre per ghost batch: each is normalized by its own mean, and ghosts whose means
+        # lie far apart (1e4) left residuals as large as the data about one centre per feature.
         with torch.no_grad():
-            shift = moments(view.detach(), reduce_axes + (() if ghost_axis is None else (ghost_axis,)), mask_view)[1]
+            shift = moments(view.detach(), reduce_axes, mask_view)[1]
         view = view.to(statistics_dtype(view)) - shift
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
@@ -792,10 +794,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
         count, mean, var = (moments_fn or moments)(view, reduce_axes, mask_view)
     with torch.no_grad():
-        total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
+        # (the mean that leaves the layer is the data's, not the residuals': each ghost's centre added back)
+        data_mean = mean.detach() if shift is None else mean.detach() + shift
+        total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), data_mean, var.detach(), ghost_axis,
                                                                 equal_counts=local_counts)
-        if shift is not None:  # (the mean that leaves the layer is the data's, not the residuals')
-            batch_mean = batch_mean + shift
         r = d = None
         if renorm_mean is not None:
             r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
@@ -821,7 +823,7 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if training and running_mean is not None:
         with torch.no_grad():
             parts = {"total": total, "batch_mean": batch_mean, "batch_var": batch_var, "count": count.detach(),
-                     "mean": mean.detach(), "var": var.detach(), "ghost_axis": ghost_axis,
+                     "mean": data_mean, "var": var.detach(), "ghost_axis": ghost_axis,
                      "masked": not local_counts,
                      "group_count": view.numel() // mean.numel() if local_counts else None}
             update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,

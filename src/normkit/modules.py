@@ -669,8 +669,14 @@ class BatchNorm(_NormBase):
                 or F.without_data(input)):
             return  # (under vmap a data-dependent branch cannot run; meta and fake tensors have no data)
         with torch.no_grad():
-            reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             values = input.float()
+            reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
+            virtual = self.virtual_batch_size
+            if virtual is not None and input.shape[0] > virtual and input.shape[0] % virtual == 0:
+                # Ghost batches: each is normalized by its own statistics, so each ghost's spread is the measure
+                # (ghosts whose means lie apart gave the batch a wide spread while every ghost sat far from zero).
+                values, mask, reduce_axes, _ = F.batch_statistics_view(values, feature_axes, mask, virtual,
+                                                                       self.ghost_layout)
             if mask is None:
                 var, mean = torch.var_mean(values, dim=reduce_axes, correction=0)
                 high = low = values
