@@ -517,7 +517,8 @@ class BatchNormalization(nn.Module):
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
-        stored = self.bn.running_mean.dtype
+        bn = self.bn  # (one Module.__getattr__, not six: a small call notices them)
+        stored = bn.running_mean.dtype
         if self._compute_dtype is not None and self._compute_dtype != stored:
             # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
             # and the output comes in the compute dtype, as in Keras.
@@ -537,8 +538,10 @@ class BatchNormalization(nn.Module):
         mode = self.training if training is None else bool(training)
         if mask is not None and mode:
             self._check_mask(mask, inputs)
-        previous = self.bn.training
-        self.bn.training = mode
+        previous = bn.training
+        switched = previous != mode  # (nn.Module.__setattr__ twice a call where the mode is already the one)
+        if switched:
+            bn.training = mode
         try:
             if stored in LOW_PRECISION:
                 return self._forward_widened(inputs, mask if mode else None, torch.float32)
@@ -551,10 +554,11 @@ class BatchNormalization(nn.Module):
                 # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
                 # channel amplify: ten times Keras' error in the input gradient.
-                return self.bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
-            return self.bn(inputs, mask=mask if mode else None)
+                return bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
+            return bn(inputs, mask=mask if mode else None)
         finally:
-            self.bn.training = previous
+            if switched:
+                bn.training = previous
 
     def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
         # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the

@@ -402,6 +402,9 @@ class BatchNorm(_NormBase):
     def _choose_routes(self) -> None:
         # The plain case takes torch.nn's short path.
         self._plain = self._is_plain()
+        # Out of training (eval, or frozen) every option but the axis is inert (_forward_options computes torch.nn's
+        # eval call for them), so inference takes the short path too when the features are first or last.
+        self._plain_eval = self.axis in (1, -1)
         # Ghost batches alone, Keras' strided groups on features at axis 1: ATen's kernel on a free view.
         self._plain_ghost = (self.axis == 1 and self.virtual_batch_size is not None
                              and self.ghost_layout == "strided" and not self.renorm and self.adjustment is None
@@ -711,11 +714,15 @@ class BatchNorm(_NormBase):
         if not isinstance(input, torch.Tensor) or not input.is_floating_point():
             F.check_floating(input)
         self._check_input_dim(input)
+        # A frozen layer (forward's other way here) computes as in eval whatever train() says, without
+        # gradient for weight and bias (as _forward_options does).
+        frozen = self.frozen
+        training = self.training and not frozen
         channels, restore, back = input, None, None
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
                 self._feature_axes(input)  # raises the explanatory error
-            if not input.is_contiguous() or (self.training and input.dim() >= 4 and input.is_cpu
+            if not input.is_contiguous() or (training and input.dim() >= 4 and input.is_cpu
                                              and kernels.takes(input)):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
                 # kernel, faster than ATen's channels-last kernels: docs/benchmarks.md; larger inputs, which
@@ -728,7 +735,6 @@ class BatchNorm(_NormBase):
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif input.shape[1] != self.num_features:
             self._feature_axes(input)  # raises the explanatory error
-        training = self.training
         factor = 0.0
         if training:
             if self._recenter_check_due():
@@ -742,7 +748,12 @@ class BatchNorm(_NormBase):
         running_mean = _buffer_of(self, "running_mean") if use_buffers else None
         running_var = _buffer_of(self, "running_var") if use_buffers else None
         weight, bias = _affine_of(self)
+        if frozen:
+            weight = None if weight is None else weight.detach()
+            bias = None if bias is None else bias.detach()
         batch_stats = training or running_mean is None
+        if batch_stats and not training and not self._plain:
+            return self._forward_options(input, None)  # (options' batch statistics out of training: their path)
         if batch_stats and channels.numel() <= self.num_features:
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
@@ -777,8 +788,8 @@ class BatchNorm(_NormBase):
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
-        if (self._plain and mask is None and not self.frozen and not self._recenter
-                and not torch.compiler.is_compiling()):  # (compiled graphs take the recentered path)
+        if ((self._plain or (self._plain_eval and (not self.training or self.frozen))) and mask is None
+                and not self._recenter and not torch.compiler.is_compiling()):  # (compiled graphs: recentered path)
             return self._forward_plain(input)
         if (self.renorm and self.training and not self.frozen and not torch.compiler.is_compiling()
                 and torch._C._current_graph_task_id() != -1):
@@ -1160,11 +1171,25 @@ class _InstanceNorm(_NormBase):
                                       error_msgs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The common case straight to ATen, as in LayerNorm.forward: a batched full-precision input of the layer's
+        # dtype and channels with more than one value per instance (what the general path below checks, then
+        # passes to the same call); on small inputs those checks and Module.__getattr__ cost 5-15% of the op.
+        weight, bias = _affine_of(self)
+        batched_rank = self._spatial_dims + 2
+        if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
+                and (weight is None or weight.dtype == input.dtype) and input.dim() == batched_rank
+                and input.shape[1] == self.num_features and input.numel() != 0
+                and type(self.eps) is float and 0.0 < self.eps < math.inf):
+            use_input_stats = self.training or not self.track_running_stats
+            if not use_input_stats or math.prod(input.shape[2:]) > 1:
+                return torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
+                                           _buffer_of(self, "running_var"), use_input_stats,
+                                           self.momentum if self.momentum is not None else 0.0, self.eps,
+                                           torch.backends.cudnn.enabled)
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input)
         F.check_floating(input)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
-        batched_rank = self._spatial_dims + 2
         if input.dim() not in (batched_rank - 1, batched_rank):
             raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
                              f"(got {input.dim()}D input) for {type(self).__name__}")
