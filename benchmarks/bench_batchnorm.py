@@ -12,6 +12,9 @@ Rows:
   torch.nn.BatchNorm2d on the same memory seen as an NCHW channels_last tensor (``x.permute(0, 3, 1, 2)``,
   made outside the timed call), and vs ``torch.nn + permutes``: the same layer with the permutes a
   torch.nn user writes around it for NHWC data, inside the call (the last column).
+* ``frozen`` (the small shapes): a frozen normkit layer (``freeze()``, then ``train()``: it computes as in eval
+  whatever the mode) vs torch.nn's in eval with ``requires_grad_(False)`` parameters, the torch.nn way to freeze;
+  training rows take the gradient w.r.t. the input only (neither layer has trainable parameters).
 
 Training: ``torch.autograd.grad`` of the output (with a fixed random upstream gradient) w.r.t. the
 input, weight and bias. Inference: eval mode under ``torch.no_grad()``.
@@ -31,6 +34,7 @@ from common import (compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
 import normkit  # noqa: E402
 
 SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 256, 14, 14)]
+FROZEN_SHAPES = [(64, 16, 8, 8), (64, 120)]  # (a fixed cost of the call: the small shapes are where it shows)
 TARGET = 1.05
 
 
@@ -54,6 +58,9 @@ def pair(shape, layout, device="cpu"):
     if layout == "channels_last":
         x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
         return ours, theirs, x, x, g, g
+    if layout == "frozen":
+        ours.freeze()
+        theirs.eval().requires_grad_(False)
     if layout == "NHWC axis=-1":
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()
         g_nhwc = g.permute(0, 2, 3, 1).contiguous()
@@ -65,6 +72,7 @@ def pair(shape, layout, device="cpu"):
 def cases():
     for shape in SHAPES:
         layouts = ["contiguous"] if len(shape) == 2 else ["contiguous", "channels_last", "NHWC axis=-1"]
+        layouts += ["frozen"] if shape in FROZEN_SHAPES else []
         for layout in layouts:
             for mode in ("train", "infer"):
                 yield shape, layout, mode
@@ -80,7 +88,7 @@ def run(args) -> list:
         # NHWC data in torch.nn's hands: the permutes a torch.nn user writes around the layer.
         permuted = (lambda t: theirs(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)) if layout == "NHWC axis=-1" else None
         if mode == "train":
-            ours.train(), theirs.train()
+            ours.train(), theirs.train(layout != "frozen")  # (frozen: normkit's in train(), torch.nn's in eval)
             contenders = {
                 "normkit": training_step(ours, x_ours, g_ours, [ours.weight, ours.bias]),
                 "torch.nn": training_step(theirs, x_theirs, g_theirs, [theirs.weight, theirs.bias]),

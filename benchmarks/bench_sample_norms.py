@@ -32,6 +32,9 @@ CASES = {
     "GroupNorm(4,16) (64,16,8,8)": ("GroupNorm", (4, 16), (64, 16, 8, 8)),
     "GroupNorm(32,256) (32,256,14,14)": ("GroupNorm", (32, 256), (32, 256, 14, 14)),
     "InstanceNorm1d(16) (64,16,50)": ("InstanceNorm1d", (16,), (64, 16, 50)),
+    "InstanceNorm1d(16) (8,16,20)": ("InstanceNorm1d", (16,), (8, 16, 20)),
+    "InstanceNorm3d(16) (4,16,4,8,8)": ("InstanceNorm3d", (16,), (4, 16, 4, 8, 8)),
+    "InstanceNorm2d(64, affine, stats) (32,64,8,8)": ("InstanceNorm2d", (64, 1e-5, 0.1, True, True), (32, 64, 8, 8)),
     "InstanceNorm2d(6, affine) (64,6,24,24)": ("InstanceNorm2d", (6, 1e-5, 0.1, True), (64, 6, 24, 24)),
     "InstanceNorm2d(64, stats) (8,64,56,56)": ("InstanceNorm2d", (64, 1e-5, 0.1, True, True), (8, 64, 56, 56)),
 }
