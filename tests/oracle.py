@@ -90,3 +90,16 @@ def spawn_processes(worker, nprocs, args=(), deadline=180.0):
                 if process.is_alive():
                     process.kill()
             raise TimeoutError(f"{nprocs} processes were not done after {deadline:.0f} s (a collective that hangs?)")
+
+
+def errors_of(calls):
+    """Each call's error as "Type: message" (None when it raised nothing), for a worker process to record and
+    a test to check: a spawned process cannot raise into pytest."""
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
+            errors[name] = f"{type(error).__name__}: {error}"
+    return errors

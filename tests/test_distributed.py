@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import normkit
 import normkit.keras
-from oracle import spawn_processes
+from oracle import errors_of, spawn_processes
 
 STEPS = 2
 FEATURES = 4
@@ -139,14 +139,7 @@ def _refusals(rank):
             torch.randn(4, FEATURES, 3, dtype=torch.float64), mask=torch.ones(4, 3 + bad, dtype=torch.bool)),
         "keras_rank": lambda: keras(torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
     }
-    errors = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
-            errors[name] = f"{type(error).__name__}: {error}"
-    return errors
+    return errors_of(calls)
 
 
 def _refusal_worker(rank, init_file, out_dir):

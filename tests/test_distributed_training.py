@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import normkit
 import normkit.keras
-from oracle import spawn_processes
+from oracle import errors_of, spawn_processes
 
 WORLD = 4
 GROUPS = ((0, 1), (2, 3))
@@ -201,14 +201,7 @@ def _disagreements(rank):
         "transposed": lambda: normkit.BatchNorm(transposed, axis=(1, 2), synchronized=True).double()(
             torch.randn(4, *transposed, 2, dtype=torch.float64)),
     }
-    errors = {}
-    for name, call in calls.items():
-        try:
-            call()
-            errors[name] = None
-        except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
-            errors[name] = f"{type(error).__name__}: {error}"
-    return errors
+    return errors_of(calls)
 
 
 def _quiet_checks(rank, quiet, impatient):
