@@ -426,6 +426,48 @@ def test_copies_train_on_as_the_original(make, how):
     _assert_same_state(copied, layer, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("keras", [False, True], ids=["BatchNorm2d", "keras"])
+def test_deepcopy_of_a_parametrized_layer_as_torch_nn(keras):
+    """copy.deepcopy of a layer with a torch.nn.utils.parametrize parametrization (EMA copies of a model with a
+    positive-weight constraint): torch.nn's copies. normkit's __deepcopy__ (the shared process group) read
+    __getstate__, which parametrize's class refuses to block pickling: a RuntimeError ('Serialization of
+    parametrized modules is only supported through state_dict()')."""
+    class Positive(nn.Module):
+        def forward(self, weight):
+            return weight.abs()
+
+    from torch.nn.utils import parametrize
+
+    ours = normkit.keras.BatchNormalization(axis=1, epsilon=1e-5) if keras else normkit.BatchNorm2d(3)
+    theirs = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    ours(x)  # (builds the Keras layer)
+    inner = ours.bn if keras else ours
+    inner.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for layer in (inner, theirs):
+            layer.weight.copy_(torch.linspace(-2, 2, 3))
+    for layer in (inner, theirs):
+        parametrize.register_parametrization(layer, "weight", Positive())
+    ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+    assert parametrize.is_parametrized(ours_copy.bn if keras else ours_copy, "weight")
+    torch.testing.assert_close(ours_copy.eval()(x), theirs_copy.eval()(x))
+    torch.testing.assert_close(ours_copy.train()(x), theirs_copy.train()(x))
+
+
+def test_deepcopy_of_a_compiled_layer_trains_the_copy():
+    """module.compile() stores a compiled call bound to the layer; torch.nn's deepcopy leaves it out
+    (Module.__getstate__), so the copy calls itself. Copied with it, the copy's calls trained the original."""
+    ours, theirs = normkit.BatchNorm2d(3), nn.BatchNorm2d(3)
+    for layer in (ours, theirs):
+        layer.compile(backend="eager")
+    ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours_copy(x), theirs_copy(x))
+    _assert_same_state(ours_copy, theirs_copy)
+    _assert_same_state(ours, theirs)
+
+
 @pytest.mark.parametrize("name,args,kwargs", [
     ("BatchNorm2d", (3,), {}), ("BatchNorm1d", (3,), {"track_running_stats": False}),
     ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}), ("InstanceNorm2d", (3,), {}),

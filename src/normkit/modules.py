@@ -112,7 +112,13 @@ def _deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
         memo.setdefault(id(group), group)
     copied = type(module).__new__(type(module))
     memo[id(module)] = copied
-    copied.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    # A parametrized module's class (torch.nn.utils.parametrize) refuses __getstate__ to block pickling and
+    # leaves deepcopy to the class's own __deepcopy__ (this one): there the dict, as parametrize's own copy
+    # takes it. Elsewhere __getstate__, which drops what must not be copied (module.compile()'s compiled call,
+    # bound to the original: the copy's calls would have trained the original).
+    parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+    state = module.__dict__ if parametrized else module.__getstate__()
+    copied.__setstate__(copy.deepcopy(state, memo))
     return copied
 
 
