@@ -79,8 +79,7 @@ def _functions_refused():
 def without_data(x):
     """A meta or fake tensor (shape inference, FakeTensorMode's memory and FLOP estimates): torch.nn's layers run on
     them, so no path may read their values on the host or size a result by them."""
-    # (a plain tensor is not fake: the type test costs a tenth of is_fake, which a masked call would pay every time)
-    return x.is_meta or (type(x) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(x))
+    return x.is_meta or kernels.is_fake(x)
 
 
 def statistics_dtype(x):

@@ -155,14 +155,14 @@ def takes(x: torch.Tensor) -> bool:
     """Whether a training step on ``x`` may go to a fused kernel: the kernel of its device is on, no transform
     is running, and (on the CPU) it is within the kernel's size limit. The kernels decline the rest themselves;
     this is what lets the layers keep their own fast paths for it."""
-    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or _is_fake(x):
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or is_fake(x):
         return False  # (compiled graphs never call the kernels, and Dynamo refuses to trace is_fake)
     if x.is_cpu:
         return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
     return _cuda_on and x.is_cuda and not transforms_active()
 
 
-def _is_fake(x: torch.Tensor) -> bool:
+def is_fake(x: torch.Tensor) -> bool:
     """A FakeTensorMode tensor (shape, memory and FLOP estimates): it has a device but no data for a kernel to read,
     and torch.nn's layers run on it, so the kernels decline it (a meta tensor's device they decline anyway)."""
     # (a plain tensor is not one, and the type test costs a tenth of is_fake on the small steps the kernel serves)
@@ -398,6 +398,8 @@ def graph_backward(x, weight, valid, dims, eps, r, d, grad, needs):
     computes in float32, as the kernels do. Called by both kernels' backward (the C++ one through pybind11);
     ``needs`` says which of (input, weight, bias) gradients to return, the rest are None.
     """
+    from .. import functional  # (functional imports this module: the statistics core, by name at call time)
+
     n, rows, channels, positions, groups, strided = (int(v) for v in dims)
     need_input, need_weight, need_bias = needs
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -410,15 +412,9 @@ def graph_backward(x, weight, valid, dims, eps, r, d, grad, needs):
             xg = x.to(compute).reshape(*grouped_shape, rows, channels, positions)
             if strided:
                 xg = xg.transpose(0, 1)  # (G, N / G, R, C, S) either way
-            reduce = (1, 2, 4)
-            if valid is None:
-                mean = xg.mean(reduce, keepdim=True)
-                var = (xg - mean).square().mean(reduce, keepdim=True)
-            else:  # (the kernels take a mask without ghost groups only)
-                w = valid.reshape(1, n, rows, 1, positions).to(compute)
-                count = w.sum(reduce, keepdim=True).clamp(min=1)
-                mean = (w * xg).sum(reduce, keepdim=True) / count
-                var = (w * (xg - mean).square()).sum(reduce, keepdim=True) / count
+            # (the kernels take a mask without ghost groups only; a group without valid values: mean 0, var 0)
+            mask = None if valid is None else valid.reshape(1, n, rows, 1, positions)
+            _, mean, var = functional.moments(xg, (1, 2, 4), mask)
             per_feature = (1, 1, 1, channels, 1)
             scale, shift = r.to(compute).view(per_feature), d.to(compute).view(per_feature)
             if weight is not None:
@@ -441,7 +437,7 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
     Declined under torch.func's transforms (grad, vmap, jacrev, ...) and forward-mode AD, which cannot see
     inside the kernels' autograd functions: ATen's paths compute the same function there.
     """
-    if transforms_active() or _is_fake(x):
+    if transforms_active() or is_fake(x):
         return None
     if x.is_cuda or _triton_on_cpu:
         module = _triton_kernels()
