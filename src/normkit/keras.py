@@ -581,12 +581,8 @@ class BatchNormalization(nn.Module):
         raise ValueError(message)
 
     def _refuse_with_peers(self, training: Optional[bool]) -> None:
-        """Before refusing an input in a synchronized training call, tell the peers waiting in the merge (see
-        ``BatchNorm._forward_options``): they raise at once instead of waiting for the group's timeout."""
-        if (self.synchronized and (self.training if training is None else bool(training)) and not self.bn.frozen
-                and not torch.compiler.is_compiling()):
-            from . import distributed
-            distributed.refuse_with_peers(self.process_group, self.bn.running_mean.device)
+        """Before refusing an input: a synchronized training call's peers are told (BatchNorm._refuse_with_peers)."""
+        self.bn._refuse_with_peers(self.training if training is None else bool(training))
 
     def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
         """A call whose math runs in ``math`` rather than the variables' dtype, as Keras computes it: a layer with

@@ -908,11 +908,7 @@ class BatchNorm(_NormBase):
             if virtual is not None:
                 check_ghost_batch(input.shape[0], virtual)
         except Exception:
-            if self.synchronized and training and not torch.compiler.is_compiling():
-                # The peers are (or will be) waiting in the merge for this process: without a word from it they
-                # would wait until the group's timeout, or pair with its next collective and merge garbage.
-                from . import distributed
-                distributed.refuse_with_peers(self.process_group, _device_of(self, input))
+            self._refuse_with_peers(training, input)
             raise
         factor = 0.0
         if training and self.track_running_stats:
@@ -949,6 +945,14 @@ class BatchNorm(_NormBase):
             # one subtraction the compiler fuses into the statistics pass.
             recenter=self._recenter or torch.compiler.is_compiling(),
         )
+
+    def _refuse_with_peers(self, training: bool, input=None) -> None:
+        """Before this process refuses its input to a synchronized training step: the peers are (or will be)
+        waiting in the merge for it; told (distributed.refuse_with_peers), they raise at once instead of waiting
+        for the group's timeout or pairing with its next collective and merging garbage."""
+        if self.synchronized and training and not self.frozen and not torch.compiler.is_compiling():
+            from . import distributed
+            distributed.refuse_with_peers(self.process_group, _device_of(self, input))
 
     def _renorm_step(self):
         """The training step a clipping schedule is evaluated at: the batches tracked before this one."""
