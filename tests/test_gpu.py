@@ -330,6 +330,23 @@ def test_cuda_lab_trains_and_its_checkpoint_evaluates_anywhere(tmp_path):
     assert on_cpu["test_loss"] == pytest.approx(on_gpu["test_loss"], rel=1e-4)
 
 
+def test_cuda_run_resumes_from_its_checkpoint(tmp_path):
+    """A CUDA run's checkpoint (its CUDA RNG states, NumPy's keys, mapped to the GPU on loading) resumes on the GPU
+    and ends where an uninterrupted run ends (cuDNN's sums may differ in the last bits, hence the tolerance)."""
+    from normkit.lab.checkpoint import load_checkpoint
+    from normkit.lab.config import TrainConfig
+    from normkit.lab.train import run
+
+    settings = dict(device="cuda", train_limit=256, batch_size=32, epochs=2, quiet=True, tensorboard=False)
+    run(TrainConfig(out=str(tmp_path / "a"), **settings))
+    run(TrainConfig(out=str(tmp_path / "b"), **{**settings, "epochs": 1}))
+    run(TrainConfig(out=str(tmp_path / "b"), resume=True, **settings), given={"epochs"})
+    expected, actual = (load_checkpoint(tmp_path / p / "checkpoint.pt")["model"] for p in ("a", "b"))
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_cuda_layer_takes_a_mask_from_the_cpu(rng):
     """A padding mask built on the CPU is moved to the input's device, as the Keras layer does."""
     layer = normkit.BatchNorm(4, axis=-1).cuda()

@@ -1,7 +1,8 @@
-"""The scripts in tools/ that need what the test environment lacks (Keras, a GPU) say so in one message, not a traceback.
+"""The scripts in tools/: those that need what the test environment lacks (Keras, a GPU) say so in one message, not a
+traceback, and the profiler of a training step runs here as it does on a GPU.
 
-They record the real Keras or run GPU checks elsewhere; here only their refusal is checked, with Keras
-hidden behind a package that cannot be imported (so an environment that has Keras never records anything).
+The Keras tools record the real Keras and the GPU checks run elsewhere; here only their refusal is checked, with
+Keras hidden behind a package that cannot be imported (so an environment that has Keras never records anything).
 """
 
 import os
@@ -59,3 +60,29 @@ def test_device_check_stops_at_once_without_a_gpu(tmp_path):
                           timeout=120, cwd=TOOLS.parent)
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "GPU tests" not in done.stdout, done.stdout + done.stderr
+
+
+def _profile_step(*arguments):
+    return subprocess.run([sys.executable, str(TOOLS / "profile_step.py"), *arguments], capture_output=True,
+                          text=True, timeout=300, cwd=TOOLS.parent)
+
+
+def test_profile_step_times_and_profiles_each_variant():
+    done = _profile_step("--variants", "renorm,mask", "--steps", "3", "--top", "5")
+    assert done.returncode == 0, done.stderr
+    for heading in ("=== renorm (64, 16, 8, 8) on cpu", "=== mask (64, 50, 120) on cpu"):
+        assert heading in done.stdout
+    for label in ("torch.nn plain", "normkit (kernels off)", "normkit (kernels on)"):
+        assert done.stdout.count(label) == 2, done.stdout
+    # cProfile's table of the kernels-on steps: the layer's forward is among the calls it lists
+    assert done.stdout.count("Ordered by: internal time") == 2 and "modules.py" in done.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--variants", "renorm,ghosts"], "--variants: unknown ['ghosts']"),
+    pytest.param(["--device", "cuda"], "--device cuda: this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")),
+])
+def test_profile_step_refuses_what_it_cannot_run(arguments, message):
+    done = _profile_step(*arguments)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

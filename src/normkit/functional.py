@@ -396,7 +396,10 @@ def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, r
         if any(mask.shape[a] != 1 for a in feature_axes) or mask.device != x.device:
             return None
         full = tuple(1 if a in feature_axes else size for a, size in enumerate(x.shape))
-        valid = (mask.expand(full) != 0).reshape(-1).contiguous()
+        valid = mask.expand(full)
+        if valid.dtype != torch.bool:  # (the layers' masks are boolean already: no kernel for them)
+            valid = valid != 0
+        valid = valid.reshape(-1).contiguous()
     else:
         check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size)
     rmin, rmax, dmax = renorm_clipping

@@ -82,6 +82,18 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _on_cpu(value):
+    """``value`` with every tensor in it, at any depth of dicts and lists, moved to the CPU (NumPy's key array sits
+    inside the numpy entry's dict, and reading it with ``.numpy()`` needs it there)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(item) for item in value]
+    return value
+
+
 def _checked_rng_states(states, path: Path) -> dict:
     """The checkpoint's RNG states with their tensors on the CPU, each one tried on a throwaway generator first.
 
@@ -93,9 +105,7 @@ def _checked_rng_states(states, path: Path) -> dict:
     missing = sorted({"shuffle", "torch", "numpy", "python", "cuda"} - set(states))
     if missing:
         raise CheckpointError(f"{path}: its rng entry lacks {missing}; {EDITED}")
-    checked = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in states.items()}
-    if isinstance(checked["cuda"], list):
-        checked["cuda"] = [state.cpu() if isinstance(state, torch.Tensor) else state for state in checked["cuda"]]
+    checked = _on_cpu(states)
 
     def cuda_states(cuda: list) -> None:
         # Not tried on a CUDA generator: that would start CUDA for a CPU run; restoring them reports a misfit.
