@@ -563,11 +563,9 @@ class BatchNormalization(nn.Module):
     def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
         # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the
         # features are not last: given (N, T) for (N, C, T) data it said "give a mask of shape (N, T)".
-        try:
-            torch.broadcast_shapes(mask.shape, inputs.shape)
-        except RuntimeError:
-            pass
-        else:
+        # (the mask has the input's rank here: broadcasting is each size being 1 or the input's, which is cheaper to
+        # say directly than through torch.broadcast_shapes on every masked training call)
+        if all(size in (1, wanted) for size, wanted in zip(mask.shape, inputs.shape)):
             return
         message = (f"{self.name}: a mask of shape {tuple(mask.shape[:-1])} does not fit inputs of shape "
                    f"{tuple(inputs.shape)}: Keras expands the mask at the last axis, so it is the input's shape "
