@@ -62,6 +62,17 @@ def test_keras_config_round_trips(name):
     assert_same_config(from_keras_config(recorded["config"]).keras_config(), recorded["config"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_get_config_round_trips_to_what_keras_wrote(name):
+    """normkit's own get_config()/from_config() (a model's saved options, a clone) keep every Keras option: the
+    layer it gives is the recorded Keras layer again (trainable=False included: a frozen layer came back trainable)."""
+    recorded = DATA[name]
+    original = from_keras_config(recorded["config"])
+    copied = BatchNormalization.from_config(original.get_config())
+    assert copied.trainable == recorded["config"]["trainable"]
+    assert_same_config(copied.keras_config(), recorded["config"])
+
+
 def test_keras_initializer_configs_give_their_distributions():
     """Keras' serialized random initializers keep their parameters (the draws are torch's, seeded)."""
     layer = BatchNormalization(gamma_initializer={"class_name": "RandomNormal",

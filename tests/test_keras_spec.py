@@ -876,6 +876,27 @@ def test_weight_order_and_names_match_keras():
         layer.set_weights(layer.get_weights()[:-1])
 
 
+def test_get_weights_is_a_snapshot():
+    # Keras' get_weights() returns copies (Keras 3.15.1, torch backend: the arrays taken before a training step
+    # keep their values after it), the usual way to keep a checkpoint in memory; a view of the layer's buffers
+    # would follow the training step and silently hold the new moving statistics.
+    rng = np.random.default_rng(21)
+    layer = BatchNormalization(momentum=0.5)
+    layer.build((None, 3))
+    given = [rng.uniform(0.5, 1.5, 3), rng.normal(0, 1, 3), rng.normal(0, 1, 3), rng.uniform(1, 2, 3)]
+    layer.set_weights(given)
+    taken = layer.get_weights()
+    x = rng.normal(3.0, 2.0, (16, 3))
+    layer(t(x), training=True).sum().backward()
+    with torch.no_grad():
+        layer.gamma.add_(1.0)
+    for before, value in zip(taken, given, strict=True):
+        np.testing.assert_array_equal(before, value.astype(np.float32))
+    np.testing.assert_allclose(npy(layer.moving_mean), 0.5 * given[2] + 0.5 * x.mean(axis=0), rtol=1e-5)
+    taken[2][:] = 100.0  # (and the other way: writing into the arrays does not reach the layer)
+    np.testing.assert_allclose(npy(layer.moving_mean), 0.5 * given[2] + 0.5 * x.mean(axis=0), rtol=1e-5)
+
+
 def test_mask_broadcasting_along_a_non_feature_axis_matches_reference():
     # Regression: a padding mask that broadcasts along a middle axis (Keras' (1, 2, 1) mask on
     # (1, 2, 3, 4) input, here with varied values) must weight every position it covers.

@@ -528,6 +528,13 @@ def test_convert_carries_hooks_and_their_handles():
     assert calls[-1] == ("pre", nn.BatchNorm2d)
 
 
+def without_weight(layer):
+    """An affine layer holding beta only, as normkit.keras makes for scale=False."""
+    del layer.weight
+    layer.register_parameter("weight", None)
+    return layer
+
+
 @pytest.mark.parametrize("make,option", [
     (lambda: normkit.BatchNorm2d(3, renorm=True), "renorm=True"),
     (lambda: normkit.BatchNorm2d(3, virtual_batch_size=2), "virtual_batch_size=2"),
@@ -537,8 +544,11 @@ def test_convert_carries_hooks_and_their_handles():
     (lambda: normkit.BatchNorm2d(3, unbiased_running_var=False), "unbiased_running_var=False"),
     (lambda: normkit.BatchNorm2d(3, weight_regularizer="l2"), "weight_regularizer="),
     (lambda: normkit.BatchNorm2d(3, bias_constraint=lambda w: w), "bias_constraint="),
+    # (Keras' scale=False: beta without gamma; torch.nn's affine layer then fails in reset_parameters)
+    (lambda: without_weight(normkit.BatchNorm2d(3)), "no weight"),
     (lambda: normkit.BatchNorm(3), "plain_as=torch.nn.BatchNorm1d"),
-], ids=["renorm", "ghost", "adjustment", "axis", "frozen", "biased var", "regularizer", "constraint", "plain"])
+], ids=["renorm", "ghost", "adjustment", "axis", "frozen", "biased var", "regularizer", "constraint", "no weight",
+        "plain"])
 def test_convert_to_torch_refuses_options_torch_lacks(make, option):
     layer = make()
     model = nn.Sequential(nn.Conv2d(3, 3, 1), normkit.BatchNorm2d(3), nn.Sequential(nn.ReLU(), layer))
@@ -772,6 +782,12 @@ def test_fold_float32_model_and_nested_containers():
     assert folded.stem[0].bias.dtype == torch.float32 and folded.stem[0].bias.requires_grad
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
+    # A frozen conv (requires_grad=False: a fine-tuned model's fixed backbone) gets a bias that is frozen as well.
+    model.stem[0].requires_grad_(False)
+    folded, _ = fold_batch_norm(model)
+    assert folded.stem[0].bias is not None and not folded.stem[0].bias.requires_grad
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
 
 def test_bn_layers_that_cannot_fold_stay():
     shared = nn.Conv2d(3, 3, 1)
@@ -820,6 +836,29 @@ def test_a_keras_layer_built_on_sequences_with_axis_1_after_a_linear_stays():
     folded, names = fold_batch_norm(model)
     assert names == []
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("build", ["first call", "build()"])
+def test_a_keras_layer_built_in_eval_mode_folds(build):
+    """A Keras layer built while its model is in eval mode (a pretrained model's first call is often inference)
+    is in eval mode throughout: its BatchNorm underneath was built in training mode, so fold_batch_norm refused the
+    eval-mode model. Folded, it computes the float64 formula with the weights Keras' set_weights gave."""
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Linear(3, 4), normkit.keras.BatchNormalization(epsilon=0.25, dtype=torch.float64)).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    if build == "first call":
+        model(x)
+    else:
+        model[1].build((None, 4))
+    assert not any(module.training for module in model.modules())
+    rng = np.random.default_rng(20)
+    gamma, beta, mean, var = rng.uniform(0.5, 1.5, 4), rng.normal(0, 1, 4), rng.normal(0, 1, 4), rng.uniform(1, 2, 4)
+    model[1].set_weights([gamma, beta, mean, var])
+    linear = as64(x) @ as64(model[0].weight).T + as64(model[0].bias)
+    expected = (linear - mean) / np.sqrt(var + 0.25) * gamma + beta
+    folded, names = fold_batch_norm(model)
+    assert names == ["1"]
+    np.testing.assert_allclose(as64(folded(x)), expected, rtol=1e-12, atol=1e-12)
 
 
 class BatchNormAct(nn.BatchNorm2d):
