@@ -108,3 +108,51 @@ def test_the_registry_is_part_of_the_top_level_api():
             "assert isinstance(layer, normkit.GroupNorm) and layer.num_groups == 4; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, (1.0, 1.0, 0.0)), (100, (1.0, 1.0, 0.0)),                        # plain BN for 100 steps
+    (300, (1 / (1 + 2 * 10 / 35), 1 + 2 * 10 / 35, 5 * 10 / 20)),        # both relaxing linearly
+    (500, (1 / (1 + 2 * 20 / 35), 1 + 2 * 20 / 35, 5.0)),                # dmax 5 reached at step 500
+    (800, (1 / 3, 3.0, 5.0)), (10 ** 5, (1 / 3, 3.0, 5.0)),              # rmax 3 at step 800
+])
+def test_renorm_name_runs_the_paper_schedule_at_one_fiftieth(step, expected):
+    """`renorm`'s clipping is the paper's (5k, 25k, 40k steps) at 1/50 of its step counts, as the registry says."""
+    clipping = create_norm("renorm", 3, rank=2).renorm_clipping
+    for actual, wanted in zip(clipping.at(step), expected, strict=True):
+        assert math.isclose(actual, wanted, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("rank,cls", [(2, torch.nn.BatchNorm1d), (3, torch.nn.BatchNorm1d), (4, torch.nn.BatchNorm2d),
+                                      (5, torch.nn.BatchNorm3d)])
+def test_torch_name_is_torch_s_class_for_the_rank(rank, cls):
+    """`torch` is the torch.nn baseline: (N, C) and (N, C, L) are BatchNorm1d's inputs, (N, C, H, W) 2d's, 3d above."""
+    torch.manual_seed(1)
+    layer = create_norm("torch", 4, rank=rank, momentum=0.3)
+    assert type(layer) is cls
+    reference = cls(4, momentum=0.3)
+    x = torch.randn(8, 4, *[3] * (rank - 2))
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=0, atol=0)
+
+
+def test_instance_name_is_affine_unless_told_otherwise(rng):
+    """`instance` has gamma and beta as BN's layers do (torch.nn's InstanceNorm has none by default); affine=False
+    drops them. Either way it normalizes each sample's channel over its spatial positions."""
+    layer, bare = create_norm("instance", 3, rank=4), create_norm("instance", 3, rank=4, affine=False)
+    assert [p.shape for p in layer.parameters()] == [(3,), (3,)] and list(bare.parameters()) == []
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        layer.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
+    layer.double()
+    x = rng.normal(size=(2, 3, 4, 5)) * 2 + 1
+    x_hat = (x - x.mean(axis=(2, 3), keepdims=True)) / np.sqrt(x.var(axis=(2, 3), keepdims=True) + 1e-5)
+    expected = x_hat * np.array([1.0, 2.0, 3.0])[:, None, None] + np.array([0.5, -1.0, 0.0])[:, None, None]
+    np.testing.assert_allclose(layer(torch.tensor(x)).detach().numpy(), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("spelling,cls", [("Batch", normkit.BatchNorm), ("GROUP", normkit.GroupNorm),
+                                          ("re-norm", normkit.BatchNorm), ("Instance", normkit.InstanceNorm2d)])
+def test_names_ignore_case_dashes_and_underscores(spelling, cls):
+    """create_norm matches a name whatever its case, dashes and underscores (a config's "ReNorm" or "re_norm")."""
+    assert type(create_norm(spelling, 4, rank=4)) is cls
