@@ -49,6 +49,22 @@ def test_every_batch_norm_with_keras_options_and_weights(recorded):
             np.testing.assert_array_equal(ours, theirs)
 
 
+def test_layers_two_models_deep_are_named_by_their_whole_path():
+    """tests/data/keras_bn_nested.keras (tools/keras_nested_model_file.py): a Sequential inside a Sequential inside
+    the model. Each BN is found under its whole path, outer/inner/bn_deep (the innermost level must not drop its
+    outer model's name), with Keras' weights, computing what Keras computed."""
+    with np.load(DATA / "keras_bn_nested.npz") as arrays:
+        nested = dict(arrays)
+    layers = load_batch_norms(DATA / "keras_bn_nested.keras")
+    assert list(layers) == ["outer/inner/bn_deep", "outer/bn_mid", "bn_top"]
+    assert [layers[p].momentum for p in layers] == [0.5, 0.6, 0.7] and not layers["outer/bn_mid"].center
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(nested, path, "weights"), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_allclose(layer(torch.as_tensor(nested[f"{path}/x"]), training=False).detach().numpy(),
+                                   nested[f"{path}/y_infer"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_the_loaded_layers_compute_what_keras_computed(path, recorded):
     layer = load_batch_norms(MODEL)[path]

@@ -295,10 +295,14 @@ def test_masked_broadcast_normalization():
     np.testing.assert_allclose(npy(layer.moving_variance), np.zeros(4), atol=1e-6)
 
 
-def test_mask_must_have_one_dimension_less():
+@pytest.mark.parametrize("mask_shape", [(2, 3, 4), (2,), (4,)])
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_must_have_one_dimension_less(mask_shape, training):
+    # Keras: "The mask provided should be one dimension less than the inputs", more dimensions or fewer, in
+    # training and inference
     layer = BatchNormalization()
     with pytest.raises(ValueError, match="one dimension less"):
-        layer(torch.ones(2, 3, 4), training=True, mask=torch.ones(2, 3, 4))
+        layer(torch.ones(2, 3, 4), training=training, mask=torch.ones(mask_shape))
 
 
 def test_a_mask_that_does_not_fit_says_keras_rule():

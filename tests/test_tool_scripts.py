@@ -30,6 +30,7 @@ def without_keras(tmp_path):
 @pytest.mark.parametrize("tool, arguments, needs", [
     ("keras_configs.py", ["{out}"], "needs Keras"),
     ("keras_model_file.py", [], "needs Keras"),
+    ("keras_nested_model_file.py", [], "needs Keras"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

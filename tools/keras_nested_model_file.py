@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Record a real Keras 3 model with BatchNormalization layers two models deep, for tests/test_keras_files.py.
+
+``load_batch_norms`` names a layer by its path through the nested models (``outer/inner/bn_deep``); the
+model of tools/keras_model_file.py nests one level only. Run where Keras 3 is installed (torch backend):
+
+    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_nested_model_file.py
+
+Writes tests/data/keras_bn_nested.keras (Keras' own ``model.save`` of a model trained a few steps) and
+tests/data/keras_bn_nested.npz: for every BN layer (key prefix = its path), ``weights_<i>`` as
+``get_weights()`` returns them, ``x`` (a seeded input) and ``y_infer`` (Keras' inference output on ``x``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "data", "keras_bn_nested")
+
+
+def build_model(keras):
+    layers = keras.layers
+    inner = keras.Sequential([layers.Dense(4, name="dense_deep"),
+                              layers.BatchNormalization(name="bn_deep", momentum=0.5, epsilon=0.01)], name="inner")
+    outer = keras.Sequential([layers.Dense(4, name="dense_mid"), inner,
+                              layers.BatchNormalization(name="bn_mid", momentum=0.6, center=False)], name="outer")
+    inputs = keras.Input((3,), name="features")
+    outputs = layers.BatchNormalization(name="bn_top", momentum=0.7)(outer(inputs))
+    return keras.Model(inputs, outputs, name="nested")
+
+
+def batch_norm_layers(model, prefix=""):
+    """(path, layer) for every BatchNormalization, nested models included, in the model's order."""
+    for layer in model.layers:
+        path = prefix + layer.name
+        if type(layer).__name__ == "BatchNormalization":
+            yield path, layer
+        elif hasattr(layer, "layers"):
+            yield from batch_norm_layers(layer, path + "/")
+
+
+def main() -> int:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    try:
+        import keras
+    except ImportError as error:  # (this records the real Keras; the tests never need it)
+        sys.exit(f"tools/keras_nested_model_file.py saves a real Keras 3 model and needs Keras ({error})")
+    keras.utils.set_random_seed(0)
+    model = build_model(keras)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 4)).astype("float32"),
+              batch_size=8, epochs=1, verbose=0)
+    model.save(OUT + ".keras")
+    arrays = {}
+    for path, layer in batch_norm_layers(model):
+        for index, weight in enumerate(layer.get_weights()):
+            arrays[f"{path}/weights_{index}"] = weight
+        x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
+        arrays[f"{path}/x"] = x
+        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(layer(x, training=False))
+    np.savez_compressed(OUT + ".npz", **arrays)
+    print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(path for path, _ in batch_norm_layers(model))} "
+          f"(keras {keras.__version__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
