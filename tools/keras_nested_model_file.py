@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_nested")
 
@@ -31,16 +33,6 @@ def build_model(keras):
     inputs = keras.Input((3,), name="features")
     outputs = layers.BatchNormalization(name="bn_top", momentum=0.7)(outer(inputs))
     return keras.Model(inputs, outputs, name="nested")
-
-
-def batch_norm_layers(model, prefix=""):
-    """(path, layer) for every BatchNormalization, nested models included, in the model's order."""
-    for layer in model.layers:
-        path = prefix + layer.name
-        if type(layer).__name__ == "BatchNormalization":
-            yield path, layer
-        elif hasattr(layer, "layers"):
-            yield from batch_norm_layers(layer, path + "/")
 
 
 def main() -> int:
