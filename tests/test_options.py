@@ -514,3 +514,68 @@ def test_plain_ghost_path_keeps_every_rule_of_the_general_path(rng):
         exact = x.double().reshape(2, 4, 4, 3).permute(1, 0, 2, 3)  # the strided ghosts: (V=2) rows g, g + 4
         unbiased = exact.var(dim=(1, 3), unbiased=True).mean(dim=0)
         torch.testing.assert_close(half.running_var.double(), unbiased, rtol=1e-6, atol=0)
+
+
+def test_masked_ghost_with_a_single_valid_value_keeps_a_finite_running_variance():
+    """A ghost batch with one valid value has no unbiased variance: its biased one (0) is stored, as for torch.nn's
+    n <= 1 rule in stats.bessel_factor, never inf * 0 = NaN. By hand (tests/test_reference.py has the same case):
+    strided ghosts [0, 2, 4, 6] (mean 3, unbiased var 20/3) and [10] (var 0), weighted 4:1: running mean 22/5,
+    running variance 16/3; both ghosts' values are normalized by their own statistics."""
+    layer = normkit.BatchNorm(1, virtual_batch_size=4, momentum=1.0).double()
+    x = torch.tensor([0.0, 10.0, 2.0, 50.0, 4.0, 100.0, 6.0, -100.0], dtype=torch.float64).reshape(8, 1)
+    mask = torch.tensor([1, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    y = layer(x, mask=mask)
+    assert_close(layer.running_mean, [22 / 5])
+    assert_close(layer.running_var, [16 / 3])
+    assert_close(y[[0, 2, 4, 6], 0], (np.array([0.0, 2.0, 4.0, 6.0]) - 3) / np.sqrt(5 + layer.eps))
+    assert_close(y[1, 0], [0.0])
+
+
+@pytest.mark.parametrize("min_value,max_value,rate", [(0.5, 1.0, 0.5), (3.0, 5.0, 0.25), (0.0, 2.0, 1.0)])
+def test_min_max_norm_constraint_blends_by_rate_as_keras(min_value, max_value, rate):
+    """Keras' MinMaxNorm: w * (rate * clip(||w||, min, max) + (1 - rate) * ||w||) / (1e-7 + ||w||), computed here
+    in NumPy from that formula (norms 13 and 0.5: above and below the bounds)."""
+    config = {"class_name": "MinMaxNorm", "config": {"min_value": min_value, "max_value": max_value, "rate": rate}}
+    for start in ([3.0, -4.0, 12.0], [0.3, 0.0, -0.4]):
+        layer = normkit.BatchNorm1d(3, weight_constraint=config)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(start))
+        normkit.apply_constraints(layer)
+        w = np.array(start)
+        norm = np.sqrt((w ** 2).sum())
+        desired = rate * np.clip(norm, min_value, max_value) + (1 - rate) * norm
+        assert_close(layer.weight, w * desired / (1e-7 + norm), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["unit_norm", "max_norm", "min_max_norm"])
+def test_norm_constraints_leave_a_zero_weight_zero(name):
+    """Keras' norm constraints divide by epsilon + ||w|| (epsilon 1e-7): an all-zero weight stays 0, not NaN."""
+    layer = normkit.BatchNorm1d(3, weight_constraint=name)
+    with torch.no_grad():
+        layer.weight.zero_()
+    normkit.apply_constraints(layer)
+    assert torch.equal(layer.weight.data, torch.zeros(3))
+
+
+@pytest.mark.parametrize("bad", [-0.01, math.nan, math.inf])
+@pytest.mark.parametrize("make", [lambda f: normkit.options.L1L2(l1=f), lambda f: normkit.options.L1L2(l2=f),
+                                  lambda f: normkit.options.L1(f), lambda f: normkit.options.L2(f)])
+def test_regularization_factors_must_be_finite_and_non_negative(make, bad):
+    """Keras' L1/L2/L1L2 refuse a factor that is negative, infinite or NaN (keras.regularizers'
+    validate_float_arg: 'expected a non-negative float'); a NaN factor would make every loss NaN."""
+    with pytest.raises(ValueError, match="regularization factors"):
+        make(bad)
+    with pytest.raises(ValueError, match="regularization factors"):
+        normkit.BatchNorm(3, weight_regularizer={"class_name": "L1L2", "config": {"l1": 0.0, "l2": bad}})
+
+
+def test_variance_scaling_fans_of_a_matrix_are_keras_rows_in_columns_out():
+    """Keras' compute_fans: a (fan_in, fan_out) matrix, and (*receptive, in, out) kernels, whose fans are multiplied by
+    the receptive field; HeUniform draws within +-sqrt(6 / fan_in), GlorotUniform +-sqrt(6 / (fan_in + fan_out))."""
+    for shape, fan_in, fan_out in (((400, 10), 400, 10), ((3, 3, 40, 8), 360, 72)):
+        he = normkit.options.HeUniform(seed=0)(shape)
+        limit = math.sqrt(6.0 / fan_in)
+        assert he.abs().max() <= limit and he.abs().max() > 0.9 * limit
+        glorot = normkit.options.GlorotUniform(seed=0)(shape)
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        assert glorot.abs().max() <= limit and glorot.abs().max() > 0.9 * limit

@@ -222,8 +222,11 @@ class L1L2:
     """``l1 * sum(|w|) + l2 * sum(w^2)``, Keras' L1L2 (``"l1"``/``"l2"`` use 0.01)."""
 
     def __init__(self, l1: float = 0.0, l2: float = 0.0):
-        if l1 < 0 or l2 < 0:
-            raise ValueError(f"regularization factors must be >= 0, got l1={l1}, l2={l2}")
+        # (Keras' validate_float_arg: NaN fails every comparison, so `l1 < 0` alone let it through, and a NaN or
+        # infinite factor made every loss NaN or inf)
+        if not (0 <= l1 < math.inf and 0 <= l2 < math.inf):
+            raise ValueError(f"regularization factors must be finite numbers >= 0 (Keras' non-negative floats), "
+                             f"got l1={l1}, l2={l2}")
         self.l1, self.l2 = float(l1), float(l2)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
