@@ -215,3 +215,53 @@ def test_features_last_any_memory_layout(rank, rng):
     for contiguous, strided in zip(*results):
         assert_close(strided, to_numpy(contiguous))
     assert_close(results[0][0], expected)
+
+
+# Options of the statistics pipeline that apply without running buffers (renorm needs them).
+WITHOUT_BUFFERS = {"plain": {}, "axis last": {"axis": -1}, "ghost": {"virtual_batch_size": 2},
+                   "ghost contiguous": {"virtual_batch_size": 3, "ghost_layout": "contiguous"},
+                   "mask": {"mask": "rows"}, "feature mask": {"mask": "features"},
+                   "biased running var": {"unbiased_running_var": False}}
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("option", list(WITHOUT_BUFFERS))
+def test_functional_without_running_statistics_uses_the_batch_s_in_eval_too(option, training, rng):
+    """functional.batch_norm with no running buffers normalizes with the batch's statistics whatever ``training``
+    says (torch.nn's layers without running statistics, and reference.batch_norm: ``training or running_mean is
+    None``), with every option of the pipeline; the reference's output and input gradient."""
+    kwargs = dict(WITHOUT_BUFFERS[option])
+    shape = (6, 4, 3)
+    x_np, g_np = rng.normal(size=shape) * 3 + 2, rng.normal(size=shape)
+    w, b = rng.uniform(0.5, 1.5, size=4), rng.normal(size=4)
+    if kwargs.get("mask") == "rows":
+        kwargs["mask"] = (rng.uniform(size=(6, 1, 3)) > 0.3) | (np.arange(3) == 0)
+    elif kwargs.get("mask") == "features":
+        kwargs["mask"] = (rng.uniform(size=shape) > 0.3) | (np.arange(6) == 0)[:, None, None]
+    axis = kwargs.get("axis", 1)
+    if axis == -1:
+        w, b = w[:3], b[:3]
+    x = torch.tensor(x_np, requires_grad=True)
+    torch_kwargs = {k: torch.as_tensor(v) if k == "mask" else v for k, v in kwargs.items()}
+    y = normkit.functional.batch_norm(x, None, None, torch.tensor(w), torch.tensor(b), training, eps=1e-3,
+                                      **torch_kwargs)
+    y.backward(torch.tensor(g_np))
+    reference_kwargs = {k: v for k, v in kwargs.items() if k != "unbiased_running_var"}
+    assert_close(y, R.batch_norm(x_np, None, None, w, b, training, eps=1e-3, **reference_kwargs))
+    assert_close(x.grad, R.batch_norm_backward(g_np, x_np, None, None, w, b, training, 1e-3, **reference_kwargs)[0])
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_every_axis_from_minus_rank_to_rank_minus_one_resolves_as_numpy_does(rank, rng):
+    """Negative axes count from the end as in NumPy (its normalize_axis_index is the oracle), -rank included: on a
+    rank-3 input axis=-3 is the first axis, and a layer given it normalizes exactly as one given axis=0."""
+    from numpy.lib.array_utils import normalize_axis_index
+
+    from normkit.axes import canonicalize_axes
+    for axis in range(-rank, rank):
+        assert canonicalize_axes(axis, rank) == (normalize_axis_index(axis, rank),)
+        assert canonicalize_axes((axis,), rank) == (normalize_axis_index(axis, rank),)
+    shape = (4, 3, 5)[:rank] if rank < 4 else (4, 3, 5, 2)
+    x = rng.normal(size=shape)
+    first = normkit.BatchNorm(shape[0], axis=-rank).double()
+    assert_close(first(torch.tensor(x)), R.batch_norm(x, axis=0))

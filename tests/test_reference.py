@@ -322,3 +322,19 @@ def test_every_option_at_once_against_an_implementation_from_the_spec(layout, un
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
         for name in ours:
             np.testing.assert_allclose(ours[name], spec[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_a_ghost_with_a_single_valid_value_stores_its_biased_variance():
+    """stats.bessel_factor: n / (n - 1) has no value for n = 1; the biased variance (0) is stored, not inf * 0 = NaN.
+    By hand: strided ghosts of 4 rows, ghost 0 = rows 0, 2, 4, 6 = [0, 2, 4, 6] (mean 3, unbiased var 20/3),
+    ghost 1 = row 1 = [10] alone (rows 3, 5, 7 masked: mean 10, var 0, stored as 0). Weighted 4:1, the running
+    mean is 22/5 and the unbiased running variance (4 * 20/3 + 1 * 0) / 5 = 16/3."""
+    x = np.array([0.0, 10.0, 2.0, 50.0, 4.0, 100.0, 6.0, -100.0]).reshape(8, 1)
+    mask = np.array([1, 1, 1, 0, 1, 0, 1, 0], dtype=bool).reshape(8, 1)
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, mask=mask, virtual_batch_size=4)
+    np.testing.assert_allclose([running_mean[0], running_var[0]], [22 / 5, 16 / 3])
+    # The rule itself, elementwise on arrays as on numbers: 1 for n <= 1, n / (n - 1) above.
+    from normkit.stats import bessel_factor
+    np.testing.assert_allclose(bessel_factor(np.array([0.0, 1.0, 2.0, 5.0])), [1.0, 1.0, 2.0, 1.25])
+    assert [bessel_factor(n) for n in (0, 1, 2, 5)] == [1.0, 1.0, 2.0, 1.25]
