@@ -579,3 +579,24 @@ def test_variance_scaling_fans_of_a_matrix_are_keras_rows_in_columns_out():
         glorot = normkit.options.GlorotUniform(seed=0)(shape)
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         assert glorot.abs().max() <= limit and glorot.abs().max() > 0.9 * limit
+
+
+def test_fully_masked_batch_gradients_are_the_reference_s(rng):
+    """Nothing valid: mean 0 and variance 0, so every output is x / sqrt(eps) * weight + bias and its input gradient
+    g * weight / sqrt(eps) (reference.normalize_backward with n = 0: no statistics term), not zero."""
+    layer = normkit.BatchNorm(3, axis=-1, eps=1e-2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+        layer.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    x_np, g_np = rng.normal(size=(4, 5, 3)), rng.normal(size=(4, 5, 3))
+    mask = np.zeros((4, 5), dtype=bool)
+    state = _reference_state(layer)
+    w, b = to_numpy(layer.weight), to_numpy(layer.bias)
+    x = torch.tensor(x_np, requires_grad=True)
+    y = layer(x, mask=torch.as_tensor(mask))
+    y.backward(torch.tensor(g_np))
+    grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], w, b, True, 1e-2, axis=-1,
+                                  mask=mask[..., None])
+    expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.1, 1e-2, axis=-1,
+                            mask=mask[..., None])
+    assert_training_step(layer, y, x.grad, expected, grads, state)
