@@ -228,6 +228,28 @@ def test_masks_that_vary_along_the_features_or_meet_ghost_batches(case, rng):
                    reference_mask=(lambda mask: mask) if per_feature else None, **kwargs)
 
 
+@pytest.mark.parametrize("shape,axis", [((4, 3, 2, 5), (1, 2)), ((4, 5, 3, 2), (2, 3)), ((4, 3, 5, 2), (1, 3))])
+def test_masks_with_several_feature_axes(shape, axis, rng):
+    """A mask over the non-feature axes gets a size-1 axis at each feature axis (inserted in increasing order,
+    so each lands where the input has it); against the reference with the mask expanded by NumPy."""
+    mask_shape = tuple(size for i, size in enumerate(shape) if i not in axis)
+
+    def mask_fn(rng):
+        mask = rng.uniform(size=mask_shape) > 0.3
+        mask[0, 0] = True
+        return mask
+
+    layer = normkit.BatchNorm(tuple(shape[a] for a in axis), axis=axis, momentum=0.3)
+    _compare_steps(layer, shape, rng, mask_fn=mask_fn, reference_mask=lambda mask: np.expand_dims(mask, axis))
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 2, 5), (1, 2)), ((4, 5, 2, 3), (-2, -1))])
+def test_an_int_num_features_with_several_feature_axes_counts_their_product(shape, axis, rng):
+    """num_features=6 over feature axes of sizes 3 and 2: one flat (6,) weight and buffers for the 3 x 2 features,
+    as the reference reshapes them."""
+    _compare_steps(normkit.BatchNorm(6, axis=axis, momentum=0.3), shape, rng)
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 5, 3), (2, 3, 4, 2, 3)])  # channels-last images and volumes
 @pytest.mark.parametrize("renorm", [False, True])
 def test_masks_on_channels_last_inputs(shape, renorm, rng):
@@ -308,6 +330,22 @@ def test_adjustment_is_not_applied_in_eval_without_running_statistics(rng):
                               track_running_stats=False).double().eval()
     x = rng.normal(size=(6, 2, 3)) * 2 + 1
     assert_close(layer(torch.tensor(x)), R.batch_norm(x, axis=-1))
+
+
+def test_eval_without_running_statistics_keeps_the_mask_but_not_the_ghost_batches(rng):
+    """Without running statistics eval normalizes with the batch's statistics: over the mask's valid positions
+    (padding never counts), and over the whole batch (ghost batches are a training stage; inference takes any
+    batch size). Oracle: the NumPy reference in its batch-statistics mode."""
+    x = rng.normal(size=(5, 4, 3)) * 2 + 1
+    x[:, 3] += 10  # padding far from the data: counted, it would move every statistic
+    mask = np.ones((5, 4), dtype=bool)
+    mask[:, 3] = False
+    mask[1, :2] = False
+    layer = normkit.BatchNorm(3, axis=-1, track_running_stats=False).double().eval()
+    assert_close(layer(torch.tensor(x), mask=torch.tensor(mask)), R.batch_norm(x, axis=-1, mask=mask[..., None]))
+    ghost = normkit.BatchNorm(3, axis=-1, virtual_batch_size=2, track_running_stats=False).double().eval()
+    for batch in (x, x[:4]):  # 5 rows (no ghost split) and 4 (two ghosts in training): one batch here
+        assert_close(ghost(torch.tensor(batch)), R.batch_norm(batch, axis=-1))
 
 
 def test_renorm_with_adjustment_and_ghost_batches_compose(rng):
