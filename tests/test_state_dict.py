@@ -74,6 +74,22 @@ def test_old_checkpoint_without_num_batches_tracked_loads():
         normkit.BatchNorm2d(3).load_state_dict(missing)  # a current-version file must have it
 
 
+@pytest.mark.parametrize("ours, theirs", [(normkit.InstanceNorm1d, torch.nn.InstanceNorm1d),
+                                          (normkit.InstanceNorm2d, torch.nn.InstanceNorm2d)])
+def test_pre_0_4_instance_norm_checkpoint_with_running_stats_is_refused_as_torch_nn(ours, theirs):
+    """A checkpoint without a version (before torch 0.4, when InstanceNorm tracked running stats by default) that
+    holds running stats, loaded into a layer that tracks none: torch.nn reports them even with strict=False."""
+    state = theirs(3, track_running_stats=True).state_dict()
+    state._metadata[""]["version"] = None
+    for cls in (theirs, ours):
+        with pytest.raises(RuntimeError, match=r"Unexpected running stats buffer\(s\)"):
+            cls(3).load_state_dict(state, strict=False)
+    assert set(state) == {"running_mean", "running_var", "num_batches_tracked"}  # the caller's dict is not changed
+    state._metadata[""]["version"] = 1  # a versioned file: the usual unexpected-keys rule, which strict=False skips
+    for cls in (theirs, ours):
+        cls(3).load_state_dict(state, strict=False)
+
+
 def test_renorm_buffers_are_in_the_state_dict():
     bn = normkit.BatchNorm(3, renorm=True)
     assert {"moving_stddev", "renorm_mean", "renorm_stddev"} <= set(bn.state_dict())
