@@ -625,6 +625,25 @@ def test_a_gradient_penalty_through_the_kernel_equals_torch_nn_s(dtype, fused_ke
         torch.testing.assert_close(got, want, **tolerance, msg=name)
 
 
+def test_first_derivatives_with_create_graph_through_renorm_are_the_reference_s(fused_kernels):
+    """create_graph=True takes kernels.graph_backward, which recomputes the step by autograd; with renorm's d away
+    from 0 (clipped at dmax) the weight's gradient keeps d's term, y = (x_hat r + d) weight + bias. (gradgradcheck
+    cannot see this: it differentiates that same backward.) Oracle: the NumPy reference's backward."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 4)) * 3 + 2  # far from the renorm statistics: r and d on their bounds
+    weight, bias, g = rng.uniform(0.5, 1.5, 3), rng.normal(size=3), rng.normal(size=(6, 3, 4))
+    renorm_mean, renorm_stddev, clipping = np.full(3, 0.1), np.full(3, 1.2), (0.9, 1.1, 0.05)
+    want = R.batch_norm_backward(g, x, None, None, weight, bias, training=True, eps=1e-3, renorm_mean=renorm_mean,
+                                 renorm_stddev=renorm_stddev, renorm_clipping=clipping)
+    leaves = [torch.tensor(t, requires_grad=True) for t in (x, weight, bias)]
+    y = F._fused_batch_norm(*leaves[:1], (1,), None, None, "strided", None, None, *leaves[1:], True, 0.1, 1e-3, True,
+                            torch.tensor(renorm_mean), torch.tensor(renorm_stddev), None, clipping, 0.01)
+    assert y is not None  # (the kernel served)
+    got = torch.autograd.grad(y, leaves, torch.tensor(g), create_graph=True)
+    for value, expected, name in zip(got, want, ("x", "weight", "bias")):
+        assert_close(value, expected, err_msg=name)
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_hopper():
     """The interpreter runs code the compiler may reject: compile every branch for sm_90 (no GPU needed)."""
