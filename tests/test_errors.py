@@ -153,6 +153,15 @@ def test_constructor_errors(kwargs, match):
         normkit.BatchNorm(**kwargs)
 
 
+@pytest.mark.parametrize("returned", [torch.ones(1), 2.0, torch.ones(1, 3)])
+def test_an_initializer_returning_another_shape_is_refused(returned):
+    """A callable initializer is given the shape and must return it: a broadcastable value (one number, a (1,)
+    or (1, 3) array) would otherwise fill the parameter silently, hiding an initializer written for another one."""
+    with pytest.raises(ValueError, match=r"returned shape .*, expected \(3,\)"):
+        normkit.BatchNorm(3, weight_initializer=lambda shape, dtype: returned)
+    normkit.BatchNorm(3, weight_initializer=lambda shape, dtype: torch.full(shape, 2.0))  # the right shape: fine
+
+
 def test_virtual_batch_must_divide_batch_in_training_only():
     layer = normkit.BatchNorm(3, virtual_batch_size=4)
     with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size .* got a batch of 6"):
