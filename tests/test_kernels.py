@@ -150,6 +150,80 @@ def test_fused_gradcheck(fused_kernels):
         assert torch.autograd.gradgradcheck(call, (x, weight, bias), fast_mode=fast), name
 
 
+@pytest.mark.parametrize("name", ["renorm, d clipped below", "mask (N, C, L) axis=1 + renorm", "mask (N, T, C) axis=-1",
+                                  "ghost strided, NCL", "ghost contiguous, NHWC axis=-1"])
+def test_gradients_with_a_graph_match_the_reference(name, fused_kernels, rng):
+    """create_graph=True (a gradient penalty) sends the kernels' backward to kernels.graph_backward, which recomputes
+    the step by autograd: its first derivatives must still be the reference's, with renorm's r and d (weight not 1),
+    the padding mask and both ghost layouts. (gradgradcheck cannot tell: it differentiates graph_backward's own
+    function, right or wrong, and test_a_gradient_penalty_through_the_kernel_equals_torch_nn_s has r = 1, d = 0.)"""
+    x, memory, mask, spec = _case(TAKEN[name], rng)
+    axis = spec.pop("axis", 1)
+    renorm = spec.pop("renorm", False)
+    state = _state(x.shape[axis], x.dtype, renorm=renorm)
+    before = {k: to_numpy(v) for k, v in state.items()}
+    y = _fused(memory, state, axis=axis, mask=mask, **spec)
+    assert y is not None, "the fused kernel declined a call it should take"
+    g = torch.tensor(rng.normal(size=x.shape))
+    grads = torch.autograd.grad(y, [x, state["weight"], state["bias"]], g, create_graph=True)
+    assert grads[0].requires_grad  # (graph_backward served)
+    kwargs = dict(axis=axis, virtual_batch_size=spec.get("virtual"), ghost_layout=spec.get("layout", "strided"),
+                  mask=None if mask is None else mask.numpy())
+    if renorm:
+        kwargs.update(renorm_mean=before["renorm_mean"], renorm_stddev=before["renorm_stddev"],
+                      renorm_clipping=spec.get("clipping", INF))
+    expected = R.batch_norm_backward(g.numpy(), x.detach().numpy(), before["running_mean"], before["running_var"],
+                                     before["weight"], before["bias"], True, 1e-3, **kwargs)
+    for actual, wanted, what in zip(grads, expected, ("input", "weight", "bias"), strict=True):
+        assert_close(actual, wanted, err_msg=what)
+
+
+def test_renorm_stddev_below_the_floor(fused_kernels, rng):
+    """r and d divide by max(renorm_stddev, sqrt(eps)) (eps 1e-3: 0.0316): a renorm stddev set below it (1e-3) gives
+    the reference's output, gradients and buffers through both kernels (test_options checks the C++ one only)."""
+    x = torch.tensor(rng.normal(size=(8, 3, 4)) * 0.05 + 0.3, requires_grad=True)
+    state = _state(3, x.dtype, renorm=True)
+    with torch.no_grad():
+        state["renorm_stddev"].fill_(1e-3)
+        state["renorm_mean"].fill_(0.29)
+    before = {k: to_numpy(v) for k, v in state.items()}
+    y = _fused(x, state, clipping=(0.0, 3.0, 2.0))  # r of sqrt(0.0025 + 1e-3) / 0.0316 ~ 1.9, not 59; |d| < 2
+    assert y is not None
+    g = torch.tensor(rng.normal(size=x.shape))
+    grads = torch.autograd.grad(y, [x, state["weight"], state["bias"]], g)
+    kwargs = dict(renorm_mean=before["renorm_mean"], renorm_stddev=before["renorm_stddev"],
+                  renorm_clipping=(0.0, 3.0, 2.0))
+    expected_grads = R.batch_norm_backward(g.numpy(), x.detach().numpy(), before["running_mean"],
+                                           before["running_var"], before["weight"], before["bias"], True, 1e-3, **kwargs)
+    expected = R.batch_norm(x.detach().numpy(), before["running_mean"], before["running_var"], before["weight"],
+                            before["bias"], True, 0.1, 1e-3, moving_stddev=before["moving_stddev"],
+                            renorm_momentum=0.3, **kwargs)
+    assert_close(y, expected)
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        assert_close(actual, wanted)
+    for name in ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev"):
+        assert_close(state[name], before[name], err_msg=name)
+
+
+@pytest.mark.parametrize("which", ["weight", "running_mean", "renorm_stddev"])
+def test_fused_path_declines_parameters_and_buffers_with_gaps_in_memory(which, fused_kernels, rng):
+    """The kernels read (and move) C values at consecutive addresses: a parameter or buffer that is a strided view
+    (every other entry of a larger tensor, as F.batch_norm may be handed) is declined, with the buffers (and the
+    entries between theirs) left alone, for the general path to serve."""
+    x = torch.tensor(rng.normal(size=(8, 3, 4)) + 1)
+    state = _state(3, x.dtype, renorm=True)
+    base = torch.full((6,), 7.0, dtype=x.dtype)
+    base[::2] = state[which].detach()
+    state[which] = base[::2] if which != "weight" else base[::2].requires_grad_()
+    assert not state[which].is_contiguous()
+    before = {k: v.clone() for k, v in state.items() if v is not None}
+    y = _fused(x, state, clipping=(0.5, 2.0, 1.0))
+    assert y is None, f"the kernel took a non-contiguous {which}"
+    for name, value in before.items():
+        assert torch.equal(state[name], value), name
+    assert torch.equal(base[1::2], torch.full((3,), 7.0, dtype=x.dtype))
+
+
 @pytest.mark.parametrize("why,make", [
     ("float16 input", lambda: (torch.randn(8, 3, dtype=torch.float16), torch.float16)),
     ("float32 input with float64 parameters", lambda: (torch.randn(8, 3), torch.float64)),
@@ -176,6 +250,16 @@ def test_size_limit_shrinks_with_threads():
         assert F.fused_max_numel() == F.FUSED_MAX_NUMEL // 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_layers_leave_cpu_inputs_over_the_size_limit_to_aten(cpp_kernel):
+    """kernels.takes() is what lets a layer skip the general path: over fused_max_numel() values (where ATen's
+    multi-threaded kernels are as fast or faster) a CPU input is not taken, at the limit it is."""
+    limit = F.fused_max_numel()
+    assert cpp_kernel.takes(torch.empty(limit // 4, 4))
+    assert not cpp_kernel.takes(torch.empty(limit // 4 + 1, 4))
+    with cpp_kernel.switched(False):
+        assert not cpp_kernel.takes(torch.empty(8, 4))
 
 
 def test_modules_fall_back_to_aten_when_declined(cpp_kernel, rng):
