@@ -251,6 +251,21 @@ def test_functional_without_running_statistics_uses_the_batch_s_in_eval_too(opti
     assert_close(x.grad, R.batch_norm_backward(g_np, x_np, None, None, w, b, training, 1e-3, **reference_kwargs)[0])
 
 
+def test_broadcasts_to_answers_as_torch_broadcast_shapes_for_equal_ranks():
+    """The masks' cheap check (axes.broadcasts_to) against torch.broadcast_shapes, which it stands in for: every
+    shape of rank 1-3 with sizes 0-3 against every target of that rank; different ranks are not its question."""
+    from normkit.axes import broadcasts_to
+    for rank in (1, 2, 3):
+        shapes = list(itertools.product(range(4), repeat=rank))
+        for shape, target in itertools.product(shapes, shapes):
+            try:
+                expected = torch.broadcast_shapes(shape, target) == torch.Size(target)
+            except RuntimeError:
+                expected = False
+            assert broadcasts_to(shape, target) == expected, (shape, target)
+    assert not broadcasts_to((3,), (2, 3))
+
+
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_every_axis_from_minus_rank_to_rank_minus_one_resolves_as_numpy_does(rank, rng):
     """Negative axes count from the end as in NumPy (its normalize_axis_index is the oracle), -rank included: on a

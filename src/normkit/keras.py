@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .axes import canonicalize_axes, check_feature_axes
+from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION
 from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
                       check_ghost_layout, check_virtual_batch_size)
@@ -563,9 +563,7 @@ class BatchNormalization(nn.Module):
     def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
         # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the
         # features are not last: given (N, T) for (N, C, T) data it said "give a mask of shape (N, T)".
-        # (the mask has the input's rank here: broadcasting is each size being 1 or the input's, which is cheaper to
-        # say directly than through torch.broadcast_shapes on every masked training call)
-        if all(size in (1, wanted) for size, wanted in zip(mask.shape, inputs.shape)):
+        if broadcasts_to(mask.shape, inputs.shape):  # (the mask has the input's rank here)
             return
         message = (f"{self.name}: a mask of shape {tuple(mask.shape[:-1])} does not fit inputs of shape "
                    f"{tuple(inputs.shape)}: Keras expands the mask at the last axis, so it is the input's shape "

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import functional as F
 from . import kernels
-from .axes import canonicalize_axes, check_feature_axes
+from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
 from .stats import RenormClipping, check_ghost_batch, momentum_factor
 
@@ -654,9 +654,7 @@ class BatchNorm(_NormBase):
                 f"mask of shape {given} does not fit an input of shape {tuple(input.shape)}: give a mask "
                 f"of shape {expected} (the input without its feature axes), or one broadcastable to it"
             )
-        # (ranks are equal here, so broadcasting is each size being 1 or the input's: torch.broadcast_shapes says the
-        # same at several times the cost, which a GPU step that is bound by the host pays on every call)
-        if not all(size in (1, wanted) for size, wanted in zip(mask.shape, input.shape)):
+        if not broadcasts_to(mask.shape, input.shape):
             raise ValueError(f"mask of shape {given} cannot broadcast to the input's shape {tuple(input.shape)}: give "
                              f"a mask of shape {expected} (the input without its feature axes), or one broadcastable "
                              "to it")
