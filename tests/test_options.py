@@ -278,6 +278,27 @@ def test_masked_batch_equals_unpadded_rows(rng):
     torch.testing.assert_close(masked_layer.running_var, plain.running_var)
 
 
+def test_a_float_mask_counts_every_nonzero_position_as_keras_3_does(rng):
+    """Keras 3 casts the mask to bool: 0.3 marks a valid position as 1.0 does (not a weight of 0.3, not padding).
+    Oracle: the NumPy reference given the boolean mask, output and running statistics."""
+    x = rng.normal(size=(4, 6, 3)) * 2 + 1
+    weights = np.where(rng.random((4, 6)) < 0.4, 0.0, rng.choice([0.3, 1.0, 2.5], size=(4, 6)))
+    layer = normkit.BatchNorm(3, axis=-1, momentum=0.5).double()
+    y = layer(torch.tensor(x), mask=torch.tensor(weights))
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    expected = R.batch_norm(x, running_mean, running_var, np.ones(3), np.zeros(3), True, 0.5, 1e-5, axis=-1,
+                            mask=(weights != 0)[..., None])
+    assert_close(y, expected)
+    assert_close(layer.running_mean, running_mean)
+    assert_close(layer.running_var, running_var)
+    # normkit.functional takes such a mask as it is (the layer hands it a boolean one)
+    buffers = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = normkit.functional.batch_norm(torch.tensor(x), *buffers, None, None, True, 0.5, 1e-5, axis=-1,
+                                      mask=torch.tensor(weights)[..., None])
+    assert_close(y, expected)
+    assert_close(buffers[0], running_mean)
+
+
 def test_fully_masked_batch_is_finite_and_keeps_running_statistics():
     layer = normkit.BatchNorm(3, axis=-1)
     layer(torch.randn(4, 5, 3))
