@@ -60,6 +60,16 @@ def images_per_second(step, batches, sync) -> float:
     return sum(len(labels) for _, labels in batches) / (time.perf_counter() - started)
 
 
+def interleaved_rates(steps, batches, rounds: int, sync) -> dict:
+    """Images per second of every step, one measurement each per round, the order alternating from round to round."""
+    names = list(steps)
+    rates = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            rates[name].append(images_per_second(steps[name], batches, sync))
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -82,10 +92,7 @@ def main() -> None:
         steps = {"batch": trainer("batch", device), "torch": trainer("torch", device)}
         for step in steps.values():  # warm-up: first calls allocate and pick kernels
             images_per_second(step, batches[:5], sync)
-        rates = {"batch": [], "torch": []}
-        for round_index in range(args.rounds):
-            for norm in (("batch", "torch") if round_index % 2 == 0 else ("torch", "batch")):
-                rates[norm].append(images_per_second(steps[norm], batches, sync))
+        rates = interleaved_rates(steps, batches, args.rounds, sync)
         normkit_rate, torch_rate = statistics.median(rates["batch"]), statistics.median(rates["torch"])
         print(f"| {threads} | {normkit_rate:,.0f} | {torch_rate:,.0f} | {normkit_rate / torch_rate:.3f} |", flush=True)
 
