@@ -163,7 +163,7 @@ def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0,
         for _ in range(warmup):
             for name in names:
                 contenders[name]()
-        # One call of each, three times: the slowest contender sets the calls per sample.
+        # One call of each, three times: the fastest sets the calls per sample (its sample >= sample_s), the slowest caps them.
         single = {name: statistics.median(_time_calls(contenders[name], 1, sync) for _ in range(3)) for name in names}
         calls = max(1, int(math.ceil(sample_s / max(min(single.values()), 1e-9))))
         # Keep one sample of the slowest contender within a few sample_s (large shapes: 1 call).
