@@ -177,3 +177,84 @@ def test_instance_norm_of_an_empty_batch_leaves_its_state_alone(affine, track, s
     if track:
         assert_close(layer.running_mean, rm)
         assert_close(layer.running_var, rv)
+
+
+_UNBATCHED_INSTANCE = ("InstanceNorm1d", (4,), (4, 5), lambda x, eps: R.instance_norm(x[None], eps=eps)[0])
+
+
+@pytest.mark.parametrize("name,args,shape,reference,dtype", [
+    ("LayerNorm", ((4, 5),), (3, 4, 5), lambda x, eps: R.layer_norm(x, (4, 5), eps=eps), torch.float16),
+    ("GroupNorm", (2, 4), (3, 4, 5), lambda x, eps: R.group_norm(x, 2, eps=eps), torch.float16),
+    ("InstanceNorm1d", (4,), (3, 4, 5), lambda x, eps: R.instance_norm(x, eps=eps), torch.float16),
+    (*_UNBATCHED_INSTANCE, torch.float16), (*_UNBATCHED_INSTANCE, torch.float64),
+])
+def test_eps_given_to_the_layer_is_the_one_used_off_the_short_path(name, args, shape, reference, dtype, rng):
+    """Half-precision input to a float32 layer, and unbatched InstanceNorm input, skip the layers' direct ATen call:
+    the general path must pass the layer's eps too (dropping it went unnoticed: only float64 batches were tested)."""
+    x = torch.tensor(rng.normal(size=shape) * 0.3).to(dtype)
+    ours = getattr(normkit, name)(*args, eps=0.25).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    y = ours(x)
+    assert y.dtype == dtype
+    assert_close(y, reference(to_numpy(x), 0.25), dtype)
+
+
+def test_group_norm_without_bias_as_torch_nn(rng):
+    """bias=False drops beta (torch.nn.GroupNorm's keyword since 2.1): no parameter, no state_dict key, no offset."""
+    ours, theirs = normkit.GroupNorm(2, 4, bias=False).double(), torch.nn.GroupNorm(2, 4, bias=False).double()
+    assert ours.bias is None and theirs.bias is None
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    _randomize(ours, theirs, rng=rng)
+    x = torch.tensor(rng.normal(size=(3, 4, 5)) * 2 + 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert_close(ours(x), R.group_norm(x.numpy(), 2, to_numpy(ours.weight)))
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 6), torch.float32), ((2, 3, 6), torch.float16)],
+                         ids=["unbatched", "half-input"])
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_instance_norm_running_stats_off_the_short_path_follow_torch_nn(shape, dtype, momentum, rng):
+    """torch.nn's InstanceNorm with momentum=None leaves its running statistics alone (its factor is 0, no count); an
+    unbatched or half-precision input goes through normkit's general path, which must keep that rule too."""
+    ours = normkit.InstanceNorm1d(3, momentum=momentum, track_running_stats=True)
+    theirs = torch.nn.InstanceNorm1d(3, momentum=momentum, track_running_stats=True)
+    for _ in range(2):
+        x = torch.tensor(rng.normal(size=shape) * 2 + 3).to(dtype)
+        ours(x)
+        theirs(x.float())
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-3, atol=1e-3)
+    if momentum is None:
+        assert torch.equal(ours.running_mean, torch.zeros(3)) and torch.equal(ours.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_instance_norm_with_running_stats_stays_in_half_as_torch_nn(training, rng):
+    """A ``.half()`` layer whose only tensors are its running buffers computes in half precision as torch.nn's does
+    (the buffers say the layer's dtype as parameters would): identical outputs and buffers."""
+    ours = normkit.InstanceNorm1d(3, track_running_stats=True).half()
+    theirs = torch.nn.InstanceNorm1d(3, track_running_stats=True).half()
+    for step in range(3):
+        ours.train(training or step < 2), theirs.train(training or step < 2)
+        x = torch.tensor(rng.normal(size=(2, 3, 6)) * 2 + 3).half()
+        y = ours(x)
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y, theirs(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls", [(normkit.InstanceNorm1d, torch.nn.InstanceNorm1d),
+                                                 (normkit.InstanceNorm2d, torch.nn.InstanceNorm2d)])
+def test_instance_norm_state_dict_version_and_stray_running_stats_as_torch_nn(ours_cls, theirs_cls):
+    """The checkpoint version is torch.nn's (loaders branch on it), and stray running stats of an unversioned
+    checkpoint are reported once, as torch.nn does (dropped, not also listed as unexpected keys)."""
+    for track in (True, False):
+        assert (ours_cls(3, track_running_stats=track).state_dict()._metadata[""]["version"]
+                == theirs_cls(3, track_running_stats=track).state_dict()._metadata[""]["version"])
+    state = theirs_cls(3, track_running_stats=True).state_dict()
+    state._metadata[""]["version"] = None
+    unexpected = []
+    for cls in (theirs_cls, ours_cls):
+        with pytest.raises(RuntimeError, match=r"Unexpected running stats buffer\(s\)") as error:
+            cls(3).load_state_dict(state)
+        unexpected.append([line for line in str(error.value).splitlines() if "Unexpected key(s)" in line])
+    assert unexpected[0] == unexpected[1] and "running_mean" not in str(unexpected[1])
