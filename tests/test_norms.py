@@ -258,3 +258,17 @@ def test_instance_norm_state_dict_version_and_stray_running_stats_as_torch_nn(ou
             cls(3).load_state_dict(state)
         unexpected.append([line for line in str(error.value).splitlines() if "Unexpected key(s)" in line])
     assert unexpected[0] == unexpected[1] and "running_mean" not in str(unexpected[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_to_instance_norm_with_float32_running_stats_gets_float32_statistics(dtype, rng):
+    """No affine parameters, float32 running buffers: the buffers (not only weight/bias) say float32, so the instance
+    statistics of a half-precision input are computed in float32. Data far from zero shows a half-precision mean."""
+    layer = normkit.InstanceNorm1d(8, track_running_stats=True)
+    x = torch.tensor(rng.normal(size=(3, 8, 64)) * 0.1 + 50).to(dtype)
+    rm, rv = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    y = layer(x)
+    assert y.dtype == dtype and layer.running_mean.dtype == torch.float32
+    assert_close(y, R.instance_norm(to_numpy(x), rm, rv), dtype)
+    assert_close(layer.running_mean, rm, torch.float32)
+    assert_close(layer.running_var, rv, torch.float32, rtol=1e-3)
