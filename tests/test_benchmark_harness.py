@@ -1,28 +1,14 @@
 """The benchmark harness's arithmetic (timing, medians, ratios, IQRs, verdicts, units, byte counts) on controlled inputs: the smoke runs cannot see a wrong number."""
 
-import importlib.util
 import statistics
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(script):
-    """A benchmark script as a module, its folder on sys.path for ``common``; main not run."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(script[:-3], BENCHMARKS / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+from benchmark_scripts import BENCHMARKS, load_script as _load
 
 
 sys.path.insert(0, str(BENCHMARKS))

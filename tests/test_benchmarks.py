@@ -3,17 +3,15 @@
 The scripts are not imported by anything else, so without this a change in normkit could break one
 unnoticed until the next measurement."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import normkit
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmark_scripts import BENCHMARKS, load_script as _load
 
 RUNS = {
     "bench_batchnorm.py": ["--quick", "--only", "(64,120)"],
@@ -46,18 +44,6 @@ def test_benchmark_prints_its_table(script, arguments):
     rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
     assert len(rows) >= 3 and set(rows[1]) <= set("|-"), done.stdout  # a header, its rule, at least one row
     assert "torch " in done.stdout  # (the machine line names torch's version)
-
-
-def _load(script):
-    """A benchmark script as a module (its folder on sys.path for ``common``), without running its main."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(script[:-3], BENCHMARKS / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
 
 
 @pytest.mark.parametrize("flags", [["--no-fused"], []])
