@@ -18,6 +18,15 @@ finally:
     sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """The scripts' main() sets torch's thread count (--threads, default 1) for the whole process: put it back, or
+    every later test in the session runs single-threaded (ATen's float32 sums then round differently)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 class Clock:
     """A virtual perf_counter: contenders advance it by their cost; ``queue`` models asynchronous (GPU) work
     that only a synchronize bills."""
