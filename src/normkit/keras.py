@@ -14,7 +14,8 @@ Conversions done here and nowhere else:
     axis=-1 (channels last)        BatchNorm(axis=-1)
 
 The number of features is inferred on the first call (or ``build(input_shape)``), as
-Keras does; parameters exist from then on, so build before creating an optimizer.
+Keras does; until then gamma and beta are uninitialized parameters (as in torch.nn's lazy
+layers), so an optimizer made before the first call trains them.
 
 Porting: ``from_keras(keras_layer)`` (or ``from_keras_config(config, build_config, weights)``
 with what a Keras layer's ``get_config()``, ``get_build_config()`` and ``get_weights()`` return)
@@ -202,6 +203,7 @@ class BatchNormalization(nn.Module):
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
         self.bn: Optional[BatchNorm] = None
         self._build_shape: Optional[tuple] = None
+        self._add_pending_parameters()
         self.trainable = trainable
 
     __prepare_scriptable__ = _refuse_torchscript
@@ -258,6 +260,53 @@ class BatchNormalization(nn.Module):
                 inner.renorm = False
 
     # -- build ------------------------------------------------------------------------------------
+
+    # Until the build, gamma and beta are torch's uninitialized parameters (as in torch.nn's lazy modules): an
+    # optimizer made before the first call holds them, and the build turns these same objects into the weights,
+    # so it trains them (without them it silently left the layer out); DistributedDataParallel refuses them
+    # with torch's message to run a batch through the model first.
+    _PENDING = (("_pending_gamma", "scale", "weight"), ("_pending_beta", "center", "bias"))
+
+    def _add_pending_parameters(self) -> None:
+        for attribute, option, _ in self._PENDING:
+            if getattr(self, option):
+                self.register_parameter(attribute, nn.parameter.UninitializedParameter(
+                    device=self._factory["device"], dtype=self._factory["dtype"]))
+
+    def _adopt_pending_parameters(self) -> None:
+        """The built layer's weight and bias become the pending parameters, materialized with their values."""
+        for attribute, _, target in self._PENDING:
+            pending, built = self._parameters.pop(attribute, None), getattr(self.bn, target)
+            if built is None or not isinstance(pending, nn.parameter.UninitializedParameter):
+                continue  # (torch's .to("meta") replaces one by a plain empty Parameter, as on its lazy layers)
+            pending.materialize(built.shape, device=built.device, dtype=built.dtype)
+            with torch.no_grad():
+                pending.copy_(built)
+            pending.requires_grad_(built.requires_grad)
+            setattr(self.bn, target, pending)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .double(), .half(), .to(dtype or device) on an unbuilt layer set what the build makes, as they do for
+        # torch.nn's lazy modules (the weights came out float32 in a model made float64 before its first call);
+        # a conversion that keeps the device leaves an unset one to follow the first input.
+        if self.bn is None:
+            dtype = self._factory["dtype"] or torch.get_default_dtype()
+            device = torch.device(self._factory["device"] or "cpu")
+            probe = fn(torch.empty(0, dtype=dtype, device=device))
+            if probe.dtype != dtype:
+                self._factory["dtype"] = probe.dtype
+            if probe.device != device:
+                self._factory["device"] = probe.device
+        return super()._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # (an unbuilt layer's state_dict is empty, as before: the pending parameters hold nothing to save)
+        pending = {attribute: self._parameters.pop(attribute) for attribute, _, _ in self._PENDING
+                   if attribute in self._parameters}
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters.update(pending)
 
     @property
     def built(self) -> bool:
@@ -319,6 +368,7 @@ class BatchNormalization(nn.Module):
             # Keras' scale=False has beta but no gamma; torch.nn has no such layer, so drop weight here.
             del self.bn.weight
             self.bn.register_parameter("weight", None)
+        self._adopt_pending_parameters()
         self.bn.train(self.training)
         if not self._trainable:
             self.bn.freeze()
