@@ -731,20 +731,29 @@ class _FoldedBatchNorm(torch.autograd.Function):
         inside forward, where autograd does not see it, so ATen's backward from the saved scale would miss how
         the input gradient depends on the weight (wrong second derivatives for the weight). Recomputed instead
         as the small inputs' path computes it, by autograd: ATen's training kernel with the folded parameters
-        (the same statistics, recomputed from the same channels), differentiated with ``create_graph=True``."""
-        wanted = [(slot, t) for slot, t in ((0, channels), (1, weight), (2, bias))
-                  if t is not None and ctx.needs_input_grad[slot]]
-        grads = [None] * len(ctx.needs_input_grad)
-        if not wanted:
-            return tuple(grads)
-        with torch.enable_grad():
+        (the same statistics, recomputed from the same channels)."""
+        def training_output():
             scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
-            y = torch.batch_norm(channels, _repeat_groups(scale, ctx.groups), _repeat_groups(offset, ctx.groups),
-                                 None, None, True, 0.0, ctx.eps, torch.backends.cudnn.enabled)
-            found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
+            return torch.batch_norm(channels, _repeat_groups(scale, ctx.groups), _repeat_groups(offset, ctx.groups),
+                                    None, None, True, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+
+        return _gradient_of_recomputed(ctx, grad, ((0, channels), (1, weight), (2, bias)), training_output)
+
+
+def _gradient_of_recomputed(ctx, grad, inputs, recompute):
+    """A Function's backward that is itself differentiable (``create_graph=True``), as torch.nn's BN is twice
+    differentiable: the forward ``recompute()`` run again by autograd from the saved ``inputs`` ((gradient slot,
+    tensor) pairs; the slots whose tensors are wanted are filled) and differentiated with ``create_graph=True``.
+    The Functions' closed-form backward works on statistics computed without a graph: differentiating it would
+    miss how the statistics depend on the input (silently wrong second derivatives)."""
+    wanted = [(slot, t) for slot, t in inputs if t is not None and ctx.needs_input_grad[slot]]
+    grads = [None] * len(ctx.needs_input_grad)
+    if wanted:
+        with torch.enable_grad():
+            found = torch.autograd.grad(recompute(), [t for _, t in wanted], grad, create_graph=True)
         for (slot, _), value in zip(wanted, found):
             grads[slot] = value
-        return tuple(grads)
+    return tuple(grads)
 
 
 def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var, weight, bias, training,
@@ -840,27 +849,14 @@ def _sum_to(grad, shape):
 
 
 def _differentiable_masked_backward(ctx, grad, x, weights, reduce_axes, eps, scale, offset, first):
-    """The masked Functions' gradient when it must itself be differentiable (``create_graph=True``: a gradient
-    penalty, ``gradgradcheck``), as torch.nn's BN is twice differentiable.
-
-    Their closed-form backward works on statistics computed without a graph, so differentiating it would
-    miss how the statistics depend on the input (silently wrong second derivatives). Here the forward is
-    recomputed by autograd from the saved inputs (same formula, ``moments`` with the mask) and its gradient
-    taken with ``create_graph=True``. ``first`` is the Function's gradient tuple with the input, scale and
-    offset slots (0, 3, 4 or 0, 5, 6: ``first`` says where) to fill.
-    """
-    wanted = [(slot, t) for slot, t in zip(first, (x, scale, offset))
-              if t is not None and ctx.needs_input_grad[slot]]
-    grads = [None] * len(ctx.needs_input_grad)
-    if not wanted:
-        return tuple(grads)
-    with torch.enable_grad():
+    """The masked Functions' gradient with a graph of its own (``_gradient_of_recomputed``): the forward
+    recomputed by autograd from the saved inputs (same formula, ``moments`` with the mask). ``first`` is the
+    Function's gradient slots of the input, scale and offset (0, 3, 4 or 0, 5, 6)."""
+    def output():
         _, mean, var = moments(x, reduce_axes, weights)
-        y = normalize(x, mean, var, eps, scale, offset)
-        found = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
-    for (slot, _), value in zip(wanted, found):
-        grads[slot] = value
-    return tuple(grads)
+        return normalize(x, mean, var, eps, scale, offset)
+
+    return _gradient_of_recomputed(ctx, grad, tuple(zip(first, (x, scale, offset))), output)
 
 
 class _MaskedNormalize(torch.autograd.Function):
