@@ -1062,6 +1062,32 @@ def test_keras_class_names_are_accepted_as_strings(value):
     assert layer.keras_config()[option]["module"] == f"keras.{kind}s"
 
 
+@pytest.mark.parametrize("option, value, exact", [
+    ("gamma_initializer", "ZEROS", "zeros"), ("gamma_initializer", "Glorot_Uniform", "glorot_uniform"),
+    ("gamma_constraint", "Non_Neg", "non_neg"), ("gamma_constraint", "MAX_NORM", "max_norm"),
+    ("gamma_regularizer", "L1_L2", "l1_l2"),
+])
+def test_names_are_case_sensitive_as_in_keras(option, value, exact):
+    """Keras 3 takes a snake-case name or the class name exactly ("zeros", "Zeros"; "ZEROS" is a ValueError): so does
+    normkit, naming the spelling it knows (it took any case, so a config Keras refuses loaded here)."""
+    with pytest.raises(ValueError, match=f"{option}={value!r} is not a known.*case-sensitive.*{exact!r}"):
+        BatchNormalization(**{option: value})
+    BatchNormalization(**{option: exact})
+
+
+def test_l1l2_by_keras_3_s_name_has_factors_zero():
+    """Keras 3's "l1l2" is its L1L2 class with the defaults l1 = l2 = 0 (get_config {'l1': 0.0, 'l2': 0.0}); tf.keras'
+    "l1_l2" is 0.01 and 0.01."""
+    layer = BatchNormalization(gamma_regularizer="l1l2", beta_regularizer="l1_l2")
+    layer.build((4, 3))
+    with torch.no_grad():
+        layer.gamma.fill_(2.0), layer.beta.fill_(-3.0)
+    gamma_loss, beta_loss = layer.losses
+    assert gamma_loss.item() == 0.0
+    assert beta_loss.item() == pytest.approx(0.01 * 3 * 3.0 + 0.01 * 3 * 9.0, rel=1e-6)
+    assert layer.keras_config()["gamma_regularizer"]["config"] == {"l1": 0.0, "l2": 0.0}
+
+
 # ----------------------------------------------------------------------------- half precision: float32 math (audit)
 
 def _half_step_against_reference(layer, x, g, seen_dtype, weight, bias, variance, eps, axis=-1):

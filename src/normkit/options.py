@@ -182,16 +182,23 @@ INITIALIZERS: dict[str, Callable] = {
 }
 
 
+def _case_hint(value: str, names) -> str:
+    """Names match exactly, as Keras' do ("zeros" or "Zeros", never "ZEROS"): say so where only the case is off."""
+    close = [known for known in names if known.lower() == value.lower()]
+    return f" (names are case-sensitive, as in Keras: {close[0]!r})" if close else ""
+
+
 def resolve_initializer(initializer, *, name: str):
     """A name from INITIALIZERS, a number (constant), Keras' serialized dict, or a callable ``(shape, dtype) -> array``."""
     if isinstance(initializer, str):
         if initializer in KERAS_CLASSES["initializer"]:  # Keras also takes class names: "RandomNormal", "HeUniform"
             return KERAS_CLASSES["initializer"][initializer]()
-        key = initializer.lower()
-        if key not in INITIALIZERS:
+        if initializer not in INITIALIZERS:
             raise ValueError(f"{name}={initializer!r} is not a known initializer; use one of "
-                             f"{sorted(INITIALIZERS)}, a number, or a callable(shape, dtype)")
-        return key
+                             f"{sorted(INITIALIZERS)}{_case_hint(initializer, INITIALIZERS)}, a Keras class name "
+                             f"({', '.join(sorted(KERAS_CLASSES['initializer']))}), a number, or a "
+                             "callable(shape, dtype)")
+        return initializer
     if isinstance(initializer, (int, float)) and not isinstance(initializer, bool):
         return Constant(initializer)
     if isinstance(initializer, dict):
@@ -267,11 +274,12 @@ class L2(L1L2):
         return "L2", {"l2": self.l2}
 
 
-REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.01, 0.01)}
+# "l1_l2" is tf.keras' (both factors 0.01); "l1l2" is Keras 3's snake-case name of L1L2, whose factors default to 0.
+REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.01, 0.01), "l1l2": lambda: L1L2()}
 
 
 def resolve_regularizer(regularizer, *, name: str):
-    """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras), Keras' serialized dict, or a callable ``weight -> scalar``."""
+    """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras), ``"l1l2"`` (Keras 3: factors 0), Keras' serialized dict, or a callable ``weight -> scalar``."""
     return _resolve("regularizer", regularizer, REGULARIZERS, "callable(weight) -> scalar tensor", name=name)
 
 
@@ -282,11 +290,11 @@ def _resolve(kind: str, value, registry: dict, signature: str, *, name: str):
     if isinstance(value, str):
         if value in KERAS_CLASSES[kind]:  # Keras also takes class names: "NonNeg", "L1L2"
             return KERAS_CLASSES[kind][value]()
-        key = value.lower()
-        if key not in registry:
-            raise ValueError(f"{name}={value!r} is not a known {kind}; use one of {sorted(registry)}, Keras' "
-                             f"serialized dict or a {signature}")
-        return registry[key]()
+        if value not in registry:
+            raise ValueError(f"{name}={value!r} is not a known {kind}; use one of {sorted(registry)}"
+                             f"{_case_hint(value, registry)}, a Keras class name "
+                             f"({', '.join(sorted(KERAS_CLASSES[kind]))}), Keras' serialized dict or a {signature}")
+        return registry[value]()
     if isinstance(value, dict):
         return from_keras_object(kind, value, name=name)
     if callable(value):
