@@ -249,6 +249,40 @@ def test_instance_norm_with_running_stats_refuses_other_channel_counts():
         normkit.InstanceNorm1d(4)(torch.randn(2, 5, 6))
 
 
+def _without_buffers(layer):
+    layer.running_mean = layer.running_var = None
+    return layer
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,mode,prepare", [
+    ("BatchNorm1d", (3,), {"affine": False, "track_running_stats": False}, (4, 5, 2), "train", None),
+    ("BatchNorm1d", (3,), {"affine": False, "track_running_stats": False}, (4, 5), "eval", None),
+    ("BatchNorm2d", (3,), {"affine": False}, (4, 2, 3, 3), "train", _without_buffers),
+    ("BatchNorm3d", (1,), {"affine": False}, (2, 3, 2, 2, 2), "eval", _without_buffers),
+    ("GroupNorm", (2, 4), {"affine": False}, (3, 6, 5), "train", None),
+])
+def test_layers_without_sized_tensors_take_any_channel_count_as_torch_nn(name, args, kwargs, shape, mode, prepare):
+    """Without weight, bias or running statistics in use, torch.nn's BatchNorm and GroupNorm normalize however many
+    channels come (GroupNorm: any its groups divide); normkit's refused them with its num_features error."""
+    ours, theirs = _pair(name, *args, **kwargs)
+    x = torch.randn(shape) * 2 + 1
+    for layer in (ours, theirs):
+        layer.train(mode == "train")
+        if prepare is not None:
+            prepare(layer)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    torch.testing.assert_close(y_ours, y_theirs)
+    grad = torch.randn(shape)
+    y_ours.backward(grad), y_theirs.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad)
+    if getattr(theirs, "num_batches_tracked", None) is not None:
+        assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+    # With a weight the channel count matters again: refused (torch.nn fails inside ATen).
+    with pytest.raises(ValueError, match=r"num_features=\d+ but|num_channels=4"):
+        _pair(name, *args, **{**kwargs, "affine": True})[0].train(mode == "train")(x)
+
+
 # ------------------------------------------------------------------------------ autocast
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -623,18 +623,31 @@ class BatchNorm(_NormBase):
         if input.dim() < 2:
             raise ValueError(f"expected an input of rank >= 2 (batch, features, ...), got {input.dim()}D input")
 
-    def _feature_axes(self, input: torch.Tensor) -> tuple:
+    def _feature_axes(self, input: torch.Tensor, training: Optional[bool] = None) -> tuple:
+        """The input's feature axes; another number of features than the layer's is refused, but (``training``
+        given) where the call reads nothing sized by it, as torch.nn's layer accepts it there."""
         axes = canonicalize_axes(self.axis, input.dim())
         sizes = tuple(input.shape[a] for a in axes)
         expected = (self.num_features,) if isinstance(self.num_features, int) else self.num_features
         matches = math.prod(sizes) == self.num_features if isinstance(self.num_features, int) else sizes == expected
-        if not matches:
+        if not matches and (training is None or self._reads_sized_tensors(training)):
             raise ValueError(
                 f"num_features={self.num_features} but the input of shape {tuple(input.shape)} has "
                 f"{sizes if len(sizes) > 1 else sizes[0]} features on axis {self.axis}: build the layer with "
                 f"num_features={sizes[0] if len(sizes) == 1 else sizes}{self._other_axis_hint(input)}"
             )
         return axes
+
+    def _reads_sized_tensors(self, training: bool) -> bool:
+        """Whether a call reads a tensor of ``num_features`` values: weight, bias, or the running buffers (used in
+        eval, and in training when tracking). Without any (affine=False, and track_running_stats=False in training
+        or the buffers set to None) torch.nn's layer normalizes any number of channels, so normkit's does too."""
+        weight, bias = _affine_of(self)
+        if weight is not None or bias is not None:
+            return True
+        uses_buffers = not training or self.track_running_stats
+        return uses_buffers and (_buffer_of(self, "running_mean") is not None
+                                 or _buffer_of(self, "running_var") is not None)
 
     def _other_axis_hint(self, input: torch.Tensor) -> str:
         """The remedy for features on another axis than the layer's, in the error above."""
@@ -725,7 +738,7 @@ class BatchNorm(_NormBase):
         channels, restore, back = input, None, None
         if self.axis == -1 and input.dim() > 2:
             if input.shape[-1] != self.num_features:
-                self._feature_axes(input)  # raises the explanatory error
+                self._feature_axes(input, training)  # raises the explanatory error where the size matters
             if not input.is_contiguous() or (training and input.dim() >= 4 and input.is_cpu
                                              and kernels.takes(input)):
                 # (with normkit.kernels on, features-last training of rank 4/5 on the CPU takes the fused
@@ -738,7 +751,7 @@ class BatchNorm(_NormBase):
             else:
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif input.shape[1] != self.num_features:
-            self._feature_axes(input)  # raises the explanatory error
+            self._feature_axes(input, training)  # raises the explanatory error where the size matters
         factor = 0.0
         if training:
             if self._recenter_check_due():
@@ -758,10 +771,10 @@ class BatchNorm(_NormBase):
         batch_stats = training or running_mean is None
         if batch_stats and not training and not self._plain:
             return self._forward_options(input, None)  # (options' batch statistics out of training: their path)
-        if batch_stats and channels.numel() <= self.num_features:
+        if batch_stats and channels.numel() <= channels.shape[1]:  # (the input's channels: see _feature_axes)
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
-            F.check_enough_values(channels.numel() // self.num_features, input.shape)
+            F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape)
             y = F.batch_norm(channels, None, None, weight, bias, True, factor, self.eps)
         else:
             try:
@@ -897,7 +910,7 @@ class BatchNorm(_NormBase):
             F.check_floating(input)
             _check_input_dtype(input, self.weight, self.running_mean)
             self._check_input_dim(input)
-            feature_axes = self._feature_axes(input)
+            feature_axes = self._feature_axes(input, training)
             if mask is not None:
                 mask = self._expand_mask(mask, input, feature_axes)
             if training and self._recenter_check_due():
@@ -1127,7 +1140,8 @@ class GroupNorm(_SampleNorm):
                 and self.eps > 0):  # (else the general path refuses the eps)
             return torch.group_norm(input, self.num_groups, weight, bias, self.eps, torch.backends.cudnn.enabled)
         self._check_input(input)
-        if input.dim() < 2 or input.shape[1] != self.num_channels:
+        # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
+        if input.dim() < 2 or (input.shape[1] != self.num_channels and (weight is not None or bias is not None)):
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
                              f"got shape {tuple(input.shape)}")
         # torch.nn's rule: refused only when the whole input is one value per group. With one value per group
