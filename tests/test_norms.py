@@ -179,6 +179,22 @@ def test_instance_norm_of_an_empty_batch_leaves_its_state_alone(affine, track, s
         assert_close(layer.running_var, rv)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (2, 4, 3, 3)])
+def test_instance_norm_in_eval_with_its_running_stats_removed_refuses_as_torch_nn(affine, shape):
+    """track_running_stats=True in eval normalizes with the running statistics: set to None, torch.nn refuses any
+    batch (ATen's check); normkit's empty batch, which never reaches ATen, returned an empty output instead."""
+    ours, theirs = (lib.InstanceNorm2d(4, affine=affine, track_running_stats=True).eval() for lib in (normkit, torch.nn))
+    for layer in (ours, theirs):
+        layer.running_mean = layer.running_var = None
+    # (torch.nn's layer with affine parameters fails on no instances before that check, with an IndexError)
+    with pytest.raises((RuntimeError, IndexError) if affine and shape[0] == 0 else RuntimeError):
+        theirs(torch.randn(shape))
+    with pytest.raises(RuntimeError, match="Expected running_mean and running_var to be defined"):
+        ours(torch.randn(shape))
+    ours.train()(torch.randn(shape))  # training normalizes with the instance's own statistics: fine
+
+
 _UNBATCHED_INSTANCE = ("InstanceNorm1d", (4,), (4, 5), lambda x, eps: R.instance_norm(x[None], eps=eps)[0])
 
 

@@ -1064,6 +1064,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                          f"statistics (training, or any call without running statistics), got input size "
                          f"{tuple(x.shape)}: the variance of a single value is 0; use a larger spatial size, "
                          "BatchNorm, or track_running_stats=True and eval()")
+    if not use_input_stats and (running_mean is None or running_var is None):
+        # ATen's own check (torch.nn raises it for any batch), made here since an empty batch below never reaches ATen
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false "
+                           "(eval with track_running_stats=True normalizes with the running statistics, which were "
+                           "set to None)")
     if x.numel() == 0:
         # As batch_norm's empty batch: an empty output, zero gradients for weight and bias, the buffers left alone
         # (ATen's kernel fails on weights, and otherwise sets the running statistics to the NaN mean of no samples).
