@@ -288,3 +288,33 @@ def test_half_input_to_instance_norm_with_float32_running_stats_gets_float32_sta
     assert_close(y, R.instance_norm(to_numpy(x), rm, rv), dtype)
     assert_close(layer.running_mean, rm, torch.float32)
     assert_close(layer.running_var, rv, torch.float32, rtol=1e-3)
+
+
+@pytest.mark.parametrize("memory_format, shape", [(torch.channels_last, (2, 4, 3, 3)),
+                                                  (torch.channels_last_3d, (2, 4, 3, 2, 3))])
+@pytest.mark.parametrize("call", ["module", "functional"])
+@pytest.mark.parametrize("trained", ["weight and bias", "bias only"])
+def test_group_norm_of_a_channels_last_input_without_gradient_trains_its_weights(memory_format, shape, call, trained,
+                                                                                 rng):
+    """Data straight from a loader (no gradient) in channels-last layout into a GroupNorm with trainable weights:
+    torch 2.13's CPU backward for it ends the process (segmentation fault; torch.nn.GroupNorm's too). normkit's
+    gives torch.nn's output (same bits and memory format as its forward) and the weights' gradients torch.nn
+    computes from the contiguous input, and the input still has no gradient."""
+    ours, theirs = normkit.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4)
+    _randomize(ours, theirs, rng=rng)
+    if trained == "bias only":
+        ours.weight.requires_grad_(False), theirs.weight.requires_grad_(False)
+    x = torch.tensor(rng.normal(size=shape), dtype=torch.float32).contiguous(memory_format=memory_format)
+    g = torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+    y = ours(x) if call == "module" else normkit.functional.group_norm(x, 2, ours.weight, ours.bias)
+    with torch.no_grad():
+        expected = theirs(x)  # (torch.nn's forward alone is fine)
+    assert torch.equal(y, expected) and y.is_contiguous(memory_format=memory_format)
+    y.backward(g)
+    theirs(x.contiguous()).backward(g)
+    for name in ("weight", "bias"):
+        ours_grad, theirs_grad = getattr(ours, name).grad, getattr(theirs, name).grad
+        assert (ours_grad is None) == (theirs_grad is None)
+        if theirs_grad is not None:
+            torch.testing.assert_close(ours_grad, theirs_grad)
+    assert x.grad is None and not x.requires_grad

@@ -1049,8 +1049,20 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     check_floating(x)
     check_eps(eps)
     computed, upcast = _params_for(x, weight, bias)
-    y = torch.group_norm(computed, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    y = aten_group_norm(computed, num_groups, weight, bias, eps)
     return y.to(x.dtype) if upcast else y
+
+
+def aten_group_norm(x, num_groups, weight, bias, eps):
+    """``torch.group_norm``, with a channels-last CPU input that needs no gradient, under weights that do,
+    handed over as a detached alias that requires one: torch 2.13's CPU backward for that case ends the process
+    (a segmentation fault, torch.nn's GroupNorm included); with the input's gradient computed (then dropped),
+    it gives the weights' gradients. Same output, same memory format."""
+    if (not x.requires_grad and x.dim() >= 4 and x.is_cpu and not x.is_contiguous() and torch.is_grad_enabled()
+            and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+            and not torch.compiler.is_compiling() and not kernels.transforms_active()):
+        x = x.detach().requires_grad_()
+    return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,

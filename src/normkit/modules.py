@@ -1138,7 +1138,7 @@ class GroupNorm(_SampleNorm):
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
                 and input.shape[1] == self.num_channels and input.numel() != self.num_groups
                 and self.eps > 0):  # (else the general path refuses the eps)
-            return torch.group_norm(input, self.num_groups, weight, bias, self.eps, torch.backends.cudnn.enabled)
+            return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
         if input.dim() < 2 or (input.shape[1] != self.num_channels and (weight is not None or bias is not None)):
