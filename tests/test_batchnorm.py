@@ -40,14 +40,14 @@ def _axis_for(rank, kind):
     return {"first": 1, "last": rank - 1, "negative": -1, "tuple": (1, rank - 1)}[kind]
 
 
-def _run_case(rank, axis_kind, training, affine, track, momentum, dtype, rng, steps=2):
+def _run_case(rank, axis_kind, training, affine, track, momentum, dtype, rng, steps=2, unbiased_running_var=True):
     shape = SHAPES[rank]
     axis = _axis_for(rank, axis_kind)
     axes = (axis % rank,) if isinstance(axis, int) else axis
     feature_shape = tuple(shape[a] for a in axes)
     num_features = feature_shape[0] if len(axes) == 1 else feature_shape
     layer = normkit.BatchNorm(num_features, momentum=momentum, affine=affine, track_running_stats=track, axis=axis,
-                              eps=1e-3)
+                              eps=1e-3, unbiased_running_var=unbiased_running_var)
     with torch.no_grad():
         if affine:
             layer.weight.copy_(torch.as_tensor(rng.normal(size=feature_shape)))
@@ -72,7 +72,8 @@ def _run_case(rank, axis_kind, training, affine, track, momentum, dtype, rng, st
         factor = (1.0 / step if momentum is None else momentum) if (training and track) else 0.0
         rm, rv = (ref_mean, ref_var) if buffers_used else (None, None)
         grads = R.batch_norm_backward(g_np, x_np, rm, rv, weight, bias, batch_stats, 1e-3, axis=axis)
-        expected = R.batch_norm(x_np, rm, rv, weight, bias, batch_stats, factor, 1e-3, axis=axis)
+        expected = R.batch_norm(x_np, rm, rv, weight, bias, batch_stats, factor, 1e-3, axis=axis,
+                                unbiased_running_var=unbiased_running_var)
         assert y.dtype == dtype and y.shape == x.shape
         assert_close(y, expected, dtype)
         assert_close(x.grad, grads[0], dtype)
@@ -89,6 +90,17 @@ def _run_case(rank, axis_kind, training, affine, track, momentum, dtype, rng, st
 @pytest.mark.parametrize("rank,axis,training,affine,track,momentum,dtype", list(_cases()))
 def test_matches_reference(rank, axis, training, affine, track, momentum, dtype, rng):
     _run_case(rank, axis, training, affine, track, momentum, dtype, rng)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("axis", ["first", "last", "negative"])
+@pytest.mark.parametrize("affine, momentum", [(True, 0.1), (False, None), (True, 0.8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_biased_running_variance_matches_reference(rank, axis, affine, momentum, dtype, rng):
+    """Keras' biased running variance with no other option (the Keras layer's inner BatchNorm) takes ATen's
+    training kernel on scratch buffers and moves the running statistics itself: three steps against the
+    reference, buffers included."""
+    _run_case(rank, axis, True, affine, True, momentum, dtype, rng, steps=3, unbiased_running_var=False)
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])

@@ -122,6 +122,12 @@ def _deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
     return copied
 
 
+def _full_precision_buffers(layer) -> bool:
+    """Whether the running statistics, where there are any, are float32 or float64."""
+    running_mean = _buffer_of(layer, "running_mean")
+    return running_mean is None or running_mean.dtype in _FULL_PRECISION
+
+
 def _affine_of(module: nn.Module) -> tuple:
     """(weight, bias), read from the parameter dict where they are there: Module.__getattr__ costs more than
     a small layer's op. (A parametrization or a weight-computing hook moves them out of it.)"""
@@ -408,6 +414,9 @@ class BatchNorm(_NormBase):
     def _choose_routes(self) -> None:
         # The plain case takes torch.nn's short path.
         self._plain = self._is_plain()
+        # Keras' biased running variance and nothing else (normkit.keras' layer): ATen's training kernel too, its
+        # running variance moved by normkit (_batch_norm_with_biased_update), where the fused kernel declines.
+        self._plain_biased = self._is_plain(unbiased_running_var=False)
         # Out of training (eval, or frozen) every option but the axis is inert (_forward_options computes torch.nn's
         # eval call for them), so inference takes the short path too when the features are first or last.
         self._plain_eval = self.axis in (1, -1)
@@ -716,10 +725,12 @@ class BatchNorm(_NormBase):
                 far &= varies
             self._recenter = bool(far.any())
 
-    def _is_plain(self) -> bool:
-        """No option beyond torch.nn's: the call can go straight to ATen like torch.nn's does."""
+    def _is_plain(self, unbiased_running_var: bool = True) -> bool:
+        """No option beyond torch.nn's (with ``unbiased_running_var=False``: but the biased running variance of
+        Keras): the call can go straight to ATen like torch.nn's does."""
         return (self.axis in (1, -1) and not self.renorm and self.virtual_batch_size is None
-                and self.adjustment is None and not self.synchronized and self.unbiased_running_var)
+                and self.adjustment is None and not self.synchronized
+                and self.unbiased_running_var == unbiased_running_var)
 
     def _forward_plain(self, input: torch.Tensor) -> torch.Tensor:
         """torch.nn's forward, no more: the common case pays no Python overhead for normkit's options.
@@ -778,14 +789,36 @@ class BatchNorm(_NormBase):
             y = F.batch_norm(channels, None, None, weight, bias, True, factor, self.eps)
         else:
             try:
-                y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
-                                     self.eps, torch.backends.cudnn.enabled)
+                if training and running_mean is not None and not self.unbiased_running_var:
+                    y = self._batch_norm_with_biased_update(channels, weight, bias, running_mean, running_var, factor)
+                else:
+                    y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
+                                         self.eps, torch.backends.cudnn.enabled)
             except RuntimeError:
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
                 raise
         if back is not None:
             return y.permute(back)
         return y if restore is None else restore(y)
+
+    def _batch_norm_with_biased_update(self, channels, weight, bias, running_mean, running_var, factor):
+        """A training step whose running variance moves toward the biased batch variance (Keras' moving variance).
+
+        ATen's kernel moves its running variance toward the unbiased one, so it gets zeroed copies with momentum
+        1 instead: it writes the batch's mean and unbiased variance there (the statistics of the pass it
+        normalizes with, no second pass), and the running buffers move toward the mean and ``var * (n - 1) / n``::
+
+            running_mean <- running_mean + factor * (mean - running_mean)
+            running_var  <- running_var + factor * (var_biased - running_var)
+        """
+        batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+        y = torch.batch_norm(channels, weight, bias, batch_mean, batch_var, True, 1.0, self.eps,
+                             torch.backends.cudnn.enabled)
+        count = channels.numel() // channels.shape[1]
+        # (out of place: autograd keeps the scratch buffers, ATen's arguments, for the backward)
+        F._move_running_stats(running_mean, running_var, batch_mean, batch_var * ((count - 1) / count), factor,
+                              self.eps)
+        return y
 
     def _recenter_check_due(self) -> bool:
         """Count a training step down to the next recenter check (True: check now).
@@ -829,6 +862,9 @@ class BatchNorm(_NormBase):
             y = self._forward_plain_ghost(input)
             if y is not None:
                 return y
+        if (self._plain_biased and mask is None and not self._recenter and not torch.compiler.is_compiling()
+                and _full_precision_buffers(self)):  # (half-precision buffers: blended in float32 on the general path)
+            return self._forward_plain(input)
         return self._forward_options(input, mask)
 
     def _forward_fused(self, input: torch.Tensor) -> Optional[torch.Tensor]:
