@@ -15,6 +15,9 @@ Rows:
 * ``frozen`` (the small shapes): a frozen normkit layer (``freeze()``, then ``train()``: it computes as in eval
   whatever the mode) vs torch.nn's in eval with ``requires_grad_(False)`` parameters, the torch.nn way to freeze;
   training rows take the gradient w.r.t. the input only (neither layer has trainable parameters).
+* ``keras`` (the small shapes): normkit.keras.BatchNormalization(axis=1) vs torch.nn's layer with the same epsilon
+  (1e-3) and momentum (0.01, Keras' 0.99 decay). Not a drop-in pair (Keras' moving variance is the biased one),
+  the nearest torch.nn call: the cost of the Keras vocabulary.
 
 Training: ``torch.autograd.grad`` of the output (with a fixed random upstream gradient) w.r.t. the
 input, weight and bias. Inference: eval mode under ``torch.no_grad()``.
@@ -32,9 +35,10 @@ from common import (compare, fmt_ratio, fmt_us, inference_step,  # noqa: E402
                     parse_table_benchmark_arguments, report, table_benchmark_parser, training_step)
 
 import normkit  # noqa: E402
+import normkit.keras  # noqa: E402
 
 SHAPES = [(64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (32, 64, 56, 56), (128, 256, 14, 14)]
-FROZEN_SHAPES = [(64, 16, 8, 8), (64, 120)]  # (a fixed cost of the call: the small shapes are where it shows)
+FROZEN_SHAPES = [(64, 16, 8, 8), (64, 120)]  # (a fixed cost of the call: the small shapes are where it shows; keras too)
 TARGET = 1.05
 
 
@@ -42,7 +46,11 @@ def pair(shape, layout, device="cpu"):
     """(normkit module, torch.nn module, normkit's input, torch.nn's input, normkit's grad, torch.nn's grad)."""
     channels = shape[1]
     torch.manual_seed(0)
-    if len(shape) == 2:
+    if layout == "keras":
+        theirs = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(channels, eps=1e-3, momentum=0.01)
+        ours = normkit.keras.BatchNormalization(axis=1, epsilon=1e-3, momentum=0.99)
+        ours.build(shape)
+    elif len(shape) == 2:
         ours, theirs = normkit.BatchNorm1d(channels), torch.nn.BatchNorm1d(channels)
     elif layout == "NHWC axis=-1":
         ours, theirs = normkit.BatchNorm(channels, axis=-1), torch.nn.BatchNorm2d(channels)
@@ -51,7 +59,11 @@ def pair(shape, layout, device="cpu"):
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.uniform_(-0.5, 0.5)
-    ours.load_state_dict(theirs.state_dict())
+    if layout == "keras":
+        ours.set_weights([t.detach().numpy() for t in (theirs.weight, theirs.bias, theirs.running_mean,
+                                                       theirs.running_var)])
+    else:
+        ours.load_state_dict(theirs.state_dict())
     ours.to(device), theirs.to(device)
     x = torch.randn(shape, device=device) * 2.0 + 0.5
     g = torch.randn(shape, device=device)
@@ -72,7 +84,7 @@ def pair(shape, layout, device="cpu"):
 def cases():
     for shape in SHAPES:
         layouts = ["contiguous"] if len(shape) == 2 else ["contiguous", "channels_last", "NHWC axis=-1"]
-        layouts += ["frozen"] if shape in FROZEN_SHAPES else []
+        layouts += ["frozen", "keras"] if shape in FROZEN_SHAPES else []
         for layout in layouts:
             for mode in ("train", "infer"):
                 yield shape, layout, mode
@@ -90,7 +102,7 @@ def run(args) -> list:
         if mode == "train":
             ours.train(), theirs.train(layout != "frozen")  # (frozen: normkit's in train(), torch.nn's in eval)
             contenders = {
-                "normkit": training_step(ours, x_ours, g_ours, [ours.weight, ours.bias]),
+                "normkit": training_step(ours, x_ours, g_ours, list(ours.parameters())),
                 "torch.nn": training_step(theirs, x_theirs, g_theirs, [theirs.weight, theirs.bias]),
             }
             if permuted is not None:

@@ -558,8 +558,10 @@ class BatchNormalization(nn.Module):
             dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
             inputs = torch.as_tensor(_from_numpy(inputs), dtype=dtype or torch.get_default_dtype(),
                                      device=built.device if built is not None else self._factory["device"])
-        if self.bn is None:
+        bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
+        if bn is None:
             self._build_on_first_call(inputs)
+            bn = self._modules["bn"]
         elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
             # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
             self._refuse_with_peers(training)
@@ -567,8 +569,7 @@ class BatchNormalization(nn.Module):
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
-        bn = self.bn  # (one Module.__getattr__, not six: a small call notices them)
-        stored = bn.running_mean.dtype
+        stored = bn._buffers["running_mean"].dtype
         if self._compute_dtype is not None and self._compute_dtype != stored:
             # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
             # and the output comes in the compute dtype, as in Keras.
@@ -605,7 +606,7 @@ class BatchNormalization(nn.Module):
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
                 # channel amplify: ten times Keras' error in the input gradient.
                 return bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
-            return bn(inputs, mask=mask if mode else None)
+            return bn(inputs, mask if mode else None)
         finally:
             if switched:
                 bn.training = previous
