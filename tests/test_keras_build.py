@@ -173,3 +173,51 @@ def test_requires_grad_before_the_first_call_says_to_run_a_batch_first():
     model(torch.randn(5, 4))
     model.requires_grad_(False)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_unbuilt_models_state_dict_loads_strictly_into_an_unbuilt_model():
+    """An unbuilt layer's state_dict is empty, so loading it back (strictly, as torch.nn's lazy layers' own
+    state_dict loads) misses nothing; the pending parameters stay the optimizer's. (Strict loading reported
+    "_pending_gamma" and "_pending_beta" missing: an unbuilt model could not take its own state_dict.)"""
+    lazy_source, lazy_target = nn.Sequential(nn.Linear(4, 3), nn.LazyBatchNorm1d()), nn.Sequential(
+        nn.Linear(4, 3), nn.LazyBatchNorm1d())
+    assert not lazy_target.load_state_dict(lazy_source.state_dict()).missing_keys  # (the oracle: torch.nn's lazy)
+    source, target = nn.Sequential(nn.Linear(4, 3), BatchNormalization()), nn.Sequential(nn.Linear(4, 3),
+                                                                                         BatchNormalization())
+    pending = list(target[1].parameters())
+    result = target.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert not target[1].load_state_dict({}, strict=False).missing_keys
+    assert not target[1].built and list(target[1].parameters()) == pending
+    target(torch.randn(6, 4))
+    assert [id(p) for p in target[1].parameters()] == [id(p) for p in pending]
+
+
+@pytest.mark.parametrize("center, scale", [(True, True), (True, False), (False, True), (False, False)])
+def test_center_and_scale_changed_before_the_build_set_the_pending_parameters(center, scale):
+    """center/scale set after construction but before the build: the pending parameters are those the build
+    makes, so an optimizer made then trains them as torch.nn's BatchNorm1d trains its weight and bias. (They
+    kept the constructor's: gamma switched on was left out of the optimizer; switched off, it lingered.)"""
+    torch.manual_seed(0)
+    layer = BatchNormalization(momentum=0.9, center=not center, scale=not scale).double()
+    layer.center, layer.scale = center, scale
+    assert len(list(layer.parameters())) == center + scale
+    theirs = nn.BatchNorm1d(5, eps=1e-3, momentum=0.1, affine=center or scale).double()
+    ours_opt = torch.optim.SGD(layer.parameters(), lr=0.3) if center or scale else None
+    theirs_opt = torch.optim.SGD(theirs.parameters(), lr=0.3) if center or scale else None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(16, 5, generator=generator, dtype=torch.float64) * 3 + 1
+        target = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+        for model, opt in ((layer, ours_opt), (theirs, theirs_opt)):
+            loss = (model(x) - target).square().mean()
+            if opt is not None:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    if scale:
+        assert_close(layer.gamma.detach(), theirs.weight.detach())
+    if center:
+        assert_close(layer.beta.detach(), theirs.bias.detach())
+    assert sorted(name for name, _ in layer.named_parameters()) == sorted(
+        name for name, present in (("bn.weight", scale), ("bn.bias", center)) if present)

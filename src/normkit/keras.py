@@ -239,6 +239,8 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"{self.name} is built: {name} is fixed by its weights' shapes (set it before the first "
                              "call or build(), or make a new layer)")
         super().__setattr__(name, value)
+        if name in ("center", "scale") and inner is None and "_factory" in self.__dict__:
+            self._add_pending_parameters()  # (the constructor adds them once both are set)
         if name == "dtype_policy":
             # As Keras' dtype_policy setter: the compute dtype changes at once; variables keep the dtype they
             # were built with (an unbuilt layer builds them in the new policy's).
@@ -268,10 +270,14 @@ class BatchNormalization(nn.Module):
     _PENDING = (("_pending_gamma", "scale", "weight"), ("_pending_beta", "center", "bias"))
 
     def _add_pending_parameters(self) -> None:
+        # Also on a change of center/scale before the build: the pending weights are those the build will make
+        # (one set True after construction was left out of an optimizer made then; one set False lingered).
         for attribute, option, _ in self._PENDING:
-            if getattr(self, option):
+            if getattr(self, option) and attribute not in self._parameters:
                 self.register_parameter(attribute, nn.parameter.UninitializedParameter(
                     device=self._factory["device"], dtype=self._factory["dtype"]))
+            elif not getattr(self, option):
+                self._parameters.pop(attribute, None)
 
     def _adopt_pending_parameters(self) -> None:
         """The built layer's weight and bias become the pending parameters, materialized with their values."""
@@ -382,8 +388,15 @@ class BatchNormalization(nn.Module):
         if self.bn is None and key in state_dict:
             self._create(tuple(state_dict[key].shape), self.axis if isinstance(self.axis, int) else tuple(self.axis),
                          state_dict[key].device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        # Still unbuilt: the pending parameters are not in any state_dict (_save_to_state_dict leaves them out), so
+        # they are not missing from one either (an unbuilt model's own state_dict failed to load strictly).
+        pending = {attribute: self._parameters.pop(attribute) for attribute, _, _ in self._PENDING
+                   if attribute in self._parameters}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._parameters.update(pending)
 
     # -- Keras vocabulary ---------------------------------------------------------------------------
 
