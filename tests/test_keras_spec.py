@@ -1152,3 +1152,23 @@ def test_half_input_computes_in_float32(dtype, center, scale, shape, axis):
                                                                           np.ones(channels, np.float32)])
         as64 = (lambda w: None if w is None else w.astype(np.float64))
         _half_step_against_reference(layer, x, g, dtype, as64(weight), as64(bias), np.ones(channels), 1e-3, axis)
+
+
+def test_a_forward_pre_hook_on_the_inner_layer_keeps_the_mask():
+    """A forward pre-hook on ``layer.bn`` that returns the input alone (torch's single-value form, which replaces
+    the positional arguments) leaves the masked training call as the reference computes it. (The mask went to
+    the inner layer positionally and the hook's return dropped it: unmasked statistics, silently.)"""
+    rng = np.random.default_rng(15)
+    x = rng.normal(1.0, 2.0, (4, 6, 3))
+    mask = np.ones((4, 6), dtype=bool)
+    mask[:, 3:] = False
+    layer = BatchNormalization(momentum=0.5)
+    layer.build(x.shape)
+    layer.bn.register_forward_pre_hook(lambda module, args: args[0] * 1.0)
+    y = layer(t(x), training=True, mask=t(mask, torch.bool))
+    rm, rv = np.zeros(3), np.ones(3)
+    want = normkit.reference.batch_norm(x, rm, rv, np.ones(3), np.zeros(3), True, 0.5, 1e-3, axis=-1,
+                                        mask=mask[..., None], unbiased_running_var=False)
+    np.testing.assert_allclose(npy(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(npy(layer.moving_mean), rm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(npy(layer.moving_variance), rv, rtol=1e-5, atol=1e-6)

@@ -619,7 +619,9 @@ class BatchNormalization(nn.Module):
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
                 # channel amplify: ten times Keras' error in the input gradient.
                 return bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
-            return bn(inputs, mask if mode else None)
+            # The mask by keyword, and only when there is one: a forward pre-hook on bn that returns the input alone
+            # (torch's single-value form) replaces the positional arguments, which silently dropped a positional mask.
+            return bn(inputs) if mask is None or not mode else bn(inputs, mask=mask)
         finally:
             if switched:
                 bn.training = previous
