@@ -169,3 +169,29 @@ def test_ghost_batches_compile_once_for_every_batch_size(layout, rng):
         torch.testing.assert_close(compiled(x), eager(x))
     torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("memory_format, shape", [(torch.channels_last, (2, 4, 3, 3)),
+                                                  (torch.channels_last_3d, (2, 4, 3, 2, 3))])
+def test_group_norm_of_a_channels_last_input_without_gradient_compiles_and_trains(memory_format, shape, rng):
+    """A channels-last CPU input without gradient into a GroupNorm with trainable weights, compiled whole: the
+    output and the weights' gradients are torch.nn's from the contiguous input, the output in the input's layout.
+    (Eager normkit sidestepped torch 2.13's crashing backward for this input, but compiled it still ended the
+    process: a segmentation fault.)"""
+    torch._dynamo.reset()
+    ours, theirs = normkit.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        ours.weight.copy_(torch.as_tensor(rng.normal(size=4)))
+        ours.bias.copy_(torch.as_tensor(rng.normal(size=4)))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.tensor(rng.normal(size=shape), dtype=torch.float32).contiguous(memory_format=memory_format)
+    g = torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+    y = torch.compile(ours, backend="aot_eager", fullgraph=True)(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    y.backward(g)
+    expected = theirs(x.contiguous())
+    expected.backward(g)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    assert x.grad is None and not x.requires_grad

@@ -1060,8 +1060,16 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
     it gives the weights' gradients. Same output, same memory format."""
     if (not x.requires_grad and x.dim() >= 4 and x.is_cpu and not x.is_contiguous() and torch.is_grad_enabled()
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
-            and not torch.compiler.is_compiling() and not kernels.transforms_active()):
-        x = x.detach().requires_grad_()
+            and not kernels.transforms_active()):
+        if not torch.compiler.is_compiling():
+            x = x.detach().requires_grad_()
+        else:
+            # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
+            # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the
+            # contiguous input's kernels instead, the output given back in the input's channels-last layout.
+            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            y = torch.group_norm(x.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+            return y.contiguous(memory_format=layout) if x.is_contiguous(memory_format=layout) else y
     return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
