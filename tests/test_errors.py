@@ -13,6 +13,17 @@ def test_channel_count_mismatch_names_num_features():
         normkit.BatchNorm(5, axis=-1)(torch.randn(2, 4, 3))
 
 
+def test_channel_count_mismatch_under_renorm_names_num_features_without_running_statistics():
+    """renorm reads its own statistics (renorm_mean, renorm_stddev, moving_stddev) in training, so with the running
+    statistics set to None and no weights another channel count is still refused by name. (It reached the
+    renorm buffers: "The size of tensor a (6) must match the size of tensor b (5)" from deep inside.)"""
+    layer = normkit.BatchNorm(5, affine=False, renorm=True)
+    layer.running_mean = layer.running_var = None
+    with pytest.raises(ValueError, match=r"num_features=5 but the input of shape \(8, 6, 4\) has 6 features"):
+        layer(torch.randn(8, 6, 4))
+    assert layer(torch.randn(8, 5, 4)).shape == (8, 5, 4)  # (the layer's own count works)
+
+
 def test_features_last_into_a_drop_in_class_names_the_layer_that_takes_them():
     """(N, L, C) data into BatchNorm1d(C): the drop-in classes refuse axis=..., so the message names normkit.BatchNorm."""
     with pytest.raises(ValueError, match=r"num_features=10; BatchNorm1d normalizes axis 1 only.*"

@@ -652,8 +652,8 @@ class BatchNorm(_NormBase):
         eval, and in training when tracking). Without any (affine=False, and track_running_stats=False in training
         or the buffers set to None) torch.nn's layer normalizes any number of channels, so normkit's does too."""
         weight, bias = _affine_of(self)
-        if weight is not None or bias is not None:
-            return True
+        if weight is not None or bias is not None or (self.renorm and training):
+            return True  # (renorm's own statistics are read in training whatever the running ones are)
         uses_buffers = not training or self.track_running_stats
         return uses_buffers and (_buffer_of(self, "running_mean") is not None
                                  or _buffer_of(self, "running_var") is not None)
