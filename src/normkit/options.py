@@ -279,7 +279,7 @@ REGULARIZERS = {"l1": lambda: L1(), "l2": lambda: L2(), "l1_l2": lambda: L1L2(0.
 
 
 def resolve_regularizer(regularizer, *, name: str):
-    """None, ``"l1"``/``"l2"``/``"l1_l2"`` (factor 0.01, as Keras), ``"l1l2"`` (Keras 3: factors 0), Keras' serialized dict, or a callable ``weight -> scalar``."""
+    """None, ``"l1"``/``"l2"`` (factor 0.01, as Keras), ``"l1_l2"`` (tf.keras': 0.01 each; Keras 3 refuses the name), ``"l1l2"`` (Keras 3: factors 0), Keras' serialized dict, or a callable ``weight -> scalar``."""
     return _resolve("regularizer", regularizer, REGULARIZERS, "callable(weight) -> scalar tensor", name=name)
 
 
