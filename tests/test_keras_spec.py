@@ -1075,6 +1075,27 @@ def test_names_are_case_sensitive_as_in_keras(option, value, exact):
     BatchNormalization(**{option: exact})
 
 
+@pytest.mark.parametrize("alias, class_name, config", [
+    ("zero", "Zeros", {}), ("one", "Ones", {}),
+    ("uniform", "RandomUniform", {"minval": -0.05, "maxval": 0.05, "seed": None}),
+    ("normal", "RandomNormal", {"mean": 0.0, "stddev": 0.05, "seed": None}),
+])
+def test_keras_3_s_short_initializer_aliases(alias, class_name, config, rng):
+    """Keras 3 also takes "zero", "one", "uniform" and "normal" (keras.initializers.get gives these classes and
+    configs, recorded from Keras 3.15): the same initializers here, written back as Keras' classes."""
+    layer = BatchNormalization(gamma_initializer=alias)
+    layer.build((2, 20000))
+    assert layer.keras_config()["gamma_initializer"]["class_name"] == class_name
+    assert layer.keras_config()["gamma_initializer"]["config"] == config
+    gamma = layer.gamma.detach().numpy()
+    if class_name in ("Zeros", "Ones"):
+        np.testing.assert_array_equal(gamma, np.full_like(gamma, 1.0 if class_name == "Ones" else 0.0))
+    elif class_name == "RandomUniform":
+        assert gamma.min() >= -0.05 and gamma.max() <= 0.05 and abs(gamma.std() - 0.1 / np.sqrt(12)) < 1e-3
+    else:
+        assert abs(gamma.mean()) < 2e-3 and abs(gamma.std() - 0.05) < 1e-3
+
+
 def test_l1l2_by_keras_3_s_name_has_factors_zero():
     """Keras 3's "l1l2" is its L1L2 class with the defaults l1 = l2 = 0 (get_config {'l1': 0.0, 'l2': 0.0}); tf.keras'
     "l1_l2" is 0.01 and 0.01."""

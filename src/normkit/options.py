@@ -175,11 +175,14 @@ _DEFAULT_DRAWS = {"random_normal": RandomNormal(), "random_uniform": RandomUnifo
                   "glorot_uniform": GlorotUniform(), "glorot_normal": GlorotNormal(),
                   "lecun_uniform": LecunUniform(), "lecun_normal": LecunNormal(),
                   "he_uniform": HeUniform(), "he_normal": HeNormal()}
+# Keras 3's short aliases: "zero", "one", "uniform" (RandomUniform) and "normal" (RandomNormal).
+_ALIASES = {"zero": "zeros", "one": "ones", "uniform": "random_uniform", "normal": "random_normal"}
 INITIALIZERS: dict[str, Callable] = {
     "zeros": lambda t: t.zero_(),
     "ones": lambda t: t.fill_(1.0),
     **{name: draw.fill_ for name, draw in _DEFAULT_DRAWS.items()},
 }
+INITIALIZERS.update({alias: INITIALIZERS[name] for alias, name in _ALIASES.items()})
 
 
 def _case_hint(value: str, names) -> str:
@@ -383,6 +386,7 @@ _KERAS_NAMES = {
     "initializer": {"zeros": ("Zeros", {}), "ones": ("Ones", {}),
                     **{name: draw.keras_config() for name, draw in _DEFAULT_DRAWS.items()}},
 }
+_KERAS_NAMES["initializer"].update({alias: _KERAS_NAMES["initializer"][name] for alias, name in _ALIASES.items()})
 
 
 def from_keras_object(kind: str, serialized: dict, *, name: str):
