@@ -1080,7 +1080,7 @@ def test_names_are_case_sensitive_as_in_keras(option, value, exact):
     ("uniform", "RandomUniform", {"minval": -0.05, "maxval": 0.05, "seed": None}),
     ("normal", "RandomNormal", {"mean": 0.0, "stddev": 0.05, "seed": None}),
 ])
-def test_keras_3_s_short_initializer_aliases(alias, class_name, config, rng):
+def test_keras_3_s_short_initializer_aliases(alias, class_name, config):
     """Keras 3 also takes "zero", "one", "uniform" and "normal" (keras.initializers.get gives these classes and
     configs, recorded from Keras 3.15): the same initializers here, written back as Keras' classes."""
     layer = BatchNormalization(gamma_initializer=alias)
