@@ -1004,6 +1004,61 @@ def test_integer_inputs_are_cast_to_the_layer_dtype(dtype):
     torch.testing.assert_close(y, floats(x.float(), training=True), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("as_array", [False, True])
+@pytest.mark.parametrize("policy,dtype", [("mixed_float16", torch.float16), ("mixed_bfloat16", torch.bfloat16),
+                                          ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_integer_inputs_keep_float32_math_under_half_policies(policy, dtype, as_array):
+    """Keras computes integer inputs in float32 whatever the policy (its result_type with float32) and rounds only
+    the output and the stored statistics. normkit cast them to the half compute dtype first, rounding every integer
+    above 256 (bfloat16) or 2048 (float16): a bfloat16 layer saw 2051, 2053, 2055 as one value, variance 0 (found
+    by a differential fuzz against Keras 3.15.1)."""
+    from normkit import reference as R
+
+    x = np.array([[2049, 2051], [2301, 2053], [2101, 2055]])
+    gamma, beta = np.array([1.5, -0.5], np.float32), np.array([0.25, 1.0], np.float32)  # (exact in half)
+    layer = BatchNormalization(momentum=0.0, epsilon=1e-3, dtype=policy)
+    layer.build((3, 2))
+    layer.set_weights([gamma, beta, np.zeros(2, np.float32), np.ones(2, np.float32)])
+    y = layer(x if as_array else torch.tensor(x), training=True)
+    assert y.dtype == dtype
+    # Keras 3.15.1's moving means (torch backend): the exact means in float32, rounded to the variables' dtype.
+    keras_means = {"mixed_float16": [2150.333251953125, 2053.0], "mixed_bfloat16": [2150.333251953125, 2053.0],
+                   "float16": [2150.0, 2052.0], "bfloat16": [2144.0, 2048.0]}[policy]
+    np.testing.assert_array_equal(np.asarray(layer.get_weights()[2], dtype=np.float32), np.float32(keras_means))
+    # Output and variance against the float64 reference on the integers themselves (Keras' own variance is
+    # the one-pass E[x^2] - E[x]^2 in float32: 2.5 for the second column, not 8/3, the documented difference).
+    expected = R.batch_norm(x.astype(np.float64), np.zeros(2), np.ones(2), gamma.astype(np.float64),
+                            beta.astype(np.float64), training=True, eps=1e-3, axis=-1)
+    ulp = torch.finfo(dtype).eps
+    np.testing.assert_allclose(npy(y.double()), expected, rtol=ulp, atol=ulp)
+    variables = layer.moving_variance.dtype
+    np.testing.assert_allclose(npy(layer.moving_variance.double()), x.var(axis=0),
+                               rtol=torch.finfo(variables).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make", [lambda: BatchNormalization(momentum=0.5, dtype="float64"),
+                                  lambda: BatchNormalization(momentum=0.5).double()], ids=["policy", "double"])
+def test_half_input_to_a_float64_layer_computes_in_float64(dtype, make):
+    """A float16/bfloat16 input to a float64 layer raised a TypeError (the half-input path widened it to float32,
+    which met the float64 weights; found by a differential fuzz against Keras 3.15.1, which takes it). Now it
+    computes in float64 and returns the input's dtype, normkit's rule for half inputs to a full-precision layer."""
+    rng = np.random.default_rng(11)
+    x = torch.tensor(rng.normal(size=(4, 3)) * 2 + 1).to(dtype)
+    g = torch.tensor(rng.normal(size=(4, 3)), dtype=torch.float32)
+    layer = make()
+    layer.build((4, 3))
+    _half_step_against_reference(layer, x, g, dtype, np.ones(3), np.zeros(3), np.ones(3), 1e-3)
+    assert layer.moving_mean.dtype == torch.float64
+    seen = x.double().numpy()
+    np.testing.assert_allclose(npy(layer.moving_mean), 0.5 * seen.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(npy(layer.moving_variance), 0.5 + 0.5 * seen.var(axis=0), rtol=1e-12)
+    y = layer(x, training=False)
+    assert y.dtype == dtype
+    expected = (seen - npy(layer.moving_mean)) / np.sqrt(npy(layer.moving_variance) + 1e-3)
+    np.testing.assert_allclose(npy(y.double()), expected, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+
+
 def test_bfloat16_weights_travel_as_keras_arrays():
     layer = BatchNormalization(dtype=torch.bfloat16)
     layer.build((8, 3))

@@ -569,7 +569,12 @@ class BatchNormalization(nn.Module):
             # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).
             built = self.bn.running_mean if self.bn is not None else None
             dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
-            inputs = torch.as_tensor(_from_numpy(inputs), dtype=dtype or torch.get_default_dtype(),
+            array = _from_numpy(inputs)
+            if array.dtype.kind in "biu":
+                dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
+            elif dtype is None:
+                dtype = torch.get_default_dtype()
+            inputs = torch.as_tensor(array, dtype=dtype,
                                      device=built.device if built is not None else self._factory["device"])
         bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
         if bn is None:
@@ -583,7 +588,12 @@ class BatchNormalization(nn.Module):
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
         stored = bn._buffers["running_mean"].dtype
-        if self._compute_dtype is not None and self._compute_dtype != stored:
+        if not inputs.is_floating_point():
+            # Keras computes integer and bool inputs in float32 (its result_type with float32) whatever the policy;
+            # cast to a half-precision compute dtype first, every integer above 256 (bfloat16) or 2048 (float16)
+            # was rounded before the statistics. A float64 layer takes them in float64, as its float inputs.
+            inputs = inputs.to(torch.float64 if torch.float64 in (stored, self._compute_dtype) else torch.float32)
+        elif self._compute_dtype is not None and self._compute_dtype != stored:
             # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
             # and the output comes in the compute dtype, as in Keras.
             inputs = inputs.to(self._compute_dtype)
@@ -617,11 +627,16 @@ class BatchNormalization(nn.Module):
             if inputs.dtype in LOW_PRECISION:
                 # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
-                # channel amplify: ten times Keras' error in the input gradient.
-                return bn(inputs.float(), mask=mask if mode else None).to(inputs.dtype)
+                # channel amplify: ten times Keras' error in the input gradient. A float64 layer computes in
+                # float64 (inputs.float() met its float64 weights with a TypeError).
+                return bn(inputs.to(stored), mask=mask if mode else None).to(inputs.dtype)
             # The mask by keyword, and only when there is one: a forward pre-hook on bn that returns the input alone
             # (torch's single-value form) replaces the positional arguments, which silently dropped a positional mask.
-            return bn(inputs) if mask is None or not mode else bn(inputs, mask=mask)
+            y = bn(inputs) if mask is None or not mode else bn(inputs, mask=mask)
+            if compute is not None and compute != stored:
+                # integer inputs under a mixed policy: float32 math, the output in the compute dtype (as Keras)
+                return y.to(compute)
+            return y
         finally:
             if switched:
                 bn.training = previous
@@ -661,7 +676,9 @@ class BatchNormalization(nn.Module):
         compute = self._compute_dtype or stored  # (Keras rounds the input to the compute dtype, then widens it)
         widened = {name: tensor.to(math) for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
                    if tensor.dtype == stored}
-        y = torch.func.functional_call(self.bn, widened, (inputs.to(compute).to(math),), {"mask": mask})
+        # (an input already in ``math`` is an integer one, which Keras computes in float32 unrounded)
+        seen = inputs if inputs.dtype == math else inputs.to(compute).to(math)
+        y = torch.func.functional_call(self.bn, widened, (seen,), {"mask": mask})
         with torch.no_grad():
             for name, buffer in self.bn.named_buffers():
                 if name in widened:
