@@ -152,6 +152,9 @@ def test_layer_norm_shape_mismatch():
     # NaN passes every comparison as False: it clipped nothing, silently (Keras' output is NaN)
     (dict(renorm=True, renorm_clipping={"rmax": float("nan")}), "rmax is NaN"),
     (dict(renorm=True, renorm_clipping={"dmax": lambda step: float("nan")}), "dmax is NaN"),
+    # float() took strings and bools: a config's "2" or True loaded as a bound (found by a fuzz against Keras 3.15.1)
+    (dict(renorm=True, renorm_clipping={"rmax": "2"}), r"\['rmax'\] must be a number"),
+    (dict(renorm=True, renorm_clipping={"dmax": True}), r"\['dmax'\] must be a number"),
     (dict(renorm=True, track_running_stats=False), "renorm=True needs running statistics"),
     (dict(weight_initializer="nope"), "weight_initializer='nope' is not a known initializer"),
     (dict(weight_regularizer="l3"), "weight_regularizer='l3' is not a known regularizer"),

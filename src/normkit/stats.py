@@ -149,6 +149,9 @@ class RenormClipping:
         for key in ("rmin", "rmax", "dmax"):
             value = getattr(self, key)
             value = value(step) if callable(value) else value
+            if isinstance(value, (str, bytes, bool)):
+                # (float() took "2" and True: a typo'd config loaded silently, where momentum="0.1" is refused)
+                raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}")
             try:
                 values.append(float(value))
             except (TypeError, ValueError):
