@@ -120,6 +120,25 @@ def _copy_of_grouped_model(rank):
     return {"shared": shared, "trained": trained, "original": model.state_dict(), "fold": fold}
 
 
+# Float32 data at mean 1e4, std 1e-2 (name: (local batch sizes per step, layer options, with a mask)). The second
+# plain step leaves process 0 empty after a step that recentered it.
+FAR_CASES = {"plain": (((3, 5), (0, 8)), {}, False), "masked_ghosts": (((4, 4), (4, 4)), {"virtual_batch_size": 2}, True)}
+
+
+def _far_data(sizes, step):
+    x, g, mask = _data(sizes, step)
+    return (x * 5e-3 + 1e4).float(), g.float(), mask
+
+
+def _far_from_zero(rank):
+    results = {}
+    for name, (steps, options, masked) in FAR_CASES.items():
+        batches = [_local(_far_data(sizes, step)[:2] + (_far_data(sizes, step)[2] if masked else None,), sizes, rank)
+                   for step, sizes in enumerate(steps)]
+        results[name] = _train(_layer(options, synchronized=True).float(), batches)
+    return results
+
+
 def _local(batch, sizes, rank):
     start = sum(sizes[:rank])
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
@@ -187,6 +206,7 @@ def _worker(rank, world_size, init_file, out_dir):
         results["eval_local"] = _layer({}, synchronized=True, track_running_stats=False).eval()(x)
         results["copy"] = _copy_of_grouped_model(rank)
         results["penalty"] = _gradient_penalty(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
+        results["far"] = _far_from_zero(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
@@ -284,6 +304,28 @@ def test_a_deep_copy_of_a_model_synchronized_over_a_group_shares_the_group(ranks
         folded, unfolded, names = r["copy"]["fold"]
         assert names == ["1"]
         torch.testing.assert_close(folded, unfolded)
+
+
+@pytest.mark.parametrize("name", list(FAR_CASES))
+def test_float32_far_from_zero_is_as_exact_as_one_process(ranks, name):
+    """Float32 data at mean 1e4, std 1e-2: the outputs and gradients are those of float64 on the same values to
+    float32's precision, as one process's are (it recenters). Synchronized layers did not recenter, and the merged mean,
+    known only to an ulp of the data (1e-3 here), put 5e-2 into the outputs and 1e0 into the input gradients."""
+    steps, options, masked = FAR_CASES[name]
+    if "virtual_batch_size" in options:
+        options = {**options, "virtual_batch_size": options["virtual_batch_size"] * 2}
+    batches = [tuple(t.double() if t is not None and t.is_floating_point() else t for t in _far_data(sizes, step)[:2]
+                     + (_far_data(sizes, step)[2] if masked else None,))
+               for step, sizes in enumerate(steps)]
+    outputs, grads, state = _train(_layer(options), batches)  # float64
+    for step in range(len(steps)):
+        got = torch.cat([r["far"][name][0][step] for r in ranks]).double()
+        torch.testing.assert_close(got, outputs[step], rtol=1e-5, atol=1e-5, msg=f"output {step}")
+        got = torch.cat([r["far"][name][1][step] for r in ranks]).double()
+        torch.testing.assert_close(got, grads[step], rtol=1e-5, atol=1e-3, msg=f"grad {step}")
+    for r in ranks:
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(r["far"][name][2][key].double(), state[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
 def test_eval_never_synchronizes(ranks):

@@ -767,9 +767,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     gradient (``_MaskedNormalize``) for masks that vary along the features or meet ghost
     batches, and plain autograd with an adjustment (whose scale may itself be trained).
 
-    ``moments_fn(view, reduce_axes, mask_view) -> (count, mean, var)`` replaces ``moments``:
-    ``distributed.sync_batch_norm`` passes statistics over every process's batch. Its counts
-    are then not the local ones, and autograd differentiates through it.
+    ``moments_fn(view, reduce_axes, mask_view, shift) -> (count, mean, var)`` replaces ``moments``:
+    ``distributed.sync_batch_norm`` passes statistics over every process's batch (the mean about
+    this process's centre ``shift``, None when not recentered). Its counts are then not the local
+    ones, and autograd differentiates through it.
     """
     out_dtype = x.dtype
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
@@ -786,12 +787,13 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     view, mask_view, reduce_axes, ghost_axis = batch_statistics_view(x, feature_axes, mask, virtual_batch_size,
                                                                      ghost_layout)
     shift = None
-    if recenter and moments_fn is None:
+    if recenter and (moments_fn is None or view.numel()):
         # Float32 data far from zero: its mean is known only to an ulp of the data, a sizeable fraction of the
         # spread, and every statistic and normalized value inherits that error. About a per-feature centre
         # within an ulp of the mean the residuals are exact (Sterbenz) and so are their statistics; BN is shift
-        # invariant, so the output and the gradients are the same function. (Synchronized statistics merge
-        # their processes' moments, whose centres would differ: they keep theirs.)
+        # invariant, so the output and the gradients are the same function. (Synchronized statistics: each
+        # process has its own centre, which moments_fn takes along to merge the moments about it; an empty
+        # local batch has none, and ATen's statistics refuse it.)
         # (residuals in the statistics' dtype: half-precision ones would be rounded again)
         # With ghost batches, a centre per ghost batch: each is normalized by its own mean, and ghosts whose means
         # lie far apart (1e4) left residuals as large as the data about one centre per feature.
@@ -803,7 +805,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
                             x.shape, virtual_batch_size=virtual_batch_size)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
-        count, mean, var = (moments_fn or moments)(view, reduce_axes, mask_view)
+        count, mean, var = (moments(view, reduce_axes, mask_view) if moments_fn is None
+                            else moments_fn(view, reduce_axes, mask_view, shift))
     with torch.no_grad():
         # (the mean that leaves the layer is the data's, not the residuals': each ghost's centre added back)
         data_mean = mean.detach() if shift is None else mean.detach() + shift
