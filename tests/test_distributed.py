@@ -157,6 +157,9 @@ def _refusals(rank):
         "mask": lambda: _layer({}, synchronized=True)(
             torch.randn(4, FEATURES, 3, dtype=torch.float64), mask=torch.ones(4, 3 + bad, dtype=torch.bool)),
         "keras_rank": lambda: keras(torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
+        # An unbuilt layer whose first call cannot build (axis 2 of a rank-2 input) while the peer's builds and merges.
+        "keras_build": lambda: normkit.keras.BatchNormalization(axis=2, synchronized=True)(
+            torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
     }
     return errors_of(calls)
 
@@ -361,7 +364,8 @@ def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_
     waiting in the merge, gets a ValueError at once. Before, process 0 waited for the group's timeout (30 minutes
     by default) or its collective paired with process 1's next one and merged statistics of another call."""
     own = {"features": "num_features=4 but", "ghost": "virtual_batch_size=2 must divide",
-           "mask": "mask of shape (4, 4) cannot broadcast", "keras_rank": "was built for inputs of rank 3"}
+           "mask": "mask of shape (4, 4) cannot broadcast", "keras_rank": "was built for inputs of rank 3",
+           "keras_build": "axis=2 is out of range"}
     for name, text in own.items():
         assert refusing_ranks[1]["refusals"][name] is not None and text in refusing_ranks[1]["refusals"][name], name
         error = refusing_ranks[0]["refusals"][name]

@@ -578,7 +578,13 @@ class BatchNormalization(nn.Module):
                                      device=built.device if built is not None else self._factory["device"])
         bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
         if bn is None:
-            self._build_on_first_call(inputs)
+            try:
+                self._build_on_first_call(inputs)
+            except Exception:
+                # (the peers, built by their own first call, wait in the merge for this one: told, they raise at once
+                # instead of waiting for the group's timeout, after which gloo had closed the group's connections)
+                self._refuse_with_peers(training, inputs)
+                raise
             bn = self._modules["bn"]
         elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
             # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
@@ -657,9 +663,16 @@ class BatchNormalization(nn.Module):
         self._refuse_with_peers(True)
         raise ValueError(message)
 
-    def _refuse_with_peers(self, training: Optional[bool]) -> None:
+    def _refuse_with_peers(self, training: Optional[bool], inputs=None) -> None:
         """Before refusing an input: a synchronized training call's peers are told (BatchNorm._refuse_with_peers)."""
-        self.bn._refuse_with_peers(self.training if training is None else bool(training))
+        mode = self.training if training is None else bool(training)
+        if self.bn is not None:
+            self.bn._refuse_with_peers(mode)
+        elif self.synchronized and mode and self._trainable and not torch.compiler.is_compiling():
+            # (a first call that could not build: no inner layer yet, whose training call would have merged)
+            from . import distributed
+            device = inputs.device if isinstance(inputs, torch.Tensor) else self._factory["device"] or "cpu"
+            distributed.refuse_with_peers(self.process_group, torch.device(device))
 
     def _forward_widened(self, inputs: torch.Tensor, mask: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
         """A call whose math runs in ``math`` rather than the variables' dtype, as Keras computes it: a layer with
