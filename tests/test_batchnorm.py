@@ -146,6 +146,38 @@ def test_channels_last_input_matches_torch_nn(memory_format, rng):
     assert ya.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"unbiased_running_var": False}],
+                         ids=["plain", "renorm", "biased"])
+# (N, L, C) data permuted and unsqueezed to (N, C, L, 1), and the like: channels_last memory whose size-1 dims
+# have other strides than channels_last's, on which torch 2.13's CPU batch-norm backward (torch.nn's too) read
+# the gradient in another memory format than the input and returned wrong input and weight gradients
+@pytest.mark.parametrize("shape, order", [((4, 3, 5, 1), (0, 2, 1, 3)), ((4, 3, 1, 2), (0, 3, 1, 2)),
+                                          ((4, 3, 2, 1, 2), (0, 2, 4, 1, 3))])
+def test_channels_last_input_with_odd_strides_on_size_one_dims_has_the_reference_gradients(shape, order, options,
+                                                                                            training, rng):
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+    # the values of x_np stored in the axis order ``order`` (strides of size-1 dims as that order gives them)
+    x = torch.tensor(np.ascontiguousarray(x_np.transpose(order))).permute(tuple(order.index(a) for a in range(len(shape))))
+    assert x.is_contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    assert torch.equal(x, torch.tensor(x_np))
+    leaf = x.requires_grad_()
+    layer = normkit.BatchNorm(3, dtype=torch.float64, **options).train(training)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    y = layer(leaf)
+    y.backward(torch.tensor(g_np))
+    renorm = {"renorm_mean": np.zeros(3), "renorm_stddev": np.ones(3)} if options.get("renorm") and training else {}
+    grads = R.batch_norm_backward(g_np, x_np, np.zeros(3), np.ones(3), [0.5, 1.0, 1.5], np.zeros(3), training,
+                                  1e-5, **renorm)
+    assert_close(y, R.batch_norm(x_np, np.zeros(3), np.ones(3), [0.5, 1.0, 1.5], np.zeros(3), training, 0.1, 1e-5,
+                                 unbiased_running_var=options.get("unbiased_running_var", True),
+                                 moving_stddev=np.ones(3) if renorm else None, **renorm))
+    assert_close(leaf.grad, grads[0])
+    assert_close(layer.weight.grad, grads[1])
+    assert_close(layer.bias.grad, grads[2])
+
+
 def test_axis_last_on_nhwc_equals_axis_one_on_nchw(rng):
     x = torch.tensor(rng.normal(size=(4, 6, 5, 3)), dtype=torch.float64)
     last, first = normkit.BatchNorm(3, axis=-1).double(), normkit.BatchNorm(3, axis=1).double()

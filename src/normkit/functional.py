@@ -223,6 +223,21 @@ def sample_per_feature(x, feature_axes):
 # Features-last tensors of rank 4 and 5 seen as channels_last NCHW / NCDHW, which ATen has kernels for.
 _FEATURES_FIRST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 _FEATURES_LAST = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def canonical_channels_last(x):
+    """``x``, or, for a channels_last input one of whose size-1 dims has another stride than channels_last's own
+    (say ``(N, L, C)`` data permuted and unsqueezed to ``(N, C, L, 1)``: strides ``(L*C, 1, C, 1)``), the same
+    values as a free view with channels_last's strides. On such an input torch 2.13's CPU batch-norm backward,
+    training and eval alike (torch.nn's layers too), returns a wrong input and weight gradient: it reads the
+    input in one memory format and the gradient in another. The values are the same; only the strides of
+    size-1 dims, which address nothing, change."""
+    if (x.dim() not in _CHANNELS_LAST or 1 not in x.shape or x.is_contiguous()
+            or not x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()])):
+        return x
+    last = x.permute(_FEATURES_LAST[x.dim()])  # (dense in this order: the flat view is free)
+    return last.reshape(-1).view(last.shape).permute(_FEATURES_FIRST[x.dim()])
 
 
 def _channels_view(x, feature_axes):

@@ -838,6 +838,10 @@ class BatchNorm(_NormBase):
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
+        if (isinstance(input, torch.Tensor) and input.dim() >= 4 and 1 in input.shape
+                and (torch.compiler.is_compiling() or not _under_vmap(input))):  # (vmap: no memory formats)
+            # ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong gradients.
+            input = F.canonical_channels_last(input)
         if ((self._plain or (self._plain_eval and (not self.training or self.frozen))) and mask is None
                 and not self._recenter and not torch.compiler.is_compiling()):  # (compiled graphs: recentered path)
             return self._forward_plain(input)
