@@ -155,6 +155,31 @@ def test_composite_paths_stay_exact_far_from_zero(options, mask_shape):
     np.testing.assert_allclose(to_numpy(layer.running_mean), state["running_mean"], rtol=1e-7)
 
 
+@pytest.mark.parametrize("options, mask_shape", [
+    ({}, None), ({"virtual_batch_size": 4}, None), ({}, (16, 1, 6)), ({}, (16, 3, 6)),
+    ({"virtual_batch_size": 4}, (16, 1, 6)),
+], ids=["renorm", "ghost", "padding mask", "feature-varying mask", "ghost + mask"])
+def test_renorm_correction_stays_exact_far_from_zero_once_its_statistics_follow_the_data(options, mask_shape,
+                                                                                          execution):
+    """float32 data with mean 1e4 and std 1e-2, a step after renorm's averages have caught up with it: d =
+    (batch mean - renorm mean) / renorm stddev is of order 1. The batch mean in float32 is known only to an ulp of
+    the data (1e-3), which d carried into every output (1e-2 off at eps 1e-3) on ATen's paths; the fused kernel,
+    computing in double, did not."""
+    torch.manual_seed(0)
+    layer = normkit.BatchNorm(3, eps=1e-3, renorm=True, renorm_momentum=1.0, **options)
+    names = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev")
+    for step in range(2):
+        x = (torch.randn(16, 3, 6, dtype=torch.float64) * 1e-2 + 1e4).float()
+        mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+        state = {name: to_numpy(getattr(layer, name)).copy() for name in names}
+        y = layer(x, mask=mask)
+    expected = R.batch_norm(x.double().numpy(), state.pop("running_mean"), state.pop("running_var"), np.ones(3),
+                            np.zeros(3), True, 0.1, layer.eps, axis=1, mask=None if mask is None else mask.numpy(),
+                            virtual_batch_size=options.get("virtual_batch_size"), renorm_momentum=1.0, **state)
+    assert np.abs(expected).max() < 10  # (d of order 1: the renorm mean follows the data)
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["ghost batches + mask", "adjustment"])
 def test_input_gradient_at_a_huge_spread_matches_the_reference(path):
     """float32 data with std 1e15 through the masked closed-form gradient (ghost batches with a mask) and

@@ -465,7 +465,8 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     r = d = batch_std = None
     if renorm_mean is not None:
         batch_std = torch.add(var, eps).sqrt_()
-        r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev), renorm_clipping)
+        from_mean, to_mean = _mean_from(batch_mean, renorm_mean, center, mean, 1)
+        r, d = _renorm_factors(from_mean, batch_std, eps, to_mean, _flat(renorm_stddev), renorm_clipping)
     scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
     scale, offset = _in_dtype(scale, dtype), _in_dtype(offset, dtype)  # (half-precision parameters: compute in float32)
     y = _MaskedRowsBatchNorm.apply(rows, valid_rows, padded_rows, scale, offset, mean, var, eps)
@@ -544,8 +545,8 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         batch_mean, batch_var = _combine_groups(mean, var, groups, center)
         if renorm_mean is not None:
             batch_std = torch.add(batch_var, eps).sqrt_()
-            r, d = _renorm_factors(batch_mean, batch_std, eps, _flat(renorm_mean), _flat(renorm_stddev),
-                                   renorm_clipping)
+            from_mean, to_mean = _mean_from(batch_mean, renorm_mean, center, mean, groups)
+            r, d = _renorm_factors(from_mean, batch_std, eps, to_mean, _flat(renorm_stddev), renorm_clipping)
         # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
         # forward-mode AD refuse it: there ATen's kernel serves)
         if (channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting()
@@ -577,6 +578,18 @@ def _repeat_groups(param, groups):
     if torch.compiler.is_compiling():
         return param.repeat(groups)  # (a list of G copies would fix G in the graph: one graph per batch size)
     return param if groups == 1 else torch.cat([param] * groups)
+
+
+def _mean_from(batch_mean, renorm_mean, center, mean, groups):
+    """(batch mean, renorm mean) for renorm's ``d = (batch_mean - renorm_mean) / stddev``; recentered, (the
+    residuals' mean, renorm_mean - center) instead: the same difference, but the batch mean of float32 data far
+    from zero is known only to an ulp of the data (1e-3 at 1e4, a tenth of a spread of 1e-2), which d carried
+    into every output, while centre and renorm mean lie within a factor 2 of each other, so their difference is
+    exact (Sterbenz)."""
+    if center is None:
+        return batch_mean, _flat(renorm_mean)
+    return (_combine_groups(mean, mean, groups, None)[0],
+            _combine_groups(_repeat_groups(_flat(renorm_mean), groups) - center.reshape(-1), mean, groups, None)[0])
 
 
 def _combine_groups(mean, var, groups, center):
@@ -829,8 +842,17 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                                                                 equal_counts=local_counts)
         r = d = None
         if renorm_mean is not None:
-            r, d = renorm_correction(batch_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
-                                     renorm_mean.reshape(param_shape), renorm_stddev.reshape(param_shape),
+            from_mean, to_mean = batch_mean, renorm_mean
+            if shift is not None:
+                # (d from the residuals' mean and renorm_mean - centre: see _mean_from)
+                renorm_in_view = renorm_mean.reshape(param_shape)
+                renorm_in_view = renorm_in_view if ghost_axis is None else renorm_in_view.unsqueeze(0)
+                from_mean = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
+                                                     equal_counts=local_counts)[1]
+                to_mean = combine_ghost_statistics(count.detach(), (renorm_in_view - shift).expand_as(mean),
+                                                   var.detach(), ghost_axis, equal_counts=local_counts)[1]
+            r, d = renorm_correction(from_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
+                                     to_mean.reshape(param_shape), renorm_stddev.reshape(param_shape),
                                      renorm_clipping)
     view_param = (lambda p: None if p is None else (p.reshape(param_shape) if ghost_axis is None
                                                      else p.reshape(param_shape).unsqueeze(0)))
