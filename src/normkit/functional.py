@@ -849,8 +849,10 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                 renorm_in_view = renorm_in_view if ghost_axis is None else renorm_in_view.unsqueeze(0)
                 from_mean = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
                                                      equal_counts=local_counts)[1]
-                to_mean = combine_ghost_statistics(count.detach(), (renorm_in_view - shift).expand_as(mean),
-                                                   var.detach(), ghost_axis, equal_counts=local_counts)[1]
+                seen, to_mean = combine_ghost_statistics(count.detach(), (renorm_in_view - shift).expand_as(mean),
+                                                         var.detach(), ghost_axis, equal_counts=local_counts)[:2]
+                # (a feature no ghost saw has batch mean 0, so d = -renorm_mean / stddev, as without the centre)
+                to_mean = torch.where(seen > 0, to_mean, renorm_in_view)
             r, d = renorm_correction(from_mean.reshape(param_shape), batch_var.reshape(param_shape), eps,
                                      to_mean.reshape(param_shape), renorm_stddev.reshape(param_shape),
                                      renorm_clipping)
