@@ -186,6 +186,27 @@ def test_renorm_correction_stays_exact_far_from_zero_once_its_statistics_follow_
                                mask[:, -1].any() else 0.1)
 
 
+@pytest.mark.parametrize("mode", ["eval", "frozen"])
+@pytest.mark.parametrize("options, mask_shape", [({}, None), ({"axis": -1}, None), ({}, (16, 1, 6)),
+                                                 ({"axis": (1, 2)}, None)],
+                         ids=["plain", "axis -1", "padding mask", "two axes"])
+def test_batch_statistics_out_of_training_stay_exact_far_from_zero(options, mask_shape, mode, execution):
+    """A layer without running statistics normalizes by the batch's in eval and frozen too, before it ever
+    trained: float32 data with mean 1e4 and std 1e-2 lost its variance there (outputs 1e-1 off) because only
+    training steps checked whether to recenter."""
+    torch.manual_seed(0)
+    shape = (16, 6, 3) if options.get("axis") == -1 else (16, 3, 6)
+    features = (3, 6) if options.get("axis") == (1, 2) else 3
+    layer = normkit.BatchNorm(features, track_running_stats=False, **options)
+    layer.freeze() if mode == "frozen" else layer.eval()
+    x = (torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e4).float()
+    mask = None if mask_shape is None else torch.rand(mask_shape) > 0.3
+    y = layer(x, mask=mask)
+    expected = R.batch_norm(x.double().numpy(), None, None, np.ones(features), np.zeros(features), True,
+                            axis=options.get("axis", 1), mask=None if mask is None else mask.numpy())
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["ghost batches + mask", "adjustment"])
 def test_input_gradient_at_a_huge_spread_matches_the_reference(path):
     """float32 data with std 1e15 through the masked closed-form gradient (ghost batches with a mask) and

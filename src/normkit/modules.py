@@ -782,6 +782,12 @@ class BatchNorm(_NormBase):
         batch_stats = training or running_mean is None
         if batch_stats and not training and not self._plain:
             return self._forward_options(input, None)  # (options' batch statistics out of training: their path)
+        if batch_stats and not training and self._recenter_check_due():
+            # Batch statistics out of training (no running statistics) lose float32 variance far from zero as
+            # training's do: the same check, so a layer that has not trained yet (or is frozen) recenters too.
+            self._update_recenter(channels, (1,))
+            if self._recenter:
+                return self._forward_options(input, None)
         if batch_stats and channels.numel() <= channels.shape[1]:  # (the input's channels: see _feature_axes)
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
@@ -953,7 +959,7 @@ class BatchNorm(_NormBase):
             feature_axes = self._feature_axes(input, training)
             if mask is not None:
                 mask = self._expand_mask(mask, input, feature_axes)
-            if training and self._recenter_check_due():
+            if (training or self.running_mean is None) and self._recenter_check_due():  # (batch statistics)
                 self._update_recenter(input, feature_axes, mask)
             virtual = self.virtual_batch_size if training else None
             if virtual is not None:
