@@ -717,12 +717,16 @@ class BatchNorm(_NormBase):
                 mean, var = mean.squeeze(reduce_axes), var.squeeze(reduce_axes)
                 high = torch.where(valid, values, -math.inf)
                 low = torch.where(valid, values, math.inf)
-            far = mean.abs() > self.RECENTER_RATIO * var.sqrt()
-            if bool(far.any()):
-                # A constant channel is far from zero by this measure but loses nothing in ATen's kernel
-                # (its variance is 0 either way): only channels that vary call for the recentered path.
-                varies = high.amax(dim=reduce_axes) != low.amin(dim=reduce_axes)
-                far &= varies
+            # A constant channel is far from zero by this measure but loses nothing in ATen's kernel (its
+            # variance is 0 either way): only channels that vary call for the recentered path.
+            varies = high.amax(dim=reduce_axes) > low.amin(dim=reduce_axes)  # (fully masked: -inf > inf, no)
+            if not bool(varies.any()):
+                # Nothing here varies (constant or fully masked channels): the batch says nothing about the data,
+                # so the check is due again next call (held for 1000, a first constant batch kept the layer off
+                # the recentered path for the varying data after it: variance 1e-2 off at mean 1e4, std 1e-2).
+                self._steps_to_recenter_check = 0
+                return
+            far = (mean.abs() > self.RECENTER_RATIO * var.sqrt()) & varies
             self._recenter = bool(far.any())
 
     def _is_plain(self, unbiased_running_var: bool = True) -> bool:
