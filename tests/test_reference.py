@@ -338,3 +338,37 @@ def test_a_ghost_with_a_single_valid_value_stores_its_biased_variance():
     from normkit.stats import bessel_factor
     np.testing.assert_allclose(bessel_factor(np.array([0.0, 1.0, 2.0, 5.0])), [1.0, 1.0, 2.0, 1.25])
     assert [bessel_factor(n) for n in (0, 1, 2, 5)] == [1.0, 1.0, 2.0, 1.25]
+
+
+@pytest.mark.parametrize("virtual_batch_size", [None, 3], ids=["whole_batch", "ghost"])
+def test_masked_positions_holding_nan_or_inf_do_not_reach_the_statistics(virtual_batch_size, rng):
+    """Padding may hold anything (NaN, inf): a masked position must not count, as Keras' where(mask, x, 0).
+
+    The statistics were taken as sum(mask * x) and sum(mask * (x - mean)^2), and 0 * NaN (or 0 * inf) is NaN:
+    one NaN pad made the whole channel's statistics, the valid outputs and the running buffers NaN.
+    """
+    x = rng.normal(size=(6, 3, 5)) * 2 + 1
+    mask = (rng.uniform(size=(6, 1, 5)) < 0.7).astype(float)
+    mask[:, :, 0] = 1.0  # every ghost batch sees a valid value
+    mask[0, 0, 1] = mask[1, 0, 2] = mask[2, 0, 3] = 0.0
+    padded = x.copy()
+    padded[0, :, 1], padded[1, :, 2], padded[2, :, 3] = np.nan, np.inf, -np.inf
+    valid = np.broadcast_to(mask, x.shape) > 0
+    results = []
+    for data in (padded, np.where(valid, x, 0.0)):
+        running_mean, running_var = np.zeros(3), np.ones(3)
+        y = R.batch_norm(data, running_mean, running_var, None, None, True, 0.1, 1e-3, axis=1, mask=mask,
+                         virtual_batch_size=virtual_batch_size)
+        assert np.isfinite(y[valid]).all() and np.isfinite(running_mean).all() and np.isfinite(running_var).all()
+        results.append((y[valid], running_mean, running_var))
+    for ours, clean in zip(results[0], results[1]):
+        np.testing.assert_allclose(ours, clean, rtol=1e-12, atol=1e-12)
+    if virtual_batch_size is None:
+        # closed form on the valid values alone
+        values = [x[:, c][valid[:, c]] for c in range(3)]
+        mean, var = np.array([v.mean() for v in values]), np.array([v.var() for v in values])
+        counts = np.array([v.size for v in values])
+        np.testing.assert_allclose(results[0][1], 0.1 * mean, rtol=1e-12)
+        np.testing.assert_allclose(results[0][2], 0.9 + 0.1 * var * counts / (counts - 1), rtol=1e-12)
+        expected = ((x - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-3))[valid]
+        np.testing.assert_allclose(results[0][0], expected, rtol=1e-12)

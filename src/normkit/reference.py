@@ -47,9 +47,10 @@ def moments(x, reduce_axes, mask=None):
         \\sigma^2 = \\frac{1}{n}\\sum_R w\\,(x-\\mu)^2
 
     ``mask`` (broadcastable to ``x``; True/1 = valid) weights the positions; without it
-    every position counts. Two passes (mean first, then squared deviations) keep the
-    variance accurate when the mean is large compared to the spread. A group with no
-    valid position gets mean 0 and variance 0 (never NaN).
+    every position counts; a masked position's value never enters (NaN or inf padding
+    included). Two passes (mean first, then squared deviations) keep the variance accurate
+    when the mean is large compared to the spread. A group with no valid position gets
+    mean 0 and variance 0 (never NaN).
     """
     x = np.asarray(x, dtype=np.float64)
     if mask is None:
@@ -60,8 +61,10 @@ def moments(x, reduce_axes, mask=None):
     weights = np.broadcast_to(np.asarray(mask, dtype=np.float64), x.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
     safe_count = np.where(count > 0, count, 1.0)
-    mean = (weights * x).sum(axis=reduce_axes, keepdims=True) / safe_count
-    var = (weights * (x - mean) ** 2).sum(axis=reduce_axes, keepdims=True) / safe_count
+    # where, not a product: a masked position may hold NaN or inf (padding), and 0 * NaN is NaN
+    valid = weights != 0
+    mean = (weights * np.where(valid, x, 0.0)).sum(axis=reduce_axes, keepdims=True) / safe_count
+    var = (weights * np.where(valid, x - mean, 0.0) ** 2).sum(axis=reduce_axes, keepdims=True) / safe_count
     return count, mean, var
 
 
