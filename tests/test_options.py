@@ -653,3 +653,44 @@ def test_fully_masked_batch_gradients_are_the_reference_s(rng):
     expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], w, b, True, 0.1, 1e-2, axis=-1,
                             mask=mask[..., None])
     assert_training_step(layer, y, x.grad, expected, grads, state)
+
+
+@pytest.mark.parametrize("padding", [float("nan"), float("inf")])
+@pytest.mark.parametrize("options", [
+    {"virtual_batch_size": 3}, {"virtual_batch_size": 3, "ghost_layout": "contiguous"}, {"adjustment": "ones"},
+    {"features_vary": True},
+], ids=["ghost strided", "ghost contiguous", "adjustment", "mask along the features"])
+def test_nan_or_inf_in_padding_stays_out_of_the_composite_paths_statistics(padding, options, rng):
+    """The composite masked paths (ghost batches with a mask, an adjustment, a mask that varies along the features)
+    weighed padded positions by 0, and 0 * NaN is NaN: every statistic of the channel, its valid outputs and its
+    running buffers became NaN. Now as the reference (and the padding-mask path): the valid outputs and the
+    buffers are those of the same data with any other padding value."""
+    options = dict(options)
+    varies = options.pop("features_vary", False)
+    if options.pop("adjustment", None):
+        options["adjustment"] = lambda shape: (torch.full(shape, 1.5, dtype=torch.float64),
+                                               torch.full(shape, 0.25, dtype=torch.float64))
+    x = rng.normal(size=(6, 3, 5)) * 2 + 1
+    mask = rng.uniform(size=(6, 3, 5) if varies else (6, 1, 5)) > 0.3
+    mask[0, :, 0] = False
+    x[0, :, 0] = padding
+    layer = normkit.BatchNorm(3, axis=1, momentum=0.5, **options).double()
+    y = layer(torch.tensor(x), mask=torch.tensor(mask if varies else mask[:, 0]))
+    reference_options = {key: value for key, value in options.items() if key != "adjustment"}
+    if "adjustment" in options:
+        reference_options["adjustment"] = lambda shape: (np.full(shape, 1.5), np.full(shape, 0.25))
+    running_mean, running_var = np.zeros(3), np.ones(3)  # (the reference moves them in place)
+    expected = R.batch_norm(x, running_mean, running_var, np.ones(3), np.zeros(3), True, 0.5, 1e-5, axis=1,
+                            mask=mask, **reference_options)
+    valid = np.broadcast_to(mask, x.shape)
+    out = to_numpy(y)
+    assert np.isfinite(out[valid]).all()
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(layer.running_mean), running_mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(to_numpy(layer.running_var), running_var, rtol=1e-12, atol=1e-14)
+    clean = np.where(valid, x, 0.0)
+    twin = normkit.BatchNorm(3, axis=1, momentum=0.5, **options).double()
+    twin(torch.tensor(clean), mask=torch.tensor(mask if varies else mask[:, 0]))
+    for name in ("running_mean", "running_var"):
+        assert torch.isfinite(getattr(layer, name)).all()
+        torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=1e-12, atol=1e-14)

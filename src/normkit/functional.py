@@ -151,8 +151,10 @@ def moments(x, reduce_axes, mask=None):
     weights = mask.to(x.dtype).expand(x.shape)
     count = weights.sum(dim=reduce_axes, keepdim=True)
     safe_count = torch.where(count > 0, count, torch.ones_like(count))
-    mean = (weights * x).sum(dim=reduce_axes, keepdim=True) / safe_count
-    var = (weights * (x - mean).square()).sum(dim=reduce_axes, keepdim=True) / safe_count
+    # where, not a product alone: a masked position may hold NaN or inf (padding), and 0 * NaN is NaN
+    valid = weights != 0
+    mean = (weights * torch.where(valid, x, 0.0)).sum(dim=reduce_axes, keepdim=True) / safe_count
+    var = (weights * torch.where(valid, x - mean, 0.0).square()).sum(dim=reduce_axes, keepdim=True) / safe_count
     return count, mean, var
 
 
