@@ -26,6 +26,7 @@ writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -305,14 +306,19 @@ class BatchNormalization(nn.Module):
                 self._factory["device"] = probe.device
         return super()._apply(fn, *args, **kwargs)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # (an unbuilt layer's state_dict is empty, as before: the pending parameters hold nothing to save)
+    @contextlib.contextmanager
+    def _pending_set_aside(self):
+        """The pending parameters out of ``_parameters`` for the duration: they hold nothing to save or load."""
         pending = {attribute: self._parameters.pop(attribute) for attribute, _, _ in self._PENDING
                    if attribute in self._parameters}
         try:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
+            yield
         finally:
             self._parameters.update(pending)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        with self._pending_set_aside():  # (an unbuilt layer's state_dict is empty, as before)
+            super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @property
     def built(self) -> bool:
@@ -390,13 +396,9 @@ class BatchNormalization(nn.Module):
                          state_dict[key].device)
         # Still unbuilt: the pending parameters are not in any state_dict (_save_to_state_dict leaves them out), so
         # they are not missing from one either (an unbuilt model's own state_dict failed to load strictly).
-        pending = {attribute: self._parameters.pop(attribute) for attribute, _, _ in self._PENDING
-                   if attribute in self._parameters}
-        try:
+        with self._pending_set_aside():
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
-        finally:
-            self._parameters.update(pending)
 
     # -- Keras vocabulary ---------------------------------------------------------------------------
 
