@@ -686,7 +686,8 @@ class BatchNorm(_NormBase):
     RECENTER_RATIO = 1e3
 
     def _update_recenter(self, input: torch.Tensor, feature_axes, mask: Optional[torch.Tensor] = None) -> None:
-        """Decide (on the first training step, then every 1000) whether the data sits far from zero.
+        """Decide (on the first batch-statistics call, then every 1000; again on the next call when no channel of
+        this batch varies) whether the data sits far from zero.
 
         ATen's CPU kernel loses the variance of float32 data whose |mean| exceeds ~1e5 std; such
         data is a property of the source, so a periodic check costs nothing per step and lets
