@@ -401,6 +401,26 @@ def test_half_precision_layer_with_a_mask_matches_reference(dtype, options, mask
     assert_close(layer.running_var, running_var, dtype)
 
 
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 4}, {"momentum": None}],
+                         ids=["padding", "ghost", "cumulative"])
+def test_a_float16_running_variance_past_its_range_stays_infinite(options):
+    """A variance beyond float16's 65504 is inf in a half buffer. torch.nn's buffer then stays inf at later steps;
+    so must a masked (composite) update's, rather than turn NaN (a blend b + w (t - b) gives inf - inf)."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, generator=generator) * 3e3).half()  # variance ~1e7, values within float16
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[-1] = False
+    layer = normkit.BatchNorm(3, **options).half()
+    plain = torch.nn.BatchNorm1d(3, momentum=options.get("momentum", 0.1)).half()
+    for step in range(3):
+        batch = x if step == 0 else x / 1000
+        layer(batch, mask=mask)
+        plain(batch[:-1])
+    assert torch.isinf(plain.running_var).all()  # the premise: torch.nn keeps inf
+    assert torch.isinf(layer.running_var).all()
+    assert_close(layer.running_mean, to_numpy(plain.running_mean.float()), torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, layout", [((64, 8, 8, 8), "contiguous"), ((32, 3, 16, 16, 2), "contiguous"),
                                            ((64, 4, 8, 8), "channels_last"), ((16, 4, 32, 32), "contiguous"),

@@ -699,11 +699,12 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
         if not isinstance(weight, (int, float)):
             weight = [weight.float() if low else weight] * len(buffers)
         if low:
-            # Half-precision buffers: blend in float32 and round once (as Keras does), not the target and again the blend.
-            wide = [b.float() for b in buffers]
-            torch._foreach_lerp_(wide, [t.float().view(shape) for t in targets], weight)
-            for buffer, value in zip(buffers, wide):
-                buffer.copy_(value)
+            # Half-precision buffers: blend in float32 and round once (as Keras does), not the target and again the
+            # blend. Written (1 - w) b + w t, not lerp's b + w (t - b): a variance past float16's range is inf in its
+            # buffer, and stays inf (as torch.nn's does) instead of becoming inf - inf = NaN at the next step.
+            weights = weight if isinstance(weight, list) else [weight] * len(buffers)
+            for buffer, target, w in zip(buffers, targets, weights):
+                buffer.copy_(buffer.float().mul(1 - w).add_(target.float().view(shape).mul(w)))
             return
         torch._foreach_lerp_(buffers, [cast(t) for t in targets], weight)
 
