@@ -1,6 +1,8 @@
 """normkit: batch normalization done completely for PyTorch (public API only)."""
 
 from . import functional, reference, registry
+from .lazy import (LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, LazyInstanceNorm1d,
+                   LazyInstanceNorm2d, LazyInstanceNorm3d)
 from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d, LayerNorm)
 from .options import apply_constraints, constrain_after_step, regularization_loss
@@ -11,7 +13,8 @@ from .tools import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, reca
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
-           "InstanceNorm2d", "InstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
+           "InstanceNorm2d", "InstanceNorm3d", "LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d", "regularization_loss", "apply_constraints", "constrain_after_step",
            "recalibrate_running_stats", "convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm",
            "freeze_batch_norm", "unfreeze_batch_norm", "create_norm", "functional", "reference", "registry", "keras"]
 

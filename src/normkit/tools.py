@@ -31,8 +31,10 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm", "freeze_batch_norm",
@@ -70,7 +72,7 @@ def _refuse_unbuilt(model: nn.Module, caller: str, norms_only: bool) -> None:
     keras = _keras_module()
     unbuilt = []
     for name, module in model.named_modules():
-        lazy = (isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+        lazy = (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
                 and (isinstance(module, _BN_TYPES) or not norms_only))
         if lazy or (keras is not None and isinstance(module, keras.BatchNormalization) and module.bn is None):
             unbuilt.append(f"{_label(name)} ({type(module).__name__})")
@@ -241,8 +243,11 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
 # ----------------------------------------------------------------------------- conversion
 
 # Exact classes: a user's subclass may override forward, so it is never swapped silently.
-_TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-_TO_TORCH = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
+# Lazy layers not yet sized convert to their lazy counterparts (they are sized by their first input as before).
+_TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+               nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+               nn.LazyBatchNorm3d: LazyBatchNorm3d}
+_TO_TORCH = {normkit: torch_class for torch_class, normkit in _TO_NORMKIT.items()}
 _TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -279,9 +284,17 @@ def _factory(layer: nn.Module) -> dict:
 
 def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
     """A ``cls`` layer with ``layer``'s settings holding ``layer``'s own tensors (as convert_sync_batchnorm does)."""
-    new = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+    lazy = issubclass(cls, LazyModuleMixin)
+    size = () if lazy else (layer.num_features,)
+    new = cls(*size, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
               track_running_stats=layer.track_running_stats, bias=layer.bias is not None or not layer.affine,
               **_factory(layer))
+    if lazy:
+        # The old layer's sizing hook would size it, not the new one: it goes, and the new layer's own hook runs
+        # before the carried ones (a lazy layer sizes itself before any hook sees it).
+        layer._initialize_hook.remove()
+        layer._load_hook.remove()
+        new._initialize_hook.remove()
     with torch.no_grad():
         for name in ("weight", "bias"):
             new.register_parameter(name, layer._parameters.get(name))
@@ -291,6 +304,8 @@ def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
     for name, value in vars(layer).items():
         if (name.startswith(("_forward_", "_backward_")) and "hook" in name) or name == "_is_full_backward_hook":
             setattr(new, name, value)
+    if lazy:
+        new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
     return new.train(layer.training)
 
 
@@ -322,8 +337,9 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
     before the conversion still removes its hook); state_dict hooks are not carried.
 
-    Only these exact classes are converted: subclasses (which may override ``forward``), lazy
-    layers and every other module are left as they are. normkit's
+    Only these exact classes are converted, and torch.nn's ``LazyBatchNorm1d/2d/3d`` to and from
+    normkit's (a layer not sized yet stays lazy, sized by its first input); subclasses (which may
+    override ``forward``) and every other module are left as they are. normkit's
     initializers act at construction and ``reset_parameters()`` only, so they are not carried.
 
     Raises:
@@ -432,8 +448,9 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
 
     Raises:
         ValueError: ``model`` has no batch-normalization layer, or a subclass of a torch.nn BN class
-            (it may override ``forward``: replace it by hand) or a lazy one (run one batch through
-            the model first). The message names the layers; nothing is changed.
+            (it may override ``forward``: replace it by hand). The message names the layers; nothing
+            is changed. (torch.nn's lazy BN layers become normkit's, synchronized, as convert_batch_norm
+            makes them.)
         TypeError: ``model`` is not a torch.nn.Module.
     """
     layers, _ = _normkit_layers(model, "synchronize_batch_norm")  # (a Keras wrapper passes the options on)
@@ -445,9 +462,8 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
             refused.append(f"{_label(name)} ({type(module).__name__})")
     if refused:
         raise ValueError("synchronize_batch_norm: " + ", ".join(refused) + " derive from torch.nn's batch norm but are "
-                         "not torch.nn's own classes (a subclass may compute something else; a lazy layer has no "
-                         "size yet): nothing was changed. Replace them with normkit layers (synchronized=True), or "
-                         "run one batch through the model first for lazy layers")
+                         "not torch.nn's own classes (a subclass may compute something else): nothing was changed. "
+                         "Replace them with normkit layers (synchronized=True)")
     if not layers and not targets:
         raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
                          "to synchronize")

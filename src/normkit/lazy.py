@@ -1,0 +1,201 @@
+"""Lazy layers, sized by their first input: the drop-ins for torch.nn's LazyBatchNorm*d and LazyInstanceNorm*d.
+
+Each is its eager class behind torch's lazy-module protocol (``torch.nn.modules.lazy.LazyModuleMixin``):
+built with a placeholder size, so every option is checked as the eager constructor checks it, and with its
+feature-sized tensors (weight, bias, running statistics, renorm state) swapped for uninitialized ones. The
+first forward sizes them from the input's feature axes and applies the initializers, then the layer becomes
+its eager class (``cls_to_become``), as torch.nn's lazy layers do. A state_dict loaded before that sizes them
+too. Two corners where torch.nn's lazy layers go wrong are right here: after loading a state_dict,
+``num_features`` is the loaded size (torch.nn's stays 0), and an unbatched InstanceNorm input ``(C, *S)``
+gives ``num_features=C`` (torch.nn's reads ``S[0]``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
+
+from .axes import canonicalize_axes
+from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
+                      InstanceNorm3d)
+
+__all__ = ["LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d",
+           "LazyInstanceNorm2d", "LazyInstanceNorm3d"]
+
+
+class _LazyNorm(LazyModuleMixin):
+    """What the lazy layers share: the swap to uninitialized tensors and the sizing from an input or a state_dict."""
+
+    cls_to_become: Optional[type] = None
+
+    def _make_lazy(self) -> None:
+        # num_features 0 until sized, as torch.nn's lazy layers show it.
+        del self.__dict__["_placeholder"]
+        self.num_features = 0
+        for name, tensor in self._parameters.items():
+            if tensor is not None:
+                self._parameters[name] = UninitializedParameter(tensor.requires_grad, device=tensor.device,
+                                                                dtype=tensor.dtype)
+        for name, tensor in self._buffers.items():
+            if tensor is not None and name != "num_batches_tracked":  # (a count: it has no feature size)
+                self._buffers[name] = UninitializedBuffer(device=tensor.device, dtype=tensor.dtype)
+
+    def _sized_tensors(self):
+        return [tensor for _, tensor in itertools.chain(self._parameters.items(), self._buffers.items())
+                if tensor is not None and (is_lazy(tensor) or tensor.dim() > 0)]
+
+    def _begin_placeholder(self) -> None:
+        # Before nn.Module.__init__ (which keeps it): the eager constructor's resets must not draw from torch's
+        # generator for placeholder tensors, or building a lazy layer would shift every later random draw.
+        object.__setattr__(self, "_placeholder", True)
+
+    def _unsized(self) -> bool:
+        return self.__dict__.get("_placeholder", False) or self.has_uninitialized_params()
+
+    def reset_parameters(self) -> None:
+        # (nothing to reset before the tensors have a size; the first forward applies the initializers)
+        if not self._unsized():
+            super().reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if not self._unsized():
+            super().reset_running_stats()
+
+    def initialize_parameters(self, input, *args, **kwargs) -> None:
+        """Size every feature-sized tensor from ``input`` (torch's lazy protocol calls this before the first
+        forward) and apply the initializers; a layer sized by a loaded state_dict keeps the loaded size."""
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(input).__name__}")
+        self._check_input_rank(input)
+        shape = self._feature_shape(input)
+        if self.has_uninitialized_params():
+            with torch.no_grad():
+                for tensor in self._sized_tensors():
+                    if is_lazy(tensor):
+                        tensor.materialize(shape)
+            self.num_features = self._num_features_of(shape)
+            self.reset_parameters()
+        elif not self._size_from_loaded_tensors():
+            # No feature-sized tensor at all (affine=False, no running statistics): the input says the size.
+            self.num_features = self._num_features_of(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not self.has_uninitialized_params():
+            self._size_from_loaded_tensors()
+
+    def _size_from_loaded_tensors(self) -> bool:
+        sized = [tensor for tensor in self._sized_tensors() if not is_lazy(tensor)]
+        if sized:
+            self.num_features = self._num_features_of(tuple(sized[0].shape))
+        return bool(sized)
+
+    # Each family says where its features are.
+    def _check_input_rank(self, input: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _feature_shape(self, input: torch.Tensor) -> tuple:
+        raise NotImplementedError
+
+    def _num_features_of(self, shape: tuple):
+        raise NotImplementedError
+
+
+class _LazyBatchNormBase(_LazyNorm):
+    def _check_input_rank(self, input: torch.Tensor) -> None:
+        self._check_input_dim(input)
+
+    def _feature_shape(self, input: torch.Tensor) -> tuple:
+        return tuple(input.shape[axis] for axis in canonicalize_axes(self.axis, input.dim()))
+
+    def _num_features_of(self, shape: tuple):
+        # Several feature axes give one size per axis (BatchNorm's tuple num_features); one axis an int.
+        return shape if isinstance(self.axis, tuple) else shape[0]
+
+
+class LazyBatchNorm(_LazyBatchNormBase, BatchNorm):
+    """``normkit.BatchNorm`` whose ``num_features`` is read from the first input's feature ``axis`` (one size per
+    axis when ``axis`` is a tuple). Takes BatchNorm's arguments but ``num_features``; becomes a BatchNorm."""
+
+    cls_to_become = BatchNorm
+
+    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **options):
+        axis = options.get("axis", 1)
+        placeholder = (1,) * len(axis) if isinstance(axis, (tuple, list)) else 1
+        self._begin_placeholder()
+        super().__init__(placeholder, eps, momentum, affine, track_running_stats, device, dtype, **options)
+        self._make_lazy()
+
+
+class _LazyBatchNormNd(_LazyBatchNormBase):
+    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **options):
+        self._begin_placeholder()
+        super().__init__(1, eps, momentum, affine, track_running_stats, device, dtype, **options)
+        self._make_lazy()
+
+
+class LazyBatchNorm1d(_LazyBatchNormNd, BatchNorm1d):
+    """A drop-in for torch.nn.LazyBatchNorm1d: normkit.BatchNorm1d sized by its first input; becomes one."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNormNd, BatchNorm2d):
+    """A drop-in for torch.nn.LazyBatchNorm2d: normkit.BatchNorm2d sized by its first input; becomes one."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNormNd, BatchNorm3d):
+    """A drop-in for torch.nn.LazyBatchNorm3d: normkit.BatchNorm3d sized by its first input; becomes one."""
+
+    cls_to_become = BatchNorm3d
+
+
+class _LazyInstanceNorm(_LazyNorm):
+    # affine and track_running_stats default to True, as torch.nn's lazy instance norms' constructors have it
+    # (their docstrings say False; the eager InstanceNorm*d's defaults are False): a drop-in keeps the behaviour.
+    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
+        self._begin_placeholder()
+        super().__init__(1, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._make_lazy()
+
+    def _check_input_rank(self, input: torch.Tensor) -> None:
+        batched = self._spatial_dims + 2
+        if input.dim() not in (batched - 1, batched):
+            raise ValueError(f"expected {batched - 1}D (unbatched) or {batched}D (batched) input "
+                             f"(got {input.dim()}D input) for {type(self).__name__}")
+
+    def _feature_shape(self, input: torch.Tensor) -> tuple:
+        # Channels are axis 1 of a batch (N, C, *S) and axis 0 of one unbatched sample (C, *S).
+        return (input.shape[1 if input.dim() == self._spatial_dims + 2 else 0],)
+
+    def _num_features_of(self, shape: tuple):
+        return shape[0]
+
+
+class LazyInstanceNorm1d(_LazyInstanceNorm, InstanceNorm1d):
+    """A drop-in for torch.nn.LazyInstanceNorm1d: normkit.InstanceNorm1d sized by its first input; becomes one."""
+
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(_LazyInstanceNorm, InstanceNorm2d):
+    """A drop-in for torch.nn.LazyInstanceNorm2d: normkit.InstanceNorm2d sized by its first input; becomes one."""
+
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(_LazyInstanceNorm, InstanceNorm3d):
+    """A drop-in for torch.nn.LazyInstanceNorm3d: normkit.InstanceNorm3d sized by its first input; becomes one."""
+
+    cls_to_become = InstanceNorm3d

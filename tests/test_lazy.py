@@ -1,0 +1,157 @@
+"""normkit's lazy layers against torch.nn's (the oracle) and against normkit's eager layers of the size they infer."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normkit
+from normkit import reference as R
+
+from oracle import assert_close, assert_same_training_steps, to_numpy
+
+PAIRS = [("LazyBatchNorm1d", (6, 3)), ("LazyBatchNorm1d", (6, 3, 4)), ("LazyBatchNorm2d", (4, 3, 5, 2)),
+         ("LazyBatchNorm3d", (4, 3, 2, 3, 2)), ("LazyInstanceNorm1d", (4, 3, 5)),
+         ("LazyInstanceNorm2d", (4, 3, 5, 2)), ("LazyInstanceNorm3d", (2, 3, 2, 3, 2))]
+SETTINGS = [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}, {"bias": False},
+            {"affine": False, "track_running_stats": False}]
+
+
+def _torch_lazy(name, **kwargs):
+    with warnings.catch_warnings():
+        # (torch.nn's lazy instance norm without any sized tensor keeps num_features=0 and warns on every call)
+        warnings.simplefilter("ignore")
+        return getattr(nn, name)(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted({name for name, _ in PAIRS}))
+def test_constructors_take_torch_nn_arguments_and_defaults(name):
+    ours, theirs = inspect.signature(getattr(normkit, name)), inspect.signature(getattr(nn, name))
+    ours_defaults = {p.name: p.default for p in ours.parameters.values() if p.kind is not p.VAR_KEYWORD}
+    theirs_defaults = {p.name: p.default for p in theirs.parameters.values()}
+    # (BatchNorm's keyword-only options, bias among them, pass through **options)
+    assert {k: v for k, v in theirs_defaults.items() if k != "bias" or "bias" in ours_defaults} == ours_defaults
+
+
+@pytest.mark.parametrize("name,shape", PAIRS, ids=[f"{n}-{len(s)}d" for n, s in PAIRS])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+def test_training_and_eval_match_torch_nn(name, shape, settings, rng):
+    """Three training steps and an eval call: outputs, gradients and the whole state_dict equal torch.nn's lazy
+    layer's; both become their eager class with the input's channel count."""
+    ours = getattr(normkit, name)(dtype=torch.float64, **settings)
+    theirs = _torch_lazy(name, dtype=torch.float64, **settings)
+    assert ours.num_features == 0 and ours.has_uninitialized_params() == theirs.has_uninitialized_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.nn's instance norm without sized tensors, as above)
+        assert_same_training_steps(ours, theirs, shape, rng)
+        x = torch.tensor(rng.normal(size=shape))
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-12, atol=1e-12)
+    eager = getattr(normkit, name.removeprefix("Lazy"))
+    assert type(ours) is eager and type(theirs) is getattr(nn, name.removeprefix("Lazy"))
+    assert ours.num_features == shape[1]
+    assert not hasattr(ours, "_initialize_hook") and not ours._forward_pre_hooks
+
+
+def test_an_unbatched_instance_norm_input_gives_its_channels(rng):
+    """(C, L) has C channels: the layer is InstanceNorm1d(C), equal to the eager one (torch.nn's lazy layer reads
+    L here, and then fails on the next batched input)."""
+    x = torch.tensor(rng.normal(size=(3, 7)))
+    lazy = normkit.LazyInstanceNorm1d(dtype=torch.float64)
+    eager = normkit.InstanceNorm1d(3, affine=True, track_running_stats=True, dtype=torch.float64)
+    torch.testing.assert_close(lazy(x), eager(x), rtol=1e-12, atol=1e-12)
+    assert lazy.num_features == 3 and lazy.weight.shape == (3,)
+    torch.testing.assert_close(lazy.running_var, eager.running_var, rtol=1e-12, atol=1e-12)
+    lazy(torch.tensor(rng.normal(size=(2, 3, 7))))  # then a batch of the same channels
+
+
+@pytest.mark.parametrize("options,shape", [
+    ({"axis": -1}, (6, 4, 5)), ({"axis": (1, 2)}, (6, 3, 4, 2)), ({"renorm": True}, (8, 3)),
+    ({"virtual_batch_size": 2, "weight_initializer": "he_normal", "running_var_initializer": "zeros"}, (8, 3, 2)),
+    ({"unbiased_running_var": False, "momentum": None}, (5, 3)),
+], ids=["axis-1", "axis-tuple", "renorm", "ghost-initializers", "keras-variance"])
+def test_lazy_batch_norm_equals_the_eager_layer_of_the_inferred_size(options, shape, rng):
+    """Every option of normkit.BatchNorm: the lazy layer, once sized, is BatchNorm(num_features, **options)
+    (initializers applied at sizing, from the same seed), step after step."""
+    axes = options.get("axis", 1)
+    sizes = tuple(shape[a] for a in ((axes,) if isinstance(axes, int) else axes))
+    torch.manual_seed(3)
+    lazy = normkit.LazyBatchNorm(dtype=torch.float64, **options)
+    x = torch.tensor(rng.normal(size=shape))
+    lazy(x.clone())  # sized here: its initializers draw now
+    torch.manual_seed(3)
+    eager = normkit.BatchNorm(sizes if isinstance(axes, tuple) else sizes[0], dtype=torch.float64, **options)
+    eager(x.clone())
+    assert type(lazy) is normkit.BatchNorm and lazy.num_features == eager.num_features
+    assert_same_training_steps(lazy, eager, shape, rng)
+
+
+def test_the_first_step_matches_the_reference(rng):
+    """One training step of a lazy BatchNorm2d against the float64 NumPy reference."""
+    x = torch.tensor(rng.normal(size=(4, 3, 2, 2)) * 2 + 1, requires_grad=True)
+    layer = normkit.LazyBatchNorm2d(dtype=torch.float64)
+    y = layer(x)
+    mean, var = torch.zeros(3, dtype=torch.float64).numpy(), torch.ones(3, dtype=torch.float64).numpy()
+    expected = R.batch_norm(to_numpy(x), mean, var, to_numpy(layer.weight), to_numpy(layer.bias), True, 0.1, 1e-5)
+    assert_close(y, expected)
+    assert_close(layer.running_mean, mean)
+    assert_close(layer.running_var, var)
+
+
+def test_a_loaded_state_dict_sizes_the_layer_before_its_first_call(rng):
+    """A torch.nn.BatchNorm2d checkpoint loaded into a lazy layer: num_features is its size at once (torch.nn's lazy
+    layer says 0 until it is called) and the layer then computes what torch.nn's loaded layer does."""
+    source = nn.BatchNorm2d(3, dtype=torch.float64)
+    source(torch.tensor(rng.normal(size=(4, 3, 2, 2)) + 2))
+    lazy = normkit.LazyBatchNorm2d(dtype=torch.float64)
+    assert lazy.load_state_dict(source.state_dict())
+    assert lazy.num_features == 3 and "LazyBatchNorm2d(3," in repr(lazy)
+    assert_same_training_steps(lazy, source, (4, 3, 2, 2), rng)
+    assert type(lazy) is normkit.BatchNorm2d
+
+
+def test_a_wrong_rank_is_refused_before_anything_is_sized():
+    layer = normkit.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 2D input\) for LazyBatchNorm2d"):
+        layer(torch.randn(4, 3))
+    assert layer.num_features == 0 and layer.has_uninitialized_params()
+    layer(torch.randn(4, 3, 2, 2))
+    assert layer.num_features == 3
+    with pytest.raises(ValueError, match=r"expected 2D \(unbatched\) or 3D \(batched\) input"):
+        normkit.LazyInstanceNorm1d()(torch.randn(4, 3, 2, 2))
+    with pytest.raises(TypeError, match="expects a tensor input"):
+        normkit.LazyBatchNorm1d()([1.0, 2.0])
+
+
+def test_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match="axis 1"):
+        normkit.LazyBatchNorm2d(axis=-1)
+    with pytest.raises(ValueError, match="eps"):
+        normkit.LazyBatchNorm(eps=0)
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        normkit.LazyBatchNorm(virtual_batch_size=0)
+
+
+def test_convert_carries_lazy_layers_both_ways(rng):
+    """A model with torch.nn's lazy BN, converted before its first call, trains as the unconverted copy; a user's
+    pre-hook sees the layer sized (the sizing hook still runs first); converting back gives torch.nn's lazy layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, dtype=torch.float64), nn.LazyBatchNorm2d(momentum=0.3, dtype=torch.float64))
+    copy = nn.Sequential(nn.Conv2d(3, 3, 1, dtype=torch.float64), nn.LazyBatchNorm2d(momentum=0.3, dtype=torch.float64))
+    copy[0].load_state_dict(model[0].state_dict())
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(module.num_features))
+    normkit.convert_batch_norm(model, "normkit")
+    assert type(model[1]) is normkit.LazyBatchNorm2d
+    assert_same_training_steps(model, copy, (4, 3, 3, 3), rng)
+    assert type(model[1]) is normkit.BatchNorm2d and seen == [3, 3, 3]
+    back = normkit.convert_batch_norm(nn.Sequential(normkit.LazyBatchNorm1d(eps=1e-3)), "torch")
+    assert type(back[0]) is nn.LazyBatchNorm1d and back[0].eps == 1e-3
+    back(torch.randn(5, 4))
+    assert type(back[0]) is nn.BatchNorm1d and back[0].num_features == 4
+
+
+def test_synchronize_makes_torch_lazy_layers_synchronized_normkit_ones():
+    model = normkit.synchronize_batch_norm(nn.Sequential(nn.LazyBatchNorm1d()))
+    assert type(model[0]) is normkit.LazyBatchNorm1d and model[0].synchronized
