@@ -51,18 +51,32 @@ def test_every_batch_norm_with_keras_options_and_weights(recorded):
 
 def test_layers_two_models_deep_are_named_by_their_whole_path():
     """tests/data/keras_bn_nested.keras (tools/keras_nested_model_file.py): a Sequential inside a Sequential inside
-    the model. Each BN is found under its whole path, outer/inner/bn_deep (the innermost level must not drop its
-    outer model's name), with Keras' weights, computing what Keras computed."""
+    the model, and a TimeDistributed(BN). Each BN is found under its whole path, outer/inner/bn_deep (the innermost
+    level must not drop its outer model's name) and steps/bn_steps (the wrapper's name, then the layer's), with
+    Keras' weights, computing what Keras computed."""
     with np.load(DATA / "keras_bn_nested.npz") as arrays:
         nested = dict(arrays)
     layers = load_batch_norms(DATA / "keras_bn_nested.keras")
-    assert list(layers) == ["outer/inner/bn_deep", "outer/bn_mid", "bn_top"]
-    assert [layers[p].momentum for p in layers] == [0.5, 0.6, 0.7] and not layers["outer/bn_mid"].center
+    assert list(layers) == ["outer/inner/bn_deep", "outer/bn_mid", "bn_top", "steps/bn_steps"]
+    assert [layers[p].momentum for p in layers] == [0.5, 0.6, 0.7, 0.8] and not layers["outer/bn_mid"].center
     for path, layer in layers.items():
         for ours, theirs in zip(layer.get_weights(), keras_arrays(nested, path, "weights"), strict=True):
             np.testing.assert_array_equal(ours, theirs)
-        np.testing.assert_allclose(layer(torch.as_tensor(nested[f"{path}/x"]), training=False).detach().numpy(),
-                                   nested[f"{path}/y_infer"], rtol=1e-5, atol=1e-6)
+        if path != "steps/bn_steps":
+            np.testing.assert_allclose(layer(torch.as_tensor(nested[f"{path}/x"]), training=False).detach().numpy(),
+                                       nested[f"{path}/y_infer"], rtol=1e-5, atol=1e-6)
+    # The wrapped layer is built on one time step, as Keras built it; called once per step, as Keras 3's wrapper
+    # calls it, it computes what the wrapper computed on the (N, T, 2) sequences, in training too (statistics
+    # of each step, the moving averages moved once per step).
+    steps = layers["steps/bn_steps"]
+    assert steps.get_build_config()["input_shape"] == [None, 2] and steps.axis == 1
+    x = torch.as_tensor(nested["steps/bn_steps/x"])
+    for training in (False, True):
+        y = torch.stack([steps(x[:, t], training=training) for t in range(x.shape[1])], dim=1)
+        np.testing.assert_allclose(y.detach().numpy(), nested[f"steps/bn_steps/y_{'train' if training else 'infer'}"],
+                                   rtol=1e-5, atol=2e-6)
+    for ours, theirs in zip(steps.get_weights(), keras_arrays(nested, "steps/bn_steps", "after"), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("path", PATHS)

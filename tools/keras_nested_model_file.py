@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""Record a real Keras 3 model with BatchNormalization layers two models deep, for tests/test_keras_files.py.
+"""Record a real Keras 3 model with BatchNormalization layers two models deep and inside TimeDistributed.
 
-``load_batch_norms`` names a layer by its path through the nested models (``outer/inner/bn_deep``); the
-model of tools/keras_model_file.py nests one level only. Run where Keras 3 is installed (torch backend):
+For tests/test_keras_files.py: ``load_batch_norms`` names a layer by its path through the nested models
+(``outer/inner/bn_deep``) and through a wrapper (``steps/bn_steps``); the model of tools/keras_model_file.py
+nests one level only. Run where Keras 3 is installed (torch backend):
 
     KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_nested_model_file.py
 
 Writes tests/data/keras_bn_nested.keras (Keras' own ``model.save`` of a model trained a few steps) and
 tests/data/keras_bn_nested.npz: for every BN layer (key prefix = its path), ``weights_<i>`` as
-``get_weights()`` returns them, ``x`` (a seeded input) and ``y_infer`` (Keras' inference output on ``x``).
+``get_weights()`` returns them, ``x`` (a seeded input) and ``y_infer`` (Keras' inference output on ``x``); for
+the TimeDistributed one, ``x`` is a (batch, time, features) sequence, the outputs are the wrapper's, and
+``y_train`` (its training-mode output: Keras 3 calls the layer once per time step) and ``after_<i>`` (the
+weights after that call) are recorded too.
 """
 
 from __future__ import annotations
@@ -31,8 +35,17 @@ def build_model(keras):
     outer = keras.Sequential([layers.Dense(4, name="dense_mid"), inner,
                               layers.BatchNormalization(name="bn_mid", momentum=0.6, center=False)], name="outer")
     inputs = keras.Input((3,), name="features")
-    outputs = layers.BatchNormalization(name="bn_top", momentum=0.7)(outer(inputs))
-    return keras.Model(inputs, outputs, name="nested")
+    top = layers.BatchNormalization(name="bn_top", momentum=0.7)(outer(inputs))
+    # The wrapped BN sees (N * 2, 2) rows; its axis 1 is axis 2 of the (N, 2, 2) sequence.
+    steps = layers.TimeDistributed(layers.BatchNormalization(name="bn_steps", axis=1, momentum=0.8), name="steps")
+    return keras.Model(inputs, steps(layers.Reshape((2, 2), name="as_steps")(top)), name="nested")
+
+
+def wrapped_batch_norm_layers(model):
+    """(path, wrapper) for every TimeDistributed(BatchNormalization) at the model's top level."""
+    for layer in model.layers:
+        if type(layer).__name__ == "TimeDistributed" and type(layer.layer).__name__ == "BatchNormalization":
+            yield f"{layer.name}/{layer.layer.name}", layer
 
 
 def main() -> int:
@@ -45,7 +58,7 @@ def main() -> int:
     model = build_model(keras)
     model.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
-    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 4)).astype("float32"),
+    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
               batch_size=8, epochs=1, verbose=0)
     model.save(OUT + ".keras")
     arrays = {}
@@ -55,9 +68,18 @@ def main() -> int:
         x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
         arrays[f"{path}/x"] = x
         arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(layer(x, training=False))
+    for path, wrapper in wrapped_batch_norm_layers(model):
+        for index, weight in enumerate(wrapper.layer.get_weights()):
+            arrays[f"{path}/weights_{index}"] = weight
+        x = (rng.normal(size=(5, 3, 2)) * 1.5 + 0.5).astype("float32")
+        arrays[f"{path}/x"] = x
+        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(wrapper(x, training=False))
+        arrays[f"{path}/y_train"] = keras.ops.convert_to_numpy(wrapper(x, training=True))
+        for index, weight in enumerate(wrapper.layer.get_weights()):
+            arrays[f"{path}/after_{index}"] = weight
     np.savez_compressed(OUT + ".npz", **arrays)
-    print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(path for path, _ in batch_norm_layers(model))} "
-          f"(keras {keras.__version__})")
+    paths = [path for path, _ in batch_norm_layers(model)] + [path for path, _ in wrapped_batch_norm_layers(model)]
+    print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(paths)} (keras {keras.__version__})")
     return 0
 
 

@@ -904,18 +904,31 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             continue
         layer_config, name = layer["config"], str(layer["config"].get("name"))
         where = prefix + name
+        wrapped = layer_config.get("layer")
         if layer.get("class_name") == "BatchNormalization":
-            entry = by_name.get(name)
-            if entry is None:
-                raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
-                                 f"{where!r} (the weights file does not match the config)")
-            try:
-                arrays = _read_variables(_subgroup(entry, "vars", h5py), h5py)
-                found[where] = _batch_norm_from_saved(layer_config, layer.get("build_config"), arrays, axis)
-            except Exception as error:  # an untrusted file: whatever is malformed, say where
-                raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
+            _load_saved_batch_norm(layer_config, layer.get("build_config"), by_name.get(name), where, found, path,
+                                   axis, h5py)
+        elif (layer.get("class_name") == "TimeDistributed" and isinstance(wrapped, dict)
+              and wrapped.get("class_name") == "BatchNormalization" and isinstance(wrapped.get("config"), dict)):
+            # The wrapped layer as Keras built it, on one time step's shape: Keras 3's wrapper calls it once per
+            # step (statistics of each step in training), which the loaded layer does when called per step too.
+            where = f"{where}/{wrapped['config'].get('name')}"
+            _load_saved_batch_norm(wrapped["config"], wrapped.get("build_config"),
+                                   _subgroup(by_name.get(name), "layer", h5py), where, found, path, axis, h5py)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py)
+
+
+def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found: dict, path, axis, h5py) -> None:
+    """``found[where]``: the BN layer of ``config`` with the weights of HDF5 group ``entry`` (``entry/vars``)."""
+    if entry is None:
+        raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
+                         f"{where!r} (the weights file does not match the config)")
+    try:
+        arrays = _read_variables(_subgroup(entry, "vars", h5py), h5py)
+        found[where] = _batch_norm_from_saved(config, build_config, arrays, axis)
+    except Exception as error:  # an untrusted file: whatever is malformed, say where
+        raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
 
 
 def _read_variables(variables, h5py) -> list:
