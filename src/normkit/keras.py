@@ -766,8 +766,10 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
 
     Returns ``{path: BatchNormalization}``, built and holding the saved weights (moving statistics
     included), in the order of the model's config; a layer inside a nested model is found under
-    ``"outer/inner"`` (``"block/bn_inner"``). Each is ``from_keras_config`` of the layer's saved
-    config, build config and weights, so it computes what the Keras layer computed.
+    ``"outer/inner"`` (``"block/bn_inner"``), one wrapped in ``TimeDistributed`` under ``"wrapper/layer"``
+    (built on one time step, as Keras built it; Keras 3's wrapper calls it once per step). Each is
+    ``from_keras_config`` of the layer's saved config, build config and weights, so it computes what
+    the Keras layer computed.
 
     ``axis`` moves the feature axis: a channels-last Keras layer (``axis=-1`` on NHWC data) taken with
     ``axis=1`` normalizes the same channels of an NCHW PyTorch model (its build shape is permuted
