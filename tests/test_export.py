@@ -150,3 +150,48 @@ def test_torchscript_scripting_says_what_to_use_instead(name):
         with pytest.raises(TypeError, match=r"torch.jit.script cannot compile .*torch\.export\.export.*torch.jit.trace"):
             torch.jit.script(model)
     assert model[1] is layer  # (the model is left as it was)
+
+
+_TRACED_GROUP_NORM_STEP = """
+import sys, torch, normkit
+example_kind, memory_format, path = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+layer = normkit.GroupNorm(2, 4)
+with torch.no_grad():
+    layer.weight.uniform_(0.5, 2.0), layer.bias.uniform_(-1.0, 1.0)
+shape = (2, 4, 3, 5) if memory_format == torch.channels_last else (2, 4, 3, 2, 5)
+x = torch.randn(shape).contiguous(memory_format=memory_format)  # (data from a loader: no gradient)
+g = torch.randn(shape)
+example = x if example_kind == "the data" else torch.randn(shape).requires_grad_()
+traced = torch.jit.trace(layer, example, check_trace=False)
+y = traced(x)
+y.backward(g)
+torch.save({"state": layer.state_dict(), "x": x, "g": g, "y": y.detach(),
+            "grads": [layer.weight.grad, layer.bias.grad], "x_grad": x.grad}, path)
+"""
+
+
+@pytest.mark.parametrize("memory_format", ["channels_last", "channels_last_3d"])
+@pytest.mark.parametrize("example", ["the data", "contiguous, requiring a gradient"])
+def test_traced_group_norm_trains_its_weights_on_channels_last_data_without_gradient(example, memory_format,
+                                                                                       tmp_path):
+    """A GroupNorm traced for training (torch.jit.trace, weights requiring gradients) and stepped on channels-last
+    data that needs no gradient: the eager layer's workaround for torch 2.13's CPU backward (which ends the process
+    there) is a requires_grad_ that the trace does not record, so the traced backward ended the process too (a
+    segmentation fault; torch.nn's traced GroupNorm's as well). Run in a subprocess, which must survive and give
+    torch.nn's output and the weights' gradients torch.nn computes from the contiguous input."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "step.pt"
+    result = subprocess.run([sys.executable, "-c", _TRACED_GROUP_NORM_STEP, example, memory_format, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the traced step ended with {result.returncode}: {result.stderr[-2000:]}"
+    saved = torch.load(path)
+    theirs = torch.nn.GroupNorm(2, 4)
+    theirs.load_state_dict(saved["state"])
+    y = theirs(saved["x"].contiguous())
+    y.backward(saved["g"])
+    torch.testing.assert_close(saved["y"], y.detach())
+    torch.testing.assert_close(saved["grads"], [theirs.weight.grad, theirs.bias.grad])
+    assert saved["x_grad"] is None

@@ -1112,19 +1112,35 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
     handed over as a detached alias that requires one: torch 2.13's CPU backward for that case ends the process
     (a segmentation fault, torch.nn's GroupNorm included); with the input's gradient computed (then dropped),
     it gives the weights' gradients. Same output, same memory format."""
-    if (not x.requires_grad and x.dim() >= 4 and x.is_cpu and not x.is_contiguous() and torch.is_grad_enabled()
+    if (x.dim() >= 4 and x.is_cpu and (not x.requires_grad or torch.jit.is_tracing())
+            and torch.is_grad_enabled()
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
             and not kernels.transforms_active()):
-        if not torch.compiler.is_compiling():
-            x = x.detach().requires_grad_()
-        else:
-            # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
-            # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the
-            # contiguous input's kernels instead, the output given back in the input's channels-last layout.
-            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            y = torch.group_norm(x.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
-            return y.contiguous(memory_format=layout) if x.is_contiguous(memory_format=layout) else y
+        if torch.jit.is_tracing():
+            # torch.jit.trace records no requires_grad_, so the alias would reach the traced graph without one and
+            # its backward would end the process (torch.nn's traced GroupNorm's too); and the graph serves inputs
+            # other than the example (channels-last data without a gradient after a contiguous or grad-requiring
+            # example), so a trace made for training takes the contiguous input's kernels for every input.
+            return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
+        if not x.is_contiguous():
+            if not torch.compiler.is_compiling():
+                x = x.detach().requires_grad_()
+            else:
+                # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
+                # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the
+                # contiguous input's kernels instead, the output given back in the input's channels-last layout.
+                return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
     return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+
+
+def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
+    """``torch.group_norm`` of the contiguous input, the output given back channels-last where the input is
+    (and not contiguous as well: a tensor whose strides fit both layouts gets ATen's contiguous output)."""
+    y = torch.group_norm(x.contiguous(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if layout is not None and not x.is_contiguous() and x.is_contiguous(memory_format=layout):
+        return y.contiguous(memory_format=layout)
+    return y
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
