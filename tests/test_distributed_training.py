@@ -182,6 +182,40 @@ def _layer_case(name, rank, groups):
     return _steps(layer, [_slice(_layer_data(name, step), start, sizes[rank]) for step in range(STEPS)])
 
 
+# -- float32 data far from zero in the world of 4 -----------------------------------------------------
+
+# name: (local batch sizes of the 4 processes at each step, mask rule). Mean 1e4, std 1e-2; the oracle is float64 on
+# the same float32 values. "one_valid": process 0's single row has one valid position per feature.
+FAR_CASES = {
+    # Process 0 holds nothing: the peers' means (at different centres) merged about zero on it.
+    "empty_process": (((0, 4, 4, 4), (0, 3, 5, 2)), None),
+    # Empty first, then data: its own recentering check had found nothing to look at.
+    "empty_first": (((0, 4, 4, 4), (4, 4, 4, 4)), None),
+    # No spread on process 0 (its check sees none, so it did not recenter), while the union has some.
+    "no_local_spread": (((1, 4, 4, 4), (1, 4, 4, 4)), "one_valid"),
+}
+
+
+def _far_layer_data(name, step):
+    sizes, rule = FAR_CASES[name][0][step], FAR_CASES[name][1]
+    generator = torch.Generator().manual_seed(2000 + 10 * list(FAR_CASES).index(name) + step)
+    shape = (sum(sizes), FEATURES, 4)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-2 + 1e4).float()
+    g = torch.randn(shape, generator=generator, dtype=torch.float64).float()
+    mask = None
+    if rule == "one_valid":
+        mask = torch.rand((shape[0], shape[2]), generator=generator) > 0.3
+        mask[0] = torch.tensor([True, False, False, False])
+    return x, g, mask
+
+
+def _far_case(name, rank):
+    steps = FAR_CASES[name][0]
+    layer = _layer({"momentum": None}, torch.float32, synchronized=True)
+    return _steps(layer, [_slice(_far_layer_data(name, step), sum(sizes[:rank]), sizes[rank])
+                          for step, sizes in enumerate(steps)])
+
+
 # -- what must fail, and what must not communicate ---------------------------------------------------
 
 def _disagreements(rank):
@@ -259,6 +293,8 @@ def _worker(rank, init_file, out_dir):
             results[f"ddp/{name}"] = _ddp_case(name, rank, groups[_group_of(rank)])
         for name in LAYER_CASES:
             results[f"layer/{name}"] = _layer_case(name, rank, groups)
+        for name in FAR_CASES:
+            results[f"far/{name}"] = _far_case(name, rank)
         results["disagreements"] = _disagreements(rank)
         # The world group still works after the refusals (every process raised before the gather).
         results["layer/after_errors"] = _layer_case("uneven_empty", rank, groups)
@@ -336,6 +372,30 @@ def test_layer_statistics_shared_by_the_group_only(ranks, name):
             assert list(r["state"]) == list(expected["state"])
             for key, value in expected["state"].items():
                 torch.testing.assert_close(r["state"][key], value, msg=f"{members} {key}")
+
+
+@pytest.mark.parametrize("name", list(FAR_CASES))
+def test_float32_far_from_zero_whatever_each_process_holds(ranks, name):
+    """Float32 data at mean 1e4, std 1e-2: every process's outputs, input gradients and running statistics are
+    those of float64 on the same values to float32's precision, whatever its own rows say. A process with nothing
+    (empty, or empty at its first step) or without spread of its own (one valid value per feature) did not
+    recenter, or merged its peers' means about zero: outputs 6e-2 off, input gradients 1e1, and running variances
+    2e-2 off (and unlike the peers')."""
+    batches = [tuple(None if t is None else t.double() if t.is_floating_point() else t
+                     for t in _far_layer_data(name, step)) for step in range(len(FAR_CASES[name][0]))]
+    expected = _steps(_layer({"momentum": None}, torch.float64), batches)
+    for step in range(len(batches)):
+        got = torch.cat([r[f"far/{name}"]["outputs"][step] for r in ranks]).double()
+        torch.testing.assert_close(got, expected["outputs"][step], rtol=1e-5, atol=1e-5, msg=f"output {step}")
+        got = torch.cat([r[f"far/{name}"]["grads"][step] for r in ranks]).double()
+        torch.testing.assert_close(got, expected["grads"][step], rtol=1e-5, atol=1e-3, msg=f"input gradient {step}")
+    for rank, r in enumerate(ranks):
+        state = r[f"far/{name}"]["state"]
+        assert bool((state["running_var"] >= 0).all()), rank
+        torch.testing.assert_close(state["running_var"].double(), expected["state"]["running_var"], rtol=1e-3, atol=0,
+                                   msg=f"process {rank} running_var")
+        torch.testing.assert_close(state["running_mean"].double(), expected["state"]["running_mean"], rtol=1e-6,
+                                   atol=0, msg=f"process {rank} running_mean")
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])

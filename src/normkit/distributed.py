@@ -136,6 +136,7 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     merged mean about this process's centre is as exact as the residuals. Merged about zero, the
     global mean of float32 data far from zero is known only to an ulp of the data, and every
     output carried that error (5e-2 at mean 1e4, std 1e-2, where one process recentered to 2e-7).
+    A process without values (no centre) merges about a peer's centre instead.
     Local moments are Welford's (``torch.var_mean``) or, with a mask, two-pass. An empty local
     batch adds nothing.
     """
@@ -157,8 +158,14 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     local = torch.stack([count, mean, var * count, centre.masked_fill(empty, 0.0)])
     check_agreement(local, process_group)
     gathered = _gather(local, process_group)
-    counts, squares = gathered[:, 0], gathered[:, 2]
-    means = (gathered[:, 3] - centre) + gathered[:, 1]  # (every process's mean about this process's centre)
+    counts, squares, centres = gathered[:, 0], gathered[:, 2], gathered[:, 3]
+    # The merge is about a reference centre: this process's own, or, where it holds no value (an empty or fully
+    # masked local batch, no centre), the first peer's that holds some. About zero, peers' means at 1e4 were known
+    # only to an ulp of the data, and such a process's running variance came out 2e-2 off (and unlike its peers').
+    with torch.no_grad():
+        first = (counts > 0).to(torch.uint8).argmax(dim=0, keepdim=True)  # (all empty: process 0's centre, 0)
+        reference = torch.where(empty, centres.gather(0, first).squeeze(0), centre)
+    means = (centres - reference) + gathered[:, 1]  # (every process's mean about the reference centre)
     total = counts.sum(dim=0)
     if mask is None and local_count <= 1 and total.numel() and int(total.reshape(-1)[0]) == 1:
         # One value per feature over the whole group: its variance is 0, as one process's would be, and that
@@ -172,7 +179,8 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     global_mean = (counts * means).sum(dim=0) / safe_total
     m2 = (squares + counts * (means - global_mean).square()).sum(dim=0)
-    return total, global_mean, m2 / safe_total
+    # (about this process's centre again: where it holds values the reference is that centre, and this adds 0)
+    return total, global_mean + (reference - centre), m2 / safe_total
 
 
 def sync_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, *, axis, mask=None,
@@ -184,9 +192,15 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
     The options are ``functional.batch_norm``'s, run by its composite pipeline on the merged
     statistics. Ghost batch j of the union is every process's ghost j (tf.keras' rule), so every
     process's local batch must be the same multiple of the virtual batch size (``check_agreement``
-    refuses others). ``recenter`` (float32 data far from zero) centres each process's residuals
-    on its own batch mean, which ``sync_moments`` merges about.
+    refuses others). Each process's residuals are centred on its own batch mean, which
+    ``sync_moments`` merges about; in float64 only where ``recenter`` asks (float32 data far from zero).
     """
+    # Below float64 always: whether the group's batch sits far from zero is not this process's to judge. Its
+    # check (BatchNorm._update_recenter) sees its own rows only, and passes over rows that do not vary (one
+    # valid value per feature, say) or runs nowhere (CUDA); such a process merged and normalized about zero,
+    # and its outputs at mean 1e4, std 1e-2 were 6e-2 off where one process on the whole batch recenters. The
+    # cost is one pass over the local batch, next to the collectives of the merge.
+    recenter = recenter or x.dtype != torch.float64
     # (half-precision input is widened once inside, for both uses of x: its gradient is rounded once)
     return F._batch_norm_pipeline(
         x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
