@@ -471,16 +471,18 @@ def test_half_precision_input_gradient_is_rounded_once(options, dtype):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("first", ["constant", "fully masked"])
+@pytest.mark.parametrize("first", ["constant", "fully masked", "empty"])
 @pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 4}], ids=["plain", "renorm", "ghost"])
 def test_a_first_batch_that_says_nothing_leaves_the_recenter_check_due(first, options):
-    """A first training batch in which no channel varies (every value the same, or every position padded) tells
-    nothing about how far from zero the data is: the check is due again on the next batch, which recenters for
-    float32 data at mean 1e4, std 1e-2 (the first batch's "no" was held for 1000 steps: variance 1e-2 off)."""
+    """A first training batch in which no channel varies (every value the same, every position padded, or no row at
+    all) tells nothing about how far from zero the data is: the check is due again on the next batch, which recenters
+    for float32 data at mean 1e4, std 1e-2 (the first batch's "no" was held for 1000 steps: variance 1e-2 off)."""
     torch.manual_seed(0)
     layer = normkit.BatchNorm(3, axis=-1, momentum=1.0, **options)
     if first == "constant":
         layer(torch.full((8, 5, 3), 1e4))
+    elif first == "empty":  # (a synchronized process given no rows at its first step, say)
+        layer(torch.empty(0, 5, 3))
     else:
         layer(torch.randn(8, 5, 3) + 1e4, mask=torch.zeros(8, 5, dtype=torch.bool))
     x = (torch.randn(8, 5, 3, dtype=torch.float64) * 1e-2 + 1e4).float()
