@@ -164,6 +164,24 @@ def _refusals(rank):
     return errors_of(calls)
 
 
+def _mixed_mask_batches():
+    """One valid value per feature over the group, process 1's, under its mask; process 0 has no row and no mask."""
+    x, g, _ = _data((0, 2), 0)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 2] = True
+    return [(x, g, mask)]
+
+
+def _mixed_mask(rank):
+    # (last in its spawn: before the fix process 0 raised here and process 1 waited in the backward for it)
+    x, g, mask = _mixed_mask_batches()[0]
+    batch = (x[:0], g[:0], None) if rank == 0 else (x, g, mask)
+    try:
+        return _train(_layer({}, synchronized=True), [batch])
+    except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
+        return f"{type(error).__name__}: {error}"
+
+
 def _refusal_worker(rank, init_file, out_dir):
     # Its own spawn: a process left waiting in the merge may pair with a peer's later gather of another size, and
     # gloo then aborts it (std::terminate), which must not take the other cases' results with it. The collectives
@@ -177,6 +195,7 @@ def _refusal_worker(rank, init_file, out_dir):
             results["after_refusals"] = _train(_layer({}, synchronized=True), batches)
         except RuntimeError as error:
             results["after_refusals"] = f"{type(error).__name__}: {error}"
+        results["mixed_mask"] = _mixed_mask(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -382,3 +401,20 @@ def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_
     for r in refusing_ranks:
         for key in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(r["after_refusals"][2][key], state[key], msg=key)
+
+
+def test_one_valid_value_under_a_peer_s_mask_is_accepted_on_every_process(refusing_ranks):
+    """One valid value per feature over the group, under process 1's mask, while process 0 has no row and passes no
+    mask: the group's batch is a masked one, which one process accepts with one valid value. Each process decided
+    on its own mask, so process 0 raised the one-value error while process 1 went on and waited for it in the
+    backward (the connection closed under it, or its collective paired with process 0's next one)."""
+    single = _layer({})
+    outputs, grads, state = _train(single, _mixed_mask_batches())
+    for rank, r in enumerate(refusing_ranks):
+        assert not isinstance(r["mixed_mask"], str), (rank, r["mixed_mask"])
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(r["mixed_mask"][2][key], state[key], msg=f"{rank} {key}")
+    torch.testing.assert_close(torch.cat([r["mixed_mask"][0][0] for r in refusing_ranks]), outputs[0])
+    torch.testing.assert_close(torch.cat([r["mixed_mask"][1][0] for r in refusing_ranks]), grads[0])
+    torch.testing.assert_close(refusing_ranks[0]["mixed_mask"][2]["weight_grad"]
+                               + refusing_ranks[1]["mixed_mask"][2]["weight_grad"], state["weight_grad"])

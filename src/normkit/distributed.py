@@ -80,13 +80,16 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.flo
 _REFUSED = -1
 
 
-def check_agreement(local, process_group=None) -> None:
+def check_agreement(local, process_group=None, masked=False) -> bool:
     """Refuse, on every process at once, statistics whose shape or dtype differ between the processes.
 
     all_gather of tensors of different sizes does not fail cleanly: gloo aborts the process whose
     buffer is too small (std::terminate, no Python error) and gives the others garbage that they
     use silently. One small all_reduce of each process's (shape, dtype) as its max and -min gives
     every process the same verdict, so all of them raise together and none is left waiting.
+
+    Returns whether any process of the group merges masked statistics (``masked``), carried by the
+    same all_reduce: rules that differ with a mask must be decided alike on every process.
     """
     shape = tuple(local.shape[1:])
     code = 0
@@ -94,9 +97,9 @@ def check_agreement(local, process_group=None) -> None:
         code = (code * 1_000_003 + size + 1) % (1 << 61)
     signature = torch.tensor([_DTYPE_CODES.get(local.dtype, 0), len(shape), local.numel(), code],
                              dtype=torch.int64, device=local.device)
-    both = torch.cat([signature, -signature])
+    both = torch.cat([signature, -signature, torch.tensor([int(masked)], dtype=torch.int64, device=local.device)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
-    if not torch.equal(both[:4], -both[4:]):
+    if not torch.equal(both[:4], -both[4:8]):
         if int(both[4]) == -_REFUSED:
             raise ValueError(
                 "synchronized BatchNorm: another process of the group refused its input to this layer (its own error "
@@ -107,6 +110,7 @@ def check_agreement(local, process_group=None) -> None:
             f"process: {local.dtype} statistics of shape {shape}). Every process must call the layer in training "
             "mode with inputs of the same number of features and dtype and, with virtual_batch_size, the same local "
             "batch size (the same number of ghost batches)")
+    return bool(both[8])
 
 
 def refuse_with_peers(process_group, device) -> None:
@@ -121,8 +125,9 @@ def refuse_with_peers(process_group, device) -> None:
     if not is_active(process_group):
         return
     signature = torch.tensor([_REFUSED, 0, 0, 0], dtype=torch.int64, device=device)
-    try:
-        dist.all_reduce(torch.cat([signature, -signature]), op=dist.ReduceOp.MAX, group=process_group)
+    try:  # (the layout of check_agreement's all_reduce: signature, -signature, masked)
+        dist.all_reduce(torch.cat([signature, -signature, torch.zeros(1, dtype=torch.int64, device=device)]),
+                        op=dist.ReduceOp.MAX, group=process_group)
     except RuntimeError:
         pass
 
@@ -156,7 +161,7 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     centre = torch.zeros_like(mean) if shift is None else shift.to(mean.dtype).expand_as(mean)
     # (processes may disagree on recentering, each deciding from its own data: a centre of 0 is no centre)
     local = torch.stack([count, mean, var * count, centre.masked_fill(empty, 0.0)])
-    check_agreement(local, process_group)
+    any_masked = check_agreement(local, process_group, masked=mask is not None)
     gathered = _gather(local, process_group)
     counts, squares, centres = gathered[:, 0], gathered[:, 2], gathered[:, 3]
     # The merge is about a reference centre: this process's own, or, where it holds no value (an empty or fully
@@ -167,11 +172,13 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
         reference = torch.where(empty, centres.gather(0, first).squeeze(0), centre)
     means = (centres - reference) + gathered[:, 1]  # (every process's mean about the reference centre)
     total = counts.sum(dim=0)
-    if mask is None and local_count <= 1 and total.numel() and int(total.reshape(-1)[0]) == 1:
+    if not any_masked and local_count <= 1 and total.numel() and int(total.reshape(-1)[0]) == 1:
         # One value per feature over the whole group: its variance is 0, as one process's would be, and that
         # process refuses it (so does torch.nn.SyncBatchNorm). Every process holds at most one value here (any
         # other process's two would make the total larger), so all of them read the total and raise together;
-        # the others skip the read.
+        # the others skip the read. With a mask on any process the group's batch is a masked one, where one
+        # valid value is accepted, as in one process: decided on this process's own mask, an unmasked process
+        # (an empty one, say) raised while its masked peer went on and waited for it in the backward.
         raise ValueError(f"Expected more than 1 value per channel when training, got 1 over the "
                          f"{dist.get_world_size(process_group)} processes of the group (this process's input size "
                          f"{tuple(x.shape)}): the batch variance of a single value is 0; use eval(), larger local "
