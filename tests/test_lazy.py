@@ -155,3 +155,17 @@ def test_convert_carries_lazy_layers_both_ways(rng):
 def test_synchronize_makes_torch_lazy_layers_synchronized_normkit_ones():
     model = normkit.synchronize_batch_norm(nn.Sequential(nn.LazyBatchNorm1d()))
     assert type(model[0]) is normkit.LazyBatchNorm1d and model[0].synchronized
+
+
+@pytest.mark.parametrize("name", ["LazyBatchNorm1d", "LazyBatchNorm", "LazyInstanceNorm1d"])
+def test_sized_inside_torch_compile_with_dynamic_shapes(name, rng):
+    """torch.compile with dynamic shapes (dynamic=True, or automatic after a recompile) traces the input's sizes as
+    symbols; the layer is still sized by them (torch.nn's lazy layer fails there) and computes the eager layer."""
+    torch._dynamo.reset()
+    model = nn.Sequential(getattr(normkit, name)(dtype=torch.float64))
+    x = torch.tensor(rng.normal(size=(4, 5, 7)))
+    y = torch.compile(model, backend="eager", dynamic=True)(x)
+    eager = getattr(normkit, name.removeprefix("Lazy"))(5, affine=True, track_running_stats=True, dtype=torch.float64)
+    torch.testing.assert_close(y, eager(x), rtol=1e-12, atol=1e-12)
+    assert type(model[0].num_features) is int and model[0].num_features == 5
+    torch.testing.assert_close(model[0].running_var, eager.running_var, rtol=1e-12, atol=1e-12)

@@ -71,7 +71,9 @@ class _LazyNorm(LazyModuleMixin):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(input).__name__}")
         self._check_input_rank(input)
-        shape = self._feature_shape(input)
+        # (plain ints: traced by torch.compile with dynamic shapes the sizes are symbolic, which materialize refuses;
+        # int() specializes on them, as the sized layer's tensors are of one size anyway)
+        shape = tuple(int(size) for size in self._feature_shape(input))
         if self.has_uninitialized_params():
             with torch.no_grad():
                 for tensor in self._sized_tensors():
