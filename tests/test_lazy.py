@@ -169,3 +169,26 @@ def test_sized_inside_torch_compile_with_dynamic_shapes(name, rng):
     torch.testing.assert_close(y, eager(x), rtol=1e-12, atol=1e-12)
     assert type(model[0].num_features) is int and model[0].num_features == 5
     torch.testing.assert_close(model[0].running_var, eager.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,shape,dropped", [
+    ("LazyBatchNorm1d", (6, 3, 4), ("running_var",)), ("LazyBatchNorm1d", (6, 3), ("weight", "bias", "running_mean")),
+    ("LazyInstanceNorm2d", (2, 3, 4, 4), ("running_mean",)),
+], ids=["no-running_var", "buffers-only", "instance-no-running_mean"])
+def test_a_partial_state_dict_keeps_its_values_through_the_first_call(name, shape, dropped, rng):
+    """load_state_dict(strict=False) of part of a checkpoint: num_features is the loaded size at once, and the
+    first call sizes the rest without resetting what was loaded: the eager layer that loaded the same part,
+    step after step (the first call reset every tensor, the loaded ones too)."""
+    eager = getattr(normkit, name.removeprefix("Lazy"))
+    source = eager(shape[1], affine=True, track_running_stats=True, dtype=torch.float64)
+    with torch.no_grad():
+        for tensor in source.parameters():
+            tensor.copy_(torch.tensor(rng.normal(size=tensor.shape)))
+    source(torch.tensor(rng.normal(size=shape) * 3 + 1))
+    part = {key: value for key, value in source.state_dict().items() if key not in dropped}
+    lazy = getattr(normkit, name)(dtype=torch.float64)
+    reference = eager(shape[1], affine=True, track_running_stats=True, dtype=torch.float64)
+    assert lazy.load_state_dict(part, strict=False) == reference.load_state_dict(part, strict=False)
+    assert lazy.num_features == shape[1]
+    assert_same_training_steps(lazy, reference, shape, rng)
+    assert type(lazy) is eager

@@ -75,12 +75,25 @@ class _LazyNorm(LazyModuleMixin):
         # int() specializes on them, as the sized layer's tensors are of one size anyway)
         shape = tuple(int(size) for size in self._feature_shape(input))
         if self.has_uninitialized_params():
+            # A partial state_dict (strict=False) sized some tensors: they keep their values and say the size (an
+            # input of another size is then refused by the eager forward), the others are initialized, as in an
+            # eager layer of that size that loaded the same state_dict.
+            loaded = {id(tensor): tensor.detach().clone() for tensor in self._sized_tensors() if not is_lazy(tensor)}
+            count = self._buffers.get("num_batches_tracked")
+            count = None if count is None else count.clone()
+            if loaded:
+                shape = tuple(next(iter(loaded.values())).shape)
             with torch.no_grad():
                 for tensor in self._sized_tensors():
                     if is_lazy(tensor):
                         tensor.materialize(shape)
-            self.num_features = self._num_features_of(shape)
-            self.reset_parameters()
+                self.num_features = self._num_features_of(shape)
+                self.reset_parameters()
+                for tensor in self._sized_tensors():
+                    if id(tensor) in loaded:
+                        tensor.copy_(loaded[id(tensor)])
+                if count is not None:
+                    self._buffers["num_batches_tracked"].copy_(count)
         elif not self._size_from_loaded_tensors():
             # No feature-sized tensor at all (affine=False, no running statistics): the input says the size.
             self.num_features = self._num_features_of(shape)
@@ -89,8 +102,8 @@ class _LazyNorm(LazyModuleMixin):
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if not self.has_uninitialized_params():
-            self._size_from_loaded_tensors()
+        # (a partial state_dict too: num_features is the loaded size at once; the rest is sized to it on the first call)
+        self._size_from_loaded_tensors()
 
     def _size_from_loaded_tensors(self) -> bool:
         sized = [tensor for tensor in self._sized_tensors() if not is_lazy(tensor)]
