@@ -192,3 +192,14 @@ def test_a_partial_state_dict_keeps_its_values_through_the_first_call(name, shap
     assert lazy.num_features == shape[1]
     assert_same_training_steps(lazy, reference, shape, rng)
     assert type(lazy) is eager
+
+
+def test_renorm_switched_on_before_sizing(rng):
+    """renorm=True set on a lazy layer not yet sized (options may change on a built layer): its renorm state is sized
+    with the rest, and the layer is the eager layer that had renorm switched on the same way."""
+    lazy = normkit.LazyBatchNorm(dtype=torch.float64)
+    lazy.renorm = True
+    eager = normkit.BatchNorm(3, dtype=torch.float64)
+    eager.renorm = True
+    assert_same_training_steps(lazy, eager, (6, 3), rng)
+    assert type(lazy) is normkit.BatchNorm and lazy.renorm

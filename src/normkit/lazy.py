@@ -129,6 +129,25 @@ class _LazyBatchNormBase(_LazyNorm):
     def _feature_shape(self, input: torch.Tensor) -> tuple:
         return tuple(input.shape[axis] for axis in canonicalize_axes(self.axis, input.dim()))
 
+    def _add_renorm_state(self) -> None:
+        # renorm switched on before sizing: its state has no size yet either; the sizing derives it from the running
+        # statistics then (reset_parameters), as an eager layer derives it when renorm is switched on.
+        if is_lazy(self.running_var):
+            for name in self.RENORM_STATE:
+                if name not in self._buffers:
+                    self.register_buffer(name, UninitializedBuffer(device=self.running_var.device,
+                                                                   dtype=self.running_var.dtype))
+            self.__dict__["_renorm_state_due"] = True
+            return
+        super()._add_renorm_state()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if not self._unsized() and self.__dict__.pop("_renorm_state_due", False):
+            with torch.no_grad():
+                for name, value in self._renorm_state_from(self.running_mean, self.running_var).items():
+                    self._buffers[name].copy_(value)
+
     def _num_features_of(self, shape: tuple):
         # Several feature axes give one size per axis (BatchNorm's tuple num_features); one axis an int.
         return shape if isinstance(self.axis, tuple) else shape[0]
