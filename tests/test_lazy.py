@@ -203,3 +203,38 @@ def test_renorm_switched_on_before_sizing(rng):
     eager.renorm = True
     assert_same_training_steps(lazy, eager, (6, 3), rng)
     assert type(lazy) is normkit.BatchNorm and lazy.renorm
+
+
+def test_tools_before_sizing_refuse_clearly_and_work_after(rng):
+    """freeze(), regularization_loss() and apply_constraints() need the weight: before sizing a clear error that
+    names the layer (freeze_batch_norm changes nothing then: it froze the layers before the lazy one); after
+    sizing they give the eager layer's results. unfreeze() of a layer not sized yet has nothing to refuse."""
+    options = {"weight_regularizer": "l2", "bias_constraint": "non_neg"}
+    for call in (lambda layer: layer.freeze(), lambda layer: layer.regularization_loss(),
+                 lambda layer: layer.apply_constraints(), lambda layer: normkit.regularization_loss(layer)):
+        layer = normkit.LazyBatchNorm(dtype=torch.float64, **options)
+        with pytest.raises(ValueError, match="LazyBatchNorm.*has no size yet.*call it on a batch, or load a state_dict"):
+            call(layer)
+        assert not layer.frozen and layer.has_uninitialized_params()
+    plain = normkit.LazyBatchNorm1d()
+    assert plain.regularization_loss() == 0 and plain.apply_constraints() is None  # (nothing to compute)
+    assert plain.unfreeze() is plain and not plain.frozen and plain.weight.requires_grad
+    model = nn.Sequential(normkit.BatchNorm1d(3), normkit.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"freeze_batch_norm: not sized yet: '1' \(LazyBatchNorm1d\)"):
+        normkit.freeze_batch_norm(model)
+    assert not model[0].frozen and model[0].weight.requires_grad
+    normkit.unfreeze_batch_norm(model)
+    # After sizing: the eager layer's values.
+    lazy = normkit.LazyBatchNorm(dtype=torch.float64, **options)
+    eager = normkit.BatchNorm(3, dtype=torch.float64, **options)
+    x = torch.tensor(rng.normal(size=(6, 3)))
+    for layer in (lazy, eager):
+        layer(x)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
+            layer.bias.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+        layer.apply_constraints()
+    torch.testing.assert_close(lazy.regularization_loss(), eager.regularization_loss(), rtol=0, atol=0)
+    torch.testing.assert_close(lazy.bias, eager.bias, rtol=0, atol=0)
+    normkit.freeze_batch_norm(nn.Sequential(lazy))
+    assert lazy.frozen and not lazy.weight.requires_grad

@@ -148,6 +148,39 @@ class _LazyBatchNormBase(_LazyNorm):
                 for name, value in self._renorm_state_from(self.running_mean, self.running_var).items():
                     self._buffers[name].copy_(value)
 
+    # Before sizing there is no weight to freeze, regularize or project: torch refuses any use of an uninitialized
+    # parameter with a message that names neither the layer nor the way out (and freeze() had set frozen first).
+    def _refuse_unsized(self, what: str) -> None:
+        if self._unsized():
+            raise ValueError(f"{type(self).__name__}.{what}: the layer has no size yet (a lazy layer's tensors are "
+                             "sized by its first input or by a loaded state_dict): call it on a batch, or load a "
+                             "state_dict, first")
+
+    def freeze(self):
+        self._refuse_unsized("freeze()")
+        return super().freeze()
+
+    def unfreeze(self):
+        if not self._unsized():
+            return super().unfreeze()
+        # (nothing to unfreeze but the flag and requires_grad, which an uninitialized parameter keeps through sizing;
+        # its requires_grad_() refuses, the attribute does not)
+        self.frozen = False
+        for parameter in (self.weight, self.bias):
+            if parameter is not None:
+                parameter.requires_grad = True
+        return self
+
+    def regularization_loss(self) -> torch.Tensor:
+        if self.weight_regularizer is not None or self.bias_regularizer is not None:
+            self._refuse_unsized("regularization_loss()")
+        return super().regularization_loss()
+
+    def apply_constraints(self) -> None:
+        if self.weight_constraint is not None or self.bias_constraint is not None:
+            self._refuse_unsized("apply_constraints()")
+        super().apply_constraints()
+
     def _num_features_of(self, shape: tuple):
         # Several feature axes give one size per axis (BatchNorm's tuple num_features); one axis an int.
         return shape if isinstance(self.axis, tuple) else shape[0]

@@ -699,8 +699,8 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     ``convert_batch_norm(model, "normkit")`` first makes them normkit layers, which freeze.
 
     Raises:
-        ValueError: ``model`` holds a torch.nn BN layer (its names are in the message; nothing is
-            frozen), or no normkit BN layer at all.
+        ValueError: ``model`` holds a torch.nn BN layer or a lazy one not sized yet (their names are
+            in the message; nothing is frozen), or no normkit BN layer at all.
         TypeError: ``model`` is not a torch.nn.Module.
     """
     layers, foreign = _normkit_layers(model, "freeze_batch_norm")
@@ -710,6 +710,14 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
                          "first: model = normkit.convert_batch_norm(model, 'normkit')")
     if not layers:
         raise _nothing_to("freeze_batch_norm", model)
+    # (checked first: freezing layer by layer would leave the ones before an unsized lazy layer frozen)
+    unsized = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
+               if isinstance(module, LazyModuleMixin) and isinstance(module, BatchNorm)
+               and module.has_uninitialized_params()]
+    if unsized:
+        raise ValueError(f"freeze_batch_norm: not sized yet: {', '.join(unsized)} (a lazy layer's tensors are sized by "
+                         "its first input or by a loaded state_dict); nothing was frozen. Call model(example_batch) "
+                         "once, or load a state_dict, first")
     _set_frozen(layers, True)
     return model
 
