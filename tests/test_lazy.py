@@ -238,3 +238,21 @@ def test_tools_before_sizing_refuse_clearly_and_work_after(rng):
     torch.testing.assert_close(lazy.bias, eager.bias, rtol=0, atol=0)
     normkit.freeze_batch_norm(nn.Sequential(lazy))
     assert lazy.frozen and not lazy.weight.requires_grad
+
+
+def test_convert_a_torch_lazy_layer_sized_by_a_state_dict(rng):
+    """torch.nn's lazy layer that loaded a checkpoint but was not called yet: converted, it says the loaded size at
+    once (as when the checkpoint is loaded into normkit's lazy layer) and trains as the unconverted one."""
+    source = nn.BatchNorm2d(3, dtype=torch.float64)
+    source(torch.tensor(rng.normal(size=(4, 3, 2, 2)) + 2))
+    model = nn.Sequential(nn.LazyBatchNorm2d(dtype=torch.float64))
+    copy = nn.Sequential(nn.LazyBatchNorm2d(dtype=torch.float64))
+    for each in (model, copy):
+        each[0].load_state_dict(source.state_dict())
+    normkit.convert_batch_norm(model, "normkit")
+    direct = normkit.LazyBatchNorm2d(dtype=torch.float64)
+    direct.load_state_dict(source.state_dict())
+    assert type(model[0]) is normkit.LazyBatchNorm2d and model[0].num_features == direct.num_features == 3
+    assert repr(model[0]) == repr(direct)
+    assert_same_training_steps(model, copy, (4, 3, 2, 2), rng)
+    assert type(model[0]) is normkit.BatchNorm2d and model[0].num_features == 3

@@ -306,6 +306,10 @@ def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
             setattr(new, name, value)
     if lazy:
         new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
+        if hasattr(new, "_size_from_loaded_tensors"):
+            # normkit's: tensors sized by a state_dict loaded before the conversion say num_features at once, as
+            # when it is loaded into normkit's layer (torch.nn's keeps 0).
+            new._size_from_loaded_tensors()
     return new.train(layer.training)
 
 
