@@ -1,6 +1,7 @@
 """normkit's lazy layers against torch.nn's (the oracle) and against normkit's eager layers of the size they infer."""
 
 import inspect
+import re
 import warnings
 
 import pytest
@@ -256,3 +257,18 @@ def test_convert_a_torch_lazy_layer_sized_by_a_state_dict(rng):
     assert repr(model[0]) == repr(direct)
     assert_same_training_steps(model, copy, (4, 3, 2, 2), rng)
     assert type(model[0]) is normkit.BatchNorm2d and model[0].num_features == 3
+
+
+@pytest.mark.parametrize("source", [normkit.LazyBatchNorm1d, nn.LazyBatchNorm1d], ids=["normkit", "torch.nn"])
+def test_an_unsized_checkpoint_loads_into_a_renorm_layer(source, rng):
+    """A plain lazy layer's state_dict before it was sized: a lazy renorm layer loads it as a lazy plain one does
+    (nothing sized; it then trains as a fresh eager renorm layer), and a sized renorm layer refuses it as torch.nn's
+    sized layer does (the renorm state was derived from the unsized statistics: torch's generic error)."""
+    state = source(dtype=torch.float64).state_dict()
+    lazy = normkit.LazyBatchNorm(renorm=True, dtype=torch.float64)
+    assert lazy.load_state_dict(state) and lazy.has_uninitialized_params()
+    assert_same_training_steps(lazy, normkit.BatchNorm(3, renorm=True, dtype=torch.float64), (6, 3), rng)
+    with pytest.raises(RuntimeError) as theirs:
+        nn.BatchNorm1d(3, dtype=torch.float64).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="^" + re.escape(str(theirs.value))):
+        normkit.BatchNorm(3, renorm=True, dtype=torch.float64).load_state_dict(state)

@@ -525,7 +525,15 @@ class BatchNorm(_NormBase):
             # A plain BN checkpoint (torch.nn's, say) for a renorm layer, e.g. to fine-tune with renorm: its
             # renorm state follows from the running statistics (moving_stddev = sqrt(running_var + eps), so
             # running_var stays as loaded), as torch.nn fills num_batches_tracked for old checkpoints.
-            derived = self._renorm_state_from(state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"])
+            mean, var = state_dict[prefix + "running_mean"], state_dict[prefix + "running_var"]
+            if nn.parameter.is_lazy(var):
+                # A lazy layer's checkpoint before it was sized (normkit's or torch.nn's): no statistics to derive
+                # from; the renorm state is as unsized as they are (a lazy layer keeps its own; a sized one refuses
+                # the unsized statistics, as torch.nn does).
+                derived = {name: nn.parameter.UninitializedBuffer(device=var.device, dtype=var.dtype)
+                           for name in self.RENORM_STATE}
+            else:
+                derived = self._renorm_state_from(mean, var)
             state_dict.update({prefix + name: value for name, value in derived.items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
