@@ -272,3 +272,21 @@ def test_an_unsized_checkpoint_loads_into_a_renorm_layer(source, rng):
         nn.BatchNorm1d(3, dtype=torch.float64).load_state_dict(state)
     with pytest.raises(RuntimeError, match="^" + re.escape(str(theirs.value))):
         normkit.BatchNorm(3, renorm=True, dtype=torch.float64).load_state_dict(state)
+
+
+@pytest.mark.parametrize("layer,checkpoint,rank,shape", [
+    (lambda: normkit.LazyBatchNorm(axis=(1, 2)), lambda: nn.BatchNorm2d(3).state_dict(), 2, (4, 3, 2, 2)),
+    (normkit.LazyBatchNorm2d, lambda: normkit.BatchNorm((3, 2), axis=(1, 2)).state_dict(), 1, (4, 3, 2, 2)),
+    (normkit.LazyInstanceNorm2d, lambda: normkit.BatchNorm((3, 2), axis=(1, 2)).state_dict(), 1, (4, 3, 2, 2)),
+    (normkit.LazyBatchNorm1d, lambda: {**nn.BatchNorm1d(3).state_dict(), "bias": torch.zeros(4)}, 1, (4, 3)),
+], ids=["one-axis-into-two", "two-axes-into-one", "two-axes-into-instance", "sizes-disagree"])
+def test_a_checkpoint_of_other_feature_axes_is_refused_at_load(layer, checkpoint, rank, shape):
+    """A checkpoint whose tensors have another rank than the layer's feature axes, or sizes that disagree, is refused
+    by load_state_dict as the eager layer of its size refuses it, and leaves the layer unsized and usable (it was
+    sized by it, then failed on every call)."""
+    lazy = layer()
+    with pytest.raises(RuntimeError, match=f"size mismatch for {type(lazy).__name__}: .*need one shape of {rank} dim"):
+        lazy.load_state_dict(checkpoint())
+    assert lazy.num_features == 0 and lazy.has_uninitialized_params()
+    lazy(torch.randn(shape))
+    assert lazy.weight.shape == lazy.running_mean.shape == shape[1:1 + rank]

@@ -105,11 +105,37 @@ class _LazyNorm(LazyModuleMixin):
         # (a partial state_dict too: num_features is the loaded size at once; the rest is sized to it on the first call)
         self._size_from_loaded_tensors()
 
+    def _lazy_load_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
+        # torch's hook sizes each tensor by the checkpoint's, whatever its rank and whether the others agree: a
+        # BatchNorm(axis=(1, 2)) checkpoint loaded into a one-axis layer (or the reverse) gave a layer that failed on
+        # every call, where the eager layer refuses the checkpoint. Refused here too, nothing sized.
+        sizes = {tuple(tensor.shape) for tensor in self._sized_tensors() if not is_lazy(tensor)}
+        found = {}
+        for name, tensor in itertools.chain(self._parameters.items(), self._buffers.items()):
+            given = state_dict.get(prefix + name)
+            if tensor is not None and is_lazy(tensor) and isinstance(given, torch.Tensor) and not is_lazy(given):
+                found[prefix + name] = tuple(given.shape)
+        sizes |= set(found.values())
+        if len(sizes) > 1 or any(len(shape) != self._feature_rank() for shape in sizes):
+            error_msgs.append(f"size mismatch for {type(self).__name__}: its feature-sized tensors need one shape of "
+                              f"{self._feature_rank()} dimension(s) (one size per feature axis), the checkpoint has "
+                              + ", ".join(f"{key}: {list(shape)}" for key, shape in found.items()))
+            for name, tensor in itertools.chain(self._parameters.items(), self._buffers.items()):
+                if prefix + name in found:
+                    state_dict[prefix + name] = tensor  # (the load's own copy: copying it into itself does nothing)
+            return
+        super()._lazy_load_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _size_from_loaded_tensors(self) -> bool:
         sized = [tensor for tensor in self._sized_tensors() if not is_lazy(tensor)]
         if sized:
             self.num_features = self._num_features_of(tuple(sized[0].shape))
         return bool(sized)
+
+    def _feature_rank(self) -> int:
+        # (the dimensions of each feature-sized tensor)
+        return 1
 
     # Each family says where its features are.
     def _check_input_rank(self, input: torch.Tensor) -> None:
@@ -180,6 +206,9 @@ class _LazyBatchNormBase(_LazyNorm):
         if self.weight_constraint is not None or self.bias_constraint is not None:
             self._refuse_unsized("apply_constraints()")
         super().apply_constraints()
+
+    def _feature_rank(self) -> int:
+        return len(self.axis) if isinstance(self.axis, tuple) else 1
 
     def _num_features_of(self, shape: tuple):
         # Several feature axes give one size per axis (BatchNorm's tuple num_features); one axis an int.
