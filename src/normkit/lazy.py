@@ -5,9 +5,9 @@ built with a placeholder size, so every option is checked as the eager construct
 feature-sized tensors (weight, bias, running statistics, renorm state) swapped for uninitialized ones. The
 first forward sizes them from the input's feature axes and applies the initializers, then the layer becomes
 its eager class (``cls_to_become``), as torch.nn's lazy layers do. A state_dict loaded before that sizes them
-too. Two corners where torch.nn's lazy layers go wrong are right here: after loading a state_dict,
-``num_features`` is the loaded size (torch.nn's stays 0), and an unbatched InstanceNorm input ``(C, *S)``
-gives ``num_features=C`` (torch.nn's reads ``S[0]``).
+too. Where torch.nn's lazy layers go wrong (``num_features`` after a loaded state_dict, an unbatched
+InstanceNorm input, partial checkpoints, dynamic shapes under torch.compile) these do what the eager layer
+would: docs/decisions.md, "Lazy layers".
 """
 
 from __future__ import annotations
