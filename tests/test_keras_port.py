@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from normkit.keras import BatchNormalization, from_keras, from_keras_config, to_keras
+from normkit.stats import RenormClipping
 
 from oracle import assert_close, assert_same_config
 
@@ -101,10 +102,23 @@ def test_keras_initializer_configs_give_their_distributions():
     (dict(gamma_regularizer=lambda w: w.sum()), "gamma_regularizer"),
     (dict(beta_constraint=lambda w: w), "beta_constraint"),
     (dict(renorm=True, renorm_clipping={"rmax": lambda step: 1.0 + step / 100}), "schedules"),
+    (dict(renorm=True, renorm_clipping=RenormClipping.paper_schedule()), "schedules"),
 ])
 def test_keras_config_refuses_what_keras_cannot_load(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BatchNormalization(**kwargs).keras_config()
+
+
+def test_keras_config_writes_a_renorm_clipping_object_as_keras_dict():
+    """The layer takes a RenormClipping as it takes Keras' dict; keras_config() raised AttributeError on one."""
+    recorded = DATA["renorm"]
+    clipping = RenormClipping(**recorded["kwargs"]["renorm_clipping"])
+    ours = BatchNormalization(**{**recorded["kwargs"], "renorm_clipping": clipping}, name=recorded["config"]["name"])
+    ours.build(recorded["build_config"]["input_shape"])
+    assert_same_config(ours.keras_config(), recorded["config"])
+    partial = BatchNormalization(renorm=True, renorm_clipping=RenormClipping(rmax=1.5), name="bn")
+    assert partial.keras_config() == BatchNormalization(renorm=True, renorm_clipping={"rmax": 1.5},
+                                                        name="bn").keras_config()
 
 
 def test_keras_config_writes_a_one_element_axis_list_as_its_int():

@@ -530,6 +530,12 @@ class BatchNormalization(nn.Module):
         if not isinstance(axis, int):
             missing.append("list axis of several features (tf.keras only)")
         clipping = self.renorm_clipping
+        if isinstance(clipping, RenormClipping):
+            # (the layer takes one, e.g. RenormClipping.paper_schedule(), as it takes Keras' dict: the dict of its
+            # bounds that differ from the defaults, which mean no bound as a missing key does in Keras)
+            unset = RenormClipping()
+            clipping = {key: getattr(clipping, key) for key in RenormClipping.KEYS
+                        if callable(getattr(clipping, key)) or getattr(clipping, key) != getattr(unset, key)}
         if clipping is not None and any(callable(v) for v in clipping.values()):
             missing.append("renorm_clipping schedules (callables)")
         if missing:
