@@ -1,12 +1,15 @@
-"""The tutorial's examples (docs/learn.md) run as doctests, and keras.md's opening example runs, so a doc that
-drifts from the code fails CI."""
+"""The tutorial's examples (docs/learn.md) run as doctests, and keras.md's opening example and tools.md's examples
+run, so a doc that drifts from the code fails CI."""
 
+import collections
 import doctest
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import normkit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "learn.md"
 
@@ -34,3 +37,54 @@ def test_keras_md_first_example_runs():
     bn, y = namespace["bn"], namespace["y"]
     assert y.shape == (32, 10, 8)
     assert [w.shape for w in bn.get_weights()] == [(8,)] * 4
+
+
+TOOLS_DOC = DOC.with_name("tools.md")
+
+
+def _tools_model():
+    # A model whose BN layers sit where the fold example's comment names them: features.1 and features.4.
+    return torch.nn.Sequential(collections.OrderedDict(
+        features=torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                     torch.nn.Conv2d(6, 4, 3), torch.nn.BatchNorm2d(4)),
+        pool=torch.nn.AdaptiveAvgPool2d(1), flatten=torch.nn.Flatten(), head=torch.nn.Linear(4, 2)))
+
+
+def test_tools_md_examples_run():
+    # tools.md's examples are plain Python naming a model and a loader: give them small ones and check their comments.
+    # (synchronize_batch_norm's needs a process group; tests/test_distributed.py runs that one.)
+    convert, _, fold, freeze, recalibrate = re.findall(r"```python\n(.*?)```", TOOLS_DOC.read_text(), re.S)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+
+    original = _tools_model()
+    weights = [m.weight for m in original.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    namespace = {"normkit": normkit, "torchvision_model": original}
+    exec(compile(convert, str(TOOLS_DOC), "exec"), namespace)
+    back = [m for m in namespace["model"].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [type(m) for m in back] == [torch.nn.BatchNorm2d] * 2  # torch.nn's again, with the same tensors
+    assert all(m.weight is w for m, w in zip(back, weights))
+
+    model = _tools_model()
+    model(x)  # (running statistics other than the initial ones)
+    namespace = {"normkit": normkit, "model": model}
+    exec(compile(fold, str(TOOLS_DOC), "exec"), namespace)
+    assert namespace["folded"] == ["features.1", "features.4"]
+    torch.testing.assert_close(namespace["fast"](x), model(x))
+
+    model = normkit.convert_batch_norm(_tools_model(), "normkit")
+    namespace = {"normkit": normkit, "model": model}
+    exec(compile(freeze, str(TOOLS_DOC), "exec"), namespace)
+    bn = model.features[1]
+    assert model.training and bn.training and not bn.weight.requires_grad
+    before = bn.running_mean.clone()
+    model(x)
+    assert torch.equal(bn.running_mean, before)  # "BN still uses running statistics and updates nothing"
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    batches = [torch.randn(4, 3, 5, 5) * 2 + 1 for _ in range(5)]
+    namespace = {"normkit": normkit, "model": model, "train_loader": [(b, torch.zeros(4)) for b in batches]}
+    exec(compile(recalibrate, str(TOOLS_DOC), "exec"), namespace)
+    torch.testing.assert_close(model[0].running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0))
+    torch.testing.assert_close(model[0].running_var,
+                               torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0))  # (unbiased, as torch.nn's)
