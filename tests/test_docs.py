@@ -1,12 +1,15 @@
-"""The tutorial's examples (docs/learn.md) run as doctests, and keras.md's opening example and tools.md's examples
-run, so a doc that drifts from the code fails CI."""
+"""The tutorial's examples (docs/learn.md) run as doctests, and keras.md's opening example, tools.md's examples and
+the README's run, so a doc that drifts from the code fails CI."""
 
 import collections
 import doctest
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import normkit
@@ -88,3 +91,30 @@ def test_tools_md_examples_run():
     torch.testing.assert_close(model[0].running_mean, torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0))
     torch.testing.assert_close(model[0].running_var,
                                torch.stack([b.var((0, 2, 3)) for b in batches]).mean(0))  # (unbiased, as torch.nn's)
+
+
+README = DOC.parents[1] / "README.md"
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    # The README's example, up to its fused-kernel lines (enable() compiles the CPU kernel: tests/test_kernels.py),
+    # with the objects it names: a model and loader, a saved Keras model as model.keras, and for `keras_layer` a
+    # built layer with Keras' interface (from_keras against the real Keras: tests/test_keras_port.py).
+    pytest.importorskip("h5py")
+    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    block = block[:block.index("import normkit.kernels")]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(DOC.parents[1] / "tests" / "data" / "keras_bn_model.keras", tmp_path / "model.keras")
+    keras_layer = normkit.keras.BatchNormalization(momentum=0.9)
+    keras_layer(torch.randn(8, 3), training=True)
+    torch.manual_seed(0)
+    namespace = {"keras_layer": keras_layer, "model": _tools_model(),
+                 "train_loader": [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(3)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (synchronized layers without a process group say so)
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["y"].shape == (4, 10, 64)
+    assert namespace["ported"].get_weights()[2].tolist() == keras_layer.get_weights()[2].tolist()
+    assert namespace["saved"]["bn_conv"].bn.axis == 1
+    assert namespace["folded"] == ["features.1", "features.4"]
+    assert isinstance(namespace["norm"], normkit.GroupNorm)
