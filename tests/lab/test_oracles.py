@@ -147,6 +147,17 @@ def test_drop_last_drops_the_partial_batch_of_every_epoch(tmp_path):
         assert record["accuracy"] == pytest.approx(sum(correct) / 144, abs=1e-6)  # over the 144 images seen
 
 
+def test_batch_size_one_trains_on_every_image(tmp_path):
+    """--batch-size 1 (norms without batch statistics): 10 training images are 10 whole batches of one, so an epoch
+    is 10 steps over all 10 images; only a one-image *partial* batch is dropped."""
+    cfg = TrainConfig(norm="none", batch_size=1).resolved()
+    batches = training_batches(10, cfg, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    metrics = run(TrainConfig(norm="group", batch_size=1, train_limit=10, val_split=0.0, epochs=2, quiet=True,
+                              tensorboard=False, out=str(tmp_path)))
+    assert metrics["steps"] == 20 and [r["step"] for r in metrics["history"]] == [10, 20]
+
+
 def test_epoch_scalars_are_the_step_values_weighted_by_batch_size(tmp_path):
     """160 training images in batches of 48: 48, 48, 48 and 16. The epoch's loss and accuracy are the image-weighted
     means of the steps' (as Keras reports them), and TensorBoard's epoch scalars are metrics.json's history."""

@@ -60,8 +60,9 @@ def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
 
 
 def _drops_last(size: int, cfg: TrainConfig) -> bool:
-    # A one-image batch has no batch variance (BN refuses it); ghost BN needs whole virtual batches.
-    return size < 2 or bool(cfg.drop_last and size < cfg.batch_size)
+    # A one-image partial batch has no batch variance (BN refuses it); ghost BN needs whole virtual batches. With
+    # --batch-size 1 (norms without batch statistics only) every batch is whole, and dropping one would lose an image.
+    return (size < 2 and cfg.batch_size > 1) or bool(cfg.drop_last and size < cfg.batch_size)
 
 
 def training_batch_sizes(count: int, cfg: TrainConfig) -> list[int]:
