@@ -112,6 +112,28 @@ def test_resume_reads_the_folder_the_run_trained_on(tmp_path, monkeypatch, capsy
     one_line_error(capsys, "--resume", "trained on other data", str(tmp_path / "b"))
 
 
+def test_evaluate_on_another_dataset_never_reads_the_run_s_own_files_under_its_name(tmp_path, capsys):
+    """The IDX files of MNIST, Fashion-MNIST and KMNIST have the same names: `evaluate --dataset fashion-mnist` of an
+    MNIST run must not read the run's MNIST folder and call the result Fashion-MNIST's."""
+    flat = write_mnist(tmp_path / "flat", seed=1, test=40)  # MNIST files directly in the folder
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(flat), "--dry-run", *TINY,
+                 "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--dataset", "fashion-mnist"]) == 2
+    one_line_error(capsys, "--dataset fashion-mnist", str(flat), "--data-dir")
+    fashion = write_mnist(tmp_path / "fashion", seed=2, test=30)
+    result = evaluated(capsys, "--checkpoint", str(tmp_path / "run"), "--dataset", "fashion-mnist", "--data-dir",
+                       str(fashion))
+    assert result["dataset"] == "fashion-mnist" and result["test_size"] == 30
+
+    # DIR/<dataset>/ folders side by side: the run's DIR serves the other dataset from its own subfolder.
+    write_mnist(tmp_path / "root" / "mnist", seed=3, test=40)
+    write_mnist(tmp_path / "root" / "fashion-mnist", seed=4, test=20)
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "root"), "--dry-run", *TINY,
+                 "--out", str(tmp_path / "nested")]) == 0
+    assert evaluated(capsys, "--checkpoint", str(tmp_path / "nested"), "--dataset", "fashion-mnist")["test_size"] == 20
+
+
 def test_evaluate_refuses_an_empty_data_dir_as_train_does(tmp_path, monkeypatch, capsys):
     write_mnist(tmp_path / "data", seed=1)
     assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--dry-run", *TINY,

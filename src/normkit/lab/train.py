@@ -44,7 +44,7 @@ from .board import Board
 from .checkpoint import (CheckpointError, load_checkpoint, load_weights, model_from_checkpoint, restore_rng_states,
                          save_checkpoint)
 from .config import TrainConfig, check_device, check_folder_option
-from .data import DATASETS, Splits, leftover_temporaries, load_test_split
+from .data import DATASETS, DataError, Splits, leftover_temporaries, load_test_split
 from .models import build_model
 from .optim import build_optimizer
 from .runfolder import RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
@@ -393,6 +393,12 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     payload = load_checkpoint(path, map_location=device)
     model, cfg = model_from_checkpoint(payload, path)
     dataset = dataset or cfg.dataset
+    if (data_dir is None and dataset not in (cfg.dataset, "digits") and cfg.data_dir is not None
+            and not (Path(cfg.data_dir).expanduser() / dataset).is_dir()):
+        # The run's folder holds its own dataset's files, directly or in <its dataset>/, and every MNIST-format
+        # dataset has the same file names: read as another dataset's, they would measure the run's own test split.
+        raise DataError(f"--dataset {dataset}: the folder the run trained on ({cfg.data_dir}) holds its {cfg.dataset} "
+                        f"files and no {dataset}/ folder; pass --data-dir with the {dataset} files")
     images, labels = load_test_split(dataset, data_dir if data_dir is not None else cfg.data_dir)
     test_loss, test_accuracy = evaluate(model.to(device), images.to(device), labels.to(device))
     return {"checkpoint": str(path), "dataset": dataset, "epoch": payload["epoch"], "test_size": len(labels),
