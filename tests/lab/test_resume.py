@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,6 +51,49 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     events = EventAccumulator(str(killed), size_guidance={"scalars": 0}).Reload()
     assert [event.step for event in events.Scalars("step/loss")] == list(range(1, 25))
     assert [event.step for event in events.Scalars("epoch/loss")] == [8, 16, 24]  # the step ending each epoch
+
+
+# Run normkit, SIGKILLed at the first file it opens once checkpoint.pt has been renamed into place: the moment
+# right after an epoch's checkpoint is saved, which a kill or Ctrl-C can hit as well as any other.
+KILLED_AFTER_CHECKPOINT = """
+import os, signal, sys
+from normkit.cli import main
+saved = []
+def hook(event, arguments):
+    if event == "os.rename" and str(arguments[1]).endswith("checkpoint.pt"):
+        saved.append(True)
+    elif saved and event == "open":
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_right_after_a_checkpoint_keeps_that_epoch_in_tensorboard(tmp_path):
+    """Whatever checkpoint.pt holds is in the event files too: a run killed just after saving epoch 1 and resumed has
+    the TensorBoard scalars and histograms of an uninterrupted run (epoch 1's were once lost for good: the resumed
+    run keeps the events up to the checkpoint's step and starts logging after it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = ["--train-limit", "300", "--batch-size", "32", "--epochs", "2", "--quiet", "--tensorboard"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert normkit("train", "--out", str(straight), *run).returncode == 0
+    died = subprocess.run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "train", "--out", str(killed), *run],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1
+    resumed = normkit("train", "--out", str(killed), "--resume", *run)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected, actual = (EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+                        for path in (straight, killed))
+    assert sorted(actual.Tags()["scalars"]) == sorted(expected.Tags()["scalars"])
+    for tag in expected.Tags()["scalars"]:
+        assert [(e.step, e.value) for e in actual.Scalars(tag)] == [(e.step, e.value) for e in expected.Scalars(tag)], tag
+    assert [e.step for e in actual.Scalars("epoch/loss")] == [8, 16]  # the step ending each epoch
+    assert sorted(actual.Tags()["histograms"]) == sorted(expected.Tags()["histograms"])
+    for tag in expected.Tags()["histograms"]:
+        assert [e.step for e in actual.Histograms(tag)] == [e.step for e in expected.Histograms(tag)] == [8, 16], tag
 
 
 def test_resume_refuses_changed_settings_and_extends_epochs(tmp_path, capsys):

@@ -233,11 +233,22 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                       "val_accuracy": val_accuracy, "seconds": seconds,
                       "images_per_second": seen / seconds if seconds > 0 else None}
             history.append(record)
-            # The checkpoint first: whatever TensorBoard makes of this epoch, the epoch is saved.
-            save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle, data.fingerprint)
-            progress["saved_epochs"] = epoch + 1
-            write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
-            board.epoch(step, record, model, probe)
+
+            def save_epoch(epoch=epoch):
+                save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle,
+                                data.fingerprint)
+                progress["saved_epochs"] = epoch + 1
+                write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
+
+            # TensorBoard first (flushed): a resumed run keeps the events up to its checkpoint's step and logs after
+            # it, so an epoch saved before its events were written would miss them for good. A kill before the
+            # checkpoint only repeats the epoch, whose events the resumed run purges and logs again.
+            try:
+                board.epoch(step, record, model, probe)
+            except Exception:
+                save_epoch()  # whatever TensorBoard makes of this epoch, the epoch is saved
+                raise
+            save_epoch()
             speed = record["images_per_second"]
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
                       f"val_loss {_show(val_loss)}  val_accuracy {_show(val_accuracy)}  {seconds:.1f}s "
