@@ -214,6 +214,9 @@ def opened(path):
     (lambda p: p.update(step=None), "its step is None, not a whole number >= 0"),
     (lambda p: p.update(history=None), "its history is None, not a list of per-epoch records"),
     (lambda p: p.update(history=[1]), "its history is [1], not a list of per-epoch records"),
+    # (records without their keys: a resumed finished run drew its curves from them, a KeyError traceback)
+    (lambda p: p.update(history=[{"epoch": 1}]), "its history is [{'epoch': 1}], not a list of per-epoch records"),
+    (lambda p: p["history"][0].update(loss="low"), "its history is a list, not a list of per-epoch records"),
     (lambda p: p.update(model=None), "its model is None, not a state_dict"),
     (lambda p: p.update(optimizer=[]), "its optimizer is [], not an optimizer's state_dict"),
     (lambda p: p.update(data_sha256=5), "its data_sha256 is 5"),

@@ -82,6 +82,18 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# A per-epoch record of the history (metrics.json's): what the curves, the comparison and a resumed run read.
+HISTORY_KEYS = ("epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second")
+
+
+def _is_record(record) -> bool:
+    """A history record as the training loop writes it: counts for epoch and step, numbers or None for the rest."""
+    return (isinstance(record, dict) and all(key in record for key in HISTORY_KEYS)
+            and _is_count(record["epoch"]) and _is_count(record["step"])
+            and all(record[key] is None or (isinstance(record[key], (int, float)) and not isinstance(record[key], bool))
+                    for key in HISTORY_KEYS[2:]))
+
+
 def _on_cpu(value):
     """``value`` with every tensor in it, at any depth of dicts and lists, moved to the CPU (NumPy's key array sits
     inside the numpy entry's dict, and reading it with ``.numpy()`` needs it there)."""
@@ -137,9 +149,9 @@ def _check_entries(payload: dict, path: Path) -> None:
         if not _is_count(payload[name]):
             raise CheckpointError(f"{path}: its {name} is {_shown(payload[name])}, not a whole number >= 0; {EDITED}")
     history = payload["history"]
-    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
-        raise CheckpointError(f"{path}: its history is {_shown(history)}, not a list of per-epoch records (dicts); "
-                              f"{EDITED}")
+    if not isinstance(history, list) or not all(_is_record(record) for record in history):
+        raise CheckpointError(f"{path}: its history is {_shown(history)}, not a list of per-epoch records (dicts of "
+                              f"{', '.join(HISTORY_KEYS)}); {EDITED}")
     if not isinstance(payload["config"], dict):
         raise CheckpointError(f"{path}: its config is {_shown(payload['config'])}, not a dict of settings; {EDITED}")
     model = payload["model"]
