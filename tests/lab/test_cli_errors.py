@@ -136,6 +136,14 @@ def test_no_validation_split_writes_null_not_nan(tmp_path):
     assert "nan" not in table and "| n/a |" in table
 
 
+def test_a_model_without_norm_layers_has_a_null_first_norm_layer(tmp_path):
+    """metrics.json lists first_norm_layer for every run; --norm none has no such layer: null, as every absent value."""
+    out = tmp_path / "run"
+    assert main(["train", "--norm", "none", "--dry-run", *TINY, "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert "first_norm_layer" in metrics and metrics["first_norm_layer"] is None
+
+
 def test_a_diverging_run_with_tensorboard_completes(tmp_path):
     """Weights and losses become NaN: TensorBoard cannot histogram them, and the run must still finish."""
     out = tmp_path / "run"

@@ -347,6 +347,7 @@ def _finish(cfg: TrainConfig, out: Path, checkpoint_path: Path, model: nn.Module
                "train_size": len(train_labels), "val_size": len(data.val[1]), "test_size": len(data.test[1]),
                "steps": step, "data_sha256": data.fingerprint}
     norm = first_norm_layer(model)
+    metrics["first_norm_layer"] = None  # (--norm none: absent, hence null as every absent value)
     if norm is not None:
         name, layer = norm
         metrics["first_norm_layer"] = {
