@@ -216,6 +216,8 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--eps", "-1"], ["--eps"]),
     (["--val-split", "nan"], ["--val-split"]),
     (["--train-limit", "300", "--val-split", "0.995"], ["only 1 training images", "--val-split 0.995 of 300"]),
+    # (the value given, not rounded to 6 digits: "--val-split 1" would name a value the check refuses)
+    (["--train-limit", "300", "--val-split", "0.9999999"], ["only 0 training images", "--val-split 0.9999999 of 300"]),
     (["--threads", "-1"], ["--threads"]),
     (["--seed", "x"], ["--seed"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),

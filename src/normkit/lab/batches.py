@@ -49,7 +49,7 @@ def prepare_data(cfg: TrainConfig, splits: Splits | None = None) -> Prepared:
     cut = int(len(labels) * (1.0 - cfg.val_split))
     if cut < 2:
         # (the value as given: a percentage rounds 0.995 to "100%", a split that leaves no room at all)
-        raise ValueError(f"only {cut} training images after --val-split {cfg.val_split:g} of {len(labels)}; "
+        raise ValueError(f"only {cut} training images after --val-split {cfg.val_split} of {len(labels)}; "
                          "raise --train-limit or lower --val-split")
     fingerprint = data_fingerprint({"train": (source[:cut], labels[:cut]), "val": (source[cut:], labels[cut:]),
                                     "test": (sources[1], splits.test[1])})
@@ -80,7 +80,7 @@ def check_batches(cfg: TrainConfig, count: int) -> None:
     if not sizes:
         limit = f"--train-limit {cfg.train_limit} and " if cfg.train_limit is not None else ""
         raise ValueError(f"no training step: the {count} training images (after {limit}--val-split "
-                         f"{cfg.val_split:g}) are fewer than --batch-size {cfg.batch_size}, and --drop-last"
+                         f"{cfg.val_split}) are fewer than --batch-size {cfg.batch_size}, and --drop-last"
                          f"{' (automatic with ghost batches)' if virtual is not None else ''} drops that partial "
                          "batch; lower --batch-size or raise --train-limit")
     if virtual is not None and sizes[-1] % virtual:
