@@ -111,6 +111,16 @@ def test_swapped_images_and_labels(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_file_of_other_dimensions_is_not_called_a_swap(tmp_path):
+    """A 4-dimensional uint8 IDX file (magic 0x00000804) where images belong is neither images nor labels: the
+    error must not suggest swapping the image and label files, which would not help."""
+    write_dataset(tmp_path, compress=False)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((20, 28, 28, 1), dtype=np.uint8))
+    with pytest.raises(DataError, match="magic number 0x00000804, expected 0x00000803") as refusal:
+        load_dataset("mnist", tmp_path)
+    assert "swapped" not in str(refusal.value) and "4 dimensions" in str(refusal.value)
+
+
 def test_count_mismatch(tmp_path):
     write_dataset(tmp_path, compress=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, dtype=np.uint8))

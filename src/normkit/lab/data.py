@@ -119,8 +119,12 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         raise DataError(f"{path}: magic number 0x{magic:08x} is not an IDX uint8 file "
                         f"(expected 0x{expected_magic or IDX_IMAGES_MAGIC:08x})")
     if expected_magic is not None and magic != expected_magic:
+        kinds = {IDX_IMAGES_MAGIC: "images", IDX_LABELS_MAGIC: "labels"}
+        # Only the other kind's magic means a swap; any other dimension count is simply not this kind of file.
+        hint = ("are image and label files swapped?" if magic in kinds
+                else f"a uint8 IDX file of {ndim} dimensions, not {kinds.get(expected_magic, 'this kind of file')}")
         raise DataError(f"{path}: magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
-                        f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'}); are image and label files swapped?")
+                        f"({kinds.get(expected_magic, 'IDX')}); {hint}")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes, {ndim} dimensions need {header})")
