@@ -213,6 +213,11 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--batch-size", "1"], ["--batch-size", "at least 2"]),
     (["--batch-size", "1", "--norm", "ghost"], ["--batch-size"]),
     (["--rho", "1"], ["--rho"]),
+    # (settings the optimizer never reads: silently ignored, yet saved as the run's)
+    (["--optimizer", "adam", "--momentum", "0.9"], ["--momentum 0.9", "--optimizer adam", "only sgd"]),
+    (["--optimizer", "sgd", "--rho", "0.5"], ["--rho 0.5", "--optimizer sgd"]),
+    (["--optimizer", "sgd", "--eps", "0.001"], ["--eps 0.001", "--optimizer sgd"]),
+    (["--momentum", "0.5"], ["--momentum 0.5", "--optimizer rmsprop"]),
     (["--eps", "-1"], ["--eps"]),
     (["--val-split", "nan"], ["--val-split"]),
     (["--train-limit", "300", "--val-split", "0.995"], ["only 1 training images", "--val-split 0.995 of 300"]),

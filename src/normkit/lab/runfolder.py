@@ -216,6 +216,21 @@ def _other_data(theirs: str, mine: str) -> str:
     return f"its data's sha256 {theirs[:12]}..., this data's {mine[:12]}..."
 
 
+# The optimizers that read each optimizer setting (optim.build_optimizer); the others ignore it.
+OPTIMIZER_SETTINGS = {"rho": ("rmsprop",), "eps": ("rmsprop", "adam"), "momentum": ("sgd",)}
+
+
+def _refuse_unused_optimizer_options(cfg: TrainConfig, given: set[str]) -> None:
+    """A given --rho, --eps or --momentum other than its default that the run's optimizer never reads (--momentum
+    0.9 with adam) would be silently ignored, and the run saved as if it had used it: refused, naming both flags."""
+    defaults = TrainConfig()
+    for name, users in OPTIMIZER_SETTINGS.items():
+        if name in given and cfg.optimizer not in users and getattr(cfg, name) != getattr(defaults, name):
+            raise ValueError(f"{flag_of(name)} {getattr(cfg, name)!r}: --optimizer {cfg.optimizer} does not use it (only "
+                             f"{' and '.join(users)} do{'es' if len(users) == 1 else ''}); drop {flag_of(name)} or "
+                             f"choose --optimizer {users[0]}")
+
+
 def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> RunPlan:
     """Validate everything a run needs (settings, --out, the checkpoint it resumes or replaces, the data and
     its batches) without writing anything: a failed run leaves ``out`` as it found it."""
@@ -262,6 +277,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
         note = _fresh_run_without_checkpoint(cfg, out)
         if note is not None:
             notes.append(note)
+    _refuse_unused_optimizer_options(cfg, given)
     data = prepare_data(cfg, splits)
     check_batches(cfg, len(data.train[1]))
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
