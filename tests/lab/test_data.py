@@ -121,6 +121,17 @@ def test_a_file_of_other_dimensions_is_not_called_a_swap(tmp_path):
     assert "swapped" not in str(refusal.value) and "4 dimensions" in str(refusal.value)
 
 
+def test_a_data_dir_that_is_a_file_is_called_one(tmp_path, monkeypatch):
+    """NORMKIT_DATA or --data-dir naming a file: the error says so, rather than that the path does not exist."""
+    afile = tmp_path / "train-images-idx3-ubyte.gz"
+    afile.write_bytes(b"")
+    monkeypatch.setenv("NORMKIT_DATA", str(afile))
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_dataset("mnist")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("mnist", tmp_path / "missing")
+
+
 def test_count_mismatch(tmp_path):
     write_dataset(tmp_path, compress=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, dtype=np.uint8))

@@ -209,7 +209,7 @@ def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
                         f"(files go in DIR/{dataset}/ or DIR/; `normkit download {dataset} --data-dir DIR` fetches them)")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{dataset}: data directory {root} does not exist")
+        raise DataError(f"{dataset}: data directory {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     return root / dataset if (root / dataset).is_dir() else root
 
 
