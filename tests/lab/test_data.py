@@ -83,6 +83,14 @@ def test_a_file_without_images_is_refused(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_gzip_file_without_the_gz_name_is_read_as_gzip(tmp_path):
+    """A compressed file saved under the uncompressed name holds the same array (its bytes start as gzip)."""
+    array = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    write_idx(tmp_path / "images.gz", array)
+    (tmp_path / "images.gz").rename(tmp_path / "train-images-idx3-ubyte")
+    np.testing.assert_array_equal(read_idx(tmp_path / "train-images-idx3-ubyte", data.IDX_IMAGES_MAGIC), array)
+
+
 def test_truncated_gzip_stream(tmp_path):
     write_dataset(tmp_path)
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -253,6 +261,36 @@ def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
                                                       mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
     with pytest.raises(DataError, match=r"could not download train-images-idx3-ubyte.gz .*copy the canonical files"):
         data.download("mnist", tmp_path / "data", timeout=5)
+    assert not list((tmp_path / "data").rglob("*.gz"))
+
+
+def test_a_transfer_cut_short_is_a_failed_mirror(tmp_path, monkeypatch):
+    """A server that promises more bytes than it sends (http.client.IncompleteRead, not an OSError): the mirror
+    counts as failed, the error says where the files go, and nothing is written."""
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b only part")
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
+                                                          mirrors=(f"http://127.0.0.1:{server.server_address[1]}/",)))
+        with pytest.raises(DataError, match=r"could not download train-images-idx3-ubyte.gz .*IncompleteRead.*"
+                                            r"copy the canonical files"):
+            data.download("mnist", tmp_path / "data", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
     assert not list((tmp_path / "data").rglob("*.gz"))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import math
 import os
 import re
@@ -93,16 +94,24 @@ class Splits:
 
 # --------------------------------------------------------------------------------------------- IDX files
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _read_bytes(path: Path) -> bytes:
+    compressed = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
+        # A .gz name must be gzip; a file without it is read as gzip too when it starts as one (a download saved
+        # under the uncompressed name), where its bytes would otherwise be called a foreign magic number.
+        with open(path, "rb") as probe:
+            compressed = compressed or probe.read(2) == GZIP_MAGIC
+        if compressed:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         # gzip raises EOFError for a truncated stream, BadGzipFile for a non-gzip file or a failed CRC check,
         # and zlib.error for a compressed stream whose bytes were damaged.
-        kind = "gzip" if path.suffix == ".gz" else "a file"
+        kind = "gzip" if compressed else "a file"
         raise DataError(f"{path}: cannot be read as {kind} (a truncated or malformed file; fetch it again): "
                         f"{error}") from None
 
@@ -317,8 +326,8 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
             try:
                 with urllib.request.urlopen(mirror + filename, timeout=timeout) as response:
                     payload = response.read()
-            except OSError as error:
-                failures.append(f"{mirror + filename}: {error}")
+            except (OSError, http.client.HTTPException) as error:  # (a transfer cut short: IncompleteRead)
+                failures.append(f"{mirror + filename}: {type(error).__name__}: {error}")
                 continue
             if _md5(payload) != checksum:
                 failures.append(f"{mirror + filename}: checksum {_md5(payload)} != published {checksum}")
