@@ -116,6 +116,9 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     optimization.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                               help="drop the last partial batch (default: only with ghost batches, --norm ghost or a "
                                    "--norm-option virtual_batch_size, and a last batch of 1 image)")
+    optimization.add_argument("--batch-classes", type=_positive_int, default=SUPPRESS, metavar="K",
+                              help="non-i.i.d. batches: each holds --batch-size / K images of each of K classes only "
+                                   "(the Batch Renormalization paper's experiment; default: shuffled batches)")
     optimization.add_argument("--seed", type=_integer, default=SUPPRESS, help="0 to 2**32 - 1 (default: 0)")
     optimization.add_argument("--recalibrate", type=_batch_count, default=SUPPRESS, metavar="N",
                               help="after the last epoch, recompute the BN running statistics with the final weights "

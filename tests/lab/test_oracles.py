@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normkit.lab import data
-from normkit.lab.batches import prepare_data, training_batches
+from normkit.lab.batches import prepare_data, training_batch_sizes, training_batches
 from normkit.lab.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from normkit.lab.compare import comparison_table
 from normkit.lab.config import TrainConfig
@@ -156,6 +156,56 @@ def test_batch_size_one_trains_on_every_image(tmp_path):
     metrics = run(TrainConfig(norm="group", batch_size=1, train_limit=10, val_split=0.0, epochs=2, quiet=True,
                               tensorboard=False, out=str(tmp_path)))
     assert metrics["steps"] == 20 and [r["step"] for r in metrics["history"]] == [10, 20]
+
+
+def _most_class_pure_batches(chunks, k):
+    """The largest R such that R batches of K distinct classes fit in per-class chunk counts ``chunks``: a class
+    can serve at most min(its chunks, R) of them, so R fits exactly when sum(min(q, R)) >= K R."""
+    return max(r for r in range(sum(chunks) // k + 1) if sum(min(q, r) for q in chunks) >= k * r)
+
+
+@pytest.mark.parametrize("k,batch_size", [(1, 8), (2, 8), (3, 12), (10, 20)])
+def test_class_pure_batches_hold_k_classes_in_equal_parts(k, batch_size):
+    """--batch-classes K: every batch has batch_size / K images of each of K classes, no image twice in an epoch,
+    as many batches as the class counts allow (an independent count), the same ones from the same generator state,
+    other ones in the next epoch; the step count known before shuffling agrees."""
+    labels = torch.tensor([c for c, n in enumerate([23, 5, 17, 40, 9, 12, 3, 30, 8, 16]) for _ in range(n)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    cfg = TrainConfig(norm="none" if k == 10 else "batch", batch_size=batch_size, batch_classes=k).resolved()
+    generator = torch.Generator().manual_seed(0)
+    first = training_batches(len(labels), cfg, generator, labels)
+    per_class = batch_size // k
+    expected_count = _most_class_pure_batches([int(n) // per_class for n in torch.bincount(labels)], k)
+    assert len(first) == expected_count == len(training_batch_sizes(len(labels), cfg, labels))
+    for batch in first:
+        classes, counts = labels[batch].unique(return_counts=True)
+        assert len(classes) == k and counts.tolist() == [per_class] * k
+    everything = torch.cat(first)
+    assert len(everything.unique()) == len(everything)
+    again = training_batches(len(labels), cfg, torch.Generator().manual_seed(0), labels)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    second = training_batches(len(labels), cfg, generator, labels)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_class_pure_batches_resume_as_an_uninterrupted_run(tmp_path):
+    """A run with --batch-classes stopped after an epoch and resumed ends with the uninterrupted run's weights
+    (the batches come from the checkpointed generator)."""
+    settings = dict(train_limit=300, batch_size=32, batch_classes=2, epochs=2, quiet=True, tensorboard=False)
+    whole = run(TrainConfig(out=str(tmp_path / "a"), **settings))
+    run(TrainConfig(out=str(tmp_path / "b"), **{**settings, "epochs": 1}))
+    resumed = run(TrainConfig(out=str(tmp_path / "b"), resume=True, **settings), given={"epochs"})
+    expected, actual = (load_checkpoint(tmp_path / p / "checkpoint.pt")["model"] for p in ("a", "b"))
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+    assert whole["history"] == [{**r, "seconds": w["seconds"], "images_per_second": w["images_per_second"]}
+                                for r, w in zip(resumed["history"], whole["history"], strict=True)]
+
+
+def test_batch_classes_are_refused_where_they_cannot_hold():
+    with pytest.raises(ValueError, match=r"--batch-size=64 is not a multiple of 3"):
+        TrainConfig(batch_classes=3).resolved()
+    with pytest.raises(ValueError, match=r"--batch-classes=11 must be a number of classes from 1 to 10"):
+        TrainConfig(batch_classes=11).resolved()
 
 
 def test_epoch_scalars_are_the_step_values_weighted_by_batch_size(tmp_path):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import TrainConfig, virtual_batch_size
+from .config import NUM_CLASSES, TrainConfig, virtual_batch_size
 from .data import Splits, load_dataset
 
 
@@ -65,18 +65,27 @@ def _drops_last(size: int, cfg: TrainConfig) -> bool:
     return (size < 2 and cfg.batch_size > 1) or bool(cfg.drop_last and size < cfg.batch_size)
 
 
-def training_batch_sizes(count: int, cfg: TrainConfig) -> list[int]:
-    """The sizes of one epoch's batches of ``count`` images (what ``training_batches`` makes), without data."""
+def training_batch_sizes(count: int, cfg: TrainConfig, labels: torch.Tensor | None = None) -> list[int]:
+    """The sizes of one epoch's batches of ``count`` images (what ``training_batches`` makes), without shuffling
+    (``labels``: the training labels, which ``--batch-classes`` batches depend on)."""
+    if cfg.batch_classes is not None:
+        return [cfg.batch_size] * len(_class_pure_plan(_chunk_counts(labels, cfg), cfg.batch_classes, None))
     sizes = [cfg.batch_size] * (count // cfg.batch_size) + ([count % cfg.batch_size] if count % cfg.batch_size else [])
     if sizes and _drops_last(sizes[-1], cfg):
         sizes.pop()
     return sizes
 
 
-def check_batches(cfg: TrainConfig, count: int) -> None:
+def check_batches(cfg: TrainConfig, count: int, labels: torch.Tensor | None = None) -> None:
     """Refuse, before training, settings that make no training step or a batch the norm cannot take."""
-    sizes = training_batch_sizes(count, cfg)
+    sizes = training_batch_sizes(count, cfg, labels)
     virtual = virtual_batch_size(cfg.norm, cfg.norm_options)
+    if not sizes and cfg.batch_classes is not None:
+        per_class = cfg.batch_size // cfg.batch_classes
+        raise ValueError(f"no training step: --batch-classes {cfg.batch_classes} with --batch-size {cfg.batch_size} "
+                         f"needs {cfg.batch_classes} classes with at least {per_class} training images each, and "
+                         f"these {count} have {int((torch.bincount(labels) >= per_class).sum())}; lower "
+                         "--batch-size or --batch-classes, or raise --train-limit")
     if not sizes:
         limit = f"--train-limit {cfg.train_limit} and " if cfg.train_limit is not None else ""
         raise ValueError(f"no training step: the {count} training images (after {limit}--val-split "
@@ -90,13 +99,56 @@ def check_batches(cfg: TrainConfig, count: int) -> None:
                          "--batch-size/--train-limit")
 
 
-def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's batches of indices, shuffled by ``generator`` (a partial last batch per ``drop_last``)."""
+def training_batches(count: int, cfg: TrainConfig, generator: torch.Generator,
+                     labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch's batches of indices, shuffled by ``generator`` (a partial last batch per ``drop_last``), or with
+    ``--batch-classes K`` batches of K classes each (``labels``: the training labels)."""
+    if cfg.batch_classes is not None:
+        return _class_pure_batches(labels, cfg, generator)
     order = torch.randperm(count, generator=generator)
     batches = list(order.split(cfg.batch_size))
     if batches and _drops_last(len(batches[-1]), cfg):
         batches.pop()
     return batches
+
+
+def _chunk_counts(labels: torch.Tensor, cfg: TrainConfig) -> list[int]:
+    """How many whole groups of ``batch_size / K`` images each class has."""
+    per_class = cfg.batch_size // cfg.batch_classes
+    return [int(n) // per_class for n in torch.bincount(labels.cpu(), minlength=NUM_CLASSES)]
+
+
+def _class_pure_plan(chunks: list[int], k: int, generator: torch.Generator | None) -> list[tuple[int, ...]]:
+    """The classes of each batch: every batch takes one chunk from each of the K classes with the most chunks left
+    (ties in ``generator``'s random order; None: by class), until fewer than K classes have any. Taking from the
+    fullest classes makes the most batches, and how many does not depend on the ties."""
+    left = list(chunks)
+    plan = []
+    while sum(1 for n in left if n) >= k:
+        ties = torch.randperm(len(left), generator=generator).tolist() if generator is not None else range(len(left))
+        chosen = sorted(ties, key=lambda c: -left[c])[:k]
+        for c in chosen:
+            left[c] -= 1
+        plan.append(tuple(chosen))
+    return plan
+
+
+def _class_pure_batches(labels: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """The renorm paper's non-i.i.d. minibatches: each batch holds ``batch_size / K`` images of each of K classes.
+
+    Each class's images are shuffled and cut into chunks of ``batch_size / K`` (a last partial chunk sits the
+    epoch out); batches take one chunk from each of K classes (``_class_pure_plan``) and come in shuffled order.
+    Images of classes left without K partners sit the epoch out too; which ones changes from epoch to epoch."""
+    per_class = cfg.batch_size // cfg.batch_classes
+    labels = labels.cpu()
+    chunks = []
+    for c in range(NUM_CLASSES):
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        chunks.append([part for part in members.split(per_class) if len(part) == per_class])
+    plan = _class_pure_plan([len(parts) for parts in chunks], cfg.batch_classes, generator)
+    batches = [torch.cat([chunks[c].pop() for c in classes]) for classes in plan]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def recalibration_batches(images: torch.Tensor, cfg: "TrainConfig", count: int) -> list[torch.Tensor]:

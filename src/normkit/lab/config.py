@@ -42,6 +42,8 @@ class TrainConfig:
     batch_size: int = 64
     epochs: int = 5
     drop_last: bool | None = None    # None: drop the last partial batch only where BN cannot use it (see docs/lab.md)
+    batch_classes: int | None = None  # each training batch holds batch_size / K images of each of K classes only
+                                      # (the renorm paper's non-i.i.d. minibatches); None: shuffled batches
     seed: int = 0
     recalibrate: int = 0             # after the last epoch, recompute BN running stats over N training batches (-1: all)
     # run
@@ -101,6 +103,14 @@ class TrainConfig:
         if virtual is not None and self.batch_size % virtual:
             raise ValueError(f"--norm {self.norm} normalizes virtual batches of {virtual}; --batch-size={self.batch_size} "
                              f"must be a multiple of {virtual}")
+        if self.batch_classes is not None:
+            if not _is_int(self.batch_classes) or not 1 <= self.batch_classes <= NUM_CLASSES:
+                raise ValueError(f"--batch-classes={self.batch_classes!r} must be a number of classes from 1 to "
+                                 f"{NUM_CLASSES} (omit it for shuffled batches)")
+            if self.batch_size % self.batch_classes:
+                raise ValueError(f"--batch-classes={self.batch_classes}: each batch holds --batch-size / K images of "
+                                 f"each of its K classes, and --batch-size={self.batch_size} is not a multiple of "
+                                 f"{self.batch_classes}")
         if self.batch_size < 2 and _has_batch_norm(self.norm):
             raise ValueError(f"--batch-size=1: --norm {self.norm} normalizes with batch statistics, which need at "
                              "least 2 images per batch; use --batch-size 2 or more, or a norm without batch "
@@ -149,6 +159,7 @@ class TrainConfig:
 
 
 MAX_SEED = 2**32 - 1
+NUM_CLASSES = 10  # every dataset of the lab (digits, MNIST, Fashion-MNIST, KMNIST) has labels 0..9
 
 
 def check_device(device: str) -> None:

@@ -279,7 +279,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             notes.append(note)
     _refuse_unused_optimizer_options(cfg, given)
     data = prepare_data(cfg, splits)
-    check_batches(cfg, len(data.train[1]))
+    check_batches(cfg, len(data.train[1]), data.train[1])
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
     # (a moved dataset is the same data). Checkpoints written before fingerprints existed have none to compare.
     resumed_data = checkpoint.get("data_sha256") if checkpoint is not None else None

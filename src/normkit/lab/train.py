@@ -189,7 +189,7 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
               f"{epochs} epochs -> {out}")
     try:
         for epoch in range(start_epoch, epochs):
-            batches = training_batches(len(train_labels), cfg, shuffle)
+            batches = training_batches(len(train_labels), cfg, shuffle, train_labels)
             if cfg.dry_run:
                 batches = batches[:1]
             model.train()
