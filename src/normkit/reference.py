@@ -25,6 +25,11 @@ because a padded position's output is still normalized with the group's statisti
     dL/dx_i  = inv * (g_i - w_i / n * (sum g + x_hat_i * sum g * x_hat))
 
 and, when the statistics are constants (eval mode), simply dL/dx = inv * g.
+
+Padding rule (NaN or inf in padded positions that the loss ignores): a position whose g is exactly 0 adds
+nothing to any sum, whatever x_hat holds there, and a padded position (w_i = 0) gets inv * g_i alone, the
+other term selected away rather than multiplied by w_i = 0 (0 * NaN is NaN, and 0 * inf too). For finite
+values this is the formula above exactly; a nonzero g at a NaN input still gives NaN, as the math does.
 """
 
 from __future__ import annotations
@@ -80,15 +85,23 @@ def normalize(x, mean, var, eps, scale=None, offset=None):
 
 
 def normalize_backward(grad_x_hat, x_hat, inv_std, reduce_axes, mask=None, batch_statistics=True):
-    """dL/dx from dL/dx_hat, for statistics taken over ``reduce_axes`` (see the module docstring)."""
+    """dL/dx from dL/dx_hat, for statistics taken over ``reduce_axes`` (see the module docstring).
+
+    The padding rule, with selections (``np.where``), not products with 0: a position whose gradient is
+    exactly 0 adds nothing to ``sum g * x_hat`` whatever ``x_hat`` holds there (NaN or inf padding the loss
+    ignores), and a padded position (mask 0) gets only its direct term ``inv * g``. Finite values: the same
+    numbers as the plain formula; a nonzero gradient at a NaN input still gives NaN.
+    """
     if not batch_statistics:
         return grad_x_hat * inv_std
     weights = np.ones_like(x_hat) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x_hat.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
     safe_count = np.where(count > 0, count, 1.0)
     sum_grad = grad_x_hat.sum(axis=reduce_axes, keepdims=True)
-    sum_grad_x_hat = (grad_x_hat * x_hat).sum(axis=reduce_axes, keepdims=True)
-    return inv_std * (grad_x_hat - weights / safe_count * (sum_grad + x_hat * sum_grad_x_hat))
+    with np.errstate(invalid="ignore"):  # (0 * inf is computed, then selected away)
+        sum_grad_x_hat = np.where(grad_x_hat != 0, grad_x_hat * x_hat, 0.0).sum(axis=reduce_axes, keepdims=True)
+        through_statistics = np.where(weights != 0, weights / safe_count * (sum_grad + x_hat * sum_grad_x_hat), 0.0)
+    return inv_std * (grad_x_hat - through_statistics)
 
 
 def _param(value, shape):
@@ -311,7 +324,10 @@ def batch_norm_backward(grad_output, x, running_mean=None, running_var=None, wei
     inv_std = 1.0 / np.sqrt(parts["var"] + eps)
     x_hat = (view - parts["mean"]) * inv_std
     grad = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
-    grad_weight = None if weight is None else _sum_to(grad * _pre_affine(parts, x_hat), _view_param_shape(parts))
+    # (the padding rule: a position with gradient 0 adds nothing, whatever its x_hat; see normalize_backward)
+    with np.errstate(invalid="ignore"):
+        grad_times_z = np.where(grad != 0, grad * _pre_affine(parts, x_hat), 0.0)
+    grad_weight = None if weight is None else _sum_to(grad_times_z, _view_param_shape(parts))
     grad_bias = None if bias is None else _sum_to(grad, _view_param_shape(parts))
     grad_z = grad if weight is None else grad * _view_param(weight, parts)
     if parts["adj_scale"] is not None:
