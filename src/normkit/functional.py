@@ -82,6 +82,14 @@ def without_data(x):
     return x.is_meta or kernels.is_fake(x)
 
 
+def host_checks(x):
+    """Whether a data-dependent branch on ``x`` (a host read of a per-channel statistic) is cheap and allowed: eager
+    CPU data. GPUs (where the read waits for the device), traced or compiled graphs, torch.func's transforms and
+    tensors without data take a branch-free formulation instead."""
+    return (x.is_cpu and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not kernels.transforms_active() and not without_data(x))
+
+
 def statistics_dtype(x):
     """float32 for half-precision inputs, else the input's own floating dtype."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
@@ -135,6 +143,13 @@ def moments(x, reduce_axes, mask=None):
     E[x^2] - E[x]^2). A group with no valid position gets mean 0 and variance 0. Callers
     with data far from zero recenter it first (see ``_aten_batch_norm``).
     """
+    return _moments(x, reduce_axes, mask)[:3]
+
+
+def _moments(x, reduce_axes, mask=None):
+    """``moments``, and whether every value of ``x`` is known to be finite: True when the masked statistics'
+    product with the mask came out finite (0 * NaN and 0 * inf are NaN, so no value can be non-finite), False
+    when it did not, None when not checked (no mask, or no host check: see ``host_checks``)."""
     x = x.to(statistics_dtype(x))
     if mask is None:
         kept = complement(reduce_axes, x.dim())
@@ -147,12 +162,12 @@ def moments(x, reduce_axes, mask=None):
         else:
             var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
         count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
-        return count, mean, var
+        return count, mean, var, None
     weights = mask.to(x.dtype).expand(x.shape)
     count = weights.sum(dim=reduce_axes, keepdim=True)
     safe_count = torch.where(count > 0, count, torch.ones_like(count))
-    if (x.is_cpu and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not kernels.transforms_active() and not without_data(x)):
+    checked = host_checks(x)
+    if checked:
         # The product first: ATen's CPU where is 4-5x a product. A masked position may hold NaN or inf (padding),
         # and 0 * NaN is NaN, so a statistic that comes out non-finite is taken again below, where padding
         # cannot reach it. (GPUs, traced or compiled graphs, torch.func's transforms and tensors without data,
@@ -160,11 +175,11 @@ def moments(x, reduce_axes, mask=None):
         mean = (weights * x).sum(dim=reduce_axes, keepdim=True) / safe_count
         var = (weights * (x - mean).square()).sum(dim=reduce_axes, keepdim=True) / safe_count
         if bool(torch.isfinite(var).all()):  # (a non-finite mean makes the variance non-finite too)
-            return count, mean, var
+            return count, mean, var, True
     valid = weights != 0
     mean = (weights * torch.where(valid, x, 0.0)).sum(dim=reduce_axes, keepdim=True) / safe_count
     var = (weights * torch.where(valid, x - mean, 0.0).square()).sum(dim=reduce_axes, keepdim=True) / safe_count
-    return count, mean, var
+    return count, mean, var, False if checked else None
 
 
 def affine(x_hat, scale=None, offset=None):
@@ -844,9 +859,12 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
                             x.shape, virtual_batch_size=virtual_batch_size)
+    finite = None  # (whether every value of the view is known to be finite)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
-        count, mean, var = (moments(view, reduce_axes, mask_view) if moments_fn is None
-                            else moments_fn(view, reduce_axes, mask_view, shift))
+        if moments_fn is None:
+            count, mean, var, finite = _moments(view, reduce_axes, mask_view)
+        else:
+            count, mean, var = moments_fn(view, reduce_axes, mask_view, shift)
     with torch.no_grad():
         # (the mean that leaves the layer is the data's, not the residuals': each ghost's centre added back)
         data_mean = mean.detach() if shift is None else mean.detach() + shift
@@ -872,7 +890,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
                                                      else p.reshape(param_shape).unsqueeze(0)))
     if needs_composite:
         y = _composite_normalize(view, mean, var, eps, view_param(r), view_param(d), x, adjustment,
-                                 virtual_batch_size, ghost_layout, view_param(weight), view_param(bias))
+                                 virtual_batch_size, ghost_layout, view_param(weight), view_param(bias),
+                                 _padding_to_guard(view, mask_view, finite))
     else:  # a mask, without adjustment
         scale, offset = weight, bias
         if r is not None:
@@ -907,8 +926,13 @@ def _differentiable_masked_backward(ctx, grad, x, weights, reduce_axes, eps, sca
     recomputed by autograd from the saved inputs (same formula, ``moments`` with the mask). ``first`` is the
     Function's gradient slots of the input, scale and offset (0, 3, 4 or 0, 5, 6)."""
     def output():
-        _, mean, var = moments(x, reduce_axes, weights)
-        return normalize(x, mean, var, eps, scale, offset)
+        # The padding rule: a non-finite padded value whose output gradient is 0 is read as 0 here. Its own
+        # gradient is a * 0 = 0 either way, and it adds nothing to the sums, where 0 * NaN would be NaN; finite
+        # values are left as they are, so the math (second derivatives included) is unchanged.
+        ignored = (weights == 0) & (grad == 0) & ~torch.isfinite(x)
+        values = torch.where(ignored, 0.0, x)
+        _, mean, var = moments(values, reduce_axes, weights)
+        return normalize(values, mean, var, eps, scale, offset)
 
     return _gradient_of_recomputed(ctx, grad, tuple(zip(first, (x, scale, offset))), output)
 
@@ -941,12 +965,25 @@ class _MaskedNormalize(torch.autograd.Function):
         centered = x - mean
         axes = ctx.reduce_axes
         sum_grad = grad.sum(dim=axes, keepdim=True)
-        sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
+        # The padding rule (reference.normalize_backward): a position whose gradient is 0 adds nothing to the
+        # sums and a padded one gets a g alone, by selection, since NaN or inf padding times 0 is NaN. On the CPU
+        # the products first (ATen's CPU where costs 4-5x a product): a finite sum(g (x - mean)) has finite
+        # terms only, so every x is finite (0 * inf, 0 * NaN are NaN) and w * (...) below is 0 on padding;
+        # otherwise the selections. (Elsewhere the selections at once: no host read of the sums.)
+        selected = not host_checks(x)
+        if not selected:
+            sum_grad_centered = (grad * centered).sum(dim=axes, keepdim=True)
+            selected = not bool(torch.isfinite(sum_grad_centered).all())
+        if selected:
+            sum_grad_centered = torch.where(grad != 0, grad * centered, 0.0).sum(dim=axes, keepdim=True)
         safe_count = torch.where(count > 0, count, torch.ones_like(count))
         shift = factor * sum_grad / safe_count
         # (paired so no intermediate underflows: invstd^3 is below float32's range once the std passes ~1e13)
         slope = (sum_grad_centered * invstd) * (factor * invstd) / safe_count
-        grad_x = grad * factor - weights * torch.addcmul(shift, centered, slope)
+        through_statistics = weights * torch.addcmul(shift, centered, slope)
+        if selected:
+            through_statistics = torch.where(weights != 0, through_statistics, 0.0)
+        grad_x = grad * factor - through_statistics
         grad_scale = None if scale is None else _sum_to(sum_grad_centered * invstd, scale.shape)
         grad_offset = None if offset is None else _sum_to(sum_grad, offset.shape)
         return grad_x, None, None, None, None, grad_scale, grad_offset, None, None
@@ -985,10 +1022,22 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
         need_scale = ctx.needs_input_grad[3] and ctx.has_scale
         need_offset = ctx.needs_input_grad[4] and ctx.has_offset
         invstd = torch.add(var, ctx.eps).rsqrt_()
-        # Only the sums: sum(g x_hat) and sum(g) (the weight and bias gradients).
-        _, sum_grad_x_hat, sum_grad = torch.ops.aten.native_batch_norm_backward(
-            grad, rows, scale, None, None, mean, invstd, True, ctx.eps, [False, need_rows or need_scale,
-                                                                        need_rows or need_offset])
+        # Only the sums: sum(g x_hat) and sum(g) (the weight and bias gradients), from ATen's kernel on the CPU.
+        # The padding rule: a row whose gradient is 0 adds nothing to sum(g x_hat), whatever it holds (ATen's
+        # kernel multiplies, and 0 * NaN is NaN): a non-finite sum (a non-finite value somewhere) is taken again
+        # with the selection. Elsewhere the selection at once (no host read). The padded rows' input gradient
+        # is selected already (index_fill_ below).
+        sum_grad_x_hat = sum_grad = None
+        if host_checks(rows):
+            _, sum_grad_x_hat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+                grad, rows, scale, None, None, mean, invstd, True, ctx.eps, [False, need_rows or need_scale,
+                                                                            need_rows or need_offset])
+            if sum_grad_x_hat is not None and not bool(torch.isfinite(sum_grad_x_hat).all()):
+                sum_grad_x_hat = None
+        elif need_rows or need_offset:
+            sum_grad = grad.sum(dim=0)
+        if sum_grad_x_hat is None and (need_rows or need_scale):
+            sum_grad_x_hat = torch.where(grad != 0, grad * (rows - mean), 0.0).sum(dim=0).mul_(invstd)
         grad_rows = None
         if need_rows:
             factor = invstd if scale is None else invstd * scale
@@ -1027,19 +1076,55 @@ def _adjustment_terms(adjustment, x, dtype):
     return expanded
 
 
-def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias):
+def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batch_size, ghost_layout, weight, bias,
+                         ignored=None):
+    """The normalization by autograd's ops. ``ignored``: the padded positions that hold NaN or inf (see
+    ``_padding_to_guard``), None when there are none to guard."""
     dtype = statistics_dtype(view)
-    # Divided by the standard deviation, not multiplied by rsqrt: autograd's rsqrt derivative, var^-1.5,
-    # underflows float32 once the spread passes ~1e13, and the division's terms stay in range.
-    x_hat = (view.to(dtype) - mean) / torch.sqrt(var + eps)
-    z = x_hat if r is None else x_hat * r + d
-    if adjustment is not None:
+    adj_scale = adj_bias = None
+    if adjustment is not None:  # (called once: an adjustment may draw random numbers)
         adj_scale, adj_bias = _adjustment_terms(adjustment, x, dtype)
         if virtual_batch_size is not None:
             adj_scale = ghost_view(adj_scale, virtual_batch_size, ghost_layout)[0]
             adj_bias = ghost_view(adj_bias, virtual_batch_size, ghost_layout)[0]
-        z = z * adj_scale + adj_bias
-    return affine(z, weight, bias).to(view.dtype)
+
+    def output(values):
+        # Divided by the standard deviation, not multiplied by rsqrt: autograd's rsqrt derivative, var^-1.5,
+        # underflows float32 once the spread passes ~1e13, and the division's terms stay in range.
+        x_hat = (values.to(dtype) - mean) / torch.sqrt(var + eps)
+        z = x_hat if r is None else x_hat * r + d
+        if adj_scale is not None:
+            z = z * adj_scale + adj_bias
+        return affine(z, weight, bias).to(view.dtype)
+
+    if ignored is None:
+        return output(view)
+    # The padding rule for autograd's ops, whose backward multiplies the output gradient by the saved values
+    # (0 * NaN is NaN even where the loss ignores the padding): the graph is built on the input with the
+    # non-finite padded values read as 0, and the outputs there are set to their exact values outside it. A
+    # nonzero gradient at such an output still makes its channel's gradients NaN, as the math does (NaN there
+    # in place of the math's inf for inf padding); a zero one adds nothing.
+    y = output(torch.where(ignored, 0.0, view))
+    with torch.no_grad():
+        exact = output(view)
+    if y.requires_grad:
+        y.register_hook(lambda grad: torch.where(ignored & (grad != 0), math.nan, grad))
+    return y + torch.where(ignored, exact - y.detach(), 0.0)
+
+
+def _padding_to_guard(view, mask_view, finite):
+    """The padded positions of ``view`` that hold NaN or inf, for ``_composite_normalize``; None where there are
+    none (``finite``: ``_moments``' finding, None if unknown) or where the guard is not taken: traced or compiled
+    graphs, torch.func's transforms and tensors without data (docs/decisions.md, "Masks")."""
+    if mask_view is None or finite or not torch.is_grad_enabled():
+        return None
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or kernels.transforms_active()
+            or without_data(view)):
+        return None
+    ignored = (mask_view == 0) & ~torch.isfinite(view)
+    if host_checks(view) and not bool(ignored.any()):  # (on a GPU no host read: the guard at once)
+        return None
+    return ignored
 
 
 def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, eps, unbiased_running_var,
