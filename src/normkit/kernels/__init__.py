@@ -414,14 +414,19 @@ def graph_backward(x, weight, valid, dims, eps, r, d, grad, needs):
                 xg = xg.transpose(0, 1)  # (G, N / G, R, C, S) either way
             # (the kernels take a mask without ghost groups only; a group without valid values: mean 0, var 0)
             mask = None if valid is None else valid.reshape(1, n, rows, 1, positions)
+            g = grad.to(compute).reshape(*grouped_shape, rows, channels, positions)
+            g = g.transpose(0, 1) if strided else g
+            if mask is not None:
+                # The padding rule: a non-finite padded value whose gradient is 0 is read as 0 (its gradient is
+                # 0 either way, and it adds nothing to the sums, where 0 * NaN would be NaN); finite values stay.
+                xg = torch.where(~mask & (g == 0) & ~torch.isfinite(xg), 0.0, xg)
             _, mean, var = functional.moments(xg, (1, 2, 4), mask)
             per_feature = (1, 1, 1, channels, 1)
             scale, shift = r.to(compute).view(per_feature), d.to(compute).view(per_feature)
             if weight is not None:
                 scale, shift = scale * weight.to(compute).view(per_feature), shift * weight.to(compute).view(per_feature)
             y = (xg - mean) * torch.rsqrt(var + eps) * scale + shift
-            g = grad.to(compute).reshape(*grouped_shape, rows, channels, positions)
-            found = list(torch.autograd.grad(y, wanted, g.transpose(0, 1) if strided else g, create_graph=True))
+            found = list(torch.autograd.grad(y, wanted, g, create_graph=True))
     grad_input = found.pop(0) if need_input else None
     grad_weight = found.pop(0) if need_weight else None
     grad_bias = None

@@ -15,7 +15,9 @@ another, with the same contract as the C++ kernel (``normkit.kernels.fused_batch
   output depends on the statistics), then
   ``dx = a g - w (a invstd^2 sum(g (x - mean)) / n + a sum(g) / n)`` with ``a = invstd gamma r``
   and ``w = 1`` on valid positions, 0 on padding; ``dgamma = r sum(g x_hat) + d sum(g)``,
-  ``dbeta = sum(g)``.
+  ``dbeta = sum(g)``. The padding rule (reference.normalize_backward): a position with ``g == 0`` adds
+  nothing to the sums and a padded one gets ``a g`` alone, both by ``tl.where`` (NaN or inf padding that
+  the loss ignores: 0 * NaN would be NaN).
 
 One program per feature keeps every statistic in registers (no second launch, no atomics), at
 the price of parallelism: features with more than ``MAX_PER_FEATURE`` values are left to ATen's
@@ -206,7 +208,8 @@ def _backward_kernel(x_ptr, grad_ptr, valid_ptr, weight_ptr, stats_ptr, rd_ptr, 
             gv = tl.load(grad_ptr + offset, mask=inside, other=0.0).to(tl.float64)
             x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float64)
             sum_g += gv
-            sum_gx += gv * (x - mean)
+            # (the padding rule: a zero gradient adds nothing, whatever x holds; 0 * NaN would be NaN)
+            sum_gx += tl.where(gv != 0.0, gv * (x - mean), 0.0)
         total_g = tl.sum(sum_g, axis=0)
         total_gx = tl.sum(sum_gx, axis=0)
         if NEED_INPUT:
