@@ -200,3 +200,24 @@ def test_the_padding_rule_holds_for_gradients_with_a_graph(name, execution, rng)
     assert torch.isfinite(x_grad).all() and torch.isfinite(weight_grad).all()
     torch.testing.assert_close(x_grad, x_grad0)
     torch.testing.assert_close(weight_grad, weight_grad0)
+
+
+@pytest.mark.parametrize("padding", [float("nan"), 0.0], ids=["nan", "zeros"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_the_branch_free_formulations_follow_the_rule_too(name, padding, monkeypatch, rng):
+    """On a GPU (and in compiled graphs) no sum is read on the host: the Functions select at once and the autograd
+    composite paths always take the padding guard. Forced here on the CPU (``host_checks`` says no), against the
+    host-checked execution on zero padding, finite padding included (the guard must then change nothing)."""
+    from normkit import functional
+
+    dtype = torch.float64
+    x, mask, valid = _data(name, dtype, rng)
+    loss_weights = torch.tensor(rng.normal(size=x.shape), dtype=dtype) * valid
+    layer = _layer(name, dtype)
+    expected = _step(copy.deepcopy(layer), x.masked_fill(~valid, 0.0), mask, loss_weights)
+    monkeypatch.setattr(functional, "host_checks", lambda tensor: False)
+    y, x_grad, grads = _step(layer, x.masked_fill(~valid, padding), mask, loss_weights)
+    torch.testing.assert_close(y[valid], expected[0][valid])
+    torch.testing.assert_close(x_grad, expected[1])
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[2][key])
