@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="normkit", description="normkit's lab: the classic batch-normalization "
                                      "experiments from one command.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands.choices  # name -> subparser: main reports a command's unknown options on it
 
     train = commands.add_parser("train", help="train one model (default: LeNet + BN on digits, under a minute)",
                                 description="Train one model and write config.json, metrics.json, checkpoint.pt, "
@@ -297,7 +298,10 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `normkit` command; returns the exit status (0 ok, 1 a refused write, 2 a user error, 130 Ctrl-C)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame `normkit` and point at its --help; the command's own help lists them
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     handlers = {"train": _train, "evaluate": _evaluate, "compare": _compare, "download": _download,
                 "kernels": _kernels}
     try:

@@ -487,6 +487,13 @@ def test_argparse_errors_are_one_line(capsys):
     one_line_error(capsys, "--batch-size")
 
 
+def test_a_misspelled_option_is_reported_by_its_command(capsys):
+    # `normkit train --help` lists train's options; `normkit --help` lists only the commands.
+    for command, *rest in (("train",), ("compare",), ("evaluate", "--checkpoint", "run"), ("kernels", "status")):
+        assert exit_code([command, *rest, "--nrom", "batch"]) == 2
+        one_line_error(capsys, f"normkit {command}: error", "--nrom batch", f"`normkit {command} --help`")
+
+
 # ------------------------------------------------------------------------------ the operating system says no
 
 def normkit_process(argv: list[str], max_file_bytes: int | None = None, stdout=subprocess.PIPE):
