@@ -3,6 +3,7 @@
 import functools
 import gzip
 import http.server
+import re
 import socket
 import struct
 import threading
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from normkit.lab import data
-from normkit.lab.data import DataError, load_dataset, read_idx, write_idx
+from normkit.lab.data import DataError, load_dataset, read_idx, read_idx_split, write_idx
 
 
 def write_dataset(directory, train=20, test=10, compress=True, side=28):
@@ -195,6 +196,25 @@ def test_the_test_split_alone_reads_only_the_test_files(tmp_path):
     with pytest.raises(DataError, match=r"missing file .*t10k-labels-idx1-ubyte\[\.gz\].* put the two IDX files "
                                         r"\(t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzip or not\)"):
         data.load_test_split("mnist", tmp_path / "only-test")
+
+
+def test_a_folder_of_test_files_only_says_how_to_split_it(tmp_path, monkeypatch):
+    # The shared MNIST sample holds the 10,000 t10k images only: training's error gives the command that makes
+    # a train/test pair of them (train = the first 8,000), and following it gives a folder training reads.
+    source = copy_test_files(write_dataset(tmp_path / "full", train=3, test=8010), tmp_path / "sample")
+    images, labels = read_idx_split(source, "test", "mnist", ("test",))
+    with pytest.raises(DataError, match="test files only") as refused:
+        load_dataset("mnist", source)
+    command = re.search(r'`python -c "(.*?)"`', str(refused.value)).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(command.replace("DIR/", "split/"), {})
+    splits = load_dataset("mnist", tmp_path / "split")
+    assert torch.equal(splits.train[1], torch.from_numpy(labels[:8000].astype(np.int64)))
+    assert torch.equal(splits.test[0], torch.tensor(images[8000:]).float().div(255).unsqueeze(1))
+    (source / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing file .*train-images") as refused:
+        load_dataset("mnist", source)
+    assert "test files only" not in str(refused.value)  # the hint is for a folder with both test files
 
 
 def test_the_digits_test_split_alone_is_the_documented_one():

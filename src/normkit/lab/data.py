@@ -198,10 +198,17 @@ def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] 
         if candidate.is_file():
             return candidate
     files = [name for part in needed for name in IDX_FILES[part]]
+    hint = ""
+    if stem in IDX_FILES["train"] and all((directory / name).is_file() or (directory / f"{name}.gz").is_file()
+                                         for name in IDX_FILES["test"]):
+        # The test files alone (the shared 10,000-image MNIST sample): say how to make a train/test pair of them.
+        hint = (f"; this folder holds the test files only: `python -c \"from normkit.lab.data import split_test_set; "
+                f"split_test_set({str(directory)!r}, 'DIR/{dataset}')\"` writes train = its first 8,000 images and "
+                f"test = the rest into DIR/{dataset}/, then pass --data-dir DIR")
     raise DataError(f"{dataset}: missing file {directory / stem}[.gz]; run `normkit download {dataset} --data-dir "
                     f"{directory.parent if directory.name == dataset else directory}` where a network is available, "
                     f"or put the {'four' if len(files) == 4 else 'two'} IDX files ({', '.join(files)}, "
-                    f"gzip or not) in {directory}")
+                    f"gzip or not) in {directory}{hint}")
 
 
 def data_folder(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
