@@ -176,6 +176,14 @@ def test_missing_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
+def test_evaluate_a_folder_that_is_not_a_run_folder(dry_run, tmp_path, capsys):
+    # `normkit evaluate --checkpoint runs`: the folder above the runs names them; a folder without any says what to pass.
+    assert main(["evaluate", "--checkpoint", str(dry_run.parent)]) == 2
+    one_line_naming(capsys, dry_run.parent, "not a run folder", f"run folders in it: {dry_run}")
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    one_line_naming(capsys, tmp_path, "not a run folder", "DIR/checkpoint.pt")
+
+
 def one_line_naming(capsys, path, *phrases: str) -> str:
     """The stderr of a refused command: one line, no traceback or terminal escapes, naming ``path`` and ``phrases``."""
     error = capsys.readouterr().err

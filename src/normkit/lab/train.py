@@ -401,7 +401,12 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
         raise ValueError("--checkpoint '': give a run's checkpoint.pt or its run folder (an empty path would mean "
                          "the current folder by accident)")
     if Path(path).is_dir():
-        path = Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
+        folder, path = Path(path), Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
+        if not path.exists() and not (folder / "config.json").exists():  # e.g. runs/: name the run folders in it
+            runs = sorted(str(run.parent) for run in folder.glob("*/checkpoint.pt"))
+            raise CheckpointError(f"{path}: no such checkpoint file: {folder} is not a run folder" + (
+                f"; run folders in it: {', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}" if runs else
+                "; pass a run's checkpoint.pt or its folder (`normkit train --out DIR` writes DIR/checkpoint.pt)"))
     payload = load_checkpoint(path, map_location=device)
     model, cfg = model_from_checkpoint(payload, path)
     dataset = dataset or cfg.dataset
