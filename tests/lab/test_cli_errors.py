@@ -213,6 +213,7 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--batch-size", "1"], ["--batch-size", "at least 2"]),
     (["--batch-size", "1", "--norm", "ghost"], ["--batch-size"]),
     (["--rho", "1"], ["--rho"]),
+    (["--norm", "instance", "--recalibrate", "-1"], ["--recalibrate", "'instance' has none"]),
     # (settings the optimizer never reads: silently ignored, yet saved as the run's)
     (["--optimizer", "adam", "--momentum", "0.9"], ["--momentum 0.9", "--optimizer adam", "only sgd"]),
     (["--optimizer", "sgd", "--rho", "0.5"], ["--rho 0.5", "--optimizer sgd"]),
@@ -235,8 +236,9 @@ def test_bad_settings_are_one_line_errors_naming_the_flag(tmp_path, capsys, argu
     assert not out.exists()
 
 
-def test_batch_size_one_is_fine_without_batch_statistics(tmp_path):
-    metrics = run(TrainConfig(norm="layer", batch_size=1, train_limit=20, dry_run=True, quiet=True, tensorboard=False,
+@pytest.mark.parametrize("norm", ["none", "layer", "instance", "group"])  # (lab.md: the norms without batch statistics)
+def test_batch_size_one_is_fine_without_batch_statistics(tmp_path, norm):
+    metrics = run(TrainConfig(norm=norm, batch_size=1, train_limit=20, dry_run=True, quiet=True, tensorboard=False,
                               out=str(tmp_path)))
     assert metrics["steps"] == 1
 

@@ -243,7 +243,8 @@ def _has_batch_norm(norm: str) -> bool:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from normkit import BatchNorm
-    return isinstance(create_norm(norm, 4, rank=2), (BatchNorm, _BatchNorm))
+    # A conv layer's norm (rank 4): every name builds one, `instance` included (it has no dense form).
+    return isinstance(create_norm(norm, 4, rank=4), (BatchNorm, _BatchNorm))
 
 
 # Settings a resumed run may change; every other one must match the checkpoint's (the run's identity).
