@@ -350,7 +350,7 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
 def split_test_set(source: str | os.PathLike, target: str | os.PathLike, train_count: int = 8000) -> Path:
     """Write a train/test pair of IDX files to ``target`` from a folder holding only the 10,000-image
     t10k files (the shared MNIST sample): train = the first ``train_count`` images, test = the rest."""
-    source, target = Path(source), Path(target)
+    source, target = Path(source).expanduser(), Path(target).expanduser()
     images = read_idx(_find_idx(source, IDX_FILES["test"][0], "mnist", ("test",)), IDX_IMAGES_MAGIC)
     labels = read_idx(_find_idx(source, IDX_FILES["test"][1], "mnist", ("test",)), IDX_LABELS_MAGIC)
     if not 0 < train_count < len(labels):
