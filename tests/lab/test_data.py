@@ -284,6 +284,22 @@ def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
     assert not list((tmp_path / "data").rglob("*.gz"))
 
 
+def test_download_into_a_file_or_an_impossible_folder_is_refused_before_any_fetch(tmp_path, monkeypatch):
+    # A mirror that would fail is never asked: the folder is refused first, and the file is left alone.
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
+                                                      mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for data_dir in (afile, afile / "under"):
+        with pytest.raises(DataError, match=f"--data-dir {data_dir}: {afile} is a file, not a folder") as refused:
+            data.download("mnist", data_dir, timeout=5)
+        assert "could not download" not in str(refused.value)
+    assert afile.read_text() == "keep me"
+    if Path("/proc/self").is_dir():  # (Linux: no folder can be made in /proc, not even by root)
+        with pytest.raises(DataError, match="--data-dir /proc/normkit: cannot create /proc/normkit/mnist"):
+            data.download("mnist", "/proc/normkit", timeout=5)
+
+
 def test_a_transfer_cut_short_is_a_failed_mirror(tmp_path, monkeypatch):
     """A server that promises more bytes than it sends (http.client.IncompleteRead, not an OSError): the mirror
     counts as failed, the error says where the files go, and nothing is written."""

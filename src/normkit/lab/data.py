@@ -323,6 +323,17 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
     if name not in DOWNLOADS:
         raise DataError(f"nothing to download for {name!r}; downloadable: {', '.join(DOWNLOADS)} (digits is embedded)")
     target = Path(data_dir).expanduser() / name
+    # The folder first: a data dir that is a file, or one that cannot be made, would fail only after a download
+    # (or, offline, be named as the place to copy the files to).
+    for folder in (target, *target.parents):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"--data-dir {data_dir}: {folder} is a file, not a folder; choose a folder path "
+                            "(created if missing)")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"--data-dir {data_dir}: cannot create {target} ({error.strerror or error}); choose a "
+                        "folder you can write to") from None
     spec = DOWNLOADS[name]
     for filename, checksum in spec["md5"].items():
         path = target / filename
