@@ -50,6 +50,26 @@ def test_keras_configs_help_is_not_an_output_path(without_keras, tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["hidden"]  # (no file named --help)
 
 
+def test_renorm_rate_help_is_not_a_run(tmp_path):
+    # (without --help handling it trained 18 runs, about 2 minutes)
+    done = subprocess.run([sys.executable, str(TOOLS / "renorm_rate.py"), "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0 and "usage" in done.stdout and "renorm_momentum" in done.stdout, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_compile_check_says_it_needs_triton(tmp_path):
+    hidden = tmp_path / "hidden" / "triton"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'triton'\")\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, str(TOOLS / "triton_compile_check.py")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "needs Triton" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.skipif(shutil.which("bash") is None, reason="a bash script")
 def test_device_check_stops_at_once_without_a_gpu(tmp_path):

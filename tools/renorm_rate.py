@@ -13,6 +13,7 @@ and prints test accuracies (seeds 0, 1, 2) next to plain BN's.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,7 @@ SETTINGS = ((64, 5), (8, 1))  # (batch size, epochs)
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (--help, not a 2-minute run)
     kernels.disable()  # ATen's paths, as tools/make_results.py: the numbers must not depend on a built kernel
     if not (MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         print(f"the MNIST sample is not at {MNIST}", file=sys.stderr)

@@ -20,7 +20,10 @@ import warnings
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tools/triton_compile_check.py compiles the kernels: unset TRITON_INTERPRET")
 
-import triton  # noqa: E402
+try:
+    import triton  # noqa: E402
+except ImportError as error:
+    sys.exit(f"tools/triton_compile_check.py needs Triton ({error}): pip install -e \".[dev]\" (Linux)")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
