@@ -195,6 +195,18 @@ def test_keras_option_checks_apply_to_changes():
     assert layer.bn.momentum == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("decay,weight", [(0.99, 0.01), (0.9, 0.1), (0.5, 0.5), (0.999, 0.001)])
+def test_keras_decays_become_the_decimal_weight_of_the_new_value(decay, weight):
+    """Keras' momentum 0.99 is PyTorch's 0.01 as written, not 1 - 0.99 = 0.010000000000000009 (one ulp off, shown in
+    every repr of a ported layer), at construction and when changed on a built layer."""
+    layer = BatchNormalization(momentum=decay, renorm=True, renorm_momentum=decay)
+    layer(torch.randn(8, 3))
+    assert layer.bn.momentum == weight and layer.bn.renorm_momentum == weight
+    assert f"momentum={weight}," in repr(layer.bn)
+    layer.momentum = 0.8
+    assert layer.bn.momentum == 0.2 and abs(layer.bn.momentum - (1 - 0.8)) < 1e-15
+
+
 def test_keras_regularizer_set_later_counts_in_losses():
     layer = BatchNormalization(gamma_initializer="ones")
     layer(torch.randn(8, 3))

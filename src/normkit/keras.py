@@ -27,6 +27,7 @@ writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that
 from __future__ import annotations
 
 import contextlib
+import decimal
 import inspect
 import math
 import numbers
@@ -151,6 +152,15 @@ _OPTION_CHECKS = {
 }
 
 
+def _new_value_weight(decay: float) -> float:
+    """PyTorch's momentum (the weight of the new value) for Keras' ``decay``: 1 - decay, taken in decimal so
+    that 0.99 gives 0.01, not 0.010000000000000009 (one ulp apart; repr and config show what was meant)."""
+    try:
+        return float(decimal.Decimal(1) - decimal.Decimal(repr(float(decay))))
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        return 1.0 - decay  # (the layer's own checks name a value that is not a number)
+
+
 class BatchNormalization(nn.Module):
     """Keras 3's ``BatchNormalization`` (and tf.keras' extra options) as a torch module.
 
@@ -217,8 +227,8 @@ class BatchNormalization(nn.Module):
     # Keras reads these on every call, so a change on a built layer takes effect: it reaches the
     # BatchNorm underneath as (its name there, the conversion to PyTorch's convention).
     _LIVE_OPTIONS = {
-        "momentum": ("momentum", lambda decay: 1.0 - decay), "epsilon": ("eps", None),
-        "renorm_momentum": ("renorm_momentum", lambda decay: 1.0 - decay),
+        "momentum": ("momentum", lambda decay: _new_value_weight(decay)), "epsilon": ("eps", None),
+        "renorm_momentum": ("renorm_momentum", lambda decay: _new_value_weight(decay)),
         "virtual_batch_size": ("virtual_batch_size", None), "ghost_layout": ("ghost_layout", None),
         "adjustment": ("adjustment", None), "synchronized": ("synchronized", None),
         "process_group": ("process_group", None),
@@ -362,12 +372,12 @@ class BatchNormalization(nn.Module):
     def _create(self, sizes: tuple, axis, device=None) -> None:
         """The normkit.BatchNorm underneath, for features of ``sizes`` on ``axis``."""
         self.bn = BatchNorm(
-            sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=1.0 - self.momentum,
+            sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=_new_value_weight(self.momentum),
             affine=self.scale or self.center, bias=self.center, track_running_stats=True,
             axis=axis,
             # Keras keeps renorm_clipping without renorm and ignores it; normkit.BatchNorm refuses that.
             renorm=self.renorm, renorm_clipping=self.renorm_clipping if self.renorm else None,
-            renorm_momentum=1.0 - self.renorm_momentum,
+            renorm_momentum=_new_value_weight(self.renorm_momentum),
             virtual_batch_size=self.virtual_batch_size, ghost_layout=self.ghost_layout, adjustment=self.adjustment,
             weight_initializer=self.gamma_initializer, bias_initializer=self.beta_initializer,
             running_mean_initializer=self.moving_mean_initializer,
