@@ -207,3 +207,66 @@ def test_non_tensor_input():
 def test_one_value_per_channel_names_the_input_shape_for_features_last():
     with pytest.raises(ValueError, match=r"got input size \(1, 1, 1, 3\)"):
         normkit.BatchNorm(3, axis=-1)(torch.randn(1, 1, 1, 3))
+
+
+def _state(layer):
+    return {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+
+
+def _same_state(before, layer):
+    after = layer.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"unbiased_running_var": False}, {"virtual_batch_size": 2},
+                                     {"axis": -1}, {"renorm": True}])
+def test_an_input_refused_in_training_leaves_the_layer_as_it_was(options):
+    """The plain and ghost paths counted the step (num_batches_tracked + 1) before ATen refused an input of another
+    dtype or device: a call that raised left the count moved (torch.nn's layer does too)."""
+    layer = normkit.BatchNorm(3, **options)
+    x = torch.randn(4, 3, 3)
+    before = _state(layer)
+    with pytest.raises(TypeError, match=r"input has dtype torch.float64 .* torch.float32"):
+        layer(x.double())
+    assert _same_state(before, layer)
+    with pytest.raises(RuntimeError, match=r"input is on device meta but the layer's parameters/buffers are on cpu"):
+        layer(x.to("meta"))
+    assert _same_state(before, layer)
+    layer(x)  # (and the layer still trains)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm1d(3).eval(), lambda: normkit.LayerNorm(5),
+                                  lambda: normkit.GroupNorm(1, 3), lambda: normkit.InstanceNorm1d(3, affine=True),
+                                  lambda: normkit.InstanceNorm1d(3, affine=True, track_running_stats=True).eval()])
+def test_an_input_on_another_device_names_the_input_and_the_layer(make):
+    """ATen's "Tensor on device cpu is not on the expected device meta!" said neither which tensor nor what to do."""
+    with pytest.raises(RuntimeError, match=r"input is on device meta .* on cpu: move the input .* or the layer"):
+        make()(torch.randn(4, 3, 5, device="meta"))
+
+
+@pytest.mark.parametrize("cls", [normkit.LazyBatchNorm, normkit.LazyBatchNorm1d, normkit.LazyInstanceNorm1d])
+@pytest.mark.parametrize("bad", ["int", "double", "meta", "mask"])
+def test_a_lazy_layer_that_refuses_its_first_input_stays_unsized(cls, bad):
+    """The lazy layer was sized (and became its eager class) by the input its forward then refused."""
+    layer = cls()
+    x = torch.randn(4, 3, 5)
+    if bad == "mask":
+        if cls is normkit.LazyInstanceNorm1d:
+            pytest.skip("instance norms take no mask")
+        with pytest.raises(ValueError, match=r"mask of shape \(4, 6\) cannot broadcast"):
+            layer(x, mask=torch.ones(4, 6))
+    else:
+        data = {"int": x.long(), "double": x.double(), "meta": x.to("meta")}[bad]
+        with pytest.raises((TypeError, RuntimeError), match=r"input (has dtype|is on device)"):
+            layer(data)
+    assert layer.has_uninitialized_params() and type(layer) is cls
+    assert layer(x).shape == x.shape  # the right input sizes it as before
+
+
+def test_a_mask_that_is_no_tensor_names_mask():
+    layer = normkit.BatchNorm(3)
+    with pytest.raises(TypeError, match=r"mask must be a tensor .* got str"):
+        layer(torch.randn(4, 3, 5), mask="valid")
+    with pytest.raises(ValueError, match=r"mask is a meta tensor"):
+        layer(torch.randn(4, 3, 5), mask=torch.ones(4, 5, device="meta"))

@@ -20,7 +20,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from .axes import canonicalize_axes
-from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
+from .functional import check_floating
+from .modules import (_check_input_device, _check_input_dtype, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
                       InstanceNorm3d)
 
 __all__ = ["LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d",
@@ -71,6 +72,15 @@ class _LazyNorm(LazyModuleMixin):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(input).__name__}")
         self._check_input_rank(input)
+        # The forward's own refusals of the input, before sizing: sized by an input it then refused, the layer
+        # came out of the failed call changed (sized, initialized, no longer lazy).
+        check_floating(input)
+        tensors = self._sized_tensors()
+        _check_input_device(input, *tensors)
+        _check_input_dtype(input, *tensors)
+        mask = kwargs.get("mask", args[0] if args else None)
+        if mask is not None and hasattr(self, "_expand_mask"):  # (BatchNorm's mask: its shape is checked too)
+            self._expand_mask(mask, input, canonicalize_axes(self.axis, input.dim()))
         # (plain ints: traced by torch.compile with dynamic shapes the sizes are symbolic, which materialize refuses;
         # int() specializes on them, as the sized layer's tensors are of one size anyway)
         shape = tuple(int(size) for size in self._feature_shape(input))

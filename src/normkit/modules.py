@@ -155,12 +155,32 @@ def _under_vmap(tensor: torch.Tensor) -> bool:
     return False
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type; False for types autocast does not know ("meta" raises there)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
+def _check_input_device(input: torch.Tensor, *tensors) -> None:
+    """The input must be on the device of the layer's tensors. (ATen says "Tensor on device cpu is not on the
+    expected device meta!" or "Expected all tensors to be on the same device", naming neither the input nor the
+    layer.) A RuntimeError, as torch's, so code that catches torch's device errors keeps catching this one."""
+    reference = next((t for t in tensors if t is not None), None)
+    if reference is None or input.device == reference.device or reference.is_meta and input.is_meta:
+        return
+    raise RuntimeError(f"input is on device {input.device} but the layer's parameters/buffers are on "
+                       f"{reference.device}: move the input (input.to({str(reference.device)!r})) or the layer "
+                       f"(layer.to({str(input.device)!r}))")
+
+
 def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
     """The input's dtype must be the layer's (see ``_dtype_fits``), but where autocast casts it for the op."""
     reference = next((t for t in tensors if t is not None), None)
     if _dtype_fits(input.dtype, reference):
         return
-    if input.dtype != torch.float64 and torch.is_autocast_enabled(input.device.type):
+    if input.dtype != torch.float64 and _autocast_on(input.device):
         return  # autocast casts these for the op (float64 it leaves alone, and ATen refuses the mix)
     # (torch.nn fails inside ATen with "mixed dtype"; some of normkit's option paths would silently compute
     # in the wider dtype instead)
@@ -673,7 +693,15 @@ class BatchNorm(_NormBase):
     def _expand_mask(self, mask, input, feature_axes):
         """A mask over the non-feature axes, as a tensor of the input's rank (size 1 on feature axes)."""
         if not isinstance(mask, torch.Tensor):
-            mask = torch.as_tensor(mask)
+            try:
+                mask = torch.as_tensor(mask)
+            except (TypeError, ValueError, RuntimeError) as error:  # (torch's own says "new(): invalid data type")
+                raise TypeError(f"mask must be a tensor (or an array or nested list of 0/1 or booleans), got "
+                                f"{type(mask).__name__}: {error}") from None
+        if mask.is_meta and not input.is_meta:
+            # (moving it to the input's device failed with "Cannot copy out of meta tensor; no data!")
+            raise ValueError(f"mask is a meta tensor (no values) but the input is on {input.device}: give a mask with "
+                             "values, on the input's device")
         given = tuple(mask.shape)
         expected = tuple(s for i, s in enumerate(input.shape) if i not in feature_axes)
         if mask.dim() == input.dim() - len(feature_axes):
@@ -819,6 +847,11 @@ class BatchNorm(_NormBase):
                     y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
                                          self.eps, torch.backends.cudnn.enabled)
             except RuntimeError:
+                # ATen refused the call before computing (another dtype or device): nothing moved but the count
+                # this step added above, which is taken back (a call that raised leaves the layer as it was).
+                if training and self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
+                    _buffer_of(self, "num_batches_tracked").sub_(1)
+                _check_input_device(input, self.weight, self.running_mean)
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
                 raise
         if back is not None:
@@ -961,8 +994,15 @@ class BatchNorm(_NormBase):
         factor = self._tracking_factor() if running_mean is not None else 0.0
         wide_mean, wide_var, wide_weight, wide_bias = (None if t is None else torch.cat([t] * groups)
                                                        for t in (running_mean, running_var, weight, bias))
-        y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide_weight,
-                             wide_bias, wide_mean, wide_var, True, factor, self.eps, torch.backends.cudnn.enabled)
+        try:
+            y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide_weight,
+                                 wide_bias, wide_mean, wide_var, True, factor, self.eps, torch.backends.cudnn.enabled)
+        except RuntimeError:
+            # ATen refused the call (an input on another device): the count taken above is given back and the
+            # general path, which checks before counting, refuses it by name.
+            if running_mean is not None and _buffer_of(self, "num_batches_tracked") is not None:
+                _buffer_of(self, "num_batches_tracked").sub_(1)
+            return None
         if running_mean is not None:
             torch.mean(wide_mean.view(groups, channels), 0, out=running_mean)
             torch.mean(wide_var.view(groups, channels), 0, out=running_var)
@@ -972,6 +1012,7 @@ class BatchNorm(_NormBase):
         training = self.training and not self.frozen
         try:
             F.check_floating(input)
+            _check_input_device(input, self.weight, self.running_mean)  # (before the count: ATen would refuse after)
             _check_input_dtype(input, self.weight, self.running_mean)
             self._check_input_dim(input)
             feature_axes = self._feature_axes(input, training)
@@ -1110,6 +1151,7 @@ class _SampleNorm(nn.Module):
 
     def _check_input(self, input: torch.Tensor) -> None:
         F.check_floating(input)
+        _check_input_device(input, self.weight)
         _check_input_dtype(input, self.weight)
 
     def _fx_trace(self, input, functional, size):
@@ -1154,7 +1196,11 @@ class LayerNorm(_SampleNorm):
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape
                 and self.eps > 0):  # (else the general path refuses the eps)
-            return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
+            try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+                return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
+            except RuntimeError:
+                _check_input_device(input, weight)
+                raise
         self._check_input(input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
@@ -1202,7 +1248,11 @@ class GroupNorm(_SampleNorm):
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
                 and input.shape[1] == self.num_channels and input.numel() != self.num_groups
                 and self.eps > 0):  # (else the general path refuses the eps)
-            return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
+            try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+                return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
+            except RuntimeError:
+                _check_input_device(input, weight)
+                raise
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
         if input.dim() < 2 or (input.shape[1] != self.num_channels and (weight is not None or bias is not None)):
@@ -1268,13 +1318,18 @@ class _InstanceNorm(_NormBase):
                 and type(self.eps) is float and 0.0 < self.eps < math.inf):
             use_input_stats = self.training or not self.track_running_stats
             if not use_input_stats or math.prod(input.shape[2:]) > 1:
-                return torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
-                                           _buffer_of(self, "running_var"), use_input_stats,
-                                           self.momentum if self.momentum is not None else 0.0, self.eps,
-                                           torch.backends.cudnn.enabled)
+                try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+                    return torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
+                                               _buffer_of(self, "running_var"), use_input_stats,
+                                               self.momentum if self.momentum is not None else 0.0, self.eps,
+                                               torch.backends.cudnn.enabled)
+                except RuntimeError:
+                    _check_input_device(input, weight, _buffer_of(self, "running_mean"))
+                    raise
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input)
         F.check_floating(input)
+        _check_input_device(input, self.weight, self.running_mean)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         if input.dim() not in (batched_rank - 1, batched_rank):
             raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
