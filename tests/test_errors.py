@@ -270,3 +270,31 @@ def test_a_mask_that_is_no_tensor_names_mask():
         layer(torch.randn(4, 3, 5), mask="valid")
     with pytest.raises(ValueError, match=r"mask is a meta tensor"):
         layer(torch.randn(4, 3, 5), mask=torch.ones(4, 5, device="meta"))
+
+
+@pytest.mark.parametrize("make", [lambda: normkit.LayerNorm(5), lambda: normkit.GroupNorm(1, 3),
+                                  lambda: normkit.InstanceNorm1d(3, affine=True, track_running_stats=True)])
+@pytest.mark.parametrize("eps", ["1e-5", None, float("inf"), True, 0, -1e-5])
+def test_eps_set_on_a_built_sample_norm_is_checked(make, eps):
+    """LayerNorm/GroupNorm's short path compared eps > 0 per call: a string failed there with "'>' not supported
+    between instances of 'str' and 'int'", and inf (every output the bias) or True passed silently."""
+    layer = make()
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        layer.eps = eps
+    assert layer.eps == 1e-5  # (refused, not kept)
+    layer.eps = 1e-3
+    assert layer(torch.randn(4, 3, 5)).shape == (4, 3, 5)
+
+
+@pytest.mark.parametrize("momentum", ["0.1", float("nan"), -0.5, 2.0, True])
+def test_momentum_set_on_a_built_instance_norm_is_checked(momentum):
+    """BatchNorm's momentum setter was checked, the instance norms' not: NaN, negative or > 1 values moved the
+    running statistics silently (NaN made them NaN), a string failed inside ATen."""
+    layer = normkit.InstanceNorm1d(3, track_running_stats=True)
+    before = _state(layer)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\]"):
+        layer.momentum = momentum
+    assert layer.momentum == 0.1
+    layer(torch.randn(4, 3, 5))
+    assert torch.isfinite(layer.running_mean).all() and not _same_state(before, layer)
+    layer.momentum = None  # (torch.nn's: the running statistics stay as they are)

@@ -332,7 +332,11 @@ def test_keras_full_precision_policy_set_later_computes_in_it(built, policy):
 
 def test_sample_norms_refuse_an_eps_set_to_zero_on_every_path():
     for layer, x in ((normkit.LayerNorm(4), torch.ones(2, 4)), (normkit.GroupNorm(2, 4), torch.ones(2, 4, 3))):
-        layer.eps = 0.0
+        # The setter refuses it as the constructor does (docs/decisions.md, "Options changed on a built layer")...
+        with pytest.raises(ValueError, match="eps"):
+            layer.eps = 0.0
+        # ...and an eps that got past it (written to the instance's dict) is still refused by the call.
+        layer.__dict__["eps"] = 0.0
         with pytest.raises(ValueError, match="eps"):
             layer(x)
 

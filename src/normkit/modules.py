@@ -261,6 +261,17 @@ class _NormBase(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    def __setattr__(self, name, value):
+        # eps and momentum changed on a built layer are checked as the constructor checks them (BatchNorm's options
+        # are, through its own __setattr__): an instance norm took any value, so a NaN, negative or 1e12 momentum
+        # moved its running statistics silently and a string failed inside ATen, naming its argument position.
+        if name == "eps":
+            F.check_eps(value)
+            value = _as_given(value)
+        elif name == "momentum":
+            value = _check_momentum(value)
+        super().__setattr__(name, value)
+
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batch tracked."""
         if self.track_running_stats:
@@ -1140,6 +1151,15 @@ class _SampleNorm(nn.Module):
     """What LayerNorm and GroupNorm share: the sample's own statistics, an optional affine, torch.nn's init order."""
 
     __prepare_scriptable__ = _refuse_torchscript
+
+    def __setattr__(self, name, value):
+        # eps changed on a built layer is checked as the constructor checks it: the short path's `self.eps > 0`
+        # failed on a string with "'>' not supported between instances of 'str' and 'int'", and took inf (every
+        # output the bias) and True silently.
+        if name == "eps":
+            F.check_eps(value)
+            value = _as_given(value)
+        super().__setattr__(name, value)
 
     def _init_affine(self, eps, shape, affine: bool, bias: bool, device, dtype) -> None:
         self.eps = _as_given(eps)
