@@ -298,3 +298,63 @@ def test_momentum_set_on_a_built_instance_norm_is_checked(momentum):
     layer(torch.randn(4, 3, 5))
     assert torch.isfinite(layer.running_mean).all() and not _same_state(before, layer)
     layer.momentum = None  # (torch.nn's: the running statistics stay as they are)
+
+
+def _both_twins(x):
+    """functional.batch_norm and reference.batch_norm, each with its own kind of data."""
+    import numpy as np
+    torch_x = x.double()
+    return [(normkit.functional.batch_norm, torch_x, lambda t: t), (normkit.reference.batch_norm, torch_x.numpy(),
+                                                                     lambda t: t.numpy() if torch.is_tensor(t) else np.asarray(t))]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    # any layout but "strided" was silently taken as "contiguous"
+    (dict(virtual_batch_size=2, ghost_layout="Strided"), ValueError, "ghost_layout must be 'strided' or 'contiguous'"),
+    # "integer modulo by zero"; the kernel binding's "incompatible function arguments"; a str: "%: 'int' and 'str'"
+    (dict(virtual_batch_size=0), ValueError, "virtual_batch_size must be a positive int, got 0"),
+    (dict(virtual_batch_size=2.0), ValueError, "virtual_batch_size must be a positive int, got 2.0"),
+    (dict(virtual_batch_size="2"), ValueError, "virtual_batch_size must be a positive int"),
+    # "'int' object is not callable" from inside the pipeline
+    (dict(adjustment=3), TypeError, "adjustment must be a callable"),
+    # "The expanded size of the tensor (5) must match the existing size (6)"; numpy's "could not be broadcast"
+    (dict(mask=torch.ones(4, 6)), ValueError, r"mask of shape \(4, 6\) does not fit the input of shape \(4, 3, 5\)"),
+    (dict(mask=torch.ones(4, 1, 6)), ValueError, r"mask of shape \(4, 1, 6\) does not fit"),
+    # "not enough values to unpack (expected 3, got 2)"
+    (dict(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3),
+          running_mean=torch.zeros(3), running_var=torch.ones(3), renorm_clipping={"rmax": 3}),
+     TypeError, r"renorm_clipping must be the bounds \(rmin, rmax, dmax\)"),
+])
+def test_functional_twins_name_a_bad_option(kwargs, error, match):
+    x = torch.randn(4, 3, 5)
+    for batch_norm, data, convert in _both_twins(x):
+        args = {k: convert(v.double()) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        before = {k: (v.clone() if torch.is_tensor(v) else v.copy()) for k, v in args.items() if hasattr(v, "shape")}
+        with pytest.raises(error, match=match):
+            batch_norm(data, training=True, **args)
+        assert all((before[k] == args[k]).all() for k in before)  # (nothing moved)
+
+
+def test_functional_batch_norm_names_a_tensor_argument_that_is_no_tensor():
+    """"'list' object has no attribute 'dim'" from deep inside (torch.nn.functional.batch_norm names the argument)."""
+    x = torch.randn(4, 3)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        kwargs = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), name: [1.0, 1.0, 1.0]}
+        with pytest.raises(TypeError, match=rf"{name} must be a torch.Tensor or None, got list"):
+            normkit.functional.batch_norm(x, training=True, **kwargs)
+    with pytest.raises(TypeError, match=r"mask must be a torch.Tensor"):
+        normkit.functional.batch_norm(x, training=True, mask=[[1], [1], [1], [1]])
+
+
+def test_reference_batch_norm_refuses_half_a_pair_of_running_statistics_before_moving_anything():
+    """running_mean without running_var was updated in place and then failed (TypeError inside the update); running_var
+    without running_mean was ignored. The functional twin (ATen) refuses both."""
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    running_mean = np.zeros(3)
+    for kwargs in (dict(running_mean=running_mean), dict(running_var=np.ones(3))):
+        with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+            normkit.reference.batch_norm(x, training=True, **kwargs)
+    assert (running_mean == 0).all()
+    with pytest.raises(ValueError, match=r"running_mean has 4 values but the input has 3 features on axis 1"):
+        normkit.reference.batch_norm(x, np.zeros(4), np.ones(4), training=True)

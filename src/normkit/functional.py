@@ -23,7 +23,8 @@ import torch
 
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import bessel_factor, check_ghost_batch
+from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_renorm_clipping_bounds,
+                    check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -339,12 +340,24 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     check_floating(x)
     check_eps(eps)
+    for tensor in (running_mean, running_var, weight, bias):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
+            _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
     if virtual_batch_size is not None:  # (reference.py checks in ghost_view; the paths below reshape by it first)
+        # (a float or 0 failed in the kernel's binding or as "integer modulo by zero"; any layout but "strided"
+        # was taken as "contiguous")
+        check_virtual_batch_size(virtual_batch_size)
+        check_ghost_layout(ghost_layout)
         check_ghost_batch(x.shape[0], virtual_batch_size)
+    if mask is not None:
+        _check_mask(mask, x)
+    if renorm_mean is not None:
+        check_renorm_clipping_bounds(renorm_clipping)  # (else "not enough values to unpack (expected 3, got 2)")
+    check_adjustment(adjustment)
     plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
     if x.numel() == 0:
         # An empty batch has no statistics: an empty output, the buffers left alone, and (as in torch.nn)
@@ -385,6 +398,31 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
+
+
+def _refuse_non_tensors(**tensors):
+    for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}: convert it with "
+                            f"torch.as_tensor({name}, dtype=x.dtype, device=x.device)")
+
+
+def _check_mask(mask, x):
+    """The functional mask: a tensor of the input's rank that broadcasts to it (size 1 on the feature axes). (A
+    mask of another shape failed deep inside, "The expanded size of the tensor (5) must match the existing size (6)
+    at non-singleton dimension 2", a list with "'list' object has no attribute 'shape'".)"""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor (boolean, or 0/1), got {type(mask).__name__}")
+    shape, target = mask.shape, x.shape
+    if len(shape) == len(target):
+        for size, wanted in zip(shape, target):  # (axes.broadcasts_to, inline: this runs on every masked call)
+            if size != 1 and size != wanted:
+                break
+        else:
+            return
+    raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit the input of shape {tuple(x.shape)}: "
+                     "functional.batch_norm takes a mask of the input's rank that broadcasts to it (size 1 on the "
+                     "feature axes; the layers also take the input's shape without its feature axes)")
 
 
 def _fused_layout(x, feature_axes):

@@ -23,7 +23,8 @@ from . import functional as F
 from . import kernels
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
-from .stats import RenormClipping, check_ghost_batch, momentum_factor
+from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
+                    check_virtual_batch_size, momentum_factor)  # (the checks: keras.py imports them from here)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -66,27 +67,8 @@ def _check_momentum(momentum, *, name="momentum"):
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
-# Checks of the options that BatchNorm and the Keras-vocabulary layer share (each returns the value to keep).
-
-def check_virtual_batch_size(virtual, name="virtual_batch_size"):
-    if virtual is None:
-        return None
-    if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
-        raise ValueError(f"{name} must be a positive int, got {virtual!r}")
-    return int(virtual)
-
-
-def check_ghost_layout(layout, name="ghost_layout"):
-    if layout not in ("strided", "contiguous"):
-        raise ValueError(f"{name} must be 'strided' or 'contiguous', got {layout!r}")
-    return layout
-
-
-def check_adjustment(adjustment, name="adjustment"):
-    if adjustment is not None and not callable(adjustment):
-        raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
-    return adjustment
-
+# (The checks of the options that BatchNorm, the Keras-vocabulary layer and the functional twins share,
+# check_virtual_batch_size, check_ghost_layout and check_adjustment, are in stats.py.)
 
 def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """A buffer read from the module's dict where it is there (cheaper than Module.__getattr__), else the attribute

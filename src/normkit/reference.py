@@ -38,8 +38,9 @@ import math
 
 import numpy as np
 
-from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import bessel_factor, check_ghost_batch, ema_update
+from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
+from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_renorm_clipping_bounds,
+                    check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -125,7 +126,8 @@ def ghost_view(x, virtual_batch_size, layout="strided"):
     Statistics reduce over ``member_axis`` and keep ``ghost_axis``.
     """
     batch = x.shape[0]
-    size = virtual_batch_size
+    size = check_virtual_batch_size(virtual_batch_size)  # (0: "integer modulo by zero"; a float: reshape's error)
+    check_ghost_layout(layout)  # (any layout but "strided" was taken as "contiguous")
     check_ghost_batch(batch, size)
     if layout == "strided":
         return x.reshape((size, batch // size) + x.shape[1:]), 0, 1
@@ -193,6 +195,21 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
     x = np.asarray(x, dtype=np.float64)
     feature_axes = canonicalize_axes(axis, x.ndim)
     param_shape = broadcast_shape(feature_axes, x.shape)
+    # Refused here, before anything moves (the functional twin, through ATen, refuses the same): a running_mean
+    # without running_var was updated in place, then a TypeError; a running_var without running_mean was ignored.
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias), ("renorm_mean", renorm_mean), ("renorm_stddev", renorm_stddev)):
+        if value is not None and np.asarray(value).size != math.prod(param_shape):
+            raise ValueError(f"{name} has {np.asarray(value).size} values but the input has {math.prod(param_shape)} "
+                             f"features on axis {axis} (input shape {x.shape})")
+    if mask is not None and (np.ndim(mask) != x.ndim or not broadcasts_to(np.shape(mask), x.shape)):
+        raise ValueError(f"mask of shape {np.shape(mask)} does not fit the input of shape {x.shape}: reference.batch_norm "
+                         "takes a mask of the input's rank that broadcasts to it (size 1 on the feature axes)")
+    if renorm_mean is not None:
+        check_renorm_clipping_bounds(renorm_clipping)
+    check_adjustment(adjustment)
     parts = {"feature_axes": feature_axes, "param_shape": param_shape}
     batch_stats = training or running_mean is None
     parts["batch_statistics"] = batch_stats

@@ -17,6 +17,7 @@ flag here (``unbiased``), never a separate code path.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,35 @@ def bessel_factor(count):
     denominator = count - 1
     safe = denominator * (denominator > 0) + 1 * (denominator <= 0)
     return count / safe * (denominator > 0) + 1 * (denominator <= 0)
+
+
+def check_virtual_batch_size(virtual, name="virtual_batch_size"):
+    if virtual is None:
+        return None
+    if isinstance(virtual, bool) or not isinstance(virtual, numbers.Integral) or virtual <= 0:
+        raise ValueError(f"{name} must be a positive int, got {virtual!r}")
+    return int(virtual)
+
+
+def check_ghost_layout(layout, name="ghost_layout"):
+    if layout not in ("strided", "contiguous"):
+        raise ValueError(f"{name} must be 'strided' or 'contiguous', got {layout!r}")
+    return layout
+
+
+def check_adjustment(adjustment, name="adjustment"):
+    if adjustment is not None and not callable(adjustment):
+        raise TypeError(f"{name} must be a callable(input_shape) -> (scale, bias), got {adjustment!r}")
+    return adjustment
+
+
+def check_renorm_clipping_bounds(clipping, name="renorm_clipping") -> None:
+    """The functional twins' renorm bounds: a sequence (rmin, rmax, dmax) of numbers (the layers resolve their
+    ``renorm_clipping`` dict, see ``RenormClipping``, to it)."""
+    if not (isinstance(clipping, (tuple, list)) and len(clipping) == 3):
+        raise TypeError(f"{name} must be the bounds (rmin, rmax, dmax) for this step, got {clipping!r} (the layers' "
+                        "dict {'rmax': ..., 'rmin': ..., 'dmax': ...} resolves to them with "
+                        "normkit.stats.RenormClipping.from_dict(clipping).at_step(lambda: step))")
 
 
 def check_ghost_batch(batch_size, virtual_batch_size) -> None:
