@@ -358,3 +358,30 @@ def test_reference_batch_norm_refuses_half_a_pair_of_running_statistics_before_m
     assert (running_mean == 0).all()
     with pytest.raises(ValueError, match=r"running_mean has 4 values but the input has 3 features on axis 1"):
         normkit.reference.batch_norm(x, np.zeros(4), np.ones(4), training=True)
+
+
+@pytest.mark.parametrize("call,match", [
+    # "'str' object has no attribute 'modules'" and "... 'register_step_post_hook'"
+    (lambda: normkit.regularization_loss("model"), r"regularization_loss: model must be a torch.nn.Module, got str"),
+    (lambda: normkit.apply_constraints(None), r"apply_constraints: model must be a torch.nn.Module, got NoneType"),
+    (lambda: normkit.constrain_after_step("sgd", torch.nn.Linear(2, 2)), r"optimizer must be a torch.optim.Optimizer"),
+    # (a model that is no Module was taken, and failed at the optimizer's first step)
+    (lambda: normkit.constrain_after_step(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), 0.1), "model"),
+     r"constrain_after_step: model must be a torch.nn.Module, got str"),
+    # "'NoneType' object is not iterable"; one tensor was taken row by row and refused by the first layer's rank check
+    (lambda: normkit.recalibrate_running_stats(torch.nn.Sequential(normkit.BatchNorm1d(3)), None),
+     r"batches must be an iterable of input batches"),
+    (lambda: normkit.recalibrate_running_stats(torch.nn.Sequential(normkit.BatchNorm1d(3)), torch.randn(4, 3)),
+     r"batches is one tensor; pass an iterable of batches, such as \[batch\]"),
+])
+def test_model_wide_helpers_name_a_bad_argument(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("rank", ["2", 2.0, True, 1, None])
+def test_create_norm_checks_the_rank(rank):
+    """A string rank '2' built 'layer' as GroupNorm (its conv form) silently: `rank == 2` was False."""
+    with pytest.raises(ValueError, match=r"rank must be the input's rank, an int >= 2"):
+        normkit.create_norm("layer", 3, rank)
+    assert type(normkit.create_norm("layer", 3, 2)) is normkit.LayerNorm

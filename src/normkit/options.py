@@ -426,8 +426,15 @@ def to_keras_object(kind: str, value, *, name: str):
 # ----------------------------------------------------------------------------- model-wide helpers
 
 
+def _check_model(model, caller: str) -> None:
+    """As normkit.tools' functions check it ("'str' object has no attribute 'modules'" before)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum of every normkit layer's regularization terms in ``model``: add it to the training loss."""
+    _check_model(model, "regularization_loss")
     terms = [m.regularization_loss() for m in model.modules() if hasattr(m, "weight_regularizer")]
     if not terms:
         return torch.zeros(())
@@ -441,6 +448,7 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 
 def apply_constraints(model: nn.Module) -> None:
     """Project every constrained normkit parameter in ``model`` (call after ``optimizer.step()``)."""
+    _check_model(model, "apply_constraints")
     for module in model.modules():
         if hasattr(module, "weight_constraint"):
             module.apply_constraints()
@@ -448,4 +456,10 @@ def apply_constraints(model: nn.Module) -> None:
 
 def constrain_after_step(optimizer: torch.optim.Optimizer, model: nn.Module):
     """Apply ``model``'s constraints after every ``optimizer.step()``; returns the hook handle (``.remove()``)."""
+    # (checked now: a model that is no Module failed at the first step, an optimizer that is none with
+    # "'str' object has no attribute 'register_step_post_hook'")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"constrain_after_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__} "
+                        "(the arguments are (optimizer, model))")
+    _check_model(model, "constrain_after_step")
     return optimizer.register_step_post_hook(lambda *_: apply_constraints(model))

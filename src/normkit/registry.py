@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Callable
 
 from torch import nn
@@ -106,6 +108,10 @@ def create_norm(name: str, num_features: int, rank: int, **kwargs) -> nn.Module:
     key = str(name).replace("_", "").replace("-", "").lower()
     if key not in _FACTORIES:
         raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 2:
+        # (a string rank '2' built LayerNorm's conv twin, GroupNorm, silently: `rank == 2` was False)
+        raise ValueError(f"rank must be the input's rank, an int >= 2 (2 for dense inputs, 3 to 5 with spatial axes), "
+                         f"got {rank!r}")
     if key in ("group", "torch"):
         # (their own errors name no argument: 'group' picks its groups from it first, torch.nn fails in torch.empty)
         modules._check_num_features(num_features, tuples=False)

@@ -204,6 +204,14 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
     _check_num_batches(num_batches)
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_running_stats: model must be a torch.nn.Module, got {type(model).__name__}")
+    # (None failed as "'NoneType' object is not iterable"; one tensor was iterated row by row, each row a "batch" of
+    # one rank less, refused by the first layer's rank check)
+    if isinstance(batches, torch.Tensor):
+        raise TypeError("recalibrate_running_stats: batches is one tensor; pass an iterable of batches, such as "
+                        "[batch] or a DataLoader")
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"recalibrate_running_stats: batches must be an iterable of input batches (a list, a "
+                        f"DataLoader, a generator), got {type(batches).__name__}")
     _refuse_unbuilt(model, "recalibrate_running_stats", norms_only=True)
     norms = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
     if not norms:
