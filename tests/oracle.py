@@ -23,6 +23,22 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
 
 
 
+def numeric_gradient(f, x, step=1e-6):
+    """Central differences of the scalar function f at x, in float64 (the finite-difference oracle of a backward)."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + step
+        plus = f(x)
+        flat[i] = old - step
+        minus = f(x)
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * step)
+    return grad
+
+
 def assert_same_training_steps(first, second, shape, rng, steps=3, state=lambda layer: layer.state_dict()):
     """``steps`` training steps of two layers on the same float64 data: outputs, input and parameter gradients
     and every entry of ``state`` (the state_dict) equal to 1e-12 (one execution path against another)."""

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 import normkit
 from normkit import reference as R
 from normkit.keras import BatchNormalization as KerasBatchNormalization
+
+from oracle import numeric_gradient
 from normkit.stats import RenormClipping
 
 NO_CLIPPING = (0.0, math.inf, math.inf)
@@ -176,22 +178,6 @@ def naive_torch_forward(x, weight, bias, *, axis=1, mask=None, virtual_batch_siz
     if bias is not None:
         Y = Y + bias.reshape(-1)
     return Y.reshape([x.shape[i] for i in perm]).permute(list(np.argsort(perm)))
-
-
-def numeric_gradient(f, x, step=1e-6):
-    """Central differences of the scalar f at x (float64)."""
-    x = np.array(x, dtype=np.float64)
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + step
-        plus = f(x)
-        flat[i] = old - step
-        minus = f(x)
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * step)
-    return grad
 
 
 # ----------------------------------------------------------------------------- generated cases
