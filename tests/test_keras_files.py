@@ -79,6 +79,31 @@ def test_layers_two_models_deep_are_named_by_their_whole_path():
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
+def test_one_layer_in_two_places_is_loaded_once_under_both_paths():
+    """tests/data/keras_bn_shared.keras (tools/keras_nested_model_file.py): a BN layer of a nested Sequential also
+    called in the outer model, and one wrapped in TimeDistributed also called directly. Keras writes each layer's
+    weights once, at its first place, and the config at both: the second place raised "has no weights for
+    BatchNormalization layer" on this valid file. Both paths give one loaded layer, with Keras' weights, computing
+    what Keras computed (a training call moves the statistics seen from either path, as in Keras)."""
+    with np.load(DATA / "keras_bn_shared.npz") as arrays:
+        shared = dict(arrays)
+    layers = load_batch_norms(DATA / "keras_bn_shared.keras")
+    assert sorted(layers) == ["bn_both", "bn_shared", "inner/bn_shared", "steps/bn_both"]
+    assert layers["bn_shared"] is layers["inner/bn_shared"] and layers["bn_both"] is layers["steps/bn_both"]
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(shared, path, "weights"), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+    for path in ("inner/bn_shared", "bn_both"):
+        layer, x = layers[path], torch.as_tensor(shared[f"{path}/x"])
+        assert not np.allclose(layer.get_weights()[-1], 1.0)  # (trained: not the initial statistics)
+        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), shared[f"{path}/y_infer"],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer(x, training=True).detach().numpy(), shared[f"{path}/y_train"],
+                                   rtol=1e-5, atol=2e-6)
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(shared, path, "after"), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_the_loaded_layers_compute_what_keras_computed(path, recorded):
     layer = load_batch_norms(MODEL)[path]

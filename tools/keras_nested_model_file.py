@@ -13,6 +13,11 @@ tests/data/keras_bn_nested.npz: for every BN layer (key prefix = its path), ``we
 the TimeDistributed one, ``x`` is a (batch, time, features) sequence, the outputs are the wrapper's, and
 ``y_train`` (its training-mode output: Keras 3 calls the layer once per time step) and ``after_<i>`` (the
 weights after that call) are recorded too.
+
+It also writes tests/data/keras_bn_shared.keras and .npz: one BN layer object in two places (in a nested Sequential
+and called again in the outer model; wrapped in TimeDistributed and called directly), whose weights Keras writes
+once, at the first place. For each path, ``weights_<i>``; for each layer once, ``x``, ``y_infer``, ``y_train`` and
+``after_<i>`` (a training call, then the weights: both paths are one layer).
 """
 
 from __future__ import annotations
@@ -39,6 +44,44 @@ def build_model(keras):
     # The wrapped BN sees (N * 2, 2) rows; its axis 1 is axis 2 of the (N, 2, 2) sequence.
     steps = layers.TimeDistributed(layers.BatchNormalization(name="bn_steps", axis=1, momentum=0.8), name="steps")
     return keras.Model(inputs, steps(layers.Reshape((2, 2), name="as_steps")(top)), name="nested")
+
+
+def build_shared_model(keras):
+    layers = keras.layers
+    shared = layers.BatchNormalization(name="bn_shared", momentum=0.5)
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="dense_in"), shared], name="inner")
+    stepped = layers.BatchNormalization(name="bn_both", momentum=0.7)
+    flat, sequence = keras.Input((4,), name="flat"), keras.Input((3, 4), name="sequence")
+    steps = layers.TimeDistributed(stepped, name="steps")(sequence)  # first: Keras writes its weights here
+    outputs = [inner(flat), shared(flat), stepped(flat), layers.Flatten()(steps)]
+    return keras.Model([flat, sequence], layers.Concatenate()(outputs), name="shared")
+
+
+def record_shared(keras, rng) -> list:
+    keras.utils.set_random_seed(2)
+    model = build_shared_model(keras)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit([rng.normal(size=(32, 4)).astype("float32") * 2 + 1, rng.normal(size=(32, 3, 4)).astype("float32") - 1],
+              rng.normal(size=(32, 24)).astype("float32"), batch_size=8, epochs=1, verbose=0)
+    out = OUT.replace("keras_bn_nested", "keras_bn_shared")
+    model.save(out + ".keras")
+    arrays, done = {}, set()
+    found = list(batch_norm_layers(model)) + [(path, wrapper.layer) for path, wrapper in wrapped_batch_norm_layers(model)]
+    for path, layer in found:
+        for index, weight in enumerate(layer.get_weights()):
+            arrays[f"{path}/weights_{index}"] = weight
+    for path, layer in found:
+        if id(layer) in done:
+            continue
+        done.add(id(layer))
+        x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
+        arrays[f"{path}/x"] = x
+        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(layer(x, training=False))
+        arrays[f"{path}/y_train"] = keras.ops.convert_to_numpy(layer(x, training=True))
+        for index, weight in enumerate(layer.get_weights()):
+            arrays[f"{path}/after_{index}"] = weight
+    np.savez_compressed(out + ".npz", **arrays)
+    return [path for path, _ in found]
 
 
 def wrapped_batch_norm_layers(model):
@@ -80,6 +123,7 @@ def main() -> int:
     np.savez_compressed(OUT + ".npz", **arrays)
     paths = [path for path, _ in batch_norm_layers(model)] + [path for path, _ in wrapped_batch_norm_layers(model)]
     print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(paths)} (keras {keras.__version__})")
+    print(f"wrote keras_bn_shared.keras and .npz: {', '.join(record_shared(keras, rng))}")
     return 0
 
 

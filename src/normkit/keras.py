@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import inspect
+import json
 import math
 import numbers
 from typing import Optional, Sequence
@@ -799,7 +800,6 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
     HDF5 links are not followed, and whatever is malformed is a ValueError naming the file and,
     where there is one, the layer.
     """
-    import json
     import zipfile
     from pathlib import Path
 
@@ -907,8 +907,15 @@ def _subgroup(group, key, h5py):
     return member if isinstance(member, h5py.Group) else None
 
 
-def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, axis, h5py) -> None:
-    """Walk a model's layer configs beside its HDF5 group (``layers/<key>/vars`` carries each layer's name)."""
+def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, axis, h5py,
+                         shared: Optional[dict] = None) -> None:
+    """Walk a model's layer configs beside its HDF5 group (``layers/<key>/vars`` carries each layer's name).
+
+    One layer object in two places (a layer of a nested model also called in the outer one, one layer in two
+    nested models, or wrapped in TimeDistributed and called directly) is in the config at each place, but Keras
+    writes its weights once, at the first place in this same order: ``shared`` maps each loaded layer's name and
+    configs to its path, and a later place without weights gets that same loaded layer (as in Keras, one layer)."""
+    shared = {} if shared is None else shared
     by_name = {}
     members = _subgroup(group, "layers", h5py)
     if members is not None:
@@ -925,20 +932,39 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
         wrapped = layer_config.get("layer")
         if layer.get("class_name") == "BatchNormalization":
             _load_saved_batch_norm(layer_config, layer.get("build_config"), by_name.get(name), where, found, path,
-                                   axis, h5py)
+                                   axis, h5py, shared)
         elif (layer.get("class_name") == "TimeDistributed" and isinstance(wrapped, dict)
               and wrapped.get("class_name") == "BatchNormalization" and isinstance(wrapped.get("config"), dict)):
             # The wrapped layer as Keras built it, on one time step's shape: Keras 3's wrapper calls it once per
             # step (statistics of each step in training), which the loaded layer does when called per step too.
             where = f"{where}/{wrapped['config'].get('name')}"
             _load_saved_batch_norm(wrapped["config"], wrapped.get("build_config"),
-                                   _subgroup(by_name.get(name), "layer", h5py), where, found, path, axis, h5py)
+                                   _subgroup(by_name.get(name), "layer", h5py), where, found, path, axis, h5py, shared)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
-            _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py)
+            _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
+                                 shared)
 
 
-def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found: dict, path, axis, h5py) -> None:
+def _without_sharing_ids(value):
+    """A config without the ``shared_object_id`` keys Keras adds to an object it serializes twice (not to the first
+    time, at times): the same layer's two configs differ by them alone."""
+    if isinstance(value, dict):
+        return {key: _without_sharing_ids(item) for key, item in value.items() if key != "shared_object_id"}
+    if isinstance(value, list):
+        return [_without_sharing_ids(item) for item in value]
+    return value
+
+
+def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found: dict, path, axis, h5py,
+                           shared: dict) -> None:
     """``found[where]``: the BN layer of ``config`` with the weights of HDF5 group ``entry`` (``entry/vars``)."""
+    try:
+        key = json.dumps(_without_sharing_ids([config, build_config]), sort_keys=True, default=repr)
+    except (ValueError, RecursionError):  # (a config too deep to write back: never taken for another place's)
+        key = None
+    if entry is None and key in shared:
+        found[where] = found[shared[key]]  # (the same Keras layer, met again: its weights were written once)
+        return
     if entry is None:
         raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
                          f"{where!r} (the weights file does not match the config)")
@@ -947,6 +973,8 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
         found[where] = _batch_norm_from_saved(config, build_config, arrays, axis)
     except Exception as error:  # an untrusted file: whatever is malformed, say where
         raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
+    if key is not None:
+        shared.setdefault(key, where)
 
 
 def _read_variables(variables, h5py) -> list:
