@@ -191,6 +191,21 @@ def test_bad_files_are_clear_errors(tmp_path):
         load_batch_norms(_rewritten(tmp_path, drop="model.weights.h5"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_batch_norms(tmp_path / "absent.keras")
+    # Keras' model.save(folder, zipped=False) layout: refused naming the remedy, which works (the members zipped)
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(MODEL) as archive:
+        archive.extractall(folder)
+    with pytest.raises(ValueError, match=r"is a folder; it reads a \.keras archive.*zip the folder's members"):
+        load_batch_norms(folder)
+    rezipped = tmp_path / "rezipped.keras"
+    with zipfile.ZipFile(rezipped, "w") as archive:
+        for member in folder.iterdir():
+            archive.write(member, member.name)
+    original, again = load_batch_norms(MODEL), load_batch_norms(rezipped)
+    assert list(original) == list(again)
+    for name in original:
+        for ours, theirs in zip(again[name].get_weights(), original[name].get_weights(), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
 
     def rename(config):
         _batch_norm_configs(config)[0]["config"]["name"] = "renamed"

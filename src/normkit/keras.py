@@ -805,6 +805,11 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
 
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            # (Keras 3's model.save(folder, zipped=False) writes the archive's members into a folder)
+            raise ValueError(f"load_batch_norms: {path} is a folder; it reads a .keras archive: save the model with "
+                             "model.save('model.keras'), or zip the folder's members (config.json, model.weights.h5) "
+                             "into one file")
         raise FileNotFoundError(f"load_batch_norms: no such file {path}")
     with path.open("rb") as handle:
         signature = handle.read(len(_HDF5_SIGNATURE))
