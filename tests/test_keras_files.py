@@ -338,3 +338,78 @@ def test_a_config_nested_too_deep_is_refused(tmp_path):
         out.writestr("model.weights.h5", source.read("model.weights.h5"))
     with pytest.raises(ValueError, match="config.json cannot be read"):
         load_batch_norms(deep)
+
+
+NESTED = DATA / "keras_bn_nested.keras"  # (tools/keras_nested_model_file.py: TimeDistributed(BN) named steps/bn_steps)
+
+
+def _nested_rewritten(tmp_path, edit_config=None, edit_weights=None):
+    """A copy of keras_bn_nested.keras with its config.json and/or model.weights.h5 edited."""
+    weights = tmp_path / "nested.weights.h5"
+    with zipfile.ZipFile(NESTED) as source:
+        config = json.loads(source.read("config.json"))
+        weights.write_bytes(source.read("model.weights.h5"))
+    if edit_config is not None:
+        edit_config(next(layer for layer in config["config"]["layers"] if layer["class_name"] == "TimeDistributed"))
+    if edit_weights is not None:
+        with h5py.File(weights, "r+") as handle:
+            edit_weights(handle)
+    target = tmp_path / "nested_edited.keras"
+    with zipfile.ZipFile(target, "w") as out:
+        out.writestr("config.json", json.dumps(config))
+        out.write(weights, "model.weights.h5")
+    return target
+
+
+TIME_DISTRIBUTED_VARS = "layers/time_distributed/layer/vars"  # (Keras' HDF5 path of steps/bn_steps' variables)
+
+
+@pytest.mark.parametrize("case", ["deleted", "a dataset", "a soft link"])
+def test_a_time_distributed_layer_without_its_vars_group_has_no_weights(tmp_path, case):
+    """The wrapper's group found, its layer/vars missing (or not a group of this file): the message of any BN without
+    weights, naming the file and the layer (it was "'NoneType' object is not iterable")."""
+    def edit(handle):
+        del handle[TIME_DISTRIBUTED_VARS]
+        if case == "a dataset":
+            handle.create_dataset(TIME_DISTRIBUTED_VARS, data=np.ones(2, dtype="f4"))
+        elif case == "a soft link":
+            handle[TIME_DISTRIBUTED_VARS] = h5py.SoftLink("/layers/batch_normalization/vars")
+    target = _nested_rewritten(tmp_path, edit_weights=edit)
+    with pytest.raises(ValueError, match=f"{target.name} has no weights for BatchNormalization layer 'steps/bn_steps'"):
+        load_batch_norms(target)
+
+
+@pytest.mark.parametrize("wrapped", ["BatchNormalization", None, [1, 2], {"class_name": "BatchNormalization",
+                                                                          "config": "bn_steps"},
+                                     {"class_name": ["BatchNormalization"], "config": {"name": "bn_steps"}}])
+def test_a_time_distributed_layer_whose_wrapped_layer_is_not_a_config_is_refused(tmp_path, wrapped):
+    """Malformed, it is a ValueError naming the file and the wrapper (it was skipped silently: the file's
+    TimeDistributed BN was missing from the result, with no word)."""
+    target = _nested_rewritten(tmp_path, edit_config=lambda layer: layer["config"].update(layer=wrapped))
+    with pytest.raises(ValueError, match=f"{target.name}: layer 'steps': TimeDistributed's wrapped layer .* is not a "
+                                         "layer config"):
+        load_batch_norms(target)
+
+
+def test_a_time_distributed_layer_inside_a_nested_model_is_found_under_its_whole_path(tmp_path):
+    """TimeDistributed(BN) moved into the innermost Sequential (config and weights): outer/inner/steps/bn_steps,
+    with the weights of the unedited file's steps/bn_steps."""
+    with zipfile.ZipFile(NESTED) as source:
+        config = json.loads(source.read("config.json"))
+        weights = tmp_path / "moved.weights.h5"
+        weights.write_bytes(source.read("model.weights.h5"))
+    layers = config["config"]["layers"]
+    wrapper = next(layer for layer in layers if layer["class_name"] == "TimeDistributed")
+    layers.remove(wrapper)
+    outer = next(layer for layer in layers if layer["class_name"] == "Sequential")
+    inner = next(layer for layer in outer["config"]["layers"] if layer["class_name"] == "Sequential")
+    inner["config"]["layers"].append(wrapper)
+    with h5py.File(weights, "r+") as handle:
+        handle.move("layers/time_distributed", "layers/sequential/layers/sequential/layers/time_distributed")
+    target = tmp_path / "moved.keras"
+    with zipfile.ZipFile(target, "w") as out:
+        out.writestr("config.json", json.dumps(config))
+        out.write(weights, "model.weights.h5")
+    moved = load_batch_norms(target)["outer/inner/steps/bn_steps"]
+    for ours, theirs in zip(moved.get_weights(), load_batch_norms(NESTED)["steps/bn_steps"].get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)

@@ -938,8 +938,14 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
         if layer.get("class_name") == "BatchNormalization":
             _load_saved_batch_norm(layer_config, layer.get("build_config"), by_name.get(name), where, found, path,
                                    axis, h5py, shared)
-        elif (layer.get("class_name") == "TimeDistributed" and isinstance(wrapped, dict)
-              and wrapped.get("class_name") == "BatchNormalization" and isinstance(wrapped.get("config"), dict)):
+        elif layer.get("class_name") == "TimeDistributed" and not (
+                isinstance(wrapped, dict) and isinstance(wrapped.get("class_name"), str)
+                and isinstance(wrapped.get("config"), dict)):
+            # A wrapper always holds one layer's config; without it this file's TimeDistributed layer (whose weights
+            # may be a BN's) was skipped silently, and its BN missing from the result.
+            raise ValueError(f"load_batch_norms: {path}: layer {where!r}: TimeDistributed's wrapped layer "
+                             f"{str(wrapped)[:80]} is not a layer config (a dict with a class_name and a config)")
+        elif layer.get("class_name") == "TimeDistributed" and wrapped["class_name"] == "BatchNormalization":
             # The wrapped layer as Keras built it, on one time step's shape: Keras 3's wrapper calls it once per
             # step (statistics of each step in training), which the loaded layer does when called per step too.
             where = f"{where}/{wrapped['config'].get('name')}"
@@ -973,8 +979,15 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
     if entry is None:
         raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
                          f"{where!r} (the weights file does not match the config)")
+    variables = _subgroup(entry, "vars", h5py)
+    if variables is None:
+        # (a TimeDistributed wrapper's group without layer/vars, or with a dataset or link there: the walk found
+        # the wrapper's group, not the layer's variables, and reading None failed as "'NoneType' object is not
+        # iterable")
+        raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
+                         f"{where!r} (no vars group of this file for it: the weights file does not match the config)")
     try:
-        arrays = _read_variables(_subgroup(entry, "vars", h5py), h5py)
+        arrays = _read_variables(variables, h5py)
         found[where] = _batch_norm_from_saved(config, build_config, arrays, axis)
     except Exception as error:  # an untrusted file: whatever is malformed, say where
         raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
