@@ -205,6 +205,9 @@ def test_keras_decays_become_the_decimal_weight_of_the_new_value(decay, weight):
     assert f"momentum={weight}," in repr(layer.bn)
     layer.momentum = 0.8
     assert layer.bn.momentum == 0.2 and abs(layer.bn.momentum - (1 - 0.8)) < 1e-15
+    # A decay a few ulps from 1 is shorter in decimal than in binary: there the float difference is kept.
+    layer.momentum = 1 - 2**-52
+    assert layer.bn.momentum == 2**-52
 
 
 def test_keras_regularizer_set_later_counts_in_losses():

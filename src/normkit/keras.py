@@ -155,11 +155,16 @@ _OPTION_CHECKS = {
 
 def _new_value_weight(decay: float) -> float:
     """PyTorch's momentum (the weight of the new value) for Keras' ``decay``: 1 - decay, taken in decimal so
-    that 0.99 gives 0.01, not 0.010000000000000009 (one ulp apart; repr and config show what was meant)."""
+    that 0.99 gives 0.01, not 0.010000000000000009 (9e-16 apart, relatively; repr and config show what was
+    meant). Where the two differ by more than 1e-12 relatively (decays within ~1e-4 of 1, whose shortest decimal
+    form is coarse next to the float: 1 - 2**-53 would give 1e-16, not 1.1e-16), the float difference, which
+    is what Keras multiplies by."""
     try:
-        return float(decimal.Decimal(1) - decimal.Decimal(repr(float(decay))))
-    except (TypeError, ValueError, decimal.InvalidOperation):
+        exact = 1.0 - float(decay)
+        written = float(decimal.Decimal(1) - decimal.Decimal(repr(float(decay))))
+    except (TypeError, ValueError, decimal.InvalidOperation, OverflowError):
         return 1.0 - decay  # (the layer's own checks name a value that is not a number)
+    return written if abs(written - exact) <= 1e-12 * abs(exact) else exact
 
 
 class BatchNormalization(nn.Module):
