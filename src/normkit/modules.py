@@ -55,6 +55,12 @@ def _as_given(number: float):
     return number if type(number) in (int, float) else float(number)
 
 
+def _eps_as_given(eps, name="eps"):
+    """An eps checked as the constructors check it, kept as given (``_as_given``)."""
+    F.check_eps(eps, name=name)
+    return _as_given(eps)
+
+
 def _check_momentum(momentum, *, name="momentum"):
     if momentum is None:
         return None
@@ -222,10 +228,9 @@ class _NormBase(nn.Module):
     def __init__(self, num_features, eps=1e-5, momentum: Optional[float] = 0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias: bool = True):
         super().__init__()
-        F.check_eps(eps)
+        self.eps = eps  # (checked by __setattr__, as every change later)
         self.num_features = _check_num_features(num_features)
-        self.eps = _as_given(eps)
-        self.momentum = _check_momentum(momentum)
+        self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         factory = {"device": device, "dtype": dtype}
@@ -243,16 +248,32 @@ class _NormBase(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    # Each option's check (a method name): the constructor's values and later changes both pass it.
+    _OPTION_CHECKS = {"eps": "_checked_eps", "momentum": "_checked_momentum"}
+
     def __setattr__(self, name, value):
-        # eps and momentum changed on a built layer are checked as the constructor checks them (BatchNorm's options
-        # are, through its own __setattr__): an instance norm took any value, so a NaN, negative or 1e12 momentum
-        # moved its running statistics silently and a string failed inside ATen, naming its argument position.
-        if name == "eps":
-            F.check_eps(value)
-            value = _as_given(value)
-        elif name == "momentum":
-            value = _check_momentum(value)
+        # Options may change on a built layer, as torch.nn's momentum and eps may: the change is checked as the
+        # constructor checks it (unchecked, an instance norm took a NaN, negative or 1e12 momentum and moved its
+        # running statistics silently, and a string failed inside ATen, naming its argument position).
+        check = self._OPTION_CHECKS.get(name)
+        if check is None:
+            return super().__setattr__(name, value)
+        value = getattr(self, check)(value, name)
+        self._option_changing(name, value)
         super().__setattr__(name, value)
+        self._option_changed(name)
+
+    def _option_changing(self, name: str, value) -> None:
+        """Before a checked option takes ``value`` (subclasses add the state it needs)."""
+
+    def _option_changed(self, name: str) -> None:
+        """After a checked option changed (subclasses redo what was chosen from it)."""
+
+    def _checked_eps(self, eps, name):
+        return _eps_as_given(eps, name)
+
+    def _checked_momentum(self, momentum, name):
+        return _check_momentum(momentum, name=name)
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batch tracked."""
@@ -391,7 +412,7 @@ class BatchNorm(_NormBase):
 
     # Each option's check (a method name); the constructor's values and later changes both pass it.
     _OPTION_CHECKS = {
-        "eps": "_checked_eps", "momentum": "_checked_momentum", "axis": "_checked_axis", "renorm": "_checked_renorm",
+        **_NormBase._OPTION_CHECKS, "axis": "_checked_axis", "renorm": "_checked_renorm",
         "renorm_clipping": "_checked_renorm_clipping", "renorm_momentum": "_checked_renorm_momentum",
         "virtual_batch_size": "_checked_virtual_batch_size", "ghost_layout": "_checked_ghost_layout",
         "adjustment": "_checked_adjustment", "unbiased_running_var": "_checked_flag", "synchronized": "_checked_flag",
@@ -404,19 +425,14 @@ class BatchNorm(_NormBase):
     _ROUTING_OPTIONS = frozenset({"axis", "renorm", "virtual_batch_size", "ghost_layout", "adjustment",
                                   "synchronized", "unbiased_running_var"})
 
-    def __setattr__(self, name, value):
-        # Options may change on a built layer, as torch.nn's momentum and eps may: the change is checked
-        # as the constructor checks it, and the short paths chosen from the options are chosen again
-        # (a cached choice would silently ignore, say, a virtual_batch_size set after construction).
-        check = self._OPTION_CHECKS.get(name)
-        if check is None:
-            return super().__setattr__(name, value)
-        built = self._constructed()
-        value = getattr(self, check)(value, name)
-        if name == "renorm" and built and value and not self.renorm:
+    def _option_changing(self, name: str, value) -> None:
+        if name == "renorm" and value and self._constructed() and not self.renorm:
             self._add_renorm_state()
-        super().__setattr__(name, value)
-        if built and name in self._ROUTING_OPTIONS:
+
+    def _option_changed(self, name: str) -> None:
+        # The short paths chosen from the options are chosen again (a cached choice would silently ignore, say,
+        # a virtual_batch_size set after construction).
+        if name in self._ROUTING_OPTIONS and self._constructed():
             self._choose_routes()
 
     def _constructed(self) -> bool:
@@ -440,13 +456,6 @@ class BatchNorm(_NormBase):
         # Options the fused kernel computes whole (normkit.kernels), reachable without the general path's plumbing.
         self._fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
                          and not self._plain)
-
-    def _checked_eps(self, eps, name):
-        F.check_eps(eps)
-        return _as_given(eps)
-
-    def _checked_momentum(self, momentum, name):
-        return _check_momentum(momentum, name=name)
 
     def _checked_axis(self, axis, name):
         axis = check_feature_axes(axis)
@@ -1138,13 +1147,10 @@ class _SampleNorm(nn.Module):
         # eps changed on a built layer is checked as the constructor checks it: the short path's `self.eps > 0`
         # failed on a string with "'>' not supported between instances of 'str' and 'int'", and took inf (every
         # output the bias) and True silently.
-        if name == "eps":
-            F.check_eps(value)
-            value = _as_given(value)
-        super().__setattr__(name, value)
+        super().__setattr__(name, _eps_as_given(value) if name == "eps" else value)
 
     def _init_affine(self, eps, shape, affine: bool, bias: bool, device, dtype) -> None:
-        self.eps = _as_given(eps)
+        self.eps = eps  # (checked by __setattr__)
         _register_affine(self, shape, affine, bias, {"device": device, "dtype": dtype})
         self.reset_parameters()  # as torch.nn: a subclass's own initialization runs
 
