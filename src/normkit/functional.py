@@ -83,12 +83,18 @@ def without_data(x):
     return x.is_meta or kernels.is_fake(x)
 
 
+def eager_data(x):
+    """Whether ``x`` is data in an eager call: not traced or compiled, not under torch.func's transforms, not
+    without data. Only there may a step depend on values (a branch, a hook)."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not kernels.transforms_active()
+            and not without_data(x))
+
+
 def host_checks(x):
     """Whether a data-dependent branch on ``x`` (a host read of a per-channel statistic) is cheap and allowed: eager
     CPU data. GPUs (where the read waits for the device), traced or compiled graphs, torch.func's transforms and
     tensors without data take a branch-free formulation instead."""
-    return (x.is_cpu and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not kernels.transforms_active() and not without_data(x))
+    return x.is_cpu and eager_data(x)
 
 
 def statistics_dtype(x):
@@ -1156,8 +1162,7 @@ def _padding_to_guard(view, mask_view, finite):
     graphs, torch.func's transforms and tensors without data (docs/decisions.md, "Masks")."""
     if mask_view is None or finite or not torch.is_grad_enabled():
         return None
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or kernels.transforms_active()
-            or without_data(view)):
+    if not eager_data(view):
         return None
     ignored = (mask_view == 0) & ~torch.isfinite(view)
     if host_checks(view) and not bool(ignored.any()):  # (on a GPU no host read: the guard at once)
