@@ -21,8 +21,10 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from .axes import canonicalize_axes
 from .functional import check_floating
-from .modules import (_check_input_device, _check_input_dtype, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
-                      InstanceNorm3d)
+from torch import nn
+
+from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+                      _check_input_device, _check_input_dtype)
 
 __all__ = ["LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d",
            "LazyInstanceNorm2d", "LazyInstanceNorm3d"]
@@ -32,6 +34,26 @@ class _LazyNorm(LazyModuleMixin):
     """What the lazy layers share: the swap to uninitialized tensors and the sizing from an input or a state_dict."""
 
     cls_to_become: Optional[type] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The eager class a sized layer becomes: its first base that is a module and not lazy
+        # (LazyBatchNorm2d(_LazyBatchNormBase, BatchNorm2d) -> BatchNorm2d).
+        cls.cls_to_become = next((base for base in cls.__mro__[1:] if issubclass(base, nn.Module)
+                                  and not issubclass(base, LazyModuleMixin)), None)
+
+    def __init__(self, *args, **kwargs):
+        # The eager constructor with a placeholder size (it checks every option), then the sized tensors swapped
+        # for uninitialized ones. _placeholder is set before nn.Module.__init__ (which keeps it): the eager
+        # constructor's resets must not draw from torch's generator for placeholder tensors, or building a lazy
+        # layer would shift every later random draw.
+        object.__setattr__(self, "_placeholder", True)
+        super().__init__(self._placeholder_size(kwargs), *args, **kwargs)
+        self._make_lazy()
+
+    @staticmethod
+    def _placeholder_size(options: dict):
+        return 1
 
     def _make_lazy(self) -> None:
         # num_features 0 until sized, as torch.nn's lazy layers show it.
@@ -48,11 +70,6 @@ class _LazyNorm(LazyModuleMixin):
     def _sized_tensors(self):
         return [tensor for _, tensor in itertools.chain(self._parameters.items(), self._buffers.items())
                 if tensor is not None and (is_lazy(tensor) or tensor.dim() > 0)]
-
-    def _begin_placeholder(self) -> None:
-        # Before nn.Module.__init__ (which keeps it): the eager constructor's resets must not draw from torch's
-        # generator for placeholder tensors, or building a lazy layer would shift every later random draw.
-        object.__setattr__(self, "_placeholder", True)
 
     def _unsized(self) -> bool:
         return self.__dict__.get("_placeholder", False) or self.has_uninitialized_params()
@@ -159,6 +176,15 @@ class _LazyNorm(LazyModuleMixin):
 
 
 class _LazyBatchNormBase(_LazyNorm):
+    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **options):
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, **options)
+
+    @staticmethod
+    def _placeholder_size(options: dict):
+        axis = options.get("axis", 1)  # (one size per feature axis)
+        return (1,) * len(axis) if isinstance(axis, (tuple, list)) else 1
+
     def _check_input_rank(self, input: torch.Tensor) -> None:
         self._check_input_dim(input)
 
@@ -229,41 +255,17 @@ class LazyBatchNorm(_LazyBatchNormBase, BatchNorm):
     """``normkit.BatchNorm`` whose ``num_features`` is read from the first input's feature ``axis`` (one size per
     axis when ``axis`` is a tuple). Takes BatchNorm's arguments but ``num_features``; becomes a BatchNorm."""
 
-    cls_to_become = BatchNorm
 
-    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, **options):
-        axis = options.get("axis", 1)
-        placeholder = (1,) * len(axis) if isinstance(axis, (tuple, list)) else 1
-        self._begin_placeholder()
-        super().__init__(placeholder, eps, momentum, affine, track_running_stats, device, dtype, **options)
-        self._make_lazy()
-
-
-class _LazyBatchNormNd(_LazyBatchNormBase):
-    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, **options):
-        self._begin_placeholder()
-        super().__init__(1, eps, momentum, affine, track_running_stats, device, dtype, **options)
-        self._make_lazy()
-
-
-class LazyBatchNorm1d(_LazyBatchNormNd, BatchNorm1d):
+class LazyBatchNorm1d(_LazyBatchNormBase, BatchNorm1d):
     """A drop-in for torch.nn.LazyBatchNorm1d: normkit.BatchNorm1d sized by its first input; becomes one."""
 
-    cls_to_become = BatchNorm1d
 
-
-class LazyBatchNorm2d(_LazyBatchNormNd, BatchNorm2d):
+class LazyBatchNorm2d(_LazyBatchNormBase, BatchNorm2d):
     """A drop-in for torch.nn.LazyBatchNorm2d: normkit.BatchNorm2d sized by its first input; becomes one."""
 
-    cls_to_become = BatchNorm2d
 
-
-class LazyBatchNorm3d(_LazyBatchNormNd, BatchNorm3d):
+class LazyBatchNorm3d(_LazyBatchNormBase, BatchNorm3d):
     """A drop-in for torch.nn.LazyBatchNorm3d: normkit.BatchNorm3d sized by its first input; becomes one."""
-
-    cls_to_become = BatchNorm3d
 
 
 class _LazyInstanceNorm(_LazyNorm):
@@ -271,9 +273,7 @@ class _LazyInstanceNorm(_LazyNorm):
     # (their docstrings say False; the eager InstanceNorm*d's defaults are False): a drop-in keeps the behaviour.
     def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
-        self._begin_placeholder()
-        super().__init__(1, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._make_lazy()
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def _check_input_rank(self, input: torch.Tensor) -> None:
         batched = self._spatial_dims + 2
@@ -292,16 +292,10 @@ class _LazyInstanceNorm(_LazyNorm):
 class LazyInstanceNorm1d(_LazyInstanceNorm, InstanceNorm1d):
     """A drop-in for torch.nn.LazyInstanceNorm1d: normkit.InstanceNorm1d sized by its first input; becomes one."""
 
-    cls_to_become = InstanceNorm1d
-
 
 class LazyInstanceNorm2d(_LazyInstanceNorm, InstanceNorm2d):
     """A drop-in for torch.nn.LazyInstanceNorm2d: normkit.InstanceNorm2d sized by its first input; becomes one."""
 
-    cls_to_become = InstanceNorm2d
-
 
 class LazyInstanceNorm3d(_LazyInstanceNorm, InstanceNorm3d):
     """A drop-in for torch.nn.LazyInstanceNorm3d: normkit.InstanceNorm3d sized by its first input; becomes one."""
-
-    cls_to_become = InstanceNorm3d
