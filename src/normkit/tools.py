@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from .functional import LOW_PRECISION
 from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -112,7 +113,7 @@ def _widen(layer: nn.Module) -> list:
     widened = []
     for kind in ("_parameters", "_buffers"):
         for name, tensor in getattr(layer, kind).items():
-            if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+            if tensor is not None and tensor.dtype in LOW_PRECISION:
                 widened.append((kind, name, tensor, tensor.data))
                 if kind == "_parameters":
                     tensor.data = tensor.data.float()  # (the same Parameter: optimizers and hooks keep holding it)
