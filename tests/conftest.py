@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from hypothesis import settings
 
 from oracle import routed_to_triton
