@@ -12,8 +12,8 @@ from oracle import routed_to_triton
 
 # The property tests draw the same examples on every run (derandomized): CI is reproducible, and a failure is the
 # code's change, not a new draw's. (Fresh random draws failed one CI run of several on 2026-11-30: a finite-difference
-# oracle too coarse, mended, and a float32 cancellation in the Triton backward, open: docs/decisions.md, "On
-# CUDA, Triton".)
+# oracle too coarse, mended; a reference fed unrounded inputs, mended; and float32's own rounding of a masked
+# batch's mean, amplified by padding's gradient: docs/decisions.md, "On CUDA, Triton".)
 settings.register_profile("normkit", derandomize=True)
 settings.load_profile("normkit")
 
