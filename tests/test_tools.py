@@ -557,6 +557,30 @@ def test_convert_carries_hooks_and_their_handles():
     assert calls[-1] == ("pre", nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("tool", [lambda model: convert_batch_norm(model, "normkit"), synchronize_batch_norm],
+                         ids=["convert_batch_norm", "synchronize_batch_norm"])
+def test_a_setting_the_new_class_refuses_leaves_every_layer_as_it_was(tool):
+    """torch.nn takes momentum=2, normkit does not: the refusal names the layer, and a lazy layer met before it keeps
+    its sizing hook (it lost it, so it then failed on its second call and could not load a state_dict)."""
+    lazy = nn.LazyBatchNorm1d()
+    calls = []
+    lazy.register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    model = nn.Sequential(lazy, nn.Sequential(nn.BatchNorm1d(3, momentum=2.0)))
+    with pytest.raises(ValueError, match=r"'1\.0' \(BatchNorm1d\) cannot become a normkit\.BatchNorm1d: momentum "
+                                         r".*nothing was changed"):
+        tool(model)
+    assert model[0] is lazy and type(model[1][0]) is nn.BatchNorm1d
+    x = torch.randn(4, 3) * 2 + 1
+    for _ in range(2):  # sized by its first call, then an eager torch.nn layer, as if never converted
+        torch.testing.assert_close(model[0](x), nn.BatchNorm1d(3)(x))
+    assert type(model[0]) is nn.BatchNorm1d and calls == [nn.BatchNorm1d, nn.BatchNorm1d]  # (its hook kept)
+    unsized = nn.Sequential(nn.LazyBatchNorm1d(), nn.BatchNorm1d(3, momentum=2.0))
+    with pytest.raises(ValueError, match="cannot become"):
+        tool(unsized)
+    unsized.load_state_dict(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3)).state_dict())
+    assert unsized[0].running_var.shape == (3,)
+
+
 def without_weight(layer):
     """An affine layer holding beta only, as normkit.keras makes for scale=False."""
     del layer.weight

@@ -329,13 +329,18 @@ def _factory(layer: nn.Module) -> dict:
     return {}
 
 
-def _rebuild(layer: nn.Module, cls: type) -> nn.Module:
-    """A ``cls`` layer with ``layer``'s settings holding ``layer``'s own tensors (as convert_sync_batchnorm does)."""
-    lazy = issubclass(cls, LazyModuleMixin)
-    size = () if lazy else (layer.num_features,)
-    new = cls(*size, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-              track_running_stats=layer.track_running_stats, bias=layer.bias is not None or not layer.affine,
-              **_factory(layer))
+def _construct(layer: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` layer with ``layer``'s settings (its constructor checks them) and tensors of its own for now."""
+    size = () if issubclass(cls, LazyModuleMixin) else (layer.num_features,)
+    return cls(*size, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
+               track_running_stats=layer.track_running_stats, bias=layer.bias is not None or not layer.affine,
+               **_factory(layer))
+
+
+def _adopt(layer: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` takes ``layer``'s own tensors, hooks and mode (as convert_sync_batchnorm does); this changes
+    ``layer`` too (a lazy layer loses its sizing hook), so it runs only once every new layer is constructed."""
+    lazy = isinstance(new, LazyModuleMixin)
     if lazy:
         # The old layer's sizing hook would size it, not the new one: it goes, and the new layer's own hook runs
         # before the carried ones (a lazy layer sizes itself before any hook sees it).
@@ -427,7 +432,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     for name, module in model.named_modules():
         kind = type(module)
         if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
-            targets[id(module)] = (module, _TO_NORMKIT.get(kind, BatchNorm))
+            targets[id(module)] = (name, module, _TO_NORMKIT.get(kind, BatchNorm))
         elif to == "torch" and id(module) in keras_inner:
             refusals.append(f"{_label(keras_inner[id(module)])} is a Keras-vocabulary layer "
                             "(normkit.keras.BatchNormalization): its moving variance is the biased one, which "
@@ -438,25 +443,39 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                 optioned = True
                 refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
             elif module.synchronized:
-                targets[id(module)] = (module, nn.SyncBatchNorm)
+                targets[id(module)] = (name, module, nn.SyncBatchNorm)
             elif kind is BatchNorm and plain_as is None:
                 refusals.append(f"{_label(name)} is a plain normkit.BatchNorm, which takes inputs of any rank while "
                                 "torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
                                 "((N, C) or (N, C, L) inputs), BatchNorm2d (N, C, H, W) or BatchNorm3d (N, C, D, H, W)")
             else:
-                targets[id(module)] = (module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
+                targets[id(module)] = (name, module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals)
                          + (". Remove the option from the layer, or keep it a normkit layer" if optioned else ""))
-    return _replace(model, _rebuilt(targets))
+    return _replace(model, _rebuilt(targets, "convert_batch_norm"))
 
 
-def _rebuilt(targets: dict) -> dict:
-    """``_rebuild`` of each ``targets[key] = (layer, cls)``; SyncBatchNorm and synchronized layers stay synchronized."""
+def _rebuilt(targets: dict, caller: str) -> dict:
+    """Each ``targets[key] = (name, layer, cls)`` as a ``cls`` layer holding ``layer``'s tensors (``_adopt``);
+    SyncBatchNorm and synchronized layers stay synchronized.
+
+    Every new layer is constructed before any old one is touched: a setting the new class refuses (torch.nn takes
+    eps=0 or momentum=2, normkit does not) fails naming the layer, with the model as it was (adopting first
+    removed an earlier lazy layer's sizing hook, which left it unable to size itself or load a state_dict)."""
+    constructed = {}
+    for key, (name, module, cls) in targets.items():
+        try:
+            constructed[key] = _construct(module, cls)
+        except (ValueError, TypeError) as error:
+            library = "normkit" if cls.__module__.startswith("normkit") else "torch.nn"
+            raise type(error)(f"{caller}: {_label(name)} ({type(module).__name__}) cannot become a {library}."
+                              f"{cls.__name__}: {error}; nothing was changed. Set a value {library} accepts on the "
+                              "layer first") from None
     new = {}
-    for key, (module, cls) in targets.items():
-        new[key] = layer = _rebuild(module, cls)
+    for key, (name, module, cls) in targets.items():
+        new[key] = layer = _adopt(module, constructed[key])
         if isinstance(module, nn.SyncBatchNorm) or getattr(module, "synchronized", False):
             if isinstance(layer, BatchNorm):
                 layer.synchronized = True
@@ -508,7 +527,7 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     targets, refused = {}, []
     for name, module in model.named_modules():
         if type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
-            targets[id(module)] = (module, _TO_NORMKIT.get(type(module), BatchNorm))
+            targets[id(module)] = (name, module, _TO_NORMKIT.get(type(module), BatchNorm))
         elif isinstance(module, _BatchNorm):
             refused.append(f"{_label(name)} ({type(module).__name__})")
     if refused:
@@ -518,7 +537,7 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     if not layers and not targets:
         raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
                          "to synchronize")
-    new = _rebuilt(targets)
+    new = _rebuilt(targets, "synchronize_batch_norm")
     for layer in layers + list(new.values()):
         layer.synchronized = True
         if process_group is not None:
