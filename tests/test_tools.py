@@ -914,6 +914,34 @@ def test_a_keras_layer_built_in_eval_mode_folds(build):
     np.testing.assert_allclose(as64(folded(x)), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("linear_dtype,policy,folds", [
+    (torch.float32, "float32", True), (torch.float32, "float64", False), (torch.float32, "float16", False),
+    (torch.float32, "bfloat16", False), (torch.float32, "mixed_float16", False), (torch.float32, "mixed_bfloat16", False),
+    (torch.float16, "float32", True), (torch.float16, "mixed_float16", True), (torch.float16, "bfloat16", False),
+])
+def test_a_keras_layer_whose_policy_casts_the_outputs_stays(linear_dtype, policy, folds):
+    """A Keras layer casts its input to its dtype policy (float64 after a float32 Linear, float16 under
+    mixed_float16): folded into the Linear, the output kept the Linear's dtype, so the next layer got another dtype
+    (a float16 one then refused it). Where the policy keeps the Linear's dtype it folds; the oracle is the unfolded
+    model."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(3, 4).to(linear_dtype), normkit.keras.BatchNormalization(momentum=0.5,
+                                                                                           dtype=policy))
+    for _ in range(3):
+        model(torch.randn(8, 3, dtype=linear_dtype) * 2 + 1)
+    model.eval()
+    x = torch.randn(6, 3, dtype=linear_dtype)
+    folded, names = fold_batch_norm(model)
+    assert names == (["1"] if folds else [])
+    expected, got = model(x), folded(x)
+    assert got.dtype == expected.dtype
+    if folds:  # (one rounding of the folded weights in the Linear's dtype, against Keras' float32 math)
+        tolerance = 1e-5 if linear_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d pattern: a torch.nn BN subclass whose forward adds an activation."""
 

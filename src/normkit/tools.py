@@ -584,6 +584,18 @@ def _feature_axis(module: nn.Module, bn) -> int:
     return -1 if build_shape is not None and axis == len(build_shape) - 1 else axis
 
 
+def _output_dtype(module: nn.Module, bn, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``module`` (a BN, or a Keras layer around ``bn``) returns in eval for a ``dtype`` input. A BN keeps
+    its input's dtype (or refuses it); a Keras layer casts as Keras does (its ``forward``): to its policy's compute
+    dtype, and full-precision inputs to its variables' dtype."""
+    if module is bn:
+        return dtype
+    stored, compute = bn.running_mean.dtype, getattr(module, "_compute_dtype", None)
+    if stored in LOW_PRECISION or (compute is not None and compute != stored):
+        return compute or stored
+    return dtype if dtype in LOW_PRECISION else stored
+
+
 def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     """Whether ``module`` (a BN) in eval mode is an affine map per output channel of ``layer`` (conv or linear)."""
     bn = _batch_norm_of(module)
@@ -608,6 +620,8 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     build_shape = getattr(module, "_build_shape", None) if module is not bn else None
     if isinstance(layer, nn.Linear) and axis == 1 and build_shape is not None and len(build_shape) > 2:
         return False  # a Keras layer built on (N, L, F) Linear outputs normalizes L, not the Linear's F outputs
+    if _output_dtype(module, bn, weight.dtype) != weight.dtype:
+        return False  # a Keras layer whose policy casts (float64, float16, mixed_float16 after a float32 Linear)
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return isinstance(bn.num_features, int) and bn.num_features == channels
 
@@ -675,7 +689,9 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     normalizes with batch statistics in eval too), one not directly after a conv/linear layer,
     a layer whose weight is parametrized or computed by a hook (weight_norm, spectral_norm), a
     layer or BN used at more than one place in the model or whose weight or bias is tied to
-    another layer's, a layer or BN whose class overrides its torch.nn/normkit base's ``forward``
+    another layer's, a Keras layer whose dtype policy casts the layer's outputs to another dtype
+    (folded, the next layer would get the layer's dtype), a layer or BN whose class overrides its
+    torch.nn/normkit base's ``forward``
     (timm's BatchNormAct2d, weight-standardized convs: they compute something else), a layer or
     BN with forward or backward hooks (a hook may change or watch the activation that folding
     removes), and BNs outside ``nn.Sequential`` containers or inside a Sequential subclass with
