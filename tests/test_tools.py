@@ -942,6 +942,32 @@ def test_a_keras_layer_whose_policy_casts_the_outputs_stays(linear_dtype, policy
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_a_lazy_model_restored_by_load_state_dict_folds():
+    """Lazy modules sized by a loaded state_dict (the usual way to restore a lazy model) keep their sizing hook, and
+    torch.nn's lazy BN its num_features 0, until their first call: taken for a user's hook and a size mismatch,
+    nothing folded. A hook of the user's still keeps its layer."""
+    torch.manual_seed(22)
+
+    def lazy_model():
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5),
+                             normkit.LazyBatchNorm1d(), nn.LazyLinear(3), nn.LazyBatchNorm1d()).double()
+
+    trained = lazy_model()
+    for _ in range(3):
+        trained(torch.randn(8, 3, 6, 6, dtype=torch.float64) * 2 + 1)
+    randomize(trained, (8, 3, 6, 6))
+    restored = lazy_model()
+    restored.load_state_dict(trained.state_dict())
+    restored[6].register_forward_hook(lambda module, args, output: None)
+    restored.eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    folded, names = fold_batch_norm(restored)
+    assert names == ["1", "5"]
+    for _ in range(2):  # (the first call turns the lazy layers into their eager classes)
+        torch.testing.assert_close(folded(x), trained(x), rtol=1e-12, atol=1e-12)
+    assert type(folded[0]) is nn.Conv2d and type(folded[4]) is nn.Linear
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d pattern: a torch.nn BN subclass whose forward adds an activation."""
 

@@ -563,8 +563,13 @@ def _runs_as_its_base(module: nn.Module, bases: tuple) -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """A hook may change the module's input or output, or watch it: folding would change what it sees."""
-    return any(getattr(module, name, None) for name in _HOOKS)
+    """A hook may change the module's input or output, or watch it: folding would change what it sees.
+
+    A lazy module's own sizing hook does neither (sized by a loaded state_dict, it is still there until the first
+    call, which only turns the module into its eager class): counted, a lazy model restored with load_state_dict
+    folded nothing."""
+    sizing = getattr(module, "_initialize_hook", None) if isinstance(module, LazyModuleMixin) else None
+    return any(key != getattr(sizing, "id", None) for name in _HOOKS for key in (getattr(module, name, None) or {}))
 
 
 def _batch_norm_of(module: nn.Module):
@@ -623,7 +628,9 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     if _output_dtype(module, bn, weight.dtype) != weight.dtype:
         return False  # a Keras layer whose policy casts (float64, float16, mixed_float16 after a float32 Linear)
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return isinstance(bn.num_features, int) and bn.num_features == channels
+    # (the statistics' size: torch.nn's lazy layer sized by a loaded state_dict keeps num_features 0 until its first
+    # call)
+    return isinstance(bn.num_features, int) and tuple(bn.running_mean.shape) == (channels,)
 
 
 @torch.no_grad()
