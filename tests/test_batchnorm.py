@@ -5,6 +5,7 @@ weight/bias gradients and every running buffer.
 """
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -293,6 +294,30 @@ def test_functional_without_running_statistics_uses_the_batch_s_in_eval_too(opti
     reference_kwargs = {k: v for k, v in kwargs.items() if k != "unbiased_running_var"}
     assert_close(y, R.batch_norm(x_np, None, None, w, b, training, eps=1e-3, **reference_kwargs))
     assert_close(x.grad, R.batch_norm_backward(g_np, x_np, None, None, w, b, training, 1e-3, **reference_kwargs)[0])
+
+
+@pytest.mark.parametrize("kind", ["rows", "features", "ghost"])
+def test_functional_mask_is_boolean_any_nonzero_value_marks_a_valid_position(kind):
+    """docs/decisions.md ("Masks"): any nonzero mask value marks a valid position; fractional values are not
+    weights. By hand, per feature: the valid values [1, 3, 8] (mask 1, 0.5, 2; 100 is padding) have mean 4,
+    biased variance 26/3 and unbiased 13. Every execution agrees: a padding mask (the valid rows gathered), a
+    mask varying along the features and ghost batches (the composite path), where fractional values were
+    weights."""
+    values = torch.tensor([1.0, 3.0, 100.0, 8.0], dtype=torch.float64)
+    marks = torch.tensor([1.0, 0.5, 0.0, 2.0], dtype=torch.float64)
+    x, mask = values.reshape(4, 1).repeat(1, 2), marks.reshape(4, 1)
+    kwargs = {}
+    if kind == "features":
+        mask = mask.repeat(1, 2)
+    elif kind == "ghost":  # (one ghost batch of 4: the batch's statistics)
+        kwargs["virtual_batch_size"] = 4
+    running_mean, running_var = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    y = normkit.functional.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, eps=1e-5,
+                                      mask=mask, **kwargs)
+    expected = ((values - 4.0) / math.sqrt(26 / 3 + 1e-5)).reshape(4, 1).repeat(1, 2)
+    assert_close(y, expected)
+    assert_close(running_mean, [4.0, 4.0])
+    assert_close(running_var, [13.0, 13.0])
 
 
 def test_broadcasts_to_answers_as_torch_broadcast_shapes_for_equal_ranks():

@@ -358,3 +358,23 @@ def test_masked_positions_holding_nan_or_inf_do_not_reach_the_statistics(virtual
         np.testing.assert_allclose(results[0][2], 0.9 + 0.1 * var * counts / (counts - 1), rtol=1e-12)
         expected = ((x - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-3))[valid]
         np.testing.assert_allclose(results[0][0], expected, rtol=1e-12)
+
+
+def test_a_mask_is_boolean_any_nonzero_value_marks_a_valid_position():
+    """docs/decisions.md ("Masks"): a mask marks valid positions, it does not weight them. By hand, rows 0, 1, 3
+    valid (mask 1, 0.5, 2): values [1, 3, 8], mean 4, biased variance 26/3 (unbiased 13); row 2 (mask 0) is
+    padding. As weights, 0.5 and 2 would give mean (1 + 1.5 + 16) / 3.5, another number."""
+    x = np.array([[1.0], [3.0], [100.0], [8.0]])
+    mask = np.array([[1.0], [0.5], [0.0], [2.0]])
+    count, mean, var = R.moments(x, (0,), mask)
+    np.testing.assert_allclose([count.item(), mean.item(), var.item()], [3.0, 4.0, 26 / 3])
+    running_mean, running_var = np.zeros(1), np.ones(1)
+    y = R.batch_norm(x, running_mean, running_var, training=True, momentum=1.0, eps=1e-5, mask=mask)
+    np.testing.assert_allclose(y.ravel(), (x.ravel() - 4.0) / np.sqrt(26 / 3 + 1e-5))
+    np.testing.assert_allclose([running_mean[0], running_var[0]], [4.0, 13.0])
+    # The backward's statistics term too: d/dx of sum(g * y), g = 1 on row 1 alone, by central differences.
+    g = np.array([[0.0], [1.0], [0.0], [0.0]])
+    dx = R.batch_norm_backward(g, x, None, None, training=True, eps=1e-5, mask=mask)[0]
+    valid = mask != 0
+    np.testing.assert_allclose(dx, numeric_gradient(
+        lambda v: (R.batch_norm(v, training=True, eps=1e-5, mask=valid) * g).sum(), x.copy()), rtol=1e-6, atol=1e-7)

@@ -170,7 +170,7 @@ def _moments(x, reduce_axes, mask=None):
             var, mean = torch.var_mean(x, dim=reduce_axes, correction=0, keepdim=True)
         count = torch.full_like(mean, x.numel() / max(mean.numel(), 1))
         return count, mean, var, None
-    weights = mask.to(x.dtype).expand(x.shape)
+    weights = (mask if mask.dtype == torch.bool else mask != 0).to(x.dtype).expand(x.shape)  # (valid: nonzero)
     count = weights.sum(dim=reduce_axes, keepdim=True)
     safe_count = torch.where(count > 0, count, torch.ones_like(count))
     checked = host_checks(x)
@@ -340,7 +340,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                adjustment=None, recenter=False):
     """Twin of ``reference.batch_norm`` (see its docstring for the math); buffers updated in place.
 
-    ``mask`` has the input's rank and broadcasts to it (size 1 on the feature axes).
+    ``mask`` has the input's rank and broadcasts to it; any nonzero value marks a valid position.
     ``recenter`` keeps float32 statistics exact for data far from zero (see
     ``_aten_batch_norm``); modules turn it on when they see such data.
     """
@@ -361,6 +361,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         check_ghost_batch(x.shape[0], virtual_batch_size)
     if mask is not None:
         _check_mask(mask, x)
+        if mask.dtype != torch.bool:
+            # (the padding paths gather the nonzero positions, the composite ones multiplied by the values: a 0.5
+            # counted whole on one path and half on the other)
+            mask = mask != 0
     if renorm_mean is not None:
         check_renorm_clipping_bounds(renorm_clipping)  # (else "not enough values to unpack (expected 3, got 2)")
     check_adjustment(adjustment)

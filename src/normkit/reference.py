@@ -52,9 +52,10 @@ def moments(x, reduce_axes, mask=None):
         n = \\sum_R w,\\quad \\mu = \\frac{1}{n}\\sum_R w\\,x,\\quad
         \\sigma^2 = \\frac{1}{n}\\sum_R w\\,(x-\\mu)^2
 
-    ``mask`` (broadcastable to ``x``; True/1 = valid) weights the positions; without it
-    every position counts; a masked position's value never enters (NaN or inf padding
-    included). Two passes (mean first, then squared deviations) keep the variance accurate
+    ``mask`` (broadcastable to ``x``) marks the valid positions: any nonzero value (True, 1)
+    is valid, 0 is padding, so w is 0 or 1 (a mask is not a weight: docs/decisions.md);
+    without it every position counts; a masked position's value never enters (NaN or inf
+    padding included). Two passes (mean first, then squared deviations) keep the variance accurate
     when the mean is large compared to the spread. A group with no valid position gets
     mean 0 and variance 0 (never NaN).
     """
@@ -64,7 +65,7 @@ def moments(x, reduce_axes, mask=None):
         var = ((x - mean) ** 2).mean(axis=reduce_axes, keepdims=True)
         count = np.full(mean.shape, x.size / mean.size)
         return count, mean, var
-    weights = np.broadcast_to(np.asarray(mask, dtype=np.float64), x.shape)
+    weights = _valid_weights(mask, x.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
     safe_count = np.where(count > 0, count, 1.0)
     # where, not a product: a masked position may hold NaN or inf (padding), and 0 * NaN is NaN
@@ -72,6 +73,12 @@ def moments(x, reduce_axes, mask=None):
     mean = (weights * np.where(valid, x, 0.0)).sum(axis=reduce_axes, keepdims=True) / safe_count
     var = (weights * np.where(valid, x - mean, 0.0) ** 2).sum(axis=reduce_axes, keepdims=True) / safe_count
     return count, mean, var
+
+
+def _valid_weights(mask, shape):
+    """The mask as 0/1 float64 of ``shape``: any nonzero value marks a valid position, as for the layers and the
+    functional twin (taken as weights, a 0.5 counted half here where the layers count it whole)."""
+    return np.broadcast_to(np.asarray(mask) != 0, shape).astype(np.float64)
 
 
 def affine(x_hat, scale=None, offset=None):
@@ -95,7 +102,7 @@ def normalize_backward(grad_x_hat, x_hat, inv_std, reduce_axes, mask=None, batch
     """
     if not batch_statistics:
         return grad_x_hat * inv_std
-    weights = np.ones_like(x_hat) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x_hat.shape)
+    weights = np.ones_like(x_hat) if mask is None else _valid_weights(mask, x_hat.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
     safe_count = np.where(count > 0, count, 1.0)
     sum_grad = grad_x_hat.sum(axis=reduce_axes, keepdims=True)
