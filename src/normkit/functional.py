@@ -418,7 +418,8 @@ def _refuse_non_tensors(**tensors):
 
 
 def _check_mask(mask, x):
-    """The functional mask: a tensor of the input's rank that broadcasts to it (size 1 on the feature axes). (A
+    """The functional mask: a tensor of the input's rank that broadcasts to it (size 1 on the feature axes for
+    padding, or varying along them). (A
     mask of another shape failed deep inside, "The expanded size of the tensor (5) must match the existing size (6)
     at non-singleton dimension 2", a list with "'list' object has no attribute 'shape'".)"""
     if not isinstance(mask, torch.Tensor):
@@ -432,7 +433,8 @@ def _check_mask(mask, x):
             return
     raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit the input of shape {tuple(x.shape)}: "
                      "functional.batch_norm takes a mask of the input's rank that broadcasts to it (size 1 on the "
-                     "feature axes; the layers also take the input's shape without its feature axes)")
+                     "feature axes for padding, or varying along them; the layers also take the input's shape "
+                     "without its feature axes)")
 
 
 def _fused_layout(x, feature_axes):

@@ -213,7 +213,8 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
                              f"features on axis {axis} (input shape {x.shape})")
     if mask is not None and (np.ndim(mask) != x.ndim or not broadcasts_to(np.shape(mask), x.shape)):
         raise ValueError(f"mask of shape {np.shape(mask)} does not fit the input of shape {x.shape}: reference.batch_norm "
-                         "takes a mask of the input's rank that broadcasts to it (size 1 on the feature axes)")
+                         "takes a mask of the input's rank that broadcasts to it (size 1 on the feature axes for padding, "
+                         "or varying along them)")
     if renorm_mean is not None:
         check_renorm_clipping_bounds(renorm_clipping)
     check_adjustment(adjustment)
