@@ -10,8 +10,9 @@ Keras' ``momentum=0.99`` is a decay (the weight of the OLD value); keras.py turn
 it into ``1 - 0.99`` at the boundary, so nothing below knows about it.
 
 Running variance: PyTorch stores the unbiased batch variance ``var * n / (n - 1)``
-while normalizing with the biased one; Keras stores the biased one. Both are a
-flag here (``unbiased``), never a separate code path.
+while normalizing with the biased one; Keras stores the biased one. Both are one
+flag, ``unbiased_running_var`` (of the layers and of ``update_batch_norm_running_stats``,
+which applies ``bessel_factor`` below), never a separate code path.
 """
 
 from __future__ import annotations
