@@ -622,7 +622,11 @@ class BatchNorm(_NormBase):
         return self
 
     def unfreeze(self) -> "BatchNorm":
-        """Leave frozen mode: the layer trains and updates its running statistics again in train()."""
+        """Leave frozen mode: the layer trains and updates its running statistics again in train().
+
+        ``weight`` and ``bias`` get ``requires_grad=True``, whatever they had before ``freeze()``
+        (as Keras' ``trainable = True`` makes every variable of the layer trainable).
+        """
         self.frozen = False
         for parameter in (self.weight, self.bias):
             if parameter is not None:
