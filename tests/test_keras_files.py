@@ -104,6 +104,29 @@ def test_one_layer_in_two_places_is_loaded_once_under_both_paths():
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
+def test_a_file_of_keras_before_3_6_names_no_layer_and_is_read_by_path():
+    """tests/data/keras_bn_unnamed.keras (tools/keras_unnamed_weights_file.py, Keras 3.5.0): Keras 3.0-3.5 write no
+    layer name on the weights groups; Keras itself finds a layer's weights by path (layers/batch_normalization_1,
+    layers/sequential/layers/batch_normalization, layers/time_distributed/layer), counted by class in the model's
+    order. Every layer raised "has no weights for BatchNormalization layer" on this valid file. The names here sort
+    otherwise than the paths (zz_first is batch_normalization, aa_second _1), so a wrong count swaps weights."""
+    with np.load(DATA / "keras_bn_unnamed.npz") as arrays:
+        unnamed = dict(arrays)
+    layers = load_batch_norms(DATA / "keras_bn_unnamed.keras")
+    assert list(layers) == ["zz_first", "aa_second", "block/bn_inner", "mm_third", "steps/bn_steps"]
+    assert [layers[p].momentum for p in layers] == [0.5, 0.7, 0.6, 0.8, 0.9]
+    assert not layers["aa_second"].center and not layers["aa_second"].scale and not layers["block/bn_inner"].scale
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(unnamed, path, "weights"), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+        x = torch.as_tensor(unnamed[f"{path}/x"])
+        if path == "steps/bn_steps":  # (Keras 3's wrapper calls the layer once per time step)
+            y = torch.stack([layer(x[:, t], training=False) for t in range(x.shape[1])], dim=1)
+        else:
+            y = layer(x, training=False)
+        np.testing.assert_allclose(y.detach().numpy(), unnamed[f"{path}/y_infer"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_the_loaded_layers_compute_what_keras_computed(path, recorded):
     layer = load_batch_norms(MODEL)[path]

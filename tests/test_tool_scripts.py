@@ -31,6 +31,7 @@ def without_keras(tmp_path):
     ("keras_configs.py", ["{out}"], "needs Keras"),
     ("keras_model_file.py", [], "needs Keras"),
     ("keras_nested_model_file.py", [], "needs Keras"),
+    ("keras_unnamed_weights_file.py", [], "needs Keras"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

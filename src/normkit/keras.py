@@ -32,6 +32,7 @@ import inspect
 import json
 import math
 import numbers
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -934,11 +935,19 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             variables = _subgroup(entry, "vars", h5py)
             if variables is not None and "name" in variables.attrs:
                 by_name[_keras_name(variables.attrs["name"])] = entry
+    # Keras 3.0-3.5 write no names: there a layer's group is found as Keras finds it, by its path, the snake_case
+    # class name counted in the model's order (batch_normalization, batch_normalization_1, ...). Without this every
+    # BN of such a file "had no weights".
+    by_path = not by_name
+    counts: dict = {}
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
             continue
         layer_config, name = layer["config"], str(layer["config"].get("name"))
         where = prefix + name
+        if by_path:
+            key = _keras_path_key(str(layer.get("class_name")), counts)
+            by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
         if layer.get("class_name") == "BatchNormalization":
             _load_saved_batch_norm(layer_config, layer.get("build_config"), by_name.get(name), where, found, path,
@@ -959,6 +968,19 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
                                  shared)
+
+
+def _keras_path_key(class_name: str, counts: dict) -> str:
+    """The key Keras' saving gives a layer of class ``class_name`` in a model's ``layers`` group: its
+    ``naming.to_snake_case``, then ``_1``, ``_2``, ... for the later layers of that class (``_get_unique_name``)."""
+    key = re.sub(r"\W+", "", class_name)
+    key = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", key)
+    key = re.sub("([a-z])([A-Z])", r"\1_\2", key).lower()
+    if key in counts:
+        counts[key] += 1
+        return f"{key}_{counts[key]}"
+    counts[key] = 0
+    return key
 
 
 def _without_sharing_ids(value):
