@@ -880,6 +880,25 @@ def test_weight_order_and_names_match_keras():
         layer.set_weights(layer.get_weights()[:-1])
 
 
+def test_set_weights_on_an_unbuilt_layer_says_it_is_not_built():
+    # Keras 3.15.1: "... with a weight list of length 4, but the layer was expecting 0 weights"; normkit said
+    # "expects 0 weights ()", as if the layer had none at all.
+    with pytest.raises(ValueError, match="not built yet.*build"):
+        BatchNormalization(name="fresh").set_weights([np.ones(3)] * 4)
+    BatchNormalization().set_weights([])  # (nothing to set: as Keras, no error)
+
+
+def test_set_weights_with_an_array_that_is_no_numbers_changes_nothing():
+    # Converted while copying, an array of text third in the list failed after gamma and beta were overwritten.
+    layer = BatchNormalization()
+    layer.build((None, 3))
+    given = [np.full(3, 2.0), np.full(3, 3.0), np.array(["a", "b", "c"]), np.ones(3)]
+    with pytest.raises(TypeError, match="'moving_mean'.*not numbers"):
+        layer.set_weights(given)
+    for weight, initial in zip(layer.get_weights(), [np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)], strict=True):
+        np.testing.assert_array_equal(weight, initial)
+
+
 def test_get_weights_is_a_snapshot():
     # Keras' get_weights() returns copies (Keras 3.15.1, torch backend: the arrays taken before a training step
     # keep their values after it), the usual way to keep a checkpoint in memory; a view of the layer's buffers

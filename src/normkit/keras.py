@@ -473,18 +473,28 @@ class BatchNormalization(nn.Module):
 
     def set_weights(self, weights) -> None:
         """Load NumPy arrays given in Keras' order; the count and each shape must match."""
+        weights = list(weights)
+        if self.bn is None and weights:
+            # (it said "expects 0 weights ()", as if the layer had none)
+            raise ValueError(f"{self.name} is not built yet, so it has no weights to set (got {len(weights)} arrays): "
+                             "call it on an input or call build(input_shape) first, as in Keras")
         targets = self._weight_tensors()
         if len(weights) != len(targets):
             raise ValueError(f"{self.name} expects {len(targets)} weights ({', '.join(n for n, _ in targets)}), "
                              f"got {len(weights)}")
         arrays = [_from_numpy(value) for value in weights]
+        values = []
         for (name, tensor), value in zip(targets, arrays):
             if tuple(value.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r} of {self.name} has shape {tuple(tensor.shape)}, "
                                  f"got an array of shape {tuple(value.shape)}")
-        with torch.no_grad():  # (every shape checked first: a bad list changes nothing)
-            for (name, tensor), value in zip(targets, arrays):
-                tensor.copy_(torch.as_tensor(value, dtype=tensor.dtype))
+            if value.dtype.kind not in "biuf":
+                # (converted in the copy loop, a text array after good ones left those loaded: half a weight list)
+                raise TypeError(f"weight {name!r} of {self.name}: got an array of {value.dtype}, not numbers")
+            values.append(torch.as_tensor(value, dtype=tensor.dtype))
+        with torch.no_grad():  # (every array checked and converted first: a bad list changes nothing)
+            for (name, tensor), value in zip(targets, values):
+                tensor.copy_(value)
 
     @property
     def losses(self):
