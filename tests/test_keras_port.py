@@ -204,6 +204,29 @@ def test_unnamed_layers_get_distinct_names_as_in_keras():
     assert BatchNormalization(name="bn").keras_config()["name"] == "bn"  # (a name given is kept)
 
 
+def test_a_per_feature_constant_initializer_ports():
+    """Keras' Constant broadcasts its value (value * ones(shape)), so Constant([...]) gives one value per feature;
+    Keras 3.15.1 serializes a list as the list and a NumPy array as {"class_name": "__numpy__", ...}. Both failed to
+    load here ("float() argument must be ... not 'list'"): from_keras, from_keras_config and load_batch_norms of
+    such a layer raised. The config is the one Keras writes; the expected weights follow from Keras' rule, and the
+    renorm statistics' sqrt of the variance initializer."""
+    as_list = {"module": "keras.initializers", "class_name": "Constant", "config": {"value": [0.5, 2.0, 4.0]},
+               "registered_name": None}
+    as_array = {**as_list, "config": {"value": {"class_name": "__numpy__",
+                                                "config": {"value": [0.25, 1.0, 9.0], "dtype": "float32"}}}}
+    config = {**BatchNormalization(name="bn", axis=1).keras_config(), "gamma_initializer": as_list,
+              "moving_variance_initializer": as_array, "renorm": True, "renorm_clipping": {}}
+    layer = from_keras_config(config, {"input_shape": [None, 3, 5]})
+    gamma, beta, mean, variance, stddev, renorm_mean, renorm_stddev = layer.get_weights()
+    np.testing.assert_array_equal(gamma, [0.5, 2.0, 4.0])
+    np.testing.assert_array_equal(variance, [0.25, 1.0, 9.0])
+    np.testing.assert_array_equal(stddev, [0.5, 1.0, 3.0])
+    np.testing.assert_array_equal(renorm_stddev, [0.5, 1.0, 3.0])
+    assert_same_config(layer.keras_config(), config, "keras_config of the ported layer")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        from_keras_config(config, {"input_shape": [None, 4, 5]})
+
+
 def test_from_keras_refuses_other_objects():
     with pytest.raises(TypeError, match="Keras BatchNormalization"):
         from_keras(torch.nn.BatchNorm1d(3))
@@ -244,6 +267,22 @@ def test_keras_objects_given_to_a_normkit_layer_are_written_back():
     assert back.beta_regularizer.get_config()["l2"] == pytest.approx(0.3)
     assert isinstance(back.gamma_constraint, keras.constraints.NonNeg)
     np.testing.assert_array_equal(back.get_weights()[0], np.full(3, 0.5, dtype=np.float32))
+
+
+def test_a_per_feature_constant_initializer_round_trips_through_the_real_keras():
+    """With Keras installed: Constant with a list and with a NumPy array, Keras -> normkit -> Keras."""
+    keras = _keras_on_torch()
+    for value in ([0.5, 2.0, 4.0], np.array([0.25, 1.0, 9.0], dtype=np.float32)):
+        theirs = keras.layers.BatchNormalization(gamma_initializer=keras.initializers.Constant(value),
+                                                 moving_variance_initializer=keras.initializers.Constant(value))
+        theirs.build((4, 3))
+        ours = from_keras(theirs)
+        assert_same_config(ours.keras_config(), theirs.get_config(), "from_keras")
+        fresh = BatchNormalization.from_config(ours.get_config())
+        fresh.build((4, 3))
+        for got, want in zip(fresh.get_weights(), theirs.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert_same_config(to_keras(ours).get_config(), theirs.get_config(), "to_keras")
 
 
 def test_options_changed_after_build_act_as_in_the_real_keras():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,13 +22,37 @@ EPSILON = 1e-7  # Keras' backend.epsilon(), used by its norm constraints
 
 
 class Constant:
-    """Initializer that fills with ``value`` (Keras' ``Constant``)."""
+    """Initializer that fills with ``value`` (Keras' ``Constant``): a number, or values that broadcast to the
+    weight's shape (one per feature), as Keras' ``value * ones(shape)`` takes them: a list, a NumPy array, or
+    Keras' serialized array ``{"class_name": "__numpy__", ...}`` (kept as given, for ``keras_config``)."""
 
-    def __init__(self, value: float = 0.0):
-        self.value = float(value)
+    def __init__(self, value=0.0):
+        # (a Keras layer with Constant([...]) failed to port: "float() argument must be ... not 'list'")
+        self._values = None
+        if isinstance(value, dict) and value.get("class_name") == "__numpy__" and isinstance(value.get("config"), dict):
+            self._values = torch.as_tensor(np.asarray(value["config"].get("value"), dtype=np.float64))
+            self.value = value
+        elif isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
+            values = torch.as_tensor(np.asarray(value, dtype=np.float64))
+            if values.dim() == 0:
+                self.value = float(values)
+            else:
+                self._values = values
+                # (as Keras serializes it: a list as a list, an array as its "__numpy__" dict)
+                self.value = values.tolist() if isinstance(value, (list, tuple)) else {
+                    "class_name": "__numpy__", "config": {"value": values.tolist(),
+                                                          "dtype": str(np.asarray(value).dtype)}}
+        else:
+            self.value = float(value)
 
     def __call__(self, shape, dtype=None):
-        return torch.full(tuple(shape), self.value, dtype=dtype or torch.float32)
+        if self._values is None:
+            return torch.full(tuple(shape), self.value, dtype=dtype or torch.float32)
+        try:
+            return torch.broadcast_to(self._values, tuple(shape)).to(dtype or torch.float32).clone()
+        except RuntimeError:
+            raise ValueError(f"Constant's values of shape {tuple(self._values.shape)} do not broadcast to the "
+                             f"weight's shape {tuple(shape)}") from None
 
     def keras_config(self):
         return "Constant", {"value": self.value}
