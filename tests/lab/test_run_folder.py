@@ -253,6 +253,18 @@ def test_relative_paths_are_stored_absolute(tmp_path, monkeypatch, capsys):
     one_line_error(capsys, "--data-dir")
 
 
+def test_compare_puts_its_table_beside_its_runs_under_a_tilde_out(tmp_path, monkeypatch):
+    """`--out=~/cmp` (no shell expands a tilde after `=`): the runs went to $HOME/cmp while comparison.md, .json and
+    .png went to a folder named `~` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--norms", "batch,none", "--dry-run", *TINY, "--out=~/cmp"]) == 0
+    out = tmp_path / "home" / "cmp"
+    assert {p.name for p in out.iterdir()} == {"batch-seed0", "none-seed0", "comparison.md", "comparison.json",
+                                              "comparison.png"}
+    assert not Path("~").exists()
+
+
 def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

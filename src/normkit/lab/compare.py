@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
     check_folder_option("--out", out)
     base = TrainConfig(**options)
     out_dir = Path(out if out is not None else Path("runs") / f"compare-{base.model}-{base.dataset}")
+    # As train's --out (TrainConfig.resolved): absolute, ~ expanded, so comparison.* land beside the run folders.
+    out_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(out_dir))))
     check_out_folder(out_dir)
     configs = {(norm, seed): TrainConfig(**{**options, "norm": norm, "seed": seed,
                                             "out": str(out_dir / f"{norm}-seed{seed}")})
