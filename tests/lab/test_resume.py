@@ -128,3 +128,20 @@ def test_resume_other_norms_in_process(tmp_path, norm):
     run(TrainConfig(out=str(tmp_path / "b"), resume=True, **settings), given={"epochs"})
     expected, actual = (load_checkpoint(tmp_path / p / "checkpoint.pt")["model"] for p in ("a", "b"))
     assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_resume_from_python_takes_the_settings_it_is_given(tmp_path):
+    """From Python no flag is typed: a resumed run(TrainConfig(resume=True, epochs=3)) silently kept the checkpoint's
+    1 epoch, and a conflicting lr, or adam with a momentum it never reads, went through unrefused."""
+    from normkit.lab.config import TrainConfig
+    from normkit.lab.train import run
+
+    settings = dict(train_limit=200, batch_size=32, quiet=True, tensorboard=False, out=str(tmp_path / "run"))
+    run(TrainConfig(epochs=1, **settings))
+    metrics = run(TrainConfig(epochs=3, resume=True, **settings))
+    assert len(metrics["history"]) == 3 and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
+    with pytest.raises(ValueError, match=r"--lr 0\.5 \(checkpoint: 0\.001\)"):
+        run(TrainConfig(epochs=3, resume=True, lr=0.5, **settings))
+    with pytest.raises(ValueError, match="--momentum 0.9: --optimizer adam does not use it"):
+        run(TrainConfig(optimizer="adam", momentum=0.9, **{**settings, "out": str(tmp_path / "adam")}))
+    assert not (tmp_path / "adam").exists()

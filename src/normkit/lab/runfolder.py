@@ -231,11 +231,28 @@ def _refuse_unused_optimizer_options(cfg: TrainConfig, given: set[str]) -> None:
                              f"choose --optimizer {users[0]}")
 
 
+def set_settings(cfg: TrainConfig) -> set[str]:
+    """The fields of ``cfg`` whose values differ from ``TrainConfig``'s defaults: what its caller set."""
+    defaults = TrainConfig()
+
+    def differs(value, default) -> bool:
+        try:
+            return bool(value != default)
+        except (TypeError, ValueError, RuntimeError):  # (a value resolved() then refuses, e.g. an array)
+            return True
+    return {f.name for f in dataclasses.fields(TrainConfig) if differs(getattr(cfg, f.name), getattr(defaults, f.name))}
+
+
 def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None) -> RunPlan:
     """Validate everything a run needs (settings, --out, the checkpoint it resumes or replaces, the data and
-    its batches) without writing anything: a failed run leaves ``out`` as it found it."""
+    its batches) without writing anything: a failed run leaves ``out`` as it found it.
+
+    ``given=None`` (a call from Python, where no flag was typed): the settings that differ from their defaults."""
+    if given is None:
+        # Without this a Python resume dropped them silently: run(TrainConfig(out=o, resume=True, epochs=10)) kept the
+        # checkpoint's epochs, and a conflicting lr, or adam with momentum 0.9, went through instead of being refused.
+        given = set_settings(cfg)
     cfg = cfg.resolved()
-    given = given if given is not None else set()
     out = Path(cfg.out)
     check_out_folder(out)
     checkpoint_path = out / "checkpoint.pt"

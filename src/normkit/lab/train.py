@@ -94,7 +94,8 @@ def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None =
     """Train (or resume) one run; returns the metrics dict also written to out/metrics.json.
 
     ``given`` names the settings the user set explicitly (the CLI passes them): on --resume those must
-    agree with the checkpoint, except the ones in RESUME_OVERRIDABLE (e.g. --epochs to train longer).
+    agree with the checkpoint, except the ones in RESUME_OVERRIDABLE (e.g. --epochs to train longer); None (a
+    call from Python) takes the settings that differ from TrainConfig's defaults as given.
     ``splits`` lets callers (benchmarks, tests) pass data already in memory. ``on_step(step, model)`` is
     called after every optimizer step (step counts from 1), for measurements during training
     (tools/make_results.py traces activations with it); it must leave the model (weights, buffers, mode)
