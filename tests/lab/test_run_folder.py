@@ -265,6 +265,16 @@ def test_compare_puts_its_table_beside_its_runs_under_a_tilde_out(tmp_path, monk
     assert not Path("~").exists()
 
 
+def test_evaluate_expands_a_tilde_as_train_does(tmp_path, monkeypatch, capsys):
+    """train --out=~/run writes $HOME/run; evaluate --checkpoint=~/run looked for a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dry-run", *TINY, "--out=~/run"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint=~/run", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(tmp_path / "home" / "run" / "checkpoint.pt")
+
+
 def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -401,6 +401,8 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
     if isinstance(path, (str, os.PathLike)) and not os.fspath(path):
         raise ValueError("--checkpoint '': give a run's checkpoint.pt or its run folder (an empty path would mean "
                          "the current folder by accident)")
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path).expanduser()  # as train's --out: `--checkpoint=~/runs/a` (no shell expands it after `=`)
     if Path(path).is_dir():
         folder, path = Path(path), Path(path) / "checkpoint.pt"  # a run folder (`--out DIR`) stands for its checkpoint
         if not path.exists() and not (folder / "config.json").exists():  # e.g. runs/: name the run folders in it
