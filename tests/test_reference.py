@@ -212,6 +212,29 @@ def test_layer_and_group_norm_refuse_shapes_they_do_not_fit():
             call()
 
 
+@pytest.mark.parametrize("name,shape,args", [
+    ("layer_norm", (0, 4), ((4,),)), ("layer_norm", (0, 3, 4), ((3, 4),)), ("group_norm", (0, 4, 3), (2,)),
+    ("instance_norm", (0, 4, 3), ()),
+])
+def test_per_sample_norms_of_an_empty_batch_give_empty_outputs_and_zero_parameter_gradients(name, shape, args):
+    """No sample, no group of statistics: the output is empty and gamma/beta's gradients are empty sums, 0 (torch.nn's
+    LayerNorm and GroupNorm give both). moments divided the element count by the number of groups, 0 here, and the
+    oracle failed with a ZeroDivisionError."""
+    x = np.empty(shape)
+    param_shape = args[0] if name == "layer_norm" else (shape[1],)
+    weight, bias = np.full(param_shape, 2.0), np.full(param_shape, 0.5)
+    forward, backward = getattr(R, name), getattr(R, name + "_backward")
+    if name == "instance_norm":
+        y = forward(x, weight=weight, bias=bias)
+        dx, dw, db = backward(np.empty(shape), x, weight=weight, bias=bias)
+    else:
+        y = forward(x, *args, weight, bias)
+        dx, dw, db = backward(np.empty(shape), x, *args, weight, bias)
+    assert y.shape == shape and dx.shape == shape
+    np.testing.assert_array_equal(dw, np.zeros(param_shape))
+    np.testing.assert_array_equal(db, np.zeros(param_shape))
+
+
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_an_empty_training_batch_leaves_the_buffers_alone(renorm, rng):
     """An empty batch carries no statistics: the buffers stay as they were (docs/decisions.md, as the layers do),

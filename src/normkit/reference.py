@@ -63,7 +63,9 @@ def moments(x, reduce_axes, mask=None):
     if mask is None:
         mean = x.mean(axis=reduce_axes, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=reduce_axes, keepdims=True)
-        count = np.full(mean.shape, x.size / mean.size)
+        # (the product of the reduced sizes, not x.size / mean.size: with no group at all, an empty batch of
+        # per-sample statistics, that quotient divided by zero)
+        count = np.full(mean.shape, float(np.prod([x.shape[axis] for axis in np.atleast_1d(reduce_axes)])))
         return count, mean, var
     weights = _valid_weights(mask, x.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
