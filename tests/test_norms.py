@@ -214,6 +214,29 @@ def test_eps_given_to_the_layer_is_the_one_used_off_the_short_path(name, args, s
     assert_close(y, reference(to_numpy(x), 0.25), dtype)
 
 
+@pytest.mark.parametrize("dtype,layer_dtype", [(torch.float64, torch.float64), (torch.float16, torch.float32)],
+                         ids=["float64", "half-input"])
+@pytest.mark.parametrize("shape", [(2, 4, 0), (3, 4, 0, 5), (0, 4, 3)])
+def test_group_norm_of_an_input_without_values_gives_zero_weight_gradients(shape, dtype, layer_dtype, rng):
+    """A loss over no values does not depend on gamma or beta: their gradients are 0 (the reference's, and torch.nn's
+    own for an empty batch). With no spatial positions, (N, C, 0), ATen's backward gave gamma a NaN gradient (0/0
+    statistics times an empty sum), which an optimizer step then wrote into every weight."""
+    layer = normkit.GroupNorm(2, 4).to(layer_dtype)
+    _randomize(layer, rng=rng)
+    x = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    g = torch.ones(shape, dtype=dtype)
+    y.backward(g)
+    assert y.shape == shape and y.dtype == dtype and x.grad.shape == shape
+    _, ref_dw, ref_db = R.group_norm_backward(g.double().numpy(), x.detach().double().numpy(), 2,
+                                              to_numpy(layer.weight), to_numpy(layer.bias))
+    assert_close(layer.weight.grad, ref_dw)
+    assert_close(layer.bias.grad, ref_db)
+    # torch.nn's output for it: empty, of the same shape and dtype
+    theirs = torch.nn.GroupNorm(2, 4).to(layer_dtype)
+    assert theirs(x).shape == y.shape and theirs(x).dtype == y.dtype
+
+
 def test_group_norm_without_bias_as_torch_nn(rng):
     """bias=False drops beta (torch.nn.GroupNorm's keyword since 2.1): no parameter, no state_dict key, no offset."""
     ours, theirs = normkit.GroupNorm(2, 4, bias=False).double(), torch.nn.GroupNorm(2, 4, bias=False).double()

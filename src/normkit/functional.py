@@ -1245,7 +1245,17 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
     """``torch.group_norm``, with a channels-last CPU input that needs no gradient, under weights that do,
     handed over as a detached alias that requires one: torch 2.13's CPU backward for that case ends the process
     (a segmentation fault, torch.nn's GroupNorm included); with the input's gradient computed (then dropped),
-    it gives the weights' gradients. Same output, same memory format."""
+    it gives the weights' gradients. Same output, same memory format.
+
+    An input without values (no spatial position, ``(N, C, 0)``, or no sample) gives an empty output and zero
+    gradients for weight and bias, as an empty batch does: ATen's backward for ``(N, C, 0)`` multiplies an empty
+    sum by the 0/0 statistics and gave gamma a NaN gradient (torch.nn's GroupNorm too)."""
+    if x.numel() == 0:
+        with torch.no_grad():  # (ATen's own checks of the shapes: the same errors as before)
+            torch.group_norm(x.detach(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        return affine(x * 1.0, None if weight is None else weight.reshape(shape).to(x.dtype),
+                      None if bias is None else bias.reshape(shape).to(x.dtype))
     if (x.dim() >= 4 and x.is_cpu and (not x.requires_grad or torch.jit.is_tracing())
             and torch.is_grad_enabled()
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
