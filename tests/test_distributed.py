@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -182,6 +183,32 @@ def _mixed_mask(rank):
         return f"{type(error).__name__}: {error}"
 
 
+# Recalibration of a synchronized layer (name: local batch sizes of each batch). Its batch is the group's: a batch
+# empty on every process gives it no value, and one empty on one process only still does.
+RECALIBRATIONS = {"group_empty": ((3, 5), (0, 4), (0, 0), (2, 2)), "all_empty": ((0, 0), (0, 0))}
+
+
+def _recalibration_batches(sizes_per_batch):
+    return [_data(sizes, 10 + index)[0] for index, sizes in enumerate(sizes_per_batch)]
+
+
+def _recalibrated(rank):
+    """Each case's state after recalibrate_running_stats over this process's part of its batches, and the warnings."""
+    results = {}
+    for name, sizes_per_batch in RECALIBRATIONS.items():
+        model = torch.nn.Sequential(_layer({}, synchronized=True))
+        with torch.no_grad():  # (statistics of its own, which a recalibration that averages nothing must keep)
+            model[0].running_mean.fill_(0.5)
+            model[0].running_var.fill_(2.0)
+        local = [_local((batch,), sizes, rank)[0]
+                 for batch, sizes in zip(_recalibration_batches(sizes_per_batch), sizes_per_batch)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            normkit.recalibrate_running_stats(model, local)
+        results[name] = (model[0].state_dict(), [str(warning.message) for warning in caught])
+    return results
+
+
 def _refusal_worker(rank, init_file, out_dir):
     # Its own spawn: a process left waiting in the merge may pair with a peer's later gather of another size, and
     # gloo then aborts it (std::terminate), which must not take the other cases' results with it. The collectives
@@ -229,6 +256,7 @@ def _worker(rank, world_size, init_file, out_dir):
         results["copy"] = _copy_of_grouped_model(rank)
         results["penalty"] = _gradient_penalty(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
         results["far"] = _far_from_zero(rank)
+        results["recalibrated"] = _recalibrated(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
@@ -375,6 +403,26 @@ def test_synchronize_batch_norm_turns_torch_nn_layers_into_synchronized_ones(ran
         for key, value in state.items():
             if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 torch.testing.assert_close(r["tool"][2][key], value, msg=key)
+
+
+def test_recalibration_leaves_out_the_batches_empty_on_every_process(ranks):
+    """recalibrate_running_stats averages the per-batch statistics of the group's batches that hold values (NumPy on
+    the concatenated batches). A batch empty on one process only is the peer's batch; one empty on every process
+    counted before, and averaged the reset statistics (0/1) in as one more batch; a layer that only such batches
+    reached got 0/1 instead of keeping its statistics, and no warning."""
+    batches = [batch.numpy() for batch in _recalibration_batches(RECALIBRATIONS["group_empty"]) if len(batch)]
+    expected_mean = np.mean([batch.mean(axis=(0, 2)) for batch in batches], axis=0)
+    expected_var = np.mean([batch.transpose(1, 0, 2).reshape(FEATURES, -1).var(axis=1, ddof=1) for batch in batches],
+                           axis=0)
+    for r in ranks:
+        state, caught = r["recalibrated"]["group_empty"]
+        assert caught == []
+        np.testing.assert_allclose(state["running_mean"].numpy(), expected_mean, rtol=1e-12)
+        np.testing.assert_allclose(state["running_var"].numpy(), expected_var, rtol=1e-12)
+        state, caught = r["recalibrated"]["all_empty"]
+        np.testing.assert_array_equal(state["running_mean"].numpy(), np.full(FEATURES, 0.5))
+        np.testing.assert_array_equal(state["running_var"].numpy(), np.full(FEATURES, 2.0))
+        assert len(caught) == 1 and "no batch reached '0' (BatchNorm)" in caught[0], caught
 
 
 def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_ranks):

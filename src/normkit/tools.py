@@ -85,19 +85,25 @@ def _refuse_unbuilt(model: nn.Module, caller: str, norms_only: bool) -> None:
 def _uncount_empty(layer, args, kwargs, output) -> None:
     """Forward hook: a call that gave the layer no value (an empty batch, or all padding) leaves its statistics
     as they were, yet counts in num_batches_tracked, as in training; the cumulative rule would then weigh every
-    later batch by 1/(k + 1) instead of 1/k. Synchronized layers are left alone: the other processes' batches
-    may hold values."""
+    later batch by 1/(k + 1) instead of 1/k. A synchronized layer's batch is the group's: it is left uncounted
+    only when every process of the group gave it no value (one all_reduce, which every process's hook joins)."""
+    try:  # (by name: the Keras layer's mask comes third, after training, and its input is called inputs)
+        bound = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+        x = next(iter(bound.values()), None)
+        mask = bound.get("mask")
+        empty = isinstance(x, torch.Tensor) and (x.numel() == 0
+                                                 or (isinstance(mask, torch.Tensor) and not bool(mask.any())))
+    except TypeError:
+        empty = False
     if getattr(layer, "synchronized", False):
         from . import distributed
         if distributed.is_active(layer.process_group):
-            return
-    try:  # (by name: the Keras layer's mask comes third, after training, and its input is called inputs)
-        bound = inspect.signature(layer.forward).bind(*args, **kwargs).arguments
-    except TypeError:
-        return
-    x = next(iter(bound.values()), None)
-    mask = bound.get("mask")
-    if isinstance(x, torch.Tensor) and (x.numel() == 0 or (isinstance(mask, torch.Tensor) and not bool(mask.any()))):
+            # The peers' batches may hold values; left out on this process's word alone, a batch empty on every
+            # process still counted, and its reset statistics (0/1) were averaged in as one more batch.
+            flag = torch.tensor([int(empty)], device=layer.num_batches_tracked.device)
+            distributed.dist.all_reduce(flag, op=distributed.dist.ReduceOp.MIN, group=layer.process_group)
+            empty = bool(flag)
+    if empty:
         layer.num_batches_tracked.sub_(1)
 
 
