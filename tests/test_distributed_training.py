@@ -10,6 +10,7 @@ import datetime
 import os
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -281,6 +282,20 @@ def _train_eval_disagreement(rank, impatient):
         return f"{type(error).__name__}: {error}"
 
 
+def _outsider(rank, groups):
+    """Processes 2 and 3 train a layer synchronized over the group of processes 0 and 1, which they are not members
+    of: each normalizes its own batch (as torch.nn.SyncBatchNorm does) and says why, once."""
+    if _group_of(rank) == 0:
+        return None
+    layer = _layer({}, torch.float64, synchronized=True, process_group=groups[0])
+    x = torch.randn(5, FEATURES, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [layer(x).detach() for _ in range(2)]
+    return {"input": x, "outputs": outputs, "state": layer.state_dict(),
+            "warnings": [str(warning.message) for warning in caught]}
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {"failures": {}}
@@ -295,6 +310,7 @@ def _worker(rank, init_file, out_dir):
             results[f"layer/{name}"] = _layer_case(name, rank, groups)
         for name in FAR_CASES:
             results[f"far/{name}"] = _far_case(name, rank)
+        results["outsider"] = _outsider(rank, groups)
         results["disagreements"] = _disagreements(rank)
         # The world group still works after the refusals (every process raised before the gather).
         results["layer/after_errors"] = _layer_case("uneven_empty", rank, groups)
@@ -410,6 +426,24 @@ def test_half_precision_statistics_are_merged_in_float32(ranks, name):
         for key in ("running_mean", "running_var"):
             assert r[f"layer/{name}"]["state"][key].dtype == torch.float32
             torch.testing.assert_close(r[f"layer/{name}"]["state"][key], expected[key].float(), msg=f"{rank} {key}")
+
+
+def test_a_process_outside_the_layer_s_group_normalizes_its_batch_and_says_why(ranks):
+    """Its batch alone, as torch.nn.BatchNorm1d on it (torch.nn.SyncBatchNorm's rule for a non-member), with one
+    warning naming the cause: it said no process group was initialized, while one was, without this process."""
+    for rank in (2, 3):
+        seen = ranks[rank]["outsider"]
+        oracle = nn.BatchNorm1d(FEATURES).double()
+        with torch.no_grad():
+            oracle.weight.copy_(torch.arange(1.0, FEATURES + 1.0))
+            oracle.bias.copy_(torch.linspace(-0.5, 0.5, FEATURES))
+        for output in seen["outputs"]:
+            torch.testing.assert_close(output, oracle(seen["input"]), msg=f"process {rank}")
+        for key, value in oracle.state_dict().items():
+            torch.testing.assert_close(seen["state"][key], value, msg=f"process {rank} {key}")
+        assert len(seen["warnings"]) == 1, seen["warnings"]
+        assert f"on process {rank}, which is not a member of the layer's process_group" in seen["warnings"][0], \
+            seen["warnings"]
 
 
 @pytest.mark.parametrize("name", ["features", "dtype", "ghost_uneven", "ghost_empty_rank", "transposed"])

@@ -31,8 +31,16 @@ def warn_local_once(layer) -> None:
     """Warn once per layer that synchronized=True computes local statistics (no process group)."""
     if not getattr(layer, "_warned_local", False):
         layer._warned_local = True
-        warnings.warn(f"{type(layer).__name__}(synchronized=True) runs without an initialized torch.distributed "
-                      "process group of more than one process: statistics are this process's only",
+        group = getattr(layer, "process_group", None)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank(group) < 0:
+            # (torch gives a non-member of a dist.new_group a world size of -1: told that no group was initialized,
+            # the user of a group that is looked for the fault in the wrong place)
+            reason = (f"on process {dist.get_rank()}, which is not a member of the layer's process_group (a "
+                      "dist.new_group without this rank; torch.nn.SyncBatchNorm normalizes such a process's batch "
+                      "alone too)")
+        else:
+            reason = "without an initialized torch.distributed process group of more than one process"
+        warnings.warn(f"{type(layer).__name__}(synchronized=True) runs {reason}: statistics are this process's only",
                       RuntimeWarning, stacklevel=3)
 
 
