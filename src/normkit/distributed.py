@@ -141,15 +141,17 @@ def refuse_with_peers(process_group, device) -> None:
 
 
 def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
-    """Global (count, mean, biased var) over ``reduce_axes`` of every process's ``x``; differentiable.
+    """Global (count, mean, biased var, (group mean, group centre)) over ``reduce_axes`` of every process's ``x``;
+    differentiable (the last pair, the mean about the group's common centre and that centre, is not, and is the
+    same on every process: the running statistics and renorm's r and d are taken from it).
 
     ``x`` holds residuals about this process's centre ``shift`` (None: no centre), and the mean
-    returned is about it too. Each process's centre travels with its moments: the centres'
+    returned first is about it too. Each process's centre travels with its moments: the centres'
     differences are exact (Sterbenz: every centre is within an ulp of its data's mean), so the
-    merged mean about this process's centre is as exact as the residuals. Merged about zero, the
+    moments merged about the group's centre, and the mean about this process's, are as exact as the
+    residuals. Merged about zero, the
     global mean of float32 data far from zero is known only to an ulp of the data, and every
     output carried that error (5e-2 at mean 1e4, std 1e-2, where one process recentered to 2e-7).
-    A process without values (no centre) merges about a peer's centre instead.
     Local moments are Welford's (``torch.var_mean``) or, with a mask, two-pass. An empty local
     batch adds nothing.
     """
@@ -172,12 +174,15 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     any_masked = check_agreement(local, process_group, masked=mask is not None)
     gathered = _gather(local, process_group)
     counts, squares, centres = gathered[:, 0], gathered[:, 2], gathered[:, 3]
-    # The merge is about a reference centre: this process's own, or, where it holds no value (an empty or fully
-    # masked local batch, no centre), the first peer's that holds some. About zero, peers' means at 1e4 were known
-    # only to an ulp of the data, and such a process's running variance came out 2e-2 off (and unlike its peers').
+    # The merge is about one reference centre for the whole group: the first process's that holds values (an empty
+    # or fully masked local batch has no centre). About zero, peers' means at 1e4 were known only to an ulp of the
+    # data, and an empty process's running variance came out 2e-2 off (and unlike its peers'). Common to the group,
+    # the merge is the same arithmetic on the same gathered numbers everywhere, so every process gets the same bits
+    # (statistics, renorm's r and d, running buffers); merged about each process's own centre, float32 buffers
+    # came out an ulp apart between the processes, as torch.nn.SyncBatchNorm's never do.
     with torch.no_grad():
         first = (counts > 0).to(torch.uint8).argmax(dim=0, keepdim=True)  # (all empty: process 0's centre, 0)
-        reference = torch.where(empty, centres.gather(0, first).squeeze(0), centre)
+        reference = centres.gather(0, first).squeeze(0)
     means = (centres - reference) + gathered[:, 1]  # (every process's mean about the reference centre)
     total = counts.sum(dim=0)
     if not any_masked and local_count <= 1 and total.numel() and int(total.reshape(-1)[0]) == 1:
@@ -194,8 +199,9 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     global_mean = (counts * means).sum(dim=0) / safe_total
     m2 = (squares + counts * (means - global_mean).square()).sum(dim=0)
-    # (about this process's centre again: where it holds values the reference is that centre, and this adds 0)
-    return total, global_mean + (reference - centre), m2 / safe_total
+    # (about this process's centre again, for its residuals: exact, as the centres' differences above)
+    return (total, global_mean + (reference - centre), m2 / safe_total,
+            (global_mean.detach(), reference))
 
 
 def sync_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, *, axis, mask=None,

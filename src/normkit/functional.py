@@ -872,10 +872,11 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     gradient (``_MaskedNormalize``) for masks that vary along the features or meet ghost
     batches, and plain autograd with an adjustment (whose scale may itself be trained).
 
-    ``moments_fn(view, reduce_axes, mask_view, shift) -> (count, mean, var)`` replaces ``moments``:
-    ``distributed.sync_batch_norm`` passes statistics over every process's batch (the mean about
-    this process's centre ``shift``, None when not recentered). Its counts are then not the local
-    ones, and autograd differentiates through it.
+    ``moments_fn(view, reduce_axes, mask_view, shift) -> (count, mean, var, (group_mean, group_shift))`` replaces
+    ``moments``: ``distributed.sync_batch_norm`` passes statistics over every process's batch (the mean about
+    this process's centre ``shift``, None when not recentered, for its residuals; and, without gradient, the mean
+    about the centre common to the group, for the running statistics and renorm's r and d, which are then the
+    same bits on every process). Its counts are then not the local ones, and autograd differentiates through it.
     """
     out_dtype = x.dtype
     # Masks (that vary along the features, or with ghost batches) and the adjustment: the
@@ -913,23 +914,25 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
         if moments_fn is None:
             count, mean, var, finite = _moments(view, reduce_axes, mask_view)
+            statistics_mean, statistics_shift = mean.detach(), shift
         else:
-            count, mean, var = moments_fn(view, reduce_axes, mask_view, shift)
+            count, mean, var, (statistics_mean, statistics_shift) = moments_fn(view, reduce_axes, mask_view, shift)
     with torch.no_grad():
         # (the mean that leaves the layer is the data's, not the residuals': each ghost's centre added back)
-        data_mean = mean.detach() if shift is None else mean.detach() + shift
+        data_mean = statistics_mean if statistics_shift is None else statistics_mean + statistics_shift
         total, batch_mean, batch_var = combine_ghost_statistics(count.detach(), data_mean, var.detach(), ghost_axis,
                                                                 equal_counts=local_counts)
         r = d = None
         if renorm_mean is not None:
             from_mean, to_mean = batch_mean, renorm_mean
-            if shift is not None:
+            if statistics_shift is not None:
                 # (d from the residuals' mean and renorm_mean - centre: see _mean_from)
                 renorm_in_view = renorm_mean.reshape(param_shape)
                 renorm_in_view = renorm_in_view if ghost_axis is None else renorm_in_view.unsqueeze(0)
-                from_mean = combine_ghost_statistics(count.detach(), mean.detach(), var.detach(), ghost_axis,
+                from_mean = combine_ghost_statistics(count.detach(), statistics_mean, var.detach(), ghost_axis,
                                                      equal_counts=local_counts)[1]
-                seen, to_mean = combine_ghost_statistics(count.detach(), (renorm_in_view - shift).expand_as(mean),
+                seen, to_mean = combine_ghost_statistics(count.detach(),
+                                                         (renorm_in_view - statistics_shift).expand_as(mean),
                                                          var.detach(), ghost_axis, equal_counts=local_counts)[:2]
                 # (a feature no ghost saw has batch mean 0, so d = -renorm_mean / stddev, as without the centre)
                 to_mean = torch.where(seen > 0, to_mean, renorm_in_view)
