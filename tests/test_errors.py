@@ -385,3 +385,50 @@ def test_create_norm_checks_the_rank(rank):
     with pytest.raises(ValueError, match=r"rank must be the input's rank, an int >= 2"):
         normkit.create_norm("layer", 3, rank)
     assert type(normkit.create_norm("layer", 3, 2)) is normkit.LayerNorm
+
+
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 2}, {"virtual_batch_size": 2, "ghost_layout": "contiguous"},
+                                     {"renorm": True}, {"adjustment": lambda shape: (1.0, 0.0)},
+                                     {"unbiased_running_var": False}, {"axis": -1}])
+@pytest.mark.parametrize("name,size", [("weight", 4), ("weight", 1), ("bias", 4), ("running_mean", 1),
+                                       ("running_var", 6)])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_layer_tensor_of_another_size_is_refused_by_name(options, name, size, training):
+    """A weight, bias or running buffer replaced by one of another size: ghost batches normalized silently with the
+    first values of a 4-value (or the one value of a 1-value) weight repeated across the groups; renorm failed with
+    "The size of tensor a (3) must match the size of tensor b (4)" after counting the step."""
+    layer = normkit.BatchNorm(3, **options).train(training)
+    x = torch.randn(4, 3, 3) if options.get("axis") != -1 else torch.randn(4, 5, 3)
+    replacement = torch.ones(size)
+    setattr(layer, name, torch.nn.Parameter(replacement) if name in ("weight", "bias") else replacement)
+    before = _state(layer)
+    with pytest.raises(ValueError, match=rf"BatchNorm\(num_features=3\) has a {name} of {size} values .*give it 3 values"):
+        layer(x)
+    assert _same_state(before, layer)
+
+
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 2}, {"virtual_batch_size": 2, "ghost_layout": "contiguous"},
+                                     {"mask": torch.ones(4, 1, 5)}, {"adjustment": lambda shape: (1.0, 0.0)},
+                                     {"unbiased_running_var": False}, {"renorm": True}])
+@pytest.mark.parametrize("name,size", [("weight", 4), ("weight", 1), ("bias", 4), ("running_mean", 4),
+                                       ("running_var", 2), ("renorm_mean", 4), ("moving_stddev", 4)])
+def test_functional_twins_name_a_per_feature_tensor_of_another_size(options, name, size):
+    """functional.batch_norm's option paths took a weight or bias of another size silently (ghost batches), resized
+    a running_var of 2 values in place (renorm), or failed deep inside after moving running_mean; the reference did
+    not check moving_stddev (numpy's "operands could not be broadcast" after moving the other buffers)."""
+    renorm = options.pop("renorm", False)
+    if name in ("renorm_mean", "moving_stddev") and not renorm:
+        pytest.skip("renorm's buffers are read with renorm only")
+    x = torch.randn(4, 3, 5)
+    for batch_norm, data, convert in _both_twins(x):
+        tensors = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3),
+                   "bias": torch.zeros(3)}
+        if renorm:
+            tensors.update(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3))
+        tensors[name] = torch.ones(size)
+        args = {k: convert(v.double()) if torch.is_tensor(v) else v for k, v in {**tensors, **options}.items()}
+        before = {k: (v.clone() if torch.is_tensor(v) else v.copy()) for k, v in args.items() if hasattr(v, "shape")}
+        with pytest.raises(ValueError, match=rf"{name} has {size} values but the input has 3 features on axis 1"):
+            batch_norm(data, training=True, **args)
+        assert all(before[k].shape == args[k].shape and (before[k] == args[k]).all() for k in before)  # (nothing moved)
+

@@ -350,6 +350,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
+    check_per_feature_sizes(x, feature_axes, axis, running_mean=running_mean, running_var=running_var,
+                            weight=weight, bias=bias, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev,
+                            moving_stddev=moving_stddev)
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -408,6 +411,19 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
+
+
+def check_per_feature_sizes(x, feature_axes, axis, **tensors):
+    """Every per-feature tensor holds one value per feature (in any shape): reference.batch_norm's check, word for
+    word. (The option paths took another size silently or failed deep inside: ghost batches normalized with a
+    weight or bias of 4 or 1 values for 3 features, the first values repeated across the groups; a running_var of
+    2 values was resized in place under renorm; elsewhere "The size of tensor a (2) must match the size of tensor b
+    (3)" after running_mean had moved.)"""
+    features = math.prod([x.shape[a] for a in feature_axes])
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.numel() != features:
+            raise ValueError(f"{name} has {tensor.numel()} values but the input has {features} features on axis "
+                             f"{axis} (input shape {tuple(x.shape)})")
 
 
 def _refuse_non_tensors(**tensors):

@@ -692,6 +692,25 @@ class BatchNorm(_NormBase):
         return uses_buffers and (_buffer_of(self, "running_mean") is not None
                                  or _buffer_of(self, "running_var") is not None)
 
+    def _check_own_sizes(self, training: bool) -> None:
+        """Each tensor the call reads holds num_features values: one replaced by a tensor of another size
+        (``layer.weight = nn.Parameter(...)``, ``layer.running_var = ...``) is refused by name before the step is
+        counted. (The option paths took it silently or failed deep inside after moving buffers: ghost batches
+        normalized with the first values of a 4-value weight repeated across the groups; renorm said "The size of
+        tensor a (3) must match the size of tensor b (4)" with the count moved.)"""
+        features = self.num_features if isinstance(self.num_features, int) else math.prod(self.num_features)
+        weight, bias = _affine_of(self)
+        named = [("weight", weight), ("bias", bias)]
+        if not training or self.track_running_stats:  # (torch.nn's rule for when the buffers are read)
+            named += [("running_mean", self.running_mean), ("running_var", self.running_var)]
+        if self.renorm and training:
+            named += [(name, getattr(self, name)) for name in ("renorm_mean", "renorm_stddev", "moving_stddev")]
+        for name, tensor in named:
+            if tensor is not None and tensor.numel() != features:
+                raise ValueError(f"{type(self).__name__}(num_features={self.num_features}) has a {name} of "
+                                 f"{tensor.numel()} values (shape {tuple(tensor.shape)}): a tensor of another size was "
+                                 f"assigned to it; give it {features} values, or build the layer for that size")
+
     def _other_axis_hint(self, input: torch.Tensor) -> str:
         """The remedy for features on another axis than the layer's, in the error above."""
         return " or pass the right axis"
@@ -859,6 +878,7 @@ class BatchNorm(_NormBase):
                     _buffer_of(self, "num_batches_tracked").sub_(1)
                 _check_input_device(input, self.weight, self.running_mean)
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
+                self._check_own_sizes(training)  # ATen's "weight should contain 3 elements not 4", explained
                 raise
         if back is not None:
             return y.permute(back)
@@ -1022,6 +1042,7 @@ class BatchNorm(_NormBase):
             _check_input_dtype(input, self.weight, self.running_mean)
             self._check_input_dim(input)
             feature_axes = self._feature_axes(input, training)
+            self._check_own_sizes(training)
             if mask is not None:
                 mask = self._expand_mask(mask, input, feature_axes)
             if (training or self.running_mean is None) and self._recenter_check_due():  # (batch statistics)

@@ -199,7 +199,7 @@ def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
 
 def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                       virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
-                      adjustment):
+                      adjustment, moving_stddev=None):
     """Everything forward and backward need, computed once and in pipeline order."""
     x = np.asarray(x, dtype=np.float64)
     feature_axes = canonicalize_axes(axis, x.ndim)
@@ -209,7 +209,8 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias), ("renorm_mean", renorm_mean), ("renorm_stddev", renorm_stddev)):
+                        ("bias", bias), ("renorm_mean", renorm_mean), ("renorm_stddev", renorm_stddev),
+                        ("moving_stddev", moving_stddev)):
         if value is not None and np.asarray(value).size != math.prod(param_shape):
             raise ValueError(f"{name} has {np.asarray(value).size} values but the input has {math.prod(param_shape)} "
                              f"features on axis {axis} (input shape {x.shape})")
@@ -297,7 +298,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
-                              adjustment)
+                              adjustment, moving_stddev)
     view = parts["view"]
     x_hat = (view - parts["mean"]) / np.sqrt(parts["var"] + eps)
     z = _pre_affine(parts, x_hat)
