@@ -432,3 +432,18 @@ def test_functional_twins_name_a_per_feature_tensor_of_another_size(options, nam
             batch_norm(data, training=True, **args)
         assert all(before[k].shape == args[k].shape and (before[k] == args[k]).all() for k in before)  # (nothing moved)
 
+
+@pytest.mark.parametrize("size,layout,match", [
+    (0, "strided", "virtual_batch_size must be a positive int, got 0"),
+    (2.0, "strided", "virtual_batch_size must be a positive int, got 2.0"),
+    (3, "strided", r"virtual_batch_size=3 must divide the batch size .* batch of 4"),
+    (2, "Strided", "ghost_layout must be 'strided' or 'contiguous', got 'Strided'"),
+])
+def test_ghost_view_twins_name_a_bad_argument(size, layout, match):
+    """functional.ghost_view said "integer division or modulo by zero" for 0, reshape's "shape '[3, 1, 3, 5]' is
+    invalid" for a size that does not divide the batch, and took any layout but "strided" as "contiguous" silently;
+    reference.ghost_view named each."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    for ghost_view, data in ((normkit.functional.ghost_view, x), (normkit.reference.ghost_view, x.numpy())):
+        with pytest.raises(ValueError, match=match):
+            ghost_view(data, size, layout)

@@ -206,7 +206,12 @@ def normalize(x, mean, var, eps, scale=None, offset=None):
 def ghost_view(x, virtual_batch_size, layout="strided"):
     """Twin of ``reference.ghost_view``: (view, member_axis, ghost_axis)."""
     batch = x.shape[0]
-    size = virtual_batch_size
+    # Checked as the reference checks (0 failed with "integer division or modulo by zero", a size that does not
+    # divide the batch with reshape's "shape '[3, 1, 3, 5]' is invalid", and any layout but "strided" was taken as
+    # "contiguous").
+    size = check_virtual_batch_size(virtual_batch_size)
+    check_ghost_layout(layout)
+    check_ghost_batch(batch, size)
     if layout == "strided":
         return x.reshape((size, batch // size) + tuple(x.shape[1:])), 0, 1
     return x.reshape((batch // size, size) + tuple(x.shape[1:])), 1, 0
