@@ -447,3 +447,26 @@ def test_ghost_view_twins_name_a_bad_argument(size, layout, match):
     for ghost_view, data in ((normkit.functional.ghost_view, x), (normkit.reference.ghost_view, x.numpy())):
         with pytest.raises(ValueError, match=match):
             ghost_view(data, size, layout)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # running_mean alone was updated in place, then "unsupported operand type(s) for -: 'float' and 'NoneType'";
+    # running_var alone was ignored (the functional twin refuses both)
+    (dict(running_mean=torch.zeros(3)), "running_mean and running_var must either both be None or neither"),
+    (dict(running_var=torch.ones(3)), "running_mean and running_var must either both be None or neither"),
+    # numpy's "cannot reshape array of size 4 into shape (1,3,1)" after the running statistics had moved; ATen's
+    # "weight should contain 12 elements not 16" (the weight repeated over the batch)
+    (dict(running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(4)),
+     r"weight has 4 values but the input has 3 channels on axis 1"),
+    (dict(running_mean=torch.zeros(4), running_var=torch.ones(4)),
+     r"running_mean has 4 values but the input has 3 channels on axis 1"),
+])
+def test_instance_norm_twins_refuse_a_bad_running_pair_or_size_before_moving_anything(kwargs, match):
+    x = torch.randn(4, 3, 5)
+    for instance_norm, data, convert in ((normkit.functional.instance_norm, x.double(), lambda t: t.double()),
+                                         (normkit.reference.instance_norm, x.double().numpy(), lambda t: t.double().numpy())):
+        args = {k: convert(v) for k, v in kwargs.items()}
+        before = {k: v.copy() if hasattr(v, "copy") and not torch.is_tensor(v) else v.clone() for k, v in args.items()}
+        with pytest.raises(ValueError, match=match):
+            instance_norm(data, **args)
+        assert all((before[k] == args[k]).all() for k in args)  # (nothing moved)

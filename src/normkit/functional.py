@@ -1316,6 +1316,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly)."""
     check_floating(x)
     check_eps(eps)
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                         ("bias", bias)):
+        # (ATen repeats them over the batch first: a 4-value weight for 3 channels of 4 samples read "weight should
+        # contain 12 elements not 16")
+        if tensor is not None and x.dim() >= 2 and tensor.numel() != x.shape[1]:
+            raise ValueError(f"{name} has {tensor.numel()} values but the input has {x.shape[1]} channels on axis 1 "
+                             f"(input shape {tuple(x.shape)})")
     if use_input_stats and math.prod(x.shape[2:]) == 1:
         # (not BatchNorm's message: no batch variance is taken here, and eval without running statistics refuses too)
         raise ValueError(f"Expected more than 1 spatial element per channel when normalizing with the input's own "

@@ -446,10 +446,23 @@ def group_norm_backward(grad_output, x, num_groups, weight=None, bias=None, eps=
     return grad_x.reshape(x.shape), grad_weight, grad_bias
 
 
-def _check_running_for_instance_norm(use_input_stats, running_mean, running_var):
+def _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias):
+    """Refused before anything moves, as the functional twin refuses: half a pair of running statistics (running_mean
+    alone was updated in place, then "unsupported operand type(s) for -: 'float' and 'NoneType'"; running_var alone
+    was ignored), and a per-channel tensor of another size (a 4-value weight for 3 channels failed in numpy's reshape
+    after the running statistics had moved)."""
+    if x.ndim < 2:
+        raise ValueError(f"instance_norm needs an (N, C, *) input, got shape {x.shape}")
     if not use_input_stats and (running_mean is None or running_var is None):
         raise ValueError("use_input_stats=False normalizes with running_mean and running_var: pass both, or "
                          "use_input_stats=True")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+        if value is not None and np.size(value) != x.shape[1]:
+            raise ValueError(f"{name} has {np.size(value)} values but the input has {x.shape[1]} channels on axis 1 "
+                             f"(input shape {x.shape})")
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -461,10 +474,10 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     ``use_input_stats`` the running statistics normalize every instance.
     """
     x = np.asarray(x, dtype=np.float64)
+    _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias)
     n, c = x.shape[:2]
     reduce_axes = tuple(range(2, x.ndim))
     param_shape = (1, c) + (1,) * (x.ndim - 2)
-    _check_running_for_instance_norm(use_input_stats, running_mean, running_var)
     if x.size == 0:
         return x.copy()  # no instance, no statistics: the running ones stay as they are
     if not use_input_stats:
@@ -481,10 +494,10 @@ def instance_norm_backward(grad_output, x, running_mean=None, running_var=None, 
                            use_input_stats=True, eps=1e-5):
     """(dL/dx, dL/dweight, dL/dbias) of ``instance_norm`` (eval with running statistics: affine)."""
     x = np.asarray(x, dtype=np.float64)
+    _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias)
     c = x.shape[1]
     reduce_axes = tuple(range(2, x.ndim))
     param_shape = (1, c) + (1,) * (x.ndim - 2)
-    _check_running_for_instance_norm(use_input_stats, running_mean, running_var)
     if use_input_stats:
         return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
     return batch_norm_backward(grad_output, x, running_mean, running_var, weight, bias, False, eps, axis=1)
