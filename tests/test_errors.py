@@ -470,3 +470,41 @@ def test_instance_norm_twins_refuse_a_bad_running_pair_or_size_before_moving_any
         with pytest.raises(ValueError, match=match):
             instance_norm(data, **args)
         assert all((before[k] == args[k]).all() for k in args)  # (nothing moved)
+
+
+@pytest.mark.parametrize("num_groups,error,match", [
+    (0, ValueError, "num_groups must be a positive int, got 0"),
+    (2, ValueError, r"num_groups=2 must divide the channels .* got shape \(4, 3, 5\); choose one of \[1, 3\]"),
+    ("1", TypeError, "num_groups must be a positive int, got '1' of type str"),
+    (1.0, TypeError, "num_groups must be a positive int, got 1.0 of type float"),
+])
+def test_group_norm_twins_name_a_bad_num_groups(num_groups, error, match):
+    """functional.group_norm passed these to ATen ("argument 'num_groups' (position 2) must be int, not str"), the
+    reference failed with "integer modulo by zero" or "unsupported operand type(s) for %"."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    for group_norm, data in ((normkit.functional.group_norm, x), (normkit.reference.group_norm, x.numpy())):
+        with pytest.raises(error, match=match):
+            group_norm(data, num_groups)
+
+
+def test_group_norm_twins_name_an_input_without_channels():
+    """functional.group_norm of a 1-D input raised IndexError "Dimension out of range" (torch.nn's says "Expected at
+    least 2 dimensions")."""
+    x = torch.randn(3, dtype=torch.float64)
+    for group_norm, data in ((normkit.functional.group_norm, x), (normkit.reference.group_norm, x.numpy())):
+        with pytest.raises(ValueError, match=r"group_norm needs an \(N, C, \*\) input, got shape \(3,\)"):
+            group_norm(data, 1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: normkit.reference.group_norm(x, 1, w),
+    lambda x, w: normkit.reference.group_norm_backward(x, x, 3, w),
+    lambda x, w: normkit.reference.layer_norm(x[..., :3], (3,), None, w),
+    lambda x, w: normkit.reference.layer_norm_backward(x[..., :3], x[..., :3], 3, w),
+])
+def test_reference_sample_norms_name_a_weight_of_another_size(call):
+    """numpy's "cannot reshape array of size 4 into shape (1,1,3,1)" named neither the argument nor the size wanted."""
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(4, 3, 5))
+    with pytest.raises(ValueError, match=r"(weight|bias) has 4 values but this normalization takes 3"):
+        call(x, np.ones(4))

@@ -23,8 +23,8 @@ import torch
 
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_renorm_clipping_bounds,
-                    check_virtual_batch_size)
+from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
+                    check_renorm_clipping_bounds, check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -1260,6 +1260,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Twin of ``reference.group_norm`` (ATen's group_norm computes it exactly)."""
     check_floating(x)
     check_eps(eps)
+    check_num_groups(num_groups, x.shape)
     computed, upcast = _params_for(x, weight, bias)
     y = aten_group_norm(computed, num_groups, weight, bias, eps)
     return y.to(x.dtype) if upcast else y

@@ -39,8 +39,8 @@ import math
 import numpy as np
 
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_renorm_clipping_bounds,
-                    check_virtual_batch_size, ema_update)
+from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
+                    check_renorm_clipping_bounds, check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -375,13 +375,25 @@ def _view_param_shape(parts):
 # ----------------------------------------------------------------------------- layer / instance / group norm
 
 
+def _check_affine_sizes(param_shape, weight, bias):
+    """weight and bias hold one value per parameter position (else numpy's "cannot reshape array of size 4 into
+    shape (1,1,3,1)", as the functional twins' ATen names them)."""
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and np.size(value) != math.prod(param_shape):
+            raise ValueError(f"{name} has {np.size(value)} values but this normalization takes "
+                             f"{math.prod(param_shape)}: one per channel (group_norm, instance_norm) or per position "
+                             "of normalized_shape (layer_norm)")
+
+
 def _norm_over(x, reduce_axes, param_shape, weight, bias, eps):
+    _check_affine_sizes(param_shape, weight, bias)
     count, mean, var = moments(x, reduce_axes)
     return normalize(x, mean, var, eps, _param(weight, param_shape), _param(bias, param_shape))
 
 
 def _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps):
     x = np.asarray(x, dtype=np.float64)
+    _check_affine_sizes(param_shape, weight, bias)
     _, mean, var = moments(x, reduce_axes)
     inv_std = 1.0 / np.sqrt(var + eps)
     x_hat = (x - mean) * inv_std
@@ -423,8 +435,7 @@ def layer_norm_backward(grad_output, x, normalized_shape, weight=None, bias=None
 
 def _group_view(x, num_groups):
     """(N, C, *S) -> (N, G, C/G, *S); statistics reduce over (C/G, *S)."""
-    if x.ndim < 2 or x.shape[1] % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide the channels of an (N, C, *) input, got shape {x.shape}")
+    check_num_groups(num_groups, x.shape)
     n, c = x.shape[:2]
     view = x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
     return view, tuple(range(2, view.ndim)), (1, num_groups, c // num_groups) + (1,) * (x.ndim - 2)

@@ -79,6 +79,24 @@ def check_renorm_clipping_bounds(clipping, name="renorm_clipping") -> None:
                         "normkit.stats.RenormClipping.from_dict(clipping).at_step(lambda: step))")
 
 
+def check_num_groups(num_groups, shape, name="num_groups") -> None:
+    """The group_norm twins' group count: a positive int that divides the channels of an (N, C, *) input. (The
+    functional one said IndexError "Dimension out of range" for a 1-D input and ATen's "argument 'num_groups'
+    (position 2) must be int, not str"; the reference "integer modulo by zero" for 0 and "unsupported operand
+    type(s) for %" for a string.)"""
+    if type(num_groups) is not int and (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)):
+        raise TypeError(f"{name} must be a positive int, got {num_groups!r} of type {type(num_groups).__name__}")
+    if num_groups <= 0:
+        raise ValueError(f"{name} must be a positive int, got {num_groups!r}")
+    if len(shape) < 2:
+        raise ValueError(f"group_norm needs an (N, C, *) input, got shape {tuple(shape)}")
+    channels = shape[1]
+    if channels % num_groups:
+        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+        raise ValueError(f"{name}={num_groups} must divide the channels of an (N, C, *) input, got shape "
+                         f"{tuple(shape)}; choose one of {divisors}")
+
+
 def check_ghost_batch(batch_size, virtual_batch_size) -> None:
     """Ghost batches need a batch that ``virtual_batch_size`` divides (in training; inference is plain BN)."""
     if batch_size % virtual_batch_size:
