@@ -344,6 +344,30 @@ def test_sample_norms_refuse_an_eps_set_to_zero_on_every_path():
             layer(x)
 
 
+def test_sample_norm_sizes_set_on_a_built_layer_are_checked_as_the_constructor_checks_them(rng):
+    """LayerNorm's normalized_shape and GroupNorm's num_groups, changed on a built layer: an int normalized_shape is
+    one size, as the constructor (and torch.nn's) takes it, and the layer then computes the reference's LayerNorm;
+    a bad value is refused by name and the old one kept."""
+    from normkit import reference as R
+    layer = normkit.LayerNorm(5, elementwise_affine=False, dtype=torch.float64)
+    layer.normalized_shape = np.int64(5)  # (it failed at the next call: "object of type 'int' has no len()")
+    assert layer.normalized_shape == (5,)
+    x = rng.normal(size=(3, 5))
+    np.testing.assert_allclose(layer(torch.tensor(x)).numpy(), R.layer_norm(x, (5,), None, None, 1e-5),
+                               rtol=1e-9, atol=1e-10)
+    for bad, error in (("5", TypeError), ((5, 0), ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="normalized_shape"):
+            layer.normalized_shape = bad
+        assert layer.normalized_shape == (5,)
+    groups = normkit.GroupNorm(2, 6)
+    for bad, error in (("x", TypeError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_groups"):  # (ATen's "argument 'num_groups' (position 2)" at the call)
+            groups.num_groups = bad
+        assert groups.num_groups == 2
+    groups.num_groups = np.int64(3)
+    assert groups.num_groups == 3 and type(groups.num_groups) is int
+
+
 def test_buffers_replaced_by_attributes_are_the_ones_used():
     # (the short paths read tensors from the module's dicts; a buffer moved out of them must still be used)
     layer, reference = normkit.BatchNorm1d(4).eval(), torch.nn.BatchNorm1d(4).eval()

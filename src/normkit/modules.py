@@ -1168,11 +1168,15 @@ class _SampleNorm(nn.Module):
 
     __prepare_scriptable__ = _refuse_torchscript
 
+    # Settings changed on a built layer are checked as the constructor checks them: eps (the short path's
+    # `self.eps > 0` failed on a string with "'>' not supported between instances of 'str' and 'int'", and took inf,
+    # every output the bias, and True silently), LayerNorm's normalized_shape (an int failed with "object of type
+    # 'int' has no len()"), GroupNorm's num_groups (a string or 0 failed inside ATen).
+    _SETTING_CHECKS = {"eps": _eps_as_given}
+
     def __setattr__(self, name, value):
-        # eps changed on a built layer is checked as the constructor checks it: the short path's `self.eps > 0`
-        # failed on a string with "'>' not supported between instances of 'str' and 'int'", and took inf (every
-        # output the bias) and True silently.
-        super().__setattr__(name, _eps_as_given(value) if name == "eps" else value)
+        check = self._SETTING_CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     def _init_affine(self, eps, shape, affine: bool, bias: bool, device, dtype) -> None:
         self.eps = eps  # (checked by __setattr__)
@@ -1195,6 +1199,16 @@ class _SampleNorm(nn.Module):
         return _fx_call_module(self, input)
 
 
+def _normalized_shape_as_given(normalized_shape) -> tuple:
+    """LayerNorm's normalized_shape as torch.nn stores it: a tuple of sizes (an int is one size)."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    elif not isinstance(normalized_shape, Iterable) or isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints (the trailing dims to "
+                        f"normalize), got {normalized_shape!r}")
+    return _check_num_features(tuple(normalized_shape), name="normalized_shape")
+
+
 class LayerNorm(_SampleNorm):
     r"""Normalize each sample over its trailing ``normalized_shape`` axes: a drop-in for torch.nn.LayerNorm.
 
@@ -1207,16 +1221,13 @@ class LayerNorm(_SampleNorm):
     Over (C, H, W) it equals ``GroupNorm(1, C)`` without affine parameters.
     """
 
+    _SETTING_CHECKS = {**_SampleNorm._SETTING_CHECKS, "normalized_shape": _normalized_shape_as_given}
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
         F.check_eps(eps)
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        elif not isinstance(normalized_shape, Iterable) or isinstance(normalized_shape, (str, bytes)):
-            raise TypeError(f"normalized_shape must be an int or a sequence of ints (the trailing dims to "
-                            f"normalize), got {normalized_shape!r}")
-        self.normalized_shape = shape = _check_num_features(tuple(normalized_shape), name="normalized_shape")
+        self.normalized_shape = shape = _normalized_shape_as_given(normalized_shape)
         self.elementwise_affine = bool(elementwise_affine)
         self._init_affine(eps, shape, self.elementwise_affine, bias, device, dtype)
 
@@ -1257,6 +1268,11 @@ class GroupNorm(_SampleNorm):
 
     ``GroupNorm(1, C)`` is LayerNorm over (C, *S); ``GroupNorm(C, C)`` is InstanceNorm.
     """
+
+    # (a positive int; whether it divides the channels is ATen's check at the next call, as in torch.nn: a model's
+    # surgery may change num_groups before num_channels)
+    _SETTING_CHECKS = {**_SampleNorm._SETTING_CHECKS,
+                       "num_groups": lambda value: _check_num_features(value, name="num_groups", tuples=False)}
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True):
