@@ -324,6 +324,15 @@ def _both_twins(x):
     (dict(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3),
           running_mean=torch.zeros(3), running_var=torch.ones(3), renorm_clipping={"rmax": 3}),
      TypeError, r"renorm_clipping must be the bounds \(rmin, rmax, dmax\)"),
+    # the bounds' values, as the layers check them: a NaN bound never clipped, rmax < rmin and a negative dmax
+    # were taken silently
+    *[(dict(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3),
+            running_mean=torch.zeros(3), running_var=torch.ones(3), renorm_clipping=bounds), ValueError, match)
+      for bounds, match in (((0.5, float("nan"), 1.0), "rmax is NaN"), ((2.0, 1.0, 1.0), "rmax should be greater"),
+                            ((0.5, 2.0, -1.0), "dmax should be non-negative"), ((-1.0, 2.0, 1.0), "rmin should be"))],
+    (dict(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3),
+          running_mean=torch.zeros(3), running_var=torch.ones(3), renorm_clipping=(0.5, lambda step: 2.0, 1.0)),
+     TypeError, "must hold numbers"),
 ])
 def test_functional_twins_name_a_bad_option(kwargs, error, match):
     x = torch.randn(4, 3, 5)

@@ -77,6 +77,13 @@ def check_renorm_clipping_bounds(clipping, name="renorm_clipping") -> None:
         raise TypeError(f"{name} must be the bounds (rmin, rmax, dmax) for this step, got {clipping!r} (the layers' "
                         "dict {'rmax': ..., 'rmin': ..., 'dmax': ...} resolves to them with "
                         "normkit.stats.RenormClipping.from_dict(clipping).at_step(lambda: step))")
+    if any(callable(bound) for bound in clipping):
+        raise TypeError(f"{name} must hold numbers, this step's bounds (rmin, rmax, dmax), got {clipping!r}: resolve a "
+                        "schedule first, with normkit.stats.RenormClipping.from_dict(clipping).at(step)")
+    if not torch.compiler.is_compiling():
+        # The layers' checks of the values (NaN, rmax < rmin, a negative dmax or rmin were taken silently: a NaN
+        # bound never clips)
+        RenormClipping(rmin=clipping[0], rmax=clipping[1], dmax=clipping[2]).at(0, name=name)
 
 
 def check_num_groups(num_groups, shape, name="num_groups") -> None:
