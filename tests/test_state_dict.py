@@ -158,3 +158,31 @@ def test_plain_checkpoint_into_a_renorm_layer_derives_its_renorm_state():
     unbiased = batch.var(dim=0, unbiased=True).numpy()
     stddev = 0.9 * np.sqrt(v0 + ours.eps) + 0.1 * np.sqrt(unbiased + ours.eps)  # moving_stddev's step
     np.testing.assert_allclose(ours.running_var.numpy(), stddev ** 2 - ours.eps, rtol=1e-12)
+
+
+def test_plain_checkpoint_into_a_layer_with_renorm_switched_off_derives_its_kept_renorm_state():
+    """A layer whose renorm was switched off keeps its renorm buffers; a plain checkpoint loaded into it derives
+    them as for a renorm layer (it failed strictly on "missing" renorm keys, and with strict=False kept the old
+    model's renorm_mean/renorm_stddev, which renorm then measured the loaded model's batches against)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm1d(3).double()
+    for _ in range(3):
+        theirs(torch.randn(16, 3, dtype=torch.float64) * 2 + 1)
+    switched_off = normkit.BatchNorm1d(3, renorm=True).double()
+    switched_off(torch.randn(16, 3, dtype=torch.float64) * 5 - 3)  # its own renorm state, unlike the checkpoint's
+    switched_off.renorm = False
+    switched_off.load_state_dict(theirs.state_dict())  # strict
+    mean, var = theirs.running_mean.numpy(), theirs.running_var.numpy()
+    np.testing.assert_allclose(switched_off.moving_stddev.numpy(), np.sqrt(var + switched_off.eps), rtol=1e-15)
+    np.testing.assert_allclose(switched_off.renorm_stddev.numpy(), np.sqrt(var + switched_off.eps), rtol=1e-15)
+    np.testing.assert_array_equal(switched_off.renorm_mean.numpy(), mean)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(switched_off.eval()(x), theirs.eval()(x))
+    # Switched on again, it trains as a renorm layer that loaded the same checkpoint.
+    renorm = normkit.BatchNorm1d(3, renorm=True).double()
+    renorm.load_state_dict(theirs.state_dict())
+    switched_off.renorm = True
+    batch = torch.randn(16, 3, dtype=torch.float64) * 3
+    torch.testing.assert_close(switched_off.train()(batch), renorm.train()(batch), rtol=0, atol=0)
+    for key, value in renorm.state_dict().items():
+        assert torch.equal(switched_off.state_dict()[key], value), key

@@ -541,7 +541,10 @@ class BatchNorm(_NormBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if (getattr(self, "renorm", False) and self.track_running_stats
+        # Any layer holding renorm state: one with renorm switched off keeps its buffers (to switch it on again), and
+        # a plain checkpoint loaded into it replaces the model they belonged to, so they are derived as for a renorm
+        # layer (kept, a strict load failed on them as missing, and a loose one left the old model's renorm averages).
+        if ("moving_stddev" in self._buffers and self.track_running_stats
                 and not any(prefix + name in state_dict for name in self.RENORM_STATE)
                 and all(prefix + name in state_dict for name in ("running_mean", "running_var"))):
             # A plain BN checkpoint (torch.nn's, say) for a renorm layer, e.g. to fine-tune with renorm: its
