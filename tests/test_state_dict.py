@@ -186,3 +186,38 @@ def test_plain_checkpoint_into_a_layer_with_renorm_switched_off_derives_its_kept
     torch.testing.assert_close(switched_off.train()(batch), renorm.train()(batch), rtol=0, atol=0)
     for key, value in renorm.state_dict().items():
         assert torch.equal(switched_off.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("spoil", ["wrong size", "wrong size of running_var only", "not a tensor"])
+def test_a_bad_plain_checkpoint_into_a_renorm_layer_fails_as_torch_nn_names_it(spoil):
+    """The renorm state derived from a plain checkpoint's statistics is not in the checkpoint: a statistic that
+    cannot load is reported as torch.nn reports it (not as 'size mismatch for moving_stddev ... from checkpoint',
+    nor an AttributeError from the derivation), and the renorm state stays as it was."""
+    state = torch.nn.BatchNorm1d(4 if spoil == "wrong size" else 3).state_dict()
+    if spoil == "wrong size of running_var only":
+        state["running_var"] = torch.ones(4)
+    elif spoil == "not a tensor":
+        state["running_var"] = [1.0, 1.0, 1.0]
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.BatchNorm1d(3).load_state_dict(state)
+    ours = normkit.BatchNorm1d(3, renorm=True)
+    ours(torch.randn(8, 3) * 3 + 2)
+    before = {name: getattr(ours, name).clone() for name in ours.RENORM_STATE}
+    with pytest.raises(RuntimeError) as raised:
+        ours.load_state_dict(state)
+    assert str(raised.value) == str(theirs.value)
+    for name, value in before.items():
+        assert torch.equal(getattr(ours, name), value), name
+
+
+def test_a_bad_plain_checkpoint_into_a_lazy_renorm_layer_names_only_the_checkpoints_tensors():
+    """The unsized lazy layer's size check lists what the checkpoint has: not renorm state derived from it."""
+    state = torch.nn.BatchNorm1d(3).state_dict()
+    state["running_var"] = torch.ones(4)
+    with pytest.raises(RuntimeError) as plain:
+        normkit.LazyBatchNorm1d().load_state_dict(state)
+    renorm = normkit.LazyBatchNorm1d(renorm=True)
+    with pytest.raises(RuntimeError) as raised:
+        renorm.load_state_dict(state)
+    assert str(raised.value) == str(plain.value)
+    assert renorm.has_uninitialized_params()  # sized nothing

@@ -557,11 +557,23 @@ class BatchNorm(_NormBase):
                 # the unsized statistics, as torch.nn does).
                 derived = {name: nn.parameter.UninitializedBuffer(device=var.device, dtype=var.dtype)
                            for name in self.RENORM_STATE}
-            else:
+            elif self._statistics_load(mean, var):
                 derived = self._renorm_state_from(mean, var)
+            else:
+                # Statistics that cannot load (another size, not a tensor): the load reports them as torch.nn does,
+                # and the renorm state, which is not in the checkpoint, stays as it is (derived, it was reported
+                # as a 'size mismatch for moving_stddev ... from checkpoint', or failed as an AttributeError).
+                derived = {name: self._buffers[name] for name in self.RENORM_STATE}
             state_dict.update({prefix + name: value for name, value in derived.items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _statistics_load(self, mean, var) -> bool:
+        """Whether a checkpoint's running statistics fit this layer's (an unsized lazy layer's: each other)."""
+        if not all(isinstance(given, torch.Tensor) and not nn.parameter.is_lazy(given) for given in (mean, var)):
+            return False
+        return mean.shape == var.shape and all(nn.parameter.is_lazy(own) or own.shape == given.shape
+                                               for own, given in ((self.running_mean, mean), (self.running_var, var)))
 
     def reset_running_stats(self) -> None:
         """Running statistics from their initializers (0 and 1 by default); renorm state to match."""
