@@ -221,3 +221,29 @@ def test_a_bad_plain_checkpoint_into_a_lazy_renorm_layer_names_only_the_checkpoi
         renorm.load_state_dict(state)
     assert str(raised.value) == str(plain.value)
     assert renorm.has_uninitialized_params()  # sized nothing
+
+
+@pytest.mark.parametrize("saved_axis, loading_axis, spoil", [
+    ([1, 2], -1, None),     # two feature axes saved, one to load into
+    (-1, [1, 2], None),     # the reverse
+    (-1, -1, "bn.weight"),  # one axis, but the checkpoint's tensors disagree on the size
+])
+def test_an_unbuilt_keras_layer_refuses_a_checkpoint_it_cannot_build_from_and_builds_nothing(saved_axis, loading_axis,
+                                                                                             spoil):
+    """As the lazy layers: sizes of another rank than the feature axes, or that disagree, are a load error naming the
+    keys (it raised the constructor's ValueError from inside load_state_dict, or built the layer at one size and
+    then failed on the other, leaving it built, its optimizer's pending weights sized, with initial values)."""
+    import normkit.keras
+
+    saved = normkit.keras.BatchNormalization(axis=saved_axis)
+    saved(torch.randn(4, 3, 2), training=True)
+    state = saved.state_dict()
+    if spoil:
+        state[spoil] = torch.ones(5)
+    layer = normkit.keras.BatchNormalization(axis=loading_axis)
+    with pytest.raises(RuntimeError, match=r"(?s)Error\(s\) in loading state_dict.*bn\.running_mean: \[") as raised:
+        layer.load_state_dict(state)
+    if spoil:
+        assert f"{spoil}: [5]" in str(raised.value)
+    assert not layer.built
+    assert all(torch.nn.parameter.is_lazy(parameter) for parameter in layer.parameters())
