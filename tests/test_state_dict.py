@@ -247,3 +247,21 @@ def test_an_unbuilt_keras_layer_refuses_a_checkpoint_it_cannot_build_from_and_bu
         assert f"{spoil}: [5]" in str(raised.value)
     assert not layer.built
     assert all(torch.nn.parameter.is_lazy(parameter) for parameter in layer.parameters())
+
+
+def test_an_unbuilt_keras_layer_names_the_missing_key_it_builds_from():
+    """A built layer's state without bn.running_mean (the key an unbuilt layer takes its sizes from): the strict load
+    says it is missing, and strict=False reports it, where both named only the other bn.* keys as unexpected."""
+    import normkit.keras
+
+    saved = normkit.keras.BatchNormalization()
+    saved(torch.randn(4, 3), training=True)
+    state = saved.state_dict()
+    del state["bn.running_mean"]
+    layer = normkit.keras.BatchNormalization()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "bn.running_mean"'):
+        layer.load_state_dict(state)
+    assert layer.load_state_dict(state, strict=False).missing_keys == ["bn.running_mean"]
+    assert not layer.built
+    # (an unbuilt layer's own state, which has no bn.* key, still loads into an unbuilt one)
+    assert not normkit.keras.BatchNormalization().load_state_dict(layer.state_dict()).missing_keys

@@ -421,6 +421,10 @@ class BatchNormalization(nn.Module):
                 return
             self._create(tuple(state_dict[key].shape), self.axis if isinstance(self.axis, int) else tuple(self.axis),
                          state_dict[key].device)
+        elif self.bn is None and any(name.startswith(f"{prefix}bn.") for name in state_dict):
+            # A built layer's state without the key an unbuilt one builds from: reported missing (the other bn.* keys
+            # then say "unexpected"; alone, they said only that, and strict=False loaded nothing without a word).
+            missing_keys.append(key)
         # Still unbuilt: the pending parameters are not in any state_dict (_save_to_state_dict leaves them out), so
         # they are not missing from one either (an unbuilt model's own state_dict failed to load strictly).
         with self._pending_set_aside():
