@@ -494,3 +494,36 @@ def test_a_first_batch_that_says_nothing_leaves_the_recenter_check_due(first, op
     else:
         exact = values.reshape(-1, 3).var(dim=0, unbiased=True)
     np.testing.assert_allclose(to_numpy(layer.running_var), to_numpy(exact), rtol=1e-3)  # (renorm: derived from it)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (64, 4, 8, 8)], ids=["small", "folded"])  # below/above FOLDED_MIN_NUMEL
+@pytest.mark.parametrize("data", ["near zero", "far from zero"])
+def test_half_precision_layer_with_a_biased_running_variance_computes_in_float32(dtype, shape, data, rng):
+    """A ``.half()`` layer with Keras' biased running variance takes the ATen pipeline's statistics path: its
+    statistics in float32 with the parameters cast to float32, as every half-precision layer's (large inputs
+    failed there, half-precision weights against float32 statistics in ATen's kernel: "expected scalar type Half
+    but found Float"; small ones were normalized by ATen's half-precision kernel, whose mean rounded to bfloat16
+    put 0.2 into outputs of data at mean 1e4, std 20)."""
+    assert (math.prod(shape) >= normkit.functional.FOLDED_MIN_NUMEL) == (shape[0] == 64)
+    layer = normkit.BatchNorm(4, momentum=0.5, unbiased_running_var=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0, 1.5]))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0, 0.5]))
+    values = rng.normal(size=shape) * 20 + (1e4 if data == "far from zero" else 0.0)
+    x = torch.tensor(values).to(dtype).requires_grad_()
+    g = torch.tensor(rng.normal(size=shape)).to(dtype)
+    running_mean, running_var = to_numpy(layer.running_mean), to_numpy(layer.running_var)
+    y = layer(x)
+    y.backward(g)
+    assert y.dtype == x.grad.dtype == layer.weight.grad.dtype == layer.running_var.dtype == dtype
+    x64, weight, bias = to_numpy(x), to_numpy(layer.weight), to_numpy(layer.bias)
+    expected = R.batch_norm(x64, running_mean, running_var, weight, bias, True, 0.5, layer.eps,
+                            unbiased_running_var=False)
+    grads = R.batch_norm_backward(to_numpy(g), x64, None, None, weight, bias, True, layer.eps)
+    assert_close(y, expected, dtype)
+    assert_close(x.grad, grads[0], dtype)
+    assert_close(layer.weight.grad, grads[1], dtype)
+    assert_close(layer.bias.grad, grads[2], dtype)
+    assert_close(layer.running_mean, running_mean, dtype)
+    assert_close(layer.running_var, running_var, dtype)

@@ -637,7 +637,12 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         # Statistics of the detached input: everything computed from them is constant to autograd
         # (cheaper than entering no_grad twice per call).
         stats_input = channels.detach()
-        stats_input = stats_input.float() if stats_input.dtype in LOW_PRECISION else stats_input
+        if stats_input.dtype in LOW_PRECISION:
+            stats_input = stats_input.float()
+            # Half-precision parameters (a .half() layer) in float32 (a differentiable cast), as the float32
+            # statistics: ATen refused them beside float32 mean and var, and its half-precision training kernel
+            # rounded the mean it normalizes by to the input's dtype.
+            weight, bias = _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32)
         mean, var = _channel_moments(stats_input)
         batch_mean, batch_var = _combine_groups(mean, var, groups, center)
         if renorm_mean is not None:
