@@ -527,3 +527,34 @@ def test_half_precision_layer_with_a_biased_running_variance_computes_in_float32
     assert_close(layer.bias.grad, grads[2], dtype)
     assert_close(layer.running_mean, running_mean, dtype)
     assert_close(layer.running_var, running_var, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("options, shape", [
+    ({}, (64, 8)), ({}, (16, 8, 4, 4)), ({"axis": -1}, (16, 4, 4, 8)), ({"axis": (1, 2)}, (64, 8, 2)),
+    ({"virtual_batch_size": 4}, (16, 8, 5)),
+], ids=["(N, C)", "axis 1", "axis -1", "two axes", "ghost"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_inputs_to_a_batch_norm_without_parameters_or_buffers_get_float32_statistics(dtype, options, shape,
+                                                                                           training, rng):
+    """BatchNorm(affine=False, track_running_stats=False) holds no tensor to say float32, so ATen computed a
+    half-precision input's call in half precision: its mean rounded to the input's dtype (as LayerNorm's, GroupNorm's
+    and InstanceNorm's without parameters, above) put 5e-2 (float16) to 0.26 (bfloat16) into the outputs and 0.15
+    into the input gradients of data at mean 1e4, std 20, where the same layer with float32 weights is within
+    the input's rounding. The layer and the functional API (``functional.batch_norm`` without weights and buffers)."""
+    features = (8, 2) if options.get("axis") == (1, 2) else 8
+    values = rng.normal(size=shape) * 20 + 1e4
+    g = torch.tensor(rng.normal(size=shape)).to(dtype)
+    x = torch.tensor(values).to(dtype)
+    reference_options = dict(options) if training else {k: v for k, v in options.items() if k != "virtual_batch_size"}
+    expected = R.batch_norm(to_numpy(x), None, None, None, None, True, **reference_options)
+    expected_grad = R.batch_norm_backward(to_numpy(g), to_numpy(x), None, None, None, None, True,
+                                          **reference_options)[0]
+    layer = normkit.BatchNorm(features, affine=False, track_running_stats=False, **options).train(training)
+    for normalize in (layer, lambda leaf: normkit.functional.batch_norm(leaf, training=training, **reference_options)):
+        leaf = x.clone().requires_grad_()
+        y = normalize(leaf)
+        y.backward(g)
+        assert y.dtype == leaf.grad.dtype == dtype
+        assert_close(y, expected, dtype)
+        assert_close(leaf.grad, expected_grad, dtype)
