@@ -883,7 +883,7 @@ class BatchNorm(_NormBase):
             try:
                 if training and running_mean is not None and not self.unbiased_running_var:
                     y = self._batch_norm_with_biased_update(channels, weight, bias, running_mean, running_var, factor)
-                elif F.without_float32_tensors(channels, weight, bias, running_mean):
+                elif weight is None and F.without_float32_tensors(channels, weight, bias, running_mean):
                     # (no tensor to say float32: ATen would compute the call in half precision, see there)
                     y = torch.batch_norm(channels.float(), None, None, None, None, batch_stats, factor, self.eps,
                                          torch.backends.cudnn.enabled).to(channels.dtype)
@@ -1030,7 +1030,7 @@ class BatchNorm(_NormBase):
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
                 or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)
-                or F.without_float32_tensors(input, weight, running_mean)):  # (the general path widens those)
+                or (weight is None and F.without_float32_tensors(input, weight, running_mean))):  # (the general path widens those)
             return None
         if self._recenter_check_due():
             self._update_recenter(input, (1,))
