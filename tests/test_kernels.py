@@ -241,6 +241,29 @@ def test_fused_path_declines_and_leaves_buffers_alone(why, make, fused_kernels):
     assert torch.equal(running_var, torch.ones(channels, dtype=dtype))
 
 
+@pytest.mark.parametrize("missing", ["running_var", "renorm_stddev", "moving_stddev"])
+def test_fused_path_declines_a_step_missing_a_buffer_it_needs(missing, fused_kernels, rng):
+    """running_mean without running_var, renorm_mean without renorm_stddev, a renorm step moving the running
+    statistics without moving_stddev: ATen's paths refuse these. The Triton kernels ran them through the absent
+    buffer's placeholder pointer (their saved statistics: the update written over the batch means the backward
+    reads), the C++ kernel raised an error of its own; both decline now, having done nothing."""
+    x = torch.tensor(rng.normal(size=(8, 3, 4)) + 1)
+    state = _state(3, x.dtype, renorm=missing != "running_var")
+    state[missing] = None
+    before = {name: value.clone() for name, value in state.items() if value is not None}
+    assert _fused(x, state, clipping=(0.5, 2.0, 1.0)) is None, f"the kernel took a step without {missing}"
+    for name, value in before.items():
+        assert torch.equal(state[name], value), name
+    errors = []
+    for on in (True, False):  # the layers' entry point: the same error whether the kernels are on or off
+        with fused_kernels.switched(on), pytest.raises((TypeError, ValueError)) as refused:
+            F.batch_norm(x, state["running_mean"], state["running_var"], training=True,
+                         renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                         moving_stddev=state["moving_stddev"])
+        errors.append(refused.type)
+    assert errors[0] is errors[1]
+
+
 def test_size_limit_shrinks_with_threads():
     threads = torch.get_num_threads()
     try:

@@ -439,14 +439,32 @@ def graph_backward(x, weight, valid, dims, eps, r, d, grad, needs):
     return grad_input, grad_weight, grad_bias
 
 
+def complete_state(running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev, update) -> bool:
+    """Whether the buffers a step reads and moves are all there: running_var with running_mean, renorm_stddev with
+    renorm_mean, and moving_stddev for a renorm step that moves the running statistics.
+
+    The kernels take an absent buffer's flag from another: the Triton kernels wrote running_var's (or
+    moving_stddev's) update into their placeholder pointer, the statistics saved for the backward (silently wrong
+    gradients), and read renorm_stddev from it; the C++ kernel raised its own error. ATen's paths refuse such a call
+    (a TypeError); declined, it is refused the same way whichever kernel is on.
+    """
+    if running_mean is not None and running_var is None:
+        return False
+    return renorm_mean is None or (renorm_stddev is not None
+                                   and (moving_stddev is not None or running_mean is None or not update))
+
+
 def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                      moving_stddev, dims, settings):
     """The fused training step on x's device (C++ on the CPU, Triton on CUDA), or None where it does not apply.
 
     Declined under torch.func's transforms (grad, vmap, jacrev, ...) and forward-mode AD, which cannot see
-    inside the kernels' autograd functions: ATen's paths compute the same function there.
+    inside the kernels' autograd functions: ATen's paths compute the same function there; and where a buffer the
+    step needs is missing (``complete_state``).
     """
     if transforms_active() or is_fake(x):
+        return None
+    if not complete_state(running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev, settings[-1]):
         return None
     if x.is_cuda or _triton_on_cpu:
         module = _triton_kernels()

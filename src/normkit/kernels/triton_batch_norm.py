@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import graph_backward
+from . import complete_state, graph_backward
 
 # The most values one program walks (every ghost group of a feature). Not a measured crossover with
 # ATen's kernels: a bound well above the benchmarked features (at most 100,352 values), below which
@@ -300,11 +300,14 @@ class _FusedBatchNorm(torch.autograd.Function):
 
 
 def supported(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev,
-              dims) -> bool:
+              dims, update=True) -> bool:
     """Whether the kernels take this call: a contiguous floating x, C-valued contiguous parameters and
-    buffers on its device (float32 for float16/bfloat16 inputs, else x's dtype), a boolean mask with
-    one flag per (n, r, s), and at most ``MAX_PER_FEATURE`` values per feature."""
+    buffers on its device (float32 for float16/bfloat16 inputs, else x's dtype), every buffer the step
+    needs (``normkit.kernels.complete_state``: an absent one's pointer is a placeholder), a boolean mask
+    with one flag per (n, r, s), and at most ``MAX_PER_FEATURE`` values per feature."""
     if len(dims) != 6 or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64, *_HALF):
+        return False
+    if not complete_state(running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev, update):
         return False
     n, rows, channels, positions, groups, _ = dims
     if x.numel() != n * rows * channels * positions or x.numel() >= 2 ** 31 or groups < 1 or n % groups:
@@ -327,7 +330,7 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
     """The normalized x (running buffers moved in place when training), or None when the call is not one
     the kernels take (nothing done): the contract of the C++ kernel's function of the same name."""
     if not supported(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev,
-                     dims):
+                     dims, bool(settings[-1])):
         return None
     return _FusedBatchNorm.apply(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                                  moving_stddev, list(dims), list(settings))
