@@ -558,6 +558,27 @@ def test_a_build_that_waited_for_another_process_s_loads_it(built_kernels, tmp_p
     assert "in " + str(folder) in out and library.stat().st_ino == inode
 
 
+def test_a_build_arriving_as_another_writes_its_record_loads_that_build(built_kernels, tmp_path):
+    """Concurrent first imports (NORMKIT_FUSED_KERNELS=1 in several workers): one arriving after torch's loader
+    dropped the builder's lock, before the builder imported its library and wrote the record, saw no lock and
+    no record, deleted that library and relinked it (the builder's import then failed). A library linked
+    moments ago is given RECORD_WAIT_SECONDS for its record; here relinking would fail (no compiler)."""
+    folder = tmp_path / built_kernels.build_directory().name
+    folder.mkdir()
+    library = built_kernels._library(folder)
+    library.write_bytes(built_kernels._library(built_kernels.build_directory()).read_bytes())  # just linked
+    environment = {key: value for key, value in os.environ.items() if key != "NORMKIT_FUSED_KERNELS"}
+    environment.update(TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"))
+    child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "kernels", "build"], env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inode = library.stat().st_ino
+    time.sleep(1.0)  # the builder imports its library, then writes the record
+    (folder / built_kernels._RECORD).write_bytes((built_kernels.build_directory() / built_kernels._RECORD).read_bytes())
+    out, errors = child.communicate(timeout=300)
+    assert child.returncode == 0, errors
+    assert "in " + str(folder) in out and library.stat().st_ino == inode
+
+
 @st.composite
 def option_cases(draw):
     rank = draw(st.integers(2, 5))

@@ -229,6 +229,14 @@ def _load_finished_build() -> bool:
     return True
 
 
+def _linked_within(folder: Path, seconds: float) -> bool:
+    """Whether the folder's library was written less than ``seconds`` ago."""
+    try:
+        return time.time() - _library(folder).stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
 def _failure_reason(error: BaseException) -> str:
     """The line of a failed build that says why, for a one-line message.
 
@@ -252,11 +260,15 @@ def build(verbose: bool = False):
         folder = build_directory()
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            # No lock, and a library linked moments ago without its record: another process's build between
+            # torch's dropping the lock and its record (it is importing that library now). Deleted and relinked
+            # here, its import failed ("building the fused kernel failed"), or read a library half rewritten.
+            just_linked = _lock_age(folder) is None and _linked_within(folder, RECORD_WAIT_SECONDS)
             waited = _clear_stale_lock(folder)
         except OSError as error:
             raise RuntimeError(f"normkit.kernels: cannot use the build folder {folder} ({error}); set "
                                "TORCH_EXTENSIONS_DIR to a folder you can write, or NORMKIT_FUSED_KERNELS=0") from None
-        if waited and _load_finished_build():  # the build waited for is this one: load it, do not relink it
+        if (waited or just_linked) and _load_finished_build():  # that build is this one: load it, do not relink it
             return _extension
         from torch.utils import cpp_extension
 
