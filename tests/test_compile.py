@@ -22,6 +22,16 @@ def _adjust(shape):
     return torch.full((1, shape[1], 1), 1.5), torch.full((1, shape[1], 1), -0.25)
 
 
+def _without_running_buffers(build):
+    """A layer whose running buffers were set to None after construction (torch.nn's layer then normalizes by the
+    batch and still counts the steps)."""
+    def built():
+        layer = build()
+        layer.running_mean = layer.running_var = None
+        return layer
+    return built
+
+
 # name: (layer factory, input shape, mask shape or None, whole graph?)
 CASES = {
     "BatchNorm1d (N, C)": (lambda: normkit.BatchNorm1d(6), (9, 6), None, True),
@@ -53,6 +63,8 @@ CASES = {
     "momentum None": (lambda: normkit.BatchNorm2d(4, momentum=None), (8, 4, 3, 3), None, True),
     "momentum None, renorm and ghosts": (lambda: normkit.BatchNorm2d(4, momentum=None, renorm=True, virtual_batch_size=4),
                                          (8, 4, 3, 3), None, True),
+    "momentum None, running buffers set to None": (_without_running_buffers(lambda: normkit.BatchNorm2d(4, momentum=None)),
+                                                   (8, 4, 3, 3), None, True),
     "momentum None, masked": (lambda: normkit.BatchNorm(4, momentum=None, axis=-1), (8, 6, 4), (8, 6), True),
     # Clipping schedules trace with the step count as a symbol (the bounds reach r and d as a tensor).
     "clipping schedule": (lambda: normkit.BatchNorm(4, renorm=True, renorm_clipping={

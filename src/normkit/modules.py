@@ -316,8 +316,13 @@ class _NormBase(nn.Module):
             if torch.compiler.is_compiling():
                 # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
                 # torch.export refuses it) and the running average's weight 1/t is computed on the device.
-                # (in float32 at least: a float16 count would overflow at 65504 steps)
-                return torch.reciprocal(count.to(torch.promote_types(self.running_mean.dtype, torch.float32)))
+                # (in float32 at least: a float16 count would overflow at 65504 steps). Running buffers set to None
+                # (torch.nn's layer then normalizes by the batch and moves nothing) leave float32: reading their
+                # dtype failed the compiled and exported calls that the eager layer takes.
+                running_mean = _buffer_of(self, "running_mean")
+                dtype = torch.float32 if running_mean is None else torch.promote_types(running_mean.dtype,
+                                                                                       torch.float32)
+                return torch.reciprocal(count.to(dtype))
             # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
             return momentum_factor(None, int(count))
         return self.momentum
