@@ -207,3 +207,39 @@ def test_group_norm_of_a_channels_last_input_without_gradient_compiles_and_train
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
     torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
     assert x.grad is None and not x.requires_grad
+
+
+# name: (float32 layer factory, input shape)
+MIXED_PRECISION = {
+    "BatchNorm2d": (lambda: normkit.BatchNorm2d(4), (8, 4, 3, 3)),
+    "ghost batches": (lambda: normkit.BatchNorm(4, virtual_batch_size=4), (8, 4, 3)),
+    "renorm": (lambda: normkit.BatchNorm(4, renorm=True), (8, 4, 3)),
+    "biased running variance": (lambda: normkit.BatchNorm(4, unbiased_running_var=False), (8, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(MIXED_PRECISION))
+def test_compiled_mixed_precision_steps_keep_float32_statistics(name, input_dtype, rng):
+    """Half-precision input into a float32 layer (mixed precision), compiled: the running statistics and the
+    parameters' gradients are float32 quantities of the input's values, as in an eager call (which ATen computes in
+    float32); the oracle is the float64 layer stepped on the same values. Compiled graphs recenter every call, and
+    the residuals were rounded to half precision: statistics and gamma's gradient a thousand times further off."""
+    build, shape = MIXED_PRECISION[name]
+    torch._dynamo.reset()
+    compiled_layer = build()
+    oracle = build().double()
+    oracle.load_state_dict(compiled_layer.state_dict())
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    for step in range(3):
+        x = torch.tensor(rng.normal(size=shape) * (step + 1) + step).to(input_dtype)
+        g = torch.tensor(rng.normal(size=shape)).to(input_dtype)
+        got = _step(compiled, x, g, None)
+        want = _step(oracle, x.double(), g.double(), None)
+        assert_close(got[0], to_numpy(want[0]), input_dtype, err_msg="output")
+        assert_close(got[1], to_numpy(want[1]), input_dtype, err_msg="input gradient")
+        for got_grad, want_grad in zip(got[2:], want[2:], strict=True):
+            assert_close(got_grad, to_numpy(want_grad), torch.float32, err_msg="parameter gradient")
+        for (buffer_name, got_buffer), want_buffer in zip(compiled_layer.state_dict().items(),
+                                                          oracle.state_dict().values(), strict=True):
+            assert_close(got_buffer, to_numpy(want_buffer), torch.float32, err_msg=buffer_name)

@@ -327,11 +327,24 @@ def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, t
     """
     if recenter and training:
         center = sample_per_feature(x, feature_axes)
-        shifted_mean = None if running_mean is None else running_mean - center.reshape(running_mean.shape)
-        y = _aten_batch_norm(x - center, feature_axes, shifted_mean, running_var, weight, bias, True, momentum, eps)
+        # Half-precision input (compiled graphs recenter every call): the residuals, the parameters and the shifted
+        # running statistics in float32, as ATen's kernels compute, each rounded once. Residuals rounded to half
+        # precision lost up to an ulp of the data each (a thousand times the uncentred call's error in the running
+        # statistics and gamma's gradient), and a half-precision running mean was rounded shifted and back.
+        widen = x.dtype in LOW_PRECISION
+        if widen:
+            residuals, weight, bias = x.float() - center, _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32)
+            shifted_mean = None if running_mean is None else running_mean.float() - center.reshape(running_mean.shape)
+            shifted_var = None if running_var is None else running_var.float()  # (the buffer itself if float32)
+        else:
+            residuals, shifted_var = x - center, running_var
+            shifted_mean = None if running_mean is None else running_mean - center.reshape(running_mean.shape)
+        y = _aten_batch_norm(residuals, feature_axes, shifted_mean, shifted_var, weight, bias, True, momentum, eps)
         if running_mean is not None:
             running_mean.copy_(shifted_mean + center.reshape(running_mean.shape))
-        return y
+        if shifted_var is not running_var:
+            running_var.copy_(shifted_var)
+        return y.to(x.dtype) if widen else y
     channels, restore = _channels_view(x, feature_axes)
     widen = without_float32_tensors(channels, weight, bias, running_mean, running_var)
     y = torch.batch_norm(channels.float() if widen else channels, _flat(weight), _flat(bias), _flat(running_mean),
@@ -625,8 +638,16 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
     per_group = channels.numel() // max(channels.shape[1], 1)
     check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size)
     center = None
+    widened = False
     if recenter:
         center = sample_per_feature(channels, (1,))
+        # Half-precision input (compiled graphs recenter every call): the residuals, the normalization and the
+        # parameters in float32, the output rounded once. Residuals rounded to half precision lost up to an ulp of
+        # the data each, a thousand times the uncentred call's error in the running statistics and gamma's gradient.
+        widened = channels.dtype in LOW_PRECISION
+        if widened:
+            channels = channels.float()
+            weight, bias = _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32)
         channels = channels - center
     r = d = batch_std = None
     if groups > 1 and renorm_mean is None:
@@ -673,6 +694,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
                                  True, 0.0, eps, torch.backends.cudnn.enabled)
     y = y if restore is None else restore(y)
     y = y if y.shape == x.shape else y.reshape(x.shape)
+    y = y.to(x.dtype) if widened else y
     if training and running_mean is not None:
         _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, running_mean, running_var,
                                        momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev,
