@@ -722,9 +722,10 @@ class BatchNorm(_NormBase):
         weight, bias = _affine_of(self)
         named = [("weight", weight), ("bias", bias)]
         if not training or self.track_running_stats:  # (torch.nn's rule for when the buffers are read)
-            named += [("running_mean", self.running_mean), ("running_var", self.running_var)]
+            # (the dict read: Module.__getattr__ costs more, and every option call runs this)
+            named += [("running_mean", _buffer_of(self, "running_mean")), ("running_var", _buffer_of(self, "running_var"))]
         if self.renorm and training:
-            named += [(name, getattr(self, name)) for name in ("renorm_mean", "renorm_stddev", "moving_stddev")]
+            named += [(name, _buffer_of(self, name)) for name in self.RENORM_STATE]
         for name, tensor in named:
             if tensor is not None and tensor.numel() != features:
                 raise ValueError(f"{type(self).__name__}(num_features={self.num_features}) has a {name} of "
