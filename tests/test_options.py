@@ -491,6 +491,35 @@ def test_constraints_after_optimizer_step(name, project):
     torch.testing.assert_close(layer.weight.data, project(torch.full((3,), -5.0)))
 
 
+def test_step_hook_projects_only_what_its_optimizer_stepped():
+    """Keras' optimizer applies a constraint once, after its own step, to the variables that step updated (those with
+    a gradient). Two optimizers hooked to one model, one for gamma and one for beta, used to project every layer at
+    each step: a MinMaxNorm with rate 0.5, which is not idempotent, moved gamma twice per iteration. A group added
+    to the optimizer later is projected too. Values from Keras' formula by hand: ||(3, 4, 0)|| = 5, desired
+    0.5 * clip(5, 0, 1) + 0.5 * 5 = 3, so gamma becomes (1.8, 2.4, 0); beta (-1, 2, -3) under non_neg (0, 2, 0)."""
+    rate_half = {"class_name": "MinMaxNorm", "config": {"min_value": 0.0, "max_value": 1.0, "rate": 0.5}}
+    layer = normkit.BatchNorm1d(3, weight_constraint=rate_half, bias_constraint="non_neg")
+    gamma_optimizer = torch.optim.SGD([layer.weight], lr=0.0)
+    beta_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    for optimizer in (gamma_optimizer, beta_optimizer):
+        normkit.constrain_after_step(optimizer, layer)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([3.0, 4.0, 0.0]))
+        layer.bias.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+    layer.weight.grad, layer.bias.grad = torch.zeros(3), torch.zeros(3)
+    gamma_optimizer.step()
+    beta_optimizer.step()  # holds neither gamma nor beta (yet): projects nothing
+    torch.testing.assert_close(layer.weight.data, torch.tensor([1.8, 2.4, 0.0]))
+    torch.testing.assert_close(layer.bias.data, torch.tensor([-1.0, 2.0, -3.0]))
+    beta_optimizer.add_param_group({"params": [layer.bias]})
+    beta_optimizer.step()
+    torch.testing.assert_close(layer.weight.data, torch.tensor([1.8, 2.4, 0.0]))
+    torch.testing.assert_close(layer.bias.data, torch.tensor([0.0, 2.0, 0.0]))
+    layer.weight.grad = None  # the step skips a parameter without a gradient, and so does its projection
+    gamma_optimizer.step()
+    torch.testing.assert_close(layer.weight.data, torch.tensor([1.8, 2.4, 0.0]))
+
+
 def test_synchronized_without_process_group_warns_once_and_is_local(rng):
     x = torch.tensor(rng.normal(size=(6, 3)))
     synced, local = normkit.BatchNorm(3, synchronized=True).double(), normkit.BatchNorm(3).double()

@@ -238,10 +238,10 @@ class _LazyBatchNormBase(_LazyNorm):
             self._refuse_unsized("regularization_loss()")
         return super().regularization_loss()
 
-    def apply_constraints(self) -> None:
+    def apply_constraints(self, parameters=None) -> None:
         if self.weight_constraint is not None or self.bias_constraint is not None:
             self._refuse_unsized("apply_constraints()")
-        super().apply_constraints()
+        super().apply_constraints(parameters)
 
     def _feature_rank(self) -> int:
         return len(self.axis) if isinstance(self.axis, tuple) else 1

@@ -666,18 +666,22 @@ class BatchNorm(_NormBase):
                 total = total + regularizer(parameter)
         return total
 
-    def apply_constraints(self) -> None:
+    def apply_constraints(self, parameters=None) -> None:
         """Project weight/bias onto their constraints (call after each optimizer step).
 
         As in Keras, which constrains only the variables it trains: a frozen layer, or a parameter
         with ``requires_grad=False``, keeps its values (a pretrained gamma is not projected while
-        the layer is frozen for fine-tuning).
+        the layer is frozen for fine-tuning). ``parameters``, when given, limits the projection to
+        those of weight/bias among them (``constrain_after_step`` passes the ones its optimizer's step
+        moved, as Keras' optimizer constrains only the variables it updated).
         """
         if self.frozen:
             return
+        chosen = None if parameters is None else {id(parameter) for parameter in parameters}
         with torch.no_grad():
             for constraint, parameter in ((self.weight_constraint, self.weight), (self.bias_constraint, self.bias)):
-                if constraint is not None and parameter is not None and parameter.requires_grad:
+                if constraint is not None and parameter is not None and parameter.requires_grad and (
+                        chosen is None or id(parameter) in chosen):
                     parameter.copy_(constraint(parameter))
 
     # -- forward --------------------------------------------------------------------------------

@@ -487,4 +487,20 @@ def constrain_after_step(optimizer: torch.optim.Optimizer, model: nn.Module):
         raise TypeError(f"constrain_after_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__} "
                         "(the arguments are (optimizer, model))")
     _check_model(model, "constrain_after_step")
-    return optimizer.register_step_post_hook(lambda *_: apply_constraints(model))
+    return optimizer.register_step_post_hook(lambda *_: _apply_constraints_after_step(optimizer, model))
+
+
+def _apply_constraints_after_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Project what this step moved, as Keras' optimizer does after applying its gradients: the parameters of
+    ``optimizer``'s groups that hold a gradient (read at each step, so groups added later count; a parameter
+    without a gradient was skipped by the step, as Keras filters empty gradients)."""
+    # (the whole model was projected: with one optimizer for the BN parameters and another for the rest, each hooked
+    # to the model, every step of either projected every layer, so a MinMaxNorm with rate < 1, which is not
+    # idempotent, was applied twice per iteration and to parameters neither step had moved)
+    stepped = [parameter for group in optimizer.param_groups for parameter in group["params"]
+               if parameter.grad is not None]
+    stepped_ids = {id(parameter) for parameter in stepped}
+    for module in model.modules():
+        if hasattr(module, "weight_constraint") and any(
+                parameter is not None and id(parameter) in stepped_ids for parameter in (module.weight, module.bias)):
+            module.apply_constraints(stepped)
