@@ -156,3 +156,26 @@ def test_instance_name_is_affine_unless_told_otherwise(rng):
 def test_names_ignore_case_dashes_and_underscores(spelling, cls):
     """create_norm matches a name whatever its case, dashes and underscores (a config's "ReNorm" or "re_norm")."""
     assert type(create_norm(spelling, 4, rank=4)) is cls
+
+
+def test_a_name_that_is_no_str_is_refused():
+    """create_norm read str(name): None became the name "none" and built no normalization at all, silently."""
+    for name in (None, 1, ("batch",)):
+        with pytest.raises(TypeError, match="name must be a str"):
+            create_norm(name, 4, rank=2)
+
+
+@pytest.mark.parametrize("spelling", ["Instance", "INSTANCE", "in-stance"])
+def test_the_lab_s_models_take_every_spelling_create_norm_takes(spelling):
+    """LeNet normalizes its conv blocks with 'instance' and leaves its dense blocks unnormalized (instance norm has
+    no dense form); it compared the exact string, so a spelling create_norm accepts built InstanceNorm for the
+    dense blocks and failed. The MLP refuses 'instance' in any spelling with the lab's own message."""
+    from normkit.lab.models import LeNet, build_model
+    model = LeNet(norm=spelling)
+    kinds = [type(module) for module in model if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear,
+                                                                          torch.nn.Sigmoid, torch.nn.MaxPool2d,
+                                                                          torch.nn.Flatten))]
+    assert kinds == [normkit.InstanceNorm2d, normkit.InstanceNorm2d, torch.nn.Identity, torch.nn.Identity]
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="the mlp has none"):
+        build_model("mlp", spelling)

@@ -99,15 +99,25 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def norm_name(name: str) -> str:
+    """The entry of NORM_NAMES that ``name`` spells, whatever its case, dashes and underscores ("Re-Norm" is
+    "renorm"): what code that treats a name specially (the lab's models: ``instance`` has no dense form) compares."""
+    if not isinstance(name, str):
+        # (str(name) made None the name "none": create_norm(None, ...) built no normalization, silently)
+        raise TypeError(f"a normalization's name must be a str, one of {', '.join(NORM_NAMES)}; got {name!r}")
+    key = name.replace("_", "").replace("-", "").lower()
+    if key not in _FACTORIES:
+        raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    return key
+
+
 def create_norm(name: str, num_features: int, rank: int, **kwargs) -> nn.Module:
     """Build the normalization ``name`` for inputs of ``rank`` (2 dense, 3-5 with spatial axes).
 
     ``kwargs`` go to the layer's constructor and override the name's own settings (``ghost`` with
     ``virtual_batch_size=8``, ``renorm`` with ``renorm_momentum=0.01``, ``group`` with ``num_groups=2``).
     """
-    key = str(name).replace("_", "").replace("-", "").lower()
-    if key not in _FACTORIES:
-        raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    key = norm_name(name)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 2:
         # (a string rank '2' built LayerNorm's conv twin, GroupNorm, silently: `rank == 2` was False)
         raise ValueError(f"rank must be the input's rank, an int >= 2 (2 for dense inputs, 3 to 5 with spatial axes), "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from normkit.registry import create_norm
+from normkit.registry import create_norm, norm_name
 
 MODELS = ("lenet", "mlp")
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -19,7 +19,8 @@ INITS = ("keras", "torch")
 def _block(layer: nn.Module, features: int, rank: int, norm: str, activation: str,
            norm_options: dict | None) -> list[nn.Module]:
     # Instance normalization needs spatial axes: LeNet uses it in its conv blocks, its dense blocks go unnormalized.
-    normalization = (nn.Identity() if norm == "instance" and rank == 2
+    # (compared by norm_name: create_norm takes "Instance" too, which failed on LeNet's dense blocks)
+    normalization = (nn.Identity() if norm_name(norm) == "instance" and rank == 2
                      else create_norm(norm, features, rank, **(norm_options or {})))
     return [layer, normalization, ACTIVATIONS[activation]()]
 
@@ -71,7 +72,7 @@ def build_model(name: str, norm: str, activation: str = "sigmoid", init: str = "
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    if name == "mlp" and norm == "instance":
+    if name == "mlp" and norm_name(norm) == "instance":
         raise ValueError("norm 'instance' needs spatial axes and the mlp has none; use it with --model lenet, "
                          "or pick layer/batch for the mlp")
     model = (LeNet if name == "lenet" else MLP)(norm=norm, activation=activation, norm_options=norm_options)
