@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import normkit.options
 from normkit.keras import BatchNormalization, from_keras, from_keras_config, to_keras
 from normkit.stats import RenormClipping
 
@@ -267,6 +268,20 @@ def test_keras_objects_given_to_a_normkit_layer_are_written_back():
     assert back.beta_regularizer.get_config()["l2"] == pytest.approx(0.3)
     assert isinstance(back.gamma_constraint, keras.constraints.NonNeg)
     np.testing.assert_array_equal(back.get_weights()[0], np.full(3, 0.5, dtype=np.float32))
+
+
+def test_argument_spellings_keras_accepts_are_read_as_keras_reads_them():
+    """With Keras installed: None regularization factors and VarianceScaling's "normal" or capitalized distributions
+    mean what they mean in Keras (its get_config after its own reading)."""
+    keras = _keras_on_torch()
+    for theirs, ours in ((keras.regularizers.L1L2(l1=None, l2=0.5), normkit.options.L1L2(l1=None, l2=0.5)),
+                         (keras.regularizers.L1(None), normkit.options.L1(None)),
+                         (keras.regularizers.L2(None), normkit.options.L2(None))):
+        assert ours.keras_config()[1] == pytest.approx(theirs.get_config())
+    for spelling in ("normal", "Uniform", "Untruncated_Normal"):
+        theirs = keras.initializers.VarianceScaling(distribution=spelling)
+        ours = normkit.options.VarianceScaling(distribution=spelling)
+        assert ours.keras_config()[1]["distribution"] == theirs.get_config()["distribution"]
 
 
 def test_a_per_feature_constant_initializer_round_trips_through_the_real_keras():

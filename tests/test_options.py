@@ -651,6 +651,44 @@ def test_regularization_factors_must_be_finite_and_non_negative(make, bad):
         normkit.BatchNorm(3, weight_regularizer={"class_name": "L1L2", "config": {"l1": 0.0, "l2": bad}})
 
 
+@pytest.mark.parametrize("make,expected", [
+    (lambda: normkit.options.L1L2(l1=None, l2=0.5), (0.0, 0.5)), (lambda: normkit.options.L1L2(None, None), (0.0, 0.0)),
+    (lambda: normkit.options.L1(None), (0.01, 0.0)), (lambda: normkit.options.L2(None), (0.0, 0.01)),
+])
+def test_a_regularization_factor_of_none_is_keras_default(make, expected):
+    """Keras' L1L2 reads None as 0 and L1/L2 as their 0.01 (keras.regularizers: `l1 = 0.01 if l1 is None else l1`);
+    normkit failed on the comparison with a TypeError. The loss is 0.5 * sum(w^2) etc., computed here by hand."""
+    regularizer = make()
+    assert (regularizer.l1, regularizer.l2) == expected
+    weight = torch.tensor([1.0, -2.0, 3.0])
+    torch.testing.assert_close(regularizer(weight), torch.tensor(expected[0] * 6.0 + expected[1] * 14.0))
+
+
+@pytest.mark.parametrize("bad", ["0.01", [0.01]])
+def test_a_regularization_factor_that_is_no_number_is_keras_value_error(bad):
+    """Keras' validate_float_arg refuses anything but a non-negative number with a ValueError; normkit's comparison
+    raised a TypeError that named no argument."""
+    with pytest.raises(ValueError, match="regularization factors"):
+        normkit.options.L1L2(l2=bad)
+
+
+@pytest.mark.parametrize("spelling,distribution", [("normal", "truncated_normal"), ("Normal", "truncated_normal"),
+                                                   ("Uniform", "uniform"), ("UNTRUNCATED_NORMAL", "untruncated_normal")])
+def test_variance_scaling_reads_the_distribution_as_keras_does(spelling, distribution):
+    """Keras' VarianceScaling lower-cases the distribution and reads "normal" as "truncated_normal", which its config
+    then holds; normkit refused both. A uniform draw stays within +-sqrt(3 * scale / fan_in) (scale 2, fan_in 500)."""
+    initializer = normkit.options.VarianceScaling(scale=2.0, distribution=spelling, seed=0)
+    assert initializer.distribution == distribution
+    assert initializer.keras_config()[1]["distribution"] == distribution
+    layer = normkit.BatchNorm(3, weight_initializer={"class_name": "VarianceScaling",
+                                                     "config": {"distribution": spelling}})
+    assert layer.weight_initializer.distribution == distribution
+    if distribution == "uniform":
+        values = initializer((500, 4))
+        limit = math.sqrt(3.0 * 2.0 / 500)
+        assert values.abs().max() <= limit and values.abs().max() > 0.9 * limit
+
+
 def test_variance_scaling_fans_of_a_matrix_are_keras_rows_in_columns_out():
     """Keras' compute_fans: a (fan_in, fan_out) matrix, and (*receptive, in, out) kernels, whose fans are multiplied by
     the receptive field; HeUniform draws within +-sqrt(6 / fan_in), GlorotUniform +-sqrt(6 / (fan_in + fan_out))."""

@@ -10,6 +10,7 @@ vocabulary, and ``regularization_loss``/``apply_constraints`` collect them over 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -153,6 +154,11 @@ class VarianceScaling(_SeededDraw):
 
     def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None, input_axes=None,
                  output_axes=None):
+        # Keras reads the distribution in any case and "normal" as its old name of "truncated_normal" (and writes
+        # the name it settled on back to its config); both were refused here.
+        if isinstance(distribution, str):
+            distribution = distribution.lower()
+            distribution = "truncated_normal" if distribution == "normal" else distribution
         if mode not in self.MODES or distribution not in self.DISTRIBUTIONS or not scale > 0:
             raise ValueError(f"VarianceScaling needs scale > 0, mode in {self.MODES} and distribution in "
                              f"{self.DISTRIBUTIONS}; got scale={scale!r}, mode={mode!r}, distribution={distribution!r}")
@@ -257,9 +263,12 @@ class L1L2:
     """``l1 * sum(|w|) + l2 * sum(w^2)``, Keras' L1L2 (``"l1"``/``"l2"`` use 0.01)."""
 
     def __init__(self, l1: float = 0.0, l2: float = 0.0):
+        # None is Keras' "the default" (0 here; L1's and L2's own 0.01 there): a config may hold it.
+        l1, l2 = 0.0 if l1 is None else l1, 0.0 if l2 is None else l2
         # (Keras' validate_float_arg: NaN fails every comparison, so `l1 < 0` alone let it through, and a NaN or
-        # infinite factor made every loss NaN or inf)
-        if not (0 <= l1 < math.inf and 0 <= l2 < math.inf):
+        # infinite factor made every loss NaN or inf; a factor that is no number is its ValueError too, not the
+        # comparison's TypeError)
+        if not all(isinstance(factor, numbers.Real) and 0 <= factor < math.inf for factor in (l1, l2)):
             raise ValueError(f"regularization factors must be finite numbers >= 0 (Keras' non-negative floats), "
                              f"got l1={l1}, l2={l2}")
         self.l1, self.l2 = float(l1), float(l2)
@@ -286,7 +295,7 @@ class L1(L1L2):
     """``l1 * sum(|w|)`` (Keras' L1; its argument name)."""
 
     def __init__(self, l1: float = 0.01):
-        super().__init__(l1=l1)
+        super().__init__(l1=0.01 if l1 is None else l1)
 
     def keras_config(self):
         return "L1", {"l1": self.l1}
@@ -296,7 +305,7 @@ class L2(L1L2):
     """``l2 * sum(w^2)`` (Keras' L2; its argument name)."""
 
     def __init__(self, l2: float = 0.01):
-        super().__init__(l2=l2)
+        super().__init__(l2=0.01 if l2 is None else l2)
 
     def keras_config(self):
         return "L2", {"l2": self.l2}
