@@ -284,6 +284,20 @@ def test_argument_spellings_keras_accepts_are_read_as_keras_reads_them():
         assert ours.keras_config()[1]["distribution"] == theirs.get_config()["distribution"]
 
 
+def test_constraints_project_bit_for_bit_as_the_real_keras():
+    """With Keras installed (torch backend: the same sums and square roots): each constraint gives Keras' float32
+    values exactly (normkit's MaxNorm and MinMaxNorm rounded in another order and differed in the last bits)."""
+    keras = _keras_on_torch()
+    rng = np.random.default_rng(1)
+    pairs = ((normkit.options.MaxNorm(0.5), keras.constraints.MaxNorm(0.5)),
+             (normkit.options.MinMaxNorm(0.2, 0.7, 0.3), keras.constraints.MinMaxNorm(0.2, 0.7, 0.3)),
+             (normkit.options.UnitNorm(), keras.constraints.UnitNorm()), (normkit.options.NonNeg(), keras.constraints.NonNeg()))
+    for ours, theirs in pairs:
+        for _ in range(20):
+            w = torch.tensor(rng.normal(size=7), dtype=torch.float32)
+            np.testing.assert_array_equal(ours(w).numpy(), keras.ops.convert_to_numpy(theirs(w)))
+
+
 def test_a_per_feature_constant_initializer_round_trips_through_the_real_keras():
     """With Keras installed: Constant with a list and with a NumPy array, Keras -> normkit -> Keras."""
     keras = _keras_on_torch()

@@ -629,6 +629,21 @@ def test_min_max_norm_constraint_blends_by_rate_as_keras(min_value, max_value, r
         assert_close(layer.weight, w * desired / (1e-7 + norm), torch.float32)
 
 
+@pytest.mark.parametrize("constraint,desired", [
+    (normkit.options.MaxNorm(0.5), lambda norm: norm.clamp(0.0, 0.5)),
+    (normkit.options.MinMaxNorm(0.2, 0.7, 0.3), lambda norm: 0.3 * norm.clamp(0.2, 0.7) + (1 - 0.3) * norm),
+])
+def test_norm_constraints_round_as_keras_s(constraint, desired):
+    """Keras computes w * (desired / (1e-7 + norm)): the factor first, one product on w. normkit's
+    w * desired / (1e-7 + norm) rounded twice on w and differed from Keras' float32 projection in the last bits for
+    most weights. The formula is written here in Keras' order with the same torch ops (norm over axis 0)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = torch.tensor(rng.normal(size=7), dtype=torch.float32)
+        norm = w.square().sum(dim=0, keepdim=True).sqrt()
+        torch.testing.assert_close(constraint(w), w * (desired(norm) / (1e-7 + norm)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["unit_norm", "max_norm", "min_max_norm"])
 def test_norm_constraints_leave_a_zero_weight_zero(name):
     """Keras' norm constraints divide by epsilon + ||w|| (epsilon 1e-7): an all-zero weight stays 0, not NaN."""

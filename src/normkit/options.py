@@ -355,7 +355,7 @@ class NonNeg:
 class MinMaxNorm:
     """Rescale so the L2 norm over ``axis`` lies in [min_value, max_value] (Keras' MinMaxNorm/MaxNorm/UnitNorm).
 
-    ``w * (rate * clip(norm, min, max) + (1 - rate) * norm) / (eps + norm)``
+    ``w * ((rate * clip(norm, min, max) + (1 - rate) * norm) / (eps + norm))``
     """
 
     def __init__(self, min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0, axis: int = 0):
@@ -364,7 +364,9 @@ class MinMaxNorm:
     def __call__(self, w):
         norms = w.square().sum(dim=self.axis, keepdim=True).sqrt()
         desired = self.rate * norms.clamp(self.min_value, self.max_value) + (1 - self.rate) * norms
-        return w * desired / (EPSILON + norms)
+        # Keras' grouping: the factor first, then one product (w * desired / (eps + norm) rounded twice on w,
+        # and differed from Keras' projection in the last bits for most weights)
+        return w * (desired / (EPSILON + norms))
 
     def keras_config(self):
         return "MinMaxNorm", {"min_value": self.min_value, "max_value": self.max_value, "rate": self.rate,
