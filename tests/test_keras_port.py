@@ -298,6 +298,23 @@ def test_constraints_project_bit_for_bit_as_the_real_keras():
             np.testing.assert_array_equal(ours(w).numpy(), keras.ops.convert_to_numpy(theirs(w)))
 
 
+def test_keras_classes_given_as_classes_are_made_as_keras_makes_them():
+    """With Keras installed: keras.constraints.NonNeg (the class) works as Keras' get() reads it, an instance made
+    with no arguments, and is written back to Keras' config by its class name."""
+    keras = _keras_on_torch()
+    ours = BatchNormalization(gamma_constraint=keras.constraints.NonNeg, beta_regularizer=keras.regularizers.L2)
+    ours.build((4, 3))
+    with torch.no_grad():
+        ours.gamma.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+    normkit.apply_constraints(ours)
+    np.testing.assert_array_equal(ours.gamma.detach().numpy(),
+                                  keras.ops.convert_to_numpy(keras.constraints.get(keras.constraints.NonNeg)(
+                                      torch.tensor([-1.0, 2.0, -3.0]))))
+    config = ours.keras_config()
+    assert config["gamma_constraint"]["class_name"] == "NonNeg"
+    assert config["beta_regularizer"]["config"]["l2"] == pytest.approx(0.01)
+
+
 def test_a_per_feature_constant_initializer_round_trips_through_the_real_keras():
     """With Keras installed: Constant with a list and with a NumPy array, Keras -> normkit -> Keras."""
     keras = _keras_on_torch()

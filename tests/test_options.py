@@ -430,6 +430,28 @@ def test_initializers_by_name_number_and_callable():
     assert abs(noisy.weight.std().item() - 0.05) < 0.005
 
 
+def test_classes_are_made_with_no_arguments_and_arrays_are_the_values_as_in_keras():
+    """Keras' get() makes a class given for an initializer, regularizer or constraint with no arguments, and takes a
+    tensor or an array as the initial values. normkit took a class as the callable itself, so NonNeg(weight) failed
+    at the first projection and L2(weight) made the weight its factor; an array was refused. Expected values by
+    hand: NonNeg of (-1, 2, -3) is (0, 2, 0); L2's default 0.01 * (1 + 4 + 9); L1L2's defaults (0, 0) give 0."""
+    layer = normkit.BatchNorm1d(3, weight_constraint=normkit.options.NonNeg, weight_regularizer=normkit.options.L2,
+                                bias_regularizer=normkit.options.L1L2, bias_initializer=normkit.options.Constant)
+    assert isinstance(layer.weight_constraint, normkit.options.NonNeg)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+    torch.testing.assert_close(normkit.regularization_loss(layer), torch.tensor(0.01 * 14.0))
+    normkit.apply_constraints(layer)
+    torch.testing.assert_close(layer.weight.data, torch.tensor([0.0, 2.0, 0.0]))
+    torch.testing.assert_close(layer.bias.data, torch.zeros(3))
+    for values in (np.array([0.5, 2.0, 4.0]), torch.tensor([0.5, 2.0, 4.0], requires_grad=True)):
+        given = normkit.BatchNorm1d(3, weight_initializer=values, running_var_initializer=values)
+        torch.testing.assert_close(given.weight.data, torch.tensor([0.5, 2.0, 4.0]))
+        torch.testing.assert_close(given.running_var, torch.tensor([0.5, 2.0, 4.0]))
+    with pytest.raises(TypeError, match="made with no arguments"):
+        normkit.BatchNorm1d(3, weight_regularizer=torch.nn.Linear)
+
+
 def test_regularization_loss_is_keras_l1_l2():
     model = torch.nn.Sequential(normkit.BatchNorm1d(3, weight_regularizer="l2", bias_regularizer="l1"),
                                 normkit.BatchNorm1d(3, weight_regularizer=lambda w: w.sum() * 0.5),

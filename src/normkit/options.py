@@ -223,7 +223,9 @@ def _case_hint(value: str, names) -> str:
 
 
 def resolve_initializer(initializer, *, name: str):
-    """A name from INITIALIZERS, a number (constant), Keras' serialized dict, or a callable ``(shape, dtype) -> array``."""
+    """A name from INITIALIZERS, a number (constant), the values (an array or tensor, as Keras takes them; broadcast
+    as Constant's), Keras' serialized dict, a class (made with no arguments, as Keras does), or a callable
+    ``(shape, dtype) -> array``."""
     if isinstance(initializer, str):
         if initializer in KERAS_CLASSES["initializer"]:  # Keras also takes class names: "RandomNormal", "HeUniform"
             return KERAS_CLASSES["initializer"][initializer]()
@@ -235,12 +237,29 @@ def resolve_initializer(initializer, *, name: str):
         return initializer
     if isinstance(initializer, (int, float)) and not isinstance(initializer, bool):
         return Constant(initializer)
+    if isinstance(initializer, torch.Tensor):  # Keras takes a tensor or an array as the values themselves
+        initializer = initializer.detach().cpu().numpy()
+    if isinstance(initializer, (np.ndarray, np.generic)):
+        return Constant(initializer)
     if isinstance(initializer, dict):
         return from_keras_object("initializer", initializer, name=name)
+    if isinstance(initializer, type):
+        return _instance_of(initializer, name=name)
     if callable(initializer):
         return initializer
     raise TypeError(f"{name} must be a name, a number, a Keras config dict or a callable(shape, dtype), "
                     f"got {initializer!r}")
+
+
+def _instance_of(cls: type, *, name: str):
+    """A class given for an initializer, regularizer or constraint: Keras' ``get`` makes one with no arguments
+    (``gamma_constraint=NonNeg``). Taken as a callable, the class itself was called on the weight at the first
+    step (``NonNeg(weight)``: "takes no arguments"; ``L2(weight)``: the weight as the factor)."""
+    try:
+        return cls()
+    except TypeError as error:
+        raise TypeError(f"{name}={cls.__name__}: a class is made with no arguments, as Keras does, and this one "
+                        f"cannot be ({error}); pass an instance") from None
 
 
 def apply_initializer(initializer, tensor: torch.Tensor) -> None:
@@ -334,6 +353,8 @@ def _resolve(kind: str, value, registry: dict, signature: str, *, name: str):
         return registry[value]()
     if isinstance(value, dict):
         return from_keras_object(kind, value, name=name)
+    if isinstance(value, type):
+        return _instance_of(value, name=name)
     if callable(value):
         return value
     raise TypeError(f"{name} must be None, a name, a Keras config dict or a {signature}, got {value!r}")
