@@ -34,15 +34,15 @@ class Constant:
             self._values = torch.as_tensor(np.asarray(value["config"].get("value"), dtype=np.float64))
             self.value = value
         elif isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
-            values = torch.as_tensor(np.asarray(value, dtype=np.float64))
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            values = torch.as_tensor(array.astype(np.float64))
             if values.dim() == 0:
                 self.value = float(values)
             else:
                 self._values = values
                 # (as Keras serializes it: a list as a list, an array as its "__numpy__" dict)
                 self.value = values.tolist() if isinstance(value, (list, tuple)) else {
-                    "class_name": "__numpy__", "config": {"value": values.tolist(),
-                                                          "dtype": str(np.asarray(value).dtype)}}
+                    "class_name": "__numpy__", "config": {"value": values.tolist(), "dtype": str(array.dtype)}}
         else:
             self.value = float(value)
 
