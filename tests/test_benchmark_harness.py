@@ -265,6 +265,23 @@ def test_kept_for_backward_of_torch_batchnorm1d_is_its_hand_count():
     assert memory.kept_for_backward(layer, x) == expected
 
 
+@pytest.mark.parametrize("shape", [(64, 50, 120), (32, 8, 8, 16)])
+def test_ghost_batches_of_features_last_data_keep_no_input_sized_copy_without_the_kernels(shape):
+    """Keras' strided ghost groups of (N, *, C) data with axis=-1: a group's features are not adjacent in memory,
+    and ATen's kernel kept the (V*S, G*C) copy it was given (1.004 input sizes at (64, 50, 120)); normalized on
+    the free (V, G, S, C) view, per-feature vectors only are kept (functional._ghost_positions)."""
+    import normkit
+    import normkit.keras
+    import normkit.kernels
+    memory = _load("bench_memory.py")
+    x = (torch.randn(shape) + 0.5).requires_grad_()
+    layers = [normkit.BatchNorm(shape[-1], axis=-1, virtual_batch_size=16),
+              normkit.keras.BatchNormalization(virtual_batch_size=16)]
+    with normkit.kernels.switched(False):
+        for layer in layers:
+            assert memory.kept_for_backward(layer, x) < 0.05 * x.untyped_storage().nbytes()
+
+
 # --- bench_lab -----------------------------------------------------------------------------------------------------
 
 def test_lab_rates_are_images_per_second_alternating_who_goes_first(monkeypatch):

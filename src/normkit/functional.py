@@ -127,19 +127,29 @@ def _channel_moments(channels):
     return torch.batch_norm_update_stats(channels, None, None, 0.0)
 
 
-def _moments_by_position(channels):
-    """``_channel_moments`` of a contiguous (N, K, *) CPU tensor from per-position statistics.
+def _moments_by_position(channels, features_last=False):
+    """``_channel_moments`` of a contiguous (N, K, *) CPU tensor from per-position statistics; with
+    ``features_last``, of a contiguous (V, G, *, K) tensor whose features are its (G, K) pairs, in that
+    order (``_ghost_positions``: Keras' strided ghost groups of features-last data, a free view).
 
     Mean and biased variance of every (feature, position) column over the N rows, then, per feature,
     over its S positions (equal counts): mean = mean of the column means, variance = mean of the column
     variances + variance of the column means (the law of total variance; no E[x^2] - E[x]^2).
     """
-    rows, features = channels.shape[:2]
+    rows = channels.shape[0]
+    features = channels.shape[1] * (channels.shape[-1] if features_last else 1)
     positions = channels.numel() // (rows * features)
     mean, var = torch.batch_norm_update_stats(channels.view(rows, features * positions), None, None, 0.0)
     # The second pass: per feature over its positions, mean and var of the column means and mean of their variances.
-    outer_mean, outer_var = torch.batch_norm_update_stats(torch.stack((mean, var)).view(1, 2 * features, positions),
-                                                          None, None, 0.0)
+    if features_last:
+        # The positions lie between a feature's group and channel: the column statistics (2/N of the input's
+        # size) as S rows of 2 * G * K columns, a small copy.
+        groups = channels.shape[1]
+        columns = torch.stack((mean, var)).view(2, groups, positions, features // groups).permute(2, 0, 1, 3)
+        columns = columns.reshape(positions, 2 * features)
+    else:
+        columns = torch.stack((mean, var)).view(1, 2 * features, positions)
+    outer_mean, outer_var = torch.batch_norm_update_stats(columns, None, None, 0.0)
     return outer_mean[:features], outer_mean[features:] + outer_var[:features]
 
 
@@ -623,6 +633,27 @@ def _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout):
     return channels, groups, restore
 
 
+def _ghost_positions(x, feature_axes, virtual_batch_size, ghost_layout, recenter, weight, bias):
+    """Keras' strided ghost groups of contiguous features-last CPU data (N, *, K) of rank 3 or more as the free
+    view (V, G, S, K), whose features are the (G, K) pairs, where ``_FoldedBatchNorm`` takes it; else None.
+
+    ``_ghost_channels`` must copy such data to (V*S, G*K) (a group's features are not adjacent in memory), and
+    ATen's kernel keeps that copy for backward: one input-sized buffer per layer. On this view the statistics
+    come from ``_moments_by_position`` and ``_FoldedBatchNorm`` normalizes in place of ATen's layout, keeping
+    per-feature vectors only (and is faster than the copies it spares, docs/benchmarks.md). Not for half
+    precision, recentered data, small inputs, parameters of another dtype or where the Function is refused
+    (the copy serves there).
+    """
+    if (virtual_batch_size is None or ghost_layout != "strided" or recenter or x.dim() < 3
+            or feature_axes != (x.dim() - 1,) or x.shape[0] == virtual_batch_size or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or x.numel() < FOLDED_MIN_NUMEL
+            or not x.is_contiguous() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or any(p is not None and p.dtype != x.dtype for p in (weight, bias))
+            or _functions_refused() or without_data(x)):
+        return None
+    return x.view(virtual_batch_size, x.shape[0] // virtual_batch_size, -1, x.shape[-1])
+
+
 def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_mean, running_var, weight, bias,
                    training, momentum, eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                    renorm_clipping, renorm_momentum, recenter):
@@ -634,8 +665,14 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
     (large inputs) or ATen's training kernel (small ones) normalizes. Small tensors stay flat
     and the small ops are few: on small inputs they, not the data, are the cost.
     """
-    channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
-    per_group = channels.numel() // max(channels.shape[1], 1)
+    channels = _ghost_positions(x, feature_axes, virtual_batch_size, ghost_layout, recenter, weight, bias)
+    by_position = channels is not None
+    if by_position:
+        groups, restore = channels.shape[1], None
+        per_group = channels.numel() // (groups * channels.shape[-1])
+    else:
+        channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
+        per_group = channels.numel() // max(channels.shape[1], 1)
     check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size)
     center = None
     widened = False
@@ -650,7 +687,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             weight, bias = _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32)
         channels = channels - center
     r = d = batch_std = None
-    if groups > 1 and renorm_mean is None:
+    if groups > 1 and renorm_mean is None and not by_position:
         # Ghost batches alone: no constant to fold in, so ATen's training kernel computes the
         # per-group statistics it normalizes with (one pass, C++ autograd). The variance comes
         # back as 1 / invstd^2 - eps: exact up to float32 rounding of var + eps, which is all
@@ -674,7 +711,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             # statistics: ATen refused them beside float32 mean and var, and its half-precision training kernel
             # rounded the mean it normalizes by to the input's dtype.
             weight, bias = _in_dtype(weight, torch.float32), _in_dtype(bias, torch.float32)
-        mean, var = _channel_moments(stats_input)
+        mean, var = _moments_by_position(stats_input, True) if by_position else _channel_moments(stats_input)
         batch_mean, batch_var = _combine_groups(mean, var, groups, center)
         if renorm_mean is not None:
             batch_std = torch.add(batch_var, eps).sqrt_()
@@ -682,9 +719,10 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             r, d = _renorm_factors(from_mean, batch_std, eps, to_mean, _flat(renorm_stddev), renorm_clipping)
         # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
         # forward-mode AD refuse it: there ATen's kernel serves)
-        if (channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting()
-                and not _functions_refused()):
-            y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps)
+        if by_position or (channels.numel() >= FOLDED_MIN_NUMEL and not torch.compiler.is_exporting()
+                           and not _functions_refused()):
+            y = _FoldedBatchNorm.apply(channels, _flat(weight), _flat(bias), mean, var, r, d, groups, eps,
+                                       by_position)
         else:
             # Small inputs: Python overhead, not the data, is the cost, and a second statistics
             # pass inside ATen's training kernel (C++ autograd) is cheaper than a Python Function.
@@ -852,14 +890,27 @@ class _FoldedBatchNorm(torch.autograd.Function):
     ``var`` as its statistics; backward is ATen's training backward (gradient through the
     statistics included), with ``dweight = sum_G (r * ds + d * do)`` and ``dbias = sum_G do``.
     One statistics pass instead of two, and no autograd nodes for the folding.
+
+    ``by_position``: the channels are a (V, G, S, K) view (``_ghost_positions``), which ATen's kernels do not
+    take. Forward is ``x * a + b`` (a = invstd * s, b = o - mean * a, broadcast over V and S), ATen's inference
+    arithmetic; backward takes the two sums per feature, ``sum(g)`` and ``sum(g x_hat)`` over V and S, from
+    ATen's backward kernel on the (V, G*S*K) matrix (per column: mean and variance repeated over S) and one
+    small sum over S, then ``dx = a g - (slope (x - mean) + c)`` with ``slope = a invstd sum(g x_hat) / M``,
+    ``c = a sum(g) / M``, M = V * S values per feature, as ``_MaskedRowsBatchNorm`` computes it.
     """
 
     @staticmethod
-    def forward(ctx, channels, weight, bias, mean, var, r, d, groups, eps):
+    def forward(ctx, channels, weight, bias, mean, var, r, d, groups, eps, by_position=False):
         scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
         scale, offset = _repeat_groups(scale, groups), _repeat_groups(offset, groups)
-        y = torch.batch_norm(channels, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-        ctx.groups, ctx.eps = groups, eps
+        if by_position:
+            factor = torch.add(var, eps).rsqrt_()
+            factor = factor if scale is None else factor.mul_(scale)
+            shift = -mean * factor if offset is None else torch.addcmul(offset, mean, factor, value=-1)
+            y = torch.addcmul(_per_position(shift, channels), channels, _per_position(factor, channels))
+        else:
+            y = torch.batch_norm(channels, scale, offset, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.groups, ctx.eps, ctx.by_position = groups, eps, by_position
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(channels, scale, mean, var, r, d, weight, bias)
         return y
@@ -876,8 +927,12 @@ class _FoldedBatchNorm(torch.autograd.Function):
         mask = [need_input, need_weight and scale is not None,
                 need_bias or (need_weight and r is not None)]
         invstd = torch.add(var, ctx.eps).rsqrt_()
-        grad_input, grad_scale, grad_offset = torch.ops.aten.native_batch_norm_backward(
-            grad, channels, scale, None, None, mean, invstd, True, ctx.eps, mask)
+        if ctx.by_position:
+            grad_input, grad_scale, grad_offset = _positions_backward(grad, channels, scale, mean, var, invstd,
+                                                                      ctx.eps, mask)
+        else:
+            grad_input, grad_scale, grad_offset = torch.ops.aten.native_batch_norm_backward(
+                grad, channels, scale, None, None, mean, invstd, True, ctx.eps, mask)
         if ctx.groups > 1:
             grad_scale = None if grad_scale is None else grad_scale.view(ctx.groups, -1).sum(dim=0)
             grad_offset = None if grad_offset is None else grad_offset.view(ctx.groups, -1).sum(dim=0)
@@ -886,7 +941,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
             grad_weight = grad_scale if r is None else torch.addcmul(r * grad_scale, d, grad_offset)
         if need_bias:
             grad_bias = grad_offset
-        return grad_input if need_input else None, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input if need_input else None, grad_weight, grad_bias, None, None, None, None, None, None, None
 
     @staticmethod
     def _differentiable_backward(ctx, grad, channels, weight, bias, r, d):
@@ -894,13 +949,54 @@ class _FoldedBatchNorm(torch.autograd.Function):
         inside forward, where autograd does not see it, so ATen's backward from the saved scale would miss how
         the input gradient depends on the weight (wrong second derivatives for the weight). Recomputed instead
         as the small inputs' path computes it, by autograd: ATen's training kernel with the folded parameters
-        (the same statistics, recomputed from the same channels)."""
+        (the same statistics, recomputed from the same channels; a (V, G, S, K) view copied to ATen's layout and
+        back, as ``_ghost_channels`` does)."""
         def training_output():
             scale, offset = (weight, bias) if r is None else _fold_renorm(weight, bias, r, d)
-            return torch.batch_norm(channels, _repeat_groups(scale, ctx.groups), _repeat_groups(offset, ctx.groups),
-                                    None, None, True, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+            rows, groups, positions, features = channels.shape if ctx.by_position else (None,) * 4
+            source = (channels.transpose(1, 2).reshape(rows * positions, groups * features) if ctx.by_position
+                      else channels)
+            y = torch.batch_norm(source, _repeat_groups(scale, ctx.groups), _repeat_groups(offset, ctx.groups),
+                                 None, None, True, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+            return y.view(rows, positions, groups, features).transpose(1, 2) if ctx.by_position else y
 
         return _gradient_of_recomputed(ctx, grad, ((0, channels), (1, weight), (2, bias)), training_output)
+
+
+def _per_position(per_feature, positions):
+    """A (G*K) per-feature vector shaped (1, G, 1, K) to broadcast over a (V, G, S, K) view's rows and positions."""
+    return per_feature.view(1, positions.shape[1], 1, positions.shape[-1])
+
+
+def _positions_backward(grad, positions, scale, mean, var, invstd, eps, mask):
+    """``native_batch_norm_backward``'s training gradients (input, scale, offset; None where ``mask`` says so) for
+    a (V, G, S, K) view whose features are the (G, K) pairs (``_FoldedBatchNorm``, ``by_position``)."""
+    rows, groups, positions_count, features = positions.shape
+    columns = groups * positions_count * features
+
+    def per_column(per_feature):  # (a small copy: 1/V of the input's size)
+        return per_feature.view(groups, 1, features).expand(groups, positions_count, features).reshape(columns)
+
+    # ATen's backward kernel in inference mode on the (V, columns) matrix: per column, sum(g) and
+    # sum(g (x - mean) invstd), with this feature's mean and variance; then the sums over the S positions.
+    _, sum_grad_x_hat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+        grad.reshape(rows, columns), positions.view(rows, columns), None, per_column(mean), per_column(var), None,
+        None, False, eps, [False, True, True])
+    sum_grad_x_hat = sum_grad_x_hat.view(groups, positions_count, features).sum(dim=1).view(-1)
+    sum_grad = sum_grad.view(groups, positions_count, features).sum(dim=1).view(-1)
+    grad_input = None
+    if mask[0]:
+        count = rows * positions_count
+        factor = invstd if scale is None else invstd * scale
+        slope = factor * invstd * sum_grad_x_hat / count
+        shift = factor * sum_grad / count
+        # slope * (x - mean), not slope * x - slope * mean: the two products cancel to float32 rounding when the
+        # values are close to each other and far from zero. In place in the one buffer.
+        grad_input = torch.sub(positions, _per_position(mean, positions))
+        torch.addcmul(_per_position(-shift, positions), grad_input, _per_position(slope, positions), value=-1,
+                      out=grad_input)
+        grad_input.addcmul_(grad.view(positions.shape), _per_position(factor, positions))
+    return grad_input, sum_grad_x_hat if mask[1] else None, sum_grad if mask[2] else None
 
 
 def _gradient_of_recomputed(ctx, grad, inputs, recompute):
