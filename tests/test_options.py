@@ -78,7 +78,8 @@ def test_renorm(dtype, shape, axis, clipping, rng):
 
 # Inputs of FOLDED_MIN_NUMEL values or more take _FoldedBatchNorm (one statistics pass, ATen's
 # backward from saved statistics); smaller ones ATen's training kernel. Both against the reference:
-LARGE = [((32, 8, 8, 8), 1, 4), ((16, 8, 8, 16), -1, 2), ((16, 4, 4, 4, 16), (1, 4), 4)]
+# Features-last ghost batches of rank 3 or more take the (V, G, S, K) view of _ghost_positions (no copy).
+LARGE = [((32, 8, 8, 8), 1, 4), ((16, 8, 8, 16), -1, 2), ((16, 4, 4, 4, 16), (1, 4), 4), ((32, 32, 16), -1, 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
