@@ -388,9 +388,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
-    check_per_feature_sizes(x, feature_axes, axis, running_mean=running_mean, running_var=running_var,
-                            weight=weight, bias=bias, renorm_mean=renorm_mean, renorm_stddev=renorm_stddev,
-                            moving_stddev=moving_stddev)
+    _check_per_feature_sizes(x, feature_axes, axis, (running_mean, running_var, weight, bias, renorm_mean,
+                                                     renorm_stddev, moving_stddev))
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -451,14 +450,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 adjustment, recenter)
 
 
-def check_per_feature_sizes(x, feature_axes, axis, **tensors):
-    """Every per-feature tensor holds one value per feature (in any shape): reference.batch_norm's check, word for
-    word. (The option paths took another size silently or failed deep inside: ghost batches normalized with a
-    weight or bias of 4 or 1 values for 3 features, the first values repeated across the groups; a running_var of
-    2 values was resized in place under renorm; elsewhere "The size of tensor a (2) must match the size of tensor b
-    (3)" after running_mean had moved.)"""
-    features = math.prod([x.shape[a] for a in feature_axes])
-    for name, tensor in tensors.items():
+_PER_FEATURE_NAMES = ("running_mean", "running_var", "weight", "bias", "renorm_mean", "renorm_stddev", "moving_stddev")
+
+
+def _check_per_feature_sizes(x, feature_axes, axis, tensors):
+    """Every per-feature tensor (``tensors`` in the order of ``_PER_FEATURE_NAMES``) holds one value per feature, in
+    any shape: reference.batch_norm's check, word for word. (The option paths took another size silently or failed
+    deep inside: ghost batches normalized with a weight or bias of 4 or 1 values for 3 features, the first values
+    repeated across the groups; a running_var of 2 values was resized in place under renorm; elsewhere "The size of
+    tensor a (2) must match the size of tensor b (3)" after running_mean had moved.) Positional and lean: the
+    layers' option calls run it on every step."""
+    features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod(x.shape[a] for a in feature_axes)
+    for name, tensor in zip(_PER_FEATURE_NAMES, tensors):
         if tensor is not None and tensor.numel() != features:
             raise ValueError(f"{name} has {tensor.numel()} values but the input has {features} features on axis "
                              f"{axis} (input shape {tuple(x.shape)})")
