@@ -28,12 +28,26 @@ def _reference_state(layer):
     return state
 
 
+def _keras_bounds(clipping, step):
+    """(rmin, rmax, dmax) of a Keras ``renorm_clipping`` dict at training step ``step``, by Keras' rule: a key that
+    is absent (or a dict that is None) does not clip, a callable is evaluated at the step. The reference's bounds
+    come from here, not from the layer's own parsing (RenormClipping.at), which they are to check."""
+    clipping = clipping or {}
+
+    def bound(key, default):
+        value = clipping.get(key, default)
+        return value(step) if callable(value) else value
+
+    return bound("rmin", 0.0), bound("rmax", math.inf), bound("dmax", math.inf)
+
+
 def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64, reference_mask=None,
-                   **reference_kwargs):
+                   clipping=None, **reference_kwargs):
     """``steps`` training steps of ``layer`` against the reference: outputs, every gradient, every buffer.
 
     ``mask_fn(rng)`` draws the layer's mask; ``reference_mask(mask)`` says where its features go for the
-    reference (default: a trailing feature axis when ``axis=-1``, else the mask as it is)."""
+    reference (default: a trailing feature axis when ``axis=-1``, else the mask as it is). ``clipping``: the
+    ``renorm_clipping`` dict the layer was built with (the reference's bounds, by _keras_bounds)."""
     layer = layer.to(dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, size=layer.weight.shape)))
@@ -54,7 +68,7 @@ def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64
                               else np.expand_dims(mask, -1) if layer.axis == -1 else mask)
         if layer.renorm:
             kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
-                          renorm_clipping=layer.renorm_clipping.at(step))
+                          renorm_clipping=_keras_bounds(clipping, step))
         grads = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], w, b, True, layer.eps,
                                       axis=layer.axis, **kwargs)
         if layer.renorm:
@@ -73,7 +87,7 @@ def _compare_steps(layer, shape, rng, steps=3, mask_fn=None, dtype=torch.float64
 def test_renorm(dtype, shape, axis, clipping, rng):
     layer = normkit.BatchNorm(shape[axis], axis=axis, renorm=True, renorm_clipping=clipping, renorm_momentum=0.3,
                               momentum=0.2, eps=1e-3)
-    _compare_steps(layer, shape, rng, dtype=dtype)
+    _compare_steps(layer, shape, rng, dtype=dtype, clipping=clipping)
 
 
 # Inputs of FOLDED_MIN_NUMEL values or more take _FoldedBatchNorm (one statistics pass, ATen's
@@ -94,7 +108,7 @@ def test_large_inputs_take_the_folded_execution(option, shape, axis, virtual, dt
     layer = normkit.BatchNorm(features, axis=axis, renorm=renorm, renorm_clipping=clipping,
                               virtual_batch_size=virtual, momentum=0.2)
     kwargs = {} if virtual is None else {"virtual_batch_size": virtual}
-    _compare_steps(layer, shape, rng, steps=2, dtype=dtype, **kwargs)
+    _compare_steps(layer, shape, rng, steps=2, dtype=dtype, clipping=clipping, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(6, 4, 3, 3), (32, 8, 8, 8)])  # below and above FOLDED_MIN_NUMEL
@@ -110,7 +124,7 @@ def test_renorm_ghost_without_affine(shape, rng):
     y = layer(x)
     y.backward(torch.tensor(g_np))
     kwargs = dict(virtual_batch_size=2, renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
-                  renorm_clipping=layer.renorm_clipping.at(0))
+                  renorm_clipping=_keras_bounds(clipping, 0))
     grad_x = R.batch_norm_backward(g_np, x_np, state["running_mean"], state["running_var"], None, None, True, 1e-5,
                                    **kwargs)[0]
     expected = R.batch_norm(x_np, state["running_mean"], state["running_var"], None, None, True, 0.2, 1e-5,
@@ -137,7 +151,7 @@ def test_renorm_clipping_with_one_bound(clipping, rng):
     layer = normkit.BatchNorm(3, renorm=True, renorm_clipping=clipping, eps=1e-3)
     layer.renorm_stddev.fill_(5.0)
     layer.renorm_mean.fill_(-3.0)
-    _compare_steps(layer, (8, 3), rng, steps=2)
+    _compare_steps(layer, (8, 3), rng, steps=2, clipping=clipping)
 
 
 def test_renorm_inference_equals_plain_batch_norm(rng):
@@ -260,9 +274,9 @@ def test_masks_on_channels_last_inputs(shape, renorm, rng):
         mask.flat[0] = True
         return mask
 
-    layer = normkit.BatchNorm(shape[-1], axis=-1, momentum=0.3, renorm=renorm,
-                              renorm_clipping={"rmax": 1.1, "rmin": 0.9, "dmax": 0.2} if renorm else None)
-    _compare_steps(layer, shape, rng, mask_fn=mask_fn)
+    clipping = {"rmax": 1.1, "rmin": 0.9, "dmax": 0.2} if renorm else None
+    layer = normkit.BatchNorm(shape[-1], axis=-1, momentum=0.3, renorm=renorm, renorm_clipping=clipping)
+    _compare_steps(layer, shape, rng, mask_fn=mask_fn, clipping=clipping)
 
 
 def test_masked_batch_equals_unpadded_rows(rng):
@@ -372,9 +386,11 @@ def test_eval_without_running_statistics_keeps_the_mask_but_not_the_ghost_batche
 
 def test_renorm_with_adjustment_and_ghost_batches_compose(rng):
     scale, shift = rng.uniform(0.5, 1.5, size=3), rng.uniform(-0.2, 0.2, size=3)
-    layer = normkit.BatchNorm(3, renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.4}, virtual_batch_size=2,
+    clipping = {"rmax": 1.5, "dmax": 0.4}
+    layer = normkit.BatchNorm(3, renorm=True, renorm_clipping=clipping, virtual_batch_size=2,
                               adjustment=lambda shape: (torch.tensor(scale), torch.tensor(shift)), momentum=0.2)
-    _compare_steps(layer, (6, 3), rng, virtual_batch_size=2, adjustment=lambda shape: (scale, shift))
+    _compare_steps(layer, (6, 3), rng, virtual_batch_size=2, adjustment=lambda shape: (scale, shift),
+                   clipping=clipping)
 
 
 def test_frozen_uses_running_statistics_updates_nothing_and_survives_train():
