@@ -588,11 +588,25 @@ def test_plain_ghost_batches_take_one_aten_call_with_the_general_path_s_results(
     general = normkit.BatchNorm(3, virtual_batch_size=4, **settings).double()
     general._plain_ghost = False  # the pipeline of every other option
     assert fast._plain_ghost
+    # Which call took the one-call path (_forward_plain_ghost returns None where it declines, and the general
+    # path then computes the step): without this, a path that always declined compared the general path with itself.
+    taken, plain_ghost = [], fast._forward_plain_ghost
+
+    def recorded(input):
+        y = plain_ghost(input)
+        taken.append(y is not None)
+        return y
+
+    fast._forward_plain_ghost = recorded
     if fast.affine and fast.track_running_stats and fast.momentum is not None:  # (what _compare_steps covers)
         _compare_steps(fast, shape, rng, steps=3, virtual_batch_size=4, ghost_layout="strided")
         assert int(fast.num_batches_tracked) == 3
     fast.load_state_dict(general.state_dict())
     assert_same_training_steps(fast, general, shape, rng)
+    if normkit.kernels.enabled():  # (the fused kernel takes ghost batches first: the one-call path declines for it)
+        assert not any(taken)
+    else:
+        assert taken and all(taken), taken
 
 
 def test_plain_ghost_path_leaves_what_it_does_not_take_to_the_general_path(rng):
