@@ -460,6 +460,7 @@ def _check_per_feature_sizes(x, feature_axes, axis, tensors):
     repeated across the groups; a running_var of 2 values was resized in place under renorm; elsewhere "The size of
     tensor a (2) must match the size of tensor b (3)" after running_mean had moved.) Positional and lean: the
     layers' option calls run it on every step."""
+    # (a list, not a generator: Dynamo cannot trace math.prod of a generator, and compiled layers run this)
     features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
     for name, tensor in zip(_PER_FEATURE_NAMES, tensors):
         if tensor is not None and tensor.numel() != features:
