@@ -91,6 +91,25 @@ def wrapped_batch_norm_layers(model):
             yield f"{layer.name}/{layer.layer.name}", layer
 
 
+def fit_one_epoch_and_save(model, path: str, rng) -> None:
+    """One epoch of SGD on seeded (32, 3) -> (32, 2, 2) data, so every BN's moving statistics move, then
+    Keras' ``model.save``."""
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
+              batch_size=8, epochs=1, verbose=0)
+    model.save(path)
+
+
+def inference_record(keras, path: str, layer, caller, x) -> dict:
+    """``layer``'s weights as ``get_weights()`` returns them, the input ``x`` (float32) and ``caller``'s inference
+    output on it (``caller`` is the layer, or the wrapper around it), under keys prefixed by ``path``."""
+    x = np.asarray(x, dtype="float32")
+    arrays = {f"{path}/weights_{index}": weight for index, weight in enumerate(layer.get_weights())}
+    arrays[f"{path}/x"] = x
+    arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(caller(x, training=False))
+    return arrays
+
+
 def main() -> int:
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
@@ -99,24 +118,14 @@ def main() -> int:
         sys.exit(f"tools/keras_nested_model_file.py saves a real Keras 3 model and needs Keras ({error})")
     keras.utils.set_random_seed(0)
     model = build_model(keras)
-    model.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
-    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
-              batch_size=8, epochs=1, verbose=0)
-    model.save(OUT + ".keras")
+    fit_one_epoch_and_save(model, OUT + ".keras", rng)
     arrays = {}
     for path, layer in batch_norm_layers(model):
-        for index, weight in enumerate(layer.get_weights()):
-            arrays[f"{path}/weights_{index}"] = weight
-        x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
-        arrays[f"{path}/x"] = x
-        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(layer(x, training=False))
+        arrays.update(inference_record(keras, path, layer, layer, (rng.normal(size=(5, 4)) * 1.5 + 0.5)))
     for path, wrapper in wrapped_batch_norm_layers(model):
-        for index, weight in enumerate(wrapper.layer.get_weights()):
-            arrays[f"{path}/weights_{index}"] = weight
         x = (rng.normal(size=(5, 3, 2)) * 1.5 + 0.5).astype("float32")
-        arrays[f"{path}/x"] = x
-        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(wrapper(x, training=False))
+        arrays.update(inference_record(keras, path, wrapper.layer, wrapper, x))
         arrays[f"{path}/y_train"] = keras.ops.convert_to_numpy(wrapper(x, training=True))
         for index, weight in enumerate(wrapper.layer.get_weights()):
             arrays[f"{path}/after_{index}"] = weight

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
-from keras_nested_model_file import wrapped_batch_norm_layers
+from keras_nested_model_file import fit_one_epoch_and_save, inference_record, wrapped_batch_norm_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_unnamed")
@@ -54,26 +54,14 @@ def main() -> int:
                  f"file); this is Keras {keras.__version__}: pip install keras==3.5.0")
     keras.utils.set_random_seed(0)
     model = build_model(keras)
-    model.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
-    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
-              batch_size=8, epochs=1, verbose=0)
-    model.save(OUT + ".keras")
+    fit_one_epoch_and_save(model, OUT + ".keras", rng)
     arrays = {}
     for path, layer in batch_norm_layers(model):
-        for index, weight in enumerate(layer.get_weights()):
-            arrays[f"{path}/weights_{index}"] = weight
         x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
-        if path == "zz_first":
-            x = x[:, :3]
-        arrays[f"{path}/x"] = x
-        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(layer(x, training=False))
+        arrays.update(inference_record(keras, path, layer, layer, x[:, :3] if path == "zz_first" else x))
     for path, wrapper in wrapped_batch_norm_layers(model):
-        for index, weight in enumerate(wrapper.layer.get_weights()):
-            arrays[f"{path}/weights_{index}"] = weight
-        x = (rng.normal(size=(5, 2, 2)) * 1.5 + 0.5).astype("float32")
-        arrays[f"{path}/x"] = x
-        arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(wrapper(x, training=False))
+        arrays.update(inference_record(keras, path, wrapper.layer, wrapper, rng.normal(size=(5, 2, 2)) * 1.5 + 0.5))
     np.savez_compressed(OUT + ".npz", **arrays)
     paths = [path for path, _ in batch_norm_layers(model)] + [path for path, _ in wrapped_batch_norm_layers(model)]
     print(f"wrote {OUT}.keras and {OUT}.npz: {', '.join(paths)} (keras {keras.__version__})")
