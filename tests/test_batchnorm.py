@@ -349,3 +349,63 @@ def test_every_axis_from_minus_rank_to_rank_minus_one_resolves_as_numpy_does(ran
     x = rng.normal(size=shape)
     first = normkit.BatchNorm(shape[0], axis=-rank).double()
     assert_close(first(torch.tensor(x)), R.batch_norm(x, axis=0))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize("bad,error,message", [
+    ({"mask": np.ones((4, 1, 4))}, ValueError, r"mask of shape \(4, 1, 4\) does not fit the input of shape \(4, 3, 5\)"),
+    ({"renorm_mean": np.zeros(3), "renorm_stddev": np.ones(3), "moving_stddev": np.ones(3),
+      "renorm_clipping": (1.0, 2.0)}, TypeError, r"renorm_clipping must be the bounds \(rmin, rmax, dmax\)"),
+    ({"adjustment": 3}, TypeError, r"adjustment must be a callable\(input_shape\) -> \(scale, bias\), got 3"),
+], ids=["mask", "renorm_clipping", "adjustment"])
+def test_the_twins_refuse_the_same_bad_option_in_eval_and_in_training(bad, error, message, training, rng):
+    """reference.batch_norm checks its options before the eval step; functional.batch_norm returned ATen's eval output
+    and took a mask of another shape, a clipping of two bounds or an adjustment that cannot be called silently.
+    Neither twin moves a buffer before refusing."""
+    x = rng.normal(size=(4, 3, 5))
+    torch_value = lambda v: torch.tensor(v) if isinstance(v, np.ndarray) else v
+    for batch_norm, convert in ((R.batch_norm, lambda v: v), (normkit.functional.batch_norm, torch_value)):
+        running_mean, running_var = convert(np.zeros(3)), convert(np.ones(3))
+        with pytest.raises(error, match=message):
+            batch_norm(convert(x), running_mean, running_var, None, None, training, 0.1, 1e-5,
+                       **{name: convert(value) for name, value in bad.items()})
+        np.testing.assert_array_equal(np.asarray(running_mean), np.zeros(3))
+        np.testing.assert_array_equal(np.asarray(running_var), np.ones(3))
+
+
+@pytest.mark.parametrize("missing", ["renorm_stddev", "moving_stddev", "both"])
+def test_the_twins_refuse_renorm_without_its_state_before_anything_moves(missing, rng):
+    """renorm_mean turns renorm on; without renorm_stddev (or, in a training step with running statistics,
+    moving_stddev) the reference moved running_mean and then failed on None arithmetic, the functional twin failed
+    in _foreach_lerp_ or clamp(). Both now say which argument is missing, with the same ValueError, and leave every
+    buffer as it was. moving_stddev is not needed where nothing is updated (no running statistics): both twins then
+    compute the same r and d, checked against a computation from the formula."""
+    x = rng.normal(size=(6, 3)) * 2 + 1
+    state = {"renorm_mean": np.array([0.1, -0.2, 0.3]), "renorm_stddev": np.array([0.5, 2.0, 1.0]),
+             "moving_stddev": np.ones(3)}
+    names = ("renorm_stddev", "moving_stddev") if missing == "both" else (missing,)
+    for name in names:
+        state[name] = None
+    for batch_norm, convert in ((R.batch_norm, lambda v: v), (normkit.functional.batch_norm,
+                                                              lambda v: None if v is None else torch.tensor(v))):
+        buffers = {name: convert(None if value is None else value.copy()) for name, value in state.items()}
+        running_mean, running_var = convert(np.zeros(3)), convert(np.ones(3))
+        with pytest.raises(ValueError, match=f"renorm_mean is given .* but {' and '.join(names)}"):
+            batch_norm(convert(x), running_mean, running_var, None, None, True, 0.1, 1e-3,
+                       renorm_clipping=(0.5, 2.0, 0.25), **buffers)
+        np.testing.assert_array_equal(np.asarray(running_mean), np.zeros(3))
+        np.testing.assert_array_equal(np.asarray(running_var), np.ones(3))
+        for name, value in buffers.items():
+            if value is not None:
+                np.testing.assert_array_equal(np.asarray(value), state[name], err_msg=name)
+    if missing == "moving_stddev":  # (no running statistics: nothing to update, the renorm output itself)
+        mean, var = x.mean(axis=0), x.var(axis=0)
+        stddev = np.sqrt(var + 1e-3)
+        r = np.clip(stddev / state["renorm_stddev"], 0.5, 2.0)
+        d = np.clip((mean - state["renorm_mean"]) / state["renorm_stddev"], -0.25, 0.25)
+        expected = (x - mean) / stddev * r + d
+        for batch_norm, convert in ((R.batch_norm, lambda v: v), (normkit.functional.batch_norm,
+                                                                  lambda v: None if v is None else torch.tensor(v))):
+            y = batch_norm(convert(x), None, None, None, None, True, 0.1, 1e-3, renorm_clipping=(0.5, 2.0, 0.25),
+                           **{name: convert(value) for name, value in state.items()})
+            np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)

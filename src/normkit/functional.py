@@ -24,7 +24,7 @@ import torch
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
-                    check_renorm_clipping_bounds, check_virtual_batch_size)
+                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -390,6 +390,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     feature_axes = canonicalize_axes(axis, x.dim())
     _check_per_feature_sizes(x, feature_axes, axis, (running_mean, running_var, weight, bias, renorm_mean,
                                                      renorm_stddev, moving_stddev))
+    # The options' own checks come before the eval return, as in reference.batch_norm: a mask of another shape, a
+    # clipping that is not three bounds or an adjustment that cannot be called were ignored silently in eval.
+    if mask is not None:
+        _check_mask(mask, x)
+    if renorm_mean is not None:
+        check_renorm_clipping_bounds(renorm_clipping)  # (else "not enough values to unpack (expected 3, got 2)")
+        check_renorm_state(renorm_mean, renorm_stddev, moving_stddev, training and running_mean is not None)
+    check_adjustment(adjustment)
     batch_stats = training or running_mean is None
     if not batch_stats:
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -400,14 +408,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         check_ghost_layout(ghost_layout)
         check_ghost_batch(x.shape[0], virtual_batch_size)
     if mask is not None:
-        _check_mask(mask, x)
         if mask.dtype != torch.bool:
             # (the padding paths gather the nonzero positions, the composite ones multiplied by the values: a 0.5
             # counted whole on one path and half on the other)
             mask = mask != 0
-    if renorm_mean is not None:
-        check_renorm_clipping_bounds(renorm_clipping)  # (else "not enough values to unpack (expected 3, got 2)")
-    check_adjustment(adjustment)
     plain = mask is None and virtual_batch_size is None and renorm_mean is None and adjustment is None
     if x.numel() == 0:
         # An empty batch has no statistics: an empty output, the buffers left alone, and (as in torch.nn)

@@ -40,7 +40,7 @@ import numpy as np
 
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
-                    check_renorm_clipping_bounds, check_virtual_batch_size, ema_update)
+                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -199,8 +199,9 @@ def renorm_correction(mean, var, eps, renorm_mean, renorm_stddev, clipping):
 
 def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                       virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
-                      adjustment, moving_stddev=None):
-    """Everything forward and backward need, computed once and in pipeline order."""
+                      adjustment, moving_stddev=None, updating=False):
+    """Everything forward and backward need, computed once and in pipeline order (``updating``: the forward of a
+    step that then moves the running statistics)."""
     x = np.asarray(x, dtype=np.float64)
     feature_axes = canonicalize_axes(axis, x.ndim)
     param_shape = broadcast_shape(feature_axes, x.shape)
@@ -220,6 +221,7 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
                          "or varying along them)")
     if renorm_mean is not None:
         check_renorm_clipping_bounds(renorm_clipping)
+        check_renorm_state(renorm_mean, renorm_stddev, moving_stddev, updating)
     check_adjustment(adjustment)
     parts = {"feature_axes": feature_axes, "param_shape": param_shape}
     batch_stats = training or running_mean is None
@@ -298,7 +300,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
-                              adjustment, moving_stddev)
+                              adjustment, moving_stddev, updating=training and running_mean is not None)
     view = parts["view"]
     x_hat = (view - parts["mean"]) / np.sqrt(parts["var"] + eps)
     z = _pre_affine(parts, x_hat)

@@ -86,6 +86,21 @@ def check_renorm_clipping_bounds(clipping, name="renorm_clipping") -> None:
         RenormClipping(rmin=clipping[0], rmax=clipping[1], dmax=clipping[2]).at(0, name=name)
 
 
+def check_renorm_state(renorm_mean, renorm_stddev, moving_stddev, updating) -> None:
+    """The batch_norm twins' renorm state: ``renorm_mean`` (which turns renorm on) needs ``renorm_stddev`` (r and d
+    are taken against both), and a step that updates running statistics (``updating``: training with them) needs
+    ``moving_stddev`` too, which ``running_var`` follows. (Without them the reference moved ``running_mean``, then
+    failed with "unsupported operand type(s) for -: 'float' and 'NoneType'"; the functional twin with
+    "expected Tensor as element 1 in argument 0, but got NoneType" or clamp()'s list of signatures.)"""
+    missing = [name for name, value in (("renorm_stddev", renorm_stddev), ("moving_stddev", moving_stddev))
+               if value is None and (updating or name == "renorm_stddev")]
+    if renorm_mean is not None and missing:
+        raise ValueError(f"renorm_mean is given (batch renormalization) but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} None: renorm needs renorm_mean and renorm_stddev, "
+                         "and, in a training step with running statistics, moving_stddev (the layers' buffers of "
+                         "those names); pass them, or renorm_mean=None for plain batch norm")
+
+
 def check_num_groups(num_groups, shape, name="num_groups") -> None:
     """The group_norm twins' group count: a positive int that divides the channels of an (N, C, *) input. (The
     functional one said IndexError "Dimension out of range" for a 1-D input and ATen's "argument 'num_groups'
