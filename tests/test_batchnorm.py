@@ -409,3 +409,35 @@ def test_the_twins_refuse_renorm_without_its_state_before_anything_moves(missing
             y = batch_norm(convert(x), None, None, None, None, True, 0.1, 1e-3, renorm_clipping=(0.5, 2.0, 0.25),
                            **{name: convert(value) for name, value in state.items()})
             np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce_axes", [-1, 1, (-1,), (0, -1), (-3, 2), (0, 2)])
+def test_the_moments_twins_take_an_axis_or_negative_axes_as_numpy_does(reduce_axes, rng):
+    """reference.moments reduces over NumPy's axes (an int, negative ones from the end); functional.moments failed on
+    an int ("'int' object is not iterable") and took a negative axis for a kept one: the moments of another
+    grouping, silently. Both against NumPy's own mean and biased variance."""
+    x = rng.normal(size=(4, 6, 5)) * 3 + 2
+    axes = (reduce_axes,) if isinstance(reduce_axes, int) else reduce_axes
+    expected_mean = x.mean(axis=axes, keepdims=True)
+    expected_var = x.var(axis=axes, keepdims=True)
+    expected_count = np.full(expected_mean.shape, x.size / expected_mean.size)
+    for count, mean, var in (R.moments(x, reduce_axes), normkit.functional.moments(torch.tensor(x), reduce_axes)):
+        np.testing.assert_allclose(np.asarray(mean), expected_mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(var), expected_var, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(np.asarray(count), expected_count)
+
+
+@pytest.mark.parametrize("shape,reduce_axes,kept_shape,count", [
+    ((0, 6, 5), (0, 2), (1, 6, 1), 0.0), ((4, 6, 0), (0, 2), (1, 6, 1), 0.0), ((0, 6, 5), (1, 2), (0, 1, 1), 30.0),
+])
+def test_the_moments_twins_give_groups_of_no_value_mean_and_variance_zero(shape, reduce_axes, kept_shape, count):
+    """Their docstrings: "a group with no valid position gets mean 0 and variance 0 (never NaN)". Without a mask the
+    reference gave NumPy's NaN mean of nothing (with a RuntimeWarning) and the functional twin ATen's "input tensor
+    must have at least one element"; now both give a mean and variance of 0 and the count of the reduced sizes."""
+    x = np.empty(shape)
+    with np.errstate(all="raise"):
+        results = (R.moments(x, reduce_axes), normkit.functional.moments(torch.tensor(x), reduce_axes))
+    for counts, mean, var in results:
+        for value in (mean, var):
+            np.testing.assert_array_equal(np.asarray(value), np.zeros(kept_shape))
+        np.testing.assert_array_equal(np.asarray(counts), np.full(kept_shape, count))

@@ -158,8 +158,13 @@ def moments(x, reduce_axes, mask=None):
 
     Twin of ``reference.moments``. Computed in float32 or wider, two-pass or Welford (never
     E[x^2] - E[x]^2). A group with no valid position gets mean 0 and variance 0. Callers
-    with data far from zero recenter it first (see ``_aten_batch_norm``).
+    with data far from zero recenter it first (see ``_aten_batch_norm``). ``reduce_axes`` is an
+    axis or a tuple of them, negative ones counting from the end, as NumPy takes them.
     """
+    # (an int failed with "'int' object is not iterable", and a negative axis was taken for a kept one by the
+    # statistics kernel's view: the moments of another grouping, silently)
+    reduce_axes = (reduce_axes,) if isinstance(reduce_axes, numbers.Integral) else tuple(reduce_axes)
+    reduce_axes = tuple(a + x.dim() if a < 0 else a for a in reduce_axes)
     return _moments(x, reduce_axes, mask)[:3]
 
 
@@ -168,6 +173,12 @@ def _moments(x, reduce_axes, mask=None):
     product with the mask came out finite (0 * NaN and 0 * inf are NaN, so no value can be non-finite), False
     when it did not, None when not checked (no mask, or no host check: see ``host_checks``)."""
     x = x.to(statistics_dtype(x))
+    if mask is None and x.numel() == 0:
+        # No value: every group (if there is any) has none, so mean 0 and variance 0, not ATen's "input tensor must
+        # have at least one element" (reference.moments gives the same)
+        shape = [1 if axis in reduce_axes else size for axis, size in enumerate(x.shape)]
+        count = x.new_full(shape, float(math.prod([x.shape[axis] for axis in reduce_axes])))
+        return count, x.new_zeros(shape), x.new_zeros(shape), None
     if mask is None:
         kept = complement(reduce_axes, x.dim())
         if kept and not (torch.is_grad_enabled() and x.requires_grad):

@@ -61,12 +61,17 @@ def moments(x, reduce_axes, mask=None):
     """
     x = np.asarray(x, dtype=np.float64)
     if mask is None:
-        mean = x.mean(axis=reduce_axes, keepdims=True)
-        var = ((x - mean) ** 2).mean(axis=reduce_axes, keepdims=True)
         # (the product of the reduced sizes, not x.size / mean.size: with no group at all, an empty batch of
         # per-sample statistics, that quotient divided by zero)
-        count = np.full(mean.shape, float(np.prod([x.shape[axis] for axis in np.atleast_1d(reduce_axes)])))
-        return count, mean, var
+        size = float(np.prod([x.shape[axis] for axis in np.atleast_1d(reduce_axes)]))
+        if size == 0:
+            # Groups of no value: mean 0 and variance 0, as with a mask that leaves none (NumPy's mean of nothing
+            # is NaN, with a RuntimeWarning; the functional twin's ATen refused the empty input)
+            shape = x.sum(axis=reduce_axes, keepdims=True).shape
+            return np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        mean = x.mean(axis=reduce_axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=reduce_axes, keepdims=True)
+        return np.full(mean.shape, size), mean, var
     weights = _valid_weights(mask, x.shape)
     count = weights.sum(axis=reduce_axes, keepdims=True)
     safe_count = np.where(count > 0, count, 1.0)
