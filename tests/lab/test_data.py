@@ -2,10 +2,14 @@
 
 import functools
 import gzip
+import contextlib
 import http.server
+import os
 import re
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 from pathlib import Path
 
@@ -139,6 +143,58 @@ def test_a_data_dir_that_is_a_file_is_called_one(tmp_path, monkeypatch):
         load_dataset("mnist")
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("mnist", tmp_path / "missing")
+
+
+@contextlib.contextmanager
+def _unprivileged_folder():
+    """A folder anyone may traverse, and a context in which file permissions apply: root reads every file, so
+    under root the block runs with the effective uid of `nobody` (the real uid stays 0, which takes it back)."""
+    folder = Path(tempfile.mkdtemp(prefix="normkit-permissions-"))  # (pytest's tmp_path is 0700: nobody cannot enter)
+    folder.chmod(0o755)
+
+    @contextlib.contextmanager
+    def unprivileged():
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+    try:
+        yield folder, unprivileged
+    finally:
+        for path in folder.rglob("*"):
+            path.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_an_unreadable_file_or_folder_is_called_one_not_a_malformed_file():
+    """A file the user may not read is a permission problem, not "a truncated or malformed file; fetch it
+    again"; a folder that cannot be searched is a DataError naming it, not a bare PermissionError."""
+    with _unprivileged_folder() as (folder, unprivileged):
+        for name in ("gz", "plain"):
+            write_dataset(folder / name / "mnist", compress=name == "gz")
+            for path in (folder / name, folder / name / "mnist", *(folder / name / "mnist").iterdir()):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        (folder / "gz" / "mnist" / "t10k-labels-idx1-ubyte.gz").chmod(0)
+        (folder / "plain" / "mnist" / "train-images-idx3-ubyte").chmod(0)
+        with unprivileged():
+            for name, unreadable in (("gz", "t10k-labels-idx1-ubyte.gz"), ("plain", "train-images-idx3-ubyte")):
+                with pytest.raises(DataError, match=rf"mnist/{unreadable}: cannot be read \(permission denied") as refused:
+                    load_dataset("mnist", folder / name)
+                assert "malformed" not in str(refused.value) and "fetch it again" not in str(refused.value)
+        (folder / "gz" / "mnist").chmod(0o700)  # DIR/mnist exists but cannot be searched
+        (folder / "plain").chmod(0o700)  # the data dir itself cannot be searched
+        with unprivileged():
+            with pytest.raises(DataError, match=rf"mnist: cannot look for train-images-idx3-ubyte\[\.gz\] in "
+                                                rf"{folder / 'gz' / 'mnist'} \(permission denied"):
+                load_dataset("mnist", folder / "gz")
+            with pytest.raises(DataError, match=rf"mnist: data directory {folder / 'plain'} cannot be read "
+                                                rf"\(permission denied"):
+                load_dataset("mnist", folder / "plain")
 
 
 def test_count_mismatch(tmp_path):

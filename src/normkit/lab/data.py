@@ -108,12 +108,21 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         # gzip raises EOFError for a truncated stream, BadGzipFile for a non-gzip file or a failed CRC check,
         # and zlib.error for a compressed stream whose bytes were damaged.
-        kind = "gzip" if compressed else "a file"
-        raise DataError(f"{path}: cannot be read as {kind} (a truncated or malformed file; fetch it again): "
+        raise DataError(f"{path}: cannot be read as gzip (a truncated or malformed file; fetch it again): "
                         f"{error}") from None
+    except OSError as error:
+        # The operating system refused the read (permissions, an I/O error): the file's bytes were never seen, so
+        # nothing says it is truncated or malformed, and fetching it again would not help.
+        raise DataError(f"{path}: cannot be read ({_os_reason(error)})") from None
+
+
+def _os_reason(error: OSError, what: str = "the file and the folders above it") -> str:
+    if isinstance(error, PermissionError):
+        return f"permission denied: check the permissions of {what}"
+    return error.strerror or str(error)
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
@@ -195,8 +204,12 @@ def leftover_temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:
 def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] = tuple(IDX_FILES)) -> Path:
     """``directory/stem`` or ``stem.gz``; when missing, the error lists the files of the ``needed`` splits."""
     for candidate in (directory / stem, directory / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except PermissionError:
+            raise DataError(f"{dataset}: cannot look for {stem}[.gz] in {directory} "
+                            f"({_os_reason(PermissionError(), 'that folder and the folders above it')})") from None
     files = [name for part in needed for name in IDX_FILES[part]]
     hint = ""
     if stem in IDX_FILES["train"] and all((directory / name).is_file() or (directory / f"{name}.gz").is_file()
@@ -224,9 +237,14 @@ def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
         raise DataError(f"{dataset}: no data directory; pass --data-dir DIR or set NORMKIT_DATA "
                         f"(files go in DIR/{dataset}/ or DIR/; `normkit download {dataset} --data-dir DIR` fetches them)")
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{dataset}: data directory {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
-    return root / dataset if (root / dataset).is_dir() else root
+    try:
+        if not root.is_dir():
+            raise DataError(f"{dataset}: data directory {root} "
+                            + ("is a file, not a folder" if root.exists() else "does not exist"))
+        return root / dataset if (root / dataset).is_dir() else root
+    except PermissionError:
+        # A folder on the way that cannot be searched: is_dir() raises rather than answers.
+        raise DataError(f"{dataset}: data directory {root} cannot be read ({_os_reason(PermissionError(), 'it and the folders above it')})") from None
 
 
 def load_idx_split(directory: Path, part: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
