@@ -197,6 +197,33 @@ def test_an_unreadable_file_or_folder_is_called_one_not_a_malformed_file():
                 load_dataset("mnist", folder / "plain")
 
 
+def test_a_gzip_and_a_plain_copy_must_agree(tmp_path):
+    """`gunzip -k` leaves both train-labels-idx1-ubyte and train-labels-idx1-ubyte.gz: the same data is read
+    alike, while two copies that differ (a stale plain file beside the .gz `normkit download` verified) are
+    refused, naming both, instead of one silently shadowing the other."""
+    write_dataset(tmp_path)
+    expected = load_dataset("mnist", tmp_path)
+    gz = tmp_path / "train-labels-idx1-ubyte.gz"
+    plain = tmp_path / "train-labels-idx1-ubyte"
+    plain.write_bytes(gzip.decompress(gz.read_bytes()))
+    splits = load_dataset("mnist", tmp_path)
+    assert torch.equal(splits.train[1], expected.train[1]) and torch.equal(splits.train[0], expected.train[0])
+    labels = read_idx(gz, data.IDX_LABELS_MAGIC)
+    other = labels.copy()
+    other[0] = (other[0] + 1) % 10
+    write_idx(plain, other)
+    with pytest.raises(DataError, match=f"{re.escape(str(plain))} and {re.escape(str(gz))} both exist but hold "
+                                        "different data"):
+        load_dataset("mnist", tmp_path)
+    plain.unlink()
+    # split_test_set reads the t10k files the same way.
+    test_labels = tmp_path / "t10k-labels-idx1-ubyte"
+    write_idx(test_labels, np.zeros(10, dtype=np.uint8))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte and .*t10k-labels-idx1-ubyte.gz both exist"):
+        data.split_test_set(tmp_path, tmp_path / "split", train_count=5)
+    assert not (tmp_path / "split").exists()
+
+
 def test_count_mismatch(tmp_path):
     write_dataset(tmp_path, compress=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, dtype=np.uint8))

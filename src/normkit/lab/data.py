@@ -224,6 +224,20 @@ def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] 
                     f"gzip or not) in {directory}{hint}")
 
 
+def _read_found_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """``read_idx`` of a file ``_find_idx`` found. When the folder holds both ``stem`` and ``stem.gz`` (e.g. after
+    ``gunzip -k``), both are read and must hold the same array: otherwise which one a run trained on would depend
+    on a lookup order nobody sees (a stale or damaged plain copy shadowing the file ``normkit download`` verified)."""
+    array = read_idx(path, expected_magic)
+    twin = path.with_name(path.name + ".gz") if path.suffix != ".gz" else None
+    if twin is not None and twin.is_file():
+        other = read_idx(twin, expected_magic)
+        if other.shape != array.shape or not np.array_equal(other, array):
+            raise DataError(f"{path} and {twin} both exist but hold different data (shapes {array.shape} and "
+                            f"{other.shape}); remove the wrong one (`normkit download` verifies the .gz files)")
+    return array
+
+
 def data_folder(data_dir: str | os.PathLike | None) -> str | os.PathLike | None:
     """The data folder to read: ``data_dir`` (--data-dir), else $NORMKIT_DATA, else None (neither is set)."""
     # An empty NORMKIT_DATA (`NORMKIT_DATA= normkit ...`) is unset, not the current folder.
@@ -265,8 +279,8 @@ def read_idx_split(directory: Path, part: str, dataset: str,
     the caller reads, whose files a missing-file error lists."""
     images_stem, labels_stem = IDX_FILES[part]
     images_path, labels_path = (_find_idx(directory, stem, dataset, needed) for stem in (images_stem, labels_stem))
-    images = read_idx(images_path, IDX_IMAGES_MAGIC)
-    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    images = _read_found_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = _read_found_idx(labels_path, IDX_LABELS_MAGIC)
     if images.ndim != 3:
         raise DataError(f"{images_path}: images must have 3 dimensions (N, rows, cols), got shape {images.shape}")
     if labels.ndim != 1:
@@ -380,8 +394,8 @@ def split_test_set(source: str | os.PathLike, target: str | os.PathLike, train_c
     """Write a train/test pair of IDX files to ``target`` from a folder holding only the 10,000-image
     t10k files (the shared MNIST sample): train = the first ``train_count`` images, test = the rest."""
     source, target = Path(source).expanduser(), Path(target).expanduser()
-    images = read_idx(_find_idx(source, IDX_FILES["test"][0], "mnist", ("test",)), IDX_IMAGES_MAGIC)
-    labels = read_idx(_find_idx(source, IDX_FILES["test"][1], "mnist", ("test",)), IDX_LABELS_MAGIC)
+    images = _read_found_idx(_find_idx(source, IDX_FILES["test"][0], "mnist", ("test",)), IDX_IMAGES_MAGIC)
+    labels = _read_found_idx(_find_idx(source, IDX_FILES["test"][1], "mnist", ("test",)), IDX_LABELS_MAGIC)
     if not 0 < train_count < len(labels):
         raise DataError(f"train_count={train_count} must leave images on both sides of {len(labels)}")
     for part, rows in (("train", slice(0, train_count)), ("test", slice(train_count, None))):
