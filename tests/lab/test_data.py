@@ -238,6 +238,51 @@ def test_missing_file_is_named(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_missing_file_error_says_what_stands_in_its_place(tmp_path):
+    """Where the file is not found, the error says what is there: a symbolic link whose target is gone, a folder
+    under the file's name, or the file under a classic mirror's variant of its name (Kaggle's dotted
+    ``train-images.idx3-ubyte``, an upper-case copy), which the reader does not take."""
+    write_dataset(tmp_path / "link")
+    gone = tmp_path / "link" / "t10k-images-idx3-ubyte.gz"
+    gone.rename(tmp_path / "elsewhere.gz")
+    gone.symlink_to(tmp_path / "moved.gz")
+    with pytest.raises(DataError, match=r"missing file .*t10k-images-idx3-ubyte\[\.gz\] \(t10k-images-idx3-ubyte.gz "
+                                        rf"is a symbolic link to {re.escape(str(tmp_path / 'moved.gz'))}, which does "
+                                        r"not exist\)"):
+        load_dataset("mnist", tmp_path / "link")
+    (tmp_path / "elsewhere.gz").rename(tmp_path / "moved.gz")  # the link is good again
+    assert load_dataset("mnist", tmp_path / "link").test[0].shape == (10, 1, 28, 28)
+
+    write_dataset(tmp_path / "folder")
+    (tmp_path / "folder" / "train-labels-idx1-ubyte.gz").unlink()
+    (tmp_path / "folder" / "train-labels-idx1-ubyte.gz").mkdir()
+    with pytest.raises(DataError, match=r"missing file .*train-labels-idx1-ubyte\[\.gz\] \(train-labels-idx1-ubyte.gz "
+                                        r"is a folder, not a file\)"):
+        load_dataset("mnist", tmp_path / "folder")
+
+    mirror = write_dataset(tmp_path / "kaggle", compress=False)
+    for path in list(mirror.iterdir()):
+        path.rename(mirror / path.name.replace("-idx", ".idx"))  # train-images.idx3-ubyte, ...
+    labels = mirror / "T10K-LABELS.IDX1-UBYTE.GZ"  # an upper-case gzip copy
+    labels.write_bytes(gzip.compress((mirror / "t10k-labels.idx1-ubyte").read_bytes()))
+    (mirror / "t10k-labels.idx1-ubyte").unlink()
+    with pytest.raises(DataError, match=r"missing file .*train-images-idx3-ubyte\[\.gz\] \(found "
+                                        r"train-images.idx3-ubyte: rename it train-images-idx3-ubyte,"):
+        load_dataset("mnist", mirror)
+    (mirror / "t10k-images.idx3-ubyte").rename(mirror / "t10k-images-idx3-ubyte")
+    with pytest.raises(DataError, match=r"\(found T10K-LABELS.IDX1-UBYTE.GZ: rename it t10k-labels-idx1-ubyte.gz,"):
+        data.load_test_split("mnist", mirror)
+    (mirror / "train-images.idx3-ubyte").rename(mirror / "train-images-idx3-ubyte")
+    (mirror / "train-labels.idx1-ubyte").rename(mirror / "TRAIN_LABELS.IDX1-UBYTE.GZ")  # .GZ, yet plain bytes
+    with pytest.raises(DataError, match=r"\(found TRAIN_LABELS.IDX1-UBYTE.GZ: rename it train-labels-idx1-ubyte, "):
+        read_idx_split(mirror, "train", "mnist")
+    (mirror / "TRAIN_LABELS.IDX1-UBYTE.GZ").rename(mirror / "train-labels.idx1-ubyte")
+    # Following the advice gives a folder the reader takes.
+    (mirror / "T10K-LABELS.IDX1-UBYTE.GZ").rename(mirror / "t10k-labels-idx1-ubyte.gz")
+    (mirror / "train-labels.idx1-ubyte").rename(mirror / "train-labels-idx1-ubyte")
+    assert load_dataset("mnist", mirror).train[0].shape == (20, 1, 28, 28)
+
+
 def test_no_data_dir(monkeypatch):
     monkeypatch.delenv("NORMKIT_DATA", raising=False)
     with pytest.raises(DataError, match="pass --data-dir DIR or set NORMKIT_DATA"):

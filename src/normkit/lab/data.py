@@ -218,10 +218,44 @@ def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] 
         hint = (f"; this folder holds the test files only: `python -c \"from normkit.lab.data import split_test_set; "
                 f"split_test_set({str(directory)!r}, 'DIR/{dataset}')\"` writes train = its first 8,000 images and "
                 f"test = the rest into DIR/{dataset}/, then pass --data-dir DIR")
-    raise DataError(f"{dataset}: missing file {directory / stem}[.gz]; run `normkit download {dataset} --data-dir "
+    raise DataError(f"{dataset}: missing file {directory / stem}[.gz]{_near_misses(directory, stem)}; run "
+                    f"`normkit download {dataset} --data-dir "
                     f"{directory.parent if directory.name == dataset else directory}` where a network is available, "
                     f"or put the {'four' if len(files) == 4 else 'two'} IDX files ({', '.join(files)}, "
                     f"gzip or not) in {directory}{hint}")
+
+
+def _canonical_form(name: str) -> str:
+    """A file name as the classic mirrors vary it, folded: case, ``.gz``, and ``.`` for ``-`` (Kaggle's
+    ``train-images.idx3-ubyte``, Windows copies' ``TRAIN-IMAGES-IDX3-UBYTE``)."""
+    name = name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return name.replace(".", "-").replace("_", "-")
+
+
+def _near_misses(directory: Path, stem: str) -> str:
+    """What stands in the folder where ``stem[.gz]`` was looked for, for the missing-file error: a broken symbolic
+    link or a folder under the name itself, or the file under a variant of its name the reader does not take."""
+    notes = []
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_symlink() and not candidate.exists():
+            notes.append(f"{candidate.name} is a symbolic link to {os.readlink(candidate)}, which does not exist")
+        elif candidate.is_dir():
+            notes.append(f"{candidate.name} is a folder, not a file")
+    try:
+        variants = sorted(path.name for path in directory.iterdir() if path.name not in (stem, f"{stem}.gz")
+                          and _canonical_form(path.name) == stem and path.is_file())
+    except OSError:
+        variants = []
+    for variant in variants:
+        try:
+            with open(directory / variant, "rb") as probe:
+                gzipped = probe.read(2) == GZIP_MAGIC
+        except OSError:
+            gzipped = False
+        canonical = stem + (".gz" if gzipped else "")  # by its bytes: a .GZ suffix may name a plain file
+        notes.append(f"found {variant}: rename it {canonical}, the reader takes the canonical names only")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _read_found_idx(path: Path, expected_magic: int) -> np.ndarray:
