@@ -345,6 +345,22 @@ def test_a_folder_of_test_files_only_says_how_to_split_it(tmp_path, monkeypatch)
     assert "test files only" not in str(refused.value)  # the hint is for a folder with both test files
 
 
+def test_splitting_a_folder_into_itself_is_refused_and_keeps_its_files(tmp_path):
+    """split_test_set(DIR, DIR) would overwrite DIR's t10k files with the split's last images: the 10,000-image
+    sample (plain files here, as after gunzip) would be lost. It is refused, whichever spelling names DIR."""
+    sample = write_dataset(tmp_path / "sample", train=3, test=30, compress=False)
+    for name in [path.name for path in sample.glob("train-*")]:
+        (sample / name).unlink()
+    before = {path.name: path.read_bytes() for path in sample.iterdir()}
+    (tmp_path / "alias").symlink_to(sample)
+    for target in (sample, tmp_path / "alias", sample / ".." / "sample"):
+        with pytest.raises(DataError, match="is the source folder"):
+            data.split_test_set(sample, target, train_count=20)
+        assert {path.name: path.read_bytes() for path in sample.iterdir()} == before
+    data.split_test_set(sample, tmp_path / "split", train_count=20)  # another folder is fine
+    assert load_dataset("mnist", tmp_path / "split").test[0].shape == (10, 1, 28, 28)
+
+
 def test_the_digits_test_split_alone_is_the_documented_one():
     images, labels = data.load_test_split("digits")
     expected = data.load_digits_28().test

@@ -428,6 +428,10 @@ def split_test_set(source: str | os.PathLike, target: str | os.PathLike, train_c
     """Write a train/test pair of IDX files to ``target`` from a folder holding only the 10,000-image
     t10k files (the shared MNIST sample): train = the first ``train_count`` images, test = the rest."""
     source, target = Path(source).expanduser(), Path(target).expanduser()
+    if target.is_dir() and source.is_dir() and target.samefile(source):
+        # The split's test files would replace the 10,000-image originals with their last 2,000.
+        raise DataError(f"split_test_set: the target {target} is the source folder; writing there would replace its "
+                        "t10k files with the split's test part; choose another folder")
     images = _read_found_idx(_find_idx(source, IDX_FILES["test"][0], "mnist", ("test",)), IDX_IMAGES_MAGIC)
     labels = _read_found_idx(_find_idx(source, IDX_FILES["test"][1], "mnist", ("test",)), IDX_LABELS_MAGIC)
     if not 0 < train_count < len(labels):
