@@ -521,3 +521,47 @@ def test_reference_sample_norms_name_a_weight_of_another_size(call):
     x = np.random.default_rng(0).normal(size=(4, 3, 5))
     with pytest.raises(ValueError, match=r"(weight|bias) has 4 values but this normalization takes 3"):
         call(x, np.ones(4))
+
+
+_TWIN_CALLS_WITH_EPS = {
+    "batch_norm": lambda lib, x, eps: lib.batch_norm(x, training=True, eps=eps),
+    "layer_norm": lambda lib, x, eps: lib.layer_norm(x, (5,), eps=eps),
+    "group_norm": lambda lib, x, eps: lib.group_norm(x, 1, eps=eps),
+    "instance_norm": lambda lib, x, eps: lib.instance_norm(x, eps=eps),
+}
+_REFERENCE_BACKWARDS_WITH_EPS = {
+    "batch_norm_backward": lambda R, g, x, eps: R.batch_norm_backward(g, x, training=True, eps=eps),
+    "layer_norm_backward": lambda R, g, x, eps: R.layer_norm_backward(g, x, (5,), eps=eps),
+    "group_norm_backward": lambda R, g, x, eps: R.group_norm_backward(g, x, 1, eps=eps),
+    "instance_norm_backward": lambda R, g, x, eps: R.instance_norm_backward(g, x, eps=eps),
+}
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -1e-5, float("nan"), float("inf"), "1e-5", True])
+@pytest.mark.parametrize("name", sorted(_TWIN_CALLS_WITH_EPS))
+def test_twins_refuse_the_same_eps(name, eps):
+    """functional refused eps <= 0 (check_eps) where the reference computed with it: eps=0 divides by zero for a
+    constant group, a negative eps takes the square root of a negative number. Both refuse, with one message, and
+    so do the reference's backward functions."""
+    import re
+
+    import numpy as np
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    message = re.escape(f"eps must be a positive number (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
+    call = _TWIN_CALLS_WITH_EPS[name]
+    with pytest.raises(ValueError, match=message):
+        call(normkit.functional, x, eps)
+    with pytest.raises(ValueError, match=message):
+        call(normkit.reference, x.numpy(), eps)
+    with pytest.raises(ValueError, match=message):
+        _REFERENCE_BACKWARDS_WITH_EPS[name + "_backward"](normkit.reference, np.ones((4, 3, 5)), x.numpy(), eps)
+
+
+@pytest.mark.parametrize("name", sorted(_TWIN_CALLS_WITH_EPS))
+def test_reference_still_takes_a_small_positive_eps(name):
+    """The check refuses eps <= 0 only: a tiny positive eps (an int too) computes, and a constant input gives 0
+    (x - mean is exactly 0), as the formula (x - mean) / sqrt(0 + eps) says."""
+    import numpy as np
+    x = np.full((4, 3, 5), 7.0)
+    for eps in (1e-30, 1):
+        np.testing.assert_array_equal(_TWIN_CALLS_WITH_EPS[name](normkit.reference, x, eps), np.zeros(x.shape))

@@ -23,20 +23,13 @@ import torch
 
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
-                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size)
+from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout,  # noqa: F401
+                    check_num_groups, check_renorm_clipping_bounds, check_renorm_state,  # (check_eps: F.check_eps)
+                    check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- checks
-
-
-def check_eps(eps, *, name="eps"):
-    """Refuse an eps that is not a positive finite number (it keeps 1/sqrt(var + eps) finite)."""
-    if type(eps) is float and 0.0 < eps < math.inf:
-        return  # the common case, checked per call: without the ABC lookup numbers.Real costs
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
 
 
 def check_floating(x, *, name="input"):

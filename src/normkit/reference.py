@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_ghost_batch, check_ghost_layout, check_num_groups,
+from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout, check_num_groups,
                     check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
@@ -208,6 +208,7 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
     """Everything forward and backward need, computed once and in pipeline order (``updating``: the forward of a
     step that then moves the running statistics)."""
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)  # (as the functional twin: eps=0 divided by zero for a constant channel, a negative eps gave NaN)
     feature_axes = canonicalize_axes(axis, x.ndim)
     param_shape = broadcast_shape(feature_axes, x.shape)
     # Refused here, before anything moves (the functional twin, through ATen, refuses the same): a running_mean
@@ -429,6 +430,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\gamma + \\beta
     """
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     reduce_axes, param_shape = _layer_norm_geometry(x, normalized_shape)
     return _norm_over(x, reduce_axes, param_shape, weight, bias, eps)
 
@@ -436,6 +438,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 def layer_norm_backward(grad_output, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """(dL/dx, dL/dweight, dL/dbias) of ``layer_norm``: ``normalize_backward`` per sample."""
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     reduce_axes, param_shape = _layer_norm_geometry(x, normalized_shape)
     return _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, eps)
 
@@ -451,6 +454,7 @@ def _group_view(x, num_groups):
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Normalize each sample over groups of C/G channels and all spatial positions; gamma/beta per channel."""
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     view, reduce_axes, param_shape = _group_view(x, num_groups)
     return _norm_over(view, reduce_axes, param_shape, weight, bias, eps).reshape(x.shape)
 
@@ -458,6 +462,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 def group_norm_backward(grad_output, x, num_groups, weight=None, bias=None, eps=1e-5):
     """(dL/dx, dL/dweight, dL/dbias) of ``group_norm``: ``normalize_backward`` per sample and group."""
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     view, reduce_axes, param_shape = _group_view(x, num_groups)
     grad_view = np.asarray(grad_output, dtype=np.float64).reshape(view.shape)
     grad_x, grad_weight, grad_bias = _norm_over_backward(grad_view, view, reduce_axes, param_shape, weight, bias, eps)
@@ -492,6 +497,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     ``use_input_stats`` the running statistics normalize every instance.
     """
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias)
     n, c = x.shape[:2]
     reduce_axes = tuple(range(2, x.ndim))
@@ -512,6 +518,7 @@ def instance_norm_backward(grad_output, x, running_mean=None, running_var=None, 
                            use_input_stats=True, eps=1e-5):
     """(dL/dx, dL/dweight, dL/dbias) of ``instance_norm`` (eval with running statistics: affine)."""
     x = np.asarray(x, dtype=np.float64)
+    check_eps(eps)
     _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias)
     c = x.shape[1]
     reduce_axes = tuple(range(2, x.ndim))

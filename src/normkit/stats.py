@@ -50,6 +50,15 @@ def bessel_factor(count):
     return count / safe * (denominator > 0) + 1 * (denominator <= 0)
 
 
+def check_eps(eps, *, name="eps"):
+    """Refuse an eps that is not a positive finite number (it keeps 1/sqrt(var + eps) finite): the layers, both
+    twins (functional and reference) and their backward functions share this one check and its message."""
+    if type(eps) is float and 0.0 < eps < math.inf:
+        return  # the common case, checked per call: without the ABC lookup numbers.Real costs
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
+
+
 def check_virtual_batch_size(virtual, name="virtual_batch_size"):
     if virtual is None:
         return None
