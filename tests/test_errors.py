@@ -565,3 +565,46 @@ def test_reference_still_takes_a_small_positive_eps(name):
     x = np.full((4, 3, 5), 7.0)
     for eps in (1e-30, 1):
         np.testing.assert_array_equal(_TWIN_CALLS_WITH_EPS[name](normkit.reference, x, eps), np.zeros(x.shape))
+
+
+@pytest.mark.parametrize("call", [
+    lambda lib, x, rm, rv: lib.batch_norm(x, rm, rv, training=True, momentum=None),
+    lambda lib, x, rm, rv: lib.batch_norm(x, training=True, momentum=None),
+    lambda lib, x, rm, rv: lib.batch_norm(x, rm, rv, training=False, momentum=None),
+    lambda lib, x, rm, rv: lib.instance_norm(x, rm, rv, momentum=None),
+    lambda lib, x, rm, rv: lib.instance_norm(x, rm, rv, use_input_stats=False, momentum=None),
+    lambda lib, x, rm, rv: lib.instance_norm(x, momentum=None),
+], ids=["bn-train", "bn-train-no-running", "bn-eval", "in-train", "in-eval", "in-no-running"])
+def test_twins_refuse_momentum_none_as_torch_functional_does(call):
+    """momentum=None failed in both twins with unrelated TypeErrors ("unsupported operand type(s) for *: 'NoneType'
+    and ...", or ATen's binding) where it failed at all. torch.nn.functional.batch_norm refuses it (a TypeError naming
+    momentum), so both twins refuse it the same way, in every mode, before anything moves, saying what to pass."""
+    import numpy as np
+    with pytest.raises(TypeError, match="momentum"):
+        torch.nn.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    message = (r"momentum=None is the layers' cumulative average, .* pass the weight of the new batch value as a "
+               r"number .*momentum_factor\(None, t\)")
+    for lib, data, zeros, ones in ((normkit.functional, x, torch.zeros(3, dtype=torch.float64),
+                                    torch.ones(3, dtype=torch.float64)),
+                                   (normkit.reference, x.numpy(), np.zeros(3), np.ones(3))):
+        with pytest.raises(TypeError, match=message):
+            call(lib, data, zeros, ones)
+        assert (zeros == 0).all() and (ones == 1).all()  # (nothing moved)
+
+
+def test_twins_take_the_cumulative_average_as_one_over_t():
+    """What the message says to pass: momentum 1/t at the t-th batch leaves the running mean at the arithmetic mean
+    of the batch means and the running variance at the mean of the unbiased batch variances (numpy, by hand)."""
+    import numpy as np
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(loc=t, scale=1 + t, size=(6, 3)) for t in range(3)]
+    expected_mean = np.mean([b.mean(axis=0) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=0, ddof=1) for b in batches], axis=0)
+    for lib, convert in ((normkit.reference, lambda a: a), (normkit.functional, torch.from_numpy)):
+        running_mean, running_var = convert(np.zeros(3)), convert(np.ones(3))
+        for t, batch in enumerate(batches, start=1):
+            lib.batch_norm(convert(batch), running_mean, running_var, training=True,
+                           momentum=normkit.stats.momentum_factor(None, t))
+        np.testing.assert_allclose(np.asarray(running_mean), expected_mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(running_var), expected_var, rtol=1e-12, atol=1e-12)

@@ -24,8 +24,8 @@ import torch
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout,  # noqa: F401
-                    check_num_groups, check_renorm_clipping_bounds, check_renorm_state,  # (check_eps: F.check_eps)
-                    check_virtual_batch_size)
+                    check_momentum_given, check_num_groups, check_renorm_clipping_bounds,  # (check_eps: F.check_eps)
+                    check_renorm_state, check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -385,9 +385,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     ``mask`` has the input's rank and broadcasts to it; any nonzero value marks a valid position.
     ``recenter`` keeps float32 statistics exact for data far from zero (see
     ``_aten_batch_norm``); modules turn it on when they see such data.
+
+    ``momentum`` is a number (or a 0-d tensor, as compiled layers pass the cumulative average), the weight of the new
+    batch value. ``momentum=None`` is refused with a TypeError, in eval too, as torch.nn.functional.batch_norm
+    refuses it and as ``reference.batch_norm`` does: None is the layers' cumulative average, which they pass as
+    ``1 / t`` at the t-th tracked batch (``stats.momentum_factor``).
     """
     check_floating(x)
     check_eps(eps)
+    check_momentum_given(momentum)
     for tensor in (running_mean, running_var, weight, bias):
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
@@ -1459,9 +1465,14 @@ def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5):
-    """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly)."""
+    """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly).
+
+    ``momentum=None`` is refused with a TypeError, as in ``batch_norm``: pass a number (the layers pass 0.0 for
+    their momentum=None, torch.nn's rule: the running statistics stay as they are).
+    """
     check_floating(x)
     check_eps(eps)
+    check_momentum_given(momentum)
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                          ("bias", bias)):
         # (ATen repeats them over the batch first: a 4-value weight for 3 channels of 4 samples read "weight should

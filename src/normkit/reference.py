@@ -39,8 +39,9 @@ import math
 import numpy as np
 
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout, check_num_groups,
-                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size, ema_update)
+from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout,
+                    check_momentum_given, check_num_groups, check_renorm_clipping_bounds, check_renorm_state,
+                    check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -303,7 +304,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         ``moving_stddev`` is averaged and ``running_var = max(moving_stddev^2 - eps, 0)``.
       * ``adjustment(shape) -> (a, b)``: extra scale and shift wherever batch statistics
         are used (layers pass it in training only), after renorm and before gamma/beta.
+
+    ``momentum`` is a number. ``momentum=None`` is refused with a TypeError, in eval too, as
+    torch.nn.functional.batch_norm and the functional twin refuse it: None is the layers'
+    cumulative average, which they pass as ``1 / t`` at the t-th tracked batch
+    (``stats.momentum_factor``).
     """
+    check_eps(eps)
+    check_momentum_given(momentum)
     parts = _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps, axis, mask,
                               virtual_batch_size, ghost_layout, renorm_mean, renorm_stddev, renorm_clipping,
                               adjustment, moving_stddev, updating=training and running_mean is not None)
@@ -495,9 +503,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     With running buffers and ``use_input_stats``, they move toward the mean over samples
     of the per-instance means and unbiased variances (PyTorch's rule). Without
     ``use_input_stats`` the running statistics normalize every instance.
+
+    ``momentum=None`` is refused with a TypeError, as in ``batch_norm``: pass a number (the
+    layers pass 0.0 for their momentum=None, torch.nn's rule: the running statistics stay).
     """
     x = np.asarray(x, dtype=np.float64)
     check_eps(eps)
+    check_momentum_given(momentum)
     _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var, weight, bias)
     n, c = x.shape[:2]
     reduce_axes = tuple(range(2, x.ndim))

@@ -59,6 +59,18 @@ def check_eps(eps, *, name="eps"):
         raise ValueError(f"{name} must be a positive number (it keeps 1/sqrt(var + {name}) finite), got {eps!r}")
 
 
+def check_momentum_given(momentum, *, name="momentum"):
+    """Refuse ``momentum=None`` in the functional twins (functional and reference batch_norm/instance_norm), as
+    torch.nn.functional.batch_norm refuses it (a TypeError): None is the layers' cumulative average, which they turn
+    into the number ``1 / t`` for the t-th tracked batch (``momentum_factor``) before calling a twin. (Both twins
+    failed deep inside with unrelated TypeErrors: "unsupported operand type(s) for *: 'NoneType' and ...".)"""
+    if momentum is None:
+        raise TypeError(f"{name}=None is the layers' cumulative average, not a value the functional batch_norm and "
+                        f"instance_norm take: pass the weight of the new batch value as a number (0.1, torch.nn's "
+                        f"default; 1 / t at the t-th batch for the cumulative average: "
+                        f"normkit.stats.momentum_factor(None, t))")
+
+
 def check_virtual_batch_size(virtual, name="virtual_batch_size"):
     if virtual is None:
         return None
