@@ -608,3 +608,36 @@ def test_twins_take_the_cumulative_average_as_one_over_t():
                            momentum=normkit.stats.momentum_factor(None, t))
         np.testing.assert_allclose(np.asarray(running_mean), expected_mean, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(np.asarray(running_var), expected_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (0, 3, 5), (4, 3, 0)])
+@pytest.mark.parametrize("present", [(), ("running_mean",), ("running_var",)])
+def test_instance_norm_twins_refuse_use_input_stats_false_without_running_statistics_alike(shape, present):
+    """use_input_stats=False normalizes with the running statistics: without both, the reference raised its
+    ValueError and functional.instance_norm ATen's RuntimeError (its own copy of it for an empty batch). Both raise
+    the reference's now; the layers keep torch.nn's RuntimeError (tests/test_norms.py), and a tensor given alone is
+    left as it was."""
+    import numpy as np
+    message = "use_input_stats=False normalizes with running_mean and running_var: pass both, or use_input_stats=True"
+    x = torch.randn(shape, dtype=torch.float64)
+    for lib, data, new in ((normkit.functional, x, lambda: torch.full((3,), 2.0, dtype=torch.float64)),
+                           (normkit.reference, x.numpy(), lambda: np.full(3, 2.0))):
+        given = {name: new() for name in present}
+        with pytest.raises(ValueError, match=message):
+            lib.instance_norm(data, use_input_stats=False, **given)
+        assert all((value == 2.0).all() for value in given.values())
+
+
+def test_instance_norm_twins_with_use_input_stats_false_normalize_with_the_running_statistics():
+    """The call the message asks for: with both running statistics, every instance is normalized with them (numpy by
+    hand), in both twins, and they stay as they were."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    x, mean, var = rng.normal(size=(2, 3, 4)), rng.normal(size=3), rng.uniform(0.5, 2.0, size=3)
+    expected = (x - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)
+    np.testing.assert_allclose(normkit.reference.instance_norm(x, mean.copy(), var.copy(), use_input_stats=False),
+                               expected, rtol=1e-12, atol=1e-12)
+    running_mean, running_var = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
+    y = normkit.functional.instance_norm(torch.from_numpy(x), running_mean, running_var, use_input_stats=False)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(running_mean.numpy(), mean) and np.array_equal(running_var.numpy(), var)

@@ -1473,6 +1473,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     check_floating(x)
     check_eps(eps)
     check_momentum_given(momentum)
+    if not use_input_stats and (running_mean is None or running_var is None):
+        # The reference's error, in its order (ATen's RuntimeError "Expected running_mean and running_var to be
+        # defined when use_input_stats is false" came here before; the layers raise that one themselves, as
+        # torch.nn's do, and an empty batch below never reaches ATen)
+        raise ValueError("use_input_stats=False normalizes with running_mean and running_var: pass both, or "
+                         "use_input_stats=True")
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                          ("bias", bias)):
         # (ATen repeats them over the batch first: a 4-value weight for 3 channels of 4 samples read "weight should
@@ -1486,11 +1492,6 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                          f"statistics (training, or any call without running statistics), got input size "
                          f"{tuple(x.shape)}: the variance of a single value is 0; use a larger spatial size, "
                          "BatchNorm, or track_running_stats=True and eval()")
-    if not use_input_stats and (running_mean is None or running_var is None):
-        # ATen's own check (torch.nn raises it for any batch), made here since an empty batch below never reaches ATen
-        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false "
-                           "(eval with track_running_stats=True normalizes with the running statistics, which were "
-                           "set to None)")
     if x.numel() == 0:
         # As batch_norm's empty batch: an empty output, zero gradients for weight and bias, the buffers left alone
         # (ATen's kernel fails on weights, and otherwise sets the running statistics to the NaN mean of no samples).

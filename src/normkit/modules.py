@@ -1424,6 +1424,12 @@ class _InstanceNorm(_NormBase):
                           "parameters or running stats this is harmless, but probably not what you meant")
         # torch.nn's rule: no batch count, and momentum=None means the running statistics stay as they are.
         use_input_stats = self.training or not self.track_running_stats
+        if not use_input_stats and (self.running_mean is None or self.running_var is None):
+            # ATen's own check (torch.nn raises it for any batch, the short path above through ATen), made here
+            # since an empty batch never reaches ATen; functional.instance_norm raises the reference's ValueError
+            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false "
+                               "(eval with track_running_stats=True normalizes with the running statistics, which "
+                               "were set to None)")
         factor = self.momentum if self.momentum is not None else 0.0
         y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                             factor, self.eps)
