@@ -641,3 +641,73 @@ def test_instance_norm_twins_with_use_input_stats_false_normalize_with_the_runni
     y = normkit.functional.instance_norm(torch.from_numpy(x), running_mean, running_var, use_input_stats=False)
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
     assert np.array_equal(running_mean.numpy(), mean) and np.array_equal(running_var.numpy(), var)
+
+
+def _np_or_torch(lib, value):
+    import numpy as np
+    return torch.as_tensor(np.asarray(value, dtype=np.float64)) if lib is normkit.functional else value
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda lib, x: lib.layer_norm(x, ()), r"normalized_shape must name at least one trailing dim .* got \(\)"),
+    (lambda lib, x: lib.layer_norm(x, (5, 4)), r"normalized_shape=\(5, 4\) must be the input's last 2 dims, got "
+                                               r"input shape \(2, 4, 5\)"),
+    (lambda lib, x: lib.layer_norm(x, 4), r"normalized_shape=\(4,\) must be the input's last 1 dims"),
+    (lambda lib, x: lib.layer_norm(x, (2, 4, 5, 1)), r"normalized_shape=\(2, 4, 5, 1\) must be the input's last 4"),
+    (lambda lib, x: lib.layer_norm(x, (4, 5), _np_or_torch(lib, [1.0] * 19)),
+     "weight has 19 values but this normalization takes 20"),
+    (lambda lib, x: lib.layer_norm(x, 5, None, _np_or_torch(lib, [0.0] * 4)),
+     "bias has 4 values but this normalization takes 5"),
+    (lambda lib, x: lib.group_norm(x, 2, _np_or_torch(lib, [1.0] * 5)),
+     "weight has 5 values but this normalization takes 4"),
+    (lambda lib, x: lib.group_norm(x, 2, None, _np_or_torch(lib, [[0.0] * 4] * 2)),
+     "bias has 8 values but this normalization takes 4"),
+], ids=["empty-shape", "transposed", "not-last", "too-long", "weight-19", "bias-4", "gn-weight-5", "gn-bias-8"])
+def test_layer_and_group_norm_twins_refuse_shapes_alike(call, match):
+    """functional let ATen refuse these with RuntimeErrors ("Expected weight to be of same shape as normalized_shape",
+    "Expected normalized_shape to be at least 1-dimensional") where the reference named the argument with a
+    ValueError; over normalized_shape=() the reference returned the bias (every value its own group). Both refuse
+    each with the same ValueError now."""
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    for lib, data in ((normkit.functional, x), (normkit.reference, x.numpy())):
+        with pytest.raises(ValueError, match=match):
+            call(lib, data)
+
+
+def test_layer_norm_twins_take_weight_and_bias_in_any_layout():
+    """A flat 20-value weight and bias for normalized_shape=(4, 5): the reference took them (one value per position),
+    functional refused them (ATen wants the shape itself). Both compute the numpy formula now, and functional's
+    gradients come back in the parameters' own (flat) layout: dL/dweight = sum over samples of g * x_hat."""
+    import numpy as np
+    rng = np.random.default_rng(11)
+    x, g = rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 5))
+    w, b = rng.normal(size=20), rng.normal(size=20)
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    x_hat = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=(1, 2), keepdims=True) + 1e-5)
+    expected = x_hat * w.reshape(4, 5) + b.reshape(4, 5)
+    np.testing.assert_allclose(normkit.reference.layer_norm(x, (4, 5), w, b), expected, rtol=1e-12, atol=1e-12)
+    weight, bias = (torch.tensor(p, requires_grad=True) for p in (w, b))
+    y = normkit.functional.layer_norm(torch.from_numpy(x), (4, 5), weight, bias)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    (y * torch.from_numpy(g)).sum().backward()
+    assert weight.grad.shape == (20,) and bias.grad.shape == (20,)
+    np.testing.assert_allclose(weight.grad.numpy(), (g * x_hat).sum(axis=0).reshape(20), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bias.grad.numpy(), g.sum(axis=0).reshape(20), rtol=1e-12, atol=1e-12)
+    _, grad_w, grad_b = normkit.reference.layer_norm_backward(g, x, (4, 5), w, b)
+    np.testing.assert_allclose(grad_w, weight.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_b, bias.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_twins_take_per_channel_weights_in_any_layout():
+    """A (C, 1) weight and a (1, C) bias: one value per channel, as the reference takes them; functional reshapes
+    them for ATen (which wants a vector) and computes the numpy formula."""
+    import numpy as np
+    rng = np.random.default_rng(12)
+    x, w, b = rng.normal(size=(2, 4, 3)), rng.normal(size=(4, 1)), rng.normal(size=(1, 4))
+    groups = x.reshape(2, 2, 6)
+    x_hat = ((groups - groups.mean(axis=2, keepdims=True))
+             / np.sqrt(groups.var(axis=2, keepdims=True) + 1e-5)).reshape(2, 4, 3)
+    expected = x_hat * w.reshape(1, 4, 1) + b.reshape(1, 4, 1)
+    np.testing.assert_allclose(normkit.reference.group_norm(x, 2, w, b), expected, rtol=1e-12, atol=1e-12)
+    y = normkit.functional.group_norm(torch.from_numpy(x), 2, torch.from_numpy(w), torch.from_numpy(b))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)

@@ -23,9 +23,9 @@ import torch
 
 from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout,  # noqa: F401
-                    check_momentum_given, check_num_groups, check_renorm_clipping_bounds,  # (check_eps: F.check_eps)
-                    check_renorm_state, check_virtual_batch_size)
+from .stats import (bessel_factor, check_adjustment, check_affine_size, check_eps,  # noqa: F401 (F.check_eps)
+                    check_ghost_batch, check_ghost_layout, check_momentum_given, check_normalized_shape,
+                    check_num_groups, check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -1397,21 +1397,44 @@ def _params_for(x, *params):
     return x, False
 
 
+def _affine_in_shape(name, value, shape):
+    """``value`` (weight or bias) in ``shape``, the one ATen takes: the reference takes one value per position in
+    any layout (a flat 20-value weight for normalized_shape=(4, 5)), so this twin reshapes it (a view, differentiable;
+    none when it fits); another count is refused naming it (ATen's RuntimeError did not)."""
+    if value is None or value.shape == shape:
+        return value
+    check_affine_size(name, value.numel(), math.prod(shape))
+    return value.reshape(shape)
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """Twin of ``reference.layer_norm`` (ATen's layer_norm computes it exactly)."""
+    """Twin of ``reference.layer_norm`` (ATen's layer_norm computes it exactly).
+
+    ``normalized_shape`` must be the input's last dims (at least one), and weight and bias hold one value per
+    position of it, in any layout: refused otherwise with the reference's ValueError, before ATen.
+    """
     check_floating(x)
     check_eps(eps)
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    check_normalized_shape(normalized_shape, tuple(x.shape))
+    weight = _affine_in_shape("weight", weight, normalized_shape)
+    bias = _affine_in_shape("bias", bias, normalized_shape)
     computed, upcast = _params_for(x, weight, bias)
     y = torch.layer_norm(computed, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
     return y.to(x.dtype) if upcast else y
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """Twin of ``reference.group_norm`` (ATen's group_norm computes it exactly)."""
+    """Twin of ``reference.group_norm`` (ATen's group_norm computes it exactly).
+
+    weight and bias hold one value per channel, in any layout: refused otherwise with the reference's ValueError,
+    before ATen.
+    """
     check_floating(x)
     check_eps(eps)
     check_num_groups(num_groups, x.shape)
+    weight = _affine_in_shape("weight", weight, (x.shape[1],))
+    bias = _affine_in_shape("bias", bias, (x.shape[1],))
     computed, upcast = _params_for(x, weight, bias)
     y = aten_group_norm(computed, num_groups, weight, bias, eps)
     return y.to(x.dtype) if upcast else y

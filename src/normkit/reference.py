@@ -39,9 +39,9 @@ import math
 import numpy as np
 
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
-from .stats import (bessel_factor, check_adjustment, check_eps, check_ghost_batch, check_ghost_layout,
-                    check_momentum_given, check_num_groups, check_renorm_clipping_bounds, check_renorm_state,
-                    check_virtual_batch_size, ema_update)
+from .stats import (bessel_factor, check_adjustment, check_affine_size, check_eps, check_ghost_batch,
+                    check_ghost_layout, check_momentum_given, check_normalized_shape, check_num_groups,
+                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size, ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -395,10 +395,8 @@ def _check_affine_sizes(param_shape, weight, bias):
     """weight and bias hold one value per parameter position (else numpy's "cannot reshape array of size 4 into
     shape (1,1,3,1)", as the functional twins' ATen names them)."""
     for name, value in (("weight", weight), ("bias", bias)):
-        if value is not None and np.size(value) != math.prod(param_shape):
-            raise ValueError(f"{name} has {np.size(value)} values but this normalization takes "
-                             f"{math.prod(param_shape)}: one per channel (group_norm, instance_norm) or per position "
-                             "of normalized_shape (layer_norm)")
+        if value is not None:
+            check_affine_size(name, np.size(value), math.prod(param_shape))
 
 
 def _norm_over(x, reduce_axes, param_shape, weight, bias, eps):
@@ -422,11 +420,8 @@ def _norm_over_backward(grad_output, x, reduce_axes, param_shape, weight, bias, 
 
 def _layer_norm_geometry(x, normalized_shape):
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    check_normalized_shape(normalized_shape, x.shape)  # (one dim at least, the input's last ones)
     k = len(normalized_shape)
-    if x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
-        # (else the last k axes were reduced whatever their sizes: a silently different normalization)
-        raise ValueError(f"normalized_shape={normalized_shape} must be the input's last {k} dims, "
-                         f"got input shape {x.shape}")
     reduce_axes = tuple(range(x.ndim - k, x.ndim))
     param_shape = (1,) * (x.ndim - k) + normalized_shape
     return reduce_axes, param_shape

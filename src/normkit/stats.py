@@ -71,6 +71,27 @@ def check_momentum_given(momentum, *, name="momentum"):
                         f"normkit.stats.momentum_factor(None, t))")
 
 
+def check_affine_size(name, size, expected):
+    """layer_norm/group_norm's weight and bias hold one value per parameter position, in any layout (both twins
+    reshape them): the same ValueError in both, naming the argument (numpy's reshape error, ATen's RuntimeError)."""
+    if size != expected:
+        raise ValueError(f"{name} has {size} values but this normalization takes {expected}: one per channel "
+                         "(group_norm, instance_norm) or per position of normalized_shape (layer_norm)")
+
+
+def check_normalized_shape(normalized_shape, input_shape):
+    """layer_norm's normalized_shape, a tuple of sizes, must be the input's last dims, and at least one: the same
+    ValueError in both twins (ATen's RuntimeError in functional; over no dim at all the reference gave the bias)."""
+    k = len(normalized_shape)
+    if k == 0:
+        raise ValueError(f"normalized_shape must name at least one trailing dim to normalize over, got (): "
+                         f"over none every value is its own group and normalizes to 0 (input shape {input_shape})")
+    if len(input_shape) < k or tuple(input_shape[len(input_shape) - k:]) != normalized_shape:
+        # (else the last k axes were reduced whatever their sizes: a silently different normalization)
+        raise ValueError(f"normalized_shape={normalized_shape} must be the input's last {k} dims, "
+                         f"got input shape {input_shape}")
+
+
 def check_virtual_batch_size(virtual, name="virtual_batch_size"):
     if virtual is None:
         return None
