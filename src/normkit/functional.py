@@ -25,7 +25,8 @@ from . import kernels
 from .axes import broadcast_shape, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_affine_size, check_eps,  # noqa: F401 (F.check_eps)
                     check_ghost_batch, check_ghost_layout, check_momentum_given, check_normalized_shape,
-                    check_num_groups, check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size)
+                    check_num_groups, check_per_feature_sizes, check_renorm_clipping_bounds, check_renorm_state,
+                    check_virtual_batch_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -398,8 +399,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
-    _check_per_feature_sizes(x, feature_axes, axis, (running_mean, running_var, weight, bias, renorm_mean,
-                                                     renorm_stddev, moving_stddev))
+    # (a list, not a generator, for the product: Dynamo cannot trace math.prod of a generator)
+    features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
+    check_per_feature_sizes((running_mean, running_var, weight, bias, renorm_mean, renorm_stddev, moving_stddev),
+                            torch.Tensor.numel, features, axis, x.shape)
     # The options' own checks come before the eval return, as in reference.batch_norm: a mask of another shape, a
     # clipping that is not three bounds or an adjustment that cannot be called were ignored silently in eval.
     if mask is not None:
@@ -462,24 +465,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 momentum, eps, mask, virtual_batch_size, ghost_layout, unbiased_running_var,
                                 renorm_mean, renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum,
                                 adjustment, recenter)
-
-
-_PER_FEATURE_NAMES = ("running_mean", "running_var", "weight", "bias", "renorm_mean", "renorm_stddev", "moving_stddev")
-
-
-def _check_per_feature_sizes(x, feature_axes, axis, tensors):
-    """Every per-feature tensor (``tensors`` in the order of ``_PER_FEATURE_NAMES``) holds one value per feature, in
-    any shape: reference.batch_norm's check, word for word. (The option paths took another size silently or failed
-    deep inside: ghost batches normalized with a weight or bias of 4 or 1 values for 3 features, the first values
-    repeated across the groups; a running_var of 2 values was resized in place under renorm; elsewhere "The size of
-    tensor a (2) must match the size of tensor b (3)" after running_mean had moved.) Positional and lean: the
-    layers' option calls run it on every step."""
-    # (a list, not a generator: Dynamo cannot trace math.prod of a generator, and compiled layers run this)
-    features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
-    for name, tensor in zip(_PER_FEATURE_NAMES, tensors):
-        if tensor is not None and tensor.numel() != features:
-            raise ValueError(f"{name} has {tensor.numel()} values but the input has {features} features on axis "
-                             f"{axis} (input shape {tuple(x.shape)})")
 
 
 def _refuse_non_tensors(**tensors):
@@ -1502,13 +1487,9 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         # torch.nn's do, and an empty batch below never reaches ATen)
         raise ValueError("use_input_stats=False normalizes with running_mean and running_var: pass both, or "
                          "use_input_stats=True")
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                         ("bias", bias)):
-        # (ATen repeats them over the batch first: a 4-value weight for 3 channels of 4 samples read "weight should
-        # contain 12 elements not 16")
-        if tensor is not None and x.dim() >= 2 and tensor.numel() != x.shape[1]:
-            raise ValueError(f"{name} has {tensor.numel()} values but the input has {x.shape[1]} channels on axis 1 "
-                             f"(input shape {tuple(x.shape)})")
+    if x.dim() >= 2:
+        check_per_feature_sizes((running_mean, running_var, weight, bias), torch.Tensor.numel, x.shape[1], 1, x.shape,
+                                unit="channels")
     if use_input_stats and math.prod(x.shape[2:]) == 1:
         # (not BatchNorm's message: no batch variance is taken here, and eval without running statistics refuses too)
         raise ValueError(f"Expected more than 1 spatial element per channel when normalizing with the input's own "

@@ -24,7 +24,7 @@ from . import kernels
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
-                    check_virtual_batch_size, momentum_factor)  # (the checks: keras.py imports them from here)
+                    check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -1311,9 +1311,8 @@ class GroupNorm(_SampleNorm):
         num_groups = _check_num_features(num_groups, name="num_groups", tuples=False)
         num_channels = _check_num_features(num_channels, name="num_channels", tuples=False)
         if num_channels % num_groups != 0:
-            divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}; "
-                             f"choose one of {divisors}")
+                             f"choose one of {group_counts(num_channels)}")
         self.num_groups, self.num_channels = num_groups, num_channels
         self.affine = bool(affine)
         self._init_affine(eps, num_channels, self.affine, bias, device, dtype)

@@ -41,7 +41,8 @@ import numpy as np
 from .axes import broadcast_shape, broadcasts_to, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_affine_size, check_eps, check_ghost_batch,
                     check_ghost_layout, check_momentum_given, check_normalized_shape, check_num_groups,
-                    check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size, ema_update)
+                    check_per_feature_sizes, check_renorm_clipping_bounds, check_renorm_state, check_virtual_batch_size,
+                    ema_update)
 
 # ----------------------------------------------------------------------------- statistics core
 
@@ -216,12 +217,8 @@ def _batch_norm_parts(x, running_mean, running_var, weight, bias, training, eps,
     # without running_var was updated in place, then a TypeError; a running_var without running_mean was ignored.
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias), ("renorm_mean", renorm_mean), ("renorm_stddev", renorm_stddev),
-                        ("moving_stddev", moving_stddev)):
-        if value is not None and np.asarray(value).size != math.prod(param_shape):
-            raise ValueError(f"{name} has {np.asarray(value).size} values but the input has {math.prod(param_shape)} "
-                             f"features on axis {axis} (input shape {x.shape})")
+    check_per_feature_sizes((running_mean, running_var, weight, bias, renorm_mean, renorm_stddev, moving_stddev),
+                            np.size, math.prod(param_shape), axis, x.shape)
     if mask is not None and (np.ndim(mask) != x.ndim or not broadcasts_to(np.shape(mask), x.shape)):
         raise ValueError(f"mask of shape {np.shape(mask)} does not fit the input of shape {x.shape}: reference.batch_norm "
                          "takes a mask of the input's rank that broadcasts to it (size 1 on the feature axes for padding, "
@@ -484,11 +481,8 @@ def _check_instance_norm_arguments(x, use_input_stats, running_mean, running_var
                          "use_input_stats=True")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias)):
-        if value is not None and np.size(value) != x.shape[1]:
-            raise ValueError(f"{name} has {np.size(value)} values but the input has {x.shape[1]} channels on axis 1 "
-                             f"(input shape {x.shape})")
+    check_per_feature_sizes((running_mean, running_var, weight, bias), np.size, x.shape[1], 1, x.shape,
+                            unit="channels")
 
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,

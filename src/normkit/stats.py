@@ -71,6 +71,24 @@ def check_momentum_given(momentum, *, name="momentum"):
                         f"normkit.stats.momentum_factor(None, t))")
 
 
+PER_FEATURE_NAMES = ("running_mean", "running_var", "weight", "bias", "renorm_mean", "renorm_stddev", "moving_stddev")
+
+
+def check_per_feature_sizes(tensors, size_of, features, axis, shape, unit="features") -> None:
+    """Every per-feature tensor (``tensors``, in the order of ``PER_FEATURE_NAMES``; None where absent) holds one
+    value per feature, in any shape: the twins' one check and message (batch_norm's features, instance_norm's
+    channels), ``size_of`` counting a value (``np.size``, ``torch.Tensor.numel``). (The option paths took another
+    size silently or failed deep inside: ghost batches normalized with a weight or bias of 4 or 1 values for 3
+    features, the first values repeated across the groups; a running_var of 2 values was resized in place under
+    renorm; elsewhere "The size of tensor a (2) must match the size of tensor b (3)" after running_mean had moved;
+    ATen's instance norm "weight should contain 12 elements not 16".) Lean: the layers' option calls run it on every
+    step, the message is built only on failure."""
+    for name, tensor in zip(PER_FEATURE_NAMES, tensors):
+        if tensor is not None and size_of(tensor) != features:
+            raise ValueError(f"{name} has {size_of(tensor)} values but the input has {features} {unit} on axis "
+                             f"{axis} (input shape {tuple(shape)})")
+
+
 def check_affine_size(name, size, expected):
     """layer_norm/group_norm's weight and bias hold one value per parameter position, in any layout (both twins
     reshape them): the same ValueError in both, naming the argument (numpy's reshape error, ATen's RuntimeError)."""
@@ -156,9 +174,13 @@ def check_num_groups(num_groups, shape, name="num_groups") -> None:
         raise ValueError(f"group_norm needs an (N, C, *) input, got shape {tuple(shape)}")
     channels = shape[1]
     if channels % num_groups:
-        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
         raise ValueError(f"{name}={num_groups} must divide the channels of an (N, C, *) input, got shape "
-                         f"{tuple(shape)}; choose one of {divisors}")
+                         f"{tuple(shape)}; choose one of {group_counts(channels)}")
+
+
+def group_counts(channels: int) -> list:
+    """The group counts that divide ``channels`` (what GroupNorm's errors offer instead)."""
+    return [g for g in range(1, channels + 1) if channels % g == 0]
 
 
 def check_ghost_batch(batch_size, virtual_batch_size) -> None:
