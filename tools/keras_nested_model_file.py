@@ -91,13 +91,18 @@ def wrapped_batch_norm_layers(model):
             yield f"{layer.name}/{layer.layer.name}", layer
 
 
-def fit_one_epoch_and_save(model, path: str, rng) -> None:
-    """One epoch of SGD on seeded (32, 3) -> (32, 2, 2) data, so every BN's moving statistics move, then
-    Keras' ``model.save``."""
+def trained_and_saved(keras, build_model, path: str):
+    """``build_model(keras)`` trained one epoch of SGD on seeded (32, 3) -> (32, 2, 2) data, so every BN's moving
+    statistics move, and saved by Keras' ``model.save``; returns the model and the seeded generator, for the
+    inputs recorded next."""
+    keras.utils.set_random_seed(0)
+    model = build_model(keras)
+    rng = np.random.default_rng(0)
     model.compile(optimizer="sgd", loss="mse")
     model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
               batch_size=8, epochs=1, verbose=0)
     model.save(path)
+    return model, rng
 
 
 def inference_record(keras, path: str, layer, caller, x) -> dict:
@@ -116,10 +121,7 @@ def main() -> int:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
         sys.exit(f"tools/keras_nested_model_file.py saves a real Keras 3 model and needs Keras ({error})")
-    keras.utils.set_random_seed(0)
-    model = build_model(keras)
-    rng = np.random.default_rng(0)
-    fit_one_epoch_and_save(model, OUT + ".keras", rng)
+    model, rng = trained_and_saved(keras, build_model, OUT + ".keras")
     arrays = {}
     for path, layer in batch_norm_layers(model):
         arrays.update(inference_record(keras, path, layer, layer, (rng.normal(size=(5, 4)) * 1.5 + 0.5)))

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
-from keras_nested_model_file import fit_one_epoch_and_save, inference_record, wrapped_batch_norm_layers
+from keras_nested_model_file import inference_record, trained_and_saved, wrapped_batch_norm_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_unnamed")
@@ -52,10 +52,7 @@ def main() -> int:
     if tuple(int(part) for part in keras.__version__.split(".")[:2]) >= (3, 6):
         sys.exit(f"tools/keras_unnamed_weights_file.py needs Keras 3.0-3.5 (these name no layer in the weights "
                  f"file); this is Keras {keras.__version__}: pip install keras==3.5.0")
-    keras.utils.set_random_seed(0)
-    model = build_model(keras)
-    rng = np.random.default_rng(0)
-    fit_one_epoch_and_save(model, OUT + ".keras", rng)
+    model, rng = trained_and_saved(keras, build_model, OUT + ".keras")
     arrays = {}
     for path, layer in batch_norm_layers(model):
         x = (rng.normal(size=(5, 4)) * 1.5 + 0.5).astype("float32")
