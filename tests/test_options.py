@@ -4,6 +4,7 @@ Renorm, ghost batches, masks, adjustment, frozen mode, initializers, regularizer
 synchronized."""
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -568,6 +569,22 @@ def test_synchronized_without_process_group_warns_once_and_is_local(rng):
         warnings.simplefilter("error")
         synced(x)
     torch.testing.assert_close(y, local(x))
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: normkit.BatchNorm1d(3, synchronized=True), "BatchNorm1d"),
+    (lambda: torch.nn.Sequential(normkit.BatchNorm(3, synchronized=True)), "BatchNorm"),
+    (lambda: __import__("normkit.keras").keras.BatchNormalization(synchronized=True), "BatchNormalization"),
+])
+def test_local_statistics_warning_names_the_layer_built_and_points_at_the_calling_line(make, name):
+    """The warning names the layer the user made (the Keras layer, not the normkit.BatchNorm inside it) and is
+    reported at the user's own line, however deep in torch and normkit the layer sits."""
+    layer = make()
+    with pytest.warns(RuntimeWarning) as caught:
+        layer(torch.randn(6, 3)); line = sys._getframe().f_lineno  # noqa: E702 (the call's own line)
+    (warning,) = [w for w in caught if "synchronized=True" in str(w.message)]
+    assert str(warning.message).startswith(f"{name}(synchronized=True) runs without an initialized")
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 def test_fused_is_accepted_by_keras_layer():

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,8 +30,22 @@ def is_active(process_group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def warn_local_once(layer) -> None:
-    """Warn once per layer that synchronized=True computes local statistics (no process group)."""
+def _stacklevel_of_caller() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside normkit and torch (the user's line: a
+    layer called through torch's Module.__call__, a Keras layer or a tool sits several frames deeper)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_PREFIXES):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_PREFIXES = tuple(str(Path(module.__file__).resolve().parent) + os.sep for module in (torch,)) + (
+    str(Path(__file__).resolve().parent) + os.sep,)
+
+
+def warn_local_once(layer, name=None) -> None:
+    """Warn once per layer that synchronized=True computes local statistics (no process group); ``name`` is what
+    the user built (the Keras layer around its normkit.BatchNorm), else the layer's class."""
     if not getattr(layer, "_warned_local", False):
         layer._warned_local = True
         group = getattr(layer, "process_group", None)
@@ -40,8 +57,8 @@ def warn_local_once(layer) -> None:
                       "alone too)")
         else:
             reason = "without an initialized torch.distributed process group of more than one process"
-        warnings.warn(f"{type(layer).__name__}(synchronized=True) runs {reason}: statistics are this process's only",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{name or type(layer).__name__}(synchronized=True) runs {reason}: statistics are this "
+                      "process's only", RuntimeWarning, stacklevel=_stacklevel_of_caller())
 
 
 class _AllGather(torch.autograd.Function):

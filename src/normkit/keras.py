@@ -393,6 +393,7 @@ class BatchNormalization(nn.Module):
             weight_constraint=self.gamma_constraint, bias_constraint=self.beta_constraint,
             unbiased_running_var=False, synchronized=self.synchronized, process_group=self.process_group,
             dtype=self._factory["dtype"], device=self._factory["device"] or device)
+        self.bn._built_by = type(self).__name__  # (what its messages name: the layer the user made)
         if not self.scale and self.bn.weight is not None:
             # Keras' scale=False has beta but no gamma; torch.nn has no such layer, so drop weight here.
             del self.bn.weight

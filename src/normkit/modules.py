@@ -1102,7 +1102,7 @@ class BatchNorm(_NormBase):
             if distributed.is_active(self.process_group):
                 normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
             elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
-                distributed.warn_local_once(self)
+                distributed.warn_local_once(self, getattr(self, "_built_by", None))
         return normalize(
             input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
             axis=feature_axes, mask=mask if batch_stats else None, virtual_batch_size=virtual if batch_stats else None,
