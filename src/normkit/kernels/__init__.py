@@ -59,14 +59,21 @@ _cpu_on = False   # CPU tensors take the C++ kernel
 _cuda_on = False  # CUDA tensors take the Triton kernels
 
 
+# -fno-trapping-math: the backward's selects (the padding rule) vectorize only when the compiler may compute a
+# product that the select then discards (GCC's default forbids it, for FP traps, which nothing here enables); values
+# are unchanged (no fast-math: NaN and inf keep their meaning).
+_CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math")
+
+
 def _extension_name() -> str:
     """The build's name, which keys its cache folder: one per CPU feature set (as ``-march=native``
-    needs), torch version, Python version and kernel source.
+    needs), torch version, Python version, compiler and flags, and kernel source.
 
     (A build cached in a shared home directory by a machine with wider vector units must not be
     loaded on one without them, nor one built against another torch's ABI or an older source.)
     """
-    key = f"{platform.machine()} torch {torch.__version__} python {sys.version_info[:2]} "
+    key = (f"{platform.machine()} torch {torch.__version__} python {sys.version_info[:2]} "
+           f"compiler {os.environ.get('CXX', 'c++')} flags {' '.join(_CFLAGS)} ")
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             key += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
@@ -276,12 +283,8 @@ def build(verbose: bool = False):
         # A library its record does not vouch for (a link cut short) would look up to date to ninja: relink it.
         _library(folder).unlink(missing_ok=True)
         try:
-            # -fno-trapping-math: the backward's selects (the padding rule) vectorize only when the compiler may
-            # compute a product that the select then discards (GCC's default forbids it, for FP traps, which
-            # nothing here enables); values are unchanged (no fast-math: NaN and inf keep their meaning).
             _extension = cpp_extension.load(name=folder.name, sources=[str(_SOURCE)], build_directory=str(folder),
-                                            extra_cflags=["-O3", "-march=native", "-fopenmp-simd",
-                                                          "-fno-trapping-math"], verbose=verbose)
+                                            extra_cflags=list(_CFLAGS), verbose=verbose)
         except (RuntimeError, OSError, ImportError) as error:
             reason = _failure_reason(error)
             raise RuntimeError(
