@@ -32,6 +32,8 @@ def without_keras(tmp_path):
     ("keras_model_file.py", [], "needs Keras"),
     ("keras_nested_model_file.py", [], "needs Keras"),
     ("keras_unnamed_weights_file.py", [], "needs Keras"),
+    ("keras_legacy_model_files.py", [], "needs Keras 3"),
+    ("keras_legacy_model_files.py", ["--tf-keras"], "needs TensorFlow"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

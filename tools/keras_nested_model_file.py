@@ -91,18 +91,27 @@ def wrapped_batch_norm_layers(model):
             yield f"{layer.name}/{layer.layer.name}", layer
 
 
-def trained_and_saved(keras, build_model, path: str):
-    """``build_model(keras)`` trained one epoch of SGD on seeded (32, 3) -> (32, 2, 2) data, so every BN's moving
-    statistics move, and saved by Keras' ``model.save``; returns the model and the seeded generator, for the
-    inputs recorded next."""
+def trained_and_saved(keras, build_model, paths, x_shape=(3,), y_shape=(2, 2)):
+    """``build_model(keras)`` trained one epoch of SGD on seeded (32, *x_shape) -> (32, *y_shape) data, so every BN's
+    moving statistics move, and saved by Keras' ``model.save`` to each of ``paths`` (one path, or several: one model
+    in several formats); returns the model and the seeded generator, for the inputs recorded next. ``keras`` is
+    Keras 3 or TensorFlow's tf.keras 2 (the same calls in both)."""
     keras.utils.set_random_seed(0)
     model = build_model(keras)
     rng = np.random.default_rng(0)
     model.compile(optimizer="sgd", loss="mse")
-    model.fit(rng.normal(size=(32, 3)).astype("float32") * 2 + 1, rng.normal(size=(32, 2, 2)).astype("float32"),
-              batch_size=8, epochs=1, verbose=0)
-    model.save(path)
+    model.fit(rng.normal(size=(32, *x_shape)).astype("float32") * 2 + 1,
+              rng.normal(size=(32, *y_shape)).astype("float32"), batch_size=8, epochs=1, verbose=0)
+    for path in [paths] if isinstance(paths, str) else paths:
+        model.save(path)
     return model, rng
+
+
+def to_numpy(keras, value):
+    """A layer's output as a NumPy array: Keras 3's ``keras.ops.convert_to_numpy``; tf.keras 2 (no ``ops``) gives
+    eager tensors, which NumPy reads."""
+    ops = getattr(keras, "ops", None)
+    return ops.convert_to_numpy(value) if ops is not None else np.asarray(value)
 
 
 def inference_record(keras, path: str, layer, caller, x) -> dict:
@@ -111,7 +120,7 @@ def inference_record(keras, path: str, layer, caller, x) -> dict:
     x = np.asarray(x, dtype="float32")
     arrays = {f"{path}/weights_{index}": weight for index, weight in enumerate(layer.get_weights())}
     arrays[f"{path}/x"] = x
-    arrays[f"{path}/y_infer"] = keras.ops.convert_to_numpy(caller(x, training=False))
+    arrays[f"{path}/y_infer"] = to_numpy(keras, caller(x, training=False))
     return arrays
 
 
