@@ -195,20 +195,18 @@ def test_bad_files_are_clear_errors(tmp_path):
         handle.create_dataset("layers/batch_normalization/vars/0", data=np.ones(3))
     with pytest.raises(ValueError, match="HDF5 weights file .* model.save\\('model.keras'\\)"):
         load_batch_norms(weights_only)
-    legacy = tmp_path / "model.h5"  # (Keras 3's model.save("model.h5"): the model's config beside its weights)
+    legacy = tmp_path / "model.h5"  # (a legacy model.save("model.h5"): read, tests/test_keras_legacy_files.py)
     with h5py.File(legacy, "w") as handle:
         handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {"layers": []}})
         handle.create_dataset("model_weights/bn/bn/gamma", data=np.ones(3))
-    converts = "load_model\\('model.h5', compile=False\\).save\\('model.keras'\\)"  # (Keras' conversion, tried)
-    with pytest.raises(ValueError, match="legacy HDF5 model.*" + converts):
-        load_batch_norms(legacy)
+    assert load_batch_norms(legacy) == {}
     text = tmp_path / "notes.keras"
     text.write_text("not a model")
-    with pytest.raises(ValueError, match="not a Keras 3 model archive"):
+    with pytest.raises(ValueError, match="not a Keras model archive"):
         load_batch_norms(text)
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(MODEL.read_bytes()[: MODEL.stat().st_size // 2])
-    with pytest.raises(ValueError, match="not a Keras 3 model archive|damaged"):
+    with pytest.raises(ValueError, match="not a Keras model archive|damaged"):
         load_batch_norms(truncated)
     with pytest.raises(ValueError, match="lacks model.weights.h5"):
         load_batch_norms(_rewritten(tmp_path, drop="model.weights.h5"))

@@ -864,49 +864,27 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
     with path.open("rb") as handle:
         signature = handle.read(len(_HDF5_SIGNATURE))
     if signature == _HDF5_SIGNATURE:
-        if _is_legacy_h5_model(path):
-            # (it does hold the model's config, which the message below denied; Keras converts it without the code)
-            raise ValueError(f"load_batch_norms: {path} is a legacy HDF5 model (model.save('x.h5')); only Keras 3's "
-                             f".keras archives are read: where Keras is installed, keras.models.load_model("
-                             f"'{path.name}', compile=False).save('model.keras') converts it; pass that file")
-        raise ValueError(f"load_batch_norms: {path} is an HDF5 weights file (model.save_weights / .weights.h5); "
-                         "it does not hold the layers' options: load it into the model in Keras, save the model "
-                         "with model.save('model.keras') and pass that file")
+        return _load_legacy_h5(path, axis)
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
-        raise ValueError(f"load_batch_norms: {path} is not a Keras 3 model archive (.keras, a zip file written "
-                         "by model.save); it may be truncated or another format") from None
+        raise ValueError(f"load_batch_norms: {path} is not a Keras model archive (.keras, a zip file written "
+                         "by model.save) nor a legacy HDF5 model (.h5); it may be truncated or another format") from None
     try:
-        import h5py
-    except ImportError as error:
+        h5py = _import_h5py()
+    except ImportError:
         archive.close()
-        raise ImportError("load_batch_norms reads the HDF5 weights inside .keras files: pip install h5py") from error
+        raise
     with archive:
         members = {info.filename: info for info in archive.infolist()}
         missing = [name for name in ("config.json", "model.weights.h5") if name not in members]
         if missing:
-            raise ValueError(f"load_batch_norms: {path} lacks {' and '.join(missing)}: not a Keras 3 model "
+            raise ValueError(f"load_batch_norms: {path} lacks {' and '.join(missing)}: not a Keras model "
                              "archive (model.save('model.keras') writes both)")
         for name, info in members.items():
             _check_member_size(path, info, _MAX_CONFIG_BYTES if name == "config.json" else None)
-        try:
-            config = json.loads(archive.read("config.json"))
-        except (zipfile.BadZipFile, ValueError, OSError, RecursionError) as error:  # (a CRC mismatch: BadZipFile)
-            raise ValueError(f"load_batch_norms: {path}: config.json cannot be read ({type(error).__name__}: "
-                             f"{str(error)[:200]})") from None
-        root = config.get("config") if isinstance(config, dict) else None
-        if isinstance(root, dict) and not isinstance(root.get("layers"), list) and isinstance(config.get("class_name"), str):
-            # A subclassed model: Keras saves its constructor's arguments, not its layers' options (this is a
-            # saved Keras model all the same, which the message below would deny).
-            raise ValueError(f"load_batch_norms: {path} holds a subclassed model ({config['class_name'][:80]!r}): "
-                             "Keras saves its constructor's arguments, not its layers' options, so its "
-                             "BatchNormalization layers cannot be rebuilt from the file; load the model in Keras "
-                             "and take each layer with normkit.keras.from_keras(model.<attribute>), or save a "
-                             "Functional or Sequential model")
-        if not isinstance(root, dict) or not isinstance(root.get("layers"), list):
-            raise ValueError(f"load_batch_norms: {path}'s config.json has no list of layers (config.layers): "
-                             "not a saved Keras model")
+        config = _parse_config(path, "config.json", lambda: archive.read("config.json"), zipfile.BadZipFile)
+        layers = _model_layers(config, path, "config.json")
         found: dict = {}
         # Read in place (Keras stores the member uncompressed; a compressed one is decompressed as read).
         with archive.open("model.weights.h5") as stream:
@@ -915,23 +893,178 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
             except (OSError, ValueError) as error:
                 raise ValueError(f"load_batch_norms: the weights in {path} cannot be read ({error})") from None
             with weights:
-                _collect_batch_norms(root["layers"], weights, "", found, path, axis, h5py)
+                _collect_batch_norms(layers, weights, "", found, path, axis, h5py)
     return found
-
-
-def _is_legacy_h5_model(path) -> bool:
-    """Whether an HDF5 file is a legacy ``model.save('x.h5')`` model (its root holds ``model_config``)."""
-    try:
-        import h5py
-        with h5py.File(path, "r") as handle:
-            return "model_config" in handle.attrs
-    except Exception:  # (no h5py, or an unreadable file: the weights-file message stands)
-        return False
 
 
 _MAX_CONFIG_BYTES = 64 << 20        # a model's config.json is kilobytes; more is not a Keras file
 _MAX_COMPRESSION_RATIO = 100        # float weights barely compress; a bomb inflates by thousands
 _MAX_VARIABLE_VALUES = 1 << 24      # a BN variable holds one value per feature
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError as error:
+        raise ImportError("load_batch_norms reads the HDF5 weights of Keras files: pip install h5py") from error
+    return h5py
+
+
+def _parse_config(path, what: str, read, *errors) -> object:
+    """The JSON of a model's config (``what``: the member or attribute it is read from), a ValueError naming it
+    when it cannot be read or parsed."""
+    try:
+        text = read()
+        return json.loads(text.decode() if isinstance(text, bytes) else text)
+    except (ValueError, OSError, RecursionError, UnicodeDecodeError, *errors) as error:  # (a CRC mismatch: BadZipFile)
+        raise ValueError(f"load_batch_norms: {path}: {what} cannot be read ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
+
+
+def _model_layers(config, path, what: str) -> list:
+    """The list of layer configs of a saved model's config (``{"class_name": ..., "config": {"layers": [...]}}``,
+    as Keras 3 and tf.keras write it in both formats)."""
+    root = config.get("config") if isinstance(config, dict) else None
+    if isinstance(root, dict) and not isinstance(root.get("layers"), list) and isinstance(config.get("class_name"), str):
+        # A subclassed model: Keras saves its constructor's arguments, not its layers' options (this is a
+        # saved Keras model all the same, which the message below would deny).
+        raise ValueError(f"load_batch_norms: {path} holds a subclassed model ({config['class_name'][:80]!r}): "
+                         "Keras saves its constructor's arguments, not its layers' options, so its "
+                         "BatchNormalization layers cannot be rebuilt from the file; load the model in Keras "
+                         "and take each layer with normkit.keras.from_keras(model.<attribute>), or save a "
+                         "Functional or Sequential model")
+    if not isinstance(root, dict) or not isinstance(root.get("layers"), list):
+        raise ValueError(f"load_batch_norms: {path}'s {what} has no list of layers (config.layers): "
+                         "not a saved Keras model")
+    return root["layers"]
+
+
+def _load_legacy_h5(path, axis) -> dict:
+    """``load_batch_norms`` of an HDF5 file: a legacy ``model.save("x.h5")`` model of tf.keras 2 or Keras 3 (the
+    model's JSON in the root's ``model_config`` attribute, each top-level layer's weights in
+    ``model_weights/<layer name>``, named by its ``weight_names`` attribute); a weights-only file is refused."""
+    h5py = _import_h5py()
+    try:
+        handle = h5py.File(path, "r")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"load_batch_norms: {path} is an HDF5 file that cannot be read ({str(error)[:200]}); it "
+                         "may be truncated") from None
+    with handle:
+        if "model_config" not in handle.attrs:
+            # A decision (docs/keras.md): the options are not in the file, and guessing them (Keras' defaults) would
+            # give layers that compute something else without a word.
+            raise ValueError(f"load_batch_norms: {path} is an HDF5 weights file (model.save_weights('x.h5') or "
+                             "'.weights.h5'): it holds no layer options (axis, momentum, epsilon, center, scale, "
+                             "renorm...), only arrays. Where Keras is installed, build the model, load_weights() this "
+                             "file and save the model with model.save('model.keras') (or 'model.h5'), and pass that "
+                             "file; without Keras, read the arrays with h5py and pass each layer's config, build "
+                             "config and arrays to normkit.keras.from_keras_config")
+        config = _parse_config(path, "its model_config attribute",
+                               lambda: _read_attribute(handle, "model_config", h5py))
+        layers = _model_layers(config, path, "model_config")
+        weights = _subgroup(handle, "model_weights", h5py)
+        if weights is None:
+            raise ValueError(f"load_batch_norms: {path} holds a model's config but no model_weights group of this "
+                             "file: it was saved without weights, or is damaged")
+        found: dict = {}
+        _collect_batch_norms(layers, _LegacyEntry(weights, ()), "", found, path, axis, h5py)
+    return found
+
+
+_MAX_NAMES = 1 << 16                 # a layer's weight_names: a few per inner layer
+
+
+def _read_attribute(group, name: str, h5py, limit: int = _MAX_CONFIG_BYTES):
+    """An HDF5 attribute of text (a string or an array of strings), its declared size checked before it is read.
+    A variable-length string is stored in the file itself, uncompressed: it is never larger than the file."""
+    try:
+        attribute = group.attrs.get_id(name)
+        size, shape, kind = attribute.get_storage_size(), attribute.shape, attribute.dtype
+    except (KeyError, OSError, ValueError, RuntimeError, TypeError) as error:
+        raise ValueError(f"attribute {name!r} of {group.name} cannot be read ({str(error)[:200]})") from None
+    count = math.prod(shape) if shape else 1
+    if size > limit or count > _MAX_NAMES or len(shape) > 1:
+        raise ValueError(f"attribute {name!r} of {group.name} declares {size} bytes, shape {shape}: not a Keras "
+                         "file's")
+    text = h5py.check_string_dtype(kind) is not None or kind.kind in "SU"
+    if not text and count:
+        raise ValueError(f"attribute {name!r} of {group.name} holds {kind} values, not text")
+    try:
+        value = group.attrs[name]
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise ValueError(f"attribute {name!r} of {group.name} cannot be read ({str(error)[:200]})") from None
+    if np.ndim(value) == 0:
+        return _keras_name(value.item() if isinstance(value, np.ndarray) else value)
+    return [_keras_name(item) for item in np.asarray(value).tolist()]
+
+
+def _weight_names(group, h5py) -> list:
+    """A legacy layer group's ``weight_names``; Keras splits a list over HDF5's 64 KB header into ``weight_names0``,
+    ``weight_names1``, ...."""
+    if "weight_names" in group.attrs:
+        chunks = [_read_attribute(group, "weight_names", h5py)]
+    else:
+        chunks = []
+        while f"weight_names{len(chunks)}" in group.attrs and len(chunks) < _MAX_NAMES:
+            chunks.append(_read_attribute(group, f"weight_names{len(chunks)}", h5py))
+    names = [name for chunk in chunks for name in ([chunk] if isinstance(chunk, str) else chunk)]
+    if len(names) > _MAX_NAMES:
+        raise ValueError(f"{group.name} names {len(names)} weights: not a Keras file's")
+    return names
+
+
+class _LegacyEntry:
+    """A layer's place in a legacy HDF5 model: the group of the top-level layer it belongs to
+    (``model_weights/<name>``) and its path of layer names from there. Layers of a nested model have no group of
+    their own: their weights are the top-level layer's, named in its ``weight_names``."""
+
+    __slots__ = ("group", "names")
+
+    def __init__(self, group, names: tuple):
+        self.group, self.names = group, names
+
+    def child(self, name: str, h5py) -> Optional["_LegacyEntry"]:
+        if self.names:
+            return _LegacyEntry(self.group, self.names + (name,))
+        group = _subgroup(self.group, name, h5py)  # (a top-level layer: its own group, or no weights)
+        return None if group is None else _LegacyEntry(group, (name,))
+
+
+# A BatchNormalization's variables in Keras' order (tf.keras and Keras 3 name them alike).
+_KERAS_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
+    """The variables of the BN layer at ``entry``, in Keras' order, each checked before it is read.
+
+    Keras reads a top-level layer's group positionally: all its weights are the layer's. A nested model's group
+    lists every inner layer's weights, trainable ones first, so a BN's are picked by name: tf.keras names them
+    ``bn/gamma:0``, Keras 3 by their whole path (``outer/inner/bn/gamma``); either path ends where the other does."""
+    mine: dict = {}
+    for name in _weight_names(entry.group, h5py):
+        parts = name.split("/")
+        owner, variable = tuple(parts[:-1]), parts[-1].split(":")[0]  # (tf.keras appends the output index, ":0")
+        common = min(len(owner), len(entry.names))
+        if len(entry.names) > 1 and not (common and owner[-common:] == entry.names[-common:]):
+            continue
+        if variable in mine:
+            raise ValueError(f"its weights are ambiguous in {entry.group.name}: {mine[variable]!r} and {name!r} are both "
+                             f"its {variable} by name")
+        mine[variable] = name
+    if not mine:
+        raise ValueError(f"{entry.group.name}'s weight_names name none of its variables: the weights do not match "
+                         "the config")
+    unknown = sorted(set(mine) - set(_KERAS_VARIABLES))
+    if unknown:
+        raise ValueError(f"its weights {[mine[v] for v in unknown][:8]} are not a BatchNormalization's "
+                         f"({', '.join(_KERAS_VARIABLES)})")
+    arrays = []
+    for variable in sorted(mine, key=_KERAS_VARIABLES.index):
+        member = entry.group
+        for part in mine[variable].split("/"):  # (no link followed at any level)
+            member = _hard_member(member, part, h5py) if isinstance(member, h5py.Group) else None
+        arrays.append(_read_dataset(member, mine[variable], h5py))
+    return arrays
 
 
 def _check_member_size(path, info, limit: Optional[int]) -> None:
@@ -972,17 +1105,22 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
     configs to its path, and a later place without weights gets that same loaded layer (as in Keras, one layer)."""
     shared = {} if shared is None else shared
     by_name = {}
-    members = _subgroup(group, "layers", h5py)
+    legacy = isinstance(group, _LegacyEntry)  # (a legacy HDF5 model's: layers found by name, in all Kerases)
+    members = None if legacy else _subgroup(group, "layers", h5py)
+    if legacy:
+        for layer in layers:
+            if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
+                by_name[str(layer["config"].get("name"))] = group.child(str(layer["config"].get("name")), h5py)
     if members is not None:
         for key in members:
             entry = _subgroup(members, key, h5py)
             variables = _subgroup(entry, "vars", h5py)
             if variables is not None and "name" in variables.attrs:
                 by_name[_keras_name(variables.attrs["name"])] = entry
-    # Keras 3.0-3.5 write no names: there a layer's group is found as Keras finds it, by its path, the snake_case
-    # class name counted in the model's order (batch_normalization, batch_normalization_1, ...). Without this every
-    # BN of such a file "had no weights".
-    by_path = not by_name
+    # Keras 3.0-3.5 and tf.keras 2.13-2.15 write no names: there a layer's group is found as Keras finds it, by its
+    # path, the snake_case class name counted in the model's order (batch_normalization, batch_normalization_1, ...).
+    # Without this every BN of such a file "had no weights".
+    by_path = not legacy and not by_name
     counts: dict = {}
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
@@ -994,7 +1132,7 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
         if layer.get("class_name") == "BatchNormalization":
-            _load_saved_batch_norm(layer_config, layer.get("build_config"), by_name.get(name), where, found, path,
+            _load_saved_batch_norm(layer_config, _saved_build_config(layer), by_name.get(name), where, found, path,
                                    axis, h5py, shared)
         elif layer.get("class_name") == "TimeDistributed" and not (
                 isinstance(wrapped, dict) and isinstance(wrapped.get("class_name"), str)
@@ -1007,8 +1145,12 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             # The wrapped layer as Keras built it, on one time step's shape: Keras 3's wrapper calls it once per
             # step (statistics of each step in training), which the loaded layer does when called per step too.
             where = f"{where}/{wrapped['config'].get('name')}"
-            _load_saved_batch_norm(wrapped["config"], wrapped.get("build_config"),
-                                   _subgroup(by_name.get(name), "layer", h5py), where, found, path, axis, h5py, shared)
+            entry = by_name.get(name)
+            # (legacy HDF5: the wrapper's weights, the wrapped layer's named under it; else its "layer" group)
+            entry = (entry.child(str(wrapped["config"].get("name")), h5py) if legacy and entry is not None
+                     else _subgroup(entry, "layer", h5py))
+            _load_saved_batch_norm(wrapped["config"], _saved_build_config(wrapped), entry, where, found, path, axis,
+                                   h5py, shared)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
                                  shared)
@@ -1050,7 +1192,7 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
     if entry is None:
         raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
                          f"{where!r} (the weights file does not match the config)")
-    variables = _subgroup(entry, "vars", h5py)
+    variables = entry if isinstance(entry, _LegacyEntry) else _subgroup(entry, "vars", h5py)
     if variables is None:
         # (a TimeDistributed wrapper's group without layer/vars, or with a dataset or link there: the walk found
         # the wrapper's group, not the layer's variables, and reading None failed as "'NoneType' object is not
@@ -1058,7 +1200,8 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
         raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
                          f"{where!r} (no vars group of this file for it: the weights file does not match the config)")
     try:
-        arrays = _read_variables(variables, h5py)
+        arrays = (_read_legacy_variables(variables, h5py) if isinstance(variables, _LegacyEntry)
+                  else _read_variables(variables, h5py))
         found[where] = _batch_norm_from_saved(config, build_config, arrays, axis)
     except Exception as error:  # an untrusted file: whatever is malformed, say where
         raise ValueError(f"load_batch_norms: {path}: layer {where!r}: {error}") from None
@@ -1071,28 +1214,62 @@ def _read_variables(variables, h5py) -> list:
     keys = list(variables)
     if not all(key.isdigit() for key in keys) or sorted(map(int, keys)) != list(range(len(keys))):
         raise ValueError(f"its variables are named {keys[:8]}, not 0, 1, ...")
-    arrays = []
-    for key in sorted(keys, key=int):
-        dataset = _hard_member(variables, key, h5py)
-        if not isinstance(dataset, h5py.Dataset):
-            raise ValueError(f"variable {key} is not an array of this file")
-        if dataset.ndim > 8 or dataset.size > _MAX_VARIABLE_VALUES:
-            raise ValueError(f"variable {key} has shape {dataset.shape}: too large for a BN variable")
-        kind, declared = dataset.dtype, _keras_name(dataset.attrs.get("dtype", ""))
-        if kind.kind == "V" and kind.itemsize == 2 and declared == "bfloat16":
-            # Keras writes bfloat16 as raw 2-byte values: the high half of a float32, exactly.
-            raw = np.asarray(dataset[()]).view("<u2").astype("<u4")
-            arrays.append((raw << 16).view("<f4"))
-        elif kind.kind == "f":
-            arrays.append(np.asarray(dataset[()], dtype=kind))
-        else:
-            raise ValueError(f"variable {key} holds {kind} values, not floating-point numbers")
-    return arrays
+    return [_read_dataset(_hard_member(variables, key, h5py), key, h5py) for key in sorted(keys, key=int)]
+
+
+def _read_dataset(dataset, key: str, h5py) -> np.ndarray:
+    """A saved variable (HDF5 dataset ``key``, None when it is not one of this file) as a float array, its declared
+    size checked before it is read."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise ValueError(f"variable {key} is not an array of this file")
+    if dataset.ndim > 8 or dataset.size > _MAX_VARIABLE_VALUES:
+        raise ValueError(f"variable {key} has shape {dataset.shape}: too large for a BN variable")
+    kind, declared = dataset.dtype, _keras_name(dataset.attrs.get("dtype", ""))
+    if kind.kind == "V" and kind.itemsize == 2 and declared == "bfloat16":
+        # Keras writes bfloat16 as raw 2-byte values: the high half of a float32, exactly.
+        raw = np.asarray(dataset[()]).view("<u2").astype("<u4")
+        return (raw << 16).view("<f4")
+    if kind.kind == "f":
+        return np.asarray(dataset[()], dtype=kind)
+    raise ValueError(f"variable {key} holds {kind} values, not floating-point numbers")
+
+
+def _saved_build_config(layer: dict):
+    """A saved layer's build config. Keras 3's legacy HDF5 writer saves none, but in a functional model the layer's
+    call names its input tensor and that tensor's shape, which is the same; elsewhere (a Sequential's layers, tf.keras'
+    HDF5 files) there is none, and the layer is built from its weights (the input rank unknown)."""
+    if layer.get("build_config") is not None:
+        return layer["build_config"]
+    try:
+        tensor = layer["inbound_nodes"][0]["args"][0]
+        if tensor["class_name"] == "__keras_tensor__":
+            return {"input_shape": tensor["config"]["shape"]}
+    except (KeyError, IndexError, TypeError):
+        pass
+    return None
 
 
 def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis) -> BatchNormalization:
+    """The layer of a saved config and its variables' arrays, tf.keras 2's ways of saving undone: a built layer's
+    axis as a list of positive axes (``[3]``), shifted by one past the dimension a ghost-batch layer adds, and
+    ghost-batch or multi-axis weights in the broadcast shape of its inputs (``(1, 1, C)``)."""
+    if not arrays:
+        raise ValueError("it was saved unbuilt: it has no weights")
+    config = dict(config)
+    ghost = config.get("virtual_batch_size") is not None
+    saved_axis = config.get("axis", -1)
+    if isinstance(saved_axis, list) and saved_axis and all(type(a) is int for a in saved_axis):
+        saved_axis = [a - 1 for a in saved_axis] if ghost else saved_axis
+        config["axis"] = saved_axis[0] if len(saved_axis) == 1 else saved_axis
+    if axis is not None and not isinstance(config.get("axis"), int):
+        raise ValueError(f"load_batch_norms(axis={axis}): it normalizes over axes {config.get('axis')}; "
+                         "only a single feature axis can be moved")
+    if build_config is None:
+        build_config = _build_config_from_weights(config, arrays, ghost)
+    if build_config is None:
+        return _built_from_weights(config, arrays, axis)
     if not isinstance(build_config, dict) or "input_shape" not in build_config:
-        raise ValueError("it was saved unbuilt (no build_config): it has no weights")
+        raise ValueError(f"its build_config {str(build_config)[:80]} has no input_shape")
     shape = build_config["input_shape"]
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
             or not all(size is None or (type(size) is int and 0 <= size <= _MAX_VARIABLE_VALUES) for size in shape)):
@@ -1102,13 +1279,51 @@ def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis) -> Ba
         if features > _MAX_VARIABLE_VALUES:
             raise ValueError(f"its build_config input_shape {shape} gives {features} features: too many")
     if axis is not None:
-        saved_axis = config.get("axis")
-        if not isinstance(saved_axis, int):
-            raise ValueError(f"load_batch_norms(axis={axis}): it normalizes over axes {saved_axis}; "
-                             "only a single feature axis can be moved")
         shape = list(shape)
         rank = len(shape)
-        (old,), (new,) = canonicalize_axes(saved_axis, rank), canonicalize_axes(axis, rank, name="axis")
+        (old,), (new,) = canonicalize_axes(config["axis"], rank), canonicalize_axes(axis, rank, name="axis")
         shape.insert(new, shape.pop(old))
         config, build_config = {**config, "axis": axis}, {**build_config, "input_shape": shape}
-    return from_keras_config(config, build_config, arrays)
+    layer = from_keras_config(config, build_config)
+    layer.set_weights(_feature_shaped(arrays, layer))
+    return layer
+
+
+def _build_config_from_weights(config: dict, arrays: list, ghost: bool) -> Optional[dict]:
+    """A build config for a layer saved without one, where its weights tell the input rank: tf.keras' ghost-batch and
+    multi-axis weights have the inputs' broadcast shape (one more dimension for the ghost batches, first). None
+    where they do not (one value per feature: any rank)."""
+    widest = max(arrays, key=np.ndim)
+    axes = config.get("axis")
+    axes = [axes] if isinstance(axes, int) else axes
+    rank = widest.ndim - ghost
+    if widest.ndim <= 1 or not isinstance(axes, list) or not all(type(a) is int and 0 < a < rank for a in axes):
+        return None
+    shape = [None] * rank
+    for a in axes:
+        shape[a] = int(widest.shape[a + ghost])
+    return {"input_shape": shape}
+
+
+def _built_from_weights(config: dict, arrays: list, axis) -> BatchNormalization:
+    """The layer built on its weights' feature count alone, as a layer loading a state_dict is: the input rank is
+    unknown, so its axis stays as saved (a negative one counting from the end) and ``get_build_config()`` is None
+    until its first call or ``build(input_shape)``."""
+    layer = BatchNormalization.from_config(config if axis is None else {**config, "axis": axis})
+    if not isinstance(layer.axis, int) or arrays[0].ndim != 1:
+        raise ValueError(f"its axis {layer.axis} and weights of shape {arrays[0].shape} do not tell its input's rank "
+                         "(no build_config)")
+    layer._create(tuple(arrays[0].shape), layer.axis)
+    layer.set_weights(arrays)
+    return layer
+
+
+def _feature_shaped(arrays: list, layer: BatchNormalization) -> list:
+    """Saved arrays in the layer's weights' shapes where they differ only by size-1 dimensions (tf.keras' broadcast
+    shapes); any other shape is left for ``set_weights`` to refuse."""
+    shaped = list(arrays)
+    for index, (array, target) in enumerate(zip(arrays, (tuple(w.shape) for w in layer.weights))):
+        if (array.ndim > len(target) and array.size == math.prod(target)
+                and [d for d in array.shape if d != 1] == [d for d in target if d != 1]):
+            shaped[index] = array.reshape(target)
+    return shaped
