@@ -21,7 +21,8 @@ Porting: ``from_keras(keras_layer)`` (or ``from_keras_config(config, build_confi
 with what a Keras layer's ``get_config()``, ``get_build_config()`` and ``get_weights()`` return)
 gives the same layer here; ``layer.keras_config()`` is this layer as Keras' ``get_config()``
 writes it, and ``to_keras(layer)`` builds the Keras layer (Keras needed for that one only).
-``load_batch_norms("model.keras")`` takes every BN layer of a saved Keras model, without Keras.
+``load_batch_norms("model.keras")`` takes every BN layer of a saved Keras model (Keras 3 or tf.keras 2, ``.keras``
+or legacy ``.h5``), without Keras.
 """
 
 from __future__ import annotations
@@ -829,10 +830,17 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
-    """The BatchNormalization layers of a Keras 3 model saved with ``model.save("x.keras")``, without Keras.
+    """The BatchNormalization layers of a Keras model saved with ``model.save(...)``, without Keras.
+
+    Read: Keras 3's ``.keras`` archives, tf.keras 2.13-2.15's (TensorFlow's bundled Keras 2, whose weights file is
+    laid out by path), and legacy HDF5 models (``model.save("x.h5")``) of tf.keras 2 and Keras 3. A weights-only
+    HDF5 file (``model.save_weights``) holds no layer options and is refused (a ValueError saying what to do).
 
     Returns ``{path: BatchNormalization}``, built and holding the saved weights (moving statistics
-    included), in the order of the model's config; a layer inside a nested model is found under
+    included; tf.keras' options Keras 3 lacks too: ``virtual_batch_size``, a list ``axis``), in the order of the
+    model's config. A layer the file gives no input shape for (legacy HDF5 files save none, except Keras 3's for
+    a functional model's layers) is built from its weights alone, as one loading a state_dict: any input rank is
+    taken, and ``get_build_config()`` is None until ``layer.build(input_shape)`` (which keeps the weights); a layer inside a nested model is found under
     ``"outer/inner"`` (``"block/bn_inner"``), one wrapped in ``TimeDistributed`` under ``"wrapper/layer"``
     (built on one time step, as Keras built it; Keras 3's wrapper calls it once per step). Each is
     ``from_keras_config`` of the layer's saved config, build config and weights, so it computes what
@@ -840,7 +848,7 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
 
     ``axis`` moves the feature axis: a channels-last Keras layer (``axis=-1`` on NHWC data) taken with
     ``axis=1`` normalizes the same channels of an NCHW PyTorch model (its build shape is permuted
-    to match; only layers with a single feature axis).
+    to match, where the file gives it; only layers with a single feature axis).
 
     Only data is read: the archive's JSON and the HDF5 arrays (h5py needed: ``pip install h5py``).
     Nothing in the file is imported or executed; initializers, regularizers and constraints are
@@ -1308,7 +1316,7 @@ def _build_config_from_weights(config: dict, arrays: list, ghost: bool) -> Optio
 def _built_from_weights(config: dict, arrays: list, axis) -> BatchNormalization:
     """The layer built on its weights' feature count alone, as a layer loading a state_dict is: the input rank is
     unknown, so its axis stays as saved (a negative one counting from the end) and ``get_build_config()`` is None
-    until its first call or ``build(input_shape)``."""
+    until ``build(input_shape)``."""
     layer = BatchNormalization.from_config(config if axis is None else {**config, "axis": axis})
     if not isinstance(layer.axis, int) or arrays[0].ndim != 1:
         raise ValueError(f"its axis {layer.axis} and weights of shape {arrays[0].shape} do not tell its input's rank "
