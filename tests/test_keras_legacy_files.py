@@ -20,8 +20,9 @@ from normkit.keras import BatchNormalization, load_batch_norms
 h5py = pytest.importorskip("h5py", reason="load_batch_norms reads HDF5: pip install h5py (normkit[keras])")
 
 DATA = Path(__file__).parent / "data"
-TF_PATHS = ["bn_conv", "bn_axes", "bn_ghost", "bn_renorm", "bn_bare", "outer/inner/bn_deep", "outer/bn_mid"]
-K3_PATHS = ["bn_conv", "bn_renorm", "bn_bare", "outer/inner/bn_deep", "outer/bn_mid"]
+TF_PATHS = ["bn_conv", "bn_axes", "bn_ghost", "bn_renorm", "bn_bare", "steps/bn_steps", "outer/inner/bn_deep",
+            "outer/bn_mid"]
+K3_PATHS = ["bn_conv", "bn_renorm", "bn_bare", "steps/bn_steps", "outer/inner/bn_deep", "outer/bn_mid"]
 FILES = [("tfkeras_bn_legacy.h5", "tfkeras_bn_legacy.npz", TF_PATHS),
          ("tfkeras_bn_model.keras", "tfkeras_bn_legacy.npz", TF_PATHS),
          ("keras3_bn_legacy.h5", "keras3_bn_legacy.npz", K3_PATHS)]
@@ -81,6 +82,10 @@ def test_the_loaded_layers_compute_what_keras_computed(name, npz, paths):
     record = recorded(npz)
     for path, layer in load_batch_norms(DATA / name).items():
         x = torch.as_tensor(record[f"{path}/x"])
+        if path == "steps/bn_steps":  # (the wrapper's inference: the layer on every time step's rows)
+            y = layer(x.reshape(-1, x.shape[-1]), training=False).reshape(x.shape)
+            np.testing.assert_allclose(y.detach().numpy(), record[f"{path}/y_infer"], rtol=1e-5, atol=1e-6)
+            continue
         np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
                                    rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
         np.testing.assert_allclose(layer(x, training=True).detach().numpy(), record[f"{path}/y_train"],

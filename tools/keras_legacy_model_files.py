@@ -12,10 +12,12 @@ Keras 3 writes tests/data/keras3_bn_legacy.h5 and .npz. tf.keras writes tests/da
 HDF5 model), tfkeras_bn_model.keras (its .keras archive) and tfkeras_bn_weights.h5 (``model.save_weights``: no
 config), one trained model saved three ways, and tfkeras_bn_legacy.npz. Each model has a channels-last conv BN (the
 fused kernel in tf.keras), dense BNs with renorm and clipping, with scale=False and with neither center nor scale,
-BNs two models deep (outer/inner/bn_deep) and, in tf.keras only, a ghost-batch BN (virtual_batch_size) and one
+BNs two models deep (outer/inner/bn_deep), one in TimeDistributed (steps/bn_steps) and, in tf.keras only, a ghost-batch BN (virtual_batch_size) and one
 over a list of axes. For every BN layer (key prefix = its path): ``weights_<i>`` as ``get_weights()`` returns
 them, ``x`` (a seeded input), ``y_infer`` and ``y_train`` (the layer's inference and training outputs on ``x``) and
 ``after_<i>`` (the weights after that training call); ``<path>/fused`` is 1 where tf.keras ran its fused kernel.
+For the TimeDistributed one, ``weights_<i>``, ``x`` (a (batch, time, features) sequence) and ``y_infer`` (the
+wrapper's inference output) only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import numpy as np
 
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
-from keras_nested_model_file import inference_record, to_numpy, trained_and_saved
+from keras_nested_model_file import inference_record, to_numpy, trained_and_saved, wrapped_batch_norm_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -47,6 +49,9 @@ def build_model(keras, tf_keras: bool):
     h = layers.BatchNormalization(name="bn_renorm", momentum=0.6, renorm=True, renorm_momentum=0.8,
                                   renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.5})(h)
     h = layers.BatchNormalization(name="bn_bare", momentum=0.7, center=False, scale=False, epsilon=0.01)(h)
+    # (tf.keras names a wrapped layer's weights by the wrapper's path, steps/gamma:0, not the layer's)
+    steps = layers.TimeDistributed(layers.BatchNormalization(name="bn_steps", momentum=0.9), name="steps")
+    h = layers.Flatten(name="flat")(steps(layers.Reshape((2, 2), name="as_steps")(h)))
     inner = keras.Sequential([layers.Dense(4, name="dense_deep"),
                               layers.BatchNormalization(name="bn_deep", momentum=0.5, scale=False)], name="inner")
     outer = keras.Sequential([layers.Dense(4, name="dense_mid"), inner,
@@ -64,6 +69,8 @@ def record(keras, model, rng) -> dict:
         arrays[f"{path}/y_train"] = to_numpy(keras, layer(x, training=True))
         for index, weight in enumerate(layer.get_weights()):
             arrays[f"{path}/after_{index}"] = weight
+    for path, wrapper in wrapped_batch_norm_layers(model):  # (inference only: the Kerases' wrappers train otherwise)
+        arrays.update(inference_record(keras, path, wrapper.layer, wrapper, rng.normal(size=(8, 2, 2)) * 1.5 + 0.5))
     return arrays
 
 
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
             sys.exit(f"tools/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 (its bundled Keras 2 "
                      f"writes the .keras layout recorded here); this is {tf.__version__}")
         out = os.path.join(DATA, "tfkeras_bn_legacy")
-        paths = [out + ".h5", os.path.join(DATA, "tfkeras_bn_model.keras")]
+        paths = [os.path.join(DATA, "tfkeras_bn_model.keras")]
     else:
         os.environ.setdefault("KERAS_BACKEND", "torch")
         try:
@@ -92,15 +99,19 @@ def main(argv=None) -> int:
                      "--tf-keras")
         version = f"keras {keras.__version__}"
         out = os.path.join(DATA, "keras3_bn_legacy")
-        paths = [out + ".h5"]
+        paths = []
     model, rng = trained_and_saved(keras, lambda k: build_model(k, args.tf_keras), paths, x_shape=(6, 6, 3),
                                    y_shape=(4,))
+    # Legacy HDF5 without the optimizer's slots (a third of the file's objects; load_batch_norms never reads them):
+    # the files stay small. The .keras format takes no such option.
+    paths.append(out + ".h5")
+    model.save(paths[-1], include_optimizer=False)
     if args.tf_keras:
         model.save_weights(os.path.join(DATA, "tfkeras_bn_weights.h5"))  # (legacy HDF5 weights: no config inside)
     arrays = record(keras, model, rng)
     np.savez_compressed(out + ".npz", **arrays)
     print(f"wrote {', '.join(os.path.basename(p) for p in paths)} and {os.path.basename(out)}.npz: "
-          f"{', '.join(path for path, _ in batch_norm_layers(model))} ({version})")
+          f"{', '.join(path for path, _ in [*batch_norm_layers(model), *wrapped_batch_norm_layers(model)])} ({version})")
     return 0
 
 

@@ -1024,18 +1024,19 @@ def _weight_names(group, h5py) -> list:
 class _LegacyEntry:
     """A layer's place in a legacy HDF5 model: the group of the top-level layer it belongs to
     (``model_weights/<name>``) and its path of layer names from there. Layers of a nested model have no group of
-    their own: their weights are the top-level layer's, named in its ``weight_names``."""
+    their own: their weights are the top-level layer's, named in its ``weight_names``. ``wrapped``: the layer of a
+    wrapper (TimeDistributed), whose weights tf.keras names by the wrapper's path (``steps/gamma:0``)."""
 
-    __slots__ = ("group", "names")
+    __slots__ = ("group", "names", "wrapped")
 
-    def __init__(self, group, names: tuple):
-        self.group, self.names = group, names
+    def __init__(self, group, names: tuple, wrapped: bool = False):
+        self.group, self.names, self.wrapped = group, names, wrapped
 
-    def child(self, name: str, h5py) -> Optional["_LegacyEntry"]:
+    def child(self, name: str, h5py, wrapped: bool = False) -> Optional["_LegacyEntry"]:
         if self.names:
-            return _LegacyEntry(self.group, self.names + (name,))
+            return _LegacyEntry(self.group, self.names + (name,), wrapped)
         group = _subgroup(self.group, name, h5py)  # (a top-level layer: its own group, or no weights)
-        return None if group is None else _LegacyEntry(group, (name,))
+        return None if group is None else _LegacyEntry(group, (name,), wrapped)
 
 
 # A BatchNormalization's variables in Keras' order (tf.keras and Keras 3 name them alike).
@@ -1047,13 +1048,16 @@ def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
 
     Keras reads a top-level layer's group positionally: all its weights are the layer's. A nested model's group
     lists every inner layer's weights, trainable ones first, so a BN's are picked by name: tf.keras names them
-    ``bn/gamma:0``, Keras 3 by their whole path (``outer/inner/bn/gamma``); either path ends where the other does."""
+    ``bn/gamma:0``, Keras 3 by their whole path (``outer/inner/bn/gamma``); either path ends where the other does. A
+    wrapper holds one layer: a top-level wrapper's group is its layer's weights alone, as a top-level layer's."""
     mine: dict = {}
+    paths = [entry.names] + ([entry.names[:-1]] if entry.wrapped else [])
+    whole_group = len(entry.names) == 1 or (entry.wrapped and len(entry.names) == 2)
     for name in _weight_names(entry.group, h5py):
         parts = name.split("/")
         owner, variable = tuple(parts[:-1]), parts[-1].split(":")[0]  # (tf.keras appends the output index, ":0")
-        common = min(len(owner), len(entry.names))
-        if len(entry.names) > 1 and not (common and owner[-common:] == entry.names[-common:]):
+        if not whole_group and not any(owner and path and owner[-min(len(owner), len(path)):]
+                                       == path[-min(len(owner), len(path)):] for path in paths):
             continue
         if variable in mine:
             raise ValueError(f"its weights are ambiguous in {entry.group.name}: {mine[variable]!r} and {name!r} are both "
@@ -1155,7 +1159,7 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             where = f"{where}/{wrapped['config'].get('name')}"
             entry = by_name.get(name)
             # (legacy HDF5: the wrapper's weights, the wrapped layer's named under it; else its "layer" group)
-            entry = (entry.child(str(wrapped["config"].get("name")), h5py) if legacy and entry is not None
+            entry = (entry.child(str(wrapped["config"].get("name")), h5py, wrapped=True) if legacy and entry is not None
                      else _subgroup(entry, "layer", h5py))
             _load_saved_batch_norm(wrapped["config"], _saved_build_config(wrapped), entry, where, found, path, axis,
                                    h5py, shared)
