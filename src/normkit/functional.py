@@ -71,6 +71,9 @@ def _functions_refused():
     return not torch.compiler.is_compiling() and kernels.transforms_active()
 
 
+# torch.jit.trace (the legacy ONNX exporter's tracer) is recording: its sizes are 0-dim tensors, and comparing one in
+# Python warns (modules._tracing_state); checks of sizes are skipped there. (Bound: ~40 ns a call.)
+_tracing_state = torch._C._get_tracing_state
 def without_data(x):
     """A meta or fake tensor (shape inference, FakeTensorMode's memory and FLOP estimates): torch.nn's layers run on
     them, so no path may read their values on the host or size a result by them."""
@@ -401,8 +404,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     feature_axes = canonicalize_axes(axis, x.dim())
     # (a list, not a generator, for the product: Dynamo cannot trace math.prod of a generator)
     features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
-    check_per_feature_sizes((running_mean, running_var, weight, bias, renorm_mean, renorm_stddev, moving_stddev),
-                            torch.Tensor.numel, features, axis, x.shape)
+    if _tracing_state() is None:  # (torch.jit.trace's sizes are tensors: comparing them warns; ATen checks the example's)
+        check_per_feature_sizes((running_mean, running_var, weight, bias, renorm_mean, renorm_stddev, moving_stddev),
+                                torch.Tensor.numel, features, axis, x.shape)
     # The options' own checks come before the eval return, as in reference.batch_norm: a mask of another shape, a
     # clipping that is not three bounds or an adjustment that cannot be called were ignored silently in eval.
     if mask is not None:
@@ -437,8 +441,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     # keep torch.nn's own kernel (and its exact bits), as every plain call on a GPU does.
     # Under torch.compile the compiler fuses the composite paths itself: no kernels, no gathers.
     compiling = torch.compiler.is_compiling()
-    if kernels.enabled() and kernels.enabled(x.device) and adjustment is None and not compiling and not (
-            plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda)):
+    if (kernels.enabled() and kernels.enabled(x.device) and adjustment is None and not compiling
+            and _tracing_state() is None  # (a trace records ATen's ops: kernels.traced)
+            and not (plain and unbiased_running_var and (feature_axes != (x.dim() - 1,) or x.dim() < 4 or x.is_cuda))):
         y = _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, running_mean, running_var,
                               weight, bias, training, momentum, eps, unbiased_running_var, renorm_mean,
                               renorm_stddev, moving_stddev, renorm_clipping, renorm_momentum)
@@ -1434,7 +1439,7 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
     An input without values (no spatial position, ``(N, C, 0)``, or no sample) gives an empty output and zero
     gradients for weight and bias, as an empty batch does: ATen's backward for ``(N, C, 0)`` multiplies an empty
     sum by the 0/0 statistics and gave gamma a NaN gradient (torch.nn's GroupNorm too)."""
-    if x.numel() == 0:
+    if _tracing_state() is None and x.numel() == 0:  # (traced sizes are tensors, and the trace needs no special case)
         with torch.no_grad():  # (ATen's own checks of the shapes: the same errors as before)
             torch.group_norm(x.detach(), num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)

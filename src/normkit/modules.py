@@ -72,6 +72,15 @@ def _check_momentum(momentum, *, name="momentum"):
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
+# torch.jit.trace (and the legacy ONNX exporter, torch.onnx.export(..., dynamo=False), which traces with it) records
+# sizes: each entry of ``input.shape`` is a 0-dim tensor there, and a Python comparison of one emits a TracerWarning
+# ("Converting a tensor to a Python boolean might cause the trace to be incorrect"). The layers' Python-side checks of
+# sizes are skipped while tracing, as torch's own are (torch.distributions): they check, they compute nothing, and
+# ATen still checks the example's sizes against the weights and buffers. (The bound C function costs ~40 ns a call,
+# torch.jit.is_tracing ~170; Dynamo folds it to None.)
+_tracing_state = torch._C._get_tracing_state
+
+
 
 # (The checks of the options that BatchNorm, the Keras-vocabulary layer and the functional twins share,
 # check_virtual_batch_size, check_ghost_layout and check_adjustment, are in stats.py.)
@@ -694,6 +703,8 @@ class BatchNorm(_NormBase):
         """The input's feature axes; another number of features than the layer's is refused, but (``training``
         given) where the call reads nothing sized by it, as torch.nn's layer accepts it there."""
         axes = canonicalize_axes(self.axis, input.dim())
+        if _tracing_state() is not None:
+            return axes  # (sizes unchecked while tracing: see _tracing_state)
         sizes = tuple(input.shape[a] for a in axes)
         expected = (self.num_features,) if isinstance(self.num_features, int) else self.num_features
         matches = math.prod(sizes) == self.num_features if isinstance(self.num_features, int) else sizes == expected
@@ -722,6 +733,8 @@ class BatchNorm(_NormBase):
         counted. (The option paths took it silently or failed deep inside after moving buffers: ghost batches
         normalized with the first values of a 4-value weight repeated across the groups; renorm said "The size of
         tensor a (3) must match the size of tensor b (4)" with the count moved.)"""
+        if _tracing_state() is not None:
+            return  # (a traced tensor's numel is a tensor: see _tracing_state; ATen checks the sizes it reads)
         features = self.num_features if isinstance(self.num_features, int) else math.prod(self.num_features)
         weight, bias = _affine_of(self)
         named = [("weight", weight), ("bias", bias)]
@@ -762,7 +775,7 @@ class BatchNorm(_NormBase):
                 f"mask of shape {given} does not fit an input of shape {tuple(input.shape)}: give a mask "
                 f"of shape {expected} (the input without its feature axes), or one broadcastable to it"
             )
-        if not broadcasts_to(mask.shape, input.shape):
+        if _tracing_state() is None and not broadcasts_to(mask.shape, input.shape):  # (see _tracing_state)
             raise ValueError(f"mask of shape {given} cannot broadcast to the input's shape {tuple(input.shape)}: give "
                              f"a mask of shape {expected} (the input without its feature axes), or one broadcastable "
                              "to it")
@@ -844,7 +857,7 @@ class BatchNorm(_NormBase):
         training = self.training and not frozen
         channels, restore, back = input, None, None
         if self.axis == -1 and input.dim() > 2:
-            if input.shape[-1] != self.num_features:
+            if _tracing_state() is None and input.shape[-1] != self.num_features:
                 self._feature_axes(input, training)  # raises the explanatory error where the size matters
             if not input.is_contiguous() or (training and input.dim() >= 4 and input.is_cpu
                                              and kernels.takes(input)):
@@ -857,7 +870,7 @@ class BatchNorm(_NormBase):
                 channels = input.permute(F._FEATURES_FIRST[input.dim()])
             else:
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
-        elif input.shape[1] != self.num_features:
+        elif _tracing_state() is None and input.shape[1] != self.num_features:
             self._feature_axes(input, training)  # raises the explanatory error where the size matters
         factor = 0.0
         if training:
@@ -950,9 +963,11 @@ class BatchNorm(_NormBase):
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
-        if (isinstance(input, torch.Tensor) and input.dim() >= 4 and 1 in input.shape
+        if (isinstance(input, torch.Tensor) and input.dim() >= 4 and not input.is_contiguous()
+                and _tracing_state() is None  # (a trace would record the example's shape in the views' sizes)
                 and (torch.compiler.is_compiling() or not _under_vmap(input))):  # (vmap: no memory formats)
             # ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong gradients.
+            # (A contiguous input never needs it: canonical_channels_last, which checks the rest, returns it.)
             input = F.canonical_channels_last(input)
         if ((self._plain or (self._plain_eval and (not self.training or self.frozen))) and mask is None
                 and not self._recenter and not torch.compiler.is_compiling()):  # (compiled graphs: recentered path)
@@ -1268,7 +1283,8 @@ class LayerNorm(_SampleNorm):
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return self._fx_trace(input, torch.nn.functional.layer_norm, shape)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
-                and (weight is None or weight.dtype == input.dtype) and input.shape[-len(shape):] == shape
+                and (weight is None or weight.dtype == input.dtype)
+                and (_tracing_state() is not None or input.shape[-len(shape):] == shape)  # (see _tracing_state)
                 and self.eps > 0):  # (else the general path refuses the eps)
             try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                 return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
@@ -1324,7 +1340,8 @@ class GroupNorm(_SampleNorm):
             return self._fx_trace(input, torch.nn.functional.group_norm, self.num_groups)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.dim() >= 2
-                and input.shape[1] == self.num_channels and input.numel() != self.num_groups
+                and (_tracing_state() is not None  # (sizes unchecked while tracing: see _tracing_state)
+                     or (input.shape[1] == self.num_channels and input.numel() != self.num_groups))
                 and self.eps > 0):  # (else the general path refuses the eps)
             try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                 return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
@@ -1390,12 +1407,13 @@ class _InstanceNorm(_NormBase):
         # passes to the same call); on small inputs those checks and Module.__getattr__ cost 5-15% of the op.
         weight, bias = _affine_of(self)
         batched_rank = self._spatial_dims + 2
+        traced = _tracing_state() is not None  # (sizes unchecked while tracing: see _tracing_state)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype) and input.dim() == batched_rank
-                and input.shape[1] == self.num_features and input.numel() != 0
+                and (traced or (input.shape[1] == self.num_features and input.numel() != 0))
                 and type(self.eps) is float and 0.0 < self.eps < math.inf):
             use_input_stats = self.training or not self.track_running_stats
-            if not use_input_stats or math.prod(input.shape[2:]) > 1:
+            if not use_input_stats or traced or math.prod(input.shape[2:]) > 1:
                 try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                     return torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
                                                _buffer_of(self, "running_var"), use_input_stats,
