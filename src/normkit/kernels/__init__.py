@@ -165,8 +165,16 @@ def takes(x: torch.Tensor) -> bool:
     if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or is_fake(x):
         return False  # (compiled graphs never call the kernels, and Dynamo refuses to trace is_fake)
     if x.is_cpu:
-        return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
-    return _cuda_on and x.is_cuda and not transforms_active()
+        return _cpu_on and not traced() and x.numel() <= fused_max_numel() and not transforms_active()
+    return _cuda_on and x.is_cuda and not traced() and not transforms_active()
+
+
+def traced() -> bool:
+    """Whether torch.jit.trace is recording (the legacy ONNX exporter, ``torch.onnx.export(..., dynamo=False)``,
+    traces with it): a trace records ATen's operations, and the kernels' autograd functions are opaque to it (the
+    ONNX export of a training step failed, "IndexError: list index out of range"), so the layers keep ATen's paths.
+    (Checked before any size: a traced size is a tensor, and comparing it warns.)"""
+    return torch._C._get_tracing_state() is not None
 
 
 def is_fake(x: torch.Tensor) -> bool:
@@ -477,7 +485,7 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
     inside the kernels' autograd functions: ATen's paths compute the same function there; and where a buffer the
     step needs is missing (``complete_state``).
     """
-    if transforms_active() or is_fake(x):
+    if transforms_active() or is_fake(x) or traced():
         return None
     if not complete_state(running_mean, running_var, renorm_mean, renorm_stddev, moving_stddev, settings[-1]):
         return None
