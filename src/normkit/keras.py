@@ -375,6 +375,13 @@ class BatchNormalization(nn.Module):
     def _build_on_first_call(self, inputs: torch.Tensor) -> None:
         # Eager even inside torch.compile: creating modules and parameters cannot be traced (torch.compile
         # special-cases torch's own lazy modules; this layer gets the same by building outside the graph).
+        if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+            # torch.export and torch.jit.trace (both ONNX exporters) cannot create parameters mid-trace: export said
+            # "Attempted to use an uninitialized parameter", the trace "num_features must be a positive int, got
+            # tensor(3)" (its sizes are tensors). torch.nn's lazy layers are refused the same way.
+            raise RuntimeError(f"{self.name} is not built yet, and torch.export, torch.jit.trace and torch.onnx.export "
+                               "cannot build it while tracing: call the layer once on an example input (or "
+                               "layer.build(input_shape)) before exporting it")
         self.build(tuple(inputs.shape), device=inputs.device)
 
     def _create(self, sizes: tuple, axis, device=None) -> None:

@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Callable, Optional, Sequence, Union
@@ -80,6 +81,19 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 # torch.jit.is_tracing ~170; Dynamo folds it to None.)
 _tracing_state = torch._C._get_tracing_state
 
+
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx.export is running, by either exporter (read only while a trace or torch.export runs, and
+    only where torch.onnx is imported: torch.onnx.is_in_onnx_export costs ~2 us)."""
+    if (_tracing_state() is None and not torch.compiler.is_exporting()) or "torch.onnx" not in sys.modules:
+        return False
+    # The dynamo exporter retries a failed torch.export(strict=False) with strict=True, where Dynamo folds
+    # torch.onnx.is_in_onnx_export() to False: its flag is read as well.
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:  # (another torch's layout: the public flag alone)
+        _flags = None
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_flags, "_is_onnx_exporting", False))
 
 
 # (The checks of the options that BatchNorm, the Keras-vocabulary layer and the functional twins share,
@@ -1081,6 +1095,9 @@ class BatchNorm(_NormBase):
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         training = self.training and not self.frozen
+        if training and (self.renorm or self.virtual_batch_size is not None or mask is not None
+                         or self.adjustment is not None) and _onnx_exporting():
+            self._refuse_onnx_training(mask)
         try:
             F.check_floating(input)
             _check_input_device(input, self.weight, self.running_mean)  # (before the count: ATen would refuse after)
@@ -1133,6 +1150,21 @@ class BatchNorm(_NormBase):
             # one subtraction the compiler fuses into the statistics pass.
             recenter=self._recenter or torch.compiler.is_compiling(),
         )
+
+    def _refuse_onnx_training(self, mask) -> None:
+        """ONNX has no training form of renorm, ghost batches, masks or adjustment: both exporters failed on the
+        training step's operations (normkit's renorm_factors, aten._foreach_lerp, aten::batch_norm_update_stats),
+        naming none of the layer's options. Their inference is plain batch normalization, which exports."""
+        options = [name for name, on in (("renorm=True", self.renorm),
+                                         (f"virtual_batch_size={self.virtual_batch_size}",
+                                          self.virtual_batch_size is not None),
+                                         ("a mask", mask is not None), ("adjustment", self.adjustment is not None))
+                   if on]
+        name = getattr(self, "_built_by", None) or type(self).__name__
+        raise RuntimeError(f"{name} with {' and '.join(options)} cannot be exported to ONNX in training mode: ONNX has "
+                           "no operators for that training step. Export the model in eval mode (model.eval() before "
+                           "torch.onnx.export; with dynamo=False, training=torch.onnx.TrainingMode.EVAL, its default), "
+                           "where the layer normalizes with its running statistics: one BatchNormalization node")
 
     def _refuse_with_peers(self, training: bool, input=None) -> None:
         """Before this process refuses its input to a synchronized training step: the peers are (or will be)
