@@ -1,6 +1,6 @@
 """Deployment through ONNX: models with normkit's layers export with torch.onnx.export (the dynamo exporter and the
 legacy TorchScript one), become the ONNX operators torch.nn's layers become, and run in onnxruntime with torch's
-outputs; training-mode exports do what torch.nn's do or are refused by name (docs/tools.md, "Deployment: ONNX")."""
+outputs; training-mode exports do what torch.nn's do or are refused by name (docs/decisions.md, "Deployment: ONNX")."""
 
 import copy
 import io
@@ -18,8 +18,7 @@ from normkit.keras import BatchNormalization
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-# float32 tolerances of torch's own ONNX tests (test/onnx: rtol 1e-3 / atol 1e-7 there for most ops; these are tighter
-# on rtol, and the comparisons are of the same float32 arithmetic)
+# float32 tolerances: onnxruntime computes the same float32 normalization as torch, in another order of operations
 RTOL, ATOL = 1e-4, 1e-5
 EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
 
