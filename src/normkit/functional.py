@@ -875,6 +875,15 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
             for buffer, target, w in zip(buffers, targets, weights):
                 buffer.copy_(buffer.float().mul(1 - w).add_(target.float().view(shape).mul(w)))
             return
+        if torch._C._are_functorch_transforms_active():
+            # Under torch.func's vmap (an ensemble's stacked buffers) _foreach_lerp_ has no batching rule (lerp_ only
+            # vmap's slow fallback): one out-of-place lerp and copy_ per buffer. Under functionalize a captured buffer
+            # takes the values, not the functional wrappers (ATen's "INTERNAL ASSERT FAILED ... mutating a
+            # non-functional tensor with a functional tensor").
+            weights = weight if isinstance(weight, list) else [weight] * len(buffers)
+            for buffer, target, w in zip(buffers, targets, weights):
+                buffer.copy_(_value_for(buffer, torch.lerp(buffer, cast(target), w)))
+            return
         torch._foreach_lerp_(buffers, [cast(t) for t in targets], weight)
 
     if renorm_mean is None:
@@ -882,11 +891,24 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
         return
     lerp([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
     lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
-    if seen is None:
+    if seen is None and not torch._C._are_functorch_transforms_active():
         torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+    elif seen is None:  # (vmap has no batching rule for out=)
+        running_var.copy_(_value_for(running_var, torch.mul(moving_stddev, moving_stddev).sub(eps).clamp(min=0.0)))
     else:
         derived = torch.mul(moving_stddev, moving_stddev).sub_(eps).clamp_(min=0.0)
-        running_var.copy_(torch.where(seen.to(torch.bool), derived, running_var))
+        running_var.copy_(_value_for(running_var, torch.where(seen.to(torch.bool), derived, running_var)))
+
+
+def _value_for(buffer, value):
+    """``value`` as an in-place update of ``buffer`` takes it: under torch.func.functionalize, a buffer the
+    function captured (a module's, not wrapped) cannot take a functional tensor, so it gets the value inside."""
+    functorch = torch._C._functorch
+    if (isinstance(value, torch.Tensor) and functorch.is_functionaltensor(value)
+            and not functorch.is_functionaltensor(buffer)):
+        torch._sync(value)
+        return functorch._unwrap_functional_tensor(value, False)
+    return value
 
 
 class _FoldedBatchNorm(torch.autograd.Function):

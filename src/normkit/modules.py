@@ -336,7 +336,7 @@ class _NormBase(nn.Module):
             return self.momentum if self.momentum is not None else 0.0
         count.add_(1)
         if self.momentum is None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or _under_vmap(count):  # (vmap: an ensemble's stacked counts)
                 # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
                 # torch.export refuses it) and the running average's weight 1/t is computed on the device.
                 # (in float32 at least: a float16 count would overflow at 65504 steps). Running buffers set to None
@@ -893,6 +893,8 @@ class BatchNorm(_NormBase):
                 if self._recenter:
                     return self._forward_options(input, None)
             if self.track_running_stats:  # read per call, as torch.nn does: users switch it off on a built layer
+                if self.momentum is None and self._counts_batched():
+                    return self._forward_options(input, None)  # (1 / count is a batched tensor there: not ATen's)
                 factor = self._tracking_factor()
         use_buffers = not training or self.track_running_stats
         # (read through the dicts: Module.__getattr__ is a measurable share of a small step)
@@ -958,6 +960,13 @@ class BatchNorm(_NormBase):
         F._move_running_stats(running_mean, running_var, batch_mean, batch_var * ((count - 1) / count), factor,
                               self.eps)
         return y
+
+    def _counts_batched(self) -> bool:
+        """Whether torch.func.vmap batches the step count (``stack_module_state``'s ensemble of layers): the
+        cumulative average's weight 1/t is then a batched tensor, which ATen's kernel cannot take as its momentum
+        (and reading it as a number fails: torch.nn's layer fails there, with vmap's error about .item())."""
+        count = _buffer_of(self, "num_batches_tracked")
+        return isinstance(count, torch.Tensor) and _under_vmap(count)
 
     def _recenter_check_due(self) -> bool:
         """Count a training step down to the next recenter check (True: check now).
@@ -1065,7 +1074,7 @@ class BatchNorm(_NormBase):
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
-                or kernels.takes(input)
+                or kernels.takes(input) or (self.momentum is None and self._counts_batched())
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
                 or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)
@@ -1088,9 +1097,12 @@ class BatchNorm(_NormBase):
             if running_mean is not None and _buffer_of(self, "num_batches_tracked") is not None:
                 _buffer_of(self, "num_batches_tracked").sub_(1)
             return None
-        if running_mean is not None:
+        if running_mean is not None and not torch._C._are_functorch_transforms_active():
             torch.mean(wide_mean.view(groups, channels), 0, out=running_mean)
             torch.mean(wide_var.view(groups, channels), 0, out=running_var)
+        elif running_mean is not None:  # (vmap, an ensemble's stacked buffers: no batching rule for out=)
+            running_mean.copy_(wide_mean.view(groups, channels).mean(0))
+            running_var.copy_(wide_var.view(groups, channels).mean(0))
         return y.reshape(input.shape)
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
