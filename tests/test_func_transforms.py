@@ -169,3 +169,77 @@ def test_functionalize_drop_in_as_torch_nn(training):
         results.append([functionalize(layer)(x), *layer.state_dict().values()])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ per-sample gradients in training
+
+def _per_sample_case(name, samples=3):
+    """A float64 layer of OPTIONS[name] (random parameters), ``samples`` batches of its input shape, masks and
+    cotangents."""
+    layer = _built(name, 0)
+    x, mask = _data(name, 1, models=samples)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return layer, x, mask, g
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_replace_all_batch_norm_modules_gives_per_sample_gradients_in_training(name):
+    """torch.func.replace_all_batch_norm_modules_ tests isinstance against torch.nn's _BatchNorm and leaves normkit's
+    layers tracking (vmap then refuses them); normkit.replace_all_batch_norm_modules_ switches their statistics off
+    as torch's does torch.nn's: vmap(grad(loss)) over samples, each one batch normalized by its own statistics.
+    The Keras layer failed after the recipe's three lines by hand (its forward read the moving mean's dtype).
+    Oracle: the reference's gradient of each sample's batch."""
+    layer, x, mask, g = _per_sample_case(name)
+    model = nn.Sequential(layer) if name == "plain" else layer  # (a container too)
+    assert normkit.replace_all_batch_norm_modules_(model) is model
+    bn = _bn(layer)
+    assert bn.running_mean is None and bn.num_batches_tracked is None and not bn.track_running_stats and not bn.renorm
+    params = {key: value.detach() for key, value in model.named_parameters()}
+    kwargs = (lambda m: {}) if mask is None else (lambda m: {"mask": m})
+
+    def loss(p, x, m, g):
+        return (functional_call(model, p, (x,), kwargs(m)) * g).sum()
+
+    grads = vmap(torch.func.grad(loss), in_dims=(None, 0, None if mask is None else 0, 0))(params, x, mask, g)
+    for sample in range(x.shape[0]):
+        m = None if mask is None else mask[sample]
+        full_mask = None if m is None else (m.unsqueeze(-1) if m.dim() < x.dim() - 1 else m).numpy()
+        want = reference.batch_norm_backward(
+            g[sample].numpy(), x[sample].numpy(), None, None, bn.weight.detach().numpy(), bn.bias.detach().numpy(),
+            True, bn.eps, axis=bn.axis, mask=full_mask, virtual_batch_size=bn.virtual_batch_size,
+            ghost_layout=bn.ghost_layout)
+        for key, expected in zip(("weight", "bias"), want[1:], strict=True):
+            got = grads[next(k for k in grads if k.endswith(key))][sample]
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-10, err_msg=key)
+
+
+def test_replace_all_batch_norm_modules_on_a_mixed_model_as_torch_s_on_torch_nn_s():
+    """torch.nn's layers of the same model get torch's recipe; normkit's drop-in layers then compute as torch.nn's
+    patched ones, InstanceNorm with running statistics included (which torch's recipe leaves, and vmap refuses)."""
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.InstanceNorm1d(4, affine=True),
+                           nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)).double()
+    ours = normkit.convert_batch_norm(copy.deepcopy(theirs))
+    ours[2] = normkit.InstanceNorm1d(4, affine=True, track_running_stats=True).double()
+    ours[4] = copy.deepcopy(theirs[4])  # (torch.nn's, beside normkit's: torch's recipe reaches it)
+    normkit.replace_all_batch_norm_modules_(ours)
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    assert ours[2].running_mean is None and ours[4].running_mean is None
+    samples = torch.randn(3, 5, 3, 6, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        params = {key: value.detach() for key, value in model.named_parameters()}
+        loss = (lambda p, x, model=model: functional_call(model, p, (x,)).pow(3).sum())
+        results.append([vmap(model)(samples), *vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples).values()])
+        model.eval()
+        results[-1].append(vmap(model)(samples))  # (eval: batch statistics too, without running ones)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_replace_all_batch_norm_modules_refuses_unbuilt_layers():
+    for model in (nn.Sequential(BatchNormalization()), nn.Sequential(normkit.LazyBatchNorm1d())):
+        with pytest.raises(ValueError, match="not built yet"):
+            normkit.replace_all_batch_norm_modules_(model)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        normkit.replace_all_batch_norm_modules_(normkit.BatchNorm1d(3).state_dict())

@@ -610,7 +610,7 @@ class BatchNormalization(nn.Module):
         if missing:
             raise ValueError(f"{self.name}: Keras 3's BatchNormalization has no {', '.join(missing)}; "
                              "this layer cannot be written as a Keras config")
-        dtype = self.dtype_policy or str(self.bn.running_mean.dtype if self.bn is not None
+        dtype = self.dtype_policy or str(_variables_dtype(self.bn) if self.bn is not None
                                          else torch.get_default_dtype()).replace("torch.", "")
         serialized = {}
         for key in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
@@ -645,6 +645,8 @@ class BatchNormalization(nn.Module):
             # Keras converts array inputs to the layer's compute dtype: a float64 layer's NumPy data stays
             # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).
             built = self.bn.running_mean if self.bn is not None else None
+            if built is None and self.bn is not None:  # (statistics switched off: replace_all_batch_norm_modules_)
+                built = next(iter(self.bn.parameters()), None)
             dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
             array = _from_numpy(inputs)
             if array.dtype.kind in "biu":
@@ -670,7 +672,8 @@ class BatchNormalization(nn.Module):
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
-        stored = bn._buffers["running_mean"].dtype
+        running_mean = bn._buffers.get("running_mean")
+        stored = running_mean.dtype if running_mean is not None else _variables_dtype(bn)
         if not inputs.is_floating_point():
             # Keras computes integer and bool inputs in float32 (its result_type with float32) whatever the policy;
             # cast to a half-precision compute dtype first, every integer above 256 (bfloat16) or 2048 (float16)
@@ -762,7 +765,7 @@ class BatchNormalization(nn.Module):
         runs on copies in ``math`` (gradients still reach the parameters through the casts) and the
         buffers take the copies' new values back.
         """
-        stored = self.bn.running_mean.dtype
+        stored = _variables_dtype(self.bn)
         compute = self._compute_dtype or stored  # (Keras rounds the input to the compute dtype, then widens it)
         widened = {name: tensor.to(math) for name, tensor in (*self.bn.named_parameters(), *self.bn.named_buffers())
                    if tensor.dtype == stored}
@@ -780,6 +783,15 @@ class BatchNormalization(nn.Module):
                 f"scale={self.scale}" + (", renorm=True" if self.renorm else "")
                 + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
                 + ("" if self._trainable else ", trainable=False"))
+
+
+def _variables_dtype(bn) -> torch.dtype:
+    """The dtype the layer's variables are stored in: its moving mean's, or, where the statistics were switched off
+    (``normkit.replace_all_batch_norm_modules_``, for torch.func.vmap in training), its parameters'."""
+    for tensor in (bn._buffers.get("running_mean"), bn._parameters.get("weight"), bn._parameters.get("bias")):
+        if tensor is not None:
+            return tensor.dtype
+    return torch.get_default_dtype()
 
 
 def from_keras_config(config: dict, build_config: Optional[dict] = None, weights=None) -> BatchNormalization:

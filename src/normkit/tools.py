@@ -8,6 +8,8 @@
   conv/linear layer into that layer's weight and bias.
 * ``freeze_batch_norm(model)`` / ``unfreeze_batch_norm(model)``: normkit's frozen mode
   (running statistics, nothing updated or trained, even after ``model.train()``) on every layer.
+* ``replace_all_batch_norm_modules_(model)``: torch.func's recipe for BN under ``vmap`` in training (no running
+  statistics), for normkit's layers as for torch.nn's.
 * ``recalibrate_running_stats(model, batches)`` ("precise BN"): replaces the running mean and
   variance of every batch-normalization layer by the plain average of the batch statistics the
   layer computes on ``batches`` with the model's current weights (Wu & Johnson 2021, "Rethinking
@@ -36,10 +38,10 @@ from torch.nn.utils import parametrize
 
 from .functional import LOW_PRECISION
 from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
-from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _InstanceNorm
 
 __all__ = ["convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm", "freeze_batch_norm",
-           "unfreeze_batch_norm", "recalibrate_running_stats"]
+           "unfreeze_batch_norm", "recalibrate_running_stats", "replace_all_batch_norm_modules_"]
 
 _BN_TYPES = (BatchNorm, _BatchNorm)
 
@@ -837,3 +839,42 @@ def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
         raise _nothing_to("unfreeze_batch_norm", model)
     _set_frozen(layers, False)
     return model
+
+
+# ----------------------------------------------------------------------------- torch.func
+
+
+def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
+    """``torch.func.replace_all_batch_norm_modules_`` for normkit's layers too: no running statistics, in place.
+
+    torch.func.vmap cannot update one set of running statistics from a batch of samples (per-sample gradients,
+    ``vmap(grad(loss))``, in training); torch's recipe switches them off on torch.nn's BN layers (it tests
+    ``isinstance`` against torch.nn's class, so normkit's layers kept theirs and vmap refused them). This does
+    the same for every ``normkit.BatchNorm`` (BatchNorm1d/2d/3d, options, the Keras layer's), every normkit
+    InstanceNorm that tracks running statistics (torch's recipe leaves torch.nn's InstanceNorm alone), and,
+    through torch's own function, torch.nn's BN layers: ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` become None and ``track_running_stats`` False, so every call, eval ones included,
+    normalizes by the batch's statistics (torch's semantics). Renorm, a correction toward statistics kept across
+    steps (and updated in place, which vmap refuses as it refuses the running ones), is switched off
+    (``renorm=False``; its buffers stay, as when renorm is switched off by hand). Returns ``root``.
+
+    Raises:
+        ValueError: an unbuilt Keras layer or an unsized lazy layer (it would create its statistics later).
+        TypeError: ``root`` is not a torch.nn.Module.
+    """
+    if not isinstance(root, nn.Module):
+        raise TypeError(f"replace_all_batch_norm_modules_: expects a torch.nn.Module, got {type(root).__name__}")
+    _refuse_unbuilt(root, "replace_all_batch_norm_modules_", norms_only=True)
+    torch.func.replace_all_batch_norm_modules_(root)
+    keras = _keras_module()
+    for module in root.modules():
+        if keras is not None and isinstance(module, keras.BatchNormalization) and module.renorm:
+            module.renorm = False  # (its config says so too; its BatchNorm follows)
+        elif isinstance(module, BatchNorm) and module.renorm:
+            module.renorm_clipping = None  # (first: BatchNorm takes clipping only with renorm)
+            module.renorm = False
+    for module in root.modules():
+        if isinstance(module, (BatchNorm, _InstanceNorm)):
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+            module.track_running_stats = False
+    return root
