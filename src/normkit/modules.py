@@ -166,6 +166,33 @@ def _under_vmap(tensor: torch.Tensor) -> bool:
     return False
 
 
+def _transform_refusal(layer: nn.Module, error: RuntimeError, input=None) -> Optional[RuntimeError]:
+    """The error to raise instead of ``error`` where a torch.func transform refused a training call's update of
+    the running statistics (None elsewhere). torch's own errors name neither the layer nor a fix that reaches
+    normkit's layers (vmap's points to torch.func.replace_all_batch_norm_modules_, which does not see them)."""
+    if not torch._C._are_functorch_transforms_active():
+        return None
+    name = type(layer).__name__
+    fixes = ("switch the running statistics off with normkit.replace_all_batch_norm_modules_(model) (torch.func's "
+             "own does not see normkit's layers) or track_running_stats=False, or call the model in eval mode "
+             "(model.eval())")
+    if "captured Tensor" in str(error):
+        return RuntimeError(
+            f"{name}: a training call inside a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian) updates "
+            f"the running statistics in place, and the transform refuses to change tensors the function captured. "
+            f"Pass the buffers in as an argument of the transformed function (torch.func.functional_call(model, "
+            f"(params, buffers), (x,))), {fixes}")
+    running_mean = _buffer_of(layer, "running_mean")
+    if (isinstance(input, torch.Tensor) and _under_vmap(input) and isinstance(running_mean, torch.Tensor)
+            and not _under_vmap(running_mean)):
+        return RuntimeError(
+            f"{name}: a training call under torch.func.vmap updates the running statistics in place, but they are "
+            f"not batched (one set for every vmapped sample). For per-sample gradients, {fixes}; for an ensemble, "
+            f"give each member its own buffers (torch.func.stack_module_state, and functional_call with the buffers "
+            f"vmapped)")
+    return None
+
+
 def _autocast_on(device: torch.device) -> bool:
     """Whether autocast is on for ``device``'s type; False for types autocast does not know ("meta" raises there)."""
     try:
@@ -334,7 +361,13 @@ class _NormBase(nn.Module):
             # No count to keep (a buffer set to None): torch.nn's rule still moves the running statistics by
             # momentum, and only the cumulative average, which needs the count, leaves them as they are.
             return self.momentum if self.momentum is not None else 0.0
-        count.add_(1)
+        try:
+            count.add_(1)
+        except RuntimeError as error:
+            refusal = _transform_refusal(self, error)
+            if refusal is not None:
+                raise refusal from error
+            raise
         if self.momentum is None:
             if torch.compiler.is_compiling() or _under_vmap(count):  # (vmap: an ensemble's stacked counts)
                 # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
@@ -929,7 +962,7 @@ class BatchNorm(_NormBase):
                 else:
                     y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
                                          self.eps, torch.backends.cudnn.enabled)
-            except RuntimeError:
+            except RuntimeError as error:
                 # ATen refused the call before computing (another dtype or device): nothing moved but the count
                 # this step added above, which is taken back (a call that raised leaves the layer as it was).
                 if training and self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
@@ -937,6 +970,9 @@ class BatchNorm(_NormBase):
                 _check_input_device(input, self.weight, self.running_mean)
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
                 self._check_own_sizes(training)  # ATen's "weight should contain 3 elements not 4", explained
+                refusal = _transform_refusal(self, error, input) if training else None
+                if refusal is not None:
+                    raise refusal from error
                 raise
         if back is not None:
             return y.permute(back)
@@ -1147,21 +1183,31 @@ class BatchNorm(_NormBase):
                 normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
             elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
                 distributed.warn_local_once(self, getattr(self, "_built_by", None))
-        return normalize(
-            input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
-            axis=feature_axes, mask=mask if batch_stats else None, virtual_batch_size=virtual if batch_stats else None,
-            ghost_layout=self.ghost_layout, unbiased_running_var=self.unbiased_running_var,
-            renorm_mean=self.renorm_mean if renorm else None,
-            renorm_stddev=self.renorm_stddev if renorm else None,
-            moving_stddev=self.moving_stddev if renorm else None,
-            renorm_clipping=(self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)),
-            renorm_momentum=self.renorm_momentum,
-            adjustment=self.adjustment if training else None,
-            # Compiled graphs always recenter: the check reads data on the host, and inductor's
-            # statistics lose float32 variance far from zero as ATen's CPU kernel does; the shift is
-            # one subtraction the compiler fuses into the statistics pass.
-            recenter=self._recenter or torch.compiler.is_compiling(),
-        )
+        try:  # (free when nothing is raised)
+            return normalize(
+                input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
+                axis=feature_axes, mask=mask if batch_stats else None,
+                virtual_batch_size=virtual if batch_stats else None,
+                ghost_layout=self.ghost_layout, unbiased_running_var=self.unbiased_running_var,
+                renorm_mean=self.renorm_mean if renorm else None,
+                renorm_stddev=self.renorm_stddev if renorm else None,
+                moving_stddev=self.moving_stddev if renorm else None,
+                renorm_clipping=(self.renorm_clipping.at_step(self._renorm_step) if renorm
+                                 else (0.0, math.inf, math.inf)),
+                renorm_momentum=self.renorm_momentum,
+                adjustment=self.adjustment if training else None,
+                # Compiled graphs always recenter: the check reads data on the host, and inductor's
+                # statistics lose float32 variance far from zero as ATen's CPU kernel does; the shift is
+                # one subtraction the compiler fuses into the statistics pass.
+                recenter=self._recenter or torch.compiler.is_compiling(),
+            )
+        except RuntimeError as error:
+            refusal = _transform_refusal(self, error, input) if training else None
+            if refusal is None:
+                raise
+            if self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
+                _buffer_of(self, "num_batches_tracked").sub_(1)  # (the count this step took: the call changed nothing)
+            raise refusal from error
 
     def _refuse_onnx_training(self, mask) -> None:
         """ONNX has no training form of renorm, ghost batches, masks or adjustment: both exporters failed on the
@@ -1463,8 +1509,11 @@ class _InstanceNorm(_NormBase):
                                                _buffer_of(self, "running_var"), use_input_stats,
                                                self.momentum if self.momentum is not None else 0.0, self.eps,
                                                torch.backends.cudnn.enabled)
-                except RuntimeError:
+                except RuntimeError as error:
                     _check_input_device(input, weight, _buffer_of(self, "running_mean"))
+                    refusal = _transform_refusal(self, error, input) if self.training else None
+                    if refusal is not None:
+                        raise refusal from error
                     raise
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input)
