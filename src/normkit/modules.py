@@ -369,18 +369,23 @@ class _NormBase(nn.Module):
                 raise refusal from error
             raise
         if self.momentum is None:
-            if torch.compiler.is_compiling() or _under_vmap(count):  # (vmap: an ensemble's stacked counts)
-                # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
-                # torch.export refuses it) and the running average's weight 1/t is computed on the device.
-                # (in float32 at least: a float16 count would overflow at 65504 steps). Running buffers set to None
-                # (torch.nn's layer then normalizes by the batch and moves nothing) leave float32: reading their
-                # dtype failed the compiled and exported calls that the eager layer takes.
-                running_mean = _buffer_of(self, "running_mean")
-                dtype = torch.float32 if running_mean is None else torch.promote_types(running_mean.dtype,
-                                                                                       torch.float32)
-                return torch.reciprocal(count.to(dtype))
-            # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
-            return momentum_factor(None, int(count))
+            if not torch.compiler.is_compiling():
+                # Reading the count costs a host sync on GPUs; only the cumulative average needs it.
+                try:
+                    return momentum_factor(None, int(count))
+                except RuntimeError:
+                    if not _under_vmap(count):
+                        raise
+                    # vmapped counts (an ensemble's stacked buffers, torch.func.stack_module_state): no number to
+                    # read (torch.nn's layer fails there), so 1/t per member, a tensor as when compiled
+            # Traced, the count stays a tensor: the graph needs no break (torch.nn's layer breaks here, and
+            # torch.export refuses it) and the running average's weight 1/t is computed on the device.
+            # (in float32 at least: a float16 count would overflow at 65504 steps). Running buffers set to None
+            # (torch.nn's layer then normalizes by the batch and moves nothing) leave float32: reading their
+            # dtype failed the compiled and exported calls that the eager layer takes.
+            running_mean = _buffer_of(self, "running_mean")
+            dtype = torch.float32 if running_mean is None else torch.promote_types(running_mean.dtype, torch.float32)
+            return torch.reciprocal(count.to(dtype))
         return self.momentum
 
 
@@ -926,7 +931,7 @@ class BatchNorm(_NormBase):
                 if self._recenter:
                     return self._forward_options(input, None)
             if self.track_running_stats:  # read per call, as torch.nn does: users switch it off on a built layer
-                if self.momentum is None and self._counts_batched():
+                if self.momentum is None and torch._C._are_functorch_transforms_active() and self._counts_batched():
                     return self._forward_options(input, None)  # (1 / count is a batched tensor there: not ATen's)
                 factor = self._tracking_factor()
         use_buffers = not training or self.track_running_stats
@@ -1110,7 +1115,8 @@ class BatchNorm(_NormBase):
         virtual, (n, channels) = self.virtual_batch_size, input.shape[:2]
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
-                or kernels.takes(input) or (self.momentum is None and self._counts_batched())
+                or kernels.takes(input)
+                or (self.momentum is None and torch._C._are_functorch_transforms_active() and self._counts_batched())
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
                 or not _dtype_fits(input.dtype, weight if weight is not None else running_mean)
