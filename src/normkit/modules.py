@@ -172,7 +172,7 @@ def _transform_refusal(layer: nn.Module, error: RuntimeError, input=None) -> Opt
     normkit's layers (vmap's points to torch.func.replace_all_batch_norm_modules_, which does not see them)."""
     if not torch._C._are_functorch_transforms_active():
         return None
-    name = type(layer).__name__
+    name = getattr(layer, "_built_by", None) or type(layer).__name__  # (the Keras layer, not its inner BatchNorm)
     fixes = ("switch the running statistics off with normkit.replace_all_batch_norm_modules_(model) (torch.func's "
              "own does not see normkit's layers) or track_running_stats=False, or call the model in eval mode "
              "(model.eval())")
