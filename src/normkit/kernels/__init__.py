@@ -501,6 +501,16 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
                                        renorm_stddev, moving_stddev, dims, settings)
 
 
+def fused_plain(x, weight, bias, running_mean, running_var, dims, settings):
+    """``fused_batch_norm`` for a plain training step on the CPU (running_mean and running_var both given), by a
+    caller that ``takes(x)`` has answered (no transform, no fake tensor, the CPU kernel on): the C++ kernel's
+    call without the checks that answer holds. None where the kernel declines, or is not loaded."""
+    if _extension is None:
+        return None
+    return _extension.fused_batch_norm(x, weight, bias, None, running_mean, running_var, None, None, None, dims,
+                                       settings)
+
+
 def _mode_from_environment() -> str:
     text = os.environ.get("NORMKIT_FUSED_KERNELS", "").strip().lower()
     modes = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off", "no": "off",
