@@ -968,8 +968,9 @@ class BatchNorm(_NormBase):
                     y = torch.batch_norm(channels.float(), None, None, None, None, batch_stats, factor, self.eps,
                                          torch.backends.cudnn.enabled).to(channels.dtype)
                 else:
+                    # (cudnn_enabled chooses between CUDA kernels only; reading the flag costs 1% of a small CPU call)
                     y = torch.batch_norm(channels, weight, bias, running_mean, running_var, batch_stats, factor,
-                                         self.eps, torch.backends.cudnn.enabled)
+                                         self.eps, channels.is_cuda and torch.backends.cudnn.enabled)
             except RuntimeError as error:
                 # ATen refused the call before computing (another dtype or device): nothing moved but the count
                 # this step added above, which is taken back (a call that raised leaves the layer as it was).
