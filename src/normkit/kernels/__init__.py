@@ -162,6 +162,8 @@ def takes(x: torch.Tensor) -> bool:
     """Whether a training step on ``x`` may go to a fused kernel: the kernel of its device is on, no transform
     is running, and (on the CPU) it is within the kernel's size limit. The kernels decline the rest themselves;
     this is what lets the layers keep their own fast paths for it."""
+    if not (_cpu_on or _cuda_on):
+        return False  # (the common answer without a build, first: the checks below cost 2% of a small step)
     if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or is_fake(x):
         return False  # (compiled graphs never call the kernels, and Dynamo refuses to trace is_fake)
     if x.is_cpu:
