@@ -867,6 +867,41 @@ def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(
     assert int(half.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("options, shape", [
+    ({}, (6, 4, 5, 3)),
+    ({"momentum": None}, (4, 2, 3, 2, 3)),
+    ({}, (2, 1, 1, 3)),  # (two values per feature, the fewest the step takes)
+    ({"affine": False, "eps": 1e-3, "momentum": 0.3}, (5, 2, 2, 3)),
+])
+def test_plain_features_last_training_reaches_the_kernel_directly_with_the_general_path_s_results(cpp_kernel, options,
+                                                                                                 shape, rng):
+    """BatchNorm(axis=-1)'s plain path calls the kernel itself (_forward_fused_plain), not through _forward_options:
+    same outputs, gradients and buffers, one count per step; where the kernel declines (float16, a weight of another
+    size) or the call is not simply valid, the general path takes it or refuses it as before. (Keras' biased
+    running variance is not plain: _forward_fused serves it, tested above.)"""
+    direct = normkit.BatchNorm(3, axis=-1, **options).double()
+    general = normkit.BatchNorm(3, axis=-1, **options).double()
+    general._forward_fused_plain = lambda input: None  # (the route before: _forward_options, then the kernel)
+    calls = []
+    reach = direct._forward_fused_plain
+    direct._forward_fused_plain = lambda input: calls.append(input.shape) or reach(input)
+    assert_same_training_steps(direct, general, shape, rng, steps=4)
+    assert len(calls) == 4 and int(direct.num_batches_tracked) == 4
+    y = direct(torch.randn(shape, dtype=torch.float64, requires_grad=True))
+    assert y.grad_fn.name() != "PermuteBackward0" and len(calls) == 5  # (the kernel served, straight from the module)
+    half = normkit.BatchNorm(3, axis=-1, **options)
+    half(torch.randn(shape, dtype=torch.float16))  # declined by the C++ kernel: ATen's path
+    assert int(half.num_batches_tracked) == 1
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # refused on the general path
+        normkit.BatchNorm(3, axis=-1, **options).double()(torch.randn((1, 1, 1, 3), dtype=torch.float64))
+    if "affine" not in options:
+        resized = normkit.BatchNorm(3, axis=-1, **options).double()
+        resized.weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))  # declined, then refused by name
+        with pytest.raises(ValueError, match="has a weight of 4 values"):
+            resized(torch.randn(shape, dtype=torch.float64))
+        assert int(resized.num_batches_tracked) == 0
+
+
 def test_the_direct_kernel_route_reads_the_layer_s_flags_at_every_call(cpp_kernel, rng):
     x = torch.tensor(rng.normal(size=(8, 4)) + 5)
     layer = normkit.BatchNorm(4, renorm=True).double()
