@@ -67,13 +67,13 @@ _CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math")
 
 def _extension_name() -> str:
     """The build's name, which keys its cache folder: one per CPU feature set (as ``-march=native``
-    needs), torch version, Python version, compiler and flags, and kernel source.
+    needs), torch version, Python version, compiler flags and kernel source.
 
     (A build cached in a shared home directory by a machine with wider vector units must not be
     loaded on one without them, nor one built against another torch's ABI or an older source.)
     """
-    key = (f"{platform.machine()} torch {torch.__version__} python {sys.version_info[:2]} "
-           f"compiler {os.environ.get('CXX', 'c++')} flags {' '.join(_CFLAGS)} ")
+    # (Not the compiler: a finished build serves a machine whose $CXX names another one, or none at all.)
+    key = f"{platform.machine()} torch {torch.__version__} python {sys.version_info[:2]} flags {' '.join(_CFLAGS)} "
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             key += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
