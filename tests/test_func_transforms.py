@@ -4,6 +4,7 @@ and the Keras layer: what tests/test_ecosystem.py (functional_call, grad/jacrev/
 torch.nn's layer where it overlaps, the NumPy reference (float64) otherwise."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -114,7 +115,10 @@ def test_an_ensemble_by_stack_module_state_and_vmap_steps_each_model_as_the_refe
     def call(p, b, x, m):
         return functional_call(base, (p, b), (x,), kwargs(m))
 
-    y = vmap(call, in_dims=(0, 0, 0, None if mask is None else 0))(params, buffers, x, mask)
+    with warnings.catch_warnings():
+        # (vmap's one-sample-at-a-time fallback warns "performance drop": the statistics take var_mean there)
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        y = vmap(call, in_dims=(0, 0, 0, None if mask is None else 0))(params, buffers, x, mask)
     for member, model in enumerate(models):
         want, state = _reference_step(model, x[member], None if mask is None else mask[member], training)
         np.testing.assert_allclose(y[member].detach().numpy(), want, rtol=1e-10, atol=1e-12)

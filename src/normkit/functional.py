@@ -113,8 +113,10 @@ WIDE_MOMENTS_MIN_NUMEL = 1 << 15
 def _channel_moments(channels):
     """Per-feature mean and biased variance of an (N, K, *) tensor: ATen's one-pass statistics kernel
     (on the CPU, for large contiguous inputs of 32 rows or more, by position: ``_moments_by_position``),
-    or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule)."""
-    if torch.compiler.is_compiling() or channels.is_meta:  # (nor a meta kernel: shape inference on "meta")
+    or ``torch.var_mean`` where torch.compile traces (that kernel has no fake-tensor rule) and under torch.func's
+    transforms (nor a batching rule: vmap ran it one sample at a time, with a performance warning)."""
+    if (torch.compiler.is_compiling() or channels.is_meta  # (nor a meta kernel: shape inference on "meta")
+            or torch._C._are_functorch_transforms_active()):
         var, mean = torch.var_mean(channels, dim=[0, *range(2, channels.dim())], correction=0)
         return mean, var
     if (channels.dim() > 2 and channels.shape[0] >= 32 and channels.numel() >= WIDE_MOMENTS_MIN_NUMEL
