@@ -71,9 +71,15 @@ def _functions_refused():
     return not torch.compiler.is_compiling() and kernels.transforms_active()
 
 
-# torch.jit.trace (the legacy ONNX exporter's tracer) is recording: its sizes are 0-dim tensors, and comparing one in
-# Python warns (modules._tracing_state); checks of sizes are skipped there. (Bound: ~40 ns a call.)
+# torch.jit.trace (and the legacy ONNX exporter, torch.onnx.export(..., dynamo=False), which traces with it) records
+# sizes: each entry of ``input.shape`` is a 0-dim tensor there, and a Python comparison of one emits a TracerWarning
+# ("Converting a tensor to a Python boolean might cause the trace to be incorrect"). The Python-side checks of sizes,
+# here and in modules.py, are skipped while tracing, as torch's own are (torch.distributions): they check, they
+# compute nothing, and ATen still checks the example's sizes against the weights and buffers. (The bound C function
+# costs ~40 ns a call, torch.jit.is_tracing ~170; Dynamo folds it to None.)
 _tracing_state = torch._C._get_tracing_state
+
+
 def without_data(x):
     """A meta or fake tensor (shape inference, FakeTensorMode's memory and FLOP estimates): torch.nn's layers run on
     them, so no path may read their values on the host or size a result by them."""

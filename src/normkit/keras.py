@@ -375,7 +375,7 @@ class BatchNormalization(nn.Module):
     def _build_on_first_call(self, inputs: torch.Tensor) -> None:
         # Eager even inside torch.compile: creating modules and parameters cannot be traced (torch.compile
         # special-cases torch's own lazy modules; this layer gets the same by building outside the graph).
-        if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
             # torch.export and torch.jit.trace (both ONNX exporters) cannot create parameters mid-trace: export said
             # "Attempted to use an uninitialized parameter", the trace "num_features must be a positive int, got
             # tensor(3)" (its sizes are tensors). torch.nn's lazy layers are refused the same way.

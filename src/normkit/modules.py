@@ -74,13 +74,7 @@ def _check_momentum(momentum, *, name="momentum"):
 _FULL_PRECISION = (torch.float32, torch.float64)
 _FEATURES_FIRST, _FEATURES_LAST = F._FEATURES_FIRST, F._FEATURES_LAST  # (rank 4/5: NHWC <-> NCHW views)
 
-# torch.jit.trace (and the legacy ONNX exporter, torch.onnx.export(..., dynamo=False), which traces with it) records
-# sizes: each entry of ``input.shape`` is a 0-dim tensor there, and a Python comparison of one emits a TracerWarning
-# ("Converting a tensor to a Python boolean might cause the trace to be incorrect"). The layers' Python-side checks of
-# sizes are skipped while tracing, as torch's own are (torch.distributions): they check, they compute nothing, and
-# ATen still checks the example's sizes against the weights and buffers. (The bound C function costs ~40 ns a call,
-# torch.jit.is_tracing ~170; Dynamo folds it to None.)
-_tracing_state = torch._C._get_tracing_state
+_tracing_state = F._tracing_state  # (sizes unchecked while a trace records: see functional._tracing_state)
 
 
 def _onnx_exporting() -> bool:
