@@ -30,6 +30,10 @@ def is_active(process_group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
+# Where normkit's and torch's frames are: a warning skips them to reach the user's line.
+_LIBRARY_PREFIXES = (str(Path(torch.__file__).resolve().parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep)
+
+
 def _stacklevel_of_caller() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside normkit and torch (the user's line: a
     layer called through torch's Module.__call__, a Keras layer or a tool sits several frames deeper)."""
@@ -37,10 +41,6 @@ def _stacklevel_of_caller() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_PREFIXES):
         frame, level = frame.f_back, level + 1
     return level
-
-
-_LIBRARY_PREFIXES = tuple(str(Path(module.__file__).resolve().parent) + os.sep for module in (torch,)) + (
-    str(Path(__file__).resolve().parent) + os.sep,)
 
 
 def warn_local_once(layer, name=None) -> None:

@@ -161,13 +161,19 @@ def _under_vmap(tensor: torch.Tensor) -> bool:
     return False
 
 
+def _shown_name(layer: nn.Module) -> str:
+    """The layer's name in messages: the one the user built (keras.py's layer around its normkit.BatchNorm sets
+    ``_built_by``), else its class."""
+    return getattr(layer, "_built_by", None) or type(layer).__name__
+
+
 def _transform_refusal(layer: nn.Module, error: RuntimeError, input=None) -> Optional[RuntimeError]:
     """The error to raise instead of ``error`` where a torch.func transform refused a training call's update of
     the running statistics (None elsewhere). torch's own errors name neither the layer nor a fix that reaches
     normkit's layers (vmap's points to torch.func.replace_all_batch_norm_modules_, which does not see them)."""
     if not torch._C._are_functorch_transforms_active():
         return None
-    name = getattr(layer, "_built_by", None) or type(layer).__name__  # (the Keras layer, not its inner BatchNorm)
+    name = _shown_name(layer)
     fixes = ("switch the running statistics off with normkit.replace_all_batch_norm_modules_(model) (torch.func's "
              "own does not see normkit's layers) or track_running_stats=False, or call the model in eval mode "
              "(model.eval())")
@@ -1215,7 +1221,7 @@ class BatchNorm(_NormBase):
             if distributed.is_active(self.process_group):
                 normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
             elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
-                distributed.warn_local_once(self, getattr(self, "_built_by", None))
+                distributed.warn_local_once(self, _shown_name(self))
         try:  # (free when nothing is raised)
             return normalize(
                 input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
@@ -1251,11 +1257,11 @@ class BatchNorm(_NormBase):
                                           self.virtual_batch_size is not None),
                                          ("a mask", mask is not None), ("adjustment", self.adjustment is not None))
                    if on]
-        name = getattr(self, "_built_by", None) or type(self).__name__
-        raise RuntimeError(f"{name} with {' and '.join(options)} cannot be exported to ONNX in training mode: ONNX has "
-                           "no operators for that training step. Export the model in eval mode (model.eval() before "
-                           "torch.onnx.export; with dynamo=False, training=torch.onnx.TrainingMode.EVAL, its default), "
-                           "where the layer normalizes with its running statistics: one BatchNormalization node")
+        raise RuntimeError(f"{_shown_name(self)} with {' and '.join(options)} cannot be exported to ONNX in training "
+                           "mode: ONNX has no operators for that training step. Export the model in eval mode "
+                           "(model.eval() before torch.onnx.export; with dynamo=False, "
+                           "training=torch.onnx.TrainingMode.EVAL, its default), where the layer normalizes with its "
+                           "running statistics: one BatchNormalization node")
 
     def _refuse_with_peers(self, training: bool, input=None) -> None:
         """Before this process refuses its input to a synchronized training step: the peers are (or will be)
