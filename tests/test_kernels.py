@@ -866,6 +866,23 @@ def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(
     assert int(half.num_batches_tracked) == 1
 
 
+class _FeaturesLast(torch.nn.Module):
+    """A torch.nn BN layer on features-last data (moved to channels-first and back), with the layer's state_dict."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.movedim(-1, 1)).movedim(1, -1)
+
+    def state_dict(self, *args, **kwargs):
+        return self.layer.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state, *args, **kwargs):
+        return self.layer.load_state_dict(state, *args, **kwargs)
+
+
 @pytest.mark.parametrize("options, shape", [
     ({}, (6, 4, 5, 3)),
     ({"momentum": None}, (4, 2, 3, 2, 3)),
@@ -888,6 +905,11 @@ def test_plain_features_last_training_reaches_the_kernel_directly_with_the_gener
     assert len(calls) == 4 and int(direct.num_batches_tracked) == 4
     y = direct(torch.randn(shape, dtype=torch.float64, requires_grad=True))
     assert y.grad_fn.name() != "PermuteBackward0" and len(calls) == 5  # (the kernel served, straight from the module)
+    # (both routes end in the same kernel: torch.nn's layer on the channels-first data is the independent oracle)
+    torch_nn = _FeaturesLast({4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)](3, **options).double())
+    torch_nn.load_state_dict(direct.state_dict())
+    assert_same_training_steps(direct, torch_nn, shape, rng, steps=2)
+    assert len(calls) == 7
     half = normkit.BatchNorm(3, axis=-1, **options)
     half(torch.randn(shape, dtype=torch.float16))  # declined by the C++ kernel: ATen's path
     assert int(half.num_batches_tracked) == 1
