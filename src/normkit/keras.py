@@ -859,7 +859,8 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
     included; tf.keras' options Keras 3 lacks too: ``virtual_batch_size``, a list ``axis``), in the order of the
     model's config. A layer the file gives no input shape for (legacy HDF5 files save none, except Keras 3's for
     a functional model's layers) is built from its weights alone, as one loading a state_dict: any input rank is
-    taken, and ``get_build_config()`` is None until ``layer.build(input_shape)`` (which keeps the weights); a layer inside a nested model is found under
+    taken, and ``get_build_config()`` is None until ``layer.build(input_shape)`` (which keeps the weights). A
+    layer inside a nested model is found under
     ``"outer/inner"`` (``"block/bn_inner"``), one wrapped in ``TimeDistributed`` under ``"wrapper/layer"``
     (built on one time step, as Keras built it; Keras 3's wrapper calls it once per step). Each is
     ``from_keras_config`` of the layer's saved config, build config and weights, so it computes what
@@ -896,13 +897,10 @@ def load_batch_norms(path, *, axis: Optional[int] = None) -> dict:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         raise ValueError(f"load_batch_norms: {path} is not a Keras model archive (.keras, a zip file written "
-                         "by model.save) nor a legacy HDF5 model (.h5); it may be truncated or another format") from None
-    try:
-        h5py = _import_h5py()
-    except ImportError:
-        archive.close()
-        raise
+                         "by model.save) nor a legacy HDF5 model (.h5); it may be truncated or another format"
+                         ) from None
     with archive:
+        h5py = _import_h5py()
         members = {info.filename: info for info in archive.infolist()}
         missing = [name for name in ("config.json", "model.weights.h5") if name not in members]
         if missing:
@@ -1062,6 +1060,13 @@ class _LegacyEntry:
 _KERAS_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
 
+def _ends_alike(owner: tuple, path: tuple) -> bool:
+    """Whether two paths of layer names, neither empty, end alike: the shorter is the longer's end (tf.keras names a
+    nested layer's weights by the layer's own name, Keras 3 by its whole path)."""
+    common = min(len(owner), len(path))
+    return common > 0 and owner[-common:] == path[-common:]
+
+
 def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
     """The variables of the BN layer at ``entry``, in Keras' order, each checked before it is read.
 
@@ -1075,12 +1080,11 @@ def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
     for name in _weight_names(entry.group, h5py):
         parts = name.split("/")
         owner, variable = tuple(parts[:-1]), parts[-1].split(":")[0]  # (tf.keras appends the output index, ":0")
-        if not whole_group and not any(owner and path and owner[-min(len(owner), len(path)):]
-                                       == path[-min(len(owner), len(path)):] for path in paths):
+        if not whole_group and not any(_ends_alike(owner, path) for path in paths):
             continue
         if variable in mine:
-            raise ValueError(f"its weights are ambiguous in {entry.group.name}: {mine[variable]!r} and {name!r} are both "
-                             f"its {variable} by name")
+            raise ValueError(f"its weights are ambiguous in {entry.group.name}: {mine[variable]!r} and {name!r} are "
+                             f"both its {variable} by name")
         mine[variable] = name
     if not mine:
         raise ValueError(f"{entry.group.name}'s weight_names name none of its variables: the weights do not match "
