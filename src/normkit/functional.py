@@ -412,7 +412,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     feature_axes = canonicalize_axes(axis, x.dim())
     # (a list, not a generator, for the product: Dynamo cannot trace math.prod of a generator)
     features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
-    if _tracing_state() is None:  # (torch.jit.trace's sizes are tensors: comparing them warns; ATen checks the example's)
+    if _tracing_state() is None:  # (traced sizes are tensors, comparing them warns: see _tracing_state)
         check_per_feature_sizes((running_mean, running_var, weight, bias, renorm_mean, renorm_stddev, moving_stddev),
                                 torch.Tensor.numel, features, axis, x.shape)
     # The options' own checks come before the eval return, as in reference.batch_norm: a mask of another shape, a

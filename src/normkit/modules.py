@@ -989,8 +989,8 @@ class BatchNorm(_NormBase):
 
     def _forward_fused_plain(self, input: torch.Tensor) -> Optional[torch.Tensor]:
         """A plain training step of contiguous features-last data (rank >= 4, within the kernel's limit:
-        ``kernels.takes`` said so), straight to the fused kernel: the call ``_forward_options`` reaches through its checks and
-        arguments, which cost a tenth of a small step. Returns None, having changed nothing, where the kernel
+        ``kernels.takes`` said so), straight to the fused kernel: the call ``_forward_options`` reaches through its
+        checks and arguments, which cost a tenth of a small step. Returns None, having changed nothing, where the kernel
         declines (dtypes, devices, parameters or buffers of another size or memory) or the call is not simply
         valid: the general path then handles or refuses it. No recentering check: the kernel's statistics are
         exact far from zero (as ``_forward_fused``)."""

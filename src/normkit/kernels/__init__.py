@@ -164,11 +164,11 @@ def takes(x: torch.Tensor) -> bool:
     this is what lets the layers keep their own fast paths for it."""
     if not (_cpu_on or _cuda_on):
         return False  # (the common answer without a build, first: the checks below cost 2% of a small step)
-    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or is_fake(x):
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or is_fake(x) or traced():
         return False  # (compiled graphs never call the kernels, and Dynamo refuses to trace is_fake)
     if x.is_cpu:
-        return _cpu_on and not traced() and x.numel() <= fused_max_numel() and not transforms_active()
-    return _cuda_on and x.is_cuda and not traced() and not transforms_active()
+        return _cpu_on and x.numel() <= fused_max_numel() and not transforms_active()
+    return _cuda_on and x.is_cuda and not transforms_active()
 
 
 def traced() -> bool:
