@@ -27,6 +27,7 @@ OPTIONS = {
     "ghost-contiguous": (lambda: normkit.BatchNorm(3, virtual_batch_size=2, ghost_layout="contiguous"), (4, 3, 5),
                          None),
     "mask": (lambda: normkit.BatchNorm(3, axis=-1), (4, 5, 3), (4, 5)),
+    "renorm-mask": (lambda: normkit.BatchNorm(3, axis=-1, renorm=True), (4, 5, 3), (4, 5)),  # (renorm's masked update)
     "momentum=None": (lambda: normkit.BatchNorm(3, momentum=None), (4, 3, 5), None),
     "momentum=None-ghost": (lambda: normkit.BatchNorm(3, momentum=None, virtual_batch_size=2), (4, 3, 5), None),
     "biased-variance": (lambda: normkit.BatchNorm(3, unbiased_running_var=False), (4, 3, 5), None),

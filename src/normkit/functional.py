@@ -901,11 +901,12 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
     if seen is None and not torch._C._are_functorch_transforms_active():
         torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
-    elif seen is None:  # (vmap has no batching rule for out=)
-        running_var.copy_(_value_for(running_var, torch.mul(moving_stddev, moving_stddev).sub(eps).clamp(min=0.0)))
-    else:
-        derived = torch.mul(moving_stddev, moving_stddev).sub_(eps).clamp_(min=0.0)
-        running_var.copy_(_value_for(running_var, torch.where(seen.to(torch.bool), derived, running_var)))
+        return
+    # (out of place: vmap has no batching rule for out= nor for clamp_, and ran that one sample at a time)
+    derived = torch.mul(moving_stddev, moving_stddev).sub(eps).clamp(min=0.0)
+    if seen is not None:
+        derived = torch.where(seen.to(torch.bool), derived, running_var)
+    running_var.copy_(_value_for(running_var, derived))
 
 
 def _value_for(buffer, value):
