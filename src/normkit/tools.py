@@ -867,13 +867,12 @@ def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
     _refuse_unbuilt(root, "replace_all_batch_norm_modules_", norms_only=True)
     torch.func.replace_all_batch_norm_modules_(root)
     keras = _keras_module()
-    for module in root.modules():
+    for module in root.modules():  # (a Keras layer comes before its BatchNorm)
         if keras is not None and isinstance(module, keras.BatchNormalization) and module.renorm:
             module.renorm = False  # (its config says so too; its BatchNorm follows)
         elif isinstance(module, BatchNorm) and module.renorm:
             module.renorm_clipping = None  # (first: BatchNorm takes clipping only with renorm)
             module.renorm = False
-    for module in root.modules():
         if isinstance(module, (BatchNorm, _InstanceNorm)):
             module.running_mean = module.running_var = module.num_batches_tracked = None
             module.track_running_stats = False
