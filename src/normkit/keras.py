@@ -1142,10 +1142,6 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
     by_name = {}
     legacy = isinstance(group, _LegacyEntry)  # (a legacy HDF5 model's: layers found by name, in all Kerases)
     members = None if legacy else _subgroup(group, "layers", h5py)
-    if legacy:
-        for layer in layers:
-            if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
-                by_name[str(layer["config"].get("name"))] = group.child(str(layer["config"].get("name")), h5py)
     if members is not None:
         for key in members:
             entry = _subgroup(members, key, h5py)
@@ -1162,7 +1158,9 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             continue
         layer_config, name = layer["config"], str(layer["config"].get("name"))
         where = prefix + name
-        if by_path:
+        if legacy:
+            by_name[name] = group.child(name, h5py)
+        elif by_path:
             key = _keras_path_key(str(layer.get("class_name")), counts)
             by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
