@@ -912,8 +912,7 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
 def _value_for(buffer, value):
     """``value`` as an in-place update of ``buffer`` takes it: under torch.func.functionalize, a buffer the
     function captured (a module's, not wrapped) cannot take a functional tensor, so it gets the value inside."""
-    if (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
-            or not isinstance(value, torch.Tensor)):
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return value  # (compiled graphs functionalize themselves; Dynamo cannot trace the test below)
     functorch = torch._C._functorch
     if functorch.is_functionaltensor(value) and not functorch.is_functionaltensor(buffer):
