@@ -532,8 +532,9 @@ def test_half_precision_layer_with_a_biased_running_variance_computes_in_float32
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("options, shape", [
     ({}, (64, 8)), ({}, (16, 8, 4, 4)), ({"axis": -1}, (16, 4, 4, 8)), ({"axis": (1, 2)}, (64, 8, 2)),
-    ({"virtual_batch_size": 4}, (16, 8, 5)),
-], ids=["(N, C)", "axis 1", "axis -1", "two axes", "ghost"])
+    ({"virtual_batch_size": 4}, (16, 8, 5)), ({"unbiased_running_var": False}, (64, 8)),
+    ({"unbiased_running_var": False, "axis": -1}, (16, 3, 8)),
+], ids=["(N, C)", "axis 1", "axis -1", "two axes", "ghost", "biased", "biased, axis -1"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_half_inputs_to_a_batch_norm_without_parameters_or_buffers_get_float32_statistics(dtype, options, shape,
                                                                                            training, rng):
@@ -549,7 +550,8 @@ def test_half_inputs_to_a_batch_norm_without_parameters_or_buffers_get_float32_s
     reference_options = dict(options) if training else {k: v for k, v in options.items() if k != "virtual_batch_size"}
     expected = R.batch_norm(to_numpy(x), None, None, None, None, True, **reference_options)
     expected_grad = R.batch_norm_backward(to_numpy(g), to_numpy(x), None, None, None, None, True,
-                                          **reference_options)[0]
+                                          **{k: v for k, v in reference_options.items()
+                                             if k != "unbiased_running_var"})[0]
     layer = normkit.BatchNorm(features, affine=False, track_running_stats=False, **options).train(training)
     for normalize in (layer, lambda leaf: normkit.functional.batch_norm(leaf, training=training, **reference_options)):
         leaf = x.clone().requires_grad_()

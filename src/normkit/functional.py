@@ -744,8 +744,14 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             # pass inside ATen's training kernel (C++ autograd) is cheaper than a Python Function.
             scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias),
                                                                                        r, d)
-            y = torch.batch_norm(channels, _repeat_groups(scale, groups), _repeat_groups(offset, groups), None, None,
-                                 True, 0.0, eps, torch.backends.cudnn.enabled)
+            # (half-precision input with no float32 tensor beside it, as without_float32_tensors says: ATen would
+            # normalize in half precision, 0.03 off in bfloat16 on a (2, 3) batch; a biased running variance, or
+            # no running statistics out of training, with affine=False)
+            widen = without_float32_tensors(channels, scale, offset)
+            y = torch.batch_norm(channels.float() if widen else channels, _repeat_groups(scale, groups),
+                                 _repeat_groups(offset, groups), None, None, True, 0.0, eps,
+                                 torch.backends.cudnn.enabled)
+            y = y.to(channels.dtype) if widen else y
     y = y if restore is None else restore(y)
     y = y if y.shape == x.shape else y.reshape(x.shape)
     y = y.to(x.dtype) if widened else y
