@@ -236,6 +236,27 @@ def test_an_input_refused_in_training_leaves_the_layer_as_it_was(options):
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("options, shape", [
+    ({}, (1, 3)), ({}, (1, 3, 1, 1)), ({"momentum": None}, (1, 3)), ({"unbiased_running_var": False}, (1, 3)),
+    ({"axis": -1}, (1, 3)), ({"axis": (1, 2)}, (1, 3, 2)), ({"renorm": True}, (1, 3)),
+    ({"virtual_batch_size": 1}, (4, 3)), ({"virtual_batch_size": 1, "renorm": True}, (4, 3)),
+    ({"virtual_batch_size": 1, "ghost_layout": "contiguous"}, (4, 3)), ({"adjustment": lambda shape: (1.0, 0.0)}, (1, 3)),
+])
+def test_one_value_per_channel_refused_in_training_leaves_the_layer_as_it_was(options, shape, execution):
+    """Every path counted the step (num_batches_tracked + 1) before refusing one value per channel (or per ghost
+    batch): a training loop that skips such a batch (try/except) then weighted every later batch of the cumulative
+    average (momentum=None) and renorm's clipping schedule by a step too many. Found by tools/fuzz_batch_norm.py."""
+    layer = normkit.BatchNorm((3, 2) if options.get("axis") == (1, 2) else 3, **options)
+    trained = "virtual_batch_size" not in options  # (ghost batches of one row refuse every batch)
+    if trained:
+        layer(torch.randn((4,) + shape[1:]))
+    before = _state(layer)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(shape))
+    assert _same_state(before, layer)
+    assert int(layer.num_batches_tracked) == int(trained)
+
+
 @pytest.mark.parametrize("make", [lambda: normkit.BatchNorm1d(3).eval(), lambda: normkit.LayerNorm(5),
                                   lambda: normkit.GroupNorm(1, 3), lambda: normkit.InstanceNorm1d(3, affine=True),
                                   lambda: normkit.InstanceNorm1d(3, affine=True, track_running_stats=True).eval()])

@@ -957,7 +957,11 @@ class BatchNorm(_NormBase):
         if batch_stats and channels.numel() <= channels.shape[1]:  # (the input's channels: see _feature_axes)
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
-            F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape)
+            try:
+                F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape)
+            except ValueError:
+                self._uncount(training)  # (refused: the count this step took is given back)
+                raise
             y = F.batch_norm(channels, None, None, weight, bias, True, factor, self.eps)
         else:
             try:
@@ -1241,13 +1245,22 @@ class BatchNorm(_NormBase):
                 # one subtraction the compiler fuses into the statistics pass.
                 recenter=self._recenter or torch.compiler.is_compiling(),
             )
+        except ValueError:
+            # An input refused by the functional checks after the count (one value per channel or per ghost batch, an
+            # adjustment's terms that do not fit): nothing moved but the count, which is given back.
+            self._uncount(training)
+            raise
         except RuntimeError as error:
             refusal = _transform_refusal(self, error, input) if training else None
             if refusal is None:
                 raise
-            if self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
-                _buffer_of(self, "num_batches_tracked").sub_(1)  # (the count this step took: the call changed nothing)
+            self._uncount(training)  # (the count this step took: the call changed nothing)
             raise refusal from error
+
+    def _uncount(self, training: bool) -> None:
+        """Give back the count a refused training call took (a call that raised leaves the layer as it was)."""
+        if training and self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
+            _buffer_of(self, "num_batches_tracked").sub_(1)
 
     def _refuse_onnx_training(self, mask) -> None:
         """ONNX has no training form of renorm, ghost batches, masks or adjustment: both exporters failed on the
