@@ -1,0 +1,592 @@
+"""Differential fuzzer of BatchNorm's option COMBINATIONS (the tests check options one or two at a time): local, not CI.
+
+Each example draws a random combination (rank, axis, dtype, affine, tracking, momentum, running variance rule, renorm
+with fixed or scheduled clipping, ghost batches, masks with NaN/inf padding, adjustment, eps, freeze, several training
+steps then eval, data far from zero) and compares the layer's outputs, gradients and every buffer after each step
+with normkit.reference in float64. Families (``--family``):
+
+  module   normkit.BatchNorm against the reference (float64 exact; float32/bfloat16/float16 loose)
+  fused    the same with the fused C++ kernel switched on (NORMKIT_FUSED_KERNELS=1 builds it), and on vs off
+  keras    normkit.keras.BatchNormalization against the reference with Keras' semantics (decay, biased variance)
+  torchnn  plain BN (axis 1, any rank) against torch.nn.BatchNorm1d/2d/3d
+  invalid  random invalid options (constructor, set later, forward): ValueError/TypeError naming the argument and
+           the layer's state unchanged
+
+Not derandomized: every run draws new examples. Run in chunks, niced (the machine is shared):
+
+    PYTHONPATH=src nice -n 19 python tools/fuzz_batch_norm.py --family module --examples 500
+
+Tolerances: float64 rtol 1e-7 and atol 1e-7 times the compared array's largest magnitude (two float64 algorithms on
+data at 1e4 with spread 1e-2); float32 2e-4 of the largest magnitude; float16 and bfloat16 inputs are compared with
+the reference run on the same rounded inputs, 2e-2 (float16) and 5e-2 (bfloat16) of the largest magnitude, their
+output being rounded once to 11 or 8 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import normkit
+from normkit import reference as R
+from normkit.stats import RenormClipping
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REL = {torch.float64: 1e-7, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def to_np(t):
+    return None if t is None else t.detach().to(torch.float64).cpu().numpy().copy()
+
+
+def close(name, got, want, dtype):
+    got = to_np(got) if isinstance(got, torch.Tensor) else (None if got is None else np.asarray(got, np.float64))
+    if want is None or got is None:
+        assert (got is None) == (want is None), f"{name}: {got} vs {want}"
+        return
+    want = np.asarray(want, np.float64).reshape(got.shape) if np.size(want) == got.size else np.asarray(want)
+    finite = want[np.isfinite(want)]
+    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    rel = REL[dtype]
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * scale, equal_nan=True, err_msg=name)
+
+
+class Adjustment:
+    """A deterministic adjustment: (scale, bias) varying along the feature axes, as NumPy arrays."""
+
+    def __init__(self, feature_axes, seed):
+        self.feature_axes, self.seed = feature_axes, seed
+
+    def __call__(self, shape):
+        rng = np.random.default_rng(self.seed)
+        pshape = tuple(s if i in self.feature_axes else 1 for i, s in enumerate(shape))
+        return 1 + 0.5 * rng.uniform(-1, 1, size=pshape), 0.3 * rng.normal(size=pshape)
+
+    def __repr__(self):
+        return f"Adjustment({self.feature_axes}, {self.seed})"
+
+
+class Ramp:
+    def __init__(self, start, slope):
+        self.start, self.slope = start, slope
+
+    def __call__(self, step):
+        return self.start + self.slope * step
+
+    def __repr__(self):
+        return f"Ramp({self.start}, {self.slope})"
+
+
+@st.composite
+def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=False):
+    rank = draw(st.integers(2, 5))
+    rest = [draw(st.integers(1, 3)) for _ in range(rank - 1)]
+    two = rank >= 3 and draw(st.booleans()) and not keras
+    axes = sorted(draw(st.lists(st.integers(1, rank - 1), min_size=2 if two else 1, max_size=2 if two else 1,
+                                unique=True)))
+    signed = tuple(a - rank if draw(st.booleans()) else a for a in axes)
+    axis = signed[0] if len(signed) == 1 else signed
+    virtual = None
+    layout = draw(st.sampled_from(["strided", "contiguous"]))
+    per_row = math.prod(s for i, s in enumerate(rest, 1) if i not in axes)
+    if draw(st.booleans()):
+        virtual = draw(st.sampled_from([1, 2, 3]))
+        groups = draw(st.integers(2, 3))
+        batch = virtual * groups
+        if virtual * per_row < 2:
+            virtual = None
+    else:
+        batch = draw(st.integers(2, 6))
+    shape = (batch, *rest)
+    track = draw(st.booleans())
+    renorm = track and draw(st.booleans())
+    clipping = None
+    if renorm and draw(st.booleans()):
+        clipping = {}
+        for key, lo, hi in (("rmax", 1.0, 3.0), ("rmin", 0.2, 1.0), ("dmax", 0.0, 3.0)):
+            kind = draw(st.sampled_from(["absent", "number", "callable"]))
+            if kind == "number":
+                clipping[key] = draw(st.sampled_from([lo, hi, (lo + hi) / 2]))
+            elif kind == "callable":
+                clipping[key] = (Ramp(1.0, draw(st.sampled_from([0.5, 1.0]))) if key == "rmax" else
+                                 Ramp(1.0, -0.1) if key == "rmin" else Ramp(0.0, draw(st.sampled_from([0.5, 1.0]))))
+    mask_kind = draw(st.sampled_from(["none", "none", "padding", "per_feature", "rows_off", "all_off"]))
+    dtype = draw(st.sampled_from(dtypes))
+    offset = draw(st.sampled_from([0.0, 3.0, -50.0, 1e4] if dtype in ("float64", "float32") else [0.0, 3.0, -5.0]))
+    spread = draw(st.sampled_from([1.0, 5.0, 1e-2] if dtype in ("float64", "float32") else [1.0, 5.0]))
+    if offset == 1e4 and dtype == "float32":
+        spread = max(spread, 1.0)  # (float32 holds 1e4 to 1e-3: the input's own rounding at 1e-2 spread)
+    return dict(
+        shape=shape, axis=axis, axes=tuple(axes), virtual=virtual, layout=layout, track=track, renorm=renorm,
+        clipping=clipping, renorm_momentum=draw(st.sampled_from([0.01, 0.5, 1.0])),
+        affine=draw(st.booleans()), momentum=draw(st.sampled_from([0.1, 0.9, None] if not keras else [0.1, 0.9, 0.0])),
+        unbiased=draw(st.booleans()), eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        adjustment=Adjustment(tuple(axes), draw(st.integers(0, 99))) if draw(st.integers(0, 3)) == 0 else None,
+        mask_kind=mask_kind, pad_value=draw(st.sampled_from([0.0, 7.0, math.nan, math.inf, -math.inf])),
+        dtype=dtype, offset=offset, spread=spread, steps=draw(st.integers(1, 3)),
+        freeze_at=draw(st.sampled_from([None, None, 0, 1, 2])), seed=draw(st.integers(0, 2 ** 31 - 1)),
+        weight_init=draw(st.booleans()),
+    )
+
+
+def make_mask(case, rng):
+    """(full-rank mask for the reference, the layer's mask) or (None, None)."""
+    shape, axes, kind = case["shape"], case["axes"], case["mask_kind"]
+    if kind == "none":
+        return None, None
+    reduced = tuple(1 if i in axes else s for i, s in enumerate(shape))
+    if kind == "per_feature":
+        full = rng.uniform(size=shape) < 0.6
+        return full, full
+    m = rng.uniform(size=reduced) < 0.6
+    if kind == "rows_off":
+        m[0] = False
+    elif kind == "all_off":
+        m[...] = False
+    layer_mask = m.reshape(tuple(s for i, s in enumerate(shape) if i not in axes))
+    return m, layer_mask
+
+
+def build_layer(case, features):
+    kwargs = dict(momentum=case["momentum"], eps=case["eps"], affine=case["affine"],
+                  track_running_stats=case["track"], axis=case["axis"], unbiased_running_var=case["unbiased"],
+                  virtual_batch_size=case["virtual"], ghost_layout=case["layout"], adjustment=case["adjustment"])
+    if case["renorm"]:
+        kwargs.update(renorm=True, renorm_clipping=case["clipping"], renorm_momentum=case["renorm_momentum"])
+    layer = normkit.BatchNorm(features, **kwargs)
+    if case["dtype"] == "float64":
+        layer = layer.double()
+    return layer
+
+
+BUFFERS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev")
+
+
+def run_module_case(case, fused=False, check=True):
+    """Steps of normkit.BatchNorm against the reference; returns every step's results (for fused on vs off)."""
+    from normkit import kernels
+
+    rng = np.random.default_rng(case["seed"])
+    shape, axes = case["shape"], case["axes"]
+    feats = tuple(shape[a] for a in axes)
+    features = feats[0] if len(feats) == 1 else feats
+    dtype = DTYPES[case["dtype"]]
+    layer = build_layer(case, features)
+    if case["weight_init"] and case["affine"]:
+        with torch.no_grad():
+            layer.weight.copy_(torch.as_tensor(1 + 0.5 * rng.normal(size=feats)))
+            layer.bias.copy_(torch.as_tensor(rng.normal(size=feats)))
+    state = {name: to_np(getattr(layer, name, None)) for name in BUFFERS}
+    count = 0
+    results = []
+    step_modes = [True] * case["steps"] + [False]
+    with kernels.switched(fused):
+        for step, train in enumerate(step_modes):
+            if case["freeze_at"] is not None and step == case["freeze_at"]:
+                layer.freeze()
+            layer.train(train)
+            x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
+            x_t = torch.tensor(x_np).to(dtype)
+            x_np = to_np(x_t)  # (the reference takes the rounded input)
+            g_np = rng.normal(size=shape)
+            full, layer_mask = make_mask(case, rng)
+            training = train and not layer.frozen
+            batch_stats = training or not case["track"]
+            if full is not None and batch_stats:
+                invalid = ~np.broadcast_to(full, shape)
+                x_np = np.where(invalid, case["pad_value"], x_np)
+                g_np = np.where(invalid, 0.0, g_np)
+                x_t = torch.tensor(x_np).to(dtype)
+            elif full is not None:
+                layer_mask = full = None
+            g_t = torch.tensor(g_np).to(dtype)
+            g_np = to_np(g_t)
+            w = to_np(layer.weight)
+            b = to_np(layer.bias)
+            # reference
+            if training and case["track"]:
+                count += 1
+            factor = 0.0
+            if training and case["track"]:
+                factor = case["momentum"] if case["momentum"] is not None else 1.0 / count
+            renorm = case["renorm"] and training
+            clip = (0.0, math.inf, math.inf)
+            if renorm:
+                clip = RenormClipping.from_dict(case["clipping"]).at(count - 1)
+            rm = state["running_mean"] if (not training or case["track"]) else None
+            rv = state["running_var"] if rm is not None else None
+            kwargs = dict(axis=case["axis"], mask=full if batch_stats else None,
+                          virtual_batch_size=case["virtual"] if training else None, ghost_layout=case["layout"],
+                          renorm_mean=state["renorm_mean"] if renorm else None,
+                          renorm_stddev=state["renorm_stddev"] if renorm else None,
+                          renorm_clipping=clip, adjustment=case["adjustment"] if training else None)
+            grads = R.batch_norm_backward(g_np, x_np, None if rm is None else rm.copy(),
+                                          None if rv is None else rv.copy(), w, b, batch_stats, case["eps"], **kwargs)
+            expected = R.batch_norm(x_np, rm, rv, w, b, batch_stats, factor, case["eps"],
+                                    unbiased_running_var=case["unbiased"],
+                                    moving_stddev=state["moving_stddev"] if renorm else None,
+                                    renorm_momentum=case["renorm_momentum"], **kwargs)
+            # layer
+            leaf = x_t.clone().requires_grad_()
+            y = layer(leaf) if layer_mask is None else layer(leaf, mask=torch.as_tensor(layer_mask))
+            params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+            got = torch.autograd.grad(y, [leaf, *params], g_t, allow_unused=True)
+            got_w = got[1] if layer.weight is not None and layer.weight.requires_grad else None
+            got_b = got[-1] if layer.bias is not None and layer.bias.requires_grad else None
+            results.append([y, got[0], got_w, got_b, *[getattr(layer, n, None) for n in BUFFERS]])
+            results[-1] = [None if t is None else t.detach().clone() for t in results[-1]]
+            if check:
+                where = f"step {step} ({'train' if train else 'eval'}{', frozen' if layer.frozen else ''})"
+                assert y.dtype == dtype, f"{where}: output dtype {y.dtype}"
+                close(f"{where} output", y, expected, dtype)
+                close(f"{where} input grad", got[0], grads[0], dtype)
+                if got_w is not None:
+                    close(f"{where} weight grad", got_w, grads[1], dtype)
+                if got_b is not None:
+                    close(f"{where} bias grad", got_b, grads[2], dtype)
+                for name in BUFFERS:
+                    if state[name] is not None:
+                        close(f"{where} {name}", getattr(layer, name), state[name], dtype)
+                if case["track"]:
+                    assert int(layer.num_batches_tracked) == count, f"{where}: count {int(layer.num_batches_tracked)}"
+    return results
+
+
+# ----------------------------------------------------------------------------- Keras
+
+
+def run_keras_case(case):
+    from normkit.keras import BatchNormalization
+
+    rng = np.random.default_rng(case["seed"])
+    shape, axes = case["shape"], case["axes"]
+    dtype = DTYPES[case["dtype"]]
+    decay = 1.0 - case["momentum"]
+    kwargs = dict(axis=case["axis"], momentum=decay, epsilon=case["eps"], center=case["affine"],
+                  scale=case["affine"] or case["weight_init"], virtual_batch_size=case["virtual"],
+                  ghost_layout=case["layout"], adjustment=case["adjustment"])
+    if case["renorm"]:
+        kwargs.update(renorm=True, renorm_clipping={k: v for k, v in (case["clipping"] or {}).items()
+                                                    if not callable(v)} or None,
+                      renorm_momentum=1.0 - case["renorm_momentum"])
+    layer = BatchNormalization(**kwargs, dtype="float64" if dtype == torch.float64 else None)
+    layer.build(shape)
+    bn = layer.bn
+    feats = tuple(shape[a] for a in axes)
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.copy_(torch.as_tensor(1 + 0.5 * rng.normal(size=feats)))
+        if bn.bias is not None:
+            bn.bias.copy_(torch.as_tensor(rng.normal(size=feats)))
+    state = {name: to_np(getattr(bn, name, None)) for name in BUFFERS}
+    clip_dict = kwargs.get("renorm_clipping")
+    count = 0
+    for step, train in enumerate([True] * case["steps"] + [False]):
+        if case["freeze_at"] is not None and step == case["freeze_at"]:
+            layer.trainable = False
+        training = train and layer.trainable
+        x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
+        x_t = torch.tensor(x_np).to(dtype)
+        x_np = to_np(x_t)
+        g_np = rng.normal(size=shape)
+        full = layer_mask = None
+        if case["mask_kind"] in ("padding", "rows_off", "all_off") and training:
+            m = rng.uniform(size=shape[:-1]) < 0.6
+            if case["mask_kind"] == "rows_off":
+                m[0] = False
+            elif case["mask_kind"] == "all_off":
+                m[...] = False
+            layer_mask = m
+            full = m[..., None]
+            invalid = ~np.broadcast_to(full, shape)
+            x_np = np.where(invalid, case["pad_value"], x_np)
+            g_np = np.where(invalid, 0.0, g_np)
+            x_t = torch.tensor(x_np).to(dtype)
+        g_t = torch.tensor(g_np).to(dtype)
+        g_np = to_np(g_t)
+        w, b = to_np(bn.weight), to_np(bn.bias)
+        if training:
+            count += 1
+        factor = case["momentum"] if training else 0.0
+        renorm = case["renorm"] and training
+        clip = RenormClipping.from_dict(clip_dict).at(count - 1) if renorm else (0.0, math.inf, math.inf)
+        kwargs_r = dict(axis=case["axis"], mask=full, virtual_batch_size=case["virtual"] if training else None,
+                        ghost_layout=case["layout"], renorm_mean=state["renorm_mean"] if renorm else None,
+                        renorm_stddev=state["renorm_stddev"] if renorm else None, renorm_clipping=clip,
+                        adjustment=case["adjustment"] if training else None)
+        rm, rv = state["running_mean"], state["running_var"]
+        grads = R.batch_norm_backward(g_np, x_np, rm.copy(), rv.copy(), w, b, training, case["eps"], **kwargs_r)
+        expected = R.batch_norm(x_np, rm, rv, w, b, training, factor, case["eps"], unbiased_running_var=False,
+                                moving_stddev=state["moving_stddev"] if renorm else None,
+                                renorm_momentum=case["renorm_momentum"], **kwargs_r)
+        leaf = x_t.clone().requires_grad_()
+        y = layer(leaf, training=train, mask=None if layer_mask is None else torch.as_tensor(layer_mask))
+        params = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
+        got = torch.autograd.grad(y, [leaf, *params], g_t, allow_unused=True)
+        where = f"keras step {step} ({'train' if train else 'eval'}, trainable={layer.trainable})"
+        close(f"{where} output", y, expected, dtype)
+        close(f"{where} input grad", got[0], grads[0], dtype)
+        if params and bn.weight is not None and bn.weight.requires_grad:
+            close(f"{where} gamma grad", got[1], grads[1], dtype)
+        if params and bn.bias is not None and bn.bias.requires_grad:
+            close(f"{where} beta grad", got[-1], grads[2], dtype)
+        for name in BUFFERS:
+            if state[name] is not None:
+                close(f"{where} {name}", getattr(bn, name), state[name], dtype)
+
+
+# ----------------------------------------------------------------------------- torch.nn
+
+
+def run_torchnn_case(case):
+    rng = np.random.default_rng(case["seed"])
+    rank = len(case["shape"])
+    shape = case["shape"]
+    if rank == 2 and rng.uniform() < 0.5:
+        pass
+    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
+    kwargs = dict(momentum=case["momentum"], eps=case["eps"], affine=case["affine"],
+                  track_running_stats=case["track"])
+    ours = normkit.BatchNorm(shape[1], **kwargs).double()
+    theirs = cls(shape[1], **kwargs).double()
+    if case["affine"]:
+        with torch.no_grad():
+            for layer in (ours, theirs):
+                layer.weight.copy_(torch.as_tensor(1 + np.arange(shape[1]) * 0.1))
+                layer.bias.copy_(torch.as_tensor(np.arange(shape[1]) * 0.2))
+    for step, train in enumerate([True] * case["steps"] + [False]):
+        x = torch.tensor(rng.normal(size=shape) * case["spread"] + (case["offset"] if case["offset"] < 1e3 else 5.0))
+        g = torch.tensor(rng.normal(size=shape))
+        outs = []
+        for layer in (ours, theirs):
+            layer.train(train)
+            leaf = x.clone().requires_grad_()
+            y = layer(leaf)
+            outs.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+        for i, (a, b) in enumerate(zip(*outs, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"step {step} item {i}")
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-10, atol=1e-10, msg=f"step {step} {name}")
+
+
+# ----------------------------------------------------------------------------- invalid options
+
+INVALID = {
+    "num_features": [0, -1, 2.5, "a", None, (), (3, 0)],
+    "eps": [0, -1e-5, math.nan, math.inf, "a", None, torch.tensor(1e-5)],
+    "momentum": [-0.1, 1.5, math.nan, "x", [0.1]],
+    "axis": [(1, 1), 1.5, "a", (), None, (1, -1, 1)],  # (7 is a rank-8 input's axis: refused by the call)
+    "virtual_batch_size": [0, -2, 2.5, "a", True],
+    "ghost_layout": ["foo", 3, None],
+    "renorm_clipping": [{"rmax": 0.5}, {"rmin": 2.0}, {"foo": 1}, {"rmax": math.nan}, {"dmax": -1.0}, 3, "a",
+                        {"rmax": "a"}],
+    "renorm_momentum": [-1, 2, None, "a", math.nan],
+    "adjustment": [3, "a"],
+    "weight_initializer": ["nope", 3],
+    "weight_regularizer": ["nope", 3],
+    "weight_constraint": ["nope", 3],
+}
+
+
+def state_of(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}, {k: repr(v) for k, v in vars(layer).items()
+                                                                   if not k.startswith("_")}
+
+
+def same_state(before, after, where):
+    for k, v in before[0].items():
+        assert k in after[0] and torch.equal(v, after[0][k]) or (v.is_floating_point() and torch.equal(
+            v.isnan(), after[0][k].isnan())), f"{where}: state {k} changed"
+    assert before[1] == after[1], f"{where}: attributes changed {set(before[1].items()) ^ set(after[1].items())}"
+
+
+def named(error, names):
+    return any(n in str(error) for n in names)
+
+
+def run_invalid_case(data):
+    option = data.draw(st.sampled_from(sorted(INVALID)))
+    value = data.draw(st.sampled_from(INVALID[option]))
+    renorm = option.startswith("renorm")
+    base = dict(renorm=True) if renorm else {}
+    where = f"{option}={value!r}"
+    num = value if option == "num_features" else 3
+    if option == "axis" and value is not None and not isinstance(value, (str, float)):
+        base["axis"] = value
+    kwargs = dict(base)
+    if option != "num_features":
+        kwargs[option] = value
+    try:
+        normkit.BatchNorm(num, **kwargs)
+    except (ValueError, TypeError) as error:
+        assert named(error, [option, "num_features"] if option == "num_features" else [option]), \
+            f"constructor {where}: {type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"constructor {where}: {type(error).__name__}: {error}") from error
+    else:
+        raise AssertionError(f"constructor {where}: accepted")
+    # set on a built layer (trained a step: state to keep)
+    if option == "num_features":
+        return
+    layer = normkit.BatchNorm(3, **base).double()
+    layer(torch.randn(4, 3, dtype=torch.float64))
+    before = state_of(layer)
+    try:
+        setattr(layer, option, value)
+    except (ValueError, TypeError) as error:
+        assert named(error, [option]), f"set {where}: {type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"set {where}: {type(error).__name__}: {error}") from error
+    else:
+        raise AssertionError(f"set {where}: accepted")
+    same_state(before, state_of(layer), f"set {where}")
+    layer(torch.randn(4, 3, dtype=torch.float64))  # (still works)
+
+
+def run_invalid_forward(data):
+    """Inputs a training call must refuse by name, leaving the layer as it was."""
+    virtual = data.draw(st.sampled_from([None, 2, 3]))
+    renorm = data.draw(st.booleans())
+    momentum = data.draw(st.sampled_from([0.1, None]))
+    layer = normkit.BatchNorm(3, axis=-1, virtual_batch_size=virtual, renorm=renorm, momentum=momentum).double()
+    layer(torch.randn(6, 3, dtype=torch.float64))
+    before = state_of(layer)
+    kind = data.draw(st.sampled_from(["axis", "features", "mask_shape", "mask_rank", "batch", "rank1", "int", "one_value",
+                                      "mask_type"]))
+    x = torch.randn(6, 3, dtype=torch.float64)
+    mask = None
+    names = []
+    if kind == "axis":
+        layer.axis = data.draw(st.sampled_from([2, -3, 5]))
+        before = state_of(layer)
+        names = ["axis"]
+    elif kind == "features":
+        x, names = torch.randn(6, 4, dtype=torch.float64), ["num_features"]
+    elif kind == "mask_shape":
+        mask, names = torch.ones(5, dtype=torch.bool), ["mask"]
+    elif kind == "mask_rank":
+        mask, names = torch.ones(6, 3, 2, dtype=torch.bool), ["mask"]
+    elif kind == "mask_type":
+        mask, names = object(), ["mask"]
+    elif kind == "batch":
+        if virtual is None:
+            return
+        x, names = torch.randn(7, 3, dtype=torch.float64), ["virtual_batch_size"]
+    elif kind == "rank1":
+        x, names = torch.randn(3, dtype=torch.float64), ["rank", "dim"]
+    elif kind == "int":
+        x, names = torch.ones(6, 3, dtype=torch.int64), ["float", "dtype"]
+    elif kind == "one_value":
+        if virtual is not None:
+            return
+        x, names = torch.randn(1, 3, dtype=torch.float64), ["value per", "batch"]
+    try:
+        layer(x) if mask is None else layer(x, mask=mask)
+    except (ValueError, TypeError) as error:
+        assert named(error, names), f"forward {kind}: {type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"forward {kind}: {type(error).__name__}: {error}") from error
+    else:
+        raise AssertionError(f"forward {kind}: accepted")
+    same_state(before, state_of(layer), f"forward {kind}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["module", "fused", "keras", "torchnn", "invalid"], required=True)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
+    parser.add_argument("--replay", help="a CASE line printed by a failure: run that case alone (module/keras/torchnn)")
+    args = parser.parse_args()
+    if args.replay:
+        case = eval(args.replay, {"Adjustment": Adjustment, "Ramp": Ramp, "nan": math.nan, "inf": math.inf})
+        {"module": run_module_case, "keras": run_keras_case, "torchnn": run_torchnn_case,
+         "fused": lambda c: run_module_case(c, fused=True)}[args.family](case)
+        print("replayed: OK")
+        return
+    dtypes = tuple(args.dtypes.split(","))
+    run = settings(max_examples=args.examples, deadline=None, derandomize=False, database=None,
+                   suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    counter = {"n": 0}
+
+    if args.family == "module":
+        @run
+        @given(cases(dtypes))
+        def fuzz(case):
+            counter["n"] += 1
+            try:
+                run_module_case(case)
+            except Exception:
+                counter['case'] = case
+                raise
+    elif args.family == "fused":
+        from normkit import kernels
+        kernels.build()
+
+        @run
+        @given(cases(tuple(d for d in dtypes if d in ("float64", "float32"))))
+        def fuzz(case):
+            counter["n"] += 1
+            counter['case'] = case
+            on = run_module_case(case, fused=True)
+            off = run_module_case(case, fused=False, check=False)
+            tol = 1e-9 if case["dtype"] == "float64" else 1e-4
+            for step, (a_step, b_step) in enumerate(zip(on, off)):
+                for i, (a, b) in enumerate(zip(a_step, b_step)):
+                    if a is None or b is None:
+                        assert a is None and b is None, f"step {step} item {i}"
+                        continue
+                    scale = max(1.0, float(b.double().abs().nan_to_num(0, 0, 0).max()))
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True,
+                                               msg=f"fused on vs off, step {step} item {i}")
+    elif args.family == "keras":
+        @run
+        @given(cases(dtypes, keras=True))
+        def fuzz(case):
+            counter["n"] += 1
+            try:
+                run_keras_case(case)
+            except Exception:
+                counter['case'] = case
+                raise
+    elif args.family == "torchnn":
+        @run
+        @given(cases(("float64",)))
+        def fuzz(case):
+            counter["n"] += 1
+            try:
+                run_torchnn_case(case)
+            except Exception:
+                counter['case'] = case
+                raise
+    else:
+        @run
+        @given(st.data())
+        def fuzz(data):
+            counter["n"] += 1
+            if data.draw(st.booleans()):
+                run_invalid_case(data)
+            else:
+                run_invalid_forward(data)
+    try:
+        fuzz()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print("CASE", repr(counter.get("case")))
+        print(f"FAILED after {counter['n']} examples ({args.family})")
+        sys.exit(1)
+    print(f"OK: {counter['n']} examples ({args.family})")
+
+
+if __name__ == "__main__":
+    main()
