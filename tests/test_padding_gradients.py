@@ -10,6 +10,8 @@ import normkit
 import normkit.keras
 from normkit import reference as R
 
+from oracle import to_numpy
+
 PADDINGS = [float("nan"), float("inf"), float("-inf")]
 
 
@@ -217,3 +219,37 @@ def test_the_branch_free_formulations_follow_the_rule_too(name, padding, monkeyp
     torch.testing.assert_close(x_grad, expected[1])
     for key in grads:
         torch.testing.assert_close(grads[key], expected[2][key])
+
+
+EVAL_LAYERS = ["padding mask", "padding mask, features at dim 1", "per-feature mask", "ghost + mask", "renorm + mask",
+               "adjustment + mask"]
+
+
+@pytest.mark.parametrize("padding", PADDINGS, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", EVAL_LAYERS)
+def test_the_padding_rule_holds_in_eval(name, padding, execution, rng):
+    """In eval (running statistics, as when fine-tuning with BN in eval) the mask names no statistic, and ATen's
+    backward multiplied the saved x_hat by the output gradient: NaN or inf padding that the loss ignores made the
+    weight's gradient NaN, where the reference (and training) give that of zero padding. Found by
+    tools/fuzz_batch_norm.py."""
+    layer = _layer(name, torch.float64)
+    layer(torch.randn(LAYERS[name][1], dtype=torch.float64) * 2 + 1)  # (running statistics of their own)
+    layer.eval()
+    x, mask, valid = _data(name, torch.float64, rng)
+    loss_weights = torch.tensor(rng.normal(size=x.shape)) * valid
+    y, x_grad, grads = _step(copy.deepcopy(layer), x.masked_fill(~valid, padding), mask, loss_weights)
+    y0, x_grad0, grads0 = _step(copy.deepcopy(layer), x.masked_fill(~valid, 0.0), mask, loss_weights)
+    torch.testing.assert_close(y[valid], y0[valid])
+    assert not torch.isfinite(y[~valid]).any()  # (the padded outputs keep their exact values)
+    torch.testing.assert_close(x_grad, x_grad0)
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads0[key], msg=key)
+    # A nonzero gradient at a NaN padded output: the weight's gradient of that channel is NaN, as the math says; every
+    # input gradient stays g * w / std (eval's, which never reads the input), like the reference's
+    x = x.masked_fill(~valid, float("nan"))
+    _, x_grad, grads = _step(copy.deepcopy(layer), x, mask, torch.ones_like(x))
+    expected = R.batch_norm_backward(np.ones(x.shape), x.numpy(), to_numpy(layer.running_mean),
+                                     to_numpy(layer.running_var), to_numpy(layer.weight), to_numpy(layer.bias),
+                                     False, layer.eps, axis=layer.axis)
+    torch.testing.assert_close(x_grad, torch.tensor(expected[0]))
+    assert torch.isnan(grads["weight"]).all() and torch.isfinite(grads["bias"]).all()

@@ -230,13 +230,13 @@ def run_module_case(case, fused=False, check=True):
             full, layer_mask = make_mask(case, rng)
             training = train and not layer.frozen
             batch_stats = training or not case["track"]
-            if full is not None and batch_stats:
+            if full is not None:
+                # (out of training with running statistics the mask names no statistic, but the padding rule holds:
+                # NaN/inf padding the loss ignores changes no gradient)
                 invalid = ~np.broadcast_to(full, shape)
                 x_np = np.where(invalid, case["pad_value"], x_np)
                 g_np = np.where(invalid, 0.0, g_np)
                 x_t = torch.tensor(x_np).to(dtype)
-            elif full is not None:
-                layer_mask = full = None
             g_t = torch.tensor(g_np).to(dtype)
             g_np = to_np(g_t)
             w = to_np(layer.weight)

@@ -425,6 +425,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     check_adjustment(adjustment)
     batch_stats = training or running_mean is None
     if not batch_stats:
+        if mask is not None and isinstance(weight, torch.Tensor) and weight.requires_grad:
+            # (the padding rule in eval: the mask names no statistic but still the positions whose NaN or inf
+            # values must not reach the weight's gradient when the loss ignores them)
+            ignored = _padding_to_guard(x, mask, None)
+            if ignored is not None:
+                return _eval_guarding_padding(x, ignored, feature_axes, running_mean, running_var, weight, bias, eps)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
     if virtual_batch_size is not None:  # (reference.py checks in ghost_view; the paths below reshape by it first)
         # (a float or 0 failed in the kernel's binding or as "integer modulo by zero"; any layout but "strided"
@@ -1363,6 +1369,36 @@ def _composite_normalize(view, mean, var, eps, r, d, x, adjustment, virtual_batc
     if y.requires_grad:
         y.register_hook(lambda grad: torch.where(ignored & (grad != 0), math.nan, grad))
     return y + torch.where(ignored, exact - y.detach(), 0.0)
+
+
+class _ReadAsZero(torch.autograd.Function):
+    """``x`` with the ``ignored`` positions read as 0, its gradient passed through unchanged: in eval the input's
+    gradient g w / std does not depend on its value, so a padded position still gets it (``torch.where`` gave it 0)."""
+
+    @staticmethod
+    def forward(ctx, x, ignored):
+        return torch.where(ignored, 0.0, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _eval_guarding_padding(x, ignored, feature_axes, running_mean, running_var, weight, bias, eps):
+    """Inference by the running statistics, with the padding rule for the weight's gradient, ``sum g x_hat``: the
+    only gradient in which an input value appears (dL/dx = g w / std and dL/dbias = sum g never read x). ATen's
+    backward multiplies by the saved x_hat, so NaN or inf padding made the weight's gradient NaN even where the
+    loss ignores those outputs (eval under a mask, as in fine-tuning with BN in eval). The graph is built on the
+    input with the ``ignored`` values read as 0 (``_ReadAsZero``: same input and bias gradients), the outputs there set to their
+    exact values outside it, and a zero-valued probe gives the weight NaN where a nonzero gradient meets such a
+    padded output, as the math does (NaN there for inf padding too, as on the composite paths)."""
+    y = _aten_batch_norm(_ReadAsZero.apply(x, ignored), feature_axes, running_mean, running_var, weight, bias, False,
+                         0.0, eps)
+    with torch.no_grad():
+        exact = _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
+    probe = (weight - weight.detach()).reshape(broadcast_shape(feature_axes, x.shape)).to(y.dtype).expand(x.shape)
+    probe.register_hook(lambda grad: torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan))
+    return y + torch.where(ignored, exact - y.detach(), 0.0) + probe
 
 
 def _padding_to_guard(view, mask_view, finite):

@@ -1230,7 +1230,8 @@ class BatchNorm(_NormBase):
         try:  # (free when nothing is raised)
             return normalize(
                 input, running_mean, running_var, weight, bias, batch_stats, factor, self.eps,
-                axis=feature_axes, mask=mask if batch_stats else None,
+                # (the mask in eval too: it names no statistic there, but the padding rule's positions)
+                axis=feature_axes, mask=mask,
                 virtual_batch_size=virtual if batch_stats else None,
                 ghost_layout=self.ghost_layout, unbiased_running_var=self.unbiased_running_var,
                 renorm_mean=self.renorm_mean if renorm else None,
