@@ -222,7 +222,15 @@ def test_the_branch_free_formulations_follow_the_rule_too(name, padding, monkeyp
 
 
 EVAL_LAYERS = ["padding mask", "padding mask, features at dim 1", "per-feature mask", "ghost + mask", "renorm + mask",
-               "adjustment + mask"]
+               "adjustment + mask", "keras layer + mask"]
+
+
+def _eval_step(layer, x, mask, loss_weights):
+    x = x.clone().requires_grad_()
+    keras = isinstance(layer, normkit.keras.BatchNormalization)
+    y = layer(x, training=False, mask=mask) if keras else layer(x, mask=mask)
+    (y * loss_weights).sum().backward()
+    return y.detach(), x.grad, {name.split(".")[-1]: p.grad for name, p in layer.named_parameters()}
 
 
 @pytest.mark.parametrize("padding", PADDINGS, ids=["nan", "inf", "-inf"])
@@ -237,8 +245,8 @@ def test_the_padding_rule_holds_in_eval(name, padding, execution, rng):
     layer.eval()
     x, mask, valid = _data(name, torch.float64, rng)
     loss_weights = torch.tensor(rng.normal(size=x.shape)) * valid
-    y, x_grad, grads = _step(copy.deepcopy(layer), x.masked_fill(~valid, padding), mask, loss_weights)
-    y0, x_grad0, grads0 = _step(copy.deepcopy(layer), x.masked_fill(~valid, 0.0), mask, loss_weights)
+    y, x_grad, grads = _eval_step(copy.deepcopy(layer), x.masked_fill(~valid, padding), mask, loss_weights)
+    y0, x_grad0, grads0 = _eval_step(copy.deepcopy(layer), x.masked_fill(~valid, 0.0), mask, loss_weights)
     torch.testing.assert_close(y[valid], y0[valid])
     assert not torch.isfinite(y[~valid]).any()  # (the padded outputs keep their exact values)
     torch.testing.assert_close(x_grad, x_grad0)
@@ -247,9 +255,10 @@ def test_the_padding_rule_holds_in_eval(name, padding, execution, rng):
     # A nonzero gradient at a NaN padded output: the weight's gradient of that channel is NaN, as the math says; every
     # input gradient stays g * w / std (eval's, which never reads the input), like the reference's
     x = x.masked_fill(~valid, float("nan"))
-    _, x_grad, grads = _step(copy.deepcopy(layer), x, mask, torch.ones_like(x))
-    expected = R.batch_norm_backward(np.ones(x.shape), x.numpy(), to_numpy(layer.running_mean),
-                                     to_numpy(layer.running_var), to_numpy(layer.weight), to_numpy(layer.bias),
-                                     False, layer.eps, axis=layer.axis)
+    _, x_grad, grads = _eval_step(copy.deepcopy(layer), x, mask, torch.ones_like(x))
+    bn = layer.bn if isinstance(layer, normkit.keras.BatchNormalization) else layer
+    expected = R.batch_norm_backward(np.ones(x.shape), x.numpy(), to_numpy(bn.running_mean),
+                                     to_numpy(bn.running_var), to_numpy(bn.weight), to_numpy(bn.bias),
+                                     False, bn.eps, axis=bn.axis)
     torch.testing.assert_close(x_grad, torch.tensor(expected[0]))
     assert torch.isnan(grads["weight"]).all() and torch.isfinite(grads["bias"]).all()

@@ -338,7 +338,7 @@ def run_keras_case(case):
         x_np = to_np(x_t)
         g_np = rng.normal(size=shape)
         full = layer_mask = None
-        if case["mask_kind"] in ("padding", "rows_off", "all_off") and training:
+        if case["mask_kind"] in ("padding", "rows_off", "all_off"):  # (in inference too: the padding rule)
             m = rng.uniform(size=shape[:-1]) < 0.6
             if case["mask_kind"] == "rows_off":
                 m[0] = False
@@ -358,7 +358,7 @@ def run_keras_case(case):
         factor = case["momentum"] if training else 0.0
         renorm = case["renorm"] and training
         clip = RenormClipping.from_dict(clip_dict).at(count - 1) if renorm else (0.0, math.inf, math.inf)
-        kwargs_r = dict(axis=case["axis"], mask=full, virtual_batch_size=case["virtual"] if training else None,
+        kwargs_r = dict(axis=case["axis"], mask=full if training else None, virtual_batch_size=case["virtual"] if training else None,
                         ghost_layout=case["layout"], renorm_mean=state["renorm_mean"] if renorm else None,
                         renorm_stddev=state["renorm_stddev"] if renorm else None, renorm_clipping=clip,
                         adjustment=case["adjustment"] if training else None)

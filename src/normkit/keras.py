@@ -698,27 +698,31 @@ class BatchNormalization(nn.Module):
         mode = self.training if training is None else bool(training)
         if mask is not None and mode:
             self._check_mask(mask, inputs)
+        elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
+            mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
         previous = bn.training
         switched = previous != mode  # (nn.Module.__setattr__ twice a call where the mode is already the one)
         if switched:
             bn.training = mode
         try:
             if stored in LOW_PRECISION:
-                return self._forward_widened(inputs, mask if mode else None, torch.float32)
+                return self._forward_widened(inputs, mask, torch.float32)
             compute = self._compute_dtype
             if compute is not None and compute != stored and compute not in LOW_PRECISION:
                 # dtype_policy set after build to the other full precision (float32 <-> float64): Keras computes
                 # in the policy's dtype with the variables cast to it (the inner layer refused the mix).
-                return self._forward_widened(inputs, mask if mode else None, compute)
+                return self._forward_widened(inputs, mask, compute)
             if inputs.dtype in LOW_PRECISION:
                 # Keras computes in float32 and rounds the output once. ATen's half-precision kernels round
                 # intermediates (in half throughout without a float32 weight and bias), which few values per
                 # channel amplify: ten times Keras' error in the input gradient. A float64 layer computes in
                 # float64 (inputs.float() met its float64 weights with a TypeError).
-                return bn(inputs.to(stored), mask=mask if mode else None).to(inputs.dtype)
+                return bn(inputs.to(stored), mask=mask).to(inputs.dtype)
             # The mask by keyword, and only when there is one: a forward pre-hook on bn that returns the input alone
             # (torch's single-value form) replaces the positional arguments, which silently dropped a positional mask.
-            y = bn(inputs) if mask is None or not mode else bn(inputs, mask=mask)
+            # (in inference too: the mask names no statistic there, but the padding whose NaN or inf values the padding
+            # rule keeps out of gamma's gradient)
+            y = bn(inputs) if mask is None else bn(inputs, mask=mask)
             if compute is not None and compute != stored:
                 # integer inputs under a mixed policy: float32 math, the output in the compute dtype (as Keras)
                 return y.to(compute)
