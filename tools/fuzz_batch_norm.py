@@ -156,7 +156,19 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
         dtype=dtype, offset=offset, spread=spread, steps=draw(st.integers(1, 3)),
         freeze_at=draw(st.sampled_from([None, None, 0, 1, 2])), seed=draw(st.integers(0, 2 ** 31 - 1)),
         weight_init=draw(st.booleans()), late=draw(st.booleans()),
+        memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"])),
     )
+
+
+def laid_out(t, memory):
+    """The same values in another memory layout (strides), as data from permutes, channels_last models and slices."""
+    if memory == "transposed":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    if memory == "channels_last" and t.dim() in (4, 5):
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    if memory == "sliced":
+        return torch.cat([t, t], dim=-1)[..., : t.shape[-1]]
+    return t
 
 
 def make_mask(case, rng):
@@ -265,10 +277,10 @@ def run_module_case(case, fused=False, check=True):
                                     moving_stddev=state["moving_stddev"] if renorm else None,
                                     renorm_momentum=case["renorm_momentum"], **kwargs)
             # layer
-            leaf = x_t.clone().requires_grad_()
+            leaf = laid_out(x_t.clone(), case.get("memory")).requires_grad_()
             y = layer(leaf) if layer_mask is None else layer(leaf, mask=torch.as_tensor(layer_mask))
             params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
-            got = torch.autograd.grad(y, [leaf, *params], g_t, allow_unused=True)
+            got = torch.autograd.grad(y, [leaf, *params], laid_out(g_t, case.get("memory")), allow_unused=True)
             got_w = got[1] if layer.weight is not None and layer.weight.requires_grad else None
             got_b = got[-1] if layer.bias is not None and layer.bias.requires_grad else None
             results.append([y, got[0], got_w, got_b, *[getattr(layer, n, None) for n in BUFFERS]])
@@ -367,10 +379,10 @@ def run_keras_case(case):
         expected = R.batch_norm(x_np, rm, rv, w, b, training, factor, case["eps"], unbiased_running_var=False,
                                 moving_stddev=state["moving_stddev"] if renorm else None,
                                 renorm_momentum=case["renorm_momentum"], **kwargs_r)
-        leaf = x_t.clone().requires_grad_()
+        leaf = laid_out(x_t.clone(), case.get("memory")).requires_grad_()
         y = layer(leaf, training=train, mask=None if layer_mask is None else torch.as_tensor(layer_mask))
         params = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
-        got = torch.autograd.grad(y, [leaf, *params], g_t, allow_unused=True)
+        got = torch.autograd.grad(y, [leaf, *params], laid_out(g_t, case.get("memory")), allow_unused=True)
         where = f"keras step {step} ({'train' if train else 'eval'}, trainable={layer.trainable})"
         close(f"{where} output", y, expected, dtype)
         close(f"{where} input grad", got[0], grads[0], dtype)
@@ -403,8 +415,9 @@ def run_torchnn_case(case):
                 layer.weight.copy_(torch.as_tensor(1 + np.arange(shape[1]) * 0.1))
                 layer.bias.copy_(torch.as_tensor(np.arange(shape[1]) * 0.2))
     for step, train in enumerate([True] * case["steps"] + [False]):
-        x = torch.tensor(rng.normal(size=shape) * case["spread"] + (case["offset"] if case["offset"] < 1e3 else 5.0))
-        g = torch.tensor(rng.normal(size=shape))
+        x = laid_out(torch.tensor(rng.normal(size=shape) * case["spread"]
+                                  + (case["offset"] if case["offset"] < 1e3 else 5.0)), case["memory"])
+        g = laid_out(torch.tensor(rng.normal(size=shape)), case["memory"])
         outs = []
         for layer in (ours, theirs):
             layer.train(train)
