@@ -108,7 +108,7 @@ class Ramp:
 
 
 @st.composite
-def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=False):
+def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=False, big=None):
     rank = draw(st.integers(2, 5))
     rest = [draw(st.integers(1, 3)) for _ in range(rank - 1)]
     two = rank >= 3 and draw(st.booleans()) and not keras
@@ -119,14 +119,25 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
     virtual = None
     layout = draw(st.sampled_from(["strided", "contiguous"]))
     per_row = math.prod(s for i, s in enumerate(rest, 1) if i not in axes)
+    big = draw(st.integers(0, 5)) == 0 if big is None else big  # (the paths for 2^14 values or more: folded, by position, wide moments)
+    if big:
+        # features kept few, the other axes long: 2^14 to 2^16 values, 32 rows or more
+        rest = [s if i in axes else draw(st.sampled_from([8, 16, 64])) for i, s in enumerate(rest, 1)]
+        per_row = math.prod(s for i, s in enumerate(rest, 1) if i not in axes)
     if draw(st.booleans()):
-        virtual = draw(st.sampled_from([1, 2, 3]))
+        virtual = draw(st.sampled_from([1, 2, 3] if not big else [8, 16, 32]))
         groups = draw(st.integers(2, 3))
         batch = virtual * groups
         if virtual * per_row < 2:
             virtual = None
     else:
-        batch = draw(st.integers(2, 6))
+        batch = draw(st.integers(2, 6)) if not big else draw(st.sampled_from([32, 48, 64]))
+    if big:
+        while batch * math.prod(rest) > 1 << 17 and max(rest) > 1:
+            rest[rest.index(max(rest))] //= 2
+        per_row = math.prod(s for i, s in enumerate(rest, 1) if i not in axes)
+        if virtual is not None and virtual * per_row < 2:
+            virtual = None
     shape = (batch, *rest)
     track = draw(st.booleans())
     renorm = track and draw(st.booleans())
@@ -621,6 +632,7 @@ def main():
     parser.add_argument("--family", choices=["module", "fused", "keras", "torchnn", "invalid"], required=True)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
+    parser.add_argument("--big", action="store_true", help="large inputs only (2^14 to 2^17 values)")
     parser.add_argument("--replay", help="a CASE line printed by a failure: run that case alone (module/keras/torchnn)")
     args = parser.parse_args()
     if args.replay:
@@ -636,7 +648,7 @@ def main():
 
     if args.family == "module":
         @run
-        @given(cases(dtypes))
+        @given(cases(dtypes, big=args.big or None))
         def fuzz(case):
             counter["n"] += 1
             try:
@@ -649,7 +661,7 @@ def main():
         kernels.build()
 
         @run
-        @given(cases(tuple(d for d in dtypes if d in ("float64", "float32"))))
+        @given(cases(tuple(d for d in dtypes if d in ("float64", "float32")), big=args.big or None))
         def fuzz(case):
             counter["n"] += 1
             counter['case'] = case
@@ -668,7 +680,7 @@ def main():
                                                msg=f"fused on vs off, step {step} item {i}")
     elif args.family == "keras":
         @run
-        @given(cases(dtypes, keras=True))
+        @given(cases(dtypes, keras=True, big=args.big or None))
         def fuzz(case):
             counter["n"] += 1
             try:
