@@ -168,6 +168,8 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
         freeze_at=draw(st.sampled_from([None, None, 0, 1, 2])), seed=draw(st.integers(0, 2 ** 31 - 1)),
         weight_init=draw(st.booleans()), late=draw(st.booleans()),
         memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"])),
+        policy=draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32"
+        else None,
     )
 
 
@@ -299,15 +301,7 @@ def run_module_case(case, fused=False, check=True):
             if check:
                 where = f"step {step} ({'train' if train else 'eval'}{', frozen' if layer.frozen else ''})"
                 assert y.dtype == dtype, f"{where}: output dtype {y.dtype}"
-                e_y = e_g = e_w = e_s = 0.0
-                if dtype != torch.float64:
-                    amp, n, inv = conditioning(x_np, g_np, full, case, training, batch_stats, rv)
-                    wmax = 1.0 if w is None else max(1.0, float(np.abs(w).max()))
-                    gmax = float(np.abs(g_np).max())
-                    e_y = 32 * U32 * amp * wmax
-                    e_g = 32 * U32 * n * gmax * wmax * inv * max(1.0, amp)
-                    e_w = 32 * U32 * n * gmax * max(1.0, amp)
-                    e_s = 32 * U32 * n
+                e_y, e_g, e_w, e_s = extras(x_np, g_np, full, case, training, batch_stats, rv, w, dtype)
                 close(f"{where} output", y, expected, dtype, e_y)
                 close(f"{where} input grad", got[0], grads[0], dtype, e_g)
                 if got_w is not None:
@@ -321,6 +315,18 @@ def run_module_case(case, fused=False, check=True):
                 if case["track"]:
                     assert int(layer.num_batches_tracked) == count, f"{where}: count {int(layer.num_batches_tracked)}"
     return results
+
+
+def extras(x_np, g_np, full, case, training, batch_stats, rv, w, dtype):
+    """Absolute tolerances added below float64 (output, input gradient, weight gradient, buffers per unit): see
+    ``conditioning``."""
+    if dtype == torch.float64:
+        return 0.0, 0.0, 0.0, 0.0
+    amp, n, inv = conditioning(x_np, g_np, full, case, training, batch_stats, rv)
+    wmax = 1.0 if w is None else max(1.0, float(np.abs(w).max()))
+    gmax = float(np.abs(g_np).max())
+    return (32 * U32 * amp * wmax, 32 * U32 * n * gmax * wmax * inv * max(1.0, amp),
+            32 * U32 * n * gmax * max(1.0, amp), 32 * U32 * n)
 
 
 # ----------------------------------------------------------------------------- Keras
@@ -340,7 +346,9 @@ def run_keras_case(case):
         kwargs.update(renorm=True, renorm_clipping={k: v for k, v in (case["clipping"] or {}).items()
                                                     if not callable(v)} or None,
                       renorm_momentum=1.0 - case["renorm_momentum"])
-    layer = BatchNormalization(**kwargs, dtype="float64" if dtype == torch.float64 else None)
+    policy = case.get("policy")
+    layer = BatchNormalization(**kwargs, dtype="float64" if dtype == torch.float64 else policy)
+    compute = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16}.get(policy, dtype)
     layer.build(shape)
     bn = layer.bn
     feats = tuple(shape[a] for a in axes)
@@ -358,7 +366,7 @@ def run_keras_case(case):
         training = train and layer.trainable
         x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
         x_t = torch.tensor(x_np).to(dtype)
-        x_np = to_np(x_t)
+        x_np = to_np(x_t.to(compute))  # (a mixed policy computes on the input rounded to its compute dtype)
         g_np = rng.normal(size=shape)
         full = layer_mask = None
         if case["mask_kind"] in ("padding", "rows_off", "all_off"):  # (in inference too: the padding rule)
@@ -373,7 +381,7 @@ def run_keras_case(case):
             x_np = np.where(invalid, case["pad_value"], x_np)
             g_np = np.where(invalid, 0.0, g_np)
             x_t = torch.tensor(x_np).to(dtype)
-        g_t = torch.tensor(g_np).to(dtype)
+        g_t = torch.tensor(g_np).to(compute)
         g_np = to_np(g_t)
         w, b = to_np(bn.weight), to_np(bn.bias)
         if training:
@@ -394,16 +402,19 @@ def run_keras_case(case):
         y = layer(leaf, training=train, mask=None if layer_mask is None else torch.as_tensor(layer_mask))
         params = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
         got = torch.autograd.grad(y, [leaf, *params], laid_out(g_t, case.get("memory")), allow_unused=True)
-        where = f"keras step {step} ({'train' if train else 'eval'}, trainable={layer.trainable})"
-        close(f"{where} output", y, expected, dtype)
-        close(f"{where} input grad", got[0], grads[0], dtype)
+        where = f"keras step {step} ({'train' if train else 'eval'}, trainable={layer.trainable}, {policy})"
+        assert y.dtype == compute, f"{where}: output dtype {y.dtype}"
+        e_y, e_g, e_w, e_s = extras(x_np, g_np, full, case, training, training, rv, w, compute)
+        close(f"{where} output", y, expected, compute, e_y)
+        close(f"{where} input grad", got[0], grads[0], compute, e_g)
         if params and bn.weight is not None and bn.weight.requires_grad:
-            close(f"{where} gamma grad", got[1], grads[1], dtype)
+            close(f"{where} gamma grad", got[1], grads[1], compute, e_w)
         if params and bn.bias is not None and bn.bias.requires_grad:
-            close(f"{where} beta grad", got[-1], grads[2], dtype)
+            close(f"{where} beta grad", got[-1], grads[2], compute)
         for name in BUFFERS:
             if state[name] is not None:
-                close(f"{where} {name}", getattr(bn, name), state[name], dtype)
+                extra = e_s * float(np.abs(state[name]).max()) if state[name].size else 0.0
+                close(f"{where} {name}", getattr(bn, name), state[name], compute, extra)
 
 
 # ----------------------------------------------------------------------------- torch.nn
