@@ -168,6 +168,7 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
         freeze_at=draw(st.sampled_from([None, None, 0, 1, 2])), seed=draw(st.integers(0, 2 ** 31 - 1)),
         weight_init=draw(st.booleans()), late=draw(st.booleans()),
         memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"])),
+        modes=draw(st.lists(st.booleans(), min_size=1, max_size=4)) + [False],  # (train/eval interleaved, eval last)
         policy=draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32"
         else None,
     )
@@ -242,7 +243,7 @@ def run_module_case(case, fused=False, check=True):
     state = {name: to_np(getattr(layer, name, None)) for name in BUFFERS}
     count = 0
     results = []
-    step_modes = [True] * case["steps"] + [False]
+    step_modes = case.get("modes") or [True] * case["steps"] + [False]
     with kernels.switched(fused):
         for step, train in enumerate(step_modes):
             if case["freeze_at"] is not None and step == case["freeze_at"]:
@@ -360,7 +361,7 @@ def run_keras_case(case):
     state = {name: to_np(getattr(bn, name, None)) for name in BUFFERS}
     clip_dict = kwargs.get("renorm_clipping")
     count = 0
-    for step, train in enumerate([True] * case["steps"] + [False]):
+    for step, train in enumerate(case.get("modes") or [True] * case["steps"] + [False]):
         if case["freeze_at"] is not None and step == case["freeze_at"]:
             layer.trainable = False
         training = train and layer.trainable
@@ -436,7 +437,7 @@ def run_torchnn_case(case):
             for layer in (ours, theirs):
                 layer.weight.copy_(torch.as_tensor(1 + np.arange(shape[1]) * 0.1))
                 layer.bias.copy_(torch.as_tensor(np.arange(shape[1]) * 0.2))
-    for step, train in enumerate([True] * case["steps"] + [False]):
+    for step, train in enumerate(case.get("modes") or [True] * case["steps"] + [False]):
         x = laid_out(torch.tensor(rng.normal(size=shape) * case["spread"]
                                   + (case["offset"] if case["offset"] < 1e3 else 5.0)), case["memory"])
         g = laid_out(torch.tensor(rng.normal(size=shape)), case["memory"])
