@@ -236,6 +236,34 @@ def test_an_input_refused_in_training_leaves_the_layer_as_it_was(options):
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("momentum", ["0.1", [0.1]])
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"mask": "rows"}, {"mask": "per feature"},
+                                     {"virtual_batch_size": 2}, {"adjustment": lambda shape: (1.0, 0.0)},
+                                     {"unbiased_running_var": False}])
+def test_a_momentum_that_is_not_a_number_is_refused_by_name(options, momentum, execution):
+    """functional.batch_norm and its reference with a string or a list for momentum: the option paths failed deep
+    inside ("expected Tensor as element 0 in argument 2, but got str", "can't multiply sequence by non-int"), the
+    reference with "ufunc 'multiply' did not contain a loop". Found by tools/fuzz_batch_norm.py."""
+    import numpy as np
+
+    from normkit import reference as R
+
+    options = dict(options)
+    if options.get("renorm"):
+        del options["renorm"]
+        options.update(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3))
+    if "mask" in options:
+        options["mask"] = torch.ones((4, 1) if options["mask"] == "rows" else (4, 3), dtype=torch.bool)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError, match=r"momentum must be a number .* got (str|list)"):
+        normkit.functional.batch_norm(torch.randn(4, 3), running_mean, running_var, training=True, momentum=momentum,
+                                      **options)
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+    numpy_options = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    with pytest.raises(TypeError, match=r"momentum must be a number .* got (str|list)"):
+        R.batch_norm(np.ones((4, 3)), np.zeros(3), np.ones(3), training=True, momentum=momentum, **numpy_options)
+
+
 @pytest.mark.parametrize("options, shape", [
     ({}, (1, 3)), ({}, (1, 3, 1, 1)), ({"momentum": None}, (1, 3)), ({"unbiased_running_var": False}, (1, 3)),
     ({"axis": -1}, (1, 3)), ({"axis": (1, 2)}, (1, 3, 2)), ({"renorm": True}, (1, 3)),

@@ -588,6 +588,78 @@ def run_invalid_keras(data):
     assert before[1] == after[1], f"{kind} {where}: attributes changed"
 
 
+FUNCTIONAL_INVALID = {
+    "eps": [0.0, -1.0, math.nan, "a"],
+    "momentum": [None, "a"],
+    "axis": [5, -5, (1, 1), "a"],
+    "virtual_batch_size": [0, 5, 2.5, "a"],
+    "ghost_layout": ["foo"],
+    "renorm_clipping": [(1.0, 0.5, 1.0), (0.0, math.inf), (0.0, math.nan, 1.0), "a", (0.0, lambda t: 2.0, 1.0)],
+    "adjustment": [3],
+    "mask": ["mask_shape", "mask_rank", "mask_list"],
+    "running_mean": ["half_pair", "size"],
+    "weight": ["size", "list"],
+}
+
+
+def run_invalid_functional(data):
+    """functional.batch_norm and reference.batch_norm (its oracle) given one invalid argument: both refuse it by name
+    with ValueError/TypeError, and neither moves the running buffers."""
+    from normkit import functional as F
+
+    option = data.draw(st.sampled_from(sorted(FUNCTIONAL_INVALID)))
+    value = data.draw(st.sampled_from(FUNCTIONAL_INVALID[option]))
+    training = data.draw(st.booleans()) or option in ("virtual_batch_size", "momentum")
+    renorm = option == "renorm_clipping" or data.draw(st.booleans())
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    kwargs = dict(axis=1)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    w, b = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    names = [option]
+    if renorm:
+        kwargs.update(renorm_mean=torch.zeros(3, dtype=torch.float64), renorm_stddev=torch.ones(3, dtype=torch.float64),
+                      moving_stddev=torch.ones(3, dtype=torch.float64))
+    if option == "mask":
+        value = {"mask_shape": torch.ones(4, 1, 3), "mask_rank": torch.ones(4, 2), "mask_list": [[1, 0]]}[value]
+    elif option == "running_mean":
+        names = ["running_mean", "running_var", "values", "size"]
+        if value == "half_pair":
+            rv = None
+        else:
+            rm = torch.zeros(4, dtype=torch.float64)
+        value = rm
+    elif option == "weight":
+        names = ["weight", "values", "size"]
+        value = torch.ones(4, dtype=torch.float64) if value == "size" else [1.0, 1.0, 1.0]
+    kwargs[option] = value
+    if option == "ghost_layout":  # (a layout names how ghost batches group: checked where there are ghost batches)
+        kwargs["virtual_batch_size"], training = 2, True
+    args = dict(running_mean=kwargs.pop("running_mean", rm), running_var=rv, weight=kwargs.pop("weight", w), bias=b,
+                training=training, momentum=kwargs.pop("momentum", 0.1), eps=kwargs.pop("eps", 1e-5))
+    for name, fn, convert in (("functional", F.batch_norm, lambda v: v),
+                              ("reference", R.batch_norm, lambda v: v.numpy() if isinstance(v, torch.Tensor) else v)):
+        call = {k: convert(v) for k, v in {**args, **kwargs}.items()}
+        if name == "reference" and callable(kwargs.get("adjustment")):
+            continue
+        buffers = {k: (v.clone() if isinstance(v, torch.Tensor) else np.array(v, copy=True))
+                   for k, v in call.items() if k in ("running_mean", "running_var", "renorm_mean", "renorm_stddev",
+                                                      "moving_stddev") and v is not None}
+        where = f"{name} {option}={value!r} (training={training}, renorm={renorm})"
+        try:
+            fn(convert(x), **call)
+        except (ValueError, TypeError) as error:
+            assert named(error, names), f"{where}: {type(error).__name__}: {error}"
+        except Exception as error:  # noqa: BLE001
+            raise AssertionError(f"{where}: {type(error).__name__}: {error}") from error
+        else:
+            if not (option == "virtual_batch_size" and not training):
+                raise AssertionError(f"{where}: accepted")
+        for k, before in buffers.items():
+            after = call[k]
+            same = torch.equal(before, after) if isinstance(before, torch.Tensor) else np.array_equal(before, after)
+            assert same, f"{where}: {k} moved"
+
+
 def run_invalid_forward(data):
     """Inputs a training call must refuse by name, leaving the layer as it was."""
     virtual = data.draw(st.sampled_from([None, 2, 3]))
@@ -715,8 +787,9 @@ def main():
         @given(st.data())
         def fuzz(data):
             counter["n"] += 1
-            family = data.draw(st.sampled_from(["options", "forward", "keras"]))
-            {"options": run_invalid_case, "forward": run_invalid_forward, "keras": run_invalid_keras}[family](data)
+            family = data.draw(st.sampled_from(["options", "forward", "keras", "functional"]))
+            {"options": run_invalid_case, "forward": run_invalid_forward, "keras": run_invalid_keras,
+             "functional": run_invalid_functional}[family](data)
     try:
         fuzz()
     except Exception:  # noqa: BLE001

@@ -69,6 +69,15 @@ def check_momentum_given(momentum, *, name="momentum"):
                         f"instance_norm take: pass the weight of the new batch value as a number (0.1, torch.nn's "
                         f"default; 1 / t at the t-th batch for the cumulative average: "
                         f"normkit.stats.momentum_factor(None, t))")
+    if type(momentum) is not float and not isinstance(momentum, _MOMENTUM_TYPES):
+        # (a string or a list failed deep inside, naming nothing: "expected Tensor as element 0 in argument 2, but got
+        # str" on the option paths, the reference's "ufunc 'multiply' did not contain a loop")
+        raise TypeError(f"{name} must be a number (the weight of the new batch value), got {type(momentum).__name__}: "
+                        f"{momentum!r}")
+
+
+# (a 0-d tensor: compiled layers pass the cumulative average 1 / t as one; SymFloat/SymInt: traced numbers)
+_MOMENTUM_TYPES = (numbers.Number, torch.Tensor, torch.SymFloat, torch.SymInt)
 
 
 PER_FEATURE_NAMES = ("running_mean", "running_var", "weight", "bias", "renorm_mean", "renorm_stddev", "moving_stddev")
