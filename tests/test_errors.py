@@ -404,6 +404,25 @@ def test_functional_batch_norm_names_a_tensor_argument_that_is_no_tensor():
         normkit.functional.batch_norm(x, training=True, mask=[[1], [1], [1], [1]])
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 2}, {"mask": True}, {"unbiased_running_var": False},
+                                     {"renorm": True}, {"adjustment": lambda shape: (1.0, 0.0)}])
+def test_functional_batch_norm_refuses_half_a_pair_of_running_statistics_on_every_path(options, training, execution):
+    """As ATen's plain call and the reference refuse it: the option paths updated running_mean alone and then failed
+    ("expected Tensor as element 1 in argument 0, but got NoneType"), took running_var alone silently, and eval said
+    "running_var must be defined in evaluation mode". Found by tools/fuzz_batch_norm.py."""
+    options = dict(options)
+    if options.pop("mask", False):
+        options["mask"] = torch.ones(4, 1, dtype=torch.bool)
+    if options.pop("renorm", False):
+        options.update(renorm_mean=torch.zeros(3), renorm_stddev=torch.ones(3), moving_stddev=torch.ones(3))
+    running_mean = torch.zeros(3)
+    for kwargs in (dict(running_mean=running_mean), dict(running_var=torch.ones(3))):
+        with pytest.raises(ValueError, match="running_mean and running_var must either both be None or neither"):
+            normkit.functional.batch_norm(torch.randn(4, 3), training=training, **kwargs, **options)
+    assert (running_mean == 0).all()
+
+
 def test_reference_batch_norm_refuses_half_a_pair_of_running_statistics_before_moving_anything():
     """running_mean without running_var was updated in place and then failed (TypeError inside the update); running_var
     without running_mean was ignored. The functional twin (ATen) refuses both."""

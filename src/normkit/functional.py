@@ -406,6 +406,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     check_floating(x)
     check_eps(eps)
     check_momentum_given(momentum)
+    if (running_mean is None) != (running_var is None):
+        # (ATen's plain call says so; the option paths updated running_mean alone and then failed naming nothing,
+        # took running_var alone silently, and eval said "running_var must be defined in evaluation mode")
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     for tensor in (running_mean, running_var, weight, bias):
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
