@@ -9,8 +9,11 @@ with normkit.reference in float64. Families (``--family``):
   fused    the same with the fused C++ kernel switched on (NORMKIT_FUSED_KERNELS=1 builds it), and on vs off
   keras    normkit.keras.BatchNormalization against the reference with Keras' semantics (decay, biased variance)
   torchnn  plain BN (axis 1, any rank) against torch.nn.BatchNorm1d/2d/3d
-  invalid  random invalid options (constructor, set later, forward): ValueError/TypeError naming the argument and
-           the layer's state unchanged
+  invalid  random invalid options (constructor, set later, forward; the Keras layer; functional.batch_norm and its
+           reference): ValueError/TypeError naming the argument, the layer's state and the buffers unchanged
+
+Options: --big (2^14 to 2^17 values: the folded, by-position and wide-moment paths), --dtypes, --replay "CASE"
+(the dict a failure prints, run alone).
 
 Not derandomized: every run draws new examples. Run in chunks, niced (the machine is shared):
 
@@ -19,7 +22,8 @@ Not derandomized: every run draws new examples. Run in chunks, niced (the machin
 Tolerances: float64 rtol 1e-7 and atol 1e-7 times the compared array's largest magnitude (two float64 algorithms on
 data at 1e4 with spread 1e-2); float32 2e-4 of the largest magnitude; float16 and bfloat16 inputs are compared with
 the reference run on the same rounded inputs, 2e-2 (float16) and 5e-2 (bfloat16) of the largest magnitude, their
-output being rounded once to 11 or 8 bits.
+output being rounded once to 11 or 8 bits. Below float64, plus float32's rounding of the terms that cancel
+(``conditioning``: |x| / std, n values per channel), which the math, not a path, makes large.
 """
 
 from __future__ import annotations
