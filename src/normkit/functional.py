@@ -429,7 +429,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     check_adjustment(adjustment)
     batch_stats = training or running_mean is None
     if not batch_stats:
-        if mask is not None and isinstance(weight, torch.Tensor) and weight.requires_grad:
+        if (mask is not None and isinstance(weight, torch.Tensor) and weight.requires_grad
+                and torch.is_grad_enabled()):  # (inference under no_grad has no gradient to guard)
             # (the padding rule in eval: the mask names no statistic but still the positions whose NaN or inf
             # values must not reach the weight's gradient when the loss ignores them)
             ignored = _padding_to_guard(x, mask, None)
