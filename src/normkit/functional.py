@@ -421,7 +421,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 torch.Tensor.numel, features, axis, x.shape)
     # The options' own checks come before the eval return, as in reference.batch_norm: a mask of another shape, a
     # clipping that is not three bounds or an adjustment that cannot be called were ignored silently in eval.
-    if mask is not None:
+    if mask is not None and _tracing_state() is None:  # (traced sizes: see _tracing_state)
         _check_mask(mask, x)
     if renorm_mean is not None:
         check_renorm_clipping_bounds(renorm_clipping)  # (else "not enough values to unpack (expected 3, got 2)")
