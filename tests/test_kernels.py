@@ -923,6 +923,46 @@ def test_plain_features_last_training_reaches_the_kernel_directly_with_the_gener
         assert int(resized.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("make", [
+    lambda: normkit.BatchNorm(5, unbiased_running_var=False, momentum=0.2).double(),
+    lambda: normkit.BatchNorm(5, unbiased_running_var=False, momentum=None, affine=False).double(),
+    lambda: normkit.keras.BatchNormalization(momentum=0.8, epsilon=1e-3, scale=False, dtype=torch.float64),
+], ids=["biased", "biased-cumulative-no-affine", "keras-no-gamma"])
+def test_a_matrix_with_the_biased_running_variance_takes_the_kernel_directly_as_the_reference(cpp_kernel, make, rng):
+    """Training on an (N, C) matrix with Keras' biased running variance (ATen's kernel cannot move a biased variance)
+    takes the fused kernel's direct call (_forward_fused_plain, not functional._fused_batch_norm's plumbing):
+    outputs, gradients and buffers of each step are the reference's."""
+    layer = make()
+    bn = layer
+    if isinstance(layer, normkit.keras.BatchNormalization):
+        layer(torch.zeros(6, 5, dtype=torch.float64), training=True)  # (builds the Keras layer; one step)
+        bn = layer.bn
+        bn.num_batches_tracked.zero_()
+    calls = []
+    reach = bn._forward_fused_plain
+    bn._forward_fused_plain = lambda input: calls.append(input.shape) or reach(input)
+    for step in range(3):
+        x = torch.tensor(rng.normal(size=(6, 5)) * 3 + 2, requires_grad=True)
+        g = rng.normal(size=(6, 5))
+        mean, var = bn.running_mean.numpy().copy(), bn.running_var.numpy().copy()
+        weight = None if bn.weight is None else bn.weight.detach().numpy()
+        bias = None if bn.bias is None else bn.bias.detach().numpy()
+        factor = bn.momentum if bn.momentum is not None else 1.0 / (step + 1)
+        expected = R.batch_norm(x.detach().numpy(), mean, var, weight, bias, True, factor, bn.eps,
+                                unbiased_running_var=False)
+        grads = R.batch_norm_backward(g, x.detach().numpy(), None, None, weight, bias, True, bn.eps)
+        y = layer(x, training=True) if bn is not layer else layer(x)
+        params = [p for p in (bn.weight, bn.bias) if p is not None]
+        got = torch.autograd.grad(y, [x] + params, torch.tensor(g))
+        assert_close(y, expected)
+        assert_close(got[0], grads[0])
+        for value, want in zip(got[1:], [w for w in grads[1:] if w is not None]):
+            assert_close(value, want)
+        assert_close(bn.running_mean, mean)
+        assert_close(bn.running_var, var)
+    assert len(calls) == 3 and int(bn.num_batches_tracked) == 3
+
+
 def test_the_direct_kernel_route_reads_the_layer_s_flags_at_every_call(cpp_kernel, rng):
     x = torch.tensor(rng.normal(size=(8, 4)) + 5)
     layer = normkit.BatchNorm(4, renorm=True).double()
