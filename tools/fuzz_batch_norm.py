@@ -737,16 +737,21 @@ def main():
                    suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     counter = {"n": 0}
 
-    if args.family == "module":
+    def fuzzer(strategy, check):
+        """A hypothesis test of ``check`` over ``strategy``, counting its examples and keeping the failing case."""
         @run
-        @given(cases(dtypes, big=args.big or None))
+        @given(strategy)
         def fuzz(case):
             counter["n"] += 1
             try:
-                run_module_case(case)
+                check(case)
             except Exception:
-                counter['case'] = case
+                counter["case"] = case
                 raise
+        return fuzz
+
+    if args.family == "module":
+        fuzz = fuzzer(cases(dtypes, big=args.big or None), run_module_case)
     elif args.family == "fused":
         from normkit import kernels
         kernels.build()
@@ -773,25 +778,9 @@ def main():
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True,
                                                msg=f"fused on vs off, step {step} item {i}")
     elif args.family == "keras":
-        @run
-        @given(cases(dtypes, keras=True, big=args.big or None))
-        def fuzz(case):
-            counter["n"] += 1
-            try:
-                run_keras_case(case)
-            except Exception:
-                counter['case'] = case
-                raise
+        fuzz = fuzzer(cases(dtypes, keras=True, big=args.big or None), run_keras_case)
     elif args.family == "torchnn":
-        @run
-        @given(cases(("float64",)))
-        def fuzz(case):
-            counter["n"] += 1
-            try:
-                run_torchnn_case(case)
-            except Exception:
-                counter['case'] = case
-                raise
+        fuzz = fuzzer(cases(("float64",)), run_torchnn_case)
     else:
         @run
         @given(st.data())
