@@ -190,6 +190,13 @@ def laid_out(t, memory):
     return t
 
 
+def padded(x_np, g_np, full, value):
+    """The data with ``value`` (0, NaN or +-inf) at the positions ``full`` marks padded, and a loss gradient of 0
+    there (the loss ignores padding: the padding rule's condition)."""
+    invalid = ~np.broadcast_to(full, x_np.shape)
+    return np.where(invalid, value, x_np), np.where(invalid, 0.0, g_np)
+
+
 def make_mask(case, rng):
     """(full-rank mask for the reference, the layer's mask) or (None, None)."""
     shape, axes, kind = case["shape"], case["axes"], case["mask_kind"]
@@ -264,9 +271,7 @@ def run_module_case(case, fused=False, check=True):
             if full is not None:
                 # (out of training with running statistics the mask names no statistic, but the padding rule holds:
                 # NaN/inf padding the loss ignores changes no gradient)
-                invalid = ~np.broadcast_to(full, shape)
-                x_np = np.where(invalid, case["pad_value"], x_np)
-                g_np = np.where(invalid, 0.0, g_np)
+                x_np, g_np = padded(x_np, g_np, full, case["pad_value"])
                 x_t = torch.tensor(x_np).to(dtype)
             g_t = torch.tensor(g_np).to(dtype)
             g_np = to_np(g_t)
@@ -385,9 +390,7 @@ def run_keras_case(case):
                 m[...] = False
             layer_mask = m
             full = m[..., None]
-            invalid = ~np.broadcast_to(full, shape)
-            x_np = np.where(invalid, case["pad_value"], x_np)
-            g_np = np.where(invalid, 0.0, g_np)
+            x_np, g_np = padded(x_np, g_np, full, case["pad_value"])
             x_t = torch.tensor(x_np).to(dtype)
         g_t = torch.tensor(g_np).to(compute)
         g_np = to_np(g_t)
