@@ -341,3 +341,33 @@ def test_group_norm_of_a_channels_last_input_without_gradient_trains_its_weights
         if theirs_grad is not None:
             torch.testing.assert_close(ours_grad, theirs_grad)
     assert x.grad is None and not x.requires_grad
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 2), (1, 3, 2, 2, 3), (3, 4, 2), (2, 1, 1, 2), (2, 1, 4, 2)])
+@pytest.mark.parametrize("training, track", [(True, False), (False, True)])
+def test_instance_norm_backward_of_a_channels_last_gradient_matches_the_reference(shape, training, track):
+    """torch 2.13's InstanceNorm2d/3d (CPU) returns a wrong input and weight gradient for a channels_last loss
+    gradient where ATen's (1, N*C, *S) view keeps its strides: one sample (N = 1, an unbatched input), one channel,
+    size-1 dims. normkit's gives ATen that gradient contiguous. Found by tools/fuzz_batch_norm.py --family sample."""
+    unbatched = len(shape) == 3
+    batched = (1, *shape) if unbatched else shape
+    fmt = torch.channels_last if len(batched) == 4 else torch.channels_last_3d
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batched, dtype=torch.float64, generator=gen)
+    g = torch.randn(batched, dtype=torch.float64, generator=gen).contiguous(memory_format=fmt)
+    layer = getattr(normkit, f"InstanceNorm{len(batched) - 2}d")(batched[1], affine=True, track_running_stats=track)
+    layer = layer.double().train(training)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, batched[1]))
+        if track:
+            layer.running_mean.fill_(0.3)
+            layer.running_var.fill_(2.0)
+    leaf = (x[0] if unbatched else x).clone().requires_grad_()
+    y = layer(leaf)
+    gx, gw, gb = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], g[0] if unbatched else g)
+    stats = (layer.running_mean.numpy(), layer.running_var.numpy()) if track else (None, None)
+    want = R.instance_norm_backward(g.numpy(), x.numpy(), *stats, layer.weight.detach().numpy(),
+                                    layer.bias.detach().numpy(), use_input_stats=training or not track)
+    assert_close(gx.reshape(batched), want[0], rtol=1e-9, atol=1e-9)
+    assert_close(gw, want[1], rtol=1e-9, atol=1e-9)
+    assert_close(gb, want[2], rtol=1e-9, atol=1e-9)

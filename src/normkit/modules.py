@@ -1516,6 +1516,21 @@ class GroupNorm(_SampleNorm):
                 "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
+def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad if grad.is_contiguous() else grad.contiguous()
+
+
+def _contiguous_grad_of(y: torch.Tensor) -> None:
+    """Give ATen's instance-norm backward ``y``'s gradient contiguous. ATen's instance_norm runs batch_norm on the
+    contiguous (1, N*C, *S) view of the input; where the loss gradient is a view of that shape too (one sample, N = 1
+    or an unbatched input; one channel; size-1 dims) it reaches that backward in the caller's layout, and torch
+    2.13's CPU batch-norm backward given a contiguous input and a channels_last gradient returns a wrong input and
+    weight gradient (torch.nn's InstanceNorm2d/3d too: a (1, C, H, W) sample behind a channels_last model). Only where a gradient is recorded (eager, not under vmap or
+    torch.compile, whose graphs do not take the hook); a contiguous gradient goes through untouched."""
+    if not torch.compiler.is_compiling() and not _under_vmap(y):
+        y.register_hook(_contiguous_grad)
+
+
 class _InstanceNorm(_NormBase):
     r"""Normalize each sample and channel over its spatial positions: drop-in for torch.nn.InstanceNorm*d.
 
@@ -1566,10 +1581,13 @@ class _InstanceNorm(_NormBase):
             use_input_stats = self.training or not self.track_running_stats
             if not use_input_stats or traced or math.prod(input.shape[2:]) > 1:
                 try:  # (free when nothing is raised: the device is checked only when ATen refuses)
-                    return torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
-                                               _buffer_of(self, "running_var"), use_input_stats,
-                                               self.momentum if self.momentum is not None else 0.0, self.eps,
-                                               torch.backends.cudnn.enabled)
+                    y = torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
+                                            _buffer_of(self, "running_var"), use_input_stats,
+                                            self.momentum if self.momentum is not None else 0.0, self.eps,
+                                            torch.backends.cudnn.enabled)
+                    if batched_rank >= 4 and y.requires_grad and 1 in input.shape and not traced:
+                        _contiguous_grad_of(y)
+                    return y
                 except RuntimeError as error:
                     _check_input_device(input, weight, _buffer_of(self, "running_mean"))
                     refusal = _transform_refusal(self, error, input) if self.training else None
@@ -1604,6 +1622,8 @@ class _InstanceNorm(_NormBase):
         factor = self.momentum if self.momentum is not None else 0.0
         y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                             factor, self.eps)
+        if batched_rank >= 4 and y.requires_grad and 1 in x.shape and _tracing_state() is None:
+            _contiguous_grad_of(y)
         return y.squeeze(0) if unbatched else y
 
 
