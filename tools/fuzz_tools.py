@@ -45,14 +45,18 @@ import normkit
 import normkit.keras
 from normkit import convert_batch_norm, fold_batch_norm, freeze_batch_norm
 
-FAMILIES = ("conv1d", "conv2d", "conv3d", "convT1d", "convT2d", "linear", "linear_last")
-STATS = {"folded": 0, "kept": 0, "float32": 0, "convertible": 0, "frozen": 0}
+FAMILIES = ("conv1d", "conv2d", "conv3d", "convT1d", "convT2d", "convT3d", "linear", "linear_last")
+STATS = {"folded": 0, "kept": 0, "float32": 0, "convertible": 0, "frozen": 0, "lazy": 0}
 FLOAT32_TOL = 1e-4  # float32: of the output's largest magnitude, plus float32's rounding of the terms (see tol())
-SPATIAL = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "convT1d": 1, "convT2d": 2, "linear": 0, "linear_last": 0}
+SPATIAL = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "convT1d": 1, "convT2d": 2, "convT3d": 3, "linear": 0, "linear_last": 0}
 BN_TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 BN_NORMKIT = {1: normkit.BatchNorm1d, 2: normkit.BatchNorm2d, 3: normkit.BatchNorm3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+LAZY_CONV = {1: nn.LazyConv1d, 2: nn.LazyConv2d, 3: nn.LazyConv3d}
+LAZY_CONVT = {1: nn.LazyConvTranspose1d, 2: nn.LazyConvTranspose2d, 3: nn.LazyConvTranspose3d}
+LAZY_BN = {"torch": {1: nn.LazyBatchNorm1d, 2: nn.LazyBatchNorm2d, 3: nn.LazyBatchNorm3d},
+           "normkit_nd": {1: normkit.LazyBatchNorm1d, 2: normkit.LazyBatchNorm2d, 3: normkit.LazyBatchNorm3d}}
 
 
 class Residual(nn.Module):
@@ -92,13 +96,15 @@ def bn_spec(draw, family, last):
     if last:
         lib = draw(st.sampled_from(["normkit_last", "keras_last", "none"]))
     else:
-        lib = draw(st.sampled_from(["torch", "normkit_nd", "normkit_plain", "keras", "none"]))
+        lib = draw(st.sampled_from(["torch", "normkit_nd", "normkit_plain", "keras", "none"]
+                                   + (["normkit_last", "keras_last"] if family == "linear" else [])))
     spec = {"lib": lib, "affine": draw(st.booleans()), "bias": draw(st.booleans()), "track": draw(st.booleans()),
             "momentum": draw(st.sampled_from([0.1, 0.5, 0.9, None])), "eps": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
             "option": draw(st.sampled_from([None, None, "renorm", "ghost", "biased"]))}
     if lib.startswith("keras"):
         spec["track"] = True
         spec["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9]))
+        spec["policy"] = draw(st.sampled_from(["same", "same", None, "float32", "float64"]))
     return spec
 
 
@@ -122,7 +128,7 @@ def case_strategy(draw, families=FAMILIES):
                          ["zeros", "zeros", "reflect", "replicate", "circular"])),
                      "output_padding": draw(st.integers(0, max(stride, dilation) - 1)) if transpose else 0}
         wrap = draw(st.sampled_from(["flat", "flat", "nested", "split", "relu", "residual", "residual_seq",
-                                     "shared_layer", "shared_bn"]))
+                                     "shared_layer", "shared_bn", "tied"]))
         blocks.append({"layer": layer, "bn": draw(bn_spec(family, last)), "wrap": wrap})
     groups_in = [b["layer"].get("groups", 1) for b in blocks[:1]]
     in_ch = groups_in[0] * draw(st.integers(1, 3))
@@ -192,8 +198,16 @@ def make_bn(spec, family, channels, dtype, lib=None):
     else:
         bn = normkit.keras.BatchNormalization(axis=1 if lib == "keras" else -1, momentum=spec["momentum"],
                                               epsilon=spec["eps"], center=spec["bias"], scale=spec["affine"],
-                                              dtype=dtype)
+                                              dtype=dtype if spec.get("policy", "same") == "same" else spec["policy"])
         convertible = False
+        # A Keras layer whose policy casts its output (float64 after a float32 layer, ...) must stay: the documented
+        # rule, checked here on a probe layer of the same settings (eval output dtype for an input of the model's)
+        probe = normkit.keras.BatchNormalization(axis=bn.axis, dtype=bn.dtype_policy if hasattr(bn, "dtype_policy")
+                                                 else (dtype if spec.get("policy", "same") == "same" else spec["policy"]))
+        with torch.no_grad():
+            probe(torch.randn(4, channels, dtype=dtype))
+            same_dtype = probe.eval()(torch.randn(4, channels, dtype=dtype)).dtype == dtype
+        return bn, spec["track"] and same_dtype, convertible
     return bn, spec["track"], convertible
 
 
@@ -244,6 +258,20 @@ def build(case, libs=None, seed=None):
                     expected.append(str(position + 1))
             elif foldable and bn is not None:
                 expected.append(str(position + 1))
+        elif wrap == "tied":
+            # layer, bn, then a twin layer whose weight (or bias) is the first one's Parameter: neither BN folds
+            items += [layer] + ([bn] if bn is not None else [])
+            if out == channels and shape_after(nn.Sequential(*items), example) is not None:
+                twin = copy.deepcopy(layer)
+                if block["layer"].get("bias") and index % 2:
+                    twin.bias = layer.bias
+                else:
+                    twin.weight = layer.weight
+                second, _, ok2 = make_bn(block["bn"], family, out, dtype, lib)
+                convertible &= ok2
+                items += [twin] + ([second] if second is not None else [])
+            elif foldable and bn is not None:
+                expected.append(str(position + 1))
         elif wrap == "shared_bn":
             items += [layer, bn]
             # the same BN again after a fresh layer of out -> out channels: neither place folds
@@ -257,6 +285,51 @@ def build(case, libs=None, seed=None):
     if case["outer"] == "net":
         return Net(body), [f"body.{name}" for name in expected], convertible
     return body, expected, convertible
+
+
+def layout(model, case):
+    """channels_last cases: the weights too (their layout changes the float sums' order, so compared models share it)."""
+    if case["channels_last"]:
+        model.to(memory_format=torch.channels_last if SPATIAL[case["family"]] == 2 else torch.channels_last_3d)
+    return model
+
+
+def lazy_twin(model, case):
+    """The model rebuilt from torch's and normkit's lazy layers (same settings), or None where it has no lazy twin
+    (Keras layers, BN options, shared or tied modules). Sized by a loaded state_dict, it must fold as the model does."""
+    if any(b["wrap"] in ("shared_layer", "shared_bn", "tied") for b in case["blocks"]):
+        return None
+    d = max(SPATIAL[case["family"]], 1)
+    dtype = getattr(torch, case["dtype"])
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        kind = type(module)
+        if kind in CONV.values():
+            new = LAZY_CONV[d](module.out_channels, module.kernel_size, module.stride, module.padding, module.dilation,
+                               module.groups, module.bias is not None, module.padding_mode, dtype=dtype)
+        elif kind in CONVT.values():
+            new = LAZY_CONVT[d](module.out_channels, module.kernel_size, module.stride, module.padding,
+                                module.output_padding, module.groups, module.bias is not None, module.dilation,
+                                dtype=dtype)
+        elif kind is nn.Linear:
+            new = nn.LazyLinear(module.out_features, module.bias is not None, dtype=dtype)
+        elif kind in BN_TORCH.values():
+            new = LAZY_BN["torch"][d](module.eps, module.momentum, module.affine, module.track_running_stats,
+                                      dtype=dtype, bias=module.bias is not None or not module.affine)
+        elif kind in BN_NORMKIT.values() or kind is normkit.BatchNorm:
+            if normkit.BatchNorm.__name__ and (module.axis != 1 or module.renorm or module.virtual_batch_size
+                                               or not module.unbiased_running_var):
+                return None
+            cls = LAZY_BN["normkit_nd"][d] if kind is not normkit.BatchNorm else normkit.LazyBatchNorm
+            new = cls(module.eps, module.momentum, module.affine, module.track_running_stats, dtype=dtype,
+                      bias=module.bias is not None or not module.affine)
+        elif kind is normkit.keras.BatchNormalization:
+            return None
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent), child, new.train(module.training))
+    return twin
 
 
 def shape_after(model, x):
@@ -294,6 +367,7 @@ def train_and_eval(model, case, dtype):
     g = torch.Generator().manual_seed(case["seed"] + 1)
     with torch.no_grad():
         model.train()(example_input(case, dtype, generator=g))  # (builds the Keras layers)
+        layout(model, case)
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5
                     + (1.0 if name.endswith("weight") and p.dim() == 1 else 0.0))
@@ -381,6 +455,26 @@ def run_case(case):
         assert_close("input model after fold", model(x), want, 0.0, case)
     assert not folded.training
 
+    # inplace: the same names and function, on the model itself
+    other = copy.deepcopy(model)
+    folded_inplace, names_inplace = fold_batch_norm(other, inplace=True)
+    assert folded_inplace is other and names_inplace == names, f"inplace folded {names_inplace}, copy {names}"
+    with torch.no_grad():
+        assert_close("folded inplace", folded_inplace(x), folded(x), 0.0, case)
+
+    # a lazy twin sized by the model's state_dict folds the same layers to the same function
+    lazy = lazy_twin(model, case)
+    if lazy is not None:
+        STATS["lazy"] += 1
+        lazy.load_state_dict(model.state_dict())
+        lazy.eval()
+        layout(lazy, case)
+        folded_lazy, names_lazy = fold_batch_norm(lazy)
+        assert sorted(names_lazy) == sorted(expected_names), f"lazy twin: folded {names_lazy}"
+        with torch.no_grad():
+            assert_close("lazy twin folded", folded_lazy(x), want, atol, case)
+            assert_close("lazy twin", lazy(x), want, 0.0, case)
+
     # torch.nn equivalent (convert to torch, state_dict round trips both ways)
     d = max(SPATIAL[case["family"]], 1)
     as_torch = copy.deepcopy(model)
@@ -399,14 +493,14 @@ def run_case(case):
             assert_close("torch.nn model", as_torch(x), want, 0.0, case)
         libs = [("none" if b["bn"]["lib"] == "none" else "torch") for b in case["blocks"]]
         fresh, _, _ = build(case, libs=libs, seed=case["seed"] + 7)
-        perturb(fresh, case["seed"] + 8).eval()
+        layout(perturb(fresh, case["seed"] + 8).eval(), case)
         fresh.load_state_dict(as_torch.state_dict())
         with torch.no_grad():
             assert_close("fresh torch.nn model + state_dict", fresh(x), want, 0.0, case)
         back = convert_batch_norm(copy.deepcopy(as_torch), "normkit")
         libs = [("none" if b["bn"]["lib"] == "none" else "normkit_nd") for b in case["blocks"]]
         fresh_nk, _, _ = build(case, libs=libs, seed=case["seed"] + 9)
-        perturb(fresh_nk, case["seed"] + 10).eval()
+        layout(perturb(fresh_nk, case["seed"] + 10).eval(), case)
         fresh_nk.load_state_dict(back.state_dict())
         with torch.no_grad():
             assert_close("back to normkit", back(x), want, 0.0, case)
