@@ -94,9 +94,9 @@ class Net(nn.Module):
 @st.composite
 def bn_spec(draw, family, last):
     if last:
-        lib = draw(st.sampled_from(["normkit_last", "keras_last", "none"]))
+        lib = draw(st.sampled_from(["normkit_last", "keras_last", "none", "keras_axis1"]))
     else:
-        lib = draw(st.sampled_from(["torch", "normkit_nd", "normkit_plain", "keras", "none"]
+        lib = draw(st.sampled_from(["torch", "normkit_nd", "normkit_plain", "keras", "none", "sync"]
                                    + (["normkit_last", "keras_last"] if family == "linear" else [])))
     spec = {"lib": lib, "affine": draw(st.booleans()), "bias": draw(st.booleans()), "track": draw(st.booleans()),
             "momentum": draw(st.sampled_from([0.1, 0.5, 0.9, None])), "eps": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
@@ -104,7 +104,8 @@ def bn_spec(draw, family, last):
     if lib.startswith("keras"):
         spec["track"] = True
         spec["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9]))
-        spec["policy"] = draw(st.sampled_from(["same", "same", None, "float32", "float64"]))
+        spec["policy"] = draw(st.sampled_from(["same", "same", None, "float32", "float64", "mixed_float16", "float16",
+                                               "mixed_bfloat16"]))
     return spec
 
 
@@ -179,6 +180,8 @@ def make_bn(spec, family, channels, dtype, lib=None):
     convertible = True
     if lib == "torch":
         bn = BN_TORCH[d](channels, bias=spec["bias"], **kw)
+    elif lib == "sync":  # (plain BN on the CPU without torch.distributed)
+        bn = nn.SyncBatchNorm(channels, bias=spec["bias"], **kw)
     elif lib.startswith("normkit"):
         extra = {}
         if spec["option"] == "renorm" and spec["track"]:
@@ -196,7 +199,7 @@ def make_bn(spec, family, channels, dtype, lib=None):
             bn = normkit.BatchNorm(channels, bias=spec["bias"], axis=-1, **kw, **extra)
             convertible = False
     else:
-        bn = normkit.keras.BatchNormalization(axis=1 if lib == "keras" else -1, momentum=spec["momentum"],
+        bn = normkit.keras.BatchNormalization(axis=1 if lib in ("keras", "keras_axis1") else -1, momentum=spec["momentum"],
                                               epsilon=spec["eps"], center=spec["bias"], scale=spec["affine"],
                                               dtype=dtype if spec.get("policy", "same") == "same" else spec["policy"])
         convertible = False
@@ -207,7 +210,8 @@ def make_bn(spec, family, channels, dtype, lib=None):
         with torch.no_grad():
             probe(torch.randn(4, channels, dtype=dtype))
             same_dtype = probe.eval()(torch.randn(4, channels, dtype=dtype)).dtype == dtype
-        return bn, spec["track"] and same_dtype, convertible
+        # (axis 1 over (N, L, F) Linear outputs normalizes L, not the Linear's outputs: documented to stay)
+        return bn, spec["track"] and same_dtype and lib != "keras_axis1", convertible
     return bn, spec["track"], convertible
 
 
