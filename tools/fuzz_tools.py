@@ -129,7 +129,8 @@ def case_strategy(draw, families=FAMILIES):
                          ["zeros", "zeros", "reflect", "replicate", "circular"])),
                      "output_padding": draw(st.integers(0, max(stride, dilation) - 1)) if transpose else 0}
         wrap = draw(st.sampled_from(["flat", "flat", "nested", "split", "relu", "residual", "residual_seq",
-                                     "shared_layer", "shared_bn", "tied"]))
+                                     "shared_layer", "shared_bn", "tied", "hooked_layer", "hooked_bn",
+                                     "weight_norm", "pre_hooked_bn"]))
         blocks.append({"layer": layer, "bn": draw(bn_spec(family, last)), "wrap": wrap})
     groups_in = [b["layer"].get("groups", 1) for b in blocks[:1]]
     in_ch = groups_in[0] * draw(st.integers(1, 3))
@@ -145,6 +146,11 @@ def case_strategy(draw, families=FAMILIES):
 
 class Invalid(Exception):
     """The drawn case cannot be built (shapes): rejected, not a failure."""
+
+
+def watch(module, *args):
+    """A hook that only watches."""
+    return None
 
 
 def make_layer(spec, family, in_ch, dtype):
@@ -262,6 +268,15 @@ def build(case, libs=None, seed=None):
                     expected.append(str(position + 1))
             elif foldable and bn is not None:
                 expected.append(str(position + 1))
+        elif wrap in ("hooked_layer", "hooked_bn", "pre_hooked_bn", "weight_norm"):
+            # a watching hook, or a weight recomputed each call: documented to stay
+            if wrap == "hooked_layer":
+                layer.register_forward_hook(watch)
+            elif wrap == "weight_norm":
+                nn.utils.parametrizations.weight_norm(layer)
+            elif bn is not None:
+                (bn.register_forward_pre_hook if wrap == "pre_hooked_bn" else bn.register_forward_hook)(watch)
+            items += [layer] + ([bn] if bn is not None else [])
         elif wrap == "tied":
             # layer, bn, then a twin layer whose weight (or bias) is the first one's Parameter: neither BN folds
             items += [layer] + ([bn] if bn is not None else [])
@@ -301,7 +316,8 @@ def layout(model, case):
 def lazy_twin(model, case):
     """The model rebuilt from torch's and normkit's lazy layers (same settings), or None where it has no lazy twin
     (Keras layers, BN options, shared or tied modules). Sized by a loaded state_dict, it must fold as the model does."""
-    if any(b["wrap"] in ("shared_layer", "shared_bn", "tied") for b in case["blocks"]):
+    if any(b["wrap"] in ("shared_layer", "shared_bn", "tied", "hooked_layer", "hooked_bn", "pre_hooked_bn",
+                         "weight_norm") for b in case["blocks"]):
         return None
     d = max(SPATIAL[case["family"]], 1)
     dtype = getattr(torch, case["dtype"])
