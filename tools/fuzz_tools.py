@@ -509,25 +509,28 @@ def run_case(case):
         as_torch = convert_batch_norm(as_torch, "torch", plain_as=BN_TORCH[d])
         assert not any(isinstance(m, normkit.BatchNorm) for m in as_torch.modules())
         with torch.no_grad():
-            assert_close("torch.nn model", as_torch(x), want, 0.0, case)
+            # (another library's BN: the same function, float rounding of its own; identical within a library)
+            torch_out = as_torch(x)
+            assert_close("torch.nn model", torch_out, want, atol, case)
         libs = [("none" if b["bn"]["lib"] == "none" else "torch") for b in case["blocks"]]
         fresh, _, _ = build(case, libs=libs, seed=case["seed"] + 7)
         layout(perturb(fresh, case["seed"] + 8).eval(), case)
         fresh.load_state_dict(as_torch.state_dict())
         with torch.no_grad():
-            assert_close("fresh torch.nn model + state_dict", fresh(x), want, 0.0, case)
+            assert_close("fresh torch.nn model + state_dict", fresh(x), torch_out, 0.0, case)
         back = convert_batch_norm(copy.deepcopy(as_torch), "normkit")
         libs = [("none" if b["bn"]["lib"] == "none" else "normkit_nd") for b in case["blocks"]]
         fresh_nk, _, _ = build(case, libs=libs, seed=case["seed"] + 9)
         layout(perturb(fresh_nk, case["seed"] + 10).eval(), case)
         fresh_nk.load_state_dict(back.state_dict())
         with torch.no_grad():
-            assert_close("back to normkit", back(x), want, 0.0, case)
-            assert_close("fresh normkit model + state_dict", fresh_nk(x), want, 0.0, case)
+            back_out = back(x)
+            assert_close("back to normkit", back_out, want, atol, case)
+            assert_close("fresh normkit model + state_dict", fresh_nk(x), back_out, 0.0, case)
         # and the original model's state_dict straight into a torch.nn one
         fresh.load_state_dict(model.state_dict())
         with torch.no_grad():
-            assert_close("original state_dict into torch.nn model", fresh(x), want, 0.0, case)
+            assert_close("original state_dict into torch.nn model", fresh(x), torch_out, 0.0, case)
 
     # freeze
     frozen = convert_batch_norm(copy.deepcopy(model), "normkit")
@@ -536,7 +539,7 @@ def run_case(case):
         STATS["frozen"] += 1
         with torch.no_grad():
             eval_out = frozen.eval()(x)
-            assert_close("frozen eval", eval_out, want, 0.0, case)
+            assert_close("frozen eval", eval_out, want, atol, case)  # (torch.nn layers became normkit's)
             buffers = {k: v.clone() for k, v in frozen.state_dict().items()}
             frozen.train()
             train_out = frozen(x)
