@@ -1585,7 +1585,7 @@ class _InstanceNorm(_NormBase):
                                             _buffer_of(self, "running_var"), use_input_stats,
                                             self.momentum if self.momentum is not None else 0.0, self.eps,
                                             torch.backends.cudnn.enabled)
-                    if batched_rank >= 4 and y.requires_grad and input.is_cpu and 1 in input.shape and not traced:
+                    if batched_rank >= 4 and y.requires_grad and input.is_cpu and not traced and 1 in input.shape:
                         _contiguous_grad_of(y)
                     return y
                 except RuntimeError as error:
@@ -1622,7 +1622,8 @@ class _InstanceNorm(_NormBase):
         factor = self.momentum if self.momentum is not None else 0.0
         y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                             factor, self.eps)
-        if batched_rank >= 4 and y.requires_grad and x.is_cpu and 1 in x.shape and _tracing_state() is None:
+        if (batched_rank >= 4 and y.requires_grad and x.is_cpu and _tracing_state() is None
+                and 1 in x.shape):  # (traced sizes are tensors: the trace is checked first)
             _contiguous_grad_of(y)
         return y.squeeze(0) if unbatched else y
 
