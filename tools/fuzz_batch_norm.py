@@ -502,6 +502,20 @@ def named(error, names):
     return any(n in str(error) for n in names)
 
 
+def assert_refused(call, names, where, may_accept=False):
+    """``call()`` raises a ValueError or TypeError whose message names one of ``names`` (never another exception);
+    ``may_accept``: where a documented rule lets the call through."""
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        assert named(error, names), f"{where}: {type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"{where}: {type(error).__name__}: {error}") from error
+    else:
+        if not may_accept:
+            raise AssertionError(f"{where}: accepted")
+
+
 def run_invalid_case(data):
     option = data.draw(st.sampled_from(sorted(INVALID)))
     value = data.draw(st.sampled_from(INVALID[option]))
@@ -516,15 +530,7 @@ def run_invalid_case(data):
     kwargs = dict(base)
     if option != "num_features":
         kwargs[option] = value
-    try:
-        normkit.BatchNorm(num, **kwargs)
-    except (ValueError, TypeError) as error:
-        assert named(error, [option, "num_features"] if option == "num_features" else [option]), \
-            f"constructor {where}: {type(error).__name__}: {error}"
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"constructor {where}: {type(error).__name__}: {error}") from error
-    else:
-        raise AssertionError(f"constructor {where}: accepted")
+    assert_refused(lambda: normkit.BatchNorm(num, **kwargs), [option], f"constructor {where}")
     # set on a built layer (trained a step: state to keep)
     if option == "num_features":
         return
@@ -532,14 +538,7 @@ def run_invalid_case(data):
     layer(torch.randn(4, 3, dtype=torch.float64))
     layer.train(data.draw(st.booleans()))
     before = state_of(layer)
-    try:
-        setattr(layer, option, value)
-    except (ValueError, TypeError) as error:
-        assert named(error, [option]), f"set {where}: {type(error).__name__}: {error}"
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"set {where}: {type(error).__name__}: {error}") from error
-    else:
-        raise AssertionError(f"set {where}: accepted")
+    assert_refused(lambda: setattr(layer, option, value), [option], f"set {where}")
     same_state(before, state_of(layer), f"set {where}")
     layer(torch.randn(4, 3, dtype=torch.float64))  # (still works)
 
@@ -568,35 +567,22 @@ def run_invalid_keras(data):
     base = dict(renorm=True) if option.startswith("renorm") else {}
     where = f"keras {option}={value!r}"
     late = option == "axis" and isinstance(value, int)  # (the rank is known at build)
-    try:
-        layer = BatchNormalization(**base, **{option: value})
+    def construct():
+        built = BatchNormalization(**base, **{option: value})
         if late:
-            layer(torch.randn(4, 3))
-    except (ValueError, TypeError) as error:
-        assert named(error, [option]), f"constructor {where}: {type(error).__name__}: {error}"
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"constructor {where}: {type(error).__name__}: {error}") from error
-    else:
-        raise AssertionError(f"constructor {where}: accepted")
+            built(torch.randn(4, 3))
+
+    assert_refused(construct, [option], f"constructor {where}")
     layer = BatchNormalization(**base)
     layer(torch.randn(4, 3), training=True)
     before = state_of(layer.bn), {k: repr(v) for k, v in vars(layer).items() if not k.startswith("_")}
     kind = data.draw(st.sampled_from(["set", "mask", "rank"]))
-    try:
-        if kind == "set":
-            setattr(layer, option, value)
-        elif kind == "mask":
-            layer(torch.randn(4, 3), training=True, mask=torch.ones(4, 3, dtype=torch.bool))
-        else:
-            layer(torch.randn(4, 3, 2), training=True)
-    except (ValueError, TypeError) as error:
-        names = {"set": [option], "mask": ["mask"], "rank": ["rank", "ndim"]}[kind]
-        assert named(error, names), f"{kind} {where}: {type(error).__name__}: {error}"
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"{kind} {where}: {type(error).__name__}: {error}") from error
-    else:
-        if not (kind == "set" and option == "axis"):  # (axis may change until built: checked below)
-            raise AssertionError(f"{kind} {where}: accepted")
+    calls = {"set": lambda: setattr(layer, option, value),
+             "mask": lambda: layer(torch.randn(4, 3), training=True, mask=torch.ones(4, 3, dtype=torch.bool)),
+             "rank": lambda: layer(torch.randn(4, 3, 2), training=True)}
+    names = {"set": [option], "mask": ["mask"], "rank": ["rank", "ndim"]}[kind]
+    # (axis may change until built: checked below)
+    assert_refused(calls[kind], names, f"{kind} {where}", may_accept=kind == "set" and option == "axis")
     after = state_of(layer.bn), {k: repr(v) for k, v in vars(layer).items() if not k.startswith("_")}
     same_state(before[0], after[0], f"{kind} {where}")
     assert before[1] == after[1], f"{kind} {where}: attributes changed"
@@ -659,15 +645,8 @@ def run_invalid_functional(data):
                    for k, v in call.items() if k in ("running_mean", "running_var", "renorm_mean", "renorm_stddev",
                                                       "moving_stddev") and v is not None}
         where = f"{name} {option}={value!r} (training={training}, renorm={renorm})"
-        try:
-            fn(convert(x), **call)
-        except (ValueError, TypeError) as error:
-            assert named(error, names), f"{where}: {type(error).__name__}: {error}"
-        except Exception as error:  # noqa: BLE001
-            raise AssertionError(f"{where}: {type(error).__name__}: {error}") from error
-        else:
-            if not (option == "virtual_batch_size" and not training):
-                raise AssertionError(f"{where}: accepted")
+        assert_refused(lambda: fn(convert(x), **call), names, where,
+                       may_accept=option == "virtual_batch_size" and not training)
         for k, before in buffers.items():
             after = call[k]
             same = torch.equal(before, after) if isinstance(before, torch.Tensor) else np.array_equal(before, after)
@@ -711,14 +690,7 @@ def run_invalid_forward(data):
         if virtual is not None:
             return
         x, names = torch.randn(1, 3, dtype=torch.float64), ["value per", "batch"]
-    try:
-        layer(x) if mask is None else layer(x, mask=mask)
-    except (ValueError, TypeError) as error:
-        assert named(error, names), f"forward {kind}: {type(error).__name__}: {error}"
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"forward {kind}: {type(error).__name__}: {error}") from error
-    else:
-        raise AssertionError(f"forward {kind}: accepted")
+    assert_refused(lambda: layer(x) if mask is None else layer(x, mask=mask), names, f"forward {kind}")
     same_state(before, state_of(layer), f"forward {kind}")
 
 
