@@ -978,8 +978,7 @@ class BatchNorm(_NormBase):
             except RuntimeError as error:
                 # ATen refused the call before computing (another dtype or device): nothing moved but the count
                 # this step added above, which is taken back (a call that raised leaves the layer as it was).
-                if training and self.track_running_stats and _buffer_of(self, "num_batches_tracked") is not None:
-                    _buffer_of(self, "num_batches_tracked").sub_(1)
+                self._uncount(training)
                 _check_input_device(input, self.weight, self.running_mean)
                 _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
                 self._check_own_sizes(training)  # ATen's "weight should contain 3 elements not 4", explained
