@@ -179,6 +179,68 @@ def test_channels_last_input_with_odd_strides_on_size_one_dims_has_the_reference
     assert_close(layer.bias.grad, grads[2])
 
 
+def _stored_in_order(values, order):
+    """``values`` (NumPy) as a tensor whose memory holds them in the axis order ``order``: the strides of its size-1
+    dims are that order's, not the contiguous or channels_last ones (a permuted and unsqueezed tensor's)."""
+    return torch.tensor(np.ascontiguousarray(values.transpose(order))).permute(
+        tuple(order.index(a) for a in range(values.ndim)))
+
+
+# The other side of the case above: a contiguous input (or features-last data whose size-1 dims carry odd strides)
+# whose loss gradient arrives channels_last with odd strides on size-1 dims, as when the next layer permutes and
+# squeezes the output to (N, L, C): torch 2.13's CPU batch-norm backward (torch.nn's BatchNorm2d/3d too) read the
+# two in different memory formats and returned wrong input and weight gradients, in training and eval
+ODD_GRADIENT_CASES = [  # (shape, axis, order the input is stored in, order the gradient is stored in)
+    ((4, 3, 5, 1), 1, (0, 1, 2, 3), (0, 2, 1, 3)),
+    ((1, 3, 5, 6), 1, (0, 1, 2, 3), (2, 3, 0, 1)),
+    ((4, 3, 1, 5, 2), 1, (0, 1, 2, 3, 4), (0, 3, 4, 1, 2)),
+    ((4, 1, 5, 3), -1, (0, 2, 1, 3), (0, 2, 1, 3)),  # features last, the size-1 dim stored after the next one
+]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("build", ["layer", "drop-in", "ghost", "functional", "functional-renorm"])
+@pytest.mark.parametrize("shape, axis, x_order, g_order", ODD_GRADIENT_CASES)
+def test_gradient_with_odd_strides_on_size_one_dims_gives_the_reference_gradients(shape, axis, x_order, g_order,
+                                                                                  build, training, rng):
+    if build == "drop-in" and axis != 1:
+        pytest.skip("torch.nn's drop-ins take the features on dim 1")
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+    x, grad = _stored_in_order(x_np, x_order), _stored_in_order(g_np, g_order)
+    assert torch.equal(x, torch.tensor(x_np)) and torch.equal(grad, torch.tensor(g_np))
+    leaf = x.requires_grad_()
+    features = shape[axis]
+    gamma = np.linspace(0.5, 1.5, features)
+    running = (np.full(features, 0.3), np.full(features, 1.7))
+    weight = torch.tensor(gamma, requires_grad=True)
+    renorm = {}
+    if build == "ghost" and training and shape[0] % 2:
+        pytest.skip("two ghost batches need an even batch")
+    if build in ("layer", "drop-in", "ghost"):
+        layer = (normkit.BatchNorm(features, axis=axis) if build == "layer"
+                 else normkit.BatchNorm(features, axis=axis, virtual_batch_size=max(shape[0] // 2, 1)) if build == "ghost"
+                 else {4: normkit.BatchNorm2d, 5: normkit.BatchNorm3d}[len(shape)](features)).double().train(training)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.running_mean.fill_(0.3), layer.running_var.fill_(1.7)
+        y, weight = layer(leaf), layer.weight
+    else:
+        if build == "functional-renorm":
+            renorm = {"renorm_mean": torch.zeros(features, dtype=torch.float64),
+                      "renorm_stddev": torch.ones(features, dtype=torch.float64),
+                      "moving_stddev": torch.full((features,), 1.7 ** 0.5, dtype=torch.float64)}
+        y = normkit.functional.batch_norm(leaf, *(torch.tensor(r) for r in running), weight, None, training,
+                                          axis=axis, **renorm)
+    y.backward(grad)
+    reference_renorm = ({"renorm_mean": np.zeros(features), "renorm_stddev": np.ones(features)}
+                        if renorm and training else {})
+    ghost = {"virtual_batch_size": shape[0] // 2} if build == "ghost" and training else {}
+    grads = R.batch_norm_backward(g_np, x_np, *running, gamma, None, training, 1e-5, axis=axis, **reference_renorm,
+                                  **ghost)
+    assert_close(leaf.grad, grads[0])
+    assert_close(weight.grad, grads[1])
+
+
 def test_axis_last_on_nhwc_equals_axis_one_on_nchw(rng):
     x = torch.tensor(rng.normal(size=(4, 6, 5, 3)), dtype=torch.float64)
     last, first = normkit.BatchNorm(3, axis=-1).double(), normkit.BatchNorm(3, axis=1).double()

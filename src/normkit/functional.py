@@ -304,6 +304,37 @@ def canonical_channels_last(x):
     return last.reshape(-1).view(last.shape).permute(_FEATURES_FIRST[x.dim()])
 
 
+def _under_vmap(tensor) -> bool:
+    """Whether a torch.func.vmap is batching ``tensor``, at any depth of functorch's wrappers
+    (``vmap(grad(f))`` hands f a gradient-tracking wrapper around the batched tensor)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
+def eager_cpu_layouts_matter(x) -> bool:
+    """Whether ``x`` (rank 4 or 5, with a size-1 dim) meets torch 2.13's CPU batch-norm backward eagerly, where the
+    strides of its size-1 dims can mislead that kernel (``canonical_channels_last``): not under torch.compile (whose
+    backward is its own, and right), a trace (which records no hooks) or vmap (no memory formats)."""
+    return (x.dim() in _CHANNELS_LAST and 1 in x.shape and not torch.compiler.is_compiling()
+            and _tracing_state() is None and not _under_vmap(x))
+
+
+def guard_gradient_layout(x, y):
+    """``y``, ATen's batch norm of ``x``, handing its gradient to ATen's backward with channels_last's own strides
+    where it arrives channels_last with odd ones on its size-1 dims (``canonical_channels_last``): a contiguous
+    input with such a gradient (the loss reached ``y`` through ``(N, L, C)`` data permuted and unsqueezed) gets a
+    wrong input and weight gradient from torch 2.13's CPU kernel, training and eval alike (torch.nn's layers too).
+    A hook, registered only for a CPU input of rank 4 or 5 with a size-1 dim when a gradient is recorded (a few
+    microseconds); any other gradient goes through untouched."""
+    if y.requires_grad and x.is_cpu and eager_cpu_layouts_matter(x):
+        y.register_hook(canonical_channels_last)
+    return y
+
+
 def _channels_view(x, feature_axes):
     """``x`` as an (N, K, *) tensor with every feature at dim 1, and a function that undoes it (or None).
 
@@ -372,9 +403,12 @@ def _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, t
             running_var.copy_(shifted_var)
         return y.to(x.dtype) if widen else y
     channels, restore = _channels_view(x, feature_axes)
+    if restore is not None and eager_cpu_layouts_matter(channels):
+        channels = canonical_channels_last(channels)  # (a view of features-last data: odd size-1 strides, see there)
     widen = without_float32_tensors(channels, weight, bias, running_mean, running_var)
     y = torch.batch_norm(channels.float() if widen else channels, _flat(weight), _flat(bias), _flat(running_mean),
                          _flat(running_var), training, momentum, eps, torch.backends.cudnn.enabled)
+    y = guard_gradient_layout(channels, y)
     y = y.to(channels.dtype) if widen else y
     return y if restore is None else restore(y)
 
@@ -414,6 +448,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
+    if x.dim() >= 4 and not x.is_contiguous() and eager_cpu_layouts_matter(x):
+        x = canonical_channels_last(x)  # (odd strides on size-1 dims mislead ATen's backward: see there)
     # (a list, not a generator, for the product: Dynamo cannot trace math.prod of a generator)
     features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])
     if _tracing_state() is None:  # (traced sizes are tensors, comparing them warns: see _tracing_state)
@@ -725,6 +761,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
                                    if widen else (channels, weight, bias))
         y, mean, invstd = torch.native_batch_norm(computed, _repeat_groups(_flat(scale), groups),
                                                   _repeat_groups(_flat(offset), groups), None, None, True, 0.0, eps)
+        y = guard_gradient_layout(computed, y)
         y = y.to(channels.dtype) if widen else y
         var = invstd.detach().pow(-2).sub_(eps).clamp(min=0.0)  # (out of place: vmap has no batching rule for clamp_)
         batch_mean, batch_var = _combine_groups(mean.detach(), var, groups, center)
@@ -762,6 +799,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             y = torch.batch_norm(channels.float() if widen else channels, _repeat_groups(scale, groups),
                                  _repeat_groups(offset, groups), None, None, True, 0.0, eps,
                                  torch.backends.cudnn.enabled)
+            y = guard_gradient_layout(channels, y)
             y = y.to(channels.dtype) if widen else y
     y = y if restore is None else restore(y)
     y = y if y.shape == x.shape else y.reshape(x.shape)
@@ -989,7 +1027,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
                                                                       ctx.eps, mask)
         else:
             grad_input, grad_scale, grad_offset = torch.ops.aten.native_batch_norm_backward(
-                grad, channels, scale, None, None, mean, invstd, True, ctx.eps, mask)
+                canonical_channels_last(grad), channels, scale, None, None, mean, invstd, True, ctx.eps, mask)
         if ctx.groups > 1:
             grad_scale = None if grad_scale is None else grad_scale.view(ctx.groups, -1).sum(dim=0)
             grad_offset = None if grad_offset is None else grad_offset.view(ctx.groups, -1).sum(dim=0)

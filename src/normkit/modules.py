@@ -150,15 +150,7 @@ def _dtype_fits(dtype: torch.dtype, reference: Optional[torch.Tensor]) -> bool:
             or (dtype in F.LOW_PRECISION and reference.dtype == torch.float32))
 
 
-def _under_vmap(tensor: torch.Tensor) -> bool:
-    """Whether a torch.func.vmap is batching ``tensor``, at any depth of functorch's wrappers
-    (``vmap(grad(f))`` hands f a gradient-tracking wrapper around the batched tensor)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(tensor):
-        if functorch.is_batchedtensor(tensor):
-            return True
-        tensor = functorch.get_unwrapped(tensor)
-    return False
+_under_vmap = F._under_vmap
 
 
 def _shown_name(layer: nn.Module) -> str:
@@ -923,6 +915,8 @@ class BatchNorm(_NormBase):
             if back is not None:  # rank 4/5: the channels_last view, inline (a call costs as much as the view)
                 # (torch.permute: Tensor.permute parses a tuple of dims a third of a µs slower, 2% of a small call)
                 channels = torch.permute(input, _FEATURES_FIRST[input.dim()])
+                if 1 in channels.shape and F.eager_cpu_layouts_matter(channels):
+                    channels = F.canonical_channels_last(channels)  # (a contiguous input's odd size-1 strides)
             else:
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
         elif _tracing_state() is None and input.shape[1] != self.num_features:
@@ -986,6 +980,8 @@ class BatchNorm(_NormBase):
                 if refusal is not None:
                     raise refusal from error
                 raise
+            if 1 in channels.shape and y.requires_grad:  # (odd gradient strides mislead ATen's backward: see there)
+                F.guard_gradient_layout(channels, y)
         if back is not None:
             return torch.permute(y, back)
         return y if restore is None else restore(y)
@@ -1180,9 +1176,10 @@ class BatchNorm(_NormBase):
         except RuntimeError:
             # ATen refused the call (an input on another device): the count taken above is given back and the
             # general path, which checks before counting, refuses it by name.
-            if running_mean is not None and _buffer_of(self, "num_batches_tracked") is not None:
-                _buffer_of(self, "num_batches_tracked").sub_(1)
+            self._uncount(True)
             return None
+        if 1 in input.shape and y.requires_grad:  # (odd gradient strides mislead ATen's backward: see there)
+            F.guard_gradient_layout(input, y)
         if running_mean is not None and not torch._C._are_functorch_transforms_active():
             torch.mean(wide_mean.view(groups, channels), 0, out=running_mean)
             torch.mean(wide_var.view(groups, channels), 0, out=running_var)
