@@ -319,8 +319,8 @@ def eager_cpu_layouts_matter(x) -> bool:
     """Whether ``x`` (rank 4 or 5, with a size-1 dim) meets torch 2.13's CPU batch-norm backward eagerly, where the
     strides of its size-1 dims can mislead that kernel (``canonical_channels_last``): not under torch.compile (whose
     backward is its own, and right), a trace (which records no hooks) or vmap (no memory formats)."""
-    return (x.dim() in _CHANNELS_LAST and 1 in x.shape and not torch.compiler.is_compiling()
-            and _tracing_state() is None and not _under_vmap(x))
+    return (x.dim() in _CHANNELS_LAST and _tracing_state() is None  # (traced sizes are tensors: checked first)
+            and 1 in x.shape and not torch.compiler.is_compiling() and not _under_vmap(x))
 
 
 def guard_gradient_layout(x, y):

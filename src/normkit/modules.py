@@ -915,7 +915,7 @@ class BatchNorm(_NormBase):
             if back is not None:  # rank 4/5: the channels_last view, inline (a call costs as much as the view)
                 # (torch.permute: Tensor.permute parses a tuple of dims a third of a µs slower, 2% of a small call)
                 channels = torch.permute(input, _FEATURES_FIRST[input.dim()])
-                if 1 in channels.shape and F.eager_cpu_layouts_matter(channels):
+                if F.eager_cpu_layouts_matter(channels):
                     channels = F.canonical_channels_last(channels)  # (a contiguous input's odd size-1 strides)
             else:
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
@@ -980,8 +980,8 @@ class BatchNorm(_NormBase):
                 if refusal is not None:
                     raise refusal from error
                 raise
-            if 1 in channels.shape and y.requires_grad:  # (odd gradient strides mislead ATen's backward: see there)
-                F.guard_gradient_layout(channels, y)
+            if y.requires_grad and _tracing_state() is None and 1 in channels.shape:  # (traced sizes: tensors)
+                F.guard_gradient_layout(channels, y)  # (odd gradient strides mislead ATen's backward: see there)
         if back is not None:
             return torch.permute(y, back)
         return y if restore is None else restore(y)
@@ -1178,8 +1178,8 @@ class BatchNorm(_NormBase):
             # general path, which checks before counting, refuses it by name.
             self._uncount(True)
             return None
-        if 1 in input.shape and y.requires_grad:  # (odd gradient strides mislead ATen's backward: see there)
-            F.guard_gradient_layout(input, y)
+        if y.requires_grad and _tracing_state() is None and 1 in input.shape:  # (traced sizes are tensors)
+            F.guard_gradient_layout(input, y)  # (odd gradient strides mislead ATen's backward: see there)
         if running_mean is not None and not torch._C._are_functorch_transforms_active():
             torch.mean(wide_mean.view(groups, channels), 0, out=running_mean)
             torch.mean(wide_var.view(groups, channels), 0, out=running_var)
