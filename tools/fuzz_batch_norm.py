@@ -13,6 +13,11 @@ with normkit.reference in float64. Families (``--family``):
            the same arguments and state_dict (outputs, input/weight/bias gradients, buffers) and the reference
   sample_invalid  bad constructor arguments, settings and calls of those layers: ValueError/TypeError naming the
            argument wherever torch.nn refuses too (or normkit alone, deliberately stricter)
+  layouts  every layer (BatchNorm with any axis and options, BatchNorm1d/2d/3d, the Keras layer, LayerNorm, GroupNorm,
+           InstanceNorm1d/2d/3d) in train, eval or frozen, on shapes with size-1 dims, with independently drawn memory
+           layouts for the input and the loss gradient (contiguous, channels_last, either with odd size-1 strides, a
+           permutation's, a non-dense slice; expanded stride-0 gradients): output, gradients and buffers against the
+           same layer on contiguous copies, the fused kernels on or off (float64 1e-10, float32 2e-4 of the largest)
   invalid  random invalid options (constructor, set later, forward; the Keras layer; functional.batch_norm and its
            reference): ValueError/TypeError naming the argument, the layer's state and the buffers unchanged
 
@@ -1038,12 +1043,197 @@ def run_invalid_sample(data):
     assert named(ours, names), f"{where}: not named: {ours}"
 
 
+# ----------------------------------------------------------------------------- memory layouts
+
+LAYOUT_KINDS = ("batchnorm", "bn1d", "bn2d", "bn3d", "keras", "layer", "group", "instance1d", "instance2d", "instance3d")
+X_LAYOUTS = ("contiguous", "channels_last", "channels_last_odd", "contiguous_odd", "permuted", "sliced")
+G_LAYOUTS = X_LAYOUTS + ("expanded", "expanded_channel")
+
+
+@st.composite
+def layout_cases(draw, dtypes=("float64", "float32")):
+    """A layer of any kind (options included), a mode, a shape with size-1 dims and two independent memory layouts:
+    the input's and the loss gradient's."""
+    kind = draw(st.sampled_from(LAYOUT_KINDS))
+    ranks = {"bn1d": [2, 3], "bn2d": [4], "bn3d": [5], "instance1d": [3], "instance2d": [4], "instance3d": [5],
+             "layer": [2, 3, 4, 5], "group": [2, 3, 4, 5]}.get(kind, [2, 3, 4, 5])
+    rank = draw(st.sampled_from(ranks))
+    shape = [draw(st.sampled_from([1, 1, 2, 3])) for _ in range(rank)]
+    case = dict(kind=kind, dtype=draw(st.sampled_from(dtypes)), mode=draw(st.sampled_from(["train", "eval", "frozen"])),
+                affine=draw(st.booleans()), track=draw(st.booleans()), fused=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 31 - 1)), x_layout=draw(st.sampled_from(X_LAYOUTS)),
+                g_layout=draw(st.sampled_from(G_LAYOUTS)), odd_strides=draw(st.integers(0, 2 ** 31 - 1)),
+                perm=draw(st.permutations(range(rank))), sliced_dim=draw(st.integers(0, rank - 1)),
+                grad_dim=draw(st.integers(0, rank - 1)), steps=draw(st.integers(1, 2)))
+    if kind in ("batchnorm", "keras"):
+        two = kind == "batchnorm" and rank >= 3 and draw(st.booleans())
+        axes = sorted(draw(st.lists(st.integers(1, rank - 1), min_size=2 if two else 1, max_size=2 if two else 1,
+                                    unique=True)))
+        signed = tuple(a - rank if draw(st.booleans()) else a for a in axes)
+        case.update(axes=tuple(axes), axis=signed[0] if len(signed) == 1 else signed,
+                    renorm=case["track"] and draw(st.booleans()), unbiased=draw(st.booleans()),
+                    mask=kind == "batchnorm" and draw(st.integers(0, 3)) == 0, virtual=None)
+        if draw(st.integers(0, 3)) == 0:
+            virtual = draw(st.sampled_from([1, 2]))
+            shape[0] = virtual * draw(st.integers(1, 3))
+            case["virtual"] = virtual
+    elif kind == "layer":
+        case["k"] = draw(st.integers(1, rank - 1))
+    elif kind == "group":
+        groups = draw(st.integers(1, 2))
+        shape[1] = groups * draw(st.integers(1, 2))
+        case["groups"] = groups
+    case["shape"] = tuple(shape)
+    return case
+
+
+def layout_of(t, layout, case, grad=False):
+    """``t``'s values in ``layout``: strides as models hand them over (see ``G_LAYOUTS``; the expanded ones, for a
+    gradient, replace the values with the gradient of ``y.sum()`` or of ``(y * w).sum()``, w along one dim)."""
+    rank = t.dim()
+    rng = np.random.default_rng(case["odd_strides"] + grad)
+    if layout == "channels_last" and rank in (4, 5):  # (channels_last's own strides, even where size-1 dims
+        last = (0, *range(2, rank), 1)                   # make the input contiguous too, as ATen computes them)
+        return t.permute(last).contiguous().permute([last.index(i) for i in range(rank)])
+    if layout in ("channels_last_odd", "contiguous_odd"):
+        base = layout_of(t, layout[:-4], case, grad).contiguous() if layout == "contiguous_odd" else \
+            layout_of(t, "channels_last", case, grad)
+        stride = list(base.stride())
+        for i, size in enumerate(base.shape):
+            if size == 1:
+                stride[i] = int(rng.choice([1, 2, 3, max(1, base.numel()), 7 * max(1, base.numel())]))
+        return base.as_strided(base.shape, stride)
+    if layout == "permuted":
+        perm = list(case["perm"])
+        return t.permute(perm).contiguous().permute([perm.index(i) for i in range(rank)])
+    if layout == "sliced":  # (every other element along one dim, one longer than 1 where there is one)
+        d = case["sliced_dim"] if t.shape[case["sliced_dim"]] > 1 or max(t.shape) == 1 else \
+            max(range(rank), key=lambda i: t.shape[i])
+        big = torch.zeros([2 * s if i == d else s for i, s in enumerate(t.shape)], dtype=t.dtype)
+        view = big[(slice(None),) * d + (slice(None, None, 2),)]
+        view.copy_(t)
+        return view
+    if layout == "expanded":
+        return torch.ones((), dtype=t.dtype).expand(t.shape)
+    if layout == "expanded_channel":
+        d = case["grad_dim"]
+        w = torch.as_tensor(rng.normal(size=[s if i == d else 1 for i, s in enumerate(t.shape)]), dtype=t.dtype)
+        return w.expand(t.shape)
+    return t
+
+
+def build_layout_layer(case):
+    from normkit.keras import BatchNormalization
+
+    kind, shape = case["kind"], case["shape"]
+    rng = np.random.default_rng(case["seed"] + 1)
+    dtype = DTYPES[case["dtype"]]
+    if kind == "batchnorm":
+        feats = tuple(shape[a] for a in case["axes"])
+        kwargs = dict(axis=case["axis"], affine=case["affine"], track_running_stats=case["track"],
+                      unbiased_running_var=case["unbiased"], virtual_batch_size=case["virtual"])
+        if case["renorm"]:
+            kwargs.update(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
+        layer = normkit.BatchNorm(feats[0] if len(feats) == 1 else feats, **kwargs)
+    elif kind.startswith("bn"):
+        layer = getattr(normkit, f"BatchNorm{kind[2:]}")(shape[1], affine=case["affine"],
+                                                          track_running_stats=case["track"])
+    elif kind == "keras":
+        kwargs = dict(axis=case["axis"], center=case["affine"], scale=case["affine"] or case["track"],
+                      virtual_batch_size=case["virtual"], dtype="float64" if dtype == torch.float64 else None)
+        if case["renorm"]:
+            kwargs.update(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
+        layer = BatchNormalization(**kwargs)
+        layer.build(shape)
+        if case["mode"] == "frozen":
+            layer.trainable = False
+    elif kind == "layer":
+        layer = normkit.LayerNorm(shape[len(shape) - case["k"]:], elementwise_affine=case["affine"])
+    elif kind == "group":
+        layer = normkit.GroupNorm(case["groups"], shape[1], affine=case["affine"])
+    else:
+        layer = getattr(normkit, f"InstanceNorm{kind[-2:]}")(shape[1], affine=case["affine"],
+                                                             track_running_stats=case["track"])
+    if kind != "keras":
+        layer = layer.to(dtype)
+        if case["mode"] == "frozen" and hasattr(layer, "freeze"):
+            layer.freeze()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.as_tensor(rng.normal(size=p.shape) * 0.5 + (1.0 if name.endswith("weight") else 0.0)))
+        for name, b in layer.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.as_tensor(rng.normal(size=b.shape)))
+            elif name.endswith("running_var"):
+                b.copy_(torch.as_tensor(rng.uniform(0.5, 2.0, size=b.shape)))
+    layer.train(case["mode"] == "train")
+    return layer
+
+
+def _layout_step(case, layer, x, g, mask):
+    """(output, input grad, {param: grad}, {buffer: value}) of one call, or the exception it raised."""
+    leaf = x.detach().requires_grad_()
+    try:
+        if case["kind"] == "keras":
+            y = layer(leaf, training=case["mode"] != "eval")
+        elif mask is not None:
+            y = layer(leaf, mask=mask)
+        else:
+            y = layer(leaf)
+        params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(y, [leaf, *[p for _, p in params]], g, allow_unused=True)
+    except Exception as error:  # noqa: BLE001
+        return error
+    return (y.detach().clone(), grads[0], {n: gr for (n, _), gr in zip(params, grads[1:])},
+            {n: b.detach().clone() for n, b in layer.named_buffers()})
+
+
+def run_layout_case(case):
+    """The layer on the input and loss gradient in their drawn layouts (fused kernels on or off) against a copy of
+    it on contiguous copies of both (fused off): output, input gradient, parameter gradients, buffers."""
+    import copy
+
+    from normkit import kernels
+
+    rng = np.random.default_rng(case["seed"])
+    dtype = DTYPES[case["dtype"]]
+    shape = case["shape"]
+    layer = build_layout_layer(case)
+    twin = copy.deepcopy(layer)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for step in range(case["steps"]):
+        x = torch.as_tensor(rng.normal(size=shape), dtype=dtype)
+        g = torch.as_tensor(rng.normal(size=shape), dtype=dtype)
+        mask = None
+        if case.get("mask"):
+            mshape = tuple(s for i, s in enumerate(shape) if i not in case["axes"])
+            mask = torch.as_tensor(rng.uniform(size=mshape) < 0.7)
+        x_l, g_l = layout_of(x, case["x_layout"], case), layout_of(g, case["g_layout"], case, grad=True)
+        with kernels.switched(False):
+            want = _layout_step(case, twin, x_l.contiguous(), g_l.contiguous(), mask)
+        with kernels.switched(case["fused"]):
+            got = _layout_step(case, layer, x_l, g_l, mask)
+        where = f"step {step} x {tuple(x_l.stride())} g {tuple(g_l.stride())}"
+        if isinstance(want, Exception) or isinstance(got, Exception):
+            assert type(want) is type(got), f"{where}: contiguous {want!r}, laid out {got!r}"
+            return
+        y, gx, gp, bufs = got
+        assert y.dtype == want[0].dtype and y.shape == want[0].shape, f"{where}: output {y.dtype} {tuple(y.shape)}"
+        for name, a, b in [("output", y, want[0]), ("input grad", gx, want[1])] + \
+                [(f"{n} grad", gp[n], want[2][n]) for n in want[2]] + [(n, bufs[n], want[3][n]) for n in want[3]]:
+            if a is None or b is None:
+                assert (a is None) == (b is None), f"{where} {name}: {a} vs {b}"
+                continue
+            scale = max(1.0, float(b.double().abs().nan_to_num(0, 0, 0).max())) if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True, msg=f"{where} {name}")
+
+
 # ----------------------------------------------------------------------------- driver
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["module", "fused", "keras", "torchnn", "invalid", "sample", "sample_invalid"], required=True)
+    parser.add_argument("--family", choices=["module", "fused", "keras", "torchnn", "invalid", "sample", "sample_invalid", "layouts"], required=True)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--dtypes", default="float64,float32,bfloat16,float16")
     parser.add_argument("--big", action="store_true", help="large inputs only (2^14 to 2^17 values)")
@@ -1052,7 +1242,7 @@ def main():
     if args.replay:
         case = eval(args.replay, {"Adjustment": Adjustment, "Ramp": Ramp, "nan": math.nan, "inf": math.inf})
         {"module": run_module_case, "keras": run_keras_case, "torchnn": run_torchnn_case, "sample": run_sample_case,
-         "fused": lambda c: run_module_case(c, fused=True)}[args.family](case)
+         "fused": lambda c: run_module_case(c, fused=True), "layouts": run_layout_case}[args.family](case)
         print("replayed: OK")
         return
     dtypes = tuple(args.dtypes.split(","))
@@ -1106,6 +1296,10 @@ def main():
         fuzz = fuzzer(cases(("float64",)), run_torchnn_case)
     elif args.family == "sample":
         fuzz = fuzzer(sample_cases(dtypes), run_sample_case)
+    elif args.family == "layouts":
+        from normkit import kernels
+        kernels.build()
+        fuzz = fuzzer(layout_cases(tuple(d for d in dtypes if d in ("float64", "float32"))), run_layout_case)
     elif args.family == "sample_invalid":
         fuzz = fuzzer(st.data(), run_invalid_sample)
     else:
