@@ -1,5 +1,7 @@
 """LayerNorm, GroupNorm and InstanceNorm against the reference and torch.nn, and their equivalences."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -371,3 +373,50 @@ def test_instance_norm_backward_of_a_channels_last_gradient_matches_the_referenc
     assert_close(gx.reshape(batched), want[0], rtol=1e-9, atol=1e-9)
     assert_close(gw, want[1], rtol=1e-9, atol=1e-9)
     assert_close(gb, want[2], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 3, 2, 2, 3), (4, 8, 3, 5)])
+@pytest.mark.parametrize("call", ["layer", "layer_float16_input", "functional"])
+@pytest.mark.parametrize("training, track", [(True, False), (False, True)])
+def test_instance_norm_backward_of_a_sequence_first_gradient_matches_the_reference(shape, call, training, track):
+    """A loss gradient whose N and C dims merge (innermost here: the gradient of ``y.flatten(2).permute(2, 0, 1)``,
+    the (H*W, N, C) sequence a DETR-style transformer takes) keeps its strides through ATen's (1, N*C, *S) view of it,
+    channels_last with an odd size-1 stride: torch 2.13's InstanceNorm2d/3d (CPU, torch.nn's too) returned a wrong
+    input and weight gradient for any batch size and no size-1 dim. normkit's layers (short path, the general one: a
+    float16 input under float32 weights) and functional.instance_norm give ATen that gradient contiguous. Found by
+    tools/fuzz_batch_norm.py --family layouts."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    half = call == "layer_float16_input"
+    if half:
+        x = x.half().double()  # (the reference takes the rounded input)
+    w = torch.randn((math.prod(shape[2:]), shape[0], shape[1]), dtype=torch.float64, generator=gen)
+    weight = torch.linspace(0.5, 1.5, shape[1], dtype=torch.float64).requires_grad_()
+    bias = torch.linspace(-1.0, 1.0, shape[1], dtype=torch.float64).requires_grad_()
+    rm, rv = torch.full((shape[1],), 0.3, dtype=torch.float64), torch.full((shape[1],), 2.0, dtype=torch.float64)
+    leaf = (x.half() if half else x.clone()).requires_grad_()
+    if call == "functional":
+        y = normkit.functional.instance_norm(leaf, rm if track else None, rv if track else None, weight, bias,
+                                             use_input_stats=training or not track)
+        params = [weight, bias]
+    else:
+        dtype = torch.float32 if half else torch.float64
+        layer = getattr(normkit, f"InstanceNorm{len(shape) - 2}d")(shape[1], affine=True, track_running_stats=track,
+                                                                    dtype=dtype).train(training)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+            if track:
+                layer.running_mean.copy_(rm)
+                layer.running_var.copy_(rv)
+        y = layer(leaf)
+        params = [layer.weight, layer.bias]
+    gx, gw, gb = torch.autograd.grad((y.flatten(2).permute(2, 0, 1) * w.to(y.dtype)).sum(), [leaf, *params])
+    g = w.permute(1, 2, 0).reshape(shape).numpy()
+    want = R.instance_norm_backward(g, x.numpy(), rm.numpy() if track else None, rv.numpy() if track else None,
+                                    weight.detach().numpy(), bias.detach().numpy(),
+                                    use_input_stats=training or not track)
+    tol = 1e-9 if not half else 2e-2  # (float16's input gradient: rounded once, to 11 bits)
+    assert_close(gx, want[0], rtol=tol, atol=tol)
+    assert_close(gw, want[1], rtol=tol, atol=tol)
+    assert_close(gb, want[2], rtol=tol, atol=tol)

@@ -335,6 +335,28 @@ def guard_gradient_layout(x, y):
     return y
 
 
+def _contiguous_grad(grad):
+    return grad if grad.is_contiguous() else grad.contiguous()
+
+
+def guard_instance_gradient(x, y):
+    """``y``, ATen's instance norm of ``x`` (rank 4 or 5), handing its gradient to ATen's backward contiguous. ATen's
+    instance_norm runs batch_norm on the contiguous ``(1, N*C, *S)`` view of the input and reshapes the loss gradient
+    to that shape: wherever the gradient's N and C dims merge, that reshape is a view which keeps the gradient's
+    strides, and one whose N and C are innermost becomes channels_last with an odd stride on its size-1 dim 0
+    (``canonical_channels_last``), on which torch 2.13's CPU batch-norm backward returns a wrong input and weight
+    gradient (torch.nn's InstanceNorm2d/3d too). Such gradients are common: ``y.flatten(2).permute(2, 0, 1)``, the
+    (H*W, N, C) sequence a DETR-style transformer takes, hands one back; so do a channels_last gradient of one
+    sample (N = 1 or unbatched) and gradients with size-1 dims. The gradient's layout is known only in the backward,
+    so the hook is registered for every CPU input of rank 4 or 5 when a gradient is recorded (about 1 to 3 µs;
+    eager only: torch.compile's backward is its own, a trace records no hook, vmap has no memory formats); a
+    contiguous gradient goes through untouched."""
+    if (y.requires_grad and x.is_cpu and x.dim() in _CHANNELS_LAST and not torch.compiler.is_compiling()
+            and _tracing_state() is None and not _under_vmap(y)):
+        y.register_hook(_contiguous_grad)
+    return y
+
+
 def _channels_view(x, feature_axes):
     """``x`` as an (N, K, *) tensor with every feature at dim 1, and a function that undoes it (or None).
 
@@ -1627,4 +1649,5 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     computed, upcast = _params_for(x, weight, bias, running_mean)
     y = torch.instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                             torch.backends.cudnn.enabled)
+    y = guard_instance_gradient(computed, y)  # (a gradient whose N and C merge misleads ATen's backward: see there)
     return y.to(x.dtype) if upcast else y

@@ -1512,21 +1512,6 @@ class GroupNorm(_SampleNorm):
                 "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
-def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
-    return grad if grad.is_contiguous() else grad.contiguous()
-
-
-def _contiguous_grad_of(y: torch.Tensor) -> None:
-    """Give ATen's instance-norm backward ``y``'s gradient contiguous. ATen's instance_norm runs batch_norm on the
-    contiguous (1, N*C, *S) view of the input; where the loss gradient is a view of that shape too (one sample, N = 1
-    or an unbatched input; one channel; size-1 dims) it reaches that backward in the caller's layout, and torch
-    2.13's CPU batch-norm backward (the layers ask only for CPU outputs) given a contiguous input and a channels_last
-    gradient returns a wrong input and weight gradient (torch.nn's InstanceNorm2d/3d too: a (1, C, H, W) sample behind a channels_last model). Only where a gradient is recorded (eager, not under vmap or
-    torch.compile, whose graphs do not take the hook); a contiguous gradient goes through untouched."""
-    if not torch.compiler.is_compiling() and not _under_vmap(y):
-        y.register_hook(_contiguous_grad)
-
-
 class _InstanceNorm(_NormBase):
     r"""Normalize each sample and channel over its spatial positions: drop-in for torch.nn.InstanceNorm*d.
 
@@ -1581,8 +1566,8 @@ class _InstanceNorm(_NormBase):
                                             _buffer_of(self, "running_var"), use_input_stats,
                                             self.momentum if self.momentum is not None else 0.0, self.eps,
                                             torch.backends.cudnn.enabled)
-                    if batched_rank >= 4 and y.requires_grad and input.is_cpu and not traced and 1 in input.shape:
-                        _contiguous_grad_of(y)
+                    if batched_rank >= 4 and y.requires_grad:  # (a gradient whose N and C merge: see there)
+                        F.guard_instance_gradient(input, y)
                     return y
                 except RuntimeError as error:
                     _check_input_device(input, weight, _buffer_of(self, "running_mean"))
@@ -1618,9 +1603,6 @@ class _InstanceNorm(_NormBase):
         factor = self.momentum if self.momentum is not None else 0.0
         y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                             factor, self.eps)
-        if (batched_rank >= 4 and y.requires_grad and x.is_cpu and _tracing_state() is None
-                and 1 in x.shape):  # (traced sizes are tensors: the trace is checked first)
-            _contiguous_grad_of(y)
         return y.squeeze(0) if unbatched else y
 
 
