@@ -1054,11 +1054,15 @@ G_LAYOUTS = X_LAYOUTS + ("expanded", "expanded_channel")
 def layout_cases(draw, dtypes=("float64", "float32")):
     """A layer of any kind (options included), a mode, a shape with size-1 dims and two independent memory layouts:
     the input's and the loss gradient's."""
-    kind = draw(st.sampled_from(LAYOUT_KINDS))
+    kind = draw(st.sampled_from(LAYOUT_KINDS + ("batchnorm", "batchnorm", "keras")))  # (the options: more often)
     ranks = {"bn1d": [2, 3], "bn2d": [4], "bn3d": [5], "instance1d": [3], "instance2d": [4], "instance3d": [5],
              "layer": [2, 3, 4, 5], "group": [2, 3, 4, 5]}.get(kind, [2, 3, 4, 5])
     rank = draw(st.sampled_from(ranks))
-    shape = [draw(st.sampled_from([1, 1, 2, 3])) for _ in range(rank)]
+    # (mostly tiny; now and then sizes that fill ATen's vector lanes and take its other loops)
+    sizes = [1, 1, 2, 3] if draw(st.integers(0, 3)) else [1, 1, 4, 8, 17]
+    shape = [draw(st.sampled_from(sizes)) for _ in range(rank)]
+    while math.prod(shape) > 1 << 13:
+        shape[shape.index(max(shape))] //= 2
     case = dict(kind=kind, dtype=draw(st.sampled_from(dtypes)), mode=draw(st.sampled_from(["train", "eval", "frozen"])),
                 affine=draw(st.booleans()), track=draw(st.booleans()), fused=draw(st.booleans()),
                 seed=draw(st.integers(0, 2 ** 31 - 1)), x_layout=draw(st.sampled_from(X_LAYOUTS)),
@@ -1080,8 +1084,8 @@ def layout_cases(draw, dtypes=("float64", "float32")):
     elif kind == "layer":
         case["k"] = draw(st.integers(1, rank - 1))
     elif kind == "group":
-        groups = draw(st.integers(1, 2))
-        shape[1] = groups * draw(st.integers(1, 2))
+        groups = draw(st.integers(1, 4))
+        shape[1] = groups * draw(st.integers(1, 3))
         case["groups"] = groups
     case["shape"] = tuple(shape)
     return case
@@ -1188,9 +1192,38 @@ def _layout_step(case, layer, x, g, mask):
             {n: b.detach().clone() for n, b in layer.named_buffers()})
 
 
+def layout_reference(case, layer, x, g, mask):
+    """(output, (input grad, weight grad, bias grad)) of normkit.reference in float64 for the layer as it stands
+    before the call, or None (renorm, whose clipping state the contiguous twin covers)."""
+    kind, x, g = case["kind"], to_np(x), to_np(g)
+    bn = layer.bn if kind == "keras" else layer
+    w, b = to_np(getattr(bn, "weight", None)), to_np(getattr(bn, "bias", None))
+    if kind == "layer":
+        ns = layer.normalized_shape
+        return R.layer_norm(x, ns, w, b, layer.eps), R.layer_norm_backward(g, x, ns, w, b, layer.eps)
+    if kind == "group":
+        G = layer.num_groups
+        return R.group_norm(x, G, w, b, layer.eps), R.group_norm_backward(g, x, G, w, b, layer.eps)
+    rm, rv = to_np(getattr(bn, "running_mean", None)), to_np(getattr(bn, "running_var", None))
+    if kind.startswith("instance"):
+        use = case["mode"] == "train" or rm is None
+        return (R.instance_norm(x, rm, rv, w, b, use, 0.0, layer.eps),
+                R.instance_norm_backward(g, x, rm, rv, w, b, use, layer.eps))
+    if case.get("renorm"):
+        return None
+    training = case["mode"] == "train"
+    batch_stats = training or rm is None
+    kwargs = dict(axis=case.get("axis", 1), virtual_batch_size=case.get("virtual") if training else None)
+    if mask is not None and batch_stats:
+        kwargs["mask"] = mask.numpy().reshape([1 if i in case["axes"] else s for i, s in enumerate(x.shape)])
+    return (R.batch_norm(x, rm, rv, w, b, batch_stats, 0.0, bn.eps, **kwargs),
+            R.batch_norm_backward(g, x, rm, rv, w, b, batch_stats, bn.eps, **kwargs))
+
+
 def run_layout_case(case):
     """The layer on the input and loss gradient in their drawn layouts (fused kernels on or off) against a copy of
-    it on contiguous copies of both (fused off): output, input gradient, parameter gradients, buffers."""
+    it on contiguous copies of both (fused off): output, input gradient, parameter gradients, buffers; in float64
+    against normkit.reference too (all but renorm)."""
     import copy
 
     from normkit import kernels
@@ -1209,6 +1242,7 @@ def run_layout_case(case):
             mshape = tuple(s for i, s in enumerate(shape) if i not in case["axes"])
             mask = torch.as_tensor(rng.uniform(size=mshape) < 0.7)
         x_l, g_l = layout_of(x, case["x_layout"], case), layout_of(g, case["g_layout"], case, grad=True)
+        expected = layout_reference(case, layer, x_l, g_l, mask) if dtype == torch.float64 else None
         with kernels.switched(False):
             want = _layout_step(case, twin, x_l.contiguous(), g_l.contiguous(), mask)
         with kernels.switched(case["fused"]):
@@ -1226,6 +1260,12 @@ def run_layout_case(case):
                 continue
             scale = max(1.0, float(b.double().abs().nan_to_num(0, 0, 0).max())) if b.numel() else 1.0
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, equal_nan=True, msg=f"{where} {name}")
+        if expected is not None:  # (the contiguous twin itself, and the laid-out call, against the reference)
+            exp_y, (exp_gx, exp_gw, exp_gb) = expected
+            close(f"{where} output vs reference", y, exp_y, dtype)
+            close(f"{where} input grad vs reference", gx, exp_gx, dtype)
+            for name, gr in gp.items():
+                close(f"{where} {name} grad vs reference", gr, exp_gw if name.endswith("weight") else exp_gb, dtype)
 
 
 # ----------------------------------------------------------------------------- driver
