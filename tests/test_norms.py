@@ -420,3 +420,53 @@ def test_instance_norm_backward_of_a_sequence_first_gradient_matches_the_referen
     assert_close(gx, want[0], rtol=tol, atol=tol)
     assert_close(gw, want[1], rtol=tol, atol=tol)
     assert_close(gb, want[2], rtol=tol, atol=tol)
+
+
+_GROUP_NORM_WEIGHTS_ONLY = """
+import sys, torch, normkit
+source, call, memory_format, path = sys.argv[1:]
+shape = (2, 4, 3, 3) if memory_format == "channels_last" else (2, 4, 3, 2, 3)
+gen = torch.Generator().manual_seed(0)
+layer = normkit.GroupNorm(2, 4)
+with torch.no_grad():
+    layer.weight.copy_(torch.linspace(0.5, 1.5, 4)), layer.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+data = torch.randn(shape, generator=gen).contiguous(memory_format=getattr(torch, memory_format))
+g = torch.randn(shape, generator=gen)
+x = data.clone().requires_grad_(source != "the data")
+inp = x * 2.0 if source == "an activation" else x  # (channels_last still: elementwise ops keep the layout)
+assert inp.is_contiguous(memory_format=getattr(torch, memory_format)) and not inp.is_contiguous()
+y = layer(inp) if call == "module" else normkit.functional.group_norm(inp, 2, layer.weight, layer.bias)
+grads = torch.autograd.grad(y, [layer.weight, layer.bias], g)  # (the weights' gradients alone)
+torch.save({"data": data, "g": g, "y": y.detach(), "channels_last": y.is_contiguous(
+    memory_format=getattr(torch, memory_format)), "grads": grads, "state": layer.state_dict()}, path)
+"""
+
+
+@pytest.mark.parametrize("memory_format", ["channels_last", "channels_last_3d"])
+@pytest.mark.parametrize("call", ["module", "functional"])
+@pytest.mark.parametrize("source", ["the data", "an input requiring a gradient", "an activation"])
+def test_group_norm_of_a_channels_last_input_gives_the_weights_gradients_alone(source, call, memory_format,
+                                                                                tmp_path):
+    """torch.autograd.grad(loss, [weight, bias]) through a GroupNorm of a channels-last CPU input: torch 2.13's
+    backward ends the process (a segmentation fault, torch.nn's GroupNorm too) whenever it is not asked for the
+    input's gradient, which happens here for every input, one that requires a gradient or an activation of layers
+    before too (per-layer gradients, meta-learning); the alias that requires a gradient (data without one) did not
+    help there. normkit's backward always asks ATen for the input's gradient. Run in a subprocess, which must
+    survive and give torch.nn's output and the weights' gradients torch.nn computes from the contiguous input.
+    Found by tools/fuzz_batch_norm.py --family layouts."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "grads.pt"
+    result = subprocess.run([sys.executable, "-c", _GROUP_NORM_WEIGHTS_ONLY, source, call, memory_format, str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the step ended with {result.returncode}: {result.stderr[-2000:]}"
+    saved = torch.load(path)
+    theirs = torch.nn.GroupNorm(2, 4)
+    theirs.load_state_dict(saved["state"])
+    x = saved["data"].contiguous() * (2.0 if source == "an activation" else 1.0)
+    y = theirs(x)
+    torch.testing.assert_close(saved["y"], y.detach())
+    assert saved["channels_last"]  # (as torch.nn's forward gives it)
+    torch.testing.assert_close(list(saved["grads"]), list(torch.autograd.grad(y, [theirs.weight, theirs.bias],
+                                                                              saved["g"])))
