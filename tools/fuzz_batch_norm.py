@@ -1239,7 +1239,9 @@ def run_layout_case(case):
     shape = case["shape"]
     layer = build_layout_layer(case)
     twin = copy.deepcopy(layer)
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    # (float16/bfloat16 when asked for: REL's tolerance, without the conditioning terms the other families add; two
+    # values 2% apart in bfloat16 give input gradients 20% apart between ATen's contiguous and strided kernels)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4}.get(dtype, REL[dtype])
     for step in range(case["steps"]):
         x = torch.as_tensor(rng.normal(size=shape), dtype=dtype)
         g = torch.as_tensor(rng.normal(size=shape), dtype=dtype)
