@@ -16,8 +16,9 @@ with normkit.reference in float64. Families (``--family``):
   layouts  every layer (BatchNorm with any axis and options, BatchNorm1d/2d/3d, the Keras layer, LayerNorm, GroupNorm,
            InstanceNorm1d/2d/3d) in train, eval or frozen, on shapes with size-1 dims, with independently drawn memory
            layouts for the input and the loss gradient (contiguous, channels_last, either with odd size-1 strides, a
-           permutation's, a non-dense slice; expanded stride-0 gradients): output, gradients and buffers against the
-           same layer on contiguous copies, the fused kernels on or off (float64 1e-10, float32 2e-4 of the largest)
+           permutation's, a non-dense slice; expanded stride-0 gradients), inputs that need a gradient or not:
+           output, gradients and buffers against the same layer on contiguous copies, the fused kernels on or off
+           (float64 1e-10, float32 2e-4 of the largest), and float64 against the reference (all but renorm)
   invalid  random invalid options (constructor, set later, forward; the Keras layer; functional.batch_norm and its
            reference): ValueError/TypeError naming the argument, the layer's state and the buffers unchanged
 
