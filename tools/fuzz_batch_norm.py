@@ -1079,7 +1079,8 @@ def layout_cases(draw, dtypes=("float64", "float32")):
         signed = tuple(a - rank if draw(st.booleans()) else a for a in axes)
         case.update(axes=tuple(axes), axis=signed[0] if len(signed) == 1 else signed,
                     renorm=case["track"] and draw(st.booleans()), unbiased=draw(st.booleans()),
-                    mask=kind == "batchnorm" and draw(st.integers(0, 3)) == 0, virtual=None)
+                    mask=kind == "batchnorm" and draw(st.integers(0, 3)) == 0, virtual=None,
+                    ghost_layout=draw(st.sampled_from(["strided", "contiguous"])))
         if draw(st.integers(0, 3)) == 0:
             virtual = draw(st.sampled_from([1, 2]))
             shape[0] = virtual * draw(st.integers(1, 3))
@@ -1138,7 +1139,8 @@ def build_layout_layer(case):
     if kind == "batchnorm":
         feats = tuple(shape[a] for a in case["axes"])
         kwargs = dict(axis=case["axis"], affine=case["affine"], track_running_stats=case["track"],
-                      unbiased_running_var=case["unbiased"], virtual_batch_size=case["virtual"])
+                      unbiased_running_var=case["unbiased"], virtual_batch_size=case["virtual"],
+                      ghost_layout=case.get("ghost_layout", "strided"))
         if case["renorm"]:
             kwargs.update(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
         layer = normkit.BatchNorm(feats[0] if len(feats) == 1 else feats, **kwargs)
@@ -1147,7 +1149,8 @@ def build_layout_layer(case):
                                                           track_running_stats=case["track"])
     elif kind == "keras":
         kwargs = dict(axis=case["axis"], center=case["affine"], scale=case["affine"] or case["track"],
-                      virtual_batch_size=case["virtual"], dtype="float64" if dtype == torch.float64 else None)
+                      virtual_batch_size=case["virtual"], ghost_layout=case.get("ghost_layout", "strided"),
+                      dtype="float64" if dtype == torch.float64 else None)
         if case["renorm"]:
             kwargs.update(renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 0.5})
         layer = BatchNormalization(**kwargs)
@@ -1220,7 +1223,8 @@ def layout_reference(case, layer, x, g, mask):
         return None
     training = case["mode"] == "train"
     batch_stats = training or rm is None
-    kwargs = dict(axis=case.get("axis", 1), virtual_batch_size=case.get("virtual") if training else None)
+    kwargs = dict(axis=case.get("axis", 1), virtual_batch_size=case.get("virtual") if training else None,
+                  ghost_layout=case.get("ghost_layout", "strided"))
     if mask is not None and batch_stats:
         kwargs["mask"] = mask.numpy().reshape([1 if i in case["axes"] else s for i, s in enumerate(x.shape)])
     return (R.batch_norm(x, rm, rv, w, b, batch_stats, 0.0, bn.eps, **kwargs),
