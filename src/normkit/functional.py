@@ -331,12 +331,20 @@ def guard_gradient_layout(x, y):
     A hook, registered only for a CPU input of rank 4 or 5 with a size-1 dim when a gradient is recorded (a few
     microseconds); any other gradient goes through untouched."""
     if y.requires_grad and x.is_cpu and eager_cpu_layouts_matter(x):
-        y.register_hook(canonical_channels_last)
+        y.grad_fn.register_prehook(_canonical_first_gradient)
     return y
 
 
-def _contiguous_grad(grad):
-    return grad if grad.is_contiguous() else grad.contiguous()
+# Hooks on the node that made the output (``grad_fn.register_prehook``: half the cost of ``Tensor.register_hook``,
+# which builds a dict of hooks on the tensor first): they see the node's incoming gradients, the output's first.
+def _canonical_first_gradient(grads):
+    changed = grads[0] if grads[0] is None else canonical_channels_last(grads[0])
+    return None if changed is grads[0] else (changed,) + tuple(grads[1:])
+
+
+def _contiguous_first_gradient(grads):
+    grad = grads[0]
+    return None if grad is None or grad.is_contiguous() else (grad.contiguous(),) + tuple(grads[1:])
 
 
 def guard_instance_gradient(x, y):
@@ -353,7 +361,7 @@ def guard_instance_gradient(x, y):
     contiguous gradient goes through untouched."""
     if (y.requires_grad and x.is_cpu and x.dim() in _CHANNELS_LAST and not torch.compiler.is_compiling()
             and _tracing_state() is None and not _under_vmap(y)):
-        y.register_hook(_contiguous_grad)
+        y.grad_fn.register_prehook(_contiguous_first_gradient)
     return y
 
 
