@@ -78,7 +78,7 @@ def sync_cases(draw, dtypes, keras=False):
         if virtual * per_row * WORLD < 2:
             virtual = None
     if virtual is not None:  # (every process the same multiple of virtual_batch_size, per step)
-        groups = [draw(st.integers(1, 3)) for _ in range(steps)]
+        groups = [draw(st.sampled_from([0, 1, 1, 2, 3])) for _ in range(steps)]  # (0: empty everywhere)
         sizes = [(virtual * g,) * WORLD for g in groups]
     else:
         sizes = [tuple(draw(st.sampled_from([0, 1, 2, 3, 5])) for _ in range(WORLD)) for _ in range(steps)]
@@ -116,6 +116,10 @@ def sync_cases(draw, dtypes, keras=False):
         memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"])),
         # (train steps with eval between some of them, eval last)
         evals=tuple(draw(st.booleans()) for _ in range(steps)),
+        # options (synchronized included) set on a built layer, as normkit.synchronize_batch_norm sets them
+        late=not keras and draw(st.booleans()),
+        # a second backward (a gradient penalty) through the merge, against one process's normkit.BatchNorm
+        double=not keras and dtype == "float64" and draw(st.integers(0, 3)) == 0,
     )
 
 
@@ -213,7 +217,15 @@ def build(case, synchronized=True):
                       synchronized=synchronized)
         if case["renorm"]:
             kwargs.update(renorm=True, renorm_clipping=case["clipping"], renorm_momentum=case["renorm_momentum"])
-        layer = bn = normkit.BatchNorm(feats[0] if len(feats) == 1 else feats, **kwargs)
+        features = feats[0] if len(feats) == 1 else feats
+        if case.get("late"):
+            layer = bn = normkit.BatchNorm(features, axis=case["axis"], affine=case["affine"],
+                                           track_running_stats=case["track"])
+            for name, value in kwargs.items():
+                if name not in ("affine", "track_running_stats", "axis"):
+                    setattr(layer, name, value)
+        else:
+            layer = bn = normkit.BatchNorm(features, **kwargs)
         if case["dtype"] == "float64":
             layer = bn = layer.double()
     if case["weight_init"]:
@@ -226,7 +238,7 @@ def build(case, synchronized=True):
     return layer, bn
 
 
-def call(layer, bn, case, step, part, frozen):
+def call(layer, bn, case, step, part, frozen, h=None):
     x = FB.laid_out(part["x"].clone(), case["memory"]).requires_grad_()
     if case["keras"]:
         layer.trainable = not frozen
@@ -237,7 +249,15 @@ def call(layer, bn, case, step, part, frozen):
         layer.train(step["train"])
         y = layer(x) if part["mask"] is None else layer(x, mask=part["mask"])
     params = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
-    got = torch.autograd.grad(y, [x, *params], FB.laid_out(part["g"], case["memory"]), allow_unused=True)
+    if case.get("double") and y.requires_grad:
+        # d/d(x, params) of <d<y, g>/dx, h>: h is the input gradient's own gradient (g's values, reversed)
+        first, = torch.autograd.grad(y, x, FB.laid_out(part["g"], case["memory"]), create_graph=True)
+        h = (part["g"].flip(0) if h is None else h).to(first.dtype)
+        got = (torch.autograd.grad(first, [x, *params], h, allow_unused=True) if first.requires_grad
+               else (None,) * (1 + len(params)))  # (eval without affine: the first derivative is a constant)
+        got = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, [x, *params]))
+    else:
+        got = torch.autograd.grad(y, [x, *params], FB.laid_out(part["g"], case["memory"]), allow_unused=True)
     got_w = got[1] if bn.weight is not None and bn.weight.requires_grad else None
     got_b = got[-1] if bn.bias is not None and bn.bias.requires_grad else None
     buffers = {name: getattr(bn, name, None) for name in BUFFERS}
@@ -355,6 +375,41 @@ def reference_steps(case, steps):
     return out
 
 
+def single_steps(case, steps):
+    """The second derivatives (``case["double"]``) of one process's normkit.BatchNorm on the whole batch (ghost
+    batches: in the reference's order, contiguous ghosts of V*P rows), per training step; None elsewhere."""
+    single = dict(case)  # (late too: renorm switched on late starts from the running statistics)
+    if case["virtual"] is not None:
+        single.update(virtual=case["virtual"] * WORLD, layout="contiguous")
+    layer, bn = build(single, synchronized=False)
+    out = []
+    for index, step in enumerate(steps):
+        frozen = case["freeze_at"] is not None and index >= case["freeze_at"]
+        parts = step["parts"]
+        order = np.arange(sum(step["sizes"]))
+        if step["train"] and not frozen and case["virtual"] is not None:
+            order = ghost_order(step["sizes"], case["virtual"], case["layout"])
+        order = torch.as_tensor(order, dtype=torch.int64)
+        x = torch.cat([p["x"] for p in parts])[order]
+        g = torch.cat([p["g"] for p in parts])[order]
+        h = torch.cat([p["g"].flip(0) for p in parts])[order]
+        mask = None
+        if any(p["full"] is not None for p in parts):
+            mask = torch.as_tensor(np.concatenate([np.ones(p["x"].shape, bool) if p["full"] is None else p["full"]
+                                                   for p in parts]))[order]
+        whole = dict(x=x, g=g, mask=mask, full=None)
+        try:
+            result = call(layer, bn, dict(single, double=True, memory="contiguous"), step, whole, frozen, h=h)
+        except ValueError:
+            break
+        if not (step["train"] and not frozen):
+            out.append(None)
+            continue
+        inverse = torch.argsort(order)
+        out.append(dict(gx=result["gx"][inverse], gw=result["gw"], gb=result["gb"]))
+    return out
+
+
 def tolerance_case(case):
     """The case as fuzz_batch_norm.conditioning reads it (ghost batches: the reference's contiguous V*P rows)."""
     return dict(axes=case["axes"], virtual=None if case["virtual"] is None else case["virtual"] * WORLD,
@@ -364,6 +419,7 @@ def tolerance_case(case):
 def compare(case, steps, results):
     """Each process's results against the reference on the whole batch."""
     expected = reference_steps(case, steps)
+    second = single_steps(case, steps) if case.get("double") else None
     for index, want in enumerate(expected):
         step = steps[index]
         where = f"step {index} ({'train' if step['train'] else 'eval'}, sizes {step['sizes']})"
@@ -387,8 +443,18 @@ def compare(case, steps, results):
                                         want["batch_stats"], want["rv"], want["w"], compute)
                               if want["x"].size else (0.0,) * 4)
         FB.close(f"{where} output", torch.cat([g["y"] for g in got]), want["y"], compute, e_y)
-        FB.close(f"{where} input grad", torch.cat([g["gx"] for g in got]), want["gx"], compute, e_g)
+        if second is not None:  # (the gradients are second derivatives: one process's normkit.BatchNorm's)
+            if index >= len(second):
+                raise AssertionError(f"{where}: one process refused the whole batch, the group did not")
+            if second[index] is not None:
+                want = dict(want, **{key: FB.to_np(value) for key, value in second[index].items()})
+            else:
+                want = dict(want, gx=None, gw=None, gb=None)
+        if want["gx"] is not None:
+            FB.close(f"{where} input grad", torch.cat([g["gx"] for g in got]), want["gx"], compute, e_g)
         for key, extra in (("gw", e_w), ("gb", 0.0)):
+            if second is not None and want["gx"] is None:
+                continue
             present = [g[key] is not None for g in got]
             assert len(set(present)) == 1, f"{where}: {key} on some processes only"
             if present[0]:
@@ -414,7 +480,7 @@ def compare(case, steps, results):
 # ----------------------------------------------------------------------------- invalid: processes that disagree
 
 INVALID_KINDS = ("features", "dtype", "ghost_divisible", "ghost_count", "ghost_empty", "mask_shape", "keras_rank",
-                 "features_tuple")
+                 "features_tuple", "features_transposed", "ghost_one_side")
 
 
 def invalid_call(kind, rank, seed):
@@ -428,6 +494,13 @@ def invalid_call(kind, rank, seed):
     if kind == "features_tuple":
         layer = normkit.BatchNorm((f, 2), axis=(1, 2), synchronized=True).double()
         return lambda: layer(torch.randn(4, f, 2 + bad, dtype=torch.float64)).sum().backward()
+    if kind == "features_transposed":  # (as many features, another shape)
+        shape = (2, f) if bad else (f, 2)
+        layer = normkit.BatchNorm(shape, axis=(1, 2), synchronized=True).double()
+        return lambda: layer(torch.randn(4, *shape, dtype=torch.float64)).sum().backward()
+    if kind == "ghost_one_side":  # (one ghost batch on one process, none asked for on the other)
+        layer = normkit.BatchNorm(f, virtual_batch_size=None if bad else 4, synchronized=True).double()
+        return lambda: layer(torch.randn(4, f, dtype=torch.float64)).sum().backward()
     if kind == "dtype":
         layer = normkit.BatchNorm(f, synchronized=True)
         dtype = torch.float64 if bad else torch.float32
