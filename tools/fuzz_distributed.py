@@ -95,7 +95,7 @@ def sync_cases(draw, dtypes, keras=False):
                 clipping[key] = (FB.Ramp(1.0, draw(st.sampled_from([0.5, 1.0]))) if key == "rmax" else
                                  FB.Ramp(1.0, -0.1) if key == "rmin" else FB.Ramp(0.0, 0.5))
     # each process's own mask kind: none, padding (over the non-feature axes), per feature, rows off, all off
-    kinds = ["none", "padding", "rows_off", "all_off"] + ([] if keras else ["per_feature"])
+    kinds = ["none", "padding", "rows_off", "all_off"] + ([] if keras else ["per_feature", "broadcast", "full_rank"])
     masked = draw(st.booleans())
     mask_kinds = tuple(draw(st.sampled_from(kinds)) if masked else "none" for _ in range(WORLD))
     dtype = draw(st.sampled_from(dtypes if not keras else [d for d in dtypes if d in ("float64", "float32")]))
@@ -103,6 +103,10 @@ def sync_cases(draw, dtypes, keras=False):
     spread = draw(st.sampled_from([1.0, 5.0, 1e-2] if dtype in ("float64", "float32") else [1.0, 5.0]))
     if offset == 1e4 and dtype == "float32":
         spread = max(spread, 1.0)
+    policy = draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32" \
+        else None
+    if policy is not None:  # (half precision's range and resolution, as for float16/bfloat16 data)
+        offset, spread = min(offset, 3.0), max(spread, 1.0)
     return dict(
         keras=keras, shape_rest=tuple(rest), axis=axis, axes=tuple(axes), virtual=virtual,
         layout=draw(st.sampled_from(["strided", "contiguous"])), sizes=sizes, track=track or keras, renorm=renorm,
@@ -120,6 +124,10 @@ def sync_cases(draw, dtypes, keras=False):
         late=not keras and draw(st.booleans()),
         # a second backward (a gradient penalty) through the merge, against one process's normkit.BatchNorm
         double=not keras and dtype == "float64" and draw(st.integers(0, 3)) == 0,
+        # a process_group of its own (dist.new_group of both processes) instead of the default group
+        group=draw(st.booleans()),
+        # Keras' mixed precision: float16/bfloat16 computation of float32 data, float32 variables
+        policy=policy,
     )
 
 
@@ -145,11 +153,16 @@ def local_mask(kind, shape, axes, rng):
     if kind == "per_feature":
         full = rng.uniform(size=shape) < 0.6
         return full, full
+    if kind == "broadcast":  # (one row of mask for every row of the batch)
+        m = rng.uniform(size=(1,) + reduced[1:]) < 0.6
+        return np.broadcast_to(m, reduced), m.reshape(tuple(s for i, s in enumerate(m.shape) if i not in axes))
     m = rng.uniform(size=reduced) < 0.6
     if kind == "rows_off" and shape[0]:
         m[0] = False
     elif kind == "all_off":
         m[...] = False
+    if kind == "full_rank":  # (the input's rank, size 1 on the feature axes; as 0/1 integers)
+        return m, m.astype(np.int64)
     return m, m.reshape(tuple(s for i, s in enumerate(shape) if i not in axes))
 
 
@@ -168,6 +181,8 @@ def make_steps(case):
     """Every step's data: the whole batch (x, g, full mask or None, rows order) and each process's part."""
     rng = np.random.default_rng(case["seed"])
     dtype = FB.DTYPES[case["dtype"]]
+    # (a mixed policy computes on the input rounded to its compute dtype: that rounded input is the data)
+    dtype = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16}.get(case.get("policy"), dtype)
     steps = []
     modes = []
     for train_sizes, eval_between in zip(case["sizes"], case["evals"]):
@@ -199,22 +214,28 @@ def make_steps(case):
 # ----------------------------------------------------------------------------- what each process runs
 
 
+GROUP = []  # (the process group of the examples that ask for one: made once, by every process, at the start)
+
+
 def build(case, synchronized=True):
+    group = GROUP[0] if case.get("group") and synchronized and GROUP else None
     feats = tuple(case["shape_rest"][a - 1] for a in case["axes"])
     if case["keras"]:
         kwargs = dict(axis=case["axis"], momentum=1.0 - case["momentum"], epsilon=case["eps"], center=case["affine"],
                       scale=case["affine"] or case["weight_init"], virtual_batch_size=case["virtual"],
-                      ghost_layout=case["layout"], adjustment=case["adjustment"], synchronized=synchronized)
+                      ghost_layout=case["layout"], adjustment=case["adjustment"], synchronized=synchronized,
+                      process_group=group)
         if case["renorm"]:
             kwargs.update(renorm=True, renorm_clipping=case["clipping"], renorm_momentum=1.0 - case["renorm_momentum"])
-        layer = normkit.keras.BatchNormalization(**kwargs, dtype="float64" if case["dtype"] == "float64" else None)
+        layer = normkit.keras.BatchNormalization(**kwargs, dtype="float64" if case["dtype"] == "float64"
+                                                 else case.get("policy"))
         layer.build((None,) + case["shape_rest"])
         bn = layer.bn
     else:
         kwargs = dict(momentum=case["momentum"], eps=case["eps"], affine=case["affine"],
                       track_running_stats=case["track"], axis=case["axis"], unbiased_running_var=case["unbiased"],
                       virtual_batch_size=case["virtual"], ghost_layout=case["layout"], adjustment=case["adjustment"],
-                      synchronized=synchronized)
+                      synchronized=synchronized, process_group=group)
         if case["renorm"]:
             kwargs.update(renorm=True, renorm_clipping=case["clipping"], renorm_momentum=case["renorm_momentum"])
         features = feats[0] if len(feats) == 1 else feats
@@ -556,6 +577,7 @@ def worker(rank, init_file, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=args.timeout))
     torch.set_num_threads(1)
+    GROUP.append(dist.new_group([0, 1]))
     try:
         if rank == 0:
             code = leader(args)
