@@ -501,7 +501,8 @@ def compare(case, steps, results):
 # ----------------------------------------------------------------------------- invalid: processes that disagree
 
 INVALID_KINDS = ("features", "dtype", "ghost_divisible", "ghost_count", "ghost_empty", "mask_shape", "keras_rank",
-                 "features_tuple", "features_transposed", "ghost_one_side")
+                 "features_tuple", "features_transposed", "ghost_one_side",
+                 "adjustment_fit")
 
 
 def invalid_call(kind, rank, seed):
@@ -522,6 +523,10 @@ def invalid_call(kind, rank, seed):
     if kind == "ghost_one_side":  # (one ghost batch on one process, none asked for on the other)
         layer = normkit.BatchNorm(f, virtual_batch_size=None if bad else 4, synchronized=True).double()
         return lambda: layer(torch.randn(4, f, dtype=torch.float64)).sum().backward()
+    if kind == "adjustment_fit":  # (terms of a fixed batch size: they fit one process's batch, not the other's)
+        terms = (torch.full((4, f), 1.5, dtype=torch.float64), torch.zeros(4, f, dtype=torch.float64))
+        layer = normkit.BatchNorm(f, adjustment=lambda shape: terms, synchronized=True).double()
+        return lambda: layer(torch.randn(4 + bad, f, dtype=torch.float64)).sum().backward()
     if kind == "dtype":
         layer = normkit.BatchNorm(f, synchronized=True)
         dtype = torch.float64 if bad else torch.float32

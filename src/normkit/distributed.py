@@ -239,6 +239,18 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
     # and its outputs at mean 1e4, std 1e-2 were 6e-2 off where one process on the whole batch recenters. The
     # cost is one pass over the local batch, next to the collectives of the merge.
     recenter = recenter or x.dtype != torch.float64
+    if adjustment is not None:
+        # Called here, before the merge (once, as the pipeline calls it: an adjustment may draw random numbers), and
+        # its terms handed on. The pipeline calls it after the merge, where a process whose terms it refuses (they
+        # do not fit this process's batch, or the callable raised) left its peers going on to the backward, whose
+        # all_reduce then paired with the refusing process's next collective: no error, garbage gradients. Refused
+        # here, the peers are told (refuse_with_peers) and raise with it.
+        try:
+            terms = F._adjustment_terms(adjustment, x, F.statistics_dtype(x))
+        except Exception:
+            refuse_with_peers(process_group, x.device)
+            raise
+        adjustment = lambda shape: terms  # noqa: E731 (the terms already fit the input)
     # (half-precision input is widened once inside, for both uses of x: its gradient is rounded once)
     return F._batch_norm_pipeline(
         x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
