@@ -502,7 +502,7 @@ def compare(case, steps, results):
 
 INVALID_KINDS = ("features", "dtype", "ghost_divisible", "ghost_count", "ghost_empty", "mask_shape", "keras_rank",
                  "features_tuple", "features_transposed", "ghost_one_side",
-                 "adjustment_fit")
+                 "adjustment_fit", "keras_mask_ragged", "keras_mask_fit", "keras_mask_dim", "mask_ragged")
 
 
 def invalid_call(kind, rank, seed):
@@ -527,6 +527,17 @@ def invalid_call(kind, rank, seed):
         terms = (torch.full((4, f), 1.5, dtype=torch.float64), torch.zeros(4, f, dtype=torch.float64))
         layer = normkit.BatchNorm(f, adjustment=lambda shape: terms, synchronized=True).double()
         return lambda: layer(torch.randn(4 + bad, f, dtype=torch.float64)).sum().backward()
+    if kind in ("keras_mask_ragged", "keras_mask_fit", "keras_mask_dim"):  # (process 1's mask is refused)
+        layer = normkit.keras.BatchNormalization(axis=-1, synchronized=True)
+        layer.build((None, 2, f))
+        good = torch.ones(4, 2, dtype=torch.bool)
+        bad_mask = {"keras_mask_ragged": [[1, 0], [1]], "keras_mask_fit": torch.ones(4, 3, dtype=torch.bool),
+                    "keras_mask_dim": torch.ones(4, dtype=torch.bool)}[kind]
+        return lambda: layer(torch.randn(4, 2, f), training=True, mask=bad_mask if bad else good).sum().backward()
+    if kind == "mask_ragged":
+        layer = normkit.BatchNorm(f, synchronized=True).double()
+        return lambda: layer(torch.randn(2, f, 2, dtype=torch.float64),
+                             mask=[[1, 0], [1]] if bad else [[1, 0], [1, 1]]).sum().backward()
     if kind == "dtype":
         layer = normkit.BatchNorm(f, synchronized=True)
         dtype = torch.float64 if bad else torch.float32

@@ -648,13 +648,17 @@ class BatchNormalization(nn.Module):
             if built is None and self.bn is not None:  # (statistics switched off: replace_all_batch_norm_modules_)
                 built = next(iter(self.bn.parameters()), None)
             dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
-            array = _from_numpy(inputs)
-            if array.dtype.kind in "biu":
-                dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
-            elif dtype is None:
-                dtype = torch.get_default_dtype()
-            inputs = torch.as_tensor(array, dtype=dtype,
-                                     device=built.device if built is not None else self._factory["device"])
+            try:  # (an input that is no array, ragged lists say: the peers of a synchronized call are told, below)
+                array = _from_numpy(inputs)
+                if array.dtype.kind in "biu":
+                    dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
+                elif dtype is None:
+                    dtype = torch.get_default_dtype()
+                inputs = torch.as_tensor(array, dtype=dtype,
+                                         device=built.device if built is not None else self._factory["device"])
+            except Exception:
+                self._refuse_with_peers(training)
+                raise
         bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
         if bn is None:
             try:
@@ -688,7 +692,13 @@ class BatchNormalization(nn.Module):
             # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
             inputs = inputs.to(stored)
         if mask is not None:
-            mask = torch.as_tensor(mask, device=inputs.device)
+            try:
+                mask = torch.as_tensor(mask, device=inputs.device)
+            except Exception:
+                # (a mask that is no array, ragged lists say, on one process of a synchronized call: its peers waited
+                # in the merge for the group's timeout, as for the refusals below)
+                self._refuse_with_peers(training)
+                raise
             if mask.dim() != inputs.dim() - 1:
                 self._refuse_with_peers(training)
                 raise ValueError(f"The mask provided should be one dimension less than the inputs: mask has shape "
