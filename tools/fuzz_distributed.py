@@ -20,6 +20,7 @@ the concatenation of the processes' batches. Families (``--family``):
            (ValueError/TypeError), none may hang (the group's timeout, --timeout, turns a hang into a failure),
            and a valid synchronized step afterwards must still equal the reference (the collectives still pair).
 
+Options: --big (local batches up to 33 rows, sizes up to 9), --dtypes, --replay "CASE" (the dict a failure prints).
 Run niced (the machine is shared), each family in chunks; every run draws new examples:
 
     PYTHONPATH=src nice -n 10 python tools/fuzz_distributed.py --family module --examples 300
@@ -60,9 +61,9 @@ BUFFERS = FB.BUFFERS
 
 
 @st.composite
-def sync_cases(draw, dtypes, keras=False):
+def sync_cases(draw, dtypes, keras=False, big=False):
     rank = draw(st.integers(2, 5))
-    rest = [draw(st.integers(1, 3)) for _ in range(rank - 1)]
+    rest = [draw(st.integers(1, 3 if not big or rank > 3 else 9)) for _ in range(rank - 1)]
     two = rank >= 3 and not keras and draw(st.booleans())
     axes = sorted(draw(st.lists(st.integers(1, rank - 1), min_size=2 if two else 1, max_size=2 if two else 1,
                                 unique=True)))
@@ -78,10 +79,11 @@ def sync_cases(draw, dtypes, keras=False):
         if virtual * per_row * WORLD < 2:
             virtual = None
     if virtual is not None:  # (every process the same multiple of virtual_batch_size, per step)
-        groups = [draw(st.sampled_from([0, 1, 1, 2, 3])) for _ in range(steps)]  # (0: empty everywhere)
+        groups = [draw(st.sampled_from([0, 1, 1, 2, 3] if not big else [1, 4, 8])) for _ in range(steps)]  # (0: empty)
         sizes = [(virtual * g,) * WORLD for g in groups]
     else:
-        sizes = [tuple(draw(st.sampled_from([0, 1, 2, 3, 5])) for _ in range(WORLD)) for _ in range(steps)]
+        sizes = [tuple(draw(st.sampled_from([0, 1, 2, 3, 5] if not big else [0, 7, 16, 33])) for _ in range(WORLD))
+                 for _ in range(steps)]
     track = draw(st.booleans())
     renorm = track and draw(st.booleans())
     clipping = None
@@ -101,8 +103,6 @@ def sync_cases(draw, dtypes, keras=False):
     dtype = draw(st.sampled_from(dtypes if not keras else [d for d in dtypes if d in ("float64", "float32")]))
     offset = draw(st.sampled_from([0.0, 3.0, -50.0, 1e4] if dtype in ("float64", "float32") else [0.0, 3.0]))
     spread = draw(st.sampled_from([1.0, 5.0, 1e-2] if dtype in ("float64", "float32") else [1.0, 5.0]))
-    if offset == 1e4 and dtype == "float32":
-        spread = max(spread, 1.0)
     policy = draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32" \
         else None
     if policy is not None:  # (half precision's range and resolution, as for float16/bfloat16 data)
@@ -117,7 +117,11 @@ def sync_cases(draw, dtypes, keras=False):
         mask_kinds=mask_kinds, pad_value=draw(st.sampled_from([0.0, 7.0, math.nan, math.inf, -math.inf])),
         dtype=dtype, offset=offset, spread=spread, freeze_at=draw(st.sampled_from([None, None, None, 1, 2])),
         seed=draw(st.integers(0, 2 ** 31 - 1)), weight_init=draw(st.booleans()),
-        memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"])),
+        # (bfloat16: contiguous only. Out of training without running statistics each process normalizes its own
+        # batch by ATen's kernel, as torch.nn does, and ATen's CPU bfloat16 backward of non-contiguous data is off:
+        # 0.51 for 0.67 at 2 rows, torch.nn.BatchNorm1d too. Not the merge's; left to the single-process fuzzer.)
+        memory=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "channels_last", "sliced"]
+                                    if dtype != "bfloat16" else ["contiguous"])),
         # (train steps with eval between some of them, eval last)
         evals=tuple(draw(st.booleans()) for _ in range(steps)),
         # options (synchronized included) set on a built layer, as normkit.synchronize_batch_norm sets them
@@ -368,7 +372,8 @@ def reference_steps(case, steps):
                             gw=None if w is None else sum(gws) if gws else np.zeros_like(w),
                             gb=None if b is None else sum(gbs) if gbs else np.zeros_like(b),
                             state={k: None if v is None else v.copy() for k, v in state.items()}, count=count,
-                            x=x_np, g=g_np, full=full, batch_stats=True, training=False, rv=state["running_var"], w=w))
+                            x=x_np, g=g_np, full=full, batch_stats=True, training=False, rv=state["running_var"], w=w,
+                            local=[(FB.to_np(p["x"]), FB.to_np(p["g"]), p["full"]) for p in parts if p["x"].numel()]))
             continue
         xr, gr, fr = x_np, g_np, full
         if order is not None:
@@ -460,9 +465,11 @@ def compare(case, steps, results):
             assert not isinstance(g, str), f"{where}: process {rank} raised {g}"
         compute = got[0]["dtype"]
         assert all(g["dtype"] == compute for g in got)
-        e_y, e_g, e_w, e_s = (FB.extras(want["x"], want["g"], want["full"], tolerance_case(case), want["training"],
-                                        want["batch_stats"], want["rv"], want["w"], compute)
-                              if want["x"].size else (0.0,) * 4)
+        # (eval without running statistics: each process's own batch, whose conditioning is its own)
+        pieces = want.get("local") or ([(want["x"], want["g"], want["full"])] if want["x"].size else [])
+        e_y, e_g, e_w, e_s = (np.max([FB.extras(x, g, full, tolerance_case(case), want["training"],
+                                                want["batch_stats"], want["rv"], want["w"], compute)
+                                      for x, g, full in pieces], axis=0) if pieces else (0.0,) * 4)
         FB.close(f"{where} output", torch.cat([g["y"] for g in got]), want["y"], compute, e_y)
         if second is not None:  # (the gradients are second derivatives: one process's normkit.BatchNorm's)
             if index >= len(second):
@@ -667,7 +674,8 @@ def leader(args):
         return 0
     run = settings(max_examples=args.examples, deadline=None, derandomize=False, database=None,
                    suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    strategy = invalid_cases() if args.family == "invalid" else sync_cases(dtypes, keras=args.family == "keras")
+    strategy = (invalid_cases() if args.family == "invalid" else
+                sync_cases(dtypes, keras=args.family == "keras", big=args.big))
 
     @run
     @given(strategy)
@@ -691,6 +699,7 @@ def main():
     parser.add_argument("--family", choices=["module", "keras", "invalid"], required=True)
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--dtypes", default="float64,float64,float64,float32,float16,bfloat16")
+    parser.add_argument("--big", action="store_true", help="larger local batches (up to 33 rows) and feature sizes")
     parser.add_argument("--timeout", type=float, default=60.0, help="the group's collective timeout (s)")
     parser.add_argument("--replay", help="a CASE line printed by a failure: run that example alone")
     args = parser.parse_args()
