@@ -178,6 +178,9 @@ def _refusals(rank):
         # A Keras mask that is no array (ragged lists) on one process, a regular one on the other.
         "keras_mask": lambda: keras(torch.randn(2, FEATURES, 3), training=True,
                                     mask=[[1, 0, 1, 1], [1]] if bad else [[1, 0, 1, 1], [1, 1, 1, 1]]),
+        # A lazy layer's first call (sized by torch's lazy hook, which checks the input before the forward).
+        "lazy_mask": lambda: normkit.LazyBatchNorm1d(synchronized=True).double()(
+            torch.randn(4, FEATURES, 3, dtype=torch.float64), mask=torch.ones(4, 3 + bad, dtype=torch.bool)),
         # Keras' array input: ragged lists on one process, a regular batch on the other.
         "keras_input": lambda: keras([[[1.0, 2.0, 3.0]] * FEATURES, [[1.0, 0.0, 3.0]] * (FEATURES - bad)],
                                      training=True),
@@ -465,7 +468,7 @@ def test_recalibration_leaves_out_the_batches_empty_on_every_process(ranks):
 def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_ranks):
     """Process 1 alone gives the layer an input it refuses (another number of features, a batch that is no multiple
     of virtual_batch_size, a mask of another shape, the Keras layer's rank, a Keras mask or array input that is no
-    array): it raises its own error and process 0,
+    array, a lazy layer's first call): it raises its own error and process 0,
     waiting in the merge, gets a ValueError at once (an adjustment whose terms do not fit was refused after the
     merge, and its peer went on, to a backward that paired with process 1's next collective). Before, process 0 waited for the group's timeout (30 minutes
     by default) or its collective paired with process 1's next one and merged statistics of another call."""
@@ -474,7 +477,7 @@ def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_
            "keras_build": "axis=2 is out of range",
            "adjustment": "adjustment returned a scale of shape (4, 4), which does not broadcast",
            "keras_mask": "expected sequence of length 4",
-           "keras_input": "inhomogeneous shape"}
+           "keras_input": "inhomogeneous shape", "lazy_mask": "mask of shape (4, 4) cannot broadcast"}
     for name, text in own.items():
         assert refusing_ranks[1]["refusals"][name] is not None and text in refusing_ranks[1]["refusals"][name], name
         error = refusing_ranks[0]["refusals"][name]

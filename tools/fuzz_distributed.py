@@ -508,7 +508,8 @@ def compare(case, steps, results):
 
 INVALID_KINDS = ("features", "dtype", "ghost_divisible", "ghost_count", "ghost_empty", "mask_shape", "keras_rank",
                  "features_tuple", "features_transposed", "ghost_one_side",
-                 "adjustment_fit", "keras_mask_ragged", "keras_mask_fit", "keras_mask_dim", "mask_ragged")
+                 "adjustment_fit", "keras_mask_ragged", "keras_mask_fit", "keras_mask_dim", "mask_ragged",
+                 "lazy_mask", "lazy_rank", "lazy_integer")
 
 
 def invalid_call(kind, rank, seed):
@@ -544,6 +545,15 @@ def invalid_call(kind, rank, seed):
         layer = normkit.BatchNorm(f, synchronized=True).double()
         return lambda: layer(torch.randn(2, f, 2, dtype=torch.float64),
                              mask=[[1, 0], [1]] if bad else [[1, 0], [1, 1]]).sum().backward()
+    if kind in ("lazy_mask", "lazy_rank", "lazy_integer"):  # (a lazy layer's first call, refused on process 1)
+        layer = normkit.LazyBatchNorm1d(synchronized=True).double()
+        x = torch.randn(4, f, 2, dtype=torch.float64)
+        mask = torch.ones(4, 2 + (bad and kind == "lazy_mask"), dtype=torch.bool)
+        if bad and kind == "lazy_rank":
+            x = x[..., None, None]
+        if bad and kind == "lazy_integer":
+            x = x.long()
+        return lambda: layer(x, mask=mask).sum().backward()
     if kind == "dtype":
         layer = normkit.BatchNorm(f, synchronized=True)
         dtype = torch.float64 if bad else torch.float32

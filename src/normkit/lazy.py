@@ -86,21 +86,30 @@ class _LazyNorm(LazyModuleMixin):
     def initialize_parameters(self, input, *args, **kwargs) -> None:
         """Size every feature-sized tensor from ``input`` (torch's lazy protocol calls this before the first
         forward) and apply the initializers; a layer sized by a loaded state_dict keeps the loaded size."""
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(input).__name__}")
-        self._check_input_rank(input)
-        # The forward's own refusals of the input, before sizing: sized by an input it then refused, the layer
-        # came out of the failed call changed (sized, initialized, no longer lazy).
-        check_floating(input)
-        tensors = self._sized_tensors()
-        _check_input_device(input, *tensors)
-        _check_input_dtype(input, *tensors)
-        mask = kwargs.get("mask", args[0] if args else None)
-        if mask is not None and hasattr(self, "_expand_mask"):  # (BatchNorm's mask: its shape is checked too)
-            self._expand_mask(mask, input, canonicalize_axes(self.axis, input.dim()))
-        # (plain ints: traced by torch.compile with dynamic shapes the sizes are symbolic, which materialize refuses;
-        # int() specializes on them, as the sized layer's tensors are of one size anyway)
-        shape = tuple(int(size) for size in self._feature_shape(input))
+        try:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(input).__name__}")
+            self._check_input_rank(input)
+            # The forward's own refusals of the input, before sizing: sized by an input it then refused, the layer
+            # came out of the failed call changed (sized, initialized, no longer lazy).
+            check_floating(input)
+            tensors = self._sized_tensors()
+            _check_input_device(input, *tensors)
+            _check_input_dtype(input, *tensors)
+            mask = kwargs.get("mask", args[0] if args else None)
+            if mask is not None and hasattr(self, "_expand_mask"):  # (BatchNorm's mask: its shape is checked too)
+                self._expand_mask(mask, input, canonicalize_axes(self.axis, input.dim()))
+            # (plain ints: traced by torch.compile with dynamic shapes the sizes are symbolic, which materialize
+            # refuses; int() specializes on them, as the sized layer's tensors are of one size anyway)
+            shape = tuple(int(size) for size in self._feature_shape(input))
+        except Exception:
+            # A synchronized training call refused here, before the forward: its peers, sized by their own first
+            # call, wait in the merge for this process. Told (BatchNorm._refuse_with_peers), they raise at once;
+            # they waited for the group's timeout before, or paired with this process's next collective.
+            refuse = getattr(self, "_refuse_with_peers", None)
+            if refuse is not None:
+                refuse(self.training, input if isinstance(input, torch.Tensor) else None)
+            raise
         if self.has_uninitialized_params():
             # A partial state_dict (strict=False) sized some tensors: they keep their values and say the size (an
             # input of another size is then refused by the eager forward), the others are initialized, as in an
