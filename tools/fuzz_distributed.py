@@ -103,8 +103,8 @@ def sync_cases(draw, dtypes, keras=False, big=False):
     dtype = draw(st.sampled_from(dtypes if not keras else [d for d in dtypes if d in ("float64", "float32")]))
     offset = draw(st.sampled_from([0.0, 3.0, -50.0, 1e4] if dtype in ("float64", "float32") else [0.0, 3.0]))
     spread = draw(st.sampled_from([1.0, 5.0, 1e-2] if dtype in ("float64", "float32") else [1.0, 5.0]))
-    policy = draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32" \
-        else None
+    policy = (draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16", "float16", "bfloat16"]))
+              if keras and dtype == "float32" else None)
     if policy is not None:  # (half precision's range and resolution, as for float16/bfloat16 data)
         offset, spread = min(offset, 3.0), max(spread, 1.0)
     return dict(
@@ -186,7 +186,8 @@ def make_steps(case):
     rng = np.random.default_rng(case["seed"])
     dtype = FB.DTYPES[case["dtype"]]
     # (a mixed policy computes on the input rounded to its compute dtype: that rounded input is the data)
-    dtype = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16}.get(case.get("policy"), dtype)
+    dtype = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16, "float16": torch.float16,
+             "bfloat16": torch.bfloat16}.get(case.get("policy"), dtype)
     steps = []
     modes = []
     for train_sizes, eval_between in zip(case["sizes"], case["evals"]):
