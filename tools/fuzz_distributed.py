@@ -7,19 +7,28 @@ the concatenation of the processes' batches. Families (``--family``):
 
   module   normkit.BatchNorm(synchronized=True): rank 2-5, feature axis first/last/tuple, local batch sizes that
            differ between the processes and between steps (an empty local batch, a fully masked one), masks (padding,
-           per feature, one process unmasked) with 0/NaN/inf in padded positions, ghost batches (strided or
-           contiguous: ghost j of the group's batch is every process's ghost j, docs/decisions.md), renorm with
-           fixed or scheduled clipping, an adjustment, momentum 0.1/None, either running variance, affine or not,
-           running statistics or not, freeze, memory layouts, several training steps with eval interleaved and
-           last; float64 mostly, float32, float16 and bfloat16. Each step compares each process's output and input
+           per feature, broadcast over the rows, of the input's rank as 0/1, one process unmasked) with 0/NaN/inf in
+           padded positions, ghost batches (strided or contiguous: ghost j of the group's batch is every process's
+           ghost j, docs/decisions.md; the reference runs contiguous ghosts of V*P rows on the rows reordered so),
+           renorm with fixed or scheduled clipping, an adjustment, momentum 0.1/None, either running variance, affine
+           or not, running statistics or not, freeze, memory layouts, options set on a built layer, a process group
+           of its own (dist.new_group), several training steps with eval between and last; float64 mostly, float32
+           (at 1e4 with spread 1e-2 too), float16 and bfloat16. Each step compares each process's output and input
            gradient, the weight/bias gradients summed over the processes (as DDP sums them), and every buffer of
-           every process; a group with one value per feature and no mask must be refused by every process.
-  keras    normkit.keras.BatchNormalization(synchronized=True) the same way (Keras' decay and biased variance).
-  invalid  processes that disagree (number of features, input dtype, ghost count or divisibility, mask shape, the
-           Keras layer's rank, ghost batches with an empty local batch): every process must raise a clear error
-           (ValueError/TypeError), none may hang (the group's timeout, --timeout, turns a hang into a failure),
-           and a valid synchronized step afterwards must still equal the reference (the collectives still pair).
+           every process (the same bits on every process after a merge); a group with one value per feature and
+           no mask must be refused by every process at once, and leave the layer as it was. A quarter of the
+           float64 examples take second derivatives (a gradient penalty) instead, against one process's
+           normkit.BatchNorm on the whole batch (the reference has none).
+  keras    normkit.keras.BatchNormalization(synchronized=True) the same way (Keras' decay and biased variance; mixed
+           and half-precision dtype policies).
+  invalid  processes that disagree (number of features or their shape, input dtype, ghost count or divisibility,
+           ghost batches on one process only or with an empty local batch, mask shape, masks or array inputs that
+           are no arrays, the Keras layer's rank, an adjustment whose terms fit one batch only, a lazy layer's first
+           call): every process must raise a clear error (ValueError/TypeError), none may hang (the group's timeout,
+           --timeout, turns a hang into a failure), and a valid synchronized example afterwards must still equal the
+           reference (the collectives still pair).
 
+Eval without running statistics is each process's own batch (eval never synchronizes), compared per process.
 Options: --big (local batches up to 33 rows, sizes up to 9), --dtypes, --replay "CASE" (the dict a failure prints).
 Run niced (the machine is shared), each family in chunks; every run draws new examples:
 
@@ -392,6 +401,12 @@ def reference_steps(case, steps):
         y = R.batch_norm(xr, rm, rv, w, b, batch_stats, factor, case["eps"], unbiased_running_var=unbiased,
                          moving_stddev=state["moving_stddev"] if renorm else None,
                          renorm_momentum=case["renorm_momentum"], **kwargs)
+        if bn.running_mean is not None and bn.running_mean.dtype in (torch.float16, torch.bfloat16):
+            # (half-precision variables, Keras' "float16" policy: each updated statistic is rounded as it is stored,
+            # and the next step's r and d are measured against the rounded values)
+            for value in state.values():
+                if value is not None:
+                    value[...] = FB.to_np(torch.as_tensor(value).to(bn.running_mean.dtype))
         gx = grads[0]
         if order is not None:
             inverse = np.argsort(order)
@@ -487,6 +502,9 @@ def compare(case, steps, results):
             assert len(set(present)) == 1, f"{where}: {key} on some processes only"
             if present[0]:
                 total = sum(g[key].double() for g in got)
+                # (each process's gradient is rounded to the parameters' dtype before the sum, which may cancel:
+                # their own magnitudes set the rounding, as in DDP's all_reduce)
+                extra += FB.REL[got[0][key].dtype] * sum(float(piece[key].double().abs().max()) for piece in got)
                 FB.close(f"{where} {key} (summed)", total, want[key], compute, extra)
         for rank, g in enumerate(got):
             for name in BUFFERS:
