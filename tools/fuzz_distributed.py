@@ -528,7 +528,7 @@ def compare(case, steps, results):
 INVALID_KINDS = ("features", "dtype", "ghost_divisible", "ghost_count", "ghost_empty", "mask_shape", "keras_rank",
                  "features_tuple", "features_transposed", "ghost_one_side",
                  "adjustment_fit", "keras_mask_ragged", "keras_mask_fit", "keras_mask_dim", "mask_ragged",
-                 "lazy_mask", "lazy_rank", "lazy_integer")
+                 "lazy_mask", "lazy_rank", "lazy_integer", "keras_build_features")
 
 
 def invalid_call(kind, rank, seed):
@@ -560,6 +560,9 @@ def invalid_call(kind, rank, seed):
         bad_mask = {"keras_mask_ragged": [[1, 0], [1]], "keras_mask_fit": torch.ones(4, 3, dtype=torch.bool),
                     "keras_mask_dim": torch.ones(4, dtype=torch.bool)}[kind]
         return lambda: layer(torch.randn(4, 2, f), training=True, mask=bad_mask if bad else good).sum().backward()
+    if kind == "keras_build_features":  # (unbuilt: each process's first call builds on its own input)
+        layer = normkit.keras.BatchNormalization(axis=-1, synchronized=True)
+        return lambda: layer(torch.randn(4, 2, f + bad), training=True).sum().backward()
     if kind == "mask_ragged":
         layer = normkit.BatchNorm(f, synchronized=True).double()
         return lambda: layer(torch.randn(2, f, 2, dtype=torch.float64),
