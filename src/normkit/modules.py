@@ -902,7 +902,8 @@ class BatchNorm(_NormBase):
         training = self.training and not frozen
         channels, restore, back = input, None, None
         if self.axis == -1 and input.dim() > 2:
-            if _tracing_state() is None and input.shape[-1] != self.num_features:
+            sized = _tracing_state() is None  # (traced sizes are tensors: see _tracing_state)
+            if sized and input.shape[-1] != self.num_features:
                 self._feature_axes(input, training)  # raises the explanatory error where the size matters
             if not input.is_contiguous() or (training and input.dim() >= 4 and input.is_cpu
                                              and kernels.takes(input)):
@@ -915,7 +916,7 @@ class BatchNorm(_NormBase):
             if back is not None:  # rank 4/5: the channels_last view, inline (a call costs as much as the view)
                 # (torch.permute: Tensor.permute parses a tuple of dims a third of a µs slower, 2% of a small call)
                 channels = torch.permute(input, _FEATURES_FIRST[input.dim()])
-                if F.eager_cpu_layouts_matter(channels):
+                if sized and 1 in input.shape and F.eager_cpu_layouts_matter(channels):
                     channels = F.canonical_channels_last(channels)  # (a contiguous input's odd size-1 strides)
             else:
                 channels, restore = F._channels_view(input, (input.dim() - 1,))
