@@ -243,3 +243,33 @@ def test_compiled_mixed_precision_steps_keep_float32_statistics(name, input_dtyp
         for (buffer_name, got_buffer), want_buffer in zip(compiled_layer.state_dict().items(),
                                                           oracle.state_dict().values(), strict=True):
             assert_close(got_buffer, to_numpy(want_buffer), torch.float32, err_msg=buffer_name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("pad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_compiled_eval_keeps_nonfinite_padding_out_of_the_weight_gradient(pad, backend, rng):
+    """In eval a mask names no statistic but still the padding: NaN or inf padded values that the loss ignores
+    must not reach gamma's gradient, compiled as eagerly (the compiled graph skipped the eager guard, a
+    data-dependent step with a hook: gamma's gradient was NaN; found by tools/fuzz_batch_norm.py --family compile).
+    A nonzero gradient on a padded output gives that channel NaN, as the math and the eager layer do."""
+    torch._dynamo.reset()
+    eager = normkit.BatchNorm(4, axis=-1).double()
+    with torch.no_grad():
+        eager.weight.copy_(torch.as_tensor(rng.normal(size=4)))
+        eager.running_mean.copy_(torch.as_tensor(rng.normal(size=4)))
+    compiled_layer = normkit.BatchNorm(4, axis=-1).double()
+    compiled_layer.load_state_dict(eager.state_dict())
+    eager.eval(), compiled_layer.eval()
+    compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True, dynamic=False)
+    mask = torch.as_tensor(rng.uniform(size=(6, 5)) > 0.3)
+    x = torch.as_tensor(rng.normal(size=(6, 5, 4))).masked_fill(~mask[..., None], pad)
+    for poke in (False, True):
+        g = torch.as_tensor(rng.normal(size=(6, 5, 4))).masked_fill(~mask[..., None], 0.0)
+        if poke:
+            g[~mask] = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # channel 0 reads the padding
+        got, want = _step(compiled, x, g, mask), _step(eager, x, g, mask)
+        valid = mask[..., None].expand_as(x)
+        assert_close(got[0][valid], to_numpy(want[0][valid]), torch.float64)
+        for ours, theirs in zip(got[1:], want[1:], strict=True):
+            assert_close(ours, to_numpy(theirs), torch.float64)
+        assert got[2][1:].isfinite().all() and got[2][0].isnan() == poke

@@ -471,6 +471,7 @@ def run_compile_case(case):
     backend changes (an entry compiled by one backend would serve the other) and every 100 examples."""
     import copy
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     if _COMPILED["backend"] != case["backend"] or _COMPILED["examples"] >= 100:
         torch._dynamo.reset()
@@ -522,7 +523,10 @@ def run_compile_case(case):
             count += 1
         expected, grads, rv = reference_step(case, state, count, training, batch_stats, x_np, g_np, full, w, b)
         want = _call_step(eager, eager, x_t, g_t, layer_mask, case["memory"])
+        breaks = sum(counters["graph_break"].values())
         got = _call_step(compiled, layer, x_t, g_t, layer_mask, case["memory"])
+        # (fullgraph=False too: one graph, docs/decisions.md; a break that fullgraph=True would refuse is a failure)
+        assert sum(counters["graph_break"].values()) == breaks, f"graph break: {dict(counters['graph_break'])}"
         where = f"step {step} ({'train' if train else 'eval'}{', frozen' if layer.frozen else ''})"
         assert got[0].dtype == dtype, f"{where}: output dtype {got[0].dtype}"
         e_y, e_g, e_w, e_s = extras(x_np, g_np, full, case, training, batch_stats, rv, w, dtype)

@@ -500,6 +500,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             # (the padding rule in eval: the mask names no statistic but still the positions whose NaN or inf
             # values must not reach the weight's gradient when the loss ignores them)
             ignored = _padding_to_guard(x, mask, None)
+            if ignored is None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+                # Compiled, no host read decides: the guard at once (its probe a traced Function, not a hook; before,
+                # compiled graphs skipped it and NaN or inf padding made the weight's gradient NaN; found by
+                # tools/fuzz_batch_norm.py --family compile).
+                ignored = (mask == 0) & ~torch.isfinite(x)
             if ignored is not None:
                 return _eval_guarding_padding(x, ignored, feature_axes, running_mean, running_var, weight, bias, eps)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -1470,8 +1475,26 @@ def _eval_guarding_padding(x, ignored, feature_axes, running_mean, running_var, 
     with torch.no_grad():
         exact = _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, False, 0.0, eps)
     probe = (weight - weight.detach()).reshape(broadcast_shape(feature_axes, x.shape)).to(y.dtype).expand(x.shape)
-    probe.register_hook(lambda grad: torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan))
+    if torch.compiler.is_compiling():  # (a hook on an intermediate tensor does not trace; the Function does)
+        probe = _NaNWhereGradientMeets.apply(probe, ignored)
+    else:
+        probe.register_hook(lambda grad: torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan))
     return y + torch.where(ignored, exact - y.detach(), 0.0) + probe
+
+
+class _NaNWhereGradientMeets(torch.autograd.Function):
+    """``_eval_guarding_padding``'s probe hook as a Function (compiled graphs): a zero output whose gradient is NaN
+    where a nonzero gradient meets an ``ignored`` position, 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, probe, ignored):
+        ctx.save_for_backward(ignored)
+        return torch.zeros_like(probe)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ignored, = ctx.saved_tensors
+        return torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan), None
 
 
 def _padding_to_guard(view, mask_view, finite):
