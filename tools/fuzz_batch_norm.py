@@ -42,6 +42,7 @@ import argparse
 import math
 import sys
 import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -399,9 +400,11 @@ def compile_cases(draw, dtypes=("float64", "float32")):
         case["virtual"] = None
     # docs/decisions.md ("torch.compile"): every BatchNorm option traces as one graph (not synchronized with a
     # process group, not drawn here)
+    # synchronized without a process group: local statistics, on the autograd composite path (traces whole)
+    case["synchronized"] = draw(st.integers(0, 4)) == 0
     case["backend"] = draw(st.sampled_from(["inductor", "inductor", "aot_eager"]))
     case["fullgraph"] = draw(st.sampled_from([True, True, True, False]))
-    if (case["adjustment"] is not None and case["mask_kind"] != "none"
+    if ((case["adjustment"] is not None or case["synchronized"]) and case["mask_kind"] != "none"
             and not math.isfinite(case["pad_value"])):
         # Known open item (docs/decisions.md, padding): NaN/inf padding on the adjustment's autograd composite path
         # under torch.compile reaches its channel's gradients (no hook, no data-dependent step in a graph).
@@ -412,11 +415,13 @@ def compile_cases(draw, dtypes=("float64", "float32")):
         at = draw(st.integers(1, steps - 1))
         batch = case["shape"][0]
         per_row = math.prod(s for i, s in enumerate(case["shape"]) if i and i not in case["axes"])
-        options = ["momentum", "eps", "unbiased", "layout", "virtual", "adjustment"]
+        options = ["momentum", "eps", "unbiased", "layout", "virtual", "adjustment", "synchronized"]
         if case["renorm"]:
             options += ["renorm_momentum", "clipping"]
         if case["track"]:
             options += ["renorm"]
+        if case["affine"]:
+            options += ["params_grad"]  # (parameters frozen by requires_grad_(False): a guard)
         change = {}
         for name in draw(st.lists(st.sampled_from(options), min_size=1, max_size=3, unique=True)):
             if name == "momentum":
@@ -435,6 +440,12 @@ def compile_cases(draw, dtypes=("float64", "float32")):
                                 TorchAdjustment(tuple(case["axes"]), draw(st.integers(0, 99))))
                 if change[name] is not None and case["mask_kind"] != "none" and not math.isfinite(case["pad_value"]):
                     change[name] = None  # (the known open item above)
+            elif name == "synchronized":
+                change[name] = not case["synchronized"]
+                if change[name] and case["mask_kind"] != "none" and not math.isfinite(case["pad_value"]):
+                    change[name] = False  # (the known open item above)
+            elif name == "params_grad":
+                change[name] = False
             elif name == "renorm_momentum":
                 change[name] = draw(st.sampled_from([0.01, 0.5, 1.0]))
             elif name == "clipping":
@@ -443,24 +454,36 @@ def compile_cases(draw, dtypes=("float64", "float32")):
             elif name == "renorm":
                 change[name] = not case["renorm"]
         changes[at] = change
+    if len(changes) == 1 and draw(st.booleans()):  # (and back: requires_grad on again, or the first options)
+        (at, change), = changes.items()
+        if at + 1 < steps:
+            changes[at + 1] = {name: (True if name == "params_grad" else case[name]) for name in change}
     case["changes"] = changes
+    case["input_grad"] = draw(st.integers(0, 3)) > 0
+    case["no_grad_steps"] = [i for i, train in enumerate(case["modes"]) if not train and draw(st.booleans())]
     return case
 
 
 LAYER_OPTIONS = {"momentum": "momentum", "eps": "eps", "unbiased": "unbiased_running_var", "layout": "ghost_layout",
                  "virtual": "virtual_batch_size", "adjustment": "adjustment", "renorm_momentum": "renorm_momentum",
-                 "clipping": "renorm_clipping", "renorm": "renorm"}
+                 "clipping": "renorm_clipping", "renorm": "renorm", "synchronized": "synchronized"}
 _COMPILED = {"backend": None, "examples": 0}
 
 
-def _call_step(fn, layer, x_t, g_t, layer_mask, memory):
-    leaf = laid_out(x_t.clone(), memory).requires_grad_()
-    y = fn(leaf) if layer_mask is None else fn(leaf, mask=torch.as_tensor(layer_mask))
+def _call_step(fn, layer, x_t, g_t, layer_mask, memory, input_grad=True, no_grad=False):
+    """(output, input grad, weight grad, bias grad) of one call, None for what needs no gradient."""
+    leaf = laid_out(x_t.clone(), memory).requires_grad_(input_grad)
+    with torch.set_grad_enabled(not no_grad):
+        y = fn(leaf) if layer_mask is None else fn(leaf, mask=torch.as_tensor(layer_mask))
     params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
-    got = torch.autograd.grad(y, [leaf, *params], laid_out(g_t, memory), allow_unused=True)
-    got_w = got[1] if layer.weight is not None and layer.weight.requires_grad else None
-    got_b = got[-1] if layer.bias is not None and layer.bias.requires_grad else None
-    return y.detach(), got[0], got_w, got_b
+    inputs = [leaf] * input_grad + params
+    if no_grad or not inputs:
+        return y.detach(), None, None, None
+    got = list(torch.autograd.grad(y, inputs, laid_out(g_t, memory), allow_unused=True))
+    got_x = got.pop(0) if input_grad else None
+    got_w = got.pop(0) if layer.weight is not None and layer.weight.requires_grad else None
+    got_b = got.pop(0) if layer.bias is not None and layer.bias.requires_grad else None
+    return y.detach(), got_x, got_w, got_b
 
 
 def run_compile_case(case):
@@ -478,6 +501,7 @@ def run_compile_case(case):
         _COMPILED.update(backend=case["backend"], examples=0)
     _COMPILED["examples"] += 1
     case = dict(case)
+    warnings.filterwarnings("ignore", "BatchNorm.synchronized=True. runs without", RuntimeWarning)
     rng = np.random.default_rng(case["seed"])
     shape, axes = case["shape"], case["axes"]
     feats = tuple(shape[a] for a in axes)
@@ -488,6 +512,8 @@ def run_compile_case(case):
         with torch.no_grad():
             layer.weight.copy_(torch.as_tensor(1 + 0.5 * rng.normal(size=feats)))
             layer.bias.copy_(torch.as_tensor(rng.normal(size=feats)))
+    if case.get("synchronized"):
+        layer.synchronized = True
     eager = copy.deepcopy(layer)
     compiled = torch.compile(layer, backend=case["backend"], fullgraph=case["fullgraph"], dynamic=False)
     state = {name: to_np(getattr(layer, name, None)) for name in BUFFERS}
@@ -495,6 +521,12 @@ def run_compile_case(case):
     for step, train in enumerate(case["modes"]):
         for name, value in case["changes"].get(step, {}).items():
             case[name] = value
+            if name == "params_grad":
+                for target in (layer, eager):
+                    for p in (target.weight, target.bias):
+                        if p is not None:
+                            p.requires_grad_(value)
+                continue
             for target in (layer, eager):
                 if name == "renorm" and value:  # (the drawn renorm settings, which a plain layer has not been given)
                     target.renorm_momentum, target.renorm_clipping = case["renorm_momentum"], case["clipping"]
@@ -522,9 +554,10 @@ def run_compile_case(case):
         if training and case["track"]:
             count += 1
         expected, grads, rv = reference_step(case, state, count, training, batch_stats, x_np, g_np, full, w, b)
-        want = _call_step(eager, eager, x_t, g_t, layer_mask, case["memory"])
+        no_grad = not train and step in case.get("no_grad_steps", ())
+        want = _call_step(eager, eager, x_t, g_t, layer_mask, case["memory"], case.get("input_grad", True), no_grad)
         breaks = sum(counters["graph_break"].values())
-        got = _call_step(compiled, layer, x_t, g_t, layer_mask, case["memory"])
+        got = _call_step(compiled, layer, x_t, g_t, layer_mask, case["memory"], case.get("input_grad", True), no_grad)
         # (fullgraph=False too: one graph, docs/decisions.md; a break that fullgraph=True would refuse is a failure)
         scheduled = case["renorm"] and training and RenormClipping.from_dict(case["clipping"]).scheduled
         if not scheduled:  # (a schedule's step count breaks the graph without fullgraph=True: decisions.md)
@@ -1564,7 +1597,8 @@ def main():
         torch._dynamo.config.cache_size_limit = 512  # (examples share compiled code; a reset every 100)
         torch._dynamo.config.accumulated_cache_size_limit = 4096
         run = settings(run, phases=[Phase.explicit, Phase.generate])  # (shrinking would compile every candidate)
-        fuzz = fuzzer(compile_cases(tuple(d for d in dtypes if d in ("float64", "float32"))), run_compile_case)
+        fuzz = fuzzer(compile_cases(dtypes if args.dtypes != parser.get_default("dtypes") else ("float64", "float32")),
+                      run_compile_case)
     else:
         @run
         @given(st.data())
