@@ -463,6 +463,8 @@ def compile_cases(draw, dtypes=("float64", "float32")):
                                                      {"rmax": Ramp(1.0, 0.5), "dmax": Ramp(0.0, 1.0)}]))
             elif name == "renorm":
                 change[name] = not case["renorm"]
+        if change.get("renorm") is False:  # (renorm's settings are refused on a layer without renorm)
+            change.pop("clipping", None), change.pop("renorm_momentum", None)
         changes[at] = change
     if len(changes) == 1 and draw(st.booleans()):  # (and back: requires_grad on again, or the first options)
         (at, change), = changes.items()
@@ -538,9 +540,9 @@ def run_compile_case(case):
                             p.requires_grad_(value)
                 continue
             for target in (layer, eager):
+                setattr(target, LAYER_OPTIONS[name], value)
                 if name == "renorm" and value:  # (the drawn renorm settings, which a plain layer has not been given)
                     target.renorm_momentum, target.renorm_clipping = case["renorm_momentum"], case["clipping"]
-                setattr(target, LAYER_OPTIONS[name], value)
             if name == "renorm":  # (the renorm state derived from the running statistics: the eager layer's)
                 state.update({n: to_np(getattr(eager, n, None)) for n in BUFFERS})
         if case["freeze_at"] is not None and step == case["freeze_at"]:
