@@ -273,3 +273,35 @@ def test_compiled_eval_keeps_nonfinite_padding_out_of_the_weight_gradient(pad, b
         for ours, theirs in zip(got[1:], want[1:], strict=True):
             assert_close(ours, to_numpy(theirs), torch.float64)
         assert got[2][1:].isfinite().all() and got[2][0].isnan() == poke
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, axis, layout", [
+    ((4, 2, 2, 1, 3), -1, "channels_last_3d"), ((4, 2, 2, 1, 3), 1, "channels_last_3d"),
+    ((4, 3, 5, 1), 1, "odd strides"), ((4, 3, 5, 1), -1, "odd strides")])
+def test_channels_last_inputs_with_a_size_1_dim_compile(shape, axis, layout, train, rng):
+    """The eager layer's repair of channels_last inputs with a size-1 dim (for ATen's CPU backward, which compiled
+    graphs do not run) is left out of compiled graphs: traced, its flat view became a ``view`` of the gradient in
+    AOTAutograd's backward that failed on the gradient's run-time strides ("view size is not compatible", aot_eager,
+    channels_last_3d (4, 2, 2, 1, 3); found by tools/fuzz_batch_norm.py --family compile). Gradients equal eager's,
+    on the odd-strides layout that misleads ATen's backward too."""
+    def laid(t):
+        if layout == "channels_last_3d":
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        # (N, L, C) data permuted and unsqueezed to (N, C, L, 1): strides (L*C, 1, C, 1)
+        return t.squeeze(-1).transpose(1, 2).contiguous().transpose(1, 2).unsqueeze(-1)
+
+    torch._dynamo.reset()
+    features = shape[axis]
+    eager = normkit.BatchNorm(features, axis=axis).double()
+    with torch.no_grad():
+        eager.weight.copy_(torch.as_tensor(rng.normal(size=features)))
+        eager.running_var.fill_(2.0)
+    compiled_layer = normkit.BatchNorm(features, axis=axis).double()
+    compiled_layer.load_state_dict(eager.state_dict())
+    eager.train(train), compiled_layer.train(train)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    x, g = laid(torch.as_tensor(rng.normal(size=shape))), laid(torch.as_tensor(rng.normal(size=shape)))
+    for got, want in zip(_step(compiled, x, g, None), _step(eager, x, g, None), strict=True):
+        assert_close(got, to_numpy(want), torch.float64)
+    assert_close(compiled_layer.running_var, to_numpy(eager.running_var), torch.float64)
