@@ -1063,8 +1063,10 @@ class BatchNorm(_NormBase):
             return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
         if (isinstance(input, torch.Tensor) and input.dim() >= 4 and not input.is_contiguous()
                 and _tracing_state() is None  # (a trace would record the example's shape in the views' sizes)
-                and 1 in input.shape and not torch.compiler.is_compiling() and not _under_vmap(input)):  # (vmap: no
-            # memory formats) ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong
+                and 1 in input.shape
+                and ((not torch.compiler.is_compiling() and not _under_vmap(input))  # (vmap: no memory formats)
+                     or torch.compiler.is_exporting())):  # (an exported program's backward is ATen's: kept there)
+            # ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong
             # gradients. (Only a non-contiguous input with a size-1 dim can have them: the call, 0.2 us, is kept off
             # contiguous and ordinary channels_last steps alike.) Not compiled, as functional.eager_cpu_layouts_matter
             # says: the graph's backward is its own, and the repair's flat view became a `view` of the gradient in
