@@ -305,3 +305,27 @@ def test_channels_last_inputs_with_a_size_1_dim_compile(shape, axis, layout, tra
     for got, want in zip(_step(compiled, x, g, None), _step(eager, x, g, None), strict=True):
         assert_close(got, to_numpy(want), torch.float64)
     assert_close(compiled_layer.running_var, to_numpy(eager.running_var), torch.float64)
+
+
+@pytest.mark.parametrize("features, first_batch", [(2, 2), (3, 4)], ids=["batch = features", "length = features"])
+def test_masked_layer_compiles_with_dynamic_shapes(features, first_batch, rng):
+    """dynamic=True with a mask, the feature count equal to another size of the input: the mask check
+    (``axes.broadcasts_to``) refused every fitting mask when traced ("cannot broadcast", a ValueError; found by
+    tools/fuzz_batch_norm.py --family compile). One graph then serves the batch sizes, equal to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = normkit.BatchNorm(features, axis=1).double()
+    compiled_layer = normkit.BatchNorm(features, axis=1).double()
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (first_batch, 7, 5):
+        x = torch.as_tensor(rng.normal(size=(batch, features, 3)))
+        g = torch.as_tensor(rng.normal(size=(batch, features, 3)))
+        mask = torch.as_tensor(rng.uniform(size=(batch, 3)) > 0.3)
+        for got, want in zip(_step(compiled, x, g, mask), _step(eager, x, g, mask), strict=True):
+            assert_close(got, to_numpy(want), torch.float64)
+    assert_close(compiled_layer.running_var, to_numpy(eager.running_var), torch.float64)
+    # (a first batch of the feature count's size: Dynamo's duck sizing gives both one symbol, and the next batch size
+    # compiles once more)
+    assert counters["stats"]["unique_graphs"] == (2 if first_batch == features else 1)

@@ -472,6 +472,8 @@ def compile_cases(draw, dtypes=("float64", "float32")):
             changes[at + 1] = {name: (True if name == "params_grad" else case[name]) for name in change}
     case["changes"] = changes
     case["input_grad"] = draw(st.integers(0, 3)) > 0
+    # dynamic=True now and then: batch sizes multiples of the drawn one (ghost batches still divide them)
+    case["batches"] = ([draw(st.integers(1, 3)) for _ in case["modes"]] if draw(st.integers(0, 4)) == 0 else None)
     case["no_grad_steps"] = [i for i, train in enumerate(case["modes"]) if not train and draw(st.booleans())]
     return case
 
@@ -527,7 +529,8 @@ def run_compile_case(case):
     if case.get("synchronized"):
         layer.synchronized = True
     eager = copy.deepcopy(layer)
-    compiled = torch.compile(layer, backend=case["backend"], fullgraph=case["fullgraph"], dynamic=False)
+    compiled = torch.compile(layer, backend=case["backend"], fullgraph=case["fullgraph"],
+                             dynamic=True if case.get("batches") else False)
     state = {name: to_np(getattr(layer, name, None)) for name in BUFFERS}
     count = 0
     for step, train in enumerate(case["modes"]):
@@ -550,6 +553,9 @@ def run_compile_case(case):
             eager.freeze()
         layer.train(train)
         eager.train(train)
+        if case.get("batches"):  # (dynamic=True: the batch size changes between steps, one graph for all)
+            shape = (case["shape"][0] * case["batches"][step], *case["shape"][1:])
+            case["shape"] = shape
         x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
         x_t = torch.tensor(x_np).to(dtype)
         x_np = to_np(x_t)

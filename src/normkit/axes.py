@@ -67,7 +67,11 @@ def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
     What ``torch.broadcast_shapes`` answers for equal ranks, at a fraction of its cost: masks are
     checked on every call, and a small step on a GPU is bound by such host time.
     """
-    return len(shape) == len(target) and all(size in (1, wanted) for size, wanted in zip(shape, target))
+    # (``size == 1 or size == wanted``, not ``size in (1, wanted)``: traced by torch.compile with dynamic=True, the
+    # containment test of a symbolic batch size came out False for a mask that fits, whenever the feature count
+    # equalled another size of the input (a ValueError from every masked call; found by tools/fuzz_batch_norm.py
+    # --family compile). The same cost eagerly.)
+    return len(shape) == len(target) and all(size == 1 or size == wanted for size, wanted in zip(shape, target))
 
 
 def _is_integer(value) -> bool:
