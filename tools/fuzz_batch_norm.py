@@ -22,7 +22,8 @@ with normkit.reference in float64. Families (``--family``):
   invalid  random invalid options (constructor, set later, forward; the Keras layer; functional.batch_norm and its
            reference): ValueError/TypeError naming the argument, the layer's state and the buffers unchanged
   compile  the module family's combinations (small shapes; also synchronized without a process group) under
-           torch.compile(dynamic=False), inductor mostly, aot_eager sometimes, fullgraph=True mostly (one graph
+           torch.compile(dynamic=False; dynamic=True in one example of five, the batch size changing between steps),
+           inductor mostly, aot_eager sometimes, fullgraph=True mostly (one graph
            checked either way, but for clipping schedules without fullgraph: docs/decisions.md), against a deep copy
            run eagerly and against the reference, step by step (outputs, input/weight/bias gradients, every buffer
            and the count); options set on both built layers between steps (momentum, eps, the variance rule, ghost
@@ -501,7 +502,7 @@ def _call_step(fn, layer, x_t, g_t, layer_mask, memory, input_grad=True, no_grad
 
 
 def run_compile_case(case):
-    """The layer under torch.compile (dynamic=False) against a deep copy run eagerly and against normkit.reference,
+    """The layer under torch.compile (dynamic=False, or True with ``batches``) against a deep copy run eagerly and against normkit.reference,
     step by step (outputs, input/weight/bias gradients, every buffer), options changed on both built layers
     between steps. Compiled code is reused across examples (Dynamo's cache, keyed by guards on the layer's
     options, shapes and strides: a fresh layer with the same configuration hits it); the caches are reset when the
