@@ -1445,8 +1445,16 @@ def _layout_step(case, layer, x, g, mask):
             y = layer(leaf)
         params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
         inputs = [leaf] * leaf.requires_grad + [p for _, p in params]
-        grads = (torch.autograd.grad(y, inputs, g, allow_unused=True) if inputs and y.requires_grad
-                 else [None] * len(inputs))
+        if not leaf.requires_grad and inputs and y.requires_grad:
+            # Data from a loader trains through backward(): torch.autograd.grad for the weights alone through a
+            # channels-last CPU GroupNorm ends the process in torch 2.13 (docs/decisions.md; torch.nn's too)
+            for _, p in params:
+                p.grad = None
+            y.backward(g)
+            grads = [p.grad for _, p in params]
+        else:
+            grads = (torch.autograd.grad(y, inputs, g, allow_unused=True) if inputs and y.requires_grad
+                     else [None] * len(inputs))
     except Exception as error:  # noqa: BLE001
         return error
     if not leaf.requires_grad:

@@ -1615,7 +1615,7 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         return affine(x * 1.0, None if weight is None else weight.reshape(shape).to(x.dtype),
                       None if bias is None else bias.reshape(shape).to(x.dtype))
-    if (x.dim() >= 4 and x.is_cpu and (not x.requires_grad or torch.jit.is_tracing() or not x.is_contiguous())
+    if (x.dim() >= 4 and x.is_cpu and (not x.requires_grad or torch.jit.is_tracing())
             and torch.is_grad_enabled()
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
             and not kernels.transforms_active()):
@@ -1627,61 +1627,13 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
             return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
         if not x.is_contiguous():
             if not torch.compiler.is_compiling():
-                if not torch.is_autocast_enabled("cpu"):
-                    # (the crash comes whenever the backward is not asked for the input's gradient: an input that
-                    # requires one too, under torch.autograd.grad(loss, weights); see _GroupNormOfLayout)
-                    return _GroupNormOfLayout.apply(x, weight, bias, num_groups, eps)
-                if not x.requires_grad:  # (autocast picks group_norm's dtype: ATen's op, on an alias)
-                    x = x.detach().requires_grad_()
-            elif not x.requires_grad:  # (a compiled backward asks for the gradients its inputs require)
+                x = x.detach().requires_grad_()
+            else:
                 # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
                 # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the
                 # contiguous input's kernels instead, the output given back in the input's channels-last layout.
                 return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
     return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
-
-
-class _GroupNormOfLayout(torch.autograd.Function):
-    """ATen's group norm of a CPU input that is not contiguous (channels_last: ATen's channels-last kernels), whose
-    backward always asks ATen for the input's gradient. torch 2.13's CPU backward of a channels-last input ends the
-    process (a segmentation fault, torch.nn's GroupNorm included) whenever the input's gradient is not asked for:
-    an input that needs none (data from a loader, a frozen stem), and as well one that needs one when the loss is
-    differentiated for the weights alone (``torch.autograd.grad(loss, norm.parameters())``: per-layer gradients,
-    meta-learning), which the alias that requires a gradient did not cover either. The input's gradient is computed
-    and dropped when nobody needs it. Eager only (compiled, traced or transformed calls take the other routes)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps):
-        layout = _CHANNELS_LAST.get(x.dim())
-        if layout is None or not x.is_contiguous(memory_format=layout):
-            x = x.contiguous()  # (ATen's kernels take contiguous or channels_last data; values are the same)
-        else:
-            x = canonical_channels_last(x)  # (odd size-1 strides: ATen's kernel would read x as contiguous)
-        n, c = x.shape[0], x.shape[1]
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.sizes, ctx.eps = (n, c, x.numel() // (n * c), num_groups), eps
-        ctx.layout = layout if layout is not None and not x.is_contiguous() else torch.contiguous_format
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # (create_graph: a backward to differentiate, ATen's of the contiguous input)
-            wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if needs[i]]
-            with torch.enable_grad():
-                y = torch.group_norm(x.contiguous(), ctx.sizes[3], weight, bias, ctx.eps)
-            grads = torch.autograd.grad(y, [t for _, t in wanted], grad, create_graph=True)
-            out = [None] * 5
-            for (i, _), g in zip(wanted, grads):
-                out[i] = g
-            return tuple(out)
-        # (ATen's kernel reads the gradient in the input's memory format, as its own autograd formula hands it over)
-        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(memory_format=ctx.layout), x, mean, rstd, weight, *ctx.sizes,
-            [True, weight is not None and needs[1], needs[2]])
-        return gx if needs[0] else None, gw, gb, None, None
 
 
 def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
