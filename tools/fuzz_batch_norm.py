@@ -156,6 +156,22 @@ class Ramp:
         return f"Ramp({self.start}, {self.slope})"
 
 
+def draw_clipping(draw, callables=True):
+    """None (renorm's default clipping) or a renorm_clipping dict: each bound absent, a number or, with
+    ``callables``, a schedule of the step (``Ramp``)."""
+    if not draw(st.booleans()):
+        return None
+    clipping = {}
+    for key, lo, hi in (("rmax", 1.0, 3.0), ("rmin", 0.2, 1.0), ("dmax", 0.0, 3.0)):
+        kind = draw(st.sampled_from(["absent", "number"] + (["callable"] if callables else [])))
+        if kind == "number":
+            clipping[key] = draw(st.sampled_from([lo, hi, (lo + hi) / 2]))
+        elif kind == "callable":
+            clipping[key] = (Ramp(1.0, draw(st.sampled_from([0.5, 1.0]))) if key == "rmax" else
+                             Ramp(1.0, -0.1) if key == "rmin" else Ramp(0.0, draw(st.sampled_from([0.5, 1.0]))))
+    return clipping
+
+
 @st.composite
 def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=False, big=None):
     rank = draw(st.integers(2, 5))
@@ -190,16 +206,7 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
     shape = (batch, *rest)
     track = draw(st.booleans())
     renorm = track and draw(st.booleans())
-    clipping = None
-    if renorm and draw(st.booleans()):
-        clipping = {}
-        for key, lo, hi in (("rmax", 1.0, 3.0), ("rmin", 0.2, 1.0), ("dmax", 0.0, 3.0)):
-            kind = draw(st.sampled_from(["absent", "number", "callable"]))
-            if kind == "number":
-                clipping[key] = draw(st.sampled_from([lo, hi, (lo + hi) / 2]))
-            elif kind == "callable":
-                clipping[key] = (Ramp(1.0, draw(st.sampled_from([0.5, 1.0]))) if key == "rmax" else
-                                 Ramp(1.0, -0.1) if key == "rmin" else Ramp(0.0, draw(st.sampled_from([0.5, 1.0]))))
+    clipping = draw_clipping(draw) if renorm else None
     mask_kind = draw(st.sampled_from(["none", "none", "padding", "per_feature", "rows_off", "all_off"]))
     dtype = draw(st.sampled_from(dtypes))
     offset = draw(st.sampled_from([0.0, 3.0, -50.0, 1e4] if dtype in ("float64", "float32") else [0.0, 3.0, -5.0]))
@@ -239,6 +246,23 @@ def padded(x_np, g_np, full, value):
     there (the loss ignores padding: the padding rule's condition)."""
     invalid = ~np.broadcast_to(full, x_np.shape)
     return np.where(invalid, value, x_np), np.where(invalid, 0.0, g_np)
+
+
+def step_data(case, rng, shape, dtype):
+    """One step's input and loss gradient with the case's mask: (x, x as a tensor, g, g as a tensor, the full mask,
+    the layer's mask), the NumPy arrays rounded to ``dtype`` as the layer sees them (the reference takes those).
+    Out of training with running statistics the mask names no statistic, but the padding rule holds: NaN/inf
+    padding the loss ignores changes no gradient."""
+    x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
+    x_t = torch.tensor(x_np).to(dtype)
+    x_np = to_np(x_t)
+    g_np = rng.normal(size=shape)
+    full, layer_mask = make_mask(case, rng)
+    if full is not None:
+        x_np, g_np = padded(x_np, g_np, full, case["pad_value"])
+        x_t = torch.tensor(x_np).to(dtype)
+    g_t = torch.tensor(g_np).to(dtype)
+    return x_np, x_t, to_np(g_t), g_t, full, layer_mask
 
 
 def make_mask(case, rng):
@@ -305,20 +329,9 @@ def run_module_case(case, fused=False, check=True):
             if case["freeze_at"] is not None and step == case["freeze_at"]:
                 layer.freeze()
             layer.train(train)
-            x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
-            x_t = torch.tensor(x_np).to(dtype)
-            x_np = to_np(x_t)  # (the reference takes the rounded input)
-            g_np = rng.normal(size=shape)
-            full, layer_mask = make_mask(case, rng)
+            x_np, x_t, g_np, g_t, full, layer_mask = step_data(case, rng, shape, dtype)
             training = train and not layer.frozen
             batch_stats = training or not case["track"]
-            if full is not None:
-                # (out of training with running statistics the mask names no statistic, but the padding rule holds:
-                # NaN/inf padding the loss ignores changes no gradient)
-                x_np, g_np = padded(x_np, g_np, full, case["pad_value"])
-                x_t = torch.tensor(x_np).to(dtype)
-            g_t = torch.tensor(g_np).to(dtype)
-            g_np = to_np(g_t)
             w = to_np(layer.weight)
             b = to_np(layer.bias)
             # reference
@@ -492,7 +505,7 @@ def _call_step(fn, layer, x_t, g_t, layer_mask, memory, input_grad=True, no_grad
         y = fn(leaf) if layer_mask is None else fn(leaf, mask=torch.as_tensor(layer_mask))
     params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
     inputs = [leaf] * input_grad + params
-    if no_grad or not inputs:
+    if no_grad or not inputs or not y.requires_grad:  # (a frozen layer stops its parameters' gradients)
         return y.detach(), None, None, None
     got = list(torch.autograd.grad(y, inputs, laid_out(g_t, memory), allow_unused=True))
     got_x = got.pop(0) if input_grad else None
@@ -557,18 +570,9 @@ def run_compile_case(case):
         if case.get("batches"):  # (dynamic=True: the batch size changes between steps, one graph for all)
             shape = (case["shape"][0] * case["batches"][step], *case["shape"][1:])
             case["shape"] = shape
-        x_np = rng.normal(size=shape) * case["spread"] + case["offset"]
-        x_t = torch.tensor(x_np).to(dtype)
-        x_np = to_np(x_t)
-        g_np = rng.normal(size=shape)
-        full, layer_mask = make_mask(case, rng)
+        x_np, x_t, g_np, g_t, full, layer_mask = step_data(case, rng, shape, dtype)
         training = train and not layer.frozen
         batch_stats = training or not case["track"]
-        if full is not None:
-            x_np, g_np = padded(x_np, g_np, full, case["pad_value"])
-            x_t = torch.tensor(x_np).to(dtype)
-        g_t = torch.tensor(g_np).to(dtype)
-        g_np = to_np(g_t)
         w, b = to_np(layer.weight), to_np(layer.bias)
         if training and case["track"]:
             count += 1

@@ -95,16 +95,7 @@ def sync_cases(draw, dtypes, keras=False, big=False):
                  for _ in range(steps)]
     track = draw(st.booleans())
     renorm = track and draw(st.booleans())
-    clipping = None
-    if renorm and draw(st.booleans()):
-        clipping = {}
-        for key, lo, hi in (("rmax", 1.0, 3.0), ("rmin", 0.2, 1.0), ("dmax", 0.0, 3.0)):
-            kind = draw(st.sampled_from(["absent", "number"] + ([] if keras else ["callable"])))
-            if kind == "number":
-                clipping[key] = draw(st.sampled_from([lo, hi, (lo + hi) / 2]))
-            elif kind == "callable":
-                clipping[key] = (FB.Ramp(1.0, draw(st.sampled_from([0.5, 1.0]))) if key == "rmax" else
-                                 FB.Ramp(1.0, -0.1) if key == "rmin" else FB.Ramp(0.0, 0.5))
+    clipping = FB.draw_clipping(draw, callables=not keras) if renorm else None
     # each process's own mask kind: none, padding (over the non-feature axes), per feature, rows off, all off
     kinds = ["none", "padding", "rows_off", "all_off"] + ([] if keras else ["per_feature", "broadcast", "full_rank"])
     masked = draw(st.booleans())
