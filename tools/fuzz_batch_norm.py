@@ -306,20 +306,23 @@ def build_layer(case, features):
 BUFFERS = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev")
 
 
-def run_module_case(case, fused=False, check=True):
-    """Steps of normkit.BatchNorm against the reference; returns every step's results (for fused on vs off)."""
-    from normkit import kernels
-
+def seeded_layer(case):
+    """(the case's random generator, shape, dtype, and its layer with the drawn weights) for a module-family case."""
     rng = np.random.default_rng(case["seed"])
-    shape, axes = case["shape"], case["axes"]
-    feats = tuple(shape[a] for a in axes)
-    features = feats[0] if len(feats) == 1 else feats
-    dtype = DTYPES[case["dtype"]]
-    layer = build_layer(case, features)
+    feats = tuple(case["shape"][a] for a in case["axes"])
+    layer = build_layer(case, feats[0] if len(feats) == 1 else feats)
     if case["weight_init"] and case["affine"]:
         with torch.no_grad():
             layer.weight.copy_(torch.as_tensor(1 + 0.5 * rng.normal(size=feats)))
             layer.bias.copy_(torch.as_tensor(rng.normal(size=feats)))
+    return rng, case["shape"], DTYPES[case["dtype"]], layer
+
+
+def run_module_case(case, fused=False, check=True):
+    """Steps of normkit.BatchNorm against the reference; returns every step's results (for fused on vs off)."""
+    from normkit import kernels
+
+    rng, shape, dtype, layer = seeded_layer(case)
     state = {name: to_np(getattr(layer, name, None)) for name in BUFFERS}
     count = 0
     results = []
@@ -530,16 +533,7 @@ def run_compile_case(case):
     _COMPILED["examples"] += 1
     case = dict(case)
     warnings.filterwarnings("ignore", "BatchNorm.synchronized=True. runs without", RuntimeWarning)
-    rng = np.random.default_rng(case["seed"])
-    shape, axes = case["shape"], case["axes"]
-    feats = tuple(shape[a] for a in axes)
-    features = feats[0] if len(feats) == 1 else feats
-    dtype = DTYPES[case["dtype"]]
-    layer = build_layer(case, features)
-    if case["weight_init"] and case["affine"]:
-        with torch.no_grad():
-            layer.weight.copy_(torch.as_tensor(1 + 0.5 * rng.normal(size=feats)))
-            layer.bias.copy_(torch.as_tensor(rng.normal(size=feats)))
+    rng, shape, dtype, layer = seeded_layer(case)
     if case.get("synchronized"):
         layer.synchronized = True
     eager = copy.deepcopy(layer)
@@ -1624,9 +1618,9 @@ def main():
     elif args.family == "sample_invalid":
         fuzz = fuzzer(st.data(), run_invalid_sample)
     elif args.family == "compile":
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = 512  # (examples share compiled code; a reset every 100)
-        torch._dynamo.config.accumulated_cache_size_limit = 4096
+        from torch import _dynamo  # (not "import torch._dynamo": it would make torch a local name of main)
+        _dynamo.config.cache_size_limit = 512  # (examples share compiled code; a reset every 100)
+        _dynamo.config.accumulated_cache_size_limit = 4096
         run = settings(run, phases=[Phase.explicit, Phase.generate])  # (shrinking would compile every candidate)
         fuzz = fuzzer(compile_cases(dtypes if args.dtypes != parser.get_default("dtypes") else ("float64", "float32")),
                       run_compile_case)
