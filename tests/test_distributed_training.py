@@ -235,6 +235,13 @@ def _disagreements(rank):
         # Statistics of shape (1, 2, 3, 1) here and (1, 3, 2, 1) on process 1: the same rank and number of values.
         "transposed": lambda: normkit.BatchNorm(transposed, axis=(1, 2), synchronized=True).double()(
             torch.randn(4, *transposed, 2, dtype=torch.float64)),
+        # Statistics of one shape, settings that differ on process 1 (each merged silently before)
+        "ghost_layout": lambda: normkit.BatchNorm(FEATURES, virtual_batch_size=2, synchronized=True,
+                                                  ghost_layout="contiguous" if rank == 1 else "strided").double()(x),
+        "eps": lambda: normkit.BatchNorm(FEATURES, eps=1e-3 if rank == 1 else 1e-5, synchronized=True).double()(x),
+        "renorm": lambda: normkit.BatchNorm(FEATURES, renorm=rank == 1, synchronized=True).double()(x),
+        "running_variance_rule": lambda: normkit.BatchNorm(FEATURES, unbiased_running_var=rank != 1,
+                                                           synchronized=True).double()(x),
     }
     return errors_of(calls)
 
@@ -446,7 +453,8 @@ def test_a_process_outside_the_layer_s_group_normalizes_its_batch_and_says_why(r
             seen["warnings"]
 
 
-@pytest.mark.parametrize("name", ["features", "dtype", "ghost_uneven", "ghost_empty_rank", "transposed"])
+@pytest.mark.parametrize("name", ["features", "dtype", "ghost_uneven", "ghost_empty_rank", "transposed",
+                                  "ghost_layout", "eps", "renorm", "running_variance_rule"])
 def test_disagreeing_processes_all_get_a_clear_error(ranks, name):
     # Without the check, gloo aborted one process (std::terminate) and gave the others garbage statistics.
     for rank, r in enumerate(ranks):

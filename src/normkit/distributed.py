@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -105,7 +106,20 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.flo
 _REFUSED = -1
 
 
-def check_agreement(local, process_group=None, masked=False) -> bool:
+def settings_code(axis, virtual_batch_size, ghost_layout, renorm, unbiased_running_var, eps) -> int:
+    """One integer for the settings that decide what a merge means and how its result is used: the feature axes,
+    the ghost batches and their layout, renorm, the running variance rule and ``eps`` (a polynomial hash of Python
+    ints, the same in every process; a traced ``eps`` counts as 0)."""
+    eps_bits = (int.from_bytes(struct.pack("<d", float(eps)), "little")
+                if isinstance(eps, (int, float)) and not isinstance(eps, bool) else 0)
+    code = 0
+    for value in (*axis, -1, virtual_batch_size or 0, ghost_layout == "strided", bool(renorm),
+                  bool(unbiased_running_var), eps_bits):
+        code = (code * 1_000_003 + int(value) + 1) % (1 << 61)
+    return code
+
+
+def check_agreement(local, process_group=None, masked=False, settings=0) -> bool:
     """Refuse, on every process at once, statistics whose shape or dtype differ between the processes.
 
     all_gather of tensors of different sizes does not fail cleanly: gloo aborts the process whose
@@ -114,18 +128,21 @@ def check_agreement(local, process_group=None, masked=False) -> bool:
     every process the same verdict, so all of them raise together and none is left waiting.
 
     Returns whether any process of the group merges masked statistics (``masked``), carried by the
-    same all_reduce: rules that differ with a mask must be decided alike on every process.
+    same all_reduce: rules that differ with a mask must be decided alike on every process. ``settings``
+    (``settings_code``) is compared too: processes whose layers differ in feature axes (of the same statistics
+    shape), ghost layout, renorm, running variance rule or eps merged silently before, each using the merge its
+    own way.
     """
     shape = tuple(local.shape[1:])
     code = 0
     for size in shape:  # (a polynomial hash of the sizes: Python ints, the same in every process)
         code = (code * 1_000_003 + size + 1) % (1 << 61)
-    signature = torch.tensor([_DTYPE_CODES.get(local.dtype, 0), len(shape), local.numel(), code],
+    signature = torch.tensor([_DTYPE_CODES.get(local.dtype, 0), len(shape), local.numel(), code, settings],
                              dtype=torch.int64, device=local.device)
     both = torch.cat([signature, -signature, torch.tensor([int(masked)], dtype=torch.int64, device=local.device)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
-    if not torch.equal(both[:4], -both[4:8]):
-        if int(both[4]) == -_REFUSED:
+    if not torch.equal(both[:4], -both[5:9]):
+        if int(both[5]) == -_REFUSED:
             raise ValueError(
                 "synchronized BatchNorm: another process of the group refused its input to this layer (its own error "
                 "says why) instead of merging statistics with this one; every process must call the layer in training "
@@ -135,7 +152,12 @@ def check_agreement(local, process_group=None, masked=False) -> bool:
             f"process: {local.dtype} statistics of shape {shape}). Every process must call the layer in training "
             "mode with inputs of the same number of features and dtype and, with virtual_batch_size, the same local "
             "batch size (the same number of ghost batches)")
-    return bool(both[8])
+    if not torch.equal(both[4:5], -both[9:10]):
+        raise ValueError(
+            "synchronized BatchNorm: the processes of the group disagree on the layer's settings (feature axes, "
+            "virtual_batch_size or ghost_layout, renorm, the running variance rule or eps) for statistics of the "
+            "same shape, which each would use its own way; every process must run the same layer")
+    return bool(both[10])
 
 
 def refuse_with_peers(process_group, device) -> None:
@@ -149,7 +171,7 @@ def refuse_with_peers(process_group, device) -> None:
     """
     if not is_active(process_group):
         return
-    signature = torch.tensor([_REFUSED, 0, 0, 0], dtype=torch.int64, device=device)
+    signature = torch.tensor([_REFUSED, 0, 0, 0, 0], dtype=torch.int64, device=device)
     try:  # (the layout of check_agreement's all_reduce: signature, -signature, masked)
         dist.all_reduce(torch.cat([signature, -signature, torch.zeros(1, dtype=torch.int64, device=device)]),
                         op=dist.ReduceOp.MAX, group=process_group)
@@ -157,7 +179,7 @@ def refuse_with_peers(process_group, device) -> None:
         pass
 
 
-def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
+def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None, settings=0):
     """Global (count, mean, biased var, (group mean, group centre)) over ``reduce_axes`` of every process's ``x``;
     differentiable (the last pair, the mean about the group's common centre and that centre, is not, and is the
     same on every process: the running statistics and renorm's r and d are taken from it).
@@ -188,7 +210,7 @@ def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None):
     centre = torch.zeros_like(mean) if shift is None else shift.to(mean.dtype).expand_as(mean)
     # (processes may disagree on recentering, each deciding from its own data: a centre of 0 is no centre)
     local = torch.stack([count, mean, var * count, centre.masked_fill(empty, 0.0)])
-    any_masked = check_agreement(local, process_group, masked=mask is not None)
+    any_masked = check_agreement(local, process_group, masked=mask is not None, settings=settings)
     gathered = _gather(local, process_group)
     counts, squares, centres = gathered[:, 0], gathered[:, 2], gathered[:, 3]
     # The merge is about one reference centre for the whole group: the first process's that holds values (an empty
@@ -256,4 +278,5 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, training, moment
         x, axis, broadcast_shape(axis, x.shape), running_mean, running_var, weight, bias, training, momentum, eps,
         mask, virtual_batch_size, ghost_layout, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
         renorm_clipping, renorm_momentum, adjustment, recenter=recenter,
-        moments_fn=functools.partial(sync_moments, process_group=process_group))
+        moments_fn=functools.partial(sync_moments, process_group=process_group, settings=settings_code(
+            axis, virtual_batch_size, ghost_layout, renorm_mean is not None, unbiased_running_var, eps)))
