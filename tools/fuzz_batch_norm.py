@@ -267,20 +267,31 @@ def step_data(case, rng, shape, dtype):
 
 def make_mask(case, rng):
     """(full-rank mask for the reference, the layer's mask) or (None, None)."""
-    shape, axes, kind = case["shape"], case["axes"], case["mask_kind"]
+    return drawn_mask(case["mask_kind"], case["shape"], case["axes"], rng)
+
+
+def drawn_mask(kind, shape, axes, rng):
+    """(full-rank boolean mask for the reference, the layer's mask) of one kind, or (None, None): "none", "padding"
+    (over the non-feature axes), "per_feature" (full rank), "rows_off" (the first row padded), "all_off",
+    "broadcast" (one row of mask for every row), "full_rank" (the input's rank, size 1 on the feature axes, 0/1
+    integers)."""
     if kind == "none":
         return None, None
     reduced = tuple(1 if i in axes else s for i, s in enumerate(shape))
     if kind == "per_feature":
         full = rng.uniform(size=shape) < 0.6
         return full, full
+    if kind == "broadcast":
+        m = rng.uniform(size=(1,) + reduced[1:]) < 0.6
+        return np.broadcast_to(m, reduced), m.reshape(tuple(s for i, s in enumerate(m.shape) if i not in axes))
     m = rng.uniform(size=reduced) < 0.6
-    if kind == "rows_off":
+    if kind == "rows_off" and shape[0]:
         m[0] = False
     elif kind == "all_off":
         m[...] = False
-    layer_mask = m.reshape(tuple(s for i, s in enumerate(shape) if i not in axes))
-    return m, layer_mask
+    if kind == "full_rank":
+        return m, m.astype(np.int64)
+    return m, m.reshape(tuple(s for i, s in enumerate(shape) if i not in axes))
 
 
 def build_layer(case, features):

@@ -151,23 +151,7 @@ def ghost_order(sizes, virtual, layout):
 
 def local_mask(kind, shape, axes, rng):
     """(full-rank boolean mask, the layer's mask) of one process's local batch; (None, None) without."""
-    if kind == "none":
-        return None, None
-    reduced = tuple(1 if i in axes else s for i, s in enumerate(shape))
-    if kind == "per_feature":
-        full = rng.uniform(size=shape) < 0.6
-        return full, full
-    if kind == "broadcast":  # (one row of mask for every row of the batch)
-        m = rng.uniform(size=(1,) + reduced[1:]) < 0.6
-        return np.broadcast_to(m, reduced), m.reshape(tuple(s for i, s in enumerate(m.shape) if i not in axes))
-    m = rng.uniform(size=reduced) < 0.6
-    if kind == "rows_off" and shape[0]:
-        m[0] = False
-    elif kind == "all_off":
-        m[...] = False
-    if kind == "full_rank":  # (the input's rank, size 1 on the feature axes; as 0/1 integers)
-        return m, m.astype(np.int64)
-    return m, m.reshape(tuple(s for i, s in enumerate(shape) if i not in axes))
+    return FB.drawn_mask(kind, shape, axes, rng)
 
 
 def keras_mask(kind, shape, rng):
