@@ -315,12 +315,13 @@ def _under_vmap(tensor) -> bool:
     return False
 
 
-def eager_cpu_layouts_matter(x) -> bool:
-    """Whether ``x`` (rank 4 or 5, with a size-1 dim) meets torch 2.13's CPU batch-norm backward eagerly, where the
-    strides of its size-1 dims can mislead that kernel (``canonical_channels_last``): not under torch.compile (whose
-    backward is its own, and right), a trace (which records no hooks) or vmap (no memory formats)."""
+def eager_cpu_layouts_matter(x, size_one=True) -> bool:
+    """Whether ``x`` (rank 4 or 5, with a size-1 dim unless ``size_one=False``) meets torch 2.13's CPU batch-norm
+    backward eagerly, where the strides of its size-1 dims can mislead that kernel (``canonical_channels_last``):
+    not under torch.compile (whose backward is its own, and right), a trace (which records no hooks) or vmap (no
+    memory formats)."""
     return (x.dim() in _CHANNELS_LAST and _tracing_state() is None  # (traced sizes are tensors: checked first)
-            and 1 in x.shape and not torch.compiler.is_compiling() and not _under_vmap(x))
+            and (not size_one or 1 in x.shape) and not torch.compiler.is_compiling() and not _under_vmap(x))
 
 
 def guard_gradient_layout(x, y):
@@ -328,8 +329,8 @@ def guard_gradient_layout(x, y):
     where it arrives channels_last with odd ones on its size-1 dims (``canonical_channels_last``): a contiguous
     input with such a gradient (the loss reached ``y`` through ``(N, L, C)`` data permuted and unsqueezed) gets a
     wrong input and weight gradient from torch 2.13's CPU kernel, training and eval alike (torch.nn's layers too).
-    A hook, registered only for a CPU input of rank 4 or 5 with a size-1 dim when a gradient is recorded (a few
-    microseconds); any other gradient goes through untouched."""
+    A pre-hook on ``y``'s node, registered only for a CPU input of rank 4 or 5 with a size-1 dim when a gradient is
+    recorded (about 1 µs); any other gradient goes through untouched."""
     if y.requires_grad and x.is_cpu and eager_cpu_layouts_matter(x):
         y.grad_fn.register_prehook(_canonical_first_gradient)
     return y
@@ -356,11 +357,9 @@ def guard_instance_gradient(x, y):
     gradient (torch.nn's InstanceNorm2d/3d too). Such gradients are common: ``y.flatten(2).permute(2, 0, 1)``, the
     (H*W, N, C) sequence a DETR-style transformer takes, hands one back; so do a channels_last gradient of one
     sample (N = 1 or unbatched) and gradients with size-1 dims. The gradient's layout is known only in the backward,
-    so the hook is registered for every CPU input of rank 4 or 5 when a gradient is recorded (about 1 to 3 µs;
-    eager only: torch.compile's backward is its own, a trace records no hook, vmap has no memory formats); a
-    contiguous gradient goes through untouched."""
-    if (y.requires_grad and x.is_cpu and x.dim() in _CHANNELS_LAST and not torch.compiler.is_compiling()
-            and _tracing_state() is None and not _under_vmap(y)):
+    so the pre-hook is registered for every CPU input of rank 4 or 5 when a gradient is recorded (about 1 µs; eager
+    only, as ``eager_cpu_layouts_matter`` says); a contiguous gradient goes through untouched."""
+    if y.requires_grad and x.is_cpu and eager_cpu_layouts_matter(x, size_one=False):
         y.grad_fn.register_prehook(_contiguous_first_gradient)
     return y
 
@@ -1478,8 +1477,13 @@ def _eval_guarding_padding(x, ignored, feature_axes, running_mean, running_var, 
     if torch.compiler.is_compiling():  # (a hook on an intermediate tensor does not trace; the Function does)
         probe = _NaNWhereGradientMeets.apply(probe, ignored)
     else:
-        probe.register_hook(lambda grad: torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan))
+        probe.register_hook(lambda grad: _nan_where_gradient_meets(grad, ignored))
     return y + torch.where(ignored, exact - y.detach(), 0.0) + probe
+
+
+def _nan_where_gradient_meets(grad, ignored):
+    """The probe's gradient: NaN where a nonzero gradient meets an ``ignored`` position, 0 elsewhere."""
+    return torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan)
 
 
 class _NaNWhereGradientMeets(torch.autograd.Function):
@@ -1494,7 +1498,7 @@ class _NaNWhereGradientMeets(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ignored, = ctx.saved_tensors
-        return torch.zeros_like(grad).masked_fill_(ignored & (grad != 0), math.nan), None
+        return _nan_where_gradient_meets(grad, ignored), None
 
 
 def _padding_to_guard(view, mask_view, finite):
