@@ -641,75 +641,15 @@ class BatchNormalization(nn.Module):
             # the traced module's first call, as a torch.nn.LazyBatchNorm does)
             kwargs = {name: value for name, value in (("training", training), ("mask", mask)) if value is not None}
             return _fx_call_module(self, inputs, **kwargs)
-        if not isinstance(inputs, torch.Tensor):
-            # Keras converts array inputs to the layer's compute dtype: a float64 layer's NumPy data stays
-            # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).
-            built = self.bn.running_mean if self.bn is not None else None
-            if built is None and self.bn is not None:  # (statistics switched off: replace_all_batch_norm_modules_)
-                built = next(iter(self.bn.parameters()), None)
-            dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
-            try:  # (an input that is no array, ragged lists say: the peers of a synchronized call are told, below)
-                array = _from_numpy(inputs)
-                if array.dtype.kind in "biu":
-                    dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
-                elif dtype is None:
-                    dtype = torch.get_default_dtype()
-                inputs = torch.as_tensor(array, dtype=dtype,
-                                         device=built.device if built is not None else self._factory["device"])
-            except Exception:
-                self._refuse_with_peers(training)
-                raise
-        bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
-        if bn is None:
-            try:
-                self._build_on_first_call(inputs)
-            except Exception:
-                # (the peers, built by their own first call, wait in the merge for this one: told, they raise at once
-                # instead of waiting for the group's timeout, after which gloo had closed the group's connections)
-                self._refuse_with_peers(training, inputs)
-                raise
-            bn = self._modules["bn"]
-        elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
-            # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
-            self._refuse_with_peers(training)
-            raise ValueError(f"{self.name} was built for inputs of rank {len(self._build_shape)} "
-                             f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
-                             f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
-                             f"ndim={inputs.dim()}")
-        running_mean = bn._buffers.get("running_mean")
-        stored = running_mean.dtype if running_mean is not None else _variables_dtype(bn)
-        if not inputs.is_floating_point():
-            # Keras computes integer and bool inputs in float32 (its result_type with float32) whatever the policy;
-            # cast to a half-precision compute dtype first, every integer above 256 (bfloat16) or 2048 (float16)
-            # was rounded before the statistics. A float64 layer takes them in float64, as its float inputs.
-            inputs = inputs.to(torch.float64 if torch.float64 in (stored, self._compute_dtype) else torch.float32)
-        elif self._compute_dtype is not None and self._compute_dtype != stored:
-            # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
-            # and the output comes in the compute dtype, as in Keras.
-            inputs = inputs.to(self._compute_dtype)
-        elif inputs.dtype != stored and inputs.dtype not in LOW_PRECISION:
-            # Keras casts inputs (integers too) to the layer's dtype (float32 unless built otherwise);
-            # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
-            inputs = inputs.to(stored)
-        if mask is not None:
-            try:
-                mask = torch.as_tensor(mask, device=inputs.device)
-            except Exception:
-                # (a mask that is no array, ragged lists say, on one process of a synchronized call: its peers waited
-                # in the merge for the group's timeout, as for the refusals below)
-                self._refuse_with_peers(training)
-                raise
-            if mask.dim() != inputs.dim() - 1:
-                self._refuse_with_peers(training)
-                raise ValueError(f"The mask provided should be one dimension less than the inputs: mask has shape "
-                                 f"{tuple(mask.shape)}, inputs {tuple(inputs.shape)}")
-            # Keras expands the mask at the last axis, whatever the feature axis is.
-            mask = mask.unsqueeze(-1)
-        mode = self.training if training is None else bool(training)
-        if mask is not None and mode:
-            self._check_mask(mask, inputs)
-        elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
-            mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
+        try:
+            inputs, mask, bn, mode, stored = self._keras_inputs(inputs, training, mask)
+        except Exception:
+            # Every refusal of the input (no array, a layer that cannot build, the wrong rank, a mask that does not
+            # fit) comes before the merge that a synchronized training call's peers wait in: told, they raise at
+            # once instead of waiting for the group's timeout (after which gloo had closed the group's connections).
+            # The inner layer's call refuses its own inputs the same way (BatchNorm._refuse_with_peers).
+            self._refuse_with_peers(training, inputs)
+            raise
         previous = bn.training
         switched = previous != mode  # (nn.Module.__setattr__ twice a call where the mode is already the one)
         if switched:
@@ -741,6 +681,64 @@ class BatchNormalization(nn.Module):
             if switched:
                 bn.training = previous
 
+    def _keras_inputs(self, inputs, training: Optional[bool], mask):
+        """The call's input and mask as Keras reads them (arrays converted, the layer built on its first call, the
+        rank checked, Keras' dtype rules, the mask expanded at the last axis and checked), with the inner layer, the
+        call's mode and the variables' dtype. Raises on every input Keras refuses; ``forward`` tells a synchronized
+        call's peers."""
+        if not isinstance(inputs, torch.Tensor):
+            # Keras converts array inputs to the layer's compute dtype: a float64 layer's NumPy data stays
+            # float64 (rounded to float32 first, it lost ~1e-7 relative that float64 is asked to keep).
+            built = self.bn.running_mean if self.bn is not None else None
+            if built is None and self.bn is not None:  # (statistics switched off: replace_all_batch_norm_modules_)
+                built = next(iter(self.bn.parameters()), None)
+            dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
+            array = _from_numpy(inputs)
+            if array.dtype.kind in "biu":
+                dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
+            elif dtype is None:
+                dtype = torch.get_default_dtype()
+            inputs = torch.as_tensor(array, dtype=dtype,
+                                     device=built.device if built is not None else self._factory["device"])
+        bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
+        if bn is None:
+            self._build_on_first_call(inputs)
+            bn = self._modules["bn"]
+        elif self._build_shape is not None and inputs.dim() != len(self._build_shape):
+            # Keras' InputSpec: the rank is fixed at build (a negative axis would now name another axis).
+            raise ValueError(f"{self.name} was built for inputs of rank {len(self._build_shape)} "
+                             f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
+                             f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
+                             f"ndim={inputs.dim()}")
+        running_mean = bn._buffers.get("running_mean")
+        stored = running_mean.dtype if running_mean is not None else _variables_dtype(bn)
+        if not inputs.is_floating_point():
+            # Keras computes integer and bool inputs in float32 (its result_type with float32) whatever the policy;
+            # cast to a half-precision compute dtype first, every integer above 256 (bfloat16) or 2048 (float16)
+            # was rounded before the statistics. A float64 layer takes them in float64, as its float inputs.
+            inputs = inputs.to(torch.float64 if torch.float64 in (stored, self._compute_dtype) else torch.float32)
+        elif self._compute_dtype is not None and self._compute_dtype != stored:
+            # A mixed policy (Keras' autocast): inputs in half precision; the statistics stay float32
+            # and the output comes in the compute dtype, as in Keras.
+            inputs = inputs.to(self._compute_dtype)
+        elif inputs.dtype != stored and inputs.dtype not in LOW_PRECISION:
+            # Keras casts inputs (integers too) to the layer's dtype (float32 unless built otherwise);
+            # half-precision inputs keep normkit's rule (float32 statistics, output in their dtype).
+            inputs = inputs.to(stored)
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=inputs.device)
+            if mask.dim() != inputs.dim() - 1:
+                raise ValueError(f"The mask provided should be one dimension less than the inputs: mask has shape "
+                                 f"{tuple(mask.shape)}, inputs {tuple(inputs.shape)}")
+            # Keras expands the mask at the last axis, whatever the feature axis is.
+            mask = mask.unsqueeze(-1)
+        mode = self.training if training is None else bool(training)
+        if mask is not None and mode:
+            self._check_mask(mask, inputs)
+        elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
+            mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
+        return inputs, mask, bn, mode, stored
+
     def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
         # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the
         # features are not last: given (N, T) for (N, C, T) data it said "give a mask of shape (N, T)".
@@ -754,7 +752,6 @@ class BatchNormalization(nn.Module):
                         "moved by load_batch_norms(axis=...) too): to mask positions along the other axes, call "
                         "layer.bn(x, mask=m), normkit's BatchNorm underneath, with m of the input's shape without "
                         "the feature axis")
-        self._refuse_with_peers(True)
         raise ValueError(message)
 
     def _refuse_with_peers(self, training: Optional[bool], inputs=None) -> None:
