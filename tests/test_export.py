@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import normkit
+from normkit import reference as R
 from normkit.keras import BatchNormalization
 
 # name: (layer factory, input shape)
@@ -84,6 +85,41 @@ def test_exported_training_step_keeps_the_gradient_through_the_statistics(name):
     make, shape = FUNCTION_PATHS[name]
     layer = make().double().train()
     _assert_exported_steps_as_eager(layer, shape, np.random.default_rng(2))
+
+
+class _Functional(torch.nn.Module):
+    """normkit.functional.batch_norm in training mode with a weight, as a model's own forward calls it."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, features, dtype=torch.float64))
+        self.register_buffer("running_mean", torch.zeros(features, dtype=torch.float64))
+        self.register_buffer("running_var", torch.ones(features, dtype=torch.float64))
+
+    def forward(self, x):
+        return normkit.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, None, True)
+
+
+@pytest.mark.parametrize("build", ["layer", "functional"])
+@pytest.mark.parametrize("shape, order", [((4, 3, 5, 1), (0, 2, 1, 3)), ((4, 3, 2, 1, 2), (0, 2, 4, 1, 3))])
+def test_exported_program_gives_the_reference_gradient_for_odd_strides_on_size_one_dims(build, shape, order):
+    """(N, L, C) data permuted and unsqueezed, channels_last memory whose size-1 dims carry other strides: torch
+    2.13's CPU batch-norm backward (the exported program's) returned a wrong input gradient for it unless the input
+    is given channels_last's own strides first; functional.batch_norm's exported program skipped that repair."""
+    rng = np.random.default_rng(3)
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+
+    def stored():  # the values of x_np, in memory in the axis order ``order``
+        return torch.tensor(np.ascontiguousarray(x_np.transpose(order))).permute(
+            tuple(order.index(axis) for axis in range(len(shape))))
+
+    model = normkit.BatchNorm(3).double() if build == "layer" else _Functional(3)
+    program = torch.export.export(model, (stored(),)).module()
+    leaf = stored().requires_grad_()
+    program(leaf).backward(torch.tensor(g_np))
+    gamma = model.weight.detach().numpy()
+    expected = R.batch_norm_backward(g_np, x_np, np.zeros(3), np.ones(3), gamma, None, True, 1e-5)[0]
+    np.testing.assert_allclose(leaf.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
 # Plain training BN decomposes to ATen's functional batch norm, which autograd cannot run with the running

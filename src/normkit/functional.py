@@ -324,6 +324,17 @@ def eager_cpu_layouts_matter(x, size_one=True) -> bool:
             and (not size_one or 1 in x.shape) and not torch.compiler.is_compiling() and not _under_vmap(x))
 
 
+def canonical_input_wanted(x) -> bool:
+    """Whether ``x``, an input of ATen's batch norm, goes through ``canonical_channels_last`` first: a
+    non-contiguous input of rank 4 or 5 with a size-1 dim (only those can carry the odd strides), eagerly or under
+    torch.export (an exported program's backward is ATen's: without the repair there, the program returned the
+    wrong input gradient), not under torch.compile (its backward is its own, and the repair's flat view became a
+    ``view`` of the gradient in AOTAutograd's backward that fails on the strides the gradient has at run time), a
+    trace (which would record the example's shape in the views' sizes) or vmap (no memory formats)."""
+    return (x.dim() in _CHANNELS_LAST and not x.is_contiguous() and _tracing_state() is None and 1 in x.shape
+            and ((not torch.compiler.is_compiling() and not _under_vmap(x)) or torch.compiler.is_exporting()))
+
+
 def guard_gradient_layout(x, y):
     """``y``, ATen's batch norm of ``x``, handing its gradient to ATen's backward with channels_last's own strides
     where it arrives channels_last with odd ones on its size-1 dims (``canonical_channels_last``): a contiguous
@@ -477,7 +488,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         if tensor is not None and not isinstance(tensor, torch.Tensor):  # (else "'list' object has no attribute 'dim'")
             _refuse_non_tensors(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     feature_axes = canonicalize_axes(axis, x.dim())
-    if x.dim() >= 4 and not x.is_contiguous() and eager_cpu_layouts_matter(x):
+    if x.dim() >= 4 and not x.is_contiguous() and canonical_input_wanted(x):
         x = canonical_channels_last(x)  # (odd strides on size-1 dims mislead ATen's backward: see there)
     # (a list, not a generator, for the product: Dynamo cannot trace math.prod of a generator)
     features = x.shape[feature_axes[0]] if len(feature_axes) == 1 else math.prod([x.shape[a] for a in feature_axes])

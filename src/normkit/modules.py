@@ -1062,16 +1062,10 @@ class BatchNorm(_NormBase):
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return _fx_call_module(self, input, **({} if mask is None else {"mask": mask}))
         if (isinstance(input, torch.Tensor) and input.dim() >= 4 and not input.is_contiguous()
-                and _tracing_state() is None  # (a trace would record the example's shape in the views' sizes)
-                and 1 in input.shape
-                and ((not torch.compiler.is_compiling() and not _under_vmap(input))  # (vmap: no memory formats)
-                     or torch.compiler.is_exporting())):  # (an exported program's backward is ATen's: kept there)
-            # ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong
-            # gradients. (Only a non-contiguous input with a size-1 dim can have them: the call, 0.2 us, is kept off
-            # contiguous and ordinary channels_last steps alike.) Not compiled, as functional.eager_cpu_layouts_matter
-            # says: the graph's backward is its own, and the repair's flat view became a `view` of the gradient in
-            # AOTAutograd's backward that fails on the strides the gradient has at run time (aot_eager, channels_last_3d
-            # (4, 2, 2, 1, 3): "view size is not compatible"; found by tools/fuzz_batch_norm.py --family compile).
+                and F.canonical_input_wanted(input)):
+            # ATen's backward mistakes channels_last data whose size-1 dims carry odd strides: wrong gradients.
+            # (The first two checks keep the call off contiguous steps; found by tools/fuzz_batch_norm.py --family
+            # compile: the compiled repair failed, so where it runs is canonical_input_wanted's.)
             input = F.canonical_channels_last(input)
         if ((self._plain or (self._plain_eval and (not self.training or self.frozen))) and mask is None
                 and not self._recenter and not torch.compiler.is_compiling()):  # (compiled graphs: recentered path)
