@@ -1115,3 +1115,37 @@ def test_freeze_refuses_torch_layers_and_models_without_normkit_bn():
         freeze_batch_norm(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="nothing to unfreeze"):
         unfreeze_batch_norm(nn.Sequential(nn.BatchNorm1d(2)))
+
+
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+@pytest.mark.parametrize("tool", [
+    lambda model: convert_batch_norm(model, "normkit"), lambda model: convert_batch_norm(model, "torch"),
+    synchronize_batch_norm, fold_batch_norm, freeze_batch_norm, unfreeze_batch_norm,
+    lambda model: recalibrate_running_stats(model, [torch.randn(4, 3, 6, 6)]),
+    normkit.replace_all_batch_norm_modules_])
+@pytest.mark.parametrize("where", ["model", "child"])
+def test_tools_refuse_torchscript_modules_holding_batch_norm(tool, compile_with, where):
+    """A TorchScript module's layers are compiled copies: fold and convert returned it unchanged without a word (fold
+    said nothing could fold), the others said it had no BN layer. Each tool refuses it, saying what to do."""
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    scripted = (torch.jit.script(eager) if compile_with == "script"
+                else torch.jit.trace(eager, torch.randn(2, 3, 6, 6)))
+    model = scripted if where == "model" else nn.Sequential(scripted, nn.ReLU()).eval()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    label = "the model itself" if where == "model" else "'0'"
+    with pytest.raises(TypeError, match=f"{label} is a TorchScript module.*on the eager model first, then script"):
+        tool(model)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_tools_accept_a_torchscript_module_without_batch_norm():
+    """A scripted activation in an eager model is no reason to refuse: the eager BN layers fold as before."""
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), torch.jit.script(nn.ReLU())).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == ["1"]
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)

@@ -65,6 +65,19 @@ def _input_of(item, index: int) -> torch.Tensor:
     return item
 
 
+def _refuse_scripted(model: nn.Module, caller: str) -> None:
+    """A TorchScript module (torch.jit.script or trace) holds compiled copies of its layers, which no tool can see
+    as BN layers or change: unchecked, fold and convert returned it unchanged without a word, and the others said
+    the model had no BN layer. Refused when it holds a BN (by the class name TorchScript keeps), so an eager model
+    with, say, a scripted activation still works."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and any(
+                "BatchNorm" in str(getattr(inner, "original_name", "")) for inner in module.modules()):
+            raise TypeError(f"{caller}: {_label(name)} is a TorchScript module (made by torch.jit.script or "
+                            f"torch.jit.trace), whose batch-normalization layers are compiled copies this function "
+                            f"cannot change; call {caller} on the eager model first, then script or trace the result")
+
+
 def _keras_module():
     """normkit.keras if it was imported (else no Keras-vocabulary layer can exist, and it need not be imported)."""
     return sys.modules.get(__package__ + ".keras")
@@ -213,6 +226,7 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
     _check_num_batches(num_batches)
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_running_stats: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_scripted(model, "recalibrate_running_stats")
     # (None failed as "'NoneType' object is not iterable"; one tensor was iterated row by row, each row a "batch" of
     # one rank less, refused by the first layer's rank check)
     if isinstance(batches, torch.Tensor):
@@ -419,6 +433,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_scripted(model, "convert_batch_norm")
     if to not in ("normkit", "torch"):
         raise ValueError(f"convert_batch_norm: to must be 'normkit' (torch.nn -> normkit) or 'torch' "
                          f"(normkit -> torch.nn), got {to!r}")
@@ -721,6 +736,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batch_norm: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_scripted(model, "fold_batch_norm")
     training = [name for name, module in model.named_modules() if module.training]
     if training:
         raise ValueError(f"fold_batch_norm: {_label(training[0])} ({type(model.get_submodule(training[0])).__name__}) "
@@ -756,6 +772,7 @@ def _normkit_layers(model: nn.Module, caller: str):
     """(normkit layers and Keras wrappers, a wrapped BatchNorm only via its wrapper; names of torch.nn BN layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_scripted(model, caller)
     keras = _keras_module()
     wrapped = set()
     layers, foreign = [], []
@@ -864,6 +881,7 @@ def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
     """
     if not isinstance(root, nn.Module):
         raise TypeError(f"replace_all_batch_norm_modules_: expects a torch.nn.Module, got {type(root).__name__}")
+    _refuse_scripted(root, "replace_all_batch_norm_modules_")
     _refuse_unbuilt(root, "replace_all_batch_norm_modules_", norms_only=True)
     torch.func.replace_all_batch_norm_modules_(root)
     keras = _keras_module()
