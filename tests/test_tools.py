@@ -1149,3 +1149,38 @@ def test_tools_accept_a_torchscript_module_without_batch_norm():
     folded, names = fold_batch_norm(model)
     assert names == ["1"]
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)
+
+
+class _Positive(nn.Module):
+    """A parametrization a user puts on BN's scale to keep it positive (learned through ``original``)."""
+
+    def forward(self, weight):
+        return torch.nn.functional.softplus(weight)
+
+
+def test_freeze_and_unfreeze_reach_parametrized_weight_and_bias():
+    """A parametrized weight is computed from the parametrization's Parameters: freezing it raised RuntimeError
+    ("only change requires_grad flags of leaf variables"), and its ``original`` would have trained on."""
+    from torch.nn.utils import parametrize
+    torch.manual_seed(20)
+    bn = normkit.BatchNorm2d(4)
+    parametrize.register_parametrization(bn, "weight", _Positive())
+    parametrize.register_parametrization(bn, "bias", _Positive())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn)
+    model(torch.randn(8, 3, 6, 6))  # running statistics of its own
+    x = torch.randn(5, 3, 6, 6)
+    expected = model.eval()(x).detach()
+    buffers = {key: value.clone() for key, value in bn.named_buffers()}
+    freeze_batch_norm(model)
+    model.train()
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    originals = [bn.parametrizations.weight.original, bn.parametrizations.bias.original]
+    assert all(not p.requires_grad and p.grad is None for p in originals)
+    assert model[0].weight.grad is not None  # the rest of the model trains
+    assert all(torch.equal(value, buffers[key]) for key, value in bn.named_buffers())
+    unfreeze_batch_norm(model)
+    assert all(p.requires_grad for p in originals)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in originals)

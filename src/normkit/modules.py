@@ -687,7 +687,7 @@ class BatchNorm(_NormBase):
         ``unfreeze()`` undoes it.
         """
         self.frozen = True
-        for parameter in (self.weight, self.bias):
+        for parameter in self._affine_leaves():
             if parameter is not None:
                 parameter.requires_grad_(False)
                 # A gradient left from before (or zeroed by zero_grad(set_to_none=False)) would still let an
@@ -702,10 +702,24 @@ class BatchNorm(_NormBase):
         (as Keras' ``trainable = True`` makes every variable of the layer trainable).
         """
         self.frozen = False
-        for parameter in (self.weight, self.bias):
+        for parameter in self._affine_leaves():
             if parameter is not None:
                 parameter.requires_grad_(True)
         return self
+
+    def _affine_leaves(self) -> list:
+        """The Parameters that make ``weight`` and ``bias``: themselves, or, when one is parametrized
+        (``torch.nn.utils.parametrize``: a positivity or weight_norm parametrization), the parametrization's own
+        Parameters (``original``, ``original0``...), since ``self.weight`` is then a tensor computed from them, not
+        a leaf (freezing it raised RuntimeError, and its originals went on training)."""
+        leaves = []
+        for name in ("weight", "bias"):
+            parametrizations = getattr(self, "parametrizations", None)
+            if parametrizations is not None and name in parametrizations:
+                leaves.extend(parametrizations[name].parameters())
+            else:
+                leaves.append(self._parameters.get(name))
+        return leaves
 
     # -- regularization and constraints -----------------------------------------------------------
 
