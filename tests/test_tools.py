@@ -1184,3 +1184,27 @@ def test_freeze_and_unfreeze_reach_parametrized_weight_and_bias():
     assert all(p.requires_grad for p in originals)
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in originals)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(4), lambda: normkit.BatchNorm2d(4)],
+                         ids=["torch.nn.BatchNorm2d", "normkit.BatchNorm2d"])
+def test_a_half_precision_layer_with_a_parametrized_weight_recalibrates(make):
+    """The float32 copies covered the layer's own Parameters only: a parametrized weight, computed from its
+    parametrization's bfloat16 ``original``, stayed bfloat16 beside float32 buffers and ATen refused the call."""
+    from torch.nn.utils import parametrize
+    torch.manual_seed(22)
+    layer = make()
+    parametrize.register_parametrization(layer, "weight", _Positive())
+    model = nn.Sequential(layer).to(torch.bfloat16)
+    original = layer.parametrizations.weight.original
+    centers = torch.tensor([3.0, 10.0, -1.0, 0.5]).view(1, 4, 1, 1)
+    batches = [(torch.randn(16, 4, 4, 4) * 0.5 + centers).to(torch.bfloat16) for _ in range(20)]
+
+    recalibrate_running_stats(model, batches)
+
+    mean, var = average_stats([as64(x) for x in batches], (0, 2, 3))
+    ulp = torch.finfo(torch.bfloat16).eps
+    np.testing.assert_allclose(as64(layer.running_mean), mean, rtol=ulp)
+    np.testing.assert_allclose(as64(layer.running_var), var, rtol=ulp)
+    assert layer.parametrizations.weight.original is original and original.dtype == torch.bfloat16
+    assert layer.running_mean.dtype == torch.bfloat16

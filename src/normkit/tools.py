@@ -132,14 +132,17 @@ def _widen(layer: nn.Module) -> list:
     at the end. (ATen and normkit take half-precision inputs with float32 weights and buffers, as under autocast.)
     """
     widened = []
-    for kind in ("_parameters", "_buffers"):
-        for name, tensor in getattr(layer, kind).items():
-            if tensor is not None and tensor.dtype in LOW_PRECISION:
-                widened.append((kind, name, tensor, tensor.data))
-                if kind == "_parameters":
-                    tensor.data = tensor.data.float()  # (the same Parameter: optimizers and hooks keep holding it)
-                else:
-                    layer._buffers[name] = tensor.float()
+    # Parameters at any depth: a parametrized weight (torch.nn.utils.parametrize) is computed from its
+    # parametrization's Parameters, and computed from half-precision ones it stayed half precision beside the
+    # float32 buffers, which ATen refused ("expected scalar type BFloat16 but found Float").
+    for tensor in layer.parameters():
+        if tensor.dtype in LOW_PRECISION:
+            widened.append(("_parameters", None, tensor, tensor.data))
+            tensor.data = tensor.data.float()  # (the same Parameter: optimizers and hooks keep holding it)
+    for name, tensor in layer._buffers.items():
+        if tensor is not None and tensor.dtype in LOW_PRECISION:
+            widened.append(("_buffers", name, tensor, tensor.data))
+            layer._buffers[name] = tensor.float()
     return widened
 
 
