@@ -780,6 +780,12 @@ def fold_cases():
         pytest.param(lambda: nn.Sequential(nn.Linear(5, 6),
                                            normkit.keras.BatchNormalization(momentum=0.5, dtype=torch.float64)),
                      (4, 7, 5), 1, id="keras-features-last-3d"),
+        # A one-axis spec is the int's layer (Keras users write axis=[1]); a tuple is never == 1, so it stayed.
+        pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), normkit.BatchNorm(4, axis=(1,)),
+                                           nn.Conv2d(4, 4, 1), normkit.BatchNorm((4,), axis=[1])),
+                     (4, 3, 6, 6), 2, id="one-axis-tuple"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(5, 6), normkit.BatchNorm(6, axis=(-1,))),
+                     (4, 7, 5), 1, id="one-axis-tuple-features-last"),
     ]
     return cases
 
@@ -1208,3 +1214,22 @@ def test_a_half_precision_layer_with_a_parametrized_weight_recalibrates(make):
     np.testing.assert_allclose(as64(layer.running_var), var, rtol=ulp)
     assert layer.parametrizations.weight.original is original and original.dtype == torch.bfloat16
     assert layer.running_mean.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("axis,num_features", [((1,), 4), ([1], 4), ((1,), (4,))])
+def test_a_one_axis_tuple_converts_to_torch(axis, num_features):
+    """axis=(1,) is axis=1: converting to torch.nn was refused with "axis=(1,) (torch.nn normalizes axis 1 only)"."""
+    torch.manual_seed(23)
+    layer = normkit.BatchNorm(num_features, axis=axis, momentum=0.3).double()
+    model = nn.Sequential(layer)
+    reference = nn.BatchNorm2d(4, momentum=0.3).double()
+    with torch.no_grad():
+        for tensor in (layer.weight, layer.bias):
+            tensor.uniform_(0.5, 2)
+        reference.load_state_dict(layer.state_dict())
+    convert_batch_norm(model, "torch", plain_as=nn.BatchNorm2d)
+    assert type(model[0]) is nn.BatchNorm2d and model[0].num_features == 4 and model[0].weight is layer.weight
+    for _ in range(2):  # training: outputs and running statistics as torch.nn's own layer
+        x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model[0].state_dict().items())

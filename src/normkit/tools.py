@@ -330,7 +330,7 @@ def _label(name: str) -> str:
 def _options_torch_lacks(layer: BatchNorm) -> List[str]:
     """The settings of a normkit layer that a torch.nn BatchNorm*d cannot hold (empty: it converts exactly)."""
     found = []
-    if layer.axis != 1:
+    if _one_axis(layer.axis) != 1:
         found.append(f"axis={layer.axis!r} (torch.nn normalizes axis 1 only)")
     for option, default in (("renorm", False), ("virtual_batch_size", None), ("adjustment", None),
                             ("weight_regularizer", None), ("bias_regularizer", None),
@@ -356,7 +356,8 @@ def _factory(layer: nn.Module) -> dict:
 
 def _construct(layer: nn.Module, cls: type) -> nn.Module:
     """A ``cls`` layer with ``layer``'s settings (its constructor checks them) and tensors of its own for now."""
-    size = () if issubclass(cls, LazyModuleMixin) else (layer.num_features,)
+    # (_one_axis: num_features=(C,) goes with axis=(1,), and torch.nn's layer takes the int)
+    size = () if issubclass(cls, LazyModuleMixin) else (_one_axis(layer.num_features),)
     return cls(*size, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                track_running_stats=layer.track_running_stats, bias=layer.bias is not None or not layer.affine,
                **_factory(layer))
@@ -608,9 +609,17 @@ def _batch_norm_of(module: nn.Module):
     return None
 
 
+def _one_axis(axis):
+    """An axis spec naming one axis as that int: ``axis=(1,)`` or ``[1]`` is ``axis=1`` (the same layer), which fold
+    and convert refused or left alone (a tuple is never == 1); a spec of several axes comes back unchanged."""
+    if isinstance(axis, (tuple, list)) and len(axis) == 1 and isinstance(axis[0], int):
+        return axis[0]
+    return axis
+
+
 def _feature_axis(module: nn.Module, bn) -> int:
     """``bn``'s feature axis, -1 for a Keras layer built with its features last (it stores them counted from 0)."""
-    axis = getattr(bn, "axis", 1)
+    axis = _one_axis(getattr(bn, "axis", 1))
     build_shape = getattr(module, "_build_shape", None) if module is not bn else None
     return -1 if build_shape is not None and axis == len(build_shape) - 1 else axis
 
@@ -656,7 +665,7 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     # (the statistics' size: torch.nn's lazy layer sized by a loaded state_dict keeps num_features 0 until its first
     # call)
-    return isinstance(bn.num_features, int) and tuple(bn.running_mean.shape) == (channels,)
+    return isinstance(_one_axis(bn.num_features), int) and tuple(bn.running_mean.shape) == (channels,)
 
 
 @torch.no_grad()
