@@ -1233,3 +1233,14 @@ def test_a_one_axis_tuple_converts_to_torch(axis, num_features):
         x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 1
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model[0].state_dict().items())
+
+
+@pytest.mark.parametrize("group", ["nccl", "gloo", [0, 1], (0,), 0])
+def test_synchronize_refuses_a_backend_name_or_ranks_as_process_group(group):
+    """A backend name or a list of ranks was set on every layer unchecked, and failed inside torch.distributed at the
+    first training step once a group was initialized. Refused before anything changes, with what to pass instead."""
+    model = nn.Sequential(nn.BatchNorm1d(3), normkit.BatchNorm1d(3))
+    with pytest.raises(TypeError, match=r"process_group must be None .*dist\.init_process_group\(backend\).*"
+                                        r"dist\.new_group\(ranks\)"):
+        synchronize_batch_norm(model, group)
+    assert type(model[0]) is nn.BatchNorm1d and not model[1].synchronized and model[1].process_group is None
