@@ -1244,3 +1244,24 @@ def test_synchronize_refuses_a_backend_name_or_ranks_as_process_group(group):
                                         r"dist\.new_group\(ranks\)"):
         synchronize_batch_norm(model, group)
     assert type(model[0]) is nn.BatchNorm1d and not model[1].synchronized and model[1].process_group is None
+
+
+def test_tools_work_through_a_compiled_model():
+    """docs/tools.md says a torch.compile'd model (OptimizedModule) works with every tool, its _orig_mod changed in
+    place: folded, it computes the unfolded eval output; converted and frozen, its next compiled call uses the new
+    frozen layer (no stale graph of the old one updating running statistics)."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        compiled(torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2 + 1)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = compiled.eval()(x)
+    folded, names = fold_batch_norm(compiled)
+    assert names == ["_orig_mod.1"] and isinstance(model[1], nn.BatchNorm2d)  # (a copy: the input is untouched)
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-12)
+    assert convert_batch_norm(compiled, "normkit") is compiled and type(model[1]) is normkit.BatchNorm2d
+    freeze_batch_norm(compiled)
+    buffers = {key: value.clone() for key, value in model[1].named_buffers()}
+    torch.testing.assert_close(compiled.train()(x), expected, rtol=0, atol=1e-12)
+    assert all(torch.equal(value, buffers[key]) for key, value in model[1].named_buffers())
