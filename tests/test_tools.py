@@ -1265,3 +1265,19 @@ def test_tools_work_through_a_compiled_model():
     buffers = {key: value.clone() for key, value in model[1].named_buffers()}
     torch.testing.assert_close(compiled.train()(x), expected, rtol=0, atol=1e-12)
     assert all(torch.equal(value, buffers[key]) for key, value in model[1].named_buffers())
+
+
+def test_folded_names_come_in_the_model_s_order():
+    """"The qualified names of the folded BN layers, in order": they came container by container, so a nested
+    Sequential's BN (here first in the model) was listed after the outer Sequential's."""
+    torch.manual_seed(25)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                          nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), normkit.BatchNorm2d(4)), nn.ReLU()),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).double()
+    model(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    model.eval()
+    in_model_order = [name for name, module in model.named_modules() if isinstance(module, BN_CLASSES)]
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == in_model_order == ["0.1", "2", "3.0.1", "5"]
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)

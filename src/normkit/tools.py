@@ -724,7 +724,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 
     Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
     ``inplace``; the input model is then untouched) and the qualified names of the BN layers
-    folded, in order (``len(names)`` is the count; an empty list means nothing was foldable).
+    folded, in the model's order (``named_modules()``; ``len(names)`` is the count; an empty list means nothing was foldable).
 
     Folded: ``torch.nn`` BN layers (``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm) and
     ``normkit.BatchNorm`` layers with running statistics, whatever their training options
@@ -770,6 +770,9 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
     folded = []
+    # The names come in the model's order (named_modules'): found container by container, a nested Sequential's BN
+    # (a ResNet block's downsample) came after every BN of the outer Sequential, wherever it sat.
+    position = {name: index for index, (name, _) in enumerate(model.named_modules())}
     for prefix, container in model.named_modules():
         # Only Sequential's own forward proves that each child's output is the next child's input, and only there.
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
@@ -781,7 +784,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
                 _fold(layer, _batch_norm_of(module))
                 container._modules[name] = nn.Identity().train(False)
                 folded.append(f"{prefix}.{name}" if prefix else name)
-    return model, folded
+    return model, sorted(folded, key=position.__getitem__)
 
 
 # ----------------------------------------------------------------------------- freezing
