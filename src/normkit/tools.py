@@ -724,7 +724,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
 
     Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
     ``inplace``; the input model is then untouched) and the qualified names of the BN layers
-    folded, in the model's order (``named_modules()``; ``len(names)`` is the count; an empty list means nothing was foldable).
+    folded, in the model's order (``named_modules()``'s; ``len(names)`` is the count; an empty list means
+    nothing was foldable).
 
     Folded: ``torch.nn`` BN layers (``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm) and
     ``normkit.BatchNorm`` layers with running statistics, whatever their training options
