@@ -1281,3 +1281,22 @@ def test_folded_names_come_in_the_model_s_order():
     folded, names = fold_batch_norm(model)
     assert names == in_model_order == ["0.1", "2", "3.0.1", "5"]
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_freeze_refuses_torch_subclasses_without_sending_the_user_to_convert():
+    """A parametrized torch.nn BN is a subclass (ParametrizedBatchNorm2d), which convert_batch_norm leaves alone: the
+    advice "convert them first" led back to the same refusal. The message says what works."""
+    from torch.nn.utils import parametrize
+    bn = nn.BatchNorm2d(4)
+    parametrize.register_parametrization(bn, "weight", _Positive())
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn, normkit.BatchNorm2d(4))
+    assert convert_batch_norm(model, "normkit")[1] is bn  # (left alone, as documented)
+    with pytest.raises(ValueError, match=r"'1' \(ParametrizedBatchNorm2d\) derive from torch\.nn's BN classes.*"
+                                         r"nothing was frozen.*remove_parametrizations"):
+        freeze_batch_norm(model)
+    assert not model[2].frozen
+    parametrize.remove_parametrizations(bn, "weight")  # the advice, followed, works
+    convert_batch_norm(model, "normkit")
+    parametrize.register_parametrization(model[1], "weight", _Positive())
+    freeze_batch_norm(model)
+    assert model[1].frozen and model[2].frozen

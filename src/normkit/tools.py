@@ -845,6 +845,16 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
         TypeError: ``model`` is not a torch.nn.Module.
     """
     layers, foreign = _normkit_layers(model, "freeze_batch_norm")
+    # Subclasses (a parametrized BN is one: torch makes it a ParametrizedBatchNorm2d) are not converted by
+    # convert_batch_norm, so "convert them first" sent their user round in a circle.
+    kept = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm) and type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)]
+    if kept:
+        raise ValueError(f"freeze_batch_norm: {', '.join(kept)} derive from torch.nn's BN classes, which have no "
+                         "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses alone; "
+                         "nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
+                         "torch.nn.utils.parametrize.remove_parametrizations, convert_batch_norm(model, 'normkit'), "
+                         "then register the parametrization again)")
     if foreign:
         raise ValueError(f"freeze_batch_norm: {', '.join(repr(n) for n in foreign)} are torch.nn BN layers, which "
                          "have no frozen mode (eval() is undone by model.train()); nothing was frozen. Convert them "
