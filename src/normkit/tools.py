@@ -851,8 +851,8 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
             if isinstance(module, _BatchNorm) and type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)]
     if kept:
         raise ValueError(f"freeze_batch_norm: {', '.join(kept)} derive from torch.nn's BN classes, which have no "
-                         "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses alone; "
-                         "nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
+                         "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses "
+                         "alone; nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
                          "torch.nn.utils.parametrize.remove_parametrizations, convert_batch_norm(model, 'normkit'), "
                          "then register the parametrization again)")
     if foreign:
