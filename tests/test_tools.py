@@ -291,6 +291,23 @@ def test_errors():
         recalibrate_running_stats(model, [((torch.randn(4, 2), torch.ones(4, dtype=torch.bool)), torch.zeros(4))])
 
 
+@pytest.mark.parametrize("bn", [normkit.BatchNorm1d, nn.BatchNorm1d], ids=["normkit", "torch.nn"])
+def test_a_one_row_last_batch_is_named_and_nothing_changes(bn):
+    """A DataLoader without drop_last=True ends with a batch of one row here (9 rows, batches of 4): torch's message
+    alone (use eval()) named no batch and gave no advice that helps a recalibration."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), bn(3)).eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(9, 2)), batch_size=4)
+    with pytest.raises(ValueError, match=r"batch 2 \(input of shape \(1, 2\)\) was refused, and every running "
+                                         r"statistic was left as it was\. .*one value per channel: pass a DataLoader with "
+                                         r"drop_last=True"):
+        recalibrate_running_stats(model, loader)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not model.training and not model[1].training
+
+
 def test_unbuilt_layers_are_refused_with_the_fix():
     """A lazy BN or an unbuilt Keras layer has no statistics yet: a clear error, not torch's deep-copy failure."""
     lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())

@@ -279,7 +279,18 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
             wrapper.training = True
         # islice: an iterator shared with other code loses exactly the batches used, not one more.
         for item in itertools.islice(batches, num_batches):
-            model(_input_of(item, count))
+            inputs = _input_of(item, count)
+            try:
+                model(inputs)
+            except ValueError as error:
+                # (torch's message alone named no batch, and its advice, eval(), is no advice here: the last batch of
+                # a DataLoader without drop_last=True, one row, gives a BatchNorm1d one value per channel)
+                hint = (" A batch of one row gives a BN layer on (N, C) features one value per channel: pass a "
+                        "DataLoader with drop_last=True, or stop before that batch (num_batches=...)."
+                        if inputs.dim() > 0 and inputs.shape[0] == 1 else "")
+                raise ValueError(f"recalibrate_running_stats: batch {count} (input of shape {tuple(inputs.shape)}) "
+                                 f"was refused, and every running statistic was left as it was.{hint} The model "
+                                 f"said: {error}") from error
             count += 1
         if count == 0:
             raise ValueError("recalibrate_running_stats: batches yielded no batch; pass a non-empty iterable of "
