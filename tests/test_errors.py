@@ -160,6 +160,9 @@ def test_layer_norm_shape_mismatch():
     (dict(weight_regularizer="l3"), "weight_regularizer='l3' is not a known regularizer"),
     (dict(bias_constraint="positive"), "bias_constraint='positive' is not a known constraint"),
     (dict(num_features=(3, 4), axis=1), "axis must be a tuple of 2 axes"),
+    # a backend name or the ranks: taken unchecked, they failed inside torch.distributed at the first training step
+    (dict(synchronized=True, process_group="nccl"), r"process_group must be None .*dist\.init_process_group"),
+    (dict(synchronized=True, process_group=[0, 1]), r"process_group must be None .*dist\.new_group\(ranks\)"),
 ])
 def test_constructor_errors(kwargs, match):
     kwargs.setdefault("num_features", 3)
@@ -779,3 +782,23 @@ def test_group_norm_twins_take_per_channel_weights_in_any_layout():
     np.testing.assert_allclose(normkit.reference.group_norm(x, 2, w, b), expected, rtol=1e-12, atol=1e-12)
     y = normkit.functional.group_norm(torch.from_numpy(x), 2, torch.from_numpy(w), torch.from_numpy(b))
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def _built_keras_layer():
+    layer = normkit.keras.BatchNormalization(synchronized=True)
+    layer.build((4, 3))
+    return layer
+
+
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm1d(3, synchronized=True),
+                                  lambda: normkit.keras.BatchNormalization(synchronized=True), _built_keras_layer],
+                         ids=["BatchNorm1d", "keras unbuilt", "keras built"])
+def test_a_process_group_set_later_is_checked_and_the_layer_keeps_its_own(make):
+    """Set after construction (a built Keras layer hands the group to its inner layer), a backend name is refused as
+    the constructor refuses it, and the layer keeps the group it had."""
+    layer = make()
+    with pytest.raises(TypeError, match="process_group must be None"):
+        layer.process_group = "gloo"
+    assert layer.process_group is None
+    if isinstance(layer, normkit.keras.BatchNormalization) and layer.bn is not None:
+        assert layer.bn.process_group is None

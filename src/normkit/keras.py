@@ -44,7 +44,8 @@ from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION
 from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
                       check_ghost_layout, check_virtual_batch_size)
-from .options import resolve_constraint, resolve_initializer, resolve_regularizer, to_keras_object
+from .options import (check_process_group, resolve_constraint, resolve_initializer, resolve_regularizer,
+                      to_keras_object)
 from .stats import RenormClipping
 
 __all__ = ["BatchNormalization", "from_keras", "from_keras_config", "load_batch_norms", "to_keras"]
@@ -147,7 +148,7 @@ _OPTION_CHECKS = {
     **{flag: _keras_flag for flag in ("center", "scale", "synchronized", "renorm", "trainable")},
     "renorm_clipping": _keras_clipping, "virtual_batch_size": check_virtual_batch_size,
     "dtype_policy": lambda value, name: _policy_name(value),
-    "ghost_layout": check_ghost_layout, "adjustment": check_adjustment,
+    "ghost_layout": check_ghost_layout, "adjustment": check_adjustment, "process_group": check_process_group,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
                                                            "moving_mean_initializer", "moving_variance_initializer")},
     **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer")},

@@ -23,7 +23,8 @@ from torch import nn
 from . import functional as F
 from . import kernels
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
-from .options import (apply_initializer, resolve_constraint, resolve_initializer, resolve_regularizer)
+from .options import (apply_initializer, check_process_group, resolve_constraint, resolve_initializer,
+                      resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
                     check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
 
@@ -475,6 +476,7 @@ class BatchNorm(_NormBase):
         "renorm_clipping": "_checked_renorm_clipping", "renorm_momentum": "_checked_renorm_momentum",
         "virtual_batch_size": "_checked_virtual_batch_size", "ghost_layout": "_checked_ghost_layout",
         "adjustment": "_checked_adjustment", "unbiased_running_var": "_checked_flag", "synchronized": "_checked_flag",
+        "process_group": "_checked_process_group",
         **{name: "_checked_initializer" for name in ("weight_initializer", "bias_initializer",
                                                       "running_mean_initializer", "running_var_initializer")},
         **{name: "_checked_regularizer" for name in ("weight_regularizer", "bias_regularizer")},
@@ -584,6 +586,9 @@ class BatchNorm(_NormBase):
 
     def _checked_flag(self, value, name):
         return bool(value)
+
+    def _checked_process_group(self, process_group, name):
+        return check_process_group(process_group, name)
 
     def _checked_initializer(self, initializer, name):
         return resolve_initializer(initializer, name=name)

@@ -19,6 +19,21 @@ from torch import nn
 
 EPSILON = 1e-7  # Keras' backend.epsilon(), used by its norm constraints
 
+def check_process_group(process_group, name: str = "process_group"):
+    """``process_group`` as given: None (the default group) or a torch.distributed group, an opaque handle. Refused:
+    the two usual mistakes, a backend name (``"nccl"``) or the ranks themselves (``[0, 1]``), which were taken
+    unchecked and failed inside torch.distributed at the first synchronized training step. (An int is refused but
+    for torch.distributed's own ``GroupMember.NON_GROUP_MEMBER``, -100, which ``dist.new_group`` returns to the
+    processes outside the group, and which a layer takes to mean it normalizes alone.)"""
+    outsider = getattr(getattr(torch.distributed, "GroupMember", None), "NON_GROUP_MEMBER", None)
+    if (isinstance(process_group, (str, bytes, numbers.Number, tuple, list))
+            and not (type(process_group) is int and process_group == outsider)):
+        raise TypeError(f"{name} must be None (the default group) or a torch.distributed process group, got "
+                        f"{type(process_group).__name__} {process_group!r}; the backend is chosen by "
+                        "dist.init_process_group(backend), a group of ranks is dist.new_group(ranks)")
+    return process_group
+
+
 # ----------------------------------------------------------------------------- initializers
 
 

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from .functional import LOW_PRECISION
 from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _InstanceNorm
+from .options import check_process_group
 
 __all__ = ["convert_batch_norm", "synchronize_batch_norm", "fold_batch_norm", "freeze_batch_norm",
            "unfreeze_batch_norm", "recalibrate_running_stats", "replace_all_batch_norm_modules_"]
@@ -562,13 +563,7 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
         TypeError: ``model`` is not a torch.nn.Module.
     """
     layers, _ = _normkit_layers(model, "synchronize_batch_norm")  # (a Keras wrapper passes the options on)
-    if isinstance(process_group, (str, int, tuple, list)):
-        # The two usual mistakes, a backend name ("nccl") or the ranks themselves: set unchecked on every layer, they
-        # failed inside torch.distributed at the first training step. (A group is an opaque handle otherwise.)
-        raise TypeError(f"synchronize_batch_norm: process_group must be None (the default group) or a "
-                        f"torch.distributed process group, got {type(process_group).__name__} {process_group!r}; "
-                        "the backend is chosen by dist.init_process_group(backend), a group of ranks is "
-                        "dist.new_group(ranks)")
+    check_process_group(process_group, "synchronize_batch_norm: process_group")  # (before any layer changes)
     targets, refused = {}, []
     for name, module in model.named_modules():
         if type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
