@@ -541,3 +541,45 @@ def test_a_closed_pipe_stops_quietly(tmp_path):
     _, error = child.communicate(timeout=300)
     assert child.returncode == 141, error
     assert error == "", error
+
+
+def normkit_without(packages: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    """The real `normkit` command in a child process where ``packages`` cannot be imported, as on a machine that
+    installed normkit without its lab extras (``sys.modules[name] = None`` makes Python's import refuse it)."""
+    code = (f"import sys\nfor name in {packages!r}: sys.modules[name] = None\n"
+            "from normkit.cli import main\nsys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("package, argv, phrases", [
+    # matplotlib is first imported for curves.png, after the last epoch: the whole training ended in a traceback.
+    ("matplotlib", [], ["curves.png", "matplotlib", 'pip install "normkit[lab]"']),
+    ("tensorboard", ["--tensorboard"], ["--tensorboard", "tensorboard", 'pip install "normkit[lab]"',
+                                        "--no-tensorboard"]),
+    ("sklearn", [], ["--dataset digits", "scikit-learn", 'pip install "normkit[lab]"']),
+])
+def test_a_missing_lab_extra_is_one_line_before_anything_is_written(tmp_path, package, argv, phrases):
+    out = tmp_path / "run"
+    result = normkit_without([package], ["train", "--out", str(out), *TINY, *argv])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_a_missing_lab_extra_is_named_by_compare_and_evaluate(tmp_path, finished):
+    result = normkit_without(["matplotlib"], ["compare", "--norms", "batch", "--out", str(tmp_path / "cmp"), *TINY])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "curves.png" in result.stderr and not (tmp_path / "cmp").exists()
+    result = normkit_without(["sklearn"], ["evaluate", "--checkpoint", str(finished)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "scikit-learn" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tensorboard_is_not_needed_with_no_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    result = normkit_without(["tensorboard"], ["train", "--out", str(out), "--epochs", "1", *TINY])
+    assert result.returncode == 0, result.stderr
+    assert (out / "curves.png").is_file() and not list(out.glob("events.out.tfevents.*"))

@@ -335,8 +335,14 @@ def read_idx_split(directory: Path, part: str, dataset: str,
 
 def load_digits_28() -> Splits:
     """scikit-learn's 8x8 digits (values 0..16), scaled to [0, 1] and resized bilinearly to 28x28 for LeNet."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        # (scikit-learn is a lab extra: without it the digits were a traceback, from train, evaluate and compare alike)
+        raise DataError(f"--dataset digits needs scikit-learn, which bundles the digits and cannot be imported here "
+                        f"({error}); install the lab extras: pip install \"normkit[lab]\", or use an MNIST-format "
+                        "--dataset with --data-dir") from None
 
     bunch = load_digits()
     values = bunch.images.astype(np.uint8)  # integers 0..16 stored as float64: exact

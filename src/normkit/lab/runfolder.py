@@ -10,9 +10,11 @@ the same settings (``overwrite=True`` replaces any); docs/lab.md, "Output direct
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +233,28 @@ def _refuse_unused_optimizer_options(cfg: TrainConfig, given: set[str]) -> None:
                              f"choose --optimizer {users[0]}")
 
 
+# The lab extras (pip install "normkit[lab]") a run imports only when it gets to them: TensorBoard with the first epoch,
+# matplotlib after the last (curves.png), tqdm for a terminal's progress bar. (module, what needs it, the way around it)
+LAB_EXTRAS = {"tensorboard": ("torch.utils.tensorboard", "--tensorboard (TensorBoard event files, on by default)",
+                              ", or pass --no-tensorboard"),
+              "matplotlib": ("matplotlib", "curves.png (every run draws it)", ""),
+              "tqdm": ("tqdm", "the progress bar (shown on a terminal)", ", or pass --quiet")}
+
+
+def check_lab_extras(cfg: TrainConfig) -> None:
+    """Refuse a run whose lab extras are not installed, before anything is written: a missing one would otherwise
+    end the run with a traceback where it is first imported, matplotlib's after the whole training."""
+    needed = ["matplotlib"] + (["tensorboard"] if cfg.tensorboard else []) + (
+        ["tqdm"] if not cfg.quiet and sys.stderr.isatty() else [])  # (train._progress draws a bar only there)
+    for package in needed:
+        module, purpose, alternative = LAB_EXTRAS[package]
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"{purpose} needs the {package} package, which cannot be imported here ({error}); "
+                             f"install the lab extras: pip install \"normkit[lab]\"{alternative}") from None
+
+
 def set_settings(cfg: TrainConfig) -> set[str]:
     """The fields of ``cfg`` whose values differ from ``TrainConfig``'s defaults: what its caller set."""
     defaults = TrainConfig()
@@ -295,6 +319,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
         if note is not None:
             notes.append(note)
     _refuse_unused_optimizer_options(cfg, given)
+    check_lab_extras(cfg)
     data = prepare_data(cfg, splits)
     check_batches(cfg, len(data.train[1]), data.train[1])
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
