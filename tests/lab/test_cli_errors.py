@@ -272,6 +272,32 @@ def test_numpy_numbers_from_python_give_a_checkpoint_that_loads(tmp_path):
     assert settings["lr"] == 2e-3 and settings["val_split"] == 0.25 and settings["norm_options"] == {"momentum": 0.5}
     assert evaluate_checkpoint(out)["test_size"] == 360
 
+
+def test_numpy_integers_and_float32_from_python_train_as_plain_numbers(tmp_path):
+    """A sweep over np.arange (np.int64) or a float32 array: refused with messages that contradicted themselves
+    ("--epochs=2 must be at least 1"); they train as the plain numbers they are, and the checkpoint loads."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=np.arange(1, 4)[1], batch_size=np.int32(32), train_limit=np.int64(200), seed=np.uint32(3),
+                      lr=np.float32(2e-3), val_split=np.float32(0.25), recalibrate=np.int64(1), threads=np.int64(1),
+                      quiet=True, tensorboard=False, out=str(out))
+    metrics = run(cfg)
+    assert metrics["steps"] == 2 * 5 and metrics["train_size"] == 150
+    settings = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert settings["epochs"] == 2 and type(settings["epochs"]) is int and type(settings["seed"]) is int
+    assert settings["lr"] == float(np.float32(2e-3)) and type(settings["lr"]) is float
+    assert strict_json(out / "config.json")["batch_size"] == 32
+    assert evaluate_checkpoint(out)["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_a_whole_number_setting_of_another_type_says_so(tmp_path):
+    for settings, phrase in (({"epochs": 2.0}, "--epochs=2.0 must be a whole number"),
+                             ({"val_split": "0.1"}, "--val-split='0.1' must be in [0, 1)")):
+        with pytest.raises(ValueError) as error:
+            run(TrainConfig(**settings, quiet=True, out=str(tmp_path / "run")))
+        assert phrase in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_on_cuda_without_cuda(finished, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["evaluate", "--checkpoint", str(finished / "checkpoint.pt"), "--device", "cuda"]) == 2

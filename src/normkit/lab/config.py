@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from normkit.registry import NORM_NAMES, create_norm
@@ -63,6 +64,11 @@ class TrainConfig:
 
         Nothing is touched before this passes: errors name the command-line flag (``--batch-size`` is
         ``batch_size``) and say what to do."""
+        # NumPy numbers from a sweep (np.arange's np.int64, a float32 array's np.float32) are plain numbers here, as
+        # np.float64 (a float) always was: the checks below refused them with messages such as "--epochs=3 must be
+        # at least 1". (np.bool_ is no NumPy number: the switches stay True or False.)
+        self = dataclasses.replace(self, **{f.name: getattr(self, f.name).item() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), (np.integer, np.floating))})
         choices = dict(dataset=DATASETS, model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS,
                        optimizer=OPTIMIZERS, device=("cpu", "cuda"))
         for name, allowed in choices.items():
@@ -76,25 +82,26 @@ class TrainConfig:
                 raise ValueError(f"{flag_of(name)}={value!r} must be True or False"
                                  + (" (or None: automatic)" if name == "drop_last" else ""))
         if not _is_number(self.val_split) or not 0.0 <= self.val_split < 1.0:
-            raise ValueError(f"--val-split={self.val_split} must be in [0, 1) (0: no validation split)")
+            raise ValueError(f"--val-split={self.val_split!r} must be in [0, 1) (0: no validation split)")
         for name in ("batch_size", "epochs"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{flag_of(name)}={getattr(self, name)} must be at least 1")
+                raise ValueError(f"{flag_of(name)}={getattr(self, name)!r} must be a whole number >= 1")
         if self.train_limit is not None and (not _is_int(self.train_limit) or self.train_limit < 2):
-            raise ValueError(f"--train-limit={self.train_limit} must be at least 2 (batch statistics need 2 images)")
+            raise ValueError(f"--train-limit={self.train_limit!r} must be a whole number >= 2 (batch statistics need "
+                             "2 images)")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             # NumPy's global generator, seeded alongside torch's, takes 0 .. 2**32 - 1.
-            raise ValueError(f"--seed={self.seed} must be an integer from 0 to {MAX_SEED}")
+            raise ValueError(f"--seed={self.seed!r} must be an integer from 0 to {MAX_SEED}")
         if self.lr is not None and (not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0):
-            raise ValueError(f"--lr={self.lr} must be a finite number > 0 (0 would train nothing); omit it for "
+            raise ValueError(f"--lr={self.lr!r} must be a finite number > 0 (0 would train nothing); omit it for "
                              f"Keras' default ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
         if not _is_number(self.rho) or not 0.0 <= self.rho < 1.0:
-            raise ValueError(f"--rho={self.rho} must be in [0, 1) (RMSprop's decay; default 0.9)")
+            raise ValueError(f"--rho={self.rho!r} must be in [0, 1) (RMSprop's decay; default 0.9)")
         if not _is_number(self.eps) or not math.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"--eps={self.eps} must be a finite number >= 0 (default 1e-7)")
+            raise ValueError(f"--eps={self.eps!r} must be a finite number >= 0 (default 1e-7)")
         if not _is_number(self.momentum) or not 0.0 <= self.momentum <= 1.0:
             # Keras' SGD accepts momentum in [0, 1]; more makes the velocity grow without bound.
-            raise ValueError(f"--momentum={self.momentum} must be in [0, 1] (SGD momentum; default 0)")
+            raise ValueError(f"--momentum={self.momentum!r} must be in [0, 1] (SGD momentum; default 0)")
         if self.model == "mlp" and self.norm == "instance":
             raise ValueError("--norm instance needs spatial axes and the mlp has none; use --model lenet, or "
                              "layer/batch for the mlp")
@@ -126,7 +133,7 @@ class TrainConfig:
                              f"with --norm-option {_options_text(self.norm_options)} keeps none; drop --recalibrate "
                              "or that option")
         if not _is_int(self.threads) or self.threads < 0:
-            raise ValueError(f"--threads={self.threads} must be 0 (torch's default) or a positive count")
+            raise ValueError(f"--threads={self.threads!r} must be 0 (torch's default) or a positive count")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass only one")
         check_folder_option("--out", self.out)
