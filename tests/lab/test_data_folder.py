@@ -112,6 +112,32 @@ def test_resume_reads_the_folder_the_run_trained_on(tmp_path, monkeypatch, capsy
     one_line_error(capsys, "--resume", "trained on other data", str(tmp_path / "b"))
 
 
+def test_a_data_folder_that_is_gone_is_named_by_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """The data folder moved after training: --resume and evaluate said only "data directory X does not exist", a
+    folder the user never typed, without the flag that fixes it; now they name it, its origin and --data-dir."""
+    write_mnist(tmp_path / "a" / "mnist", seed=1)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "a"), "--epochs", "1", *TINY,
+                 "--out", str(out)]) == 0
+    (tmp_path / "a").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 2
+    one_line_error(capsys, f"data directory {tmp_path / 'a'} does not exist", "pass --data-dir",
+                   f"the one the run trained on, recorded in {out / 'checkpoint.pt'}")
+    assert main(["evaluate", "--checkpoint", str(out)]) == 2
+    one_line_error(capsys, f"data directory {tmp_path / 'a'} does not exist", "pass --data-dir",
+                   f"the one the run trained on, recorded in {out / 'checkpoint.pt'}")
+    # NORMKIT_DATA's folder, for a fresh run (train) and for compare, which reads it directly.
+    monkeypatch.setenv("NORMKIT_DATA", str(tmp_path / "a"))
+    assert main(["train", "--dataset", "mnist", *TINY, "--out", str(tmp_path / "fresh")]) == 2
+    one_line_error(capsys, "does not exist", "pass --data-dir", "NORMKIT_DATA")
+    assert main(["compare", "--dataset", "mnist", *TINY, "--out", str(tmp_path / "cmp")]) == 2
+    one_line_error(capsys, "does not exist", "pass --data-dir", "NORMKIT_DATA")
+    # The remedy works: --data-dir with the moved folder (the same data: its fingerprint matches).
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet",
+                 "--data-dir", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
+
+
 def test_evaluate_on_another_dataset_never_reads_the_run_s_own_files_under_its_name(tmp_path, capsys):
     """The IDX files of MNIST, Fashion-MNIST and KMNIST have the same names: `evaluate --dataset fashion-mnist` of an
     MNIST run must not read the run's MNIST folder and call the result Fashion-MNIST's."""

@@ -287,8 +287,11 @@ def dataset_directory(dataset: str, data_dir: str | os.PathLike | None) -> Path:
     root = Path(root).expanduser()
     try:
         if not root.is_dir():
-            raise DataError(f"{dataset}: data directory {root} "
-                            + ("is a file, not a folder" if root.exists() else "does not exist"))
+            # (named by where it came from, with what to do: "data directory X does not exist" named neither)
+            raise DataError(f"{dataset}: data directory {root}{'' if data_dir is not None else ' (NORMKIT_DATA)'} "
+                            + ("is a file, not a folder" if root.exists() else "does not exist")
+                            + f"; pass --data-dir with the folder that holds the {dataset} files (`normkit download "
+                            f"{dataset} --data-dir DIR` fetches them)")
         return root / dataset if (root / dataset).is_dir() else root
     except PermissionError:
         # A folder on the way that cannot be searched: is_dir() raises rather than answers.

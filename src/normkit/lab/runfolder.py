@@ -22,7 +22,7 @@ from pathlib import Path
 from .batches import Prepared, check_batches, prepare_data
 from .checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
 from .config import NOT_IDENTITY, PER_INVOCATION, RESUME_OVERRIDABLE, TrainConfig, flag_of
-from .data import Splits, atomic_write_bytes
+from .data import DataError, Splits, atomic_write_bytes
 
 
 class UnfinishedRunError(ValueError):
@@ -281,9 +281,14 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
     check_out_folder(out)
     checkpoint_path = out / "checkpoint.pt"
     checkpoint, notes, replaced_data = None, [], None
+    # Where the data folder came from when it was not typed: a data error says so (the folder in it is not one the
+    # user gave, and after a move the remedy is --data-dir).
+    data_origin = "NORMKIT_DATA's value (no --data-dir was given)" if os.environ.get("NORMKIT_DATA") else None
     if cfg.resume and checkpoint_path.is_file():
         payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
         saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+        if saved["data_dir"] is not None:  # (None: a run of an earlier normkit, which read NORMKIT_DATA's)
+            data_origin = f"the one the run trained on, recorded in {checkpoint_path}"
         if saved["dry_run"] and not cfg.dry_run:
             # A dry run's one batch is a smoke test, not a start worth continuing: the real run starts over, but
             # with the dry run's settings (as a run stopped before its first checkpoint restarts with its config.json's).
@@ -306,6 +311,8 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             checkpoint = payload
             notes.append(f"resuming {checkpoint_path} after epoch {payload['epoch']} (step {payload['step']})")
     elif cfg.resume:
+        if (out / "config.json").is_file():
+            data_origin = f"the one the run trained on, recorded in {out / 'config.json'}"
         cfg = _resume_without_checkpoint(cfg, out, given, notes)
     elif cfg.overwrite:
         if out.is_dir() and (any((out / name).exists() for name in RUN_FILES)
@@ -320,7 +327,12 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             notes.append(note)
     _refuse_unused_optimizer_options(cfg, given)
     check_lab_extras(cfg)
-    data = prepare_data(cfg, splits)
+    try:
+        data = prepare_data(cfg, splits)
+    except DataError as error:
+        if "data_dir" in given or data_origin is None or splits is not None or cfg.dataset == "digits":
+            raise
+        raise DataError(f"{error}; that folder is {data_origin}") from None
     check_batches(cfg, len(data.train[1]), data.train[1])
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
     # (a moved dataset is the same data). Checkpoints written before fingerprints existed have none to compare.

@@ -419,7 +419,13 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str | None = None, dat
         # dataset has the same file names: read as another dataset's, they would measure the run's own test split.
         raise DataError(f"--dataset {dataset}: the folder the run trained on ({cfg.data_dir}) holds its {cfg.dataset} "
                         f"files and no {dataset}/ folder; pass --data-dir with the {dataset} files")
-    images, labels = load_test_split(dataset, data_dir if data_dir is not None else cfg.data_dir)
+    try:
+        images, labels = load_test_split(dataset, data_dir if data_dir is not None else cfg.data_dir)
+    except DataError as error:
+        if data_dir is not None or cfg.data_dir is None or dataset == "digits":
+            raise
+        # (the folder is not one the user typed: after a move, --data-dir is the remedy)
+        raise DataError(f"{error}; that folder is the one the run trained on, recorded in {path}") from None
     test_loss, test_accuracy = evaluate(model.to(device), images.to(device), labels.to(device))
     return {"checkpoint": str(path), "dataset": dataset, "epoch": payload["epoch"], "test_size": len(labels),
             "test_loss": test_loss, "test_accuracy": test_accuracy}
