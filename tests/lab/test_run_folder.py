@@ -189,6 +189,21 @@ def test_compare_resumes_where_it_stopped(tmp_path, capsys):
 
 
 
+def test_compare_with_more_epochs_hints_compare_resume_not_a_lone_train(tmp_path, capsys):
+    """A finished comparison run again with more --epochs: the hint was `normkit train --out RUN --resume --epochs N`
+    for one run, which trains that run alone, and a later compare without --resume retrained it from scratch."""
+    out = tmp_path / "compare"
+    command = ["compare", "--norms", "batch,none", *TINY, "--out", str(out)]
+    assert main(command + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(command + ["--epochs", "2"]) == 2
+    error = one_line_error(capsys, "run batch, seed 0", "--epochs 1 there, 2 here",
+                           "re-run the same compare command with --resume", "--epochs 2")
+    assert "normkit train" not in error
+    assert main(command + ["--epochs", "2", "--resume"]) == 0  # the hint works: every run trained on to epoch 2
+    assert [load_checkpoint(out / run / "checkpoint.pt")["epoch"] for run in ("batch-seed0", "none-seed0")] == [2, 2]
+
+
 def test_a_ctrl_c_between_runs_or_while_writing_the_comparison_says_compare_resume(tmp_path, monkeypatch, capsys):
     """Outside a run's training (the next run's checks, or comparison.md/.png being written) no run is training,
     but the comparison is still unfinished: its Ctrl-C message gives the compare --resume hint, as inside a run."""

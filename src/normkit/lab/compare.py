@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import NOT_IDENTITY, TrainConfig, check_folder_option, flag_of, virtual_batch_size
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
-from .runfolder import UnfinishedRunError, check_out_folder, json_bytes, plan_run
+from .runfolder import LongerRunError, UnfinishedRunError, check_out_folder, json_bytes, plan_run
 from .train import RunInterrupted, run
 
 CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -92,6 +92,13 @@ def _check(norm: str, seed: int, validate):
         # `normkit train --resume` would continue this run alone; the comparison continues with compare --resume.
         unfinished = UnfinishedRunError(error.out, error.epoch, error.epochs, how=CONTINUE)
         raise ValueError(f"run {norm}, seed {seed}: {unfinished}") from None
+    except LongerRunError as error:
+        # As above: `normkit train --resume --epochs N` would train this run alone, and the next compare (without
+        # --resume) would then replace the runs so trained, which have its settings, by training them again.
+        longer = LongerRunError(error.out, error.differences, error.epochs,
+                                how=f"re-run the same compare command with --resume, which trains every run to "
+                                    f"--epochs {error.epochs}")
+        raise ValueError(f"run {norm}, seed {seed}: {longer}") from None
     except ValueError as error:
         raise ValueError(f"run {norm}, seed {seed}: {error}") from None
 

@@ -36,6 +36,18 @@ class UnfinishedRunError(ValueError):
                          f"{how}, or pass --overwrite to start over, or choose another --out")
 
 
+class LongerRunError(ValueError):
+    """A fresh run into a folder that holds a finished run whose settings differ from this one's in ``--epochs`` alone,
+    more now: ``--resume`` trains it longer. The caller (``normkit train`` or ``normkit compare``) knows which command
+    does that for it."""
+
+    def __init__(self, out: Path, differences: list[str], epochs: int, how: str = ""):
+        self.out, self.differences, self.epochs = out, differences, epochs
+        how = how or f"`normkit train --out {out} --resume --epochs {epochs}`"
+        super().__init__(f"--out {out} holds a finished run with other settings ({'; '.join(differences)}); pass "
+                         f"--overwrite to replace it, or choose another --out to keep both (or train it longer: {how})")
+
+
 def json_safe(value):
     """``value`` with every NaN or infinity replaced by None: strict JSON parsers refuse NaN, and an absent
     measurement (no validation images with --val-split 0) is null, not a number."""
@@ -132,11 +144,10 @@ def _replacement_note(cfg: TrainConfig, checkpoint_path: Path) -> tuple[str, str
         raise UnfinishedRunError(out, payload["epoch"], saved["epochs"])
     differences = _identity_differences(saved, cfg.to_dict())
     if differences:
-        longer = (len(differences) == 1 and differences[0].startswith("--epochs ") and cfg.epochs > saved["epochs"])
+        if len(differences) == 1 and differences[0].startswith("--epochs ") and cfg.epochs > saved["epochs"]:
+            raise LongerRunError(out, differences, cfg.epochs)
         raise ValueError(f"--out {out} holds a finished run with other settings ({'; '.join(differences)}); pass "
-                         "--overwrite to replace it, or choose another --out to keep both"
-                         + (f" (or train it longer: `normkit train --out {out} --resume --epochs {cfg.epochs}`)"
-                            if longer else ""))
+                         "--overwrite to replace it, or choose another --out to keep both")
     return (f"replacing the finished run in {out} (same settings: this run repeats it)",
             payload.get("data_sha256") or None)
 
