@@ -62,6 +62,11 @@ def test_someone_elses_files_are_not_wiped(tmp_path, capsys):
     assert main(["train", "--dry-run", *TINY, "--out", str(logs)]) == 2
     one_line_error(capsys, "event files", "--overwrite")
     assert (logs / "events.out.tfevents.1.host.1.0").read_bytes() == b"someone's curves"
+    # --resume too (job scripts pass it always): it found no checkpoint, started over and deleted them.
+    assert main(["train", "--dry-run", *TINY, "--out", str(logs), "--resume"]) == 2
+    one_line_error(capsys, "--resume", "event files", "nothing to continue", "--overwrite")
+    assert [p.name for p in logs.iterdir()] == ["events.out.tfevents.1.host.1.0"]
+    assert (logs / "events.out.tfevents.1.host.1.0").read_bytes() == b"someone's curves"
 
 
 def test_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):

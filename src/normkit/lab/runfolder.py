@@ -201,6 +201,11 @@ def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], not
                              "them; pass --overwrite instead of --resume to replace them, or choose another --out")
     config_path = out / "config.json"
     if not config_path.exists():
+        if any(out.glob("events.out.tfevents.*")):
+            # (as a fresh run refuses them: the start below deletes every event file in the folder)
+            raise ValueError(f"--resume: {out} holds TensorBoard event files but no checkpoint.pt or config.json (not a "
+                             "run of this lab), so there is nothing to continue, and starting over would delete them; "
+                             "pass --overwrite instead of --resume to replace them, or choose another --out")
         notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
         return cfg
     saved = _run_config_json(config_path, "pass --overwrite instead of --resume to start over, or choose another --out")
