@@ -220,6 +220,9 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--optimizer", "sgd", "--eps", "0.001"], ["--eps 0.001", "--optimizer sgd"]),
     (["--momentum", "0.5"], ["--momentum 0.5", "--optimizer rmsprop"]),
     (["--eps", "-1"], ["--eps"]),
+    # (0 trained a whole run into NaN weights, with rmsprop and adam alike: test_eps_zero_makes_nan_weights)
+    (["--eps", "0"], ["--eps", "> 0"]),
+    (["--optimizer", "adam", "--eps", "0"], ["--eps", "> 0"]),
     (["--val-split", "nan"], ["--val-split"]),
     (["--train-limit", "300", "--val-split", "0.995"], ["only 1 training images", "--val-split 0.995 of 300"]),
     # (the value given, not rounded to 6 digits: "--val-split 1" would name a value the check refuses)
@@ -234,6 +237,23 @@ def test_bad_settings_are_one_line_errors_naming_the_flag(tmp_path, capsys, argu
     assert exit_code(["train", "--dry-run", *TINY, *arguments, "--out", str(out)]) == 2
     one_line_error(capsys, *flags)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_eps_zero_makes_nan_weights(optimizer):
+    """Why --eps 0 is refused: the bias of a dense layer before BN gets a gradient of 0 (BN subtracts the batch
+    mean), exactly 0 in many of its elements, and both optimizers then divide 0 by 0 there."""
+    from normkit.lab.models import build_model
+    from normkit.lab.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model("lenet", "batch")  # the lab's default network
+    torch.nn.functional.cross_entropy(model(torch.rand(8, 1, 28, 28)), torch.arange(8)).backward()
+    bias = model[9].bias  # Linear(256, 120), then BN
+    zero = bias.grad == 0
+    assert zero.any()
+    build_optimizer(optimizer, model.parameters(), eps=0.0).step()
+    assert torch.isnan(bias[zero]).all() and not torch.isnan(bias[~zero]).any()
 
 
 @pytest.mark.parametrize("norm", ["none", "layer", "instance", "group"])  # (lab.md: the norms without batch statistics)
