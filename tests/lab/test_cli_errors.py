@@ -223,6 +223,7 @@ def test_histograms_keep_only_finite_values(tmp_path):
     # (0 trained a whole run into NaN weights, with rmsprop and adam alike: test_eps_zero_makes_nan_weights)
     (["--eps", "0"], ["--eps", "> 0"]),
     (["--optimizer", "adam", "--eps", "0"], ["--eps", "> 0"]),
+    (["--eps", "1e-50"], ["--eps", "> 0, also in float32"]),  # (0 in the float32 weights' arithmetic)
     (["--val-split", "nan"], ["--val-split"]),
     (["--train-limit", "300", "--val-split", "0.995"], ["only 1 training images", "--val-split 0.995 of 300"]),
     # (the value given, not rounded to 6 digits: "--val-split 1" would name a value the check refuses)

@@ -97,11 +97,12 @@ class TrainConfig:
                              f"Keras' default ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
         if not _is_number(self.rho) or not 0.0 <= self.rho < 1.0:
             raise ValueError(f"--rho={self.rho!r} must be in [0, 1) (RMSprop's decay; default 0.9)")
-        if not _is_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
+        if not _is_number(self.eps) or not math.isfinite(self.eps) or not np.float32(self.eps) > 0:
             # 0 is refused as --lr 0 is: RMSprop's g / sqrt(v + eps) and Adam's m / (sqrt(v) + eps) are then 0 / 0 = NaN
-            # wherever a gradient is exactly 0 from the start, as a conv or dense bias before BN always is.
-            raise ValueError(f"--eps={self.eps!r} must be a finite number > 0 (0 divides 0 by 0 wherever a gradient is "
-                             "exactly 0, e.g. the biases before BN: NaN weights); default 1e-7")
+            # wherever a gradient is exactly 0, as in the biases before BN. The weights are float32, where 1e-50 is 0.
+            raise ValueError(f"--eps={self.eps!r} must be a finite number > 0, also in float32 (1e-45 or more): 0 "
+                             "divides 0 by 0 wherever a gradient is exactly 0, e.g. the biases before BN, giving NaN "
+                             "weights; default 1e-7")
         if not _is_number(self.momentum) or not 0.0 <= self.momentum <= 1.0:
             # Keras' SGD accepts momentum in [0, 1]; more makes the velocity grow without bound.
             raise ValueError(f"--momentum={self.momentum!r} must be in [0, 1] (SGD momentum; default 0)")
