@@ -630,3 +630,20 @@ def test_tensorboard_is_not_needed_with_no_tensorboard(tmp_path):
     result = normkit_without(["tensorboard"], ["train", "--out", str(out), "--epochs", "1", *TINY])
     assert result.returncode == 0, result.stderr
     assert (out / "curves.png").is_file() and not list(out.glob("events.out.tfevents.*"))
+
+
+def test_compile_without_a_working_compiler_is_refused_before_the_folder_changes(finished, tmp_path):
+    """--compile on a CPU without a C++ compiler (torch.compile's inductor needs one): a traceback at the first step,
+    after the fresh run had deleted the finished run with the same settings it replaces; now one line, nothing lost."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    # A compiler that does not exist, and an empty kernel cache (a cached kernel needs no compiler).
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "normkit.cli", "train", "--epochs", "1", "--out", str(out),
+                             *TINY[:-1], "--compile"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--compile" in lines[0] and "C++ compiler" in lines[0] and "drop --compile" in lines[0], lines[0]
+    assert snapshot(out) == before

@@ -271,6 +271,23 @@ def check_lab_extras(cfg: TrainConfig) -> None:
                              f"install the lab extras: pip install \"normkit[lab]\"{alternative}") from None
 
 
+def check_compile(cfg: TrainConfig) -> None:
+    """--compile: torch.compile works on this machine (a C++ compiler for the CPU, Triton for CUDA), tried on a tiny
+    function before anything is written. It failed at the first step otherwise, in a traceback, after a fresh run had
+    deleted the finished run with the same settings that it replaces (``--compile`` is not one of a run's settings)."""
+    if not cfg.compile:
+        return
+    import torch
+
+    try:
+        torch.compile(lambda x: torch.sigmoid(x * 2.0) + 1.0)(torch.ones(4, device=cfg.device))
+    except Exception as error:  # (whatever stops torch.compile here would stop it on the model)
+        detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"--compile: torch.compile does not work on {cfg.device} here ({type(error).__name__}: "
+                         f"{detail.strip()}); install what it needs (a C++ compiler for the CPU), or drop --compile") \
+            from None
+
+
 def set_settings(cfg: TrainConfig) -> set[str]:
     """The fields of ``cfg`` whose values differ from ``TrainConfig``'s defaults: what its caller set."""
     defaults = TrainConfig()
@@ -343,6 +360,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             notes.append(note)
     _refuse_unused_optimizer_options(cfg, given)
     check_lab_extras(cfg)
+    check_compile(cfg)
     try:
         data = prepare_data(cfg, splits)
     except DataError as error:
