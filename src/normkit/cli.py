@@ -297,7 +297,8 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `normkit` command; returns the exit status (0 ok, 1 a refused write, 2 a user error, 130 Ctrl-C)."""
+    """Run the `normkit` command; returns the exit status (0 ok, 1 a refused write, 2 a user error, 130 Ctrl-C, 143
+    SIGTERM during a run)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would blame `normkit` and point at its --help; the command's own help lists them
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         # normkit.lab.train.RunInterrupted says what the run directory holds; a bare Ctrl-C came before any run.
         detail = str(interrupt) or "interrupted while no run was training (finished runs are complete)"
         print(f"normkit {args.command}: {detail}", file=sys.stderr)
-        return 130
+        return getattr(interrupt, "exit_status", 130)  # (143 for SIGTERM: RunInterrupted says which)
 
 
 if __name__ == "__main__":

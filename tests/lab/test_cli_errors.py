@@ -647,3 +647,41 @@ def test_compile_without_a_working_compiler_is_refused_before_the_folder_changes
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--compile" in lines[0] and "C++ compiler" in lines[0] and "drop --compile" in lines[0], lines[0]
     assert snapshot(out) == before
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys):
+    """SIGTERM (a job scheduler's stop, `timeout`, `kill PID`) ended the process on the spot, silently, exit status
+    -15; now it is reported as Ctrl-C is (what checkpoint.pt holds, the command that continues it), status 143."""
+    out = tmp_path / "run"
+    # The real command; a thread of its own sends the real signal once the first checkpoint is there.
+    code = ("import os, signal, sys, threading, time\nfrom normkit.cli import main\n"
+            f"checkpoint = {str(out / 'checkpoint.pt')!r}\n"
+            "def stop():\n    while not os.path.exists(checkpoint): time.sleep(0.005)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "threading.Thread(target=stop, daemon=True).start()\nsys.exit(main(sys.argv[1:]))")
+    argv = ["train", "--epochs", "40", "--out", str(out), *TINY]
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("normkit train: terminated (SIGTERM) in epoch "), lines[0]
+    assert f"`normkit train --out {out} --resume --epochs 40`" in lines[0]
+    saved = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    assert 1 <= saved < 40 and f"holds epoch {saved} of 40" in lines[0]
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "40", "--quiet"]) == 0  # the hint works
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 40
+
+
+def test_sigterm_during_a_comparison_names_compare_resume(tmp_path):
+    out = tmp_path / "compare"
+    code = ("import os, signal, sys, threading, time\nfrom normkit.cli import main\n"
+            f"checkpoint = {str(out / 'none-seed0' / 'checkpoint.pt')!r}\n"
+            "def stop():\n    while not os.path.exists(checkpoint): time.sleep(0.005)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "threading.Thread(target=stop, daemon=True).start()\nsys.exit(main(sys.argv[1:]))")
+    argv = ["compare", "--norms", "batch,none", "--epochs", "40", "--out", str(out), *TINY]
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "run none, seed 0: terminated (SIGTERM)" in lines[0] and "compare command with --resume" in lines[0]

@@ -12,7 +12,7 @@ from .config import NOT_IDENTITY, TrainConfig, check_folder_option, flag_of, vir
 from .data import atomic_write_bytes, load_dataset
 from .plots import plot_curves
 from .runfolder import LongerRunError, UnfinishedRunError, check_out_folder, json_bytes, plan_run
-from .train import RunInterrupted, run
+from .train import RunInterrupted, Terminated, run, terminations_interrupt
 
 CURVE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -124,6 +124,16 @@ def _refuse_mixed_settings(plans: dict) -> None:
                                  "interrupted compare command")
 
 
+def _run_all(configs: dict, given: set[str], splits, results: dict[str, dict[int, dict]]) -> None:
+    """Train every run of the comparison in turn into ``results``; a run's interruption names the run."""
+    for (norm, seed), cfg in configs.items():
+        try:
+            results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
+        except RunInterrupted as interrupt:
+            raise RunInterrupted(f"run {norm}, seed {seed}: {interrupt}; to continue the whole comparison, "
+                                 f"{CONTINUE}", terminated=interrupt.terminated) from None
+
+
 def compare(norms: list[str], seeds: list[int], out: str | None = None, **options) -> dict[str, dict[int, dict]]:
     """Train every (norm, seed) with the same other ``options`` (TrainConfig fields); write to ``out``:
     <norm>-seed<seed>/ run directories, comparison.md, comparison.json and comparison.png.
@@ -164,28 +174,26 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
     _refuse_mixed_settings(plans)
     results: dict[str, dict[int, dict]] = {}
     try:
-        for (norm, seed), cfg in configs.items():
-            try:
-                results.setdefault(norm, {})[seed] = run(cfg, given=given, splits=splits)
-            except RunInterrupted as interrupt:
-                raise RunInterrupted(f"run {norm}, seed {seed}: {interrupt}; to continue the whole comparison, "
-                                     f"{CONTINUE}") from None
-        table = comparison_table(results)
-        atomic_write_bytes(out_dir / "comparison.md", table.encode())
-        summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
-                          for seed, m in by_seed.items()} for norm, by_seed in results.items()}
-        atomic_write_bytes(out_dir / "comparison.json", json_bytes(summary))
-        plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()]) for norm, by_seed in results.items()},
-                    out_dir / "comparison.png",
-                    title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
+        with terminations_interrupt():  # (between runs too: SIGTERM is reported as Ctrl-C is)
+            _run_all(configs, given, splits, results)
+            table = comparison_table(results)
+            atomic_write_bytes(out_dir / "comparison.md", table.encode())
+            summary = {norm: {str(seed): {k: m[k] for k in ("test_accuracy", "test_loss", "history")}
+                              for seed, m in by_seed.items()} for norm, by_seed in results.items()}
+            atomic_write_bytes(out_dir / "comparison.json", json_bytes(summary))
+            plot_curves({norm: _mean_history([m["history"] for m in by_seed.values()])
+                         for norm, by_seed in results.items()}, out_dir / "comparison.png",
+                        title=f"{base.model} on {base.dataset}, mean of seeds {', '.join(map(str, seeds))}")
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, RunInterrupted):
             raise
         # Between two runs (the next one's checks) or while the comparison's own files are written: no run is
         # training, and the finished ones are saved; the hint is the same as for a Ctrl-C inside a run.
         finished = sum(len(by_seed) for by_seed in results.values())
-        raise RunInterrupted(f"interrupted after {finished} of {len(configs)} runs finished (their run folders are "
-                             f"complete); to continue the whole comparison, {CONTINUE}") from None
+        how = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        raise RunInterrupted(f"{how} after {finished} of {len(configs)} runs finished (their run folders are "
+                             f"complete); to continue the whole comparison, {CONTINUE}",
+                             terminated=isinstance(interrupt, Terminated)) from None
     if not options.get("quiet"):
         print(f"\n{table}\nwrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
     return results

@@ -86,7 +86,36 @@ def _show(value: float | None) -> str:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says what the run directory holds and how to continue."""
+    """Ctrl-C (or SIGTERM) during a run; the message says what the run directory holds and how to continue.
+    ``exit_status``: the command's, 130 for Ctrl-C, 143 (128 + SIGTERM) for a termination."""
+    exit_status = 130
+
+    def __init__(self, message: str, terminated: bool = False):
+        super().__init__(message)
+        self.terminated = terminated
+        self.exit_status = 128 + signal.SIGTERM if terminated else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, `timeout`, `kill PID`) raised as Ctrl-C is, inside ``terminations_interrupt()``."""
+
+
+def _terminate(signum, frame):
+    raise Terminated("terminated (SIGTERM)")
+
+
+@contextlib.contextmanager
+def terminations_interrupt():
+    """SIGTERM stops a run as Ctrl-C does: the run directory's state and the command that continues it are reported,
+    TensorBoard's events are flushed, exit status 143. (By default SIGTERM ended the process on the spot and silently.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (only the main thread receives Python's signal handlers)
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None,
@@ -110,7 +139,8 @@ def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None =
     if plan.cfg.threads:
         torch.set_num_threads(plan.cfg.threads)
     try:
-        return _run(plan, on_step)
+        with terminations_interrupt():
+            return _run(plan, on_step)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -121,9 +151,12 @@ def _run(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None) -> dic
     progress = {"saved_epochs": checkpoint["epoch"] if checkpoint is not None else 0}  # what checkpoint.pt holds
     try:
         return _train(plan, on_step, progress)
-    except KeyboardInterrupt:
-        raise RunInterrupted(_interrupted_message(out, progress["saved_epochs"],
-                                                  1 if cfg.dry_run else cfg.epochs)) from None
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        message = _interrupted_message(out, progress["saved_epochs"], 1 if cfg.dry_run else cfg.epochs)
+        if terminated:
+            message = "terminated (SIGTERM) " + message.removeprefix("interrupted ")
+        raise RunInterrupted(message, terminated=terminated) from None
 
 
 def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, progress: dict) -> dict:
@@ -273,15 +306,20 @@ def _interrupts_held():
         yield  # (only the main thread receives Python's signal handlers)
         return
     pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM)  # (SIGTERM too: terminations_interrupt raises it as Ctrl-C is raised)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in held:
+            signal.signal(signum, previous[signum])
     if pending:
-        if callable(previous):
-            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-        elif previous != signal.SIG_IGN:
+        signum = pending[0]
+        if callable(previous[signum]):
+            previous[signum](signum, None)  # Python's default handler raises KeyboardInterrupt, _terminate Terminated
+        elif previous[signum] == signal.SIG_DFL and signum == signal.SIGTERM:
+            os.kill(os.getpid(), signum)  # (not inside terminations_interrupt: the default action, now)
+        elif previous[signum] != signal.SIG_IGN:
             raise KeyboardInterrupt
 
 
