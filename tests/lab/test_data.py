@@ -431,6 +431,26 @@ def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
     assert not list((tmp_path / "data").rglob("*.gz"))
 
 
+def test_a_failed_download_leaves_no_folder_that_hides_the_files_beside_it(tmp_path, monkeypatch):
+    """IDX files straight in DIR, then a download that fails (offline): it left an empty DIR/mnist/, which the reader
+    takes before DIR, so the runs on DIR's files stopped with "missing file DIR/mnist/..."."""
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
+                                                      mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
+    flat = tmp_path / "flat"
+    for part, count in (("train", 20), ("test", 10)):
+        write_idx(flat / data.IDX_FILES[part][0], np.full((count, 28, 28), 7, dtype=np.uint8))
+        write_idx(flat / data.IDX_FILES[part][1], np.arange(count, dtype=np.uint8) % 10)
+    before = load_dataset("mnist", flat)
+    with pytest.raises(DataError, match="could not download"):
+        data.download("mnist", flat, timeout=5)
+    assert not (flat / "mnist").exists()
+    assert torch.equal(load_dataset("mnist", flat).train[0], before.train[0])
+    # Folders above it that the download made go too; folders that were there stay.
+    with pytest.raises(DataError, match="could not download"):
+        data.download("mnist", tmp_path / "new" / "data", timeout=5)
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
+
+
 def test_download_into_a_file_or_an_impossible_folder_is_refused_before_any_fetch(tmp_path, monkeypatch):
     # A mirror that would fail is never asked: the folder is refused first, and the file is left alone.
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],

@@ -404,6 +404,7 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
         if folder.exists() and not folder.is_dir():
             raise DataError(f"--data-dir {data_dir}: {folder} is a file, not a folder; choose a folder path "
                             "(created if missing)")
+    created = [folder for folder in (target, *target.parents) if not folder.exists()]  # (deepest first)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -428,6 +429,13 @@ def download(name: str, data_dir: str | os.PathLike, timeout: float = 30.0) -> P
             atomic_write_bytes(path, payload)
             break
         else:
+            # The folders made for it go again while empty: an empty DIR/<name>/ would be read instead of DIR, so a
+            # failed download stopped runs on the IDX files in DIR itself ("missing file DIR/<name>/...").
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # (not empty: a file of this download, or someone else's)
             raise DataError(f"could not download {filename} ({'; '.join(failures)}). Without a network, copy the "
                             f"canonical files ({', '.join(spec['md5'])}) into {target} and pass --data-dir {target.parent}")
     return target
