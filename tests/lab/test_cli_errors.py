@@ -685,3 +685,28 @@ def test_sigterm_during_a_comparison_names_compare_resume(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "run none, seed 0: terminated (SIGTERM)" in lines[0] and "compare command with --resume" in lines[0]
+
+
+def test_a_program_s_own_sigterm_handler_is_left_alone(tmp_path):
+    """From Python, a program that handles SIGTERM itself (a graceful shutdown of its own) keeps its handler during
+    run(): only the default action, which ended the process silently, is replaced."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        def terminate(step, model):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        metrics = run(TrainConfig(train_limit=200, batch_size=32, epochs=1, quiet=True, tensorboard=False,
+                                  out=str(tmp_path / "run")), on_step=terminate)
+        assert received == [signal.SIGTERM] and metrics["steps"] == 5
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # (the program's, still)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # With the default action, the same signal stops the run as Ctrl-C does (exit status 143 from the command).
+    def terminate_default(step, model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match=r"^terminated \(SIGTERM\) in epoch 1, before the first checkpoint") as info:
+        run(TrainConfig(train_limit=200, batch_size=32, epochs=1, quiet=True, tensorboard=False,
+                        out=str(tmp_path / "other")), on_step=terminate_default)
+    assert info.value.exit_status == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

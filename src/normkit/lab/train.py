@@ -108,8 +108,8 @@ def _terminate(signum, frame):
 def terminations_interrupt():
     """SIGTERM stops a run as Ctrl-C does: the run directory's state and the command that continues it are reported,
     TensorBoard's events are flushed, exit status 143. (By default SIGTERM ended the process on the spot and silently.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # (only the main thread receives Python's signal handlers)
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # (only the main thread receives Python's signal handlers; a program's own SIGTERM handler stays)
         return
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
