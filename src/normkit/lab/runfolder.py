@@ -279,8 +279,11 @@ def check_compile(cfg: TrainConfig) -> None:
         return
     import torch
 
+    from .train import _interrupts_held  # (at call time: train imports this module)
+
     try:
-        torch.compile(lambda x: torch.sigmoid(x * 2.0) + 1.0)(torch.ones(4, device=cfg.device))
+        with _interrupts_held():  # (the first torch.compile imports torch._dynamo: a Ctrl-C inside aborts the process)
+            torch.compile(lambda x: torch.sigmoid(x * 2.0) + 1.0)(torch.ones(4, device=cfg.device))
     except Exception as error:  # (whatever stops torch.compile here would stop it on the model)
         detail = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ValueError(f"--compile: torch.compile does not work on {cfg.device} here ({type(error).__name__}: "
