@@ -710,3 +710,42 @@ def test_a_program_s_own_sigterm_handler_is_left_alone(tmp_path):
         run(TrainConfig(train_limit=200, batch_size=32, epochs=1, quiet=True, tensorboard=False,
                         out=str(tmp_path / "other")), on_step=terminate_default)
     assert info.value.exit_status == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("norm", ["batch", "torch"])
+def test_bn_without_running_statistics_evaluates_a_split_of_1001_images(tmp_path, norm):
+    """BN with track_running_stats=false evaluates with batch statistics: 1,001 validation images made batches of
+    1,000 and 1, and the run died at its first validation ("Expected more than 1 value per channel"), unsaved."""
+    out = tmp_path / "run"
+    # 1,437 digits: --val-split 0.69624 leaves 436 training and 1,001 validation images.
+    assert main(["train", "--norm", norm, "--norm-option", "track_running_stats=false", "--val-split", "0.69624",
+                 "--epochs", "1", "--quiet", "--no-tensorboard", "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["val_size"] == 1001 and 0 <= metrics["history"][0]["val_accuracy"] <= 1
+
+
+def test_a_last_evaluation_batch_of_one_image_changes_nothing_for_running_statistics():
+    """The one image joins the batch before it; in eval mode with running statistics every image is on its own, so
+    the accuracy is that of one image at a time, the loss the same up to float rounding."""
+    from normkit.lab.models import build_model
+    from normkit.lab.train import evaluate
+
+    torch.manual_seed(0)
+    model = build_model("lenet", "batch")
+    model.train()
+    model(torch.rand(64, 1, 28, 28))  # running statistics other than the initial ones
+    images, labels = torch.rand(1001, 1, 28, 28), torch.randint(0, 10, (1001,))
+    merged, single = evaluate(model, images, labels), evaluate(model, images, labels, batch_size=1)
+    assert merged[1] == single[1] and merged[0] == pytest.approx(single[0], rel=1e-5)
+    assert model.training  # (evaluate restores the mode)
+
+
+def test_a_validation_split_of_one_image_is_refused_for_bn_without_running_statistics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--norm", "torch", "--norm-option", "track_running_stats=false", "--train-limit", "10",
+                 "--val-split", "0.1", "--batch-size", "3", "--quiet", "--no-tensorboard", "--out", str(out)]) == 2
+    one_line_error(capsys, "validation split holds 1 image", "track_running_stats=false", "--val-split")
+    assert not out.exists()
+    # Running statistics evaluate one image as well as any.
+    assert main(["train", "--norm", "torch", "--train-limit", "10", "--val-split", "0.1", "--batch-size", "3",
+                 "--epochs", "1", "--quiet", "--no-tensorboard", "--out", str(out)]) == 0

@@ -291,6 +291,20 @@ def check_compile(cfg: TrainConfig) -> None:
             from None
 
 
+def _refuse_single_image_evaluation(cfg: TrainConfig, data: Prepared) -> None:
+    """BN without running statistics (--norm-option track_running_stats=false) evaluates with each batch's statistics,
+    which a split of one image does not have: the run stopped at its first validation, its epoch unsaved."""
+    from .config import _has_batch_norm, _keeps_running_stats
+
+    if not _has_batch_norm(cfg.norm) or _keeps_running_stats(cfg.norm, cfg.norm_options):
+        return
+    for split, flags in (("validation", "--val-split or --train-limit"), ("test", "--dataset or --data-dir")):
+        if len(getattr(data, "val" if split == "validation" else "test")[1]) == 1:
+            raise ValueError(f"the {split} split holds 1 image, and --norm {cfg.norm} with --norm-option "
+                             "track_running_stats=false normalizes evaluation batches with their own statistics, "
+                             f"which need 2 images; change {flags}, or keep running statistics")
+
+
 def set_settings(cfg: TrainConfig) -> set[str]:
     """The fields of ``cfg`` whose values differ from ``TrainConfig``'s defaults: what its caller set."""
     defaults = TrainConfig()
@@ -371,6 +385,7 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
             raise
         raise DataError(f"{error}; that folder is {data_origin}") from None
     check_batches(cfg, len(data.train[1]), data.train[1])
+    _refuse_single_image_evaluation(cfg, data)
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
     # (a moved dataset is the same data). Checkpoints written before fingerprints existed have none to compare.
     resumed_data = checkpoint.get("data_sha256") if checkpoint is not None else None

@@ -57,11 +57,18 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for index, start in enumerate(range(0, len(labels), batch_size)):
+    starts = list(range(0, len(labels), batch_size))
+    if len(starts) > 1 and len(labels) - starts[-1] == 1:
+        # A last batch of one image joins the one before (1,001 images: one batch of 1,001). BN without running
+        # statistics (--norm-option track_running_stats=false) normalizes evaluation batches with their own, which one
+        # image does not have: the run stopped after its epoch's training, unsaved. Other models are per image here.
+        starts.pop()
+    ends = starts[1:] + [len(labels)]
+    for index, (start, end) in enumerate(zip(starts, ends)):
         if max_batches is not None and index >= max_batches:
             break
-        logits = model(images[start:start + batch_size])
-        target = labels[start:start + batch_size]
+        logits = model(images[start:end])
+        target = labels[start:end]
         total_loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
         seen += len(target)
