@@ -310,6 +310,17 @@ def test_numpy_integers_and_float32_from_python_train_as_plain_numbers(tmp_path)
     assert evaluate_checkpoint(out)["test_accuracy"] == metrics["test_accuracy"]
 
 
+def test_numpy_values_of_norm_options_are_plain_json(tmp_path):
+    """--norm-option values from a sweep (np.arange's np.int64, a NumPy bool) were refused as "values must be numbers,
+    strings, true/false ..."; they are the JSON values they hold."""
+    out = tmp_path / "run"
+    options = {"virtual_batch_size": np.arange(8, 9)[0], "affine": np.bool_(True), "momentum": np.float32(0.5)}
+    run(TrainConfig(norm="ghost", norm_options=options, train_limit=40, batch_size=16, dry_run=True, quiet=True,
+                    tensorboard=False, out=str(out)))
+    assert strict_json(out / "config.json")["norm_options"] == {"virtual_batch_size": 8, "affine": True, "momentum": 0.5}
+    assert evaluate_checkpoint(out)["test_size"] == 360
+
+
 def test_a_whole_number_setting_of_another_type_says_so(tmp_path):
     for settings, phrase in (({"epochs": 2.0}, "--epochs=2.0 must be a whole number"),
                              ({"val_split": "0.1"}, "--val-split='0.1' must be in [0, 1)")):

@@ -69,6 +69,8 @@ class TrainConfig:
         # at least 1". (np.bool_ is no NumPy number: the switches stay True or False.)
         self = dataclasses.replace(self, **{f.name: getattr(self, f.name).item() for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), (np.integer, np.floating))})
+        if isinstance(self.norm_options, dict):  # (their values are JSON: a NumPy bool is true/false there)
+            self = dataclasses.replace(self, norm_options=_plain_json(self.norm_options))
         choices = dict(dataset=DATASETS, model=MODELS, norm=NORM_NAMES, activation=tuple(ACTIVATIONS), init=INITS,
                        optimizer=OPTIMIZERS, device=("cpu", "cuda"))
         for name, allowed in choices.items():
@@ -171,6 +173,18 @@ class TrainConfig:
 
 MAX_SEED = 2**32 - 1
 NUM_CLASSES = 10  # every dataset of the lab (digits, MNIST, Fashion-MNIST, KMNIST) has labels 0..9
+
+
+def _plain_json(value):
+    """``value`` with the NumPy numbers and bools in it, at any depth of dicts and lists, as Python's: --norm-option
+    values from a sweep (np.int64 virtual batch sizes) were refused as not JSON."""
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(item) for item in value]
+    return value
 
 
 def check_device(device: str) -> None:
