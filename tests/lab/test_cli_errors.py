@@ -760,3 +760,25 @@ def test_a_validation_split_of_one_image_is_refused_for_bn_without_running_stati
     # Running statistics evaluate one image as well as any.
     assert main(["train", "--norm", "torch", "--train-limit", "10", "--val-split", "0.1", "--batch-size", "3",
                  "--epochs", "1", "--quiet", "--no-tensorboard", "--out", str(out)]) == 0
+
+
+def test_resume_from_a_damaged_checkpoint_says_how_to_go_on(finished, tmp_path, capsys):
+    """--resume on a cut checkpoint.pt said what is wrong with the file ("truncated or corrupt") but neither the flag
+    nor what to do, which the fresh run's refusal of the same file did say (--overwrite)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes()[:100_000])
+    before = snapshot(out)
+    assert main(["train", "--resume", "--epochs", "2", "--quiet", "--out", str(out)]) == 2
+    one_line_error(capsys, str(out / "checkpoint.pt"), "truncated or corrupt", "--resume cannot continue from it",
+                   "restore checkpoint.pt from a copy", "--overwrite instead of --resume")
+    assert snapshot(out) == before
+    # Weights that do not fit (another model's): the same remedy.
+    payload = load_checkpoint(finished / "checkpoint.pt")
+    payload["model"] = {"weight": torch.zeros(3)}
+    torch.save(payload, out / "checkpoint.pt")
+    assert main(["train", "--resume", "--epochs", "2", "--quiet", "--out", str(out)]) == 2
+    one_line_error(capsys, "do not fit", "--overwrite instead of --resume")
+    # The remedy works.
+    assert main(["train", "--overwrite", "--epochs", "1", "--out", str(out), *TINY[:-1]]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1

@@ -25,6 +25,12 @@ from .config import NOT_IDENTITY, PER_INVOCATION, RESUME_OVERRIDABLE, TrainConfi
 from .data import DataError, Splits, atomic_write_bytes
 
 
+# What to do when --resume meets a checkpoint it cannot continue from (a damaged or foreign file, weights or states that
+# do not fit): the file's own error said what is wrong with it, not how to go on.
+RESUME_REMEDY = ("--resume cannot continue from it: restore checkpoint.pt from a copy, or start the run over with "
+                 "--overwrite instead of --resume, or choose another --out")
+
+
 class UnfinishedRunError(ValueError):
     """A fresh run into a folder that holds an unfinished run (``--resume`` continues it); the caller
     (``normkit train`` or ``normkit compare``) knows which command continues it."""
@@ -335,8 +341,11 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
     # user gave, and after a move the remedy is --data-dir).
     data_origin = "NORMKIT_DATA's value (no --data-dir was given)" if os.environ.get("NORMKIT_DATA") else None
     if cfg.resume and checkpoint_path.is_file():
-        payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
-        saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+        try:
+            payload = load_checkpoint(checkpoint_path, map_location=cfg.device)
+            saved = config_from_checkpoint(payload, checkpoint_path).to_dict()
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {RESUME_REMEDY}") from None
         if saved["data_dir"] is not None:  # (None: a run of an earlier normkit, which read NORMKIT_DATA's)
             data_origin = f"the one the run trained on, recorded in {checkpoint_path}"
         if saved["dry_run"] and not cfg.dry_run:

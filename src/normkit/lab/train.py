@@ -47,7 +47,7 @@ from .config import TrainConfig, check_device, check_folder_option
 from .data import DATASETS, DataError, Splits, leftover_temporaries, load_test_split
 from .models import build_model
 from .optim import build_optimizer
-from .runfolder import RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
+from .runfolder import RESUME_REMEDY, RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
 
 
 @torch.no_grad()
@@ -197,19 +197,24 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
     history: list[dict] = []
     start_epoch, step = 0, 0
     if checkpoint is not None:
-        load_weights(model, checkpoint["model"], checkpoint_path, cfg)
+        try:
+            load_weights(model, checkpoint["model"], checkpoint_path, cfg)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {RESUME_REMEDY}") from None
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError, RuntimeError, TypeError) as error:
             raise CheckpointError(f"{checkpoint_path}: its optimizer state does not fit the model: "
-                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
+                                  f"{RESUME_REMEDY}") from None
         history, start_epoch, step = list(checkpoint["history"]), checkpoint["epoch"], checkpoint["step"]
         try:
             restore_rng_states(checkpoint["rng"], shuffle)
         except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as error:
             # load_checkpoint tried every state but CUDA's (trying those would start CUDA for a CPU run).
             raise CheckpointError(f"{checkpoint_path}: its RNG states cannot be restored: "
-                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
+                                  f"{RESUME_REMEDY}") from None
     write_json(out / "config.json", cfg.to_dict())
 
     # The checkpoint's last step is logged; a killed run may have logged later ones, which the resumed run redoes.
