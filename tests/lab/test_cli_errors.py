@@ -207,6 +207,7 @@ def test_histograms_keep_only_finite_values(tmp_path):
     (["--optimizer", "sgd", "--lr", "-1"], ["--lr"]),
     (["--lr", "nan"], ["--lr", "finite"]),
     (["--lr", "0"], ["--lr", "> 0"]),
+    (["--lr", "1e-50"], ["--lr", "> 0, also in float32"]),  # (a 0 for the float32 weights: no step moves them)
     (["--optimizer", "sgd", "--momentum", "-1"], ["--momentum"]),
     (["--seed", "-5"], ["--seed"]),
     (["--seed", str(2**64)], ["--seed"]),

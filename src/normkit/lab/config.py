@@ -94,8 +94,10 @@ class TrainConfig:
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             # NumPy's global generator, seeded alongside torch's, takes 0 .. 2**32 - 1.
             raise ValueError(f"--seed={self.seed!r} must be an integer from 0 to {MAX_SEED}")
-        if self.lr is not None and (not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0):
-            raise ValueError(f"--lr={self.lr!r} must be a finite number > 0 (0 would train nothing); omit it for "
+        # (> 0 in float32 too: the weights' arithmetic makes 1e-50 a 0, and every step then leaves them as they are)
+        if self.lr is not None and (not _is_number(self.lr) or not math.isfinite(self.lr) or not np.float32(self.lr) > 0):
+            raise ValueError(f"--lr={self.lr!r} must be a finite number > 0, also in float32 (1e-45 or more; 0 would "
+                             "train nothing); omit it for "
                              f"Keras' default ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
         if not _is_number(self.rho) or not 0.0 <= self.rho < 1.0:
             raise ValueError(f"--rho={self.rho!r} must be in [0, 1) (RMSprop's decay; default 0.9)")
