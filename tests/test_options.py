@@ -531,6 +531,29 @@ def test_constraints_after_optimizer_step(name, project):
     torch.testing.assert_close(layer.weight.data, project(torch.full((3,), -5.0)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_regularizers_and_constraints_of_a_half_precision_layer_do_not_overflow(dtype):
+    """A .half() layer's sum of squares overflowed float16 (past 65504: 4096 gammas of 4): the L2 term was inf,
+    and max_norm wrote NaN into every weight (rate * 2 + (1 - rate) * inf). They are computed in float32, as the
+    statistics are; the oracle is the same formula in float64 on the layer's (rounded) values."""
+    layer = normkit.BatchNorm(4096, weight_regularizer="l2", bias_regularizer="l1", weight_constraint="max_norm",
+                              bias_constraint="unit_norm").to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(3.5, 4.5, 4096)), layer.bias.fill_(4.0)
+    weight, bias = to_numpy(layer.weight), to_numpy(layer.bias)
+    loss = layer.regularization_loss()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(0.01 * np.sum(weight ** 2) + 0.01 * np.sum(np.abs(bias)), rel=1e-6)
+    loss.backward()  # (the gradient reaches the half-precision weight in its dtype: 2 * 0.01 * w)
+    assert layer.weight.grad.dtype == dtype
+    assert_close(layer.weight.grad, 0.02 * weight, dtype)
+    normkit.apply_constraints(layer)
+    norm = np.sqrt(np.sum(weight ** 2))
+    assert_close(layer.weight, weight * (2.0 / (1e-7 + norm)), dtype, rtol=0)
+    assert_close(layer.bias, bias / (1e-7 + np.sqrt(np.sum(bias ** 2))), dtype, rtol=0)
+    assert layer.weight.dtype == layer.bias.dtype == dtype
+
+
 def test_step_hook_projects_only_what_its_optimizer_stepped():
     """Keras' optimizer applies a constraint once, after its own step, to the variables that step updated (those with
     a gradient). Two optimizers hooked to one model, one for gamma and one for beta, used to project every layer at

@@ -34,6 +34,12 @@ def check_process_group(process_group, name: str = "process_group"):
     return process_group
 
 
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """A float16/bfloat16 weight as float32 (a differentiable cast), others as they are: a half-precision layer's
+    sum of squares overflowed float16 (4096 gammas of 4 pass 65504), so the L2 term was inf and a norm constraint
+    wrote NaN or 0 into every weight. float32 and float64 weights are computed as before (same bits)."""
+    return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+
 # ----------------------------------------------------------------------------- initializers
 
 
@@ -308,6 +314,7 @@ class L1L2:
         self.l1, self.l2 = float(l1), float(l2)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = _widened(weight)  # (a half-precision weight's term in float32: see _widened)
         loss = weight.new_zeros(())
         if self.l1:
             loss = loss + self.l1 * weight.abs().sum()
@@ -398,11 +405,12 @@ class MinMaxNorm:
         self.min_value, self.max_value, self.rate, self.axis = float(min_value), float(max_value), float(rate), axis
 
     def __call__(self, w):
-        norms = w.square().sum(dim=self.axis, keepdim=True).sqrt()
+        wide = _widened(w)  # (computed in float32 for a half-precision weight, given back in its dtype)
+        norms = wide.square().sum(dim=self.axis, keepdim=True).sqrt()
         desired = self.rate * norms.clamp(self.min_value, self.max_value) + (1 - self.rate) * norms
         # Keras' grouping: the factor first, then one product (w * desired / (eps + norm) rounded twice on w,
         # and differed from Keras' projection in the last bits for most weights)
-        return w * (desired / (EPSILON + norms))
+        return (wide * (desired / (EPSILON + norms))).to(w.dtype)
 
     def keras_config(self):
         return "MinMaxNorm", {"min_value": self.min_value, "max_value": self.max_value, "rate": self.rate,
@@ -426,7 +434,8 @@ class UnitNorm:
         self.axis = axis
 
     def __call__(self, w):
-        return w / (EPSILON + w.square().sum(dim=self.axis, keepdim=True).sqrt())
+        wide = _widened(w)  # (computed in float32 for a half-precision weight, given back in its dtype)
+        return (wide / (EPSILON + wide.square().sum(dim=self.axis, keepdim=True).sqrt())).to(w.dtype)
 
     def keras_config(self):
         return "UnitNorm", {"axis": self.axis}
