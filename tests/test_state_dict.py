@@ -160,6 +160,24 @@ def test_plain_checkpoint_into_a_renorm_layer_derives_its_renorm_state():
     np.testing.assert_allclose(ours.running_var.numpy(), stddev ** 2 - ours.eps, rtol=1e-12)
 
 
+@pytest.mark.parametrize("saved,layer", [(torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+                                         (torch.float32, torch.float16)])
+def test_plain_checkpoint_of_another_dtype_derives_the_renorm_state_rounded_once_to_the_layer_s(saved, layer):
+    """A half-precision torch.nn checkpoint into a float32 renorm layer: moving_stddev was rounded to the
+    checkpoint's float16 before the copy into float32 (3e-4 off at a variance of 8, carried into running_var);
+    now sqrt(var + eps) in float64, rounded once to the layer's dtype (float32 into float16: no double rounding)."""
+    theirs = torch.nn.BatchNorm1d(5).to(saved)
+    with torch.no_grad():
+        theirs.running_var.copy_(torch.linspace(0.3, 7.7, 5)), theirs.running_mean.copy_(torch.linspace(-2, 2, 5))
+    ours = normkit.BatchNorm1d(5, renorm=True).to(layer)
+    ours.load_state_dict(theirs.state_dict())
+    stddev = torch.from_numpy(np.sqrt(theirs.running_var.double().numpy() + ours.eps)).to(layer)
+    for name in ("moving_stddev", "renorm_stddev"):
+        assert getattr(ours, name).dtype == layer
+        torch.testing.assert_close(getattr(ours, name), stddev, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(ours.renorm_mean, theirs.running_mean.to(layer), rtol=0, atol=0)
+
+
 def test_plain_checkpoint_into_a_layer_with_renorm_switched_off_derives_its_kept_renorm_state():
     """A layer whose renorm was switched off keeps its renorm buffers; a plain checkpoint loaded into it derives
     them as for a renorm layer (it failed strictly on "missing" renorm keys, and with strict=False kept the old

@@ -556,10 +556,11 @@ class BatchNorm(_NormBase):
             for name, value in state.items():
                 self.register_buffer(name, value)
 
-    def _renorm_state_from(self, mean: torch.Tensor, var: torch.Tensor) -> dict:
+    def _renorm_state_from(self, mean: torch.Tensor, var: torch.Tensor, dtype: Optional[torch.dtype] = None) -> dict:
         """Renorm's buffers implied by running statistics: moving_stddev = renorm_stddev = sqrt(var + eps),
-        renorm_mean = mean (so the running variance derived back from moving_stddev is var)."""
-        stddev = (var.double() + self.eps).sqrt().to(var.dtype)
+        renorm_mean = mean (so the running variance derived back from moving_stddev is var). ``dtype``: the one
+        the buffers are kept in (default: var's), which the float64 root is rounded to once."""
+        stddev = (var.double() + self.eps).sqrt().to(dtype or var.dtype)
         return {"moving_stddev": stddev, "renorm_mean": mean.clone(), "renorm_stddev": stddev.clone()}
 
     def _checked_renorm_clipping(self, clipping, name):
@@ -622,7 +623,10 @@ class BatchNorm(_NormBase):
                 derived = {name: nn.parameter.UninitializedBuffer(device=var.device, dtype=var.dtype)
                            for name in self.RENORM_STATE}
             elif self._statistics_load(mean, var):
-                derived = self._renorm_state_from(mean, var)
+                # (rounded to the layer's own dtype: via a float16 checkpoint's, a float32 layer's stddev was
+                # float16-rounded; a float32 one into a float16 layer was rounded twice)
+                own = self._buffers["moving_stddev"]
+                derived = self._renorm_state_from(mean, var, None if own is None else own.dtype)
             else:
                 # Statistics that cannot load (another size, not a tensor): the load reports them as torch.nn does,
                 # and the renorm state, which is not in the checkpoint, stays as it is (derived, it was reported
