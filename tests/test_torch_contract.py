@@ -343,6 +343,57 @@ def test_float64_input_to_a_float32_layer_with_options(options):
         assert layer.double()(torch.randn(8, 3, dtype=torch.float64)).dtype == torch.float64
 
 
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16),
+                                                     (torch.float64, torch.float32)])
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 4}, {"momentum": None},
+                                     {"renorm": True, "virtual_batch_size": 4}, {"axis": -1, "mask": True},
+                                     {"adjustment": lambda shape: (torch.ones(shape[-1:]), torch.zeros(shape[-1:]))}])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_batch_of_another_dtype_is_refused_under_autocast_as_torch_nn_refuses_it(layer_dtype, input_dtype, options,
+                                                                                    mode):
+    """Autocast does not cast batch_norm's input (the op is in none of its lists, CPU or CUDA), so torch.nn's layer
+    refuses a .half() model's float32 batch under autocast as without it ("mixed dtype"). normkit's plain path passed
+    ATen's message on (naming neither the input nor a fix) and its training option paths computed the batch; every
+    path now refuses with the TypeError that says what to cast, and the layer is left as it was."""
+    options = dict(options)
+    masked = options.pop("mask", False)
+    theirs = getattr(nn.BatchNorm1d(3).to(layer_dtype), mode)()
+    ours = getattr(normkit.BatchNorm(3, **options).to(layer_dtype), mode)()
+    x = torch.randn(8, 3).to(input_dtype)
+    mask = torch.rand(8, 1) > 0.2 if masked else None
+    before = {name: tensor.clone() for name, tensor in ours.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            theirs(x)
+        with pytest.raises(TypeError, match=rf"input has dtype {input_dtype} .*{layer_dtype}: cast the input"):
+            ours(x, mask=mask)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", [
+    ("LayerNorm", (3,), {}, (2, 4, 3)), ("GroupNorm", (1, 3), {}, (2, 3, 4)),
+    ("InstanceNorm1d", (3,), {"affine": True}, (2, 3, 4)),
+    ("InstanceNorm1d", (3,), {"affine": True, "track_running_stats": True}, (2, 3, 4)),
+    ("LazyBatchNorm1d", (), {}, (8, 3)), ("LazyInstanceNorm1d", (), {}, (2, 3, 4)),
+])
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float16, torch.float32), (torch.float64, torch.bfloat16)])
+def test_the_other_norms_refuse_a_batch_of_another_dtype_under_cpu_autocast_by_name(name, args, kwargs, shape,
+                                                                                   layer_dtype, input_dtype):
+    """The CPU's autocast casts none of the norms' inputs (CUDA's casts layer_norm's and group_norm's to float32):
+    torch.nn's layers refuse the mix there as without autocast, and normkit's now say what to cast instead of passing
+    ATen's message on; a lazy layer refuses before it is sized (a LazyBatchNorm was sized by the refused batch)."""
+    ours, theirs = (getattr(module, name)(*args, **kwargs).to(layer_dtype) for module in (normkit, nn))
+    x = torch.randn(shape).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            theirs(x)
+        with pytest.raises(TypeError, match=rf"input has dtype {input_dtype} .*{layer_dtype}: cast the input"):
+            ours(x)
+    if name.startswith("Lazy"):
+        assert nn.parameter.is_lazy(ours.weight)
+
+
 @pytest.mark.parametrize("options", [{}, {"renorm": True}, {"virtual_batch_size": 4}])
 def test_float64_input_is_refused_under_autocast_too(options):
     """Autocast leaves float64 alone and ATen refuses the mix; normkit says so on every path (renorm used to

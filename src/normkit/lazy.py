@@ -95,7 +95,7 @@ class _LazyNorm(LazyModuleMixin):
             check_floating(input)
             tensors = self._sized_tensors()
             _check_input_device(input, *tensors)
-            _check_input_dtype(input, *tensors)
+            _check_input_dtype(input, *tensors, autocast_casts=not isinstance(self, BatchNorm))  # (see there)
             mask = kwargs.get("mask", args[0] if args else None)
             if mask is not None and hasattr(self, "_expand_mask"):  # (BatchNorm's mask: its shape is checked too)
                 self._expand_mask(mask, input, canonicalize_axes(self.axis, input.dim()))

@@ -207,17 +207,24 @@ def _check_input_device(input: torch.Tensor, *tensors) -> None:
                        f"(layer.to({str(input.device)!r}))")
 
 
-def _check_input_dtype(input: torch.Tensor, *tensors) -> None:
-    """The input's dtype must be the layer's (see ``_dtype_fits``), but where autocast casts it for the op."""
+def _check_input_dtype(input: torch.Tensor, *tensors, autocast_casts: bool = True) -> None:
+    """The input's dtype must be the layer's (see ``_dtype_fits``), but where autocast casts it for the op.
+
+    CUDA's autocast casts layer_norm's and group_norm's half-precision arguments to float32 (its float32 list);
+    the CPU's casts none of the norms, and batch_norm is in no list on any device (BatchNorm passes
+    ``autocast_casts=False``): there ATen refuses the mix under autocast as without it ("mixed dtype", torch.nn's
+    layers included), and so does this check, before normkit's option paths compute such a batch."""
     reference = next((t for t in tensors if t is not None), None)
     if _dtype_fits(input.dtype, reference):
         return
-    if input.dtype != torch.float64 and _autocast_on(input.device):
+    autocast = _autocast_on(input.device)
+    if autocast and autocast_casts and input.dtype != torch.float64 and input.device.type != "cpu":
         return  # autocast casts these for the op (float64 it leaves alone, and ATen refuses the mix)
     # (torch.nn fails inside ATen with "mixed dtype"; some of normkit's option paths would silently compute
     # in the wider dtype instead)
     raise TypeError(f"input has dtype {input.dtype} but the layer's parameters/buffers are {reference.dtype}: cast "
-                    f"the input (input.to({reference.dtype})) or the layer (layer.to({input.dtype}))")
+                    f"the input (input.to({reference.dtype})) or the layer (layer.to({input.dtype}))"
+                    + (" (autocast leaves this layer's input as it is)" if autocast else ""))
 
 
 def _register_affine(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
@@ -998,7 +1005,7 @@ class BatchNorm(_NormBase):
                 # this step added above, which is taken back (a call that raised leaves the layer as it was).
                 self._uncount(training)
                 _check_input_device(input, self.weight, self.running_mean)
-                _check_input_dtype(input, self.weight, self.running_mean)  # ATen's "mixed dtype", explained
+                _check_input_dtype(input, self.weight, self.running_mean, autocast_casts=False)  # ATen's "mixed dtype"
                 self._check_own_sizes(training)  # ATen's "weight should contain 3 elements not 4", explained
                 refusal = _transform_refusal(self, error, input) if training else None
                 if refusal is not None:
@@ -1219,7 +1226,7 @@ class BatchNorm(_NormBase):
         try:
             F.check_floating(input)
             _check_input_device(input, self.weight, self.running_mean)  # (before the count: ATen would refuse after)
-            _check_input_dtype(input, self.weight, self.running_mean)
+            _check_input_dtype(input, self.weight, self.running_mean, autocast_casts=False)
             self._check_input_dim(input)
             feature_axes = self._feature_axes(input, training)
             self._check_own_sizes(training)
