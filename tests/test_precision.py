@@ -61,11 +61,13 @@ def test_half_inputs_for_the_other_norms(dtype, rng):
         assert_close(y, expected, dtype)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "cpu-autocast"])
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "InstanceNorm1d"])
-def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, name, rng):
+def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, name, autocast, rng):
     """No parameters to say float32: ATen alone keeps a half-precision call's mean and 1/std in half precision
-    (instance_norm normalizes with that rounded mean; every backward reads them). Data far from zero shows it."""
+    (instance_norm normalizes with that rounded mean; every backward reads them). Data far from zero shows it.
+    The CPU's autocast casts none of the norms, so under it the same holds (it went to ATen's half kernel there)."""
     shape = (3, 8, 64)
     x = torch.tensor(rng.normal(size=shape) * 0.1 + 50).to(dtype).requires_grad_()
     g = torch.tensor(rng.normal(size=shape)).to(dtype)
@@ -76,7 +78,8 @@ def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, nam
         "GroupNorm": (normkit.GroupNorm(2, 8, affine=False), R.group_norm(x64, 2), R.group_norm_backward(g64, x64, 2)),
         "InstanceNorm1d": (normkit.InstanceNorm1d(8), R.instance_norm(x64), R.instance_norm_backward(g64, x64)),
     }[name]
-    y = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
     y.backward(g)
     assert y.dtype == x.grad.dtype == dtype
     assert_close(y, forward, dtype)

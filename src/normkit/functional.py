@@ -1562,13 +1562,18 @@ def _params_for(x, *params):
     to 100x further from the float64 values than the same layer's with them. A half-precision layer
     (``.half()``: parameters in the input's dtype) stays in it, as torch.nn's does.
 
-    Under autocast the input goes to ATen as it is, so autocast's own rule for the op decides the
+    Under autocast off the CPU the input goes to ATen as it is, so autocast's own rule for the op decides the
     computation and the output dtype exactly as for torch.nn's layer (CUDA: layer_norm and
-    group_norm run in float32 and return float32).
+    group_norm run in float32 and return float32). The CPU's autocast casts none of the norms: there a call with
+    float32 parameters goes to ATen's mixed-dtype kernel as torch.nn's does (its bits, tested), and one without any
+    is computed in float32 as outside autocast (it went to ATen's half-precision kernel: an InstanceNorm2d() of
+    bfloat16 data under ``torch.autocast("cpu")`` normalized by the rounded mean, 12x further from float64).
     """
-    if (x.dtype in LOW_PRECISION and not any(p is not None and p.dtype == x.dtype for p in params)
-            and not torch.is_autocast_enabled(x.device.type)):
-        return x.float(), True
+    if x.dtype in LOW_PRECISION and not any(p is not None and p.dtype == x.dtype for p in params):
+        if not torch.is_autocast_enabled(x.device.type):
+            return x.float(), True
+        if x.device.type == "cpu" and all(p is None for p in params):
+            return x.float(), True
     return x, False
 
 
