@@ -81,6 +81,20 @@ def test_integer_input_says_convert_to_float(dtype):
         normkit.GroupNorm(1, 3)(torch.ones(4, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm1d(3), lambda: normkit.BatchNorm(3, renorm=True),
+                                  lambda: normkit.LayerNorm(3), lambda: normkit.GroupNorm(1, 3),
+                                  lambda: normkit.InstanceNorm1d(3), lambda: normkit.LazyBatchNorm1d()])
+def test_complex_input_is_not_told_to_drop_its_imaginary_part(make, dtype):
+    """input.float() on complex data discards the imaginary part (torch only warns): the message named it as the fix.
+    It names the real views that keep both parts instead (torch.nn's layers fail in ATen, 'not implemented for
+    ComplexFloat' or 'mixed dtype')."""
+    x = torch.ones(4, 3, 2, dtype=dtype)
+    with pytest.raises(TypeError, match=r"input has dtype torch.complex\d+.*imaginary part.*torch.view_as_real") as error:
+        make()(x)
+    assert ".float()" not in str(error.value)
+
+
 @pytest.mark.parametrize("eps", [0, -1, 0.0, float("nan")])
 def test_non_positive_eps(eps):
     for make in (lambda: normkit.BatchNorm2d(3, eps=eps), lambda: normkit.LayerNorm(3, eps=eps),

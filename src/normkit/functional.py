@@ -38,6 +38,13 @@ def check_floating(x, *, name="input"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
+        if x.is_complex():
+            # (.float() on complex data drops the imaginary part, torch only warning: no fix to name)
+            raise TypeError(
+                f"{name} has dtype {x.dtype}; normalization needs a real floating-point tensor, and casting drops "
+                f"the imaginary part: normalize the real and imaginary parts as values of their own "
+                f"(torch.view_as_real({name}), a trailing axis of 2) or take {name}.abs() or {name}.real explicitly"
+            )
         raise TypeError(
             f"{name} has dtype {x.dtype}; normalization needs a floating-point tensor: convert it with "
             f"{name}.float() (or .to(torch.float32))"
