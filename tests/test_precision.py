@@ -63,11 +63,12 @@ def test_half_inputs_for_the_other_norms(dtype, rng):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "cpu-autocast"])
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "InstanceNorm1d"])
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm1d-running"])
 def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, name, autocast, rng):
     """No parameters to say float32: ATen alone keeps a half-precision call's mean and 1/std in half precision
     (instance_norm normalizes with that rounded mean; every backward reads them). Data far from zero shows it.
-    The CPU's autocast casts none of the norms, so under it the same holds (it went to ATen's half kernel there)."""
+    The CPU's autocast casts none of the norms, so under it the same holds (it went to ATen's half kernel there,
+    float32 running statistics or not: those do not make ATen's kernel compute in float32, a weight does)."""
     shape = (3, 8, 64)
     x = torch.tensor(rng.normal(size=shape) * 0.1 + 50).to(dtype).requires_grad_()
     g = torch.tensor(rng.normal(size=shape)).to(dtype)
@@ -77,6 +78,8 @@ def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, nam
                       R.layer_norm_backward(g64, x64, 64)),
         "GroupNorm": (normkit.GroupNorm(2, 8, affine=False), R.group_norm(x64, 2), R.group_norm_backward(g64, x64, 2)),
         "InstanceNorm1d": (normkit.InstanceNorm1d(8), R.instance_norm(x64), R.instance_norm_backward(g64, x64)),
+        "InstanceNorm1d-running": (normkit.InstanceNorm1d(8, track_running_stats=True), R.instance_norm(x64),
+                                   R.instance_norm_backward(g64, x64)),
     }[name]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
@@ -84,6 +87,11 @@ def test_half_inputs_without_affine_parameters_get_float32_statistics(dtype, nam
     assert y.dtype == x.grad.dtype == dtype
     assert_close(y, forward, dtype)
     assert_close(x.grad, backward[0], dtype)
+    if getattr(layer, "running_mean", None) is not None:  # (float32 buffers: float32 statistics, not rounded means)
+        running_mean, running_var = np.zeros(8), np.ones(8)
+        R.instance_norm(x64, running_mean, running_var)
+        assert_close(layer.running_mean, running_mean, torch.float32)
+        assert_close(layer.running_var, running_var, torch.float32)
 
 
 def test_large_half_values_do_not_overflow():

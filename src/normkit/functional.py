@@ -1560,7 +1560,7 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
 # ----------------------------------------------------------------------------- layer / instance / group norm
 
 
-def _params_for(x, *params):
+def _params_for(x, weight, bias, running_mean=None):
     """Half-precision input with float32 parameters, or with none: compute in float32 (parameters stay float32).
 
     Without parameters too: ATen keeps the mean and 1/std of a half-precision call in the input's dtype
@@ -1572,14 +1572,16 @@ def _params_for(x, *params):
     Under autocast off the CPU the input goes to ATen as it is, so autocast's own rule for the op decides the
     computation and the output dtype exactly as for torch.nn's layer (CUDA: layer_norm and
     group_norm run in float32 and return float32). The CPU's autocast casts none of the norms: there a call with
-    float32 parameters goes to ATen's mixed-dtype kernel as torch.nn's does (its bits, tested), and one without any
-    is computed in float32 as outside autocast (it went to ATen's half-precision kernel: an InstanceNorm2d() of
-    bfloat16 data under ``torch.autocast("cpu")`` normalized by the rounded mean, 12x further from float64).
+    a float32 weight or bias goes to ATen's mixed-dtype kernel as torch.nn's does (its bits, tested), and one
+    without is computed in float32 as outside autocast: it went to ATen's half-precision kernel, float32 running
+    statistics or not (InstanceNorm's do not make the kernel compute in float32), and an InstanceNorm2d() of
+    bfloat16 data under ``torch.autocast("cpu")`` normalized by the rounded mean, 12x further from float64.
     """
+    params = (weight, bias, running_mean)
     if x.dtype in LOW_PRECISION and not any(p is not None and p.dtype == x.dtype for p in params):
         if not torch.is_autocast_enabled(x.device.type):
             return x.float(), True
-        if x.device.type == "cpu" and all(p is None for p in params):
+        if x.device.type == "cpu" and weight is None and bias is None:
             return x.float(), True
     return x, False
 
