@@ -19,6 +19,7 @@ from torch import nn
 
 EPSILON = 1e-7  # Keras' backend.epsilon(), used by its norm constraints
 
+
 def check_process_group(process_group, name: str = "process_group"):
     """``process_group`` as given: None (the default group) or a torch.distributed group, an opaque handle. Refused:
     the two usual mistakes, a backend name (``"nccl"``) or the ranks themselves (``[0, 1]``), which were taken
@@ -33,12 +34,6 @@ def check_process_group(process_group, name: str = "process_group"):
                         "dist.init_process_group(backend), a group of ranks is dist.new_group(ranks)")
     return process_group
 
-
-def _widened(weight: torch.Tensor) -> torch.Tensor:
-    """A float16/bfloat16 weight as float32 (a differentiable cast), others as they are: a half-precision layer's
-    sum of squares overflowed float16 (4096 gammas of 4 pass 65504), so the L2 term was inf and a norm constraint
-    wrote NaN or 0 into every weight. float32 and float64 weights are computed as before (same bits)."""
-    return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
 
 # ----------------------------------------------------------------------------- initializers
 
@@ -297,6 +292,13 @@ def apply_initializer(initializer, tensor: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- regularizers
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """A float16/bfloat16 weight as float32 (a differentiable cast), others as they are: a half-precision layer's
+    sum of squares overflowed float16 (4096 gammas of 4 pass 65504), so the L2 term was inf and a norm constraint
+    wrote NaN or 0 into every weight. float32 and float64 weights are computed as before (same bits)."""
+    return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
 
 
 class L1L2:
