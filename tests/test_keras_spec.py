@@ -13,6 +13,7 @@ formulas the Keras tests use; nothing is taken from normkit itself.
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import pytest
@@ -1021,6 +1022,20 @@ def test_integer_inputs_are_cast_to_the_layer_dtype(dtype):
     y = ours(x, training=True)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, floats(x.float(), training=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.ones(4, 3, dtype=torch.complex64) * (1 + 2j),
+                                  lambda: np.full((4, 3), 1 + 2j), lambda: [[1 + 2j, 3j, 1.0]] * 4],
+                         ids=["tensor", "array", "list"])
+def test_complex_inputs_are_refused_not_cast(make):
+    """Keras' cast to the compute dtype keeps the real part only (torch warns; TensorFlow does it silently): a
+    deliberate difference (docs/keras.md), refused with the views that keep both parts, the layer unbuilt."""
+    layer = BatchNormalization()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's "discards the imaginary part" warning would mean the cast ran)
+        with pytest.raises(TypeError, match=r"inputs has dtype torch.complex\d+.*imaginary part.*view_as_real"):
+            layer(make(), training=True)
+    assert layer.bn is None
 
 
 @pytest.mark.parametrize("as_array", [False, True])

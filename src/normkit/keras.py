@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
-from .functional import LOW_PRECISION
+from .functional import LOW_PRECISION, check_floating
 from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
                       check_ghost_layout, check_virtual_batch_size)
 from .options import (check_process_group, resolve_constraint, resolve_initializer, resolve_regularizer,
@@ -695,12 +695,16 @@ class BatchNormalization(nn.Module):
                 built = next(iter(self.bn.parameters()), None)
             dtype = self._compute_dtype or (built.dtype if built is not None else self._factory["dtype"])
             array = _from_numpy(inputs)
-            if array.dtype.kind in "biu":
-                dtype = None  # (integers stay integers here: the cast below gives them Keras' float32 math)
+            if array.dtype.kind in "biuc":
+                # (integers stay integers here: the cast below gives them Keras' float32 math; complex numbers stay
+                # complex, for the refusal below, where the cast dropped the imaginary part)
+                dtype = None
             elif dtype is None:
                 dtype = torch.get_default_dtype()
             inputs = torch.as_tensor(array, dtype=dtype,
                                      device=built.device if built is not None else self._factory["device"])
+        if inputs.is_complex():  # (before a first call builds on it; Keras' cast to float drops the imaginary part)
+            check_floating(inputs, name="inputs")
         bn = self._modules.get("bn")  # (Module.__getattr__ costs: a small call notices every one)
         if bn is None:
             self._build_on_first_call(inputs)
