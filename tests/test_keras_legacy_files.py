@@ -245,3 +245,29 @@ def test_a_keras_3_file_names_nested_weights_by_their_whole_path(tmp_path):
     for ours, theirs in zip(layer.get_weights(), load_batch_norms(source)["outer/inner/bn_deep"].get_weights(),
                             strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["tfkeras_bn_input_shape.h5", "tfkeras_bn_input_shape.keras"])
+def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
+    """tf.keras writes ``input_shape=(5,)`` given to a Sequential's first layer into that layer's config as
+    ``batch_input_shape`` (tools/keras_input_shape_file.py, tf.keras 2.15): the layer loads, with Keras' weights, and
+    computes what tf.keras computed. That shape is the one Keras built the layer with, so the legacy HDF5 file, which
+    saves no build config, gives the layer its input rank too."""
+    record = recorded("tfkeras_bn_input_shape.npz")
+    layers = load_batch_norms(DATA / name)
+    assert list(layers) == ["bn_input", "bn_after"]
+    assert layers["bn_input"].get_build_config() == {"input_shape": [None, 5]}
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "weights"), strict=True):
+            same_values(ours, theirs)
+        x = torch.as_tensor(record[f"{path}/x"])
+        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
+        np.testing.assert_allclose(layer(x, training=True).detach().numpy(), record[f"{path}/y_train"],
+                                   rtol=1e-5, atol=2e-6, err_msg=f"{name}: {path}")
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
+            same_values(ours, theirs, rtol=1e-5, atol=1e-6)
+    # (the config alone, as tf.keras' get_config() returns it: from_config takes it too)
+    config = {"name": "bn", "trainable": True, "dtype": "float32", "batch_input_shape": [None, 5], "axis": [1],
+              "momentum": 0.8, "epsilon": 0.001, "center": True, "scale": True}
+    assert BatchNormalization.from_config(config).momentum == 0.8

@@ -34,6 +34,7 @@ def without_keras(tmp_path):
     ("keras_unnamed_weights_file.py", [], "needs Keras"),
     ("keras_legacy_model_files.py", [], "needs Keras 3"),
     ("keras_legacy_model_files.py", ["--tf-keras"], "needs TensorFlow"),
+    ("keras_input_shape_file.py", [], "needs TensorFlow"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

@@ -572,6 +572,11 @@ class BatchNormalization(nn.Module):
         """A layer from ``get_config()``: this class's, or Keras' own (its ``dtype`` policy and its
         serialized initializers, regularizers and constraints included)."""
         config = dict(config)
+        for key in _INPUT_SHAPE_KEYS:
+            # tf.keras writes input_shape=... given to a Sequential's first layer into the layer's config as
+            # "batch_input_shape" (Keras' Layer takes these four keys): they describe the model's input, not an
+            # option of the layer. Refused, every such tf.keras model failed to load.
+            config.pop(key, None)
         try:
             dtype = _policy_name(config.pop("dtype", None))
         except ValueError as error:
@@ -799,6 +804,10 @@ class BatchNormalization(nn.Module):
                 f"scale={self.scale}" + (", renorm=True" if self.renorm else "")
                 + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
                 + ("" if self._trainable else ", trainable=False"))
+
+
+# The input-shape arguments every Keras layer takes (tf.keras writes "batch_input_shape" into a layer's config).
+_INPUT_SHAPE_KEYS = ("batch_input_shape", "input_shape", "input_dim", "batch_size")
 
 
 def _variables_dtype(bn) -> torch.dtype:
@@ -1285,10 +1294,15 @@ def _read_dataset(dataset, key: str, h5py) -> np.ndarray:
 
 def _saved_build_config(layer: dict):
     """A saved layer's build config. Keras 3's legacy HDF5 writer saves none, but in a functional model the layer's
-    call names its input tensor and that tensor's shape, which is the same; elsewhere (a Sequential's layers, tf.keras'
+    call names its input tensor and that tensor's shape, which is the same; tf.keras' Sequential gives its first layer
+    the ``batch_input_shape`` written in that layer's config; elsewhere (a Sequential's layers, tf.keras'
     HDF5 files) there is none, and the layer is built from its weights (the input rank unknown)."""
     if layer.get("build_config") is not None:
         return layer["build_config"]
+    shape = layer.get("config", {}).get("batch_input_shape") if isinstance(layer.get("config"), dict) else None
+    if shape is not None:
+        # (tf.keras' Sequential built its first layer on the input shape it was given, written in the layer's config)
+        return {"input_shape": shape}
     try:
         tensor = layer["inbound_nodes"][0]["args"][0]
         if tensor["class_name"] == "__keras_tensor__":
