@@ -48,6 +48,33 @@ def test_a_keras_layer_computes_the_same_here(name):
             assert_close(parameter, recorded["constrained"][label], torch.float32, err_msg=label)
 
 
+TF_DATA = json.loads((Path(__file__).parent / "data" / "tfkeras_configs.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(name for name in TF_DATA if name != "__meta__"))
+def test_a_tf_keras_layer_computes_the_same_here(name):
+    """tf.keras 2.15's get_config(), get_build_config() and get_weights() (tools/tfkeras_configs.py): a built
+    ghost-batch layer writes its axis shifted by one and its weights as (1, 1, C), a list axis its weights as
+    (1, H, W); from_keras_config read them as Keras 3's ("axis=[2] is out of range for an input of rank 2", "weight
+    'gamma' has shape (3, 4), got (1, 3, 4)"), so from_keras failed on every such tf.keras layer."""
+    recorded = TF_DATA[name]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    assert layer.get_build_config() == recorded["build_config"]
+    for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights"]), strict=True):
+        np.testing.assert_array_equal(ours, theirs.reshape(ours.shape))
+    # (a live layer's get_build_config(), which from_keras passes, gives the shape as a tuple)
+    live = from_keras_config(recorded["config"], {"input_shape": tuple(recorded["build_config"]["input_shape"])},
+                             _arrays(recorded["weights"]))
+    assert live.get_build_config() == recorded["build_config"] and live.axis == layer.axis
+    assert_close(layer(torch.tensor(recorded["x_train"]), training=True), recorded["y_train"], torch.float32)
+    for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights_after"]), strict=True):
+        assert_close(ours, theirs.reshape(ours.shape), torch.float32)
+    assert_close(layer(torch.tensor(recorded["x_infer"]), training=False), recorded["y_infer"], torch.float32)
+    # normkit's own config of the loaded layer (no tf.keras shift in it) gives the same layer back
+    again = from_keras_config(layer.get_config(), layer.get_build_config(), layer.get_weights())
+    assert again.axis == layer.axis and again.virtual_batch_size == layer.virtual_batch_size
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_keras_config_is_what_keras_writes(name):
     """The same arguments given to normkit's layer: keras_config() is Keras' own get_config()."""

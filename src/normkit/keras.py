@@ -823,6 +823,21 @@ def from_keras_config(config: dict, build_config: Optional[dict] = None, weights
     """A normkit layer from what a Keras BatchNormalization layer's ``get_config()``,
     ``get_build_config()`` and ``get_weights()`` return (Keras 3 or tf.keras; plain dicts and NumPy
     arrays, so the Keras side can be saved to JSON/NPZ and loaded where Keras is not installed)."""
+    if build_config is not None and weights is not None and isinstance(config, dict) and "ghost_layout" not in config:
+        # A built Keras layer's (Keras writes no ghost_layout; normkit's get_config does, and shifts nothing): tf.keras
+        # writes a ghost-batch layer's axis shifted past the ghost dimension and its ghost-batch or multi-axis weights
+        # in the inputs' broadcast shape, (1, 1, C). Read as Keras 3's, every such layer failed to port ("axis=[2] is
+        # out of range"); these forms are undone as for a saved model's layers.
+        shape = build_config.get("input_shape") if isinstance(build_config, dict) else None
+        if isinstance(shape, (tuple, list)):
+            # (a live layer's get_build_config() gives a tuple, maybe of NumPy ints; a saved one a list of ints)
+            build_config = {**build_config, "input_shape": [
+                int(size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
+                for size in shape]}
+        try:
+            return _batch_norm_from_saved(config, build_config, list(weights), None)
+        except ValueError as error:  # (its messages speak of "it": the layer of this config)
+            raise ValueError(f"from_keras_config: layer {config.get('name')!r}: {error}") from None
     layer = BatchNormalization.from_config(config)
     if build_config is not None:
         layer.build(build_config["input_shape"])
