@@ -9,6 +9,7 @@ a training call on a recorded input, the weights before and after). Neither Kera
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,29 @@ def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
     config = {"name": "bn", "trainable": True, "dtype": "float32", "batch_input_shape": [None, 5], "axis": [1],
               "momentum": 0.8, "epsilon": 0.001, "center": True, "scale": True}
     assert BatchNormalization.from_config(config).momentum == 0.8
+
+
+@pytest.mark.parametrize("name", ["tfkeras_bn_sync.h5", "tfkeras_bn_sync.keras"])
+def test_tf_keras_sync_batch_normalization_layers_are_loaded(name):
+    """tf.keras' SyncBatchNormalization (BatchNormalization with synchronized=True, saved under its own class name;
+    tools/tfkeras_sync_file.py, tf.keras 2.15) was passed over: the model's file "had" only its plain BN. Each loads
+    as a synchronized layer with Keras' weights and computes what tf.keras computed (outside a process group, as
+    tf.keras outside a strategy: local statistics, with normkit's one warning)."""
+    record = recorded("tfkeras_bn_sync.npz")
+    layers = load_batch_norms(DATA / name)
+    assert list(layers) == ["sbn_first", "bn_plain", "sbn_axis1"]
+    assert [layer.synchronized for layer in layers.values()] == [True, False, True]
+    assert layers["sbn_axis1"].axis == 1 and not layers["sbn_axis1"].center and not layers["bn_plain"].scale
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "weights"), strict=True):
+            same_values(ours, theirs)
+        x = torch.as_tensor(record[f"{path}/x"])
+        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (synchronized=True without a process group says so once)
+            y = layer(x, training=True)
+        np.testing.assert_allclose(y.detach().numpy(), record[f"{path}/y_train"], rtol=1e-5, atol=2e-6,
+                                   err_msg=f"{name}: {path}")
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
+            same_values(ours, theirs, rtol=1e-5, atol=1e-6)

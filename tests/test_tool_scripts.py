@@ -36,6 +36,7 @@ def without_keras(tmp_path):
     ("keras_legacy_model_files.py", ["--tf-keras"], "needs TensorFlow"),
     ("keras_input_shape_file.py", [], "needs TensorFlow"),
     ("tfkeras_configs.py", [], "needs TensorFlow"),
+    ("tfkeras_sync_file.py", [], "needs TensorFlow"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

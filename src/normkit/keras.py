@@ -1204,9 +1204,9 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             key = _keras_path_key(str(layer.get("class_name")), counts)
             by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
-        if layer.get("class_name") == "BatchNormalization":
-            _load_saved_batch_norm(layer_config, _saved_build_config(layer), by_name.get(name), where, found, path,
-                                   axis, h5py, shared)
+        if layer.get("class_name") in _BATCH_NORM_CLASSES:
+            _load_saved_batch_norm(_batch_norm_config(layer), _saved_build_config(layer), by_name.get(name), where,
+                                   found, path, axis, h5py, shared)
         elif layer.get("class_name") == "TimeDistributed" and not (
                 isinstance(wrapped, dict) and isinstance(wrapped.get("class_name"), str)
                 and isinstance(wrapped.get("config"), dict)):
@@ -1214,7 +1214,7 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             # may be a BN's) was skipped silently, and its BN missing from the result.
             raise ValueError(f"load_batch_norms: {path}: layer {where!r}: TimeDistributed's wrapped layer "
                              f"{str(wrapped)[:80]} is not a layer config (a dict with a class_name and a config)")
-        elif layer.get("class_name") == "TimeDistributed" and wrapped["class_name"] == "BatchNormalization":
+        elif layer.get("class_name") == "TimeDistributed" and wrapped["class_name"] in _BATCH_NORM_CLASSES:
             # The wrapped layer as Keras built it, on one time step's shape: Keras 3's wrapper calls it once per
             # step (statistics of each step in training), which the loaded layer does when called per step too.
             where = f"{where}/{wrapped['config'].get('name')}"
@@ -1222,11 +1222,21 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             # (legacy HDF5: the wrapper's weights, the wrapped layer's named under it; else its "layer" group)
             entry = (entry.child(str(wrapped["config"].get("name")), h5py, wrapped=True) if legacy and entry is not None
                      else _subgroup(entry, "layer", h5py))
-            _load_saved_batch_norm(wrapped["config"], _saved_build_config(wrapped), entry, where, found, path, axis,
-                                   h5py, shared)
+            _load_saved_batch_norm(_batch_norm_config(wrapped), _saved_build_config(wrapped), entry, where, found,
+                                   path, axis, h5py, shared)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
                                  shared)
+
+
+# The saved class names of Keras' BatchNormalization: tf.keras 2.2-2.15's SyncBatchNormalization is the layer with
+# synchronized=True (tf.keras builds it so), saved under its own name; passed over, its layers were missing silently.
+_BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"synchronized": True}}
+
+
+def _batch_norm_config(layer: dict) -> dict:
+    """A saved BN layer's config, with what its class implies (SyncBatchNormalization: synchronized=True)."""
+    return {**layer["config"], **_BATCH_NORM_CLASSES[layer["class_name"]]}
 
 
 def _keras_path_key(class_name: str, counts: dict) -> str:
