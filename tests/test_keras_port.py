@@ -161,6 +161,15 @@ def test_keras_config_writes_a_one_element_axis_list_as_its_int():
     ({"dtype": {"class_name": "DTypePolicy", "config": {"name": "int8"}}}, "int8"),
     ({"gamma_initializer": {"class_name": "Orthogonal", "config": {}}}, "Orthogonal"),
     ({"beta_regularizer": {"class_name": "L2", "config": {"factor": 0.1}}}, "L2"),
+    # A value Keras' class refuses names the argument too (it said "could not convert string to float: 'x'", or
+    # "regularization factors must be ... >= 0", without saying which of the layer's eight objects it was).
+    ({"gamma_initializer": {"class_name": "Constant", "config": {"value": "x"}}}, "gamma_initializer.*Constant"),
+    ({"moving_mean_initializer": {"class_name": "RandomNormal", "config": {"stddev": "wide"}}},
+     "moving_mean_initializer.*RandomNormal"),
+    ({"beta_initializer": {"class_name": "VarianceScaling", "config": {"scale": -1.0}}},
+     "beta_initializer.*VarianceScaling"),
+    ({"gamma_regularizer": {"class_name": "L2", "config": {"l2": -1.0}}}, "gamma_regularizer.*L2"),
+    ({"beta_constraint": {"class_name": "MaxNorm", "config": {"max_value": "two"}}}, "beta_constraint.*MaxNorm"),
 ])
 def test_from_config_says_what_it_cannot_read(config, match):
     with pytest.raises(ValueError, match=match):

@@ -483,8 +483,11 @@ def from_keras_object(kind: str, serialized: dict, *, name: str):
     config = serialized.get("config") or {}
     try:
         return classes[class_name](**config)
-    except TypeError as error:
-        raise ValueError(f"{name}: the config {config!r} of Keras' {class_name} does not fit ({error})") from None
+    except (TypeError, ValueError) as error:
+        # (a value the class refuses, "could not convert string to float: 'x'", named neither the argument nor
+        # the class: a layer has eight such objects)
+        raise ValueError(f"{name}: the config {config!r} of Keras' {class_name} does not fit ({error}); give "
+                         f"the arguments Keras' {class_name} takes, with valid values") from None
 
 
 def to_keras_object(kind: str, value, *, name: str):
