@@ -397,3 +397,21 @@ def test_unnamed_layers_export_into_one_keras_model():
         layer.build((None, 3))
     model = keras.Sequential([keras.Input((3,)), to_keras(first), to_keras(second)])
     assert len({layer.name for layer in model.layers}) == 2
+
+
+def test_a_seed_generator_seed_as_keras_writes_it():
+    """Keras 3 writes an initializer seeded with a ``keras.random.SeedGenerator`` as the generator's own config (as
+    Keras 3.15.1 wrote it, below); the layer failed at its build with "int() argument must be ... not 'dict'", naming
+    nothing. The generator's seed seeds torch's draw as the int would, and keras_config() writes the dict back; a seed
+    that is neither is refused by name."""
+    generator = {"module": "keras.random", "class_name": "SeedGenerator",
+                 "config": {"seed": 3, "name": "seed_generator"}, "registered_name": None}
+    config = {"class_name": "RandomNormal", "config": {"seed": generator, "mean": 0.0, "stddev": 0.05}}
+    seeded, plain = BatchNormalization(gamma_initializer=config), BatchNormalization(
+        gamma_initializer={"class_name": "RandomNormal", "config": {"seed": 3, "mean": 0.0, "stddev": 0.05}})
+    seeded.build((2, 6))
+    plain.build((2, 6))
+    np.testing.assert_array_equal(seeded.get_weights()[0], plain.get_weights()[0])
+    assert seeded.keras_config()["gamma_initializer"]["config"]["seed"] == generator
+    with pytest.raises(ValueError, match="gamma_initializer.*seed"):
+        BatchNormalization(gamma_initializer={"class_name": "RandomNormal", "config": {"seed": "three"}})

@@ -78,6 +78,17 @@ class Constant:
         return f"Constant({self.value})"
 
 
+def _seed_of(seed):
+    """The int seeding torch's generator for Keras' ``seed``: None, an int, or a ``keras.random.SeedGenerator`` as
+    Keras 3 writes one (``{"class_name": "SeedGenerator", "config": {"seed": 3, ...}}``), which failed at the build
+    ("int() argument must be ... not 'dict'"). Anything else is refused here, when the initializer is made."""
+    if isinstance(seed, dict) and seed.get("class_name") == "SeedGenerator" and isinstance(seed.get("config"), dict):
+        seed = seed["config"].get("seed")
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        return None if seed is None else int(seed)
+    raise ValueError(f"seed must be None, an int or a Keras SeedGenerator's config, got {seed!r}")
+
+
 class _SeededDraw:
     """A random initializer with Keras' parameters; ``seed`` seeds a torch generator (Keras' own
     random stream is not reproduced: ported models load their weights, not their initial draws)."""
@@ -85,12 +96,13 @@ class _SeededDraw:
     keras_name = ""
 
     def __init__(self, seed=None, **parameters):
-        self.seed = seed
+        self.seed = seed  # (as given: keras_config writes it back)
+        self._torch_seed = _seed_of(seed)
         self.parameters = {name: float(value) for name, value in parameters.items()}
 
     def __call__(self, shape, dtype=None):
         values = torch.empty(tuple(shape), dtype=torch.float64)
-        generator = None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+        generator = None if self._torch_seed is None else torch.Generator().manual_seed(self._torch_seed)
         self._fill(values, generator, **self.parameters)
         return values.to(dtype or torch.float32)
 
