@@ -298,3 +298,22 @@ def test_tf_keras_sync_batch_normalization_layers_are_loaded(name):
                                    err_msg=f"{name}: {path}")
         for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
             same_values(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_tf_1_13_class_names_of_batch_normalization_are_read(tmp_path):
+    """TensorFlow 1.13 saved BN layers as "BatchNormalizationV1" or "BatchNormalizationV2", which tf.keras still reads
+    as BatchNormalization (keras/src/layers/serialization.py); load_batch_norms passed over them without a word. A
+    TF 1.13 file is not at hand: tf.keras 2.15's model with its layers' classes renamed so (the weights are laid out
+    alike) loads the same layers, with the same weights, as the file itself."""
+    def renamed(handle):
+        config = json.loads(handle.attrs["model_config"])
+        for index, layer in enumerate(config["config"]["layers"]):
+            if layer["class_name"] == "BatchNormalization":
+                layer["class_name"] = f"BatchNormalizationV{1 + index % 2}"
+        handle.attrs["model_config"] = json.dumps(config)
+    original, old = load_batch_norms(TF_H5), load_batch_norms(_edited(tmp_path, renamed))
+    assert list(old) == list(original)
+    for path, layer in original.items():
+        assert old[path].get_config() == layer.get_config()
+        for ours, theirs in zip(old[path].get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(ours, theirs)

@@ -1230,8 +1230,10 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
 
 
 # The saved class names of Keras' BatchNormalization: tf.keras 2.2-2.15's SyncBatchNormalization is the layer with
-# synchronized=True (tf.keras builds it so), saved under its own name; passed over, its layers were missing silently.
-_BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"synchronized": True}}
+# synchronized=True (tf.keras builds it so), saved under its own name; TensorFlow 1.13 wrote BatchNormalizationV1 and
+# BatchNormalizationV2, which tf.keras reads as BatchNormalization. Passed over, their layers were missing silently.
+_BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"synchronized": True},
+                       "BatchNormalizationV1": {}, "BatchNormalizationV2": {}}
 
 
 def _batch_norm_config(layer: dict) -> dict:
