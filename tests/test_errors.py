@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import normkit
+from normkit.keras import BatchNormalization
 
 
 def test_channel_count_mismatch_names_num_features():
@@ -816,3 +817,23 @@ def test_a_process_group_set_later_is_checked_and_the_layer_keeps_its_own(make):
     assert layer.process_group is None
     if isinstance(layer, normkit.keras.BatchNormalization) and layer.bn is not None:
         assert layer.bn.process_group is None
+
+
+@pytest.mark.parametrize("kwargs, shape, wrong", [
+    ({}, (None, 3), (4, 5)),
+    ({"axis": 1}, (None, 3, 6), (4, 2, 6)),
+    ({"center": False, "scale": False}, (None, 3), (4, 5)),
+])
+def test_keras_layer_with_another_feature_count_names_its_build(kwargs, shape, wrong):
+    """normkit.keras.BatchNormalization has no num_features argument: its refusal of another number of features
+    advised "build the layer with num_features=5". As Keras' InputSpec, it names the layer, the built shape, the axis
+    and the remedy (a new layer, or the right axis)."""
+    layer = BatchNormalization(name="bn_features", **kwargs)
+    layer.build(shape)
+    for training in (True, False):
+        with pytest.raises(ValueError) as refusal:
+            layer(torch.randn(*wrong), training=training)
+        message = str(refusal.value)
+        assert "num_features" not in message
+        assert "bn_features" in message and str(shape[layer.bn.axis]) in message and str(wrong) in message
+        assert "new" in message and "axis" in message

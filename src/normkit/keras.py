@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
-from .functional import LOW_PRECISION, check_floating
+from .functional import LOW_PRECISION, _tracing_state, check_floating
 from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
                       check_ghost_layout, check_virtual_batch_size)
 from .options import (check_process_group, resolve_constraint, resolve_initializer, resolve_regularizer,
@@ -720,6 +720,15 @@ class BatchNormalization(nn.Module):
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
+        elif self._build_shape is not None and _tracing_state() is None:  # (traced sizes are tensors: unchecked)
+            # Keras' InputSpec: the feature sizes are fixed at build too. The inner layer's refusal advised "build the
+            # layer with num_features=5", an argument this layer does not have, and named no layer of the model.
+            for axis in (bn.axis,) if isinstance(bn.axis, int) else bn.axis:
+                if inputs.shape[axis] != self._build_shape[axis]:
+                    raise ValueError(f"{self.name} was built for inputs of shape {self._build_shape} ("
+                                     f"{self._build_shape[axis]} features on axis {axis}), got an input of shape "
+                                     f"{tuple(inputs.shape)}: make a new layer for such inputs, or give the layer "
+                                     "the axis its features are on")
         running_mean = bn._buffers.get("running_mean")
         stored = running_mean.dtype if running_mean is not None else _variables_dtype(bn)
         if not inputs.is_floating_point():
