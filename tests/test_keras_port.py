@@ -51,7 +51,7 @@ def test_a_keras_layer_computes_the_same_here(name):
 TF_DATA = json.loads((Path(__file__).parent / "data" / "tfkeras_configs.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(name for name in TF_DATA if name != "__meta__"))
+@pytest.mark.parametrize("name", sorted(name for name in TF_DATA if not name.startswith("__")))
 def test_a_tf_keras_layer_computes_the_same_here(name):
     """tf.keras 2.15's get_config(), get_build_config() and get_weights() (tools/tfkeras_configs.py): a built
     ghost-batch layer writes its axis shifted by one and its weights as (1, 1, C), a list axis its weights as
@@ -415,3 +415,40 @@ def test_a_seed_generator_seed_as_keras_writes_it():
     assert seeded.keras_config()["gamma_initializer"]["config"]["seed"] == generator
     with pytest.raises(ValueError, match="gamma_initializer.*seed"):
         BatchNormalization(gamma_initializer={"class_name": "RandomNormal", "config": {"seed": "three"}})
+
+
+class _RecordedLayer:
+    """What a real tf.keras 2.15 layer answered (tools/tfkeras_configs.py, ``__built_by_build__``), replayed for
+    from_keras where TensorFlow is not installed: its config, build config, weights and input_spec, nothing else."""
+
+    def __init__(self, recorded):
+        self.built, self._recorded = True, recorded
+        spec = recorded["input_spec"]
+        self.input_spec = type("InputSpec", (), {"ndim": spec["ndim"],
+                                                 "axes": {int(a): size for a, size in spec["axes"].items()}})()
+
+    def get_config(self):
+        return self._recorded["config"]
+
+    def get_build_config(self):
+        return self._recorded["build_config"]
+
+    def get_weights(self):
+        return _arrays(self._recorded["weights"])
+
+
+@pytest.mark.parametrize("name", sorted(TF_DATA["__built_by_build__"]))
+def test_from_keras_of_a_tf_keras_layer_built_by_build(name):
+    """tf.keras 2.15 records no build config for a layer built by ``layer.build(shape)`` (get_build_config() is None);
+    from_keras then returned it unbuilt, without its weights: a layer initialized anew, silently. Its input_spec
+    gives the rank and feature sizes Keras built for: the port holds Keras' weights and computes what it computed."""
+    recorded = TF_DATA["__built_by_build__"][name]
+    assert recorded["build_config"] is None
+    layer = from_keras(_RecordedLayer(recorded))
+    assert layer.built and len(layer.get_build_config()["input_shape"]) == recorded["input_spec"]["ndim"]
+    for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights"]), strict=True):
+        np.testing.assert_array_equal(ours, theirs.reshape(ours.shape))
+    assert_close(layer(torch.tensor(recorded["x_infer"]), training=False), recorded["y_infer"], torch.float32)
+    assert_close(layer(torch.tensor(recorded["x_train"]), training=True), recorded["y_train"], torch.float32)
+    for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights_after"]), strict=True):
+        assert_close(ours, theirs.reshape(ours.shape), torch.float32)

@@ -11,6 +11,12 @@ they take Keras 3's; a built tf.keras layer writes its options in forms Keras 3 
 Per layer, as tools/keras_configs.py records Keras 3's: ``config``, ``build_config``, ``weights`` (the layer's
 after one seeded training call, so the moving statistics are not the initial ones), ``x_train``, ``y_train``,
 ``weights_after`` (after a second training call on ``x_train``), ``x_infer``, ``y_infer``. Arrays are nested lists.
+
+Under ``__built_by_build__``, layers built by ``layer.build(shape)`` rather than a call: tf.keras records no build
+config then (``get_build_config()`` is None) but its ``input_spec`` (``ndim``, ``axes``) holds the input's rank and
+feature sizes; from_keras returned such a layer unbuilt, without its weights. Each holds ``config``,
+``build_config`` (None), ``input_spec``, ``weights`` (seeded values set with ``set_weights``), ``x_infer``,
+``y_infer``, ``x_train``, ``y_train`` and ``weights_after``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ LAYERS = {
     "list_axis": ((6, 3, 4), {"axis": [1, 2], "momentum": 0.6}),
     "plain_3d": ((6, 3, 4), {"momentum": 0.9, "center": False}),
 }
+BUILT_BY_BUILD = {
+    "ghost_built": ((8, 3), {"virtual_batch_size": 2, "momentum": 0.8}),
+    "axis1_built": ((6, 3, 4), {"axis": 1, "momentum": 0.7, "scale": False}),
+}
+
+
+def built_by_build(rng, shape, kwargs, tf) -> dict:
+    layer = tf.keras.layers.BatchNormalization(**kwargs)
+    layer.build(shape)
+    layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    spec = layer.input_spec
+    record = {"kwargs": kwargs, "config": layer.get_config(), "build_config": layer.get_build_config(),
+              "input_spec": {"ndim": spec.ndim, "axes": {str(a): int(s) for a, s in spec.axes.items()}},
+              "weights": [w.tolist() for w in layer.get_weights()]}
+    x_infer = (1.5 * rng.standard_normal(shape) + 0.5).astype(np.float32)
+    x_train = (1.5 * rng.standard_normal(shape) - 0.5).astype(np.float32)
+    record.update(x_infer=x_infer.tolist(), y_infer=layer(x_infer, training=False).numpy().tolist(),
+                  x_train=x_train.tolist(), y_train=layer(x_train, training=True).numpy().tolist(),
+                  weights_after=[w.tolist() for w in layer.get_weights()])
+    return record
 
 
 def main() -> int:
@@ -54,6 +80,8 @@ def main() -> int:
         out[name] = {"kwargs": kwargs, "config": layer.get_config(), "build_config": layer.get_build_config(),
                      "weights": weights, "x_train": x_train.tolist(), "y_train": y_train.tolist(),
                      "weights_after": weights_after, "x_infer": x_infer.tolist(), "y_infer": y_infer.tolist()}
+    out["__built_by_build__"] = {name: built_by_build(np.random.default_rng(10 + index), shape, kwargs, tf)
+                                 for index, (name, (shape, kwargs)) in enumerate(BUILT_BY_BUILD.items())}
     with open(OUT, "w") as handle:
         json.dump(out, handle, separators=(",", ":"), sort_keys=True)
     print(f"wrote {OUT}: {len(LAYERS)} layers (tensorflow {tf.__version__})")

@@ -866,12 +866,33 @@ def from_keras(keras_layer) -> BatchNormalization:
                             f"(no {method}())")
     build_config = None
     if getattr(keras_layer, "built", False):
-        if not callable(getattr(keras_layer, "get_build_config", None)):
-            raise ValueError("from_keras: this Keras has no get_build_config(); use from_keras_config(config, "
-                             "{'input_shape': [...]}, weights) with the layer's input shape")
-        build_config = keras_layer.get_build_config()
+        if callable(getattr(keras_layer, "get_build_config", None)):
+            build_config = keras_layer.get_build_config()
+        if build_config is None:
+            # tf.keras records no build config for a layer built by layer.build(shape) rather than a call (nor has
+            # tf.keras <= 2.12 get_build_config at all): the layer came back unbuilt, its weights dropped without a
+            # word. The input_spec its build set holds the input's rank and feature sizes.
+            build_config = _build_config_of_input_spec(keras_layer)
+        if build_config is None:
+            raise ValueError("from_keras: this built Keras layer gives no input shape (get_build_config() is None and "
+                             "it has no input_spec): use from_keras_config(layer.get_config(), {'input_shape': [...]}, "
+                             "layer.get_weights()) with the shape it was built for")
     weights = keras_layer.get_weights() if build_config is not None else None
     return from_keras_config(keras_layer.get_config(), build_config, weights)
+
+
+def _build_config_of_input_spec(keras_layer) -> Optional[dict]:
+    """``{"input_shape": [...]}`` from the ``InputSpec(ndim, axes)`` a Keras BatchNormalization's build sets: the rank,
+    the feature sizes on their axes (tf.keras: before a ghost-batch layer's shift), None elsewhere; None without one."""
+    spec = getattr(keras_layer, "input_spec", None)
+    spec = spec[0] if isinstance(spec, (list, tuple)) and len(spec) == 1 else spec
+    ndim, axes = getattr(spec, "ndim", None), getattr(spec, "axes", None)
+    if not isinstance(ndim, int) or not isinstance(axes, dict) or not axes:
+        return None
+    shape = [None] * ndim
+    for axis, size in axes.items():
+        shape[int(axis)] = None if size is None else int(size)
+    return {"input_shape": shape}
 
 
 def to_keras(layer: BatchNormalization):
