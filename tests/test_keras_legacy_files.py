@@ -317,3 +317,31 @@ def test_tf_1_13_class_names_of_batch_normalization_are_read(tmp_path):
         assert old[path].get_config() == layer.get_config()
         for ours, theirs in zip(old[path].get_weights(), layer.get_weights(), strict=True):
             np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_bfloat16_layer_of_keras_3s_legacy_writer_loads_exactly():
+    """Keras 3's legacy HDF5 writer stores a bfloat16 layer's variables as raw 2-byte values without the dtype
+    attribute the .keras format adds (tools/keras_bfloat16_legacy_file.py, Keras 3.15.1); the layer's policy says what
+    they are. They were refused ("holds |V2 values"): they are read as the same numbers, and compute what Keras did."""
+    record = recorded("keras3_bn_bfloat16_legacy.npz")
+    layer = load_batch_norms(DATA / "keras3_bn_bfloat16_legacy.h5")["bn_bf16"]
+    assert layer.dtype_policy == "bfloat16" and layer.gamma.dtype == torch.bfloat16
+    for ours, theirs in zip(layer.get_weights(), keras_arrays(record, "bn_bf16", "weights"), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), theirs)
+    y = layer(torch.as_tensor(record["bn_bf16/x"]), training=False)
+    assert y.dtype == torch.bfloat16
+    # one bfloat16 rounding apart at most (Keras and torch may order the multiply-adds differently)
+    np.testing.assert_allclose(y.detach().float().numpy(), record["bn_bf16/y_infer"], rtol=2 ** -7, atol=0)
+
+
+def test_raw_two_byte_values_of_a_layer_of_another_policy_are_refused(tmp_path):
+    """Raw 2-byte values are read as bfloat16 only where the layer's policy is bfloat16 (as Keras wrote them): for a
+    float32 layer they are no float Keras writes, and stay refused by name."""
+    def float32_policy(handle):
+        config = json.loads(handle.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "BatchNormalization":
+                layer["config"]["dtype"] = "float32"
+        handle.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(ValueError, match=r"layer 'bn_bf16'.*\|V2 values, not floating-point"):
+        load_batch_norms(_edited(tmp_path, float32_policy, DATA / "keras3_bn_bfloat16_legacy.h5"))

@@ -1137,7 +1137,16 @@ def _ends_alike(owner: tuple, path: tuple) -> bool:
     return common > 0 and owner[-common:] == path[-common:]
 
 
-def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
+def _raw_bfloat16(config: dict) -> bool:
+    """Whether a saved layer's variables are bfloat16 by its policy: Keras 3's legacy HDF5 writer stores them as raw
+    2-byte values without the dtype attribute the .keras format adds."""
+    try:
+        return _policy_name(config.get("dtype")) == "bfloat16"
+    except (ValueError, TypeError, AttributeError):
+        return False  # (from_config names a policy it cannot read)
+
+
+def _read_legacy_variables(entry: _LegacyEntry, h5py, raw_bfloat16: bool = False) -> list:
     """The variables of the BN layer at ``entry``, in Keras' order, each checked before it is read.
 
     Keras reads a top-level layer's group positionally: all its weights are the layer's. A nested model's group
@@ -1168,7 +1177,7 @@ def _read_legacy_variables(entry: _LegacyEntry, h5py) -> list:
         member = entry.group
         for part in mine[variable].split("/"):  # (no link followed at any level)
             member = _hard_member(member, part, h5py) if isinstance(member, h5py.Group) else None
-        arrays.append(_read_dataset(member, mine[variable], h5py))
+        arrays.append(_read_dataset(member, mine[variable], h5py, raw_bfloat16))
     return arrays
 
 
@@ -1315,7 +1324,7 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
         raise ValueError(f"load_batch_norms: {path} has no weights for BatchNormalization layer "
                          f"{where!r} (no vars group of this file for it: the weights file does not match the config)")
     try:
-        arrays = (_read_legacy_variables(variables, h5py) if isinstance(variables, _LegacyEntry)
+        arrays = (_read_legacy_variables(variables, h5py, _raw_bfloat16(config)) if isinstance(variables, _LegacyEntry)
                   else _read_variables(variables, h5py))
         found[where] = _batch_norm_from_saved(config, build_config, arrays, axis)
     except Exception as error:  # an untrusted file: whatever is malformed, say where
@@ -1332,15 +1341,16 @@ def _read_variables(variables, h5py) -> list:
     return [_read_dataset(_hard_member(variables, key, h5py), key, h5py) for key in sorted(keys, key=int)]
 
 
-def _read_dataset(dataset, key: str, h5py) -> np.ndarray:
+def _read_dataset(dataset, key: str, h5py, raw_bfloat16: bool = False) -> np.ndarray:
     """A saved variable (HDF5 dataset ``key``, None when it is not one of this file) as a float array, its declared
-    size checked before it is read."""
+    size checked before it is read. ``raw_bfloat16``: the layer's policy is bfloat16, so 2-byte raw values without a
+    dtype attribute are its bfloat16 variables (Keras 3's legacy HDF5 writer)."""
     if not isinstance(dataset, h5py.Dataset):
         raise ValueError(f"variable {key} is not an array of this file")
     if dataset.ndim > 8 or dataset.size > _MAX_VARIABLE_VALUES:
         raise ValueError(f"variable {key} has shape {dataset.shape}: too large for a BN variable")
     kind, declared = dataset.dtype, _keras_name(dataset.attrs.get("dtype", ""))
-    if kind.kind == "V" and kind.itemsize == 2 and declared == "bfloat16":
+    if kind.kind == "V" and kind.itemsize == 2 and (declared == "bfloat16" or (raw_bfloat16 and not declared)):
         # Keras writes bfloat16 as raw 2-byte values: the high half of a float32, exactly.
         raw = np.asarray(dataset[()]).view("<u2").astype("<u4")
         return (raw << 16).view("<f4")
