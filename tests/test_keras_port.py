@@ -70,6 +70,9 @@ def test_a_tf_keras_layer_computes_the_same_here(name):
     for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights_after"]), strict=True):
         assert_close(ours, theirs.reshape(ours.shape), torch.float32)
     assert_close(layer(torch.tensor(recorded["x_infer"]), training=False), recorded["y_infer"], torch.float32)
+    # the options and build alone (no weights): the same axis
+    bare = from_keras_config(recorded["config"], recorded["build_config"])
+    assert bare.axis == layer.axis and bare.get_build_config() == recorded["build_config"]
     # normkit's own config of the loaded layer (no tf.keras shift in it) gives the same layer back
     again = from_keras_config(layer.get_config(), layer.get_build_config(), layer.get_weights())
     assert again.axis == layer.axis and again.virtual_batch_size == layer.virtual_batch_size

@@ -847,6 +847,8 @@ def from_keras_config(config: dict, build_config: Optional[dict] = None, weights
             return _batch_norm_from_saved(config, build_config, list(weights), None)
         except ValueError as error:  # (its messages speak of "it": the layer of this config)
             raise ValueError(f"from_keras_config: layer {config.get('name')!r}: {error}") from None
+    if build_config is not None and isinstance(config, dict) and "ghost_layout" not in config:
+        config = _built_keras_axis(config)  # (a built tf.keras ghost-batch layer's shifted axis, without weights too)
     layer = BatchNormalization.from_config(config)
     if build_config is not None:
         layer.build(build_config["input_shape"])
@@ -1379,18 +1381,25 @@ def _saved_build_config(layer: dict):
     return None
 
 
+def _built_keras_axis(config: dict) -> dict:
+    """A built Keras layer's config with its axis as normkit reads it: tf.keras writes a list of positive axes
+    (``[3]``: the int 3), shifted by one past the dimension a ghost-batch layer adds."""
+    config = dict(config)
+    saved_axis = config.get("axis", -1)
+    if isinstance(saved_axis, list) and saved_axis and all(type(a) is int for a in saved_axis):
+        saved_axis = [a - 1 for a in saved_axis] if config.get("virtual_batch_size") is not None else saved_axis
+        config["axis"] = saved_axis[0] if len(saved_axis) == 1 else saved_axis
+    return config
+
+
 def _batch_norm_from_saved(config: dict, build_config, arrays: list, axis) -> BatchNormalization:
     """The layer of a saved config and its variables' arrays, tf.keras 2's ways of saving undone: a built layer's
     axis as a list of positive axes (``[3]``), shifted by one past the dimension a ghost-batch layer adds, and
     ghost-batch or multi-axis weights in the broadcast shape of its inputs (``(1, 1, C)``)."""
     if not arrays:
         raise ValueError("it was saved unbuilt: it has no weights")
-    config = dict(config)
+    config = _built_keras_axis(config)
     ghost = config.get("virtual_batch_size") is not None
-    saved_axis = config.get("axis", -1)
-    if isinstance(saved_axis, list) and saved_axis and all(type(a) is int for a in saved_axis):
-        saved_axis = [a - 1 for a in saved_axis] if ghost else saved_axis
-        config["axis"] = saved_axis[0] if len(saved_axis) == 1 else saved_axis
     if axis is not None and not isinstance(config.get("axis"), int):
         raise ValueError(f"load_batch_norms(axis={axis}): it normalizes over axes {config.get('axis')}; "
                          "only a single feature axis can be moved")
