@@ -455,3 +455,18 @@ def test_from_keras_of_a_tf_keras_layer_built_by_build(name):
     assert_close(layer(torch.tensor(recorded["x_train"]), training=True), recorded["y_train"], torch.float32)
     for ours, theirs in zip(layer.get_weights(), _arrays(recorded["weights_after"]), strict=True):
         assert_close(ours, theirs.reshape(ours.shape), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float64"])
+def test_set_weights_takes_another_layers_weights(dtype):
+    """Keras' set_weights takes variables as well as arrays (``b.set_weights(a.weights)``); here ``a.weights`` are
+    parameters that require grad (and bfloat16 tensors, which NumPy cannot read), which failed with torch's "Can't
+    call numpy() on Tensor that requires grad". The values are copied exactly."""
+    recorded = DATA["renorm"]
+    source = from_keras_config({**recorded["config"], "dtype": dtype}, recorded["build_config"],
+                               _arrays(recorded["weights"]))
+    target = from_keras_config({**recorded["config"], "dtype": dtype}, recorded["build_config"])
+    assert any(w.requires_grad for w in source.weights)
+    target.set_weights(source.weights)
+    for ours, theirs in zip(target.get_weights(), source.get_weights(), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64))

@@ -73,7 +73,12 @@ def _policy_name(dtype) -> Optional[str]:
 
 
 def _from_numpy(value) -> np.ndarray:
-    """An array torch can read: Keras' bfloat16 arrays (ml_dtypes' type, unknown to torch) as float32, exactly."""
+    """An array torch can read: Keras' bfloat16 arrays (ml_dtypes' type, unknown to torch) as float32, exactly. A
+    tensor (another layer's ``weights``, as Keras' set_weights takes variables) is read detached, on the CPU, a
+    bfloat16 one as float32: NumPy refused one that requires grad, lives on a GPU, or is bfloat16."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.float() if value.dtype == torch.bfloat16 else value
     value = np.asarray(value)
     if value.dtype.kind == "V" or value.dtype.type.__module__.startswith("ml_dtypes"):
         return value.astype(np.float32)
