@@ -7,6 +7,7 @@ after). Keras is not needed here; h5py is (the dev extra installs it).
 """
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -434,3 +435,20 @@ def test_a_time_distributed_layer_inside_a_nested_model_is_found_under_its_whole
     moved = load_batch_norms(target)["outer/inner/steps/bn_steps"]
     for ours, theirs in zip(moved.get_weights(), load_batch_norms(NESTED)["steps/bn_steps"].get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["keras_bn_custom_layer.keras", "keras_bn_custom_layer.h5"])
+def test_a_batch_norm_inside_a_custom_layer_is_not_missing_silently(name):
+    """A custom layer's config holds its constructor's arguments, not its sublayers' options, so a BN inside it
+    cannot be rebuilt (tools/keras_custom_layer_file.py, Keras 3.15.1): it was left out of the result without a word.
+    The other layers load, with a warning naming the custom layer and what to do."""
+    with pytest.warns(UserWarning, match=r"'block'.*custom layer.*from_keras"):
+        layers = load_batch_norms(DATA / name)
+    assert list(layers) == ["bn_top"]
+
+
+def test_a_custom_layer_without_batch_norm_variables_loads_without_a_warning():
+    """A custom layer holding a Dense only (a 2-D kernel): nothing BN-like is left behind, nothing to warn of."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(load_batch_norms(DATA / "keras_bn_plain_custom_layer.keras")) == ["bn_top"]

@@ -34,6 +34,7 @@ import json
 import math
 import numbers
 import re
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -1273,6 +1274,14 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
                                  shared)
+        elif _holds_batch_norm_variables(by_name.get(name), h5py):
+            # A custom layer saves its constructor's arguments, not its sublayers' options: a BN inside cannot be
+            # rebuilt, and was left out of the result without a word.
+            warnings.warn(f"load_batch_norms: {path}: layer {where!r} ({str(layer.get('class_name'))[:80]}) holds "
+                          "BatchNormalization-like variables in sublayers, which are not loaded: a custom layer's file "
+                          "saves its constructor's arguments, not its sublayers' options (and wrappers other than "
+                          "TimeDistributed(BatchNormalization) are not searched). Load the model in Keras and take "
+                          "each with normkit.keras.from_keras(layer.<attribute>)", UserWarning, stacklevel=2)
 
 
 # The saved class names of Keras' BatchNormalization: tf.keras 2.2-2.15's SyncBatchNormalization is the layer with
@@ -1285,6 +1294,39 @@ _BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"syn
 def _batch_norm_config(layer: dict) -> dict:
     """A saved BN layer's config, with what its class implies (SyncBatchNormalization: synchronized=True)."""
     return {**layer["config"], **_BATCH_NORM_CLASSES[layer["class_name"]]}
+
+
+_BATCH_NORM_STATISTICS = ("moving_mean", "moving_variance")
+
+
+def _holds_batch_norm_variables(entry, h5py, depth: int = 0) -> bool:
+    """Whether the HDF5 place of a layer the walk does not enter (not a BN, wrapper or model) holds a sublayer's
+    variables that look like a BatchNormalization's: in a legacy file, a weight named moving_mean or moving_variance
+    (its own group's names, for a top-level layer); in a .keras file, a sublayer group whose ``vars`` are two to
+    seven 1-D arrays of one length (its own ``vars`` aside). Only metadata is read, a few levels deep."""
+    if isinstance(entry, _LegacyEntry):
+        if len(entry.names) != 1:
+            return False  # (a nested layer's names are in its model's group, among every other layer's)
+        try:
+            names = _weight_names(entry.group, h5py)
+        except ValueError:
+            return False  # (not read here: nothing of it is loaded)
+        return any(name.split("/")[-1].split(":")[0] in _BATCH_NORM_STATISTICS for name in names)
+    if entry is None or depth > 4 or not isinstance(entry, h5py.Group):
+        return False
+    for key in list(entry)[:256]:
+        child = None if key == "vars" else _subgroup(entry, key, h5py)
+        if child is None:
+            continue
+        variables = _subgroup(child, "vars", h5py)
+        if variables is not None:
+            arrays = [_hard_member(variables, name, h5py) for name in list(variables)[:8]]
+            shapes = {array.shape for array in arrays if isinstance(array, h5py.Dataset)}
+            if 2 <= len(arrays) <= 7 and len(shapes) == 1 and len(next(iter(shapes))) == 1:
+                return True
+        if _holds_batch_norm_variables(child, h5py, depth + 1):
+            return True
+    return False
 
 
 def _keras_path_key(class_name: str, counts: dict) -> str:
