@@ -437,11 +437,13 @@ def test_a_time_distributed_layer_inside_a_nested_model_is_found_under_its_whole
         np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["keras_bn_custom_layer.keras", "keras_bn_custom_layer.h5"])
+@pytest.mark.parametrize("name", ["keras_bn_custom_layer.keras", "keras_bn_custom_layer.h5",
+                                  "tfkeras_bn_custom_layer.h5"])
 def test_a_batch_norm_inside_a_custom_layer_is_not_missing_silently(name):
     """A custom layer's config holds its constructor's arguments, not its sublayers' options, so a BN inside it
-    cannot be rebuilt (tools/keras_custom_layer_file.py, Keras 3.15.1): it was left out of the result without a word.
-    The other layers load, with a warning naming the custom layer and what to do."""
+    cannot be rebuilt (tools/keras_custom_layer_file.py, Keras 3.15.1 and tf.keras 2.15): it was left out of the result
+    without a word. The other layers load, with a warning naming the custom layer and what to do. (tf.keras writes
+    the config of a layer without get_config as {}, its name beside it: the layer is found by that name.)"""
     with pytest.warns(UserWarning, match=r"'block'.*custom layer.*from_keras"):
         layers = load_batch_norms(DATA / name)
     assert list(layers) == ["bn_top"]
@@ -452,3 +454,18 @@ def test_a_custom_layer_without_batch_norm_variables_loads_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(load_batch_norms(DATA / "keras_bn_plain_custom_layer.keras")) == ["bn_top"]
+
+
+def test_a_layer_whose_config_tf_keras_left_empty_is_found_by_its_name(tmp_path):
+    """tf.keras 2.15 wrote ``"config": {}`` for such a custom layer in one of our runs (the model saved as .keras,
+    then as .h5), its name only beside the config, as a functional model names its layers; the layer was looked up
+    as 'None', so nothing was found in its group and no warning came. The recorded tf.keras file, edited so."""
+    target = tmp_path / "empty_config.h5"
+    target.write_bytes((DATA / "tfkeras_bn_custom_layer.h5").read_bytes())
+    with h5py.File(target, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        block = next(layer for layer in config["config"]["layers"] if layer.get("name") == "block")
+        block["config"] = {}
+        handle.attrs["model_config"] = json.dumps(config)
+    with pytest.warns(UserWarning, match=r"'block'.*custom layer"):
+        assert list(load_batch_norms(target)) == ["bn_top"]

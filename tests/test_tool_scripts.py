@@ -39,6 +39,7 @@ def without_keras(tmp_path):
     ("tfkeras_sync_file.py", [], "needs TensorFlow"),
     ("keras_bfloat16_legacy_file.py", [], "needs Keras"),
     ("keras_custom_layer_file.py", [], "needs Keras"),
+    ("keras_custom_layer_file.py", ["--tf-keras"], "needs TensorFlow"),
     ("keras_golden.py", ["--out", "{out}"], "needs Keras 3"),
     ("keras_golden.py", ["--out", "{out}", "--part", "tfk"], "needs TensorFlow"),
 ])

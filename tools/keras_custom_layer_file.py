@@ -9,7 +9,11 @@ one was simply missing). Run where Keras 3 is installed (torch backend):
 
 Writes tests/data/keras_bn_custom_layer.keras and keras_bn_custom_layer.h5: Input(4) -> Block (a registered custom
 layer: Dense, then BatchNormalization) -> BatchNormalization "bn_top"; and keras_bn_plain_custom_layer.keras, a custom
-layer holding a Dense only, then "bn_top".
+layer holding a Dense only, then "bn_top". With ``--tf-keras`` (TensorFlow 2.13-2.15), tfkeras_bn_custom_layer.h5:
+the same model in tf.keras, whose Block has no get_config (tf.keras then writes ``"config": {}``, the layer's name
+only beside it, as a functional model's layers are named).
+
+    /work/tfvenv/bin/python tools/keras_custom_layer_file.py --tf-keras
 """
 
 from __future__ import annotations
@@ -21,7 +25,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
 
+def record_tf_keras() -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow as tf
+    except ImportError as error:  # (this records the real tf.keras; the tests never need it)
+        sys.exit(f"tools/keras_custom_layer_file.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
+    keras = tf.keras
+
+    @keras.utils.register_keras_serializable(package="recorded")
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense, self.bn = keras.layers.Dense(3), keras.layers.BatchNormalization(momentum=0.5)
+
+        def call(self, x, training=None):
+            return self.bn(self.dense(x), training=training)
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn_top")(Block(name="block")(inputs)))
+    model.save(os.path.join(DATA, "tfkeras_bn_custom_layer.h5"), include_optimizer=False)
+    print(f"wrote tfkeras_bn_custom_layer.h5 (tensorflow {tf.__version__})")
+    return 0
+
+
 def main() -> int:
+    if "--tf-keras" in sys.argv[1:]:
+        return record_tf_keras()
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
         import keras

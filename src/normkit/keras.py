@@ -1243,7 +1243,9 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
             continue
-        layer_config, name = layer["config"], str(layer["config"].get("name"))
+        layer_config = layer["config"]
+        # (a functional model names each layer beside its config too; tf.keras writes a config it could not get as {})
+        name = str(layer_config.get("name", layer.get("name")))
         where = prefix + name
         if legacy:
             by_name[name] = group.child(name, h5py)
