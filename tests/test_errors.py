@@ -837,3 +837,18 @@ def test_keras_layer_with_another_feature_count_names_its_build(kwargs, shape, w
         assert "num_features" not in message
         assert "bn_features" in message and str(shape[layer.bn.axis]) in message and str(wrong) in message
         assert "new" in message and "axis" in message
+
+
+def test_a_keras_style_initializer_that_refuses_a_torch_dtype_is_named():
+    """A callable initializer written for Keras (``np.full(shape, 2.0, dtype=dtype)``: Keras passes a dtype name)
+    failed at the build with NumPy's "Cannot interpret 'torch.float32' as a data type", naming neither the
+    initializer nor what it was given. The refusal names both and says that the dtype is torch's."""
+    def keras_style(shape, dtype=None):
+        import numpy as np
+        return np.full(shape, 2.0, dtype=dtype)
+
+    with pytest.raises(TypeError, match=r"keras_style.*shape=\(3,\).*torch\.float32.*torch dtype"):
+        BatchNormalization(gamma_initializer=keras_style).build((2, 3))
+    layer = BatchNormalization(gamma_initializer=lambda shape, dtype: torch.full(shape, 2.0, dtype=dtype))
+    layer.build((2, 3))
+    assert torch.equal(layer.gamma.detach(), torch.full((3,), 2.0))

@@ -295,7 +295,15 @@ def apply_initializer(initializer, tensor: torch.Tensor) -> None:
     if isinstance(initializer, str):
         INITIALIZERS[initializer](tensor)
         return
-    values = initializer(tuple(tensor.shape), tensor.dtype)
+    try:
+        values = initializer(tuple(tensor.shape), tensor.dtype)
+    except TypeError as error:
+        # (a Keras-style callable, given a dtype name by Keras, failed on torch's with NumPy's "Cannot interpret
+        # 'torch.float32' as a data type", naming neither the initializer nor its arguments)
+        raise TypeError(f"initializer {getattr(initializer, '__name__', initializer)!r} failed when called as "
+                        f"initializer(shape={tuple(tensor.shape)}, dtype={tensor.dtype}): {error}. The dtype is a "
+                        "torch dtype (Keras passes a name: a Keras-style initializer can take "
+                        "str(dtype).removeprefix('torch.'))") from error
     values = torch.as_tensor(values, dtype=tensor.dtype, device=tensor.device)
     if values.shape != tensor.shape:
         raise ValueError(f"initializer {initializer!r} returned shape {tuple(values.shape)}, "
