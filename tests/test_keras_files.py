@@ -280,10 +280,10 @@ def test_a_bfloat16_layer_loads_exactly(recorded):
     np.testing.assert_allclose(y.detach().float().numpy(), recorded["bn_bf16/y_infer"], rtol=2 ** -7, atol=0)
 
 
-def _with_weights(tmp_path, edit, name="edited.keras", compress=None):
-    """A copy of the recorded archive whose model.weights.h5 went through ``edit(h5py.File)``."""
+def _with_weights(tmp_path, edit, name="edited.keras", compress=None, source=MODEL):
+    """A copy of the recorded archive (``source``) whose model.weights.h5 went through ``edit(h5py.File)``."""
     weights = tmp_path / "model.weights.h5"
-    with zipfile.ZipFile(MODEL) as source:
+    with zipfile.ZipFile(source) as source:
         weights.write_bytes(source.read("model.weights.h5"))
         config = source.read("config.json")
     with h5py.File(weights, "r+") as handle:
@@ -469,3 +469,18 @@ def test_a_layer_whose_config_tf_keras_left_empty_is_found_by_its_name(tmp_path)
         handle.attrs["model_config"] = json.dumps(config)
     with pytest.warns(UserWarning, match=r"'block'.*custom layer"):
         assert list(load_batch_norms(target)) == ["bn_top"]
+
+
+def test_the_custom_layer_check_ends_on_hard_link_cycles(tmp_path):
+    """The look into a custom layer's groups follows hard links only, but those may loop back up the tree (HDF5 allows
+    a group as its own member): a walk bounded by depth alone visited 256 ** 4 groups. A file whose custom layer
+    (holding a Dense only) is full of such loops loads at once, without a warning (nothing BN-like in it)."""
+    def loops(handle):
+        block = handle["layers/block"]
+        for index in range(64):
+            block[f"loop_{index}"] = block  # (a hard link: the group itself, one level down)
+            block["dense"][f"up_{index}"] = block
+    edited = _with_weights(tmp_path, loops, source=DATA / "keras_bn_plain_custom_layer.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(load_batch_norms(edited)) == ["bn_top"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import inspect
+import itertools
 import json
 import math
 import numbers
@@ -1301,7 +1302,7 @@ def _batch_norm_config(layer: dict) -> dict:
 _BATCH_NORM_STATISTICS = ("moving_mean", "moving_variance")
 
 
-def _holds_batch_norm_variables(entry, h5py, depth: int = 0) -> bool:
+def _holds_batch_norm_variables(entry, h5py) -> bool:
     """Whether the HDF5 place of a layer the walk does not enter (not a BN, wrapper or model) holds a sublayer's
     variables that look like a BatchNormalization's: in a legacy file, a weight named moving_mean or moving_variance
     (its own group's names, for a top-level layer); in a .keras file, a sublayer group whose ``vars`` are two to
@@ -1314,20 +1315,26 @@ def _holds_batch_norm_variables(entry, h5py, depth: int = 0) -> bool:
         except ValueError:
             return False  # (not read here: nothing of it is loaded)
         return any(name.split("/")[-1].split(":")[0] in _BATCH_NORM_STATISTICS for name in names)
-    if entry is None or depth > 4 or not isinstance(entry, h5py.Group):
+    if entry is None or not isinstance(entry, h5py.Group):
         return False
-    for key in list(entry)[:256]:
-        child = None if key == "vars" else _subgroup(entry, key, h5py)
-        if child is None:
-            continue
-        variables = _subgroup(child, "vars", h5py)
-        if variables is not None:
-            arrays = [_hard_member(variables, name, h5py) for name in list(variables)[:8]]
-            shapes = {array.shape for array in arrays if isinstance(array, h5py.Dataset)}
-            if 2 <= len(arrays) <= 7 and len(shapes) == 1 and len(next(iter(shapes))) == 1:
-                return True
-        if _holds_batch_norm_variables(child, h5py, depth + 1):
-            return True
+    # Breadth-first, a bounded number of groups in all: an untrusted file may hold millions of members, or hard links
+    # back up its tree (a cycle), which a walk bounded by depth alone would visit without end.
+    pending, visited = [(entry, 0)], 0
+    while pending and visited < 1024:
+        group, depth = pending.pop(0)
+        for key in itertools.islice(group, 256):
+            child = None if key == "vars" else _subgroup(group, key, h5py)
+            visited += 1
+            if child is None:
+                continue
+            variables = _subgroup(child, "vars", h5py)
+            if variables is not None:
+                arrays = [_hard_member(variables, name, h5py) for name in itertools.islice(variables, 8)]
+                shapes = {array.shape for array in arrays if isinstance(array, h5py.Dataset)}
+                if 2 <= len(arrays) <= 7 and len(shapes) == 1 and len(next(iter(shapes))) == 1:
+                    return True
+            if depth < 4:
+                pending.append((child, depth + 1))
     return False
 
 
