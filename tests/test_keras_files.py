@@ -304,6 +304,9 @@ BN_CONV_VARS = "layers/batch_normalization/vars"  # (Keras' own HDF5 path of the
     ("external link", "not an array of this file"),
     ("odd variable names", "not 0, 1"),
     ("complex values", "not floating-point"),
+    # Each variable may hold 2**24 values (a BN's features), but a BN has at most seven: 64 of them declared at that
+    # size (a few bytes of file each, never written) were all read, 4 GiB, before the count was compared.
+    ("many large variables", "64 variables: a BatchNormalization has at most 7"),
 ])
 def test_a_hostile_weights_file_is_refused_before_it_is_read(tmp_path, case, message):
     """Untrusted files: declared sizes are checked before reading, links are not followed, every oddity is a
@@ -321,6 +324,10 @@ def test_a_hostile_weights_file_is_refused_before_it_is_read(tmp_path, case, mes
             variables["0"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/data")
         elif case == "odd variable names":
             variables["abc"] = np.ones(4, dtype="f4")
+        elif case == "many large variables":
+            for index in range(len(variables), 64):
+                variables.create_dataset(str(index), shape=(1 << 24,), dtype="f4", chunks=(1 << 16,),
+                                         compression="gzip")
         else:
             values = variables["0"][()]
             del variables["0"]

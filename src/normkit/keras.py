@@ -1393,7 +1393,12 @@ def _load_saved_batch_norm(config: dict, build_config, entry, where: str, found:
 
 def _read_variables(variables, h5py) -> list:
     """A layer's saved variables ("0", "1", ...) as float arrays, each checked before it is read."""
-    keys = list(variables)
+    keys = list(itertools.islice(variables, len(_KERAS_VARIABLES) + 1))
+    if len(keys) > len(_KERAS_VARIABLES):
+        # (before anything is read: each may declare 2**24 values, and every one was read before the count was
+        # compared with the layer's)
+        raise ValueError(f"its vars group holds {len(variables)} variables: a BatchNormalization has at most "
+                         f"{len(_KERAS_VARIABLES)} ({', '.join(_KERAS_VARIABLES)})")
     if not all(key.isdigit() for key in keys) or sorted(map(int, keys)) != list(range(len(keys))):
         raise ValueError(f"its variables are named {keys[:8]}, not 0, 1, ...")
     return [_read_dataset(_hard_member(variables, key, h5py), key, h5py) for key in sorted(keys, key=int)]
