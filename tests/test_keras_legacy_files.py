@@ -345,3 +345,39 @@ def test_raw_two_byte_values_of_a_layer_of_another_policy_are_refused(tmp_path):
         handle.attrs["model_config"] = json.dumps(config)
     with pytest.raises(ValueError, match=r"layer 'bn_bf16'.*\|V2 values, not floating-point"):
         load_batch_norms(_edited(tmp_path, float32_policy, DATA / "keras3_bn_bfloat16_legacy.h5"))
+
+
+def test_a_keras_2_2_sequential_model_config_as_a_list_is_read(tmp_path):
+    """Keras <= 2.2.4 wrote a Sequential's config as the list of its layers' configs (no "name", no "layers"; no
+    InputLayer, the first layer holding batch_input_shape), which tf.keras still loads (Sequential.from_config); it was
+    refused as "not a saved Keras model". No such Keras is at hand: tf.keras 2.15's Sequential model
+    (tools/keras_input_shape_file.py) with its config rewritten so, which tf.keras 2.15 loads, loads the same layers
+    with the same weights here."""
+    def as_keras_2_2(handle):
+        config = json.loads(handle.attrs["model_config"])
+        config["config"] = [layer for layer in config["config"]["layers"] if layer["class_name"] != "InputLayer"]
+        handle.attrs["model_config"] = json.dumps(config)
+    source = DATA / "tfkeras_bn_input_shape.h5"
+    original, old = load_batch_norms(source), load_batch_norms(_edited(tmp_path, as_keras_2_2, source))
+    assert list(old) == list(original) == ["bn_input", "bn_after"]
+    for path, layer in original.items():
+        assert old[path].get_config() == layer.get_config()
+        assert old[path].get_build_config() == layer.get_build_config()
+        for ours, theirs in zip(old[path].get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_nested_keras_2_2_sequential_named_beside_its_list_config_is_read(tmp_path):
+    """The same list form for a Sequential nested in a functional model, whose entry names it beside its config (as
+    functional models name their layers): tf.keras 2.15's model with its 'outer' Sequential rewritten so loads the
+    same layers, under the same paths, with the same weights."""
+    def outer_as_keras_2_2(handle):
+        config = json.loads(handle.attrs["model_config"])
+        outer = next(layer for layer in config["config"]["layers"] if layer.get("name") == "outer")
+        outer["config"] = outer["config"]["layers"]
+        handle.attrs["model_config"] = json.dumps(config)
+    original, old = load_batch_norms(TF_H5), load_batch_norms(_edited(tmp_path, outer_as_keras_2_2))
+    assert list(old) == list(original) and "outer/inner/bn_deep" in old
+    for path, layer in original.items():
+        for ours, theirs in zip(old[path].get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(ours, theirs)

@@ -1029,6 +1029,8 @@ def _model_layers(config, path, what: str) -> list:
     """The list of layer configs of a saved model's config (``{"class_name": ..., "config": {"layers": [...]}}``,
     as Keras 3 and tf.keras write it in both formats)."""
     root = config.get("config") if isinstance(config, dict) else None
+    if isinstance(root, list) and config.get("class_name") == "Sequential":
+        return root  # (Keras <= 2.2.4 wrote a Sequential's config as its layers' list; tf.keras still reads it)
     if isinstance(root, dict) and not isinstance(root.get("layers"), list) and isinstance(config.get("class_name"), str):
         # A subclassed model: Keras saves its constructor's arguments, not its layers' options (this is a
         # saved Keras model all the same, which the message below would deny).
@@ -1242,6 +1244,10 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
     by_path = not legacy and not by_name
     counts: dict = {}
     for layer in layers:
+        if (isinstance(layer, dict) and layer.get("class_name") == "Sequential" and isinstance(layer.get("config"), list)
+                and isinstance(layer.get("name"), str)):
+            # A nested Sequential as Keras <= 2.2.4 wrote it (its layers' list, its name beside it in a functional model)
+            layer = {**layer, "config": {"name": layer["name"], "layers": layer["config"]}}
         if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
             continue
         layer_config = layer["config"]
