@@ -690,6 +690,9 @@ class BatchNormalization(nn.Module):
                 # integer inputs under a mixed policy: float32 math, the output in the compute dtype (as Keras)
                 return y.to(compute)
             return y
+        except ValueError as error:
+            self._refuse_other_features(inputs, bn, error)
+            raise
         finally:
             if switched:
                 bn.training = previous
@@ -727,15 +730,6 @@ class BatchNormalization(nn.Module):
                              f"(shape {self._build_shape}), got an input of rank {inputs.dim()} "
                              f"(shape {tuple(inputs.shape)}): expected ndim={len(self._build_shape)}, found "
                              f"ndim={inputs.dim()}")
-        elif self._build_shape is not None and _tracing_state() is None:  # (traced sizes are tensors: unchecked)
-            # Keras' InputSpec: the feature sizes are fixed at build too. The inner layer's refusal advised "build the
-            # layer with num_features=5", an argument this layer does not have, and named no layer of the model.
-            for axis in (bn.axis,) if isinstance(bn.axis, int) else bn.axis:
-                if inputs.shape[axis] != self._build_shape[axis]:
-                    raise ValueError(f"{self.name} was built for inputs of shape {self._build_shape} ("
-                                     f"{self._build_shape[axis]} features on axis {axis}), got an input of shape "
-                                     f"{tuple(inputs.shape)}: make a new layer for such inputs, or give the layer "
-                                     "the axis its features are on")
         running_mean = bn._buffers.get("running_mean")
         stored = running_mean.dtype if running_mean is not None else _variables_dtype(bn)
         if not inputs.is_floating_point():
@@ -764,6 +758,20 @@ class BatchNormalization(nn.Module):
         elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
             mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
         return inputs, mask, bn, mode, stored
+
+    def _refuse_other_features(self, inputs: torch.Tensor, bn: BatchNorm, error: ValueError) -> None:
+        """Keras' InputSpec: the feature sizes are fixed at build. Where the inner layer refused an input for them
+        (and told a synchronized call's peers), its message advised "build the layer with num_features=5", an
+        argument this layer does not have, and named no layer of the model: this one says it as Keras does. (Asked
+        after the refusal only: a check before every call cost 2-3% of a small layer's step.)"""
+        if self._build_shape is None or _tracing_state() is not None or inputs.dim() != len(self._build_shape):
+            return
+        for axis in (bn.axis,) if isinstance(bn.axis, int) else bn.axis:
+            if inputs.shape[axis] != self._build_shape[axis]:
+                raise ValueError(f"{self.name} was built for inputs of shape {self._build_shape} ("
+                                 f"{self._build_shape[axis]} features on axis {axis}), got an input of shape "
+                                 f"{tuple(inputs.shape)}: make a new layer for such inputs, or give the layer "
+                                 "the axis its features are on") from error
 
     def _check_mask(self, mask: torch.Tensor, inputs: torch.Tensor) -> None:
         # Keras' rule, which the inner layer's message (the input without its feature axes) contradicts when the
