@@ -405,3 +405,64 @@ def test_compare_resume_records_the_folder_it_read_in_runs_that_start_now(tmp_pa
         assert load_checkpoint(out / "none-seed0" / "checkpoint.pt")["config"]["data_dir"] == str(data)
         assert main(["evaluate", "--checkpoint", str(out / "none-seed0")]) == 0, capsys.readouterr().err
         assert main(["train", "--out", str(out / "none-seed0"), "--resume", "--quiet"]) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ two runs into one folder at once
+
+SMALL = dict(train_limit=200, batch_size=32, quiet=True, tensorboard=False)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new folder", "folder of a finished run"])
+def test_a_second_run_into_a_folder_in_use_is_refused_and_changes_nothing(tmp_path, capsys, existing):
+    """While one run trains, a second into the same folder (another shell's `normkit train`, a compare) deleted the
+    first's temporaries mid-write, or its checkpoint as a fresh run's stale files. It is refused, by the folder's
+    lock, before it reads or writes anything; the first run ends as it would alone."""
+    out = tmp_path / "run"
+    if existing:
+        run(TrainConfig(out=str(out), epochs=1, **SMALL))
+    seen = {}
+
+    def second_run(step, model):
+        if step == 7:  # (epoch 2: the first checkpoint is written)
+            seen["files"] = snapshot(out)
+            for attempt in ("python", "command"):
+                try:
+                    if attempt == "python":
+                        run(TrainConfig(out=str(out), epochs=1, overwrite=True, **SMALL))
+                    else:
+                        seen["status"] = main(["train", "--out", str(out), "--overwrite", "--epochs", "1", *TINY])
+                        seen["error"] = capsys.readouterr().err
+                except ValueError as error:
+                    seen[attempt] = error
+            seen["after"] = snapshot(out)
+
+    first = run(TrainConfig(out=str(out), epochs=3, resume=existing, **SMALL), on_step=second_run)
+    assert "another normkit run is writing to this folder now" in str(seen["python"])
+    assert seen["status"] == 2 and "another normkit run is writing to this folder now" in seen["error"]
+    assert seen["after"] == seen["files"]  # (nothing read or written by the refused runs)
+    # The first run is the run it would have been alone (a resumed run equals an uninterrupted one: test_resume).
+    alone = run(TrainConfig(out=str(tmp_path / "alone"), epochs=3, **SMALL))
+    assert first["test_accuracy"] == alone["test_accuracy"]
+    ours, theirs = (load_checkpoint(folder / "checkpoint.pt") for folder in (out, tmp_path / "alone"))
+    assert ours["epoch"] == theirs["epoch"] == 3
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    # Once it has ended, the folder is free again.
+    assert run(TrainConfig(out=str(out), epochs=4, resume=True, **SMALL))["history"][-1]["epoch"] == 4
+
+
+def test_a_run_planned_before_another_made_its_folder_changes_nothing(tmp_path):
+    """The one moment the lock cannot cover: this run's plan found no folder, and another run made it, wrote its
+    files and ended before this one made it. Taken as fresh, this run deleted that run's files; it is refused."""
+    import contextlib
+
+    from normkit.lab import train
+    from normkit.lab.runfolder import folder_lock
+    out = tmp_path / "run"
+    plan = train.plan_run(TrainConfig(out=str(out), epochs=1, **SMALL))
+    run(TrainConfig(out=str(out), epochs=1, **SMALL))  # the other run, from start to end
+    files = snapshot(out)
+    with contextlib.ExitStack() as locks:
+        with pytest.raises(ValueError, match="another normkit run created this folder and wrote to it"):
+            train._run(plan, None, lambda folder: locks.enter_context(folder_lock(folder)))
+    assert snapshot(out) == files

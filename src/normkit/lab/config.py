@@ -154,8 +154,7 @@ class TrainConfig:
         updates["lr"] = DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
         # Stored absolute (and ~ expanded): config.json and the checkpoint name the same folders from any
         # working directory, so `normkit evaluate` elsewhere still finds the run's data.
-        out = self.out if self.out is not None else Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}"
-        updates["out"] = os.path.abspath(os.path.expanduser(os.fspath(out)))
+        updates["out"] = self.out_folder()
         # The data folder is resolved once, here (--data-dir, else $NORMKIT_DATA): config.json and the checkpoint
         # then name the folder the run trained on, which evaluate and --resume read whatever NORMKIT_DATA says
         # later. The embedded digits read no folder: without --data-dir they record none (null).
@@ -165,6 +164,11 @@ class TrainConfig:
         if self.drop_last is None:
             updates["drop_last"] = virtual is not None
         return dataclasses.replace(self, **updates)
+
+    def out_folder(self) -> str:
+        """The run's folder, absolute: --out, else runs/<model>-<norm>-<dataset>-seed<seed> in the working directory."""
+        out = self.out if self.out is not None else Path("runs") / f"{self.model}-{self.norm}-{self.dataset}-seed{self.seed}"
+        return os.path.abspath(os.path.expanduser(os.fspath(out)))
 
     def to_dict(self) -> dict:
         settings = dataclasses.asdict(self)

@@ -9,6 +9,7 @@ the same settings (``overwrite=True`` replaces any); docs/lab.md, "Output direct
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -100,6 +101,34 @@ def make_out_folder(out: Path, flag: str = "--out") -> None:
 
 # The files a run writes in its folder (besides TensorBoard's event files).
 RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "curves.png")
+
+
+class FolderBusyError(ValueError):
+    """Another process (``normkit train``, ``compare``, or Python's ``run``) is writing to this run folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path, flag: str = "--out"):
+    """Hold an exclusive lock on the folder ``out`` (an advisory ``flock`` on the directory itself, so no lock file is
+    left behind, and the kernel releases it when the process ends, killed or not) for a run's lifetime. A second run
+    into the same folder meanwhile deleted the first's temporaries mid-write, or its checkpoint as a "fresh run":
+    it is refused instead, before it reads or touches anything. Where ``fcntl`` is missing (Windows) nothing is
+    locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(f"{flag} {out}: another normkit run is writing to this folder now (a train or "
+                                  "compare still running); wait for it to end, or choose another folder") from None
+        yield
+    finally:
+        os.close(handle)  # (releases the lock)
 
 
 def _resume_config(cfg: TrainConfig, saved: dict, given: set[str], source: str = "checkpoint",

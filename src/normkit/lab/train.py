@@ -47,7 +47,8 @@ from .config import TrainConfig, check_device, check_folder_option
 from .data import DATASETS, DataError, Splits, leftover_temporaries, load_test_split
 from .models import build_model
 from .optim import build_optimizer
-from .runfolder import RESUME_REMEDY, RUN_FILES, RunPlan, json_safe, make_out_folder, plan_run, write_json
+from .runfolder import (RESUME_REMEDY, RUN_FILES, FolderBusyError, RunPlan, folder_lock, json_safe, make_out_folder,
+                        plan_run, write_json)
 
 
 @torch.no_grad()
@@ -141,23 +142,37 @@ def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None =
     into an ``out`` that holds an earlier run replaces it only when that was a dry run or a finished run
     with the same settings, or with ``overwrite=True``; see docs/lab.md, "Output directory".
     """
-    plan = plan_run(cfg, given, splits)
-    previous_threads = torch.get_num_threads()
-    if plan.cfg.threads:
-        torch.set_num_threads(plan.cfg.threads)
-    try:
-        with terminations_interrupt():
-            return _run(plan, on_step)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with contextlib.ExitStack() as locks:
+        # A folder that exists is locked before the plan reads it (its checkpoint, the run it would replace); a new
+        # one once the run makes it (_train), before anything in it is written or deleted.
+        try:
+            out = Path(cfg.out_folder())
+        except (TypeError, ValueError):
+            out = None  # (settings the plan refuses by name)
+        if out is not None and out.is_dir():
+            locks.enter_context(folder_lock(out))
+            lock_new_folder = None
+        else:
+            def lock_new_folder(folder: Path) -> None:
+                locks.enter_context(folder_lock(folder))
+        plan = plan_run(cfg, given, splits)
+        previous_threads = torch.get_num_threads()
+        if plan.cfg.threads:
+            torch.set_num_threads(plan.cfg.threads)
+        try:
+            with terminations_interrupt():
+                return _run(plan, on_step, lock_new_folder)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
-def _run(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None) -> dict:
+def _run(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None,
+         lock_new_folder: Callable[[Path], None] | None) -> dict:
     cfg, checkpoint = plan.cfg, plan.checkpoint
     out = Path(cfg.out)
     progress = {"saved_epochs": checkpoint["epoch"] if checkpoint is not None else 0}  # what checkpoint.pt holds
     try:
-        return _train(plan, on_step, progress)
+        return _train(plan, on_step, progress, lock_new_folder)
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
         message = _interrupted_message(out, progress["saved_epochs"], 1 if cfg.dry_run else cfg.epochs)
@@ -166,13 +181,22 @@ def _run(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None) -> dic
         raise RunInterrupted(message, terminated=terminated) from None
 
 
-def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, progress: dict) -> dict:
+def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, progress: dict,
+           lock_new_folder: Callable[[Path], None] | None) -> dict:
+    """The run itself; ``lock_new_folder`` locks ``out`` once made, where run() could not lock it before the plan."""
     cfg, checkpoint, data = plan.cfg, plan.checkpoint, plan.data
     out = Path(cfg.out)
     checkpoint_path = out / "checkpoint.pt"
     for note in plan.notes:
         _say(cfg, note)
     make_out_folder(out)
+    if lock_new_folder is not None:
+        lock_new_folder(out)
+        if any((out / name).exists() for name in RUN_FILES):
+            # Another run made the folder and wrote in it between this run's plan (no folder) and now.
+            raise FolderBusyError(f"--out {out}: another normkit run created this folder and wrote to it while this "
+                                  "one was starting; nothing of it was changed. Run again to see what it holds (and "
+                                  "resume or replace it), or choose another folder")
     # Temporaries of a process killed mid-write (SIGKILL skips atomic_write_bytes' cleanup): never read, only in the way.
     for leftover in leftover_temporaries(out, RUN_FILES):
         leftover.unlink(missing_ok=True)
