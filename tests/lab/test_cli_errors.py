@@ -158,6 +158,20 @@ def test_a_diverging_run_with_tensorboard_completes(tmp_path):
     assert [event.step for event in events.Scalars("step/loss")] == list(range(1, 31))
 
 
+def test_the_epoch_line_tells_a_diverged_validation_loss_from_an_absent_one(tmp_path, capsys):
+    """metrics.json holds null for both (strict JSON has no NaN); the per-epoch line said n/a for both."""
+    diverging = ["--optimizer", "sgd", "--lr", "1e6", "--activation", "relu", "--train-limit", "600", "--epochs", "1",
+                 "--batch-size", "32", "--no-tensorboard"]
+    assert main(["train", *diverging, "--out", str(tmp_path / "diverged")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    assert "loss nan" in line and "val_loss nan" in line, line
+    assert strict_json(tmp_path / "diverged" / "metrics.json")["history"][0]["val_loss"] is None
+    assert main(["train", "--train-limit", "200", "--epochs", "1", "--batch-size", "32", "--no-tensorboard",
+                 "--val-split", "0", "--out", str(tmp_path / "absent")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
+    assert "val_loss n/a" in line and "val_accuracy n/a" in line, line
+
+
 def test_a_comparison_of_diverging_runs_is_written_with_n_a(tmp_path):
     """A NaN test loss is null in metrics.json; the comparison's table says n/a where a mean is undefined."""
     out = tmp_path / "compare"

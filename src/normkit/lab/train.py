@@ -89,8 +89,9 @@ def _say(cfg: TrainConfig, text: str) -> None:
         print(text, flush=True)
 
 
-def _show(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _show(value: float | None, missing: str = "n/a") -> str:
+    """A measurement for the per-epoch line; ``missing`` where there is none (n/a: not measured, nan: diverged)."""
+    return missing if value is None else f"{value:.4f}"
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -320,8 +321,11 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
                 raise
             save_epoch()
             speed = record["images_per_second"]
+            # (metrics.json says null for both an absent validation split and a diverged model's NaN loss: the line
+            # tells them apart, as the training loss beside it prints nan)
+            missing = "n/a" if len(data.val[1]) == 0 else "nan"
             _say(cfg, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.4f}  "
-                      f"val_loss {_show(val_loss)}  val_accuracy {_show(val_accuracy)}  {seconds:.1f}s "
+                      f"val_loss {_show(val_loss, missing)}  val_accuracy {_show(val_accuracy)}  {seconds:.1f}s "
                       f"({'n/a' if speed is None else f'{speed:.0f}'} img/s)")
     finally:
         board.close()
