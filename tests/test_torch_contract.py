@@ -67,6 +67,22 @@ def test_group_norm_with_one_value_per_group_follows_torch_nn():
             layer(torch.randn(1, 4))
 
 
+@pytest.mark.parametrize("shape,refused", [((1, 4), True), ((1, 4, 1), True), ((1, 4, 1, 1), True),
+                                           ((8, 4), False), ((1, 4, 2), False), ((1, 8), False)])
+def test_functional_group_norm_refuses_one_value_in_all_as_torch_nn_functional(shape, refused):
+    """normkit.functional.group_norm refuses a whole input of one value per group where torch.nn.functional's does
+    (it returned the bias, the layers refusing the same input); a larger input normalizes as torch's."""
+    x = torch.randn(shape)
+    weight, bias = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    if refused:
+        for group_norm in (nn.functional.group_norm, normkit.functional.group_norm):
+            with pytest.raises(ValueError, match="more than 1 value per|single value per group"):
+                group_norm(x, 4, weight, bias)
+    else:
+        torch.testing.assert_close(normkit.functional.group_norm(x, 4, weight, bias),
+                                   nn.functional.group_norm(x, 4, weight, bias))
+
+
 @pytest.mark.parametrize("shape", [(0, 3), (4, 3, 0, 2)])
 def test_empty_batch_gives_zero_gradients_as_torch_nn(shape):
     ours, theirs = _pair("BatchNorm1d" if len(shape) == 2 else "BatchNorm2d", 3)

@@ -1617,11 +1617,17 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Twin of ``reference.group_norm`` (ATen's group_norm computes it exactly).
 
     weight and bias hold one value per channel, in any layout: refused otherwise with the reference's ValueError,
-    before ATen.
+    before ATen. A whole input of one value per group is refused, as torch.nn.functional.group_norm refuses it.
     """
     check_floating(x)
     check_eps(eps)
     check_num_groups(num_groups, x.shape)
+    if x.numel() == num_groups:
+        # torch.nn.functional.group_norm's rule, as the GroupNorm layers' (their message): a whole input of one value
+        # per group is refused (the variance of one value is 0; this gave the bias back); a larger batch normalizes
+        # each such group to 0, as torch's does
+        raise ValueError(f"group_norm with num_groups={num_groups} sees a single value per group for input "
+                         f"{tuple(x.shape)}: the variance is 0; use fewer groups or a larger input")
     weight = _affine_in_shape("weight", weight, (x.shape[1],))
     bias = _affine_in_shape("bias", bias, (x.shape[1],))
     computed, upcast = _params_for(x, weight, bias)
