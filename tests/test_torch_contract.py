@@ -37,6 +37,31 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     assert (group.num_groups, group.num_channels) == (2, 4) and type(group.num_groups) is int
 
 
+@pytest.mark.parametrize("name,args,kwargs,shape", [
+    ("LayerNorm", (torch.tensor([3, 5]),), {}, (2, 3, 5)), ("LayerNorm", ((torch.tensor(3), 5),), {}, (2, 3, 5)),
+    ("GroupNorm", (torch.tensor(2), torch.tensor(6)), {}, (2, 6, 5)),
+    ("InstanceNorm1d", (torch.tensor(6, dtype=torch.int32),), {"affine": True, "track_running_stats": True}, (2, 6, 5)),
+    ("InstanceNorm2d", (torch.tensor(6),), {}, (2, 6, 3, 4)), ("BatchNorm2d", (torch.tensor(6),), {}, (2, 6, 3, 4)),
+])
+def test_integer_tensor_sizes_are_accepted_like_python_ints(name, args, kwargs, shape):
+    """A 0-dim integer tensor is a size to torch.nn's constructors (a count computed with torch, a 1-D tensor as
+    normalized_shape): normkit's refused it with a TypeError. It is kept as the Python int it holds."""
+    ours, theirs = _pair(name, *args, **kwargs)
+    sizes = [getattr(ours, key) for key in ("normalized_shape", "num_groups", "num_channels", "num_features")
+             if hasattr(ours, key)]
+    assert sizes and all(type(size) in (int, tuple) for size in sizes)
+    assert all(type(entry) is int for size in sizes if isinstance(size, tuple) for entry in size)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x))
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    assert normkit.functional.group_norm(x, torch.tensor(3)).shape == x.shape
+    for bad in (torch.tensor(2.0), torch.tensor(True), torch.tensor([2, 3])):
+        with pytest.raises(TypeError, match="num_groups"):
+            normkit.GroupNorm(bad, 6)
+
+
 @pytest.mark.parametrize("momentum", [None, 0.3])
 @pytest.mark.parametrize("name", ["InstanceNorm1d", "InstanceNorm2d"])
 def test_instance_norm_running_stats_follow_torch_nn(name, momentum):

@@ -26,7 +26,7 @@ from .axes import broadcast_shape, canonicalize_axes, complement
 from .stats import (bessel_factor, check_adjustment, check_affine_size, check_eps,  # noqa: F401 (F.check_eps)
                     check_ghost_batch, check_ghost_layout, check_momentum_given, check_normalized_shape,
                     check_num_groups, check_per_feature_sizes, check_renorm_clipping_bounds, check_renorm_state,
-                    check_virtual_batch_size)
+                    check_virtual_batch_size, integer_size)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -1621,6 +1621,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """
     check_floating(x)
     check_eps(eps)
+    num_groups = integer_size(num_groups)  # (a 0-dim integer tensor, as torch.nn.functional.group_norm takes it)
     check_num_groups(num_groups, x.shape)
     if x.numel() == num_groups:
         # torch.nn.functional.group_norm's rule, as the GroupNorm layers' (their message): a whole input of one value

@@ -26,7 +26,7 @@ from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, check_process_group, resolve_constraint, resolve_initializer,
                       resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
-                    check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
+                    check_virtual_batch_size, group_counts, integer_size, momentum_factor)  # (the checks: keras.py imports them from here)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -36,9 +36,10 @@ def _check_num_features(num_features, *, name="num_features", tuples=True):
     """A positive int, or (``tuples``) a non-empty tuple of them; NumPy integers count as ints (returned as
     Python ints). Not an integer: TypeError; not positive: ValueError."""
     what = "a positive int (or a tuple of them)" if tuples else "a positive int"
+    num_features = integer_size(num_features)  # (a 0-dim integer tensor is a size to torch.nn)
     single = isinstance(num_features, numbers.Integral)
     try:
-        entries = (num_features,) if single or not tuples else tuple(num_features)
+        entries = (num_features,) if single or not tuples else tuple(integer_size(entry) for entry in num_features)
     except TypeError:
         entries = (num_features,)
     if not entries:
@@ -1423,6 +1424,7 @@ class _SampleNorm(nn.Module):
 
 def _normalized_shape_as_given(normalized_shape) -> tuple:
     """LayerNorm's normalized_shape as torch.nn stores it: a tuple of sizes (an int is one size)."""
+    normalized_shape = integer_size(normalized_shape)
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     elif not isinstance(normalized_shape, Iterable) or isinstance(normalized_shape, (str, bytes)):

@@ -170,6 +170,16 @@ def check_renorm_state(renorm_mean, renorm_stddev, moving_stddev, updating) -> N
                          "those names); pass them, or renorm_mean=None for plain batch norm")
 
 
+def integer_size(value):
+    """``value`` as the Python int it holds where it is a 0-dim integer tensor, else unchanged: torch.nn's
+    constructors (and ``torch.nn.functional.group_norm``'s ``num_groups``) take such a tensor as a size, by its
+    ``__index__``, so the drop-ins do. Floating-point and bool tensors stay tensors, refused as sizes by the checks."""
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point
+            and not value.dtype.is_complex and value.dtype != torch.bool):
+        return int(value)
+    return value
+
+
 def check_num_groups(num_groups, shape, name="num_groups") -> None:
     """The group_norm twins' group count: a positive int that divides the channels of an (N, C, *) input. (The
     functional one said IndexError "Dimension out of range" for a 1-D input and ATen's "argument 'num_groups'
