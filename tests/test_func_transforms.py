@@ -300,6 +300,22 @@ def test_vmap_refusal_of_drop_in_layers_names_normkit_s_fix(name):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("name,shape", [("InstanceNorm1d", (4, 3, 5)), ("InstanceNorm2d", (4, 3, 2, 3))])
+def test_vmap_over_unbatched_samples_is_refused_by_name_too(name, shape):
+    """vmap(layer)(x) hands each sample to the layer unbatched, (C, *S): that path raised torch's message ("Batch norm
+    got a batched tensor ...", pointing to torch's recipe, which does not see normkit's layers), not the named one."""
+    ours, theirs = (getattr(module, name)(3, track_running_stats=True) for module in (normkit, nn))
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError, match="were not batched"):
+        vmap(theirs)(x)
+    before = _state(ours)
+    with pytest.raises(RuntimeError, match=f"{name}: a training call under torch.func.vmap.*replace_all_batch_norm"):
+        vmap(ours)(x)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    torch.testing.assert_close(vmap(ours.eval())(x), vmap(theirs.eval())(x))  # (eval: the running statistics, read)
+
+
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_the_fix_the_refusal_names_buffers_as_arguments_of_grad_steps_as_the_reference(name):
     """grad over functional_call with the buffers an argument of the transformed function: the training step

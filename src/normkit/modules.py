@@ -1633,8 +1633,16 @@ class _InstanceNorm(_NormBase):
                                "(eval with track_running_stats=True normalizes with the running statistics, which "
                                "were set to None)")
         factor = self.momentum if self.momentum is not None else 0.0
-        y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
-                            factor, self.eps)
+        try:
+            y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+                                factor, self.eps)
+        except RuntimeError as error:
+            # (as on the short path: vmap(layer)(x) hands each sample here unbatched, and torch's refusal of the
+            # update names neither the layer nor a fix that reaches it)
+            refusal = _transform_refusal(self, error, input) if self.training else None
+            if refusal is not None:
+                raise refusal from error
+            raise
         return y.squeeze(0) if unbatched else y
 
 
