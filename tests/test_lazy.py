@@ -55,6 +55,23 @@ def test_training_and_eval_match_torch_nn(name, shape, settings, rng):
     assert not hasattr(ours, "_initialize_hook") and not ours._forward_pre_hooks
 
 
+@pytest.mark.parametrize("name,shape", [(n, s) for n, s in PAIRS if "Instance" in n])
+@pytest.mark.parametrize("settings", [{"affine": False}, {"affine": False, "momentum": None}])
+def test_instance_norm_without_weights_takes_float64_input_with_float32_buffers_as_torch_nn(name, shape, settings, rng):
+    """The eager layer and torch.nn's lazy one take float64 data with float32 running statistics (no weight to
+    disagree with); the lazy layer's first call refused it as a dtype mismatch before sizing."""
+    ours, theirs = getattr(normkit, name)(**settings), _torch_lazy(name, **settings)
+    for training in (True, False):
+        x = torch.tensor(rng.normal(size=shape) * 2 + 1)
+        ours.train(training), theirs.train(training)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    assert ours.running_mean.dtype == torch.float32 and ours.num_features == shape[1]
+    with pytest.raises(TypeError, match="float64"):  # (with a float32 weight, refused as by the eager layer)
+        normkit.LazyInstanceNorm1d()(torch.randn(2, 3, 4, dtype=torch.float64))
+
+
 def test_an_unbatched_instance_norm_input_gives_its_channels(rng):
     """(C, L) has C channels: the layer is InstanceNorm1d(C), equal to the eager one (torch.nn's lazy layer reads
     L here, and then fails on the next batched input)."""

@@ -95,7 +95,8 @@ class _LazyNorm(LazyModuleMixin):
             check_floating(input)
             tensors = self._sized_tensors()
             _check_input_device(input, *tensors)
-            _check_input_dtype(input, *tensors, autocast_casts=not isinstance(self, BatchNorm))  # (see there)
+            _check_input_dtype(input, *self._dtype_checked(tensors),
+                               autocast_casts=not isinstance(self, BatchNorm))  # (see there)
             mask = kwargs.get("mask", args[0] if args else None)
             if mask is not None and hasattr(self, "_expand_mask"):  # (BatchNorm's mask: its shape is checked too)
                 self._expand_mask(mask, input, canonicalize_axes(self.axis, input.dim()))
@@ -133,6 +134,10 @@ class _LazyNorm(LazyModuleMixin):
         elif not self._size_from_loaded_tensors():
             # No feature-sized tensor at all (affine=False, no running statistics): the input says the size.
             self.num_features = self._num_features_of(shape)
+
+    def _dtype_checked(self, tensors: list) -> list:
+        """The tensors whose dtype the first input's must fit, as the eager forward checks it: all (BatchNorm's)."""
+        return tensors
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -289,6 +294,11 @@ class _LazyInstanceNorm(_LazyNorm):
         if input.dim() not in (batched - 1, batched):
             raise ValueError(f"expected {batched - 1}D (unbatched) or {batched}D (batched) input "
                              f"(got {input.dim()}D input) for {type(self).__name__}")
+
+    def _dtype_checked(self, tensors: list) -> list:
+        # The weight alone, as the eager forward checks it: without one, float64 data goes with float32 running
+        # statistics, as in torch.nn's lazy and eager layers (all the tensors were checked: a TypeError there).
+        return [self.weight]
 
     def _feature_shape(self, input: torch.Tensor) -> tuple:
         # Channels are axis 1 of a batch (N, C, *S) and axis 0 of one unbatched sample (C, *S).
