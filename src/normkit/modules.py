@@ -26,7 +26,8 @@ from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .options import (apply_initializer, check_process_group, resolve_constraint, resolve_initializer,
                       resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
-                    check_virtual_batch_size, group_counts, integer_size, momentum_factor)  # (the checks: keras.py imports them from here)
+                    check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
+from .stats import integer_size
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
