@@ -217,7 +217,10 @@ def cases(draw, dtypes=("float64", "float32", "bfloat16", "float16"), keras=Fals
     track = draw(st.booleans())
     renorm = track and draw(st.booleans())
     clipping = draw_clipping(draw) if renorm else None
-    mask_kind = draw(st.sampled_from(["none", "none", "padding", "per_feature", "rows_off", "all_off"]))
+    # (broadcast and full_rank too, the mask forms only the distributed fuzzer drew: one row of mask for every row, and
+    # 0/1 integers of the input's rank; the keras family takes none of them, its mask being Keras')
+    mask_kind = draw(st.sampled_from(["none", "none", "padding", "per_feature", "rows_off", "all_off", "broadcast",
+                                      "full_rank"]))
     dtype = draw(st.sampled_from(dtypes))
     policy = draw(st.sampled_from([None, None, "mixed_float16", "mixed_bfloat16"])) if keras and dtype == "float32" \
         else None
