@@ -1,7 +1,8 @@
 """Differential fuzzer of BatchNorm's option COMBINATIONS (the tests check options one or two at a time): local, not CI.
 
 Each example draws a random combination (rank, axis, dtype, affine, tracking, momentum, running variance rule, renorm
-with fixed or scheduled clipping, ghost batches, masks with NaN/inf padding, adjustment, eps, freeze, several training
+with fixed or scheduled clipping, ghost batches, masks (padding, per feature, broadcast over the rows, 0/1 integers
+of the input's rank) with NaN/inf padding, adjustment, eps, freeze, an empty batch now and then, several training
 steps then eval, data far from zero) and compares the layer's outputs, gradients and every buffer after each step
 with normkit.reference in float64. Families (``--family``):
 
