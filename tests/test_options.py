@@ -203,6 +203,26 @@ def test_one_ghost_batch_on_channels_last_data(shape, rng):
     assert_training_step(layer, y, x.grad, expected, grads, state)
 
 
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_ghost_batches_of_a_permuted_input_with_size_one_dims(x_grad, rng):
+    """Ghost batches of one row on (2, 1, 4, 1) data laid out by a permute (strides (1, 8, 2, 1)): the ghost reshape
+    kept odd strides on its size-1 dims and ATen's CPU backward gave gamma's gradient the wrong sign when the input
+    needed no gradient (found by tools/fuzz_batch_norm.py --family layouts). The reference's output and gradients."""
+    shape = (2, 1, 4, 1)
+    x_np, g_np = rng.normal(size=shape), rng.normal(size=shape)
+    layer = normkit.BatchNorm(1, virtual_batch_size=1).double()
+    x = torch.tensor(x_np).permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3).requires_grad_(x_grad)
+    assert x.stride() == (1, 8, 2, 1)
+    y = layer(x)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.bias] if x_grad else [layer.weight, layer.bias],
+                              torch.tensor(g_np))
+    args = (np.zeros(1), np.ones(1), to_numpy(layer.weight), to_numpy(layer.bias), True)
+    grads = R.batch_norm_backward(g_np, x_np, *args, layer.eps, virtual_batch_size=1)
+    assert_close(y, R.batch_norm(x_np, *args, 0.1, layer.eps, virtual_batch_size=1))
+    for g, want in zip(got, grads if x_grad else grads[1:]):
+        assert_close(g, want)
+
+
 def test_virtual_batch_equal_to_batch_is_plain_batch_norm(rng):
     x = torch.tensor(rng.normal(size=(8, 3, 2)))
     ghost, plain = normkit.BatchNorm(3, virtual_batch_size=8).double(), normkit.BatchNorm(3).double()

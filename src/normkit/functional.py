@@ -787,6 +787,10 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         per_group = channels.numel() // (groups * channels.shape[-1])
     else:
         channels, groups, restore = _ghost_channels(x, feature_axes, virtual_batch_size, ghost_layout)
+        if groups > 1 and canonical_input_wanted(channels):
+            # (the ghost reshape of a permuted input keeps odd strides on its size-1 dims, on which ATen's CPU
+            # backward returned a wrong weight gradient: ghosts of one row, (2, 1, 4, 1) at strides (1, 8, 2, 1))
+            channels = canonical_channels_last(channels)
         per_group = channels.numel() // max(channels.shape[1], 1)
     check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size)
     center = None

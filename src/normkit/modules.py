@@ -1202,8 +1202,13 @@ class BatchNorm(_NormBase):
         factor = self._tracking_factor() if running_mean is not None else 0.0
         wide_mean, wide_var, wide_weight, wide_bias = (None if t is None else torch.cat([t] * groups)
                                                        for t in (running_mean, running_var, weight, bias))
+        ghosts = input.reshape((virtual, groups * channels) + tuple(input.shape[2:]))
+        if 1 in ghosts.shape and F.canonical_input_wanted(ghosts):
+            # (a permuted (2, 1, 4, 1) input at strides (1, 8, 2, 1), ghosts of one row, is a (1, 2, 4, 1) view
+            # with odd size-1 strides: ATen's CPU backward gave gamma a wrong gradient on it; see there)
+            ghosts = F.canonical_channels_last(ghosts)
         try:
-            y = torch.batch_norm(input.reshape((virtual, groups * channels) + tuple(input.shape[2:])), wide_weight,
+            y = torch.batch_norm(ghosts, wide_weight,
                                  wide_bias, wide_mean, wide_var, True, factor, self.eps, torch.backends.cudnn.enabled)
         except RuntimeError:
             # ATen refused the call (an input on another device): the count taken above is given back and the
