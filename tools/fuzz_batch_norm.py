@@ -727,8 +727,6 @@ def run_torchnn_case(case):
     rng = np.random.default_rng(case["seed"])
     rank = len(case["shape"])
     shape = case["shape"]
-    if rank == 2 and rng.uniform() < 0.5:
-        pass
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[rank]
     kwargs = dict(momentum=case["momentum"], eps=case["eps"], affine=case["affine"],
                   track_running_stats=case["track"])
