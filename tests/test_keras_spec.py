@@ -1024,6 +1024,19 @@ def test_integer_inputs_are_cast_to_the_layer_dtype(dtype):
     torch.testing.assert_close(y, floats(x.float(), training=True), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["a/b", 3, b"bn"])
+def test_a_name_keras_refuses_is_refused(name):
+    """Keras' rule for a layer's name (a string without '/'; keras 3.15.1 raises ValueError for each of these), when
+    made and when set later; only None is named automatically (an empty string stays, as in Keras)."""
+    with pytest.raises(ValueError, match="name must be a string and cannot contain the character '/'"):
+        BatchNormalization(name=name)
+    layer = BatchNormalization(name="bn")
+    with pytest.raises(ValueError, match="name must be a string"):
+        layer.name = name
+    assert layer.name == "bn"
+    assert BatchNormalization(name="").name == "" and BatchNormalization(name=None).name.startswith("batch_norm")
+
+
 @pytest.mark.parametrize("make", [lambda: torch.ones(4, 3, dtype=torch.complex64) * (1 + 2j),
                                   lambda: np.full((4, 3), 1 + 2j), lambda: [[1 + 2j, 3j, 1.0]] * 4],
                          ids=["tensor", "array", "list"])

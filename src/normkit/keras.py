@@ -136,6 +136,16 @@ def _keras_axis(value, name):
     return axis if isinstance(axis, int) else list(axis)
 
 
+def _keras_name(value, name):
+    # Keras' rule for every layer's name (its Operation): a string without "/" (the separator of the weights' paths in
+    # its files, and of nested layers' names). Unchecked, a number or None-like name reached the error messages and
+    # get_config(), and load_batch_norms' lookups by name.
+    if not isinstance(value, str) or "/" in value:
+        raise ValueError(f"{name} must be a string and cannot contain the character '/' (Keras' rule), got {value!r} "
+                         f"({type(value).__name__})")
+    return value
+
+
 def _keras_clipping(value, name):
     RenormClipping.from_dict(value, name=name)  # validate keys and values now, as Keras does
     return value
@@ -153,7 +163,7 @@ def _resolvable(resolve):
 _OPTION_CHECKS = {
     "axis": _keras_axis, "momentum": _keras_decay, "renorm_momentum": _keras_decay, "epsilon": _keras_epsilon,
     **{flag: _keras_flag for flag in ("center", "scale", "synchronized", "renorm", "trainable")},
-    "renorm_clipping": _keras_clipping, "virtual_batch_size": check_virtual_batch_size,
+    "renorm_clipping": _keras_clipping, "virtual_batch_size": check_virtual_batch_size, "name": _keras_name,
     "dtype_policy": lambda value, name: _policy_name(value),
     "ghost_layout": check_ghost_layout, "adjustment": check_adjustment, "process_group": check_process_group,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
@@ -224,7 +234,7 @@ class BatchNormalization(nn.Module):
         self.adjustment = adjustment
         self.fused = fused
         self.ghost_layout = ghost_layout
-        self.name = name or _unique_name("batch_normalization")
+        self.name = _unique_name("batch_normalization") if name is None else name  # (Keras: only None is auto-named)
         self.process_group = process_group
         self._factory = {"dtype": None, "device": device}
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
