@@ -173,6 +173,9 @@ def test_keras_config_writes_a_one_element_axis_list_as_its_int():
      "beta_initializer.*VarianceScaling"),
     ({"gamma_regularizer": {"class_name": "L2", "config": {"l2": -1.0}}}, "gamma_regularizer.*L2"),
     ({"beta_constraint": {"class_name": "MaxNorm", "config": {"max_value": "two"}}}, "beta_constraint.*MaxNorm"),
+    # The serialized layer (a model config's entry) for its config: the unknown keys alone did not say the fix.
+    ({"module": "keras.layers", "class_name": "BatchNormalization", "config": {"axis": -1}, "registered_name": None},
+     r"a serialized layer .*from_config\(serialized\['config'\]\)"),
 ])
 def test_from_config_says_what_it_cannot_read(config, match):
     with pytest.raises(ValueError, match=match):

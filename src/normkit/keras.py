@@ -600,6 +600,10 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"from_config: {error}") from None
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(config) - accepted)
+        if unknown and isinstance(config.get("config"), dict) and "class_name" in config:
+            # (the serialized layer, as a model's config lists it or keras.saving.serialize_keras_object writes it)
+            raise ValueError(f"from_config: this is a serialized layer ({{'class_name': {config['class_name']!r}, "
+                             "'config': {...}}): pass its 'config' entry, from_config(serialized['config'])")
         if unknown:
             raise ValueError(f"from_config: {unknown} are not BatchNormalization arguments "
                              f"(accepted: {sorted(accepted)})")
