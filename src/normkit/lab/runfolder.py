@@ -119,7 +119,11 @@ def folder_lock(out: Path, flag: str = "--out"):
     except ImportError:
         yield
         return
-    handle = os.open(out, os.O_RDONLY)
+    try:
+        handle = os.open(out, os.O_RDONLY)
+    except OSError:
+        yield  # (a folder that cannot be opened for reading cannot be locked; the run's own checks name it)
+        return
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
