@@ -642,6 +642,18 @@ def test_convert_to_torch_names_a_keras_layer_as_itself():
     assert "Remove the option" not in str(error.value)  # (the biased variance is no option of the Keras layer)
 
 
+def test_convert_to_torch_refuses_an_unbuilt_keras_layer():
+    """An unbuilt Keras-vocabulary layer (no inner BatchNorm yet) gets a biased moving variance once built, as a built
+    one has: it is refused as that one is, not left in the "converted" model without a word."""
+    layer = normkit.keras.BatchNormalization(axis=1)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(layer))
+    model = convert_batch_norm(model, "normkit")
+    with pytest.raises(ValueError, match=r"'1\.0' is a Keras-vocabulary layer .*biased") as error:
+        convert_batch_norm(model, "torch")
+    assert "nothing was converted" in str(error.value)
+    assert type(model[0]) is normkit.BatchNorm1d and model[1][0] is layer and layer.bn is None
+
+
 def test_convert_argument_errors():
     model = nn.Sequential(nn.BatchNorm1d(2))
     with pytest.raises(ValueError, match="to must be 'normkit'"):

@@ -442,7 +442,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             model holds a plain ``normkit.BatchNorm``; with ``to="torch"``, a normkit layer uses an
             option torch.nn lacks (``axis`` other than 1, ``renorm``, ``virtual_batch_size``,
             ``adjustment``, regularizers, constraints,
-            ``unbiased_running_var=False``, frozen, an affine layer without weight). The message
+            ``unbiased_running_var=False``, frozen, an affine layer without weight), or the model holds a
+            ``normkit.keras.BatchNormalization`` (biased moving variance; built or not). The message
             names the layer (its qualified name in ``model``) and the option. Nothing is converted
             when any layer is refused.
         TypeError: ``model`` is not a torch.nn.Module.
@@ -463,19 +464,23 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     targets = {}
     refusals = []
     optioned = False  # whether a refusal names options (the others are fixed by plain_as or by keeping the layer)
-    # The inner BatchNorm of a Keras-vocabulary layer: named as the Keras layer, whose options the user knows
-    # (the inner layer's unbiased_running_var=False is no option a Keras user can remove).
+    # A Keras-vocabulary layer is refused as itself, built or not, whose options the user knows (its inner layer's
+    # unbiased_running_var=False is no option a Keras user can remove); its inner BatchNorm is then passed over.
     keras = _keras_module()
-    keras_inner = {} if keras is None else {id(module.bn): name for name, module in model.named_modules()
-                                            if isinstance(module, keras.BatchNormalization) and module.bn is not None}
+    keras_layers = [] if keras is None else [module for module in model.modules()
+                                             if isinstance(module, keras.BatchNormalization)]
+    keras_ids = {id(module) for module in keras_layers}
+    keras_inner = {id(module.bn) for module in keras_layers if module.bn is not None}
     for name, module in model.named_modules():
         kind = type(module)
         if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
             targets[id(module)] = (name, module, _TO_NORMKIT.get(kind, BatchNorm))
-        elif to == "torch" and id(module) in keras_inner:
-            refusals.append(f"{_label(keras_inner[id(module)])} is a Keras-vocabulary layer "
+        elif to == "torch" and id(module) in keras_ids:
+            refusals.append(f"{_label(name)} is a Keras-vocabulary layer "
                             "(normkit.keras.BatchNormalization): its moving variance is the biased one, which "
                             "torch.nn's running_var is not")
+        elif to == "torch" and id(module) in keras_inner:
+            continue
         elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
             lacking = _options_torch_lacks(module)
             if lacking:
