@@ -1,8 +1,9 @@
-"""The tutorial's examples (docs/learn.md) run as doctests, and keras.md's opening example, tools.md's examples and
-the README's run, so a doc that drifts from the code fails CI."""
+"""The tutorial's examples (docs/learn.md) run as doctests, its quoted results are results.md's, and keras.md's opening
+and porting examples, tools.md's examples and the README's run, so a doc that drifts from the code fails CI."""
 
 import collections
 import doctest
+import importlib.util
 import re
 import shutil
 import warnings
@@ -28,6 +29,17 @@ def test_learn_md_examples_run():
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {DOC.name} failed (see above)"
 
 
+def test_learn_md_figures_are_results_md_figures():
+    # Sections 4 and 5 quote measured accuracies from docs/results.md, which tools/make_results.py regenerates: every
+    # four-decimal figure of the tutorial's prose must still be one of that page's (a regeneration once left lab.md
+    # quoting a number the table no longer held).
+    prose = re.sub(r"```.*?```", "", DOC.read_text(), flags=re.S)
+    figures = set(re.findall(r"(?<![\d.])0\.\d{4}(?!\d)", prose))
+    results = set(re.findall(r"(?<![\d.])0\.\d{4}(?!\d)", DOC.with_name("results.md").read_text()))
+    assert len(figures) >= 10
+    assert figures <= results, f"learn.md quotes figures results.md does not hold: {sorted(figures - results)}"
+
+
 KERAS_DOC = DOC.with_name("keras.md")
 
 
@@ -40,6 +52,29 @@ def test_keras_md_first_example_runs():
     bn, y = namespace["bn"], namespace["y"]
     assert y.shape == (32, 10, 8)
     assert [w.shape for w in bn.get_weights()] == [(8,)] * 4
+
+
+def test_keras_md_porting_example_runs(tmp_path, monkeypatch):
+    # The porting example names a live Keras layer and a saved layer's config, build config and weights: give it a
+    # built layer with Keras' interface and that layer's own saved form, and model.keras the saved Keras model of
+    # tests/data. to_keras needs Keras 3 (tests/test_keras_port.py runs it against the real one): without Keras its
+    # line is left out.
+    pytest.importorskip("h5py")
+    block = re.findall(r"```python\n(.*?)```", KERAS_DOC.read_text(), re.S)[1]
+    if importlib.util.find_spec("keras") is None:
+        block = "\n".join(line for line in block.splitlines() if "to_keras(ours)" not in line)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(DOC.parents[1] / "tests" / "data" / "keras_bn_model.keras", tmp_path / "model.keras")
+    torch.manual_seed(0)
+    live = normkit.keras.BatchNormalization(momentum=0.9)
+    live(torch.randn(8, 3), training=True)
+    namespace = {"keras_layer": live, "config": live.keras_config(), "build_config": live.get_build_config(),
+                 "weights": live.get_weights()}
+    exec(compile(block, str(KERAS_DOC), "exec"), namespace)
+    # ("ours" is the second line's: the layer rebuilt from the saved form, equal to the live one)
+    assert [w.tolist() for w in namespace["ours"].get_weights()] == [w.tolist() for w in live.get_weights()]
+    assert namespace["ours"].get_build_config() == live.get_build_config()
+    assert sorted(namespace["layers"]) == ["block/bn_inner", "bn_conv", "bn_renorm"]
 
 
 TOOLS_DOC = DOC.with_name("tools.md")
