@@ -323,7 +323,10 @@ def test_an_interrupted_compare_says_how_to_continue(tmp_path):
     out = tmp_path / "compare"
     child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "compare", "--norms", "batch,none", "--epochs",
                               "400", *TINY, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True,
+                             # (SIGINT's default action in the child: one started from a background job of a
+                             # non-interactive shell inherits it ignored, and rightly ignores the Ctrl-C then)
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "batch-seed0" / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
