@@ -39,6 +39,21 @@ def keras_arrays(record, path, kind):
     return [record[f"{path}/{kind}_{i}"] for i in range(sum(k.startswith(f"{path}/{kind}_") for k in record))]
 
 
+def steps_as_recorded(layers, record, name):
+    """Each loaded layer holds Keras' weights, computes Keras' inference and training outputs on the recorded input,
+    and its weights after that training step are Keras' (the file's recorded answers, npz keys "<path>/...")."""
+    for path, layer in layers.items():
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "weights"), strict=True):
+            same_values(ours, theirs)
+        x = torch.as_tensor(record[f"{path}/x"])
+        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
+        np.testing.assert_allclose(layer(x, training=True).detach().numpy(), record[f"{path}/y_train"],
+                                   rtol=1e-5, atol=2e-6, err_msg=f"{name}: {path}")
+        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
+            same_values(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def same_values(ours, theirs, **tolerance):
     """Keras' array in normkit's shape (tf.keras keeps ghost-batch and multi-axis weights in the inputs' broadcast
     shape, (1, 1, C)); the values compared, exactly unless a tolerance is given."""
@@ -258,16 +273,7 @@ def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
     layers = load_batch_norms(DATA / name)
     assert list(layers) == ["bn_input", "bn_after"]
     assert layers["bn_input"].get_build_config() == {"input_shape": [None, 5]}
-    for path, layer in layers.items():
-        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "weights"), strict=True):
-            same_values(ours, theirs)
-        x = torch.as_tensor(record[f"{path}/x"])
-        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
-                                   rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
-        np.testing.assert_allclose(layer(x, training=True).detach().numpy(), record[f"{path}/y_train"],
-                                   rtol=1e-5, atol=2e-6, err_msg=f"{name}: {path}")
-        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
-            same_values(ours, theirs, rtol=1e-5, atol=1e-6)
+    steps_as_recorded(layers, record, name)
     # (the config alone, as tf.keras' get_config() returns it: from_config takes it too)
     config = {"name": "bn", "trainable": True, "dtype": "float32", "batch_input_shape": [None, 5], "axis": [1],
               "momentum": 0.8, "epsilon": 0.001, "center": True, "scale": True}
@@ -285,19 +291,9 @@ def test_tf_keras_sync_batch_normalization_layers_are_loaded(name):
     assert list(layers) == ["sbn_first", "bn_plain", "sbn_axis1"]
     assert [layer.synchronized for layer in layers.values()] == [True, False, True]
     assert layers["sbn_axis1"].axis == 1 and not layers["sbn_axis1"].center and not layers["bn_plain"].scale
-    for path, layer in layers.items():
-        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "weights"), strict=True):
-            same_values(ours, theirs)
-        x = torch.as_tensor(record[f"{path}/x"])
-        np.testing.assert_allclose(layer(x, training=False).detach().numpy(), record[f"{path}/y_infer"],
-                                   rtol=1e-5, atol=1e-6, err_msg=f"{name}: {path}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (synchronized=True without a process group says so once)
-            y = layer(x, training=True)
-        np.testing.assert_allclose(y.detach().numpy(), record[f"{path}/y_train"], rtol=1e-5, atol=2e-6,
-                                   err_msg=f"{name}: {path}")
-        for ours, theirs in zip(layer.get_weights(), keras_arrays(record, path, "after"), strict=True):
-            same_values(ours, theirs, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (synchronized=True without a process group says so once)
+        steps_as_recorded(layers, record, name)
 
 
 def test_tf_1_13_class_names_of_batch_normalization_are_read(tmp_path):
