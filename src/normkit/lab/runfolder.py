@@ -202,9 +202,11 @@ def _run_config_json(path: Path, remedy: str) -> dict:
 
 
 def _refuse_leftover_results(out: Path, situation: str, remedy: str) -> None:
-    """Refuse to start in ``out`` when it holds a run's results (metrics.json, curves.png) but no checkpoint.pt:
-    a fresh start would delete them."""
+    """Refuse to start in ``out`` when it holds a run's results (metrics.json, curves.png) but no checkpoint.pt, or
+    TensorBoard event files without config.json (not a run of this lab): a fresh start would delete them."""
     leftovers = [name for name in ("metrics.json", "curves.png") if (out / name).exists()]
+    if not leftovers and not (out / "config.json").exists() and any(out.glob("events.out.tfevents.*")):
+        leftovers = ["TensorBoard event files (no config.json: not a run of this lab)"]
     if leftovers:
         raise ValueError(f"{situation} {out} holds {' and '.join(leftovers)} but no checkpoint.pt{remedy}")
 
@@ -216,9 +218,6 @@ def _fresh_run_without_checkpoint(cfg: TrainConfig, out: Path) -> str | None:
                              "run would delete; pass --overwrite to replace them, or choose another --out")
     config_path = out / "config.json"
     if not config_path.exists():
-        if any(out.glob("events.out.tfevents.*")):
-            raise ValueError(f"--out {out} holds TensorBoard event files but no config.json (not a run of this lab), "
-                             "which this run would delete; pass --overwrite to replace them, or choose another --out")
         return None
     # config.json alone (and event files): a run stopped in epoch 1, before its first checkpoint.
     saved = _run_config_json(config_path, "pass --overwrite to replace it, or choose another --out")
@@ -240,11 +239,6 @@ def _resume_without_checkpoint(cfg: TrainConfig, out: Path, given: set[str], not
                              "them; pass --overwrite instead of --resume to replace them, or choose another --out")
     config_path = out / "config.json"
     if not config_path.exists():
-        if any(out.glob("events.out.tfevents.*")):
-            # (as a fresh run refuses them: the start below deletes every event file in the folder)
-            raise ValueError(f"--resume: {out} holds TensorBoard event files but no checkpoint.pt or config.json (not a "
-                             "run of this lab), so there is nothing to continue, and starting over would delete them; "
-                             "pass --overwrite instead of --resume to replace them, or choose another --out")
         notes.append(f"--resume: no checkpoint in {out} yet, starting from the beginning")
         return cfg
     saved = _run_config_json(config_path, "pass --overwrite instead of --resume to start over, or choose another --out")
