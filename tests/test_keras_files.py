@@ -1,7 +1,7 @@
 """normkit.keras.load_batch_norms on a model saved by the real Keras 3: same weights, same outputs, safe errors.
 
 tests/data/keras_bn_model.keras is Keras 3.15.1's own ``model.save`` of a small trained model
-(tools/keras_model_file.py), and keras_bn_model.npz what each of its BatchNormalization layers
+(tools/keras_recordings/keras_model_file.py), and keras_bn_model.npz what each of its BatchNormalization layers
 computed in Keras (inference and a training call on a recorded input, the weights before and
 after). Keras is not needed here; h5py is (the dev extra installs it).
 """
@@ -51,7 +51,7 @@ def test_every_batch_norm_with_keras_options_and_weights(recorded):
 
 
 def test_layers_two_models_deep_are_named_by_their_whole_path():
-    """tests/data/keras_bn_nested.keras (tools/keras_nested_model_file.py): a Sequential inside a Sequential inside
+    """tests/data/keras_bn_nested.keras (tools/keras_recordings/keras_nested_model_file.py): a Sequential inside a Sequential inside
     the model, and a TimeDistributed(BN). Each BN is found under its whole path, outer/inner/bn_deep (the innermost
     level must not drop its outer model's name) and steps/bn_steps (the wrapper's name, then the layer's), with
     Keras' weights, computing what Keras computed."""
@@ -81,7 +81,7 @@ def test_layers_two_models_deep_are_named_by_their_whole_path():
 
 
 def test_one_layer_in_two_places_is_loaded_once_under_both_paths():
-    """tests/data/keras_bn_shared.keras (tools/keras_nested_model_file.py): a BN layer of a nested Sequential also
+    """tests/data/keras_bn_shared.keras (tools/keras_recordings/keras_nested_model_file.py): a BN layer of a nested Sequential also
     called in the outer model, and one wrapped in TimeDistributed also called directly. Keras writes each layer's
     weights once, at its first place, and the config at both: the second place raised "has no weights for
     BatchNormalization layer" on this valid file. Both paths give one loaded layer, with Keras' weights, computing
@@ -106,7 +106,7 @@ def test_one_layer_in_two_places_is_loaded_once_under_both_paths():
 
 
 def test_a_file_of_keras_before_3_6_names_no_layer_and_is_read_by_path():
-    """tests/data/keras_bn_unnamed.keras (tools/keras_unnamed_weights_file.py, Keras 3.5.0): Keras 3.0-3.5 write no
+    """tests/data/keras_bn_unnamed.keras (tools/keras_recordings/keras_unnamed_weights_file.py, Keras 3.5.0): Keras 3.0-3.5 write no
     layer name on the weights groups; Keras itself finds a layer's weights by path (layers/batch_normalization_1,
     layers/sequential/layers/batch_normalization, layers/time_distributed/layer), counted by class in the model's
     order. Every layer raised "has no weights for BatchNormalization layer" on this valid file. The names here sort
@@ -369,7 +369,7 @@ def test_a_config_nested_too_deep_is_refused(tmp_path):
         load_batch_norms(deep)
 
 
-NESTED = DATA / "keras_bn_nested.keras"  # (tools/keras_nested_model_file.py: TimeDistributed(BN) named steps/bn_steps)
+NESTED = DATA / "keras_bn_nested.keras"  # (tools/keras_recordings/keras_nested_model_file.py: TimeDistributed(BN) named steps/bn_steps)
 
 
 def _nested_rewritten(tmp_path, edit_config=None, edit_weights=None):
@@ -448,7 +448,7 @@ def test_a_time_distributed_layer_inside_a_nested_model_is_found_under_its_whole
                                   "tfkeras_bn_custom_layer.h5"])
 def test_a_batch_norm_inside_a_custom_layer_is_not_missing_silently(name):
     """A custom layer's config holds its constructor's arguments, not its sublayers' options, so a BN inside it
-    cannot be rebuilt (tools/keras_custom_layer_file.py, Keras 3.15.1 and tf.keras 2.15): it was left out of the result
+    cannot be rebuilt (tools/keras_recordings/keras_custom_layer_file.py, Keras 3.15.1 and tf.keras 2.15): it was left out of the result
     without a word. The other layers load, with a warning naming the custom layer and what to do. (tf.keras writes
     the config of a layer without get_config as {}, its name beside it: the layer is found by that name.)"""
     with pytest.warns(UserWarning, match=r"'block'.*custom layer.*from_keras"):

@@ -1,6 +1,6 @@
 """Replay golden values recorded from the real Keras through normkit.keras.BatchNormalization.
 
-tests/data/keras_golden.npz is written by tools/keras_golden.py in an environment that has
+tests/data/keras_golden.npz is written by tools/keras_recordings/keras_golden.py in an environment that has
 Keras 3 (torch backend) and tf_keras; this test needs neither. For every recorded
 configuration the normkit layer gets the same constructor arguments and initial weights,
 then the same calls (three training steps and one inference step, same inputs, masks and

@@ -1,6 +1,6 @@
 """load_batch_norms on Keras' older formats, as real Keras wrote them: legacy HDF5 models and tf.keras 2's .keras.
 
-tools/keras_legacy_model_files.py recorded the files in tests/data: ``tfkeras_bn_legacy.h5`` and
+tools/keras_recordings/keras_legacy_model_files.py recorded the files in tests/data: ``tfkeras_bn_legacy.h5`` and
 ``tfkeras_bn_model.keras`` are one trained model saved by tf.keras 2.15 (TensorFlow 2.15.1) as a legacy HDF5 model
 and as a .keras archive, ``tfkeras_bn_weights.h5`` its ``save_weights``; ``keras3_bn_legacy.h5`` a model saved by
 Keras 3.15.1's legacy HDF5 writer. The .npz beside them hold what each BN layer computed in that Keras (inference and
@@ -266,7 +266,7 @@ def test_a_keras_3_file_names_nested_weights_by_their_whole_path(tmp_path):
 @pytest.mark.parametrize("name", ["tfkeras_bn_input_shape.h5", "tfkeras_bn_input_shape.keras"])
 def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
     """tf.keras writes ``input_shape=(5,)`` given to a Sequential's first layer into that layer's config as
-    ``batch_input_shape`` (tools/keras_input_shape_file.py, tf.keras 2.15): the layer loads, with Keras' weights, and
+    ``batch_input_shape`` (tools/keras_recordings/keras_input_shape_file.py, tf.keras 2.15): the layer loads, with Keras' weights, and
     computes what tf.keras computed. That shape is the one Keras built the layer with, so the legacy HDF5 file, which
     saves no build config, gives the layer its input rank too."""
     record = recorded("tfkeras_bn_input_shape.npz")
@@ -283,7 +283,7 @@ def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
 @pytest.mark.parametrize("name", ["tfkeras_bn_sync.h5", "tfkeras_bn_sync.keras"])
 def test_tf_keras_sync_batch_normalization_layers_are_loaded(name):
     """tf.keras' SyncBatchNormalization (BatchNormalization with synchronized=True, saved under its own class name;
-    tools/tfkeras_sync_file.py, tf.keras 2.15) was passed over: the model's file "had" only its plain BN. Each loads
+    tools/keras_recordings/tfkeras_sync_file.py, tf.keras 2.15) was passed over: the model's file "had" only its plain BN. Each loads
     as a synchronized layer with Keras' weights and computes what tf.keras computed (outside a process group, as
     tf.keras outside a strategy: local statistics, with normkit's one warning)."""
     record = recorded("tfkeras_bn_sync.npz")
@@ -317,7 +317,7 @@ def test_tf_1_13_class_names_of_batch_normalization_are_read(tmp_path):
 
 def test_a_bfloat16_layer_of_keras_3s_legacy_writer_loads_exactly():
     """Keras 3's legacy HDF5 writer stores a bfloat16 layer's variables as raw 2-byte values without the dtype
-    attribute the .keras format adds (tools/keras_bfloat16_legacy_file.py, Keras 3.15.1); the layer's policy says what
+    attribute the .keras format adds (tools/keras_recordings/keras_bfloat16_legacy_file.py, Keras 3.15.1); the layer's policy says what
     they are. They were refused ("holds |V2 values"): they are read as the same numbers, and compute what Keras did."""
     record = recorded("keras3_bn_bfloat16_legacy.npz")
     layer = load_batch_norms(DATA / "keras3_bn_bfloat16_legacy.h5")["bn_bf16"]
@@ -347,7 +347,7 @@ def test_a_keras_2_2_sequential_model_config_as_a_list_is_read(tmp_path):
     """Keras <= 2.2.4 wrote a Sequential's config as the list of its layers' configs (no "name", no "layers"; no
     InputLayer, the first layer holding batch_input_shape), which tf.keras still loads (Sequential.from_config); it was
     refused as "not a saved Keras model". No such Keras is at hand: tf.keras 2.15's Sequential model
-    (tools/keras_input_shape_file.py) with its config rewritten so, which tf.keras 2.15 loads, loads the same layers
+    (tools/keras_recordings/keras_input_shape_file.py) with its config rewritten so, which tf.keras 2.15 loads, loads the same layers
     with the same weights here."""
     def as_keras_2_2(handle):
         config = json.loads(handle.attrs["model_config"])

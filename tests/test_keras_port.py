@@ -2,7 +2,7 @@
 
 tests/data/keras_configs.json holds, for each layer, what Keras 3 itself wrote: its
 get_config(), get_build_config(), weights, a training call and an inference call
-(tools/keras_configs.py records it). Keras is not needed here except for the last test.
+(tools/keras_recordings/keras_configs.py records it). Keras is not needed here except for the last test.
 """
 
 import json
@@ -53,7 +53,7 @@ TF_DATA = json.loads((Path(__file__).parent / "data" / "tfkeras_configs.json").r
 
 @pytest.mark.parametrize("name", sorted(name for name in TF_DATA if not name.startswith("__")))
 def test_a_tf_keras_layer_computes_the_same_here(name):
-    """tf.keras 2.15's get_config(), get_build_config() and get_weights() (tools/tfkeras_configs.py): a built
+    """tf.keras 2.15's get_config(), get_build_config() and get_weights() (tools/keras_recordings/tfkeras_configs.py): a built
     ghost-batch layer writes its axis shifted by one and its weights as (1, 1, C), a list axis its weights as
     (1, H, W); from_keras_config read them as Keras 3's ("axis=[2] is out of range for an input of rank 2", "weight
     'gamma' has shape (3, 4), got (1, 3, 4)"), so from_keras failed on every such tf.keras layer."""
@@ -424,7 +424,7 @@ def test_a_seed_generator_seed_as_keras_writes_it():
 
 
 class _RecordedLayer:
-    """What a real tf.keras 2.15 layer answered (tools/tfkeras_configs.py, ``__built_by_build__``), replayed for
+    """What a real tf.keras 2.15 layer answered (tools/keras_recordings/tfkeras_configs.py, ``__built_by_build__``), replayed for
     from_keras where TensorFlow is not installed: its config, build config, weights and input_spec, nothing else."""
 
     def __init__(self, recorded):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
+RECORDINGS = TOOLS / "keras_recordings"  # (the scripts that record what the real Keras computes)
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def without_keras(tmp_path):
 ])
 def test_keras_tools_say_they_need_keras(without_keras, tmp_path, tool, arguments, needs):
     out = tmp_path / "recorded"
-    done = subprocess.run([sys.executable, str(TOOLS / tool), *(a.format(out=out) for a in arguments)],
+    done = subprocess.run([sys.executable, str(RECORDINGS / tool), *(a.format(out=out) for a in arguments)],
                           env=without_keras, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert needs in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -53,7 +54,7 @@ def test_keras_tools_say_they_need_keras(without_keras, tmp_path, tool, argument
 
 
 def test_keras_configs_help_is_not_an_output_path(without_keras, tmp_path):
-    done = subprocess.run([sys.executable, str(TOOLS / "keras_configs.py"), "--help"], env=without_keras,
+    done = subprocess.run([sys.executable, str(RECORDINGS / "keras_configs.py"), "--help"], env=without_keras,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and "usage" in done.stdout, done.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["hidden"]  # (no file named --help)

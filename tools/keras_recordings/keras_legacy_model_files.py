@@ -5,8 +5,8 @@ Users porting old Keras models mostly have these files: ``model.save("x.h5")`` o
 Keras) or of Keras 3's legacy HDF5 writer, and ``model.save("x.keras")`` of tf.keras 2.13-2.15, whose weights file is
 laid out by path rather than by layer name. Run it twice, once per Keras:
 
-    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_legacy_model_files.py            # Keras 3 (3.15.1)
-    /work/tfvenv/bin/python tools/keras_legacy_model_files.py --tf-keras                      # TensorFlow 2.15
+    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_recordings/keras_legacy_model_files.py            # Keras 3 (3.15.1)
+    /work/tfvenv/bin/python tools/keras_recordings/keras_legacy_model_files.py --tf-keras                      # TensorFlow 2.15
 
 Keras 3 writes tests/data/keras3_bn_legacy.h5 and .npz. tf.keras writes tests/data/tfkeras_bn_legacy.h5 (legacy
 HDF5 model), tfkeras_bn_model.keras (its .keras archive) and tfkeras_bn_weights.h5 (``model.save_weights``: no
@@ -31,7 +31,7 @@ import numpy as np
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
 from keras_nested_model_file import inference_record, to_numpy, trained_and_saved, wrapped_batch_norm_layers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")
 
 
@@ -83,10 +83,10 @@ def main(argv=None) -> int:
         try:
             import tensorflow as tf
         except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-            sys.exit(f"tools/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
+            sys.exit(f"tools/keras_recordings/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
         keras, version = tf.keras, f"tf.keras (tensorflow {tf.__version__})"
         if not (2, 13) <= tuple(int(part) for part in tf.__version__.split(".")[:2]) < (2, 16):
-            sys.exit(f"tools/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 (its bundled Keras 2 "
+            sys.exit(f"tools/keras_recordings/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 (its bundled Keras 2 "
                      f"writes the .keras layout recorded here); this is {tf.__version__}")
         out = os.path.join(DATA, "tfkeras_bn_legacy")
         paths = [os.path.join(DATA, "tfkeras_bn_model.keras")]
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         try:
             import keras
         except ImportError as error:
-            sys.exit(f"tools/keras_legacy_model_files.py needs Keras 3 ({error}), or TensorFlow 2.13-2.15 with "
+            sys.exit(f"tools/keras_recordings/keras_legacy_model_files.py needs Keras 3 ({error}), or TensorFlow 2.13-2.15 with "
                      "--tf-keras")
         version = f"keras {keras.__version__}"
         out = os.path.join(DATA, "keras3_bn_legacy")

@@ -5,11 +5,11 @@ tf.keras 2.2-2.15 offered ``tf.keras.layers.experimental.SyncBatchNormalization`
 ``synchronized=True``: the models trained under MirroredStrategy); its layers are saved under that class name, which
 load_batch_norms passed over without a word. Run with TensorFlow 2.13-2.15:
 
-    /work/tfvenv/bin/python tools/tfkeras_sync_file.py
+    /work/tfvenv/bin/python tools/keras_recordings/tfkeras_sync_file.py
 
 Writes tests/data/tfkeras_bn_sync.h5 (legacy HDF5, no optimizer), tfkeras_bn_sync.keras and tfkeras_bn_sync.npz: for
 every BN layer (key prefix = its name) ``weights_<i>``, ``x``, ``y_infer``, ``y_train`` and ``after_<i>``, as
-tools/keras_legacy_model_files.py records (outside any distribution strategy, so with local statistics).
+tools/keras_recordings/keras_legacy_model_files.py records (outside any distribution strategy, so with local statistics).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_nested_model_file import inference_record, to_numpy, trained_and_saved  # (this folder is on sys.path)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "tfkeras_bn_sync")
 
 
@@ -42,7 +42,7 @@ def main() -> int:
     try:
         import tensorflow as tf
     except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/tfkeras_sync_file.py needs TensorFlow 2.13-2.15 ({error})")
+        sys.exit(f"tools/keras_recordings/tfkeras_sync_file.py needs TensorFlow 2.13-2.15 ({error})")
     keras = tf.keras
     model, rng = trained_and_saved(keras, build_model, [OUT + ".keras"], x_shape=(5,), y_shape=(4,))
     model.save(OUT + ".h5", include_optimizer=False)

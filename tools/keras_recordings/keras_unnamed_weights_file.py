@@ -7,7 +7,7 @@ in the model's order (``batch_normalization``, ``batch_normalization_1``, ..., a
 for nested models, ``time_distributed/layer`` for a wrapper). Run with such a Keras (torch backend), e.g.
 
     /tmp/kvenv/bin/pip install keras==3.5.0
-    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_unnamed_weights_file.py
+    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_recordings/keras_unnamed_weights_file.py
 
 Writes tests/data/keras_bn_unnamed.keras (Keras' ``model.save`` of a model trained one epoch: three BN
 layers at the top, whose names sort otherwise than their paths, one with neither center nor scale, one in a
@@ -26,7 +26,7 @@ import numpy as np
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
 from keras_nested_model_file import inference_record, trained_and_saved, wrapped_batch_norm_layers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_unnamed")
 
 
@@ -48,9 +48,9 @@ def main() -> int:
     try:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
-        sys.exit(f"tools/keras_unnamed_weights_file.py saves a real Keras 3 model and needs Keras ({error})")
+        sys.exit(f"tools/keras_recordings/keras_unnamed_weights_file.py saves a real Keras 3 model and needs Keras ({error})")
     if tuple(int(part) for part in keras.__version__.split(".")[:2]) >= (3, 6):
-        sys.exit(f"tools/keras_unnamed_weights_file.py needs Keras 3.0-3.5 (these name no layer in the weights "
+        sys.exit(f"tools/keras_recordings/keras_unnamed_weights_file.py needs Keras 3.0-3.5 (these name no layer in the weights "
                  f"file); this is Keras {keras.__version__}: pip install keras==3.5.0")
     model, rng = trained_and_saved(keras, build_model, OUT + ".keras")
     arrays = {}

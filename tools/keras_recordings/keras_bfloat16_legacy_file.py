@@ -6,7 +6,7 @@ adds (HDF5 has no bfloat16): only the layer's policy says what they are, and loa
 values, not floating-point numbers"). Keras 3.15.1 itself cannot load the file back ("Invalid dtype: void16"). Run
 where Keras 3 is installed (torch backend):
 
-    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_bfloat16_legacy_file.py
+    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_recordings/keras_bfloat16_legacy_file.py
 
 Writes tests/data/keras3_bn_bfloat16_legacy.h5 and .npz: ``weights_<i>`` (as float32: bfloat16 values exactly),
 ``x`` and ``y_infer`` (the layer's inference output, as float32) under the key prefix ``bn_bf16/``.
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "keras3_bn_bfloat16_legacy")
 
 
@@ -28,7 +28,7 @@ def main() -> int:
     try:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
-        sys.exit(f"tools/keras_bfloat16_legacy_file.py needs Keras 3 ({error})")
+        sys.exit(f"tools/keras_recordings/keras_bfloat16_legacy_file.py needs Keras 3 ({error})")
     keras.utils.set_random_seed(2)
     rng = np.random.default_rng(2)
     inputs = keras.Input((4,), name="features")

@@ -5,7 +5,7 @@ A custom layer's config holds its constructor's arguments, not its sublayers' op
 rebuilt from the file; load_batch_norms passed over it without a word (the model's other BN layers loaded, and this
 one was simply missing). Run where Keras 3 is installed (torch backend):
 
-    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_custom_layer_file.py
+    KERAS_BACKEND=torch /work/k3venv/bin/python tools/keras_recordings/keras_custom_layer_file.py
 
 Writes tests/data/keras_bn_custom_layer.keras and keras_bn_custom_layer.h5: Input(4) -> Block (a registered custom
 layer: Dense, then BatchNormalization) -> BatchNormalization "bn_top"; and keras_bn_plain_custom_layer.keras, a custom
@@ -13,7 +13,7 @@ layer holding a Dense only, then "bn_top". With ``--tf-keras`` (TensorFlow 2.13-
 the same model in tf.keras, whose Block has no get_config (tf.keras then writes ``"config": {}``, the layer's name
 only beside it, as a functional model's layers are named).
 
-    /work/tfvenv/bin/python tools/keras_custom_layer_file.py --tf-keras
+    /work/tfvenv/bin/python tools/keras_recordings/keras_custom_layer_file.py --tf-keras
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")
 
 
@@ -30,7 +30,7 @@ def record_tf_keras() -> int:
     try:
         import tensorflow as tf
     except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/keras_custom_layer_file.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
+        sys.exit(f"tools/keras_recordings/keras_custom_layer_file.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
     keras = tf.keras
 
     @keras.utils.register_keras_serializable(package="recorded")
@@ -57,7 +57,7 @@ def main() -> int:
     try:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
-        sys.exit(f"tools/keras_custom_layer_file.py needs Keras 3 ({error})")
+        sys.exit(f"tools/keras_recordings/keras_custom_layer_file.py needs Keras 3 ({error})")
 
     @keras.saving.register_keras_serializable(package="recorded")
     class Block(keras.layers.Layer):

@@ -7,7 +7,7 @@ and that ``keras_config()`` of an equivalent normkit layer is the config Keras w
 where Keras 3 is installed (torch backend):
 
     python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy
-    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_configs.py
+    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_recordings/keras_configs.py
 
 For every layer: ``layer.get_config()`` and ``layer.get_build_config()`` exactly as Keras
 returns them; the weights after ``set_weights`` of seeded values (``weights``); one training
@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "data", "keras_configs.json")
 
 # name -> (input shape, layer kwargs): the options a ported model carries, serialized by Keras.
@@ -80,7 +80,7 @@ def import_keras():
     try:
         import keras
     except ImportError as error:
-        sys.exit(f"tools/keras_configs.py records real Keras 3 layers and needs Keras ({error}); run it in a venv "
+        sys.exit(f"tools/keras_recordings/keras_configs.py records real Keras 3 layers and needs Keras ({error}); run it in a venv "
                  "that has it: python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy")
     return keras
 

@@ -2,10 +2,10 @@
 """Record a real Keras 3 model with BatchNormalization layers two models deep and inside TimeDistributed.
 
 For tests/test_keras_files.py: ``load_batch_norms`` names a layer by its path through the nested models
-(``outer/inner/bn_deep``) and through a wrapper (``steps/bn_steps``); the model of tools/keras_model_file.py
+(``outer/inner/bn_deep``) and through a wrapper (``steps/bn_steps``); the model of tools/keras_recordings/keras_model_file.py
 nests one level only. Run where Keras 3 is installed (torch backend):
 
-    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_nested_model_file.py
+    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_recordings/keras_nested_model_file.py
 
 Writes tests/data/keras_bn_nested.keras (Keras' own ``model.save`` of a model trained a few steps) and
 tests/data/keras_bn_nested.npz: for every BN layer (key prefix = its path), ``weights_<i>`` as
@@ -29,7 +29,7 @@ import numpy as np
 
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_nested")
 
 
@@ -129,7 +129,7 @@ def main() -> int:
     try:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
-        sys.exit(f"tools/keras_nested_model_file.py saves a real Keras 3 model and needs Keras ({error})")
+        sys.exit(f"tools/keras_recordings/keras_nested_model_file.py saves a real Keras 3 model and needs Keras ({error})")
     model, rng = trained_and_saved(keras, build_model, OUT + ".keras")
     arrays = {}
     for path, layer in batch_norm_layers(model):

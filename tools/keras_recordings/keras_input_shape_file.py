@@ -5,11 +5,11 @@ tf.keras writes such a layer's input shape into the layer's own config (``"batch
 most common way old Sequential models were written; load_batch_norms refused the key as "not a BatchNormalization
 argument". Run with TensorFlow 2.13-2.15:
 
-    /work/tfvenv/bin/python tools/keras_input_shape_file.py
+    /work/tfvenv/bin/python tools/keras_recordings/keras_input_shape_file.py
 
 Writes tests/data/tfkeras_bn_input_shape.h5 (legacy HDF5, no optimizer), tfkeras_bn_input_shape.keras and
 tfkeras_bn_input_shape.npz: for every BN layer (key prefix = its name) ``weights_<i>``, ``x``, ``y_infer``,
-``y_train`` and ``after_<i>`` (the weights after that training call), as tools/keras_legacy_model_files.py records.
+``y_train`` and ``after_<i>`` (the weights after that training call), as tools/keras_recordings/keras_legacy_model_files.py records.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
 from keras_nested_model_file import inference_record, to_numpy, trained_and_saved
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "tfkeras_bn_input_shape")
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     try:
         import tensorflow as tf
     except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/keras_input_shape_file.py needs TensorFlow 2.13-2.15 ({error})")
+        sys.exit(f"tools/keras_recordings/keras_input_shape_file.py needs TensorFlow 2.13-2.15 ({error})")
     keras = tf.keras
     model, rng = trained_and_saved(keras, build_model, [OUT + ".keras"], x_shape=(5,), y_shape=(3,))
     model.save(OUT + ".h5", include_optimizer=False)

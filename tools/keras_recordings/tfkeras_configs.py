@@ -6,9 +6,9 @@ they take Keras 3's; a built tf.keras layer writes its options in forms Keras 3 
 (virtual_batch_size) its axis shifted by one past the ghost dimension and its weights in the broadcast shape
 (1, 1, C), a list axis its weights as (1, H, W). Run with TensorFlow 2.13-2.15:
 
-    /work/tfvenv/bin/python tools/tfkeras_configs.py
+    /work/tfvenv/bin/python tools/keras_recordings/tfkeras_configs.py
 
-Per layer, as tools/keras_configs.py records Keras 3's: ``config``, ``build_config``, ``weights`` (the layer's
+Per layer, as tools/keras_recordings/keras_configs.py records Keras 3's: ``config``, ``build_config``, ``weights`` (the layer's
 after one seeded training call, so the moving statistics are not the initial ones), ``x_train``, ``y_train``,
 ``weights_after`` (after a second training call on ``x_train``), ``x_infer``, ``y_infer``. Arrays are nested lists.
 
@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "tfkeras_configs.json")
 
 # name -> (input shape, layer kwargs): tf.keras' options whose built config Keras 3 could not have written.
@@ -64,7 +64,7 @@ def main() -> int:
     try:
         import tensorflow as tf
     except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/tfkeras_configs.py needs TensorFlow 2.13-2.15 ({error})")
+        sys.exit(f"tools/keras_recordings/tfkeras_configs.py needs TensorFlow 2.13-2.15 ({error})")
     out = {"__meta__": {"tensorflow": tf.__version__, "numpy": np.__version__}}
     for index, (name, (shape, kwargs)) in enumerate(LAYERS.items()):
         rng = np.random.default_rng(index)

@@ -6,7 +6,7 @@ read the .npz):
 
     python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras \
         tensorflow-cpu tf-keras numpy
-    /tmp/kvenv/bin/python tools/keras_golden.py            # writes tests/data/keras_golden.npz
+    /tmp/kvenv/bin/python tools/keras_recordings/keras_golden.py            # writes tests/data/keras_golden.npz
 
 Two sources, each in its own subprocess (a Keras backend is fixed at import time):
 
@@ -42,7 +42,7 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "data", "keras_golden.npz")
 
 TRAINING_FLAGS = [True, True, True, False]
@@ -169,7 +169,7 @@ def import_or_exit(name, what):
     try:
         return importlib.import_module(name)
     except ImportError as error:
-        sys.exit(f"tools/keras_golden.py needs {what} ({error}); run it in a separate venv, as its docstring says")
+        sys.exit(f"tools/keras_recordings/keras_golden.py needs {what} ({error}); run it in a separate venv, as its docstring says")
 
 
 def record_k3(names, out):
@@ -278,7 +278,7 @@ def main(argv=None):
             path = os.path.join(tmp, f"{part}.npz")
             part_run = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", part, "--out", path])
             if part_run.returncode != 0:  # (the part said why on stderr)
-                print(f"tools/keras_golden.py: recording the {part} part failed; {args.out} is unchanged",
+                print(f"tools/keras_recordings/keras_golden.py: recording the {part} part failed; {args.out} is unchanged",
                       file=sys.stderr)
                 return 1
             with np.load(path) as f:

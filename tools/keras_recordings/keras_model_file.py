@@ -6,7 +6,7 @@ without Keras; the tests check it against what Keras itself computed. Run where 
 installed (torch backend):
 
     python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy h5py
-    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_model_file.py
+    KERAS_BACKEND=torch /tmp/kvenv/bin/python tools/keras_recordings/keras_model_file.py
 
 Writes tests/data/keras_bn_model.keras (Keras' own ``model.save``), keras_bn_model_bfloat16.keras (one
 layer with the bfloat16 policy: ``bn_bf16``, weights and inference only) and tests/data/keras_bn_model.npz:
@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "keras_bn_model")
 
 
@@ -62,7 +62,7 @@ def main() -> int:
     try:
         import keras
     except ImportError as error:  # (this records the real Keras; the tests never need it)
-        sys.exit(f"tools/keras_model_file.py saves a real Keras 3 model and needs Keras ({error}); run it in a venv "
+        sys.exit(f"tools/keras_recordings/keras_model_file.py saves a real Keras 3 model and needs Keras ({error}); run it in a venv "
                  "that has it: python -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install torch==2.13.0 keras numpy h5py")
 
     keras.utils.set_random_seed(0)
