@@ -21,16 +21,14 @@ from __future__ import annotations
 import os
 import sys
 
+import needs  # (this folder is on sys.path when a script runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")
 
 
 def record_tf_keras() -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import tensorflow as tf
-    except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/keras_recordings/keras_custom_layer_file.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
+    tf = needs.tensorflow("keras_custom_layer_file.py --tf-keras")
     keras = tf.keras
 
     @keras.utils.register_keras_serializable(package="recorded")

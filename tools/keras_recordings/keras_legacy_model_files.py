@@ -28,6 +28,7 @@ import sys
 
 import numpy as np
 
+import needs  # (this folder is on sys.path when a script runs)
 from keras_model_file import batch_norm_layers  # (this folder is on sys.path when the script runs)
 from keras_nested_model_file import inference_record, to_numpy, trained_and_saved, wrapped_batch_norm_layers
 
@@ -79,11 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tf-keras", action="store_true", help="record TensorFlow's tf.keras 2 (2.13-2.15)")
     args = parser.parse_args(argv)
     if args.tf_keras:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        try:
-            import tensorflow as tf
-        except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-            sys.exit(f"tools/keras_recordings/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 ({error})")
+        tf = needs.tensorflow("keras_legacy_model_files.py --tf-keras")
         keras, version = tf.keras, f"tf.keras (tensorflow {tf.__version__})"
         if not (2, 13) <= tuple(int(part) for part in tf.__version__.split(".")[:2]) < (2, 16):
             sys.exit(f"tools/keras_recordings/keras_legacy_model_files.py --tf-keras needs TensorFlow 2.13-2.15 (its bundled Keras 2 "

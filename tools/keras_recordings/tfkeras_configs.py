@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 
+import needs  # (this folder is on sys.path when a script runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "tfkeras_configs.json")
 
@@ -60,11 +62,7 @@ def built_by_build(rng, shape, kwargs, tf) -> dict:
 
 
 def main() -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import tensorflow as tf
-    except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/keras_recordings/tfkeras_configs.py needs TensorFlow 2.13-2.15 ({error})")
+    tf = needs.tensorflow("tfkeras_configs.py")
     out = {"__meta__": {"tensorflow": tf.__version__, "numpy": np.__version__}}
     for index, (name, (shape, kwargs)) in enumerate(LAYERS.items()):
         rng = np.random.default_rng(index)

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+import needs  # (this folder is on sys.path when a script runs)
 from keras_nested_model_file import inference_record, to_numpy, trained_and_saved  # (this folder is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,11 +39,7 @@ def build_model(keras):
 
 
 def main() -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import tensorflow as tf
-    except ImportError as error:  # (this records the real tf.keras; the tests never need it)
-        sys.exit(f"tools/keras_recordings/tfkeras_sync_file.py needs TensorFlow 2.13-2.15 ({error})")
+    tf = needs.tensorflow("tfkeras_sync_file.py")
     keras = tf.keras
     model, rng = trained_and_saved(keras, build_model, [OUT + ".keras"], x_shape=(5,), y_shape=(4,))
     model.save(OUT + ".h5", include_optimizer=False)
