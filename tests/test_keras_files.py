@@ -9,7 +9,6 @@ after). Keras is not needed here; h5py is (the dev extra installs it).
 import json
 import warnings
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +16,17 @@ import torch
 
 from normkit.keras import BatchNormalization, load_batch_norms
 
+from keras_records import DATA, assert_bfloat16_layer_as_recorded, keras_arrays, read_record
+
 h5py = pytest.importorskip("h5py", reason="load_batch_norms reads HDF5: pip install h5py (normkit[keras])")
 
-DATA = Path(__file__).parent / "data"
 MODEL = DATA / "keras_bn_model.keras"
 PATHS = ["bn_conv", "bn_renorm", "block/bn_inner"]
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    with np.load(DATA / "keras_bn_model.npz") as arrays:
-        return dict(arrays)
-
-
-def keras_arrays(recorded, path, kind):
-    return [recorded[f"{path}/{kind}_{i}"] for i in range(sum(k.startswith(f"{path}/{kind}_") for k in recorded))]
+    return read_record("keras_bn_model.npz")
 
 
 def test_every_batch_norm_with_keras_options_and_weights(recorded):
@@ -270,14 +265,8 @@ def test_moving_an_axis_needs_a_single_one(tmp_path):
 
 def test_a_bfloat16_layer_loads_exactly(recorded):
     """Keras writes bfloat16 variables as raw 2-byte HDF5 values; they are read as the same numbers."""
-    layer = load_batch_norms(DATA / "keras_bn_model_bfloat16.keras")["bn_bf16"]
-    assert layer.dtype_policy == "bfloat16" and layer.gamma.dtype == torch.bfloat16
-    for ours, theirs in zip(layer.get_weights(), keras_arrays(recorded, "bn_bf16", "weights"), strict=True):
-        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), theirs)
-    y = layer(torch.as_tensor(recorded["bn_bf16/x"]), training=False)
-    assert y.dtype == torch.bfloat16
-    # one bfloat16 rounding apart at most (Keras and torch may order the multiply-adds differently)
-    np.testing.assert_allclose(y.detach().float().numpy(), recorded["bn_bf16/y_infer"], rtol=2 ** -7, atol=0)
+    assert_bfloat16_layer_as_recorded(load_batch_norms(DATA / "keras_bn_model_bfloat16.keras")["bn_bf16"], recorded,
+                                      "bn_bf16")
 
 
 def _with_weights(tmp_path, edit, name="edited.keras", compress=None, source=MODEL):

@@ -10,7 +10,6 @@ a training call on a recorded input, the weights before and after). Neither Kera
 import json
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,10 @@ import torch
 
 from normkit.keras import BatchNormalization, load_batch_norms
 
+from keras_records import DATA, assert_bfloat16_layer_as_recorded, keras_arrays, read_record
+
 h5py = pytest.importorskip("h5py", reason="load_batch_norms reads HDF5: pip install h5py (normkit[keras])")
 
-DATA = Path(__file__).parent / "data"
 TF_PATHS = ["bn_conv", "bn_axes", "bn_ghost", "bn_renorm", "bn_bare", "steps/bn_steps", "outer/inner/bn_deep",
             "outer/bn_mid"]
 K3_PATHS = ["bn_conv", "bn_renorm", "bn_bare", "steps/bn_steps", "outer/inner/bn_deep", "outer/bn_mid"]
@@ -28,15 +28,6 @@ FILES = [("tfkeras_bn_legacy.h5", "tfkeras_bn_legacy.npz", TF_PATHS),
          ("tfkeras_bn_model.keras", "tfkeras_bn_legacy.npz", TF_PATHS),
          ("keras3_bn_legacy.h5", "keras3_bn_legacy.npz", K3_PATHS)]
 TF_H5 = DATA / "tfkeras_bn_legacy.h5"
-
-
-def recorded(npz):
-    with np.load(DATA / npz) as arrays:
-        return dict(arrays)
-
-
-def keras_arrays(record, path, kind):
-    return [record[f"{path}/{kind}_{i}"] for i in range(sum(k.startswith(f"{path}/{kind}_") for k in record))]
 
 
 def steps_as_recorded(layers, record, name):
@@ -67,7 +58,7 @@ def same_values(ours, theirs, **tolerance):
 
 @pytest.mark.parametrize("name, npz, paths", FILES)
 def test_every_batch_norm_with_its_options_and_keras_weights(name, npz, paths):
-    record = recorded(npz)
+    record = read_record(npz)
     layers = load_batch_norms(DATA / name)
     assert list(layers) == paths
     assert all(isinstance(layer, BatchNormalization) and layer.built for layer in layers.values())
@@ -95,7 +86,7 @@ def test_the_loaded_layers_compute_what_keras_computed(name, npz, paths):
     tf.keras ran its channels-last conv BN (rank 4) with its fused kernel, which moves the moving variance by the
     unbiased batch variance (var * n / (n - 1)); normkit.keras follows Keras 3 (biased, docs/keras.md): that one
     array is compared with the difference taken out."""
-    record = recorded(npz)
+    record = read_record(npz)
     for path, layer in load_batch_norms(DATA / name).items():
         x = torch.as_tensor(record[f"{path}/x"])
         if path == "steps/bn_steps":  # (the wrapper's inference: the layer on every time step's rows)
@@ -142,7 +133,7 @@ def test_axis_moves_a_channels_last_conv_layer_into_an_nchw_model(tmp_path, name
                                           if layer["config"]["name"] != "bn_axes"]
             handle.attrs["model_config"] = json.dumps(config)
         source = _edited(tmp_path, without_bn_axes)
-    record = recorded("keras3_bn_legacy.npz" if name.startswith("keras3") else "tfkeras_bn_legacy.npz")
+    record = read_record("keras3_bn_legacy.npz" if name.startswith("keras3") else "tfkeras_bn_legacy.npz")
     layer = load_batch_norms(source, axis=1)["bn_conv"]
     assert layer.axis == 1
     nchw = torch.as_tensor(np.ascontiguousarray(record["bn_conv/x"].transpose(0, 3, 1, 2)))
@@ -269,7 +260,7 @@ def test_a_sequential_whose_first_layer_was_given_its_input_shape(name):
     ``batch_input_shape`` (tools/keras_recordings/keras_input_shape_file.py, tf.keras 2.15): the layer loads, with Keras' weights, and
     computes what tf.keras computed. That shape is the one Keras built the layer with, so the legacy HDF5 file, which
     saves no build config, gives the layer its input rank too."""
-    record = recorded("tfkeras_bn_input_shape.npz")
+    record = read_record("tfkeras_bn_input_shape.npz")
     layers = load_batch_norms(DATA / name)
     assert list(layers) == ["bn_input", "bn_after"]
     assert layers["bn_input"].get_build_config() == {"input_shape": [None, 5]}
@@ -286,7 +277,7 @@ def test_tf_keras_sync_batch_normalization_layers_are_loaded(name):
     tools/keras_recordings/tfkeras_sync_file.py, tf.keras 2.15) was passed over: the model's file "had" only its plain BN. Each loads
     as a synchronized layer with Keras' weights and computes what tf.keras computed (outside a process group, as
     tf.keras outside a strategy: local statistics, with normkit's one warning)."""
-    record = recorded("tfkeras_bn_sync.npz")
+    record = read_record("tfkeras_bn_sync.npz")
     layers = load_batch_norms(DATA / name)
     assert list(layers) == ["sbn_first", "bn_plain", "sbn_axis1"]
     assert [layer.synchronized for layer in layers.values()] == [True, False, True]
@@ -319,15 +310,9 @@ def test_a_bfloat16_layer_of_keras_3s_legacy_writer_loads_exactly():
     """Keras 3's legacy HDF5 writer stores a bfloat16 layer's variables as raw 2-byte values without the dtype
     attribute the .keras format adds (tools/keras_recordings/keras_bfloat16_legacy_file.py, Keras 3.15.1); the layer's policy says what
     they are. They were refused ("holds |V2 values"): they are read as the same numbers, and compute what Keras did."""
-    record = recorded("keras3_bn_bfloat16_legacy.npz")
-    layer = load_batch_norms(DATA / "keras3_bn_bfloat16_legacy.h5")["bn_bf16"]
-    assert layer.dtype_policy == "bfloat16" and layer.gamma.dtype == torch.bfloat16
-    for ours, theirs in zip(layer.get_weights(), keras_arrays(record, "bn_bf16", "weights"), strict=True):
-        np.testing.assert_array_equal(np.asarray(ours, dtype=np.float32), theirs)
-    y = layer(torch.as_tensor(record["bn_bf16/x"]), training=False)
-    assert y.dtype == torch.bfloat16
-    # one bfloat16 rounding apart at most (Keras and torch may order the multiply-adds differently)
-    np.testing.assert_allclose(y.detach().float().numpy(), record["bn_bf16/y_infer"], rtol=2 ** -7, atol=0)
+    record = read_record("keras3_bn_bfloat16_legacy.npz")
+    assert_bfloat16_layer_as_recorded(load_batch_norms(DATA / "keras3_bn_bfloat16_legacy.h5")["bn_bf16"], record,
+                                      "bn_bf16")
 
 
 def test_raw_two_byte_values_of_a_layer_of_another_policy_are_refused(tmp_path):
