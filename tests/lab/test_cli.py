@@ -300,6 +300,23 @@ def test_every_norm_and_model_trains(tmp_path, norm, model):
     assert len(metrics["history"]) == 1 and metrics["steps"] == 1
 
 
+def test_a_train_limit_above_the_dataset_uses_it_all_and_says_so(tmp_path, capsys):
+    """--train-limit is a ceiling: above the training set's size the run takes every image, as without it, and its
+    first lines say how many there were (it was accepted without a word, so a typo'd limit went unnoticed)."""
+    from normkit.lab.data import load_dataset
+    from normkit.lab.runfolder import plan_run
+
+    count = len(load_dataset("digits").train[1])
+    plan = plan_run(TrainConfig(train_limit=count + 1, out=str(tmp_path / "a")))
+    unlimited = plan_run(TrainConfig(out=str(tmp_path / "b")))
+    assert plan.data.fingerprint == unlimited.data.fingerprint
+    assert f"--train-limit {count + 1}: --dataset digits has {count} training images; using all of them" in plan.notes
+    assert not any("--train-limit" in note for note in plan_run(TrainConfig(train_limit=count,
+                                                                              out=str(tmp_path / "c"))).notes)
+    assert main(["train", "--dry-run", "--no-tensorboard", "--train-limit", "99999", "--out", str(tmp_path / "d")]) == 0
+    assert f"--train-limit 99999: --dataset digits has {count} training images" in capsys.readouterr().out
+
+
 def test_on_step_sees_every_step_and_leaves_the_run_unchanged(tmp_path):
     """run(on_step=...) is called after each optimizer step with the model; a measurement that leaves the
     model as it found it (preactivations: eval mode, restored) gives the same weights as a run without it."""

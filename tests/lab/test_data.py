@@ -451,6 +451,31 @@ def test_a_failed_download_leaves_no_folder_that_hides_the_files_beside_it(tmp_p
     assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
+def test_a_download_stopped_half_way_names_the_complete_files_beside_it(tmp_path, monkeypatch, file_server):
+    """A download that fetched one file and failed on the next keeps the verified file in DIR/mnist/, which the reader
+    takes before DIR: a run on the complete set in DIR must not stop at a bare "missing file" in DIR/mnist/."""
+    url, served = file_server
+    payloads = {name: gzip.compress(name.encode(), mtime=0) for name in data.DOWNLOADS["mnist"]["md5"]}
+    first = next(iter(payloads))
+    (served / first).write_bytes(payloads[first])  # the server has the first file only
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", {"mirrors": (url,), "md5": {k: data._md5(v) for k, v in payloads.items()}})
+    flat = tmp_path / "flat"
+    for part, count in (("train", 20), ("test", 10)):
+        write_idx(flat / data.IDX_FILES[part][0], np.full((count, 28, 28), 7, dtype=np.uint8))
+        write_idx(flat / data.IDX_FILES[part][1], np.arange(count, dtype=np.uint8) % 10)
+    before = load_dataset("mnist", flat)
+    with pytest.raises(DataError, match="could not download"):
+        data.download("mnist", flat, timeout=5)
+    assert [path.name for path in (flat / "mnist").iterdir()] == [first]  # kept: a retry fetches the rest only
+    with pytest.raises(DataError, match=rf"missing file {re.escape(str(flat / 'mnist'))}/.*holds only part of the "
+                                        rf"files.*`normkit download mnist --data-dir {re.escape(str(flat))}`.*remove "
+                                        rf"{re.escape(str(flat / 'mnist'))} to read the files in {re.escape(str(flat))}"):
+        load_dataset("mnist", flat)
+    (flat / "mnist" / first).unlink()
+    (flat / "mnist").rmdir()  # the remedy it names
+    assert torch.equal(load_dataset("mnist", flat).train[0], before.train[0])
+
+
 def test_download_into_a_file_or_an_impossible_folder_is_refused_before_any_fetch(tmp_path, monkeypatch):
     # A mirror that would fail is never asked: the folder is refused first, and the file is left alone.
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],

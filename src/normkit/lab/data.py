@@ -218,6 +218,15 @@ def _find_idx(directory: Path, stem: str, dataset: str, needed: tuple[str, ...] 
         hint = (f"; this folder holds the test files only: `python -c \"from normkit.lab.data import split_test_set; "
                 f"split_test_set({str(directory)!r}, 'DIR/{dataset}')\"` writes train = its first 8,000 images and "
                 f"test = the rest into DIR/{dataset}/, then pass --data-dir DIR")
+    parent = directory.parent
+    if directory.name == dataset and all((parent / name).is_file() or (parent / f"{name}.gz").is_file()
+                                         for name in files):
+        # DIR/<dataset>/ is read before DIR: one a download stopped half-way (the files it verified are kept, to be
+        # resumed) hid the complete set in DIR behind "missing file", with no word of where the others were.
+        raise DataError(f"{dataset}: missing file {directory / stem}[.gz]; {directory} holds only part of the files "
+                        f"(a download that stopped half-way?) and is read before {parent}, which holds them all: "
+                        f"finish it with `normkit download {dataset} --data-dir {parent}`, or remove {directory} "
+                        f"to read the files in {parent}")
     raise DataError(f"{dataset}: missing file {directory / stem}[.gz]{_near_misses(directory, stem)}; run "
                     f"`normkit download {dataset} --data-dir "
                     f"{directory.parent if directory.name == dataset else directory}` where a network is available, "

@@ -420,6 +420,11 @@ def plan_run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | N
         if "data_dir" in given or data_origin is None or splits is not None or cfg.dataset == "digits":
             raise
         raise DataError(f"{error}; that folder is {data_origin}") from None
+    available = len(data.train[1]) + len(data.val[1])
+    if cfg.train_limit is not None and cfg.train_limit > available:
+        # (a limit is a ceiling, as `head -n`: one above the count is not an error, but the run says what it took)
+        notes.append(f"--train-limit {cfg.train_limit}: --dataset {cfg.dataset} has {available} training images; "
+                     "using all of them")
     check_batches(cfg, len(data.train[1]), data.train[1])
     _refuse_single_image_evaluation(cfg, data)
     # The same settings on other files are another run: compared by the data's fingerprint, not by --data-dir
