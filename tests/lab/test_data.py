@@ -423,6 +423,14 @@ def _closed_port():
         return probe.getsockname()[1]  # closed when the with-block ends: connections are refused
 
 
+def _flat_idx_folder(flat: Path) -> Path:
+    """A folder with the four IDX files straight in it (20 train, 10 test images), no DIR/mnist/ below."""
+    for part, count in (("train", 20), ("test", 10)):
+        write_idx(flat / data.IDX_FILES[part][0], np.full((count, 28, 28), 7, dtype=np.uint8))
+        write_idx(flat / data.IDX_FILES[part][1], np.arange(count, dtype=np.uint8) % 10)
+    return flat
+
+
 def test_download_without_network_says_where_files_go(tmp_path, monkeypatch):
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
                                                       mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
@@ -436,10 +444,7 @@ def test_a_failed_download_leaves_no_folder_that_hides_the_files_beside_it(tmp_p
     takes before DIR, so the runs on DIR's files stopped with "missing file DIR/mnist/..."."""
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(data.DOWNLOADS["mnist"],
                                                       mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
-    flat = tmp_path / "flat"
-    for part, count in (("train", 20), ("test", 10)):
-        write_idx(flat / data.IDX_FILES[part][0], np.full((count, 28, 28), 7, dtype=np.uint8))
-        write_idx(flat / data.IDX_FILES[part][1], np.arange(count, dtype=np.uint8) % 10)
+    flat = _flat_idx_folder(tmp_path / "flat")
     before = load_dataset("mnist", flat)
     with pytest.raises(DataError, match="could not download"):
         data.download("mnist", flat, timeout=5)
@@ -459,10 +464,7 @@ def test_a_download_stopped_half_way_names_the_complete_files_beside_it(tmp_path
     first = next(iter(payloads))
     (served / first).write_bytes(payloads[first])  # the server has the first file only
     monkeypatch.setitem(data.DOWNLOADS, "mnist", {"mirrors": (url,), "md5": {k: data._md5(v) for k, v in payloads.items()}})
-    flat = tmp_path / "flat"
-    for part, count in (("train", 20), ("test", 10)):
-        write_idx(flat / data.IDX_FILES[part][0], np.full((count, 28, 28), 7, dtype=np.uint8))
-        write_idx(flat / data.IDX_FILES[part][1], np.arange(count, dtype=np.uint8) % 10)
+    flat = _flat_idx_folder(tmp_path / "flat")
     before = load_dataset("mnist", flat)
     with pytest.raises(DataError, match="could not download"):
         data.download("mnist", flat, timeout=5)
