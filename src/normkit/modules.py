@@ -1113,8 +1113,8 @@ class BatchNorm(_NormBase):
                                "(activation checkpointing, torch.utils.checkpoint): its r and d would be taken from "
                                "the renorm statistics this step already updated, giving wrong gradients. Keep the "
                                "renorm layer outside the checkpointed block")
-        if (self._fusable and mask is None and self.training and not self.frozen and kernels.takes(input)
-                and not torch.compiler.is_compiling()):
+        if (self._fusable and mask is None and self.training and not self.frozen
+                and kernels.takes(input)):  # (which answers False under torch.compile)
             y = self._forward_fused(input)
             if y is not None:
                 return y
@@ -1136,6 +1136,15 @@ class BatchNorm(_NormBase):
         nothing, where the kernel declines or the input is not simply valid (the general path then
         handles or refuses it). No recentering check: the kernel's statistics are exact far from zero.
         """
+        if (self._plain_biased and (self.axis == -1 or input.dim() == 2) and input.dim() >= 2
+                and input.is_floating_point() and input.is_contiguous()):
+            # Keras' biased running variance alone on features-last data (a matrix, (N, T, C), NHWC): the plain
+            # route's kernel call, first, without functional._fused_batch_norm's plumbing (a quarter of a (64, 120)
+            # step) nor the general checks below (a tenth of it; _forward_fused_plain makes its own)
+            self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
+            y = self._forward_fused_plain(input)
+            if y is not None:
+                return y
         if (not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2
                 or not self.track_running_stats or self.num_batches_tracked is None):  # (both read per call)
             return None
@@ -1145,12 +1154,6 @@ class BatchNorm(_NormBase):
         axis = self.axis % input.dim()  # (the kernel takes axis 1 or the last one, and declines the rest)
         if input.shape[axis] != self.num_features or input.numel() == 0 or not kernels.enabled(input.device):
             return None
-        if self._plain_biased and axis == input.dim() - 1 and input.is_contiguous():
-            # Keras' biased running variance alone on features-last data (a matrix, (N, T, C), NHWC): the plain
-            # route's kernel call, without functional._fused_batch_norm's plumbing (a quarter of a (64, 120) step)
-            y = self._forward_fused_plain(input)
-            if y is not None:
-                return y
         renorm = self.renorm
         # The count is read (a host sync on GPUs) only where a rule needs it; this step is count + 1.
         count = (int(self.num_batches_tracked) if self.momentum is None or (renorm and self.renorm_clipping.scheduled)
