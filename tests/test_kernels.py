@@ -845,25 +845,73 @@ def test_a_finished_build_loads_whatever_lock_its_folder_holds(built_kernels, tm
         assert child.returncode == 0 and "built" in child.stdout and "waiting" not in child.stderr, child.stderr
 
 
+def _watch_contiguous_route(layer) -> list:
+    """What each call of ``layer._forward_fused_contiguous`` returned, in order."""
+    answers, reach = [], layer._forward_fused_contiguous
+    layer._forward_fused_contiguous = lambda input: answers.append(reach(input)) or answers[-1]
+    return answers
+
+
 @pytest.mark.parametrize("options, shape", [
     ({"renorm": True, "renorm_clipping": {"rmax": lambda t: 1.0 + t / 4, "dmax": lambda t: t / 8}}, (8, 3, 5)),
     ({"virtual_batch_size": 4, "momentum": None}, (8, 3, 2, 2)),
     ({"virtual_batch_size": 2, "renorm": True, "ghost_layout": "contiguous"}, (8, 3)),
     ({"unbiased_running_var": False, "axis": -1}, (6, 4, 3)),
     ({"renorm": True, "axis": -1}, (4, 2, 3, 3)),
+    ({"renorm": True, "momentum": None, "renorm_momentum": 0.3}, (6, 3, 2, 2)),
+    ({"renorm": True, "virtual_batch_size": 3, "axis": -1, "unbiased_running_var": False}, (6, 2, 3)),
+    ({"virtual_batch_size": 2, "axis": -3}, (4, 3, 2, 2)),
+    ({"renorm": True, "axis": -1}, (5, 3)),
 ])
 def test_the_module_reaches_the_kernel_directly_with_the_general_path_s_results(cpp_kernel, options, shape, rng):
-    """BatchNorm._forward_fused skips the general path's plumbing; same outputs, gradients and buffers, and one
-    count per step, also when the kernel declines (float16 on the CPU: the general path takes it)."""
+    """BatchNorm._forward_fused skips the general path's plumbing (contiguous data: _forward_fused_contiguous, which
+    also skips functional._fused_batch_norm's); same outputs, gradients and buffers, and one count per step, also
+    when the kernel declines (float16 on the CPU: the general path takes it)."""
     direct = normkit.BatchNorm(3, **options).double()
     general = normkit.BatchNorm(3, **options).double()
     general._fusable = False
     assert direct._fusable
+    answers = _watch_contiguous_route(direct)
     assert_same_training_steps(direct, general, shape, rng, steps=4)
     assert int(direct.num_batches_tracked) == 4
+    if options.get("unbiased_running_var") is False and options.get("virtual_batch_size") is None:
+        assert answers == []  # (the biased variance alone takes _forward_fused_plain, before)
+    else:
+        assert len(answers) == 4 and all(y is not None for y in answers)
     half = normkit.BatchNorm(3, **options)
     half(torch.tensor(rng.normal(size=shape), dtype=torch.float16))  # declined by the C++ kernel
     assert int(half.num_batches_tracked) == 1
+
+
+def test_the_contiguous_route_leaves_other_steps_to_the_general_one(cpp_kernel, rng):
+    """_forward_fused_contiguous takes contiguous data with the features first or last; channels_last memory goes
+    on to functional._fused_batch_norm (the same results as the general path), and a step it cannot take changes
+    nothing there: refused by name on the general path (a batch the ghost size does not divide, one value per
+    feature, a weight of another size), or computed there (float16, which the C++ kernel declines)."""
+    direct = normkit.BatchNorm(3, renorm=True, virtual_batch_size=2).double()
+    general = normkit.BatchNorm(3, renorm=True, virtual_batch_size=2).double()
+    general._fusable = False
+    answers = _watch_contiguous_route(direct)
+    x = torch.tensor(rng.normal(size=(4, 3, 2, 5)) * 2 + 1)
+    for layer in (direct, general):
+        layer(x.to(memory_format=torch.channels_last))
+    assert answers == [] and int(direct.num_batches_tracked) == 1
+    torch.testing.assert_close(direct.state_dict(), general.state_dict(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="virtual_batch_size=2 must divide the batch size"):
+        direct(torch.randn(3, 3, 2, dtype=torch.float64))
+    direct.weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="has a weight of 4 values"):
+        direct(x)
+    assert answers == [None, None] and int(direct.num_batches_tracked) == 1
+    single = normkit.BatchNorm(3, renorm=True).double()
+    answers = _watch_contiguous_route(single)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        single(torch.randn(1, 3, dtype=torch.float64))
+    assert answers == [None] and int(single.num_batches_tracked) == 0
+    half = normkit.BatchNorm(3, renorm=True, virtual_batch_size=2)
+    answers = _watch_contiguous_route(half)
+    half(torch.randn(4, 3, 2, dtype=torch.float16))  # declined by the C++ kernel: ATen's path
+    assert answers == [None] and int(half.num_batches_tracked) == 1
 
 
 class _FeaturesLast(torch.nn.Module):
