@@ -4,8 +4,11 @@ Every contender is a zero-argument callable doing one unit of work (a training s
 backward, or an inference forward). ``compare`` warms them up, picks a number of calls per sample
 (so a sample lasts at least ``sample_s``, which keeps timer and scheduling noise small for
 microsecond calls), then runs rounds in which every contender takes one sample back to back, the
-order rotating from round to round (A, B / B, A / ...), so drift in the machine's load (other
-processes) hits every contender alike. Results are the median per-call time of each contender and
+order changing from round to round (A, B / B, A / ...; for more contenders a balanced sequence in which each
+goes first equally often and follows every other equally often), so drift in the machine's load (other
+processes) hits every contender alike, and so does a contender that leaves the caches or the allocator
+cold for the next one (Keras' 80 ms step before a 15 ms one made that one read 20% slower when it always came
+next). Results are the median per-call time of each contender and
 the median over rounds of the paired ratio ``t[name] / t[baseline]`` with its interquartile range.
 """
 
@@ -147,6 +150,22 @@ def _time_calls(fn: Callable[[], None], calls: int, sync: Callable[[], None]) ->
     return (time.perf_counter() - start) / calls
 
 
+def round_orders(count: int) -> List[List[int]]:
+    """Orders of ``count`` contenders for successive rounds, in which each goes first equally often and directly
+    follows every other equally often (a Williams design: the sequence 0, 1, n-1, 2, n-2, ... shifted by each
+    offset; for an odd count also each of those reversed). A plain rotation keeps every contender behind the same
+    one, so one that leaves the machine's caches cold always billed the same neighbour."""
+    first, low, high = [0], 1, count - 1
+    while low <= high:
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    orders = [[(position + shift) % count for position in first] for shift in range(count)]
+    return orders + [order[::-1] for order in orders] if count % 2 else orders
+
+
 def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0, min_rounds: int = 15,
             max_rounds: int = 301, sample_s: float = 0.004, warmup: int = 5, device: str = "cpu") -> Comparison:
     """Time ``contenders`` interleaved; about ``budget_s`` seconds in all (at least ``min_rounds`` rounds).
@@ -171,9 +190,10 @@ def compare(contenders: Dict[str, Callable[[], None]], *, budget_s: float = 8.0,
         per_round = calls * sum(single.values())
         rounds = int(min(max_rounds, max(min_rounds, budget_s / max(per_round, 1e-9))))
         samples: Dict[str, List[float]] = {name: [] for name in names}
+        orders = round_orders(len(names))
         for index in range(rounds):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
+            for position in orders[index % len(orders)]:
+                name = names[position]
                 samples[name].append(_time_calls(contenders[name], calls, sync))
     finally:
         if gc_was_enabled:

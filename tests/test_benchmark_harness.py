@@ -3,6 +3,7 @@
 import statistics
 import sys
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -128,6 +129,37 @@ def test_compare_interleaves_contenders_and_rotates_who_goes_first(clock):
     assert len(rounds) == 9 and all(sorted(r) == names for r in rounds)  # every round: each contender once
     firsts = [r[0] for r in rounds]
     assert {name: firsts.count(name) for name in names} == {"a": 3, "b": 3, "c": 3}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6])
+def test_round_orders_balance_who_goes_first_and_who_follows_whom(count):
+    orders = common.round_orders(count)
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    firsts = [order[0] for order in orders]
+    assert all(firsts.count(position) == firsts.count(0) for position in range(count))
+    follows = Counter(pair for order in orders for pair in zip(order, order[1:]))
+    if count > 1:
+        assert set(follows) == {(a, b) for a in range(count) for b in range(count) if a != b}
+        assert len(set(follows.values())) == 1  # (every ordered pair adjacent equally often)
+
+
+def test_a_contender_that_slows_the_next_one_bills_each_neighbour_alike(clock):
+    """'big' leaves the caches cold: whoever runs right after it takes 1.5x. Balanced orders put each of the three
+    others behind it equally often, so their paired ratios keep their true values (a plain rotation billed one of
+    them every round: 'c / a' read 1.25 there, one cold call in each sample of two)."""
+    previous = []
+
+    def slowed(name, seconds):
+        def cost(i):
+            cold = previous and previous[-1] == "big"
+            previous.append(name)
+            return seconds * (1.5 if cold else 1.0)
+        return contender(clock, name, cost)
+    contenders = {name: slowed(name, seconds) for name, seconds in (("a", 1e-3), ("b", 1e-3), ("big", 8e-3),
+                                                                      ("c", 1e-3))}
+    result = common.compare(contenders, budget_s=0.0, min_rounds=40, warmup=1)
+    for name in ("b", "c"):
+        assert result.ratio(name, "a") == pytest.approx(1.0)
 
 
 def test_compare_pairs_cancel_drift_in_the_machine_s_load(clock):
