@@ -1145,7 +1145,7 @@ class BatchNorm(_NormBase):
             y = self._forward_fused_plain(input)
             if y is not None:
                 return y
-        if input.is_contiguous():
+        if input.is_cpu and input.is_contiguous():  # (CUDA steps: the Triton kernels, by the general route below)
             y = self._forward_fused_contiguous(input)
             if y is not None:
                 return y
@@ -1175,7 +1175,7 @@ class BatchNorm(_NormBase):
 
     def _forward_fused_contiguous(self, input: torch.Tensor) -> Optional[torch.Tensor]:
         """Renorm and ghost batches (alone or together, either grouping, either running variance) in a training step
-        of contiguous data with the features on dim 1 or last, straight to the fused kernel: the call
+        of contiguous CPU data with the features on dim 1 or last, straight to the fused C++ kernel: the call
         ``functional._fused_batch_norm`` makes, without its layout and mask plumbing nor ``_forward_fused``'s general
         checks (together a quarter of a (64, 120) renorm step). Returns None, having changed nothing, where the call
         is not that simple or the kernel declines: ``_forward_fused``'s general route then decides."""
