@@ -151,8 +151,8 @@ def check_renorm_clipping_bounds(clipping, name="renorm_clipping") -> None:
                         "schedule first, with normkit.stats.RenormClipping.from_dict(clipping).at(step)")
     if not torch.compiler.is_compiling():
         # The layers' checks of the values (NaN, rmax < rmin, a negative dmax or rmin were taken silently: a NaN
-        # bound never clips)
-        RenormClipping(rmin=clipping[0], rmax=clipping[1], dmax=clipping[2]).at(0, name=name)
+        # bound never clips), without building a RenormClipping (which validates on construction: twice a call)
+        checked_bounds(clipping, name)
 
 
 def check_renorm_state(renorm_mean, renorm_stddev, moving_stddev, updating) -> None:
@@ -299,32 +299,44 @@ class RenormClipping:
 
     def at(self, step: int, *, name: str = "renorm_clipping") -> tuple[float, float, float]:
         """(rmin, rmax, dmax) as numbers for training step ``step``, validated."""
-        values = []
-        for key in ("rmin", "rmax", "dmax"):
-            value = getattr(self, key)
-            value = value(step) if callable(value) else value
-            if isinstance(value, (str, bytes, bool)):
-                # (float() took "2" and True: a typo'd config loaded silently, where momentum="0.1" is refused)
-                raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}")
-            try:
-                values.append(float(value))
-            except (TypeError, ValueError):
-                raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}") from None
-        rmin, rmax, dmax = values
+        values = [value(step) if callable(value) else value for value in (self.rmin, self.rmax, self.dmax)]
         if torch.compiler.is_compiling() and self.scheduled:
             # Traced with the step count as a symbol: the checks become assertions of the compiled graph
             # (a RuntimeError when a schedule's values break them at run time).
+            rmin, rmax, dmax = _numbers(values, name)
             torch._check(rmax >= rmin, lambda: f"{name}: rmax should be greater than or equal to rmin")
             torch._check(dmax >= 0, lambda: f"{name}: dmax should be non-negative")
             torch._check(rmin >= 0, lambda: f"{name}: rmin should be non-negative")
             return rmin, rmax, dmax
-        for key, value in zip(("rmin", "rmax", "dmax"), values):
-            if math.isnan(value):  # (every comparison below is False for NaN: the bound would silently not clip)
-                raise ValueError(f"{name}: {key} is NaN; give a number (or leave the key out for no bound)")
-        if rmax < rmin:
-            raise ValueError(f"{name}: rmax should be greater than or equal to rmin, got rmax={rmax}, rmin={rmin}")
-        if dmax < 0:
-            raise ValueError(f"{name}: dmax should be non-negative, got dmax={dmax}")
-        if rmin < 0:
-            raise ValueError(f"{name}: rmin should be non-negative, got rmin={rmin}")
-        return rmin, rmax, dmax
+        return checked_bounds(values, name)
+
+
+def _numbers(values, name: str) -> list:
+    """(rmin, rmax, dmax) as floats; anything else named by its key."""
+    numbers = []
+    for key, value in zip(("rmin", "rmax", "dmax"), values):
+        if isinstance(value, (str, bytes, bool)):
+            # (float() took "2" and True: a typo'd config loaded silently, where momentum="0.1" is refused)
+            raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}")
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}[{key!r}] must be a number or a callable of the step, got {value!r}") from None
+    return numbers
+
+
+def checked_bounds(values, name: str = "renorm_clipping") -> tuple[float, float, float]:
+    """One step's renorm bounds (rmin, rmax, dmax) as floats, validated: numbers, no NaN, rmax >= rmin,
+    dmax >= 0, rmin >= 0."""
+    values = _numbers(values, name)
+    for key, value in zip(("rmin", "rmax", "dmax"), values):
+        if math.isnan(value):  # (every comparison below is False for NaN: the bound would silently not clip)
+            raise ValueError(f"{name}: {key} is NaN; give a number (or leave the key out for no bound)")
+    rmin, rmax, dmax = values
+    if rmax < rmin:
+        raise ValueError(f"{name}: rmax should be greater than or equal to rmin, got rmax={rmax}, rmin={rmin}")
+    if dmax < 0:
+        raise ValueError(f"{name}: dmax should be non-negative, got dmax={dmax}")
+    if rmin < 0:
+        raise ValueError(f"{name}: rmin should be non-negative, got rmin={rmin}")
+    return rmin, rmax, dmax
