@@ -1136,17 +1136,16 @@ class BatchNorm(_NormBase):
         nothing, where the kernel declines or the input is not simply valid (the general path then
         handles or refuses it). No recentering check: the kernel's statistics are exact far from zero.
         """
-        if (self._plain_biased and (self.axis == -1 or input.dim() == 2) and input.dim() >= 2
-                and input.is_floating_point() and input.is_contiguous()):
-            # Keras' biased running variance alone on features-last data (a matrix, (N, T, C), NHWC): the plain
-            # route's kernel call, first, without functional._fused_batch_norm's plumbing (a quarter of a (64, 120)
-            # step) nor the general checks below (a tenth of it; _forward_fused_plain makes its own)
-            self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
-            y = self._forward_fused_plain(input)
-            if y is not None:
-                return y
         if input.is_cpu and input.is_contiguous():  # (CUDA steps: the Triton kernels, by the general route below)
-            y = self._forward_fused_contiguous(input)
+            if (self._plain_biased and (self.axis == -1 or input.dim() == 2) and input.dim() >= 2
+                    and input.is_floating_point()):
+                # Keras' biased running variance alone on features-last data (a matrix, (N, T, C), NHWC): the plain
+                # route's kernel call, first, without functional._fused_batch_norm's plumbing (a quarter of a
+                # (64, 120) step) nor the general checks below (a tenth of it; _forward_fused_plain makes its own)
+                self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks)
+                y = self._forward_fused_plain(input)
+            else:
+                y = self._forward_fused_contiguous(input)
             if y is not None:
                 return y
         if (not isinstance(input, torch.Tensor) or not input.is_floating_point() or input.dim() < 2
@@ -1193,7 +1192,7 @@ class BatchNorm(_NormBase):
         count = _buffer_of(self, "num_batches_tracked")
         running_mean, running_var = _buffer_of(self, "running_mean"), _buffer_of(self, "running_var")
         n, virtual, renorm = shape[0], self.virtual_batch_size, self.renorm
-        groups = n // virtual if virtual is not None and virtual > 0 else 1
+        groups = n // virtual if virtual is not None else 1
         renorm_state = ((_buffer_of(self, "renorm_mean"), _buffer_of(self, "renorm_stddev"),
                          _buffer_of(self, "moving_stddev")) if renorm else (None, None, None))
         if (count is None or running_mean is None or running_var is None or channels != self.num_features
