@@ -96,6 +96,41 @@ def test_instance_norm(cls, theirs_cls, shape, affine, track, rng):
             torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 3, 4), (3, 7)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_without_running_statistics_runs_as_a_group_norm_per_channel(shape, affine, rng):
+    """Without running statistics (torch.nn's default InstanceNorm) a CPU step is ATen's group norm with one group
+    per channel (1.2-5x faster than its instance_norm, docs/benchmarks.md), in training and eval, layer and
+    functional form: outputs and gradients are the reference's and torch.nn's; with running statistics the step
+    stays ATen's instance_norm, which moves them as torch.nn's does."""
+    spatial = len(shape) - 2 if len(shape) > 2 else 1
+    cls, theirs_cls = (getattr(module, f"InstanceNorm{spatial}d") for module in (normkit, torch.nn))
+    ours, theirs = cls(3, affine=affine).double(), theirs_cls(3, affine=affine).double()
+    _randomize(ours, theirs, rng=rng)
+    batched = shape if len(shape) > 2 else (1, *shape)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        x, g = torch.tensor(rng.normal(size=shape) * 2 + 3), torch.tensor(rng.normal(size=shape))
+        functional = lambda t: normkit.functional.instance_norm(t, weight=ours.weight, bias=ours.bias)  # noqa: E731
+        for call in (ours, functional) if len(shape) > 2 else (ours,):  # (the functional form takes a batch)
+            leaf = x.clone().requires_grad_()
+            y = call(leaf)
+            assert y.grad_fn.name() in ("NativeGroupNormBackward0", "SqueezeBackward1")
+            grads = torch.autograd.grad(y, [leaf, *ours.parameters()], g)
+            w, b = (to_numpy(ours.weight), to_numpy(ours.bias)) if affine else (None, None)
+            assert_close(y, R.instance_norm(x.numpy().reshape(batched), weight=w, bias=b).reshape(shape))
+            want = R.instance_norm_backward(g.numpy().reshape(batched), x.numpy().reshape(batched), weight=w, bias=b)
+            assert_close(grads[0], want[0].reshape(shape))
+            for got, expected in zip(grads[1:], want[1:]):
+                assert_close(got, expected)
+            leaf_t = x.clone().requires_grad_()
+            torch.testing.assert_close(grads[0], torch.autograd.grad(theirs(leaf_t), leaf_t, g)[0])
+    tracked = cls(3, affine=affine, track_running_stats=True).double()
+    y = tracked(torch.tensor(rng.normal(size=shape)))
+    assert y.grad_fn is None or "GroupNorm" not in y.grad_fn.name()
+    assert int(tracked.num_batches_tracked) == 0 and not torch.equal(tracked.running_mean, torch.zeros(3).double())
+
+
 @pytest.mark.parametrize("name,args,reference", [
     ("LayerNorm", ((4, 5),), lambda x, eps: R.layer_norm(x, (4, 5), eps=eps)),
     ("GroupNorm", (2, 4), lambda x, eps: R.group_norm(x, 2, eps=eps)),

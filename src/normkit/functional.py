@@ -1718,7 +1718,25 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return affine(x * 1.0, None if weight is None else weight.reshape(shape).to(x.dtype),
                       None if bias is None else bias.reshape(shape).to(x.dtype))
     computed, upcast = _params_for(x, weight, bias, running_mean)
-    y = torch.instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
-                            torch.backends.cudnn.enabled)
-    y = guard_instance_gradient(computed, y)  # (a gradient whose N and C merge misleads ATen's backward: see there)
+    y = aten_instance_norm(computed, weight, bias, running_mean, running_var, use_input_stats, momentum, eps)
     return y.to(x.dtype) if upcast else y
+
+
+def aten_instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
+    """ATen's instance norm of a checked ``x`` (rank >= 3, the layers' and ``instance_norm``'s one call).
+
+    Where no running statistics are used or moved (``use_input_stats`` without buffers: torch.nn's default
+    InstanceNorm), on contiguous full-precision CPU data, eagerly: ATen's group norm with one group per channel, the
+    same normalization (biased variance, eps inside the root), 1.2-5x faster there than ``torch.instance_norm``,
+    which runs batch norm on an ``(1, N*C, *S)`` view and repeats the weights, and whose backward is right for a loss
+    gradient of any layout. Elsewhere (running statistics, CUDA, channels_last memory, which instance_norm returns
+    contiguous, half precision, torch.compile, torch.export, a trace or torch.func, which see the op torch.nn's
+    layers give them) ``torch.instance_norm``, its gradient handed over contiguous (``guard_instance_gradient``)."""
+    if (use_input_stats and running_mean is None and running_var is None and x.is_cpu
+            and x.dtype in (torch.float32, torch.float64) and all(t is None or t.dtype == x.dtype for t in (weight, bias))
+            and x.is_contiguous() and _tracing_state() is None and not torch.compiler.is_compiling()
+            and not kernels.transforms_active()):
+        return torch.group_norm(x, x.shape[1], weight, bias, eps, False)
+    y = torch.instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                            torch.backends.cudnn.enabled)
+    return guard_instance_gradient(x, y)  # (a gradient whose N and C merge misleads ATen's backward: see there)

@@ -1648,13 +1648,9 @@ class _InstanceNorm(_NormBase):
             use_input_stats = self.training or not self.track_running_stats
             if not use_input_stats or traced or math.prod(input.shape[2:]) > 1:
                 try:  # (free when nothing is raised: the device is checked only when ATen refuses)
-                    y = torch.instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
-                                            _buffer_of(self, "running_var"), use_input_stats,
-                                            self.momentum if self.momentum is not None else 0.0, self.eps,
-                                            torch.backends.cudnn.enabled)
-                    if batched_rank >= 4 and y.requires_grad:  # (a gradient whose N and C merge: see there)
-                        F.guard_instance_gradient(input, y)
-                    return y
+                    return F.aten_instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
+                                                _buffer_of(self, "running_var"), use_input_stats,
+                                                self.momentum if self.momentum is not None else 0.0, self.eps)
                 except RuntimeError as error:
                     _check_input_device(input, weight, _buffer_of(self, "running_mean"))
                     refusal = _transform_refusal(self, error, input) if self.training else None
