@@ -1688,7 +1688,7 @@ def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
 
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5):
-    """Twin of ``reference.instance_norm`` (ATen's instance_norm computes it exactly).
+    """Twin of ``reference.instance_norm`` (ATen computes it exactly: ``aten_instance_norm`` says which op).
 
     ``momentum=None`` is refused with a TypeError, as in ``batch_norm``: pass a number (the layers pass 0.0 for
     their momentum=None, torch.nn's rule: the running statistics stay as they are).
