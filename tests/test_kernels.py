@@ -594,7 +594,8 @@ def option_cases(draw):
     rank = draw(st.integers(2, 5))
     shape = [draw(st.integers(1, 4)) for _ in range(rank)]
     option = draw(st.sampled_from(["renorm", "ghost", "ghost+renorm", "mask", "mask+renorm", "plain", "ghost+mask",
-                                   "feature mask", "feature mask+renorm+ghost"]))
+                                   "feature mask", "feature mask+renorm+ghost", "squeezed mask",
+                                   "squeezed mask+renorm"]))
     virtual = draw(st.sampled_from([1, 2, 4])) if "ghost" in option else None
     shape[0] = draw(st.integers(1, 3)) * (virtual or 2)
     axis = draw(st.sampled_from([1, -1]))
@@ -633,8 +634,11 @@ def _check_random_case(kernels, case):
     # (eps 1e-3) turns the rounding of x alone into 1e-3 relative changes of the exact input gradient.
     x_np, g_np = to_numpy(x), to_numpy(g)
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    mask = None if mask_np is None else torch.tensor(mask_np)
+    if "squeezed" in option:  # (the input's shape without its feature axis: the module's direct route takes it)
+        mask = mask.squeeze(axis)
     with kernels.switched(fused):
-        y = layer(x, mask=None if mask_np is None else torch.tensor(mask_np))
+        y = layer(x, mask=mask)
     y.backward(g)
     kwargs = dict(axis=axis, virtual_batch_size=virtual, mask=mask_np)
     if renorm:
@@ -848,7 +852,7 @@ def test_a_finished_build_loads_whatever_lock_its_folder_holds(built_kernels, tm
 def _watch_contiguous_route(layer) -> list:
     """What each call of ``layer._forward_fused_contiguous`` returned, in order."""
     answers, reach = [], layer._forward_fused_contiguous
-    layer._forward_fused_contiguous = lambda input: answers.append(reach(input)) or answers[-1]
+    layer._forward_fused_contiguous = lambda *args: answers.append(reach(*args)) or answers[-1]
     return answers
 
 
@@ -912,6 +916,76 @@ def test_the_contiguous_route_leaves_other_steps_to_the_general_one(cpp_kernel, 
     answers = _watch_contiguous_route(half)
     half(torch.randn(4, 3, 2, dtype=torch.float16))  # declined by the C++ kernel: ATen's path
     assert answers == [None] and int(half.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("options, shape", [
+    ({"axis": -1}, (6, 5, 3)),
+    ({"axis": -1, "renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}}, (4, 3, 2, 3)),
+    ({"axis": 1, "momentum": None}, (5, 3, 4)),
+    ({"axis": 1, "renorm": True, "unbiased_running_var": False}, (3, 3, 2, 2, 2)),
+    ({"axis": -1, "unbiased_running_var": False}, (7, 3)),
+])
+def test_a_padding_mask_of_the_input_s_shape_without_features_reaches_the_kernel_directly(cpp_kernel, options, shape,
+                                                                                          rng):
+    """A boolean mask of the input's shape without its feature axis (padding: (N, T) for (N, T, C)) goes straight from
+    the module to the kernel (_forward_fused_contiguous): each step's output, gradients and buffers are the
+    reference's and the general route's (the same mask, through functional.batch_norm), including a fully masked
+    step, which leaves the running statistics alone."""
+    direct, general = (normkit.BatchNorm(3, **options).double() for _ in range(2))
+    general._mask_fusable = False
+    answers = _watch_contiguous_route(direct)
+    axis = options["axis"] % len(shape)
+    kept = tuple(size for dim, size in enumerate(shape) if dim != axis)
+    for step in range(4):
+        mask = torch.tensor(rng.random(kept) < (0.7 if step < 3 else 0.0))  # (the last step: all padding)
+        x, g = torch.tensor(rng.normal(size=shape) * 2 + 1), torch.tensor(rng.normal(size=shape))
+        state = {name: to_numpy(buffer).copy() for name, buffer in direct.named_buffers() if name != "num_batches_tracked"}
+        results = []
+        for layer in (direct, general):
+            leaf = x.clone().requires_grad_()
+            y = layer(leaf, mask=mask)
+            results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(direct.state_dict(), general.state_dict(), rtol=1e-12, atol=1e-12)
+        mask_np = np.expand_dims(mask.numpy(), axis)
+        kwargs = dict(axis=axis, mask=mask_np, unbiased_running_var=options.get("unbiased_running_var", True))
+        if direct.renorm:
+            kwargs.update(renorm_mean=state["renorm_mean"], renorm_stddev=state["renorm_stddev"],
+                          renorm_clipping=direct.renorm_clipping.at(step), moving_stddev=state["moving_stddev"],
+                          renorm_momentum=direct.renorm_momentum)
+        momentum = options.get("momentum", 0.1)
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        expected = R.batch_norm(x.numpy(), state["running_mean"], state["running_var"], to_numpy(direct.weight),
+                                to_numpy(direct.bias), True, factor, direct.eps, **kwargs)
+        assert_close(results[0][0], expected)
+        assert_close(direct.running_mean, state["running_mean"])
+        assert_close(direct.running_var, state["running_var"])
+        if step == 3:  # (a fully masked batch: the buffers keep their values, the output is finite)
+            assert torch.isfinite(results[0][0]).all()
+    assert len(answers) == 4 and all(y is not None for y in answers) and int(direct.num_batches_tracked) == 4
+
+
+def test_the_direct_route_leaves_other_masks_to_the_general_one(cpp_kernel, rng):
+    """Masks the direct route does not take as they are (numbers, the input's rank, another device's) go the general
+    way, with the same results; one that fits nothing is refused there by name, the count untouched; ghost batches
+    with a mask never try the direct route."""
+    layer = normkit.BatchNorm(3, axis=-1).double()
+    twin = normkit.BatchNorm(3, axis=-1).double()
+    answers = _watch_contiguous_route(layer)
+    x = torch.tensor(rng.normal(size=(4, 5, 3)))
+    valid = torch.tensor(rng.random((4, 5)) < 0.7)
+    twin(x, mask=valid)
+    for mask in (valid.double(), valid.unsqueeze(-1), valid.t().contiguous().t()):
+        torch.testing.assert_close(layer(x, mask=mask), twin(x, mask=valid), rtol=1e-12, atol=1e-12)
+    assert answers == [None] * 3  # (numbers, the input's rank, strided memory: each computed the general way)
+    with pytest.raises(ValueError, match="mask of shape"):
+        layer(x, mask=torch.ones(4, 4, dtype=torch.bool))
+    assert int(layer.num_batches_tracked) == 3 and answers[-1] is None
+    ghost = normkit.BatchNorm(3, axis=-1, virtual_batch_size=2).double()
+    ghost_answers = _watch_contiguous_route(ghost)
+    ghost(x, mask=valid)
+    assert ghost_answers == [] and int(ghost.num_batches_tracked) == 1
 
 
 class _FeaturesLast(torch.nn.Module):

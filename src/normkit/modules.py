@@ -526,6 +526,9 @@ class BatchNorm(_NormBase):
         # Options the fused kernel computes whole (normkit.kernels), reachable without the general path's plumbing.
         self._fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
                          and not self._plain)
+        # With a padding mask too (the kernel takes no ghost batches with one), plain layers included.
+        self._mask_fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
+                              and self.virtual_batch_size is None)
 
     def _checked_axis(self, axis, name):
         axis = check_feature_axes(axis)
@@ -1118,6 +1121,11 @@ class BatchNorm(_NormBase):
             y = self._forward_fused(input)
             if y is not None:
                 return y
+        if (mask is not None and self._mask_fusable and self.training and not self.frozen and kernels.takes(input)
+                and input.is_cpu and input.is_contiguous()):
+            y = self._forward_fused_contiguous(input, mask)
+            if y is not None:
+                return y
         if (self._plain_ghost and mask is None and self.training and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):
             y = self._forward_plain_ghost(input)
@@ -1172,12 +1180,14 @@ class BatchNorm(_NormBase):
             self.num_batches_tracked.add_(1)
         return y
 
-    def _forward_fused_contiguous(self, input: torch.Tensor) -> Optional[torch.Tensor]:
-        """Renorm and ghost batches (alone or together, either grouping, either running variance) in a training step
-        of contiguous CPU data with the features on dim 1 or last, straight to the fused C++ kernel: the call
-        ``functional._fused_batch_norm`` makes, without its layout and mask plumbing nor ``_forward_fused``'s general
-        checks (together a quarter of a (64, 120) renorm step). Returns None, having changed nothing, where the call
-        is not that simple or the kernel declines: ``_forward_fused``'s general route then decides."""
+    def _forward_fused_contiguous(self, input: torch.Tensor, mask=None) -> Optional[torch.Tensor]:
+        """Renorm and ghost batches (alone or together, either grouping, either running variance), or a padding mask
+        (with or without renorm; boolean, on the input's device, contiguous, of the input's shape without its feature
+        axis), in a training step of contiguous CPU data with the features on dim 1 or last, straight to the fused
+        C++ kernel: the call ``functional._fused_batch_norm`` makes, without its layout and mask plumbing nor the
+        general checks (together a quarter of a (64, 120) renorm step, an eighth of a (64, 50, 120) masked one).
+        Returns None, having changed nothing, where the call is not that simple or the kernel declines: the general
+        route then decides (and refuses what it refuses, by name)."""
         ndim = input.dim()
         if ndim < 2 or not input.is_floating_point() or not self.track_running_stats:
             return None
@@ -1185,10 +1195,18 @@ class BatchNorm(_NormBase):
         axis, shape = self.axis, input.shape
         if axis in (1, 1 - ndim):  # (N, C, *): (N, 1, C, positions) in the kernel's terms
             rows, channels, positions = 1, shape[1], math.prod(shape[2:])
+            kept = shape[:1] + shape[2:]
         elif axis in (-1, ndim - 1):  # (N, *, C): (N, rows, C, 1)
             rows, channels, positions = math.prod(shape[1:-1]), shape[-1], 1
+            kept = shape[:-1]
         else:
             return None
+        valid = None
+        if mask is not None:  # (the valid positions in the kernel's order: the mask's own memory)
+            if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != kept
+                    or mask.device != input.device or not mask.is_contiguous()):
+                return None
+            valid = mask.reshape(-1)
         count = _buffer_of(self, "num_batches_tracked")
         running_mean, running_var = _buffer_of(self, "running_mean"), _buffer_of(self, "running_var")
         n, virtual, renorm = shape[0], self.virtual_batch_size, self.renorm
@@ -1196,9 +1214,9 @@ class BatchNorm(_NormBase):
         renorm_state = ((_buffer_of(self, "renorm_mean"), _buffer_of(self, "renorm_stddev"),
                          _buffer_of(self, "moving_stddev")) if renorm else (None, None, None))
         if (count is None or running_mean is None or running_var is None or channels != self.num_features
-                or n == 0 or channels == 0 or (virtual is not None and n != groups * virtual)
-                or (n // groups) * rows * positions <= 1  # (one value per feature and ghost: refused, by name, there)
-                or (renorm and any(buffer is None for buffer in renorm_state))):
+                or n == 0 or channels == 0 or (virtual is not None and (n != groups * virtual or mask is not None))
+                or (mask is None and (n // groups) * rows * positions <= 1)  # (one value per feature and ghost:
+                or (renorm and any(buffer is None for buffer in renorm_state))):  # refused, by name, there)
             return None
         momentum = self.momentum
         step = int(count) if momentum is None or (renorm and self.renorm_clipping.scheduled) else None
@@ -1209,7 +1227,8 @@ class BatchNorm(_NormBase):
         y = kernels.fused_direct(input, weight, bias, running_mean, running_var,
                                  [n, rows, channels, positions, groups, 1 if self.ghost_layout == "strided" else 0],
                                  [float(factor), float(self.renorm_momentum), float(rmin), float(rmax), float(dmax),
-                                  float(self.eps), 1.0 if self.unbiased_running_var else 0.0, 1.0], *renorm_state)
+                                  float(self.eps), 1.0 if self.unbiased_running_var else 0.0, 1.0], *renorm_state,
+                                 valid=valid)
         if y is not None:
             count.add_(1)
         return y

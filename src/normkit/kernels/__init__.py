@@ -504,15 +504,16 @@ def fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_m
 
 
 def fused_direct(x, weight, bias, running_mean, running_var, dims, settings, renorm_mean=None, renorm_stddev=None,
-                 moving_stddev=None):
-    """``fused_batch_norm`` for a training step without a mask on the CPU, by a caller that ``takes(x)`` has answered
-    (no transform, no fake tensor, the CPU kernel on) and that hands every buffer its step moves (running_mean and
-    running_var; with renorm also renorm_mean, renorm_stddev and moving_stddev): the C++ kernel's call without the
-    checks those answers hold. None where the kernel declines, or is not loaded, or the tests send CPU calls to the
-    Triton kernels (``fused_batch_norm`` serves those, by the general path)."""
+                 moving_stddev=None, valid=None):
+    """``fused_batch_norm`` for a training step on the CPU, by a caller that ``takes(x)`` has answered (no transform,
+    no fake tensor, the CPU kernel on) and that hands every buffer its step moves (running_mean and running_var; with
+    renorm also renorm_mean, renorm_stddev and moving_stddev) and a padding mask, if any, as ``valid`` (booleans, one
+    per position of the kernel's (N, R, S) order): the C++ kernel's call without the checks those answers hold. None
+    where the kernel declines, or is not loaded, or the tests send CPU calls to the Triton kernels
+    (``fused_batch_norm`` serves those, by the general path)."""
     if _extension is None or _triton_on_cpu:
         return None
-    return _extension.fused_batch_norm(x, weight, bias, None, running_mean, running_var, renorm_mean, renorm_stddev,
+    return _extension.fused_batch_norm(x, weight, bias, valid, running_mean, running_var, renorm_mean, renorm_stddev,
                                        moving_stddev, dims, settings)
 
 
