@@ -966,6 +966,35 @@ def test_a_padding_mask_of_the_input_s_shape_without_features_reaches_the_kernel
     assert len(answers) == 4 and all(y is not None for y in answers) and int(direct.num_batches_tracked) == 4
 
 
+def test_the_keras_layer_s_padding_mask_takes_the_direct_route_as_the_reference(cpp_kernel, rng):
+    """Keras' mask of a features-last layer ((N, T) for (N, T, C)) reaches the inner layer as that padding mask, so
+    its kernel serves it straight from the module: outputs, gradients and moving statistics are the reference's
+    (Keras' biased moving variance, momentum 0.99)."""
+    layer = normkit.keras.BatchNormalization(dtype=torch.float64)
+    layer(torch.zeros(4, 5, 3, dtype=torch.float64), training=False)  # (builds it; no step)
+    bn = layer.bn
+    answers = _watch_contiguous_route(bn)
+    for _ in range(2):
+        x = torch.tensor(rng.normal(size=(4, 5, 3)) * 2 + 1, requires_grad=True)
+        g = rng.normal(size=(4, 5, 3))
+        mask = torch.tensor(rng.random((4, 5)) < 0.7)
+        mean, var = bn.running_mean.numpy().copy(), bn.running_var.numpy().copy()
+        weight, bias = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+        mask_np = mask.numpy()[..., None]
+        expected = R.batch_norm(x.detach().numpy(), mean, var, weight, bias, True, 0.01, 1e-3, axis=2, mask=mask_np,
+                                unbiased_running_var=False)
+        grads = R.batch_norm_backward(g, x.detach().numpy(), None, None, weight, bias, True, 1e-3, axis=2,
+                                      mask=mask_np)
+        y = layer(x, training=True, mask=mask)
+        got = torch.autograd.grad(y, [x, bn.weight, bn.bias], torch.tensor(g))
+        assert_close(y, expected)
+        for value, want in zip(got, grads):
+            assert_close(value, want)
+        assert_close(bn.running_mean, mean)
+        assert_close(bn.running_var, var)
+    assert len(answers) == 2 and all(y is not None for y in answers)
+
+
 def test_the_direct_route_leaves_other_masks_to_the_general_one(cpp_kernel, rng):
     """Masks the direct route does not take as they are (numbers, the input's rank, another device's) go the general
     way, with the same results; one that fits nothing is refused there by name, the count untouched; ghost batches

@@ -771,6 +771,10 @@ class BatchNormalization(nn.Module):
             self._check_mask(mask, inputs)
         elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
             mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
+        if mask is not None and bn.axis in (-1, inputs.dim() - 1):
+            # Features last: the inner layer's padding mask as given, the input's shape without its features ((N, T)
+            # for (N, T, C)), which it expands at that axis itself; the shape its kernel takes straight from the module
+            mask = mask.squeeze(-1)
         return inputs, mask, bn, mode, stored
 
     def _refuse_other_features(self, inputs: torch.Tensor, bn: BatchNorm, error: ValueError) -> None:
