@@ -165,6 +165,34 @@ def test_keras_options_set_on_a_built_layer_take_effect_as_in_keras(option, valu
                                state=lambda layer: dict(enumerate(layer.weights)))
 
 
+def test_keras_renorm_clipping_changed_in_place_bounds_the_next_step_as_in_keras():
+    # Keras reads the dict at every call; get_config() reports the edited dict, so the layer must step by it.
+    shape = (16, 5)
+    changed = BatchNormalization(dtype="float64", renorm=True, renorm_clipping={"rmax": 1.5, "dmax": 1.0}).train()
+    changed(torch.randn(shape, dtype=torch.float64))
+    changed.renorm_clipping["rmax"] = 1.0
+    changed.renorm_clipping["dmax"] = 0.0
+    assert changed.get_config()["renorm_clipping"] == {"rmax": 1.0, "dmax": 0.0}
+    expected = BatchNormalization(dtype="float64", renorm=True, renorm_clipping={"rmax": 1.0, "dmax": 0.0}).train()
+    expected.build(shape)
+    expected.load_state_dict(changed.state_dict())
+    assert_same_training_steps(changed, expected, shape, np.random.default_rng(4),
+                               state=lambda layer: dict(enumerate(layer.weights)))
+    changed.renorm_clipping["typo"] = 2.0  # (checked as a new dict is)
+    with pytest.raises(ValueError, match="renorm_clipping received invalid keys"):
+        changed(torch.randn(shape, dtype=torch.float64), training=True)
+
+
+def test_keras_frozen_layer_called_in_training_ignores_a_mask_as_inference_does():
+    # trainable=False is inference in Keras whatever `training` says: a mask that does not fit is not checked.
+    layer = BatchNormalization(trainable=False)
+    inputs, mask = torch.randn(4, 3, 2), torch.ones(2, 3)
+    torch.testing.assert_close(layer(inputs, training=True, mask=mask), layer(inputs, training=False))
+    layer.trainable = True
+    with pytest.raises(ValueError, match="does not fit"):
+        layer(inputs, training=True, mask=mask)
+
+
 def test_keras_options_set_before_the_first_call_are_used_by_the_build():
     layer = BatchNormalization()
     layer.momentum, layer.axis, layer.center = 0.8, 1, False

@@ -294,6 +294,7 @@ class BatchNormalization(nn.Module):
             if self.renorm:
                 inner.renorm = True
                 inner.renorm_clipping = self.renorm_clipping
+                self._note_clipping_handed()
             else:
                 inner.renorm_clipping = None  # (first: BatchNorm takes clipping only with renorm)
                 inner.renorm = False
@@ -420,6 +421,7 @@ class BatchNormalization(nn.Module):
             unbiased_running_var=False, synchronized=self.synchronized, process_group=self.process_group,
             dtype=self._factory["dtype"], device=self._factory["device"] or device)
         self.bn._built_by = type(self).__name__  # (what its messages name: the layer the user made)
+        self._note_clipping_handed()
         if not self.scale and self.bn.weight is not None:
             # Keras' scale=False has beta but no gamma; torch.nn has no such layer, so drop weight here.
             del self.bn.weight
@@ -767,7 +769,11 @@ class BatchNormalization(nn.Module):
             # Keras expands the mask at the last axis, whatever the feature axis is.
             mask = mask.unsqueeze(-1)
         mode = self.training if training is None else bool(training)
-        if mask is not None and mode:
+        if mode and self.renorm and self.renorm_clipping != self.__dict__.get("_clipping_handed"):
+            # Keras reads renorm_clipping at every call, so a dict changed in place (layer.renorm_clipping["rmax"]
+            # = 3) bounds this step; the inner layer holds the values it was handed, validated, until told again.
+            self.renorm_clipping = self.renorm_clipping
+        if mask is not None and mode and self._trainable:
             self._check_mask(mask, inputs)
         elif mask is not None and not broadcasts_to(mask.shape, inputs.shape):
             mask = None  # (inference ignores a mask, as Keras does; one that fits still names the padding, below)
@@ -776,6 +782,11 @@ class BatchNormalization(nn.Module):
             # for (N, T, C)), which it expands at that axis itself; the shape its kernel takes straight from the module
             mask = mask.squeeze(-1)
         return inputs, mask, bn, mode, stored
+
+    def _note_clipping_handed(self) -> None:
+        """Remember the renorm_clipping values the inner layer holds (a copy: the dict itself may change)."""
+        clipping = self.renorm_clipping
+        self.__dict__["_clipping_handed"] = dict(clipping) if isinstance(clipping, dict) else clipping
 
     def _refuse_other_features(self, inputs: torch.Tensor, bn: BatchNorm, error: ValueError) -> None:
         """Keras' InputSpec: the feature sizes are fixed at build. Where the inner layer refused an input for them
