@@ -1,5 +1,6 @@
 """Bad input gets a clear ValueError/TypeError naming the argument and the fix."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,13 @@ def test_layer_norm_shape_mismatch():
     (dict(renorm=True, renorm_clipping={"dmax": True}), r"\['dmax'\] must be a number"),
     (dict(renorm=True, track_running_stats=False), "renorm=True needs running statistics"),
     (dict(weight_initializer="nope"), "weight_initializer='nope' is not a known initializer"),
+    # a value beyond the weight's dtype: torch.full's RuntimeError named no argument, an array or a callable's values
+    # became inf without a word (an inf gamma or variance is NaN at the first step)
+    (dict(weight_initializer=1e300), r"weight_initializer=Constant\(1e\+300\).*beyond torch\.float32's range"),
+    (dict(running_var_initializer=np.array([1.0, 1.0, 1e39])), r"running_var_initializer=.*beyond torch\.float32's range"),
+    (dict(bias_initializer=lambda shape, dtype: torch.full(shape, -1e39, dtype=torch.float64)),
+     r"bias_initializer=.*gives values beyond torch\.float32's range"),
+    (dict(weight_initializer=1e5, dtype=torch.float16), r"weight_initializer=.*beyond torch\.float16's range"),
     (dict(weight_regularizer="l3"), "weight_regularizer='l3' is not a known regularizer"),
     (dict(bias_constraint="positive"), "bias_constraint='positive' is not a known constraint"),
     (dict(num_features=(3, 4), axis=1), "axis must be a tuple of 2 axes"),
@@ -837,6 +845,15 @@ def test_keras_layer_with_another_feature_count_names_its_build(kwargs, shape, w
         assert "num_features" not in message
         assert "bn_features" in message and str(shape[layer.bn.axis]) in message and str(wrong) in message
         assert "new" in message and "axis" in message
+
+
+def test_a_keras_initializer_beyond_the_dtype_is_named_by_its_keras_name_and_leaves_the_layer_unbuilt():
+    layer = BatchNormalization(moving_variance_initializer=1e300)
+    with pytest.raises(ValueError, match=r"moving_variance_initializer=Constant\(1e\+300\).*float32's range"):
+        layer(torch.randn(4, 3))
+    assert layer.bn is None and not layer.built
+    layer.moving_variance_initializer = "ones"
+    assert layer(torch.randn(4, 3)).shape == (4, 3)
 
 
 def test_a_keras_style_initializer_that_refuses_a_torch_dtype_is_named():

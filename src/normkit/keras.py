@@ -159,6 +159,12 @@ def _resolvable(resolve):
     return check
 
 
+# normkit.BatchNorm's initializer arguments by the Keras names this layer takes them as.
+_INITIALIZER_NAMES = {"weight_initializer": "gamma_initializer", "bias_initializer": "beta_initializer",
+                      "running_mean_initializer": "moving_mean_initializer",
+                      "running_var_initializer": "moving_variance_initializer"}
+
+
 # The check of each of the Keras layer's options, for the constructor's value and any later change.
 _OPTION_CHECKS = {
     "axis": _keras_axis, "momentum": _keras_decay, "renorm_momentum": _keras_decay, "epsilon": _keras_epsilon,
@@ -405,6 +411,17 @@ class BatchNormalization(nn.Module):
 
     def _create(self, sizes: tuple, axis, device=None) -> None:
         """The normkit.BatchNorm underneath, for features of ``sizes`` on ``axis``."""
+        try:
+            self._create_inner(sizes, axis, device)
+        except ValueError as error:
+            # An initializer refused at the build (values beyond the dtype's range) by its Keras name.
+            message = str(error)
+            for torch_name, keras_name in _INITIALIZER_NAMES.items():
+                if message.startswith(torch_name + "="):
+                    raise ValueError(f"{self.name}: {keras_name}{message[len(torch_name):]}") from None
+            raise
+
+    def _create_inner(self, sizes: tuple, axis, device=None) -> None:
         self.bn = BatchNorm(
             sizes[0] if len(sizes) == 1 else sizes, eps=self.epsilon, momentum=_new_value_weight(self.momentum),
             affine=self.scale or self.center, bias=self.center, track_running_stats=True,

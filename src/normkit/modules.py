@@ -660,8 +660,8 @@ class BatchNorm(_NormBase):
         if not self.track_running_stats:
             return
         with torch.no_grad():
-            apply_initializer(self.running_mean_initializer, self.running_mean)
-            apply_initializer(self.running_var_initializer, self.running_var)
+            apply_initializer(self.running_mean_initializer, self.running_mean, name="running_mean_initializer")
+            apply_initializer(self.running_var_initializer, self.running_var, name="running_var_initializer")
         self.num_batches_tracked.zero_()
         if "moving_stddev" in self._buffers:  # (also while renorm is switched off: it may come back on)
             with torch.no_grad():
@@ -674,9 +674,9 @@ class BatchNorm(_NormBase):
         self.reset_running_stats()
         with torch.no_grad():
             if self.weight is not None:
-                apply_initializer(self.weight_initializer, self.weight)
+                apply_initializer(self.weight_initializer, self.weight, name="weight_initializer")
             if self.bias is not None:
-                apply_initializer(self.bias_initializer, self.bias)
+                apply_initializer(self.bias_initializer, self.bias, name="bias_initializer")
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -38,6 +38,17 @@ def check_process_group(process_group, name: str = "process_group"):
 # ----------------------------------------------------------------------------- initializers
 
 
+def _within_range(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``; finite values beyond its range are a ValueError (the cast made them inf without a
+    word, and an inf gamma or variance is NaN at the first step)."""
+    cast = values.to(dtype)
+    if cast.is_floating_point() and values.is_floating_point() and bool(
+            torch.isfinite(values).all()) and not bool(torch.isfinite(cast).all()):
+        raise ValueError(f"values beyond {dtype}'s range (largest {torch.finfo(dtype).max:.4g}); give values "
+                         "within it")
+    return cast
+
+
 class Constant:
     """Initializer that fills with ``value`` (Keras' ``Constant``): a number, or values that broadcast to the
     weight's shape (one per feature), as Keras' ``value * ones(shape)`` takes them: a list, a NumPy array, or
@@ -64,12 +75,14 @@ class Constant:
 
     def __call__(self, shape, dtype=None):
         if self._values is None:
-            return torch.full(tuple(shape), self.value, dtype=dtype or torch.float32)
+            # (float64 first, then checked: torch.full raised a RuntimeError for a value beyond the dtype's range)
+            return _within_range(torch.full(tuple(shape), self.value, dtype=torch.float64), dtype or torch.float32)
         try:
-            return torch.broadcast_to(self._values, tuple(shape)).to(dtype or torch.float32).clone()
+            values = torch.broadcast_to(self._values, tuple(shape))
         except RuntimeError:
             raise ValueError(f"Constant's values of shape {tuple(self._values.shape)} do not broadcast to the "
                              f"weight's shape {tuple(shape)}") from None
+        return _within_range(values, dtype or torch.float32).clone()
 
     def keras_config(self):
         return "Constant", {"value": self.value}
@@ -290,13 +303,17 @@ def _instance_of(cls: type, *, name: str):
                         f"cannot be ({error}); pass an instance") from None
 
 
-def apply_initializer(initializer, tensor: torch.Tensor) -> None:
-    """Fill ``tensor`` in place from a resolved initializer."""
+def apply_initializer(initializer, tensor: torch.Tensor, *, name: str = "initializer") -> None:
+    """Fill ``tensor`` in place from a resolved initializer (``name``: the argument it came from, for errors)."""
     if isinstance(initializer, str):
         INITIALIZERS[initializer](tensor)
         return
     try:
         values = initializer(tuple(tensor.shape), tensor.dtype)
+    except (ValueError, RuntimeError) as error:
+        # (the initializer's own words, Constant's or torch's, named no argument)
+        raise ValueError(f"{name}={initializer!r} failed for a weight of shape {tuple(tensor.shape)} and dtype "
+                         f"{tensor.dtype}: {error}") from error
     except TypeError as error:
         # (a Keras-style callable, given a dtype name by Keras, failed on torch's with NumPy's "Cannot interpret
         # 'torch.float32' as a data type", naming neither the initializer nor its arguments)
@@ -304,7 +321,10 @@ def apply_initializer(initializer, tensor: torch.Tensor) -> None:
                         f"initializer(shape={tuple(tensor.shape)}, dtype={tensor.dtype}): {error}. The dtype is a "
                         "torch dtype (Keras passes a name: a Keras-style initializer can take "
                         "str(dtype).removeprefix('torch.'))") from error
-    values = torch.as_tensor(values, dtype=tensor.dtype, device=tensor.device)
+    try:
+        values = _within_range(torch.as_tensor(values), tensor.dtype).to(tensor.device)
+    except ValueError as error:
+        raise ValueError(f"{name}={initializer!r} gives {error}") from None
     if values.shape != tensor.shape:
         raise ValueError(f"initializer {initializer!r} returned shape {tuple(values.shape)}, "
                          f"expected {tuple(tensor.shape)}")

@@ -107,6 +107,11 @@ def test_ghost_batches_of_another_size(tmp_path, capsys):
     (["--norm", "batch", "--norm-option", "momentum"], "expected KEY=VALUE"),
     (["--norm", "batch", "--norm-option", "eps=1", "--norm-option", "eps=2"], "eps given twice"),
     (["--model", "mlp", "--norm", "group", "--norm-option", "num_groups=7"], "--norm group (dense layers)"),
+    # (torch's traceback, or "Torch not compiled with CUDA enabled", before anything was checked)
+    (["--norm", "batch", "--norm-option", "device=cuda"], "device: the run puts every layer where --device says"),
+    (["--norm", "torch", "--norm-option", "device=foo"], "device: the run puts every layer where --device says"),
+    (["--norm", "batch", "--norm-option", "dtype=float64"], "dtype: the run puts every layer"),
+    (["--norm", "batch", "--norm-option", "weight_initializer=1e300"], "beyond torch.float32's range"),
 ])
 def test_bad_options_are_one_line_before_anything_is_written(tmp_path, capsys, argv, phrase):
     out = tmp_path / "run"

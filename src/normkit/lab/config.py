@@ -235,12 +235,18 @@ def check_norm_options(norm: str, options, model: str) -> None:
                          "objects (they are saved in config.json)") from None
     if norm == "none":
         raise ValueError(f"--norm-option {', '.join(options)}: --norm none has no layer to take them")
+    placement = sorted({"device", "dtype"} & set(options))
+    if placement:
+        # (the run places the whole model: a layer made elsewhere met its input with torch's traceback, or with
+        # "Torch not compiled with CUDA enabled" before anything was checked)
+        raise ValueError(f"--norm-option {', '.join(placement)}: the run puts every layer where --device says, in "
+                         "float32; leave it out (use --device cuda for a GPU)")
     # LeNet has conv (rank 4) and dense (rank 2) norm layers; the MLP only dense ones; instance only conv ones.
     ranks = (2,) if model == "mlp" else (4,) if norm == "instance" else (4, 2)
     for rank in ranks:
         try:
             create_norm(norm, 6, rank, **options)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, RuntimeError) as error:
             where = "conv" if rank == 4 else "dense"
             raise ValueError(f"--norm-option for --norm {norm} ({where} layers): {error}") from None
     # Layers that build may still not fit the network (axis=-1 on a conv's output): one training step of a
