@@ -432,6 +432,42 @@ def test_a_float16_running_variance_past_its_range_stays_infinite(options):
     assert_close(layer.running_mean, to_numpy(plain.running_mean.float()), torch.float16)
 
 
+@pytest.mark.parametrize("options", [{"axis": -1}, {"axis": -1, "renorm": True}, {"axis": -1, "virtual_batch_size": 4},
+                                     {"axis": -1, "unbiased_running_var": False}, {"axis": -1, "momentum": 0.7},
+                                     {"axis": -1, "mask": True}],
+                         ids=["features-last", "renorm", "ghost", "biased", "momentum-0.7", "padding"])
+@pytest.mark.parametrize("route", ["aten", "fused"])
+def test_a_float32_running_statistic_past_its_range_stays_infinite_on_every_route(options, route):
+    """A float32 running statistic that overflowed (data at 1e20 for one step: its variance 1e40 is inf) stays inf at
+    later steps, as torch.nn's does, and eval gives the channel's bias, torch.nn's 0 + beta. The fused kernel and
+    the composite updates blended b + w (t - b), which made it inf - inf = NaN, and every eval output NaN."""
+    from normkit import kernels
+    options = dict(options)
+    masked = options.pop("mask", False)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 5, 3, generator=generator) for _ in range(3)]
+    batches[0][..., 0] *= 1e20
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    mask[-1, 3:] = False
+    layer = normkit.BatchNorm(3, **options)
+    plain = torch.nn.BatchNorm1d(3, momentum=options.get("momentum", 0.1))
+    with kernels.switched(route == "fused"):
+        for batch in batches:
+            layer(batch, mask=mask) if masked else layer(batch)
+            plain(batch[mask] if masked else batch.reshape(-1, 3))
+        assert torch.isinf(plain.running_var[0])  # the premise: torch.nn keeps inf
+        assert torch.isfinite(layer.running_var[1:]).all() and torch.isfinite(layer.running_mean).all()
+        layer.eval()
+        if not options.get("renorm"):
+            assert torch.isinf(layer.running_var[0]), layer.running_var
+            assert torch.equal(layer(batches[1])[..., 0], torch.zeros(8, 5))
+        else:
+            # Renorm's running variance is moving_stddev^2, and 1e20's stddev fits float32: the kernel (float64
+            # arithmetic) gets the finite 6.5e37, ATen's float32 variance is inf on the way; never NaN.
+            assert not torch.isnan(layer.running_var[0]), layer.running_var
+            assert torch.isfinite(layer(batches[1])).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, layout", [((64, 8, 8, 8), "contiguous"), ((32, 3, 16, 16, 2), "contiguous"),
                                            ((64, 4, 8, 8), "channels_last"), ((16, 4, 32, 32), "contiguous"),

@@ -983,27 +983,35 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
 
     def lerp(buffers, targets, weight):
+        # Each buffer as (1 - w) b + w t, torch.nn's form, never lerp's b + w (t - b): a buffer that overflowed to
+        # inf (a variance past float16's range, or float32's from data at 1e20) stays inf at the next step, as
+        # torch.nn's does, instead of becoming inf - inf = NaN (and every eval output of its channel NaN).
         low = dtype in LOW_PRECISION
         if not isinstance(weight, (int, float)):
             weight = [weight.float() if low else weight] * len(buffers)
         if low:
             # Half-precision buffers: blend in float32 and round once (as Keras does), not the target and again the
-            # blend. Written (1 - w) b + w t, not lerp's b + w (t - b): a variance past float16's range is inf in its
-            # buffer, and stays inf (as torch.nn's does) instead of becoming inf - inf = NaN at the next step.
+            # blend.
             weights = weight if isinstance(weight, list) else [weight] * len(buffers)
             for buffer, target, w in zip(buffers, targets, weights):
                 buffer.copy_(buffer.float().mul(1 - w).add_(target.float().view(shape).mul(w)))
             return
         if torch._C._are_functorch_transforms_active():
-            # Under torch.func's vmap (an ensemble's stacked buffers) _foreach_lerp_ has no batching rule (lerp_ only
-            # vmap's slow fallback): one out-of-place lerp and copy_ per buffer. Under functionalize a captured buffer
-            # takes the values, not the functional wrappers (ATen's "INTERNAL ASSERT FAILED ... mutating a
-            # non-functional tensor with a functional tensor").
+            # Under torch.func's vmap (an ensemble's stacked buffers) the _foreach_ ops have no batching rule: one
+            # out-of-place blend and copy_ per buffer. Under functionalize a captured buffer takes the values, not
+            # the functional wrappers (ATen's "INTERNAL ASSERT FAILED ... mutating a non-functional tensor with a
+            # functional tensor").
             weights = weight if isinstance(weight, list) else [weight] * len(buffers)
             for buffer, target, w in zip(buffers, targets, weights):
-                buffer.copy_(_value_for(buffer, torch.lerp(buffer, cast(target), w)))
+                buffer.copy_(_value_for(buffer, buffer * (1 - w) + cast(target) * w))
             return
-        torch._foreach_lerp_(buffers, [cast(t) for t in targets], weight)
+        targets = [cast(t) for t in targets]
+        if isinstance(weight, list):
+            torch._foreach_mul_(buffers, [1 - w for w in weight])
+            torch._foreach_addcmul_(buffers, targets, weight)
+        else:
+            torch._foreach_mul_(buffers, 1 - weight)
+            torch._foreach_add_(buffers, targets, alpha=weight)
 
     if renorm_mean is None:
         lerp([running_mean, running_var], [batch_mean, batch_var_estimate], factor)

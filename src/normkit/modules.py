@@ -1374,7 +1374,7 @@ class BatchNorm(_NormBase):
 
     def _refuse_onnx_training(self, mask) -> None:
         """ONNX has no training form of renorm, ghost batches, masks or adjustment: both exporters failed on the
-        training step's operations (normkit's renorm_factors, aten._foreach_lerp, aten::batch_norm_update_stats),
+        training step's operations (normkit's renorm_factors, aten._foreach_mul_, aten::batch_norm_update_stats),
         naming none of the layer's options. Their inference is plain batch normalization, which exports."""
         options = [name for name, on in (("renorm=True", self.renorm),
                                          (f"virtual_batch_size={self.virtual_batch_size}",

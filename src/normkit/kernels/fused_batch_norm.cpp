@@ -289,9 +289,10 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         scalar_t* mu = running_mean.data_ptr<scalar_t>();
         scalar_t* sigma2 = running_var.data_ptr<scalar_t>();
         scalar_t* ms = data_or_null<scalar_t>(moving_stddev);
+        // (1 - f) old + f new, torch.nn's form: old + f (new - old) made a buffer that had overflowed to inf NaN at
+        // the next step, where torch.nn's stays inf.
         auto lerp = [](scalar_t& buffer, double target, double factor) {
-          const double old = static_cast<double>(buffer);
-          buffer = static_cast<scalar_t>(old + factor * (target - old));
+          buffer = static_cast<scalar_t>((1.0 - factor) * static_cast<double>(buffer) + factor * target);
         };
         for (int64_t c = 0; c < C; ++c) {
           const double estimate = batch_var[c] * bessel;

@@ -160,25 +160,26 @@ def _forward_kernel(x_ptr, y_ptr, valid_ptr, weight_ptr, bias_ptr, running_mean_
                 bessel = tl.where(n > 1.0, n / tl.maximum(n - 1.0, 1.0), 1.0)
             estimate = batch_var * bessel
             f = nothing + factor + factor_lo
+            # (each buffer as (1 - f) old + f new, torch.nn's form: old + f (new - old) made an inf buffer NaN)
             old_mean = tl.load(running_mean_ptr + c).to(tl.float64)
-            tl.store(running_mean_ptr + c, (old_mean + f * (batch_mean - old_mean)).to(
+            tl.store(running_mean_ptr + c, ((1.0 - f) * old_mean + f * batch_mean).to(
                 running_mean_ptr.dtype.element_ty))
             if RENORM:
                 rf = nothing + renorm_factor + renorm_factor_lo
                 old = tl.load(renorm_mean_ptr + c).to(tl.float64)
-                tl.store(renorm_mean_ptr + c, (old + rf * (batch_mean - old)).to(renorm_mean_ptr.dtype.element_ty))
+                tl.store(renorm_mean_ptr + c, ((1.0 - rf) * old + rf * batch_mean).to(renorm_mean_ptr.dtype.element_ty))
                 old = tl.load(renorm_stddev_ptr + c).to(tl.float64)
-                tl.store(renorm_stddev_ptr + c, (old + rf * (tl.sqrt(batch_var + eps64) - old)).to(
+                tl.store(renorm_stddev_ptr + c, ((1.0 - rf) * old + rf * tl.sqrt(batch_var + eps64)).to(
                     renorm_stddev_ptr.dtype.element_ty))
                 old = tl.load(moving_stddev_ptr + c).to(tl.float64)
-                stddev = (old + f * (tl.sqrt(estimate + eps64) - old)).to(moving_stddev_ptr.dtype.element_ty)
+                stddev = ((1.0 - f) * old + f * tl.sqrt(estimate + eps64)).to(moving_stddev_ptr.dtype.element_ty)
                 tl.store(moving_stddev_ptr + c, stddev)
                 stddev64 = stddev.to(tl.float64)
                 tl.store(running_var_ptr + c, tl.maximum(stddev64 * stddev64 - eps64, 0.0).to(
                     running_var_ptr.dtype.element_ty))
             else:
                 old = tl.load(running_var_ptr + c).to(tl.float64)
-                tl.store(running_var_ptr + c, (old + f * (estimate - old)).to(running_var_ptr.dtype.element_ty))
+                tl.store(running_var_ptr + c, ((1.0 - f) * old + f * estimate).to(running_var_ptr.dtype.element_ty))
 
 
 @triton.jit
