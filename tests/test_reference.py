@@ -401,3 +401,49 @@ def test_a_mask_is_boolean_any_nonzero_value_marks_a_valid_position():
     valid = mask != 0
     np.testing.assert_allclose(dx, numeric_gradient(
         lambda v: (R.batch_norm(v, training=True, eps=1e-5, mask=valid) * g).sum(), x.copy()), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1])
+def test_a_running_buffer_that_overflowed_stays_infinite_as_torch_nn_s(momentum, rng):
+    """torch.nn blends (1 - m) b + m t: an inf buffer stays inf (and with m = 0 does not change). The reference's
+    b + m (t - b) made it inf - inf = NaN, also with m = 0 and for a masked channel that saw nothing."""
+    import torch
+    x = rng.normal(size=(8, 2))
+    running_mean, running_var = np.zeros(2), np.array([np.inf, 1.0])
+    plain_mean, plain_var = torch.zeros(2, dtype=torch.float64), torch.tensor([math.inf, 1.0], dtype=torch.float64)
+    R.batch_norm(x, running_mean, running_var, training=True, momentum=momentum)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), plain_mean, plain_var, training=True, momentum=momentum)
+    np.testing.assert_allclose(running_var, plain_var.numpy(), rtol=1e-12)
+    assert np.isinf(running_var[0])
+    unseen = np.array([np.inf, 1.0])
+    mask = np.ones((8, 2), dtype=bool)
+    mask[:, 0] = False
+    R.batch_norm(x, np.zeros(2), unseen, training=True, momentum=0.1, mask=mask)
+    assert np.isinf(unseen[0])
+
+
+def test_renorm_state_in_other_shapes_than_running_mean_s_moves_as_the_vectors_do(rng):
+    """Per-feature tensors may come in any shape (one value per feature), in both twins: a renorm state of (1, C)
+    or (C, 1) beside (C,) running statistics gave a running_var resized in place (functional), a (C, C) broadcast,
+    or an error after running_mean had moved (both twins)."""
+    import torch
+    from normkit import functional as F
+    x = rng.normal(size=(8, 4)) + 1
+    mask = rng.random((8, 4)) > 0.2
+    values = dict(running_mean=np.full(4, 0.1), running_var=np.full(4, 1.2), renorm_mean=np.full(4, 0.2),
+                  renorm_stddev=np.full(4, 1.1), moving_stddev=np.full(4, 1.3))
+    vectors = {name: value.copy() for name, value in values.items()}
+    expected = R.batch_norm(x, training=True, mask=mask, renorm_momentum=0.5, **vectors)
+    for shapes in [((4,), (4,), (1, 4), (4, 1), (1, 4)), ((4, 1), (1, 4), (4,), (4,), (4, 1))]:
+        mixed = {name: value.reshape(shape) for (name, value), shape in zip(values.items(), shapes)}
+        reference = {name: value.copy() for name, value in mixed.items()}
+        np.testing.assert_allclose(R.batch_norm(x, training=True, mask=mask, renorm_momentum=0.5, **reference),
+                                   expected, rtol=1e-12, atol=1e-12)
+        twin = {name: torch.tensor(value) for name, value in mixed.items()}
+        y = F.batch_norm(torch.from_numpy(x), training=True, mask=torch.from_numpy(mask), renorm_momentum=0.5,
+                         **twin)
+        np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+        for name, shape in zip(values, shapes):
+            assert reference[name].shape == shape and tuple(twin[name].shape) == shape, name
+            np.testing.assert_allclose(reference[name].ravel(), vectors[name], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(twin[name].numpy().ravel(), vectors[name], rtol=1e-12, atol=1e-14)

@@ -979,8 +979,14 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     channels marked ``seen`` (all when None) and the renorm statistics move by
     ``renorm_factor``. One multi-tensor lerp per momentum.
     """
-    shape, dtype = running_mean.shape, running_mean.dtype
-    cast = (lambda t: (t if t.dtype == dtype else t.to(dtype)) if t.shape == shape else t.to(dtype).view(shape))
+    dtype = running_mean.dtype
+    # Each value in its buffer's shape: per-feature tensors may come in any shape ((C,), (1, C), ...), and a renorm
+    # state of another shape than running_mean's was broadcast into (C, C) or failed after running_mean had moved.
+    cast = (lambda t, like: (t if t.dtype == dtype else t.to(dtype)) if t.shape == like.shape
+            else t.to(dtype).reshape(like.shape))
+    # A weight is a number, a 0-dim tensor (momentum=None's 1/t, traced) or one per feature.
+    in_shape = (lambda w, like: w if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.shape == like.shape
+                else w.reshape(like.shape))
 
     def lerp(buffers, targets, weight):
         # Each buffer as (1 - w) b + w t, torch.nn's form, never lerp's b + w (t - b): a buffer that overflowed to
@@ -994,7 +1000,8 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
             # blend.
             weights = weight if isinstance(weight, list) else [weight] * len(buffers)
             for buffer, target, w in zip(buffers, targets, weights):
-                buffer.copy_(buffer.float().mul(1 - w).add_(target.float().view(shape).mul(w)))
+                w = in_shape(w, buffer)
+                buffer.copy_(buffer.float().mul(1 - w).add_(target.float().reshape(buffer.shape).mul(w)))
             return
         if torch._C._are_functorch_transforms_active():
             # Under torch.func's vmap (an ensemble's stacked buffers) the _foreach_ ops have no batching rule: one
@@ -1003,10 +1010,12 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
             # functional tensor").
             weights = weight if isinstance(weight, list) else [weight] * len(buffers)
             for buffer, target, w in zip(buffers, targets, weights):
-                buffer.copy_(_value_for(buffer, buffer * (1 - w) + cast(target) * w))
+                w = in_shape(w, buffer)
+                buffer.copy_(_value_for(buffer, buffer * (1 - w) + cast(target, buffer) * w))
             return
-        targets = [cast(t) for t in targets]
+        targets = [cast(t, buffer) for t, buffer in zip(targets, buffers)]
         if isinstance(weight, list):
+            weight = [in_shape(w, buffer) for w, buffer in zip(weight, buffers)]
             torch._foreach_mul_(buffers, [1 - w for w in weight])
             torch._foreach_addcmul_(buffers, targets, weight)
         else:
@@ -1018,13 +1027,14 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
         return
     lerp([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
     lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
+    stddev = cast(moving_stddev, running_var)  # (out= resized a running_var of another shape in place)
     if seen is None and not torch._C._are_functorch_transforms_active():
-        torch.mul(moving_stddev, moving_stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+        torch.mul(stddev, stddev, out=running_var).sub_(eps).clamp_(min=0.0)
         return
     # (out of place: vmap has no batching rule for out= nor for clamp_, and ran that one sample at a time)
-    derived = torch.mul(moving_stddev, moving_stddev).sub(eps).clamp(min=0.0)
+    derived = torch.mul(stddev, stddev).sub(eps).clamp(min=0.0)
     if seen is not None:
-        derived = torch.where(seen.to(torch.bool), derived, running_var)
+        derived = torch.where(cast(seen, running_var).to(torch.bool), derived, running_var)
     running_var.copy_(_value_for(running_var, derived))
 
 

@@ -347,7 +347,8 @@ def update_batch_norm_running_stats(parts, running_mean, running_var, momentum, 
         ema_update(moving_stddev, np.sqrt(batch_var_estimate + eps), factor)
         # running_var follows moving_stddev, on the channels that saw something (a fully masked
         # channel keeps it, even where Keras' initial values, both 1, are not yet related).
-        running_var[...] = np.where(total > 0, np.maximum(moving_stddev ** 2 - eps, 0.0), running_var)
+        derived = np.maximum(np.reshape(moving_stddev, shape) ** 2 - eps, 0.0)  # (in running_mean's shape)
+        running_var[...] = np.where(total > 0, derived, np.reshape(running_var, shape)).reshape(np.shape(running_var))
         return
     ema_update(running_mean, batch_mean, factor)
     ema_update(running_var, batch_var_estimate, factor)

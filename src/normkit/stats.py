@@ -213,12 +213,18 @@ def check_ghost_batch(batch_size, virtual_batch_size) -> None:
 def ema_update(running, batch_value, factor):
     """Move ``running`` toward ``batch_value`` by ``factor`` in place; returns ``running``.
 
-    ``running <- running + factor * (batch_value - running)``, i.e.
-    ``(1 - factor) * running + factor * batch_value``. ``factor`` may be a number
-    or an array (per channel: 0 leaves a channel untouched, used for channels
-    that saw no valid value under a mask).
+    ``running <- (1 - factor) * running + factor * batch_value``, torch.nn's form: written as a step,
+    ``running + factor * (batch_value - running)``, a buffer that overflowed to inf became inf - inf = NaN
+    at the next update, even with ``factor`` 0. ``factor`` may be a number or an array (per channel: 0
+    leaves a channel untouched, used for channels that saw no valid value under a mask). Per-feature
+    values may come in any shape: ``batch_value`` and ``factor`` are taken in ``running``'s.
     """
-    running += factor * (batch_value - running)
+    shape = running.shape
+    if getattr(batch_value, "ndim", 0):
+        batch_value = batch_value.reshape(shape)
+    if getattr(factor, "ndim", 0):
+        factor = factor.reshape(shape)
+    running[...] = (1 - factor) * running + factor * batch_value
     return running
 
 
