@@ -40,6 +40,9 @@ CASES = {
     "empty_rank": ((0, 8), {}, False),
 }
 
+# The cases also trained under torch.compile (which breaks the graph around the merge).
+COMPILED_CASES = ("plain", "mask", "renorm")
+
 
 def _data(sizes, step):
     generator = torch.Generator().manual_seed(step)
@@ -57,12 +60,13 @@ def _layer(options, **extra):
     return layer
 
 
-def _train(layer, batches):
+def _train(layer, batches, compiled=False):
     """Steps of forward + backward; returns per-step outputs and input gradients, and the layer's state."""
+    call = torch.compile(layer, backend="eager") if compiled else layer
     outputs, grads = [], []
     for x, g, mask in batches:
         x = x.clone().requires_grad_()
-        y = layer(x, mask=mask)
+        y = call(x, mask=mask)
         y.backward(g)
         outputs.append(y.detach())
         grads.append(x.grad)
@@ -191,6 +195,12 @@ def _refusals(rank):
         # An unbuilt layer whose first call cannot build (axis 2 of a rank-2 input) while the peer's builds and merges.
         "keras_build": lambda: normkit.keras.BatchNormalization(axis=2, synchronized=True)(
             torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
+        # Under torch.compile: Dynamo raises the refusal while tracing and never runs the frame eagerly, so the
+        # peers were not told (they waited for the timeout, or merged with this process's next batch).
+        "compiled_features": lambda: torch.compile(_layer({}, synchronized=True), backend="eager")(
+            torch.randn(4, FEATURES + bad, 3, dtype=torch.float64)),
+        "compiled_keras_rank": lambda: torch.compile(keras, backend="eager")(
+            torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
     }
     return errors_of(calls)
 
@@ -270,6 +280,10 @@ def _worker(rank, world_size, init_file, out_dir):
                 warnings.simplefilter("always")
                 results[name] = _train(_layer(options, synchronized=True), batches)
             results[f"{name} warnings"] = [str(warning.message) for warning in caught]
+            if name in COMPILED_CASES:
+                # Each its own compiled layer: from the second on, Dynamo's polyfill of struct.pack (the merge's
+                # settings code) recursed until a RecursionError.
+                results[f"compiled {name}"] = _train(_layer(options, synchronized=True), batches, compiled=True)
         # One value per feature over the whole group (rank 0 holds it, rank 1 nothing): both refuse it together,
         # and the collectives below still pair up.
         try:
@@ -317,9 +331,9 @@ def test_a_rank_with_an_empty_batch_adds_nothing_quietly(ranks):
     assert ranks[0]["empty_rank warnings"] == [] and ranks[1]["empty_rank warnings"] == []
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [f"compiled {name}" for name in COMPILED_CASES])
 def test_two_process_gloo_equals_single_process_on_the_whole_batch(ranks, name):
-    sizes, options, masked = CASES[name]
+    sizes, options, masked = CASES[name.removeprefix("compiled ")]
     batches = [_data(sizes, step)[:2] + (_data(sizes, step)[2] if masked else None,) for step in range(STEPS)]
     if "virtual_batch_size" in options:  # strided ghost j of the concatenated batch is every rank's ghost j
         options = {**options, "virtual_batch_size": options["virtual_batch_size"] * len(sizes)}
@@ -468,7 +482,7 @@ def test_recalibration_leaves_out_the_batches_empty_on_every_process(ranks):
 def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_ranks):
     """Process 1 alone gives the layer an input it refuses (another number of features, a batch that is no multiple
     of virtual_batch_size, a mask of another shape, the Keras layer's rank, a Keras mask or array input that is no
-    array, a lazy layer's first call): it raises its own error and process 0,
+    array, a lazy layer's first call; eagerly and under torch.compile): it raises its own error and process 0,
     waiting in the merge, gets a ValueError at once (an adjustment whose terms do not fit was refused after the
     merge, and its peer went on, to a backward that paired with process 1's next collective). Before, process 0 waited for the group's timeout (30 minutes
     by default) or its collective paired with process 1's next one and merged statistics of another call."""
@@ -477,7 +491,8 @@ def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_
            "keras_build": "axis=2 is out of range",
            "adjustment": "adjustment returned a scale of shape (4, 4), which does not broadcast",
            "keras_mask": "expected sequence of length 4",
-           "keras_input": "inhomogeneous shape", "lazy_mask": "mask of shape (4, 4) cannot broadcast"}
+           "keras_input": "inhomogeneous shape", "lazy_mask": "mask of shape (4, 4) cannot broadcast",
+           "compiled_features": "num_features=4 but", "compiled_keras_rank": "was built for inputs of rank 3"}
     for name, text in own.items():
         assert refusing_ranks[1]["refusals"][name] is not None and text in refusing_ranks[1]["refusals"][name], name
         error = refusing_ranks[0]["refusals"][name]

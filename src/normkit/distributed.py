@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -110,11 +109,13 @@ def settings_code(axis, virtual_batch_size, ghost_layout, renorm, unbiased_runni
     """One integer for the settings that decide what a merge means and how its result is used: the feature axes,
     the ghost batches and their layout, renorm, the running variance rule and ``eps`` (a polynomial hash of Python
     ints, the same in every process; a traced ``eps`` counts as 0)."""
-    eps_bits = (int.from_bytes(struct.pack("<d", float(eps)), "little")
-                if isinstance(eps, (int, float)) and not isinstance(eps, bool) else 0)
+    # eps exactly, as the two ints of its ratio (struct.pack's bytes sent Dynamo's polyfill of it into a
+    # RecursionError from the second synchronized layer compiled in a process on)
+    eps_ratio = (float(eps).as_integer_ratio() if isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                 else (0, 0))
     code = 0
     for value in (*axis, -1, virtual_batch_size or 0, ghost_layout == "strided", bool(renorm),
-                  bool(unbiased_running_var), eps_bits):
+                  bool(unbiased_running_var), *eps_ratio):
         code = (code * 1_000_003 + int(value) + 1) % (1 << 61)
     return code
 
@@ -171,12 +172,25 @@ def refuse_with_peers(process_group, device) -> None:
     """
     if not is_active(process_group):
         return
+    if torch.compiler.is_compiling():
+        # Dynamo raises the refusal while tracing and never runs the frame eagerly, so the peers are told from
+        # outside the graph (a graph break on this error path only; with an active group the layer breaks the
+        # graph anyway). Skipped, they waited for the timeout or merged with this process's next step.
+        _tell_peers_outside_graph(process_group, device)
+        return
+    _tell_peers(process_group, device)
+
+
+def _tell_peers(process_group, device) -> None:
     signature = torch.tensor([_REFUSED, 0, 0, 0, 0], dtype=torch.int64, device=device)
     try:  # (the layout of check_agreement's all_reduce: signature, -signature, masked)
         dist.all_reduce(torch.cat([signature, -signature, torch.zeros(1, dtype=torch.int64, device=device)]),
                         op=dist.ReduceOp.MAX, group=process_group)
     except RuntimeError:
         pass
+
+
+_tell_peers_outside_graph = torch.compiler.disable(_tell_peers)
 
 
 def sync_moments(x, reduce_axes, mask=None, shift=None, process_group=None, settings=0):

@@ -839,7 +839,7 @@ class BatchNormalization(nn.Module):
         mode = self.training if training is None else bool(training)
         if self.bn is not None:
             self.bn._refuse_with_peers(mode)
-        elif self.synchronized and mode and self._trainable and not torch.compiler.is_compiling():
+        elif self.synchronized and mode and self._trainable:
             # (a first call that could not build: no inner layer yet, whose training call would have merged)
             from . import distributed
             device = inputs.device if isinstance(inputs, torch.Tensor) else self._factory["device"] or "cpu"

@@ -1391,7 +1391,7 @@ class BatchNorm(_NormBase):
         """Before this process refuses its input to a synchronized training step: the peers are (or will be)
         waiting in the merge for it; told (distributed.refuse_with_peers), they raise at once instead of waiting
         for the group's timeout or pairing with its next collective and merging garbage."""
-        if self.synchronized and training and not self.frozen and not torch.compiler.is_compiling():
+        if self.synchronized and training and not self.frozen:
             from . import distributed
             distributed.refuse_with_peers(self.process_group, _device_of(self, input))
 
