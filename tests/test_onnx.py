@@ -350,6 +350,48 @@ def test_a_train_mode_export_of_plain_batch_norm_gives_torch_nn_graph_and_output
     np.testing.assert_allclose(_run(proto, x), _run(twin_proto, x), rtol=RTOL, atol=ATOL)
 
 
+def _keras_channels_first():
+    layer = BatchNormalization(axis=1, momentum=0.9)
+    layer.build((6, 4, 5, 3))
+    return layer
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm2d(4, unbiased_running_var=False),
+                                  lambda: normkit.BatchNorm2d(4, momentum=None),
+                                  lambda: normkit.BatchNorm2d(4, momentum=None, unbiased_running_var=False, affine=False),
+                                  lambda: normkit.BatchNorm(4, axis=-1, unbiased_running_var=False),
+                                  _keras_channels_first],
+                         ids=["biased variance", "cumulative", "both, no affine", "features last", "keras"])
+def test_a_train_mode_export_with_other_running_rules_gives_torch_nn_graph_and_outputs(make, dynamo):
+    """Keras' biased running variance and the cumulative average move their buffers by rules ATen's kernel lacks, which
+    ONNX graphs drop anyway: the step exports as torch.nn's plain one. Before, the dynamo exporter failed on the blend
+    ("No ONNX function found for aten._foreach_mul"), and the legacy exporter's graph of zeroed statistics beside a
+    zero bias came out of onnxruntime up to 4.9 off the batch-normalized output."""
+    features_last = isinstance(make(), normkit.BatchNorm) and make().axis == -1
+    x = _input((6, 4, 5, 3))
+    layer = make()
+    if not features_last:
+        layer = _trained(layer, x)
+        twin_state = layer.bn.state_dict() if isinstance(layer, BatchNormalization) else layer.state_dict()
+        twin = torch.nn.BatchNorm2d(4, eps=1e-3 if isinstance(layer, BatchNormalization) else 1e-5,
+                                    affine=any(key in twin_state for key in ("weight", "bias")))
+        twin.load_state_dict({key: value for key, value in twin_state.items() if key in twin.state_dict()})
+    else:
+        x = x.movedim(1, -1).contiguous()
+        twin = torch.nn.BatchNorm2d(4)
+    moved = (lambda t: t.movedim(-1, 1)) if features_last else (lambda t: t)
+    layer.train(), twin.train()
+    training = None if dynamo else torch.onnx.TrainingMode.TRAINING
+    proto, _ = _export(layer, x, dynamo, training=training)
+    twin_proto, _ = _export(copy.deepcopy(twin), moved(x).contiguous(), dynamo, training=training)
+    got = moved(torch.from_numpy(_run(proto, x))).numpy()
+    np.testing.assert_allclose(got, _run(twin_proto, moved(x).contiguous()), rtol=RTOL, atol=ATOL)
+    if not dynamo:  # (TrainingMode.TRAINING: normalized by the batch, as the eager step)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, moved(copy.deepcopy(layer)(x)).numpy(), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 @pytest.mark.parametrize("options, masked, named", [
     (dict(renorm=True), False, "renorm=True"),

@@ -1064,6 +1064,8 @@ class BatchNorm(_NormBase):
             running_mean <- running_mean + factor * (mean - running_mean)
             running_var  <- running_var + factor * (var_biased - running_var)
         """
+        if _onnx_exporting():
+            return self._onnx_training_step(channels, weight, bias)
         batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         y = torch.batch_norm(channels, weight, bias, batch_mean, batch_var, True, 1.0, self.eps,
                              torch.backends.cudnn.enabled)
@@ -1072,6 +1074,17 @@ class BatchNorm(_NormBase):
         F._move_running_stats(running_mean, running_var, batch_mean, batch_var * ((count - 1) / count), factor,
                               self.eps)
         return y
+
+    def _onnx_training_step(self, channels, weight, bias) -> torch.Tensor:
+        """A training step recorded by an ONNX exporter whose running statistics move by a rule ATen's kernel lacks
+        (Keras' biased variance; the cumulative average, whose 1/t the dynamo exporter traces as a tensor). ONNX graphs
+        keep no buffer update (torch.nn's exports drop it), so the step exports as torch.nn's plain one: ATen's kernel
+        on the running buffers, here with momentum 0 (nothing moves). Before, the dynamo exporter failed on the blend
+        ("No ONNX function found for aten._foreach_mul") and the legacy exporter's graph of zeroed statistics beside a
+        zero bias came out wrong from onnxruntime (up to 4.9 off)."""
+        running_mean, running_var = _buffer_of(self, "running_mean"), _buffer_of(self, "running_var")
+        return torch.batch_norm(channels, weight, bias, None if running_mean is None else running_mean.reshape(-1),
+                                None if running_var is None else running_var.reshape(-1), True, 0.0, self.eps, False)
 
     def _counts_batched(self) -> bool:
         """Whether torch.func.vmap batches the step count (``stack_module_state``'s ensemble of layers): the
@@ -1299,6 +1312,11 @@ class BatchNorm(_NormBase):
         if training and (self.renorm or self.virtual_batch_size is not None or mask is not None
                          or self.adjustment is not None) and _onnx_exporting():
             self._refuse_onnx_training(mask)
+        if (training and (self.momentum is None or not self.unbiased_running_var) and self.track_running_stats
+                and _onnx_exporting()):
+            channels, restore = F._channels_view(input, self._feature_axes(input, training))
+            y = self._onnx_training_step(channels, *(None if t is None else t.reshape(-1) for t in _affine_of(self)))
+            return y if restore is None else restore(y)
         try:
             F.check_floating(input)
             _check_input_device(input, self.weight, self.running_mean)  # (before the count: ATen would refuse after)
