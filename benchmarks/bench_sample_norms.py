@@ -23,7 +23,7 @@ import normkit  # noqa: E402
 
 TARGET = 1.05
 
-# label: (the layer's class name in both libraries, constructor arguments, input shape)
+# label: (the layer's class name in both libraries, constructor arguments, input shape[, memory format])
 CASES = {
     "LayerNorm(120) (64,120)": ("LayerNorm", (120,), (64, 120)),
     "LayerNorm(768) (16,128,768)": ("LayerNorm", (768,), (16, 128, 768)),
@@ -31,6 +31,10 @@ CASES = {
     "GroupNorm(3,6) (64,6,24,24)": ("GroupNorm", (3, 6), (64, 6, 24, 24)),
     "GroupNorm(4,16) (64,16,8,8)": ("GroupNorm", (4, 16), (64, 16, 8, 8)),
     "GroupNorm(32,256) (32,256,14,14)": ("GroupNorm", (32, 256), (32, 256, 14, 14)),
+    # channels-last data near zero (normkit's check of where the data sits keeps torch.nn's call there)
+    "GroupNorm(4,16) (64,16,8,8) channels_last": ("GroupNorm", (4, 16), (64, 16, 8, 8), torch.channels_last),
+    "GroupNorm(32,256) (32,256,14,14) channels_last": ("GroupNorm", (32, 256), (32, 256, 14, 14),
+                                                       torch.channels_last),
     "InstanceNorm1d(16) (64,16,50)": ("InstanceNorm1d", (16,), (64, 16, 50)),
     "InstanceNorm1d(16) (8,16,20)": ("InstanceNorm1d", (16,), (8, 16, 20)),
     "InstanceNorm3d(16) (4,16,4,8,8)": ("InstanceNorm3d", (16,), (4, 16, 4, 8, 8)),
@@ -42,7 +46,8 @@ CASES = {
 
 def pair(label, device="cpu"):
     """(normkit module, torch.nn module, input, upstream gradient), the same parameters in both."""
-    name, arguments, shape = CASES[label]
+    name, arguments, shape, *memory = CASES[label]
+    memory_format = memory[0] if memory else torch.contiguous_format
     torch.manual_seed(0)
     ours, theirs = getattr(normkit, name)(*arguments), getattr(torch.nn, name)(*arguments)
     with torch.no_grad():
@@ -50,7 +55,8 @@ def pair(label, device="cpu"):
             parameter.uniform_(0.5, 1.5)
     ours.load_state_dict(theirs.state_dict())
     ours.to(device), theirs.to(device)
-    return ours, theirs, torch.randn(shape, device=device) * 2.0 + 0.5, torch.randn(shape, device=device)
+    x, g = torch.randn(shape, device=device) * 2.0 + 0.5, torch.randn(shape, device=device)
+    return ours, theirs, x.contiguous(memory_format=memory_format), g.contiguous(memory_format=memory_format)
 
 
 def run(args):

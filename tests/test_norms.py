@@ -456,3 +456,54 @@ def test_instance_norm_backward_of_a_sequence_first_gradient_matches_the_referen
     assert_close(gw, want[1], rtol=tol, atol=tol)
     assert_close(gb, want[2], rtol=tol, atol=tol)
 
+
+
+@pytest.mark.parametrize("shape, groups", [((4, 8, 6, 6), 2), ((2, 6, 3, 4, 5), 3)])
+@pytest.mark.parametrize("offset", [1e2, 1e3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_of_channels_last_data_far_from_zero_keeps_its_variance(shape, groups, offset, dtype):
+    """torch 2.13's CPU GroupNorm kernel for channels-last input takes the variance as E[x^2] - E[x]^2: at mean 1e3 and
+    std 1 its outputs and gradients are O(1) off (O(1e3) at 1e4). normkit's layer finds such data (a check on the
+    first call, then every 1000) and takes the contiguous kernel: torch.nn's contiguous call, bit for bit, given back
+    channels-last, and within float32's error of the float64 reference. Data near zero keeps torch.nn's own call."""
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) + offset)
+    g = torch.randn(shape, generator=generator, dtype=torch.float64)
+    layer, plain = normkit.GroupNorm(groups, shape[1]), torch.nn.GroupNorm(groups, shape[1])
+    with torch.no_grad():
+        for module in (layer, plain):
+            module.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+
+    def run(module, data, memory_format):
+        data = data.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+        y = module(data)
+        y.backward(g.to(dtype).contiguous(memory_format=memory_format))
+        grads = (data.grad, module.weight.grad.clone(), module.bias.grad.clone())
+        module.zero_grad()
+        return y, grads
+
+    y, grads = run(layer, x, layout)
+    assert y.is_contiguous(memory_format=layout) and not y.is_contiguous()
+    # the contiguous kernel: torch.nn's (float32; bfloat16 inputs take normkit's float32 statistics, as contiguous)
+    expected_y, expected_grads = run(plain if dtype == torch.float32 else layer, x, torch.contiguous_format)
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if dtype == torch.float32:
+        w, b = to_numpy(layer.weight).astype(np.float64), to_numpy(layer.bias).astype(np.float64)
+        x64 = to_numpy(x.float()).astype(np.float64)
+        y64 = R.group_norm(x64, groups, w, b)
+        assert np.abs(to_numpy(y) - y64).max() < 2e-3
+        torn, _ = run(plain, x, layout)  # (the premise: torch.nn's channels-last kernel is far off here)
+        assert np.abs(to_numpy(torn).astype(np.float64) - y64).max() > 1e-3
+    if dtype != torch.float32:
+        return
+    fresh = normkit.GroupNorm(groups, shape[1])  # (the layer checks again only after 1000 calls: a fresh one)
+    fresh.load_state_dict(layer.state_dict())
+    near, near_grads = run(fresh, x - offset, layout)
+    plain_near, plain_near_grads = run(plain, x - offset, layout)  # (torch.nn's channels-last call, its bits)
+    torch.testing.assert_close(near, plain_near, rtol=0, atol=0)
+    for got, want in zip(near_grads, plain_near_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
