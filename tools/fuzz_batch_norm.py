@@ -1180,12 +1180,18 @@ def run_sample_case(case):
         pd = ours.weight.dtype if getattr(ours, "weight", None) is not None else None
         half_no_params = dtype in (torch.float16, torch.bfloat16) and (pd is None or pd != dtype)
         vs_torch = not documented_empty and not half_no_params and b is not None
+        if (case["kind"] == "group" and case["memory"] == "channels_last" and dtype != torch.float64
+                and abs(case["offset"]) > 4 * case["spread"]):
+            # (torch.nn's channels-last CPU kernel loses the variance of data far from zero; normkit's layer takes
+            # the contiguous kernel there, docs/decisions.md: the reference alone judges it)
+            vs_torch = False
+        e_y, e_g, e_w = sample_extras(case, x_np, g_np, to_np(getattr(ours, "weight", None)), dtype, training)
         if vs_torch and torch_wrong:
-            close(f"{where} output vs torch.nn", y, to_np(b[0]), dtype, 0.0)  # (the forward is right)
+            # (the forward is right; with the conditioning allowance: two float32 kernels on data at 1e4 differ)
+            close(f"{where} output vs torch.nn", y, to_np(b[0]), dtype, e_y)
             vs_torch = False
         # torch.nn (primary): the same dtype's tolerance
         tdt = dtype
-        e_y, e_g, e_w = sample_extras(case, x_np, g_np, to_np(getattr(ours, "weight", None)), dtype, training)
         if vs_torch:
             close(f"{where} output vs torch.nn", y, to_np(b[0]), tdt, e_y)
             if b[1] is not None or gx is not None:
