@@ -1694,6 +1694,20 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
     return torch.group_norm(x, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
 
+def recentered(x, num_groups):
+    """``x`` minus each (sample, group)'s mean, a constant of the graph: group norm (instance norm: one group per
+    channel) is the same function of the result, gradients included, and ATen's kernels lose no variance on data near
+    zero (docs/decisions.md). Any layout: per-channel means over the positions, then per group; the memory format
+    stays the input's."""
+    n, channels = x.shape[:2]
+    with torch.no_grad():
+        means = x.detach().mean(dim=tuple(range(2, x.dim())))
+        if num_groups != channels:
+            size = channels // num_groups
+            means = means.view(n, num_groups, size).mean(2).repeat_interleave(size, dim=1)
+    return x - means.view(n, channels, *(1,) * (x.dim() - 2))
+
+
 def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
     """``torch.group_norm`` of the contiguous input, the output given back channels-last where the input is
     (and not contiguous as well: a tensor whose strides fit both layouts gets ATen's contiguous output)."""

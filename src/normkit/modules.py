@@ -1479,6 +1479,44 @@ class BatchNorm3d(_BatchNormNd):
     _accepted_ranks = (5,)
 
 
+# Where GroupNorm's and InstanceNorm's CPU data sits. ATen's group norm takes each group's variance from sums in the
+# input's precision: its kernel for channels-last input as E[x^2] - E[x]^2, which loses it where the group's mean lies
+# a few standard deviations from zero (outputs 1e-4 off at mean 10 and std 1, 0.04 at 100, O(1) at 1e3, the gradients
+# likewise), its contiguous kernel more slowly (2e-6, 2e-5, 1e-4, 2e-3 at 1e4: twice instance_norm's error there).
+# Such data is a property of its source, so a check on the first call and every LAYOUT_CHECK_EVERY after it (as
+# BatchNorm's recentering check) marks a layer whose data lies far from zero, and its float32 calls subtract each
+# group's mean first (F.recentered: the normalization is the same function of the input, gradients included), which
+# ATen's kernels then see near zero: 3e-7 at 1e4. Everything else keeps torch.nn's call and bits.
+LAYOUT_CHECK_EVERY = 1000
+FAR_FROM_ZERO = 4.0  # |group mean| / group std beyond which the data is recentered
+
+
+def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: int) -> bool:
+    """Whether ``layer``'s data lies far from zero (see FAR_FROM_ZERO), checked on this call when the check is due;
+    the answer and the countdown live in the layer's ``__dict__`` (Module.__setattr__ costs more than the check)."""
+    steps = layer.__dict__.get("_steps_to_layout_check", 0)
+    if steps > 0:
+        layer.__dict__["_steps_to_layout_check"] = steps - 1
+        return layer.__dict__.get("_far_from_zero_data", False)
+    if (torch.compiler.is_compiling() or _tracing_state() is not None or input.dim() < 3 or input.numel() == 0
+            or F.without_data(input) or _under_vmap(input) or input.shape[1] % groups):
+        return False  # (no data to read, or a graph that cannot branch on it: torch.nn's call)
+    with torch.no_grad():
+        n, channels = input.shape[:2]
+        # per channel, over the positions (any layout, no copy), then per group by the law of total variance
+        var, mean = torch.var_mean(input.detach().float(), dim=tuple(range(2, input.dim())), correction=0)
+        var, mean = var.view(n, groups, -1), mean.view(n, groups, -1)
+        group_mean = mean.mean(2)
+        group_var = var.mean(2) + (mean - group_mean.unsqueeze(2)).square().mean(2)
+        varies = group_var > 0
+        if not bool(varies.any()):
+            return False  # (constant groups lose nothing and say nothing about the data: checked again next call)
+        far = bool(((group_mean.abs() > FAR_FROM_ZERO * group_var.sqrt()) & varies).any())
+    layer.__dict__["_far_from_zero_data"] = far
+    layer.__dict__["_steps_to_layout_check"] = LAYOUT_CHECK_EVERY - 1
+    return far
+
+
 class _SampleNorm(nn.Module):
     """What LayerNorm and GroupNorm share: the sample's own statistics, an optional affine, torch.nn's init order."""
 
@@ -1615,9 +1653,8 @@ class GroupNorm(_SampleNorm):
                 and (_tracing_state() is not None  # (sizes unchecked while tracing: see _tracing_state)
                      or (input.shape[1] == self.num_channels and input.numel() != self.num_groups))
                 and self.eps > 0):  # (else the general path refuses the eps)
-            if (input.dim() >= 4 and not input.is_contiguous() and input.dtype == torch.float32 and input.is_cpu
-                    and self._far_from_zero(input)):
-                return F._group_norm_of_contiguous(input, self.num_groups, weight, bias, self.eps)
+            if input.dtype == torch.float32 and input.is_cpu and _far_from_zero(self, input, self.num_groups):
+                input = F.recentered(input, self.num_groups)  # (see _far_from_zero)
             try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                 return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
             except RuntimeError:
@@ -1634,43 +1671,13 @@ class GroupNorm(_SampleNorm):
             raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees a single value per group for input "
                              f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger input")
         if (input.dim() >= 4 and not input.is_contiguous() and input.dtype != torch.float64 and input.is_cpu
-                and self._far_from_zero(input)):
+                and _far_from_zero(self, input, self.num_groups)):
+            # Half precision (computed in float32 by F.group_norm, which recentering in the input's precision would
+            # not help): channels-last data far from zero through the contiguous kernel, see _far_from_zero.
             layout = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
             y = F.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=layout)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-
-    # ATen's CPU kernel for channels-last input (torch 2.13) takes each group's variance as E[x^2] - E[x]^2 in the
-    # input's precision, which loses it where the group's mean lies a few standard deviations from zero: outputs
-    # 1e-4 off at mean 10 and std 1, 0.04 at mean 100, O(1e3) at 1e3, the gradients likewise (its contiguous kernel:
-    # 2e-6, 2e-5, 1e-4; docs/decisions.md). Such data is a property of the source, so a check on the first call and
-    # every LAYOUT_CHECK_EVERY after it (as BatchNorm's recentering check) sends channels-last data that sits far
-    # from zero through the contiguous kernel (two copies); everything else keeps torch.nn's call and bits.
-    LAYOUT_CHECK_EVERY = 1000
-    FAR_FROM_ZERO = 4.0  # |group mean| / group std beyond which the contiguous kernel is taken
-
-    def _far_from_zero(self, input: torch.Tensor) -> bool:
-        """Whether this channels-last CPU input goes through the contiguous kernel (see LAYOUT_CHECK_EVERY)."""
-        layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
-        if layout is None or not input.is_contiguous(memory_format=layout):
-            return False  # (ATen copies other layouts to contiguous itself)
-        steps = self.__dict__.get("_steps_to_layout_check", 0)
-        if steps > 0:
-            self.__dict__["_steps_to_layout_check"] = steps - 1
-            return self.__dict__.get("_far_from_zero_data", False)
-        if (torch.compiler.is_compiling() or _tracing_state() is not None or input.numel() == 0
-                or F.without_data(input) or _under_vmap(input) or input.shape[1] % self.num_groups):
-            return False  # (no data to read, or a graph that cannot branch on it: torch.nn's call)
-        with torch.no_grad():
-            groups = input.detach().contiguous().view(input.shape[0], self.num_groups, -1).float()
-            var, mean = torch.var_mean(groups, dim=2, correction=0)
-            varies = var > 0
-            if not bool(varies.any()):
-                return False  # (constant groups lose nothing and say nothing about the data: checked again next call)
-            far = bool(((mean.abs() > self.FAR_FROM_ZERO * var.sqrt()) & varies).any())
-        self.__dict__["_far_from_zero_data"] = far
-        self.__dict__["_steps_to_layout_check"] = self.LAYOUT_CHECK_EVERY - 1
-        return far
 
     def extra_repr(self) -> str:
         return ("{num_groups}, {num_channels}, eps={eps}, affine={affine}, "
@@ -1726,6 +1733,10 @@ class _InstanceNorm(_NormBase):
                 and type(self.eps) is float and 0.0 < self.eps < math.inf):
             use_input_stats = self.training or not self.track_running_stats
             if not use_input_stats or traced or math.prod(input.shape[2:]) > 1:
+                if (use_input_stats and input.dtype == torch.float32 and input.is_cpu
+                        and _buffer_of(self, "running_mean") is None and _far_from_zero(self, input, input.shape[1])):
+                    # (nothing to track: the statistics of recentered data would have to be shifted back)
+                    input = F.recentered(input, input.shape[1])
                 try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                     return F.aten_instance_norm(input, weight, bias, _buffer_of(self, "running_mean"),
                                                 _buffer_of(self, "running_var"), use_input_stats,
