@@ -1708,6 +1708,14 @@ def recentered(x, num_groups):
     return x - means.view(n, channels, *(1,) * (x.dim() - 2))
 
 
+def recentered_rows(x, dims):
+    """``x`` minus each row's mean over its last ``dims`` dims (layer norm's), a constant of the graph: see
+    ``recentered``."""
+    with torch.no_grad():
+        means = x.detach().mean(dim=tuple(range(-dims, 0)), keepdim=True)
+    return x - means
+
+
 def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
     """``torch.group_norm`` of the contiguous input, the output given back channels-last where the input is
     (and not contiguous as well: a tensor whose strides fit both layouts gets ATen's contiguous output)."""

@@ -1479,41 +1479,53 @@ class BatchNorm3d(_BatchNormNd):
     _accepted_ranks = (5,)
 
 
-# Where GroupNorm's and InstanceNorm's CPU data sits. ATen's group norm takes each group's variance from sums in the
-# input's precision: its kernel for channels-last input as E[x^2] - E[x]^2, which loses it where the group's mean lies
-# a few standard deviations from zero (outputs 1e-4 off at mean 10 and std 1, 0.04 at 100, O(1) at 1e3, the gradients
-# likewise), its contiguous kernel more slowly (2e-6, 2e-5, 1e-4, 2e-3 at 1e4: twice instance_norm's error there).
-# Such data is a property of its source, so a check on the first call and every LAYOUT_CHECK_EVERY after it (as
-# BatchNorm's recentering check) marks a layer whose data lies far from zero, and its float32 calls subtract each
-# group's mean first (F.recentered: the normalization is the same function of the input, gradients included), which
-# ATen's kernels then see near zero: 3e-7 at 1e4. Everything else keeps torch.nn's call and bits.
+# Where GroupNorm's, InstanceNorm's and LayerNorm's CPU data sits. ATen's group and layer norms take each group's
+# (row's) variance from sums in the input's precision: group norm's kernel for channels-last input as E[x^2] - E[x]^2,
+# which loses it where the group's mean lies a few standard deviations from zero (outputs 1e-4 off at mean 10 and std
+# 1, 0.04 at 100, O(1) at 1e3, the gradients likewise), its contiguous kernel more slowly (2e-6, 2e-5, 1e-4, 2e-3 at
+# 1e4: twice instance_norm's error there), layer norm's 0.17 off at mean 1e4 and std 1e-2. Such data is a property of
+# its source, so a check on the first call and every LAYOUT_CHECK_EVERY after it (as BatchNorm's recentering check)
+# marks a layer whose CPU data lies far from zero, and its calls subtract each group's (row's) mean first
+# (F.recentered, F.recentered_rows: the normalization is the same function of the input, gradients included; the
+# difference of values that close is exact in any precision), which ATen's kernels then see near zero: 3e-7 at 1e4.
+# Everything else keeps torch.nn's call and bits; the countdown costs about 0.13 us a call.
 LAYOUT_CHECK_EVERY = 1000
 FAR_FROM_ZERO = 4.0  # |group mean| / group std beyond which the data is recentered
 
 
-def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: int) -> bool:
-    """Whether ``layer``'s data lies far from zero (see FAR_FROM_ZERO), checked on this call when the check is due;
-    the answer and the countdown live in the layer's ``__dict__`` (Module.__setattr__ costs more than the check)."""
-    steps = layer.__dict__.get("_steps_to_layout_check", 0)
+def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] = None) -> bool:
+    """Whether ``layer``'s data lies far from zero (see FAR_FROM_ZERO), checked on this call when the check is due:
+    per (sample, group of channels) for ``groups``, else per row over LayerNorm's normalized dims. The answer and the
+    countdown live in the layer's ``__dict__`` (Module.__setattr__ costs more than the check)."""
+    state = layer.__dict__
+    steps = state.get("_steps_to_layout_check", 0)
     if steps > 0:
-        layer.__dict__["_steps_to_layout_check"] = steps - 1
-        return layer.__dict__.get("_far_from_zero_data", False)
-    if (torch.compiler.is_compiling() or _tracing_state() is not None or input.dim() < 3 or input.numel() == 0
-            or F.without_data(input) or _under_vmap(input) or input.shape[1] % groups):
+        state["_steps_to_layout_check"] = steps - 1
+        return state["_far_from_zero_data"]
+    if (torch.compiler.is_compiling() or _tracing_state() is not None or input.numel() == 0 or F.without_data(input)
+            or _under_vmap(input) or (groups is not None and (input.dim() < 3 or input.shape[1] % groups))):
         return False  # (no data to read, or a graph that cannot branch on it: torch.nn's call)
+    if not input.is_cpu:
+        # (CUDA's kernels accumulate by Welford's rule; reading the answer would cost a device sync)
+        state["_far_from_zero_data"] = False
+        state["_steps_to_layout_check"] = LAYOUT_CHECK_EVERY - 1
+        return False
     with torch.no_grad():
-        n, channels = input.shape[:2]
-        # per channel, over the positions (any layout, no copy), then per group by the law of total variance
-        var, mean = torch.var_mean(input.detach().float(), dim=tuple(range(2, input.dim())), correction=0)
-        var, mean = var.view(n, groups, -1), mean.view(n, groups, -1)
-        group_mean = mean.mean(2)
-        group_var = var.mean(2) + (mean - group_mean.unsqueeze(2)).square().mean(2)
-        varies = group_var > 0
+        values = input.detach().float()
+        if groups is None:
+            var, mean = torch.var_mean(values, dim=tuple(range(-len(layer.normalized_shape), 0)), correction=0)
+        else:
+            # per channel, over the positions (any layout, no copy), then per group by the law of total variance
+            var, mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)
+            var, mean = var.view(input.shape[0], groups, -1), mean.view(input.shape[0], groups, -1)
+            channel_mean, mean = mean, mean.mean(2)
+            var = var.mean(2) + (channel_mean - mean.unsqueeze(2)).square().mean(2)
+        varies = var > 0
         if not bool(varies.any()):
             return False  # (constant groups lose nothing and say nothing about the data: checked again next call)
-        far = bool(((group_mean.abs() > FAR_FROM_ZERO * group_var.sqrt()) & varies).any())
-    layer.__dict__["_far_from_zero_data"] = far
-    layer.__dict__["_steps_to_layout_check"] = LAYOUT_CHECK_EVERY - 1
+        far = bool(((mean.abs() > FAR_FROM_ZERO * var.sqrt()) & varies).any())
+    state["_far_from_zero_data"] = far
+    state["_steps_to_layout_check"] = LAYOUT_CHECK_EVERY - 1
     return far
 
 
@@ -1596,6 +1608,8 @@ class LayerNorm(_SampleNorm):
                 and (weight is None or weight.dtype == input.dtype)
                 and (_tracing_state() is not None or input.shape[-len(shape):] == shape)  # (see _tracing_state)
                 and self.eps > 0):  # (else the general path refuses the eps)
+            if _far_from_zero(self, input):
+                input = F.recentered_rows(input, len(shape))  # (see _far_from_zero)
             try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                 return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
             except RuntimeError:
@@ -1653,7 +1667,7 @@ class GroupNorm(_SampleNorm):
                 and (_tracing_state() is not None  # (sizes unchecked while tracing: see _tracing_state)
                      or (input.shape[1] == self.num_channels and input.numel() != self.num_groups))
                 and self.eps > 0):  # (else the general path refuses the eps)
-            if input.dtype == torch.float32 and input.is_cpu and _far_from_zero(self, input, self.num_groups):
+            if _far_from_zero(self, input, self.num_groups):
                 input = F.recentered(input, self.num_groups)  # (see _far_from_zero)
             try:  # (free when nothing is raised: the device is checked only when ATen refuses)
                 return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
@@ -1670,13 +1684,8 @@ class GroupNorm(_SampleNorm):
         if input.numel() == self.num_groups:
             raise ValueError(f"GroupNorm with num_groups={self.num_groups} sees a single value per group for input "
                              f"{tuple(input.shape)}: the variance is 0; use fewer groups or a larger input")
-        if (input.dim() >= 4 and not input.is_contiguous() and input.dtype != torch.float64 and input.is_cpu
-                and _far_from_zero(self, input, self.num_groups)):
-            # Half precision (computed in float32 by F.group_norm, which recentering in the input's precision would
-            # not help): channels-last data far from zero through the contiguous kernel, see _far_from_zero.
-            layout = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
-            y = F.group_norm(input.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-            return y.contiguous(memory_format=layout)
+        if _far_from_zero(self, input, self.num_groups):
+            input = F.recentered(input, self.num_groups)  # (see _far_from_zero)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -1733,8 +1742,8 @@ class _InstanceNorm(_NormBase):
                 and type(self.eps) is float and 0.0 < self.eps < math.inf):
             use_input_stats = self.training or not self.track_running_stats
             if not use_input_stats or traced or math.prod(input.shape[2:]) > 1:
-                if (use_input_stats and input.dtype == torch.float32 and input.is_cpu
-                        and _buffer_of(self, "running_mean") is None and _far_from_zero(self, input, input.shape[1])):
+                if (use_input_stats and _buffer_of(self, "running_mean") is None
+                        and _far_from_zero(self, input, input.shape[1])):
                     # (nothing to track: the statistics of recentered data would have to be shifted back)
                     input = F.recentered(input, input.shape[1])
                 try:  # (free when nothing is raised: the device is checked only when ATen refuses)
