@@ -329,3 +329,27 @@ def test_masked_layer_compiles_with_dynamic_shapes(features, first_batch, rng):
     # (a first batch of the feature count's size: Dynamo's duck sizing gives both one symbol, and the next batch size
     # compiles once more)
     assert counters["stats"]["unique_graphs"] == (2 if first_batch == features else 1)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: normkit.LayerNorm(16), (3, 16)), (lambda: normkit.GroupNorm(2, 4), (3, 4, 5)),
+                                         (lambda: normkit.InstanceNorm1d(4), (3, 4, 5))],
+                         ids=["LayerNorm", "GroupNorm", "InstanceNorm1d"])
+def test_sample_norms_compile_once_after_eager_calls(make, shape):
+    """The check of where the data sits counts calls down in the layer's __dict__; traced, Dynamo guarded on the count
+    and compiled the layer again at every call (until its recompile limit ran it eagerly)."""
+    import torch._dynamo
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    layer = make()
+    x = torch.randn(shape) + 100.0  # (far from zero: the eager calls recenter)
+    expected = layer(x)
+    compiled = torch.compile(layer, backend=backend)
+    for _ in range(5):
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    assert len(graphs) == 1
+    torch._dynamo.reset()
