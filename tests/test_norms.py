@@ -552,3 +552,27 @@ def test_half_precision_group_norm_of_data_far_from_zero_keeps_its_variance(shap
     y, _ = _sample_norm_step(ours, x, g, memory_format, torch.bfloat16)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=memory_format)
     assert float((y.double() - expected_y).abs().max()) < 2e-2  # (bfloat16's rounding of outputs up to ~4)
+
+
+def test_a_layer_that_recenters_takes_every_other_input_as_torch_nn():
+    """After a call on data far from zero the layer recenters the next 999 calls, but only where recentering can
+    change the call (found by a review): (N, C) data (whose per-position means failed a view), channels the groups do
+    not divide (a view error instead of the layer's ValueError), float16 (a value of the mean's opposite sign
+    overflowed to inf), a trace (whose graph depended on the layer's history) keep torch.nn's call."""
+    layer, plain = normkit.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4)
+    far = torch.randn(3, 4, 5) + 1e3
+    layer(far)
+    assert layer.__dict__["_far_from_zero_data"]
+    flat = torch.randn(3, 4)
+    torch.testing.assert_close(layer(flat), plain(flat), rtol=0, atol=0)
+    unaffine = normkit.GroupNorm(2, 4, affine=False)
+    unaffine(far)
+    with pytest.raises(ValueError, match="num_groups=2 must divide the channels"):
+        unaffine(torch.randn(2, 5, 3))
+    half = torch.full((1, 4, 25), 60000.0, dtype=torch.float16)
+    half[0, 0, 0] = -60000.0
+    y = layer(half)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, normkit.GroupNorm(2, 4)(half), rtol=0, atol=0)  # (a fresh layer's: torch's call)
+    traced = torch.jit.trace(layer, far)
+    assert [node.kind() for node in traced.graph.nodes() if node.kind().startswith("aten::")] == ["aten::group_norm"]

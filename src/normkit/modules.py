@@ -1487,31 +1487,37 @@ class BatchNorm3d(_BatchNormNd):
 # its source, so a check on the first call and every LAYOUT_CHECK_EVERY after it (as BatchNorm's recentering check)
 # marks a layer whose CPU data lies far from zero, and its calls subtract each group's (row's) mean first
 # (F.recentered, F.recentered_rows: the normalization is the same function of the input, gradients included; the
-# difference of values that close is exact in any precision), which ATen's kernels then see near zero: 3e-7 at 1e4.
-# Everything else keeps torch.nn's call and bits; the countdown costs about 0.13 us a call.
+# difference of values that close is exact), which ATen's kernels then see near zero: 3e-7 at 1e4. Everything else
+# (half precision, other devices, traces, shapes the groups do not fit: _recenterable) keeps torch.nn's call and bits;
+# the countdown costs about 0.16 us a call.
 LAYOUT_CHECK_EVERY = 1000
 FAR_FROM_ZERO = 4.0  # |group mean| / group std beyond which the data is recentered
 
 
+def _recenterable(input: torch.Tensor, groups: Optional[int]) -> bool:
+    """Whether recentering may change this call: float32/float64 CPU data with values, eagerly (not in a trace, whose
+    graph would depend on the layer's history, nor under vmap), of a shape the groups fit (else ATen's refusal, or the
+    layer's, names the problem). Half precision keeps torch's call: its kernels compute in float32 anyway, and the
+    difference of a value and a mean of the opposite sign can overflow float16."""
+    return (_tracing_state() is None and input.is_cpu and input.dtype in _FULL_PRECISION and input.numel() > 0
+            and not F.without_data(input) and not _under_vmap(input)
+            and (groups is None or (input.dim() >= 3 and input.shape[1] % groups == 0)))
+
+
 def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] = None) -> bool:
-    """Whether ``layer``'s data lies far from zero (see FAR_FROM_ZERO), checked on this call when the check is due:
-    per (sample, group of channels) for ``groups``, else per row over LayerNorm's normalized dims. The answer and the
-    countdown live in the layer's ``__dict__`` (Module.__setattr__ costs more than the check)."""
+    """Whether to recenter this call's data: ``layer``'s data lies far from zero (see FAR_FROM_ZERO), checked on this
+    call when the check is due, per (sample, group of channels) for ``groups``, else per row over LayerNorm's
+    normalized dims; and this input can be (``_recenterable``, asked of every call the answer would recenter). The
+    answer and the countdown live in the layer's ``__dict__`` (Module.__setattr__ costs more than the check)."""
     if torch.compiler.is_dynamo_compiling():  # (21 ns eagerly, where is_compiling() costs 60)
-        return False  # (first: Dynamo guarded on the countdown and recompiled the layer at every call)
+        return False  # (first: Dynamo guarded on the countdown and compiled the layer again at every call)
     state = layer.__dict__
     steps = state.get("_steps_to_layout_check", 0)
     if steps > 0:
         state["_steps_to_layout_check"] = steps - 1
-        return state["_far_from_zero_data"]
-    if (_tracing_state() is not None or input.numel() == 0 or F.without_data(input)
-            or _under_vmap(input) or (groups is not None and (input.dim() < 3 or input.shape[1] % groups))):
-        return False  # (no data to read, or a graph that cannot branch on it: torch.nn's call)
-    if not input.is_cpu:
-        # (CUDA's kernels accumulate by Welford's rule; reading the answer would cost a device sync)
-        state["_far_from_zero_data"] = False
-        state["_steps_to_layout_check"] = LAYOUT_CHECK_EVERY - 1
-        return False
+        return state["_far_from_zero_data"] and _recenterable(input, groups)
+    if not _recenterable(input, groups):
+        return False  # (the check is due again next call)
     with torch.no_grad():
         values = input.detach().float()
         if groups is None:
