@@ -977,7 +977,7 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     ``factor`` is a number or a per-channel tensor (0 where a channel saw nothing). With
     renorm, ``running_var`` follows ``moving_stddev`` (``max(moving_stddev^2 - eps, 0)``) on the
     channels marked ``seen`` (all when None) and the renorm statistics move by
-    ``renorm_factor``. One multi-tensor lerp per momentum.
+    ``renorm_factor``. One multi-tensor blend, (1 - w) b + w t, per momentum.
     """
     dtype = running_mean.dtype
     # Each value in its buffer's shape: per-feature tensors may come in any shape ((C,), (1, C), ...), and a renorm

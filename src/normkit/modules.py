@@ -1519,7 +1519,8 @@ def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] 
     if not _recenterable(input, groups):
         return False  # (the check is due again next call)
     with torch.no_grad():
-        values = input.detach().float()
+        # (float64 data in float64: rounded to float32, data at 1e10 with std 1 looked constant, checked every call)
+        values = input.detach() if input.dtype == torch.float64 else input.detach().float()
         if groups is None:
             var, mean = torch.var_mean(values, dim=tuple(range(-len(layer.normalized_shape), 0)), correction=0)
         else:
