@@ -988,7 +988,7 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
     in_shape = (lambda w, like: w if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.shape == like.shape
                 else w.reshape(like.shape))
 
-    def lerp(buffers, targets, weight):
+    def blend(buffers, targets, weight):
         # Each buffer as (1 - w) b + w t, torch.nn's form, never lerp's b + w (t - b): a buffer that overflowed to
         # inf (a variance past float16's range, or float32's from data at 1e20) stays inf at the next step, as
         # torch.nn's does, instead of becoming inf - inf = NaN (and every eval output of its channel NaN).
@@ -1023,10 +1023,10 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
             torch._foreach_add_(buffers, targets, alpha=weight)
 
     if renorm_mean is None:
-        lerp([running_mean, running_var], [batch_mean, batch_var_estimate], factor)
+        blend([running_mean, running_var], [batch_mean, batch_var_estimate], factor)
         return
-    lerp([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
-    lerp([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
+    blend([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
+    blend([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
     stddev = cast(moving_stddev, running_var)  # (out= resized a running_var of another shape in place)
     if seen is None and not torch._C._are_functorch_transforms_active():
         torch.mul(stddev, stddev, out=running_var).sub_(eps).clamp_(min=0.0)

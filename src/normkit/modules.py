@@ -1064,8 +1064,8 @@ class BatchNorm(_NormBase):
             running_mean <- running_mean + factor * (mean - running_mean)
             running_var  <- running_var + factor * (var_biased - running_var)
         """
-        if _onnx_exporting():
-            return self._onnx_training_step(channels, weight, bias)
+        if _tracing_state() is not None and _onnx_exporting():  # (the legacy exporter's trace: Dynamo's takes
+            return self._onnx_training_step(channels, weight, bias)  # _forward_options, see there)
         batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         y = torch.batch_norm(channels, weight, bias, batch_mean, batch_var, True, 1.0, self.eps,
                              torch.backends.cudnn.enabled)

@@ -291,20 +291,20 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         scalar_t* ms = data_or_null<scalar_t>(moving_stddev);
         // (1 - f) old + f new, torch.nn's form: old + f (new - old) made a buffer that had overflowed to inf NaN at
         // the next step, where torch.nn's stays inf.
-        auto lerp = [](scalar_t& buffer, double target, double factor) {
+        auto blend = [](scalar_t& buffer, double target, double factor) {
           buffer = static_cast<scalar_t>((1.0 - factor) * static_cast<double>(buffer) + factor * target);
         };
         for (int64_t c = 0; c < C; ++c) {
           const double estimate = batch_var[c] * bessel;
-          lerp(mu[c], batch_mean[c], f);
+          blend(mu[c], batch_mean[c], f);
           if (renorm) {
-            lerp(rm[c], batch_mean[c], rf);
-            lerp(rs[c], std::sqrt(batch_var[c] + eps), rf);
-            lerp(ms[c], std::sqrt(estimate + eps), f);
+            blend(rm[c], batch_mean[c], rf);
+            blend(rs[c], std::sqrt(batch_var[c] + eps), rf);
+            blend(ms[c], std::sqrt(estimate + eps), f);
             const double stddev = static_cast<double>(ms[c]);
             sigma2[c] = static_cast<scalar_t>(std::max(stddev * stddev - eps, 0.0));
           } else {
-            lerp(sigma2[c], estimate, f);
+            blend(sigma2[c], estimate, f);
           }
         }
       }
