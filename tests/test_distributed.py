@@ -103,6 +103,31 @@ def _gradient_penalty(layer, batch):
     return first.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
+def _transformed(layer, batch):
+    """torch.func.grad (parameters and input, the buffers passed in), forward-mode AD's tangent of the output, and
+    torch.func.jvp of the gradient (a Hessian-vector product) of a layer; a vmap over the input gives its error."""
+    x, g, _ = batch
+    params = {name: value.detach() for name, value in layer.named_parameters()}
+    buffers = {name: value.clone() for name, value in layer.named_buffers()}
+
+    def loss(p, b, v):
+        return (torch.func.functional_call(layer, (p, b), (v,)) * g).sum()
+
+    results = {"grad": torch.func.grad(loss, argnums=(0, 2))(params, buffers, x)}
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        results["forward_ad"] = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, g))).tangent
+    stateless = type(layer)(FEATURES, track_running_stats=False, synchronized=layer.synchronized).double()
+    stateless_loss = lambda v: (stateless(v) * g).sum()  # noqa: E731
+    results["hvp"] = torch.func.jvp(torch.func.grad(stateless_loss), (x,), (g,))[1]
+    try:
+        torch.func.vmap(stateless)(x.unsqueeze(0))
+        results["vmap"] = None
+    except RuntimeError as error:
+        results["vmap"] = str(error)
+    return results
+
+
 def _copy_of_grouped_model(rank):
     """copy.deepcopy of a model synchronized over a group of its own (an EMA copy; fold_batch_norm's copy): the copy
     shares the group and trains on it; the original is left as it was."""
@@ -300,6 +325,10 @@ def _worker(rank, world_size, init_file, out_dir):
         results["copy"] = _copy_of_grouped_model(rank)
         results["penalty"] = _gradient_penalty(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
         results["far"] = _far_from_zero(rank)
+        try:  # (recorded; the test says what was expected)
+            results["transforms"] = _transformed(_layer({}, synchronized=True), _local(_data((3, 5), 0), (3, 5), rank))
+        except Exception as error:  # noqa: BLE001
+            results["transforms"] = f"{type(error).__name__}: {error}"
         results["recalibrated"] = _recalibrated(rank)
         results["same_bits"] = _same_bits(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -371,6 +400,25 @@ def test_double_backward_equals_single_process_on_the_whole_batch(ranks):
     # (parameter gradients are each process's own: their sum is the whole batch's)
     torch.testing.assert_close(ranks[0]["penalty"][2] + ranks[1]["penalty"][2], weight_grad)
     torch.testing.assert_close(ranks[0]["penalty"][3] + ranks[1]["penalty"][3], bias_grad)
+
+
+def test_torch_func_and_forward_mode_ad_equal_single_process_on_the_whole_batch(ranks):
+    """torch.func.grad, forward-mode AD and jvp-of-grad through the merge: the gather and the sum had no
+    setup_context nor jvp, and a synchronized layer failed there with torch's message about autograd.Function where
+    the unsynchronized layer works. vmap (jacrev, jacfwd) is refused by every process at once, with a message that
+    says why (a batched merge would pair lanes of different processes that do not correspond)."""
+    expected = _transformed(_layer({}), _data((3, 5), 0))
+    for r in ranks:
+        assert not isinstance(r["transforms"], str), r["transforms"]
+    (parameter_grads, x_grad) = expected["grad"]
+    torch.testing.assert_close(torch.cat([r["transforms"]["grad"][1] for r in ranks]), x_grad)
+    for name in ("weight", "bias"):  # (each process's own: their sum is the whole batch's)
+        torch.testing.assert_close(sum(r["transforms"]["grad"][0][name] for r in ranks), parameter_grads[name])
+    for key in ("forward_ad", "hvp"):
+        torch.testing.assert_close(torch.cat([r["transforms"][key] for r in ranks]), expected[key], msg=key)
+    assert expected["vmap"] is None
+    for r in ranks:
+        assert r["transforms"]["vmap"] is not None and "cannot run under torch.func.vmap" in r["transforms"]["vmap"]
 
 
 def test_a_deep_copy_of_a_model_synchronized_over_a_group_shares_the_group(ranks):

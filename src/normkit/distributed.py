@@ -62,14 +62,22 @@ def warn_local_once(layer, name=None) -> None:
 
 
 class _AllGather(torch.autograd.Function):
-    """Stack every process's tensor; the gradient of each piece is summed over processes and sent home."""
+    """Stack every process's tensor; the gradient of each piece is summed over processes and sent home.
+
+    (forward/setup_context apart, and a jvp: torch.func's transforms (grad, jacrev, ...) and forward-mode AD refuse a
+    Function without them, and a synchronized layer failed there with torch's message about autograd.Function where
+    the same layer unsynchronized works; the tangent of the gather is the gather of the tangents)
+    """
 
     @staticmethod
-    def forward(ctx, tensor, process_group):
-        ctx.process_group = process_group
+    def forward(tensor, process_group):
         pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(process_group))]
         dist.all_gather(pieces, tensor.contiguous(), group=process_group)
         return torch.stack(pieces)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.process_group = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,20 +86,49 @@ class _AllGather(torch.autograd.Function):
         # with no more than torch's warning that c10d::allreduce_ has no autograd kernel)
         return _AllReduceSum.apply(grad, ctx.process_group)[dist.get_rank(ctx.process_group)], None
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """The sum of every process's tensor; its own adjoint (each process's gradient is the sum of theirs)."""
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _AllGather.apply(tangent, ctx.process_group)
 
     @staticmethod
-    def forward(ctx, tensor, process_group):
-        ctx.process_group = process_group
+    def vmap(info, in_dims, tensor, process_group):
+        _refuse_vmap()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of every process's tensor; its own adjoint (each process's gradient is the sum of theirs), and linear
+    (its tangent is the sum of the tangents)."""
+
+    @staticmethod
+    def forward(tensor, process_group):
         total = tensor.clone(memory_format=torch.contiguous_format)  # (never the gradient autograd handed in)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
         return total
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.process_group = inputs[1]
+
+    @staticmethod
     def backward(ctx, grad):
         return _AllReduceSum.apply(grad, ctx.process_group), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return _AllReduceSum.apply(tangent, ctx.process_group)
+
+    @staticmethod
+    def vmap(info, in_dims, tensor, process_group):
+        _refuse_vmap()
+
+
+def _refuse_vmap():
+    # Every process reaches this at the same collective, so all of them raise together (none is left waiting). A
+    # batched merge would pair lane i of one process with lane i of another, which mean nothing to each other under
+    # jacrev/jacfwd (each process's lanes are its own outputs' cotangents): silently wrong Jacobians.
+    raise RuntimeError("synchronized BatchNorm cannot run under torch.func.vmap (nor jacrev or jacfwd, which vmap): "
+                       "a batched merge would pair each process's vmap lanes with its peers', which do not "
+                       "correspond. torch.func.grad, jvp, vjp and forward-mode AD work; for Jacobians, loop over vjp")
 
 
 def _gather(tensor, process_group):
