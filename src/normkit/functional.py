@@ -1227,7 +1227,18 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
         # With ghost batches, a centre per ghost batch: each is normalized by its own mean, and ghosts whose means
         # lie far apart (1e4) left residuals as large as the data about one centre per feature.
         with torch.no_grad():
-            shift = moments(view.detach(), reduce_axes, mask_view)[1]
+            valid, shift, _ = moments(view.detach(), reduce_axes, mask_view)
+            if moments_fn is not None and mask_view is not None and bool((valid == 0).any()):
+                # A synchronized process with no valid value of a feature (fully masked) still normalizes its
+                # padding by the group's statistics; about no centre, its residuals were the data itself, and its
+                # mean (the group's, about centre 0) known to an ulp of the data: at 1e4 with spread 1e-2, masked
+                # rows 0.1 off one process on the whole batch, and peers' gradients 3 off through them. A centre
+                # there is any finite value near its padding (its mean: the merge takes each process's centre
+                # along, and the statistics do not depend on it).
+                finite = torch.isfinite(view.detach())
+                padding = moments(torch.where(finite, view.detach(), 0.0), reduce_axes, finite)[1]
+                # (padding near float32's limit sums to inf: no centre there, as before)
+                shift = torch.where((valid > 0) | ~torch.isfinite(padding), shift, padding)
         view = view.to(statistics_dtype(view)) - shift
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
