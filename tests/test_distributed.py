@@ -222,6 +222,12 @@ def _refusals(rank):
         "adjustment": lambda: _layer({"adjustment": lambda shape: (torch.full((4, FEATURES), 1.5, dtype=torch.float64),
                                                                    torch.zeros(4, FEATURES, dtype=torch.float64))},
                                      synchronized=True)(torch.randn(4 + bad, FEATURES, dtype=torch.float64)),
+        # A renorm clipping schedule that fails at step 1 on one process (a table of values shorter than its
+        # training): evaluated among the call's arguments, it was no refusal, and the peer's merge paired with this
+        # process's next collective (statistics of another layer, no error).
+        "schedule": lambda: (lambda layer: [layer(torch.randn(4, FEATURES, 3, dtype=torch.float64)) for _ in range(2)])(
+            _layer({"renorm": True, "renorm_clipping": {"rmax": lambda step: [2.0, *([] if bad else [2.0])][step]}},
+                   synchronized=True)),
         # An unbuilt layer whose first call cannot build (axis 2 of a rank-2 input) while the peer's builds and merges.
         "keras_build": lambda: normkit.keras.BatchNormalization(axis=2, synchronized=True)(
             torch.randn(4, FEATURES, *((3,) if not bad else ())), training=True),
@@ -536,8 +542,8 @@ def test_recalibration_leaves_out_the_batches_empty_on_every_process(ranks):
 def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_ranks):
     """Process 1 alone gives the layer an input it refuses (another number of features, a batch that is no multiple
     of virtual_batch_size, a mask of another shape, the Keras layer's rank, a Keras mask or array input that is no
-    array, a lazy layer's first call; eagerly and under torch.compile): it raises its own error and process 0,
-    waiting in the merge, gets a ValueError at once (an adjustment whose terms do not fit was refused after the
+    array, a lazy layer's first call, a renorm clipping schedule that fails; eagerly and under torch.compile): it
+    raises its own error and process 0, waiting in the merge, gets a ValueError at once (an adjustment whose terms do not fit was refused after the
     merge, and its peer went on, to a backward that paired with process 1's next collective). Before, process 0 waited for the group's timeout (30 minutes
     by default) or its collective paired with process 1's next one and merged statistics of another call."""
     own = {"features": "num_features=4 but", "ghost": "virtual_batch_size=2 must divide",
@@ -546,7 +552,8 @@ def test_a_process_refusing_its_input_does_not_leave_its_peers_waiting(refusing_
            "adjustment": "adjustment returned a scale of shape (4, 4), which does not broadcast",
            "keras_mask": "expected sequence of length 4",
            "keras_input": "inhomogeneous shape", "lazy_mask": "mask of shape (4, 4) cannot broadcast",
-           "compiled_features": "num_features=4 but", "compiled_keras_rank": "was built for inputs of rank 3"}
+           "compiled_features": "num_features=4 but", "compiled_keras_rank": "was built for inputs of rank 3",
+           "schedule": "list index out of range"}
     for name, text in own.items():
         assert refusing_ranks[1]["refusals"][name] is not None and text in refusing_ranks[1]["refusals"][name], name
         error = refusing_ranks[0]["refusals"][name]

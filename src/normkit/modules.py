@@ -1347,6 +1347,15 @@ class BatchNorm(_NormBase):
             bias = None if bias is None else bias.detach()
         batch_stats = training or running_mean is None
         renorm = self.renorm and batch_stats and training
+        try:
+            clipping = self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)
+        except Exception:
+            # A schedule that raises, or gives values refused at this step, refuses the call before the merge: its
+            # peers are told (raised inside the call's arguments, they waited in the merge and paired with this
+            # process's next collective: another layer's statistics, or a wrong error, and a hang further on)
+            self._uncount(training)
+            self._refuse_with_peers(training, input)
+            raise
         normalize = F.batch_norm
         if self.synchronized and training:  # (eval never synchronizes: the statistics are this process's input's)
             from . import distributed
@@ -1364,8 +1373,7 @@ class BatchNorm(_NormBase):
                 renorm_mean=self.renorm_mean if renorm else None,
                 renorm_stddev=self.renorm_stddev if renorm else None,
                 moving_stddev=self.moving_stddev if renorm else None,
-                renorm_clipping=(self.renorm_clipping.at_step(self._renorm_step) if renorm
-                                 else (0.0, math.inf, math.inf)),
+                renorm_clipping=clipping,
                 renorm_momentum=self.renorm_momentum,
                 adjustment=self.adjustment if training else None,
                 # Compiled graphs always recenter: the check reads data on the host, and inductor's
