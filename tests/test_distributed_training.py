@@ -81,12 +81,13 @@ def _images(group, step):
     return x, target
 
 
-def _fit(model, batches):
-    """SGD with momentum on mean-squared-error means (DDP averages the processes' gradients: equal halves)."""
+def _fit(model, batches, scale=1.0):
+    """SGD with momentum on mean-squared-error means (DDP averages the processes' gradients: equal halves), each
+    loss times ``scale``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, target in batches:
         optimizer.zero_grad()
-        nn.functional.mse_loss(model(x), target).backward()
+        (scale * nn.functional.mse_loss(model(x), target)).backward()
         optimizer.step()
     return model
 
@@ -102,6 +103,23 @@ def _ddp_case(name, rank, group):
     with torch.no_grad():
         evaluated = model(_images(index, STEPS)[0][rows])
     return {"state": model.module.state_dict(), "eval": evaluated}
+
+
+# Each group's 8 images split unevenly between its two processes.
+UNEVEN_ROWS = (3, 5)
+
+
+def _ddp_uneven_case(rank, group):
+    """DDP with uneven local batches, each process's mean loss scaled by the number of processes times its share
+    of the group's batch (docs/decisions.md): DDP's average of the gradients is then the whole batch's mean loss's."""
+    local = rank % 2
+    start = sum(UNEVEN_ROWS[:local])
+    rows = slice(start, start + UNEVEN_ROWS[local])
+    norm = DDP_CASES["torch_nn_oracle"][0]
+    model = DistributedDataParallel(_cnn(lambda c: norm(c, group)), process_group=group, broadcast_buffers=False)
+    _fit(model, [tuple(t[rows] for t in _images(_group_of(rank), step)) for step in range(STEPS)],
+         scale=len(UNEVEN_ROWS) * UNEVEN_ROWS[local] / sum(UNEVEN_ROWS))
+    return model.module.state_dict()
 
 
 def _ddp_oracle(name, group):
@@ -313,6 +331,7 @@ def _worker(rank, init_file, out_dir):
         impatient = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
         for name in DDP_CASES:
             results[f"ddp/{name}"] = _ddp_case(name, rank, groups[_group_of(rank)])
+        results["ddp/uneven"] = _ddp_uneven_case(rank, groups[_group_of(rank)])
         for name in LAYER_CASES:
             results[f"layer/{name}"] = _layer_case(name, rank, groups)
         for name in FAR_CASES:
@@ -356,6 +375,17 @@ def test_ddp_training_equals_one_process_on_the_whole_batches(ranks, name):
                 torch.testing.assert_close(state[key], value, msg=f"group {group} rank {rank} {key}")
         evaluated = torch.cat([ranks[rank][f"ddp/{name}"]["eval"] for rank in members])
         torch.testing.assert_close(evaluated, expected["eval"], msg=f"group {group} eval")
+
+
+def test_ddp_training_on_uneven_local_batches_with_the_documented_loss_scale(ranks):
+    """The recipe docs/decisions.md gives for uneven local batches: each process's mean loss times the number of
+    processes times its share of the batch. (It said "by its share" alone, which trains on the whole batch's mean
+    loss divided by the number of processes: DDP averages, and the merge's gradient already sums over them.)"""
+    for group, members in enumerate(GROUPS):
+        expected = _ddp_oracle("torch_nn_oracle", group)["state"]
+        for rank in members:
+            for key, value in expected.items():
+                torch.testing.assert_close(ranks[rank]["ddp/uneven"][key], value, msg=f"group {group} rank {rank} {key}")
 
 
 def _layer_oracle(name, batches, processes, dtype=None):
