@@ -29,7 +29,8 @@ the concatenation of the processes' batches. Families (``--family``):
            reference (the collectives still pair).
 
 Eval without running statistics is each process's own batch (eval never synchronizes), compared per process.
-Options: --big (local batches up to 33 rows, sizes up to 9), --dtypes, --replay "CASE" (the dict a failure prints).
+Options: --big (local batches up to 33 rows, sizes up to 9), --dtypes, --replay "CASE" (the dict a failure prints),
+--world N (processes; 2 by default).
 Run niced (the machine is shared), each family in chunks; every run draws new examples:
 
     PYTHONPATH=src nice -n 10 python tools/fuzz_distributed.py --family module --examples 300
@@ -62,7 +63,7 @@ import normkit.keras  # noqa: E402
 from normkit import reference as R  # noqa: E402
 from normkit.stats import RenormClipping  # noqa: E402
 
-WORLD = 2
+WORLD = 2  # (--world: every process sets it from the arguments, spawned processes import this module anew)
 BUFFERS = FB.BUFFERS
 
 
@@ -603,10 +604,12 @@ def check_invalid(case, steps, results):
 
 
 def worker(rank, init_file, args):
+    global WORLD
+    WORLD = args.world
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=args.timeout))
     torch.set_num_threads(1)
-    GROUP.append(dist.new_group([0, 1]))
+    GROUP.append(dist.new_group(list(range(WORLD))))
     try:
         if rank == 0:
             code = leader(args)
@@ -708,7 +711,10 @@ def main():
     parser.add_argument("--big", action="store_true", help="larger local batches (up to 33 rows) and feature sizes")
     parser.add_argument("--timeout", type=float, default=60.0, help="the group's collective timeout (s)")
     parser.add_argument("--replay", help="a CASE line printed by a failure: run that example alone")
+    parser.add_argument("--world", type=int, default=2, help="the number of processes (a hunt ran 3 too)")
     args = parser.parse_args()
+    global WORLD
+    WORLD = args.world
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as folder:
