@@ -125,6 +125,14 @@ def _transformed(layer, batch):
         results["vmap"] = None
     except RuntimeError as error:
         results["vmap"] = str(error)
+    # An ensemble (stack_module_state) vmapped over its members' weights and buffers, not the data: the merge is
+    # not batched, and each member's running statistics are the group's.
+    members = [type(layer)(FEATURES, synchronized=layer.synchronized).double() for _ in range(2)]
+    with torch.no_grad():
+        members[1].weight.fill_(2.0)
+    stacked, stacked_buffers = torch.func.stack_module_state(members)
+    call = lambda p, b: torch.func.functional_call(members[0], (p, b), (x,))  # noqa: E731
+    results["ensemble"] = (torch.func.vmap(call)(stacked, stacked_buffers), stacked_buffers)
     return results
 
 
@@ -417,7 +425,8 @@ def test_torch_func_and_forward_mode_ad_equal_single_process_on_the_whole_batch(
     """torch.func.grad, forward-mode AD and jvp-of-grad through the merge: the gather and the sum had no
     setup_context nor jvp, and a synchronized layer failed there with torch's message about autograd.Function where
     the unsynchronized layer works. vmap (jacrev, jacfwd) is refused by every process at once, with a message that
-    says why (a batched merge would pair lanes of different processes that do not correspond)."""
+    says why (a batched merge would pair lanes of different processes that do not correspond); a vmap over an
+    ensemble's weights and buffers does not batch the merge and works."""
     expected = _transformed(_layer({}), _data((3, 5), 0))
     for r in ranks:
         assert not isinstance(r["transforms"], str), r["transforms"]
@@ -428,6 +437,11 @@ def test_torch_func_and_forward_mode_ad_equal_single_process_on_the_whole_batch(
     for key in ("forward_ad", "hvp"):
         torch.testing.assert_close(torch.cat([r["transforms"][key] for r in ranks]), expected[key], msg=key)
     assert expected["vmap"] is None
+    torch.testing.assert_close(torch.cat([r["transforms"]["ensemble"][0] for r in ranks], dim=1),
+                               expected["ensemble"][0])
+    for r in ranks:
+        for key, value in expected["ensemble"][1].items():
+            torch.testing.assert_close(r["transforms"]["ensemble"][1][key], value, msg=key)
     for r in ranks:
         assert r["transforms"]["vmap"] is not None and "cannot run under torch.func.vmap" in r["transforms"]["vmap"]
 

@@ -92,6 +92,8 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, tensor, process_group):
+        if in_dims[0] is None:  # (nothing batched reaches the merge: a vmap over what it does not depend on)
+            return _AllGather.apply(tensor, process_group), None
         _refuse_vmap()
 
 
@@ -119,6 +121,8 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, tensor, process_group):
+        if in_dims[0] is None:  # (nothing batched reaches the merge: a vmap over what it does not depend on)
+            return _AllReduceSum.apply(tensor, process_group), None
         _refuse_vmap()
 
 
