@@ -734,3 +734,111 @@ def test_repr_and_named_modules_of_a_model_as_torch_nn_s():
     assert repr(ours) == repr(theirs)
     assert [(name, type(m).__name__) for name, m in ours.named_modules()] == \
            [(name, type(m).__name__) for name, m in theirs.named_modules()]
+
+
+def _hooked(layer, how):
+    """layer's weight made by one of torch's tools that compute it from other Parameters."""
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):  # (a right_inverse, so the weight can be assigned through it)
+        def forward(self, weight):
+            return weight.abs()
+
+        def right_inverse(self, weight):
+            return weight
+
+    if how == "parametrize":
+        parametrize.register_parametrization(layer, "weight", Positive())
+    elif how == "parametrizations.weight_norm":
+        layer = torch.nn.utils.parametrizations.weight_norm(layer, "weight", dim=0)
+    elif how == "prune":
+        from torch.nn.utils import prune
+        prune.l1_unstructured(layer, "weight", amount=1)  # (one of three weights pruned to 0)
+    else:
+        with pytest.warns(FutureWarning):  # (torch.nn.utils.weight_norm is deprecated)
+            layer = torch.nn.utils.weight_norm(layer, "weight", dim=0)
+    return layer
+
+
+HOOKED = ["parametrize", "parametrizations.weight_norm", "prune", "weight_norm"]
+
+
+@pytest.mark.parametrize("how", HOOKED)
+def test_freeze_stops_the_parameters_a_weight_is_computed_from(how):
+    """freeze() of a layer whose weight torch's tools compute from other Parameters (prune's weight_orig, weight_norm's
+    weight_g/weight_v, a parametrization's originals): every one stops training, the stale gradient cleared, so a
+    weight-decaying optimizer moves none. It read the Parameter named weight alone, which pruning and the old
+    weight_norm rename: weight_orig kept requires_grad and its gradient, and AdamW went on moving the frozen weight."""
+    torch.manual_seed(0)
+    layer = _hooked(normkit.BatchNorm2d(3), how)
+    x = torch.randn(4, 3, 2, 2)
+    layer(x).pow(2).sum().backward()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.5)
+    layer.freeze()
+    assert not any(parameter.requires_grad or parameter.grad is not None for parameter in layer.parameters())
+    weight = layer.weight.detach().clone()
+    optimizer.step()
+    layer(x)
+    torch.testing.assert_close(layer.weight, weight, rtol=0, atol=0)
+    layer.unfreeze()
+    assert all(parameter.requires_grad for parameter in layer.parameters())
+
+
+@pytest.mark.parametrize("how", ["parametrize", "parametrizations.weight_norm"])
+@pytest.mark.parametrize("after_step", [False, True], ids=["apply_constraints", "constrain_after_step"])
+def test_constraints_project_a_parametrized_weight_through_its_parametrization(how, after_step):
+    """A weight constraint on a parametrized weight projects the weight itself (assigned through the
+    parametrization's right_inverse), so the next call normalizes with the constrained weight, as with a plain
+    Parameter. It copied the projection into the computed tensor, which the next read computed again: nothing was
+    constrained (and constrain_after_step, which looked for weight among the optimizer's parameters, skipped it)."""
+    torch.manual_seed(0)
+    plain = normkit.BatchNorm2d(3, weight_constraint=lambda weight: weight.clamp(max=0.8))
+    layer = _hooked(copy.deepcopy(plain), how)
+    x = torch.randn(4, 3, 2, 2)
+    for module in (plain, layer):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.0)  # (a step that moves nothing but is a step)
+        if after_step:
+            normkit.constrain_after_step(optimizer, module)
+        module(x).pow(2).sum().backward()
+        with torch.no_grad():  # (a weight above the constraint's 0.8, set as each layer takes it)
+            if "weight" in module._parameters:
+                module.weight.fill_(1.5)
+            else:
+                module.weight = torch.full((3,), 1.5)
+        optimizer.step() if after_step else module.apply_constraints()
+    torch.testing.assert_close(plain.weight, torch.full((3,), 0.8), rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight, plain.weight)
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_constraints_refuse_a_weight_a_forward_pre_hook_computes(how):
+    """prune and the old weight_norm recompute weight from other Parameters before every call: a projection of it
+    was dropped by the next call, silently. apply_constraints refuses by name, with the fixes, and changes nothing."""
+    layer = _hooked(normkit.BatchNorm2d(3, weight_constraint="non_neg", bias_constraint="non_neg"), how)
+    with torch.no_grad():
+        layer.bias.fill_(-1)
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(RuntimeError, match=r"weight is computed from weight_.*forward pre-hook.*parametrize"):
+        layer.apply_constraints()
+    for key, value in state.items():
+        torch.testing.assert_close(layer.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", HOOKED)
+def test_regularization_of_a_computed_weight_under_no_grad_counts(how):
+    """A regularized weight that torch's tools compute adds the term a plain layer with that weight adds, under
+    torch.no_grad too (a validation loop's logged loss), where the computed weight requires no gradient: it was
+    left out there."""
+    torch.manual_seed(0)
+    layer = normkit.BatchNorm2d(3, weight_regularizer="l2")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    layer = _hooked(layer, how)
+    with torch.no_grad():
+        layer(torch.randn(4, 3, 2, 2))  # (prune's and weight_norm's hooks compute the weight in the call)
+        plain = normkit.BatchNorm2d(3, weight_regularizer="l2")
+        plain.weight.copy_(layer.weight)
+        want = plain.regularization_loss()
+        assert want > 0
+        torch.testing.assert_close(layer.regularization_loss(), want)

@@ -602,6 +602,7 @@ def _apply_constraints_after_step(optimizer: torch.optim.Optimizer, model: nn.Mo
                if parameter.grad is not None]
     stepped_ids = {id(parameter) for parameter in stepped}
     for module in model.modules():
+        # (the Parameters that make weight and bias: a parametrized weight is not itself among the optimizer's)
         if hasattr(module, "weight_constraint") and any(
-                parameter is not None and id(parameter) in stepped_ids for parameter in (module.weight, module.bias)):
+                id(parameter) in stepped_ids for parameter in module._affine_leaves()):
             module.apply_constraints(stepped)
