@@ -379,6 +379,28 @@ def test_fx_symbolic_trace_of_a_layer_alone():
         torch.fx.symbolic_trace(normkit.BatchNorm2d(4))
 
 
+
+def test_fx_symbolic_trace_of_a_model_with_unsized_lazy_layers_as_torch_nn_s():
+    """An unsized lazy layer traces to one call_module node, as torch.nn's lazy layers (fx's leaves) do, and the
+    traced module's first call sizes it: the Proxy input reached the sizing, which refused the trace ('expects a
+    tensor input, got Proxy')."""
+    x = torch.randn(2, 3, 4, 4)
+    results = []
+    for library in (normkit, nn):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), library.LazyBatchNorm2d(), library.LazyInstanceNorm2d())
+        traced = torch.fx.symbolic_trace(model)
+        results.append(([node.op for node in traced.graph.nodes], traced(x), [type(m).__name__ for m in model]))
+        results[-1][1].sum().backward()
+        results[-1] += ({key: parameter.grad for key, parameter in model.named_parameters()}, model.state_dict())
+    ours, theirs = results
+    assert ours[0] == theirs[0] and ours[2] == theirs[2] == ["Conv2d", "BatchNorm2d", "InstanceNorm2d"]
+    torch.testing.assert_close(ours[1], theirs[1])
+    for got, want in zip(ours[3:], theirs[3:], strict=True):
+        assert list(got) == list(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=key)
+
 # ------------------------------------------------------------------------------ copies and checkpoints
 
 def _adjustment(shape):  # module-level: picklable
