@@ -401,6 +401,37 @@ def test_fx_symbolic_trace_of_a_model_with_unsized_lazy_layers_as_torch_nn_s():
         for key in want:
             torch.testing.assert_close(got[key], want[key], msg=key)
 
+
+@pytest.mark.parametrize("layout, kwargs", [
+    (torch.jagged, {}), (torch.jagged, {"elementwise_affine": False}), (torch.jagged, {"bias": False}),
+    (torch.strided, {}),  # (torch's strided nested layer_norm takes only a weight and a bias)
+], ids=["jagged", "jagged-plain", "jagged-no-bias", "strided"])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_layer_norm_of_a_nested_tensor_as_torch_nn_s(layout, kwargs):
+    """LayerNorm over the features of variable-length sequences (torch.nested, jagged or strided), as torch.nn's
+    normalizes them: outputs and gradients. normkit's checks read sizes a nested tensor has not ('NestedTensorImpl
+    doesn't support sizes'), and its recentering check a variance that jagged tensors do not implement."""
+    results = []
+    for library in (normkit, nn):
+        generator = torch.Generator().manual_seed(0)
+        layer = library.LayerNorm(4, **kwargs)
+        with torch.no_grad():
+            for parameter in layer.parameters():
+                parameter.uniform_(0.5, 1.5, generator=generator)
+        rows = [torch.randn(length, 4, generator=generator) * 3 + 1 for length in (2, 5)]
+        y = layer(torch.nested.nested_tensor(rows, layout=layout, requires_grad=True))
+        assert y.is_nested
+        outputs = y.unbind()
+        sum((output * torch.linspace(-1, 1, 4)).sum() for output in outputs).backward()
+        results.append((outputs, {key: parameter.grad for key, parameter in layer.named_parameters()}))
+    (outputs, grads), (want_outputs, want_grads) = results
+    for got, want in zip(outputs, want_outputs, strict=True):
+        torch.testing.assert_close(got, want)
+    assert list(grads) == list(want_grads)
+    for key, want in want_grads.items():
+        torch.testing.assert_close(grads[key], want, msg=key)
+
+
 # ------------------------------------------------------------------------------ copies and checkpoints
 
 def _adjustment(shape):  # module-level: picklable

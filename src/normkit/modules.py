@@ -1639,6 +1639,11 @@ class LayerNorm(_SampleNorm):
         shape, (weight, bias) = self.normalized_shape, _affine_of(self)
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return self._fx_trace(input, torch.nn.functional.layer_norm, shape)
+        if isinstance(input, torch.Tensor) and input.is_nested:
+            # Nested tensors (variable-length sequences, torch.nested): torch.nn's call, whose op has their kernels.
+            # The checks and the recentering below read sizes and statistics that a nested tensor does not have:
+            # they failed ("NestedTensorImpl doesn't support sizes", or var_mean not implemented for jagged ones).
+            return torch.nn.functional.layer_norm(input, shape, weight, bias, self.eps)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype)
                 and (_tracing_state() is not None or input.shape[-len(shape):] == shape)  # (see _tracing_state)
