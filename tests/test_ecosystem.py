@@ -895,3 +895,21 @@ def test_regularization_of_a_computed_weight_under_no_grad_counts(how):
         want = plain.regularization_loss()
         assert want > 0
         torch.testing.assert_close(layer.regularization_loss(), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (3, 4, 1, 5)], ids=["channels-last", "channels-last-size-1"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inference_tensors_in_a_training_graph_are_refused_as_torch_nn_refuses_them(shape, training):
+    """Data made under torch.inference_mode (a cached preprocessing step) given to a layer with trainable weights:
+    ATen refuses to save it for backward and names the fix (a clone), for normkit's layers as for torch.nn's.
+    normkit's GroupNorm on channels-last data set requires_grad on an alias of it first (the workaround of torch's
+    crashing backward), and torch refused that instead, without the fix."""
+    with torch.inference_mode():
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    for name, args in (("GroupNorm", (2, 4)), ("BatchNorm2d", (4,)), ("LayerNorm", (5,))):
+        for layer in _pair(name, *args):
+            with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward.*make a clone"):
+                layer.train(training)(x)
+        for layer in _pair(name, *args):  # (the fix the message names; torch.nn's channels-last GroupNorm backward
+            # ends the process unless the input's gradient is asked for too: see docs/decisions.md)
+            layer.train(training)(x.clone().requires_grad_()).sum().backward()
