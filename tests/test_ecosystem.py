@@ -913,3 +913,28 @@ def test_inference_tensors_in_a_training_graph_are_refused_as_torch_nn_refuses_t
         for layer in _pair(name, *args):  # (the fix the message names; torch.nn's channels-last GroupNorm backward
             # ends the process unless the input's gradient is asked for too: see docs/decisions.md)
             layer.train(training)(x.clone().requires_grad_()).sum().backward()
+
+
+@pytest.mark.parametrize("name, args", [("BatchNorm2d", (3,)), ("LayerNorm", (4,)), ("GroupNorm", (1, 3)),
+                                        ("InstanceNorm2d", (3,))])
+def test_weights_only_loading_of_a_whole_module_takes_the_documented_allowlist(name, args):
+    """torch.load(weights_only=True) of a whole pickled layer takes what docs/decisions.md says: its class (as
+    torch.nn's needs), and for BatchNorm normkit.stats.RenormClipping too; its state_dict loads with nothing."""
+    from normkit.stats import RenormClipping
+    layer = getattr(normkit, name)(*args)
+    saved = io.BytesIO()
+    torch.save(layer, saved)
+    extra = [RenormClipping] if name.startswith("BatchNorm") else []
+    if extra:
+        saved.seek(0)
+        with torch.serialization.safe_globals([type(layer)]), pytest.raises(pickle.UnpicklingError,
+                                                                            match="normkit.stats.RenormClipping"):
+            torch.load(saved, weights_only=True)
+    saved.seek(0)
+    with torch.serialization.safe_globals([type(layer), *extra]):
+        loaded = torch.load(saved, weights_only=True)
+    assert repr(loaded) == repr(layer)
+    state = io.BytesIO()
+    torch.save(layer.state_dict(), state)
+    state.seek(0)
+    getattr(normkit, name)(*args).load_state_dict(torch.load(state, weights_only=True))
