@@ -1683,11 +1683,13 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
             # other than the example (channels-last data without a gradient after a contiguous or grad-requiring
             # example), so a trace made for training takes the contiguous input's kernels for every input.
             return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
-        if not x.is_contiguous() and not x.is_inference():
-            # (an inference tensor, made under torch.inference_mode, takes no requires_grad_ here: ATen refuses to
-            # save it for backward, naming the fix (a clone), before any backward could run)
+        if not x.is_contiguous():
             if not torch.compiler.is_compiling():
-                x = x.detach().requires_grad_()
+                if not x.is_inference():
+                    # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: ATen refuses to
+                    # save it for backward, naming the fix (a clone), before any backward could run. Read eagerly
+                    # only: Dynamo cannot trace is_inference())
+                    x = x.detach().requires_grad_()
             else:
                 # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
                 # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the
