@@ -379,7 +379,6 @@ def test_fx_symbolic_trace_of_a_layer_alone():
         torch.fx.symbolic_trace(normkit.BatchNorm2d(4))
 
 
-
 def test_fx_symbolic_trace_of_a_model_with_unsized_lazy_layers_as_torch_nn_s():
     """An unsized lazy layer traces to one call_module node, as torch.nn's lazy layers (fx's leaves) do, and the
     traced module's first call sizes it: the Proxy input reached the sizing, which refused the trace ('expects a
