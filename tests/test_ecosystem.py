@@ -401,6 +401,53 @@ def test_fx_symbolic_trace_of_a_model_with_unsized_lazy_layers_as_torch_nn_s():
             torch.testing.assert_close(got[key], want[key], msg=key)
 
 
+
+def _with_activation(base):
+    """A subclass whose forward adds its own code around normkit's (as timm's BatchNormAct2d adds an activation)."""
+    class WithActivation(base):
+        def forward(self, input, *args, **kwargs):
+            return torch.tanh(super().forward(input * 0.5, *args, **kwargs)) * 2 + 1
+    return WithActivation
+
+
+@pytest.mark.parametrize("make, shape, mask", [
+    (lambda: _with_activation(normkit.BatchNorm2d)(3), (4, 3, 2, 2), False),
+    (lambda: _with_activation(normkit.BatchNorm)(3, renorm=True, virtual_batch_size=2), (4, 3, 5), True),
+    (lambda: _with_activation(normkit.LayerNorm)(5), (4, 3, 5), False),
+    (lambda: _with_activation(normkit.GroupNorm)(1, 3), (4, 3, 5), False),
+    (lambda: _with_activation(normkit.InstanceNorm1d)(3, affine=True, track_running_stats=True), (4, 3, 5), False),
+    (lambda: _with_activation(normkit.keras.BatchNormalization)(axis=1), (4, 3, 5), False),
+], ids=["BatchNorm2d", "options-mask", "LayerNorm", "GroupNorm", "InstanceNorm1d", "keras"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_of_a_subclass_that_adds_code_computes_what_the_model_does(make, shape, mask, training):
+    """A normkit subclass whose forward adds code around normkit's, traced inside a model: the graph computes what
+    the eager model does (outputs, gradients, state). Its node called the whole subclass, whose added code the
+    graph then applied again: silently wrong outputs (torch.nn's BN subclass refuses the trace, its LN traces)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(shape[-1], shape[-1]), make()).train(training)
+    x = torch.randn(shape)
+    eager = copy.deepcopy(model)
+
+    class Masked(nn.Module):  # (passes the mask on, which nn.Sequential cannot)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, mask):
+            return self.inner[1](self.inner[0](x), mask=mask)
+
+    keep = (torch.rand(shape[0], 1, shape[2]) > 0.3) if mask else None
+    traced = torch.fx.symbolic_trace(Masked(model)) if mask else torch.fx.symbolic_trace(model)
+    for _ in range(2):  # (a second step sees the first one's running statistics)
+        outputs = [module(x, keep) if mask else module(x) for module in (traced, Masked(eager) if mask else eager)]
+        torch.testing.assert_close(outputs[0], outputs[1])
+        for output in outputs:
+            output.pow(2).sum().backward()
+    for (key, got), want in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, msg=key)
+    _assert_same_state(model, eager)
+
+
 @pytest.mark.parametrize("layout, kwargs", [
     (torch.jagged, {}), (torch.jagged, {"elementwise_affine": False}), (torch.jagged, {"bias": False}),
     (torch.strided, {}),  # (torch's strided nested layer_norm takes only a weight and a bias)

@@ -264,7 +264,27 @@ def _fx_call_module(module: nn.Module, input, *args, **kwargs):
         raise TypeError(f"torch.fx.symbolic_trace cannot trace {type(module).__name__} itself (its forward branches "
                         "on the input's shape and the layer's options); trace a model that holds it, where it "
                         "becomes one call_module node as torch.nn's layers do, or use torch.export.export")
+    if type(module).forward is not _library_forward(module):
+        # A subclass whose forward adds its own code around normkit's (an activation after the norm): that code is
+        # traced into the graph already, so the node must compute normkit's forward alone. A call_module node ran
+        # the subclass's whole forward, and the graph applied its additions a second time (silently wrong outputs).
+        layer = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_function", _fx_library_forward, (layer, input, *args), kwargs)
     return tracer.create_proxy("call_module", path, (input, *args), kwargs)
+
+
+def _library_forward(module: nn.Module):
+    """The forward of the normkit class ``module`` derives from (BatchNorm's, LayerNorm's, the Keras layer's...)."""
+    for cls in type(module).__mro__:
+        if "forward" in cls.__dict__ and cls.__module__ in ("normkit.modules", "normkit.keras"):
+            return cls.__dict__["forward"]
+    return None
+
+
+def _fx_library_forward(module: nn.Module, input, *args, **kwargs):
+    """What a traced graph calls for a normkit layer whose subclass overrides ``forward``: normkit's forward alone
+    (the subclass's own code around it is in the graph)."""
+    return _library_forward(module)(module, input, *args, **kwargs)
 
 
 class _NormBase(nn.Module):
