@@ -575,7 +575,7 @@ def test_convert_carries_hooks_and_their_handles():
 
 
 def _weight_by_a_hook(layer, how):
-    """layer's weight recomputed before each call by one of torch's forward pre-hooks, from Parameters named after it."""
+    """layer's weight recomputed before each call by a forward pre-hook of torch's, from Parameters named for it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # (torch.nn.utils.weight_norm is deprecated)
         if how == "prune":

@@ -816,8 +816,9 @@ class BatchNorm(_NormBase):
                         f"{', '.join(key for key in self._parameters if key.startswith(name + '_'))} by a forward "
                         f"pre-hook (torch.nn.utils.prune or torch.nn.utils.weight_norm), so {name}_constraint cannot "
                         f"be applied to it: make it a Parameter again (torch.nn.utils.prune.remove(layer, '{name}'), "
-                        f"torch.nn.utils.remove_weight_norm(layer, '{name}')), or use torch.nn.utils.parametrize (torch.nn.utils.parametrizations.weight_norm, "
-                        "or a parametrization with right_inverse), through which constraints are projected")
+                        f"torch.nn.utils.remove_weight_norm(layer, '{name}')), or use torch.nn.utils.parametrize "
+                        "(torch.nn.utils.parametrizations.weight_norm, or a parametrization with right_inverse), "
+                        "through which constraints are projected")
 
     # -- forward --------------------------------------------------------------------------------
 
