@@ -984,3 +984,24 @@ def test_weights_only_loading_of_a_whole_module_takes_the_documented_allowlist(n
     torch.save(layer.state_dict(), state)
     state.seek(0)
     getattr(normkit, name)(*args).load_state_dict(torch.load(state, weights_only=True))
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["forward-hook", "pre-hook"])
+def test_hooks_registered_after_an_fx_trace_run_once_per_call_as_on_torch_nn_s(pre):
+    """The way docs/decisions.md gives for hooks and torch.fx: registered on the layer after the trace, a hook that
+    changes the output (or input) runs once per call of the traced module, on tensors, as on torch.nn's layer."""
+    x = torch.randn(4, 3, 2, 2)
+    results = []
+    for layer in _pair("BatchNorm2d", 3):
+        model = nn.Sequential(nn.Identity(), layer.eval())
+        traced = torch.fx.symbolic_trace(model)
+        calls = []
+        if pre:
+            layer.register_forward_pre_hook(lambda module, args: (calls.append(type(args[0])), (args[0] * 2 + 1,))[1])
+        else:
+            layer.register_forward_hook(lambda module, args, output: (calls.append(type(output)), output * 2 + 1)[1])
+        results.append((traced(x), model(x), calls))
+    (ours, ours_eager, our_calls), (theirs, theirs_eager, their_calls) = results
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours, ours_eager, rtol=0, atol=0)
+    assert our_calls == their_calls == [torch.Tensor, torch.Tensor]
