@@ -35,6 +35,13 @@ LAYERS = [  # (name, args, kwargs, input shape)
 LAYER_IDS = [spec[0] + ("-" + "-".join(spec[2]) if spec[2] else "") for spec in LAYERS]
 
 
+def _data_near_zero(shape):
+    """Drawn from a seeded generator: unseeded, one draw in 30 gave a row of LayerNorm(4) a mean beyond 4 standard
+    deviations, which normkit recenters (docs/decisions.md), and the bit-for-bit comparisons with torch.nn failed by
+    an ulp in runs whose earlier tests had moved torch's global generator there."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
 def _random_state(layer):
     """A state_dict of layer's keys with random values (positive variances, a nonzero count)."""
     state = {}
@@ -59,7 +66,7 @@ def test_meta_device_then_to_empty_and_reset_parameters(name, args, kwargs, shap
         layer.to_empty(device="cpu")
         layer.reset_parameters()
     _assert_same_state(ours, theirs, rtol=0, atol=0)
-    x = torch.randn(shape)
+    x = _data_near_zero(shape)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
@@ -72,7 +79,7 @@ def test_meta_context_then_load_state_dict_assign(name, args, kwargs, shape):
         layer.load_state_dict(state, strict=True, assign=True)
     _assert_same_state(ours, theirs, rtol=0, atol=0)
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in ours.parameters())
-    x = torch.randn(shape)
+    x = _data_near_zero(shape)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
     _assert_same_state(ours, theirs, rtol=0, atol=0)
 
