@@ -574,6 +574,50 @@ def test_convert_carries_hooks_and_their_handles():
     assert calls[-1] == ("pre", nn.BatchNorm2d)
 
 
+def _weight_by_a_hook(layer, how):
+    """layer's weight recomputed before each call by a forward pre-hook of torch's, from Parameters named for it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch.nn.utils.weight_norm is deprecated)
+        if how == "prune":
+            torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=1)
+            return layer
+        if how == "weight_norm":
+            return torch.nn.utils.weight_norm(layer, "weight", dim=0)
+        return torch.nn.utils.spectral_norm(layer, "weight", dim=0)
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("to", ["normkit", "torch"])
+def test_convert_carries_a_weight_a_hook_computes(how, to):
+    """A BN whose weight torch's prune, weight_norm or spectral_norm computes (network slimming prunes BN gammas):
+    the converted layer takes the Parameters and buffers the hook makes the weight from (weight_orig, weight_mask,
+    weight_g, weight_v, weight_u) with the hook, and computes and trains as before. It took the missing weight as
+    None: the model failed on every call ("no attribute 'weight_mask'")."""
+    import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
+    library = nn if to == "normkit" else normkit
+
+    def make():  # (twice: a module holding a computed weight does not deepcopy, in torch)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 3, 1), _weight_by_a_hook(library.BatchNorm2d(3), how))
+        with torch.no_grad():
+            model[1].bias.uniform_(-1, 1)
+        return model
+
+    model, twin = make(), make()
+    convert_batch_norm(model, to)
+    assert type(model[1]).__module__.startswith(to)
+    x = torch.randn(4, 2, 3, 3)
+    for module in (model, twin):
+        module(x).pow(2).sum().backward()
+    torch.testing.assert_close(model(x), twin(x))
+    assert [key for key, _ in model.named_parameters()] == [key for key, _ in twin.named_parameters()]
+    for (key, got), want in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, msg=key)
+    assert list(model.state_dict()) == list(twin.state_dict())
+    for key, want in twin.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], want, msg=key)
+
+
 @pytest.mark.parametrize("tool", [lambda model: convert_batch_norm(model, "normkit"), synchronize_batch_norm],
                          ids=["convert_batch_norm", "synchronize_batch_norm"])
 def test_a_setting_the_new_class_refuses_leaves_every_layer_as_it_was(tool):

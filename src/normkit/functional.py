@@ -1696,7 +1696,11 @@ def aten_group_norm(x, num_groups, weight, bias, eps):
             return _group_norm_of_contiguous(x, num_groups, weight, bias, eps)
         if not x.is_contiguous():
             if not torch.compiler.is_compiling():
-                x = x.detach().requires_grad_()
+                if not x.is_inference():
+                    # (an inference tensor, made under torch.inference_mode, takes no requires_grad_: ATen refuses to
+                    # save it for backward, naming the fix (a clone), before any backward could run. Read eagerly
+                    # only: Dynamo cannot trace is_inference())
+                    x = x.detach().requires_grad_()
             else:
                 # Traced, requires_grad_ on an alias breaks the graph (fullgraph refuses it), and without it the
                 # compiled backward (eager and aot_eager backends) ends the process as eager ATen's does: the

@@ -83,6 +83,14 @@ class _LazyNorm(LazyModuleMixin):
         if not self._unsized():
             super().reset_running_stats()
 
+    def _infer_parameters(self, module, args, kwargs=None):
+        # Under torch.fx.symbolic_trace the input is a Proxy, which has no size: the layer stays lazy and its forward
+        # records one call_module node (torch.nn's lazy layers, which fx takes as leaves, are recorded so), and the
+        # traced module's first call sizes it. (Sizing from the Proxy refused the trace: "expects a tensor input".)
+        if args and isinstance(args[0], torch.fx.Proxy):
+            return None
+        return super()._infer_parameters(module, args, kwargs)
+
     def initialize_parameters(self, input, *args, **kwargs) -> None:
         """Size every feature-sized tensor from ``input`` (torch's lazy protocol calls this before the first
         forward) and apply the initializers; a layer sized by a loaded state_dict keeps the loaded size."""

@@ -264,7 +264,27 @@ def _fx_call_module(module: nn.Module, input, *args, **kwargs):
         raise TypeError(f"torch.fx.symbolic_trace cannot trace {type(module).__name__} itself (its forward branches "
                         "on the input's shape and the layer's options); trace a model that holds it, where it "
                         "becomes one call_module node as torch.nn's layers do, or use torch.export.export")
+    if type(module).forward is not _library_forward(module):
+        # A subclass whose forward adds its own code around normkit's (an activation after the norm): that code is
+        # traced into the graph already, so the node must compute normkit's forward alone. A call_module node ran
+        # the subclass's whole forward, and the graph applied its additions a second time (silently wrong outputs).
+        layer = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_function", _fx_library_forward, (layer, input, *args), kwargs)
     return tracer.create_proxy("call_module", path, (input, *args), kwargs)
+
+
+def _library_forward(module: nn.Module):
+    """The forward of the normkit class ``module`` derives from (BatchNorm's, LayerNorm's, the Keras layer's...)."""
+    for cls in type(module).__mro__:
+        if "forward" in cls.__dict__ and cls.__module__ in ("normkit.modules", "normkit.keras"):
+            return cls.__dict__["forward"]
+    return None
+
+
+def _fx_library_forward(module: nn.Module, input, *args, **kwargs):
+    """What a traced graph calls for a normkit layer whose subclass overrides ``forward``: normkit's forward alone
+    (the subclass's own code around it is in the graph)."""
+    return _library_forward(module)(module, input, *args, **kwargs)
 
 
 class _NormBase(nn.Module):
@@ -728,19 +748,25 @@ class BatchNorm(_NormBase):
                 parameter.requires_grad_(True)
         return self
 
-    def _affine_leaves(self) -> list:
-        """The Parameters that make ``weight`` and ``bias``: themselves, or, when one is parametrized
+    def _leaves_of(self, name: str) -> list:
+        """The Parameters that make ``weight`` or ``bias`` (``name``): itself; when it is parametrized
         (``torch.nn.utils.parametrize``: a positivity or weight_norm parametrization), the parametrization's own
-        Parameters (``original``, ``original0``...), since ``self.weight`` is then a tensor computed from them, not
-        a leaf (freezing it raised RuntimeError, and its originals went on training)."""
-        leaves = []
-        for name in ("weight", "bias"):
-            parametrizations = getattr(self, "parametrizations", None)
-            if parametrizations is not None and name in parametrizations:
-                leaves.extend(parametrizations[name].parameters())
-            else:
-                leaves.append(self._parameters.get(name))
-        return leaves
+        Parameters (``original``, ``original0``...), since ``self.weight`` is then a tensor computed from them; and
+        when a forward pre-hook computes it as a plain tensor (``torch.nn.utils.prune``'s ``weight_orig``, the
+        deprecated ``torch.nn.utils.weight_norm``'s ``weight_g``/``weight_v``), the Parameters named after it,
+        as those hooks name them (read as ``weight`` alone, a pruned layer's freeze() left ``weight_orig`` trainable
+        with its old gradient, which a weight-decaying optimizer went on moving)."""
+        parametrizations = getattr(self, "parametrizations", None)
+        if parametrizations is not None and name in parametrizations:
+            return list(parametrizations[name].parameters())
+        if name in self._parameters:
+            return [] if self._parameters[name] is None else [self._parameters[name]]
+        return [parameter for key, parameter in self._parameters.items()
+                if key.startswith(name + "_") and parameter is not None]
+
+    def _affine_leaves(self) -> list:
+        """The Parameters that make ``weight`` and ``bias`` (``_leaves_of`` each)."""
+        return self._leaves_of("weight") + self._leaves_of("bias")
 
     # -- regularization and constraints -----------------------------------------------------------
 
@@ -750,9 +776,11 @@ class BatchNorm(_NormBase):
         total = torch.zeros((), device=_device_of(self, None))
         if self.frozen:
             return total
-        for regularizer, parameter in ((self.weight_regularizer, self.weight), (self.bias_regularizer, self.bias)):
-            if regularizer is not None and parameter is not None and parameter.requires_grad:
-                total = total + regularizer(parameter)
+        for regularizer, name in ((self.weight_regularizer, "weight"), (self.bias_regularizer, "bias")):
+            # (trainable as its Parameters are: a parametrized weight computed under no_grad requires no gradient,
+            # and a validation loop's logged loss left its term out)
+            if regularizer is not None and any(leaf.requires_grad for leaf in self._leaves_of(name)):
+                total = total + regularizer(getattr(self, name))
         return total
 
     def apply_constraints(self, parameters=None) -> None:
@@ -762,16 +790,35 @@ class BatchNorm(_NormBase):
         with ``requires_grad=False``, keeps its values (a pretrained gamma is not projected while
         the layer is frozen for fine-tuning). ``parameters``, when given, limits the projection to
         those of weight/bias among them (``constrain_after_step`` passes the ones its optimizer's step
-        moved, as Keras' optimizer constrains only the variables it updated).
+        moved, as Keras' optimizer constrains only the variables it updated). A parametrized weight
+        (``torch.nn.utils.parametrize``) is projected through its parametrization's ``right_inverse``,
+        as assigning it is; one a forward pre-hook computes (``torch.nn.utils.prune``, the deprecated
+        ``torch.nn.utils.weight_norm``) cannot be, and is refused.
         """
         if self.frozen:
             return
         chosen = None if parameters is None else {id(parameter) for parameter in parameters}
         with torch.no_grad():
-            for constraint, parameter in ((self.weight_constraint, self.weight), (self.bias_constraint, self.bias)):
-                if constraint is not None and parameter is not None and parameter.requires_grad and (
-                        chosen is None or id(parameter) in chosen):
-                    parameter.copy_(constraint(parameter))
+            for constraint, name in ((self.weight_constraint, "weight"), (self.bias_constraint, "bias")):
+                leaves = self._leaves_of(name)
+                if constraint is None or not any(leaf.requires_grad and (chosen is None or id(leaf) in chosen)
+                                                 for leaf in leaves):
+                    continue
+                if name in self._parameters:
+                    self._parameters[name].copy_(constraint(self._parameters[name]))
+                elif torch.nn.utils.parametrize.is_parametrized(self, name):
+                    # (copied into the computed tensor, the projection was dropped at the next read)
+                    setattr(self, name, constraint(getattr(self, name)))
+                else:
+                    # (the projection of the hook's plain tensor was recomputed away by the next call, silently)
+                    raise RuntimeError(
+                        f"{type(self).__name__}.apply_constraints(): {name} is computed from "
+                        f"{', '.join(key for key in self._parameters if key.startswith(name + '_'))} by a forward "
+                        f"pre-hook (torch.nn.utils.prune or torch.nn.utils.weight_norm), so {name}_constraint cannot "
+                        f"be applied to it: make it a Parameter again (torch.nn.utils.prune.remove(layer, '{name}'), "
+                        f"torch.nn.utils.remove_weight_norm(layer, '{name}')), or use torch.nn.utils.parametrize "
+                        "(torch.nn.utils.parametrizations.weight_norm, or a parametrization with right_inverse), "
+                        "through which constraints are projected")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -1621,6 +1668,11 @@ class LayerNorm(_SampleNorm):
         shape, (weight, bias) = self.normalized_shape, _affine_of(self)
         if not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy):
             return self._fx_trace(input, torch.nn.functional.layer_norm, shape)
+        if isinstance(input, torch.Tensor) and input.is_nested:
+            # Nested tensors (variable-length sequences, torch.nested): torch.nn's call, whose op has their kernels.
+            # The checks and the recentering below read sizes and statistics that a nested tensor does not have:
+            # they failed ("NestedTensorImpl doesn't support sizes", or var_mean not implemented for jagged ones).
+            return torch.nn.functional.layer_norm(input, shape, weight, bias, self.eps)
         if (isinstance(input, torch.Tensor) and input.dtype in _FULL_PRECISION
                 and (weight is None or weight.dtype == input.dtype)
                 and (_tracing_state() is not None or input.shape[-len(shape):] == shape)  # (see _tracing_state)

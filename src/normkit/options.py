@@ -602,6 +602,11 @@ def _apply_constraints_after_step(optimizer: torch.optim.Optimizer, model: nn.Mo
                if parameter.grad is not None]
     stepped_ids = {id(parameter) for parameter in stepped}
     for module in model.modules():
-        if hasattr(module, "weight_constraint") and any(
-                parameter is not None and id(parameter) in stepped_ids for parameter in (module.weight, module.bias)):
+        if not hasattr(module, "weight_constraint"):
+            continue
+        # (the Parameters that make weight and bias: a parametrized weight is not itself among the optimizer's;
+        # a layer of another library with these options has its weight and bias)
+        leaves = (module._affine_leaves() if hasattr(module, "_affine_leaves")
+                  else [getattr(module, name, None) for name in ("weight", "bias")])
+        if any(parameter is not None and id(parameter) in stepped_ids for parameter in leaves):
             module.apply_constraints(stepped)

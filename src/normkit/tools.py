@@ -387,7 +387,22 @@ def _adopt(layer: nn.Module, new: nn.Module) -> nn.Module:
         new._initialize_hook.remove()
     with torch.no_grad():
         for name in ("weight", "bias"):
-            new.register_parameter(name, layer._parameters.get(name))
+            if name in layer._parameters:
+                new.register_parameter(name, layer._parameters[name])
+                continue
+            # Computed by a forward pre-hook of torch's (torch.nn.utils.prune, weight_norm, spectral_norm): it is the
+            # layer's plain attribute, and the tensors it is made from are named after it (weight_orig, weight_mask,
+            # weight_g, weight_v, weight_u), as those hooks name them. They go with the hooks; carried as a None
+            # Parameter instead, the layer normalized without them and the hook failed on every call.
+            del new._parameters[name]
+            if name in layer.__dict__:
+                setattr(new, name, layer.__dict__[name])
+            for key, parameter in layer._parameters.items():
+                if key.startswith(name + "_"):
+                    new.register_parameter(key, parameter)
+            for key, buffer in layer._buffers.items():
+                if key.startswith(name + "_"):
+                    new.register_buffer(key, buffer, persistent=key not in layer._non_persistent_buffers_set)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             new.register_buffer(name, layer._buffers.get(name))
     # The same hook dicts (not copies): hooks run on the new layer and their handles still remove them.
@@ -429,7 +444,9 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     (``running_mean``, ``running_var``, ``num_batches_tracked``), hence the same device, dtype
     and state_dict. A layer shared by several parents is converted once and stays shared. Its
     forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
-    before the conversion still removes its hook); state_dict hooks are not carried.
+    before the conversion still removes its hook); state_dict hooks are not carried. A weight that
+    such a hook computes (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) goes with the
+    Parameters and buffers it is made from (``weight_orig``, ``weight_mask``, ``weight_g``...).
 
     Only these exact classes are converted, and torch.nn's ``LazyBatchNorm1d/2d/3d`` to and from
     normkit's (a layer not sized yet stays lazy, sized by its first input); subclasses (which may
