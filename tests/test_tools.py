@@ -912,6 +912,27 @@ def test_a_bn_over_another_axis_than_the_linear_outputs_stays():
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm2d(4)), (8, 4, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), normkit.BatchNorm2d(4)), (8, 4, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm3d(4)), (8, 4, 2, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), normkit.BatchNorm3d(4)), (8, 4, 2, 3, 5)),
+    # Unbatched convolutions: (C, H, W) in, (4, H, W) out, whose channels are axis 0, not the BN's axis 1.
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4)), (3, 4, 5)),
+    (lambda: nn.Sequential(nn.Conv3d(3, 4, 1), normkit.BatchNorm2d(4)), (3, 4, 5, 6)),
+], ids=["linear-bn2d", "linear-normkit-bn2d", "linear-bn3d", "linear-normkit-bn3d", "conv2d-bn1d", "conv3d-bn2d"])
+def test_a_batch_norm_of_another_rank_than_the_layer_s_outputs_stays(make, shape):
+    """A BatchNorm2d takes rank 4 only: after a Linear (whose outputs are (N, C) where they are a BN's channels)
+    or a Conv3d (batched: rank 5) its channels are not the layer's outputs, even when the counts agree (4 and 4
+    here); folded, the layer's outputs were scaled by the channels' factors and the output changed by O(1)."""
+    torch.manual_seed(21)
+    model = randomize(make().double(), shape)
+    x = torch.randn(*shape, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == [] and type(folded[1]) is type(model[1])
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_keras_layer_built_on_sequences_with_axis_1_after_a_linear_stays():
     """The Keras layer knows the rank it was built for: axis=1 of (N, L, F) Linear outputs is L, which folded into
     the Linear's F outputs (L == F) and changed the output before."""

@@ -595,6 +595,10 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLD_INTO = _CONV + _CONV_TRANSPOSE + (nn.Linear,)
+# The input ranks BN classes of one rank take (their lazy forms included; the others take any rank >= 2).
+_RANKS = (((nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchNorm1d), (2, 3)),
+          ((nn.BatchNorm2d, nn.LazyBatchNorm2d, BatchNorm2d), (4,)),
+          ((nn.BatchNorm3d, nn.LazyBatchNorm3d, BatchNorm3d), (5,)))
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -678,6 +682,14 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     build_shape = getattr(module, "_build_shape", None) if module is not bn else None
     if isinstance(layer, nn.Linear) and axis == 1 and build_shape is not None and len(build_shape) > 2:
         return False  # a Keras layer built on (N, L, F) Linear outputs normalizes L, not the Linear's F outputs
+    ranks = next((ranks for classes, ranks in _RANKS if isinstance(bn, classes)), None)
+    # The rank the layer's batched outputs have, where they are the BN's channels (a Linear's: (N, C) only).
+    batched = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
+    if ranks is not None and axis == 1 and batched not in ranks:
+        # A BatchNorm2d after a Linear or a Conv3d (or a BatchNorm1d after a Conv2d on an unbatched input) sees
+        # another rank, where its channels are not the layer's outputs even when the counts agree (folded, the
+        # layer's outputs were scaled by the channels' factors).
+        return False
     if _output_dtype(module, bn, weight.dtype) != weight.dtype:
         return False  # a Keras layer whose policy casts (float64, float16, mixed_float16 after a float32 Linear)
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
