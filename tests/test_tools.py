@@ -540,6 +540,33 @@ def test_convert_bare_layers_3d_bias_false_and_plain_batchnorm():
     assert type(plain[1]) is nn.BatchNorm2d
 
 
+def test_convert_to_torch_takes_an_unsized_plain_lazy_layer_as_plain_as_says():
+    """normkit.LazyBatchNorm not sized yet is a plain BatchNorm to come (any rank): it was left a normkit layer without
+    a word, while the same layer sized was refused without plain_as. Now it is refused the same way, or becomes
+    plain_as's lazy class, which sizes itself and trains as the unconverted layer."""
+    torch.manual_seed(22)
+    with pytest.raises(ValueError, match=r"'1' is a plain normkit.LazyBatchNorm.*pass plain_as"):
+        convert_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm()), "torch")
+    ours = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm(momentum=0.3)).double()
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm(momentum=0.3)).double()
+    theirs[0].load_state_dict(ours[0].state_dict())  # (an unsized lazy layer cannot be deep-copied)
+    theirs = convert_batch_norm(theirs, "torch", plain_as=nn.BatchNorm2d)
+    assert type(theirs[1]) is nn.LazyBatchNorm2d
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64) * 2 + 1
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-12, atol=1e-12)
+    assert type(theirs[1]) is nn.BatchNorm2d and theirs[1].momentum == 0.3
+    torch.testing.assert_close(theirs[1].running_var, ours[1].running_var, rtol=1e-12, atol=1e-12)
+
+    # torch.nn has no lazy SyncBatchNorm: a synchronized layer not sized yet became a SyncBatchNorm of 0 features
+    # holding uninitialized tensors that nothing would size.
+    for layer in (normkit.LazyBatchNorm2d(synchronized=True), normkit.LazyBatchNorm(synchronized=True)):
+        model = nn.Sequential(layer)
+        with pytest.raises(ValueError, match=r"'0' \(LazyBatchNorm2?d?\) is synchronized and not sized yet"):
+            convert_batch_norm(model, "torch", plain_as=nn.BatchNorm2d)
+        assert model[0] is layer
+
+
 def test_convert_leaves_other_modules_and_subclasses_alone():
     class Custom(nn.BatchNorm2d):
         pass

@@ -37,7 +37,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .functional import LOW_PRECISION
-from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from .lazy import LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _InstanceNorm
 from .options import check_process_group
 
@@ -332,6 +332,8 @@ _TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.Batc
                nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
                nn.LazyBatchNorm3d: LazyBatchNorm3d}
 _TO_TORCH = {normkit: torch_class for torch_class, normkit in _TO_NORMKIT.items()}
+# plain_as's lazy form, for a normkit.LazyBatchNorm not sized yet (any rank, as a plain normkit.BatchNorm)
+_LAZY_TORCH = {nn.BatchNorm1d: nn.LazyBatchNorm1d, nn.BatchNorm2d: nn.LazyBatchNorm2d, nn.BatchNorm3d: nn.LazyBatchNorm3d}
 _TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -414,7 +416,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             each ``torch.nn.SyncBatchNorm`` a ``normkit.BatchNorm`` with ``synchronized=True`` and its
             ``process_group``.
             ``"torch"``: each ``normkit.BatchNorm1d/2d/3d`` becomes torch.nn's of the same rank,
-            each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``, and each layer with
+            each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as`` (an unsized
+            ``normkit.LazyBatchNorm`` its lazy class), and each layer with
             ``synchronized=True`` a ``torch.nn.SyncBatchNorm`` with its ``process_group``.
         plain_as: with ``to="torch"``, the torch.nn class (``BatchNorm1d``, ``2d`` or ``3d``) for
             plain ``normkit.BatchNorm`` layers: such a layer accepts every input rank and cannot
@@ -439,7 +442,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     Raises:
         ValueError: ``to`` is neither ``"normkit"`` nor ``"torch"``; ``plain_as`` is not a torch.nn
             BatchNorm1d/2d/3d class, or is given with ``to="normkit"``, or is missing while the
-            model holds a plain ``normkit.BatchNorm``; with ``to="torch"``, a normkit layer uses an
+            model holds a plain ``normkit.BatchNorm`` or ``LazyBatchNorm``; with ``to="torch"``, a synchronized
+            lazy layer is not sized yet (torch.nn has no lazy SyncBatchNorm), or a normkit layer uses an
             option torch.nn lacks (``axis`` other than 1, ``renorm``, ``virtual_batch_size``,
             ``adjustment``, regularizers, constraints,
             ``unbiased_running_var=False``, frozen, an affine layer without weight), or the model holds a
@@ -481,19 +485,26 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                             "torch.nn's running_var is not")
         elif to == "torch" and id(module) in keras_inner:
             continue
-        elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
+        elif to == "torch" and (kind in _TO_TORCH or kind in (BatchNorm, LazyBatchNorm)):
+            # (a LazyBatchNorm not sized yet is a plain BatchNorm to come: it was left alone without a word, and
+            # refused once sized)
             lacking = _options_torch_lacks(module)
             if lacking:
                 optioned = True
                 refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
+            elif module.synchronized and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                # (it became a SyncBatchNorm of 0 features holding uninitialized tensors, with no hook to size them)
+                refusals.append(f"{_label(name)} ({kind.__name__}) is synchronized and not sized yet, and torch.nn has "
+                                "no lazy SyncBatchNorm: call model(example_batch) once (or load a state_dict) first")
             elif module.synchronized:
                 targets[id(module)] = (name, module, nn.SyncBatchNorm)
-            elif kind is BatchNorm and plain_as is None:
-                refusals.append(f"{_label(name)} is a plain normkit.BatchNorm, which takes inputs of any rank while "
-                                "torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
+            elif kind in (BatchNorm, LazyBatchNorm) and plain_as is None:
+                refusals.append(f"{_label(name)} is a plain normkit.{kind.__name__}, which takes inputs of any rank "
+                                "while torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
                                 "((N, C) or (N, C, L) inputs), BatchNorm2d (N, C, H, W) or BatchNorm3d (N, C, D, H, W)")
             else:
-                targets[id(module)] = (name, module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
+                targets[id(module)] = (name, module, plain_as if kind is BatchNorm else
+                                       _LAZY_TORCH[plain_as] if kind is LazyBatchNorm else _TO_TORCH[kind])
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals)
