@@ -581,6 +581,24 @@ def test_convert_leaves_other_modules_and_subclasses_alone():
     assert type(model[0]) is normkit.BatchNorm1d and model[0] is model[2]
 
 
+def test_convert_carries_qconfig_and_non_persistent_buffers():
+    """A layer's quantization setting (qconfig=None keeps it out of torch.ao's quantization, as
+    convert_sync_batchnorm carries it) and which buffers its state_dict leaves out move with the layer, both ways;
+    before, qconfig was lost (the layer inherited its parent's) and a non-persistent buffer came back in."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].qconfig = None
+    model[1].register_buffer("running_mean", model[1].running_mean, persistent=False)
+    keys = list(model.state_dict())
+    for to in ("normkit", "torch"):
+        convert_batch_norm(model, to)
+        assert list(model.state_dict()) == keys and "qconfig" in vars(model[1]) and model[1].qconfig is None
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's observers' deprecation notes)
+        torch.ao.quantization.propagate_qconfig_(model)
+    assert model[1].qconfig is None and model[0].qconfig is not None
+
+
 def test_convert_carries_hooks_and_their_handles():
     torch.manual_seed(12)
     calls = []

@@ -391,11 +391,17 @@ def _adopt(layer: nn.Module, new: nn.Module) -> nn.Module:
         for name in ("weight", "bias"):
             new.register_parameter(name, layer._parameters.get(name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new.register_buffer(name, layer._buffers.get(name))
+            # (a buffer the user made non-persistent stays out of the state_dict: it came back in, a key more)
+            new.register_buffer(name, layer._buffers.get(name),
+                                persistent=name not in layer._non_persistent_buffers_set)
     # The same hook dicts (not copies): hooks run on the new layer and their handles still remove them.
     for name, value in vars(layer).items():
         if (name.startswith(("_forward_", "_backward_")) and "hook" in name) or name == "_is_full_backward_hook":
             setattr(new, name, value)
+    if "qconfig" in vars(layer):
+        # torch.ao.quantization's per-layer setting, which convert_sync_batchnorm carries too (qconfig=None keeps a
+        # layer out of quantization; lost, the layer inherited its parent's and was quantized)
+        new.qconfig = layer.qconfig
     if lazy:
         new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
         if hasattr(new, "_size_from_loaded_tensors"):
@@ -432,7 +438,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     (``running_mean``, ``running_var``, ``num_batches_tracked``), hence the same device, dtype
     and state_dict. A layer shared by several parents is converted once and stays shared. Its
     forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
-    before the conversion still removes its hook); state_dict hooks are not carried.
+    before the conversion still removes its hook); state_dict hooks are not carried. Its ``qconfig``
+    (torch.ao.quantization) and its buffers' persistence carry over.
 
     Only these exact classes are converted, and torch.nn's ``LazyBatchNorm1d/2d/3d`` to and from
     normkit's (a layer not sized yet stays lazy, sized by its first input); subclasses (which may
