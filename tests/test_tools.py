@@ -1124,6 +1124,27 @@ def test_layers_whose_computation_is_not_the_formulas_stay(make):
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+def test_layers_whose_instance_has_its_own_forward_stay():
+    """A forward given to one instance (a patch that adds an activation to a BN, or standardizes one conv's weight)
+    computes something else, as a subclass's does: folded, the BN's activation was dropped."""
+    torch.manual_seed(23)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), (4, 3, 5, 5))
+    bn = model[1]
+    bn.forward = lambda input: torch.relu(nn.BatchNorm2d.forward(bn, input))
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert names == [] and folded[1] is bn
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), (4, 3, 5, 5))
+    conv = model[0]
+    conv._conv_forward = lambda input, weight, bias: nn.Conv2d._conv_forward(
+        conv, input, (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True), bias)
+    expected = model(x)
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert names == []
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+
+
 def test_a_conv_whose_weight_is_tied_to_another_layer_stays():
     """Folding scales the weight in place: a weight shared with another layer would change that layer too."""
     torch.manual_seed(16)

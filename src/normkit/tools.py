@@ -622,10 +622,12 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 def _runs_as_its_base(module: nn.Module, bases: tuple) -> bool:
     """Whether ``module`` computes what its base class does: a subclass overriding ``forward`` (timm's
-    BatchNormAct2d adds an activation, a weight-standardized conv rescales its weight) may compute anything."""
+    BatchNormAct2d adds an activation, a weight-standardized conv rescales its weight) may compute anything. So
+    may one whose instance was given its own (``module.forward = ...``: a patch adding an activation to one layer,
+    which the Identity replacing the BN dropped)."""
     kind = type(module)
     base = next((b for b in kind.__mro__ if b in bases), None)
-    return base is not None and all(getattr(kind, name, None) is getattr(base, name, None)
+    return base is not None and all(getattr(kind, name, None) is getattr(base, name, None) and name not in vars(module)
                                     for name in ("forward", "_conv_forward"))
 
 
@@ -782,7 +784,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     layer or BN used at more than one place in the model or whose weight or bias is tied to
     another layer's, a Keras layer whose dtype policy casts the layer's outputs to another dtype
     (folded, the next layer would get the layer's dtype), a layer or BN whose class overrides its
-    torch.nn/normkit base's ``forward``
+    torch.nn/normkit base's ``forward`` or whose instance has its own
     (timm's BatchNormAct2d, weight-standardized convs: they compute something else), a layer or
     BN with forward or backward hooks (a hook may change or watch the activation that folding
     removes), and BNs outside ``nn.Sequential`` containers or inside a Sequential subclass with
