@@ -599,6 +599,31 @@ def test_convert_carries_qconfig_and_non_persistent_buffers():
     assert model[1].qconfig is None and model[0].qconfig is not None
 
 
+def test_a_layer_whose_instance_has_its_own_forward_is_not_converted():
+    """An instance given its own forward (a patch adding an activation) computes something else, as a subclass
+    overriding forward does: converted, the patch was dropped and the output changed. It is left alone, and the
+    tools that would convert it refuse it by name."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.forward = lambda input: torch.relu(nn.BatchNorm2d.forward(bn, input))
+    x = torch.randn(4, 3, 5, 5)
+    expected = model(x)
+    convert_batch_norm(model, "normkit")
+    assert model[1] is bn
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d, with its own forward\).*nothing was changed"):
+        synchronize_batch_norm(model)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\).*instances with their own forward.*nothing was frozen"):
+        freeze_batch_norm(model)
+    assert model[1] is bn and bn.weight.requires_grad
+
+    ours = nn.Sequential(normkit.BatchNorm2d(4))
+    layer = ours[0]
+    layer.forward = lambda input: torch.relu(normkit.BatchNorm2d.forward(layer, input))
+    assert convert_batch_norm(ours, "torch")[0] is layer
+
+
 def test_convert_carries_hooks_and_their_handles():
     torch.manual_seed(12)
     calls = []

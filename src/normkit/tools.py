@@ -443,7 +443,7 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
 
     Only these exact classes are converted, and torch.nn's ``LazyBatchNorm1d/2d/3d`` to and from
     normkit's (a layer not sized yet stays lazy, sized by its first input); subclasses (which may
-    override ``forward``) and every other module are left as they are. normkit's
+    override ``forward``), instances given their own ``forward`` and every other module are left as they are. normkit's
     initializers act at construction and ``reset_parameters()`` only, so they are not carried.
 
     Raises:
@@ -484,6 +484,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     keras_inner = {id(module.bn) for module in keras_layers if module.bn is not None}
     for name, module in model.named_modules():
         kind = type(module)
+        if "forward" in vars(module):
+            continue  # (an instance given its own forward, as a subclass overriding it, may compute anything)
         if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
             targets[id(module)] = (name, module, _TO_NORMKIT.get(kind, BatchNorm))
         elif to == "torch" and id(module) in keras_ids:
@@ -589,14 +591,16 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     check_process_group(process_group, "synchronize_batch_norm: process_group")  # (before any layer changes)
     targets, refused = {}, []
     for name, module in model.named_modules():
-        if type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
+        if (type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm) and "forward" not in vars(module):
             targets[id(module)] = (name, module, _TO_NORMKIT.get(type(module), BatchNorm))
         elif isinstance(module, _BatchNorm):
-            refused.append(f"{_label(name)} ({type(module).__name__})")
+            own = ", with its own forward" if "forward" in vars(module) else ""
+            refused.append(f"{_label(name)} ({type(module).__name__}{own})")
     if refused:
         raise ValueError("synchronize_batch_norm: " + ", ".join(refused) + " derive from torch.nn's batch norm but are "
-                         "not torch.nn's own classes (a subclass may compute something else): nothing was changed. "
-                         "Replace them with normkit layers (synchronized=True)")
+                         "not torch.nn's own classes or forward (a subclass or a patched forward may compute something "
+                         "else, which the conversion would drop): nothing was changed. Replace them with normkit "
+                         "layers (synchronized=True)")
     if not layers and not targets:
         raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
                          "to synchronize")
@@ -891,11 +895,12 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     # Subclasses (a parametrized BN is one: torch makes it a ParametrizedBatchNorm2d) are not converted by
     # convert_batch_norm, so "convert them first" sent their user round in a circle.
     kept = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm) and type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)]
+            if isinstance(module, _BatchNorm) and (type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)
+                                                   or "forward" in vars(module))]
     if kept:
         raise ValueError(f"freeze_batch_norm: {', '.join(kept)} derive from torch.nn's BN classes, which have no "
                          "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses "
-                         "alone; nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
+                         "(and instances with their own forward) alone; nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
                          "torch.nn.utils.parametrize.remove_parametrizations, convert_batch_norm(model, 'normkit'), "
                          "then register the parametrization again)")
     if foreign:
