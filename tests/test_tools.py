@@ -291,6 +291,14 @@ def test_errors():
         recalibrate_running_stats(model, [((torch.randn(4, 2), torch.ones(4, dtype=torch.bool)), torch.zeros(4))])
 
 
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    """Meta tensors hold no values: the recalibration failed as "Tensor.item() cannot be called on meta tensors"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), normkit.BatchNorm2d(4)).to("meta")
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\), '2' \(BatchNorm2d\) are on the meta device"):
+        recalibrate_running_stats(model, [torch.randn(2, 3, 4, 4, device="meta")])
+    assert model.training and model[1].momentum == 0.1
+
+
 @pytest.mark.parametrize("bn", [normkit.BatchNorm1d, nn.BatchNorm1d], ids=["normkit", "torch.nn"])
 def test_a_one_row_last_batch_is_named_and_nothing_changes(bn):
     """A DataLoader without drop_last=True ends with a batch of one row here (9 rows, batches of 4): torch's message

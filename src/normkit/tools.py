@@ -251,6 +251,13 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
                          f"{type(model).__name__} can be recalibrated: each is frozen or has no running statistics "
                          "(track_running_stats=False)")
 
+    # (tensors without values: the count of batches seen failed as "Tensor.item() cannot be called on meta tensors")
+    meta = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
+            if module in layers and module.running_mean.is_meta]
+    if meta:
+        raise ValueError(f"recalibrate_running_stats: {', '.join(meta)} are on the meta device (tensors "
+                         "without values): nothing to average; materialize the model first (model.to_empty(device=...) and load_state_dict)")
+
     modes = [(module, module.training) for module in model.modules()]
     # A Keras-vocabulary layer runs its inner BN in its own mode: it must be in training mode too.
     wrappers = [module for module in model.modules() if module not in layers and _batch_norm_of(module) in layers]
