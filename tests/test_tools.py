@@ -1178,6 +1178,78 @@ def test_layers_whose_instance_has_its_own_forward_stay():
     torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
 
 
+class BasicBlock(nn.Module):
+    """A ResNet basic block: conv/BN pairs held as attributes, so only the downsample Sequential shows its order."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), normkit.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.downsample(x))
+
+
+class Branches(nn.Module):
+    """Calls no fold can keep: a conv feeding two BNs, a BN called twice, a conv whose weight the graph reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.conv2, self.twice = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.conv3, self.read = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.twice(self.twice(self.conv2(self.a(y) + self.b(y))))
+        return self.read(self.conv3(y)) + self.conv3.weight.sum()
+
+
+def test_a_traced_model_folds_where_its_graph_shows_the_conv_feeds_the_bn_alone():
+    """torch.fx tracing flattens Sequentials into plain modules, so a traced model folded nothing; its graph shows
+    the data flow itself. Every pair of a ResNet's blocks folds there (attributes included), as in a traced model
+    held by another; what the graph shows cannot fold stays. Oracle: the unfolded model's float64 eval output."""
+    torch.manual_seed(25)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    model = randomize(nn.Sequential(BasicBlock(3, 8, 2), BasicBlock(8, 8, 1)).double(), (8, 3, 9, 9))
+    traced = torch.fx.symbolic_trace(model).eval()
+    folded, names = fold_batch_norm(traced)
+    assert names == ["0.bn1", "0.bn2", "0.downsample.1", "1.bn1", "1.bn2", "1.downsample.1"]
+    assert not any(isinstance(m, BN_CLASSES) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)  # (the copy was folded)
+
+    outer = nn.Sequential(torch.fx.symbolic_trace(model), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)).double()
+    outer = randomize(outer, (8, 3, 9, 9))
+    folded, names = fold_batch_norm(outer)
+    assert names == ["0.0.bn1", "0.0.bn2", "0.0.downsample.1", "0.1.bn1", "0.1.bn2", "0.1.downsample.1", "2"]
+    torch.testing.assert_close(folded(x), outer(x), rtol=0, atol=1e-10)
+
+    model = randomize(Branches().double(), (8, 3, 4, 4))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    folded, names = fold_batch_norm(torch.fx.symbolic_trace(model).eval())
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+    class SequentialLeaves(torch.fx.Tracer):  # (a Sequential called whole, whose BN is also called alone)
+        def is_leaf_module(self, module, name):
+            return isinstance(module, nn.Sequential) or super().is_leaf_module(module, name)
+
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.seq = nn.Conv2d(3, 3, 1), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            return self.seq(x) + self.seq[1](self.conv(x))
+
+    model = randomize(Whole().double(), (8, 3, 4, 4))
+    folded, names = fold_batch_norm(torch.fx.GraphModule(model, SequentialLeaves().trace(model)).eval())
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_conv_whose_weight_is_tied_to_another_layer_stays():
     """Folding scales the weight in place: a weight shared with another layer would change that layer too."""
     torch.manual_seed(16)

@@ -753,6 +753,45 @@ def _fold(layer: nn.Module, bn) -> None:
         layer.bias.copy_(bias)
 
 
+def _fold_traced(graph_module: "torch.fx.GraphModule", prefix: str, uses: dict) -> List[str]:
+    """Fold the BN calls of a torch.fx GraphModule whose one input is a conv/linear call used by nothing else.
+
+    Tracing flattens the model's Sequentials into plain modules (so the Sequential rule found nothing there, and a
+    traced model folded nothing), but its graph shows the data flow itself: which call's output each call takes, and
+    who else takes it. A module the graph refers to anywhere else stays: called twice, its tensors read (a get_attr
+    node), or inside a module the graph calls as a whole."""
+    graph = graph_module.graph
+    counts, inner = {}, set()  # (targets the graph refers to, how often; the paths of modules holding them)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            counts[node.target] = counts.get(node.target, 0) + 1
+            parts = node.target.split(".")
+            inner.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+    def alone(target: str) -> bool:  # referred to by its one call only
+        parts = target.split(".")
+        return (counts[target] == 1 and target not in inner
+                and not any(".".join(parts[:i]) in counts for i in range(1, len(parts))))
+
+    folded = []
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if (not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1
+                or not alone(node.target) or not alone(source.target)):
+            continue
+        layer, module = graph_module.get_submodule(source.target), graph_module.get_submodule(node.target)
+        if _can_fold(layer, module, uses):
+            _fold(layer, _batch_norm_of(module))
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            parent, _, name = node.target.rpartition(".")
+            graph_module.get_submodule(parent)._modules[name] = nn.Identity().train(False)  # (as in a Sequential)
+            folded.append(f"{prefix}.{node.target}" if prefix else node.target)
+    if folded:
+        graph_module.recompile()
+    return folded
+
+
 def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Module, List[str]]:
     r"""Fold every eval-mode BN that directly follows a conv or linear layer into it, for inference.
 
@@ -774,6 +813,9 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
             Sequential's own ``forward``: a BN is folded when the child just before it in the
             same Sequential is a conv/linear layer. (Code elsewhere that calls such a Sequential's
             children one by one is not visible in the module tree: don't fold such a model.)
+            In a ``torch.fx.GraphModule`` (tracing flattens Sequentials) the graph shows the data flow: a BN
+            call folds when its one argument is a conv/linear call whose output nothing else takes, each called
+            once.
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
@@ -798,7 +840,7 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     torch.nn/normkit base's ``forward`` or whose instance has its own
     (timm's BatchNormAct2d, weight-standardized convs: they compute something else), a layer or
     BN with forward or backward hooks (a hook may change or watch the activation that folding
-    removes), and BNs outside ``nn.Sequential`` containers or inside a Sequential subclass with
+    removes), and BNs outside ``nn.Sequential`` containers and fx graphs or inside a Sequential subclass with
     its own ``forward`` (their order of calls is the code's, not the module tree's).
 
     Raises:
@@ -829,6 +871,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     # (a ResNet block's downsample) came after every BN of the outer Sequential, wherever it sat.
     position = {name: index for index, (name, _) in enumerate(model.named_modules())}
     for prefix, container in model.named_modules():
+        if isinstance(container, torch.fx.GraphModule):
+            folded += _fold_traced(container, prefix, uses)
         # Only Sequential's own forward proves that each child's output is the next child's input, and only there.
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
