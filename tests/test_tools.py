@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, prune
 
 import normkit
 from normkit import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
@@ -1411,6 +1411,31 @@ def test_freeze_and_unfreeze_reach_parametrized_weight_and_bias():
     assert all(p.requires_grad for p in originals)
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in originals)
+
+
+def _prune(layer):
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    return ["weight_orig"]
+
+
+def _old_weight_norm(layer):
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(layer, "weight", dim=0)
+    return ["weight_g", "weight_v"]
+
+
+@pytest.mark.parametrize("reparametrize", [_prune, _old_weight_norm], ids=["prune", "old-weight_norm"])
+def test_freeze_reaches_the_parameters_a_hook_computes_the_weight_from(reparametrize):
+    """torch.nn.utils.prune and the old-style weight_norm keep the weight as a tensor a pre-hook computes from
+    weight_orig or weight_g/weight_v: those kept requires_grad=True in a frozen layer (counted as trainable, and
+    DistributedDataParallel waits for their gradients)."""
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.BatchNorm2d(4))
+    names = reparametrize(model[1])
+    freeze_batch_norm(model)
+    assert all(not getattr(model[1], name).requires_grad for name in names + ["bias"])
+    unfreeze_batch_norm(model)
+    assert all(getattr(model[1], name).requires_grad for name in names + ["bias"])
 
 
 @pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(4), lambda: normkit.BatchNorm2d(4)],

@@ -729,18 +729,14 @@ class BatchNorm(_NormBase):
         return self
 
     def _affine_leaves(self) -> list:
-        """The Parameters that make ``weight`` and ``bias``: themselves, or, when one is parametrized
-        (``torch.nn.utils.parametrize``: a positivity or weight_norm parametrization), the parametrization's own
-        Parameters (``original``, ``original0``...), since ``self.weight`` is then a tensor computed from them, not
-        a leaf (freezing it raised RuntimeError, and its originals went on training)."""
-        leaves = []
-        for name in ("weight", "bias"):
-            parametrizations = getattr(self, "parametrizations", None)
-            if parametrizations is not None and name in parametrizations:
-                leaves.extend(parametrizations[name].parameters())
-            else:
-                leaves.append(self._parameters.get(name))
-        return leaves
+        """The Parameters that make ``weight`` and ``bias``: every Parameter of the layer. Usually themselves; a
+        weight parametrized with ``torch.nn.utils.parametrize`` is a tensor computed from the parametrization's own
+        Parameters (``original``, ``original0``...; freezing the computed tensor raised RuntimeError, and its
+        originals went on training), and one pruned (``torch.nn.utils.prune``) or under the old-style
+        ``weight_norm`` is combined by a forward pre-hook from ``weight_orig`` or ``weight_g``/``weight_v`` (they
+        kept ``requires_grad=True``: counted as trainable, and DistributedDataParallel waits for a gradient of each
+        such Parameter)."""
+        return list(self.parameters())
 
     # -- regularization and constraints -----------------------------------------------------------
 
