@@ -1438,6 +1438,27 @@ def test_freeze_reaches_the_parameters_a_hook_computes_the_weight_from(reparamet
     assert all(getattr(model[1], name).requires_grad for name in names + ["bias"])
 
 
+@pytest.mark.parametrize("reparametrize", [_prune, _old_weight_norm], ids=["prune", "old-weight_norm"])
+@pytest.mark.parametrize("tool,bn", [
+    (lambda m: convert_batch_norm(m, "normkit"), nn.BatchNorm2d), (lambda m: convert_batch_norm(m, "torch"),
+                                                                   normkit.BatchNorm2d),
+    (synchronize_batch_norm, nn.BatchNorm2d)], ids=["to-normkit", "to-torch", "synchronize"])
+def test_a_layer_whose_weight_a_hook_computes_is_not_converted(reparametrize, tool, bn):
+    """The new layer held neither weight_orig (weight_g/weight_v) nor the mask: the carried pruning hook failed on
+    the first call ("no attribute 'weight_mask'") and the state_dict lost them. Refused, naming the fix."""
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn(4))
+    names = reparametrize(model[1])
+    layer, keys = model[1], list(model.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    expected = model(x)
+    with pytest.raises(ValueError, match=rf"'1' \(BatchNorm2d\) has its weight or bias computed by a hook from "
+                                         rf"{', '.join(names)}.*nothing was changed"):
+        tool(model)
+    assert model[1] is layer and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(4), lambda: normkit.BatchNorm2d(4)],
                          ids=["torch.nn.BatchNorm2d", "normkit.BatchNorm2d"])
 def test_a_half_precision_layer_with_a_parametrized_weight_recalibrates(make):

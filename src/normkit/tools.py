@@ -537,6 +537,16 @@ def _rebuilt(targets: dict, caller: str) -> dict:
     removed an earlier lazy layer's sizing hook, which left it unable to size itself or load a state_dict)."""
     constructed = {}
     for key, (name, module, cls) in targets.items():
+        extra = [other for other in module._parameters if other not in ("weight", "bias")]
+        if extra or any(computed in vars(module) for computed in ("weight", "bias")):
+            # torch.nn.utils.prune (weight_orig, a weight_mask buffer) and the old-style weight_norm/spectral_norm
+            # keep the weight as a tensor a forward pre-hook computes from Parameters of other names: the new layer
+            # dropped them, and the carried hook failed on its first call ("no attribute 'weight_mask'")
+            raise ValueError(f"{caller}: {_label(name)} ({type(module).__name__}) has its weight or bias computed by a "
+                             f"hook from {', '.join(extra) or 'other tensors'} (torch.nn.utils.prune, or the old-style "
+                             "weight_norm/spectral_norm), which a new layer would not hold; nothing was changed. Make "
+                             "it permanent first (torch.nn.utils.prune.remove(layer, 'weight'), "
+                             "torch.nn.utils.remove_weight_norm), convert, then apply it again")
         try:
             constructed[key] = _construct(module, cls)
         except (ValueError, TypeError) as error:
