@@ -256,7 +256,8 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
             if module in layers and module.running_mean.is_meta]
     if meta:
         raise ValueError(f"recalibrate_running_stats: {', '.join(meta)} are on the meta device (tensors "
-                         "without values): nothing to average; materialize the model first (model.to_empty(device=...) and load_state_dict)")
+                         "without values): nothing to average; materialize the model first "
+                         "(model.to_empty(device=...) and load_state_dict)")
 
     modes = [(module, module.training) for module in model.modules()]
     # A Keras-vocabulary layer runs its inner BN in its own mode: it must be in training mode too.
@@ -340,7 +341,8 @@ _TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.Batc
                nn.LazyBatchNorm3d: LazyBatchNorm3d}
 _TO_TORCH = {normkit: torch_class for torch_class, normkit in _TO_NORMKIT.items()}
 # plain_as's lazy form, for a normkit.LazyBatchNorm not sized yet (any rank, as a plain normkit.BatchNorm)
-_LAZY_TORCH = {nn.BatchNorm1d: nn.LazyBatchNorm1d, nn.BatchNorm2d: nn.LazyBatchNorm2d, nn.BatchNorm3d: nn.LazyBatchNorm3d}
+_LAZY_TORCH = {nn.BatchNorm1d: nn.LazyBatchNorm1d, nn.BatchNorm2d: nn.LazyBatchNorm2d,
+               nn.BatchNorm3d: nn.LazyBatchNorm3d}
 _TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -961,9 +963,9 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     if kept:
         raise ValueError(f"freeze_batch_norm: {', '.join(kept)} derive from torch.nn's BN classes, which have no "
                          "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses "
-                         "(and instances with their own forward) alone; nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
-                         "torch.nn.utils.parametrize.remove_parametrizations, convert_batch_norm(model, 'normkit'), "
-                         "then register the parametrization again)")
+                         "(and instances with their own forward) alone; nothing was frozen. Replace them with normkit "
+                         "layers by hand (a parametrized one: torch.nn.utils.parametrize.remove_parametrizations, "
+                         "convert_batch_norm(model, 'normkit'), then register the parametrization again)")
     if foreign:
         raise ValueError(f"freeze_batch_norm: {', '.join(repr(n) for n in foreign)} are torch.nn BN layers, which "
                          "have no frozen mode (eval() is undone by model.train()); nothing was frozen. Convert them "
