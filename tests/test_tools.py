@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, prune
 
 import normkit
 from normkit import (convert_batch_norm, fold_batch_norm, freeze_batch_norm, recalibrate_running_stats,
@@ -291,6 +291,14 @@ def test_errors():
         recalibrate_running_stats(model, [((torch.randn(4, 2), torch.ones(4, dtype=torch.bool)), torch.zeros(4))])
 
 
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    """Meta tensors hold no values: the recalibration failed as "Tensor.item() cannot be called on meta tensors"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), normkit.BatchNorm2d(4)).to("meta")
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\), '2' \(BatchNorm2d\) are on the meta device"):
+        recalibrate_running_stats(model, [torch.randn(2, 3, 4, 4, device="meta")])
+    assert model.training and model[1].momentum == 0.1
+
+
 @pytest.mark.parametrize("bn", [normkit.BatchNorm1d, nn.BatchNorm1d], ids=["normkit", "torch.nn"])
 def test_a_one_row_last_batch_is_named_and_nothing_changes(bn):
     """A DataLoader without drop_last=True ends with a batch of one row here (9 rows, batches of 4): torch's message
@@ -540,6 +548,33 @@ def test_convert_bare_layers_3d_bias_false_and_plain_batchnorm():
     assert type(plain[1]) is nn.BatchNorm2d
 
 
+def test_convert_to_torch_takes_an_unsized_plain_lazy_layer_as_plain_as_says():
+    """normkit.LazyBatchNorm not sized yet is a plain BatchNorm to come (any rank): it was left a normkit layer without
+    a word, while the same layer sized was refused without plain_as. Now it is refused the same way, or becomes
+    plain_as's lazy class, which sizes itself and trains as the unconverted layer."""
+    torch.manual_seed(22)
+    with pytest.raises(ValueError, match=r"'1' is a plain normkit.LazyBatchNorm.*pass plain_as"):
+        convert_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm()), "torch")
+    ours = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm(momentum=0.3)).double()
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.LazyBatchNorm(momentum=0.3)).double()
+    theirs[0].load_state_dict(ours[0].state_dict())  # (an unsized lazy layer cannot be deep-copied)
+    theirs = convert_batch_norm(theirs, "torch", plain_as=nn.BatchNorm2d)
+    assert type(theirs[1]) is nn.LazyBatchNorm2d
+    for _ in range(2):
+        x = torch.randn(5, 3, 4, 4, dtype=torch.float64) * 2 + 1
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-12, atol=1e-12)
+    assert type(theirs[1]) is nn.BatchNorm2d and theirs[1].momentum == 0.3
+    torch.testing.assert_close(theirs[1].running_var, ours[1].running_var, rtol=1e-12, atol=1e-12)
+
+    # torch.nn has no lazy SyncBatchNorm: a synchronized layer not sized yet became a SyncBatchNorm of 0 features
+    # holding uninitialized tensors that nothing would size.
+    for layer in (normkit.LazyBatchNorm2d(synchronized=True), normkit.LazyBatchNorm(synchronized=True)):
+        model = nn.Sequential(layer)
+        with pytest.raises(ValueError, match=r"'0' \(LazyBatchNorm2?d?\) is synchronized and not sized yet"):
+            convert_batch_norm(model, "torch", plain_as=nn.BatchNorm2d)
+        assert model[0] is layer
+
+
 def test_convert_leaves_other_modules_and_subclasses_alone():
     class Custom(nn.BatchNorm2d):
         pass
@@ -552,6 +587,49 @@ def test_convert_leaves_other_modules_and_subclasses_alone():
     model = nn.Sequential(shared, nn.Linear(2, 2), shared)
     convert_batch_norm(model, "normkit")
     assert type(model[0]) is normkit.BatchNorm1d and model[0] is model[2]
+
+
+def test_convert_carries_qconfig_and_non_persistent_buffers():
+    """A layer's quantization setting (qconfig=None keeps it out of torch.ao's quantization, as
+    convert_sync_batchnorm carries it) and which buffers its state_dict leaves out move with the layer, both ways;
+    before, qconfig was lost (the layer inherited its parent's) and a non-persistent buffer came back in."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].qconfig = None
+    model[1].register_buffer("running_mean", model[1].running_mean, persistent=False)
+    keys = list(model.state_dict())
+    for to in ("normkit", "torch"):
+        convert_batch_norm(model, to)
+        assert list(model.state_dict()) == keys and "qconfig" in vars(model[1]) and model[1].qconfig is None
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch's observers' deprecation notes)
+        torch.ao.quantization.propagate_qconfig_(model)
+    assert model[1].qconfig is None and model[0].qconfig is not None
+
+
+def test_a_layer_whose_instance_has_its_own_forward_is_not_converted():
+    """An instance given its own forward (a patch adding an activation) computes something else, as a subclass
+    overriding forward does: converted, the patch was dropped and the output changed. It is left alone, and the
+    tools that would convert it refuse it by name."""
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.forward = lambda input: torch.relu(nn.BatchNorm2d.forward(bn, input))
+    x = torch.randn(4, 3, 5, 5)
+    expected = model(x)
+    convert_batch_norm(model, "normkit")
+    assert model[1] is bn
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d, with its own forward\).*nothing was changed"):
+        synchronize_batch_norm(model)
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\).*instances with their own forward.*nothing was frozen"):
+        freeze_batch_norm(model)
+    assert model[1] is bn and bn.weight.requires_grad
+
+    ours = nn.Sequential(normkit.BatchNorm2d(4))
+    layer = ours[0]
+    layer.forward = lambda input: torch.relu(normkit.BatchNorm2d.forward(layer, input))
+    assert convert_batch_norm(ours, "torch")[0] is layer
 
 
 def test_convert_carries_hooks_and_their_handles():
@@ -956,6 +1034,27 @@ def test_a_bn_over_another_axis_than_the_linear_outputs_stays():
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm2d(4)), (8, 4, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), normkit.BatchNorm2d(4)), (8, 4, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm3d(4)), (8, 4, 2, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), normkit.BatchNorm3d(4)), (8, 4, 2, 3, 5)),
+    # Unbatched convolutions: (C, H, W) in, (4, H, W) out, whose channels are axis 0, not the BN's axis 1.
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4)), (3, 4, 5)),
+    (lambda: nn.Sequential(nn.Conv3d(3, 4, 1), normkit.BatchNorm2d(4)), (3, 4, 5, 6)),
+], ids=["linear-bn2d", "linear-normkit-bn2d", "linear-bn3d", "linear-normkit-bn3d", "conv2d-bn1d", "conv3d-bn2d"])
+def test_a_batch_norm_of_another_rank_than_the_layer_s_outputs_stays(make, shape):
+    """A BatchNorm2d takes rank 4 only: after a Linear (whose outputs are (N, C) where they are a BN's channels)
+    or a Conv3d (batched: rank 5) its channels are not the layer's outputs, even when the counts agree (4 and 4
+    here); folded, the layer's outputs were scaled by the channels' factors and the output changed by O(1)."""
+    torch.manual_seed(21)
+    model = randomize(make().double(), shape)
+    x = torch.randn(*shape, dtype=torch.float64)
+    folded, names = fold_batch_norm(model)
+    assert names == [] and type(folded[1]) is type(model[1])
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_keras_layer_built_on_sequences_with_axis_1_after_a_linear_stays():
     """The Keras layer knows the rank it was built for: axis=1 of (N, L, F) Linear outputs is L, which folded into
     the Linear's F outputs (L == F) and changed the output before."""
@@ -1098,6 +1197,99 @@ def test_layers_whose_computation_is_not_the_formulas_stay(make):
     model = randomize(make().double(), (4, 3, 6, 6))
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     folded, names = fold_batch_norm(model)
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+
+def test_layers_whose_instance_has_its_own_forward_stay():
+    """A forward given to one instance (a patch that adds an activation to a BN, or standardizes one conv's weight)
+    computes something else, as a subclass's does: folded, the BN's activation was dropped."""
+    torch.manual_seed(23)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), (4, 3, 5, 5))
+    bn = model[1]
+    bn.forward = lambda input: torch.relu(nn.BatchNorm2d.forward(bn, input))
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert names == [] and folded[1] is bn
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), (4, 3, 5, 5))
+    conv = model[0]
+    conv._conv_forward = lambda input, weight, bias: nn.Conv2d._conv_forward(
+        conv, input, (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True), bias)
+    expected = model(x)
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert names == []
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block: conv/BN pairs held as attributes, so only the downsample Sequential shows its order."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), normkit.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.downsample(x))
+
+
+class Branches(nn.Module):
+    """Calls no fold can keep: a conv feeding two BNs, a BN called twice, a conv whose weight the graph reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.conv2, self.twice = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.conv3, self.read = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.twice(self.twice(self.conv2(self.a(y) + self.b(y))))
+        return self.read(self.conv3(y)) + self.conv3.weight.sum()
+
+
+def test_a_traced_model_folds_where_its_graph_shows_the_conv_feeds_the_bn_alone():
+    """torch.fx tracing flattens Sequentials into plain modules, so a traced model folded nothing; its graph shows
+    the data flow itself. Every pair of a ResNet's blocks folds there (attributes included), as in a traced model
+    held by another; what the graph shows cannot fold stays. Oracle: the unfolded model's float64 eval output."""
+    torch.manual_seed(25)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    model = randomize(nn.Sequential(BasicBlock(3, 8, 2), BasicBlock(8, 8, 1)).double(), (8, 3, 9, 9))
+    traced = torch.fx.symbolic_trace(model).eval()
+    folded, names = fold_batch_norm(traced)
+    assert names == ["0.bn1", "0.bn2", "0.downsample.1", "1.bn1", "1.bn2", "1.downsample.1"]
+    assert not any(isinstance(m, BN_CLASSES) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)  # (the copy was folded)
+
+    outer = nn.Sequential(torch.fx.symbolic_trace(model), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)).double()
+    outer = randomize(outer, (8, 3, 9, 9))
+    folded, names = fold_batch_norm(outer)
+    assert names == ["0.0.bn1", "0.0.bn2", "0.0.downsample.1", "0.1.bn1", "0.1.bn2", "0.1.downsample.1", "2"]
+    torch.testing.assert_close(folded(x), outer(x), rtol=0, atol=1e-10)
+
+    model = randomize(Branches().double(), (8, 3, 4, 4))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    folded, names = fold_batch_norm(torch.fx.symbolic_trace(model).eval())
+    assert names == []
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+
+    class SequentialLeaves(torch.fx.Tracer):  # (a Sequential called whole, whose BN is also called alone)
+        def is_leaf_module(self, module, name):
+            return isinstance(module, nn.Sequential) or super().is_leaf_module(module, name)
+
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.seq = nn.Conv2d(3, 3, 1), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            return self.seq(x) + self.seq[1](self.conv(x))
+
+    model = randomize(Whole().double(), (8, 3, 4, 4))
+    folded, names = fold_batch_norm(torch.fx.GraphModule(model, SequentialLeaves().trace(model)).eval())
     assert names == []
     torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
@@ -1263,6 +1455,57 @@ def test_freeze_and_unfreeze_reach_parametrized_weight_and_bias():
     assert all(p.requires_grad for p in originals)
     model(x).square().sum().backward()
     assert all(p.grad is not None for p in originals)
+
+
+def _prune(layer):
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    return ["weight_orig"]
+
+
+def _old_weight_norm(layer):
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(layer, "weight", dim=0)
+    return ["weight_g", "weight_v"]
+
+
+@pytest.mark.parametrize("reparametrize", [_prune, _old_weight_norm], ids=["prune", "old-weight_norm"])
+def test_freeze_reaches_the_parameters_a_hook_computes_the_weight_from(reparametrize):
+    """torch.nn.utils.prune and the old-style weight_norm keep the weight as a tensor a pre-hook computes from
+    weight_orig or weight_g/weight_v: those kept requires_grad=True in a frozen layer (counted as trainable, and
+    DistributedDataParallel waits for their gradients)."""
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), normkit.BatchNorm2d(4))
+    names = reparametrize(model[1])
+    freeze_batch_norm(model)
+    assert all(not getattr(model[1], name).requires_grad for name in names + ["bias"])
+    unfreeze_batch_norm(model)
+    assert all(getattr(model[1], name).requires_grad for name in names + ["bias"])
+
+
+@pytest.mark.parametrize("reparametrize", [_prune, _old_weight_norm], ids=["prune", "old-weight_norm"])
+@pytest.mark.parametrize("tool,bn", [
+    (lambda m: convert_batch_norm(m, "normkit"), nn.BatchNorm2d), (lambda m: convert_batch_norm(m, "torch"),
+                                                                   normkit.BatchNorm2d),
+    (synchronize_batch_norm, nn.BatchNorm2d)], ids=["to-normkit", "to-torch", "synchronize"])
+def test_a_layer_whose_weight_a_hook_computes_keeps_its_tensors(reparametrize, tool, bn):
+    """The new layer held neither weight_orig (weight_g/weight_v) nor the mask: the carried pruning hook failed on
+    the first call ("no attribute 'weight_mask'") and the state_dict lost them. They go with the layer, the same
+    tensors, and the model computes as before (synchronize_batch_norm: local statistics without a process group)."""
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn(4))
+    names = reparametrize(model[1])
+    before = {key: value for key, value in model.state_dict(keep_vars=True).items()}
+    x = torch.randn(4, 3, 5, 5)
+    expected = model.eval()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (synchronized without a process group: said once)
+        tool(model)
+        got = model(x)
+    assert type(model[1]) is not bn
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[key] is before[key] for key in before)
+    assert all(getattr(model[1], name) is before["1." + name] for name in names)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(4), lambda: normkit.BatchNorm2d(4)],

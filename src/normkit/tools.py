@@ -37,7 +37,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .functional import LOW_PRECISION
-from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from .lazy import LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _InstanceNorm
 from .options import check_process_group
 
@@ -251,6 +251,14 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
                          f"{type(model).__name__} can be recalibrated: each is frozen or has no running statistics "
                          "(track_running_stats=False)")
 
+    # (tensors without values: the count of batches seen failed as "Tensor.item() cannot be called on meta tensors")
+    meta = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
+            if module in layers and module.running_mean.is_meta]
+    if meta:
+        raise ValueError(f"recalibrate_running_stats: {', '.join(meta)} are on the meta device (tensors "
+                         "without values): nothing to average; materialize the model first "
+                         "(model.to_empty(device=...) and load_state_dict)")
+
     modes = [(module, module.training) for module in model.modules()]
     # A Keras-vocabulary layer runs its inner BN in its own mode: it must be in training mode too.
     wrappers = [module for module in model.modules() if module not in layers and _batch_norm_of(module) in layers]
@@ -332,6 +340,9 @@ _TO_NORMKIT = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.Batc
                nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
                nn.LazyBatchNorm3d: LazyBatchNorm3d}
 _TO_TORCH = {normkit: torch_class for torch_class, normkit in _TO_NORMKIT.items()}
+# plain_as's lazy form, for a normkit.LazyBatchNorm not sized yet (any rank, as a plain normkit.BatchNorm)
+_LAZY_TORCH = {nn.BatchNorm1d: nn.LazyBatchNorm1d, nn.BatchNorm2d: nn.LazyBatchNorm2d,
+               nn.BatchNorm3d: nn.LazyBatchNorm3d}
 _TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -404,11 +415,17 @@ def _adopt(layer: nn.Module, new: nn.Module) -> nn.Module:
                 if key.startswith(name + "_"):
                     new.register_buffer(key, buffer, persistent=key not in layer._non_persistent_buffers_set)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new.register_buffer(name, layer._buffers.get(name))
+            # (a buffer the user made non-persistent stays out of the state_dict: it came back in, a key more)
+            new.register_buffer(name, layer._buffers.get(name),
+                                persistent=name not in layer._non_persistent_buffers_set)
     # The same hook dicts (not copies): hooks run on the new layer and their handles still remove them.
     for name, value in vars(layer).items():
         if (name.startswith(("_forward_", "_backward_")) and "hook" in name) or name == "_is_full_backward_hook":
             setattr(new, name, value)
+    if "qconfig" in vars(layer):
+        # torch.ao.quantization's per-layer setting, which convert_sync_batchnorm carries too (qconfig=None keeps a
+        # layer out of quantization; lost, the layer inherited its parent's and was quantized)
+        new.qconfig = layer.qconfig
     if lazy:
         new._initialize_hook = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
         if hasattr(new, "_size_from_loaded_tensors"):
@@ -429,7 +446,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
             each ``torch.nn.SyncBatchNorm`` a ``normkit.BatchNorm`` with ``synchronized=True`` and its
             ``process_group``.
             ``"torch"``: each ``normkit.BatchNorm1d/2d/3d`` becomes torch.nn's of the same rank,
-            each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as``, and each layer with
+            each plain ``normkit.BatchNorm`` (any rank) becomes ``plain_as`` (an unsized
+            ``normkit.LazyBatchNorm`` its lazy class), and each layer with
             ``synchronized=True`` a ``torch.nn.SyncBatchNorm`` with its ``process_group``.
         plain_as: with ``to="torch"``, the torch.nn class (``BatchNorm1d``, ``2d`` or ``3d``) for
             plain ``normkit.BatchNorm`` layers: such a layer accepts every input rank and cannot
@@ -446,17 +464,19 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     forward, forward-pre and backward hooks move with it (the same hook dicts: a handle taken
     before the conversion still removes its hook); state_dict hooks are not carried. A weight that
     such a hook computes (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) goes with the
-    Parameters and buffers it is made from (``weight_orig``, ``weight_mask``, ``weight_g``...).
+    Parameters and buffers it is made from (``weight_orig``, ``weight_mask``, ``weight_g``...). Its
+    ``qconfig`` (torch.ao.quantization) and its buffers' persistence carry over.
 
     Only these exact classes are converted, and torch.nn's ``LazyBatchNorm1d/2d/3d`` to and from
     normkit's (a layer not sized yet stays lazy, sized by its first input); subclasses (which may
-    override ``forward``) and every other module are left as they are. normkit's
+    override ``forward``), instances given their own ``forward`` and every other module are left as they are. normkit's
     initializers act at construction and ``reset_parameters()`` only, so they are not carried.
 
     Raises:
         ValueError: ``to`` is neither ``"normkit"`` nor ``"torch"``; ``plain_as`` is not a torch.nn
             BatchNorm1d/2d/3d class, or is given with ``to="normkit"``, or is missing while the
-            model holds a plain ``normkit.BatchNorm``; with ``to="torch"``, a normkit layer uses an
+            model holds a plain ``normkit.BatchNorm`` or ``LazyBatchNorm``; with ``to="torch"``, a synchronized
+            lazy layer is not sized yet (torch.nn has no lazy SyncBatchNorm), or a normkit layer uses an
             option torch.nn lacks (``axis`` other than 1, ``renorm``, ``virtual_batch_size``,
             ``adjustment``, regularizers, constraints,
             ``unbiased_running_var=False``, frozen, an affine layer without weight), or the model holds a
@@ -490,6 +510,8 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
     keras_inner = {id(module.bn) for module in keras_layers if module.bn is not None}
     for name, module in model.named_modules():
         kind = type(module)
+        if "forward" in vars(module):
+            continue  # (an instance given its own forward, as a subclass overriding it, may compute anything)
         if to == "normkit" and (kind in _TO_NORMKIT or kind is nn.SyncBatchNorm):
             targets[id(module)] = (name, module, _TO_NORMKIT.get(kind, BatchNorm))
         elif to == "torch" and id(module) in keras_ids:
@@ -498,19 +520,26 @@ def convert_batch_norm(model: nn.Module, to: str = "normkit", *, plain_as: Optio
                             "torch.nn's running_var is not")
         elif to == "torch" and id(module) in keras_inner:
             continue
-        elif to == "torch" and (kind in _TO_TORCH or kind is BatchNorm):
+        elif to == "torch" and (kind in _TO_TORCH or kind in (BatchNorm, LazyBatchNorm)):
+            # (a LazyBatchNorm not sized yet is a plain BatchNorm to come: it was left alone without a word, and
+            # refused once sized)
             lacking = _options_torch_lacks(module)
             if lacking:
                 optioned = True
                 refusals.append(f"{_label(name)} ({kind.__name__}) has {', '.join(lacking)}")
+            elif module.synchronized and isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                # (it became a SyncBatchNorm of 0 features holding uninitialized tensors, with no hook to size them)
+                refusals.append(f"{_label(name)} ({kind.__name__}) is synchronized and not sized yet, and torch.nn has "
+                                "no lazy SyncBatchNorm: call model(example_batch) once (or load a state_dict) first")
             elif module.synchronized:
                 targets[id(module)] = (name, module, nn.SyncBatchNorm)
-            elif kind is BatchNorm and plain_as is None:
-                refusals.append(f"{_label(name)} is a plain normkit.BatchNorm, which takes inputs of any rank while "
-                                "torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
+            elif kind in (BatchNorm, LazyBatchNorm) and plain_as is None:
+                refusals.append(f"{_label(name)} is a plain normkit.{kind.__name__}, which takes inputs of any rank "
+                                "while torch.nn has one class per rank: pass plain_as=torch.nn.BatchNorm1d "
                                 "((N, C) or (N, C, L) inputs), BatchNorm2d (N, C, H, W) or BatchNorm3d (N, C, D, H, W)")
             else:
-                targets[id(module)] = (name, module, plain_as if kind is BatchNorm else _TO_TORCH[kind])
+                targets[id(module)] = (name, module, plain_as if kind is BatchNorm else
+                                       _LAZY_TORCH[plain_as] if kind is LazyBatchNorm else _TO_TORCH[kind])
     if refusals:
         raise ValueError("convert_batch_norm: cannot convert to torch.nn (nothing was converted): "
                          + "; ".join(refusals)
@@ -588,14 +617,16 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     check_process_group(process_group, "synchronize_batch_norm: process_group")  # (before any layer changes)
     targets, refused = {}, []
     for name, module in model.named_modules():
-        if type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm:
+        if (type(module) in _TO_NORMKIT or type(module) is nn.SyncBatchNorm) and "forward" not in vars(module):
             targets[id(module)] = (name, module, _TO_NORMKIT.get(type(module), BatchNorm))
         elif isinstance(module, _BatchNorm):
-            refused.append(f"{_label(name)} ({type(module).__name__})")
+            own = ", with its own forward" if "forward" in vars(module) else ""
+            refused.append(f"{_label(name)} ({type(module).__name__}{own})")
     if refused:
         raise ValueError("synchronize_batch_norm: " + ", ".join(refused) + " derive from torch.nn's batch norm but are "
-                         "not torch.nn's own classes (a subclass may compute something else): nothing was changed. "
-                         "Replace them with normkit layers (synchronized=True)")
+                         "not torch.nn's own classes or forward (a subclass or a patched forward may compute something "
+                         "else, which the conversion would drop): nothing was changed. Replace them with normkit "
+                         "layers (synchronized=True)")
     if not layers and not targets:
         raise ValueError(f"synchronize_batch_norm: {type(model).__name__} has no batch-normalization layer: nothing "
                          "to synchronize")
@@ -612,15 +643,21 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLD_INTO = _CONV + _CONV_TRANSPOSE + (nn.Linear,)
+# The input ranks BN classes of one rank take (their lazy forms included; the others take any rank >= 2).
+_RANKS = (((nn.BatchNorm1d, nn.LazyBatchNorm1d, BatchNorm1d), (2, 3)),
+          ((nn.BatchNorm2d, nn.LazyBatchNorm2d, BatchNorm2d), (4,)),
+          ((nn.BatchNorm3d, nn.LazyBatchNorm3d, BatchNorm3d), (5,)))
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _runs_as_its_base(module: nn.Module, bases: tuple) -> bool:
     """Whether ``module`` computes what its base class does: a subclass overriding ``forward`` (timm's
-    BatchNormAct2d adds an activation, a weight-standardized conv rescales its weight) may compute anything."""
+    BatchNormAct2d adds an activation, a weight-standardized conv rescales its weight) may compute anything. So
+    may one whose instance was given its own (``module.forward = ...``: a patch adding an activation to one layer,
+    which the Identity replacing the BN dropped)."""
     kind = type(module)
     base = next((b for b in kind.__mro__ if b in bases), None)
-    return base is not None and all(getattr(kind, name, None) is getattr(base, name, None)
+    return base is not None and all(getattr(kind, name, None) is getattr(base, name, None) and name not in vars(module)
                                     for name in ("forward", "_conv_forward"))
 
 
@@ -695,6 +732,14 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     build_shape = getattr(module, "_build_shape", None) if module is not bn else None
     if isinstance(layer, nn.Linear) and axis == 1 and build_shape is not None and len(build_shape) > 2:
         return False  # a Keras layer built on (N, L, F) Linear outputs normalizes L, not the Linear's F outputs
+    ranks = next((ranks for classes, ranks in _RANKS if isinstance(bn, classes)), None)
+    # The rank the layer's batched outputs have, where they are the BN's channels (a Linear's: (N, C) only).
+    batched = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
+    if ranks is not None and axis == 1 and batched not in ranks:
+        # A BatchNorm2d after a Linear or a Conv3d (or a BatchNorm1d after a Conv2d on an unbatched input) sees
+        # another rank, where its channels are not the layer's outputs even when the counts agree (folded, the
+        # layer's outputs were scaled by the channels' factors).
+        return False
     if _output_dtype(module, bn, weight.dtype) != weight.dtype:
         return False  # a Keras layer whose policy casts (float64, float16, mixed_float16 after a float32 Linear)
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -727,6 +772,45 @@ def _fold(layer: nn.Module, bn) -> None:
         layer.bias.copy_(bias)
 
 
+def _fold_traced(graph_module: "torch.fx.GraphModule", prefix: str, uses: dict) -> List[str]:
+    """Fold the BN calls of a torch.fx GraphModule whose one input is a conv/linear call used by nothing else.
+
+    Tracing flattens the model's Sequentials into plain modules (so the Sequential rule found nothing there, and a
+    traced model folded nothing), but its graph shows the data flow itself: which call's output each call takes, and
+    who else takes it. A module the graph refers to anywhere else stays: called twice, its tensors read (a get_attr
+    node), or inside a module the graph calls as a whole."""
+    graph = graph_module.graph
+    counts, inner = {}, set()  # (targets the graph refers to, how often; the paths of modules holding them)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            counts[node.target] = counts.get(node.target, 0) + 1
+            parts = node.target.split(".")
+            inner.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+    def alone(target: str) -> bool:  # referred to by its one call only
+        parts = target.split(".")
+        return (counts[target] == 1 and target not in inner
+                and not any(".".join(parts[:i]) in counts for i in range(1, len(parts))))
+
+    folded = []
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if (not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1
+                or not alone(node.target) or not alone(source.target)):
+            continue
+        layer, module = graph_module.get_submodule(source.target), graph_module.get_submodule(node.target)
+        if _can_fold(layer, module, uses):
+            _fold(layer, _batch_norm_of(module))
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            parent, _, name = node.target.rpartition(".")
+            graph_module.get_submodule(parent)._modules[name] = nn.Identity().train(False)  # (as in a Sequential)
+            folded.append(f"{prefix}.{node.target}" if prefix else node.target)
+    if folded:
+        graph_module.recompile()
+    return folded
+
+
 def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Module, List[str]]:
     r"""Fold every eval-mode BN that directly follows a conv or linear layer into it, for inference.
 
@@ -748,6 +832,9 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
             Sequential's own ``forward``: a BN is folded when the child just before it in the
             same Sequential is a conv/linear layer. (Code elsewhere that calls such a Sequential's
             children one by one is not visible in the module tree: don't fold such a model.)
+            In a ``torch.fx.GraphModule`` (tracing flattens Sequentials) the graph shows the data flow: a BN
+            call folds when its one argument is a conv/linear call whose output nothing else takes, each called
+            once.
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns ``(folded_model, names)``: the model with the BNs folded (a deep copy unless
@@ -769,10 +856,10 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     layer or BN used at more than one place in the model or whose weight or bias is tied to
     another layer's, a Keras layer whose dtype policy casts the layer's outputs to another dtype
     (folded, the next layer would get the layer's dtype), a layer or BN whose class overrides its
-    torch.nn/normkit base's ``forward``
+    torch.nn/normkit base's ``forward`` or whose instance has its own
     (timm's BatchNormAct2d, weight-standardized convs: they compute something else), a layer or
     BN with forward or backward hooks (a hook may change or watch the activation that folding
-    removes), and BNs outside ``nn.Sequential`` containers or inside a Sequential subclass with
+    removes), and BNs outside ``nn.Sequential`` containers and fx graphs or inside a Sequential subclass with
     its own ``forward`` (their order of calls is the code's, not the module tree's).
 
     Raises:
@@ -803,6 +890,8 @@ def fold_batch_norm(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Modu
     # (a ResNet block's downsample) came after every BN of the outer Sequential, wherever it sat.
     position = {name: index for index, (name, _) in enumerate(model.named_modules())}
     for prefix, container in model.named_modules():
+        if isinstance(container, torch.fx.GraphModule):
+            folded += _fold_traced(container, prefix, uses)
         # Only Sequential's own forward proves that each child's output is the next child's input, and only there.
         if not isinstance(container, nn.Sequential) or type(container).forward is not nn.Sequential.forward:
             continue
@@ -876,13 +965,14 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     # Subclasses (a parametrized BN is one: torch makes it a ParametrizedBatchNorm2d) are not converted by
     # convert_batch_norm, so "convert them first" sent their user round in a circle.
     kept = [f"{_label(name)} ({type(module).__name__})" for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm) and type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)]
+            if isinstance(module, _BatchNorm) and (type(module) not in (*_TO_NORMKIT, nn.SyncBatchNorm)
+                                                   or "forward" in vars(module))]
     if kept:
         raise ValueError(f"freeze_batch_norm: {', '.join(kept)} derive from torch.nn's BN classes, which have no "
                          "frozen mode (eval() is undone by model.train()), and convert_batch_norm leaves subclasses "
-                         "alone; nothing was frozen. Replace them with normkit layers by hand (a parametrized one: "
-                         "torch.nn.utils.parametrize.remove_parametrizations, convert_batch_norm(model, 'normkit'), "
-                         "then register the parametrization again)")
+                         "(and instances with their own forward) alone; nothing was frozen. Replace them with normkit "
+                         "layers by hand (a parametrized one: torch.nn.utils.parametrize.remove_parametrizations, "
+                         "convert_batch_norm(model, 'normkit'), then register the parametrization again)")
     if foreign:
         raise ValueError(f"freeze_batch_norm: {', '.join(repr(n) for n in foreign)} are torch.nn BN layers, which "
                          "have no frozen mode (eval() is undone by model.train()); nothing was frozen. Convert them "
