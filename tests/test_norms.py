@@ -576,3 +576,35 @@ def test_a_layer_that_recenters_takes_every_other_input_as_torch_nn():
     torch.testing.assert_close(y, normkit.GroupNorm(2, 4)(half), rtol=0, atol=0)  # (a fresh layer's: torch's call)
     traced = torch.jit.trace(layer, far)
     assert [node.kind() for node in traced.graph.nodes() if node.kind().startswith("aten::")] == ["aten::group_norm"]
+
+
+
+@pytest.mark.parametrize("kind, dtype, huge, pattern", [
+    ("group", torch.float32, 3.3e38, "two values"), ("group", torch.float64, 1e308, "two values"),
+    ("layer", torch.float64, 1e308, "two values"), ("layer", torch.float64, 1e308, "constant")])
+def test_a_recentering_layer_leaves_a_group_whose_mean_overflows_as_torch_nn_does(kind, dtype, huge, pattern):
+    """A batch with data far from zero makes the layer recenter every group; a sample of values near the dtype's
+    largest summed to inf in the recentering mean, and the difference made that sample NaN where torch.nn's kernel
+    gives a finite output (found by a hunt). Its groups are left as they are: torch.nn's output for that sample, bit
+    for bit, and the float64 reference's for the samples far from zero."""
+    if kind == "group":
+        ours, theirs = normkit.GroupNorm(2, 4).to(dtype), torch.nn.GroupNorm(2, 4).to(dtype)
+        oracle = lambda x: R.group_norm(x, 2, to_numpy(ours.weight), to_numpy(ours.bias))  # noqa: E731
+    else:
+        ours, theirs = normkit.LayerNorm(5).to(dtype), torch.nn.LayerNorm(5).to(dtype)
+        oracle = lambda x: R.layer_norm(x, (5,), to_numpy(ours.weight), to_numpy(ours.bias))  # noqa: E731
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 5, generator=generator, dtype=dtype)
+    # far from zero: float32 where torch.nn loses its variance; float64 where the reference keeps its 1e-10 (its
+    # two-pass mean of data at 1e4 and std 1e-2 is itself an ulp off, 3e-10 after the division by the std)
+    x = x * 1e-2 + 1e4 if dtype == torch.float32 else x + 100.0
+    x[1] = huge
+    if pattern == "two values":
+        x[1, :, ::2] = huge / 2
+    with torch.no_grad():
+        y, expected = ours(x), theirs(x)
+    assert ours.__dict__["_far_from_zero_data"]
+    assert torch.isfinite(expected[1]).all()  # (the premise: torch.nn's kernel has a finite answer)
+    torch.testing.assert_close(y[1], expected[1], rtol=0, atol=0)
+    for sample in (0, 2):
+        assert_close(y[sample:sample + 1], oracle(to_numpy(x[sample:sample + 1])), dtype)

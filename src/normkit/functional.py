@@ -1720,6 +1720,7 @@ def recentered(x, num_groups):
         if num_groups != channels:
             size = channels // num_groups
             means = means.view(n, num_groups, size).mean(2).repeat_interleave(size, dim=1)
+        _finite_centres(means)
     return x - means.view(n, channels, *(1,) * (x.dim() - 2))
 
 
@@ -1727,8 +1728,16 @@ def recentered_rows(x, dims):
     """``x`` minus each row's mean over its last ``dims`` dims (layer norm's), a constant of the graph: see
     ``recentered``."""
     with torch.no_grad():
-        means = x.detach().mean(dim=tuple(range(-dims, 0)), keepdim=True)
+        means = _finite_centres(x.detach().mean(dim=tuple(range(-dims, 0)), keepdim=True))
     return x - means
+
+
+def _finite_centres(means):
+    """``means`` with every non-finite one set to 0, in place: a group (row) whose sum overflows (values near the
+    dtype's largest, whose mean is then inf), or that holds an inf or a NaN, is left as it is, so it gets torch's
+    own call where another group's data far from zero made the layer recenter (its mean of inf had made the whole
+    group NaN where torch's kernel gives a finite output)."""
+    return means.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _group_norm_of_contiguous(x, num_groups, weight, bias, eps):
