@@ -608,3 +608,34 @@ def test_a_recentering_layer_leaves_a_group_whose_mean_overflows_as_torch_nn_doe
     torch.testing.assert_close(y[1], expected[1], rtol=0, atol=0)
     for sample in (0, 2):
         assert_close(y[sample:sample + 1], oracle(to_numpy(x[sample:sample + 1])), dtype)
+
+
+@pytest.mark.parametrize("make, shape", [(normkit.InstanceNorm1d, (4, 30)), (normkit.InstanceNorm2d, (4, 6, 5)),
+                                         (normkit.InstanceNorm3d, (3, 4, 3, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_unbatched_instance_norm_of_data_far_from_zero_keeps_its_variance(make, shape, affine):
+    """An unbatched input (C, *S) far from zero is recentered as a batched one is: it kept ATen's error (outputs 0.1
+    off at mean 1e4 and std 1e-2, found by a hunt); outputs and gradients within float32's rounding of the float64
+    reference, as the batched input's."""
+    ours = make(shape[0], affine=affine)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.linspace(0.5, 1.5, shape[0]))
+            ours.bias.copy_(torch.linspace(-1.0, 1.0, shape[0]))
+    generator = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=generator) * 1e-2 + 1e4).double()  # (float32 values: the reference sees them)
+    g = torch.randn(shape, generator=generator, dtype=torch.float64)
+    data = x.float().requires_grad_()
+    y = ours(data)
+    y.backward(g.float())
+    weight, bias = (to_numpy(ours.weight), to_numpy(ours.bias)) if affine else (None, None)
+    batched, grad = to_numpy(x)[None], to_numpy(g)[None]
+    expected = R.instance_norm(batched, weight=weight, bias=bias)
+    expected_grads = R.group_norm_backward(grad, batched, shape[0], weight, bias)
+    assert float(np.abs(to_numpy(y)[None] - expected).max()) < 2e-6
+    # (input gradients of size ~1e2: float32's rounding of them)
+    assert float(np.abs(to_numpy(data.grad)[None] - expected_grads[0]).max()) < 2e-4
+    if affine:
+        assert float(np.abs(to_numpy(ours.weight.grad) - expected_grads[1]).max()) < 2e-5
+        assert float(np.abs(to_numpy(ours.bias.grad) - expected_grads[2]).max()) < 2e-5
+    assert ours.__dict__["_far_from_zero_data"]

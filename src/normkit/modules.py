@@ -1851,6 +1851,9 @@ class _InstanceNorm(_NormBase):
                                "(eval with track_running_stats=True normalizes with the running statistics, which "
                                "were set to None)")
         factor = self.momentum if self.momentum is not None else 0.0
+        if use_input_stats and self.running_mean is None and _far_from_zero(self, x, x.shape[1]):
+            # (as on the short path: an unbatched input (C, *S) kept torch's error far from zero, 0.1 at 1e4)
+            x = F.recentered(x, x.shape[1])
         try:
             y = F.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                                 factor, self.eps)
