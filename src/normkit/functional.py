@@ -1716,7 +1716,10 @@ def recentered(x, num_groups):
     stays the input's."""
     n, channels = x.shape[:2]
     with torch.no_grad():
-        means = x.detach().mean(dim=tuple(range(2, x.dim())))
+        # ((N, C) data: its values are the channel means, a copy (the centres are changed in place) that views take;
+        # a mean over no dims would reduce them all)
+        means = (x.detach().mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2
+                 else x.detach().clone(memory_format=torch.contiguous_format))
         if num_groups != channels:
             size = channels // num_groups
             means = means.view(n, num_groups, size).mean(2).repeat_interleave(size, dim=1)

@@ -1556,7 +1556,7 @@ def _recenterable(input: torch.Tensor, groups: Optional[int]) -> bool:
     difference of a value and a mean of the opposite sign can overflow float16."""
     return (_tracing_state() is None and input.is_cpu and input.dtype in _FULL_PRECISION and input.numel() > 0
             and not F.without_data(input) and not _under_vmap(input)
-            and (groups is None or (input.dim() >= 3 and input.shape[1] % groups == 0)))
+            and (groups is None or (input.dim() >= 2 and input.shape[1] % groups == 0)))
 
 
 def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] = None) -> bool:
@@ -1579,8 +1579,13 @@ def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] 
         if groups is None:
             var, mean = torch.var_mean(values, dim=tuple(range(-len(layer.normalized_shape), 0)), correction=0)
         else:
-            # per channel, over the positions (any layout, no copy), then per group by the law of total variance
-            var, mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)
+            # per channel, over the positions (any layout, no copy), then per group by the law of total variance;
+            # (N, C) data has one position (var_mean over no dims would reduce them all)
+            if input.dim() == 2:
+                mean = values.contiguous()  # (for the views below)
+                var = torch.zeros_like(mean)
+            else:
+                var, mean = torch.var_mean(values, dim=tuple(range(2, input.dim())), correction=0)
             var, mean = var.view(input.shape[0], groups, -1), mean.view(input.shape[0], groups, -1)
             channel_mean, mean = mean, mean.mean(2)
             var = var.mean(2) + (channel_mean - mean.unsqueeze(2)).square().mean(2)
