@@ -393,3 +393,25 @@ def test_a_fully_masked_batch_is_the_documented_difference():
     for got, initial, theirs_now in zip(ours.get_weights()[2:], weights[2:], theirs.get_weights()[2:]):
         np.testing.assert_array_equal(got, initial)
         _close(theirs_now, initial * 0.5, F32, "Keras' moving statistics")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16", "float64", "bfloat16"])
+def test_a_dtype_policy_object_is_taken_as_keras_takes_it(policy):
+    """keras.DTypePolicy objects (and NumPy dtypes) are Keras' dtype arguments too; normkit failed with TypeError
+    "unhashable type: 'DTypePolicy'". The layer made with one computes what Keras' does, and ports both ways."""
+    keras = KERAS
+    rng = np.random.default_rng(11)
+    theirs = keras.layers.BatchNormalization(momentum=0.5, dtype=keras.DTypePolicy(policy))
+    ours = BatchNormalization(momentum=0.5, dtype=keras.DTypePolicy(policy))
+    assert ours.dtype_policy == theirs.dtype_policy.name == policy
+    x = torch.tensor(rng.normal(size=(8, 3)) * 2 + 1, dtype=torch.float32)
+    y_ours, y_theirs = ours(x, training=True), theirs(x, training=True)
+    assert y_ours.dtype == y_theirs.dtype
+    tol = HALF[_POLICY_COMPUTE[policy]] if policy in _POLICY_COMPUTE else F32
+    _close(y_ours, y_theirs, tol, "output")
+    _weights_close(ours, theirs, tol, "weights")
+    ours.name = theirs.name
+    assert_same_config(ours.keras_config(), theirs.get_config(), "keras_config")
+    assert to_keras(ours).dtype_policy.name == policy
+    numpy_typed = BatchNormalization(dtype=np.float64)
+    assert numpy_typed.dtype_policy == keras.layers.BatchNormalization(dtype=np.float64).dtype_policy.name

@@ -60,7 +60,7 @@ _POLICIES = {"float32": (torch.float32, torch.float32), "float64": (torch.float6
 
 
 def _policy_name(dtype) -> Optional[str]:
-    """Keras' policy name for a ``dtype`` argument: a policy name, a torch dtype, or None (float32)."""
+    """Keras' policy name for a ``dtype`` argument: a policy name or DTypePolicy, a torch or NumPy dtype, or None."""
     if dtype is None:
         return None
     if isinstance(dtype, dict):  # Keras 3 writes {"class_name": "DTypePolicy", "config": {"name": "float32"}}
@@ -68,7 +68,13 @@ def _policy_name(dtype) -> Optional[str]:
         dtype = config.get("name") if isinstance(config, dict) else config
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
-    if dtype not in _POLICIES:
+    elif isinstance(getattr(dtype, "name", None), str) and not isinstance(dtype, str):
+        # A Keras DTypePolicy object (keras.DTypePolicy("mixed_float16")), which Keras' layers take as their dtype:
+        # its name is the policy's. (Looked up as it was, it failed with "unhashable type: 'DTypePolicy'".)
+        dtype = dtype.name
+    elif isinstance(dtype, type) and issubclass(dtype, np.generic):
+        dtype = np.dtype(dtype).name  # (np.float64, which Keras takes as it takes "float64")
+    if not isinstance(dtype, str) or dtype not in _POLICIES:
         raise ValueError(f"dtype must be a torch floating dtype or a Keras dtype policy name, one of "
                          f"{sorted(_POLICIES)}; got {dtype!r}")
     return dtype
