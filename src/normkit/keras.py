@@ -35,6 +35,7 @@ import json
 import math
 import numbers
 import re
+import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -947,7 +948,37 @@ def from_keras(keras_layer) -> BatchNormalization:
                              "it has no input_spec): use from_keras_config(layer.get_config(), {'input_shape': [...]}, "
                              "layer.get_weights()) with the shape it was built for")
     weights = keras_layer.get_weights() if build_config is not None else None
-    return from_keras_config(keras_layer.get_config(), build_config, weights)
+    return from_keras_config(_with_live_custom_objects(keras_layer), build_config, weights)
+
+
+_KERAS_OBJECT_OPTIONS = ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
+                         "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
+                         "gamma_constraint")
+
+
+def _with_live_custom_objects(keras_layer) -> dict:
+    """The Keras layer's config, where an initializer, regularizer or constraint is not one of Keras' built-ins that
+    normkit reads (a registered custom class, a lambda) replaced by the layer's own object, a callable on torch
+    tensors under Keras 3's torch backend. (from_keras refused such a layer, saying to give "a callable", which
+    from_keras has no way to take.) Elsewhere (tf.keras, another backend) the objects compute on other tensors:
+    the config is left, and refused by name."""
+    config = keras_layer.get_config()
+    keras = sys.modules.get("keras")
+    try:
+        torch_backend = keras is not None and keras.backend.backend() == "torch"
+    except AttributeError:
+        torch_backend = False
+    if not torch_backend or not type(keras_layer).__module__.startswith("keras."):
+        return config
+    for option in _KERAS_OBJECT_OPTIONS:
+        live = getattr(keras_layer, option, None)
+        if config.get(option) is None or not callable(live):
+            continue
+        try:
+            _OPTION_CHECKS[option](config[option], option)
+        except ValueError:
+            config[option] = live
+    return config
 
 
 def _build_config_of_input_spec(keras_layer) -> Optional[dict]:
