@@ -393,3 +393,69 @@ def test_a_fully_masked_batch_is_the_documented_difference():
     for got, initial, theirs_now in zip(ours.get_weights()[2:], weights[2:], theirs.get_weights()[2:]):
         np.testing.assert_array_equal(got, initial)
         _close(theirs_now, initial * 0.5, F32, "Keras' moving statistics")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16", "float64", "bfloat16"])
+def test_a_dtype_policy_object_is_taken_as_keras_takes_it(policy):
+    """keras.DTypePolicy objects (and NumPy dtypes) are Keras' dtype arguments too; normkit failed with TypeError
+    "unhashable type: 'DTypePolicy'". The layer made with one computes what Keras' does, and ports both ways."""
+    keras = KERAS
+    rng = np.random.default_rng(11)
+    theirs = keras.layers.BatchNormalization(momentum=0.5, dtype=keras.DTypePolicy(policy))
+    ours = BatchNormalization(momentum=0.5, dtype=keras.DTypePolicy(policy))
+    assert ours.dtype_policy == theirs.dtype_policy.name == policy
+    x = torch.tensor(rng.normal(size=(8, 3)) * 2 + 1, dtype=torch.float32)
+    y_ours, y_theirs = ours(x, training=True), theirs(x, training=True)
+    assert y_ours.dtype == y_theirs.dtype
+    tol = HALF[_POLICY_COMPUTE[policy]] if policy in _POLICY_COMPUTE else F32
+    _close(y_ours, y_theirs, tol, "output")
+    _weights_close(ours, theirs, tol, "weights")
+    ours.name = theirs.name
+    assert_same_config(ours.keras_config(), theirs.get_config(), "keras_config")
+    assert to_keras(ours).dtype_policy.name == policy
+    numpy_typed = BatchNormalization(dtype=np.float64)
+    assert numpy_typed.dtype_policy == keras.layers.BatchNormalization(dtype=np.float64).dtype_policy.name
+
+
+def test_a_keras_layer_with_custom_objects_ports():
+    """from_keras of a Keras layer whose regularizer and initializer are registered custom classes, and whose
+    constraint is a lambda, was refused ("not one normkit knows; use ... a callable", which from_keras cannot be
+    given): under the torch backend the layer's own objects are callables on torch tensors, and are used. The port
+    computes Keras' losses and projections, and to_keras writes the registered classes back."""
+    keras = KERAS
+
+    @keras.saving.register_keras_serializable(package="normkit_tests")
+    class SquareSum(keras.regularizers.Regularizer):
+        def __call__(self, weight):
+            return keras.ops.sum(weight * weight) * 0.3
+
+        def get_config(self):
+            return {}
+
+    @keras.saving.register_keras_serializable(package="normkit_tests")
+    class Twos(keras.initializers.Initializer):
+        def __call__(self, shape, dtype=None):
+            return keras.ops.ones(shape, dtype=dtype) * 2
+
+        def get_config(self):
+            return {}
+
+    kwargs = dict(gamma_regularizer=SquareSum(), beta_initializer=Twos(), gamma_constraint=lambda w: keras.ops.clip(w, 0, 0.5))
+    for built in (False, True):
+        theirs = keras.layers.BatchNormalization(**kwargs)
+        if built:
+            theirs.build((4, 3))
+        ours = from_keras(theirs)
+        if not built:
+            theirs.build((4, 3))
+            ours.build((4, 3))
+        _weights_close(ours, theirs, F32, f"built={built}: weights")
+        _close(ours.losses[0], theirs.losses[0], F32, f"built={built}: loss")
+        ours.bn.apply_constraints()
+        _close(ours.gamma, keras.ops.clip(theirs.gamma.value, 0, 0.5), F32, f"built={built}: constraint")
+        with pytest.raises(ValueError, match="gamma_constraint"):
+            to_keras(ours)  # (a lambda: Keras cannot load it, as before)
+    ours.gamma_constraint = None
+    back = to_keras(ours)
+    assert isinstance(back.gamma_regularizer, SquareSum) and isinstance(back.beta_initializer, Twos)
+    _close(back.losses[0], ours.losses[0], F32, "to_keras: loss")

@@ -1002,6 +1002,32 @@ def test_mixed_policy_casts_inputs_and_keeps_float32_weights(policy, compute):
     assert BatchNormalization.from_config(layer.keras_config()).dtype_policy == policy
 
 
+class _PolicyObject:
+    """Keras' DTypePolicy as the layer reads it (Keras is not needed here): an object whose ``name`` is the policy's."""
+
+    def __init__(self, name):
+        self.name = name
+
+    __hash__ = None  # (Keras' policies are unhashable: looked up as a name, one failed with "unhashable type")
+
+
+@pytest.mark.parametrize("dtype,policy", [(_PolicyObject("mixed_float16"), "mixed_float16"),
+                                          (_PolicyObject("float64"), "float64"), (np.float64, "float64"),
+                                          (np.dtype("float16"), "float16")])
+def test_policy_objects_and_numpy_dtypes_are_policies_as_in_keras(dtype, policy):
+    """Keras' layers take a DTypePolicy object or a NumPy dtype as their dtype, as they take its name; here the
+    object failed with TypeError "unhashable type: 'DTypePolicy'" and NumPy dtypes were refused."""
+    layer = BatchNormalization(dtype=dtype)
+    assert layer.dtype_policy == policy
+    named = BatchNormalization(dtype=policy)
+    x = t(np.random.default_rng(0).normal(size=(6, 3)))
+    assert layer(x, training=True).dtype == named(x, training=True).dtype
+    for ours, theirs in zip(layer.get_weights(), named.get_weights(), strict=True):
+        assert ours.dtype == theirs.dtype
+    with pytest.raises(ValueError, match="dtype policy name"):
+        BatchNormalization(dtype=_PolicyObject("int8_from_float32"))  # (a quantized policy: said so, by name)
+
+
 def test_half_precision_moving_statistics_round_once():
     """float16 variables: the moving average is blended in float32 and rounded once (Keras: 1565, not 1566)."""
     x = torch.tensor([[0.0], [3.0]], dtype=torch.float16) * 37.3

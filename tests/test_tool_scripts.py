@@ -53,6 +53,14 @@ def test_keras_tools_say_they_need_keras(without_keras, tmp_path, tool, argument
     assert not out.exists()
 
 
+def test_the_keras_fuzzer_says_it_needs_keras(without_keras):
+    """tools/fuzz_keras.py compares with the real Keras: without it, one line saying so, not a traceback."""
+    done = subprocess.run([sys.executable, str(TOOLS / "fuzz_keras.py"), "--seeds", "0", "1"], env=without_keras,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "needs Keras 3" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_keras_configs_help_is_not_an_output_path(without_keras, tmp_path):
     done = subprocess.run([sys.executable, str(RECORDINGS / "keras_configs.py"), "--help"], env=without_keras,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -35,6 +35,7 @@ import json
 import math
 import numbers
 import re
+import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -60,7 +61,7 @@ _POLICIES = {"float32": (torch.float32, torch.float32), "float64": (torch.float6
 
 
 def _policy_name(dtype) -> Optional[str]:
-    """Keras' policy name for a ``dtype`` argument: a policy name, a torch dtype, or None (float32)."""
+    """Keras' policy name for a ``dtype`` argument: a policy name or DTypePolicy, a torch or NumPy dtype, or None."""
     if dtype is None:
         return None
     if isinstance(dtype, dict):  # Keras 3 writes {"class_name": "DTypePolicy", "config": {"name": "float32"}}
@@ -68,7 +69,13 @@ def _policy_name(dtype) -> Optional[str]:
         dtype = config.get("name") if isinstance(config, dict) else config
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
-    if dtype not in _POLICIES:
+    elif isinstance(getattr(dtype, "name", None), str) and not isinstance(dtype, str):
+        # A Keras DTypePolicy object (keras.DTypePolicy("mixed_float16")), which Keras' layers take as their dtype:
+        # its name is the policy's. (Looked up as it was, it failed with "unhashable type: 'DTypePolicy'".)
+        dtype = dtype.name
+    elif isinstance(dtype, type) and issubclass(dtype, np.generic):
+        dtype = np.dtype(dtype).name  # (np.float64, which Keras takes as it takes "float64")
+    if not isinstance(dtype, str) or dtype not in _POLICIES:
         raise ValueError(f"dtype must be a torch floating dtype or a Keras dtype policy name, one of "
                          f"{sorted(_POLICIES)}; got {dtype!r}")
     return dtype
@@ -941,7 +948,37 @@ def from_keras(keras_layer) -> BatchNormalization:
                              "it has no input_spec): use from_keras_config(layer.get_config(), {'input_shape': [...]}, "
                              "layer.get_weights()) with the shape it was built for")
     weights = keras_layer.get_weights() if build_config is not None else None
-    return from_keras_config(keras_layer.get_config(), build_config, weights)
+    return from_keras_config(_with_live_custom_objects(keras_layer), build_config, weights)
+
+
+_KERAS_OBJECT_OPTIONS = ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
+                         "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
+                         "gamma_constraint")
+
+
+def _with_live_custom_objects(keras_layer) -> dict:
+    """The Keras layer's config, where an initializer, regularizer or constraint is not one of Keras' built-ins that
+    normkit reads (a registered custom class, a lambda) replaced by the layer's own object, a callable on torch
+    tensors under Keras 3's torch backend. (from_keras refused such a layer, saying to give "a callable", which
+    from_keras has no way to take.) Elsewhere (tf.keras, another backend) the objects compute on other tensors:
+    the config is left, and refused by name."""
+    config = keras_layer.get_config()
+    keras = sys.modules.get("keras")
+    try:
+        torch_backend = keras is not None and keras.backend.backend() == "torch"
+    except AttributeError:
+        torch_backend = False
+    if not torch_backend or not type(keras_layer).__module__.startswith("keras."):
+        return config
+    for option in _KERAS_OBJECT_OPTIONS:
+        live = getattr(keras_layer, option, None)
+        if config.get(option) is None or not callable(live):
+            continue
+        try:
+            _OPTION_CHECKS[option](config[option], option)
+        except ValueError:
+            config[option] = live
+    return config
 
 
 def _build_config_of_input_spec(keras_layer) -> Optional[dict]:

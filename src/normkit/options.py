@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Callable
 
 import numpy as np
@@ -530,6 +531,15 @@ def from_keras_object(kind: str, serialized: dict, *, name: str):
                          f"the arguments Keras' {class_name} takes, with valid values") from None
 
 
+def _keras_base(kind: str):
+    """Keras' base class of ``kind`` objects where Keras is already imported (never imported here), else None."""
+    keras = sys.modules.get("keras")
+    module = getattr(keras, {"initializer": "initializers", "regularizer": "regularizers",
+                             "constraint": "constraints"}[kind], None)
+    return getattr(module, {"initializer": "Initializer", "regularizer": "Regularizer",
+                            "constraint": "Constraint"}[kind], None)
+
+
 def to_keras_object(kind: str, value, *, name: str):
     """``value`` (as given to a layer: None, a name, a number, a Keras dict or a normkit object) in Keras'
     serialized form, which ``keras.layers.BatchNormalization.from_config`` loads."""
@@ -541,6 +551,11 @@ def to_keras_object(kind: str, value, *, name: str):
         class_name, config = _KERAS_NAMES[kind][resolved]
     elif type(resolved).__name__ in KERAS_CLASSES[kind] and callable(getattr(resolved, "get_config", None)):
         class_name, config = type(resolved).__name__, resolved.get_config()  # a Keras object, given as is
+    elif _keras_base(kind) is not None and isinstance(resolved, _keras_base(kind)):
+        # A Keras object of another class (a registered custom one, taken from a Keras layer by from_keras): Keras
+        # serializes it, and loads it where its class is registered (it was refused as "a Python callable").
+        import keras
+        return keras.saving.serialize_keras_object(resolved)
     else:
         if not hasattr(resolved, "keras_config"):
             raise ValueError(f"{name}={value!r} is a Python callable, which Keras cannot load: give a name, "
