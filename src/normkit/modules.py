@@ -27,7 +27,7 @@ from .options import (apply_initializer, check_process_group, resolve_constraint
                       resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
                     check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
-from .stats import integer_size
+from .stats import check_num_groups, integer_size
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -1686,10 +1686,13 @@ class GroupNorm(_SampleNorm):
                 and self.eps > 0):  # (else the general path refuses the eps)
             if _far_from_zero(self, input, self.num_groups):
                 input = F.recentered(input, self.num_groups)  # (see _far_from_zero)
-            try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+            try:  # (free when nothing is raised: the device and groups are checked only when ATen refuses)
                 return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
             except RuntimeError:
                 _check_input_device(input, weight)
+                # (num_groups set on a built layer to one that does not divide the channels: the ValueError of the
+                # general path and of functional.group_norm, not ATen's RuntimeError)
+                check_num_groups(self.num_groups, tuple(input.shape))
                 raise
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
