@@ -510,6 +510,28 @@ def test_a_layer_tensor_of_another_size_is_refused_by_name(options, name, size, 
     assert _same_state(before, layer)
 
 
+@pytest.mark.parametrize("make,x,name,size", [
+    (lambda: normkit.LayerNorm(4), (2, 4), "weight", 5), (lambda: normkit.LayerNorm(4), (2, 4), "bias", 3),
+    (lambda: normkit.LayerNorm((2, 3)), (2, 2, 3), "weight", 5),
+    (lambda: normkit.GroupNorm(2, 4), (2, 4, 3), "weight", 6), (lambda: normkit.GroupNorm(2, 4), (2, 4), "bias", 2),
+    (lambda: normkit.GroupNorm(2, 4), "channels_last", "weight", 6),
+    (lambda: normkit.InstanceNorm1d(4, affine=True), (2, 4, 3), "weight", 6),
+    (lambda: normkit.InstanceNorm1d(4, track_running_stats=True), (2, 4, 3), "running_mean", 6),
+    (lambda: normkit.InstanceNorm1d(4, track_running_stats=True).eval(), (2, 4, 3), "running_var", 2)])
+def test_a_sample_norm_tensor_of_another_size_is_refused_by_name(make, x, name, size):
+    """The sample norms' short paths hand ATen the layer's tensors as they are: one replaced by a tensor of another
+    size raised ATen's RuntimeError ("Expected weight to be a vector of size equal to the number of channels"), where
+    their general paths, BatchNorm and the functional twins raise a ValueError naming it (decisions.md, "Exception
+    types")."""
+    layer = make()
+    replacement = torch.ones(size)
+    setattr(layer, name, torch.nn.Parameter(replacement) if name in ("weight", "bias") else replacement)
+    x = (torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last) if x == "channels_last"
+         else torch.randn(*x))
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__} has a {name} of {size} values"):
+        layer(x)
+
+
 _TWIN_OPTIONS = [{}, {"virtual_batch_size": 2}, {"virtual_batch_size": 2, "ghost_layout": "contiguous"},
                  {"mask": torch.ones(4, 1, 5)}, {"adjustment": lambda shape: (1.0, 0.0)},
                  {"unbiased_running_var": False}, {"renorm": True}]

@@ -396,6 +396,19 @@ def test_sample_norm_sizes_set_on_a_built_layer_are_checked_as_the_constructor_c
     assert groups.num_groups == 3 and type(groups.num_groups) is int
 
 
+def test_group_count_that_does_not_divide_the_channels_is_a_value_error_at_the_next_call():
+    # Whether num_groups divides the channels is the next call's check, as in torch.nn (surgery may change
+    # num_groups before num_channels); the refusal is the ValueError of the general path and of
+    # functional.group_norm (decisions.md, "Exception types"), not ATen's RuntimeError from the layer's short path.
+    for shape in ((2, 4), (2, 4, 5), (2, 4, 5, 5)):
+        groups = normkit.GroupNorm(2, 4)
+        groups.num_groups = 3
+        with pytest.raises(ValueError, match="num_groups=3 must divide"):
+            groups(torch.randn(shape))
+        groups.num_groups = 4  # (then the call computes torch.nn's GroupNorm(4, 4))
+        torch.testing.assert_close(groups(x := torch.randn(shape)), torch.nn.GroupNorm(4, 4)(x))
+
+
 def test_buffers_replaced_by_attributes_are_the_ones_used():
     # (the short paths read tensors from the module's dicts; a buffer moved out of them must still be used)
     layer, reference = normkit.BatchNorm1d(4).eval(), torch.nn.BatchNorm1d(4).eval()

@@ -27,7 +27,7 @@ from .options import (apply_initializer, check_process_group, resolve_constraint
                       resolve_regularizer)
 from .stats import (RenormClipping, check_adjustment, check_ghost_batch, check_ghost_layout,  # noqa: F401
                     check_virtual_batch_size, group_counts, momentum_factor)  # (the checks: keras.py imports them from here)
-from .stats import integer_size
+from .stats import check_num_groups, integer_size
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -195,6 +195,18 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:
         return False
+
+
+def _check_tensor_counts(layer: nn.Module, count: int, names) -> None:
+    """A sample norm's weight, bias or running buffer replaced by a tensor of another size (``layer.weight =
+    nn.Parameter(...)``): the ValueError naming it, as BatchNorm and the functional twins give, where ATen raised a
+    RuntimeError. Asked only after ATen refused a call, so the common path pays nothing."""
+    for name in names:
+        tensor = getattr(layer, name, None)
+        if tensor is not None and tensor.numel() != count:
+            raise ValueError(f"{type(layer).__name__} has a {name} of {tensor.numel()} values (shape "
+                             f"{tuple(tensor.shape)}): a tensor of another size was assigned to it; give it {count} "
+                             "values, or build the layer for that size")
 
 
 def _check_input_device(input: torch.Tensor, *tensors) -> None:
@@ -1684,10 +1696,11 @@ class LayerNorm(_SampleNorm):
                 and self.eps > 0):  # (else the general path refuses the eps)
             if _far_from_zero(self, input):
                 input = F.recentered_rows(input, len(shape))  # (see _far_from_zero)
-            try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+            try:  # (free when nothing is raised: the device and sizes are checked only when ATen refuses)
                 return torch.layer_norm(input, shape, weight, bias, self.eps, torch.backends.cudnn.enabled)
             except RuntimeError:
                 _check_input_device(input, weight)
+                _check_tensor_counts(self, math.prod(shape), ("weight", "bias"))
                 raise
         self._check_input(input)
         k = len(self.normalized_shape)
@@ -1743,10 +1756,14 @@ class GroupNorm(_SampleNorm):
                 and self.eps > 0):  # (else the general path refuses the eps)
             if _far_from_zero(self, input, self.num_groups):
                 input = F.recentered(input, self.num_groups)  # (see _far_from_zero)
-            try:  # (free when nothing is raised: the device is checked only when ATen refuses)
+            try:  # (free when nothing is raised: the device and groups are checked only when ATen refuses)
                 return F.aten_group_norm(input, self.num_groups, weight, bias, self.eps)
             except RuntimeError:
                 _check_input_device(input, weight)
+                _check_tensor_counts(self, self.num_channels, ("weight", "bias"))
+                # (num_groups set on a built layer to one that does not divide the channels: the ValueError of the
+                # general path and of functional.group_norm, not ATen's RuntimeError)
+                check_num_groups(self.num_groups, tuple(input.shape))
                 raise
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
@@ -1826,6 +1843,7 @@ class _InstanceNorm(_NormBase):
                                                 self.momentum if self.momentum is not None else 0.0, self.eps)
                 except RuntimeError as error:
                     _check_input_device(input, weight, _buffer_of(self, "running_mean"))
+                    _check_tensor_counts(self, self.num_features, ("weight", "bias", "running_mean", "running_var"))
                     refusal = _transform_refusal(self, error, input) if self.training else None
                     if refusal is not None:
                         raise refusal from error
