@@ -119,3 +119,19 @@ def errors_of(calls):
         except Exception as error:  # noqa: BLE001 (recorded; the test says what was expected)
             errors[name] = f"{type(error).__name__}: {error}"
     return errors
+
+
+def keras_initial_weights(rng, names, shape):
+    """Random Keras BN weights of the given names, in float32: positive variances and stddevs, gammas of both signs
+    (the differential tests and tools/fuzz_keras.py draw alike)."""
+    values = []
+    for name in names:
+        if name in ("moving_variance",):
+            values.append(rng.uniform(0.3, 3.0, shape))
+        elif name in ("moving_stddev", "renorm_stddev"):
+            values.append(rng.uniform(0.5, 2.0, shape))
+        elif name == "gamma":
+            values.append(rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape))
+        else:
+            values.append(rng.normal(size=shape))
+    return [value.astype(np.float32) for value in values]

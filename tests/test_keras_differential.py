@@ -18,7 +18,7 @@ import torch
 
 from normkit.keras import BatchNormalization, from_keras, to_keras
 
-from oracle import assert_same_config
+from oracle import assert_same_config, keras_initial_weights
 
 # One skip for the module where Keras is missing (CI) or runs on another backend, not one per configuration.
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -113,20 +113,6 @@ def draw_config(seed, keras):
 
 _POLICY_COMPUTE = {"mixed_float16": torch.float16, "float16": torch.float16, "mixed_bfloat16": torch.bfloat16,
                    "bfloat16": torch.bfloat16}
-
-
-def _initial_weights(rng, names, shape):
-    values = []
-    for name in names:
-        if name in ("moving_variance",):
-            values.append(rng.uniform(0.3, 3.0, shape))
-        elif name in ("moving_stddev", "renorm_stddev"):
-            values.append(rng.uniform(0.5, 2.0, shape))
-        elif name == "gamma":
-            values.append(rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape))
-        else:
-            values.append(rng.normal(size=shape))
-    return [value.astype(np.float32) for value in values]
 
 
 def _mask(rng, shape, feature):
@@ -259,7 +245,7 @@ def run_pair(keras, config):
     tol = F32 if config["policy"] is None else HALF[_POLICY_COMPUTE[config["policy"]]]
     if deterministic:
         _weights_close(ours, theirs, tol, "initial weights")
-    weights = _initial_weights(rng, names, tuple(theirs.weights[0].shape))
+    weights = keras_initial_weights(rng, names, tuple(theirs.weights[0].shape))
     theirs.set_weights(weights)
     ours.set_weights(weights)
     _weights_close(ours, theirs, tol, "weights set")
@@ -354,7 +340,7 @@ def test_a_list_axis_is_keras_on_the_merged_axes():
     ours, theirs = BatchNormalization(axis=[2, 3], momentum=0.8), keras.layers.BatchNormalization(momentum=0.8)
     ours.build((4, 3, 2, 5))
     theirs.build((4, 3, 10))
-    weights = _initial_weights(rng, ["gamma", "beta", "moving_mean", "moving_variance"], (10,))
+    weights = keras_initial_weights(rng, ["gamma", "beta", "moving_mean", "moving_variance"], (10,))
     theirs.set_weights(weights)
     ours.set_weights([w.reshape(2, 5) for w in weights])
     for training in (True, True, False):
@@ -385,7 +371,7 @@ def test_a_fully_masked_batch_is_the_documented_difference():
     ours, theirs = BatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
     for layer in (ours, theirs):
         layer.build((3, 4, 2))
-    weights = _initial_weights(rng, ["gamma", "beta", "moving_mean", "moving_variance"], (2,))
+    weights = keras_initial_weights(rng, ["gamma", "beta", "moving_mean", "moving_variance"], (2,))
     ours.set_weights(weights)
     theirs.set_weights(weights)
     x, mask = torch.tensor(rng.normal(size=(3, 4, 2)), dtype=torch.float32), torch.zeros(3, 4, dtype=torch.bool)

@@ -44,6 +44,9 @@ if keras.backend.backend() != "torch":
 import normkit
 from normkit.keras import BatchNormalization, from_keras, to_keras
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from oracle import keras_initial_weights  # noqa: E402  (the tests' draw of Keras weights, shared)
+
 HALF = {"mixed_float16": torch.float16, "float16": torch.float16, "mixed_bfloat16": torch.bfloat16,
         "bfloat16": torch.bfloat16}
 TOLERANCE = {None: dict(rtol=2e-4, atol=2e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
@@ -197,17 +200,7 @@ def run(config, log):
     dtypes = [w.dtype for w in theirs.get_weights()]
     if [str(d) for d in dtypes] != [str(w.dtype) for w in ours.get_weights()]:
         raise Mismatch(f"weight dtypes {[w.dtype for w in ours.get_weights()]} vs Keras' {dtypes}")
-    weights = []
-    for name in names:
-        size = tuple(theirs.weights[0].shape)
-        if name == "moving_variance":
-            weights.append(rng.uniform(0.3, 3.0, size))
-        elif name in ("moving_stddev", "renorm_stddev"):
-            weights.append(rng.uniform(0.5, 2.0, size))
-        elif name == "gamma":
-            weights.append(rng.uniform(0.5, 2.0, size) * rng.choice([-1, 1], size))
-        else:
-            weights.append(rng.normal(size=size))
+    weights = keras_initial_weights(rng, names, tuple(theirs.weights[0].shape))
     weights = [w.astype(np.float32).astype(d) for w, d in zip(weights, dtypes)]
     theirs.set_weights(weights)
     ours.set_weights(weights)
