@@ -1181,3 +1181,27 @@ def test_checkpoint_stopping_at_the_kernel_counts_the_recomputed_step_as_torch_n
         got_buffer, want_buffer = (getattr(getattr(m, "layer", m), name) for m in (layer, plain))
         torch.testing.assert_close(got_buffer, want_buffer, rtol=1e-12, atol=1e-12, msg=name)
     assert int(getattr(layer, "layer", layer).num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 5, 3), -1), ((4, 3, 5), 1)])
+def test_a_mask_refilled_before_the_backward_leaves_the_step_s_gradient_as_aten_s_paths(fused_kernels, shape, axis,
+                                                                                          rng):
+    """One mask buffer refilled for the next micro-batch before the backward (gradient accumulation): the kernels
+    saved the caller's mask itself and the backward raised autograd's "modified by an inplace operation" about a
+    tensor the user never handed to autograd, where ATen's paths keep what they derived from it. They save a copy:
+    the gradients of the step as it ran (oracle: the reference with the mask of the forward)."""
+    layer = normkit.BatchNorm(shape[axis], axis=axis).double()
+    kept = tuple(size for i, size in enumerate(shape) if i != axis % len(shape))
+    mask = torch.tensor(rng.uniform(size=kept) < 0.7)
+    mask.view(-1)[0] = True
+    used = mask.clone()
+    x = torch.tensor(rng.normal(size=shape), requires_grad=True)
+    g = torch.tensor(rng.normal(size=shape))
+    y = layer(x, mask=mask)
+    mask.copy_(~mask)  # (the next micro-batch's padding, in the same buffer)
+    y.backward(g)
+    full = used.unsqueeze(axis % len(shape)).expand(shape).numpy()
+    want = R.batch_norm_backward(g.numpy(), x.detach().numpy(), np.zeros(shape[axis]), np.ones(shape[axis]),
+                                 np.ones(shape[axis]), np.zeros(shape[axis]), training=True, axis=axis, mask=full)
+    for got, expected in zip((x.grad, layer.weight.grad, layer.bias.grad), want, strict=True):
+        assert_close(got, expected)
