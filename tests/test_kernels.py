@@ -7,6 +7,7 @@ run through the C++ kernel against the NumPy reference and Keras' numbers (the `
 fixture); these are the cases specific to the kernels.
 """
 
+import copy
 import importlib.util
 import math
 import os
@@ -1130,3 +1131,77 @@ def test_the_direct_kernel_route_reads_the_layer_s_flags_at_every_call(cpp_kerne
     keras_layer = normkit.keras.BatchNormalization(renorm=True, dtype=torch.float64)  # builds with axis 3
     keras_layer(torch.tensor(rng.normal(size=(4, 3, 3, 2))), training=True)
     assert keras_layer.bn._fusable  # a positive feature axis reaches the kernel too
+
+
+class _Masked(torch.nn.Module):
+    """A layer called with a fixed padding mask (checkpoint passes the input alone)."""
+
+    def __init__(self, layer, mask):
+        super().__init__()
+        self.layer, self.mask = layer, mask
+
+    def forward(self, x):
+        return self.layer(x, mask=self.mask)
+
+
+@pytest.mark.parametrize("case", [
+    dict(shape=(4, 3, 5), options=dict(virtual_batch_size=2)),  # _forward_fused_contiguous
+    dict(shape=(4, 3, 5), options=dict(virtual_batch_size=2, momentum=None)),
+    dict(shape=(4, 3, 2, 2), options=dict(virtual_batch_size=2), channels_last=True),  # the general fused route
+    dict(shape=(4, 5, 3), options=dict(unbiased_running_var=False, axis=-1)),  # _forward_fused_plain
+    dict(shape=(4, 2, 2, 3), options=dict(axis=-1)),  # plain features-last, rank 4
+    dict(shape=(4, 5, 3), options=dict(axis=-1), mask=True),
+], ids=lambda case: str(case))
+def test_checkpoint_stopping_at_the_kernel_counts_the_recomputed_step_as_torch_nn(fused_kernels, case):
+    """Non-reentrant checkpointing stops its recomputation once the block's saved tensors are all recomputed; when
+    nothing after the layer saves any, that is inside the kernel's call, after it moved the buffers. The count came
+    after the call and was skipped: the buffers of two forwards with a count of one (torch.nn's BN counts first: two),
+    so ``momentum=None``'s next average was wrong. Oracle: the same layer, not checkpointed, run twice (decisions.md,
+    activation checkpointing: the buffers of two forwards)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    shape, options = case["shape"], dict(case["options"])
+    axis = options.get("axis", 1)
+    layer = normkit.BatchNorm(shape[axis], **options).double()
+    mask = None
+    if case.get("mask"):
+        mask = torch.rand(shape[:-1]) < 0.7
+        layer = _Masked(layer, mask)
+    plain = copy.deepcopy(layer)
+    x = torch.randn(shape, dtype=torch.float64)
+    if case.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaf = x.clone().requires_grad_()
+    # (nothing in the block saves a tensor after the layer: the recomputation stops at the kernel's saved tensors)
+    checkpoint(layer, leaf, use_reentrant=False).square().sum().backward()
+    plain(x.clone().requires_grad_())
+    plain(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        got_buffer, want_buffer = (getattr(getattr(m, "layer", m), name) for m in (layer, plain))
+        torch.testing.assert_close(got_buffer, want_buffer, rtol=1e-12, atol=1e-12, msg=name)
+    assert int(getattr(layer, "layer", layer).num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 5, 3), -1), ((4, 3, 5), 1)])
+def test_a_mask_refilled_before_the_backward_leaves_the_step_s_gradient_as_aten_s_paths(fused_kernels, shape, axis,
+                                                                                          rng):
+    """One mask buffer refilled for the next micro-batch before the backward (gradient accumulation): the kernels
+    saved the caller's mask itself and the backward raised autograd's "modified by an inplace operation" about a
+    tensor the user never handed to autograd, where ATen's paths keep what they derived from it. They save a copy:
+    the gradients of the step as it ran (oracle: the reference with the mask of the forward)."""
+    layer = normkit.BatchNorm(shape[axis], axis=axis).double()
+    kept = tuple(size for i, size in enumerate(shape) if i != axis % len(shape))
+    mask = torch.tensor(rng.uniform(size=kept) < 0.7)
+    mask.view(-1)[0] = True
+    used = mask.clone()
+    x = torch.tensor(rng.normal(size=shape), requires_grad=True)
+    g = torch.tensor(rng.normal(size=shape))
+    y = layer(x, mask=mask)
+    mask.copy_(~mask)  # (the next micro-batch's padding, in the same buffer)
+    y.backward(g)
+    full = used.unsqueeze(axis % len(shape)).expand(shape).numpy()
+    want = R.batch_norm_backward(g.numpy(), x.detach().numpy(), np.zeros(shape[axis]), np.ones(shape[axis]),
+                                 np.ones(shape[axis]), np.zeros(shape[axis]), training=True, axis=axis, mask=full)
+    for got, expected in zip((x.grad, layer.weight.grad, layer.bias.grad), want, strict=True):
+        assert_close(got, expected)

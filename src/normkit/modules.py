@@ -1106,11 +1106,12 @@ class BatchNorm(_NormBase):
         weight, bias = _affine_of(self)
         # (settings: momentum, renorm_momentum, rmin, rmax, dmax, eps, unbiased running variance, training;
         # dims: N, R, C, S, ghost groups, strided: functional._fused_batch_norm's, for one features-last axis)
+        count.add_(1)  # (counted before the kernel moves the buffers: see _forward_fused_contiguous)
         y = kernels.fused_direct(input, weight, bias, running_mean, running_var, [n, rows, channels, 1, 1, 1],
                                  [float(factor), 0.0, 0.0, math.inf, math.inf, float(self.eps),
                                   1.0 if self.unbiased_running_var else 0.0, 1.0])
-        if y is not None:
-            count.add_(1)
+        if y is None:
+            count.sub_(1)  # (declined: nothing changed)
         return y
 
     def _batch_norm_with_biased_update(self, channels, weight, bias, running_mean, running_var, factor):
@@ -1245,13 +1246,18 @@ class BatchNorm(_NormBase):
                  else None)
         factor = self.momentum if self.momentum is not None else momentum_factor(None, count + 1)
         clipping = self.renorm_clipping.at_step(lambda: count) if renorm else (0.0, math.inf, math.inf)
-        y = F._fused_batch_norm(input, (axis,), None, self.virtual_batch_size, self.ghost_layout, self.running_mean,
-                                self.running_var, self.weight, self.bias, True, factor, self.eps,
-                                self.unbiased_running_var, self.renorm_mean if renorm else None,
-                                self.renorm_stddev if renorm else None, self.moving_stddev if renorm else None,
-                                clipping, self.renorm_momentum)
-        if y is not None:
-            self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(1)  # (counted before the kernel moves the buffers: see _forward_fused_contiguous)
+        try:
+            y = F._fused_batch_norm(input, (axis,), None, self.virtual_batch_size, self.ghost_layout,
+                                    self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps,
+                                    self.unbiased_running_var, self.renorm_mean if renorm else None,
+                                    self.renorm_stddev if renorm else None, self.moving_stddev if renorm else None,
+                                    clipping, self.renorm_momentum)
+        except ValueError:  # (one value per feature, refused by name before the kernel: nothing changed)
+            self.num_batches_tracked.sub_(1)
+            raise
+        if y is None:
+            self.num_batches_tracked.sub_(1)  # (declined: nothing changed)
         return y
 
     def _forward_fused_contiguous(self, input: torch.Tensor, mask=None) -> Optional[torch.Tensor]:
@@ -1298,13 +1304,18 @@ class BatchNorm(_NormBase):
         rmin, rmax, dmax = self.renorm_clipping.at_step(lambda: step) if renorm else (0.0, math.inf, math.inf)
         weight, bias = _affine_of(self)
         # (dims and settings: functional._fused_batch_norm's, for one axis, first or last, of contiguous data)
+        # Counted before the kernel moves the buffers, as torch.nn counts before its kernel: checkpointing's
+        # recomputation (torch.utils.checkpoint, use_reentrant=False) stops as soon as the kernel has saved its
+        # tensors, when nothing after the layer saves any, so a count after the call was skipped there (the buffers
+        # of two forwards and a count of one, where torch.nn's has two).
+        count.add_(1)
         y = kernels.fused_direct(input, weight, bias, running_mean, running_var,
                                  [n, rows, channels, positions, groups, 1 if self.ghost_layout == "strided" else 0],
                                  [float(factor), float(self.renorm_momentum), float(rmin), float(rmax), float(dmax),
                                   float(self.eps), 1.0 if self.unbiased_running_var else 0.0, 1.0], *renorm_state,
                                  valid=valid)
-        if y is not None:
-            count.add_(1)
+        if y is None:
+            count.sub_(1)  # (declined: nothing changed)
         return y
 
     def _forward_plain_ghost(self, input: torch.Tensor) -> Optional[torch.Tensor]:

@@ -313,7 +313,9 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     Tensor saved = torch::empty({L.G + 2 * L.G * C + 3 * C}, torch::dtype(torch::kFloat64));
     double* out = saved.data_ptr<double>();
     for (const auto* part : {&count, &mean, &invstd, &scale, &r, &d}) out = std::copy(part->begin(), part->end(), out);
-    ctx->save_for_backward({x, weight, valid});
+    // A copy of the mask: the caller's own memory (the layers pass a view of the user's mask), which a user may refill
+    // before the backward (one mask buffer for several micro-batches), where ATen's paths keep what they derived.
+    ctx->save_for_backward({x, weight, valid.defined() ? valid.clone() : valid});
     ctx->saved_data["dims"] = dims;
     ctx->saved_data["statistics"] = saved;
     ctx->saved_data["has_bias"] = bias.defined();

@@ -270,7 +270,8 @@ class _FusedBatchNorm(torch.autograd.Function):
             STRIDED=bool(strided), HAS_MASK=valid is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, RENORM=renorm, UPDATE=bool(update) and running_mean is not None,
             UNBIASED=bool(unbiased), BLOCK=BLOCK)
-        ctx.save_for_backward(x, weight, valid, stats, rd)
+        # (a copy of the mask, as the C++ kernel saves: the caller's may be refilled before the backward)
+        ctx.save_for_backward(x, weight, None if valid is None else valid.clone(), stats, rd)
         ctx.dims = dims
         ctx.eps = float(settings[5])  # (for graph_backward)
         ctx.bias_dtype = None if bias is None else bias.dtype
