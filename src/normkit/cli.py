@@ -323,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normkit {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
-        # normkit.lab.train.RunInterrupted says what the run directory holds; a bare Ctrl-C came before any run.
-        detail = str(interrupt) or "interrupted while no run was training (finished runs are complete)"
+        # normkit.lab.train.RunInterrupted says what the run directory holds; a bare Ctrl-C came before any run
+        # (the checks, the data, the folder's plan: nothing written yet), so "finished runs" meant nothing to `train`.
+        detail = str(interrupt) or ("interrupted before training started: nothing was written; run the same command "
+                                    "again" if args.command in ("train", "compare") else "interrupted")
         print(f"normkit {args.command}: {detail}", file=sys.stderr)
         return getattr(interrupt, "exit_status", 130)  # (143 for SIGTERM: RunInterrupted says which)
 

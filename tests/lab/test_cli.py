@@ -1,6 +1,7 @@
 """Smoke tests of every `normkit` command and the contents of a run directory (config, metrics, checkpoint, events)."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -275,6 +276,30 @@ def test_a_pickled_module_is_not_a_normkit_checkpoint(tmp_path, capsys):
     error = one_line_naming(capsys, path, "not a normkit lab checkpoint",
                             "unsupported global torch.nn.modules.linear.Linear", "weights_only=True")
     assert "(1)" not in error  # torch's numbered advice, cut off after its first line
+
+
+class _RunsACommand:
+    """Unpickles as a call of os.system: the payload a crafted checkpoint.pt would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_naming_it(tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    run(TrainConfig(dry_run=True, quiet=True, tensorboard=False, train_limit=100, out=str(out)))
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "model": {**payload["model"], "x": _RunsACommand(marker)}}, out / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", str(out)]) == 2
+    # torch blocks the module outright ("whose module posix is blocked"): the line names the global it refused.
+    one_line_naming(capsys, out / "checkpoint.pt", "not a normkit lab checkpoint",
+                    f"unsupported global {os.system.__module__}.system")
+    assert main(["train", "--out", str(out), "--resume", "--dry-run", "--train-limit", "100"]) == 2
+    one_line_naming(capsys, "unsupported global", "--resume cannot continue")
+    assert not marker.exists()
 
 
 def test_a_zip_file_that_is_not_a_torch_checkpoint(tmp_path, capsys):

@@ -518,6 +518,20 @@ def test_ctrl_c_waits_until_the_optimizer_is_built():
     assert reached == ["end of the block"]
 
 
+def test_a_ctrl_c_before_training_starts_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    """While the run's data and folder are checked: the line spoke of "finished runs", which a train has none of."""
+    from normkit.lab import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "plan_run", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "3", *TINY, "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert "before training started: nothing was written" in error and "finished runs" not in error, error
+    assert not out.exists()
+
+
 def test_interrupt_messages_say_what_is_saved(tmp_path, monkeypatch, capsys):
     from normkit.lab import train
 

@@ -112,6 +112,10 @@ def test_ghost_batches_of_another_size(tmp_path, capsys):
     (["--norm", "torch", "--norm-option", "device=foo"], "device: the run puts every layer where --device says"),
     (["--norm", "batch", "--norm-option", "dtype=float64"], "dtype: the run puts every layer"),
     (["--norm", "batch", "--norm-option", "weight_initializer=1e300"], "beyond torch.float32's range"),
+    # Python's spelling is not JSON: the text "False", which the layers read as true (gamma and beta were kept)
+    (["--norm", "batch", "--norm-option", "affine=False"], "affine is a switch, give true or false"),
+    (["--norm", "torch", "--norm-option", "track_running_stats=False"], "track_running_stats is a switch"),
+    (["--model", "mlp", "--norm", "layer", "--norm-option", "elementwise_affine=no"], "elementwise_affine is a switch"),
 ])
 def test_bad_options_are_one_line_before_anything_is_written(tmp_path, capsys, argv, phrase):
     out = tmp_path / "run"
@@ -124,6 +128,15 @@ def test_bad_options_are_one_line_before_anything_is_written(tmp_path, capsys, a
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
     assert "--norm-option" in error and phrase in error, error
     assert not out.exists()
+
+
+def test_a_switch_given_as_json_false_turns_the_layers_feature_off(tmp_path):
+    """The refused spellings' oracle: JSON false does what `affine=False` was meant to (no gamma and beta)."""
+    out = tmp_path / "run"
+    assert main(["train", "--dry-run", *TINY, "--quiet", "--no-tensorboard", "--out", str(out),
+                 "--norm-option", "affine=false"]) == 0
+    model, _ = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    assert all(layer.weight is None and layer.bias is None for layer in norm_layers(model))
 
 
 def test_resume_keeps_the_options(tmp_path, capsys):

@@ -194,6 +194,29 @@ def test_compare_resumes_where_it_stopped(tmp_path, capsys):
 
 
 
+def test_an_interrupted_compare_leaves_no_earlier_table_beside_its_runs(tmp_path, monkeypatch):
+    """A smoke-test compare, then the real one stopped in its second run: comparison.md showed the dry runs' numbers
+    beside real runs. The table goes when training starts, and --resume writes the uninterrupted comparison's."""
+    from normkit.lab import compare as compare_module
+    out, command = tmp_path / "compare", ["compare", "--norms", "batch,none", "--epochs", "1", *TINY]
+    assert main(command + ["--dry-run", "--out", str(out)]) == 0
+    assert (out / "comparison.md").exists()
+    real_run, calls = compare_module.run, []
+
+    def stopped_in_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+    monkeypatch.setattr(compare_module, "run", stopped_in_the_second_run)
+    assert main(command + ["--out", str(out)]) == 130
+    assert not any((out / name).exists() for name in ("comparison.md", "comparison.json", "comparison.png"))
+    monkeypatch.setattr(compare_module, "run", real_run)
+    assert main(command + ["--out", str(out), "--resume"]) == 0
+    assert main(command + ["--out", str(tmp_path / "uninterrupted")]) == 0
+    assert (out / "comparison.md").read_text() == (tmp_path / "uninterrupted" / "comparison.md").read_text()
+
+
 def test_compare_with_more_epochs_hints_compare_resume_not_a_lone_train(tmp_path, capsys):
     """A finished comparison run again with more --epochs: the hint was `normkit train --out RUN --resume --epochs N`
     for one run, which trains that run alone, and a later compare without --resume retrained it from scratch."""

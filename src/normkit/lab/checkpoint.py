@@ -180,7 +180,9 @@ def _check_entries(payload: dict, path: Path) -> None:
 def _refused_objects(error: pickle.UnpicklingError) -> str:
     """What torch.load(weights_only=True) refused, in a few words: its message is a paragraph with ANSI codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    unsupported = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+    # "Unsupported global: GLOBAL torch.nn.Linear" (not allow-listed) or "unsupported GLOBAL posix.system whose
+    # module posix is blocked" (a payload that would run code): both name what the file tried to load.
+    unsupported = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
     if unsupported:
         return f"unsupported global {unsupported.group(1)}"
     detail = text.split("WeightsUnpickler error:")[-1].strip()

@@ -173,6 +173,10 @@ def compare(norms: list[str], seeds: list[int], out: str | None = None, **option
              for (norm, seed), cfg in configs.items()}
     _refuse_mixed_settings(plans)
     results: dict[str, dict[int, dict]] = {}
+    # An earlier comparison's table (a dry run's, or one of runs --overwrite now replaces) would otherwise stay
+    # beside runs that no longer hold its numbers when this one stops before writing its own: none is better.
+    for name in ("comparison.md", "comparison.json", "comparison.png"):
+        (out_dir / name).unlink(missing_ok=True)
     try:
         with terminations_interrupt():  # (between runs too: SIGTERM is reported as Ctrl-C is)
             _run_all(configs, given, splits, results)

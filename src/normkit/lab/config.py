@@ -244,6 +244,14 @@ def check_norm_options(norm: str, options, model: str) -> None:
     # LeNet has conv (rank 4) and dense (rank 2) norm layers; the MLP only dense ones; instance only conv ones.
     ranks = (2,) if model == "mlp" else (4,) if norm == "instance" else (4, 2)
     for rank in ranks:
+        # A switch (affine, track_running_stats, ...) takes true or false. The layers read any value's truth, so
+        # Python's spelling `affine=False`, not JSON and so the text "False", kept gamma and beta, silently.
+        switches = {key for key, value in vars(create_norm(norm, 6, rank)).items() if isinstance(value, bool)}
+        for key in sorted(switches & set(options)):
+            if not isinstance(options[key], bool):
+                raise ValueError(f"--norm-option {key}={options[key]!r}: {key} is a switch, give true or false "
+                                 "(JSON's spelling: any other value, even the text 'False', would read as true)")
+    for rank in ranks:
         try:
             create_norm(norm, 6, rank, **options)
         except (TypeError, ValueError, RuntimeError) as error:
