@@ -92,9 +92,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, tensor, process_group):
-        if in_dims[0] is None:  # (nothing batched reaches the merge: a vmap over what it does not depend on)
-            return _AllGather.apply(tensor, process_group), None
-        _refuse_vmap()
+        return _unbatched_merge(_AllGather, in_dims, tensor, process_group)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -121,9 +119,15 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, tensor, process_group):
-        if in_dims[0] is None:  # (nothing batched reaches the merge: a vmap over what it does not depend on)
-            return _AllReduceSum.apply(tensor, process_group), None
-        _refuse_vmap()
+        return _unbatched_merge(_AllReduceSum, in_dims, tensor, process_group)
+
+
+def _unbatched_merge(function, in_dims, tensor, process_group):
+    """The vmap rule of the merge's Functions: an unbatched input passes through (a vmap over what the merge does not
+    depend on, an ensemble's weights and buffers); a batched one is refused."""
+    if in_dims[0] is None:
+        return function.apply(tensor, process_group), None
+    _refuse_vmap()
 
 
 def _refuse_vmap():
