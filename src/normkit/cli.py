@@ -94,7 +94,8 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     if with_norm:
         model.add_argument("--norm", choices=NORM_NAMES, default=SUPPRESS,
                            help="default: batch (normkit.BatchNorm); torch = torch.nn.BatchNorm; keras = normkit.BatchNorm "
-                                "with Keras' defaults (momentum 0.99, epsilon 1e-3)")
+                                "with Keras' defaults (Keras' momentum 0.99, i.e. 0.01 on the new batch; epsilon "
+                                "1e-3; the biased running variance)")
     model.add_argument("--norm-option", dest="norm_options", action=_NormOption, default=SUPPRESS,
                        metavar="KEY=VALUE",
                        help="a keyword for every norm layer, repeatable: --norm-option momentum=0.01 "
@@ -115,7 +116,7 @@ def _add_training_options(parser: argparse.ArgumentParser, with_norm: bool = Tru
     optimization.add_argument("--epochs", type=_positive_int, default=SUPPRESS, help="default: 5")
     optimization.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                               help="drop the last partial batch (default: only with ghost batches, --norm ghost or a "
-                                   "--norm-option virtual_batch_size, and a last batch of 1 image)")
+                                   "--norm-option virtual_batch_size; a last batch of 1 image is always dropped)")
     optimization.add_argument("--batch-classes", type=_positive_int, default=SUPPRESS, metavar="K",
                               help="non-i.i.d. batches: each holds --batch-size / K images of each of K classes only "
                                    "(the Batch Renormalization paper's experiment; default: shuffled batches)")

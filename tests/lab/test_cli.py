@@ -30,6 +30,45 @@ def test_console_script_help():
         assert option in result.stdout, option
 
 
+def test_train_help_states_the_defaults_the_run_uses():
+    # A learner reads the defaults in `normkit train --help`, which restates them (TrainConfig holds them, cli.py
+    # passes none): every literal "default: VALUE" there must be TrainConfig's. --norm keras's momentum must be said
+    # as the layer holds it, the weight of the new batch (its help said "momentum 0.99", Keras' weight of the old
+    # value, for a normkit.BatchNorm whose momentum is 0.01), and --drop-last's one-image rule holds without the flag.
+    import re
+
+    from normkit.cli import build_parser
+    from normkit.lab.batches import training_batch_sizes
+    from normkit.registry import create_norm
+
+    train = build_parser().commands["train"]
+    defaults = vars(TrainConfig())
+    not_literal = {"data_dir", "lr", "drop_last", "batch_classes", "out"}  # ($NORMKIT_DATA, per optimizer, rules)
+    checked = []
+    for action in train._actions:
+        match = re.search(r"default: ([^\s,;)]+)", action.help or "")
+        if match is None or action.dest in not_literal:
+            continue
+        text = match.group(1)
+        try:
+            quoted = {"on": True, "off": False}[text] if text in ("on", "off") else json.loads(text)
+        except ValueError:
+            quoted = text
+        assert quoted == defaults[action.dest], (action.dest, text)
+        checked.append(action.dest)
+    assert len(checked) >= 15 and {"batch_size", "epochs", "norm", "recalibrate", "threads"} <= set(checked)
+
+    help_text = next(a.help for a in train._actions if a.dest == "norm")
+    layer = create_norm("keras", 6, rank=4)
+    assert float(re.search(r"keras = [^;]*?([\d.]+) on the new batch", help_text).group(1)) == layer.momentum
+    assert float(re.search(r"epsilon ([\d.e-]+)", help_text).group(1)) == layer.eps
+    assert "biased" in help_text and not layer.unbiased_running_var
+
+    drop_help = next(a.help for a in train._actions if a.dest == "drop_last")
+    assert "a last batch of 1 image is always dropped" in drop_help
+    assert training_batch_sizes(129, TrainConfig(drop_last=False).resolved()) == [64, 64]
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "dry"
