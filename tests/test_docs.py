@@ -40,6 +40,67 @@ def test_learn_md_figures_are_results_md_figures():
     assert figures <= results, f"learn.md quotes figures results.md does not hold: {sorted(figures - results)}"
 
 
+def _results_tables():
+    # results.md's tables by section heading: {heading: {row label: {column header: cell}}}, backticks dropped
+    tables, heading = {}, None
+    for line in DOC.with_name("results.md").read_text().splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("# ").strip(), None
+        elif line.startswith("|") and heading is not None:
+            cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+            elif not set(line) <= set("|- "):
+                tables.setdefault(heading, {})[cells[0]] = dict(zip(header, cells))
+    return tables
+
+
+# Each figure the tutorial quotes (a regex on its prose with one group) and the results.md cell it stands for:
+# (heading prefix, row, column). A cell "mean ± sd" matches a quote of the mean alone.
+LEARN_MD_QUOTES = [
+    (r"\(`normkit train`, seeds 0-2\): test accuracy (\S+ ± \S+) with BN", "Digits", "batch", "test accuracy"),
+    (r"with BN, (\S+ ± \S+) without, which is chance", "Digits", "none", "test accuracy"),
+    (r"with sigmoids, (\S+ ± \S+) with BN", "LeNet, sigmoid", "batch", "test accuracy"),
+    (r"with BN against (\S+ ± \S+) without; with ReLU", "LeNet, sigmoid", "none", "test accuracy"),
+    (r"the gap is smaller, (\S+ ± \S+) against", "LeNet, relu", "batch", "test accuracy"),
+    (r"the gap is smaller, \S+ ± \S+ against (\S+ ± \S+)\.", "LeNet, relu", "none", "test accuracy"),
+    (r"with BN first reaches mean test accuracy 0\.9 at step (\d+)", "The BN paper's Figure 1",
+     "first step with mean test accuracy >= 0.9", "with BN"),
+    (r"reaches mean test accuracy 0\.9 at step \d+, without BN at step (\d+)", "The BN paper's Figure 1",
+     "first step with mean test accuracy >= 0.9", "without BN"),
+    (r"on the MNIST split from (\S+) to \S+ with the same weights", "LeNet, sigmoid", "batch", "test accuracy"),
+    (r"on the MNIST split from \S+ to (\S+) with the same weights", "LeNet, sigmoid", "batch + recalibrate",
+     "test accuracy"),
+    (r"BN's test accuracy falls from (\S+) to \S+, while LayerNorm", "Small batches", "64", "batch"),
+    (r"BN's test accuracy falls from \S+ to (\S+), while LayerNorm", "Small batches", "2", "batch"),
+    (r"LayerNorm's is (\S+) at batch 2", "Small batches", "2", "layer"),
+    (r"LayerNorm is best at batch 2 \((\S+)\)", "Small batches", "2", "layer"),
+    (r"batch renormalization at batch 8 \((\S+)\)", "Small batches", "8", "renorm"),
+    (r"plain BN at batch 64 \((\S+)\)", "Small batches", "64", "batch"),
+    (r"BN's test accuracy falls from (\S+) \(shuffled\)", "Non-i.i.d. batches", "shuffled", "batch"),
+    (r"\(shuffled\) to (\S+), batch renormalization's", "Non-i.i.d. batches", "2 classes per batch", "batch"),
+    (r"batch renormalization's from (\S+) to", "Non-i.i.d. batches", "shuffled", "renorm"),
+    (r"batch renormalization's from \S+ to (\S+), and", "Non-i.i.d. batches", "2 classes per batch", "renorm"),
+    (r"one class per batch BN falls to (\S+) where", "Non-i.i.d. batches", "1 class per batch", "batch"),
+    (r"where renorm keeps (\S+)\.", "Non-i.i.d. batches", "1 class per batch", "renorm"),
+]
+
+
+def test_learn_md_quotes_the_results_md_cells_it_names():
+    # The check above only finds each quoted figure somewhere in results.md; a regeneration that moved numbers
+    # between rows (BN's and renorm's, batch 2's and batch 64's) would pass it. Here each quote is read against the
+    # cell its sentence names.
+    prose = " ".join(re.sub(r"```.*?```", "", DOC.read_text(), flags=re.S).split())
+    tables = _results_tables()
+    for pattern, heading, row, column in LEARN_MD_QUOTES:
+        match = re.search(pattern, prose)
+        assert match, f"learn.md no longer says {pattern!r}: update LEARN_MD_QUOTES with the prose"
+        (table,) = [rows for title, rows in tables.items() if title.startswith(heading)]
+        cell = table[row][column]
+        quoted = match.group(1)
+        assert quoted == (cell if "±" in quoted else cell.split(" ±")[0]), (pattern, quoted, heading, row, column, cell)
+
+
 KERAS_DOC = DOC.with_name("keras.md")
 
 
