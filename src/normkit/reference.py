@@ -2,8 +2,9 @@
 
 This file is also the derivation for learners. It computes with NumPy alone (no torch call, so
 it cannot share a bug with the code it checks; the package itself still needs torch installed);
-functional.py is its PyTorch twin (same function names, same arguments, same order of steps).
-docs/learn.md is a tutorial that walks through it with runnable, tested examples.
+functional.py is its PyTorch twin (same function names, same arguments, same order of steps; the
+``*_backward`` functions have no twin there: its gradients come from autograd, and the tests check them
+against these). docs/learn.md is a tutorial that walks through it with runnable, tested examples.
 
 The one idea (../shared/DESIGN.md, beside the repository): a normalization is a choice of
 *reduce axes* (where the statistics are taken), *parameter axes* (where gamma/beta live) and
@@ -13,23 +14,25 @@ The one idea (../shared/DESIGN.md, beside the repository): a normalization is a 
     x_hat = (x - mean) / sqrt(var + eps)
     y     = x_hat * weight + bias
 
-Backward, derived once (``normalize_backward``). With g = dL/dx_hat, w the 0/1 mask (all
-ones without a mask), n = sum w the number of valid positions of a group, and
-inv = 1/sqrt(var+eps); sums run over ALL positions of the group, padded ones included,
-because a padded position's output is still normalized with the group's statistics:
+Backward, derived once (``normalize_backward``; docs/learn.md, section 3, derives the unmasked case with
+the same names). With h = dL/dx_hat (weight * dL/dy), w the 0/1 mask (all ones without a mask), n = sum w
+the number of valid positions of a group, and inv = 1/sqrt(var+eps); sums run over ALL positions of the
+group, padded ones included, because a padded position's output is still normalized with the group's
+statistics:
 
-    dL/dmean = -inv * sum g                      (var's own dependence on mean is zero)
-    dL/dvar  = -1/2 * inv^2 * sum g * x_hat
+    dL/dmean = -inv * sum h                      (var's own dependence on mean is zero)
+    dL/dvar  = -1/2 * inv^2 * sum h * x_hat
     dmean/dx_i = w_i / n,   dvar/dx_i = 2 w_i (x_i - mean) / n
 
-    dL/dx_i  = inv * (g_i - w_i / n * (sum g + x_hat_i * sum g * x_hat))
+    dL/dx_i  = inv * h_i + dL/dmean * dmean/dx_i + dL/dvar * dvar/dx_i
+             = inv * (h_i - w_i / n * (sum h + x_hat_i * sum h * x_hat))
 
-and, when the statistics are constants (eval mode), simply dL/dx = inv * g.
+and, when the statistics are constants (eval mode), simply dL/dx = inv * h.
 
-Padding rule (NaN or inf in padded positions that the loss ignores): a position whose g is exactly 0 adds
-nothing to any sum, whatever x_hat holds there, and a padded position (w_i = 0) gets inv * g_i alone, the
+Padding rule (NaN or inf in padded positions that the loss ignores): a position whose h is exactly 0 adds
+nothing to any sum, whatever x_hat holds there, and a padded position (w_i = 0) gets inv * h_i alone, the
 other term selected away rather than multiplied by w_i = 0 (0 * NaN is NaN, and 0 * inf too). For finite
-values this is the formula above exactly; a nonzero g at a NaN input still gives NaN, as the math does.
+values this is the formula above exactly; a nonzero h at a NaN input still gives NaN, as the math does.
 """
 
 from __future__ import annotations
@@ -102,11 +105,11 @@ def normalize(x, mean, var, eps, scale=None, offset=None):
 
 
 def normalize_backward(grad_x_hat, x_hat, inv_std, reduce_axes, mask=None, batch_statistics=True):
-    """dL/dx from dL/dx_hat, for statistics taken over ``reduce_axes`` (see the module docstring).
+    """dL/dx from h = dL/dx_hat (``grad_x_hat``), for statistics taken over ``reduce_axes`` (see the module docstring).
 
     The padding rule, with selections (``np.where``), not products with 0: a position whose gradient is
-    exactly 0 adds nothing to ``sum g * x_hat`` whatever ``x_hat`` holds there (NaN or inf padding the loss
-    ignores), and a padded position (mask 0) gets only its direct term ``inv * g``. Finite values: the same
+    exactly 0 adds nothing to ``sum h * x_hat`` whatever ``x_hat`` holds there (NaN or inf padding the loss
+    ignores), and a padded position (mask 0) gets only its direct term ``inv * h``. Finite values: the same
     numbers as the plain formula; a nonzero gradient at a NaN input still gives NaN.
     """
     if not batch_statistics:
