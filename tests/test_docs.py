@@ -216,6 +216,29 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert isinstance(namespace["norm"], normkit.GroupNorm)
 
 
+def test_readme_layout_names_files_that_exist():
+    # The README's Layout is a learner's map of the repository: every file or folder it names (one per line, nested
+    # by indentation), and every script its tools/ entry names, must be there.
+    block = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    root, parents, named = README.parent, [], []
+    for line in block.splitlines():
+        match = re.match(r"( {4,})([\w./-]+(?:\.py|/))(?:\s|$)", line)
+        if match is None:
+            continue
+        indent = len(match.group(1))
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = (parents[-1][1] if parents else root) / match.group(2)
+        named.append(path)
+        if match.group(2).endswith("/"):
+            parents.append((indent, path))
+    tools = re.search(r"^    tools/(.*?)^    \S", block, re.S | re.M).group(1)
+    named += [root / "tools" / script for script in re.findall(r"\w+\.(?:py|sh)", tools)]
+    assert len(named) >= 40
+    missing = [str(path.relative_to(root)) for path in named if not path.exists()]
+    assert not missing, f"README's Layout names what the repository lacks: {missing}"
+
+
 LAB_DOC = DOC.with_name("lab.md")
 
 
