@@ -239,6 +239,44 @@ def test_readme_layout_names_files_that_exist():
     assert not missing, f"README's Layout names what the repository lacks: {missing}"
 
 
+def _resolve(dotted):
+    # The object a dotted name like normkit.stats.RenormClipping.paper_schedule stands for: its longest importable
+    # module prefix, then attributes
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_docs_name_objects_and_files_that_exist():
+    # A learner follows the docs' pointers: every normkit.* name (not torch.ops.normkit.*, a registered operator)
+    # must import or be an attribute, and every repository path (src/..., docs/..., tests/..., tools/...,
+    # benchmarks/...) must be there (benchmarks/common.compare: a function of benchmarks/common.py).
+    root = README.parent
+    names, paths = set(), set()
+    for doc in [README, *sorted(DOC.parent.glob("*.md"))]:
+        text = doc.read_text()
+        names |= {name.rstrip(".") for name in re.findall(r"(?<![\w.])normkit(?:\.[A-Za-z_]\w*)+", text)}
+        paths |= set(re.findall(r"(?<![\w/.~])((?:src|docs|tests|tools|benchmarks)/[\w/.-]*[\w/])", text))
+    assert len(names) >= 30 and len(paths) >= 30
+    unresolved = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            unresolved.append(name)
+    assert not unresolved, f"the docs name what normkit lacks: {unresolved}"
+    missing = [path for path in sorted(paths)
+               if not (root / path).exists() and not (root / path).with_suffix(".py").exists()]
+    assert not missing, f"the docs name paths the repository lacks: {missing}"
+
+
 LAB_DOC = DOC.with_name("lab.md")
 
 
