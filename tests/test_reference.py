@@ -95,6 +95,60 @@ def test_layer_group_instance_backward_match_finite_differences(rng):
                    lambda g, v, w, b: R.instance_norm_backward(g, v, None, None, w, b), x, w, b, rng)
 
 
+@pytest.mark.parametrize("case", ["one sample in eval", "one valid value", "one valid value, a channel empty",
+                                  "ghosts with one valid value", "eps large", "eps large, masked ghosts"])
+def test_batch_norm_backward_at_the_edges_matches_finite_differences(case, rng):
+    # Where the statistics degenerate: a batch of one normalized with running statistics, a channel whose only
+    # valid value makes its variance 0 (the padded positions, normalized by sqrt(eps) alone, still depend on that
+    # value through the mean), a channel with no valid value, and an eps as large as the variance, where the
+    # projection picture of docs/learn.md holds only approximately but the formula still exactly.
+    x = rng.normal(size=(4, 3, 2)) * 2 + 1
+    weight, bias = rng.normal(size=3), rng.normal(size=3)
+    running, training, eps, options = (None, None), True, 1e-3, {}
+    if case == "one sample in eval":
+        x, running, training = x[:1, :, 0].copy(), (rng.normal(size=3), rng.uniform(0.5, 2, size=3)), False
+    elif case.startswith("one valid value"):
+        mask = np.zeros((4, 3, 2) if "empty" in case else (4, 1, 2))
+        mask[2, 0, 1] = 1.0
+        if "empty" in case:
+            mask[1, 1, 0] = 1.0  # channels 0 and 1: one valid value each; channel 2: none
+        options["mask"] = mask
+    elif case == "ghosts with one valid value":
+        mask = np.ones((4, 1, 2))
+        mask[1] = 0.0
+        mask[3, 0, 1] = 0.0  # strided ghosts of 2 rows: rows (1, 3) hold one valid value
+        options.update(mask=mask, virtual_batch_size=2)
+    else:
+        eps = 10.0
+        if "ghosts" in case:
+            options.update(mask=(rng.uniform(size=(4, 1, 2)) > 0.4).astype(float), virtual_batch_size=2,
+                           ghost_layout="contiguous")
+    forward = lambda v, w, b: R.batch_norm(v, *[None if r is None else r.copy() for r in running], w, b, training,
+                                           0.1, eps, **options)
+    backward = lambda g, v, w, b: R.batch_norm_backward(g, v, *running, w, b, training, eps, **options)
+    check_backward(forward, backward, x, weight, bias, rng)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 10.0])
+def test_per_sample_norms_with_groups_of_one_value_or_large_eps_match_finite_differences(eps, rng):
+    # GroupNorm with one channel per group and no spatial axis normalizes single values: the output is beta
+    # whatever x is, so dx must be exactly 0 (the formula's two terms cancel); a large eps keeps every term.
+    x = rng.normal(size=(3, 4)) * 2 + 1
+    w, b = rng.normal(size=4), rng.normal(size=4)
+    dx, _, _ = R.group_norm_backward(rng.normal(size=x.shape), x, 4, w, b, eps)
+    assert np.all(dx == 0.0)
+    check_backward(lambda v, w, b: R.group_norm(v, 4, w, b, eps),
+                   lambda g, v, w, b: R.group_norm_backward(g, v, 4, w, b, eps), x, w, b, rng)
+    x = rng.normal(size=(2, 4, 3)) * 2 + 1
+    for groups in (1, 2, 4):
+        check_backward(lambda v, w, b: R.group_norm(v, groups, w, b, eps),
+                       lambda g, v, w, b: R.group_norm_backward(g, v, groups, w, b, eps), x, w, b, rng)
+    one_position = x[:, :, :1].copy()  # InstanceNorm over a single position: the same degenerate groups
+    check_backward(lambda v, w, b: R.instance_norm(v, None, None, w, b, eps=eps),
+                   lambda g, v, w, b: R.instance_norm_backward(g, v, None, None, w, b, eps=eps), one_position, w, b,
+                   rng)
+
+
 def test_classic_example():
     """X = arange(27) as (1, 3, 3, 3) through BN in training: the published numbers and buffers."""
     x = np.arange(27.0).reshape(1, 3, 3, 3)
