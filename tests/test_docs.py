@@ -1,5 +1,6 @@
-"""The tutorial's examples (docs/learn.md) run as doctests, its quoted results are results.md's, and keras.md's opening
-and porting examples, tools.md's examples and the README's run, so a doc that drifts from the code fails CI."""
+"""The tutorial's examples (docs/learn.md) run as doctests, its quoted results are results.md's cells, keras.md's opening
+and porting examples, tools.md's examples and the README's run, and the names, paths and Layout the docs give exist, so
+a doc that drifts from the code fails CI."""
 
 import collections
 import doctest
