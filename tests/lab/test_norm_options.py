@@ -116,6 +116,11 @@ def test_ghost_batches_of_another_size(tmp_path, capsys):
     (["--norm", "batch", "--norm-option", "affine=False"], "affine is a switch, give true or false"),
     (["--norm", "torch", "--norm-option", "track_running_stats=False"], "track_running_stats is a switch"),
     (["--model", "mlp", "--norm", "layer", "--norm-option", "elementwise_affine=no"], "elementwise_affine is a switch"),
+    # The same for other values: `momentum=None` was refused with "... or None (cumulative average), got 'None'",
+    # which named the very value the user had typed; the error says the text is not JSON's null
+    (["--norm", "batch", "--norm-option", "momentum=None"], "momentum=None is read as the text 'None' (not JSON): for Python's None give null"),
+    (["--norm", "ghost", "--norm-option", "virtual_batch_size=None"], "the text 'None' (not JSON): for Python's None give null"),
+    (["--norm", "renorm", "--norm-option", "renorm_momentum=True"], "the text 'True' (not JSON): for Python's True give true"),
 ])
 def test_bad_options_are_one_line_before_anything_is_written(tmp_path, capsys, argv, phrase):
     out = tmp_path / "run"

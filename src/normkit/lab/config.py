@@ -251,12 +251,17 @@ def check_norm_options(norm: str, options, model: str) -> None:
             if not isinstance(options[key], bool):
                 raise ValueError(f"--norm-option {key}={options[key]!r}: {key} is a switch, give true or false "
                                  "(JSON's spelling: any other value, even the text 'False', would read as true)")
+    # Python's spellings of null, true and false are not JSON either, so they arrive as text, and a layer's refusal
+    # ("... or None (cumulative average), got 'None'") then named the very value the user meant
+    python_spellings = "".join(f"; {key}={value} is read as the text {value!r} (not JSON): for Python's {value} give "
+                               f"{value.lower() if value != 'None' else 'null'}"
+                               for key, value in options.items() if value in ("None", "True", "False"))
     for rank in ranks:
         try:
             create_norm(norm, 6, rank, **options)
         except (TypeError, ValueError, RuntimeError) as error:
             where = "conv" if rank == 4 else "dense"
-            raise ValueError(f"--norm-option for --norm {norm} ({where} layers): {error}") from None
+            raise ValueError(f"--norm-option for --norm {norm} ({where} layers): {error}{python_spellings}") from None
     # Layers that build may still not fit the network (axis=-1 on a conv's output): one training step of a
     # throwaway model on a few blank images finds out before anything is written.
     try:
