@@ -497,7 +497,7 @@ def main() -> int:
                      "paper's clipping schedule at 1/50 of its step counts (plain BN for the first 100 steps, then rmax 1 -> 3 by step "
                      "800 and dmax 0 -> 5 by step 500) and renorm_momentum 0.1 (docs/decisions.md: why); "
                      "`ghost` uses virtual batches of 16; `keras` is normkit.BatchNorm with Keras' defaults (momentum 0.99, "
-                     "eps 1e-3), whose running statistics still give their initial values (mean 0, variance 1) a "
+                     "i.e. 0.01 on the new batch, eps 1e-3), whose running statistics still give their initial values (mean 0, variance 1) a "
                      "weight of 0.99^100 = 37% after the first epoch's 100 steps, hence its low early validation "
                      "accuracy.", "", comparison_table(every), ""]
             print("mnist small batches", flush=True)
