@@ -473,3 +473,33 @@ def test_set_weights_takes_another_layers_weights(dtype):
     target.set_weights(source.weights)
     for ours, theirs in zip(target.get_weights(), source.get_weights(), strict=True):
         np.testing.assert_array_equal(np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64))
+
+
+@pytest.mark.parametrize("convert, dtype", [(lambda m: m.double(), torch.float64), (lambda m: m.half(), torch.float16),
+                                            (lambda m: m.to(torch.bfloat16), torch.bfloat16)],
+                         ids=["double", "half", "to_bfloat16"])
+@pytest.mark.parametrize("name", ["channels_first_conv", "defaults_dense", "mixed_float16"])
+def test_a_ported_model_converted_by_torch_computes_in_the_new_dtype(name, convert, dtype):
+    """Every layer ported from Keras carries the policy Keras wrote ("float32", "mixed_float16"): a torch model
+    holding one, converted with .double() or .half(), got float64/float16 weights in that layer but its outputs in
+    the old policy's dtype, so the next layer refused them ("mat1 and mat2 must have the same dtype"). The torch
+    conversion sets the layer's dtype, as it does for torch.nn's layers: the policy follows the variables' new
+    dtype. Oracle: the inference formula in NumPy float64 on the recorded weights, rounded to the new dtype."""
+    recorded = DATA[name]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    features = recorded["build_config"]["input_shape"][layer.bn.axis]
+    model = convert(torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.LazyLinear(2)))
+    x = torch.tensor(recorded["x_infer"]).to(dtype)
+    assert model(x).dtype == dtype  # (refused by the Linear before: the layer's output kept the old dtype)
+    y = layer(x, training=False)
+    assert y.dtype == dtype and layer.gamma.dtype == dtype
+    assert layer.dtype_policy == str(dtype).replace("torch.", "")
+    weights = [np.asarray(w, dtype=np.float64) for w in layer.get_weights()]  # (the weights rounded to the dtype)
+    gamma, beta, mean, var = weights
+    shape = [1] * x.dim()
+    shape[layer.bn.axis] = features
+    values = x.double().numpy()
+    expected = (values - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + layer.epsilon) * gamma.reshape(shape) \
+        + beta.reshape(shape)
+    tolerance = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    np.testing.assert_allclose(y.double().detach().numpy(), expected, rtol=tolerance, atol=tolerance)

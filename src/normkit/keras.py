@@ -354,7 +354,18 @@ class BatchNormalization(nn.Module):
                 self._factory["dtype"] = probe.dtype
             if probe.device != device:
                 self._factory["device"] = probe.device
-        return super()._apply(fn, *args, **kwargs)
+        else:
+            dtype = _variables_dtype(self.bn)
+            devices = [tensor.device for tensor in (*self.bn.parameters(), *self.bn.buffers())]
+            probe = fn(torch.empty(0, dtype=dtype, device=devices[0] if devices else "cpu"))
+        result = super()._apply(fn, *args, **kwargs)
+        name = str(probe.dtype).replace("torch.", "")
+        if probe.dtype != dtype and self.dtype_policy is not None and name in _POLICIES:
+            # A torch conversion (.double(), .half(), .to(dtype)) states the layer's dtype, as for torch.nn's layers:
+            # the policy follows the variables. Kept, a ported layer (Keras writes "float32" into every config) held
+            # float64 weights but computed and returned float32, which the next layer of a .double() model refused.
+            self.dtype_policy = name
+        return result
 
     @contextlib.contextmanager
     def _pending_set_aside(self):
