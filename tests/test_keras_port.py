@@ -503,3 +503,56 @@ def test_a_ported_model_converted_by_torch_computes_in_the_new_dtype(name, conve
         + beta.reshape(shape)
     tolerance = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     np.testing.assert_allclose(y.double().detach().numpy(), expected, rtol=tolerance, atol=tolerance)
+
+
+# Keras' BatchNormalization takes every Layer's activity_regularizer and its get_config() writes it, in this form.
+_KERAS_ACTIVITY_L2 = {"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01}, "registered_name": None}
+
+
+def test_an_activity_regularizer_ports_and_adds_keras_term_of_each_call():
+    """A Keras layer with activity_regularizer (a Layer argument, in its config) could not be ported at all: from_config,
+    from_keras and load_batch_norms refused the whole model ("not BatchNormalization arguments"). Keras adds
+    regularizer(output) / batch size to layer.losses at each call (before the weights' terms, in any mode, frozen
+    too). Oracle: that term computed in NumPy float64 from the layer's output."""
+    recorded = DATA["defaults_dense"]
+    config = {**recorded["config"], "activity_regularizer": _KERAS_ACTIVITY_L2, "gamma_regularizer": "l1"}
+    layer = from_keras_config(config, recorded["build_config"], _arrays(recorded["weights"]))
+    x = torch.tensor(recorded["x_train"])
+    for trainable in (True, False):
+        layer.trainable = trainable
+        y = layer(x, training=True).detach().double().numpy()
+        expected = [0.01 * np.square(y).sum() / x.shape[0]]
+        if trainable:
+            expected.append(0.01 * np.abs(layer.get_weights()[0].astype(np.float64)).sum())
+        losses = layer.losses
+        assert len(losses) == len(expected)
+        for ours, theirs in zip(losses, expected):
+            assert_close(ours, theirs, torch.float32)
+        assert_close(normkit.regularization_loss(torch.nn.Sequential(layer)), sum(expected), torch.float32)
+    assert layer.keras_config()["activity_regularizer"] == _KERAS_ACTIVITY_L2
+    assert BatchNormalization.from_config(layer.get_config()).activity_regularizer == _KERAS_ACTIVITY_L2
+    assert "activity_regularizer" not in BatchNormalization().keras_config()  # (Keras writes it only when set)
+
+
+def test_an_activity_regularizer_matches_the_real_keras(tmp_path):
+    """With Keras installed: the same losses as Keras' layer after a call, written back by to_keras, and read from a
+    saved model by load_batch_norms (every BN layer of such a model was refused)."""
+    keras = _keras_on_torch()
+    theirs = keras.layers.BatchNormalization(activity_regularizer=keras.regularizers.L1L2(0.1, 0.2),
+                                             gamma_regularizer="l2", name="bn_activity")
+    x = np.asarray(DATA["defaults_dense"]["x_train"], dtype=np.float32)
+    theirs.build(x.shape)
+    ours = from_keras(theirs)
+    theirs(x, training=True)
+    expected = [keras.ops.convert_to_numpy(loss) for loss in theirs.losses]
+    ours(torch.tensor(x), training=True)
+    assert len(ours.losses) == len(expected) == 2
+    for mine, theirs_loss in zip(ours.losses, expected):
+        assert_close(mine, theirs_loss, torch.float32)
+    assert to_keras(ours).get_config()["activity_regularizer"] == theirs.get_config()["activity_regularizer"]
+    inputs = keras.Input(x.shape[1:])
+    keras.Model(inputs, theirs(inputs)).save(tmp_path / "activity.keras")
+    loaded = normkit.keras.load_batch_norms(tmp_path / "activity.keras")["bn_activity"]
+    loaded(torch.tensor(x), training=True)
+    for mine, theirs_loss in zip(loaded.losses, expected):
+        assert_close(mine, theirs_loss, torch.float32)

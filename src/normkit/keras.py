@@ -181,7 +181,8 @@ _OPTION_CHECKS = {
     "ghost_layout": check_ghost_layout, "adjustment": check_adjustment, "process_group": check_process_group,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
                                                            "moving_mean_initializer", "moving_variance_initializer")},
-    **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer")},
+    **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer",
+                                                           "activity_regularizer")},
     **{name: _resolvable(resolve_constraint) for name in ("beta_constraint", "gamma_constraint")},
 }
 
@@ -223,7 +224,7 @@ class BatchNormalization(nn.Module):
                  renorm: bool = False, renorm_clipping: Optional[dict] = None, renorm_momentum: float = 0.99,
                  virtual_batch_size: Optional[int] = None, adjustment=None, fused: Optional[bool] = None,
                  trainable: bool = True, name: Optional[str] = None, *, ghost_layout: str = "strided",
-                 process_group=None, dtype=None, device=None):
+                 process_group=None, dtype=None, device=None, activity_regularizer=None):
         super().__init__()
         if fused:
             # tf.keras refuses the fused kernel with these options; normkit keeps the same contract.
@@ -249,6 +250,7 @@ class BatchNormalization(nn.Module):
         self.ghost_layout = ghost_layout
         self.name = _unique_name("batch_normalization") if name is None else name  # (Keras: only None is auto-named)
         self.process_group = process_group
+        self.activity_regularizer = activity_regularizer
         self._factory = {"dtype": None, "device": device}
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
         self.bn: Optional[BatchNorm] = None
@@ -260,6 +262,13 @@ class BatchNormalization(nn.Module):
 
     def __deepcopy__(self, memo):
         return _deepcopy_sharing_group(self, memo)  # (its process_group is shared by the copy, not copied)
+
+    def __getstate__(self):
+        # The last call's activity term belongs to that call's graph: a copy or pickle has made no call yet (and torch
+        # refuses to deepcopy or pickle a tensor computed with autograd).
+        state = super().__getstate__()
+        state["_activity_loss"] = None
+        return state
 
     # -- options ----------------------------------------------------------------------------------
 
@@ -289,6 +298,10 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"{self.name} is built: {name} is fixed by its weights' shapes (set it before the first "
                              "call or build(), or make a new layer)")
         super().__setattr__(name, value)
+        if name == "activity_regularizer":
+            # (the callable each call applies to its output; the term of a call made before the change is dropped)
+            self.__dict__["_activity"] = resolve_regularizer(value, name=name)
+            self.__dict__["_activity_loss"] = None
         if name in ("center", "scale") and inner is None and "_factory" in self.__dict__:
             self._add_pending_parameters()  # (the constructor adds them once both are set)
         if name == "dtype_policy":
@@ -595,10 +608,12 @@ class BatchNormalization(nn.Module):
 
     @property
     def losses(self):
-        """The regularization terms, one scalar per regularized trainable weight (Keras' ``layer.losses``)."""
+        """The regularization terms (Keras' ``layer.losses``): the activity regularizer's term of the latest call, as
+        Keras records it (``regularizer(output) / batch size``, in any mode, frozen too), then one scalar per
+        regularized trainable weight."""
+        terms = [] if self.__dict__.get("_activity_loss") is None else [self._activity_loss]
         if self.bn is None or not self._trainable:
-            return []
-        terms = []
+            return terms
         for regularizer, parameter in ((self.bn.weight_regularizer, self.bn.weight),
                                        (self.bn.bias_regularizer, self.bn.bias)):
             if regularizer is not None and parameter is not None:
@@ -618,6 +633,7 @@ class BatchNormalization(nn.Module):
                 "synchronized": self.synchronized, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
                 "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size,
                 "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout,
+                "activity_regularizer": self.activity_regularizer,
                 # (as Keras' config: without it a mixed_float16 layer came back float32 from from_config)
                 "dtype": self.dtype_policy}
 
@@ -682,9 +698,12 @@ class BatchNormalization(nn.Module):
                     "gamma_constraint"):
             kind = key.rsplit("_", 1)[1]
             serialized[key] = to_keras_object(kind, getattr(self, key), name=key)
+        # (Keras' Layer writes activity_regularizer only when one is set)
+        activity = {} if self.activity_regularizer is None else {"activity_regularizer": to_keras_object(
+            "regularizer", self.activity_regularizer, name="activity_regularizer")}
         return {"name": self.name, "trainable": self._trainable,
                 "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                          "config": {"name": dtype}, "registered_name": None},
+                          "config": {"name": dtype}, "registered_name": None}, **activity,
                 "axis": axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
                 # (Keras 3 writes {} for renorm without clipping, and keeps None without renorm)
@@ -705,6 +724,17 @@ class BatchNormalization(nn.Module):
             # the traced module's first call, as a torch.nn.LazyBatchNorm does)
             kwargs = {name: value for name, value in (("training", training), ("mask", mask)) if value is not None}
             return _fx_call_module(self, inputs, **kwargs)
+        outputs = self._normalize(inputs, training, mask)
+        if self._activity is not None:
+            # Keras' Layer.__call__: the regularizer of the output, divided by the batch size (0 for an empty batch:
+            # its divide_no_nan), recorded by every call, whatever the mode
+            term = self._activity(outputs)
+            if outputs.dim() > 0:
+                term = term / outputs.shape[0] if outputs.shape[0] else torch.zeros_like(term)
+            self.__dict__["_activity_loss"] = term
+        return outputs
+
+    def _normalize(self, inputs, training: Optional[bool], mask) -> torch.Tensor:
         try:
             inputs, mask, bn, mode, stored = self._keras_inputs(inputs, training, mask)
         except Exception:
@@ -964,7 +994,7 @@ def from_keras(keras_layer) -> BatchNormalization:
 
 _KERAS_OBJECT_OPTIONS = ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                          "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
-                         "gamma_constraint")
+                         "gamma_constraint", "activity_regularizer")
 
 
 def _with_live_custom_objects(keras_layer) -> dict:
