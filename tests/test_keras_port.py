@@ -556,3 +556,44 @@ def test_an_activity_regularizer_matches_the_real_keras(tmp_path):
     loaded(torch.tensor(x), training=True)
     for mine, theirs_loss in zip(loaded.losses, expected):
         assert_close(mine, theirs_loss, torch.float32)
+
+
+def _keras_like_class(name, module="keras.src.layers.normalization.batch_normalization"):
+    """A class standing for one of Keras' own (named and placed as Keras' are), for the checks of from_keras without
+    Keras: it answers with a recorded layer."""
+    return type(name, (_RecordedLayer,), {"__module__": module, "call": lambda self, inputs, training=None: inputs})
+
+
+def test_from_keras_refuses_a_subclass_that_computes_otherwise():
+    """A Keras BatchNormalization subclass overriding call (BN then an activation, as model zoos write) was ported as a
+    plain BatchNormalization, silently computing something else (1.26 off on a relu'd N(0, 1) batch). Refused, naming
+    the class and what it overrides; a subclass that overrides nothing of the computation still ports."""
+    recorded = dict(TF_DATA["__built_by_build__"][sorted(TF_DATA["__built_by_build__"])[0]])
+    keras_bn = _keras_like_class("BatchNormalization")
+    fused_activation = type("BatchNormRelu", (keras_bn,), {"call": lambda self, inputs, training=None: inputs})
+    with pytest.raises(ValueError, match=r"BatchNormRelu.*overrides call"):
+        from_keras(fused_activation(recorded))
+    renamed = type("RegisteredBatchNorm", (keras_bn,), {"__init__": keras_bn.__init__})
+    assert from_keras(renamed(recorded)).built
+    other = _keras_like_class("UnitNormalization", "keras.src.layers.normalization.unit_normalization")
+    with pytest.raises(TypeError, match="expects a Keras BatchNormalization layer, got UnitNormalization"):
+        from_keras(other(recorded))  # (it said this built layer gave no input shape)
+
+
+def test_from_keras_refuses_a_real_keras_subclass_that_computes_otherwise():
+    """With Keras installed: the subclass's own output is not what its port would compute, so it is refused."""
+    keras = _keras_on_torch()
+
+    class BatchNormRelu(keras.layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            return keras.ops.relu(super().call(inputs, training=training, mask=mask))
+
+    theirs = BatchNormRelu()
+    x = np.asarray(DATA["defaults_dense"]["x_infer"], dtype=np.float32)
+    theirs.build(x.shape)
+    plain = from_keras(keras.layers.BatchNormalization.from_config(theirs.get_config()))
+    assert not np.allclose(keras.ops.convert_to_numpy(theirs(x)), plain(torch.tensor(x), training=False).detach())
+    with pytest.raises(ValueError, match=r"BatchNormRelu.*overrides call"):
+        from_keras(theirs)
+    with pytest.raises(TypeError, match="got UnitNormalization"):
+        from_keras(keras.layers.UnitNormalization())

@@ -975,6 +975,7 @@ def from_keras(keras_layer) -> BatchNormalization:
         if not callable(getattr(keras_layer, method, None)):
             raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
                             f"(no {method}())")
+    _refuse_other_computations(keras_layer)
     build_config = None
     if getattr(keras_layer, "built", False):
         if callable(getattr(keras_layer, "get_build_config", None)):
@@ -990,6 +991,39 @@ def from_keras(keras_layer) -> BatchNormalization:
                              "layer.get_weights()) with the shape it was built for")
     weights = keras_layer.get_weights() if build_config is not None else None
     return from_keras_config(_with_live_custom_objects(keras_layer), build_config, weights)
+
+
+# Where Keras' classes live (Keras 3 and the Keras 2 bundled with TensorFlow 2.13-2.15: keras.src, tf_keras, TF's own
+# older copy), and the names of its batch-normalization classes there (tf.keras' V1/V2, base and synchronized ones).
+_KERAS_MODULES = ("keras.", "tf_keras.", "tensorflow.python.keras.", "tensorflow.keras.")
+_KERAS_BATCH_NORMS = {"BatchNormalization", "BatchNormalizationBase", "BatchNormalizationV1", "BatchNormalizationV2",
+                      "SyncBatchNormalization"}
+# What a subclass may define and still compute what its Keras base does (its port reads the config and weights).
+_SUBCLASS_KEEPS = {"__init__", "get_config", "from_config", "build", "__module__", "__qualname__", "__doc__",
+                   "__dict__", "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__"}
+
+
+def _refuse_other_computations(keras_layer) -> None:
+    """A real Keras layer (a class of Keras' own in its MRO) must be a BatchNormalization, and the user's classes above
+    it must override nothing it computes with: a port takes the options and weights, never such a subclass's own
+    ``call`` (a BatchNormalization then an activation, as model zoos write: ported silently as a plain one, computing
+    something else) or another Keras layer (its config then refused with a message about its build). Objects of
+    other classes (a recording of a layer's answers) are read as they answer."""
+    mro = type(keras_layer).__mro__
+    first = next((index for index, cls in enumerate(mro) if cls.__module__.startswith(_KERAS_MODULES)), None)
+    if first is None:
+        return
+    if mro[first].__name__ not in _KERAS_BATCH_NORMS:
+        raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
+                        f"(a {mro[first].__module__}.{mro[first].__name__})")
+    overridden = sorted({name for cls in mro[:first] for name in vars(cls)
+                         if name not in _SUBCLASS_KEEPS and any(hasattr(base, name) for base in mro[first:])})
+    if overridden:
+        raise ValueError(f"from_keras: {type(keras_layer).__name__} subclasses Keras' {mro[first].__name__} and "
+                         f"overrides {', '.join(overridden)}: it may compute something else, which a port of its options "
+                         "and weights would not. Port it by hand: from_keras_config(layer.get_config(), "
+                         "layer.get_build_config(), layer.get_weights()) gives the plain BatchNormalization, around which "
+                         "the subclass's own computation is to be written in torch")
 
 
 _KERAS_OBJECT_OPTIONS = ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
