@@ -597,3 +597,16 @@ def test_from_keras_refuses_a_real_keras_subclass_that_computes_otherwise():
         from_keras(theirs)
     with pytest.raises(TypeError, match="got UnitNormalization"):
         from_keras(keras.layers.UnitNormalization())
+
+
+def test_an_activity_regularizer_inside_vmap_leaves_no_escaped_tensor():
+    """A call under torch.func.vmap recorded its batched term on the layer: layer.losses then held a BatchedTensor and
+    normkit.regularization_loss raised functorch's "escaped from inside a function being vmapped". Inside a transform
+    nothing is recorded; the weights' terms stay (oracle: 0.01 * sum(gamma^2) in NumPy)."""
+    layer = BatchNormalization(activity_regularizer="l2", gamma_regularizer="l2")
+    layer(torch.randn(4, 3), training=True)
+    layer.eval()
+    torch.func.vmap(lambda x: layer(x, training=False))(torch.randn(5, 2, 3))
+    gamma = layer.get_weights()[0].astype(np.float64)
+    assert len(layer.losses) == 1
+    assert_close(normkit.regularization_loss(layer), 0.01 * np.square(gamma).sum(), torch.float32)

@@ -727,10 +727,13 @@ class BatchNormalization(nn.Module):
         outputs = self._normalize(inputs, training, mask)
         if self._activity is not None:
             # Keras' Layer.__call__: the regularizer of the output, divided by the batch size (0 for an empty batch:
-            # its divide_no_nan), recorded by every call, whatever the mode
-            term = self._activity(outputs)
-            if outputs.dim() > 0:
-                term = term / outputs.shape[0] if outputs.shape[0] else torch.zeros_like(term)
+            # its divide_no_nan), recorded by every call, whatever the mode. Not inside a torch.func transform (vmap,
+            # grad), whose tensors cannot leave it: kept, layer.losses and regularization_loss raised "escaped vmap".
+            term = None
+            if not torch._C._are_functorch_transforms_active():
+                term = self._activity(outputs)
+                if outputs.dim() > 0:
+                    term = term / outputs.shape[0] if outputs.shape[0] else torch.zeros_like(term)
             self.__dict__["_activity_loss"] = term
         return outputs
 
