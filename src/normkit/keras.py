@@ -1430,7 +1430,7 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
         if layer.get("class_name") in _BATCH_NORM_CLASSES:
-            _load_saved_batch_norm(_batch_norm_config(layer), _saved_build_config(layer), by_name.get(name), where,
+            _load_saved_batch_norm(_batch_norm_config(layer, where, path), _saved_build_config(layer), by_name.get(name), where,
                                    found, path, axis, h5py, shared)
         elif layer.get("class_name") == "TimeDistributed" and not (
                 isinstance(wrapped, dict) and isinstance(wrapped.get("class_name"), str)
@@ -1447,7 +1447,8 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             # (legacy HDF5: the wrapper's weights, the wrapped layer's named under it; else its "layer" group)
             entry = (entry.child(str(wrapped["config"].get("name")), h5py, wrapped=True) if legacy and entry is not None
                      else _subgroup(entry, "layer", h5py))
-            _load_saved_batch_norm(_batch_norm_config(wrapped), _saved_build_config(wrapped), entry, where, found,
+            _load_saved_batch_norm(_batch_norm_config(wrapped, where, path), _saved_build_config(wrapped), entry, where,
+                                   found,
                                    path, axis, h5py, shared)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
@@ -1469,8 +1470,17 @@ _BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"syn
                        "BatchNormalizationV1": {}, "BatchNormalizationV2": {}}
 
 
-def _batch_norm_config(layer: dict) -> dict:
+def _batch_norm_config(layer: dict, where: str, path) -> dict:
     """A saved BN layer's config, with what its class implies (SyncBatchNormalization: synchronized=True)."""
+    if layer["class_name"] == "BatchNormalizationV1" and layer["config"].get("trainable") is False:
+        # tf.keras reads this name as its V1 class (batch_normalization_v1, _USE_V2_BEHAVIOR=False), whose frozen layer
+        # still normalizes a training call by the batch's statistics (updating nothing); loaded without a word, the
+        # layer runs such calls in inference mode, as Keras 2/3's frozen layer does.
+        warnings.warn(f"load_batch_norms: {path}: layer {where!r} is a frozen BatchNormalizationV1 (TensorFlow 1.x): "
+                      "tf.keras normalizes its training calls by the batch's statistics without updating the moving "
+                      "ones; the loaded layer (trainable=False) uses its moving statistics in every call, as Keras 2/3's "
+                      "frozen layer does. For V1's rule: layer.trainable = True, layer.momentum = 1.0 (no update) and "
+                      "requires_grad_(False) on layer.gamma and layer.beta", UserWarning, stacklevel=2)
     return {**layer["config"], **_BATCH_NORM_CLASSES[layer["class_name"]]}
 
 
