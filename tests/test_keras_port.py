@@ -7,6 +7,7 @@ get_config(), get_build_config(), weights, a training call and an inference call
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -610,3 +611,22 @@ def test_an_activity_regularizer_inside_vmap_leaves_no_escaped_tensor():
     gamma = layer.get_weights()[0].astype(np.float64)
     assert len(layer.losses) == 1
     assert_close(normkit.regularization_loss(layer), 0.01 * np.square(gamma).sum(), torch.float32)
+
+
+def test_from_keras_of_a_frozen_tf_keras_v1_layer_says_how_it_differs():
+    """tf.keras' V1 class (tf.compat.v1.keras.layers.BatchNormalization, _USE_V2_BEHAVIOR = False: the spec's section
+    2) normalizes a frozen layer's training calls by the batch's statistics; its port is frozen as Keras 2/3's layer,
+    which from_keras did not say. A frozen V1 layer warns (as load_batch_norms does for the class name); a V2 one not."""
+    recorded = dict(TF_DATA["__built_by_build__"][sorted(TF_DATA["__built_by_build__"])[0]])
+    recorded["config"] = {**recorded["config"], "trainable": False}
+    v1 = type("BatchNormalization", (_keras_like_class("BatchNormalization", "tf_keras.src.layers.normalization."
+                                                        "batch_normalization_v1"),),
+              {"_USE_V2_BEHAVIOR": False, "trainable": False, "__module__": "tf_keras.src.layers.normalization."
+                                                                             "batch_normalization_v1"})
+    with pytest.warns(UserWarning, match="V1 class"):
+        assert not from_keras(v1(recorded)).trainable
+    v2 = type("BatchNormalization", (v1,), {"_USE_V2_BEHAVIOR": True, "__module__": "tf_keras.src.layers."
+                                                                               "normalization.batch_normalization"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_keras(v2(recorded))

@@ -979,6 +979,15 @@ def from_keras(keras_layer) -> BatchNormalization:
             raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
                             f"(no {method}())")
     _refuse_other_computations(keras_layer)
+    if getattr(keras_layer, "_USE_V2_BEHAVIOR", True) is False and getattr(keras_layer, "trainable", True) is False:
+        # tf.keras' V1 class (tf.compat.v1.keras.layers.BatchNormalization): frozen, it still normalizes training calls
+        # by the batch's statistics, which the port (frozen as Keras 2/3's layer) does not; as load_batch_norms says.
+        warnings.warn(f"from_keras: {getattr(keras_layer, 'name', type(keras_layer).__name__)!r} is a frozen "
+                      "BatchNormalization of tf.keras' V1 class: it normalizes training calls by the batch's "
+                      "statistics without updating the moving ones; the port (trainable=False) uses its moving "
+                      "statistics in every call, as Keras 2/3's frozen layer does. For V1's rule: layer.trainable = "
+                      "True, layer.momentum = 1.0 (no update) and requires_grad_(False) on layer.gamma and layer.beta",
+                      UserWarning, stacklevel=2)
     build_config = None
     if getattr(keras_layer, "built", False):
         if callable(getattr(keras_layer, "get_build_config", None)):
