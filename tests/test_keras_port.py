@@ -630,3 +630,19 @@ def test_from_keras_of_a_frozen_tf_keras_v1_layer_says_how_it_differs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from_keras(v2(recorded))
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16)],
+                         ids=["double", "half", "to_bfloat16"])
+def test_keras_config_of_an_unbuilt_converted_layer_names_the_dtype_it_builds(convert):
+    """An unbuilt layer converted by .double() builds float64 weights, but its keras_config() said "float32" (the
+    default dtype), so to_keras made a float32 Keras layer of it, and its get_config() said nothing (from_config made
+    a float32 layer of a built one too). Oracle: the same layer's config once built, and its weights' dtype."""
+    layer = convert(BatchNormalization(name="converted"))
+    before = layer.keras_config()
+    layer.build((None, 3))
+    assert before == layer.keras_config()
+    assert before["dtype"]["config"]["name"] == str(layer.gamma.dtype).replace("torch.", "")
+    again = BatchNormalization.from_config(layer.get_config())  # (and get_config: its from_config built float32)
+    again.build((None, 3))
+    assert again.gamma.dtype == layer.gamma.dtype

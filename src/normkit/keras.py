@@ -635,7 +635,16 @@ class BatchNormalization(nn.Module):
                 "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout,
                 "activity_regularizer": self.activity_regularizer,
                 # (as Keras' config: without it a mixed_float16 layer came back float32 from from_config)
-                "dtype": self.dtype_policy}
+                "dtype": self._policy_or_made_dtype()}
+
+    def _policy_or_made_dtype(self) -> Optional[str]:
+        """The policy's name; without one, the dtype of the weights (built, or set by .double()/.half() before the
+        build) where it is not torch's default: a .double() layer's config made a float32 layer in from_config."""
+        if self.dtype_policy is not None:
+            return self.dtype_policy
+        made = _variables_dtype(self.bn) if self.bn is not None else self._factory["dtype"]
+        name = str(made).replace("torch.", "")
+        return name if made is not None and made != torch.get_default_dtype() and name in _POLICIES else None
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNormalization":
@@ -690,8 +699,10 @@ class BatchNormalization(nn.Module):
         if missing:
             raise ValueError(f"{self.name}: Keras 3's BatchNormalization has no {', '.join(missing)}; "
                              "this layer cannot be written as a Keras config")
+        # (unbuilt: the dtype its build will make, which .double()/.half() set; the default dtype said float32 for a
+        # layer that then built float64 weights, and to_keras made a float32 Keras layer of it)
         dtype = self.dtype_policy or str(_variables_dtype(self.bn) if self.bn is not None
-                                         else torch.get_default_dtype()).replace("torch.", "")
+                                         else self._factory["dtype"] or torch.get_default_dtype()).replace("torch.", "")
         serialized = {}
         for key in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                     "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
