@@ -362,3 +362,47 @@ def test_a_nested_keras_2_2_sequential_named_beside_its_list_config_is_read(tmp_
     for path, layer in original.items():
         for ours, theirs in zip(old[path].get_weights(), layer.get_weights(), strict=True):
             np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_frozen_tf_1_batch_normalization_v1_says_how_it_differs(tmp_path):
+    """tf.keras reads "BatchNormalizationV1" as its V1 class (batch_normalization_v1: _USE_V2_BEHAVIOR=False, the spec's
+    section 2), whose frozen layer still normalizes training calls by the batch's statistics; the loaded layer, frozen
+    as Keras 2/3's, uses its moving statistics there, and said nothing. A UserWarning names the layer and the recipe,
+    which gives V1's output (oracle: the batch-statistics formula in NumPy float64) and updates nothing."""
+    renamed = set()
+
+    def frozen(version):
+        def edit(handle):
+            config = json.loads(handle.attrs["model_config"])
+            for layer in config["config"]["layers"]:
+                if layer["class_name"] == "BatchNormalization":
+                    layer["class_name"], layer["config"]["trainable"] = f"BatchNormalization{version}", False
+                    renamed.add(layer["config"]["name"])
+            handle.attrs["model_config"] = json.dumps(config)
+        return edit
+    with pytest.warns(UserWarning, match="frozen BatchNormalizationV1") as caught:
+        layers = load_batch_norms(_edited(tmp_path, frozen("V1")))
+    warned = {name for name in layers for w in caught if f"layer {name!r} is a frozen" in str(w.message)}
+    assert warned == renamed and renamed
+    layer = next(layers[name] for name in sorted(renamed) if isinstance(layers[name].bn.axis, int)
+                 and not layers[name].renorm and layers[name].virtual_batch_size is None)  # (the plain formula's)
+    shape = [6, 2, 3, 2]  # (a legacy file saves no build shape: the layer takes inputs of any rank)
+    shape[layer.bn.axis] = layer.bn.num_features
+    x = torch.tensor(np.random.default_rng(0).normal(1.0, 2.0, size=shape), dtype=torch.float32)
+    before = [w.copy() for w in layer.get_weights()]
+    layer.trainable, layer.momentum = True, 1.0
+    for parameter in (layer.gamma, layer.beta):
+        if parameter is not None:
+            parameter.requires_grad_(False)
+    y = layer(x, training=True)
+    values = np.moveaxis(x.double().numpy(), layer.bn.axis, -1)
+    mean, var = values.reshape(-1, values.shape[-1]).mean(0), values.reshape(-1, values.shape[-1]).var(0)
+    gamma = layer.gamma.detach().double().numpy() if layer.gamma is not None else 1.0
+    beta = layer.beta.detach().double().numpy() if layer.beta is not None else 0.0
+    expected = np.moveaxis((values - mean) / np.sqrt(var + layer.epsilon) * gamma + beta, -1, layer.bn.axis)
+    np.testing.assert_allclose(y.detach().double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a frozen layer of another class is Keras 2/3's, read as it always was)
+        load_batch_norms(_edited(tmp_path, frozen("V2")))

@@ -7,6 +7,7 @@ get_config(), get_build_config(), weights, a training call and an inference call
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -473,3 +474,175 @@ def test_set_weights_takes_another_layers_weights(dtype):
     target.set_weights(source.weights)
     for ours, theirs in zip(target.get_weights(), source.get_weights(), strict=True):
         np.testing.assert_array_equal(np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64))
+
+
+@pytest.mark.parametrize("convert, dtype", [(lambda m: m.double(), torch.float64), (lambda m: m.half(), torch.float16),
+                                            (lambda m: m.to(torch.bfloat16), torch.bfloat16)],
+                         ids=["double", "half", "to_bfloat16"])
+@pytest.mark.parametrize("name", ["channels_first_conv", "defaults_dense", "mixed_float16"])
+def test_a_ported_model_converted_by_torch_computes_in_the_new_dtype(name, convert, dtype):
+    """Every layer ported from Keras carries the policy Keras wrote ("float32", "mixed_float16"): a torch model
+    holding one, converted with .double() or .half(), got float64/float16 weights in that layer but its outputs in
+    the old policy's dtype, so the next layer refused them ("mat1 and mat2 must have the same dtype"). The torch
+    conversion sets the layer's dtype, as it does for torch.nn's layers: the policy follows the variables' new
+    dtype. Oracle: the inference formula in NumPy float64 on the recorded weights, rounded to the new dtype."""
+    recorded = DATA[name]
+    layer = from_keras_config(recorded["config"], recorded["build_config"], _arrays(recorded["weights"]))
+    features = recorded["build_config"]["input_shape"][layer.bn.axis]
+    model = convert(torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.LazyLinear(2)))
+    x = torch.tensor(recorded["x_infer"]).to(dtype)
+    assert model(x).dtype == dtype  # (refused by the Linear before: the layer's output kept the old dtype)
+    y = layer(x, training=False)
+    assert y.dtype == dtype and layer.gamma.dtype == dtype
+    assert layer.dtype_policy == str(dtype).replace("torch.", "")
+    weights = [np.asarray(w, dtype=np.float64) for w in layer.get_weights()]  # (the weights rounded to the dtype)
+    gamma, beta, mean, var = weights
+    shape = [1] * x.dim()
+    shape[layer.bn.axis] = features
+    values = x.double().numpy()
+    expected = (values - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + layer.epsilon) * gamma.reshape(shape) \
+        + beta.reshape(shape)
+    tolerance = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    np.testing.assert_allclose(y.double().detach().numpy(), expected, rtol=tolerance, atol=tolerance)
+
+
+# Keras' BatchNormalization takes every Layer's activity_regularizer and its get_config() writes it, in this form.
+_KERAS_ACTIVITY_L2 = {"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01}, "registered_name": None}
+
+
+def test_an_activity_regularizer_ports_and_adds_keras_term_of_each_call():
+    """A Keras layer with activity_regularizer (a Layer argument, in its config) could not be ported at all: from_config,
+    from_keras and load_batch_norms refused the whole model ("not BatchNormalization arguments"). Keras adds
+    regularizer(output) / batch size to layer.losses at each call (before the weights' terms, in any mode, frozen
+    too). Oracle: that term computed in NumPy float64 from the layer's output."""
+    recorded = DATA["defaults_dense"]
+    config = {**recorded["config"], "activity_regularizer": _KERAS_ACTIVITY_L2, "gamma_regularizer": "l1"}
+    layer = from_keras_config(config, recorded["build_config"], _arrays(recorded["weights"]))
+    x = torch.tensor(recorded["x_train"])
+    for trainable in (True, False):
+        layer.trainable = trainable
+        y = layer(x, training=True).detach().double().numpy()
+        expected = [0.01 * np.square(y).sum() / x.shape[0]]
+        if trainable:
+            expected.append(0.01 * np.abs(layer.get_weights()[0].astype(np.float64)).sum())
+        losses = layer.losses
+        assert len(losses) == len(expected)
+        for ours, theirs in zip(losses, expected):
+            assert_close(ours, theirs, torch.float32)
+        assert_close(normkit.regularization_loss(torch.nn.Sequential(layer)), sum(expected), torch.float32)
+    assert layer.keras_config()["activity_regularizer"] == _KERAS_ACTIVITY_L2
+    assert BatchNormalization.from_config(layer.get_config()).activity_regularizer == _KERAS_ACTIVITY_L2
+    assert "activity_regularizer" not in BatchNormalization().keras_config()  # (Keras writes it only when set)
+
+
+def test_an_activity_regularizer_matches_the_real_keras(tmp_path):
+    """With Keras installed: the same losses as Keras' layer after a call, written back by to_keras, and read from a
+    saved model by load_batch_norms (every BN layer of such a model was refused)."""
+    keras = _keras_on_torch()
+    theirs = keras.layers.BatchNormalization(activity_regularizer=keras.regularizers.L1L2(0.1, 0.2),
+                                             gamma_regularizer="l2", name="bn_activity")
+    x = np.asarray(DATA["defaults_dense"]["x_train"], dtype=np.float32)
+    theirs.build(x.shape)
+    ours = from_keras(theirs)
+    theirs(x, training=True)
+    expected = [keras.ops.convert_to_numpy(loss) for loss in theirs.losses]
+    ours(torch.tensor(x), training=True)
+    assert len(ours.losses) == len(expected) == 2
+    for mine, theirs_loss in zip(ours.losses, expected):
+        assert_close(mine, theirs_loss, torch.float32)
+    assert to_keras(ours).get_config()["activity_regularizer"] == theirs.get_config()["activity_regularizer"]
+    inputs = keras.Input(x.shape[1:])
+    keras.Model(inputs, theirs(inputs)).save(tmp_path / "activity.keras")
+    loaded = normkit.keras.load_batch_norms(tmp_path / "activity.keras")["bn_activity"]
+    loaded(torch.tensor(x), training=True)
+    for mine, theirs_loss in zip(loaded.losses, expected):
+        assert_close(mine, theirs_loss, torch.float32)
+
+
+def _keras_like_class(name, module="keras.src.layers.normalization.batch_normalization"):
+    """A class standing for one of Keras' own (named and placed as Keras' are), for the checks of from_keras without
+    Keras: it answers with a recorded layer."""
+    return type(name, (_RecordedLayer,), {"__module__": module, "call": lambda self, inputs, training=None: inputs})
+
+
+def test_from_keras_refuses_a_subclass_that_computes_otherwise():
+    """A Keras BatchNormalization subclass overriding call (BN then an activation, as model zoos write) was ported as a
+    plain BatchNormalization, silently computing something else (1.26 off on a relu'd N(0, 1) batch). Refused, naming
+    the class and what it overrides; a subclass that overrides nothing of the computation still ports."""
+    recorded = dict(TF_DATA["__built_by_build__"][sorted(TF_DATA["__built_by_build__"])[0]])
+    keras_bn = _keras_like_class("BatchNormalization")
+    fused_activation = type("BatchNormRelu", (keras_bn,), {"call": lambda self, inputs, training=None: inputs})
+    with pytest.raises(ValueError, match=r"BatchNormRelu.*overrides call"):
+        from_keras(fused_activation(recorded))
+    renamed = type("RegisteredBatchNorm", (keras_bn,), {"__init__": keras_bn.__init__})
+    assert from_keras(renamed(recorded)).built
+    other = _keras_like_class("UnitNormalization", "keras.src.layers.normalization.unit_normalization")
+    with pytest.raises(TypeError, match="expects a Keras BatchNormalization layer, got UnitNormalization"):
+        from_keras(other(recorded))  # (it said this built layer gave no input shape)
+
+
+def test_from_keras_refuses_a_real_keras_subclass_that_computes_otherwise():
+    """With Keras installed: the subclass's own output is not what its port would compute, so it is refused."""
+    keras = _keras_on_torch()
+
+    class BatchNormRelu(keras.layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            return keras.ops.relu(super().call(inputs, training=training, mask=mask))
+
+    theirs = BatchNormRelu()
+    x = np.asarray(DATA["defaults_dense"]["x_infer"], dtype=np.float32)
+    theirs.build(x.shape)
+    plain = from_keras(keras.layers.BatchNormalization.from_config(theirs.get_config()))
+    assert not np.allclose(keras.ops.convert_to_numpy(theirs(x)), plain(torch.tensor(x), training=False).detach())
+    with pytest.raises(ValueError, match=r"BatchNormRelu.*overrides call"):
+        from_keras(theirs)
+    with pytest.raises(TypeError, match="got UnitNormalization"):
+        from_keras(keras.layers.UnitNormalization())
+
+
+def test_an_activity_regularizer_inside_vmap_leaves_no_escaped_tensor():
+    """A call under torch.func.vmap recorded its batched term on the layer: layer.losses then held a BatchedTensor and
+    normkit.regularization_loss raised functorch's "escaped from inside a function being vmapped". Inside a transform
+    nothing is recorded; the weights' terms stay (oracle: 0.01 * sum(gamma^2) in NumPy)."""
+    layer = BatchNormalization(activity_regularizer="l2", gamma_regularizer="l2")
+    layer(torch.randn(4, 3), training=True)
+    layer.eval()
+    torch.func.vmap(lambda x: layer(x, training=False))(torch.randn(5, 2, 3))
+    gamma = layer.get_weights()[0].astype(np.float64)
+    assert len(layer.losses) == 1
+    assert_close(normkit.regularization_loss(layer), 0.01 * np.square(gamma).sum(), torch.float32)
+
+
+def test_from_keras_of_a_frozen_tf_keras_v1_layer_says_how_it_differs():
+    """tf.keras' V1 class (tf.compat.v1.keras.layers.BatchNormalization, _USE_V2_BEHAVIOR = False: the spec's section
+    2) normalizes a frozen layer's training calls by the batch's statistics; its port is frozen as Keras 2/3's layer,
+    which from_keras did not say. A frozen V1 layer warns (as load_batch_norms does for the class name); a V2 one not."""
+    recorded = dict(TF_DATA["__built_by_build__"][sorted(TF_DATA["__built_by_build__"])[0]])
+    recorded["config"] = {**recorded["config"], "trainable": False}
+    v1 = type("BatchNormalization", (_keras_like_class("BatchNormalization", "tf_keras.src.layers.normalization."
+                                                        "batch_normalization_v1"),),
+              {"_USE_V2_BEHAVIOR": False, "trainable": False, "__module__": "tf_keras.src.layers.normalization."
+                                                                             "batch_normalization_v1"})
+    with pytest.warns(UserWarning, match="V1 class"):
+        assert not from_keras(v1(recorded)).trainable
+    v2 = type("BatchNormalization", (v1,), {"_USE_V2_BEHAVIOR": True, "__module__": "tf_keras.src.layers."
+                                                                               "normalization.batch_normalization"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_keras(v2(recorded))
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16)],
+                         ids=["double", "half", "to_bfloat16"])
+def test_keras_config_of_an_unbuilt_converted_layer_names_the_dtype_it_builds(convert):
+    """An unbuilt layer converted by .double() builds float64 weights, but its keras_config() said "float32" (the
+    default dtype), so to_keras made a float32 Keras layer of it, and its get_config() said nothing (from_config made
+    a float32 layer of a built one too). Oracle: the same layer's config once built, and its weights' dtype."""
+    layer = convert(BatchNormalization(name="converted"))
+    before = layer.keras_config()
+    layer.build((None, 3))
+    assert before == layer.keras_config()
+    assert before["dtype"]["config"]["name"] == str(layer.gamma.dtype).replace("torch.", "")
+    again = BatchNormalization.from_config(layer.get_config())  # (and get_config: its from_config built float32)
+    again.build((None, 3))
+    assert again.gamma.dtype == layer.gamma.dtype

@@ -2,7 +2,7 @@
 
 tests/test_keras_differential.py compares single calls of 300 drawn configurations; this draws configurations the same
 way and more widely (momentum 0 and 1, epsilon 1e-10 to 1e3, initializers with arguments as Keras objects, constraints
-(NonNeg, MaxNorm, UnitNorm, MinMaxNorm), regularizers (L1, L2, L1L2), renorm with clipping and renorm_momentum, masks
+(NonNeg, MaxNorm, UnitNorm, MinMaxNorm), regularizers (L1, L2, L1L2; of gamma, beta and the output), renorm with clipping and renorm_momentum, masks
 broadcast along any axis given as bool, float or int, trainable=False from the constructor or toggled, dtype policies
 by name or as keras.DTypePolicy: mixed_float16, mixed_bfloat16, float16, bfloat16, float64; ranks 2-5, any axis,
 batch size 1) and runs several steps of training, inference and ``training=None`` calls (normkit in ``eval()``), each
@@ -123,6 +123,11 @@ def draw(seed):
         kwargs["dtype"] = policy if rng.random() < 0.5 else keras.DTypePolicy(policy)
     if rng.random() < 0.12:
         kwargs["trainable"] = False
+    # (its own stream, so that every seed drawn before activity regularizers were draws the same configuration)
+    extra = np.random.default_rng((seed, 1))
+    if extra.random() < 0.2:
+        kwargs["activity_regularizer"] = ["l1", "l2", keras.regularizers.L2(0.3), keras.regularizers.L1L2(0.1, 0.2),
+                                          keras.regularizers.L1(0.05)][extra.integers(5)]
     steps = int(rng.integers(2, 5))
     return dict(seed=seed, shape=tuple(shape), feature=feature, kwargs=kwargs, policy=policy,
                 masked=rng.random() < 0.3 and shape[feature] > 1, mask_kind=int(rng.integers(4)),

@@ -181,7 +181,8 @@ _OPTION_CHECKS = {
     "ghost_layout": check_ghost_layout, "adjustment": check_adjustment, "process_group": check_process_group,
     **{name: _resolvable(resolve_initializer) for name in ("beta_initializer", "gamma_initializer",
                                                            "moving_mean_initializer", "moving_variance_initializer")},
-    **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer")},
+    **{name: _resolvable(resolve_regularizer) for name in ("beta_regularizer", "gamma_regularizer",
+                                                           "activity_regularizer")},
     **{name: _resolvable(resolve_constraint) for name in ("beta_constraint", "gamma_constraint")},
 }
 
@@ -223,7 +224,7 @@ class BatchNormalization(nn.Module):
                  renorm: bool = False, renorm_clipping: Optional[dict] = None, renorm_momentum: float = 0.99,
                  virtual_batch_size: Optional[int] = None, adjustment=None, fused: Optional[bool] = None,
                  trainable: bool = True, name: Optional[str] = None, *, ghost_layout: str = "strided",
-                 process_group=None, dtype=None, device=None):
+                 process_group=None, dtype=None, device=None, activity_regularizer=None):
         super().__init__()
         if fused:
             # tf.keras refuses the fused kernel with these options; normkit keeps the same contract.
@@ -249,6 +250,7 @@ class BatchNormalization(nn.Module):
         self.ghost_layout = ghost_layout
         self.name = _unique_name("batch_normalization") if name is None else name  # (Keras: only None is auto-named)
         self.process_group = process_group
+        self.activity_regularizer = activity_regularizer
         self._factory = {"dtype": None, "device": device}
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
         self.bn: Optional[BatchNorm] = None
@@ -260,6 +262,13 @@ class BatchNormalization(nn.Module):
 
     def __deepcopy__(self, memo):
         return _deepcopy_sharing_group(self, memo)  # (its process_group is shared by the copy, not copied)
+
+    def __getstate__(self):
+        # The last call's activity term belongs to that call's graph: a copy or pickle has made no call yet (and torch
+        # refuses to deepcopy or pickle a tensor computed with autograd).
+        state = super().__getstate__()
+        state["_activity_loss"] = None
+        return state
 
     # -- options ----------------------------------------------------------------------------------
 
@@ -289,6 +298,10 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"{self.name} is built: {name} is fixed by its weights' shapes (set it before the first "
                              "call or build(), or make a new layer)")
         super().__setattr__(name, value)
+        if name == "activity_regularizer":
+            # (the callable each call applies to its output; the term of a call made before the change is dropped)
+            self.__dict__["_activity"] = resolve_regularizer(value, name=name)
+            self.__dict__["_activity_loss"] = None
         if name in ("center", "scale") and inner is None and "_factory" in self.__dict__:
             self._add_pending_parameters()  # (the constructor adds them once both are set)
         if name == "dtype_policy":
@@ -354,7 +367,18 @@ class BatchNormalization(nn.Module):
                 self._factory["dtype"] = probe.dtype
             if probe.device != device:
                 self._factory["device"] = probe.device
-        return super()._apply(fn, *args, **kwargs)
+        else:
+            dtype = _variables_dtype(self.bn)
+            devices = [tensor.device for tensor in (*self.bn.parameters(), *self.bn.buffers())]
+            probe = fn(torch.empty(0, dtype=dtype, device=devices[0] if devices else "cpu"))
+        result = super()._apply(fn, *args, **kwargs)
+        name = str(probe.dtype).replace("torch.", "")
+        if probe.dtype != dtype and self.dtype_policy is not None and name in _POLICIES:
+            # A torch conversion (.double(), .half(), .to(dtype)) states the layer's dtype, as for torch.nn's layers:
+            # the policy follows the variables. Kept, a ported layer (Keras writes "float32" into every config) held
+            # float64 weights but computed and returned float32, which the next layer of a .double() model refused.
+            self.dtype_policy = name
+        return result
 
     @contextlib.contextmanager
     def _pending_set_aside(self):
@@ -584,10 +608,12 @@ class BatchNormalization(nn.Module):
 
     @property
     def losses(self):
-        """The regularization terms, one scalar per regularized trainable weight (Keras' ``layer.losses``)."""
+        """The regularization terms (Keras' ``layer.losses``): the activity regularizer's term of the latest call, as
+        Keras records it (``regularizer(output) / batch size``, in any mode, frozen too), then one scalar per
+        regularized trainable weight."""
+        terms = [] if self.__dict__.get("_activity_loss") is None else [self._activity_loss]
         if self.bn is None or not self._trainable:
-            return []
-        terms = []
+            return terms
         for regularizer, parameter in ((self.bn.weight_regularizer, self.bn.weight),
                                        (self.bn.bias_regularizer, self.bn.bias)):
             if regularizer is not None and parameter is not None:
@@ -607,8 +633,18 @@ class BatchNormalization(nn.Module):
                 "synchronized": self.synchronized, "renorm": self.renorm, "renorm_clipping": self.renorm_clipping,
                 "renorm_momentum": self.renorm_momentum, "virtual_batch_size": self.virtual_batch_size,
                 "fused": self.fused, "trainable": self._trainable, "ghost_layout": self.ghost_layout,
+                "activity_regularizer": self.activity_regularizer,
                 # (as Keras' config: without it a mixed_float16 layer came back float32 from from_config)
-                "dtype": self.dtype_policy}
+                "dtype": self._policy_or_made_dtype()}
+
+    def _policy_or_made_dtype(self) -> Optional[str]:
+        """The policy's name; without one, the dtype of the weights (built, or set by .double()/.half() before the
+        build) where it is not torch's default: a .double() layer's config made a float32 layer in from_config."""
+        if self.dtype_policy is not None:
+            return self.dtype_policy
+        made = _variables_dtype(self.bn) if self.bn is not None else self._factory["dtype"]
+        name = str(made).replace("torch.", "")
+        return name if made is not None and made != torch.get_default_dtype() and name in _POLICIES else None
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNormalization":
@@ -663,17 +699,22 @@ class BatchNormalization(nn.Module):
         if missing:
             raise ValueError(f"{self.name}: Keras 3's BatchNormalization has no {', '.join(missing)}; "
                              "this layer cannot be written as a Keras config")
+        # (unbuilt: the dtype its build will make, which .double()/.half() set; the default dtype said float32 for a
+        # layer that then built float64 weights, and to_keras made a float32 Keras layer of it)
         dtype = self.dtype_policy or str(_variables_dtype(self.bn) if self.bn is not None
-                                         else torch.get_default_dtype()).replace("torch.", "")
+                                         else self._factory["dtype"] or torch.get_default_dtype()).replace("torch.", "")
         serialized = {}
         for key in ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                     "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
                     "gamma_constraint"):
             kind = key.rsplit("_", 1)[1]
             serialized[key] = to_keras_object(kind, getattr(self, key), name=key)
+        # (Keras' Layer writes activity_regularizer only when one is set)
+        activity = {} if self.activity_regularizer is None else {"activity_regularizer": to_keras_object(
+            "regularizer", self.activity_regularizer, name="activity_regularizer")}
         return {"name": self.name, "trainable": self._trainable,
                 "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                          "config": {"name": dtype}, "registered_name": None},
+                          "config": {"name": dtype}, "registered_name": None}, **activity,
                 "axis": axis, "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center,
                 "scale": self.scale, **serialized, "synchronized": self.synchronized, "renorm": self.renorm,
                 # (Keras 3 writes {} for renorm without clipping, and keeps None without renorm)
@@ -694,6 +735,20 @@ class BatchNormalization(nn.Module):
             # the traced module's first call, as a torch.nn.LazyBatchNorm does)
             kwargs = {name: value for name, value in (("training", training), ("mask", mask)) if value is not None}
             return _fx_call_module(self, inputs, **kwargs)
+        outputs = self._normalize(inputs, training, mask)
+        if self._activity is not None:
+            # Keras' Layer.__call__: the regularizer of the output, divided by the batch size (0 for an empty batch:
+            # its divide_no_nan), recorded by every call, whatever the mode. Not inside a torch.func transform (vmap,
+            # grad), whose tensors cannot leave it: kept, layer.losses and regularization_loss raised "escaped vmap".
+            term = None
+            if not torch._C._are_functorch_transforms_active():
+                term = self._activity(outputs)
+                if outputs.dim() > 0:
+                    term = term / outputs.shape[0] if outputs.shape[0] else torch.zeros_like(term)
+            self.__dict__["_activity_loss"] = term
+        return outputs
+
+    def _normalize(self, inputs, training: Optional[bool], mask) -> torch.Tensor:
         try:
             inputs, mask, bn, mode, stored = self._keras_inputs(inputs, training, mask)
         except Exception:
@@ -934,6 +989,16 @@ def from_keras(keras_layer) -> BatchNormalization:
         if not callable(getattr(keras_layer, method, None)):
             raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
                             f"(no {method}())")
+    _refuse_other_computations(keras_layer)
+    if getattr(keras_layer, "_USE_V2_BEHAVIOR", True) is False and getattr(keras_layer, "trainable", True) is False:
+        # tf.keras' V1 class (tf.compat.v1.keras.layers.BatchNormalization): frozen, it still normalizes training calls
+        # by the batch's statistics, which the port (frozen as Keras 2/3's layer) does not; as load_batch_norms says.
+        warnings.warn(f"from_keras: {getattr(keras_layer, 'name', type(keras_layer).__name__)!r} is a frozen "
+                      "BatchNormalization of tf.keras' V1 class: it normalizes training calls by the batch's "
+                      "statistics without updating the moving ones; the port (trainable=False) uses its moving "
+                      "statistics in every call, as Keras 2/3's frozen layer does. For V1's rule: layer.trainable = "
+                      "True, layer.momentum = 1.0 (no update) and requires_grad_(False) on layer.gamma and layer.beta",
+                      UserWarning, stacklevel=2)
     build_config = None
     if getattr(keras_layer, "built", False):
         if callable(getattr(keras_layer, "get_build_config", None)):
@@ -951,9 +1016,42 @@ def from_keras(keras_layer) -> BatchNormalization:
     return from_keras_config(_with_live_custom_objects(keras_layer), build_config, weights)
 
 
+# Where Keras' classes live (Keras 3 and the Keras 2 bundled with TensorFlow 2.13-2.15: keras.src, tf_keras, TF's own
+# older copy), and the names of its batch-normalization classes there (tf.keras' V1/V2, base and synchronized ones).
+_KERAS_MODULES = ("keras.", "tf_keras.", "tensorflow.python.keras.", "tensorflow.keras.")
+_KERAS_BATCH_NORMS = {"BatchNormalization", "BatchNormalizationBase", "BatchNormalizationV1", "BatchNormalizationV2",
+                      "SyncBatchNormalization"}
+# What a subclass may define and still compute what its Keras base does (its port reads the config and weights).
+_SUBCLASS_KEEPS = {"__init__", "get_config", "from_config", "build", "__module__", "__qualname__", "__doc__",
+                   "__dict__", "__weakref__", "__annotations__", "__firstlineno__", "__static_attributes__"}
+
+
+def _refuse_other_computations(keras_layer) -> None:
+    """A real Keras layer (a class of Keras' own in its MRO) must be a BatchNormalization, and the user's classes above
+    it must override nothing it computes with: a port takes the options and weights, never such a subclass's own
+    ``call`` (a BatchNormalization then an activation, as model zoos write: ported silently as a plain one, computing
+    something else) or another Keras layer (its config then refused with a message about its build). Objects of
+    other classes (a recording of a layer's answers) are read as they answer."""
+    mro = type(keras_layer).__mro__
+    first = next((index for index, cls in enumerate(mro) if cls.__module__.startswith(_KERAS_MODULES)), None)
+    if first is None:
+        return
+    if mro[first].__name__ not in _KERAS_BATCH_NORMS:
+        raise TypeError(f"from_keras expects a Keras BatchNormalization layer, got {type(keras_layer).__name__} "
+                        f"(a {mro[first].__module__}.{mro[first].__name__})")
+    overridden = sorted({name for cls in mro[:first] for name in vars(cls)
+                         if name not in _SUBCLASS_KEEPS and any(hasattr(base, name) for base in mro[first:])})
+    if overridden:
+        raise ValueError(f"from_keras: {type(keras_layer).__name__} subclasses Keras' {mro[first].__name__} and "
+                         f"overrides {', '.join(overridden)}: it may compute something else, which a port of its options "
+                         "and weights would not. Port it by hand: from_keras_config(layer.get_config(), "
+                         "layer.get_build_config(), layer.get_weights()) gives the plain BatchNormalization, around which "
+                         "the subclass's own computation is to be written in torch")
+
+
 _KERAS_OBJECT_OPTIONS = ("beta_initializer", "gamma_initializer", "moving_mean_initializer",
                          "moving_variance_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
-                         "gamma_constraint")
+                         "gamma_constraint", "activity_regularizer")
 
 
 def _with_live_custom_objects(keras_layer) -> dict:
@@ -1352,7 +1450,7 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             by_name[name] = None if members is None else _subgroup(members, key, h5py)
         wrapped = layer_config.get("layer")
         if layer.get("class_name") in _BATCH_NORM_CLASSES:
-            _load_saved_batch_norm(_batch_norm_config(layer), _saved_build_config(layer), by_name.get(name), where,
+            _load_saved_batch_norm(_batch_norm_config(layer, where, path), _saved_build_config(layer), by_name.get(name), where,
                                    found, path, axis, h5py, shared)
         elif layer.get("class_name") == "TimeDistributed" and not (
                 isinstance(wrapped, dict) and isinstance(wrapped.get("class_name"), str)
@@ -1369,7 +1467,8 @@ def _collect_batch_norms(layers: list, group, prefix: str, found: dict, path, ax
             # (legacy HDF5: the wrapper's weights, the wrapped layer's named under it; else its "layer" group)
             entry = (entry.child(str(wrapped["config"].get("name")), h5py, wrapped=True) if legacy and entry is not None
                      else _subgroup(entry, "layer", h5py))
-            _load_saved_batch_norm(_batch_norm_config(wrapped), _saved_build_config(wrapped), entry, where, found,
+            _load_saved_batch_norm(_batch_norm_config(wrapped, where, path), _saved_build_config(wrapped), entry, where,
+                                   found,
                                    path, axis, h5py, shared)
         elif isinstance(layer_config.get("layers"), list):  # a nested model (Sequential, Functional)
             _collect_batch_norms(layer_config["layers"], by_name.get(name), where + "/", found, path, axis, h5py,
@@ -1391,8 +1490,17 @@ _BATCH_NORM_CLASSES = {"BatchNormalization": {}, "SyncBatchNormalization": {"syn
                        "BatchNormalizationV1": {}, "BatchNormalizationV2": {}}
 
 
-def _batch_norm_config(layer: dict) -> dict:
+def _batch_norm_config(layer: dict, where: str, path) -> dict:
     """A saved BN layer's config, with what its class implies (SyncBatchNormalization: synchronized=True)."""
+    if layer["class_name"] == "BatchNormalizationV1" and layer["config"].get("trainable") is False:
+        # tf.keras reads this name as its V1 class (batch_normalization_v1, _USE_V2_BEHAVIOR=False), whose frozen layer
+        # still normalizes a training call by the batch's statistics (updating nothing); loaded without a word, the
+        # layer runs such calls in inference mode, as Keras 2/3's frozen layer does.
+        warnings.warn(f"load_batch_norms: {path}: layer {where!r} is a frozen BatchNormalizationV1 (TensorFlow 1.x): "
+                      "tf.keras normalizes its training calls by the batch's statistics without updating the moving "
+                      "ones; the loaded layer (trainable=False) uses its moving statistics in every call, as Keras 2/3's "
+                      "frozen layer does. For V1's rule: layer.trainable = True, layer.momentum = 1.0 (no update) and "
+                      "requires_grad_(False) on layer.gamma and layer.beta", UserWarning, stacklevel=2)
     return {**layer["config"], **_BATCH_NORM_CLASSES[layer["class_name"]]}
 
 

@@ -577,6 +577,8 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum of every normkit layer's regularization terms in ``model``: add it to the training loss."""
     _check_model(model, "regularization_loss")
     terms = [m.regularization_loss() for m in model.modules() if hasattr(m, "weight_regularizer")]
+    # (a Keras-vocabulary layer's activity regularizer: its latest call's term, which Keras' fit adds with model.losses)
+    terms += [m._activity_loss for m in model.modules() if getattr(m, "_activity_loss", None) is not None]
     if not terms:
         return torch.zeros(())
     # Added, not stacked: a user's regularizer may return a term on another device (a CPU number), which a
