@@ -1,5 +1,7 @@
 """Bad input gets a clear ValueError/TypeError naming the argument and the fix."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,15 @@ def test_wrong_rank_says_expected_and_got(cls, rank):
 def test_generic_batch_norm_needs_rank_two():
     with pytest.raises(ValueError, match="rank >= 2"):
         normkit.BatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("shape,axis", [((), -1), ((5,), -1), ((5,), 1), ((5,), 0)])
+def test_keras_layer_refuses_rank_below_two_by_rank_not_by_an_axis_range(shape, axis):
+    # The axis range of a rank-0 or rank-1 input ("use an axis in [0, -1]", or axis 0, itself refused) misleads.
+    layer = normkit.keras.BatchNormalization(axis=axis)
+    with pytest.raises(ValueError, match=r"rank >= 2 .*input_shape %s of rank %d" % (re.escape(str(shape)), len(shape))):
+        layer(torch.randn(shape), training=True)
+    assert not layer.built
 
 
 @pytest.mark.parametrize("axis,match", [(4, r"axis=4 is out of range .* rank 4.*\[-4, 3\]"),

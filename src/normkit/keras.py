@@ -409,6 +409,10 @@ class BatchNormalization(nn.Module):
         other built layer refuses, as Keras does (new weights would silently replace the trained ones).
         """
         rank = len(input_shape)
+        if rank < 2:
+            # Before the axis check, whose range for rank 0 or 1 would point at axes the layer then refuses.
+            raise ValueError(f"{self.name} expects an input of rank >= 2 (batch, features, ...), got input_shape "
+                             f"{tuple(input_shape)} of rank {rank}: give the batch on its own axis")
         axes = canonicalize_axes(self.axis, rank)
         shape = tuple(None if size is None else int(size) for size in input_shape)
         sizes = tuple(input_shape[a] for a in axes)
