@@ -1240,7 +1240,7 @@ class BatchNorm(_NormBase):
         axis = self.axis % input.dim()  # (the kernel takes axis 1 or the last one, and declines the rest)
         if input.shape[axis] != self.num_features or input.numel() == 0 or not kernels.enabled(input.device):
             return None
-        renorm = self.renorm
+        renorm = self.renorm and self.running_mean is not None  # (no running statistics: none, see _forward_options)
         # The count is read (a host sync on GPUs) only where a rule needs it; this step is count + 1.
         count = (int(self.num_batches_tracked) if self.momentum is None or (renorm and self.renorm_clipping.scheduled)
                  else None)
@@ -1416,7 +1416,12 @@ class BatchNorm(_NormBase):
             weight = None if weight is None else weight.detach()
             bias = None if bias is None else bias.detach()
         batch_stats = training or running_mean is None
-        renorm = self.renorm and batch_stats and training
+        # Renorm corrects the batch's statistics toward the ones inference will use, and its averages move with the
+        # running statistics. A training call without them (track_running_stats switched off on the built layer, or
+        # the buffers set to None, as test-time adaptation does) has nothing to correct toward and moves nothing:
+        # r and d came from renorm averages frozen there, the output normalized by the statistics of old data.
+        # It normalizes by the batch, as torch.nn's layer does there (and replace_all_batch_norm_modules_ makes it).
+        renorm = self.renorm and training and running_mean is not None
         try:
             clipping = self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)
         except Exception:
