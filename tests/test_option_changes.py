@@ -122,6 +122,17 @@ def test_renorm_needs_running_statistics_when_switched_on_too():
     assert not layer.renorm and "moving_stddev" not in dict(layer.named_buffers())
 
 
+def test_renorm_switched_on_where_the_running_buffers_were_set_to_none_says_it_needs_them():
+    """A layer whose running buffers were set to None has no statistics for renorm to start from (nor to correct
+    toward): renorm switched on raised an AttributeError ('NoneType' object has no attribute 'double') from
+    deriving its state; it is refused as on a layer built without running statistics, and nothing changes."""
+    layer = normkit.BatchNorm1d(3)
+    layer.running_mean = layer.running_var = None
+    with pytest.raises(ValueError, match="renorm=True needs running statistics"):
+        layer.renorm = True
+    assert not layer.renorm and "moving_stddev" not in dict(layer.named_buffers())
+
+
 @pytest.mark.parametrize("switch_off", ["track_running_stats", "buffers", "both"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 @pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 2},

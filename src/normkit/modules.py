@@ -584,6 +584,12 @@ class BatchNorm(_NormBase):
         renorm = bool(renorm)
         if renorm and self._constructed() and not self.track_running_stats:
             raise ValueError("renorm=True needs running statistics: this layer has track_running_stats=False")
+        if (renorm and self._constructed() and not self.renorm
+                and (_buffer_of(self, "running_mean") is None or _buffer_of(self, "running_var") is None)):
+            # (its state is derived from them: an AttributeError on None, "no attribute 'double'", said nothing)
+            raise ValueError("renorm=True needs running statistics: this layer's running_mean and running_var were "
+                             "set to None; assign them first (layer.running_mean = torch.zeros(num_features), "
+                             "layer.running_var = torch.ones(num_features), or a checkpoint's)")
         return renorm
 
     def _add_renorm_state(self) -> None:
@@ -683,6 +689,10 @@ class BatchNorm(_NormBase):
     def _statistics_load(self, mean, var) -> bool:
         """Whether a checkpoint's running statistics fit this layer's (an unsized lazy layer's: each other)."""
         if not all(isinstance(given, torch.Tensor) and not nn.parameter.is_lazy(given) for given in (mean, var)):
+            return False
+        if self.running_mean is None or self.running_var is None:
+            # (set to None, as test-time adaptation code does: nothing to load them into; torch.nn's load reports
+            # them as unexpected keys, which the derivation failed before, on None's shape)
             return False
         return mean.shape == var.shape and all(nn.parameter.is_lazy(own) or own.shape == given.shape
                                                for own, given in ((self.running_mean, mean), (self.running_var, var)))
