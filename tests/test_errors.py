@@ -155,6 +155,23 @@ def test_layer_norm_shape_mismatch():
         normkit.LayerNorm(5)(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("make, shape, fix", [
+    # channels at dim 1 where LayerNorm normalizes the last dims (a conv's (N, C, H, W) output)
+    (lambda: normkit.LayerNorm(4), (2, 4, 3), r"normalized_shape=\(3,\).*features \(dim 1 holds 4\) last: x\.movedim\(1, -1\)"),
+    (lambda: normkit.LayerNorm((2, 3)), (5, 2, 4), r"normalized_shape=\(2, 4\)"),
+    (lambda: normkit.LayerNorm((2, 3)), (3,), r"normalized_shape=\(3,\)"),
+    # features last where GroupNorm takes them at dim 1 (NHWC data)
+    (lambda: normkit.GroupNorm(2, 4), (2, 5, 5, 4), r"num_channels=5.*\[1, 5\].*channels are last: x\.movedim\(-1, 1\)"),
+    (lambda: normkit.GroupNorm(2, 4), (2, 6, 3), r"num_channels=6 \(and num_groups one of \[1, 2, 3, 6\]\)"),
+])
+def test_sample_norms_refusing_a_shape_say_what_fixes_it(make, shape, fix):
+    """A refused argument's error names it and the fix (docs/decisions.md's exception contract). LayerNorm and
+    GroupNorm named the expected shape only, where BatchNorm and InstanceNorm say which size to build the layer with
+    and where the features must be."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(momentum=1.5), "momentum must be a number in"), (dict(momentum="0.1"), "momentum"),
     (dict(num_features=0), "num_features must be a positive int"),

@@ -1731,8 +1731,15 @@ class LayerNorm(_SampleNorm):
         self._check_input(input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
+            # (the fix too, as BatchNorm's and InstanceNorm's refusals say it: the expected shape alone left the user
+            # to work out that LayerNorm normalizes the last dims, where a conv's channels sit at dim 1)
+            given = tuple(input.shape[-k:]) if input.dim() >= k else tuple(input.shape)
+            fix = f"build the layer with normalized_shape={given} to normalize the input's last dims"
+            if k == 1 and input.dim() >= 3 and input.shape[1] == self.normalized_shape[0]:
+                fix += (f", or move the input's features (dim 1 holds {input.shape[1]}) last: x.movedim(1, -1), "
+                        "as LayerNorm normalizes the last dims")
             raise ValueError(f"LayerNorm(normalized_shape={self.normalized_shape}) needs an input whose last {k} "
-                             f"dims are {self.normalized_shape}, got shape {tuple(input.shape)}")
+                             f"dims are {self.normalized_shape}, got shape {tuple(input.shape)}: {fix}")
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -1794,8 +1801,15 @@ class GroupNorm(_SampleNorm):
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
         if input.dim() < 2 or (input.shape[1] != self.num_channels and (weight is not None or bias is not None)):
+            fix = "give it a batch (N, C, *), channels at dim 1"
+            if input.dim() >= 2:
+                # (the fix too, as BatchNorm's and InstanceNorm's refusals say it)
+                fix = (f"build the layer with num_channels={input.shape[1]} (and num_groups one of "
+                       f"{group_counts(input.shape[1])})" if input.shape[1] > 0 else "give it channels")
+                if input.dim() >= 3 and input.shape[-1] == self.num_channels:
+                    fix += ", or, if its channels are last: x.movedim(-1, 1) (GroupNorm takes them at dim 1)"
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
-                             f"got shape {tuple(input.shape)}")
+                             f"got shape {tuple(input.shape)}: {fix}")
         # torch.nn's rule: refused only when the whole input is one value per group. With one value per group
         # and a larger batch every group normalizes to 0 (the output is the bias), as in torch.nn.
         if input.numel() == self.num_groups:
