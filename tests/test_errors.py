@@ -156,6 +156,24 @@ def test_layer_norm_shape_mismatch():
 
 
 @pytest.mark.parametrize("make, shape, fix", [
+    (lambda: normkit.BatchNorm2d(3), (8, 3, 5), r"expected 4D input \(got 3D input\) for BatchNorm2d; .*BatchNorm1d\(3\)"),
+    (lambda: normkit.BatchNorm1d(3), (8, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\).*BatchNorm2d\(3\)"),
+    (lambda: normkit.BatchNorm3d(3), (8, 3, 4, 4), r"BatchNorm2d\(3\)"),
+    (lambda: normkit.BatchNorm2d(3), (2, 3, 4, 4, 4, 4), r"normkit\.BatchNorm\(3\) for inputs of any rank"),
+    # one sample's features, no batch: no class of BN takes that, normkit.BatchNorm neither
+    (lambda: normkit.BatchNorm1d(3), (3,), r"needs a batch.*x\.unsqueeze\(0\)"),
+])
+def test_batch_norm_of_another_rank_names_the_class_that_takes_it(make, shape, fix):
+    """The drop-in classes refuse ranks as torch.nn's do, and say what takes the input: the class of its rank (a
+    BatchNorm2d given a sequence's (N, C, L)), normkit.BatchNorm for ranks without one. A 1D input was sent to
+    normkit.BatchNorm 'for inputs of any rank', which refuses it too: BN needs a batch axis."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
+    with pytest.raises(ValueError):
+        normkit.BatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("make, shape, fix", [
     # channels at dim 1 where LayerNorm normalizes the last dims (a conv's (N, C, H, W) output)
     (lambda: normkit.LayerNorm(4), (2, 4, 3), r"normalized_shape=\(3,\).*features \(dim 1 holds 4\) last: x\.movedim\(1, -1\)"),
     (lambda: normkit.LayerNorm((2, 3)), (5, 2, 4), r"normalized_shape=\(2, 4\)"),

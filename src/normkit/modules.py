@@ -1550,8 +1550,19 @@ class _BatchNormNd(BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._accepted_ranks:
             expected = " or ".join(f"{r}D" for r in self._accepted_ranks)
-            raise ValueError(f"expected {expected} input (got {input.dim()}D input) for {type(self).__name__}; "
-                             f"use normkit.BatchNorm for inputs of any rank")
+            # (what takes the input: normkit.BatchNorm, which was named for every rank, refuses rank 0 and 1 too)
+            name = type(self).__name__
+            lazy = "Lazy" if name.startswith("Lazy") else ""
+            size = "" if lazy else str(self.num_features)
+            dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(input.dim())
+            if input.dim() < 2:
+                fix = ("batch normalization needs a batch: give it (N, C, *) input (x.unsqueeze(0) for a single "
+                       "sample, in eval)")
+            elif dims is not None:
+                fix = f"use normkit.{lazy}BatchNorm{dims}d({size}) for {input.dim()}D input"
+            else:
+                fix = f"use normkit.{lazy}BatchNorm({size}) for inputs of any rank"
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input) for {name}; {fix}")
 
 
 class BatchNorm1d(_BatchNormNd):
