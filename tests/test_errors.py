@@ -156,6 +156,19 @@ def test_layer_norm_shape_mismatch():
 
 
 @pytest.mark.parametrize("make, shape, fix", [
+    (lambda: normkit.InstanceNorm1d(3), (8, 3, 4, 4), r"got 4D input\) for InstanceNorm1d; .*InstanceNorm2d\(3\)"),
+    (lambda: normkit.InstanceNorm2d(3, affine=True), (8, 3, 4, 4, 4), r"InstanceNorm3d\(3\)"),
+    (lambda: normkit.InstanceNorm3d(3), (8, 3), r"InstanceNorm1d\(3\)"),
+    (lambda: normkit.InstanceNorm2d(3), (2, 3, 4, 4, 4, 4), r"GroupNorm\(3, 3\)"),
+])
+def test_instance_norm_of_another_rank_names_the_class_that_takes_it(make, shape, fix):
+    """As the BN classes (below): the refusal of a rank names the instance norm of that rank (batched), or GroupNorm
+    with one group per channel, the same normalization for any rank; it named nothing."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("make, shape, fix", [
     (lambda: normkit.BatchNorm2d(3), (8, 3, 5), r"expected 4D input \(got 3D input\) for BatchNorm2d; .*BatchNorm1d\(3\)"),
     (lambda: normkit.BatchNorm1d(3), (8, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\).*BatchNorm2d\(3\)"),
     (lambda: normkit.BatchNorm3d(3), (8, 3, 4, 4), r"BatchNorm2d\(3\)"),

@@ -1905,8 +1905,17 @@ class _InstanceNorm(_NormBase):
         _check_input_device(input, self.weight, self.running_mean)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         if input.dim() not in (batched_rank - 1, batched_rank):
+            # (what takes it, as the BN classes say: the instance norm of its rank, batched, or GroupNorm(C, C))
+            dims = input.dim() - 2
+            if 1 <= dims <= 3:
+                fix = f"use normkit.InstanceNorm{dims}d({self.num_features}) for batched {input.dim()}D input"
+            elif dims == 0:
+                fix = f"use normkit.InstanceNorm1d({self.num_features}) for unbatched (C, L) input"
+            else:
+                fix = (f"use normkit.GroupNorm({self.num_features}, {self.num_features}) (one group per channel: "
+                       "instance normalization) for (N, C, *) input of any rank")
             raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
-                             f"(got {input.dim()}D input) for {type(self).__name__}")
+                             f"(got {input.dim()}D input) for {type(self).__name__}; {fix}")
         unbatched = input.dim() == batched_rank - 1
         x = input.unsqueeze(0) if unbatched else input
         if x.shape[1] != self.num_features:
