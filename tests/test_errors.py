@@ -160,6 +160,7 @@ def test_layer_norm_shape_mismatch():
     (lambda: normkit.InstanceNorm2d(3, affine=True), (8, 3, 4, 4, 4), r"InstanceNorm3d\(3\)"),
     (lambda: normkit.InstanceNorm3d(3), (8, 3), r"InstanceNorm1d\(3\)"),
     (lambda: normkit.InstanceNorm2d(3), (2, 3, 4, 4, 4, 4), r"GroupNorm\(3, 3\)"),
+    (lambda: normkit.LazyInstanceNorm1d(), (8, 3, 4, 4), r"for LazyInstanceNorm1d; .*LazyInstanceNorm2d\(\)"),
 ])
 def test_instance_norm_of_another_rank_names_the_class_that_takes_it(make, shape, fix):
     """As the BN classes (below): the refusal of a rank names the instance norm of that rank (batched), or GroupNorm

@@ -1835,6 +1835,27 @@ class GroupNorm(_SampleNorm):
                 "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
 
 
+def _instance_rank_refusal(layer: nn.Module, input: torch.Tensor) -> ValueError:
+    """An instance norm's (eager or lazy) refusal of an input of another rank, naming what takes it, as the BN classes'
+    refusals do: the instance norm of its rank (batched; InstanceNorm1d for unbatched 2D input), else GroupNorm(C, C),
+    the same normalization for any rank."""
+    name = type(layer).__name__
+    batched = layer._spatial_dims + 2
+    lazy = "Lazy" if name.startswith("Lazy") else ""
+    size = "" if lazy else str(layer.num_features)
+    dims = input.dim() - 2
+    if 1 <= dims <= 3:
+        fix = f"use normkit.{lazy}InstanceNorm{dims}d({size}) for batched {input.dim()}D input"
+    elif dims == 0:
+        fix = f"use normkit.{lazy}InstanceNorm1d({size}) for unbatched (C, L) input"
+    else:
+        channels = size or "C"
+        fix = (f"use normkit.GroupNorm({channels}, {channels}) (one group per channel: instance normalization) for "
+               "(N, C, *) input of any rank")
+    return ValueError(f"expected {batched - 1}D (unbatched) or {batched}D (batched) input (got {input.dim()}D input) "
+                      f"for {name}; {fix}")
+
+
 class _InstanceNorm(_NormBase):
     r"""Normalize each sample and channel over its spatial positions: drop-in for torch.nn.InstanceNorm*d.
 
@@ -1905,17 +1926,7 @@ class _InstanceNorm(_NormBase):
         _check_input_device(input, self.weight, self.running_mean)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         if input.dim() not in (batched_rank - 1, batched_rank):
-            # (what takes it, as the BN classes say: the instance norm of its rank, batched, or GroupNorm(C, C))
-            dims = input.dim() - 2
-            if 1 <= dims <= 3:
-                fix = f"use normkit.InstanceNorm{dims}d({self.num_features}) for batched {input.dim()}D input"
-            elif dims == 0:
-                fix = f"use normkit.InstanceNorm1d({self.num_features}) for unbatched (C, L) input"
-            else:
-                fix = (f"use normkit.GroupNorm({self.num_features}, {self.num_features}) (one group per channel: "
-                       "instance normalization) for (N, C, *) input of any rank")
-            raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
-                             f"(got {input.dim()}D input) for {type(self).__name__}; {fix}")
+            raise _instance_rank_refusal(self, input)
         unbatched = input.dim() == batched_rank - 1
         x = input.unsqueeze(0) if unbatched else input
         if x.shape[1] != self.num_features:
