@@ -107,6 +107,27 @@ def test_non_positive_eps(eps):
         normkit.functional.batch_norm(torch.randn(4, 3), training=True, eps=eps)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: normkit.BatchNorm1d(3, track_running_stats=False),
+    lambda: normkit.BatchNorm(3, track_running_stats=False, virtual_batch_size=2),  # (eval: no ghost batches)
+    lambda: normkit.BatchNorm(3, track_running_stats=False, axis=-1),
+], ids=["BatchNorm1d", "ghost", "axis=-1"])
+def test_one_value_per_channel_in_eval_without_running_statistics_does_not_advise_eval(make):
+    """In eval a layer without running statistics normalizes by the batch (torch.nn's rule), so one value per channel
+    is refused there too; the refusal said 'when training' and advised 'use eval()', where the layer already is.
+    It says why the batch's statistics are used and what gives the layer statistics to use instead."""
+    layer = make().eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel") as raised:
+        layer(torch.randn(1, 3))
+    message = str(raised.value)
+    assert "when training" not in message and "use eval()" not in message
+    assert "no running statistics" in message and "track_running_stats=True" in message
+    layer.running_mean = layer.running_var = None  # (buffers set to None: the same)
+    layer.track_running_stats = True
+    with pytest.raises(ValueError, match="no running statistics"):
+        layer(torch.randn(1, 3))
+
+
 def test_one_value_per_channel_in_training_suggests_remedies():
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*eval\(\).*larger batch.*GroupNorm"):
         normkit.BatchNorm1d(10)(torch.randn(1, 10))

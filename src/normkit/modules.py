@@ -97,6 +97,13 @@ def _onnx_exporting() -> bool:
 # (The checks of the options that BatchNorm, the Keras-vocabulary layer and the functional twins share,
 # check_virtual_batch_size, check_ghost_layout and check_adjustment, are in stats.py.)
 
+# What gives a BN layer statistics to use out of training, where without running statistics (track_running_stats=False,
+# or its buffers set to None) it normalizes by the batch's, as torch.nn's layer does.
+_NO_RUNNING_STATISTICS_HINT = ("give the layer a larger batch, running statistics (it has track_running_stats=False or "
+                               "its buffers set to None: build it with track_running_stats=True and train it), or use "
+                               "GroupNorm/LayerNorm")
+
+
 def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """A buffer read from the module's dict where it is there (cheaper than Module.__getattr__), else the attribute
     (a parametrized buffer, or one replaced by a plain attribute)."""
@@ -1057,7 +1064,8 @@ class BatchNorm(_NormBase):
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
             try:
-                F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape)
+                F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape, training=training,
+                                      hint=None if training else _NO_RUNNING_STATISTICS_HINT)
             except ValueError:
                 self._uncount(training)  # (refused: the count this step took is given back)
                 raise
@@ -1441,6 +1449,12 @@ class BatchNorm(_NormBase):
             self._uncount(training)
             self._refuse_with_peers(training, input)
             raise
+        if batch_stats and not training and mask is None and input.numel() > 0:
+            # (out of training, batch statistics because there are none to use: one value per channel is refused by
+            # the functional twin too, which says "when training" and "use eval()", where the layer already is)
+            features = math.prod([input.shape[a] for a in feature_axes])
+            F.check_enough_values(input.numel() // features, input.shape, training=False,
+                                  hint=_NO_RUNNING_STATISTICS_HINT)
         normalize = F.batch_norm
         if self.synchronized and training:  # (eval never synchronizes: the statistics are this process's input's)
             from . import distributed
