@@ -118,6 +118,27 @@ def test_non_positive_eps(eps):
         normkit.functional.batch_norm(torch.randn(4, 3), training=True, eps=eps)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: normkit.BatchNorm1d(3, track_running_stats=False),
+    lambda: normkit.BatchNorm(3, track_running_stats=False, virtual_batch_size=2),  # (eval: no ghost batches)
+    lambda: normkit.BatchNorm(3, track_running_stats=False, axis=-1),
+], ids=["BatchNorm1d", "ghost", "axis=-1"])
+def test_one_value_per_channel_in_eval_without_running_statistics_does_not_advise_eval(make):
+    """In eval a layer without running statistics normalizes by the batch (torch.nn's rule), so one value per channel
+    is refused there too; the refusal said 'when training' and advised 'use eval()', where the layer already is.
+    It says why the batch's statistics are used and what gives the layer statistics to use instead."""
+    layer = make().eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel") as raised:
+        layer(torch.randn(1, 3))
+    message = str(raised.value)
+    assert "when training" not in message and "use eval()" not in message
+    assert "no running statistics" in message and "track_running_stats=True" in message
+    layer.running_mean = layer.running_var = None  # (buffers set to None: the same)
+    layer.track_running_stats = True
+    with pytest.raises(ValueError, match="no running statistics"):
+        layer(torch.randn(1, 3))
+
+
 def test_one_value_per_channel_in_training_suggests_remedies():
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*eval\(\).*larger batch.*GroupNorm"):
         normkit.BatchNorm1d(10)(torch.randn(1, 10))
@@ -164,6 +185,55 @@ def test_group_norm_channel_mismatch():
 def test_layer_norm_shape_mismatch():
     with pytest.raises(ValueError, match=r"last 1 dims are \(5,\)"):
         normkit.LayerNorm(5)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("make, shape, fix", [
+    (lambda: normkit.InstanceNorm1d(3), (8, 3, 4, 4), r"got 4D input\) for InstanceNorm1d; .*InstanceNorm2d\(3\)"),
+    (lambda: normkit.InstanceNorm2d(3, affine=True), (8, 3, 4, 4, 4), r"InstanceNorm3d\(3\)"),
+    (lambda: normkit.InstanceNorm3d(3), (8, 3), r"InstanceNorm1d\(3\)"),
+    (lambda: normkit.InstanceNorm2d(3), (2, 3, 4, 4, 4, 4), r"GroupNorm\(3, 3\)"),
+    (lambda: normkit.LazyInstanceNorm1d(), (8, 3, 4, 4), r"for LazyInstanceNorm1d; .*LazyInstanceNorm2d\(\)"),
+])
+def test_instance_norm_of_another_rank_names_the_class_that_takes_it(make, shape, fix):
+    """As the BN classes (below): the refusal of a rank names the instance norm of that rank (batched), or GroupNorm
+    with one group per channel, the same normalization for any rank; it named nothing."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("make, shape, fix", [
+    (lambda: normkit.BatchNorm2d(3), (8, 3, 5), r"expected 4D input \(got 3D input\) for BatchNorm2d; .*BatchNorm1d\(3\)"),
+    (lambda: normkit.BatchNorm1d(3), (8, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\).*BatchNorm2d\(3\)"),
+    (lambda: normkit.BatchNorm3d(3), (8, 3, 4, 4), r"BatchNorm2d\(3\)"),
+    (lambda: normkit.BatchNorm2d(3), (2, 3, 4, 4, 4, 4), r"normkit\.BatchNorm\(3\) for inputs of any rank"),
+    # one sample's features, no batch: no class of BN takes that, normkit.BatchNorm neither
+    (lambda: normkit.BatchNorm1d(3), (3,), r"needs a batch.*x\.unsqueeze\(0\)"),
+])
+def test_batch_norm_of_another_rank_names_the_class_that_takes_it(make, shape, fix):
+    """The drop-in classes refuse ranks as torch.nn's do, and say what takes the input: the class of its rank (a
+    BatchNorm2d given a sequence's (N, C, L)), normkit.BatchNorm for ranks without one. A 1D input was sent to
+    normkit.BatchNorm 'for inputs of any rank', which refuses it too: BN needs a batch axis."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
+    with pytest.raises(ValueError):
+        normkit.BatchNorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("make, shape, fix", [
+    # channels at dim 1 where LayerNorm normalizes the last dims (a conv's (N, C, H, W) output)
+    (lambda: normkit.LayerNorm(4), (2, 4, 3), r"normalized_shape=\(3,\).*features \(dim 1 holds 4\) last: x\.movedim\(1, -1\)"),
+    (lambda: normkit.LayerNorm((2, 3)), (5, 2, 4), r"normalized_shape=\(2, 4\)"),
+    (lambda: normkit.LayerNorm((2, 3)), (3,), r"normalized_shape=\(3,\)"),
+    # features last where GroupNorm takes them at dim 1 (NHWC data)
+    (lambda: normkit.GroupNorm(2, 4), (2, 5, 5, 4), r"num_channels=5.*\[1, 5\].*channels are last: x\.movedim\(-1, 1\)"),
+    (lambda: normkit.GroupNorm(2, 4), (2, 6, 3), r"num_channels=6 \(and num_groups one of \[1, 2, 3, 6\]\)"),
+])
+def test_sample_norms_refusing_a_shape_say_what_fixes_it(make, shape, fix):
+    """A refused argument's error names it and the fix (docs/decisions.md's exception contract). LayerNorm and
+    GroupNorm named the expected shape only, where BatchNorm and InstanceNorm say which size to build the layer with
+    and where the features must be."""
+    with pytest.raises(ValueError, match=fix):
+        make()(torch.randn(shape))
 
 
 @pytest.mark.parametrize("kwargs,match", [

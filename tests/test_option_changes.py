@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import normkit
+from normkit import reference
 from normkit.keras import BatchNormalization
 
-from oracle import assert_same_training_steps
+from oracle import assert_close, assert_same_training_steps
 
 # Each test runs on ATen's paths and again with normkit.kernels' fused kernel on (conftest.py), whose
 # short path is chosen from the options too.
@@ -119,6 +120,66 @@ def test_renorm_needs_running_statistics_when_switched_on_too():
     with pytest.raises(ValueError, match="renorm=True needs running statistics"):
         layer.renorm = True
     assert not layer.renorm and "moving_stddev" not in dict(layer.named_buffers())
+
+
+def test_renorm_switched_on_where_the_running_buffers_were_set_to_none_says_it_needs_them():
+    """A layer whose running buffers were set to None has no statistics for renorm to start from (nor to correct
+    toward): renorm switched on raised an AttributeError ('NoneType' object has no attribute 'double') from
+    deriving its state; it is refused as on a layer built without running statistics, and nothing changes."""
+    layer = normkit.BatchNorm1d(3)
+    layer.running_mean = layer.running_var = None
+    with pytest.raises(ValueError, match="renorm=True needs running statistics"):
+        layer.renorm = True
+    assert not layer.renorm and "moving_stddev" not in dict(layer.named_buffers())
+
+
+@pytest.mark.parametrize("switch_off", ["track_running_stats", "buffers", "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("options", [{}, {"virtual_batch_size": 2},
+                                     {"renorm_clipping": {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}}])
+def test_a_renorm_layer_whose_running_statistics_are_switched_off_normalizes_by_the_batch(switch_off, layout,
+                                                                                            options, rng):
+    """Test-time adaptation (TENT) switches a trained model's BN statistics off by hand: ``track_running_stats =
+    False`` and/or the running buffers set to None, then training-mode calls normalize each batch by itself. A renorm
+    layer kept correcting toward its renorm averages, which no longer move there: the output was normalized by the
+    statistics of old data (0.3-1.0 off the batch's normalization), silently. With no running statistics there is
+    nothing for renorm to correct toward (the constructor refuses renorm without them), so the layer normalizes by
+    the batch, as normkit.replace_all_batch_norm_modules_ makes it. Oracle: the reference without running
+    statistics."""
+    layer = normkit.BatchNorm(4, renorm=True, **options).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1.0, 1.0)
+    for _ in range(5):  # renorm averages away from the data below
+        layer(torch.tensor(rng.normal(size=(8, 4, 3, 3)) * 3 + 2))
+    renorm_state = {name: getattr(layer, name).clone() for name in layer.RENORM_STATE}
+    if switch_off in ("track_running_stats", "both"):
+        layer.track_running_stats = False
+    if switch_off in ("buffers", "both"):
+        layer.running_mean = layer.running_var = None
+    count = None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone()
+    for _ in range(2):
+        x = rng.normal(size=(8, 4, 3, 3))
+        g = rng.normal(size=x.shape)
+        leaf = torch.tensor(x)
+        if layout == "transposed":
+            leaf = torch.tensor(x.transpose(0, 1, 3, 2).copy()).transpose(2, 3)
+        elif layout == "channels_last":
+            leaf = leaf.contiguous(memory_format=torch.channels_last)
+        leaf.requires_grad_()
+        y = layer(leaf)
+        got = torch.autograd.grad(y, [leaf, layer.weight, layer.bias], torch.tensor(g))
+        weight, bias = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+        assert_close(y, reference.batch_norm(x, None, None, weight, bias, True, 0.1, layer.eps,
+                                             virtual_batch_size=layer.virtual_batch_size))
+        want = reference.batch_norm_backward(g, x, None, None, weight, bias, True, layer.eps,
+                                             virtual_batch_size=layer.virtual_batch_size)
+        for value, expected in zip(got, want, strict=True):
+            assert_close(value, expected)
+    for name, value in renorm_state.items():
+        torch.testing.assert_close(getattr(layer, name), value, rtol=0, atol=0, msg=name)
+    if count is not None:
+        assert torch.equal(layer.num_batches_tracked, count + (2 if layer.track_running_stats else 0))
 
 
 def test_synchronized_set_later_warns_without_a_process_group_as_when_built_with_it():

@@ -228,6 +228,38 @@ def test_a_bad_plain_checkpoint_into_a_renorm_layer_fails_as_torch_nn_names_it(s
         assert torch.equal(getattr(ours, name), value), name
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_checkpoint_into_a_renorm_layer_whose_running_buffers_were_set_to_none_loads_as_torch_nn(strict):
+    """Test-time adaptation code sets the running buffers to None; a checkpoint loaded afterwards then has running
+    statistics the layer does not hold: torch.nn's layer reports them as unexpected keys (strict) or skips them, and
+    loads the rest. A renorm layer failed with an AttributeError ('NoneType' object has no attribute 'shape') while
+    deriving its renorm state from its own missing statistics; it now loads as torch.nn's does, and its renorm state,
+    which the checkpoint does not hold, stays as it was."""
+    source = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        source.weight.uniform_(0.5, 1.5)
+    state = source.state_dict()
+    theirs = torch.nn.BatchNorm1d(3)
+    theirs.running_mean = theirs.running_var = None
+    ours = normkit.BatchNorm1d(3, renorm=True)
+    ours(torch.randn(8, 3) * 3 + 2)
+    ours.running_mean = ours.running_var = None
+    before = {name: getattr(ours, name).clone() for name in ours.RENORM_STATE}
+    if strict:
+        with pytest.raises(RuntimeError) as expected:
+            theirs.load_state_dict(state)
+        with pytest.raises(RuntimeError) as raised:
+            ours.load_state_dict(state)
+        assert str(raised.value) == str(expected.value)
+    else:
+        want = theirs.load_state_dict(state, strict=False)
+        got = ours.load_state_dict(state, strict=False)
+        assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)
+        assert torch.equal(ours.weight, source.weight)
+    for name, value in before.items():
+        assert torch.equal(getattr(ours, name), value), name
+
+
 def test_a_bad_plain_checkpoint_into_a_lazy_renorm_layer_names_only_the_checkpoints_tensors():
     """The unsized lazy layer's size check lists what the checkpoint has: not renorm state derived from it."""
     state = torch.nn.BatchNorm1d(3).state_dict()

@@ -119,6 +119,40 @@ def test_takes_exactly_num_batches_from_an_iterator():
     assert len(list(batches)) == 2
 
 
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm2d(4), lambda: nn.BatchNorm2d(4),
+                                  lambda: normkit.BatchNorm(4, renorm=True)],
+                         ids=["normkit.BatchNorm2d", "torch.nn.BatchNorm2d", "renorm"])
+def test_a_layer_whose_step_count_was_set_to_none_is_recalibrated_and_keeps_no_count(make):
+    """torch.nn's layers run with num_batches_tracked set to None (momentum alone moves the buffers). Recalibration
+    failed on such a layer with an AttributeError ('NoneType' object has no attribute 'zero_'/'copy_') after it had
+    reset the layer's statistics, and its restore stopped at that layer: statistics lost and the model left in eval,
+    against the call's all-or-nothing promise. The average needs a count, so the layer gets one for the call and
+    None again after it. Oracle: the NumPy average of the batch statistics; a refused batch restores everything."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), make(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    layer = model[1]
+    scramble(layer)
+    scramble(model[3])
+    layer.num_batches_tracked = None
+    model.train()
+    batches = [torch.randn(n, 3, 7, 7) * 3 + 1 for n in (8, 8, 5)]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="batch 1"):
+        recalibrate_running_stats(model, [batches[0], torch.randn(1, 3, 3, 3)])  # (one value per channel: refused)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert layer.num_batches_tracked is None and layer.momentum == 0.3 and all(m.training for m in model.modules())
+    with torch.no_grad():
+        inputs = [as64(model[0](x)) for x in batches]
+
+    recalibrate_running_stats(model, batches)
+
+    assert_stats(layer, *average_stats(inputs, (0, 2, 3)))
+    assert layer.num_batches_tracked is None and "num_batches_tracked" not in model[1].state_dict()
+    assert layer.momentum == 0.3 and int(model[3].num_batches_tracked) == 7
+    assert not np.isnan(as64(model[3].running_mean)).any()
+
+
 def test_keras_layers_are_recalibrated():
     """A normkit.keras layer runs its BN in its own mode: recalibration must put both in training mode."""
     torch.manual_seed(3)

@@ -51,13 +51,21 @@ def check_floating(x, *, name="input"):
         )
 
 
-def check_enough_values(count_per_group, shape, *, hint="use eval(), a larger batch, or GroupNorm/LayerNorm",
-                        virtual_batch_size=None):
+def check_enough_values(count_per_group, shape, *, hint=None, virtual_batch_size=None, training=True):
     """Refuse batch statistics over a single value per feature (the variance would be 0).
 
     With ghost batches smaller than the batch (``virtual_batch_size``) the single value is per ghost batch,
-    and the message says so: the input itself may hold many values per feature.
+    and the message says so: the input itself may hold many values per feature. Out of training (``training``
+    False: batch statistics because there are no running statistics) the message says that, and does not advise
+    eval(), where the call already is.
     """
+    if count_per_group == 1 and not training:
+        raise ValueError(
+            f"Expected more than 1 value per channel when normalizing with the batch's statistics, got input size "
+            f"{tuple(shape)}: there are no running statistics to normalize by out of training, and the batch variance "
+            f"of a single value is 0; "
+            + (hint or "pass running_mean and running_var, a larger batch, or use GroupNorm/LayerNorm"))
+    hint = hint or "use eval(), a larger batch, or GroupNorm/LayerNorm"
     if count_per_group == 1:
         if virtual_batch_size is not None and len(shape) > 0 and shape[0] > virtual_batch_size:
             raise ValueError(
@@ -566,7 +574,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                        moving_stddev, renorm_clipping, renorm_momentum, recenter)
     if plain and unbiased_running_var and not isinstance(momentum, torch.Tensor):
         # (a tensor momentum, the traced cumulative average, goes to the pipelines: ATen's kernel takes a number)
-        check_enough_values(x.numel() // math.prod([x.shape[a] for a in feature_axes]), x.shape)
+        check_enough_values(x.numel() // math.prod([x.shape[a] for a in feature_axes]), x.shape, training=training)
         return _aten_batch_norm(x, feature_axes, running_mean, running_var, weight, bias, True, momentum, eps,
                                 recenter)
     if mask is None and adjustment is None:

@@ -24,7 +24,7 @@ from .functional import check_floating
 from torch import nn
 
 from .modules import (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                      _check_input_device, _check_input_dtype)
+                      _check_input_device, _check_input_dtype, _instance_rank_refusal)
 
 __all__ = ["LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d",
            "LazyInstanceNorm2d", "LazyInstanceNorm3d"]
@@ -300,8 +300,7 @@ class _LazyInstanceNorm(_LazyNorm):
     def _check_input_rank(self, input: torch.Tensor) -> None:
         batched = self._spatial_dims + 2
         if input.dim() not in (batched - 1, batched):
-            raise ValueError(f"expected {batched - 1}D (unbatched) or {batched}D (batched) input "
-                             f"(got {input.dim()}D input) for {type(self).__name__}")
+            raise _instance_rank_refusal(self, input)
 
     def _dtype_checked(self, tensors: list) -> list:
         # The weight alone, as the eager forward checks it: without one, float64 data goes with float32 running

@@ -97,6 +97,13 @@ def _onnx_exporting() -> bool:
 # (The checks of the options that BatchNorm, the Keras-vocabulary layer and the functional twins share,
 # check_virtual_batch_size, check_ghost_layout and check_adjustment, are in stats.py.)
 
+# What gives a BN layer statistics to use out of training, where without running statistics (track_running_stats=False,
+# or its buffers set to None) it normalizes by the batch's, as torch.nn's layer does.
+_NO_RUNNING_STATISTICS_HINT = ("give the layer a larger batch, running statistics (it has track_running_stats=False or "
+                               "its buffers set to None: build it with track_running_stats=True and train it), or use "
+                               "GroupNorm/LayerNorm")
+
+
 def _buffer_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """A buffer read from the module's dict where it is there (cheaper than Module.__getattr__), else the attribute
     (a parametrized buffer, or one replaced by a plain attribute)."""
@@ -584,6 +591,12 @@ class BatchNorm(_NormBase):
         renorm = bool(renorm)
         if renorm and self._constructed() and not self.track_running_stats:
             raise ValueError("renorm=True needs running statistics: this layer has track_running_stats=False")
+        if (renorm and self._constructed() and not self.renorm
+                and (_buffer_of(self, "running_mean") is None or _buffer_of(self, "running_var") is None)):
+            # (its state is derived from them: an AttributeError on None, "no attribute 'double'", said nothing)
+            raise ValueError("renorm=True needs running statistics: this layer's running_mean and running_var were "
+                             "set to None; assign them first (layer.running_mean = torch.zeros(num_features), "
+                             "layer.running_var = torch.ones(num_features), or a checkpoint's)")
         return renorm
 
     def _add_renorm_state(self) -> None:
@@ -683,6 +696,10 @@ class BatchNorm(_NormBase):
     def _statistics_load(self, mean, var) -> bool:
         """Whether a checkpoint's running statistics fit this layer's (an unsized lazy layer's: each other)."""
         if not all(isinstance(given, torch.Tensor) and not nn.parameter.is_lazy(given) for given in (mean, var)):
+            return False
+        if self.running_mean is None or self.running_var is None:
+            # (set to None, as test-time adaptation code does: nothing to load them into; torch.nn's load reports
+            # them as unexpected keys, which the derivation failed before, on None's shape)
             return False
         return mean.shape == var.shape and all(nn.parameter.is_lazy(own) or own.shape == given.shape
                                                for own, given in ((self.running_mean, mean), (self.running_var, var)))
@@ -1047,7 +1064,8 @@ class BatchNorm(_NormBase):
             # One value per channel (refused, naming the input's own shape) or an empty batch (an empty
             # output; buffers left alone).
             try:
-                F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape)
+                F.check_enough_values(channels.numel() // max(channels.shape[1], 1), input.shape, training=training,
+                                      hint=None if training else _NO_RUNNING_STATISTICS_HINT)
             except ValueError:
                 self._uncount(training)  # (refused: the count this step took is given back)
                 raise
@@ -1240,7 +1258,7 @@ class BatchNorm(_NormBase):
         axis = self.axis % input.dim()  # (the kernel takes axis 1 or the last one, and declines the rest)
         if input.shape[axis] != self.num_features or input.numel() == 0 or not kernels.enabled(input.device):
             return None
-        renorm = self.renorm
+        renorm = self.renorm and self.running_mean is not None  # (no running statistics: none, see _forward_options)
         # The count is read (a host sync on GPUs) only where a rule needs it; this step is count + 1.
         count = (int(self.num_batches_tracked) if self.momentum is None or (renorm and self.renorm_clipping.scheduled)
                  else None)
@@ -1416,7 +1434,12 @@ class BatchNorm(_NormBase):
             weight = None if weight is None else weight.detach()
             bias = None if bias is None else bias.detach()
         batch_stats = training or running_mean is None
-        renorm = self.renorm and batch_stats and training
+        # Renorm corrects the batch's statistics toward the ones inference will use, and its averages move with the
+        # running statistics. A training call without them (track_running_stats switched off on the built layer, or
+        # the buffers set to None, as test-time adaptation does) has nothing to correct toward and moves nothing:
+        # r and d came from renorm averages frozen there, the output normalized by the statistics of old data.
+        # It normalizes by the batch, as torch.nn's layer does there (and replace_all_batch_norm_modules_ makes it).
+        renorm = self.renorm and training and running_mean is not None
         try:
             clipping = self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)
         except Exception:
@@ -1426,6 +1449,12 @@ class BatchNorm(_NormBase):
             self._uncount(training)
             self._refuse_with_peers(training, input)
             raise
+        if batch_stats and not training and mask is None and input.numel() > 0:
+            # (out of training, batch statistics because there are none to use: one value per channel is refused by
+            # the functional twin too, which says "when training" and "use eval()", where the layer already is)
+            features = math.prod([input.shape[a] for a in feature_axes])
+            F.check_enough_values(input.numel() // features, input.shape, training=False,
+                                  hint=_NO_RUNNING_STATISTICS_HINT)
         normalize = F.batch_norm
         if self.synchronized and training:  # (eval never synchronizes: the statistics are this process's input's)
             from . import distributed
@@ -1535,8 +1564,19 @@ class _BatchNormNd(BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._accepted_ranks:
             expected = " or ".join(f"{r}D" for r in self._accepted_ranks)
-            raise ValueError(f"expected {expected} input (got {input.dim()}D input) for {type(self).__name__}; "
-                             f"use normkit.BatchNorm for inputs of any rank")
+            # (what takes the input: normkit.BatchNorm, which was named for every rank, refuses rank 0 and 1 too)
+            name = type(self).__name__
+            lazy = "Lazy" if name.startswith("Lazy") else ""
+            size = "" if lazy else str(self.num_features)
+            dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(input.dim())
+            if input.dim() < 2:
+                fix = ("batch normalization needs a batch: give it (N, C, *) input (x.unsqueeze(0) for a single "
+                       "sample, in eval)")
+            elif dims is not None:
+                fix = f"use normkit.{lazy}BatchNorm{dims}d({size}) for {input.dim()}D input"
+            else:
+                fix = f"use normkit.{lazy}BatchNorm({size}) for inputs of any rank"
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input) for {name}; {fix}")
 
 
 class BatchNorm1d(_BatchNormNd):
@@ -1716,8 +1756,15 @@ class LayerNorm(_SampleNorm):
         self._check_input(input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[-k:]) != self.normalized_shape:
+            # (the fix too, as BatchNorm's and InstanceNorm's refusals say it: the expected shape alone left the user
+            # to work out that LayerNorm normalizes the last dims, where a conv's channels sit at dim 1)
+            given = tuple(input.shape[-k:]) if input.dim() >= k else tuple(input.shape)
+            fix = f"build the layer with normalized_shape={given} to normalize the input's last dims"
+            if k == 1 and input.dim() >= 3 and input.shape[1] == self.normalized_shape[0]:
+                fix += (f", or move the input's features (dim 1 holds {input.shape[1]}) last: x.movedim(1, -1), "
+                        "as LayerNorm normalizes the last dims")
             raise ValueError(f"LayerNorm(normalized_shape={self.normalized_shape}) needs an input whose last {k} "
-                             f"dims are {self.normalized_shape}, got shape {tuple(input.shape)}")
+                             f"dims are {self.normalized_shape}, got shape {tuple(input.shape)}: {fix}")
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -1779,8 +1826,15 @@ class GroupNorm(_SampleNorm):
         self._check_input(input)
         # (without weight and bias torch.nn's layer takes any number of channels that the groups divide)
         if input.dim() < 2 or (input.shape[1] != self.num_channels and (weight is not None or bias is not None)):
+            fix = "give it a batch (N, C, *), channels at dim 1"
+            if input.dim() >= 2:
+                # (the fix too, as BatchNorm's and InstanceNorm's refusals say it)
+                fix = (f"build the layer with num_channels={input.shape[1]} (and num_groups one of "
+                       f"{group_counts(input.shape[1])})" if input.shape[1] > 0 else "give it channels")
+                if input.dim() >= 3 and input.shape[-1] == self.num_channels:
+                    fix += ", or, if its channels are last: x.movedim(-1, 1) (GroupNorm takes them at dim 1)"
             raise ValueError(f"GroupNorm(num_channels={self.num_channels}) needs an input (N, {self.num_channels}, *), "
-                             f"got shape {tuple(input.shape)}")
+                             f"got shape {tuple(input.shape)}: {fix}")
         # torch.nn's rule: refused only when the whole input is one value per group. With one value per group
         # and a larger batch every group normalizes to 0 (the output is the bias), as in torch.nn.
         if input.numel() == self.num_groups:
@@ -1793,6 +1847,27 @@ class GroupNorm(_SampleNorm):
     def extra_repr(self) -> str:
         return ("{num_groups}, {num_channels}, eps={eps}, affine={affine}, "
                 "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None))
+
+
+def _instance_rank_refusal(layer: nn.Module, input: torch.Tensor) -> ValueError:
+    """An instance norm's (eager or lazy) refusal of an input of another rank, naming what takes it, as the BN classes'
+    refusals do: the instance norm of its rank (batched; InstanceNorm1d for unbatched 2D input), else GroupNorm(C, C),
+    the same normalization for any rank."""
+    name = type(layer).__name__
+    batched = layer._spatial_dims + 2
+    lazy = "Lazy" if name.startswith("Lazy") else ""
+    size = "" if lazy else str(layer.num_features)
+    dims = input.dim() - 2
+    if 1 <= dims <= 3:
+        fix = f"use normkit.{lazy}InstanceNorm{dims}d({size}) for batched {input.dim()}D input"
+    elif dims == 0:
+        fix = f"use normkit.{lazy}InstanceNorm1d({size}) for unbatched (C, L) input"
+    else:
+        channels = size or "C"
+        fix = (f"use normkit.GroupNorm({channels}, {channels}) (one group per channel: instance normalization) for "
+               "(N, C, *) input of any rank")
+    return ValueError(f"expected {batched - 1}D (unbatched) or {batched}D (batched) input (got {input.dim()}D input) "
+                      f"for {name}; {fix}")
 
 
 class _InstanceNorm(_NormBase):
@@ -1865,8 +1940,7 @@ class _InstanceNorm(_NormBase):
         _check_input_device(input, self.weight, self.running_mean)
         _check_input_dtype(input, self.weight)  # (torch.nn takes float64 input with float32 running buffers)
         if input.dim() not in (batched_rank - 1, batched_rank):
-            raise ValueError(f"expected {batched_rank - 1}D (unbatched) or {batched_rank}D (batched) input "
-                             f"(got {input.dim()}D input) for {type(self).__name__}")
+            raise _instance_rank_refusal(self, input)
         unbatched = input.dim() == batched_rank - 1
         x = input.unsqueeze(0) if unbatched else input
         if x.shape[1] != self.num_features:

@@ -277,6 +277,10 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
         model.eval()
         widened = [(layer, _widen(layer)) for layer in layers]
         for layer in layers:
+            if layer.num_batches_tracked is None:
+                # (set to None by its user, as torch.nn's layers allow: the cumulative average needs a count, so one
+                # for this call, None again after it; the reset below failed on None, and the restore with it)
+                layer.num_batches_tracked = torch.zeros((), dtype=torch.long, device=layer.running_mean.device)
             layer.running_mean.zero_()
             layer.running_var.fill_(1.0)
             layer.num_batches_tracked.zero_()
@@ -317,7 +321,10 @@ def recalibrate_running_stats(model: nn.Module, batches: Iterable, *, num_batche
             layer.momentum = momentum
             if renorm is not None:
                 layer.renorm = renorm  # (switched back on, its moving_stddev follows the new running_var)
-            layer.num_batches_tracked.copy_(buffers["num_batches_tracked"])
+            if "num_batches_tracked" in buffers:
+                layer.num_batches_tracked.copy_(buffers["num_batches_tracked"])
+            else:
+                layer.num_batches_tracked = None  # (as it was: the count above was this call's)
             if not succeeded or id(layer) in unreached:
                 for name, value in buffers.items():
                     getattr(layer, name).copy_(value)
