@@ -172,6 +172,21 @@ def test_one_value_per_ghost_batch_names_virtual_batch_size(options, execution):
     normkit.BatchNorm(3, virtual_batch_size=2, **options)(torch.randn(8, 3))  # two rows per ghost batch: fine
 
 
+@pytest.mark.parametrize("options", [{}, {"ghost_layout": "contiguous"}])
+def test_one_value_per_ghost_batch_out_of_training_does_not_advise_eval(options):
+    """functional.batch_norm without running statistics and training=False normalizes by its ghost batches'
+    statistics; the refusal of ghosts of one row said 'when training' and 'or eval()', where the call already is.
+    (The layers take ghost batches in training only.)"""
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*virtual_batch_size=1") as raised:
+        normkit.functional.batch_norm(x, None, None, training=False, virtual_batch_size=1, **options)
+    message = str(raised.value)
+    assert "when training" not in message and "eval()" not in message
+    assert "larger virtual_batch_size" in message and "running_mean and running_var" in message
+    assert torch.isfinite(normkit.functional.batch_norm(x, None, None, training=False, virtual_batch_size=2,
+                                                        **options)).all()
+
+
 def test_group_norm_groups_must_divide_channels():
     with pytest.raises(ValueError, match=r"num_groups=4 must divide num_channels=6; choose one of \[1, 2, 3, 6\]"):
         normkit.GroupNorm(4, 6)

@@ -59,24 +59,26 @@ def check_enough_values(count_per_group, shape, *, hint=None, virtual_batch_size
     False: batch statistics because there are no running statistics) the message says that, and does not advise
     eval(), where the call already is.
     """
-    if count_per_group == 1 and not training:
+    if count_per_group != 1:
+        return
+    if virtual_batch_size is not None and len(shape) > 0 and shape[0] > virtual_batch_size:
+        raise ValueError(
+            f"Expected more than 1 value per channel "
+            f"{'when training' if training else 'when normalizing with the batch statistics'}, got input size "
+            f"{tuple(shape)} in ghost batches of virtual_batch_size={virtual_batch_size}: each ghost batch holds a "
+            "single value per channel, and the variance of a single value is 0; use a larger virtual_batch_size, or "
+            + ("eval()" if training else "running statistics (the layers' track_running_stats=True; the functional "
+                                          "twin's running_mean and running_var)"))
+    if not training:
         raise ValueError(
             f"Expected more than 1 value per channel when normalizing with the batch's statistics, got input size "
             f"{tuple(shape)}: there are no running statistics to normalize by out of training, and the batch variance "
             f"of a single value is 0; "
             + (hint or "pass running_mean and running_var, a larger batch, or use GroupNorm/LayerNorm"))
-    hint = hint or "use eval(), a larger batch, or GroupNorm/LayerNorm"
-    if count_per_group == 1:
-        if virtual_batch_size is not None and len(shape) > 0 and shape[0] > virtual_batch_size:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {tuple(shape)} in ghost "
-                f"batches of virtual_batch_size={virtual_batch_size}: each ghost batch holds a single value per "
-                "channel, and the variance of a single value is 0; use a larger virtual_batch_size, or eval()"
-            )
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}: "
-            f"the batch variance of a single value is 0; {hint}"
-        )
+    raise ValueError(
+        f"Expected more than 1 value per channel when training, got input size {tuple(shape)}: "
+        f"the batch variance of a single value is 0; {hint or 'use eval(), a larger batch, or GroupNorm/LayerNorm'}"
+    )
 
 
 def _functions_refused():
@@ -669,7 +671,7 @@ def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, r
             valid = valid != 0
         valid = valid.reshape(-1).contiguous()
     else:
-        check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size)
+        check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size, training=training)
     rmin, rmax, dmax = renorm_clipping
     settings = [float(momentum), float(renorm_momentum), float(rmin), float(rmax), float(dmax), float(eps),
                 1.0 if unbiased_running_var else 0.0, 1.0 if training else 0.0]
@@ -800,7 +802,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
             # backward returned a wrong weight gradient: ghosts of one row, (2, 1, 4, 1) at strides (1, 8, 2, 1))
             channels = canonical_channels_last(channels)
         per_group = channels.numel() // max(channels.shape[1], 1)
-    check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size)
+    check_enough_values(per_group, x.shape, virtual_batch_size=virtual_batch_size, training=training)
     center = None
     widened = False
     if recenter:
@@ -1251,7 +1253,8 @@ def _batch_norm_pipeline(x, feature_axes, param_shape, running_mean, running_var
     local_counts = mask_view is None and moments_fn is None  # every group holds the same, known number of values
     if local_counts:
         check_enough_values(view.numel() // math.prod([view.shape[a] for a in range(view.dim()) if a not in reduce_axes]),
-                            x.shape, virtual_batch_size=virtual_batch_size)
+                            x.shape, virtual_batch_size=virtual_batch_size,
+                            training=training)
     finite = None  # (whether every value of the view is known to be finite)
     with contextlib.nullcontext() if needs_composite else torch.no_grad():
         if moments_fn is None:
