@@ -311,15 +311,23 @@ def canonical_channels_last(x):
     return last.reshape(-1).view(last.shape).permute(_FEATURES_FIRST[x.dim()])
 
 
+def is_channels_last(x) -> bool:
+    """Whether ``x`` is a rank-4/5 channels_last (not also contiguous) tensor. False under vmap, which has no memory
+    formats (asked there, ``is_contiguous(memory_format=...)`` raises "NYI"); not asked under torch.compile, which
+    cannot trace functorch's checks (a graph break, with a warning)."""
+    return (x.dim() in _CHANNELS_LAST and not x.is_contiguous()
+            and (torch.compiler.is_compiling() or not _under_vmap(x))
+            and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]))
+
+
 def keep_channels_last(x, y):
     """``y``, computed from ``x`` (rank 4 or 5; a channels_last one, else ``y`` as it is) through a contiguous copy, in ``x``'s memory format,
     as torch.nn's BatchNorm2d/3d return it (the next conv's channels_last kernels expect it; one copy, and a
     differentiable one). Not under vmap (no memory formats there) or a trace (sizes are tensors)."""
-    fmt = _CHANNELS_LAST[x.dim()]
-    if (y.is_contiguous(memory_format=fmt) or not x.is_contiguous(memory_format=fmt) or _tracing_state() is not None
-            or _under_vmap(x)):
+    if _tracing_state() is not None or not is_channels_last(x):
         return y
-    return y.contiguous(memory_format=fmt)
+    fmt = _CHANNELS_LAST[x.dim()]
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 def _under_vmap(tensor) -> bool:
@@ -791,9 +799,8 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
     (large inputs) or ATen's training kernel (small ones) normalizes. Small tensors stay flat
     and the small ops are few: on small inputs they, not the data, are the cost.
     """
-    channels_last = (virtual_batch_size is not None and feature_axes == (1,) and x.dim() in _CHANNELS_LAST
-                     and x.shape[0] != virtual_batch_size and not x.is_contiguous()
-                     and x.is_contiguous(memory_format=_CHANNELS_LAST[x.dim()]))
+    channels_last = (virtual_batch_size is not None and feature_axes == (1,) and x.shape[0] != virtual_batch_size
+                     and is_channels_last(x))
     if channels_last and (ghost_layout != "strided" or x.numel() >= CHANNELS_LAST_PERMUTE_MIN_NUMEL):
         # A channels_last batch is features-last data seen through a permute: its ghost groups are that data's, and
         # normalized as such (a free view, the by-position path where it applies) the output permutes back to

@@ -1342,8 +1342,7 @@ class BatchNorm(_NormBase):
                 or kernels.takes(input)
                 # (large channels_last batches: the general path normalizes them as features-last data, keeping their
                 # memory format without the copies this (V, G*C, *) view needs, in and out)
-                or (input.numel() >= F.CHANNELS_LAST_PERMUTE_MIN_NUMEL and not input.is_contiguous()
-                    and input.dim() in F._CHANNELS_LAST and input.is_contiguous(memory_format=F._CHANNELS_LAST[input.dim()]))
+                or (input.numel() >= F.CHANNELS_LAST_PERMUTE_MIN_NUMEL and F.is_channels_last(input))
                 or (self.momentum is None and torch._C._are_functorch_transforms_active() and self._counts_batched())
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
@@ -1380,7 +1379,7 @@ class BatchNorm(_NormBase):
             running_mean.copy_(wide_mean.view(groups, channels).mean(0))
             running_var.copy_(wide_var.view(groups, channels).mean(0))
         y = y.reshape(input.shape)
-        if not input.is_contiguous() and input.dim() in F._CHANNELS_LAST:
+        if not input.is_contiguous():
             # (a channels_last batch: (V, G*C, *) is a copy, whose output came back contiguous where torch.nn's
             # BatchNorm2d/3d keep channels_last; one copy back costs less than normalizing without the reshape)
             y = F.keep_channels_last(input, y)
