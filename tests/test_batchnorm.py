@@ -147,6 +147,64 @@ def test_channels_last_input_matches_torch_nn(memory_format, rng):
     assert ya.is_contiguous(memory_format=memory_format)
 
 
+# Ghost batches of a channels_last batch on ATen's paths (the conftest switches the fused kernel off): the reshape
+# to the (V, G*C, *) or per-group view copied the input, and the output came back contiguous, where torch.nn's
+# BatchNorm2d/3d keep channels_last (the next conv's channels_last kernels expect it).
+@pytest.mark.parametrize("shape", [(8, 3, 5, 4), (8, 3, 2, 5, 4), (8, 64, 16, 16)], ids=["2d", "3d", "2d-large"])
+@pytest.mark.parametrize("options", [{}, {"ghost_layout": "contiguous"}, {"renorm": True},
+                                     {"unbiased_running_var": False}],
+                         ids=["strided", "contiguous", "renorm", "biased"])
+def test_ghost_batches_of_a_channels_last_input_keep_its_memory_format(shape, options, rng):
+    memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x_np, g_np = rng.normal(size=shape) * 2 + 1, rng.normal(size=shape)
+    x = torch.tensor(x_np).to(memory_format=memory_format).requires_grad_()
+    channels = shape[1]
+    gamma, beta = np.linspace(0.5, 1.5, channels), np.linspace(-1.0, 1.0, channels)
+    layer = normkit.BatchNorm(channels, virtual_batch_size=4, dtype=torch.float64, **options)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(gamma)), layer.bias.copy_(torch.tensor(beta))
+    y = layer(x)
+    y.backward(torch.tensor(g_np).to(memory_format=memory_format))
+
+    torch_layer = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm3d)(channels, dtype=torch.float64)
+    expected_format = torch_layer(x.detach()).is_contiguous(memory_format=memory_format)
+    assert expected_format  # (torch.nn's own layer keeps channels_last: the contract)
+    assert y.is_contiguous(memory_format=memory_format) == expected_format
+    # The values are the reference's ghost batch norm of the same data.
+    running_mean, running_var = np.zeros(channels), np.ones(channels)
+    ghost = dict(virtual_batch_size=4, ghost_layout=options.get("ghost_layout", "strided"))
+    renorm = {"renorm_mean": np.zeros(channels), "renorm_stddev": np.ones(channels)} if options.get("renorm") else {}
+    grads = R.batch_norm_backward(g_np, x_np, running_mean.copy(), running_var.copy(), gamma, beta, True, 1e-5,
+                                  **ghost, **renorm)
+    expected = R.batch_norm(x_np, running_mean, running_var, gamma, beta, True, 0.1, 1e-5, **ghost,
+                            unbiased_running_var=options.get("unbiased_running_var", True),
+                            moving_stddev=np.ones(channels) if renorm else None, **renorm)
+    assert_close(y, expected)
+    assert_close(x.grad, grads[0])
+    assert_close(layer.weight.grad, grads[1])
+    assert_close(layer.bias.grad, grads[2])
+    assert_close(layer.running_mean, running_mean)
+    assert_close(layer.running_var, running_var)
+
+
+@pytest.mark.parametrize("batch", [8, 64], ids=["copied-back", "features-last"])
+@pytest.mark.parametrize("ghost_layout", ["strided", "contiguous"])
+def test_ghost_batches_of_channels_last_samples_under_vmap(batch, ghost_layout, rng):
+    """vmap has no memory formats: asked there, is_contiguous(memory_format=channels_last) raised "NYI", so an
+    ensemble's channels_last samples failed once the output kept the input's format (each sample's call is the
+    oracle, and the reference's ghost batch norm each sample's)."""
+    x_np = rng.normal(size=(3, batch, 4, 5, 5)) * 2 + 1
+    stacked = torch.tensor(np.ascontiguousarray(x_np.transpose(0, 1, 3, 4, 2))).permute(0, 1, 4, 2, 3)
+    assert stacked[0].is_contiguous(memory_format=torch.channels_last) and not stacked[0].is_contiguous()
+    layer = normkit.BatchNorm2d(4, virtual_batch_size=4, ghost_layout=ghost_layout, track_running_stats=False,
+                                dtype=torch.float64)
+    y = torch.func.vmap(layer)(stacked)
+    for sample in range(3):
+        assert_close(y[sample], R.batch_norm(x_np[sample], None, None, np.ones(4), np.zeros(4), True, 0.1, 1e-5,
+                                             virtual_batch_size=4, ghost_layout=ghost_layout))
+        torch.testing.assert_close(y[sample], layer(stacked[sample]), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("options", [{}, {"renorm": True}, {"unbiased_running_var": False}],
                          ids=["plain", "renorm", "biased"])

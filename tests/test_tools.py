@@ -1617,6 +1617,158 @@ def test_tools_work_through_a_compiled_model():
     assert all(torch.equal(value, buffers[key]) for key, value in model[1].named_buffers())
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d as torchvision defines it (which cannot be installed here): BN's eval map in
+    four buffers, no parameters, inference whatever the mode; a state_dict's num_batches_tracked is dropped."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x):
+        w, b = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        rv, rm = self.running_var.reshape(1, -1, 1, 1), self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+def frozen_from(bn):
+    """A FrozenBatchNorm2d holding a trained torch.nn BatchNorm2d's statistics, as torchvision's detection models
+    load a classification backbone's (torchvision.ops.misc.FrozenBatchNorm2d loads BatchNorm2d's state_dict)."""
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.dtype)
+    frozen.load_state_dict(bn.state_dict())
+    return frozen
+
+
+def frozen_cases():
+    """Trained torch.nn layers whose BatchNorm2d becomes a FrozenBatchNorm2d (the unfolded model's output is the
+    oracle, and torch.nn's eval BN the FrozenBatchNorm2d's)."""
+    return [
+        pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6, eps=1e-3)),
+                     (6, 3, 7, 7), ["1", "4"], id="conv-with-and-without-bias"),
+        pytest.param(lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.BatchNorm2d(6),
+                                           nn.Conv2d(6, 6, 3, groups=6, padding=1, bias=False), nn.BatchNorm2d(6)),
+                     (4, 4, 6, 6), ["1", "3"], id="grouped-depthwise"),
+        pytest.param(lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2, stride=2), nn.BatchNorm2d(6)),
+                     (4, 4, 5, 5), ["1"], id="conv-transpose2d-groups"),
+        # torchvision's Conv2dNormActivation: a Sequential subclass keeping Sequential's forward, inside another
+        pytest.param(lambda: nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()),
+                                           nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))),
+                     (4, 3, 6, 6), ["0.1", "1.1"], id="nested"),
+    ]
+
+
+def _freeze_batch_norm_2d(model):
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(parent, name, frozen_from(child))
+    return model
+
+
+@pytest.mark.parametrize("make,shape,names", frozen_cases())
+def test_torchvision_s_frozen_batch_norm_folds(make, shape, names):
+    """torchvision's detection backbones (and detectron2's) hold FrozenBatchNorm2d, not BatchNorm2d: it did not fold."""
+    torch.manual_seed(31)
+    trained = randomize(make().double(), shape)
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
+    expected = trained(x)  # torch.nn's eval BN: what the frozen layers compute too
+    model = _freeze_batch_norm_2d(trained).eval()
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == len(names)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+
+    folded, folded_names = fold_batch_norm(model)
+
+    assert folded_names == names and all(isinstance(folded.get_submodule(n), nn.Identity) for n in names)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-10)
+
+
+def test_frozen_batch_norm_folds_by_the_float64_formula_in_float32():
+    torch.manual_seed(32)
+    trained = randomize(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, eps=1e-3)), (4, 2, 5, 5))
+    model = _freeze_batch_norm_2d(trained).eval()
+    w, b = as64(model[0].weight).copy(), as64(model[0].bias).copy()
+    frozen = model[1]
+    s = as64(frozen.weight) / np.sqrt(as64(frozen.running_var) + 1e-3)
+    x = torch.randn(4, 2, 5, 5)
+    expected = model(x)
+    folded, names = fold_batch_norm(model, inplace=True)
+    assert names == ["1"] and folded[0].weight.dtype == torch.float32
+    np.testing.assert_allclose(as64(folded[0].weight), w * s[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(as64(folded[0].bias), (b - as64(frozen.running_mean)) * s + as64(frozen.bias),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class LooksFrozen(nn.Module):
+    """DETR's FrozenBatchNorm2d: the same buffers, but eps is a constant inside its forward, no attribute."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
+                            ("running_var", torch.ones(n))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+LooksFrozen.__name__ = "FrozenBatchNorm2d"  # (the name alone does not make it one)
+
+
+def _with_own_forward(frozen):
+    frozen.forward = lambda x: torch.relu(FrozenBatchNorm2d.forward(frozen, x))
+    return frozen
+
+
+def _hooked_frozen(frozen):
+    frozen.register_forward_hook(lambda module, args, output: output * 2)
+    return frozen
+
+
+@pytest.mark.parametrize("make,shape", [
+    # FrozenBatchNorm2d takes 4-D inputs only: after a Linear or a Conv1d its channels are not the layer's outputs.
+    # (its (1, C, 1, 1) buffers broadcast over the Linear's (N, 4, 3, 4) outputs' axis 1, and over the Conv1d's
+    # (4, 4, 5) outputs' batch axis: models that run, and whose scale is not per output channel)
+    (lambda: nn.Sequential(nn.Linear(5, 4), frozen_from(nn.BatchNorm2d(4))), (2, 4, 3, 5)),
+    (lambda: nn.Sequential(nn.Conv1d(3, 4, 1), frozen_from(nn.BatchNorm2d(4))), (4, 3, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), _with_own_forward(frozen_from(nn.BatchNorm2d(4)))), (2, 3, 4, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), _hooked_frozen(frozen_from(nn.BatchNorm2d(4)))), (2, 3, 4, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), LooksFrozen(4)), (2, 3, 4, 5)),
+    # float32 buffers after a float16 conv: its arithmetic promotes, the output is float32 (folded, float16)
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1).half(), frozen_from(nn.BatchNorm2d(4))), (2, 3, 4, 5)),
+], ids=["linear", "conv1d", "own-forward", "hooked", "detr-style-no-eps", "promoting-dtype"])
+def test_frozen_batch_norm_that_cannot_fold_stays(make, shape):
+    torch.manual_seed(33)
+    model = make().eval()
+    with torch.no_grad():
+        for buffer in model[1].buffers():
+            buffer.uniform_(0.5, 1.5)
+    x = torch.randn(*shape, dtype=model[0].weight.dtype)
+    try:
+        expected = model(x)
+    except RuntimeError:
+        expected = None  # (float16 convolutions on a CPU without them: what folds is decided all the same)
+    folded, names = fold_batch_norm(model)
+    assert names == [] and type(folded[1]) is type(model[1])
+    if expected is not None:
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+
+
 def test_folded_names_come_in_the_model_s_order():
     """"The qualified names of the folded BN layers, in order": they came container by container, so a nested
     Sequential's BN (here first in the model) was listed after the outer Sequential's."""

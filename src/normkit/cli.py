@@ -306,8 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     handlers = {"train": _train, "evaluate": _evaluate, "compare": _compare, "download": _download,
                 "kernels": _kernels}
+    from normkit.lab.train import interrupted_once
+
     try:
-        return handlers[args.command](args)
+        # A second Ctrl-C while the first is reported (or the checkpoint written) is ignored: it replaced the report
+        # by a wrong one or a traceback. Run as the command (argv from sys.argv), also while the interpreter exits,
+        # where it printed a traceback; called from Python with argv, Ctrl-C works again once main returns.
+        # (SIGTERM as Ctrl-C: runs and comparisons.)
+        with interrupted_once(terminations=False, keep_ignoring=argv is None):
+            return handlers[args.command](args)
     except (ValueError, TypeError) as error:
         # Users get the one-line reason, not a traceback; DataError and CheckpointError are ValueErrors.
         print(f"normkit {args.command}: error: {error}", file=sys.stderr)

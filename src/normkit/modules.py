@@ -1358,6 +1358,9 @@ class BatchNorm(_NormBase):
         if (channels != self.num_features or n % virtual or n == virtual or input.numel() == 0
                 or virtual * math.prod(input.shape[2:]) <= 1  # (one value per ghost and feature: refused there)
                 or kernels.takes(input)
+                # (large channels_last batches: the general path normalizes them as features-last data, keeping their
+                # memory format without the copies this (V, G*C, *) view needs, in and out)
+                or (input.numel() >= F.CHANNELS_LAST_PERMUTE_MIN_NUMEL and F.is_channels_last(input))
                 or (self.momentum is None and torch._C._are_functorch_transforms_active() and self._counts_batched())
                 or (running_mean is not None and (running_mean.dtype not in _FULL_PRECISION
                                                   or (weight is not None and running_mean.dtype != weight.dtype)))
@@ -1393,7 +1396,12 @@ class BatchNorm(_NormBase):
         elif running_mean is not None:  # (vmap, an ensemble's stacked buffers: no batching rule for out=)
             running_mean.copy_(wide_mean.view(groups, channels).mean(0))
             running_var.copy_(wide_var.view(groups, channels).mean(0))
-        return y.reshape(input.shape)
+        y = y.reshape(input.shape)
+        if not input.is_contiguous():
+            # (a channels_last batch: (V, G*C, *) is a copy, whose output came back contiguous where torch.nn's
+            # BatchNorm2d/3d keep channels_last; one copy back costs less than normalizing without the reshape)
+            y = F.keep_channels_last(input, y)
+        return y
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         training = self.training and not self.frozen

@@ -678,9 +678,30 @@ def _hooked(module: nn.Module) -> bool:
     return any(key != getattr(sizing, "id", None) for name in _HOOKS for key in (getattr(module, name, None) or {}))
 
 
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _frozen_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a FrozenBatchNorm2d as torchvision (``torchvision.ops.FrozenBatchNorm2d``, its detection
+    backbones') and detectron2 define it: BN's eval map held in four buffers (no parameters), always inference,
+    ``x * (weight * rsqrt(running_var + eps)) + (bias - running_mean * scale)`` per channel of a 4-D input.
+
+    Neither library can be imported to check the class, so it is recognized by what it is: the class name exactly
+    (a subclass may compute something else), the four 1-D buffers of one size, an ``eps`` number, no parameters,
+    no children and no ``forward`` of the instance's own. A module that only looks like one (DETR's copy, whose eps
+    is a constant inside its forward and no attribute) is left alone: what it computes is not known."""
+    if type(module).__name__ != "FrozenBatchNorm2d" or module._parameters or module._modules:
+        return False
+    eps = getattr(module, "eps", None)
+    buffers = [module._buffers.get(name) for name in _FROZEN_BUFFERS]
+    return (isinstance(eps, (int, float)) and not isinstance(eps, bool) and "forward" not in vars(module)
+            and all(isinstance(b, torch.Tensor) and b.dim() == 1 and b.is_floating_point() for b in buffers)
+            and len({b.shape for b in buffers}) == 1)
+
+
 def _batch_norm_of(module: nn.Module):
     """The BN layer that computes ``module``'s eval output: itself, a built Keras layer's ``bn``, or None."""
-    if isinstance(module, (BatchNorm, _BatchNorm)):
+    if isinstance(module, (BatchNorm, _BatchNorm)) or _frozen_batch_norm(module):
         return module
     keras = _keras_module()
     if keras is not None and isinstance(module, keras.BatchNormalization):
@@ -722,7 +743,9 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
         return False
     keras = _keras_module()
     norm_bases = (_BatchNorm, nn.SyncBatchNorm, BatchNorm) + ((keras.BatchNormalization,) if keras else ())
-    if (not _runs_as_its_base(layer, _FOLD_INTO) or not all(_runs_as_its_base(m, norm_bases) for m in (module, bn))
+    frozen = _frozen_batch_norm(module)  # (its own class: checked by _frozen_batch_norm instead of by its base)
+    if (not _runs_as_its_base(layer, _FOLD_INTO)
+            or not (frozen or all(_runs_as_its_base(m, norm_bases) for m in (module, bn)))
             or any(_hooked(m) for m in (layer, module, bn))):
         return False
     weight = layer._parameters.get("weight")
@@ -739,7 +762,8 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
     build_shape = getattr(module, "_build_shape", None) if module is not bn else None
     if isinstance(layer, nn.Linear) and axis == 1 and build_shape is not None and len(build_shape) > 2:
         return False  # a Keras layer built on (N, L, F) Linear outputs normalizes L, not the Linear's F outputs
-    ranks = next((ranks for classes, ranks in _RANKS if isinstance(bn, classes)), None)
+    # (a FrozenBatchNorm2d reshapes its buffers to (1, C, 1, 1): 4-D inputs only, where they are the channels)
+    ranks = (4,) if frozen else next((ranks for classes, ranks in _RANKS if isinstance(bn, classes)), None)
     # The rank the layer's batched outputs have, where they are the BN's channels (a Linear's: (N, C) only).
     batched = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
     if ranks is not None and axis == 1 and batched not in ranks:
@@ -749,10 +773,15 @@ def _can_fold(layer: nn.Module, module: nn.Module, uses: dict) -> bool:
         return False
     if _output_dtype(module, bn, weight.dtype) != weight.dtype:
         return False  # a Keras layer whose policy casts (float64, float16, mixed_float16 after a float32 Linear)
+    if frozen and any(torch.promote_types(weight.dtype, bn._buffers[name].dtype) != weight.dtype
+                      for name in _FROZEN_BUFFERS):
+        return False  # its arithmetic promotes (float32 buffers after a float16 conv): the output was float32
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     # (the statistics' size: torch.nn's lazy layer sized by a loaded state_dict keeps num_features 0 until its first
     # call)
-    return isinstance(_one_axis(bn.num_features), int) and tuple(bn.running_mean.shape) == (channels,)
+    # (torchvision's FrozenBatchNorm2d has no num_features: its buffers' size is its count)
+    num_features = _one_axis(getattr(bn, "num_features", bn.running_mean.numel()))
+    return isinstance(num_features, int) and tuple(bn.running_mean.shape) == (channels,)
 
 
 @torch.no_grad()

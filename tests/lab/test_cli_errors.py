@@ -733,6 +733,96 @@ def test_sigterm_during_a_comparison_names_compare_resume(tmp_path):
     assert "run none, seed 0: terminated (SIGTERM)" in lines[0] and "compare command with --resume" in lines[0]
 
 
+# A second Ctrl-C while the first was handled raised a KeyboardInterrupt of its own: during the report it replaced the
+# run's line by "interrupted before training started: nothing was written" (the checkpoint held an epoch), and during
+# the interpreter's exit it printed a traceback ("Exception ignored in: <module 'threading'>"). The harness sends the
+# real signals at chosen points of the real command: "report", the first in epoch 2's evaluation, the second while
+# the report is composed, a third as the command returns; "write", two while epoch 2's checkpoint is being written
+# (after its bytes are written, before the rename).
+DOUBLE_CTRL_C = """
+import os, signal, sys
+from normkit.cli import main
+from normkit.lab import checkpoint, train
+where, sys.argv = sys.argv[1], ["normkit", *sys.argv[2:]]  # (main() reads them, as the normkit command does)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (Python's own, as in a terminal)
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+if where == "report":
+    evaluate, message, calls = train.evaluate, train._interrupted_message, []
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            ctrl_c()
+        return evaluate(*args, **kwargs)
+    def message_again(*args, **kwargs):
+        ctrl_c()
+        return message(*args, **kwargs)
+    train.evaluate, train._interrupted_message = evaluate_then_stop, message_again
+else:
+    write, fsync, writing = checkpoint.atomic_write_bytes, os.fsync, []
+    def counted_write(path, payload):
+        writing.append(path)
+        try:
+            return write(path, payload)
+        finally:
+            writing.pop()
+    def fsync_then_stop(fd):
+        fsync(fd)
+        if writing and os.path.exists(writing[0]):  # (epoch 2's checkpoint: epoch 1's is there)
+            ctrl_c()
+            ctrl_c()
+    checkpoint.atomic_write_bytes, os.fsync = counted_write, fsync_then_stop
+status = main()
+ctrl_c()  # (one more as the command returns: the interpreter's exit)
+sys.exit(status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="needs POSIX signals")
+@pytest.mark.parametrize("where", ["report", "write"])
+def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(tmp_path, where):
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "3", "--out", str(out), *TINY]
+    result = subprocess.run([sys.executable, "-c", DOUBLE_CTRL_C, where, *argv], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 130, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr
+    # The report is the run's, and true: the checkpoint is whole and holds the epoch it names.
+    saved = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    # ("write": the interrupt waits for the save, so epoch 2 is saved and the run stopped before epoch 3)
+    assert lines[0].startswith(f"normkit train: interrupted in epoch {saved + 1}: ") and saved in (1, 2), lines[0]
+    assert f"holds epoch {saved} of 3" in lines[0], lines[0]
+    assert len(strict_json(out / "metrics.json")["history"]) == saved
+    assert sorted(path.name for path in out.iterdir() if path.name.endswith(".tmp")) == []
+    assert f"`normkit train --out {out} --resume --epochs 3`" in lines[0]
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 0  # the hint works
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="needs POSIX signals")
+def test_two_quick_ctrl_c_from_outside_give_one_line(tmp_path):
+    """Two real SIGINTs a moment apart, as a user pressing Ctrl-C twice: one line, status 130, whatever the moment."""
+    for attempt, gap in enumerate((0.0, 0.0005, 0.002)):
+        out = tmp_path / f"run{attempt}"
+        child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "train", "--epochs", "400", "--out", str(out),
+                                  *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 # (SIGINT's default action in the child, as in a terminal: see the compare test)
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        child.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        child.send_signal(signal.SIGINT)
+        _, error = child.communicate(timeout=120)
+        assert child.returncode == 130, error
+        lines = error.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in error and "Exception" not in error, error
+        saved = load_checkpoint(out / "checkpoint.pt")["epoch"]
+        assert lines[0].startswith("normkit train: interrupted in epoch ") and f"holds epoch {saved} of 400" in lines[0]
+
+
 def test_a_program_s_own_sigterm_handler_is_left_alone(tmp_path):
     """From Python, a program that handles SIGTERM itself (a graceful shutdown of its own) keeps its handler during
     run(): only the default action, which ended the process silently, is replaced."""

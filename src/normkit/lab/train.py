@@ -109,22 +109,61 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler's stop, `timeout`, `kill PID`) raised as Ctrl-C is, inside ``terminations_interrupt()``."""
 
 
-def _terminate(signum, frame):
-    raise Terminated("terminated (SIGTERM)")
+# The signal that stopped the run (or command) in progress, while its interrupt unwinds: a second Ctrl-C then (during
+# the checkpoint's write, the TensorBoard flush, the report, the interpreter's exit) raised a KeyboardInterrupt of
+# its own, which replaced the report with "interrupted before training started: nothing was written" or a traceback.
+# Cleared when the outermost block that installed the handlers ends.
+_first_interrupt: list[int] = []
+_installed_blocks = [0]
+
+
+def _interrupt_once(signum, frame):
+    """Ctrl-C (and SIGTERM, as Ctrl-C) raises once; a later one while that interrupt unwinds is ignored, so its
+    report (what checkpoint.pt holds, the command that continues it) is the one the user gets."""
+    if _first_interrupt:
+        return
+    _first_interrupt.append(signum)
+    if signum == signal.SIGTERM:
+        raise Terminated("terminated (SIGTERM)")
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def terminations_interrupt():
-    """SIGTERM stops a run as Ctrl-C does: the run directory's state and the command that continues it are reported,
-    TensorBoard's events are flushed, exit status 143. (By default SIGTERM ended the process on the spot and silently.)"""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield  # (only the main thread receives Python's signal handlers; a program's own SIGTERM handler stays)
+def interrupted_once(terminations: bool = True, keep_ignoring: bool = False):
+    """Inside the block the first Ctrl-C raises KeyboardInterrupt as Python's own handler does (and with
+    ``terminations``, SIGTERM raises ``Terminated`` in place of ending the process on the spot and silently); any
+    later one, while that interrupt unwinds, is ignored. Only handlers still Python's defaults are replaced: a
+    program's own SIGINT or SIGTERM handler stays, and so does an enclosing block's. When the block ends the
+    defaults come back, except after an interrupt with ``keep_ignoring`` (the command line, whose process is ending:
+    a Ctrl-C during the interpreter's exit printed a traceback), or in an enclosing block's interrupt, which ignores
+    them until it ends."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():  # (only it receives Python's signal handlers)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            installed[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt_once)
+        if terminations and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            installed[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt_once)
+    if not installed:
+        yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _installed_blocks[0] += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _installed_blocks[0] -= 1
+        outermost = _installed_blocks[0] == 0
+        ignore = bool(_first_interrupt) and (keep_ignoring or not outermost)
+        for signum, previous in installed.items():
+            signal.signal(signum, signal.SIG_IGN if ignore else previous)
+        if outermost:
+            _first_interrupt.clear()
+
+
+def terminations_interrupt():
+    """SIGTERM stops a run as Ctrl-C does: the run directory's state and the command that continues it are reported,
+    TensorBoard's events are flushed, exit status 143. (By default SIGTERM ended the process on the spot and silently.)
+    A second signal while the first unwinds is ignored (``interrupted_once``)."""
+    return interrupted_once(terminations=True)
 
 
 def run(cfg: TrainConfig, given: set[str] | None = None, splits: Splits | None = None,
@@ -306,10 +345,14 @@ def _train(plan: RunPlan, on_step: Callable[[int, nn.Module], None] | None, prog
             history.append(record)
 
             def save_epoch(epoch=epoch):
-                save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle,
-                                data.fingerprint)
-                progress["saved_epochs"] = epoch + 1
-                write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
+                # A Ctrl-C during the save waits until checkpoint.pt, the count the report gives and metrics.json
+                # agree (each file is written atomically either way): one landing after the checkpoint's rename
+                # reported the epoch before as the one it holds.
+                with _interrupts_held():
+                    save_checkpoint(checkpoint_path, model, optimizer, epoch + 1, step, cfg, history, shuffle,
+                                    data.fingerprint)
+                    progress["saved_epochs"] = epoch + 1
+                    write_json(out / "metrics.json", {"history": history, "data_sha256": data.fingerprint})
 
             # TensorBoard first (flushed): a resumed run keeps the events up to its checkpoint's step and logs after
             # it, so an epoch saved before its events were written would miss them for good. A kill before the
