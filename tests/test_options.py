@@ -630,6 +630,26 @@ def test_local_statistics_warning_names_the_layer_built_and_points_at_the_callin
     assert (warning.filename, warning.lineno) == (__file__, line)
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_synchronized_layer_without_process_group_warns_once_at_the_calling_line(fullgraph, rng):
+    """torch.compile skipped the warning (it cannot be traced), so a compiled model synchronized without a group of
+    processes trained on local statistics without a word; it is given while Dynamo traces, once, fullgraph too."""
+    torch._dynamo.reset()
+    synced, local = normkit.BatchNorm(3, synchronized=True).double(), normkit.BatchNorm(3).double()
+    compiled = torch.compile(synced, backend="eager", fullgraph=fullgraph)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.tensor(rng.normal(size=(6, 3)))
+            y = compiled(x); line = sys._getframe().f_lineno  # noqa: E702 (the call's own line)
+            torch.testing.assert_close(y, local(x))
+    ours = [w for w in caught if "synchronized=True" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert str(ours[0].message).startswith("BatchNorm(synchronized=True) runs without an initialized torch.distributed")
+    assert (ours[0].filename, ours[0].lineno) == (__file__, line)
+    torch.testing.assert_close(synced.running_var, local.running_var)
+
+
 def test_fused_is_accepted_by_keras_layer():
     from normkit.keras import BatchNormalization
     assert BatchNormalization(fused=True)(torch.randn(4, 3), training=True).shape == (4, 3)

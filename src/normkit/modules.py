@@ -1431,7 +1431,10 @@ class BatchNorm(_NormBase):
             from . import distributed
             if distributed.is_active(self.process_group):
                 normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
-            elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
+            elif torch.compiler.is_compiling():
+                if not getattr(self, "_warned_local", False):  # (read while tracing: no call once warned)
+                    distributed.warn_local_once_while_tracing(self, _shown_name(self))
+            else:
                 distributed.warn_local_once(self, _shown_name(self))
         try:  # (free when nothing is raised)
             return normalize(
