@@ -731,6 +731,14 @@ class BatchNorm(_NormBase):
     def __deepcopy__(self, memo):
         return _deepcopy_sharing_group(self, memo)
 
+    def __getstate__(self):
+        # Without the mark that the local-statistics warning was given (synchronized=True, no group of processes): a
+        # layer restored from torch.save of the whole model runs in a process of its own, often a job that forgot
+        # init_process_group, and kept, the mark silenced the warning there (local statistics without a word).
+        state = super().__getstate__()
+        state.pop("_warned_local", None)
+        return state
+
     def freeze(self) -> "BatchNorm":
         """Use running statistics, update nothing and train nothing, even after ``model.train()``.
 
