@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import normkit
 import normkit.keras
+from normkit import reference as R
 from oracle import errors_of, spawn_processes
 
 STEPS = 2
@@ -204,6 +205,35 @@ def _local(batch, sizes, rank):
     return tuple(None if t is None else t[start:start + sizes[rank]] for t in batch)
 
 
+# Per-process image sizes (multi-scale training; sequence lengths differ alike): each process's (N, C, H, W), its
+# mask and output gradient, drawn for both processes from one seed.
+SPATIAL_SHAPES = ((3, FEATURES, 5, 7), (2, FEATURES, 6, 3))
+
+
+def _spatial_data():
+    generator = torch.Generator().manual_seed(11)
+    parts = []
+    for shape in SPATIAL_SHAPES:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
+        g = torch.randn(shape, generator=generator, dtype=torch.float64)
+        mask = torch.rand((shape[0], *shape[2:]), generator=generator) > 0.3
+        parts.append((x, g, mask))
+    return parts
+
+
+def _spatial_sizes(rank):
+    """Each process trains on images of its own size (masked or not, contiguous or channels_last): the statistics'
+    shape is the same on every process, and the merge weighs each by its count of positions."""
+    x, g, mask = _spatial_data()[rank]
+    results = {}
+    for masked in (False, True):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            layer = _layer({}, synchronized=True)
+            results[(masked, str(layout))] = _train(
+                layer, [(x.contiguous(memory_format=layout), g, mask if masked else None)] * STEPS)
+    return results
+
+
 def _refusals(rank):
     """Process 1 alone gives an input the layer refuses (the same layer on both); each process records its error."""
     bad = rank == 1
@@ -350,6 +380,7 @@ def _worker(rank, world_size, init_file, out_dir):
             results["transforms"] = f"{type(error).__name__}: {error}"
         results["recalibrated"] = _recalibrated(rank)
         results["same_bits"] = _same_bits(rank)
+        results["spatial"] = _spatial_sizes(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
@@ -601,3 +632,41 @@ def test_one_valid_value_under_a_peer_s_mask_is_accepted_on_every_process(refusi
     torch.testing.assert_close(torch.cat([r["mixed_mask"][1][0] for r in refusing_ranks]), grads[0])
     torch.testing.assert_close(refusing_ranks[0]["mixed_mask"][2]["weight_grad"]
                                + refusing_ranks[1]["mixed_mask"][2]["weight_grad"], state["weight_grad"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layout", [str(torch.contiguous_format), str(torch.channels_last)])
+def test_images_of_different_sizes_per_process_equal_the_reference_on_all_positions(ranks, masked, layout):
+    """Processes whose images differ in size (multi-scale training) share statistics over every position: the NumPy
+    reference in float64 on all positions of both processes side by side (one row, the positions of each channel
+    concatenated: batch norm's statistics, output and gradient depend on a channel's positions alone)."""
+    parts = _spatial_data()
+
+    def side_by_side(tensors):  # (N, C, H, W) per process -> (1, C, all positions)
+        return np.concatenate([t.transpose(0, 1).reshape(FEATURES, -1).numpy() for t in tensors], axis=1)[None]
+
+    x = side_by_side([p[0] for p in parts])
+    g = side_by_side([p[1] for p in parts])
+    mask = np.concatenate([p[2].reshape(-1).numpy() for p in parts])[None, None] if masked else None
+    weight = np.arange(1.0, FEATURES + 1.0)
+    running_mean, running_var = np.zeros(FEATURES), np.ones(FEATURES)
+    for step in range(STEPS):
+        grad_x, grad_w, _ = R.batch_norm_backward(g, x, running_mean, running_var, weight, np.zeros(FEATURES),
+                                                  training=True, mask=mask)
+        y = R.batch_norm(x, running_mean, running_var, weight, np.zeros(FEATURES), training=True, mask=mask)
+        offset = 0
+        for rank, (part, r) in enumerate(zip(parts, ranks)):
+            outputs, grads, state = r["spatial"][(masked, layout)]
+            size = part[0][:, 0].numel()
+            for got, want in ((outputs[step], y), (grads[step], grad_x)):
+                want = torch.as_tensor(want[0, :, offset:offset + size]).reshape(
+                    FEATURES, part[0].shape[0], *part[0].shape[2:]).transpose(0, 1)
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"rank {rank} step {step}")
+            offset += size
+    got_weight_grad = sum(r["spatial"][(masked, layout)][2]["weight_grad"] for r in ranks)
+    # (summed over the processes, as DDP sums it, and over the steps, as _train accumulates it: the same each step)
+    torch.testing.assert_close(got_weight_grad, torch.as_tensor(grad_w) * STEPS, rtol=1e-10, atol=1e-10)
+    for r in ranks:
+        state = r["spatial"][(masked, layout)][2]
+        torch.testing.assert_close(state["running_mean"], torch.as_tensor(running_mean), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state["running_var"], torch.as_tensor(running_var), rtol=1e-12, atol=1e-12)

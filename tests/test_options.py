@@ -3,6 +3,7 @@
 Renorm, ghost batches, masks, adjustment, frozen mode, initializers, regularizers, constraints,
 synchronized."""
 
+import io
 import math
 import sys
 import warnings
@@ -628,6 +629,49 @@ def test_local_statistics_warning_names_the_layer_built_and_points_at_the_callin
     (warning,) = [w for w in caught if "synchronized=True" in str(w.message)]
     assert str(warning.message).startswith(f"{name}(synchronized=True) runs without an initialized")
     assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_synchronized_layer_without_process_group_warns_once_at_the_calling_line(fullgraph, rng):
+    """torch.compile skipped the warning (it cannot be traced), so a compiled model synchronized without a group of
+    processes trained on local statistics without a word; it is given while Dynamo traces, once, fullgraph too."""
+    torch._dynamo.reset()
+    synced, local = normkit.BatchNorm(3, synchronized=True).double(), normkit.BatchNorm(3).double()
+    compiled = torch.compile(synced, backend="eager", fullgraph=fullgraph)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.tensor(rng.normal(size=(6, 3)))
+            y = compiled(x); line = sys._getframe().f_lineno  # noqa: E702 (the call's own line)
+            torch.testing.assert_close(y, local(x))
+    ours = [w for w in caught if "synchronized=True" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert str(ours[0].message).startswith("BatchNorm(synchronized=True) runs without an initialized torch.distributed")
+    assert (ours[0].filename, ours[0].lineno) == (__file__, line)
+    torch.testing.assert_close(synced.running_var, local.running_var)
+
+
+@pytest.mark.parametrize("make", [lambda: normkit.BatchNorm(3, synchronized=True),
+                                  lambda: __import__("normkit.keras").keras.BatchNormalization(synchronized=True)])
+def test_a_synchronized_layer_restored_from_torch_save_warns_again(make, rng):
+    """torch.save of the whole model kept the mark that the layer had warned, so the restored layer (a job of its own,
+    say one that forgot init_process_group) trained on local statistics without a word."""
+    layer = make().double()
+    call = (lambda m, x: m(x, training=True)) if not isinstance(layer, normkit.BatchNorm) else (lambda m, x: m(x))
+    with pytest.warns(RuntimeWarning, match="without an initialized torch.distributed"):
+        call(layer, torch.tensor(rng.normal(size=(6, 3))))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    local = normkit.BatchNorm(3).double()
+    local.load_state_dict({k.removeprefix("bn."): v for k, v in restored.state_dict().items()})
+    x = torch.tensor(rng.normal(size=(6, 3)))
+    with pytest.warns(RuntimeWarning, match="without an initialized torch.distributed") as caught:
+        y = call(restored, x)
+    assert len([w for w in caught if "synchronized=True" in str(w.message)]) == 1
+    if isinstance(layer, normkit.BatchNorm):  # (the Keras layer's eps and momentum are Keras')
+        torch.testing.assert_close(y, local(x))
 
 
 def test_fused_is_accepted_by_keras_layer():

@@ -61,6 +61,16 @@ def warn_local_once(layer, name=None) -> None:
                       "process's only", RuntimeWarning, stacklevel=_stacklevel_of_caller())
 
 
+@torch._dynamo.assume_constant_result
+def warn_local_once_while_tracing(layer, name=None) -> bool:
+    """``warn_local_once`` under torch.compile: Dynamo runs this eagerly while it traces, and the graph keeps its
+    result, a constant, alone. A warning cannot be traced, and was skipped there: a compiled model synchronized
+    without a group of processes trained on local statistics without a word. (A graph break around the warning
+    would fail fullgraph=True; Dynamo's reorderable logging functions drop a call made below the traced frame.)"""
+    warn_local_once(layer, name)
+    return True
+
+
 class _AllGather(torch.autograd.Function):
     """Stack every process's tensor; the gradient of each piece is summed over processes and sent home.
 

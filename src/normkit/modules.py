@@ -748,6 +748,14 @@ class BatchNorm(_NormBase):
     def __deepcopy__(self, memo):
         return _deepcopy_sharing_group(self, memo)
 
+    def __getstate__(self):
+        # Without the mark that the local-statistics warning was given (synchronized=True, no group of processes): a
+        # layer restored from torch.save of the whole model runs in a process of its own, often a job that forgot
+        # init_process_group, and kept, the mark silenced the warning there (local statistics without a word).
+        state = super().__getstate__()
+        state.pop("_warned_local", None)
+        return state
+
     def freeze(self) -> "BatchNorm":
         """Use running statistics, update nothing and train nothing, even after ``model.train()``.
 
@@ -1468,7 +1476,10 @@ class BatchNorm(_NormBase):
             from . import distributed
             if distributed.is_active(self.process_group):
                 normalize = functools.partial(distributed.sync_batch_norm, process_group=self.process_group)
-            elif not torch.compiler.is_compiling():  # (a warning cannot be traced; eager calls give it)
+            elif torch.compiler.is_compiling():
+                if not getattr(self, "_warned_local", False):  # (read while tracing: no call once warned)
+                    distributed.warn_local_once_while_tracing(self, _shown_name(self))
+            else:
                 distributed.warn_local_once(self, _shown_name(self))
         try:  # (free when nothing is raised)
             return normalize(
