@@ -14,6 +14,7 @@ import torch
 
 import normkit
 import normkit.kernels
+import normkit.keras
 from normkit import reference as R
 
 from oracle import assert_close, assert_same_training_steps, assert_training_step, to_numpy
@@ -613,6 +614,28 @@ def test_synchronized_without_process_group_warns_once_and_is_local(rng):
         warnings.simplefilter("error")
         synced(x)
     torch.testing.assert_close(y, local(x))
+
+
+@pytest.mark.parametrize("name, args", [("BatchNorm", (3,)), ("BatchNorm2d", (3,)), ("BatchNormalization", ())])
+def test_a_process_group_without_synchronized_warns_at_the_constructing_line(name, args):
+    """torch.nn.SyncBatchNorm(C, process_group=g) synchronizes by its class; its likely port BatchNorm(C,
+    process_group=g) computed local statistics without a word. The constructor warns at the user's line (a drop-in
+    subclass's or the Keras layer's constructor included, whose inner layer gives no second warning at its build),
+    keeps the group for a later synchronized=True, and says nothing where the flag is given or no group is."""
+    cls = normkit.keras.BatchNormalization if name == "BatchNormalization" else getattr(normkit, name)
+    group = object()  # (a group is an opaque handle to the layer until a synchronized training call)
+    with pytest.warns(UserWarning) as caught:
+        layer = cls(*args, process_group=group); line = sys._getframe().f_lineno  # noqa: E702 (the constructor's line)
+    (warning,) = [w for w in caught if "process_group" in str(w.message)]
+    assert str(warning.message).startswith(f"{name}: process_group was given but synchronized=False")
+    assert "synchronized=True" in str(warning.message)
+    assert (warning.filename, warning.lineno) == (__file__, line)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(4, 3, 2, 2) if name == "BatchNorm2d" else torch.randn(4, 3))  # (a Keras layer builds here)
+        assert (layer.bn if name == "BatchNormalization" else layer).process_group is group
+        cls(*args, process_group=group, synchronized=True)
+        cls(*args)
 
 
 @pytest.mark.parametrize("make, name", [

@@ -46,7 +46,7 @@ from torch import nn
 from .axes import broadcasts_to, canonicalize_axes, check_feature_axes
 from .functional import LOW_PRECISION, _tracing_state, check_floating
 from .modules import (BatchNorm, _deepcopy_sharing_group, _fx_call_module, _refuse_torchscript, check_adjustment,
-                      check_ghost_layout, check_virtual_batch_size)
+                      check_ghost_layout, check_virtual_batch_size, warn_group_without_synchronized)
 from .options import (check_process_group, resolve_constraint, resolve_initializer, resolve_regularizer,
                       to_keras_object)
 from .stats import RenormClipping
@@ -250,6 +250,7 @@ class BatchNormalization(nn.Module):
         self.ghost_layout = ghost_layout
         self.name = _unique_name("batch_normalization") if name is None else name  # (Keras: only None is auto-named)
         self.process_group = process_group
+        warn_group_without_synchronized(self, process_group, synchronized)
         self.activity_regularizer = activity_regularizer
         self._factory = {"dtype": None, "device": device}
         self.dtype_policy = dtype  # (the compute dtype, and the variables' dtype for the build)
@@ -470,8 +471,11 @@ class BatchNormalization(nn.Module):
             running_var_initializer=self.moving_variance_initializer,
             weight_regularizer=self.gamma_regularizer, bias_regularizer=self.beta_regularizer,
             weight_constraint=self.gamma_constraint, bias_constraint=self.beta_constraint,
-            unbiased_running_var=False, synchronized=self.synchronized, process_group=self.process_group,
+            unbiased_running_var=False, synchronized=self.synchronized,
+            # (the group set after: the constructor's warning about a group without synchronized=True was given by
+            # this layer's own, at the user's line)
             dtype=self._factory["dtype"], device=self._factory["device"] or device)
+        self.bn.process_group = self.process_group
         self.bn._built_by = type(self).__name__  # (what its messages name: the layer the user made)
         self._note_clipping_handed()
         if not self.scale and self.bn.weight is not None:

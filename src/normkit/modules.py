@@ -169,6 +169,17 @@ def _shown_name(layer: nn.Module) -> str:
     return getattr(layer, "_built_by", None) or type(layer).__name__
 
 
+def warn_group_without_synchronized(layer: nn.Module, process_group, synchronized: bool) -> None:
+    """Warn at construction where a process group comes without the flag that uses it: torch.nn.SyncBatchNorm
+    synchronizes by its class, so ``BatchNorm(C, process_group=group)`` is a likely port of it, and it computed local
+    statistics without a word (the group is kept: setting the flag later uses it)."""
+    if process_group is not None and not synchronized:
+        from .distributed import _stacklevel_of_caller  # (at the user's line, below a subclass's constructor too)
+        warnings.warn(f"{type(layer).__name__}: process_group was given but synchronized=False, so each process "
+                      "computes its statistics alone and the group is unused; pass synchronized=True to share them "
+                      "over the group (torch.nn.SyncBatchNorm's behaviour)", UserWarning, stacklevel=_stacklevel_of_caller())
+
+
 def _transform_refusal(layer: nn.Module, error: RuntimeError, input=None) -> Optional[RuntimeError]:
     """The error to raise instead of ``error`` where a torch.func transform refused a training call's update of
     the running statistics (None elsewhere). torch's own errors name neither the layer nor a fix that reaches
@@ -507,6 +518,7 @@ class BatchNorm(_NormBase):
         self.unbiased_running_var = unbiased_running_var
         self.synchronized = synchronized
         self.process_group = process_group
+        warn_group_without_synchronized(self, process_group, synchronized)
         self.frozen = False
         self._recenter = False
         self._steps_to_recenter_check = 0
