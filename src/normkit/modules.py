@@ -561,6 +561,9 @@ class BatchNorm(_NormBase):
         # With a padding mask too (the kernel takes no ghost batches with one), plain layers included.
         self._mask_fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
                               and self.virtual_batch_size is None)
+        # Without the kernel: renorm, or a padding mask (with or without renorm), features first or last, straight to
+        # the functional pipeline that computes it (_forward_composite_direct).
+        self._composite_direct = self._mask_fusable
 
     def _checked_axis(self, axis, name):
         axis = check_feature_axes(axis)
@@ -1201,6 +1204,11 @@ class BatchNorm(_NormBase):
             y = self._forward_fused_contiguous(input, mask)
             if y is not None:
                 return y
+        if ((mask is not None or self.renorm) and self._composite_direct and self.training and not self.frozen
+                and not torch.compiler.is_compiling()):  # (recentered data too: it passes the flag on)
+            y = self._forward_composite_direct(input, mask)
+            if y is not None:
+                return y
         if (self._plain_ghost and mask is None and self.training and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):
             y = self._forward_plain_ghost(input)
@@ -1376,6 +1384,91 @@ class BatchNorm(_NormBase):
             running_mean.copy_(wide_mean.view(groups, channels).mean(0))
             running_var.copy_(wide_var.view(groups, channels).mean(0))
         return y.reshape(input.shape)
+
+    def _forward_composite_direct(self, input: torch.Tensor, mask=None) -> Optional[torch.Tensor]:
+        """Renorm without ghost batches, or a boolean padding mask of the input's shape without its feature axis (with
+        or without renorm), in a training step of contiguous float32/float64 CPU data with the features on dim 1 or
+        last, where the fused kernel is off (or the input beyond its size limit): straight to the functional pipeline
+        the general route reaches (``functional._aten_pipeline``, ``functional._masked_rows_batch_norm``), with the
+        same arguments, so the same operations and bits. Skipped are the general route's checks that such a call
+        passes by construction, answered here by the few reads below (at (64, 120) the module and
+        ``functional.batch_norm`` checked dtypes, devices, sizes, the mask and the renorm state twice: a third of a
+        renorm step without the kernel). Returns None, having changed nothing, for anything else (other dtypes, devices,
+        layouts, masks, tensors of other sizes, traces, transforms): the general route then computes or refuses it."""
+        if (type(input) is not torch.Tensor or not input.is_cpu or input.dtype not in _FULL_PRECISION
+                or not self.track_running_stats or _tracing_state() is not None or torch.compiler.is_exporting()
+                or kernels.transforms_active()):
+            return None
+        ndim = input.dim()
+        if ndim < 2 or not input.is_contiguous() or (kernels.enabled(input.device)
+                                                     and input.numel() <= kernels.fused_max_numel()):
+            return None  # (the kernel's domain: its routes, then the general one, decide)
+        self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks, refused by name as on the general route)
+        axis, shape = self.axis, input.shape
+        if axis in (1, 1 - ndim):
+            feature = 1
+        elif axis in (-1, ndim - 1):
+            feature = ndim - 1
+        else:
+            return None
+        channels, values = shape[feature], input.numel()
+        if channels != self.num_features or values == 0:
+            return None
+        if mask is not None:
+            # (the general route's _expand_mask gives this mask the feature axis back, a view; F.batch_norm then
+            # takes it as it is)
+            if (type(mask) is not torch.Tensor or mask.dtype != torch.bool or mask.device != input.device
+                    or mask.shape != shape[:feature] + shape[feature + 1:]):
+                return None
+            mask = mask.unsqueeze(feature)
+        elif values // channels <= 1:  # (one value per feature: refused, by name, on the general route)
+            return None
+        renorm = self.renorm
+        running_mean, running_var = _buffer_of(self, "running_mean"), _buffer_of(self, "running_var")
+        renorm_state = ((_buffer_of(self, "renorm_mean"), _buffer_of(self, "renorm_stddev"),
+                         _buffer_of(self, "moving_stddev")) if renorm else (None, None, None))
+        weight, bias = _affine_of(self)
+        dtype = input.dtype
+        # The layer's tensors as the general route's checks pass them, without a cast anywhere: the input's dtype,
+        # on the CPU, one value per feature (weight and bias optional).
+        for tensor, needed in ((running_mean, True), (running_var, True), (renorm_state[0], renorm),
+                               (renorm_state[1], renorm), (renorm_state[2], renorm), (weight, False), (bias, False)):
+            if tensor is None:
+                if needed:
+                    return None
+            elif (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or not tensor.is_cpu
+                  or tensor.numel() != channels):
+                return None
+        if _buffer_of(self, "num_batches_tracked") is None:
+            return None
+        if self._recenter_check_due():  # (as the general route: before the count)
+            self._update_recenter(input, (feature,), mask)
+        # From here on the general route's own steps, in its order, with its handling of what they raise.
+        factor = self._tracking_factor()
+        try:
+            clipping = self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)
+        except Exception:
+            self._uncount(True)
+            raise
+        try:
+            if renorm:
+                F.check_renorm_clipping_bounds(clipping)
+            if mask is None:
+                return F._aten_pipeline(input, (feature,), None, self.ghost_layout, running_mean, running_var, weight,
+                                        bias, True, factor, self.eps, self.unbiased_running_var, *renorm_state,
+                                        clipping, self.renorm_momentum, self._recenter)
+            return F._masked_rows_batch_norm(input, (feature,), mask, running_mean, running_var, weight, bias, True,
+                                             factor, self.eps, self.unbiased_running_var, *renorm_state, clipping,
+                                             self.renorm_momentum, self._recenter)
+        except ValueError:
+            self._uncount(True)
+            raise
+        except RuntimeError as error:
+            refusal = _transform_refusal(self, error, input)
+            if refusal is None:
+                raise
+            self._uncount(True)
+            raise refusal from error
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         training = self.training and not self.frozen
