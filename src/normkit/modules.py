@@ -1408,7 +1408,7 @@ class BatchNorm(_NormBase):
                 or kernels.transforms_active()):
             return None
         ndim = input.dim()
-        if ndim < 2 or not input.is_contiguous() or (kernels.enabled(input.device)
+        if ndim < 2 or not input.is_contiguous() or (kernels.enabled()  # (either device's: the cheaper read)
                                                      and input.numel() <= kernels.fused_max_numel()):
             return None  # (the kernel's domain: its routes, then the general one, decide)
         self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks, refused by name as on the general route)
@@ -1458,9 +1458,7 @@ class BatchNorm(_NormBase):
         except Exception:
             self._uncount(True)
             raise
-        try:
-            if renorm:
-                F.check_renorm_clipping_bounds(clipping)
+        try:  # (the bounds need no check: RenormClipping validates what at_step gives)
             if mask is None:
                 return F._aten_pipeline(input, (feature,), None, self.ghost_layout, running_mean, running_var, weight,
                                         bias, True, factor, self.eps, self.unbiased_running_var, *renorm_state,
