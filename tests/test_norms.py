@@ -577,6 +577,46 @@ def test_a_layer_that_recenters_takes_every_other_input_as_torch_nn():
     assert [node.kind() for node in traced.graph.nodes() if node.kind().startswith("aten::")] == ["aten::group_norm"]
 
 
+@pytest.mark.parametrize("make, size", [(lambda: normkit.GroupNorm(3, 9), 9), (lambda: normkit.GroupNorm(1, 9), 9),
+                                        (lambda: normkit.LayerNorm([5, 4]), 5),
+                                        (lambda: normkit.InstanceNorm1d(5, affine=True), 5)])
+@pytest.mark.parametrize("level", [0.0, 3.0, 0.1, -7.3, 1e4 + 0.1])
+def test_constant_data_is_checked_without_the_statistics_pass(make, size, level, monkeypatch):
+    """Data that is one value throughout says nothing about how far from zero the data lies, so the check stays due
+    on every such call; that call is answered from one aminmax pass, not from the statistics per row or channel
+    (Welford's, 4-20x the layer's own call), with the answer those statistics give: the same outputs and the same
+    decision (a GroupNorm whose group mean of equal channel means rounds may take such data for far from zero, as
+    before), and, where nothing varies, a check still due, so data far from zero after it is recentered."""
+    with_statistics, without = make(), make()
+    x = torch.full((4, size, 4), level)
+    want = with_statistics(x)  # (the statistics taken: the countdown starts from this call's check)
+    calls = []
+    var_mean = torch.var_mean
+    monkeypatch.setattr(torch, "var_mean", lambda *args, **kwargs: calls.append(1) or var_mean(*args, **kwargs))
+    for _ in range(3):
+        torch.testing.assert_close(without(x), want, rtol=0, atol=0)
+    assert not calls
+    assert (without.__dict__.get("_far_from_zero_data", False)
+            == with_statistics.__dict__.get("_far_from_zero_data", False))
+    if not without.__dict__.get("_far_from_zero_data", False):
+        assert without.__dict__.get("_steps_to_layout_check", 0) == 0  # (due again)
+        without(torch.randn(4, size, 4) * 1e-2 + 1e4)
+        assert without.__dict__["_far_from_zero_data"] and calls
+
+
+def test_a_constant_batch_is_checked_without_the_statistics_pass(monkeypatch):
+    """BatchNorm's recentering check on a batch in which nothing varies (every value the same): one aminmax pass, not
+    the statistics and extremes per channel, and the check is due again on the next batch."""
+    layer = normkit.BatchNorm(3, axis=-1)
+    calls = []
+    var_mean = torch.var_mean
+    monkeypatch.setattr(torch, "var_mean", lambda *args, **kwargs: calls.append(1) or var_mean(*args, **kwargs))
+    for _ in range(3):
+        layer(torch.full((8, 5, 3), 1e4))
+        assert layer._steps_to_recenter_check == 0 and not layer._recenter
+    assert not calls or normkit.kernels.enabled()  # (the fused kernel needs no check)
+
+
 
 @pytest.mark.parametrize("kind, dtype, huge, pattern", [
     ("group", torch.float32, 3.3e38, "two values"), ("group", torch.float64, 1e308, "two values"),

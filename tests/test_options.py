@@ -778,6 +778,102 @@ def test_plain_ghost_path_keeps_every_rule_of_the_general_path(rng):
         torch.testing.assert_close(half.running_var.double(), unbiased, rtol=1e-6, atol=0)
 
 
+def _recording_direct_route(layer):
+    """``layer``'s _forward_composite_direct, recording whether each call took it (it returns None where it declines,
+    and the general route then computes the step): without this, a route that always declined compared the general
+    route with itself."""
+    taken, direct = [], layer._forward_composite_direct
+
+    def recorded(input, mask=None):
+        y = direct(input, mask)
+        taken.append(y is not None)
+        return y
+
+    layer._forward_composite_direct = recorded
+    return taken
+
+
+@pytest.mark.parametrize("settings", [
+    {"renorm": True}, {"renorm": True, "momentum": None}, {"renorm": True, "affine": False},
+    {"renorm": True, "unbiased_running_var": False, "momentum": 0.7, "eps": 1e-2},
+    {"renorm": True, "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1}},
+    {"renorm": True, "renorm_clipping": {"rmax": lambda step: 1 + step / 10}},
+    {"renorm": True, "axis": -1}, {"axis": -1, "mask": True}, {"axis": -1, "mask": True, "renorm": True},
+    {"axis": -1, "mask": True, "momentum": None, "unbiased_running_var": False},
+])
+@pytest.mark.parametrize("shape", [(8, 3), (12, 3, 4, 3), (8, 3, 5)])
+def test_composite_direct_route_computes_the_general_route_s_step(settings, shape, rng):
+    """Renorm, or a padding mask, without the kernel: the module's direct call of the functional pipeline gives the
+    general route's outputs, every gradient and every buffer, over several steps."""
+    settings = dict(settings)
+    masked = settings.pop("mask", False)
+    channels = shape[-1] if settings.get("axis") == -1 else shape[1]
+    fast = normkit.BatchNorm(channels, **settings).double()
+    general = normkit.BatchNorm(channels, **settings).double()
+    general._composite_direct = False  # the general route
+    assert fast._composite_direct
+    taken = _recording_direct_route(fast)
+    if masked:
+        kept = shape[:-1]
+        mask = torch.tensor(rng.random(size=kept) < 0.7)
+        mask.view(-1)[:2] = True  # (two valid positions at least)
+        steps = [(fast, lambda layer, x: layer(x, mask=mask)), (general, lambda layer, x: layer(x, mask=mask))]
+        for step in range(3):
+            x = torch.tensor(rng.normal(size=shape) * (step + 2) + step)
+            g = torch.tensor(rng.normal(size=shape))
+            results = []
+            for layer, call in steps:
+                leaf = x.clone().requires_grad_()
+                y = call(layer, leaf)
+                results.append([y, *torch.autograd.grad(y, [leaf, *layer.parameters()], g)])
+            for got, want in zip(*results, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            for (name, got), want in zip(fast.state_dict().items(), general.state_dict().values(), strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    else:
+        assert_same_training_steps(fast, general, shape, rng)
+    if normkit.kernels.enabled():  # (the fused kernel takes these steps first: the direct route declines for it)
+        assert not any(taken)
+    else:
+        assert taken and all(taken), taken
+
+
+def test_composite_direct_route_leaves_what_it_does_not_take_to_the_general_route(rng):
+    """What the direct route must refuse, or leave to the general route, exactly as that route does."""
+    for direct in (True, False):
+        def layer(*args, **kwargs):
+            built = normkit.BatchNorm1d(*args, **kwargs) if kwargs.pop("rank_checked", False) else normkit.BatchNorm(
+                *args, **kwargs)
+            built._composite_direct = direct and built._composite_direct
+            return built
+        ranked = layer(4, renorm=True, rank_checked=True)
+        with pytest.raises(ValueError, match="expected 2D or 3D input"):
+            ranked(torch.randn(8, 4, 3, 3))
+        single = layer(4, renorm=True)  # one value per feature
+        with pytest.raises(ValueError, match="more than 1 value"):
+            single(torch.randn(1, 4))
+        assert int(single.num_batches_tracked) == 0 and torch.equal(single.running_var, torch.ones(4))
+        other_dtype = layer(4, renorm=True)
+        with pytest.raises(TypeError, match="cast the input"):
+            other_dtype(torch.randn(8, 4, dtype=torch.float64))
+        assert int(other_dtype.num_batches_tracked) == 0
+        bad_schedule = layer(4, renorm=True, renorm_clipping={"rmax": lambda step: 1.5 if step < 1 else 1 / 0})
+        bad_schedule(torch.randn(8, 4))
+        with pytest.raises(ZeroDivisionError):  # (a schedule that raises at the second step: not counted)
+            bad_schedule(torch.randn(8, 4))
+        assert int(bad_schedule.num_batches_tracked) == 1
+        masked = layer(3, axis=-1)
+        with pytest.raises(ValueError, match="cannot broadcast"):
+            masked(torch.randn(4, 5, 3), mask=torch.ones(4, 6, dtype=torch.bool))
+        assert int(masked.num_batches_tracked) == 0
+        # data far from zero: recentered on either route, with exact statistics
+        far = torch.tensor(rng.normal(size=(16, 3)) * 1e-2 + 1e4, dtype=torch.float32)
+        renormed = layer(3, renorm=True, momentum=1.0)
+        renormed(far)
+        assert renormed._recenter or normkit.kernels.enabled()  # (the fused kernel's statistics need no recentering)
+        torch.testing.assert_close(renormed.running_mean.double(), far.double().mean(dim=0), rtol=1e-7, atol=0)
+
+
 def test_masked_ghost_with_a_single_valid_value_keeps_a_finite_running_variance():
     """A ghost batch with one valid value has no unbiased variance: its biased one (0) is stored, as for torch.nn's
     n <= 1 rule in stats.bessel_factor, never inf * 0 = NaN. By hand (tests/test_reference.py has the same case):

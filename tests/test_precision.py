@@ -607,3 +607,27 @@ def test_half_inputs_to_a_batch_norm_without_parameters_or_buffers_get_float32_s
         assert y.dtype == leaf.grad.dtype == dtype
         assert_close(y, expected, dtype)
         assert_close(leaf.grad, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numbers_as_cached_tensors_compute_the_numbers_bits(dtype, rng):
+    """functional.number_for: a number beside an eager CPU tensor becomes a cached 0-dim tensor of the tensor's dtype
+    (sparing ATen's cast of the wrapped number), with which every op the option paths use it in gives the bits the
+    number gives; anything else (half precision, meta tensors, tracing) keeps the number."""
+    from normkit.functional import number_for
+    x = torch.tensor(rng.normal(size=(7, 5)) * 3 + 1, dtype=dtype)
+    for value in (1e-5, 0.9, 1 - 0.1, 64 / 63, 1 / 3, 3, 2 ** 25 + 1, 1e-300):
+        operand = number_for(value, x)
+        assert isinstance(operand, torch.Tensor) and operand.dtype == dtype and operand.dim() == 0
+        for op in (torch.add, torch.sub, torch.mul, torch.div):
+            assert torch.equal(op(x, operand), op(x, value))
+        assert torch.equal(x.clone().mul_(operand), x.clone().mul_(value))
+        buffers = [x.clone(), x.clone() + 1]
+        torch._foreach_mul_(buffers, operand)
+        expected = [x.clone(), x.clone() + 1]
+        torch._foreach_mul_(expected, value)
+        assert all(torch.equal(got, want) for got, want in zip(buffers, expected))
+    assert number_for(0.5, x.half()) == 0.5 and number_for(0.5, torch.empty(3, device="meta")) == 0.5
+    with torch.inference_mode():
+        fresh = number_for(0.123456, x)
+    assert not fresh.is_inference()  # (a normal tensor even when first made in inference mode)

@@ -16,6 +16,7 @@ never receive gradient.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 
@@ -120,6 +121,29 @@ def host_checks(x):
 def statistics_dtype(x):
     """float32 for half-precision inputs, else the input's own floating dtype."""
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+# A Python number beside a float32 tensor in an ATen op (``torch.add(var, eps)``, ``buffer.mul_(1 - m)``) is wrapped
+# in a float64 0-dim tensor and cast to float32 first: four dispatches (to, _to_copy, empty_strided, copy_), about
+# 3 us on the hosts measured, three times the op itself on a vector of 120 values. A 0-dim tensor of the operand's
+# own dtype holds the value as that cast rounds it, so the op computes the same bits without the cast. The small
+# ops of the option paths' statistics and buffer updates (a dozen of them a step) take such tensors eagerly on
+# the CPU; traces, compiled graphs, torch.func's transforms and tensors without data (or of other kinds) keep the
+# numbers.
+@functools.lru_cache(maxsize=512)
+def _cached_number(value, dtype):
+    with torch.inference_mode(False):  # (a normal tensor even when first asked for in inference mode)
+        return torch.tensor(value, dtype=dtype)
+
+
+def number_for(value, like):
+    """``value`` as the operand of an op with ``like``: the same number as a cached 0-dim tensor of like's dtype where
+    ``like`` is a plain float32/float64 CPU tensor of an eager call (see ``_cached_number``), else ``value``."""
+    if (type(like) is torch.Tensor and like.is_cpu and like.dtype in (torch.float32, torch.float64)
+            and isinstance(value, (int, float)) and _tracing_state() is None and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        return _cached_number(float(value), like.dtype)
+    return value
 
 
 # ----------------------------------------------------------------------------- statistics core
@@ -710,7 +734,8 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     rows, restore = _channels_view(x.to(dtype), feature_axes)
     # The mask may broadcast along any non-feature axis (Keras: mask (1, 2, 1) on x (1, 2, 3, 4)).
     full = tuple(1 if axis in feature_axes else size for axis, size in enumerate(x.shape))
-    is_valid, _ = _channels_view(mask.expand(full) != 0, feature_axes)
+    # (a boolean mask as it is: != 0 against an int promoted it to int64, a copy of the mask first)
+    is_valid, _ = _channels_view(mask.expand(full) if mask.dtype == torch.bool else mask.expand(full) != 0, feature_axes)
     if rows.dim() > 2:  # (N, C, *) layout: put positions in rows (free for channels-last data)
         moved_shape = rows.movedim(1, -1).shape
         rows = rows.movedim(1, -1).reshape(-1, rows.shape[1])
@@ -738,7 +763,7 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     batch_mean = mean if center is None else mean + center.reshape(-1)
     r = d = batch_std = None
     if renorm_mean is not None:
-        batch_std = torch.add(var, eps).sqrt_()
+        batch_std = torch.add(var, number_for(eps, var)).sqrt_()
         from_mean, to_mean = _mean_from(batch_mean, renorm_mean, center, mean, 1)
         r, d = _renorm_factors(from_mean, batch_std, eps, to_mean, _flat(renorm_stddev), renorm_clipping)
     scale, offset = (_flat(weight), _flat(bias)) if r is None else _fold_renorm(_flat(weight), _flat(bias), r, d)
@@ -876,7 +901,7 @@ def _aten_pipeline(x, feature_axes, virtual_batch_size, ghost_layout, running_me
         mean, var = _moments_by_position(stats_input, True) if by_position else _channel_moments(stats_input)
         batch_mean, batch_var = _combine_groups(mean, var, groups, center)
         if renorm_mean is not None:
-            batch_std = torch.add(batch_var, eps).sqrt_()
+            batch_std = torch.add(batch_var, number_for(eps, batch_var)).sqrt_()
             from_mean, to_mean = _mean_from(batch_mean, renorm_mean, center, mean, groups)
             r, d = _renorm_factors(from_mean, batch_std, eps, to_mean, _flat(renorm_stddev), renorm_clipping)
         # (torch.export keeps a Python Function's forward and drops its backward, and torch.func's transforms and
@@ -1010,7 +1035,7 @@ def _update_unmasked_running_stats(batch_mean, batch_var, batch_std, per_group, 
                                    eps, unbiased_running_var, renorm_mean, renorm_stddev, moving_stddev,
                                    renorm_momentum):
     """``update_batch_norm_running_stats`` when every group holds ``per_group`` values: scalar rules."""
-    estimate = batch_var * bessel_factor(per_group) if unbiased_running_var else batch_var
+    estimate = batch_var * number_for(bessel_factor(per_group), batch_var) if unbiased_running_var else batch_var
     _move_running_stats(running_mean, running_var, batch_mean, estimate, momentum, eps, renorm_mean, renorm_stddev,
                         moving_stddev, batch_std, renorm_momentum)
 
@@ -1064,17 +1089,20 @@ def _move_running_stats(running_mean, running_var, batch_mean, batch_var_estimat
             torch._foreach_mul_(buffers, [1 - w for w in weight])
             torch._foreach_addcmul_(buffers, targets, weight)
         else:
-            torch._foreach_mul_(buffers, 1 - weight)
+            # (one 0-dim tensor for both buffers where they share a dtype: each number is cast to its buffer's)
+            torch._foreach_mul_(buffers, number_for(1 - weight, buffers[0]) if buffers[0].dtype == buffers[-1].dtype
+                                else 1 - weight)
             torch._foreach_add_(buffers, targets, alpha=weight)
 
     if renorm_mean is None:
         blend([running_mean, running_var], [batch_mean, batch_var_estimate], factor)
         return
     blend([renorm_mean, renorm_stddev], [batch_mean, batch_std], renorm_factor)
-    blend([running_mean, moving_stddev], [batch_mean, torch.add(batch_var_estimate, eps).sqrt_()], factor)
+    blend([running_mean, moving_stddev],
+          [batch_mean, torch.add(batch_var_estimate, number_for(eps, batch_var_estimate)).sqrt_()], factor)
     stddev = cast(moving_stddev, running_var)  # (out= resized a running_var of another shape in place)
     if seen is None and not torch._C._are_functorch_transforms_active():
-        torch.mul(stddev, stddev, out=running_var).sub_(eps).clamp_(min=0.0)
+        torch.mul(stddev, stddev, out=running_var).sub_(number_for(eps, running_var)).clamp_(min=0.0)
         return
     # (out of place: vmap has no batching rule for out= nor for clamp_, and ran that one sample at a time)
     derived = torch.mul(stddev, stddev).sub(eps).clamp(min=0.0)
@@ -1454,7 +1482,7 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
         need_rows = ctx.needs_input_grad[0]
         need_scale = ctx.needs_input_grad[3] and ctx.has_scale
         need_offset = ctx.needs_input_grad[4] and ctx.has_offset
-        invstd = torch.add(var, ctx.eps).rsqrt_()
+        invstd = torch.add(var, number_for(ctx.eps, var)).rsqrt_()
         # Only the sums: sum(g x_hat) and sum(g) (the weight and bias gradients), from ATen's kernel on the CPU.
         # The padding rule: a row whose gradient is 0 adds nothing to sum(g x_hat), whatever it holds (ATen's
         # kernel multiplies, and 0 * NaN is NaN): a non-finite sum (a non-finite value somewhere) is taken again
@@ -1476,6 +1504,7 @@ class _MaskedRowsBatchNorm(torch.autograd.Function):
             factor = invstd if scale is None else invstd * scale
             count = ctx.count
             if count > 0:
+                count = number_for(count, factor)
                 slope = factor * invstd * sum_grad_x_hat / count
                 shift = factor * sum_grad / count
                 # slope * (x - mean), not slope * x - slope * mean: the two products cancel to

@@ -580,6 +580,9 @@ class BatchNorm(_NormBase):
         # With a padding mask too (the kernel takes no ghost batches with one), plain layers included.
         self._mask_fusable = (isinstance(self.axis, int) and self.adjustment is None and not self.synchronized
                               and self.virtual_batch_size is None)
+        # Without the kernel: renorm, or a padding mask (with or without renorm), features first or last, straight to
+        # the functional pipeline that computes it (_forward_composite_direct).
+        self._composite_direct = self._mask_fusable
 
     def _checked_axis(self, axis, name):
         axis = check_feature_axes(axis)
@@ -980,6 +983,14 @@ class BatchNorm(_NormBase):
             return  # (under vmap a data-dependent branch cannot run; meta and fake tensors have no data)
         with torch.no_grad():
             values = input.float()
+            if mask is None:
+                # Data that is one value throughout (zeros, a constant batch) varies in no channel, so the check
+                # stays due and ran on every such call (the statistics and both extremes below); one vectorized pass
+                # (aminmax) finds it first, to the same answer.
+                low, high = torch.aminmax(values)
+                if low.item() == high.item():  # (NaN anywhere: not equal, the statistics decide as before)
+                    self._steps_to_recenter_check = 0
+                    return
             reduce_axes = tuple(a for a in range(input.dim()) if a not in feature_axes)
             virtual = self.virtual_batch_size
             if virtual is not None and input.shape[0] > virtual and input.shape[0] % virtual == 0:
@@ -1239,6 +1250,11 @@ class BatchNorm(_NormBase):
             y = self._forward_fused_contiguous(input, mask)
             if y is not None:
                 return y
+        if ((mask is not None or self.renorm) and self._composite_direct and self.training and not self.frozen
+                and not torch.compiler.is_compiling()):  # (recentered data too: it passes the flag on)
+            y = self._forward_composite_direct(input, mask)
+            if y is not None:
+                return y
         if (self._plain_ghost and mask is None and self.training and not self.frozen and not self._recenter
                 and not torch.compiler.is_compiling()):
             y = self._forward_plain_ghost(input)
@@ -1422,6 +1438,89 @@ class BatchNorm(_NormBase):
             # BatchNorm2d/3d keep channels_last; one copy back costs less than normalizing without the reshape)
             y = F.keep_channels_last(input, y)
         return y
+
+    def _forward_composite_direct(self, input: torch.Tensor, mask=None) -> Optional[torch.Tensor]:
+        """Renorm without ghost batches, or a boolean padding mask of the input's shape without its feature axis (with
+        or without renorm), in a training step of contiguous float32/float64 CPU data with the features on dim 1 or
+        last, where the fused kernel is off (or the input beyond its size limit): straight to the functional pipeline
+        the general route reaches (``functional._aten_pipeline``, ``functional._masked_rows_batch_norm``), with the
+        same arguments, so the same operations and bits. Skipped are the general route's checks that such a call
+        passes by construction, answered here by the few reads below (at (64, 120) the module and
+        ``functional.batch_norm`` checked dtypes, devices, sizes, the mask and the renorm state twice: a third of a
+        renorm step without the kernel). Returns None, having changed nothing, for anything else (other dtypes, devices,
+        layouts, masks, tensors of other sizes, traces, transforms): the general route then computes or refuses it."""
+        if (type(input) is not torch.Tensor or not input.is_cpu or input.dtype not in _FULL_PRECISION
+                or not self.track_running_stats or _tracing_state() is not None or torch.compiler.is_exporting()
+                or kernels.transforms_active()):
+            return None
+        ndim = input.dim()
+        if ndim < 2 or not input.is_contiguous() or (kernels.enabled()  # (either device's: the cheaper read)
+                                                     and input.numel() <= kernels.fused_max_numel()):
+            return None  # (the kernel's domain: its routes, then the general one, decide)
+        self._check_input_dim(input)  # (BatchNorm1d/2d/3d's ranks, refused by name as on the general route)
+        axis, shape = self.axis, input.shape
+        if axis in (1, 1 - ndim):
+            feature = 1
+        elif axis in (-1, ndim - 1):
+            feature = ndim - 1
+        else:
+            return None
+        channels, values = shape[feature], input.numel()
+        if channels != self.num_features or values == 0:
+            return None
+        if mask is not None:
+            # (the general route's _expand_mask gives this mask the feature axis back, a view; F.batch_norm then
+            # takes it as it is)
+            if (type(mask) is not torch.Tensor or mask.dtype != torch.bool or mask.device != input.device
+                    or mask.shape != shape[:feature] + shape[feature + 1:]):
+                return None
+            mask = mask.unsqueeze(feature)
+        elif values // channels <= 1:  # (one value per feature: refused, by name, on the general route)
+            return None
+        renorm = self.renorm
+        running_mean, running_var = _buffer_of(self, "running_mean"), _buffer_of(self, "running_var")
+        renorm_state = ((_buffer_of(self, "renorm_mean"), _buffer_of(self, "renorm_stddev"),
+                         _buffer_of(self, "moving_stddev")) if renorm else (None, None, None))
+        weight, bias = _affine_of(self)
+        dtype = input.dtype
+        # The layer's tensors as the general route's checks pass them, without a cast anywhere: the input's dtype,
+        # on the CPU, one value per feature (weight and bias optional).
+        for tensor, needed in ((running_mean, True), (running_var, True), (renorm_state[0], renorm),
+                               (renorm_state[1], renorm), (renorm_state[2], renorm), (weight, False), (bias, False)):
+            if tensor is None:
+                if needed:
+                    return None
+            elif (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or not tensor.is_cpu
+                  or tensor.numel() != channels):
+                return None
+        if _buffer_of(self, "num_batches_tracked") is None:
+            return None
+        if self._recenter_check_due():  # (as the general route: before the count)
+            self._update_recenter(input, (feature,), mask)
+        # From here on the general route's own steps, in its order, with its handling of what they raise.
+        factor = self._tracking_factor()
+        try:
+            clipping = self.renorm_clipping.at_step(self._renorm_step) if renorm else (0.0, math.inf, math.inf)
+        except Exception:
+            self._uncount(True)
+            raise
+        try:  # (the bounds need no check: RenormClipping validates what at_step gives)
+            if mask is None:
+                return F._aten_pipeline(input, (feature,), None, self.ghost_layout, running_mean, running_var, weight,
+                                        bias, True, factor, self.eps, self.unbiased_running_var, *renorm_state,
+                                        clipping, self.renorm_momentum, self._recenter)
+            return F._masked_rows_batch_norm(input, (feature,), mask, running_mean, running_var, weight, bias, True,
+                                             factor, self.eps, self.unbiased_running_var, *renorm_state, clipping,
+                                             self.renorm_momentum, self._recenter)
+        except ValueError:
+            self._uncount(True)
+            raise
+        except RuntimeError as error:
+            refusal = _transform_refusal(self, error, input)
+            if refusal is None:
+                raise
+            self._uncount(True)
+            raise refusal from error
 
     def _forward_options(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         training = self.training and not self.frozen
@@ -1670,12 +1769,28 @@ def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] 
     with torch.no_grad():
         # (float64 data in float64: rounded to float32, data at 1e10 with std 1 looked constant, checked every call)
         values = input.detach() if input.dtype == torch.float64 else input.detach().float()
+        # Data that is one value throughout (zeros, a constant batch) says nothing, so the check stays due and ran on
+        # every such call: Welford's statistics below, per row or channel, cost 4-20x the layer's own call. One
+        # vectorized pass (aminmax) finds such data first. ATen's var_mean of equal values is exactly 0 with that
+        # value as the mean, so the statistics are known without it: a row's variance 0 (nothing varies), a
+        # channel's (0, value), combined below as before, to the same answer.
+        low, high = torch.aminmax(values)
+        level = low.item()
+        constant = level == high.item()  # (NaN anywhere: not equal, the statistics decide as before)
+        if constant and groups is None:
+            return False  # (every row constant: nothing varies, checked again next call)
+        key = (level, values.dtype, tuple(input.shape[:2]), groups)
+        if constant and state.get("_constant_says_nothing") == key:
+            return False  # (the same constant as the last call, whose statistics showed nothing varying)
         if groups is None:
             var, mean = torch.var_mean(values, dim=tuple(range(-len(layer.normalized_shape), 0)), correction=0)
         else:
             # per channel, over the positions (any layout, no copy), then per group by the law of total variance;
             # (N, C) data has one position (var_mean over no dims would reduce them all)
-            if input.dim() == 2:
+            if constant:
+                mean = values.new_full(tuple(input.shape[:2]), level)  # (var_mean's (N, C) answer, exactly)
+                var = torch.zeros_like(mean)
+            elif input.dim() == 2:
                 mean = values.contiguous()  # (for the views below)
                 var = torch.zeros_like(mean)
             else:
@@ -1685,6 +1800,8 @@ def _far_from_zero(layer: nn.Module, input: torch.Tensor, groups: Optional[int] 
             var = var.mean(2) + (channel_mean - mean.unsqueeze(2)).square().mean(2)
         varies = var > 0
         if not bool(varies.any()):
+            if constant:
+                state["_constant_says_nothing"] = key
             return False  # (constant groups lose nothing and say nothing about the data: checked again next call)
         far = bool(((mean.abs() > FAR_FROM_ZERO * var.sqrt()) & varies).any())
     state["_far_from_zero_data"] = far
