@@ -355,8 +355,8 @@ def is_channels_last(x) -> bool:
 
 
 def keep_channels_last(x, y):
-    """``y``, computed from ``x`` (rank 4 or 5; a channels_last one, else ``y`` as it is) through a contiguous copy, in ``x``'s memory format,
-    as torch.nn's BatchNorm2d/3d return it (the next conv's channels_last kernels expect it; one copy, and a
+    """``y``, computed from ``x`` (rank 4 or 5; a channels_last one, else ``y`` as it is) through a contiguous copy,
+    in ``x``'s memory format, as torch.nn's BatchNorm2d/3d return it (the next conv's channels_last kernels expect it; one copy, and a
     differentiable one). Not under vmap (no memory formats there) or a trace (sizes are tensors)."""
     if _tracing_state() is not None or not is_channels_last(x):
         return y
@@ -714,7 +714,8 @@ def _fused_batch_norm(x, feature_axes, mask, virtual_batch_size, ghost_layout, r
             valid = valid != 0
         valid = valid.reshape(-1).contiguous()
     else:
-        check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size, training=training)
+        check_enough_values(n // groups * rows * positions, x.shape, virtual_batch_size=virtual_batch_size,
+                            training=training)
     rmin, rmax, dmax = renorm_clipping
     settings = [float(momentum), float(renorm_momentum), float(rmin), float(rmax), float(dmax), float(eps),
                 1.0 if unbiased_running_var else 0.0, 1.0 if training else 0.0]
@@ -735,7 +736,8 @@ def _masked_rows_batch_norm(x, feature_axes, mask, running_mean, running_var, we
     # The mask may broadcast along any non-feature axis (Keras: mask (1, 2, 1) on x (1, 2, 3, 4)).
     full = tuple(1 if axis in feature_axes else size for axis, size in enumerate(x.shape))
     # (a boolean mask as it is: != 0 against an int promoted it to int64, a copy of the mask first)
-    is_valid, _ = _channels_view(mask.expand(full) if mask.dtype == torch.bool else mask.expand(full) != 0, feature_axes)
+    valid = mask.expand(full)
+    is_valid, _ = _channels_view(valid if valid.dtype == torch.bool else valid != 0, feature_axes)
     if rows.dim() > 2:  # (N, C, *) layout: put positions in rows (free for channels-last data)
         moved_shape = rows.movedim(1, -1).shape
         rows = rows.movedim(1, -1).reshape(-1, rows.shape[1])

@@ -177,7 +177,8 @@ def warn_group_without_synchronized(layer: nn.Module, process_group, synchronize
         from .distributed import _stacklevel_of_caller  # (at the user's line, below a subclass's constructor too)
         warnings.warn(f"{type(layer).__name__}: process_group was given but synchronized=False, so each process "
                       "computes its statistics alone and the group is unused; pass synchronized=True to share them "
-                      "over the group (torch.nn.SyncBatchNorm's behaviour)", UserWarning, stacklevel=_stacklevel_of_caller())
+                      "over the group (torch.nn.SyncBatchNorm's behaviour)", UserWarning,
+                      stacklevel=_stacklevel_of_caller())
 
 
 def _transform_refusal(layer: nn.Module, error: RuntimeError, input=None) -> Optional[RuntimeError]:
