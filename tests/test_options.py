@@ -3,6 +3,7 @@
 Renorm, ghost batches, masks, adjustment, frozen mode, initializers, regularizers, constraints,
 synchronized."""
 
+import functools
 import io
 import math
 import sys
@@ -750,14 +751,18 @@ def test_plain_ghost_path_leaves_what_it_does_not_take_to_the_general_path(rng):
     torch.testing.assert_close(layer.running_mean.double(), ghosts.mean(dim=(0, 1)), rtol=1e-7, atol=0)
 
 
+def _layer_with_route(route, on, *args, rank_checked=False, **kwargs):
+    """A BatchNorm (BatchNorm1d with ``rank_checked``) with its one-call route ``route`` (a flag the layer sets from
+    its options) kept as the options set it, or switched off: the general route's answers to compare with."""
+    built = (normkit.BatchNorm1d if rank_checked else normkit.BatchNorm)(*args, **kwargs)
+    setattr(built, route, on and getattr(built, route))
+    return built
+
+
 def test_plain_ghost_path_keeps_every_rule_of_the_general_path(rng):
     """What the one-call ghost path must refuse or leave alone exactly as the general path does."""
     for fast in (True, False):
-        def layer(*args, **kwargs):
-            built = normkit.BatchNorm1d(*args, **kwargs) if kwargs.pop("rank_checked", False) else normkit.BatchNorm(
-                *args, **kwargs)
-            built._plain_ghost = fast and built._plain_ghost
-            return built
+        layer = functools.partial(_layer_with_route, "_plain_ghost", fast)
         ranked = layer(4, virtual_batch_size=2, rank_checked=True)
         with pytest.raises(ValueError, match="expected 2D or 3D input"):
             ranked(torch.randn(8, 4, 3, 3))
@@ -841,11 +846,7 @@ def test_composite_direct_route_computes_the_general_route_s_step(settings, shap
 def test_composite_direct_route_leaves_what_it_does_not_take_to_the_general_route(rng):
     """What the direct route must refuse, or leave to the general route, exactly as that route does."""
     for direct in (True, False):
-        def layer(*args, **kwargs):
-            built = normkit.BatchNorm1d(*args, **kwargs) if kwargs.pop("rank_checked", False) else normkit.BatchNorm(
-                *args, **kwargs)
-            built._composite_direct = direct and built._composite_direct
-            return built
+        layer = functools.partial(_layer_with_route, "_composite_direct", direct)
         ranked = layer(4, renorm=True, rank_checked=True)
         with pytest.raises(ValueError, match="expected 2D or 3D input"):
             ranked(torch.randn(8, 4, 3, 3))
